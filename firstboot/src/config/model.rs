@@ -1,0 +1,271 @@
+//! The validated, typed cluster configuration.
+//!
+//! These are the types every other module uses. They are produced only by the loader in
+//! [`super`] (which reads TOML, reports every error with file:line:col and the field path, and
+//! fills defaults), so code that holds a [`ClusterConfig`] may rely on every invariant written
+//! on the fields below. To add a setting: add the field here, read and validate it in the loader,
+//! document it in `configs/*.toml`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// One cluster's configuration: the same file is validated by `imagebuilder` and read by
+/// `firstboot` on every node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterConfig {
+    pub cluster: Cluster,
+    pub microk8s: Microk8s,
+    pub addons: Addons,
+    pub network: Network,
+    /// The optional inventory (`[[nodes]]`): MACs unique, hostnames unique.
+    pub nodes: Vec<NodeEntry>,
+    pub image: Image,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    /// Lowercase RFC 1123 label; used in hostnames and in the image name.
+    pub name: String,
+    /// How many nodes join as control plane (dqlite voters): 1, 3, 5 or 7. Default 3.
+    pub control_plane: u8,
+    /// How many nodes to wait for before forming. Default: `control_plane`. Always
+    /// `>= 1`; may be larger than `control_plane` (workers expected at formation).
+    pub expected_nodes: u32,
+    /// How long to wait for `expected_nodes` before forming with a majority of the
+    /// control-plane count. Default 10 minutes.
+    #[serde(with = "humantime_serde_shim")]
+    pub formation_timeout: Duration,
+    /// Path of the cluster secret file on the machine running the tool (build time) or on the
+    /// node (`/etc/rackseed/cluster.secret` inside images). Never read into logs.
+    pub secret_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Microk8s {
+    /// Snap channel, `<track>/<risk>` or `<risk>`, e.g. `1.32/stable`. Default `1.32/stable`.
+    pub channel: String,
+    /// Folder with staged `microk8s*.snap` + `.assert` (and `core2x`) for offline installs.
+    pub offline_snaps: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Addons {
+    /// CoreDNS. Default on, as in MicroK8s' own default launch configuration.
+    pub dns: Dns,
+    /// MetalLB load balancer; `None` when not configured.
+    pub metallb: Option<Metallb>,
+    pub storage: Storage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dns {
+    pub enabled: bool,
+    /// Upstream resolvers passed as `dns:a,b`; empty means MicroK8s' default.
+    pub upstream: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum Metallb {
+    /// Pick a small free range at the top of the node's subnet at boot (ARP-probed).
+    Auto { count: u8 },
+    /// Fixed blocks: at least one, no two overlapping, each start <= end and one family.
+    Blocks { blocks: Vec<AddressBlock> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddressBlock {
+    /// `a.b.c.d-a.b.c.e` (IPv4 or IPv6, same family, start <= end).
+    Range { start: IpAddr, end: IpAddr },
+    /// `a.b.c.d/nn` or `fd00::/120`.
+    Cidr(IpNet),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Storage {
+    None,
+    /// `hostpath-storage`: single-node only (validation warns for multi-node clusters).
+    Hostpath,
+    /// OpenEBS Mayastor: hugepages + nvme_tcp on every node.
+    Mayastor,
+    /// Rook-Ceph operator: needs internet at enable time (helm repo).
+    RookCeph,
+    /// Longhorn: manual helm install; needs open-iscsi + NFS client on every node, and internet.
+    Longhorn,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Network {
+    /// Interface to configure and announce on; `None` picks the first wired interface.
+    pub interface: Option<String>,
+    pub addressing: Addressing,
+    /// Raspberry Pi Wi-Fi; the PSK is read from a file at build time, never written inline.
+    pub wifi: Option<Wifi>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum Addressing {
+    Dhcp,
+    /// Static: each node's own address comes from its inventory entry; these are shared.
+    Static { gateway: IpAddr, dns: Vec<IpAddr> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Wifi {
+    pub ssid: String,
+    pub psk_file: PathBuf,
+    /// ISO 3166 alpha-2 regulatory domain, uppercase, e.g. `GB`.
+    pub country: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeEntry {
+    pub mac: MacAddr,
+    /// Lowercase RFC 1123 label (MicroK8s rejects capitals and `_`).
+    pub hostname: String,
+    /// Pinned role; `None` lets formation decide (first `control_plane` nodes are control plane).
+    pub role: Option<Role>,
+    /// Seed preference: higher wins; ties broken by the stable node id. Default 0.
+    pub priority: u32,
+    /// Static address with prefix, required when `network.addressing` is static.
+    pub address: Option<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ControlPlane,
+    Worker,
+}
+
+/// A MAC address, normalised to lowercase `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"));
+        }
+        let mut out = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"));
+            }
+            out[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"))?;
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Image {
+    pub target: Target,
+    pub base: Base,
+    /// Final raw image size in bytes (growpart takes the rest of the disk at first boot).
+    pub disk_size: u64,
+    pub users: Vec<User>,
+    /// Hostname for nodes not in the inventory. Placeholders: `{cluster}`, `{id}` (first 6 hex
+    /// of the stable node id), `{mac}` (primary MAC without colons). Default `{cluster}-{id}`.
+    pub hostname_pattern: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Target {
+    #[serde(rename = "x86_64-efi")]
+    X86_64Efi,
+    #[serde(rename = "rpi4")]
+    Rpi4,
+    #[serde(rename = "rpi5")]
+    Rpi5,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::X86_64Efi => "x86_64-efi",
+            Target::Rpi4 => "rpi4",
+            Target::Rpi5 => "rpi5",
+        }
+    }
+    /// Debian/Ubuntu architecture name of the target's userland.
+    pub fn deb_arch(self) -> &'static str {
+        match self {
+            Target::X86_64Efi => "amd64",
+            Target::Rpi4 | Target::Rpi5 => "arm64",
+        }
+    }
+    /// Rust target triple for the `firstboot` binary.
+    pub fn rust_triple(self) -> &'static str {
+        match self {
+            Target::X86_64Efi => "x86_64-unknown-linux-gnu",
+            Target::Rpi4 | Target::Rpi5 => "aarch64-unknown-linux-gnu",
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x86_64-efi" => Ok(Target::X86_64Efi),
+            "rpi4" => Ok(Target::Rpi4),
+            "rpi5" => Ok(Target::Rpi5),
+            _ => Err(format!("expected one of x86_64-efi, rpi4, rpi5, got {s:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Base {
+    /// Official image by URL; always verified against `sha256` (64 lowercase hex).
+    Official { url: String, sha256: String },
+    /// A local image file; verified when `sha256` is given.
+    Local { path: PathBuf, sha256: Option<String> },
+    /// Bootstrap a root filesystem from packages. `mirror: None` means: take it from the build
+    /// machine's apt sources.
+    Bootstrap {
+        suite: String,
+        mirror: Option<String>,
+        arch: String,
+        packages: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct User {
+    pub name: String,
+    pub ssh_keys: Vec<String>,
+    /// Passwordless sudo. Default true (there is no password login).
+    pub sudo: bool,
+}
+
+mod humantime_serde_shim {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}

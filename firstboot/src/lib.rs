@@ -1,0 +1,3 @@
+//! rackseed's node agent. See the README for the components in boot order.
+
+pub mod config;
