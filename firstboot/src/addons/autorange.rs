@@ -45,7 +45,9 @@ pub trait AddressProber {
 pub enum ProbeError {
     #[error("probing {addr} with arping: {source}")]
     Command { addr: Ipv4Addr, source: CmdError },
-    #[error("probing {addr}: `{cmd}` exited with {code:?} (expected 0 = free or 1 = in use): {stderr}")]
+    #[error(
+        "probing {addr}: `{cmd}` exited with {code:?} (expected 0 = free or 1 = in use): {stderr}"
+    )]
     Unexpected {
         addr: Ipv4Addr,
         cmd: String,
@@ -198,7 +200,9 @@ pub fn collapse_to_blocks(addrs: &[Ipv4Addr]) -> Vec<AddressBlock> {
         }
         let (s, e) = (Ipv4Addr::from(start), Ipv4Addr::from(end));
         blocks.push(if start == end {
-            AddressBlock::Cidr(IpNet::V4(Ipv4Net::new(s, 32).expect("32 is a valid prefix")))
+            AddressBlock::Cidr(IpNet::V4(
+                Ipv4Net::new(s, 32).expect("32 is a valid prefix"),
+            ))
         } else {
             AddressBlock::Range {
                 start: IpAddr::V4(s),
@@ -359,7 +363,14 @@ mod tests {
         let c = candidate_addresses(&r);
         assert_eq!(
             c,
-            ["10.0.0.254", "10.0.0.253", "10.0.0.252", "10.0.0.251", "10.0.0.250"].map(v4)
+            [
+                "10.0.0.254",
+                "10.0.0.253",
+                "10.0.0.252",
+                "10.0.0.251",
+                "10.0.0.250"
+            ]
+            .map(v4)
         );
     }
 
@@ -383,13 +394,24 @@ mod tests {
     #[test]
     fn in_use_addresses_are_skipped_and_the_top_free_ones_chosen() {
         let prober = FakeProber::with_in_use(["10.0.0.253", "10.0.0.250"].map(v4));
-        let got = run(choose_auto_range(&prober, &req("10.0.0.1/24", &["10.0.0.1"], 4))).unwrap();
+        let got = run(choose_auto_range(
+            &prober,
+            &req("10.0.0.1/24", &["10.0.0.1"], 4),
+        ))
+        .unwrap();
         assert_eq!(
             got.addresses,
             ["10.0.0.249", "10.0.0.251", "10.0.0.252", "10.0.0.254"].map(v4)
         );
-        let s: Vec<String> = got.blocks.iter().map(crate::addons::plan::format_block).collect();
-        assert_eq!(s, ["10.0.0.249/32", "10.0.0.251-10.0.0.252", "10.0.0.254/32"]);
+        let s: Vec<String> = got
+            .blocks
+            .iter()
+            .map(crate::addons::plan::format_block)
+            .collect();
+        assert_eq!(
+            s,
+            ["10.0.0.249/32", "10.0.0.251-10.0.0.252", "10.0.0.254/32"]
+        );
         assert_eq!(got.in_use, ["10.0.0.253", "10.0.0.250"].map(v4));
         for a in prober.probed() {
             assert!(a > v4("10.0.0.1"));
@@ -405,7 +427,10 @@ mod tests {
         ))
         .unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, AutoRangeError::NotEnough { found: 3, .. }), "{msg}");
+        assert!(
+            matches!(err, AutoRangeError::NotEnough { found: 3, .. }),
+            "{msg}"
+        );
         assert!(msg.contains("above 10.0.0.251"), "{msg}");
     }
 

@@ -106,7 +106,10 @@ impl KernelControl for FakeKernel {
             .expect("call log lock")
             .push(format!("sysctl -w {key}={value}"));
         if key != "vm.nr_hugepages" {
-            bail!("sysctl: cannot stat /proc/sys/{}: no such file", key.replace('.', "/"));
+            bail!(
+                "sysctl: cannot stat /proc/sys/{}: no such file",
+                key.replace('.', "/")
+            );
         }
         let want: u64 = value.parse().context("sysctl: invalid argument")?;
         let got = self.hugepages_limit.map_or(want, |l| want.min(l));
@@ -128,13 +131,14 @@ impl KernelControl for FakeKernel {
             .expect("call log lock")
             .push(format!("modprobe {module}"));
         let rel = self.release()?;
-        let dep = std::fs::read_to_string(self.root.join("lib/modules").join(&rel).join("modules.dep"))
-            .unwrap_or_default();
+        let dep =
+            std::fs::read_to_string(self.root.join("lib/modules").join(&rel).join("modules.dep"))
+                .unwrap_or_default();
         let want = module_name(module);
-        if !dep
-            .lines()
-            .any(|l| l.split_once(':').is_some_and(|(f, _)| module_name(f) == want))
-        {
+        if !dep.lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(f, _)| module_name(f) == want)
+        }) {
             bail!("modprobe: FATAL: Module {module} not found in directory /lib/modules/{rel}");
         }
         let path = self.root.join("proc/modules");

@@ -253,7 +253,8 @@ async fn prepare_nvme_tcp<K: KernelControl>(
                 &root.join(MAYASTOR_MODULES_CONF),
                 "nvme-tcp",
                 |l| module_name(l.trim()) == "nvme_tcp",
-                |l| l.trim() == "nvme-tcp",
+                // `nvme_tcp` and `nvme-tcp` name the same module.
+                |_| true,
             )?;
             if module_status(root, &release, "nvme-tcp")? == ModuleStatus::Loaded {
                 return Ok(());
@@ -500,7 +501,10 @@ pub fn parse_meminfo(text: &str) -> Result<MemInfo, String> {
         let Some((k, v)) = line.split_once(':') else {
             continue;
         };
-        let num = v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok());
+        let num = v
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
         match k.trim() {
             "MemTotal" => total = num,
             "HugePages_Total" => huge = num.unwrap_or(0),
@@ -726,7 +730,10 @@ mod tests {
         // A larger value set by the administrator is respected.
         std::fs::write(&p, "vm.nr_hugepages = 2048\n").unwrap();
         assert!(!ensure_setting_line(&p, "vm.nr_hugepages = 1024", same, ok).unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "vm.nr_hugepages = 2048\n");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "vm.nr_hugepages = 2048\n"
+        );
         // No temp file is left behind.
         let names: Vec<_> = std::fs::read_dir(p.parent().unwrap())
             .unwrap()
