@@ -1,1 +1,3 @@
-//! placeholder
+//! rackseed's workstation tool: builds, inspects and flashes appliance images.
+
+pub mod flash;
