@@ -347,3 +347,42 @@ fn a_root_without_proc_is_an_error_naming_the_path() {
     .unwrap_err();
     assert!(err.to_string().contains("proc/meminfo"), "{err}");
 }
+
+#[test]
+fn files_are_world_readable_and_a_write_failure_names_the_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    FakeRoot::default().write(root).unwrap();
+    let r = prepare(
+        root,
+        Storage::Mayastor,
+        Target::X86_64Efi,
+        &FakeKernel::new(root),
+    );
+    assert!(r.ok, "{r:?}");
+    for f in [HUGEPAGES_CONF, MAYASTOR_MODULES_CONF] {
+        let mode = std::fs::metadata(root.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{f}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    FakeRoot::default().write(root).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/sysctl.d"), "not a directory").unwrap();
+    let err = run(prepare_node(
+        root,
+        Storage::Mayastor,
+        Target::X86_64Efi,
+        &FakeKernel::new(root),
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("20-microk8s-hugepages.conf"),
+        "{err}"
+    );
+}

@@ -6,7 +6,8 @@
 //!    the top down, **strictly above the highest address any node holds** (DHCP servers
 //!    commonly lease upwards from the bottom or the middle of the pool, and a range above every
 //!    node is the least likely to collide with the next lease), minus reserved addresses (the
-//!    static gateway and DNS servers). At most [`MAX_PROBES`] candidates are looked at.
+//!    static gateway and DNS servers). At most [`MAX_PROBES`] candidates (or twice the count)
+//!    are looked at.
 //! 2. Each candidate is probed through an [`AddressProber`] (ARP duplicate-address detection;
 //!    IPv6 is not chosen automatically, so no neighbour discovery is needed). An address that
 //!    answers is skipped; an address that could not be probed fails the whole choice, so an
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use crate::config::AddressBlock;
 use crate::system::command::{Cmd, CmdError};
 
-/// How many candidate addresses are probed at most.
+/// How many candidate addresses are probed at most (or twice the count asked for, if larger).
 pub const MAX_PROBES: usize = 64;
 
 /// How long one `arping` may run (it stops itself after 2 s).
@@ -171,9 +172,10 @@ pub fn candidate_addresses(req: &AutoRangeRequest) -> Vec<Ipv4Addr> {
     }
     let floor = u32::from(range_floor(req.interface, &req.nodes));
     let top = u32::from(subnet.broadcast()) - 1;
+    let limit = MAX_PROBES.max(2 * usize::from(req.count));
     let mut out = Vec::new();
     let mut a = top;
-    while a > floor && out.len() < MAX_PROBES {
+    while a > floor && out.len() < limit {
         let ip = Ipv4Addr::from(a);
         if !req.reserved.contains(&ip) && !req.nodes.contains(&ip) {
             out.push(ip);

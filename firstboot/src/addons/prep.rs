@@ -29,7 +29,6 @@
 //! call it from [`prepare_node`].
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -109,11 +108,8 @@ pub enum PrepError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("writing {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("writing {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]
     Malformed { path: PathBuf, reason: String },
 }
@@ -634,37 +630,13 @@ pub fn ensure_setting_line(
     Ok(true)
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename over
-/// `path`, fsync of the directory. Creates missing parent directories. Mode 0644.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepError> {
-    let err = |source| PrepError::Write {
+/// Writes a configuration file atomically (mode 0644) through the shared writer
+/// [`crate::system::state::write_atomic`]: temp file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepError> {
+    crate::system::state::write_atomic(path, bytes, 0o644).map_err(|e| PrepError::Write {
         path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().ok_or_else(|| {
-        err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no parent directory",
-        ))
-    })?;
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.rackseed-tmp"));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+        reason: format!("{e:#}"),
+    })
 }
 
 #[cfg(test)]
