@@ -366,7 +366,8 @@ fn read_metallb(rep: &mut Report<'_>, node: &Node) -> Option<Metallb> {
                 count.map(|count| Metallb::Auto { count })
             }
             Kind::Array(items) => {
-                let mut blocks = Vec::new();
+                // (position in the list, block) for every item that parsed.
+                let mut parsed: Vec<(usize, AddressBlock)> = Vec::new();
                 let mut ok = true;
                 for (i, item) in items.iter().enumerate() {
                     let f = format!("addons.metallb.addresses[{i}]");
@@ -375,9 +376,7 @@ fn read_metallb(rep: &mut Report<'_>, node: &Node) -> Option<Metallb> {
                         continue;
                     };
                     match values::parse_block(s) {
-                        Ok(b) => {
-                            blocks.push(b);
-                        }
+                        Ok(b) => parsed.push((i, b)),
                         Err(m) => {
                             rep.error(&item.span, &f, m);
                             ok = false;
@@ -392,19 +391,19 @@ fn read_metallb(rep: &mut Report<'_>, node: &Node) -> Option<Metallb> {
                     );
                     ok = false;
                 }
-                if ok {
-                    for (i, j) in values::find_overlaps(&blocks) {
-                        rep.error(
-                            &items[j].span,
-                            &format!("addons.metallb.addresses[{j}]"),
-                            format!(
-                                "{} overlaps addons.metallb.addresses[{i}] ({}); blocks must not share addresses",
-                                values::format_block(&blocks[j]),
-                                values::format_block(&blocks[i])
-                            ),
-                        );
-                        ok = false;
-                    }
+                let blocks: Vec<AddressBlock> = parsed.iter().map(|(_, b)| b.clone()).collect();
+                for (a, b) in values::find_overlaps(&blocks) {
+                    let (i, j) = (parsed[a].0, parsed[b].0);
+                    rep.error(
+                        &items[j].span,
+                        &format!("addons.metallb.addresses[{j}]"),
+                        format!(
+                            "{} overlaps addons.metallb.addresses[{i}] ({}); blocks must not share addresses",
+                            values::format_block(&blocks[b]),
+                            values::format_block(&blocks[a])
+                        ),
+                    );
+                    ok = false;
                 }
                 if t.has("count") {
                     let e = t.get("count");
@@ -562,40 +561,41 @@ fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Ve
         );
         return None;
     };
-    let mut out = Vec::new();
-    let mut ok = true;
-    for (i, item) in items.iter().enumerate() {
-        match read_node(rep, item, i, spans) {
-            Some(n) => out.push(n),
-            None => ok = false,
-        }
-    }
-    // Uniqueness across entries (only among entries that parsed).
+    let partials: Vec<PartialNode> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| read_node(rep, item, i))
+        .collect();
+    let mut ok = partials.len() == items.len();
+    // Uniqueness across entries, among every value that parsed (even in entries with other
+    // errors), so one run shows all the clashes.
     let mut macs: HashMap<MacAddr, usize> = HashMap::new();
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addrs: HashMap<IpAddr, usize> = HashMap::new();
     let mut errors = Vec::new();
-    for (n, ns) in out.iter().zip(&spans.nodes) {
+    for p in &partials {
+        let ns = &p.spans;
         let i = ns.index;
         let at = |s: &Option<Range<usize>>| s.clone().unwrap_or(ns.entry.clone());
-        if let Some(prev) = macs.insert(n.mac, i) {
-            errors.push((
-                at(&ns.mac),
-                format!("nodes[{i}].mac"),
-                format!("duplicate MAC {}: nodes[{prev}] has it too; MACs must be unique", n.mac),
-            ));
+        if let Some(mac) = p.mac {
+            if let Some(prev) = macs.insert(mac, i) {
+                errors.push((
+                    at(&ns.mac),
+                    format!("nodes[{i}].mac"),
+                    format!("duplicate MAC {mac}: nodes[{prev}] has it too; MACs must be unique"),
+                ));
+            }
         }
-        if let Some(prev) = names.insert(n.hostname.as_str(), i) {
-            errors.push((
-                at(&ns.hostname),
-                format!("nodes[{i}].hostname"),
-                format!(
-                    "duplicate hostname {:?}: nodes[{prev}] has it too; hostnames must be unique",
-                    n.hostname
-                ),
-            ));
+        if let Some(name) = &p.hostname {
+            if let Some(prev) = names.insert(name.as_str(), i) {
+                errors.push((
+                    at(&ns.hostname),
+                    format!("nodes[{i}].hostname"),
+                    format!("duplicate hostname {name:?}: nodes[{prev}] has it too; hostnames must be unique"),
+                ));
+            }
         }
-        if let Some(a) = n.address {
+        if let Some(a) = p.address {
             if let Some(prev) = addrs.insert(a.addr(), i) {
                 errors.push((
                     at(&ns.address),
@@ -609,14 +609,32 @@ fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Ve
         rep.error(&span, &field, msg);
         ok = false;
     }
+    let mut out = Vec::new();
+    for p in partials {
+        match p.entry {
+            Some(e) => {
+                out.push(e);
+                spans.nodes.push(p.spans);
+            }
+            None => ok = false,
+        }
+    }
     ok.then_some(out)
 }
 
-fn read_node(rep: &mut Report<'_>, node: &Node, i: usize, spans: &mut Spans) -> Option<NodeEntry> {
+/// One `[[nodes]]` entry as far as it parsed: the values uniqueness is checked on, and the
+/// whole entry when every key was valid.
+struct PartialNode {
+    spans: NodeSpans,
+    mac: Option<MacAddr>,
+    hostname: Option<String>,
+    address: Option<IpNet>,
+    entry: Option<NodeEntry>,
+}
+
+fn read_node(rep: &mut Report<'_>, node: &Node, i: usize) -> Option<PartialNode> {
     let path = format!("nodes[{i}]");
     let mut t = TableReader::open(rep, node, &path)?;
-    // Spans are indexed by position among the entries that parse; keep them aligned by
-    // pushing only on success (below).
     let mut ns = NodeSpans {
         index: i,
         entry: node.span.clone(),
@@ -672,18 +690,23 @@ fn read_node(rep: &mut Report<'_>, node: &Node, i: usize, spans: &mut Spans) -> 
     }
     let bad_address = t.has("address") && address.is_none();
     t.finish(rep);
-    if bad_address {
-        return None;
-    }
-    let entry = NodeEntry {
-        mac: mac?,
-        hostname: hostname?,
-        role: role.ok()?,
-        priority: priority.ok()?,
-        address,
+    let entry = match (mac, &hostname, role, priority) {
+        (Some(mac), Some(hostname), Ok(role), Ok(priority)) if !bad_address => Some(NodeEntry {
+            mac,
+            hostname: hostname.clone(),
+            role,
+            priority,
+            address,
+        }),
+        _ => None,
     };
-    spans.nodes.push(ns);
-    Some(entry)
+    Some(PartialNode {
+        spans: ns,
+        mac,
+        hostname,
+        address,
+        entry,
+    })
 }
 
 fn read_image(

@@ -59,6 +59,10 @@ pub fn parse(text: &str, origin: &Path) -> Result<Loaded, ConfigError> {
     };
     let root = tree::Node::from_document(&doc);
     let config = loader::read_config(&mut rep, &root, &base_dir(origin));
+    // Report in file order (the walk goes section by section). The sort is stable, so
+    // findings at one place keep their walk order.
+    rep.errors.sort_by_key(|d| (d.line, d.col));
+    rep.warnings.sort_by_key(|d| (d.line, d.col));
     match config {
         Some(config) if rep.errors.is_empty() => Ok(Loaded {
             config,
