@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use crate::config;
 
 #[derive(Debug, Parser)]
-#[command(name = "firstboot", version, about = "rackseed node agent: forms a MicroK8s cluster on first boot")]
+#[command(
+    name = "firstboot",
+    version,
+    about = "rackseed node agent: forms a MicroK8s cluster on first boot"
+)]
 pub struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -78,6 +82,8 @@ mod tests {
     fn parses_check_config() {
         let cli = Cli::try_parse_from(["firstboot", "-vv", "check-config", "c.toml"]).unwrap();
         assert_eq!(cli.verbose, 2);
-        assert!(matches!(cli.command, Command::CheckConfig { ref config } if config == Path::new("c.toml")));
+        assert!(
+            matches!(cli.command, Command::CheckConfig { ref config } if config == Path::new("c.toml"))
+        );
     }
 }

@@ -163,7 +163,12 @@ mod tests {
             message: "expected a string".into(),
         };
         assert_eq!(d.to_string(), "c.toml:3:5: cluster.name: expected a string");
-        let e = ConfigError::io(Path::new("x.toml"), &std::io::Error::from(std::io::ErrorKind::NotFound));
-        assert!(e.to_string().starts_with("x.toml: cannot read config file: "));
+        let e = ConfigError::io(
+            Path::new("x.toml"),
+            &std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert!(e
+            .to_string()
+            .starts_with("x.toml: cannot read config file: "));
     }
 }

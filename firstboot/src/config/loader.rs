@@ -59,7 +59,11 @@ struct NodeSpans {
 }
 
 /// Reads the whole document. Returns `None` when any error was reported.
-pub(crate) fn read_config(rep: &mut Report<'_>, root: &Node, base_dir: &Path) -> Option<ClusterConfig> {
+pub(crate) fn read_config(
+    rep: &mut Report<'_>,
+    root: &Node,
+    base_dir: &Path,
+) -> Option<ClusterConfig> {
     let mut spans = Spans::default();
     let mut top = TableReader::open(rep, root, "")?;
 
@@ -135,7 +139,12 @@ pub(crate) fn read_config(rep: &mut Report<'_>, root: &Node, base_dir: &Path) ->
 }
 
 /// Rejects an inline secret with a message saying where secrets go instead.
-fn refuse_inline_secret(rep: &mut Report<'_>, t: &mut TableReader<'_>, keys: &[&'static str], instead: &str) {
+fn refuse_inline_secret(
+    rep: &mut Report<'_>,
+    t: &mut TableReader<'_>,
+    keys: &[&'static str],
+    instead: &str,
+) {
     for key in keys {
         if let Some(e) = t.get(key) {
             rep.error(
@@ -159,10 +168,17 @@ fn resolve(base_dir: &Path, p: &str) -> Result<PathBuf, String> {
     })
 }
 
-fn read_cluster(rep: &mut Report<'_>, node: &Node, base_dir: &Path, spans: &mut Spans) -> Option<Cluster> {
+fn read_cluster(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+    spans: &mut Spans,
+) -> Option<Cluster> {
     let mut t = TableReader::open(rep, node, "cluster")?;
     spans.cluster = t.span.clone();
-    let name = t.parsed(rep, "name", |s| values::check_label(s).map(|()| s.to_string()));
+    let name = t.parsed(rep, "name", |s| {
+        values::check_label(s).map(|()| s.to_string())
+    });
     if !t.has("name") {
         t.missing(rep, "name", "a lowercase name like \"homelab\"");
     }
@@ -191,7 +207,11 @@ fn read_cluster(rep: &mut Report<'_>, node: &Node, base_dir: &Path, spans: &mut 
     let formation_timeout = match t.str(rep, "formation-timeout") {
         Some((s, span)) => match values::parse_duration(s) {
             Ok(d) if d.is_zero() => {
-                rep.error(span, "cluster.formation-timeout", "expected a duration above zero, like \"10m\"");
+                rep.error(
+                    span,
+                    "cluster.formation-timeout",
+                    "expected a duration above zero, like \"10m\"",
+                );
                 None
             }
             Ok(d) => Some(d),
@@ -230,7 +250,9 @@ fn read_cluster(rep: &mut Report<'_>, node: &Node, base_dir: &Path, spans: &mut 
 
 fn read_microk8s(rep: &mut Report<'_>, node: &Node, base_dir: &Path) -> Option<Microk8s> {
     let mut t = TableReader::open(rep, node, "microk8s")?;
-    let channel = match t.parsed(rep, "channel", |s| values::check_channel(s).map(|()| s.to_string())) {
+    let channel = match t.parsed(rep, "channel", |s| {
+        values::check_channel(s).map(|()| s.to_string())
+    }) {
         Some(c) => Some(c),
         None if t.has("channel") => None,
         None => Some(DEFAULT_CHANNEL.to_string()),
@@ -299,7 +321,9 @@ fn read_addons(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<A
                 rep.error(
                     span,
                     "addons.storage",
-                    format!("expected one of hostpath, mayastor, rook-ceph, longhorn, none; got {s:?}"),
+                    format!(
+                        "expected one of hostpath, mayastor, rook-ceph, longhorn, none; got {s:?}"
+                    ),
                 );
             }
             v
@@ -329,7 +353,11 @@ fn read_dns(rep: &mut Report<'_>, node: &Node) -> Option<Dns> {
         None => Some(0),
     };
     t.finish(rep);
-    let upstream: Vec<IpAddr> = upstream.unwrap_or_default().into_iter().map(|(ip, _)| ip).collect();
+    let upstream: Vec<IpAddr> = upstream
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ip, _)| ip)
+        .collect();
     if bad_enabled || n_up != Some(upstream.len()) {
         return None;
     }
@@ -340,9 +368,9 @@ fn read_dns(rep: &mut Report<'_>, node: &Node) -> Option<Dns> {
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, String> {
-    s.trim()
-        .parse()
-        .map_err(|_| format!("expected an IP address like \"192.168.1.1\" or \"fd00::1\", got {s:?}"))
+    s.trim().parse().map_err(|_| {
+        format!("expected an IP address like \"192.168.1.1\" or \"fd00::1\", got {s:?}")
+    })
 }
 
 fn read_metallb(rep: &mut Report<'_>, node: &Node) -> Option<Metallb> {
@@ -432,9 +460,16 @@ fn read_metallb(rep: &mut Report<'_>, node: &Node) -> Option<Metallb> {
     result
 }
 
-fn read_network(rep: &mut Report<'_>, node: &Node, base_dir: &Path, spans: &mut Spans) -> Option<Network> {
+fn read_network(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+    spans: &mut Spans,
+) -> Option<Network> {
     let mut t = TableReader::open(rep, node, "network")?;
-    let interface = t.parsed(rep, "interface", |s| values::check_interface(s).map(|()| s.to_string()));
+    let interface = t.parsed(rep, "interface", |s| {
+        values::check_interface(s).map(|()| s.to_string())
+    });
     let mut ok = !(t.has("interface") && interface.is_none());
     let mode = match t.str(rep, "addressing") {
         None if t.has("addressing") => None,
@@ -457,7 +492,11 @@ fn read_network(rep: &mut Report<'_>, node: &Node, base_dir: &Path, spans: &mut 
         Some("static") => {
             let gateway = t.parsed(rep, "gateway", parse_ip);
             if !t.has("gateway") {
-                t.missing(rep, "gateway", "the router's address, like \"192.168.1.1\", with addressing = \"static\"");
+                t.missing(
+                    rep,
+                    "gateway",
+                    "the router's address, like \"192.168.1.1\", with addressing = \"static\"",
+                );
             }
             let dns = t.list(rep, "dns", parse_ip);
             let dns_len = t.get("dns").map(|e| match &e.value.kind {
@@ -514,7 +553,10 @@ fn read_wifi(rep: &mut Report<'_>, node: &Node, base_dir: &Path) -> Option<Wifi>
     let mut t = TableReader::open(rep, node, "network.wifi")?;
     let ssid = t.parsed(rep, "ssid", |s| {
         if s.is_empty() || s.len() > 32 {
-            Err(format!("expected an SSID of 1 to 32 bytes, got {} bytes", s.len()))
+            Err(format!(
+                "expected an SSID of 1 to 32 bytes, got {} bytes",
+                s.len()
+            ))
         } else {
             Ok(s.to_string())
         }
@@ -524,7 +566,11 @@ fn read_wifi(rep: &mut Report<'_>, node: &Node, base_dir: &Path) -> Option<Wifi>
     }
     let psk_file = t.parsed(rep, "psk-file", |s| resolve(base_dir, s));
     if !t.has("psk-file") {
-        t.missing(rep, "psk-file", "the path of a file holding the Wi-Fi passphrase");
+        t.missing(
+            rep,
+            "psk-file",
+            "the path of a file holding the Wi-Fi passphrase",
+        );
     }
     let country = t.parsed(rep, "country", |s| {
         if s.len() == 2 && s.chars().all(|c| c.is_ascii_alphabetic()) {
@@ -536,7 +582,11 @@ fn read_wifi(rep: &mut Report<'_>, node: &Node, base_dir: &Path) -> Option<Wifi>
         }
     });
     if !t.has("country") {
-        t.missing(rep, "country", "a two-letter country code like \"GB\" (Wi-Fi regulatory domain)");
+        t.missing(
+            rep,
+            "country",
+            "a two-letter country code like \"GB\" (Wi-Fi regulatory domain)",
+        );
     }
     refuse_inline_secret(
         rep,
@@ -557,7 +607,10 @@ fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Ve
         rep.error(
             &node.span,
             "nodes",
-            format!("expected an array of tables ([[nodes]]), found {}", node.type_name()),
+            format!(
+                "expected an array of tables ([[nodes]]), found {}",
+                node.type_name()
+            ),
         );
         return None;
     };
@@ -642,10 +695,16 @@ fn read_node(rep: &mut Report<'_>, node: &Node, i: usize) -> Option<PartialNode>
     };
     let mac = t.parsed(rep, "mac", values::parse_mac);
     if !t.has("mac") {
-        t.missing(rep, "mac", "the machine's MAC address like \"dc:a6:32:01:02:03\"");
+        t.missing(
+            rep,
+            "mac",
+            "the machine's MAC address like \"dc:a6:32:01:02:03\"",
+        );
     }
     ns.mac = t.get("mac").map(|e| e.value.span.clone());
-    let hostname = t.parsed(rep, "hostname", |s| values::check_label(s).map(|()| s.to_string()));
+    let hostname = t.parsed(rep, "hostname", |s| {
+        values::check_label(s).map(|()| s.to_string())
+    });
     if !t.has("hostname") {
         t.missing(rep, "hostname", "a lowercase RFC 1123 label like \"pi-1\"");
     }
@@ -678,7 +737,10 @@ fn read_node(rep: &mut Report<'_>, node: &Node, i: usize) -> Option<PartialNode>
         let net: IpNet = s.trim().parse().map_err(|_| {
             format!("expected an address with prefix length like \"192.168.1.11/24\", got {s:?}")
         })?;
-        if net.addr().is_ipv4() && net.prefix_len() < 31 && (net.addr() == net.network() || net.addr() == net.broadcast()) {
+        if net.addr().is_ipv4()
+            && net.prefix_len() < 31
+            && (net.addr() == net.network() || net.addr() == net.broadcast())
+        {
             return Err(format!(
                 "{s:?} is the network or broadcast address of its subnet; expected a host address"
             ));
@@ -737,11 +799,19 @@ fn read_image(
         None => Some(DEFAULT_DISK_SIZE),
         Some((s, span)) => match values::parse_size(s) {
             Ok(n) if n < MIN_DISK_SIZE => {
-                rep.error(span, "image.disk-size", format!("expected at least 2GiB, got {s:?}"));
+                rep.error(
+                    span,
+                    "image.disk-size",
+                    format!("expected at least 2GiB, got {s:?}"),
+                );
                 None
             }
             Ok(n) if n % (1 << 20) != 0 => {
-                rep.error(span, "image.disk-size", format!("expected a whole number of MiB, got {s:?}"));
+                rep.error(
+                    span,
+                    "image.disk-size",
+                    format!("expected a whole number of MiB, got {s:?}"),
+                );
                 None
             }
             Ok(n) => Some(n),
@@ -776,7 +846,12 @@ fn read_image(
     })
 }
 
-fn read_base(rep: &mut Report<'_>, node: &Node, base_dir: &Path, target: Option<Target>) -> Option<Base> {
+fn read_base(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+    target: Option<Target>,
+) -> Option<Base> {
     let mut t = TableReader::open(rep, node, "image.base")?;
     let kind = t.str(rep, "kind");
     let result = match kind {
@@ -787,13 +862,19 @@ fn read_base(rep: &mut Report<'_>, node: &Node, base_dir: &Path, target: Option<
             None
         }
         Some(("official", _)) => {
-            let url = t.parsed(rep, "url", |s| values::check_http_url(s).map(|()| s.to_string()));
+            let url = t.parsed(rep, "url", |s| {
+                values::check_http_url(s).map(|()| s.to_string())
+            });
             if !t.has("url") {
                 t.missing(rep, "url", "the image's download URL");
             }
             let sha = t.parsed(rep, "sha256", values::parse_sha256);
             if !t.has("sha256") {
-                t.missing(rep, "sha256", "the image's SHA-256 (64 hex digits); official images are always verified");
+                t.missing(
+                    rep,
+                    "sha256",
+                    "the image's SHA-256 (64 hex digits); official images are always verified",
+                );
             }
             match (url, sha) {
                 (Some(url), Some(sha256)) => Some(Base::Official { url, sha256 }),
@@ -813,9 +894,15 @@ fn read_base(rep: &mut Report<'_>, node: &Node, base_dir: &Path, target: Option<
             }
         }
         Some(("bootstrap", _)) => {
-            let suite = t.parsed(rep, "suite", |s| values::check_debian_name(s).map(|()| s.to_string()));
+            let suite = t.parsed(rep, "suite", |s| {
+                values::check_debian_name(s).map(|()| s.to_string())
+            });
             if !t.has("suite") {
-                t.missing(rep, "suite", "a distribution suite like \"noble\" or \"bookworm\"");
+                t.missing(
+                    rep,
+                    "suite",
+                    "a distribution suite like \"noble\" or \"bookworm\"",
+                );
             }
             let mirror = t.parsed(rep, "mirror", |s| {
                 if s.starts_with("file:///") {
@@ -834,14 +921,19 @@ fn read_base(rep: &mut Report<'_>, node: &Node, base_dir: &Path, target: Option<
                         rep.error(
                             span,
                             "image.base.arch",
-                            format!("expected {w:?} for target {} (or leave it out), got {s:?}", tg.as_str()),
+                            format!(
+                                "expected {w:?} for target {} (or leave it out), got {s:?}",
+                                tg.as_str()
+                            ),
                         );
                         None
                     }
                     _ => Some(s.to_string()),
                 },
             };
-            let packages = t.list(rep, "packages", |s| values::check_debian_name(s).map(|()| s.to_string()));
+            let packages = t.list(rep, "packages", |s| {
+                values::check_debian_name(s).map(|()| s.to_string())
+            });
             let n_pk = t.get("packages").map(|e| match &e.value.kind {
                 Kind::Array(a) => a.len(),
                 _ => usize::MAX,
@@ -868,7 +960,9 @@ fn read_base(rep: &mut Report<'_>, node: &Node, base_dir: &Path, target: Option<
                 format!("expected \"official\", \"local\" or \"bootstrap\", got {other:?}"),
             );
             // Take the other keys so they are not also reported as unknown.
-            for k in ["url", "sha256", "path", "suite", "mirror", "arch", "packages"] {
+            for k in [
+                "url", "sha256", "path", "suite", "mirror", "arch", "packages",
+            ] {
                 t.get(k);
             }
             None
@@ -883,7 +977,10 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
         rep.error(
             &node.span,
             "image.users",
-            format!("expected an array of tables ([[image.users]]), found {}", node.type_name()),
+            format!(
+                "expected an array of tables ([[image.users]]), found {}",
+                node.type_name()
+            ),
         );
         return None;
     };
@@ -895,7 +992,9 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
             ok = false;
             continue;
         };
-        let name = t.parsed(rep, "name", |s| values::check_username(s).map(|()| s.to_string()));
+        let name = t.parsed(rep, "name", |s| {
+            values::check_username(s).map(|()| s.to_string())
+        });
         if !t.has("name") {
             t.missing(rep, "name", "a login name like \"ubuntu\"");
         }
@@ -909,13 +1008,17 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
                 ok = false;
             }
         }
-        let keys = t.list(rep, "ssh-keys", |s| values::check_ssh_key(s).map(|()| s.trim().to_string()));
+        let keys = t.list(rep, "ssh-keys", |s| {
+            values::check_ssh_key(s).map(|()| s.trim().to_string())
+        });
         let n_keys = t.get("ssh-keys").map(|e| match &e.value.kind {
             Kind::Array(a) => a.len(),
             _ => usize::MAX,
         });
         let keys = match (keys, n_keys) {
-            (Some(k), Some(n)) if k.len() == n && n > 0 => Some(k.into_iter().map(|(s, _)| s).collect()),
+            (Some(k), Some(n)) if k.len() == n && n > 0 => {
+                Some(k.into_iter().map(|(s, _)| s).collect())
+            }
             (Some(k), Some(0)) if k.is_empty() => {
                 rep.error(
                     &item.span,
@@ -925,7 +1028,11 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
                 None
             }
             (None, None) => {
-                t.missing(rep, "ssh-keys", "a list of SSH public keys (images have no password login)");
+                t.missing(
+                    rep,
+                    "ssh-keys",
+                    "a list of SSH public keys (images have no password login)",
+                );
                 None
             }
             _ => None,
@@ -1012,7 +1119,10 @@ fn cross_checks(rep: &mut Report<'_>, c: &ClusterConfig, spans: &Spans) {
     if let Some(Metallb::Blocks { blocks }) = &c.addons.metallb {
         for (i, n) in c.nodes.iter().enumerate() {
             let Some(a) = n.address else { continue };
-            if let Some(j) = blocks.iter().position(|b| values::block_contains(b, a.addr())) {
+            if let Some(j) = blocks
+                .iter()
+                .position(|b| values::block_contains(b, a.addr()))
+            {
                 rep.error(
                     spans.nodes[i].address.as_ref().unwrap_or(&spans.nodes[i].entry),
                     &format!("nodes[{i}].address"),
@@ -1067,7 +1177,11 @@ fn cross_checks(rep: &mut Report<'_>, c: &ClusterConfig, spans: &Spans) {
             "control-plane = 1 gives no high availability: if that node fails the cluster is down",
         );
     }
-    let pinned_cp = c.nodes.iter().filter(|n| n.role == Some(Role::ControlPlane)).count();
+    let pinned_cp = c
+        .nodes
+        .iter()
+        .filter(|n| n.role == Some(Role::ControlPlane))
+        .count();
     if pinned_cp > usize::from(cp) {
         let i = c
             .nodes
@@ -1098,7 +1212,11 @@ pub fn summary(c: &ClusterConfig) -> String {
         Some(Metallb::Auto { count }) => format!("metallb auto ({count} addresses)"),
         Some(Metallb::Blocks { blocks }) => format!(
             "metallb {}",
-            blocks.iter().map(values::format_block).collect::<Vec<_>>().join(",")
+            blocks
+                .iter()
+                .map(values::format_block)
+                .collect::<Vec<_>>()
+                .join(",")
         ),
     };
     format!(

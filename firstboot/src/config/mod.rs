@@ -71,7 +71,11 @@ pub fn parse(text: &str, origin: &Path) -> Result<Loaded, ConfigError> {
         _ => {
             if rep.errors.is_empty() {
                 // Every `None` above comes with an error; keep that promise visible if not.
-                rep.error(&(0..0), "", "config rejected without a diagnostic (loader bug)");
+                rep.error(
+                    &(0..0),
+                    "",
+                    "config rejected without a diagnostic (loader bug)",
+                );
             }
             Err(ConfigError {
                 diagnostics: rep.errors,

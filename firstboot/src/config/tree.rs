@@ -184,7 +184,11 @@ impl<'n> TableReader<'n> {
     }
 
     /// Reads a string; reports a type error and returns `None` on anything else.
-    pub(crate) fn str(&mut self, rep: &mut Report<'_>, key: &'static str) -> Option<(&'n str, &'n Range<usize>)> {
+    pub(crate) fn str(
+        &mut self,
+        rep: &mut Report<'_>,
+        key: &'static str,
+    ) -> Option<(&'n str, &'n Range<usize>)> {
         let e = self.get(key)?;
         let f = self.field(key);
         node_str(rep, &e.value, &f).map(|s| (s, &e.value.span))
@@ -207,7 +211,13 @@ impl<'n> TableReader<'n> {
     }
 
     /// Reads an integer in `lo..=hi`.
-    pub(crate) fn int(&mut self, rep: &mut Report<'_>, key: &'static str, lo: i64, hi: i64) -> Option<(i64, &'n Range<usize>)> {
+    pub(crate) fn int(
+        &mut self,
+        rep: &mut Report<'_>,
+        key: &'static str,
+        lo: i64,
+        hi: i64,
+    ) -> Option<(i64, &'n Range<usize>)> {
         let e = self.get(key)?;
         match e.value.kind {
             Kind::Int(i) if (lo..=hi).contains(&i) => Some((i, &e.value.span)),
@@ -261,7 +271,10 @@ impl<'n> TableReader<'n> {
             rep.error(
                 &e.value.span,
                 &f,
-                format!("expected an array of strings, found {}", e.value.type_name()),
+                format!(
+                    "expected an array of strings, found {}",
+                    e.value.type_name()
+                ),
             );
             return None;
         };
@@ -344,7 +357,10 @@ mod tests {
     fn distance() {
         assert_eq!(edit_distance("chanel", "channel"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(closest("chanel", &["channel", "offline-snaps"]), Some("channel"));
+        assert_eq!(
+            closest("chanel", &["channel", "offline-snaps"]),
+            Some("channel")
+        );
         assert_eq!(closest("zzzzzz", &["channel"]), None);
     }
 }

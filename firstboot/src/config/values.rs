@@ -146,7 +146,9 @@ fn ip_to_u128(ip: IpAddr) -> u128 {
 /// The family (`true` for IPv4) and the inclusive numeric bounds of a block.
 pub fn block_bounds(block: &AddressBlock) -> (bool, u128, u128) {
     match block {
-        AddressBlock::Range { start, end } => (start.is_ipv4(), ip_to_u128(*start), ip_to_u128(*end)),
+        AddressBlock::Range { start, end } => {
+            (start.is_ipv4(), ip_to_u128(*start), ip_to_u128(*end))
+        }
         AddressBlock::Cidr(net) => (
             net.addr().is_ipv4(),
             ip_to_u128(net.network()),
@@ -230,10 +232,14 @@ pub fn check_ssh_key(s: &str) -> Result<(), String> {
     ];
     let mut parts = s.split_whitespace();
     let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return Err("expected an OpenSSH public key line like \"ssh-ed25519 AAAA... user@host\"".into());
+        return Err(
+            "expected an OpenSSH public key line like \"ssh-ed25519 AAAA... user@host\"".into(),
+        );
     };
     if kind.contains("PRIVATE") || s.contains("PRIVATE KEY") {
-        return Err("this looks like a private key: give the public key (the .pub file's line)".into());
+        return Err(
+            "this looks like a private key: give the public key (the .pub file's line)".into(),
+        );
     }
     if !kinds.contains(&kind) {
         return Err(format!(
@@ -242,7 +248,11 @@ pub fn check_ssh_key(s: &str) -> Result<(), String> {
         ));
     }
     use base64::Engine as _;
-    if !blob.starts_with("AAAA") || base64::engine::general_purpose::STANDARD.decode(blob).is_err() {
+    if !blob.starts_with("AAAA")
+        || base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .is_err()
+    {
         return Err(format!(
             "the key data of this {kind} key is not valid base64"
         ));
@@ -326,8 +336,7 @@ pub fn check_username(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 32
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !ok {
         return Err(format!(
@@ -346,7 +355,9 @@ pub fn check_http_url(s: &str) -> Result<(), String> {
         .strip_prefix("https://")
         .or_else(|| s.strip_prefix("http://"));
     match rest {
-        Some(r) if !r.is_empty() && !r.starts_with('/') && !s.contains(char::is_whitespace) => Ok(()),
+        Some(r) if !r.is_empty() && !r.starts_with('/') && !s.contains(char::is_whitespace) => {
+            Ok(())
+        }
         _ => Err(format!("expected an http:// or https:// URL, got {s:?}")),
     }
 }
@@ -355,9 +366,8 @@ pub fn check_http_url(s: &str) -> Result<(), String> {
 pub fn check_debian_name(s: &str) -> Result<(), String> {
     let ok = s.len() >= 2
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.')
-        });
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
     if ok {
         Ok(())
     } else {
@@ -383,14 +393,25 @@ mod tests {
         assert!(parse_size("8 gigs").is_err());
         assert!(parse_size("-1G").is_err());
         assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("10m"), Ok(std::time::Duration::from_secs(600)));
-        assert_eq!(parse_duration("1h30m"), Ok(std::time::Duration::from_secs(5400)));
-        assert_eq!(parse_duration("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("10m"),
+            Ok(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(
+            parse_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("10").is_err());
     }
@@ -411,10 +432,18 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(parse_mac("DC:A6:32:01:02:03").unwrap().to_string(), "dc:a6:32:01:02:03");
-        assert_eq!(parse_mac("dc-a6-32-01-02-03").unwrap().to_string(), "dc:a6:32:01:02:03");
+        assert_eq!(
+            parse_mac("DC:A6:32:01:02:03").unwrap().to_string(),
+            "dc:a6:32:01:02:03"
+        );
+        assert_eq!(
+            parse_mac("dc-a6-32-01-02-03").unwrap().to_string(),
+            "dc:a6:32:01:02:03"
+        );
         assert!(parse_mac("dc:a6:32:01:02").is_err());
-        assert!(parse_mac("ff:ff:ff:ff:ff:ff").unwrap_err().contains("multicast"));
+        assert!(parse_mac("ff:ff:ff:ff:ff:ff")
+            .unwrap_err()
+            .contains("multicast"));
         assert!(parse_mac("00:00:00:00:00:00").is_err());
         assert!(parse_mac("zz:a6:32:01:02:03").is_err());
     }
@@ -425,16 +454,31 @@ mod tests {
 
     #[test]
     fn block_parsing() {
-        assert!(matches!(parse_block("10.0.0.1-10.0.0.9"), Ok(AddressBlock::Range { .. })));
-        assert!(matches!(parse_block(" 10.0.0.1 - 10.0.0.1 "), Ok(AddressBlock::Range { .. })));
-        assert!(parse_block("10.0.0.9-10.0.0.1").unwrap_err().contains("backwards"));
-        assert!(parse_block("10.0.0.1-fd00::1").unwrap_err().contains("same address family"));
-        assert!(parse_block("10.0.0.5/28").unwrap_err().contains("10.0.0.0/28"));
+        assert!(matches!(
+            parse_block("10.0.0.1-10.0.0.9"),
+            Ok(AddressBlock::Range { .. })
+        ));
+        assert!(matches!(
+            parse_block(" 10.0.0.1 - 10.0.0.1 "),
+            Ok(AddressBlock::Range { .. })
+        ));
+        assert!(parse_block("10.0.0.9-10.0.0.1")
+            .unwrap_err()
+            .contains("backwards"));
+        assert!(parse_block("10.0.0.1-fd00::1")
+            .unwrap_err()
+            .contains("same address family"));
+        assert!(parse_block("10.0.0.5/28")
+            .unwrap_err()
+            .contains("10.0.0.0/28"));
         assert_eq!(
             format_block(&parse_block("10.0.0.7").unwrap()),
             "10.0.0.7/32"
         );
-        assert_eq!(format_block(&parse_block("fd00::/120").unwrap()), "fd00::/120");
+        assert_eq!(
+            format_block(&parse_block("fd00::/120").unwrap()),
+            "fd00::/120"
+        );
         assert!(parse_block("fd00::10-fd00::20").is_ok());
         assert!(parse_block("auto").is_err());
         assert!(parse_block("10.0.0.300-10.0.0.301").is_err());
@@ -442,16 +486,26 @@ mod tests {
 
     #[test]
     fn overlaps_v4() {
-        assert_eq!(find_overlaps(&blocks(&["10.0.0.1-10.0.0.9", "10.0.0.10-10.0.0.20"])), vec![]);
+        assert_eq!(
+            find_overlaps(&blocks(&["10.0.0.1-10.0.0.9", "10.0.0.10-10.0.0.20"])),
+            vec![]
+        );
         assert_eq!(
             find_overlaps(&blocks(&["10.0.0.1-10.0.0.10", "10.0.0.10-10.0.0.20"])),
             vec![(0, 1)]
         );
         assert_eq!(
-            find_overlaps(&blocks(&["192.168.1.240/28", "10.0.0.1", "192.168.1.250-192.168.1.251"])),
+            find_overlaps(&blocks(&[
+                "192.168.1.240/28",
+                "10.0.0.1",
+                "192.168.1.250-192.168.1.251"
+            ])),
             vec![(0, 2)]
         );
-        assert_eq!(find_overlaps(&blocks(&["10.0.0.0/24", "10.0.1.0/24"])), vec![]);
+        assert_eq!(
+            find_overlaps(&blocks(&["10.0.0.0/24", "10.0.1.0/24"])),
+            vec![]
+        );
     }
 
     #[test]
@@ -460,9 +514,15 @@ mod tests {
             find_overlaps(&blocks(&["fd00::/120", "fd00::ff-fd00::1ff"])),
             vec![(0, 1)]
         );
-        assert_eq!(find_overlaps(&blocks(&["fd00::/120", "fd00::100-fd00::1ff"])), vec![]);
+        assert_eq!(
+            find_overlaps(&blocks(&["fd00::/120", "fd00::100-fd00::1ff"])),
+            vec![]
+        );
         // ::a00:1 is numerically equal to 10.0.0.1 but is another family.
-        assert_eq!(find_overlaps(&blocks(&["10.0.0.0/24", "::a00:0/120"])), vec![]);
+        assert_eq!(
+            find_overlaps(&blocks(&["10.0.0.0/24", "::a00:0/120"])),
+            vec![]
+        );
     }
 
     #[test]
@@ -488,19 +548,30 @@ mod tests {
         assert!(check_ssh_key("ssh-ed25519").is_err());
         assert!(check_ssh_key("ssh-dss AAAAB3Nza me").is_err());
         assert!(check_ssh_key("ssh-ed25519 !!notbase64").is_err());
-        assert!(check_ssh_key("-----BEGIN OPENSSH PRIVATE KEY----- abc").unwrap_err().contains("private"));
+        assert!(check_ssh_key("-----BEGIN OPENSSH PRIVATE KEY----- abc")
+            .unwrap_err()
+            .contains("private"));
     }
 
     #[test]
     fn hostname_patterns() {
         assert!(check_hostname_pattern("{cluster}-{id}", "lab").is_ok());
         assert!(check_hostname_pattern("node-{mac}", "lab").is_ok());
-        assert!(check_hostname_pattern("{cluster}", "lab").unwrap_err().contains("same hostname"));
-        assert!(check_hostname_pattern("{cluster}-{serial}", "lab").unwrap_err().contains("{serial}"));
+        assert!(check_hostname_pattern("{cluster}", "lab")
+            .unwrap_err()
+            .contains("same hostname"));
+        assert!(check_hostname_pattern("{cluster}-{serial}", "lab")
+            .unwrap_err()
+            .contains("{serial}"));
         assert!(check_hostname_pattern("{cluster-{id}", "lab").is_err());
-        assert!(check_hostname_pattern("Node-{id}", "lab").unwrap_err().contains("capital"));
+        assert!(check_hostname_pattern("Node-{id}", "lab")
+            .unwrap_err()
+            .contains("capital"));
         assert!(check_hostname_pattern("{cluster}-{id}", &"a".repeat(60)).is_err());
-        assert_eq!(render_hostname_pattern("{cluster}-{id}", "lab", "0a1b2c", "x"), "lab-0a1b2c");
+        assert_eq!(
+            render_hostname_pattern("{cluster}-{id}", "lab", "0a1b2c", "x"),
+            "lab-0a1b2c"
+        );
     }
 
     #[test]
