@@ -104,9 +104,13 @@ pub(crate) fn read_config(
             wifi: None,
         }),
     };
+    let mut has_inventory = false;
     let nodes = match top.get("nodes") {
-        Some(e) => read_nodes(rep, &e.value, &mut spans),
-        None => Some(Vec::new()),
+        Some(e) => {
+            has_inventory = matches!(&e.value.kind, Kind::Array(a) if !a.is_empty());
+            read_nodes(rep, &e.value, &mut spans)
+        }
+        None => (Vec::new(), true),
     };
     let cluster_name = cluster.as_ref().map_or("cluster", |c| c.name.as_str());
     let image = match top.get("image") {
@@ -122,20 +126,28 @@ pub(crate) fn read_config(
     };
     top.finish(rep);
 
+    let (nodes, nodes_ok) = nodes;
+    cross_checks(
+        rep,
+        &Parts {
+            cluster: cluster.as_ref(),
+            addons: addons.as_ref(),
+            network: network.as_ref(),
+            nodes: &nodes,
+            has_inventory,
+            image: image.as_ref(),
+        },
+        &spans,
+    );
     let config = ClusterConfig {
         cluster: cluster?,
         microk8s: microk8s?,
         addons: addons?,
         network: network?,
-        nodes: nodes?,
+        nodes: if nodes_ok { nodes } else { return None },
         image: image?,
     };
-    cross_checks(rep, &config, &spans);
-    if rep.errors.is_empty() {
-        Some(config)
-    } else {
-        None
-    }
+    rep.errors.is_empty().then_some(config)
 }
 
 /// Rejects an inline secret with a message saying where secrets go instead.
@@ -602,7 +614,8 @@ fn read_wifi(rep: &mut Report<'_>, node: &Node, base_dir: &Path) -> Option<Wifi>
     })
 }
 
-fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Vec<NodeEntry>> {
+/// Reads the inventory: the entries that read cleanly, and whether the whole list did.
+fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> (Vec<NodeEntry>, bool) {
     let Kind::Array(items) = &node.kind else {
         rep.error(
             &node.span,
@@ -612,7 +625,7 @@ fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Ve
                 node.type_name()
             ),
         );
-        return None;
+        return (Vec::new(), false);
     };
     let partials: Vec<PartialNode> = items
         .iter()
@@ -672,7 +685,7 @@ fn read_nodes(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Ve
             None => ok = false,
         }
     }
-    ok.then_some(out)
+    (out, ok)
 }
 
 /// One `[[nodes]]` entry as far as it parsed: the values uniqueness is checked on, and the
@@ -985,6 +998,8 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
         return None;
     };
     let mut out: Vec<User> = Vec::new();
+    // Every name that parsed, with its position, for the duplicate check.
+    let mut seen: Vec<(String, usize)> = Vec::new();
     let mut ok = true;
     for (i, item) in items.iter().enumerate() {
         let path = format!("image.users[{i}]");
@@ -999,14 +1014,16 @@ fn read_users(rep: &mut Report<'_>, node: &Node) -> Option<Vec<User>> {
             t.missing(rep, "name", "a login name like \"ubuntu\"");
         }
         if let Some(n) = &name {
-            if let Some(prev) = out.iter().position(|u| &u.name == n) {
+            if let Some((_, prev)) = seen.iter().find(|(s, _)| s == n) {
+                let span = t.get("name").map_or(&item.span, |e| &e.value.span);
                 rep.error(
-                    &item.span,
+                    span,
                     &format!("{path}.name"),
                     format!("duplicate user {n:?}: image.users[{prev}] has it too"),
                 );
                 ok = false;
             }
+            seen.push((n.clone(), i));
         }
         let keys = t.list(rep, "ssh-keys", |s| {
             values::check_ssh_key(s).map(|()| s.trim().to_string())
@@ -1069,63 +1086,72 @@ fn storage_name(s: Storage) -> &'static str {
 }
 
 /// Rules that involve several sections; errors and warnings.
-fn cross_checks(rep: &mut Report<'_>, c: &ClusterConfig, spans: &Spans) {
-    let cluster_span = spans.cluster.clone();
-    let cp = c.cluster.control_plane;
-    let expected = c.cluster.expected_nodes;
-    let multi_node = expected > 1 || cp > 1 || c.nodes.len() > 1;
+/// The sections as far as they were read: rules run on whatever is available, so one run
+/// reports cross-section problems even while some section has its own errors.
+struct Parts<'a> {
+    cluster: Option<&'a Cluster>,
+    addons: Option<&'a Addons>,
+    network: Option<&'a Network>,
+    /// The inventory entries that read cleanly (aligned with `Spans::nodes`).
+    nodes: &'a [NodeEntry],
+    /// Whether the file has any `[[nodes]]` entry at all (even ones with errors).
+    has_inventory: bool,
+    image: Option<&'a Image>,
+}
 
-    // Static addressing needs an address for every inventory node, and an inventory.
-    match &c.network.addressing {
-        Addressing::Static { gateway, .. } => {
-            let span = spans.addressing.clone().unwrap_or(cluster_span.clone());
-            if c.nodes.is_empty() {
+fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
+    let cluster_span = spans.cluster.clone();
+    let node_field = |i: usize, key: &str| format!("nodes[{}].{key}", spans.nodes[i].index);
+    let node_span = |i: usize, s: &Option<Range<usize>>| s.clone().unwrap_or(spans.nodes[i].entry.clone());
+
+    // Static addressing needs an inventory with an address for every entry.
+    match p.network.map(|n| &n.addressing) {
+        Some(Addressing::Static { gateway, .. }) => {
+            if !p.has_inventory {
                 rep.error(
-                    &span,
+                    spans.addressing.as_ref().unwrap_or(&cluster_span),
                     "network.addressing",
                     "static addressing needs an inventory: add a [[nodes]] entry with `address` for every machine",
                 );
             }
-            for (i, n) in c.nodes.iter().enumerate() {
+            for (i, n) in p.nodes.iter().enumerate() {
                 match n.address {
                     None => rep.error(
                         &spans.nodes[i].entry,
-                        &format!("nodes[{i}].address"),
+                        &node_field(i, "address"),
                         "missing required key; expected an address like \"192.168.1.11/24\" (network.addressing is \"static\")",
                     ),
                     Some(a) if !a.contains(gateway) => rep.warn(
-                        spans.nodes[i].address.as_ref().unwrap_or(&spans.nodes[i].entry),
-                        &format!("nodes[{i}].address"),
+                        &node_span(i, &spans.nodes[i].address),
+                        &node_field(i, "address"),
                         format!("gateway {gateway} is outside this node's subnet {}", a.trunc()),
                     ),
                     Some(_) => {}
                 }
             }
         }
-        Addressing::Dhcp => {
-            for (i, n) in c.nodes.iter().enumerate() {
+        Some(Addressing::Dhcp) => {
+            for (i, n) in p.nodes.iter().enumerate() {
                 if n.address.is_some() {
                     rep.error(
-                        spans.nodes[i].address.as_ref().unwrap_or(&spans.nodes[i].entry),
-                        &format!("nodes[{i}].address"),
+                        &node_span(i, &spans.nodes[i].address),
+                        &node_field(i, "address"),
                         "only used with network.addressing = \"static\"; with DHCP the router assigns addresses",
                     );
                 }
             }
         }
+        None => {}
     }
 
     // Node addresses must not be handed out by MetalLB.
-    if let Some(Metallb::Blocks { blocks }) = &c.addons.metallb {
-        for (i, n) in c.nodes.iter().enumerate() {
+    if let Some(Metallb::Blocks { blocks }) = p.addons.and_then(|a| a.metallb.as_ref()) {
+        for (i, n) in p.nodes.iter().enumerate() {
             let Some(a) = n.address else { continue };
-            if let Some(j) = blocks
-                .iter()
-                .position(|b| values::block_contains(b, a.addr()))
-            {
+            if let Some(j) = blocks.iter().position(|b| values::block_contains(b, a.addr())) {
                 rep.error(
-                    spans.nodes[i].address.as_ref().unwrap_or(&spans.nodes[i].entry),
-                    &format!("nodes[{i}].address"),
+                    &node_span(i, &spans.nodes[i].address),
+                    &node_field(i, "address"),
                     format!(
                         "{} lies inside addons.metallb.addresses[{j}] ({}); MetalLB would hand it out",
                         a.addr(),
@@ -1136,24 +1162,30 @@ fn cross_checks(rep: &mut Report<'_>, c: &ClusterConfig, spans: &Spans) {
         }
     }
 
+    let Some(cluster) = p.cluster else { return };
+    let cp = cluster.control_plane;
+    let expected = cluster.expected_nodes;
+    let multi_node = expected > 1 || cp > 1 || p.nodes.len() > 1;
+
     let storage_span = spans.storage.clone().unwrap_or(cluster_span.clone());
-    match c.addons.storage {
-        Storage::Hostpath if multi_node => rep.warn(
+    let target = p.image.map(|i| i.target);
+    match p.addons.map(|a| a.storage) {
+        Some(Storage::Hostpath) if multi_node => rep.warn(
             &storage_span,
             "addons.storage",
             "hostpath storage is not suitable for multi-node clusters (MicroK8s warns so too): volumes live on one node's disk and pods elsewhere cannot reach them",
         ),
-        Storage::RookCeph => rep.warn(
+        Some(Storage::RookCeph) => rep.warn(
             &storage_span,
             "addons.storage",
             "rook-ceph needs internet access when it is enabled (it adds the rook helm repository); offline clusters cannot enable it",
         ),
-        Storage::Longhorn => rep.warn(
+        Some(Storage::Longhorn) => rep.warn(
             &storage_span,
             "addons.storage",
             "longhorn is not a MicroK8s addon: it is installed with helm, which needs internet access at enable time, and every node needs open-iscsi and an NFS client",
         ),
-        Storage::Mayastor if matches!(c.image.target, Target::Rpi4 | Target::Rpi5) => rep.warn(
+        Some(Storage::Mayastor) if matches!(target, Some(Target::Rpi4 | Target::Rpi5)) => rep.warn(
             &storage_span,
             "addons.storage",
             "mayastor reserves 1024 hugepages (2 GiB) on every node; Raspberry Pis with 4 GiB or less will be short of memory",
@@ -1177,26 +1209,24 @@ fn cross_checks(rep: &mut Report<'_>, c: &ClusterConfig, spans: &Spans) {
             "control-plane = 1 gives no high availability: if that node fails the cluster is down",
         );
     }
-    let pinned_cp = c
+    let pinned: Vec<usize> = p
         .nodes
         .iter()
-        .filter(|n| n.role == Some(Role::ControlPlane))
-        .count();
-    if pinned_cp > usize::from(cp) {
-        let i = c
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.role == Some(Role::ControlPlane))
-            .nth(usize::from(cp))
-            .map_or(0, |(i, _)| i);
+        .enumerate()
+        .filter(|(_, n)| n.role == Some(Role::ControlPlane))
+        .map(|(i, _)| i)
+        .collect();
+    if let Some(&i) = pinned.get(usize::from(cp)) {
         rep.warn(
-            spans.nodes[i].role.as_ref().unwrap_or(&spans.nodes[i].entry),
-            &format!("nodes[{i}].role"),
-            format!("{pinned_cp} nodes are pinned as control-plane but cluster.control-plane is {cp}; the extra ones become dqlite standbys"),
+            &node_span(i, &spans.nodes[i].role),
+            &node_field(i, "role"),
+            format!(
+                "{} nodes are pinned as control-plane but cluster.control-plane is {cp}; the extra ones become dqlite standbys",
+                pinned.len()
+            ),
         );
     }
-    if c.image.users.is_empty() {
+    if p.image.is_some_and(|i| i.users.is_empty()) {
         rep.warn(
             &spans.users,
             "image.users",
