@@ -482,7 +482,6 @@ fn read_network(
     let interface = t.parsed(rep, "interface", |s| {
         values::check_interface(s).map(|()| s.to_string())
     });
-    let mut ok = !(t.has("interface") && interface.is_none());
     let mode = match t.str(rep, "addressing") {
         None if t.has("addressing") => None,
         None => Some("dhcp"),
@@ -535,7 +534,6 @@ fn read_network(
                         &format!("network.{key}"),
                         "only used with addressing = \"static\" (DHCP supplies it)",
                     );
-                    ok = false;
                 }
             }
             Some(Addressing::Dhcp)
@@ -544,16 +542,11 @@ fn read_network(
     };
     let wifi = match t.get("wifi") {
         None => None,
-        Some(e) => {
-            let w = read_wifi(rep, &e.value, base_dir);
-            ok &= w.is_some();
-            w
-        }
+        Some(e) => read_wifi(rep, &e.value, base_dir),
     };
+    // Errors in `interface`, `wifi` or misplaced keys are reported above; the addressing mode
+    // is still returned so cross-section rules can run (the config is rejected anyway).
     t.finish(rep);
-    if !ok {
-        return None;
-    }
     Some(Network {
         interface,
         addressing: addressing?,
