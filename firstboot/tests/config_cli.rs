@@ -21,14 +21,26 @@ fn firstboot(args: &[&str]) -> Output {
 fn check_config_accepts_an_example() {
     let out = firstboot(&["check-config", "configs/rack.toml"]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
-    assert!(out.stdout.starts_with("ok: cluster \"rack1\""), "{}", out.stdout);
+    assert!(
+        out.stdout.starts_with("ok: cluster \"rack1\""),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
 fn check_config_rejects_with_locations() {
-    let out = firstboot(&["check-config", "tests/fixtures/config/unknown-top-level.toml"]);
+    let out = firstboot(&[
+        "check-config",
+        "tests/fixtures/config/unknown-top-level.toml",
+    ]);
     assert_ne!(out.code(), Some(0));
-    assert!(out.stderr.contains("unknown-top-level.toml:8:2: extras: unknown key"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("unknown-top-level.toml:8:2: extras: unknown key"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

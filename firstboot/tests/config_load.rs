@@ -50,7 +50,9 @@ fn assert_has(diags: &[Diagnostic], line: usize, field: &str, needle: &str) {
     assert!(
         has(diags, line, field, needle),
         "no diagnostic at line {line} for {field} containing {needle:?}; got:\n{}",
-        ConfigError { diagnostics: diags.to_vec() }
+        ConfigError {
+            diagnostics: diags.to_vec()
+        }
     );
 }
 
@@ -71,29 +73,42 @@ fn every_example_config_validates() {
 
 #[test]
 fn examples_mean_what_their_comments_say() {
-    let qemu = config::load(&repo().join("configs/qemu-test.toml")).unwrap().config;
+    let qemu = config::load(&repo().join("configs/qemu-test.toml"))
+        .unwrap()
+        .config;
     assert_eq!(qemu.image.target, Target::X86_64Efi);
     assert_eq!(qemu.cluster.control_plane, 3);
     match &qemu.image.base {
         Base::Bootstrap { mirror, arch, .. } => {
-            assert_eq!(*mirror, None, "mirror omitted means: from the build machine");
+            assert_eq!(
+                *mirror, None,
+                "mirror omitted means: from the build machine"
+            );
             assert_eq!(arch, "amd64");
         }
         other => panic!("qemu-test should bootstrap, got {other:?}"),
     }
 
-    let rack = config::load(&repo().join("configs/rack.toml")).unwrap().config;
+    let rack = config::load(&repo().join("configs/rack.toml"))
+        .unwrap()
+        .config;
     assert_eq!(rack.nodes.len(), 5);
     assert_eq!(rack.addons.storage, Storage::Mayastor);
     assert!(matches!(rack.network.addressing, Addressing::Static { .. }));
-    assert!(rack.nodes.iter().all(|n| n.address.is_some() && n.role.is_some()));
+    assert!(rack
+        .nodes
+        .iter()
+        .all(|n| n.address.is_some() && n.role.is_some()));
     assert_eq!(rack.nodes[0].role, Some(Role::ControlPlane));
 
     let pi = config::load(&repo().join("configs/rpi-homelab.toml")).unwrap();
     assert_eq!(pi.config.image.target, Target::Rpi4);
     let wifi = pi.config.network.wifi.as_ref().expect("wifi configured");
     assert!(wifi.psk_file.is_absolute() && wifi.psk_file.ends_with("configs/homelab-wifi.psk"));
-    assert!(pi.warnings.iter().any(|w| w.field == "addons.storage" && w.message.contains("multi-node")));
+    assert!(pi
+        .warnings
+        .iter()
+        .any(|w| w.field == "addons.storage" && w.message.contains("multi-node")));
 }
 
 #[test]
@@ -113,18 +128,28 @@ fn minimal_config_gets_defaults() {
     // Relative paths resolve against the config file's directory.
     let dir = fixture("");
     assert_eq!(c.cluster.secret_file, dir.join("cluster.secret"));
-    assert!(matches!(&c.image.base, Base::Local { path, sha256: None } if *path == dir.join("images/base.img.xz")));
+    assert!(
+        matches!(&c.image.base, Base::Local { path, sha256: None } if *path == dir.join("images/base.img.xz"))
+    );
     assert!(l.warnings.iter().any(|w| w.field == "image.users"));
 }
 
 #[test]
 fn relative_and_absolute_paths() {
-    let l = ok(&format!(
-        "{HEAD}\n[microk8s]\noffline-snaps = \"snaps\"\n"
-    )
-    .replace("name = \"lab\"", "name = \"lab\"\nsecret-file = \"/etc/rackseed/cluster.secret\""));
-    assert_eq!(l.config.cluster.secret_file, Path::new("/etc/rackseed/cluster.secret"));
-    assert_eq!(l.config.microk8s.offline_snaps.as_deref(), Some(Path::new("/cfg/snaps")));
+    let l = ok(
+        &format!("{HEAD}\n[microk8s]\noffline-snaps = \"snaps\"\n").replace(
+            "name = \"lab\"",
+            "name = \"lab\"\nsecret-file = \"/etc/rackseed/cluster.secret\"",
+        ),
+    );
+    assert_eq!(
+        l.config.cluster.secret_file,
+        Path::new("/etc/rackseed/cluster.secret")
+    );
+    assert_eq!(
+        l.config.microk8s.offline_snaps.as_deref(),
+        Some(Path::new("/cfg/snaps"))
+    );
 }
 
 #[test]
@@ -134,7 +159,10 @@ fn unknown_top_level_key_names_its_line() {
     let d = &e.diagnostics[0];
     assert_eq!((d.line, d.field.as_str()), (8, "extras"));
     assert!(d.message.contains("unknown key"));
-    assert!(e.to_string().starts_with(&format!("{}:8:", fixture("unknown-top-level.toml").display())));
+    assert!(e.to_string().starts_with(&format!(
+        "{}:8:",
+        fixture("unknown-top-level.toml").display()
+    )));
 }
 
 #[test]
@@ -142,7 +170,10 @@ fn invalid_value_names_its_line_and_expectation() {
     let e = config::load(&fixture("invalid-value.toml")).unwrap_err();
     assert_eq!(e.diagnostics.len(), 1, "{e}");
     let d = &e.diagnostics[0];
-    assert_eq!((d.line, d.col, d.field.as_str()), (3, 17, "cluster.control-plane"));
+    assert_eq!(
+        (d.line, d.col, d.field.as_str()),
+        (3, 17, "cluster.control-plane")
+    );
     assert!(d.message.contains("expected 1, 3, 5 or 7"), "{d}");
 }
 
@@ -155,8 +186,18 @@ fn a_file_with_several_errors_reports_all_of_them() {
     assert_has(d, 5, "cluster.formation-timeout", "duration");
     assert_has(d, 8, "microk8s.channel", "snap channel");
     assert_has(d, 11, "addons.storage", "hostpath, mayastor");
-    assert_has(d, 14, "addons.metallb.addresses[1]", "overlaps addons.metallb.addresses[0]");
-    assert_has(d, 14, "addons.metallb.addresses[3]", "overlaps addons.metallb.addresses[2]");
+    assert_has(
+        d,
+        14,
+        "addons.metallb.addresses[1]",
+        "overlaps addons.metallb.addresses[0]",
+    );
+    assert_has(
+        d,
+        14,
+        "addons.metallb.addresses[3]",
+        "overlaps addons.metallb.addresses[2]",
+    );
     assert_has(d, 21, "nodes[1].mac", "duplicate MAC");
     assert_has(d, 22, "nodes[1].hostname", "duplicate hostname");
     assert_has(d, 25, "image.target", "x86_64-efi, rpi4, rpi5");
@@ -164,7 +205,9 @@ fn a_file_with_several_errors_reports_all_of_them() {
     assert_has(d, 27, "image.base.mirrors", "did you mean `mirror`");
     assert_eq!(d.len(), 12, "exactly the mistakes in the file:\n{e}");
     // In file order.
-    assert!(d.windows(2).all(|w| (w[0].line, w[0].col) <= (w[1].line, w[1].col)));
+    assert!(d
+        .windows(2)
+        .all(|w| (w[0].line, w[0].col) <= (w[1].line, w[1].col)));
 }
 
 #[test]
@@ -179,7 +222,11 @@ fn syntax_errors_and_unreadable_files() {
     let e = config::load(missing).unwrap_err();
     assert_eq!(e.diagnostics.len(), 1);
     assert_eq!(e.diagnostics[0].line, 0);
-    assert!(e.to_string().starts_with("/nonexistent/rackseed.toml: cannot read config file"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/rackseed.toml: cannot read config file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -190,15 +237,31 @@ fn missing_sections_and_keys() {
     let d = errors("[cluster]\n[image]\ntarget = \"rpi4\"\n");
     assert_has(&d, 1, "cluster.name", "missing required key");
     assert_has(&d, 2, "image.base", "missing required key");
-    let d = errors(&HEAD.replace("suite = \"bookworm\"", "mirror = \"http://mirror.invalid/debian\""));
+    let d = errors(&HEAD.replace(
+        "suite = \"bookworm\"",
+        "mirror = \"http://mirror.invalid/debian\"",
+    ));
     assert_has(&d, 6, "image.base.suite", "missing required key");
 }
 
 #[test]
 fn kebab_case_and_spelling_hints() {
-    let d = errors(&HEAD.replace("name = \"lab\"", "name = \"lab\"\nexpected_nodes = 3\nformation-timout = \"1m\""));
-    assert_has(&d, 3, "cluster.expected_nodes", "kebab-case: did you mean `expected-nodes`");
-    assert_has(&d, 4, "cluster.formation-timout", "did you mean `formation-timeout`");
+    let d = errors(&HEAD.replace(
+        "name = \"lab\"",
+        "name = \"lab\"\nexpected_nodes = 3\nformation-timout = \"1m\"",
+    ));
+    assert_has(
+        &d,
+        3,
+        "cluster.expected_nodes",
+        "kebab-case: did you mean `expected-nodes`",
+    );
+    assert_has(
+        &d,
+        4,
+        "cluster.formation-timout",
+        "did you mean `formation-timeout`",
+    );
 }
 
 #[test]
@@ -210,7 +273,10 @@ fn secrets_are_never_inline() {
     ));
     assert_has(&d, 9, "network.wifi.psk", "psk-file");
     assert_has(&d, 7, "network.wifi.psk-file", "missing required key");
-    assert!(d.iter().all(|x| !x.message.contains("hunter2")), "never echo a secret");
+    assert!(
+        d.iter().all(|x| !x.message.contains("hunter2")),
+        "never echo a secret"
+    );
     let l = ok(&format!(
         "{HEAD}[network.wifi]\nssid = \"home\"\npsk-file = \"wifi.psk\"\ncountry = \"gb\"\n"
     ));
@@ -222,7 +288,9 @@ fn metallb_blocks_auto_and_overlaps() {
     let l = ok(&format!(
         "{HEAD}[addons.metallb]\naddresses = [\"192.168.1.240/28\", \"192.168.1.10-192.168.1.20\", \"fd00::/120\", \"10.1.1.1\"]\n"
     ));
-    let Some(Metallb::Blocks { blocks }) = l.config.addons.metallb else { panic!() };
+    let Some(Metallb::Blocks { blocks }) = l.config.addons.metallb else {
+        panic!()
+    };
     assert_eq!(blocks.len(), 4);
     assert!(matches!(blocks[1], AddressBlock::Range { .. }));
 
@@ -231,11 +299,25 @@ fn metallb_blocks_auto_and_overlaps() {
 
     let d = errors(&format!("{HEAD}[addons.metallb]\naddresses = []\n"));
     assert_has(&d, 8, "addons.metallb.addresses", "at least one");
-    let d = errors(&format!("{HEAD}[addons.metallb]\naddresses = [\"10.0.0.0/24\", \"10.0.0.128/25\"]\n"));
-    assert_has(&d, 8, "addons.metallb.addresses[1]", "overlaps addons.metallb.addresses[0]");
-    let d = errors(&format!("{HEAD}[addons.metallb]\naddresses = [\"fd00::1-10.0.0.1\"]\ncount = 3\n"));
+    let d = errors(&format!(
+        "{HEAD}[addons.metallb]\naddresses = [\"10.0.0.0/24\", \"10.0.0.128/25\"]\n"
+    ));
+    assert_has(
+        &d,
+        8,
+        "addons.metallb.addresses[1]",
+        "overlaps addons.metallb.addresses[0]",
+    );
+    let d = errors(&format!(
+        "{HEAD}[addons.metallb]\naddresses = [\"fd00::1-10.0.0.1\"]\ncount = 3\n"
+    ));
     assert_has(&d, 8, "addons.metallb.addresses[0]", "same address family");
-    assert_has(&d, 9, "addons.metallb.count", "only used with addresses = \"auto\"");
+    assert_has(
+        &d,
+        9,
+        "addons.metallb.count",
+        "only used with addresses = \"auto\"",
+    );
     let d = errors(&format!("{HEAD}[addons.metallb]\n"));
     assert_has(&d, 7, "addons.metallb.addresses", "missing required key");
 }
@@ -260,7 +342,9 @@ fn inventory_rules() {
     let d = errors(&format!("{HEAD}[[nodes]]\nhostname = \"a\"\n"));
     assert_has(&d, 7, "nodes[0].mac", "missing required key");
     let d = errors(&format!("nodes = 3\n{HEAD}"));
-    assert!(d.iter().any(|x| x.field == "nodes" && x.message.contains("array of tables")));
+    assert!(d
+        .iter()
+        .any(|x| x.field == "nodes" && x.message.contains("array of tables")));
 }
 
 #[test]
@@ -272,7 +356,12 @@ fn static_addressing_rules() {
     let d = errors(&format!(
         "{HEAD}{net}[addons.metallb]\naddresses = [\"10.0.0.200-10.0.0.250\"]\n[[nodes]]\nmac = \"02:00:00:00:00:01\"\nhostname = \"a\"\naddress = \"10.0.0.210/24\"\n[[nodes]]\nmac = \"02:00:00:00:00:02\"\nhostname = \"b\"\n[[nodes]]\nmac = \"02:00:00:00:00:03\"\nhostname = \"c\"\naddress = \"10.0.0.210/24\"\n"
     ));
-    assert_has(&d, 15, "nodes[0].address", "inside addons.metallb.addresses[0]");
+    assert_has(
+        &d,
+        15,
+        "nodes[0].address",
+        "inside addons.metallb.addresses[0]",
+    );
     assert_has(&d, 16, "nodes[1].address", "missing required key");
     assert_has(&d, 22, "nodes[2].address", "duplicate address 10.0.0.210");
 
@@ -281,30 +370,60 @@ fn static_addressing_rules() {
     ));
     assert_eq!(
         l.config.network.addressing,
-        Addressing::Static { gateway: "10.0.0.1".parse().unwrap(), dns: vec!["10.0.0.1".parse().unwrap()] }
+        Addressing::Static {
+            gateway: "10.0.0.1".parse().unwrap(),
+            dns: vec!["10.0.0.1".parse().unwrap()]
+        }
     );
     let d = errors(&format!(
         "{HEAD}[network]\ngateway = \"10.0.0.1\"\n[[nodes]]\nmac = \"02:00:00:00:00:01\"\nhostname = \"a\"\naddress = \"10.0.0.11/24\"\n"
     ));
-    assert_has(&d, 8, "network.gateway", "only used with addressing = \"static\"");
-    assert_has(&d, 12, "nodes[0].address", "only used with network.addressing");
+    assert_has(
+        &d,
+        8,
+        "network.gateway",
+        "only used with addressing = \"static\"",
+    );
+    assert_has(
+        &d,
+        12,
+        "nodes[0].address",
+        "only used with network.addressing",
+    );
 }
 
 #[test]
 fn warnings_come_with_a_valid_config() {
     let w = ok(&format!("{HEAD}[addons]\nstorage = \"hostpath\"\n")).warnings;
-    assert!(w.iter().any(|x| x.line == 8 && x.field == "addons.storage" && x.message.contains("not suitable for multi-node")));
+    assert!(w.iter().any(|x| x.line == 8
+        && x.field == "addons.storage"
+        && x.message.contains("not suitable for multi-node")));
     let w = ok(&format!("{HEAD}[addons]\nstorage = \"rook-ceph\"\n")).warnings;
     assert!(w.iter().any(|x| x.message.contains("internet")));
     let w = ok(&format!("{HEAD}[addons]\nstorage = \"longhorn\"\n")).warnings;
     assert!(w.iter().any(|x| x.message.contains("internet")));
     let single = HEAD.replace("name = \"lab\"", "name = \"lab\"\ncontrol-plane = 1");
     let w = ok(&format!("{single}[addons]\nstorage = \"hostpath\"\n")).warnings;
-    assert!(!w.iter().any(|x| x.field == "addons.storage"), "hostpath is fine on one node: {w:?}");
-    let w = ok(&HEAD.replace("name = \"lab\"", "name = \"lab\"\ncontrol-plane = 5\nexpected-nodes = 2")).warnings;
-    assert!(w.iter().any(|x| x.field == "cluster.expected-nodes" && x.line == 4));
-    let w = ok(&HEAD.replace("name = \"lab\"", "name = \"lab\"\ncontrol-plane = 1\nexpected-nodes = 4")).warnings;
-    assert!(w.iter().any(|x| x.field == "cluster.control-plane" && x.message.contains("no high availability")));
+    assert!(
+        !w.iter().any(|x| x.field == "addons.storage"),
+        "hostpath is fine on one node: {w:?}"
+    );
+    let w = ok(&HEAD.replace(
+        "name = \"lab\"",
+        "name = \"lab\"\ncontrol-plane = 5\nexpected-nodes = 2",
+    ))
+    .warnings;
+    assert!(w
+        .iter()
+        .any(|x| x.field == "cluster.expected-nodes" && x.line == 4));
+    let w = ok(&HEAD.replace(
+        "name = \"lab\"",
+        "name = \"lab\"\ncontrol-plane = 1\nexpected-nodes = 4",
+    ))
+    .warnings;
+    assert!(w
+        .iter()
+        .any(|x| x.field == "cluster.control-plane" && x.message.contains("no high availability")));
 }
 
 #[test]
@@ -312,17 +431,34 @@ fn image_section_rules() {
     let img = |base: &str, extra: &str| {
         format!("[cluster]\nname = \"lab\"\n[image]\ntarget = \"rpi4\"\nbase = {base}\n{extra}")
     };
-    let l = ok(&img("{ kind = \"bootstrap\", suite = \"noble\", packages = [\"openssh-server\"] }", "disk-size = \"4096MiB\"\nhostname-pattern = \"node-{mac}\"\n"));
+    let l = ok(&img(
+        "{ kind = \"bootstrap\", suite = \"noble\", packages = [\"openssh-server\"] }",
+        "disk-size = \"4096MiB\"\nhostname-pattern = \"node-{mac}\"\n",
+    ));
     assert_eq!(l.config.image.disk_size, 4 << 30);
     assert!(matches!(&l.config.image.base, Base::Bootstrap { arch, .. } if arch == "arm64"));
 
-    let d = errors(&img("{ kind = \"bootstrap\", suite = \"noble\", arch = \"amd64\" }", ""));
+    let d = errors(&img(
+        "{ kind = \"bootstrap\", suite = \"noble\", arch = \"amd64\" }",
+        "",
+    ));
     assert_has(&d, 5, "image.base.arch", "\"arm64\" for target rpi4");
-    let d = errors(&img("{ kind = \"official\", url = \"https://example.invalid/x.img.xz\", sha256 = \"abc\" }", ""));
+    let d = errors(&img(
+        "{ kind = \"official\", url = \"https://example.invalid/x.img.xz\", sha256 = \"abc\" }",
+        "",
+    ));
     assert_has(&d, 5, "image.base.sha256", "64 hex digits");
     let d = errors(&img("{ kind = \"cloud\" }", ""));
-    assert_has(&d, 5, "image.base.kind", "\"official\", \"local\" or \"bootstrap\"");
-    let d = errors(&img("{ kind = \"local\", path = \"x.img\" }", "disk-size = \"1GiB\"\nhostname-pattern = \"{cluster}\"\n"));
+    assert_has(
+        &d,
+        5,
+        "image.base.kind",
+        "\"official\", \"local\" or \"bootstrap\"",
+    );
+    let d = errors(&img(
+        "{ kind = \"local\", path = \"x.img\" }",
+        "disk-size = \"1GiB\"\nhostname-pattern = \"{cluster}\"\n",
+    ));
     assert_has(&d, 6, "image.disk-size", "at least 2GiB");
     assert_has(&d, 7, "image.hostname-pattern", "same hostname");
     let d = errors(&img(
@@ -338,9 +474,16 @@ fn image_section_rules() {
 fn type_errors_name_what_was_expected() {
     let d = errors(&HEAD.replace("name = \"lab\"", "name = 7\ncontrol-plane = \"3\""));
     assert_has(&d, 2, "cluster.name", "expected a string, found an integer");
-    assert_has(&d, 3, "cluster.control-plane", "expected an integer, found a string");
+    assert_has(
+        &d,
+        3,
+        "cluster.control-plane",
+        "expected an integer, found a string",
+    );
     let d = errors(&format!("microk8s = \"1.32\"\n{HEAD}"));
-    assert!(d.iter().any(|x| x.field == "microk8s" && x.message.contains("expected a table")));
+    assert!(d
+        .iter()
+        .any(|x| x.field == "microk8s" && x.message.contains("expected a table")));
 }
 
 #[test]

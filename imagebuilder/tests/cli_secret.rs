@@ -27,7 +27,10 @@ fn writes_a_new_secret_with_mode_0600_and_never_prints_it() {
     let text = std::fs::read_to_string(&path).unwrap();
     let hex = text.trim();
     assert_eq!(hex.len(), 64, "256 bits as hex");
-    assert!(!out.stdout.contains(hex) && !out.stderr.contains(hex), "the secret was printed");
+    assert!(
+        !out.stdout.contains(hex) && !out.stderr.contains(hex),
+        "the secret was printed"
+    );
     ClusterSecret::load(&path).expect("the file loads as a cluster secret");
 
     // A second secret is different (fresh randomness).
@@ -54,5 +57,9 @@ fn reports_an_unwritable_path() {
     let path = dir.path().join("no/such/dir/x.secret");
     let out = imagebuilder(&["secret", "new", path.to_str().unwrap()]);
     assert_ne!(out.code(), Some(0));
-    assert!(out.stderr.contains(path.to_str().unwrap()), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(path.to_str().unwrap()),
+        "{}",
+        out.stderr
+    );
 }

@@ -26,10 +26,19 @@ fn every_example_config_validates() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let rel = path.strip_prefix(repo()).unwrap().to_str().unwrap().to_string();
+        let rel = path
+            .strip_prefix(repo())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         let out = imagebuilder(&["validate", &rel]);
         assert_eq!(out.code(), Some(0), "{rel}:\n{}{}", out.stdout, out.stderr);
-        assert!(out.stdout.starts_with("ok: cluster "), "{rel}: {}", out.stdout);
+        assert!(
+            out.stdout.starts_with("ok: cluster "),
+            "{rel}: {}",
+            out.stdout
+        );
         assert!(!out.stderr.contains("error"), "{rel}: {}", out.stderr);
         n += 1;
     }
@@ -42,7 +51,9 @@ fn warnings_are_printed_and_do_not_fail() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert!(
         out.stderr.contains("warning: configs/rpi-homelab.toml:")
-            && out.stderr.contains("addons.storage: hostpath storage is not suitable"),
+            && out
+                .stderr
+                .contains("addons.storage: hostpath storage is not suitable"),
         "{}",
         out.stderr
     );
@@ -53,8 +64,9 @@ fn unknown_top_level_key_fails_with_its_line() {
     let out = imagebuilder(&["validate", "tests/fixtures/config/unknown-top-level.toml"]);
     assert_ne!(out.code(), Some(0));
     assert!(
-        out.stderr
-            .contains("error: tests/fixtures/config/unknown-top-level.toml:8:2: extras: unknown key"),
+        out.stderr.contains(
+            "error: tests/fixtures/config/unknown-top-level.toml:8:2: extras: unknown key"
+        ),
         "{}",
         out.stderr
     );
@@ -78,7 +90,11 @@ fn invalid_value_fails_with_its_line() {
 fn all_errors_of_a_file_are_printed() {
     let out = imagebuilder(&["validate", "tests/fixtures/config/many-errors.toml"]);
     assert_ne!(out.code(), Some(0));
-    let errors = out.stderr.lines().filter(|l| l.starts_with("error: ")).count();
+    let errors = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .count();
     assert_eq!(errors, 12, "{}", out.stderr);
     assert!(out.stderr.contains("12 errors found"), "{}", out.stderr);
 }
@@ -88,7 +104,8 @@ fn missing_file_fails_cleanly() {
     let out = imagebuilder(&["validate", "configs/does-not-exist.toml"]);
     assert_ne!(out.code(), Some(0));
     assert!(
-        out.stderr.contains("configs/does-not-exist.toml: cannot read config file"),
+        out.stderr
+            .contains("configs/does-not-exist.toml: cannot read config file"),
         "{}",
         out.stderr
     );

@@ -1095,7 +1095,8 @@ struct Parts<'a> {
 fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
     let cluster_span = spans.cluster.clone();
     let node_field = |i: usize, key: &str| format!("nodes[{}].{key}", spans.nodes[i].index);
-    let node_span = |i: usize, s: &Option<Range<usize>>| s.clone().unwrap_or(spans.nodes[i].entry.clone());
+    let node_span =
+        |i: usize, s: &Option<Range<usize>>| s.clone().unwrap_or(spans.nodes[i].entry.clone());
 
     // Static addressing needs an inventory with an address for every entry.
     match p.network.map(|n| &n.addressing) {
@@ -1141,7 +1142,10 @@ fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
     if let Some(Metallb::Blocks { blocks }) = p.addons.and_then(|a| a.metallb.as_ref()) {
         for (i, n) in p.nodes.iter().enumerate() {
             let Some(a) = n.address else { continue };
-            if let Some(j) = blocks.iter().position(|b| values::block_contains(b, a.addr())) {
+            if let Some(j) = blocks
+                .iter()
+                .position(|b| values::block_contains(b, a.addr()))
+            {
                 rep.error(
                     &node_span(i, &spans.nodes[i].address),
                     &node_field(i, "address"),
