@@ -368,6 +368,14 @@ fn static_addressing_rules() {
     let l = ok(&format!(
         "{HEAD}{net}[[nodes]]\nmac = \"02:00:00:00:00:01\"\nhostname = \"a\"\naddress = \"10.0.0.11/24\"\n"
     ));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.field == "cluster.expected-nodes"
+                && w.message.contains("only to the 1 inventory nodes")),
+        "{:?}",
+        l.warnings
+    );
     assert_eq!(
         l.config.network.addressing,
         Addressing::Static {
@@ -461,6 +469,9 @@ fn image_section_rules() {
     ));
     assert_has(&d, 6, "image.disk-size", "at least 2GiB");
     assert_has(&d, 7, "image.hostname-pattern", "same hostname");
+    let long = format!("[cluster]\nname = \"{}\"\n[image]\ntarget = \"rpi4\"\nbase = {{ kind = \"local\", path = \"x.img\" }}\n", "a".repeat(60));
+    let d = errors(&long);
+    assert_has(&d, 3, "image.hostname-pattern", "shorten cluster.name");
     let d = errors(&img(
         "{ kind = \"local\", path = \"x.img\" }",
         "[[image.users]]\nname = \"ubuntu\"\nssh-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\", \"not a key\"]\npassword = \"x\"\n[[image.users]]\nname = \"ubuntu\"\nssh-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"]\n",

@@ -840,7 +840,17 @@ fn read_image(
     }) {
         Some(p) => Some(p),
         None if t.has("hostname-pattern") => None,
-        None => Some(DEFAULT_HOSTNAME_PATTERN.to_string()),
+        None => {
+            // The default pattern must also give valid hostnames (a long cluster name breaks it).
+            if let Err(m) = values::check_hostname_pattern(DEFAULT_HOSTNAME_PATTERN, cluster_name) {
+                rep.error(
+                    &t.span,
+                    "image.hostname-pattern",
+                    format!("the default {m}; shorten cluster.name or set hostname-pattern"),
+                );
+            }
+            Some(DEFAULT_HOSTNAME_PATTERN.to_string())
+        }
     };
     t.finish(rep);
     Some(Image {
@@ -1190,6 +1200,19 @@ fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
         _ => {}
     }
 
+    if let Some(Addressing::Static { .. }) = p.network.map(|n| &n.addressing) {
+        let listed = p.nodes.len();
+        let wanted = expected.max(u32::from(cp));
+        if p.has_inventory && listed > 0 && (listed as u64) < u64::from(wanted) {
+            rep.warn(
+                spans.expected_nodes.as_ref().unwrap_or(&cluster_span),
+                "cluster.expected-nodes",
+                format!(
+                    "static addressing gives addresses only to the {listed} inventory nodes, but the cluster waits for {wanted}; formation falls back to the timeout"
+                ),
+            );
+        }
+    }
     if expected < u32::from(cp) {
         rep.warn(
             spans.expected_nodes.as_ref().unwrap_or(&cluster_span),
