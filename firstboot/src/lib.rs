@@ -1,5 +1,7 @@
 //! rackseed's node agent. See the README for the components in boot order.
 
 pub mod config;
+pub mod coordinator;
+pub mod discovery;
 pub mod secret;
 pub mod system;
