@@ -300,9 +300,12 @@ impl Discovery {
             node_id: c.node_id.clone(),
             reason,
         };
-        let info = ServiceInfo::new(&c.service_type, &c.node_id, &host, "", c.port, &props[..])
+        let mut info = ServiceInfo::new(&c.service_type, &c.node_id, &host, "", c.port, &props[..])
             .map_err(|e| reg(e.to_string()))?
             .enable_addr_auto();
+        // Probing (RFC 6762 8.1, ~750 ms) checks that a *new* name is unique. A re-announcement
+        // only changes the records of a name we already own, so it goes out at once (8.4).
+        info.set_requires_probe(seq == 1);
         self.daemon.register(info).map_err(|e| reg(e.to_string()))
     }
 
