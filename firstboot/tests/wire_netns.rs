@@ -4,7 +4,9 @@
 //! Shows: every node sees every other; a node with another cluster's secret is on the wire
 //! (avahi lists it) but ignored and counted, and gets no reply from a coordinator; a captured
 //! request replayed later is rejected; re-announcements arrive as updates; a node that shuts
-//! down is reported lost; `avahi-browse -rpt _rackseed._tcp` resolves every node.
+//! down is reported lost; `avahi-browse -rpt _rackseed._tcp` resolves every node; forged
+//! records published with `avahi-publish` (a replayed old record, a wrong signature under the
+//! real cluster tag, no signature) are dropped and counted by every agent.
 //! Prints discovery latency (run with `-- --nocapture` to see it).
 //!
 //! `RACKSEED_WIRE_NODES` (3..=10, default 5) sets the number of agents.
@@ -56,12 +58,12 @@ enum Command {
         req: SignedRequest,
         reply: std_mpsc::Sender<Result<serde_json::Value, ClientError>>,
     },
+    Stats(std_mpsc::Sender<DiscoveryStats>),
     Stop,
 }
 
 enum Note {
     Ready {
-        idx: usize,
         fp: String,
         announced: Instant,
     },
@@ -145,7 +147,6 @@ fn spawn_agent(
                 ("prio".into(), idx.to_string()),
             ])?;
             let _ = ready_tx.send(Note::Ready {
-                idx,
                 fp,
                 announced: Instant::now(),
             });
@@ -158,6 +159,7 @@ fn spawn_agent(
                     cmd = rx.recv() => match cmd {
                         None | Some(Command::Stop) => break,
                         Some(Command::Announce(fields)) => disc.announce(fields)?,
+                        Some(Command::Stats(reply)) => { let _ = reply.send(disc.stats()); }
                         Some(Command::Send { peer, fp, reply }) => {
                             let r = client.send(peer, &fp, &Msg::RequestSlot { from: node_id.clone() }).await;
                             let _ = reply.send(r);
@@ -263,8 +265,8 @@ impl Avahi {
         )?;
         std::fs::write(
             dir.path().join("avahi.conf"),
-            "[server]\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\nenable-dbus=yes\n\
-             [publish]\ndisable-publishing=yes\n[wide-area]\nenable-wide-area=no\n",
+            "[server]\nhost-name=observer\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\n\
+             enable-dbus=yes\n[wide-area]\nenable-wide-area=no\n",
         )?;
         let log = |name: &str| std::fs::File::create(dir.path().join(name));
         let dbus = Cmd::new("dbus-daemon", Duration::from_secs(60))
@@ -320,6 +322,64 @@ impl Avahi {
         }
     }
 
+    /// `avahi-publish -s NAME _rackseed._tcp PORT TXT...` until the returned child is dropped.
+    fn publish(&self, name: &str, txt: &[String]) -> Result<tokio::process::Child> {
+        let bus = format!(
+            "DBUS_SYSTEM_BUS_ADDRESS=unix:path={}",
+            self.dir.path().join("bus").display()
+        );
+        let err = std::fs::File::create(self.dir.path().join(format!("publish-{name}.err")))?;
+        Ok(self
+            .host
+            .cmd("env", Duration::from_secs(60))
+            .arg(bus)
+            .args([
+                "avahi-publish",
+                "-s",
+                name,
+                "_rackseed._tcp",
+                &PORT.to_string(),
+            ])
+            .args(txt)
+            .spawn_with(std::process::Stdio::null(), err)?)
+    }
+
+    /// Browses until every agent in `expect` resolves with its address, the port, the
+    /// cluster tag and `a.phase=<phase>`, and the stranger resolves too. By instance name.
+    fn browse_until(
+        &self,
+        expect: &[(String, IpAddr)],
+        tag: &str,
+        phase: &str,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
+        let t0 = Instant::now();
+        loop {
+            let by_name: BTreeMap<String, Vec<String>> = self
+                .browse()?
+                .into_iter()
+                .filter(|l| l.len() >= 10)
+                .map(|l| (l[3].clone(), l))
+                .collect();
+            let complete = expect.iter().all(|(id, addr)| {
+                by_name.get(id).is_some_and(|l| {
+                    let txt = txt_strings(&l[9]);
+                    l[7] == addr.to_string()
+                        && l[8] == PORT.to_string()
+                        && txt.contains(&format!("c={tag}"))
+                        && txt.contains(&format!("a.phase={phase}"))
+                })
+            }) && by_name.contains_key("stranger");
+            if complete {
+                return Ok(by_name);
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(20),
+                "avahi-browse did not resolve every node in phase {phase}: {by_name:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// `avahi-browse -rpt _rackseed._tcp`, resolved lines (`=`), IPv4 only.
     fn browse(&self) -> Result<Vec<Vec<String>>> {
         let out = self
@@ -338,6 +398,33 @@ impl Avahi {
             .filter(|l| l.starts_with("=;"))
             .map(|l| l.split(';').map(str::to_string).collect())
             .collect())
+    }
+}
+
+/// The TXT strings of an `avahi-browse -p` line (`"k=v" "k=v"`; our values hold no quotes).
+fn txt_strings(field: &str) -> Vec<String> {
+    field
+        .split("\" \"")
+        .map(|t| t.trim_matches('"').to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Asks every agent for its stats until `ok` holds for all of them; false on timeout.
+fn wait_stats(
+    agents: &[Agent],
+    ok: impl Fn(&DiscoveryStats) -> bool,
+) -> Result<Vec<DiscoveryStats>> {
+    let t0 = Instant::now();
+    loop {
+        let all: Vec<DiscoveryStats> = agents
+            .iter()
+            .map(|a| a.request(Command::Stats))
+            .collect::<Result<_>>()?;
+        if all.iter().all(&ok) || t0.elapsed() > STEP_TIMEOUT {
+            return Ok(all);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -430,6 +517,23 @@ fn agents_find_each_other_and_strangers_are_shut_out() -> Result<()> {
         }
     }
 
+    // avahi-browse on a plain host of the same link resolves every node (and the stranger,
+    // which is on the wire even though agents ignore it). Keep the last node's first record
+    // to replay it later.
+    let avahi = Avahi::start(lab.host(n + 1))?;
+    let tag = secret.cluster_tag();
+    let expect: Vec<(String, IpAddr)> = agents.iter().map(|a| (a.id.clone(), a.addr)).collect();
+    let resolved = avahi.browse_until(&expect, &tag, "electing")?;
+    println!(
+        "avahi-browse -rpt _rackseed._tcp resolved {} services:",
+        resolved.len()
+    );
+    for l in resolved.values() {
+        println!("  {} -> {}:{} host {}", l[3], l[7], l[8], l[6]);
+    }
+    let old_record = txt_strings(&resolved[&agents[n - 1].id][9]);
+    ensure!(old_record.contains(&"s=1".to_string()), "{old_record:?}");
+
     // 2. A phase change is re-announced and arrives as an update.
     let mut reannounced = HashMap::new();
     for a in &agents {
@@ -514,41 +618,8 @@ fn agents_find_each_other_and_strangers_are_shut_out() -> Result<()> {
         );
     }
 
-    // 5. avahi-browse on a plain host of the same link resolves every node (and the stranger,
-    //    which is on the wire even though agents ignore it).
-    let avahi = Avahi::start(lab.host(n + 1))?;
-    let t0 = Instant::now();
-    let tag = secret.cluster_tag();
-    let resolved = loop {
-        let lines = avahi.browse()?;
-        let by_name: BTreeMap<String, Vec<String>> = lines
-            .into_iter()
-            .filter(|l| l.len() >= 10)
-            .map(|l| (l[3].clone(), l))
-            .collect();
-        let complete = agents.iter().all(|a| {
-            by_name.get(&a.id).is_some_and(|l| {
-                l[7] == a.addr.to_string()
-                    && l[8] == PORT.to_string()
-                    && l[9].contains(&format!("\"c={tag}\""))
-            })
-        }) && by_name.contains_key("stranger");
-        if complete {
-            break by_name;
-        }
-        ensure!(
-            t0.elapsed() < Duration::from_secs(20),
-            "avahi-browse did not resolve every node: {by_name:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    println!(
-        "avahi-browse -rpt _rackseed._tcp resolved {} services:",
-        resolved.len()
-    );
-    for l in resolved.values() {
-        println!("  {} -> {}:{} host {}", l[3], l[7], l[8], l[6]);
-    }
+    // 5. avahi sees the phase change too.
+    avahi.browse_until(&expect, &tag, "joined")?;
 
     // 6. A node that shuts down is reported lost.
     let last = agents.len() - 1;
@@ -569,7 +640,52 @@ fn agents_find_each_other_and_strangers_are_shut_out() -> Result<()> {
         "{last_id}'s goodbye did not reach every node"
     );
 
-    // 7. The stranger was on the wire and every agent dropped (and counted) its records;
+    // 7. Forged records on the wire, published with avahi-publish from the observer:
+    //    the last node's captured first record (an old seq), one with the real cluster tag
+    //    but a wrong signature, one without a signature. All dropped, counted, never seen.
+    let mark = log.len();
+    let fake_fields = |id: &str| -> Vec<String> {
+        vec![
+            "v=1".into(),
+            format!("c={tag}"),
+            format!("id={id}"),
+            format!("p={PORT}"),
+            format!("fp={}", "ab".repeat(32)),
+            format!("b={}", "12".repeat(8)),
+            "s=1".into(),
+            "a.phase=seed".into(),
+        ]
+    };
+    let mut forged = fake_fields("forger");
+    forged.push(format!("sig={}", "00".repeat(32)));
+    let _pubs = [
+        avahi.publish(&last_id, &old_record)?,
+        avahi.publish("forger", &forged)?,
+        avahi.publish("unsigned", &fake_fields("unsigned"))?,
+    ];
+    let remaining = &agents[..last];
+    let st = wait_stats(remaining, |s| {
+        s.replayed >= 1 && s.bad_signature >= 1 && s.missing_signature >= 1
+    })?;
+    for (i, s) in st.iter().enumerate() {
+        ensure!(
+            s.replayed >= 1 && s.bad_signature >= 1 && s.missing_signature >= 1,
+            "agent {i} did not drop every forged record: {s:?}"
+        );
+    }
+    while let Ok(note) = notes.try_recv() {
+        if let Note::Peer { idx, at, ev } = note {
+            log.push((idx, at, ev));
+        }
+    }
+    for (o, _, e) in &log[mark..] {
+        ensure!(
+            !matches!(e, PeerEvent::Seen(_) | PeerEvent::Updated(_)),
+            "node-{o} accepted a forged record: {e:?}"
+        );
+    }
+
+    // 8. The stranger was on the wire and every agent dropped (and counted) its records;
     //    it never accepted ours either.
     let stranger_stats = stranger.stop()?;
     let mut all_stats = vec![last_stats];
@@ -581,10 +697,7 @@ fn agents_find_each_other_and_strangers_are_shut_out() -> Result<()> {
             st.wrong_cluster >= 1,
             "agent {i} did not count the stranger: {st:?}"
         );
-        ensure!(
-            st.bad_signature == 0 && st.malformed == 0 && st.replayed == 0,
-            "agent {i}: {st:?}"
-        );
+        ensure!(st.malformed == 0, "agent {i}: {st:?}");
         ensure!(st.accepted >= (n - 1) as u64, "agent {i}: {st:?}");
     }
     ensure!(

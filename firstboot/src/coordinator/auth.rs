@@ -294,7 +294,8 @@ mod tests {
     fn every_signed_part_matters() {
         let body = br#"{"message":1}"#;
         let t0 = Instant::now();
-        let cases: [(&str, &str, &[u8], &str, [u8; 32]); 5] = [
+        type Case<'a> = (&'a str, &'a str, &'a [u8], &'a str, [u8; 32]);
+        let cases: [Case; 5] = [
             ("GET", "/v1/message", body, "node-a", KEY),
             ("POST", "/v1/status", body, "node-a", KEY),
             ("POST", "/v1/message", br#"{"message":2}"#, "node-a", KEY),
