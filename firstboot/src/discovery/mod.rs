@@ -10,7 +10,7 @@
 //!
 //! Interfaces: [`InterfaceChoice::Auto`] uses every interface except loopback and
 //! container/virtual ones ([`is_virtual_interface`]: `cni0`, `flannel.*`, `vxlan.*`, `cali*`,
-//! `docker*`, `veth*`, `virbr*`, `cilium*`, `kube-*`, `tunl*`, `lxc*`, ...). mdns-sd rescans
+//! `docker*`, `veth*`, `virbr*`, `cilium*`, `kube*`, `tun*`, `wg*`, `lxc*`, ...). mdns-sd rescans
 //! interfaces every 5 s and re-applies our predicate each time, so interfaces MicroK8s creates
 //! later stay excluded. [`InterfaceChoice::Named`] uses only the listed interfaces.
 //! IPv6 is off by default (`ipv6: false`): MicroK8s joins use IPv4 literals, and link-local
@@ -59,14 +59,12 @@ impl InterfaceChoice {
     }
 }
 
-/// Interfaces created by container runtimes and CNIs (they appear once MicroK8s runs).
+/// Interfaces created by container runtimes and CNIs (they appear once MicroK8s runs): the
+/// shared list of [`crate::system::identity::is_virtual_interface`] plus a few CNIs it does
+/// not name.
 pub fn is_virtual_interface(name: &str) -> bool {
-    const EXACT: [&str; 4] = ["cni0", "flannel.1", "vxlan.calico", "ovn0"];
-    const PREFIXES: [&str; 14] = [
-        "cali", "veth", "docker", "br-", "virbr", "flannel", "vxlan", "cilium", "kube-", "tunl",
-        "lxc", "weave", "genev", "tap",
-    ];
-    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+    const MORE: [&str; 5] = ["cilium", "lxc", "weave", "genev", "ovn"];
+    crate::system::identity::is_virtual_interface(name) || MORE.iter().any(|p| name.starts_with(p))
 }
 
 /// What [`Discovery::start`] needs.
