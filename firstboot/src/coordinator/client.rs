@@ -197,6 +197,9 @@ impl CoordinatorClient {
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .no_proxy()
+            // One connection per request: no pooled connection can be cut under us by the
+            // server's connection timeout, and messages are rare.
+            .pool_max_idle_per_host(0)
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .build()

@@ -11,7 +11,9 @@
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
 //! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
 //! Only the presented nonce is consumed by a refused request; the driver sees nothing.
-//! Connections are bounded ([`MAX_CONNECTIONS`]) and timed out.
+//! Connections are bounded ([`MAX_CONNECTIONS`]) and timed out (10 s handshake, 30 s per
+//! connection). Anyone on the LAN can still exhaust them (denial of service is out of scope;
+//! safety never depends on the coordinator answering).
 //!
 //! To add a route: add a match arm in `route`, authenticate it like the others.
 
@@ -188,6 +190,12 @@ impl<M> Coordinator<M> {
     /// Replaces the status document served at `GET /v1/status`. It must hold no secrets.
     pub fn set_status(&self, doc: serde_json::Value) {
         self.status.send_replace(doc);
+    }
+
+    /// [`Coordinator::set_status`] from any serialisable document.
+    pub fn set_status_from<T: Serialize>(&self, doc: &T) -> Result<(), serde_json::Error> {
+        self.set_status(serde_json::to_value(doc)?);
+        Ok(())
     }
 
     pub fn stats(&self) -> CoordinatorStats {

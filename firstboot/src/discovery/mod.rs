@@ -169,6 +169,8 @@ pub enum DiscoveryError {
     Daemon(String),
     #[error("service type {0:?} must end with ._tcp.local. or ._udp.local.")]
     ServiceType(String),
+    #[error("no interface named for discovery; name at least one or choose auto")]
+    NoInterfaces,
     #[error(transparent)]
     Record(#[from] record::RecordError),
     #[error("publishing announcement of {node_id}: {reason}")]
@@ -214,6 +216,9 @@ impl Discovery {
             || cfg.service_type.ends_with("._udp.local."))
         {
             return Err(DiscoveryError::ServiceType(cfg.service_type));
+        }
+        if cfg.interfaces == InterfaceChoice::Named(Vec::new()) {
+            return Err(DiscoveryError::NoInterfaces);
         }
         let mut boot = [0u8; 8];
         rand::fill(&mut boot);
@@ -321,7 +326,8 @@ impl Discovery {
         &self.cfg.boot
     }
 
-    /// Sends goodbye packets for our service and stops the daemon. Idempotent.
+    /// Sends goodbye packets for our service and stops the daemon. Idempotent. Blocks for
+    /// at most a few seconds while the mDNS daemon confirms (also when dropped).
     pub fn shutdown(&self) {
         {
             let mut s = self.shared.lock().expect("discovery state lock");
@@ -578,6 +584,79 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k, Some(v.into_bytes())))
         .collect()
+    }
+
+    /// A TXT record as it is on the wire: length-prefixed `key=value` strings.
+    fn txt_bytes(pairs: &[(String, Option<Vec<u8>>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in pairs {
+            let mut item = k.as_bytes().to_vec();
+            if let Some(v) = v {
+                item.push(b'=');
+                item.extend_from_slice(v);
+            }
+            out.push(item.len() as u8);
+            out.extend_from_slice(&item);
+        }
+        out
+    }
+
+    fn from_wire(txt: &[u8]) -> Vec<(String, Option<Vec<u8>>)> {
+        mdns_sd::TxtProperties::from(txt)
+            .iter()
+            .map(|p| (p.key().to_string(), p.val().map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, .. Default::default() })]
+
+        /// Raw TXT bytes through mdns-sd's TXT parser and ours: never a panic, never a peer.
+        #[test]
+        fn arbitrary_txt_bytes_are_never_accepted(
+            txt in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            name in "[ -~]{0,40}",
+        ) {
+            let s = ClusterSecret::from_bytes([1; 32]);
+            let (mut b, _rx) = browser("me", &s);
+            let full = format!("{name}._rackseed._tcp.local.");
+            let inst = instance_label(&full, SERVICE_TYPE);
+            proptest::prop_assert_eq!(b.on_resolved(&full, inst, &from_wire(&txt), vec![]), None);
+        }
+
+        /// A valid record with one byte flipped on the wire is either rejected or, if the
+        /// flip left the signed content intact, decodes to exactly the original.
+        #[test]
+        fn flipped_byte_in_a_valid_record_is_caught(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let s = ClusterSecret::from_bytes([1; 32]);
+            let (mut b, _rx) = browser("me", &s);
+            let good = signed(&s, "peer", "bbbbbbbbbbbbbbbb", 1, "a");
+            let mut txt = txt_bytes(&good);
+            let i = at.index(txt.len());
+            txt[i] ^= xor;
+            let full = "peer._rackseed._tcp.local.";
+            if let Some(PeerEvent::Seen(p)) = b.on_resolved(full, Some("peer"), &from_wire(&txt), vec![]) {
+                proptest::prop_assert_eq!(p.fields["phase"].as_str(), "a");
+                proptest::prop_assert_eq!(p.node_id.as_str(), "peer");
+            }
+        }
+    }
+
+    #[test]
+    fn signed_record_survives_the_wire_encoding() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let good = signed(&s, "peer", "bbbbbbbbbbbbbbbb", 1, "a");
+        let e = b.on_resolved(
+            "peer._rackseed._tcp.local.",
+            Some("peer"),
+            &from_wire(&txt_bytes(&good)),
+            vec![],
+        );
+        assert!(matches!(e, Some(PeerEvent::Seen(_))), "{e:?}");
     }
 
     #[test]
