@@ -306,9 +306,13 @@ impl Discovery {
         let mut info = ServiceInfo::new(&c.service_type, &c.node_id, &host, "", c.port, &props[..])
             .map_err(|e| reg(e.to_string()))?
             .enable_addr_auto();
-        // Probing (RFC 6762 8.1, ~750 ms) checks that a *new* name is unique. A re-announcement
-        // only changes the records of a name we already own, so it goes out at once (8.4).
-        info.set_requires_probe(seq == 1);
+        // No probing (RFC 6762 8.1). Probing exists to rename an instance whose name is taken,
+        // but a renamed instance no longer matches its signed name and every peer would drop
+        // it, so renaming cannot help us. Worse, mdns-sd treats our own re-announcement
+        // during the ~750 ms probe of the previous one as a conflict and renames us
+        // ("node-a (2)"). Names are node ids, unique by construction; a clone announcing our
+        // id is detected through its boot id instead (`own_id_conflict`).
+        info.set_requires_probe(false);
         self.daemon.register(info).map_err(|e| reg(e.to_string()))
     }
 
