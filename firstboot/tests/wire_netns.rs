@@ -87,6 +87,13 @@ struct Agent {
     join: Option<std::thread::JoinHandle<Result<DiscoveryStats>>>,
 }
 
+/// A failed test still stops its agents (their threads end; the lab then removes the hosts).
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Stop);
+    }
+}
+
 impl Agent {
     fn stop(&mut self) -> Result<DiscoveryStats> {
         let _ = self.tx.send(Command::Stop);
