@@ -236,19 +236,25 @@ impl Discovery {
         record::encode_record(&settings.key, &settings.header(0), &[])?;
 
         let daemon = ServiceDaemon::new().map_err(|e| DiscoveryError::Daemon(e.to_string()))?;
-        let de = |e: mdns_sd::Error| DiscoveryError::Daemon(e.to_string());
         let choice = cfg.interfaces.clone();
-        // Selections are re-applied on every interface rescan (last match wins), so the
-        // predicate keeps excluding interfaces that appear later.
-        daemon
-            .disable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
+        let setup = || -> Result<_, mdns_sd::Error> {
+            // Selections are re-applied on every interface rescan (last match wins), so the
+            // predicate keeps excluding interfaces that appear later.
+            daemon.disable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
                 !choice.wants(&i.name, i.is_loopback())
-            })))
-            .map_err(de)?;
-        if !cfg.ipv6 {
-            daemon.disable_interface(IfKind::IPv6).map_err(de)?;
-        }
-        let events = daemon.browse(&cfg.service_type).map_err(de)?;
+            })))?;
+            if !cfg.ipv6 {
+                daemon.disable_interface(IfKind::IPv6)?;
+            }
+            daemon.browse(&cfg.service_type)
+        };
+        let events = match setup() {
+            Ok(ev) => ev,
+            Err(e) => {
+                let _ = daemon.shutdown();
+                return Err(DiscoveryError::Daemon(e.to_string()));
+            }
+        };
         let shared = Arc::new(Mutex::new(Shared {
             stats: DiscoveryStats::default(),
             seq: 0,
