@@ -111,7 +111,15 @@ async fn time_seabios(qemu: &Path, accel: Accel, timeout: Duration) -> Option<Du
     let start = Instant::now();
     let mut child = Cmd::new(qemu, timeout)
         .args(["-accel", &accel.to_string()])
-        .args(["-machine", "q35", "-m", "64", "-nodefaults", "-display", "none"])
+        .args([
+            "-machine",
+            "q35",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .args(["-no-reboot", "-chardev"])
         .arg(format!("file,id=dbg,path={}", log.display()))
         .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
@@ -190,7 +198,14 @@ sleep $delay; echo "No bootable device." > "$log"; exec sleep 60"#,
         let dir = tempfile::tempdir().unwrap();
         let qemu = fake_qemu(dir.path(), "exit 1");
         let r = probe_kvm(&qemu, &dir.path().join("no-kvm"), Duration::from_secs(1)).await;
-        assert_eq!(r, ProbeReport { tcg: None, kvm: None, chosen: Accel::Tcg });
+        assert_eq!(
+            r,
+            ProbeReport {
+                tcg: None,
+                kvm: None,
+                chosen: Accel::Tcg
+            }
+        );
     }
 
     /// The real probe on this machine: whatever it decides, it decides in bounded time and
@@ -210,6 +225,9 @@ sleep $delay; echo "No bootable device." > "$log"; exec sleep 60"#,
             r.tcg.is_some(),
             "SeaBIOS did not finish under TCG; is qemu-system-x86 installed? {r:?}"
         );
-        assert!(elapsed < PROBE_TIMEOUT * 2 + Duration::from_secs(3), "{elapsed:?}");
+        assert!(
+            elapsed < PROBE_TIMEOUT * 2 + Duration::from_secs(3),
+            "{elapsed:?}"
+        );
     }
 }

@@ -182,7 +182,10 @@ pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
         }
         QemuCommand::Down { dir } => {
             Cluster::open(&dir.dir)?.down().await?;
-            println!("cluster in {} is down (serial logs kept)", dir.dir.display());
+            println!(
+                "cluster in {} is down (serial logs kept)",
+                dir.dir.display()
+            );
         }
     }
     Ok(())
@@ -223,13 +226,31 @@ mod tests {
     #[test]
     fn parses_up_with_kernel_boot() {
         let t = Top::try_parse_from([
-            "x", "up", "--nodes", "2", "--arch", "aarch64", "--kernel", "/k", "--initrd", "/i",
-            "--append", "console=ttyAMA0", "--dir", "/tmp/c", "img.raw",
+            "x",
+            "up",
+            "--nodes",
+            "2",
+            "--arch",
+            "aarch64",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--append",
+            "console=ttyAMA0",
+            "--dir",
+            "/tmp/c",
+            "img.raw",
         ])
         .unwrap();
         match t.cmd {
             QemuCommand::Up {
-                nodes, arch, kernel, dir, image, ..
+                nodes,
+                arch,
+                kernel,
+                dir,
+                image,
+                ..
             } => {
                 assert_eq!(nodes, 2);
                 assert_eq!(arch, Arch::Aarch64);

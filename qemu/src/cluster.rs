@@ -321,7 +321,15 @@ impl Cluster {
         let sockets = socket_dir(&self.dir)?;
         let overlay = self.dir.join(format!("{name}.qcow2"));
         let mut create = Cmd::new("qemu-img", QEMU_IMG_TIMEOUT)
-            .args(["create", "-q", "-f", "qcow2", "-F", &self.state.image_format, "-b"])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                &self.state.image_format,
+                "-b",
+            ])
             .arg(&self.state.image)
             .arg(&overlay);
         if let Some(size) = &self.state.disk_size {
@@ -392,7 +400,10 @@ impl Cluster {
         let boot = match &self.state.boot {
             BootConfig::Uefi { code, .. } => Boot::Uefi {
                 code: code.clone(),
-                vars: n.vars.clone().context("uefi node without a variable store")?,
+                vars: n
+                    .vars
+                    .clone()
+                    .context("uefi node without a variable store")?,
             },
             BootConfig::Kernel {
                 kernel,
@@ -488,7 +499,11 @@ impl Cluster {
         }
         let mut files: Vec<&Path> = Vec::new();
         for n in &self.state.nodes {
-            files.extend([n.overlay.as_path(), n.qmp_socket.as_path(), n.pid_file.as_path()]);
+            files.extend([
+                n.overlay.as_path(),
+                n.qmp_socket.as_path(),
+                n.pid_file.as_path(),
+            ]);
             files.extend(n.vars.as_deref());
         }
         for f in files {
@@ -602,7 +617,9 @@ fn node_alive(n: &NodeState) -> bool {
         return false;
     };
     // The state letter follows the parenthesised command name.
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
     if matches!(state, Some('Z') | Some('X') | None) {
         return false;
     }
@@ -685,13 +702,22 @@ pub fn find_uefi_firmware(arch: Arch) -> Result<(PathBuf, PathBuf), ClusterError
     let (candidates, package): (&[(&str, &str)], _) = match arch {
         Arch::X86_64 => (
             &[
-                ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-                ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+                (
+                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "/usr/share/OVMF/OVMF_VARS_4M.fd",
+                ),
+                (
+                    "/usr/share/OVMF/OVMF_CODE.fd",
+                    "/usr/share/OVMF/OVMF_VARS.fd",
+                ),
             ],
             "ovmf",
         ),
         Arch::Aarch64 => (
-            &[("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd")],
+            &[(
+                "/usr/share/AAVMF/AAVMF_CODE.fd",
+                "/usr/share/AAVMF/AAVMF_VARS.fd",
+            )],
             "qemu-efi-aarch64",
         ),
     };
@@ -731,7 +757,8 @@ fn free_mcast_port(cluster_id: &str) -> anyhow::Result<u16> {
 
 /// A TCP port on 127.0.0.1 that is free now (the kernel's choice).
 fn free_tcp_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port on 127.0.0.1")?;
+    let l =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port on 127.0.0.1")?;
     Ok(l.local_addr().context("reading a bound port")?.port())
 }
 
@@ -756,7 +783,10 @@ mod tests {
         assert_eq!(socket_dir(short).unwrap(), short);
         let long = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
         let s = socket_dir(&long).unwrap();
-        assert!(s.join("node255.qmp").as_os_str().len() <= MAX_SOCKET_PATH, "{s:?}");
+        assert!(
+            s.join("node255.qmp").as_os_str().len() <= MAX_SOCKET_PATH,
+            "{s:?}"
+        );
         assert_eq!(socket_dir(&long).unwrap(), s);
         let _ = std::fs::remove_dir(&s);
     }
@@ -775,7 +805,7 @@ mod tests {
             qmp_socket: "/tmp/rackseed-test-no-such.qmp".into(),
             pid_file: "/x".into(),
             pid: None,
-        accel: None,
+            accel: None,
         };
         assert!(!node_alive(&n));
         // This test process is alive but is not a QEMU serving that socket.
@@ -797,8 +827,8 @@ mod tests {
 
     #[test]
     fn firmware_is_found_where_debian_installs_it() {
-        let (code, vars) = find_uefi_firmware(Arch::X86_64)
-            .expect("OVMF missing: install the ovmf package");
+        let (code, vars) =
+            find_uefi_firmware(Arch::X86_64).expect("OVMF missing: install the ovmf package");
         assert!(code.exists() && vars.exists());
         let (code, vars) = find_uefi_firmware(Arch::Aarch64)
             .expect("AAVMF missing: install the qemu-efi-aarch64 package");

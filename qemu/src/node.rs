@@ -193,7 +193,11 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
             path_arg(&spec.disk)
         ),
         "-device",
-        "virtio-blk-pci,drive=disk0,bootindex=0",
+        // With -kernel, QEMU's linuxboot option ROM holds boot index 0.
+        match spec.boot {
+            Boot::Uefi { .. } => "virtio-blk-pci,drive=disk0,bootindex=0",
+            Boot::Kernel { .. } => "virtio-blk-pci,drive=disk0",
+        },
     ]);
     push(&[
         "-object",
@@ -391,7 +395,8 @@ mod tests {
         let mut s = spec(0);
         s.disk = "/odd,dir/node0.qcow2".into();
         let argv = qemu_argv(&s);
-        assert!(values_after(&argv, "-drive").contains(&"if=none,id=disk0,format=qcow2,file=/odd,,dir/node0.qcow2"));
+        assert!(values_after(&argv, "-drive")
+            .contains(&"if=none,id=disk0,format=qcow2,file=/odd,,dir/node0.qcow2"));
     }
 
     #[test]
