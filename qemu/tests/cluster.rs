@@ -12,15 +12,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use firstboot::system::command::Cmd;
+use qemu::cli::{run_async, DirArg, QemuCommand};
 use qemu::{
-    AccelChoice, BootSource, Cluster, ClusterError, ClusterSpec, NodeRunState, StopOutcome,
+    AccelChoice, Arch, BootSource, Cluster, ClusterError, ClusterSpec, NodeRunState, StopOutcome,
 };
 
 const BOOT_WAIT: Duration = Duration::from_secs(120);
 const PEERS: &str = "192.168.76.10,192.168.76.11,192.168.76.12";
 
-/// Builds (once per script version) the test guest and returns (vmlinuz, initrd.gz).
+static GUEST: tokio::sync::OnceCell<(PathBuf, PathBuf)> = tokio::sync::OnceCell::const_new();
+
+/// Builds (once per script version, shared by the tests of this binary) the test guest and
+/// returns (vmlinuz, initrd.gz).
 async fn test_guest() -> (PathBuf, PathBuf) {
+    GUEST.get_or_init(build_test_guest).await.clone()
+}
+
+async fn build_test_guest() -> (PathBuf, PathBuf) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-test-guest.sh");
     let text = std::fs::read(&script).expect("reading scripts/qemu-test-guest.sh");
     let hash = text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -40,13 +48,13 @@ async fn test_guest() -> (PathBuf, PathBuf) {
 }
 
 fn require_tools() {
-    for tool in ["qemu-system-x86_64", "qemu-img"] {
+    for tool in ["qemu-system-x86_64", "qemu-system-aarch64", "qemu-img"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         assert!(
             found,
-            "{tool} is not installed: apt-get install --no-install-recommends qemu-system-x86 qemu-utils"
+            "{tool} is not installed: apt-get install --no-install-recommends qemu-system-x86 qemu-system-arm qemu-utils"
         );
     }
 }
@@ -71,6 +79,19 @@ fn fetch_mgmt(addr: std::net::SocketAddr) -> String {
             _ => std::thread::sleep(Duration::from_millis(300)),
         }
     }
+}
+
+/// A 16 MiB empty raw disk image.
+async fn blank_image(dir: &Path) -> PathBuf {
+    let image = dir.join("base.raw");
+    Cmd::new("qemu-img", Duration::from_secs(30))
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&image)
+        .arg("16M")
+        .run()
+        .await
+        .expect("creating a blank image with qemu-img");
+    image
 }
 
 /// No such process, or only its zombie is left.
@@ -102,14 +123,7 @@ async fn cluster_life_cycle_with_a_tiny_guest() {
     require_tools();
     let (kernel, initrd) = test_guest().await;
     let tmp = tempfile::tempdir().unwrap();
-    let image = tmp.path().join("base.raw");
-    Cmd::new("qemu-img", Duration::from_secs(30))
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&image)
-        .arg("16M")
-        .run()
-        .await
-        .unwrap();
+    let image = blank_image(tmp.path()).await;
     let dir = tmp.path().join("cluster");
 
     let mut spec = ClusterSpec::new(&image, &dir);
@@ -308,4 +322,139 @@ async fn cluster_life_cycle_with_a_tiny_guest() {
     assert!(!dir.join("cluster.json").exists());
     assert!(image.exists(), "the base image must never be touched");
     println!("life cycle done in {:?}", started.elapsed());
+}
+
+/// UEFI boot for both architectures: OVMF (x86_64, q35) and AAVMF (aarch64, virt) start from
+/// pflash, find the node's virtio disk, find nothing bootable on the blank image and fall back
+/// to the UEFI shell, all printed on the node's serial log. Two clusters run at once, on
+/// different multicast ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uefi_firmware_boots_on_x86_64_and_aarch64() {
+    require_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = blank_image(tmp.path()).await;
+    let mut clusters = Vec::new();
+    for arch in [Arch::X86_64, Arch::Aarch64] {
+        let mut spec = ClusterSpec::new(&image, tmp.path().join(arch.to_string()));
+        spec.nodes = 1;
+        spec.arch = arch;
+        spec.memory_mib = 256;
+        spec.accel = AccelChoice::Tcg;
+        let mut c = Cluster::up(spec)
+            .await
+            .unwrap_or_else(|e| panic!("{arch} up: {e:#}"));
+        c.kill_on_drop(true);
+        let vars = c
+            .node("node0")
+            .unwrap()
+            .vars
+            .clone()
+            .expect("uefi node has vars");
+        assert!(
+            vars.starts_with(c.dir()),
+            "{vars:?} is not the node's own copy"
+        );
+        clusters.push(c);
+    }
+    assert_ne!(clusters[0].mcast_port(), clusters[1].mcast_port());
+    for c in &clusters {
+        check(
+            c,
+            "uefi shell",
+            c.wait_for_serial("node0", "UEFI Interactive Shell", BOOT_WAIT)
+                .await,
+        )
+        .await;
+        check(
+            c,
+            "uefi disk",
+            c.wait_for_serial("node0", "BLK0", Duration::from_secs(30))
+                .await,
+        )
+        .await;
+    }
+    for c in clusters {
+        let overlay = c.node("node0").unwrap().overlay.clone();
+        c.down().await.unwrap();
+        assert!(!overlay.exists());
+    }
+}
+
+/// The CLI manages one cluster across separate invocations through the state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_share_the_state_directory() {
+    require_tools();
+    let (kernel, initrd) = test_guest().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = blank_image(tmp.path()).await;
+    let dir = tmp.path().join("cli-cluster");
+    let dir_arg = || DirArg { dir: dir.clone() };
+    run_async(QemuCommand::Up {
+        image,
+        nodes: 1,
+        arch: Arch::X86_64,
+        memory: 256,
+        cpus: 1,
+        dir: dir_arg(),
+        port: None,
+        accel: AccelChoice::Tcg,
+        guest_mgmt_port: 7443,
+        kernel: Some(kernel),
+        initrd: Some(initrd),
+        append: "console=ttyS0 panic=-1".into(),
+        disk_size: Some("32M".into()),
+        no_reboot: true,
+    })
+    .await
+    .expect("qemu up");
+    let mut guard = Cluster::open(&dir).unwrap();
+    guard.kill_on_drop(true);
+    check(
+        &guard,
+        "cli boot",
+        guard
+            .wait_for_serial("node0", "RACKSEED-GUEST up", BOOT_WAIT)
+            .await,
+    )
+    .await;
+    run_async(QemuCommand::Status { dir: dir_arg() })
+        .await
+        .unwrap();
+    run_async(QemuCommand::Kill {
+        node: "0".into(),
+        dir: dir_arg(),
+    })
+    .await
+    .unwrap();
+    assert!(!Cluster::open(&dir).unwrap().is_running("node0").unwrap());
+    run_async(QemuCommand::Start {
+        node: "node0".into(),
+        dir: dir_arg(),
+    })
+    .await
+    .unwrap();
+    assert!(Cluster::open(&dir).unwrap().is_running("node0").unwrap());
+    let e = run_async(QemuCommand::Stop {
+        node: "node7".into(),
+        timeout: 1,
+        dir: dir_arg(),
+    })
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("node7"), "{e}");
+    run_async(QemuCommand::Down { dir: dir_arg() })
+        .await
+        .unwrap();
+    assert!(!dir.join("cluster.json").exists());
+    assert!(!dir.join("node0.qcow2").exists());
+    let e = run_async(QemuCommand::Status { dir: dir_arg() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.downcast_ref::<ClusterError>(),
+            Some(ClusterError::NoCluster { .. })
+        ),
+        "{e:#}"
+    );
 }
