@@ -263,6 +263,30 @@ mod tests {
     }
 
     #[test]
+    fn bare_up_means_three_uefi_nodes_with_defaults() {
+        let t = Top::try_parse_from(["x", "up", "out/qemu.img"]).unwrap();
+        match t.cmd {
+            QemuCommand::Up {
+                nodes,
+                arch,
+                kernel,
+                memory,
+                accel,
+                guest_mgmt_port,
+                dir,
+                ..
+            } => {
+                assert_eq!((nodes, arch, memory), (3, Arch::X86_64, 1024));
+                assert_eq!(kernel, None);
+                assert_eq!(accel, AccelChoice::Auto);
+                assert_eq!(guest_mgmt_port, 7443);
+                assert_eq!(dir.dir, PathBuf::from("qemu-cluster"));
+            }
+            _ => panic!("not up"),
+        }
+    }
+
+    #[test]
     fn initrd_without_kernel_and_bad_arch_are_refused() {
         assert!(Top::try_parse_from(["x", "up", "--initrd", "/i", "img"]).is_err());
         let e = Top::try_parse_from(["x", "up", "--arch", "sparc", "img"])

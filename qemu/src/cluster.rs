@@ -211,6 +211,7 @@ impl Cluster {
                 disk_size: spec.disk_size,
                 arch: spec.arch,
                 accel: spec.accel,
+                resolved_accel: None,
                 memory_mib: spec.memory_mib,
                 cpus: spec.cpus,
                 mcast_port,
@@ -245,6 +246,12 @@ impl Cluster {
             state: ClusterState::load(dir)?,
             kill_on_drop: false,
         })
+    }
+
+    /// Re-reads `cluster.json`, e.g. after another process (the CLI) changed the cluster.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        self.state = ClusterState::load(&self.dir)?;
+        Ok(())
     }
 
     /// When set, dropping this value SIGKILLs every running node (for tests that may panic).
@@ -383,7 +390,14 @@ impl Cluster {
             }
             .into());
         }
-        let accel = choose_accel(self.state.arch, self.state.accel).await;
+        let accel = match self.state.resolved_accel {
+            Some(a) => a,
+            None => {
+                let a = choose_accel(self.state.arch, self.state.accel).await;
+                self.state.resolved_accel = Some(a);
+                a
+            }
+        };
         let n = &mut self.state.nodes[i];
         if !tcp_port_free(n.mgmt_port) {
             n.mgmt_port = free_tcp_port()?;

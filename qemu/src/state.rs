@@ -31,6 +31,8 @@ pub struct ClusterState {
     pub disk_size: Option<String>,
     pub arch: Arch,
     pub accel: AccelChoice,
+    /// What `accel` resolved to at the first start (the KVM probe runs once per cluster).
+    pub resolved_accel: Option<Accel>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub mcast_port: u16,
@@ -128,6 +130,7 @@ mod tests {
             disk_size: None,
             arch: Arch::X86_64,
             accel: AccelChoice::Auto,
+            resolved_accel: Some(Accel::Tcg),
             memory_mib: 1024,
             cpus: 1,
             mcast_port: 41000,
