@@ -2,3 +2,7 @@
 //! fakes for tests. [`command`] is the one way any rackseed code runs an external program.
 
 pub mod command;
+pub mod hostname;
+pub mod identity;
+pub mod notify;
+pub mod state;
