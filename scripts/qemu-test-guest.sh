@@ -9,6 +9,8 @@
 #   - prints `RACKSEED-GUEST up mac=<mac> ip=<ip>` to the serial console, then pings every
 #     address in the kernel argument `rackseed.peers=a,b,...` (its own skipped) and prints
 #     `RACKSEED-GUEST reached <ip>` or `RACKSEED-GUEST unreachable <ip>`,
+#   - pings the all-hosts multicast group 224.0.0.1 for two minutes and prints
+#     `RACKSEED-GUEST multicast-from <ip>` for each peer that answers,
 #   - powers off when the ACPI power button is pressed (QMP system_powerdown).
 #
 # Usage: scripts/qemu-test-guest.sh OUTDIR   -> OUTDIR/vmlinuz, OUTDIR/initrd.gz
@@ -47,7 +49,7 @@ kver=$(ls "$work/k/lib/modules")
 moddir="$work/k/lib/modules/$kver/kernel"
 
 root="$work/initramfs"
-mkdir -p "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/www" "$root/lib/modules"
+mkdir -p "$root/bin" "$root/tmp" "$root/proc" "$root/sys" "$root/dev" "$root/www" "$root/lib/modules"
 cp "$busybox" "$root/bin/busybox"
 
 # Load order matters: dependencies first (no modules.dep in the package; depmod runs at install).
@@ -96,6 +98,9 @@ ip="192.168.76.$((10 + idx))"
 ip link set lo up
 ip addr add "$ip/24" dev "$cl"
 ip link set "$cl" up
+# Answer multicast pings (the kernel ignores them by default) and send multicast on the cluster NIC.
+echo 0 >/proc/sys/net/ipv4/icmp_echo_ignore_broadcasts
+ip route add 224.0.0.0/4 dev "$cl"
 if [ -n "$mg" ]; then
     ip addr add 10.0.2.15/24 dev "$mg"
     ip link set "$mg" up
@@ -113,6 +118,20 @@ done
 
 disks=$(ls /sys/block | grep -c '^vd' || true)
 echo "RACKSEED-GUEST up mac=$clmac ip=$ip disks=$disks"
+
+# Multicast (what mDNS needs): ping the all-hosts group and report every peer that answers.
+(
+    mkdir -p /tmp/mc
+    for t in $(seq 1 120); do
+        for a in $(ping -w 2 224.0.0.1 2>/dev/null | sed -n 's/.*bytes from \([0-9.]*\):.*/\1/p'); do
+            if [ "$a" != "$ip" ] && [ ! -e "/tmp/mc/$a" ]; then
+                touch "/tmp/mc/$a"
+                echo "RACKSEED-GUEST multicast-from $a"
+            fi
+        done
+        sleep 1
+    done
+) &
 
 peers=$(sed -n 's/.*rackseed\.peers=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for p in $peers; do

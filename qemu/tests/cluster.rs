@@ -133,7 +133,7 @@ async fn cluster_life_cycle_with_a_tiny_guest() {
     spec.boot = BootSource::Kernel {
         kernel,
         initrd: Some(initrd),
-        append: format!("console=ttyS0 panic=-1 rackseed.peers={PEERS}"),
+        append: format!("console=ttyS0 quiet panic=-1 rackseed.peers={PEERS}"),
     };
     let started = std::time::Instant::now();
     let mut c = Cluster::up(spec.clone()).await.expect("cluster up");
@@ -188,21 +188,18 @@ async fn cluster_life_cycle_with_a_tiny_guest() {
     }
     println!("2 nodes up in {:?}", started.elapsed());
 
-    // They reach each other over the multicast socket network.
-    check(
-        &c,
-        "ping",
-        c.wait_for_serial("node0", "RACKSEED-GUEST reached 192.168.76.11", BOOT_WAIT)
-            .await,
-    )
-    .await;
-    check(
-        &c,
-        "ping",
-        c.wait_for_serial("node1", "RACKSEED-GUEST reached 192.168.76.10", BOOT_WAIT)
-            .await,
-    )
-    .await;
+    // They reach each other over the multicast socket network, unicast and multicast (what
+    // mDNS needs).
+    for (node, peer) in [("node0", "192.168.76.11"), ("node1", "192.168.76.10")] {
+        for marker in ["reached", "multicast-from"] {
+            let line = format!("RACKSEED-GUEST {marker} {peer}");
+            check(&c, marker, c.wait_for_serial(node, &line, BOOT_WAIT).await).await;
+        }
+    }
+    println!(
+        "unicast and multicast between guests in {:?}",
+        started.elapsed()
+    );
 
     // The management forward on 127.0.0.1 reaches each node's own guest.
     for (n, mac) in nodes.iter().zip(&macs) {
@@ -401,7 +398,7 @@ async fn cli_commands_share_the_state_directory() {
         guest_mgmt_port: 7443,
         kernel: Some(kernel),
         initrd: Some(initrd),
-        append: "console=ttyS0 panic=-1".into(),
+        append: "console=ttyS0 quiet panic=-1".into(),
         disk_size: Some("32M".into()),
         no_reboot: true,
     })
