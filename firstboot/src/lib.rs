@@ -5,4 +5,5 @@ pub mod config;
 pub mod coordinator;
 pub mod discovery;
 pub mod secret;
+pub mod status;
 pub mod system;
