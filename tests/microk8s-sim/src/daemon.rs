@@ -876,12 +876,19 @@ impl Daemon {
             st.view = view;
             self.persist(&st);
         }
+        // The seed just answered. (Lock order: state before last_seen, never the reverse.)
+        let seed_name = self
+            .lock()
+            .view
+            .entries
+            .iter()
+            .find(|e| e.ip == Some(seed))
+            .map(|e| e.name.clone());
         {
             let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
             seen.clear();
-            // The seed just answered.
-            if let Some(e) = self.lock().view.entries.iter().find(|e| e.ip == Some(seed)) {
-                seen.insert(e.name.clone(), Instant::now());
+            if let Some(n) = seed_name {
+                seen.insert(n, Instant::now());
             }
         }
         if worker {

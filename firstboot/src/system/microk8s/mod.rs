@@ -45,6 +45,8 @@ pub const DEFAULT_DQLITE_BACKEND: &str = "/var/snap/microk8s/current/var/kuberne
 pub const CLUSTER_AGENT_PORT: u16 = 25000;
 /// Minimum token length (A1, `TOKEN_ΜΙΝ_LEN`).
 pub const TOKEN_MIN_LEN: usize = 32;
+/// How often [`Microk8s::wait_ready`] re-asks a stopped node.
+const STOPPED_RETRY: Duration = Duration::from_millis(500);
 /// Minimum fingerprint length (A3, `FINGERPRINT_MIN_LEN`).
 pub const FINGERPRINT_MIN_LEN: usize = 12;
 
@@ -567,20 +569,31 @@ impl Microk8s for RealMicrok8s {
 
     fn wait_ready(&self, timeout: Duration) -> BoxFuture<'_, Result<bool, Microk8sError>> {
         Box::pin(async move {
-            // `--timeout 0` means forever (A5): round up to at least one second.
-            let secs = timeout.as_secs().max(1);
-            let out = self
-                .mk(Duration::from_secs(secs) + self.config.query_timeout)
-                .args(["status", "--format", "yaml", "--wait-ready", "--timeout"])
-                .arg(secs.to_string())
-                .output()
-                .await?;
-            match parse::parse_status(out.code(), &out.stdout, &out.stderr)? {
-                Status::Running(_) => Ok(true),
-                Status::NotReady | Status::Stopped => Ok(false),
-                Status::WorkerNode => Err(Microk8sError::WorkerNode {
-                    command: "microk8s status --wait-ready".into(),
-                }),
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                // `--timeout 0` means forever (A5): ask for at least one second.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let secs = left.as_secs().max(1);
+                let out = self
+                    .mk(Duration::from_secs(secs) + self.config.query_timeout)
+                    .args(["status", "--format", "yaml", "--wait-ready", "--timeout"])
+                    .arg(secs.to_string())
+                    .output()
+                    .await?;
+                match parse::parse_status(out.code(), &out.stdout, &out.stderr)? {
+                    Status::Running(_) => return Ok(true),
+                    Status::WorkerNode => {
+                        return Err(Microk8sError::WorkerNode {
+                            command: "microk8s status --wait-ready".into(),
+                        })
+                    }
+                    // A stopped node answers at once; right after install its services may
+                    // still be starting, so keep asking until the deadline.
+                    Status::Stopped if tokio::time::Instant::now() + STOPPED_RETRY < deadline => {
+                        tokio::time::sleep(STOPPED_RETRY).await
+                    }
+                    Status::NotReady | Status::Stopped => return Ok(false),
+                }
             }
         })
     }
