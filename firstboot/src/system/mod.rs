@@ -4,4 +4,8 @@
 
 pub mod command;
 pub mod fakes;
+pub mod hostname;
+pub mod identity;
 pub mod microk8s;
+pub mod notify;
+pub mod state;
