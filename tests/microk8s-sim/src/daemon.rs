@@ -325,9 +325,12 @@ impl Daemon {
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/sim/v1/ping") => {
                 let st = self.lock();
-                Response::ok(
-                    json!({"name": self.name(), "cluster_id": st.view.cluster_id, "version": st.view.version}),
-                )
+                Response::ok(json!({
+                    "name": self.name(),
+                    "cluster_id": st.view.cluster_id,
+                    "version": st.view.version,
+                    "bad_requests": http::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+                }))
             }
             ("GET", "/sim/v1/view") => Response::ok(json!(self.lock().view)),
             ("POST", "/sim/v1/view") => match serde_json::from_value::<View>(body) {

@@ -252,6 +252,8 @@ fn three_control_planes_and_two_workers_form_ha_across_namespaces() {
         if argv[0] == "join" {
             let host = argv[1].split(':').next().unwrap();
             assert!(host.parse::<IpAddr>().is_ok(), "join by hostname: {r}");
+            let worker = ["node-3", "node-4"].contains(&r["node"].as_str().unwrap());
+            assert_eq!(argv.iter().any(|a| a == "--worker"), worker, "{r}");
         }
     }
     // Every enable that succeeded ran on a control-plane node; the one on a worker failed.

@@ -138,3 +138,49 @@ fn join_validation_port_check_and_status_formats() {
     let o = mk(&n[0], &["enable", "no-such-addon"]);
     assert_eq!(o.code(), Some(1));
 }
+
+#[test]
+fn garbage_on_the_agent_port_is_counted_and_ignored() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let (_lab, _root, mut n) = pair(&[]);
+    n[0].install_and_start();
+    let addr = std::net::SocketAddr::from((n[0].host.addr, 25000));
+    let counts = n[1].host.spawn_thread(move || {
+        use std::io::{Read, Write};
+        let send = |bytes: &[u8]| -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            Ok(out)
+        };
+        let ping = || -> anyhow::Result<u64> {
+            let out = send(b"GET /sim/v1/ping HTTP/1.1\r\n\r\n")?;
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(body)?;
+            Ok(v["bad_requests"].as_u64().unwrap_or(0))
+        };
+        let before = ping()?;
+        send(b"\x00\x01\x02garbage")?;
+        send(&vec![b'A'; 40_000])?;
+        send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 5\r\n\r\n{not}")?;
+        send(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")?;
+        let bad_json =
+            send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]")?;
+        Ok((before, ping()?, bad_json))
+    });
+    let (before, after, bad_json) = counts.join().unwrap().unwrap();
+    assert!(after >= before + 4, "before {before}, after {after}");
+    assert!(
+        bad_json.starts_with("HTTP/1.1 500"),
+        "no token in a JSON array: {bad_json}"
+    );
+    // Still serving.
+    assert!(matches!(
+        n[0].status(),
+        firstboot::system::microk8s::Status::Running(_)
+    ));
+}
