@@ -676,6 +676,12 @@ impl Microk8s for RealMicrok8s {
                     Ok(EnableOutcome::AlreadyEnabled)
                 }
                 Some(0) => Ok(EnableOutcome::Enabled),
+                Some(_) if out.stdout.contains("microk8s is not running") => {
+                    Err(Microk8sError::NotRunning {
+                        command,
+                        detail: detail(&out),
+                    })
+                }
                 code => Err(Microk8sError::Failed {
                     command,
                     code,
