@@ -2,5 +2,8 @@
 
 pub mod addons;
 pub mod config;
+pub mod coordinator;
+pub mod discovery;
 pub mod secret;
+pub mod status;
 pub mod system;
