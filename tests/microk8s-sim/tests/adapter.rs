@@ -131,6 +131,7 @@ fn install_writes_the_launch_config_first_and_issues_the_real_snap_argv() {
         vec![
             vec!["list", "microk8s"],
             vec!["list", "microk8s"],
+            vec!["wait", "system", "seed.loaded"],
             vec!["install", "microk8s", "--classic", "--channel=1.32/stable"],
             vec!["list", "microk8s"],
         ]
@@ -175,6 +176,7 @@ fn staged_install_acks_every_assertion_then_installs_base_and_microk8s() {
         snaps,
         vec![
             "list microk8s".to_owned(),
+            "wait system seed.loaded".to_owned(),
             format!("ack {}", s("core22_2045.assert")),
             format!("ack {}", s("microk8s_7964.assert")),
             format!("install {}", s("core22_2045.snap")),
