@@ -74,11 +74,20 @@ pub fn render_page(doc: &serde_json::Value) -> String {
     );
     match parsed {
         Ok(d) => render_doc(&mut s, &d),
-        Err(_) => {
+        Err(_) if doc.as_object().is_some_and(|o| o.is_empty()) => {
             let _ = writeln!(
                 s,
                 "<h1>rackseed node</h1><p id=\"no-status\">This node has not published its \
                  status yet. The page reloads every {REFRESH_SECONDS} seconds.</p>"
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                s,
+                "<h1>rackseed node</h1><p id=\"bad-status\" class=\"bad\">This node's status \
+                 document cannot be shown: {}. The raw document is at \
+                 <a href=\"/status.json\">/status.json</a>.</p>",
+                escape_html(&e.to_string())
             );
         }
     }
@@ -284,7 +293,7 @@ mod tests {
             fixes: vec![evil()],
             last_error: Some(evil()),
             timeline: vec![TimelineEntry {
-                at: f64::NAN,
+                at: 1.0,
                 what: evil(),
             }],
             ..Default::default()
@@ -312,9 +321,15 @@ mod tests {
 
     #[test]
     fn unpublished_or_foreign_documents_render_a_notice() {
-        for v in [serde_json::json!({}), serde_json::json!([1, 2])] {
+        let page = render_page(&serde_json::json!({}));
+        assert!(page.contains("id=\"no-status\""), "{page}");
+        for v in [
+            serde_json::json!([1, 2]),
+            serde_json::json!({"node_id": "<b>x</b>"}),
+        ] {
             let page = render_page(&v);
-            assert!(page.contains("id=\"no-status\""), "{page}");
+            assert!(page.contains("id=\"bad-status\""), "{page}");
+            assert!(!page.contains("<b>"), "{page}");
         }
     }
 
