@@ -74,6 +74,7 @@ fn doc() -> StatusDoc {
                 what: "bootstrapped cluster as seed".into(),
             },
         ],
+        control_plane_size: Some(3),
     }
 }
 
