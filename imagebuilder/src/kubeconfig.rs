@@ -231,6 +231,33 @@ pub async fn fetch(opts: &KubeconfigOptions) -> Result<Fetched> {
     }
 }
 
+/// Writes a kubeconfig to `path` with mode 0600: to a temporary name in the same folder, synced,
+/// then renamed, so an existing file is replaced whole or not at all.
+pub fn write_private(path: &std::path::Path, kubeconfig: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(kubeconfig.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
 fn humantime_secs(d: Duration) -> String {
     format!("{}s", d.as_secs())
 }

@@ -348,6 +348,34 @@ pub fn render_table(report: &ClusterReport) -> String {
     s
 }
 
+/// The cluster secret and what the config says to expect, from `--config` and/or `--secret`
+/// (`--secret` wins for the secret; the config's `secret-file` is used otherwise).
+pub fn load_access(
+    config: Option<&std::path::Path>,
+    secret: Option<&std::path::Path>,
+) -> Result<(ClusterSecret, Expectations)> {
+    let mut expect = Expectations::default();
+    let mut secret_file = secret.map(std::path::Path::to_path_buf);
+    if let Some(path) = config {
+        let loaded = firstboot::config::load(path).map_err(|e| {
+            anyhow::anyhow!("{e}
+{}: the config has errors", path.display())
+        })?;
+        let c = &loaded.config.cluster;
+        expect.control_plane = Some(u32::from(c.control_plane));
+        expect.nodes = Some(c.expected_nodes as usize);
+        if secret_file.is_none() {
+            secret_file = Some(c.secret_file.clone());
+        }
+    }
+    let Some(secret_file) = secret_file else {
+        anyhow::bail!("name the cluster with --config CONFIG or --secret FILE");
+    };
+    let secret = ClusterSecret::load(&secret_file)
+        .context("reading the cluster secret (the file that went into the images)")?;
+    Ok((secret, expect))
+}
+
 /// Browses the cluster's announcements without announcing anything.
 pub struct ClusterBrowser {
     discovery: Discovery,
