@@ -112,7 +112,8 @@ pub struct StatusArgs {
     /// How long --wait waits, e.g. 20m or 90s.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// How long to listen for announcements before the first report, e.g. 3s.
+    /// How long to listen for announcements before the first report, e.g. 3s (less once the
+    /// expected number of nodes is seen).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub discover: Duration,
     /// Count the cluster as settled only once this many nodes are seen (default: the

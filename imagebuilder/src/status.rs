@@ -420,8 +420,14 @@ impl ClusterBrowser {
 
     /// Collects events for `d`.
     pub async fn collect_for(&mut self, d: Duration) {
+        self.collect_until(d, |_| false).await;
+    }
+
+    /// Collects events for at most `d`, returning early once `enough` holds for the number of
+    /// nodes seen.
+    pub async fn collect_until(&mut self, d: Duration, enough: impl Fn(usize) -> bool) {
         let end = tokio::time::Instant::now() + d;
-        loop {
+        while !enough(self.peers.len()) {
             match tokio::time::timeout_at(end, self.events.recv()).await {
                 Ok(Some(ev)) => self.apply(ev),
                 Ok(None) | Err(_) => return,
@@ -500,7 +506,7 @@ pub struct WatchOptions {
     pub secret: ClusterSecret,
     pub interfaces: InterfaceChoice,
     pub expect: Expectations,
-    /// How long to browse before the first report.
+    /// How long to browse before the first report (less once `expect.nodes` are seen).
     pub discover_for: Duration,
     /// Pause between refreshes with `wait`.
     pub refresh: Duration,
@@ -538,7 +544,14 @@ pub async fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<ClusterRe
     let deadline = Instant::now() + opts.timeout;
     let mut browser = ClusterBrowser::start(&opts.secret, opts.interfaces.clone())?;
     let client = Arc::new(workstation_client(&opts.secret, opts.request_timeout));
-    browser.collect_for(opts.discover_for.min(opts.timeout)).await;
+    let want = opts.expect.nodes;
+    browser
+        .collect_until(opts.discover_for.min(opts.timeout), |n| {
+            want.is_some_and(|w| n >= w)
+        })
+        .await;
+    // Answers to one query arrive together: a moment more catches nodes beyond the expected.
+    browser.collect_for(Duration::from_millis(500)).await;
     let mut drawn_lines = 0usize;
     let mut last_table = String::new();
     loop {
