@@ -46,7 +46,12 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "firstboot", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "firstboot",
+                &mut std::io::stdout(),
+            );
             ExitCode::SUCCESS
         }
         Command::Manpages { dir } => match write_manpages(Cli::command(), &dir) {

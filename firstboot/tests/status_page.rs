@@ -14,9 +14,7 @@ use std::time::Duration;
 use firstboot::coordinator::client::PinnedCert;
 use firstboot::coordinator::{Coordinator, CoordinatorConfig, NodeIdentity};
 use firstboot::secret::ClusterSecret;
-use firstboot::status::{
-    AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry,
-};
+use firstboot::status::{AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry};
 use firstboot::system::command::Cmd;
 
 const HOSTILE: &str = "<img src=x onerror=alert(1)><script>document.title='pwned'</script>";
@@ -151,7 +149,10 @@ async fn chromium_shows_the_status_page_with_hostile_values_escaped() {
         "hostile host name not shown as text:\n{dom}"
     );
     assert!(!dom.contains("<img"), "an img element was created:\n{dom}");
-    assert!(!dom.contains("<script"), "a script element was created:\n{dom}");
+    assert!(
+        !dom.contains("<script"),
+        "a script element was created:\n{dom}"
+    );
     assert!(
         !dom.contains("<title>pwned</title>"),
         "a script ran:\n{dom}"
@@ -189,7 +190,11 @@ async fn json_is_public_but_the_authenticated_routes_stay_closed() {
         .unwrap();
     let base = format!("https://{}", coord.local_addr());
 
-    let resp = http.get(format!("{base}/status.json")).send().await.unwrap();
+    let resp = http
+        .get(format!("{base}/status.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let got: StatusDoc = resp.json().await.unwrap();
     assert_eq!(got, doc());

@@ -65,13 +65,9 @@ pub enum Command {
         cmd: qemu::cli::QemuCommand,
     },
     /// Print a shell completion script, e.g. `imagebuilder completions bash > /etc/bash_completion.d/imagebuilder`.
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Write man pages (imagebuilder.1 and one per subcommand) into DIR.
-    Manpages {
-        dir: PathBuf,
-    },
+    Manpages { dir: PathBuf },
 }
 
 /// Which cluster to talk to, and how to find it.
@@ -160,12 +156,19 @@ pub fn run(cli: Cli) -> ExitCode {
         } => report(flash(image, device, bmap, yes)),
         Command::Qemu { cmd } => report(qemu::cli::run(cmd)),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "imagebuilder", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "imagebuilder",
+                &mut std::io::stdout(),
+            );
             ExitCode::SUCCESS
         }
-        Command::Manpages { dir } => report(firstboot::cli::write_manpages(Cli::command(), &dir).map(|pages| {
-            println!("wrote {} man pages into {}", pages.len(), dir.display());
-        })),
+        Command::Manpages { dir } => report(
+            firstboot::cli::write_manpages(Cli::command(), &dir).map(|pages| {
+                println!("wrote {} man pages into {}", pages.len(), dir.display());
+            }),
+        ),
     }
 }
 
@@ -258,7 +261,6 @@ fn flash(image: PathBuf, device: PathBuf, bmap: Option<PathBuf>, yes: bool) -> a
     Ok(())
 }
 
-
 /// Prints an error with its context chain to stderr and turns it into an exit code.
 pub fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
@@ -304,7 +306,14 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["imagebuilder", "secret"]).is_err());
         let cli = Cli::try_parse_from([
-            "imagebuilder", "status", "--secret", "s", "--json", "--wait", "--timeout", "90s",
+            "imagebuilder",
+            "status",
+            "--secret",
+            "s",
+            "--json",
+            "--wait",
+            "--timeout",
+            "90s",
         ])
         .unwrap();
         let Command::Status(a) = cli.command else {
@@ -316,8 +325,8 @@ mod tests {
             Cli::try_parse_from(["imagebuilder", "kubeconfig"]).is_err(),
             "kubeconfig needs --config or --secret"
         );
-        let cli = Cli::try_parse_from(["imagebuilder", "flash", "a.img", "/dev/sdz", "--yes"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["imagebuilder", "flash", "a.img", "/dev/sdz", "--yes"]).unwrap();
         assert!(matches!(cli.command, Command::Flash { yes: true, .. }));
         let cli = Cli::try_parse_from(["imagebuilder", "qemu", "status", "--dir", "d"]).unwrap();
         assert!(matches!(cli.command, Command::Qemu { .. }));

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use firstboot::coordinator::CoordinatorClient;
-use firstboot::discovery::{Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, Peer, PeerEvent};
+use firstboot::discovery::{
+    Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, Peer, PeerEvent,
+};
 use firstboot::secret::ClusterSecret;
 use firstboot::status::StatusDoc;
 use serde::Serialize;
@@ -256,9 +258,7 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
             }
         )
     } else {
-        let mut l = format!(
-            "not formed: {control_plane} of {cp_target} control-plane members"
-        );
+        let mut l = format!("not formed: {control_plane} of {cp_target} control-plane members");
         if control_plane >= cp_target {
             l.push_str(&format!(
                 ", {} of {cp_target} MicroK8s voters",
@@ -338,7 +338,9 @@ pub fn render_table(report: &ClusterReport) -> String {
             s,
             "{:<24} {:<16} {:<12} {:<14} {}",
             cut(&n.node_id, 24),
-            n.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            n.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             cut(n.phase().unwrap_or("?"), 12),
             cut(n.role().unwrap_or("-"), 14),
             cut(&err, 100)
@@ -358,8 +360,11 @@ pub fn load_access(
     let mut secret_file = secret.map(std::path::Path::to_path_buf);
     if let Some(path) = config {
         let loaded = firstboot::config::load(path).map_err(|e| {
-            anyhow::anyhow!("{e}
-{}: the config has errors", path.display())
+            anyhow::anyhow!(
+                "{e}
+{}: the config has errors",
+                path.display()
+            )
         })?;
         let c = &loaded.config.cluster;
         expect.control_plane = Some(u32::from(c.control_plane));
@@ -484,7 +489,10 @@ pub async fn fetch_status(client: &CoordinatorClient, node: &AnnouncedNode) -> N
 }
 
 /// Reads every node's status document concurrently.
-pub async fn fetch_all(client: &Arc<CoordinatorClient>, nodes: Vec<AnnouncedNode>) -> Vec<NodeReport> {
+pub async fn fetch_all(
+    client: &Arc<CoordinatorClient>,
+    nodes: Vec<AnnouncedNode>,
+) -> Vec<NodeReport> {
     let mut set = tokio::task::JoinSet::new();
     for n in nodes {
         let client = client.clone();
@@ -671,7 +679,10 @@ mod tests {
             ("e", "worker"),
         ];
         let nodes = vec![
-            node(with_addons(member_doc("a", CP, &m, 3), &[("metallb", "enabled")])),
+            node(with_addons(
+                member_doc("a", CP, &m, 3),
+                &[("metallb", "enabled")],
+            )),
             node(member_doc("b", CP, &m, 3)),
             node(member_doc("c", CP, &m, 3)),
             node(member_doc("d", "worker", &m, 0)),
@@ -758,7 +769,10 @@ mod tests {
                 &[("metallb", "enabling"), ("hostpath-storage", "pending")],
             )),
             // Another node's older view of the same addon does not win over "enabling".
-            node(with_addons(member_doc("b", CP, &m, 3), &[("metallb", "pending")])),
+            node(with_addons(
+                member_doc("b", CP, &m, 3),
+                &[("metallb", "pending")],
+            )),
             node(member_doc("c", CP, &m, 3)),
         ];
         let s = summarize(&nodes, Expectations::default());
@@ -778,7 +792,10 @@ mod tests {
             ..Default::default()
         }));
         let s = summarize(&with_joiner, Expectations::default());
-        assert_eq!(s.line, "HA formed: 3 voters, no workers; waiting for d (joining)");
+        assert_eq!(
+            s.line,
+            "HA formed: 3 voters, no workers; waiting for d (joining)"
+        );
         assert!(s.formed && !s.settled);
     }
 

@@ -21,7 +21,14 @@ fn completions_name_every_subcommand_in_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
         let out = imagebuilder(&["completions", shell]);
         assert_eq!(out.code(), Some(0), "{shell}: {}", out.stderr);
-        for sub in ["status", "kubeconfig", "flash", "qemu", "validate", "manpages"] {
+        for sub in [
+            "status",
+            "kubeconfig",
+            "flash",
+            "qemu",
+            "validate",
+            "manpages",
+        ] {
             assert!(
                 out.stdout.contains(sub),
                 "{shell} completions lack {sub}:\n{}",
@@ -37,7 +44,11 @@ fn assert_man_page(path: &Path, mention: &str) {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("man page {} missing: {e}", path.display()));
     assert!(text.starts_with(".ie") || text.contains(".TH"), "{text}");
-    assert!(text.contains(mention), "{} lacks {mention:?}", path.display());
+    assert!(
+        text.contains(mention),
+        "{} lacks {mention:?}",
+        path.display()
+    );
 }
 
 #[test]
@@ -100,8 +111,16 @@ fn flash_subcommand_writes_a_file_target_and_refuses_without_yes_off_a_terminal(
     let (i, t) = (img.to_str().unwrap(), target.to_str().unwrap());
 
     let out = imagebuilder(&["flash", i, t]);
-    assert_eq!(out.code(), Some(1), "must refuse without --yes and without a terminal");
-    assert_eq!(std::fs::metadata(&target).unwrap().len(), 0, "nothing written");
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "must refuse without --yes and without a terminal"
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().len(),
+        0,
+        "nothing written"
+    );
 
     let out = imagebuilder(&["flash", i, t, "--yes"]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);

@@ -146,7 +146,11 @@ fn kubeconfig_comes_from_a_serving_control_plane_member_and_points_at_it() {
         "node-b: coordinator",
         "serves no kubeconfig",
     ] {
-        assert!(out.stderr.contains(want), "stderr lacks {want:?}:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "stderr lacks {want:?}:\n{}",
+            out.stderr
+        );
     }
     assert!(!out.stderr.contains("wrong node"), "the worker was asked");
 
@@ -166,7 +170,8 @@ fn kubeconfig_comes_from_a_serving_control_plane_member_and_points_at_it() {
     assert_eq!(out.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(
-        out.stderr.contains("no node of this cluster announced itself")
+        out.stderr
+            .contains("no node of this cluster announced itself")
             && out.stderr.contains("is this the cluster's secret?"),
         "{}",
         out.stderr

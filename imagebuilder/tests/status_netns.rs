@@ -82,8 +82,7 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     let report: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout));
     assert_eq!(
-        report["summary"],
-        "not formed: 2 of 3 control-plane members; waiting for node-c (joining)",
+        report["summary"], "not formed: 2 of 3 control-plane members; waiting for node-c (joining)",
         "{report:#}"
     );
     assert_eq!(report["formed"], false);
@@ -94,7 +93,10 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
         assert_eq!(row["node_id"], format!("node-{}", ["a", "b", "c"][i]));
         assert_eq!(row["address"], ips[i].to_string(), "{row:#}");
         assert!(row["error"].is_null(), "{row:#}");
-        assert_eq!(row["status"]["hostname"], format!("rack-{}", row["node_id"].as_str().unwrap()));
+        assert_eq!(
+            row["status"]["hostname"],
+            format!("rack-{}", row["node_id"].as_str().unwrap())
+        );
     }
     assert_eq!(rows[2]["status"]["phase"], "joining");
     assert_eq!(rows[2]["announced"]["phase"], "joining");
@@ -102,15 +104,30 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     // The same as a table (stdout is not a terminal: printed once, no escape sequences).
     let out = status_support::imagebuilder_in(
         &ws,
-        &["status", "--secret", sp, "--expect-nodes", "3", "--discover", "20s"],
+        &[
+            "status",
+            "--secret",
+            sp,
+            "--expect-nodes",
+            "3",
+            "--discover",
+            "20s",
+        ],
         RUN,
     )
     .unwrap();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
-    assert!(lines[0].starts_with("NODE") && lines[0].contains("LAST ERROR"), "{}", out.stdout);
     assert!(
-        lines.iter().any(|l| l.starts_with("node-c") && l.contains(&ips[2].to_string()) && l.contains("joining") && l.contains(CP)),
+        lines[0].starts_with("NODE") && lines[0].contains("LAST ERROR"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("node-c")
+            && l.contains(&ips[2].to_string())
+            && l.contains("joining")
+            && l.contains(CP)),
         "{}",
         out.stdout
     );
@@ -123,13 +140,24 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     // --wait gives up at its timeout while the cluster is not formed.
     let out = status_support::imagebuilder_in(
         &ws,
-        &["status", "--secret", sp, "--json", "--wait", "--timeout", "4s", "--expect-nodes", "3"],
+        &[
+            "status",
+            "--secret",
+            sp,
+            "--json",
+            "--wait",
+            "--timeout",
+            "4s",
+            "--expect-nodes",
+            "3",
+        ],
         RUN,
     )
     .unwrap();
     assert_eq!(out.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stderr.contains("did not settle within 4s: not formed: 2 of 3"),
+        out.stderr
+            .contains("did not settle within 4s: not formed: 2 of 3"),
         "{}",
         out.stderr
     );
@@ -158,7 +186,10 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
         )
     });
     std::thread::sleep(Duration::from_secs(5));
-    assert!(!waiter.is_finished(), "--wait returned before the cluster formed");
+    assert!(
+        !waiter.is_finished(),
+        "--wait returned before the cluster formed"
+    );
     let three = [("node-a", CP), ("node-b", CP), ("node-c", CP)];
     let mut a = member_doc("node-a", ips[0], CP, &three, &ips);
     a.addons = vec![AddonRow {
@@ -173,8 +204,12 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     let out = waiter.join().unwrap().unwrap();
     let waited = started.elapsed();
     assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
-    let report: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("--json --wait prints one JSON document ({e}):\n{}", out.stdout));
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json --wait prints one JSON document ({e}):\n{}",
+            out.stdout
+        )
+    });
     assert_eq!(
         report["summary"], "HA formed: 3 voters, no workers; metallb enabled",
         "{report:#}"
@@ -182,20 +217,36 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     assert_eq!(report["formed"], true);
     assert_eq!(report["settled"], true);
     assert!(waited >= Duration::from_secs(5));
-    println!("--wait noticed the formed cluster {:?} after the change", waited - Duration::from_secs(5));
+    println!(
+        "--wait noticed the formed cluster {:?} after the change",
+        waited - Duration::from_secs(5)
+    );
 
     // Another cluster's secret: nothing of this cluster is seen.
     let out = status_support::imagebuilder_in(
         &ws,
-        &["status", "--secret", other_path.to_str().unwrap(), "--json", "--discover", "3s"],
+        &[
+            "status",
+            "--secret",
+            other_path.to_str().unwrap(),
+            "--json",
+            "--discover",
+            "3s",
+        ],
         RUN,
     )
     .unwrap();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["nodes"].as_array().unwrap().len(), 0, "{report:#}");
-    assert_eq!(report["summary"], "not formed: no nodes of this cluster found");
-    assert!(report["ignored_announcements"].as_u64().unwrap() >= 1, "{report:#}");
+    assert_eq!(
+        report["summary"],
+        "not formed: no nodes of this cluster found"
+    );
+    assert!(
+        report["ignored_announcements"].as_u64().unwrap() >= 1,
+        "{report:#}"
+    );
 
     for n in &mut nodes {
         n.stop().unwrap();

@@ -338,7 +338,11 @@ impl CoordinatorClient {
     /// Fetches the cluster's admin kubeconfig from the control-plane member at `peer`
     /// (`POST /v1/kubeconfig`). A node that serves none answers 503 ([`ClientError::Refused`]).
     /// The kubeconfig is a credential: callers must not log it.
-    pub async fn kubeconfig(&self, peer: SocketAddr, fingerprint: &str) -> Result<String, ClientError> {
+    pub async fn kubeconfig(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+    ) -> Result<String, ClientError> {
         let nonce = self.nonce(peer, fingerprint).await?;
         let req = self.sign("POST", "/v1/kubeconfig", &nonce, Vec::new());
         let resp: KubeconfigResponse = self.send_signed(peer, fingerprint, &req).await?;

@@ -164,7 +164,12 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
     } else {
         s.push_str("<table id=\"members\"><tr><th>node</th><th>role</th></tr>\n");
         for m in &d.members {
-            let _ = writeln!(s, "<tr><td>{}</td><td>{}</td></tr>", e(&m.node_id), e(&m.role));
+            let _ = writeln!(
+                s,
+                "<tr><td>{}</td><td>{}</td></tr>",
+                e(&m.node_id),
+                e(&m.role)
+            );
         }
         s.push_str("</table>\n");
     }
@@ -218,14 +223,12 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
     }
 
     if !d.problems.is_empty() {
-        s.push_str("<h2>Problems</h2>\n<table id=\"problems\"><tr><th>problem</th><th>fix</th></tr>\n");
+        s.push_str(
+            "<h2>Problems</h2>\n<table id=\"problems\"><tr><th>problem</th><th>fix</th></tr>\n",
+        );
         for (i, p) in d.problems.iter().enumerate() {
             let fix = d.fixes.get(i).map(|f| e(f)).unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                s,
-                "<tr><td class=\"bad\">{}</td><td>{fix}</td></tr>",
-                e(p)
-            );
+            let _ = writeln!(s, "<tr><td class=\"bad\">{}</td><td>{fix}</td></tr>", e(p));
         }
         s.push_str("</table>\n");
     }

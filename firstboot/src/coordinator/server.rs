@@ -323,7 +323,10 @@ fn page_response(state: &State, json: bool) -> Response<Body> {
             serde_json::to_vec(&doc).expect("json value"),
         )
     } else {
-        ("text/html; charset=utf-8", page::render_page(&doc).into_bytes())
+        (
+            "text/html; charset=utf-8",
+            page::render_page(&doc).into_bytes(),
+        )
     };
     Response::builder()
         .status(StatusCode::OK)

@@ -177,7 +177,10 @@ pub fn spawn(
         Ok(Err(e)) => bail!("fake node {id} did not start: {e:#}"),
         Err(_) => {
             let r = join.join();
-            bail!("fake node {id} did not start in time: {:?}", r.map(|r| r.err()));
+            bail!(
+                "fake node {id} did not start in time: {:?}",
+                r.map(|r| r.err())
+            );
         }
     }
     Ok(FakeNode {
