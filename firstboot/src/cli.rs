@@ -130,4 +130,18 @@ mod tests {
             matches!(cli.command, Command::CheckConfig { ref config } if config == Path::new("c.toml"))
         );
     }
+
+    #[test]
+    fn parses_completions_and_manpages() {
+        let cli = Cli::try_parse_from(["firstboot", "completions", "zsh"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Completions {
+                shell: clap_complete::Shell::Zsh
+            }
+        ));
+        let cli = Cli::try_parse_from(["firstboot", "manpages", "out"]).unwrap();
+        assert!(matches!(cli.command, Command::Manpages { .. }));
+        assert!(Cli::try_parse_from(["firstboot", "completions", "cmd.exe"]).is_err());
+    }
 }

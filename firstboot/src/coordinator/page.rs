@@ -10,7 +10,9 @@
 //! driver builds it from the formation state and MicroK8s' status only. What a stranger on the
 //! LAN learns is what it could learn by watching the cluster's mDNS traffic and port-scanning
 //! it. Everything that changes state (`POST /v1/message`) and the kubeconfig
-//! (`POST /v1/kubeconfig`) stays authenticated.
+//! (`POST /v1/kubeconfig`) stays authenticated. As a second line of defence the server cuts the
+//! cluster secret and the MicroK8s token derived from it out of the public copies, should a bug
+//! ever put one in the document (an error message echoing a join URL, say), and logs a warning.
 //!
 //! Every value shown comes from a node (host names, addon reasons, MicroK8s notes, peers'
 //! announced phases) and is HTML-escaped by [`escape_html`]; the response also carries a

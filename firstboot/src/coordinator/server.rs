@@ -144,6 +144,8 @@ struct State {
     stats: Mutex<CoordinatorStats>,
     status: watch::Receiver<serde_json::Value>,
     kubeconfig: Mutex<Option<KubeconfigProvider>>,
+    /// Values that must never appear on the public page (see [`page_response`]).
+    never_public: Vec<String>,
 }
 
 /// A running coordinator. Dropping it stops the server and closes its connections.
@@ -199,6 +201,10 @@ where
             stats: Mutex::new(CoordinatorStats::default()),
             status: status_rx,
             kubeconfig: Mutex::new(None),
+            never_public: vec![
+                cfg.secret.microk8s_token(),
+                cfg.secret.to_file_contents().trim().to_string(),
+            ],
         });
         let (tx, rx) = mpsc::channel::<Inbound<M>>(64);
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), tx));
@@ -314,15 +320,23 @@ fn json_response(status: u16, body: Vec<u8>) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// The public page or JSON. The document holds no secrets by design; as a second line of
+/// defence, the cluster secret and the MicroK8s token derived from it are cut out of it should
+/// a bug ever put one there (e.g. an error message echoing a join URL).
 fn page_response(state: &State, json: bool) -> Response<Body> {
     state.stats.lock().expect("stats lock").page_reads += 1;
-    let doc = state.status.borrow().clone();
+    let mut text = serde_json::to_string(&*state.status.borrow()).expect("json value");
+    for secret in &state.never_public {
+        if text.contains(secret.as_str()) {
+            tracing::warn!("the status document contains a secret; cut from the public page (a bug: report it)");
+            text = text.replace(secret.as_str(), "<redacted>");
+        }
+    }
     let (content_type, body) = if json {
-        (
-            "application/json",
-            serde_json::to_vec(&doc).expect("json value"),
-        )
+        ("application/json", text.into_bytes())
     } else {
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).expect("hex replaced by plain text stays valid json");
         (
             "text/html; charset=utf-8",
             page::render_page(&doc).into_bytes(),
