@@ -101,15 +101,22 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     assert_eq!(rows[2]["status"]["phase"], "joining");
     assert_eq!(rows[2]["announced"]["phase"], "joining");
 
-    // The same as a table (stdout is not a terminal: printed once, no escape sequences).
+    // The same as a table (stdout is not a terminal: printed once, no escape sequences), this
+    // time naming the cluster by its config: its default `secret-file` is `cluster.secret`
+    // beside it, and its `expected-nodes` (3) ends the discovery window early.
+    let config = dir.path().join("lab.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nname = \"lab\"\n\n[image]\ntarget = \"rpi5\"\n\
+         base = { kind = \"local\", path = \"base.img.xz\" }\n",
+    )
+    .unwrap();
     let out = status_support::imagebuilder_in(
         &ws,
         &[
             "status",
-            "--secret",
-            sp,
-            "--expect-nodes",
-            "3",
+            "--config",
+            config.to_str().unwrap(),
             "--discover",
             "20s",
         ],
