@@ -359,13 +359,8 @@ pub fn load_access(
     let mut expect = Expectations::default();
     let mut secret_file = secret.map(std::path::Path::to_path_buf);
     if let Some(path) = config {
-        let loaded = firstboot::config::load(path).map_err(|e| {
-            anyhow::anyhow!(
-                "{e}
-{}: the config has errors",
-                path.display()
-            )
-        })?;
+        // Each diagnostic names the file, line and field.
+        let loaded = firstboot::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let c = &loaded.config.cluster;
         expect.control_plane = Some(u32::from(c.control_plane));
         expect.nodes = Some(c.expected_nodes as usize);
