@@ -180,6 +180,15 @@ fn rank(priority: u32, id: &NodeId) -> (Reverse<u32>, NodeId) {
     (Reverse(priority), id.clone())
 }
 
+/// Where the newest cluster information points (borrowed from the known record or a peer).
+#[derive(Debug, Clone, Copy)]
+struct Hint<'a> {
+    cluster: &'a ClusterId,
+    authority: &'a NodeId,
+    ballot: Option<&'a Ballot>,
+    members: u32,
+}
+
 #[derive(Debug, Clone)]
 struct Peer {
     ann: Announcement,
@@ -253,6 +262,8 @@ pub struct Node {
     ignored: u64,
     last_announced: Option<Announcement>,
     last_status: String,
+    /// State changed while handling a Paxos message: run the decision step.
+    dirty: bool,
 }
 
 impl Node {
@@ -296,6 +307,7 @@ impl Node {
             ignored: 0,
             last_announced: None,
             last_status: String::new(),
+            dirty: false,
         };
         if !resumed {
             out.push(Action::Persist(node.st.clone()));
@@ -340,6 +352,13 @@ impl Node {
         let mut out = Vec::new();
         match event {
             Event::PeerSeen { ann, ip } => {
+                if let Some(p) = self.peers.get_mut(&ann.id) {
+                    if p.ann == ann && p.ip == ip {
+                        // A plain refresh changes nothing but liveness; timers run on ticks.
+                        p.seen = now;
+                        return out;
+                    }
+                }
                 if ann.id != self.me {
                     if let Some(b) = &ann.record_ballot {
                         self.st.max_ballot = self.st.max_ballot.max(b.n);
@@ -355,8 +374,23 @@ impl Node {
             Event::NodePrepared(res) => self.on_prepared(now, res, &mut out),
             Event::JoinFinished(res) => self.on_join_finished(now, res, &mut out),
             Event::AddonsEnabled(res) => self.on_addons(res, &mut out),
-            Event::Message { from, msg } => self.on_message(now, from, msg, &mut out),
+            Event::Message { from, msg } => {
+                // Paxos traffic only needs the decision step when it changed something.
+                let paxos = matches!(
+                    msg,
+                    Message::Prepare { .. }
+                        | Message::Promise { .. }
+                        | Message::Accept { .. }
+                        | Message::Accepted { .. }
+                        | Message::Nack { .. }
+                );
+                self.on_message(now, from, msg, &mut out);
+                if paxos && !self.dirty {
+                    return out;
+                }
+            }
         }
+        self.dirty = false;
         self.drive(now, &mut out);
         out
     }
@@ -401,6 +435,7 @@ impl Node {
         let newer = self.st.known.as_ref().is_none_or(|k| acc.ballot > k.ballot);
         if newer {
             self.st.known = Some(acc.clone());
+            self.dirty = true;
         }
         self.st.max_ballot = self.st.max_ballot.max(acc.ballot.n);
         newer
@@ -408,19 +443,26 @@ impl Node {
 
     /// Best hint of the cluster and its authority: the known record, or the announcement
     /// carrying the newest record ballot.
-    fn hint(&self) -> Option<(ClusterId, NodeId, Option<Ballot>, u32)> {
-        let mut best: Option<(ClusterId, NodeId, Option<Ballot>, u32)> = self.st.known.as_ref().map(|k| {
-            (k.record.cluster.clone(), k.record.authority.clone(), Some(k.ballot.clone()), k.record.members.len() as u32)
+    fn hint(&self) -> Option<Hint<'_>> {
+        let mut best: Option<Hint<'_>> = self.st.known.as_ref().map(|k| Hint {
+            cluster: &k.record.cluster,
+            authority: &k.record.authority,
+            ballot: Some(&k.ballot),
+            members: k.record.members.len() as u32,
         });
         for p in self.peers.values() {
             let Some(c) = &p.ann.cluster else { continue };
             let better = match &best {
                 None => true,
-                Some((_, _, b, _)) => p.ann.record_ballot > *b,
+                Some(h) => p.ann.record_ballot.as_ref() > h.ballot,
             };
             if better {
-                let auth = p.ann.authority.clone().unwrap_or_else(|| c.seed.clone());
-                best = Some((c.clone(), auth, p.ann.record_ballot.clone(), p.ann.members));
+                best = Some(Hint {
+                    cluster: c,
+                    authority: p.ann.authority.as_ref().unwrap_or(&c.seed),
+                    ballot: p.ann.record_ballot.as_ref(),
+                    members: p.ann.members,
+                });
             }
         }
         best
@@ -444,7 +486,7 @@ impl Node {
             phase: self.st.phase.summary(),
             role: self.role(),
             cluster: self.st.phase.cluster().cloned(),
-            authority: known.map(|k| k.record.authority.clone()).or_else(|| hint.as_ref().map(|h| h.1.clone())),
+            authority: known.map(|k| k.record.authority.clone()).or_else(|| hint.map(|h| h.authority.clone())),
             record_ballot: known.map(|k| k.ballot.clone()),
             members: known.map_or(0, |k| k.record.members.len() as u32),
             eligible: self.eligible(),
@@ -565,6 +607,7 @@ impl Node {
                 if self.round.as_ref().is_some_and(|r| r.ballot == ballot) {
                     self.round = None;
                     self.backoff_until = now + self.backoff();
+                    self.dirty = true;
                 }
             }
             Message::SlotRequest { req } => {
@@ -580,7 +623,7 @@ impl Node {
                         }
                     }
                 } else {
-                    let hint = self.hint().map(|h| h.1).filter(|a| *a != self.me);
+                    let hint = self.hint().map(|h| h.authority.clone()).filter(|a| *a != self.me);
                     out.push(Action::Send { to: from, msg: Message::NotAuthority { hint } });
                 }
             }
@@ -623,7 +666,7 @@ impl Node {
                         }
                     }
                 } else if !self.is_authority() {
-                    let hint = self.hint().map(|h| h.1).filter(|a| *a != self.me);
+                    let hint = self.hint().map(|h| h.authority.clone()).filter(|a| *a != self.me);
                     out.push(Action::Send { to: from, msg: Message::NotAuthority { hint } });
                 } else {
                     self.ignored += 1;
@@ -676,7 +719,7 @@ impl Node {
     fn backoff(&self) -> Duration {
         // Deterministic spread so that competing proposers do not retry in lockstep.
         let h = self.me.as_str().bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
-        self.params.round_timeout + self.params.round_timeout * (h % 8) as u32 / 4
+        self.params.round_timeout / 4 * (1 + (h % 4) as u32)
     }
 
     fn start_round(&mut self, now: Duration, op: Op, out: &mut Vec<Action>) {
@@ -796,6 +839,7 @@ impl Node {
 
     /// `record` is now chosen. Align our phase with it and perform the op's follow-up.
     fn round_done(&mut self, now: Duration, op: Op, record: Record, out: &mut Vec<Action>) {
+        self.dirty = true;
         self.persist(out);
         if let Some(role) = record.members.get(&self.me) {
             let phase = Phase::Member { cluster: record.cluster.clone(), role: *role };
@@ -848,9 +892,9 @@ impl Node {
         let timeout = self.params.peer_timeout;
         self.peers.retain(|_, p| now.saturating_sub(p.seen) < timeout);
         let mut watch: BTreeSet<NodeId> = BTreeSet::new();
-        if let Some((c, a, _, _)) = self.hint() {
-            watch.insert(c.seed);
-            watch.insert(a);
+        if let Some(h) = self.hint() {
+            watch.insert(h.cluster.seed.clone());
+            watch.insert(h.authority.clone());
         }
         watch.remove(&self.me);
         self.missing_since.retain(|id, _| watch.contains(id));
@@ -907,7 +951,7 @@ impl Node {
     }
 
     fn drive_discovering(&mut self, now: Duration, out: &mut Vec<Action>) {
-        if let Some((cluster, ..)) = self.hint() {
+        if let Some(cluster) = self.hint().map(|h| h.cluster.clone()) {
             // Rule: an existing cluster wins; never start a second one.
             self.set_phase(Phase::WaitingForSlot { cluster }, out);
             return;
@@ -939,7 +983,7 @@ impl Node {
 
     /// Where slot requests and join reports go.
     fn authority_target(&self) -> Option<NodeId> {
-        let hint = self.hint().map(|h| h.1);
+        let hint = self.hint().map(|h| h.authority.clone());
         let pick = match (&self.authority_override, hint) {
             (Some(o), _) if self.peers.contains_key(o) => Some(o.clone()),
             (_, h) => h,
@@ -948,7 +992,9 @@ impl Node {
     }
 
     fn drive_waiting(&mut self, now: Duration, cluster: ClusterId, out: &mut Vec<Action>) {
-        let Some((hint_cluster, authority, _, members)) = self.hint() else {
+        let Some((hint_cluster, authority, members)) =
+            self.hint().map(|h| (h.cluster.clone(), h.authority.clone(), h.members))
+        else {
             return;
         };
         if hint_cluster != cluster {
@@ -994,41 +1040,62 @@ impl Node {
     }
 
     fn drive_member(&mut self, now: Duration, role: Role, out: &mut Vec<Action>) {
-        let Some(rec) = self.known().cloned() else {
-            // Member without a known record cannot happen after a completed round; refresh.
+        let Some(rec) = self.known() else {
+            // A member always knows its record after a completed round; learn it again.
             if self.can_propose(now) {
                 self.start_round(now, Op::Refresh, out);
             }
             return;
         };
-        // Addons: only the claimer enables them, once.
+        // Addons: only the claimer enables them.
         if rec.addons_by.as_ref() == Some(&self.me) && !self.st.addons_done && !self.addons_issued {
+            let cluster = rec.cluster.clone();
             self.addons_issued = true;
-            out.push(Action::EnableAddons { cluster: rec.cluster.clone() });
+            out.push(Action::EnableAddons { cluster });
+        }
+        // Keep the slot timer of the authority running even while a round is in flight.
+        if self.is_authority() {
+            let slot_seq = self.known().and_then(|r| r.slot.as_ref().map(|s| s.seq));
+            match (slot_seq, self.slot_watch) {
+                (Some(seq), Some((w, _))) if w == seq => {}
+                (Some(seq), _) => self.slot_watch = Some((seq, now)),
+                (None, _) => self.slot_watch = None,
+            }
+            let fresh = self.params.retry_interval * 3;
+            self.requests.retain(|_, (_, at)| now.saturating_sub(*at) <= fresh);
         }
         if !self.can_propose(now) {
             return;
         }
-        // A newer record exists somewhere: learn it.
-        let newer_elsewhere = self
-            .peers
-            .values()
-            .any(|p| p.ann.record_ballot.as_ref().is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot)));
-        if newer_elsewhere && now >= self.next_refresh {
-            self.next_refresh = now + self.params.retry_interval;
-            self.start_round(now, Op::Refresh, out);
-            return;
+        if let Some(op) = self.member_op(now, role) {
+            if op == Op::Refresh {
+                self.next_refresh = now + self.params.retry_interval;
+            }
+            self.start_round(now, op, out);
         }
+    }
+
+    /// The next record change this member should propose, if any.
+    fn member_op(&self, now: Duration, role: Role) -> Option<Op> {
+        let rec = self.known()?;
+        // Someone announces a different cluster from a newer record (I may be a deposed
+        // seed): learn the record. Same-cluster news reaches members as acceptors anyway.
+        let newer_elsewhere = self.peers.values().any(|p| {
+            p.ann.cluster.as_ref().is_some_and(|c| *c != rec.cluster)
+                && p.ann.record_ballot.as_ref().is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
+        });
+        if newer_elsewhere && now >= self.next_refresh {
+            return Some(Op::Refresh);
+        }
+        let claimer = rec.addons_by.as_ref() == Some(&self.me);
         if self.is_authority() {
-            self.drive_authority(now, rec, out);
-            return;
+            return self.authority_op(now, rec);
         }
         if role != Role::ControlPlane || !rec.members.contains_key(&self.me) {
-            return;
+            return None;
         }
-        if rec.addons_by.as_ref() == Some(&self.me) && self.st.addons_done && !rec.addons_done {
-            self.start_round(now, Op::AddonsDone, out);
-            return;
+        if claimer && self.st.addons_done && !rec.addons_done {
+            return Some(Op::AddonsDone);
         }
         // Takeover: the authority has been gone for a while and I am the best live
         // control-plane member.
@@ -1036,58 +1103,39 @@ impl Node {
             .missing_since
             .get(&rec.authority)
             .is_some_and(|t| now.saturating_sub(*t) >= self.params.takeover_after);
-        if gone {
-            let best = rec
-                .control_plane_members()
-                .filter(|id| **id == self.me || self.peers.contains_key(*id))
-                .filter(|id| **id != rec.authority)
-                .min_by_key(|id| {
-                    let pr = if **id == self.me {
-                        self.params.priority
-                    } else {
-                        self.peers.get(*id).map_or(0, |p| p.ann.priority)
-                    };
-                    rank(pr, id)
-                })
-                .cloned();
-            if best.as_ref() == Some(&self.me) {
-                self.start_round(now, Op::Takeover { old: rec.authority.clone() }, out);
-            }
+        if !gone {
+            return None;
         }
+        let best = rec
+            .control_plane_members()
+            .filter(|id| **id != rec.authority && (**id == self.me || self.peers.contains_key(*id)))
+            .min_by_key(|id| {
+                let pr = if **id == self.me {
+                    self.params.priority
+                } else {
+                    self.peers.get(*id).map_or(0, |p| p.ann.priority)
+                };
+                rank(pr, id)
+            })?;
+        (*best == self.me).then(|| Op::Takeover { old: rec.authority.clone() })
     }
 
-    fn drive_authority(&mut self, now: Duration, rec: Record, out: &mut Vec<Action>) {
+    fn authority_op(&self, now: Duration, rec: &Record) -> Option<Op> {
         // 1. join results
-        if let Some((node, (seq, role, ok))) = self.reports.iter().next().map(|(k, v)| (k.clone(), *v)) {
-            self.start_round(now, Op::Confirm { node, seq, role, ok }, out);
-            return;
+        if let Some((node, (seq, role, ok))) = self.reports.iter().next() {
+            return Some(Op::Confirm { node: node.clone(), seq: *seq, role: *role, ok: *ok });
         }
         // 2. reclaim a timed-out slot
-        match &rec.slot {
-            Some(s) => {
-                let since = match self.slot_watch {
-                    Some((seq, since)) if seq == s.seq => since,
-                    _ => {
-                        self.slot_watch = Some((s.seq, now));
-                        now
-                    }
-                };
-                if now.saturating_sub(since) >= self.params.slot_timeout {
-                    self.start_round(now, Op::Reclaim { seq: s.seq }, out);
-                    return;
-                }
+        if let (Some(s), Some((seq, since))) = (&rec.slot, self.slot_watch) {
+            if s.seq == seq && now.saturating_sub(since) >= self.params.slot_timeout {
+                return Some(Op::Reclaim { seq });
             }
-            None => self.slot_watch = None,
         }
-        // 3. grant the free slot (pinned control-plane nodes first, then by rank); a
-        // request from the slot holder itself means its join ended without a report.
-        let fresh = self.params.retry_interval * 3;
-        self.requests.retain(|_, (_, at)| now.saturating_sub(*at) <= fresh);
-        let holder_asks = rec.slot.as_ref().and_then(|s| self.requests.get(&s.node).map(|r| (s.node.clone(), r.0)));
-        let next = match (&rec.slot, holder_asks) {
-            (Some(_), Some(h)) => Some(h),
-            (Some(_), None) => None,
-            (None, _) => self
+        // 3. grant the free slot (pinned control-plane nodes first, then by rank); a request
+        // from the slot holder itself means its join ended without a report reaching us.
+        let next = match &rec.slot {
+            Some(s) => self.requests.get(&s.node).map(|(req, _)| (s.node.clone(), *req)),
+            None => self
                 .requests
                 .iter()
                 .min_by_key(|(id, _)| {
@@ -1098,19 +1146,18 @@ impl Node {
                 .map(|(id, (req, _))| (id.clone(), *req)),
         };
         if let Some((to, req)) = next {
-            self.start_round(now, Op::Grant { to, req }, out);
-            return;
+            return Some(Op::Grant { to, req });
         }
         // 4. addons once HA formed
         if self.params.addons_wanted
             && rec.addons_by.is_none()
             && rec.control_plane_members().count() >= self.params.ha_size()
         {
-            self.start_round(now, Op::ClaimAddons, out);
-            return;
+            return Some(Op::ClaimAddons);
         }
         if rec.addons_by.as_ref() == Some(&self.me) && self.st.addons_done && !rec.addons_done {
-            self.start_round(now, Op::AddonsDone, out);
+            return Some(Op::AddonsDone);
         }
+        None
     }
 }
