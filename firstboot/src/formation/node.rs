@@ -64,7 +64,11 @@ pub fn apply(
     };
     let Some(cur) = cur else {
         return match op {
-            Op::Elect { electorate, .. } => Some(fresh(electorate.clone(), 0)),
+            Op::Elect { electorate, .. } => {
+                let mut electorate = electorate.clone();
+                electorate.insert(me.clone());
+                Some(fresh(electorate, 0))
+            }
             _ => None,
         };
     };
@@ -207,6 +211,7 @@ struct Round {
     op: Op,
     ballot: Ballot,
     started: Duration,
+    last_send: Duration,
     stage: Stage,
     promises: BTreeMap<NodeId, Option<Accepted>>,
     /// The value read was "no record" (an election write needs the pre-election quorum too).
@@ -328,6 +333,22 @@ impl Node {
         &self.st
     }
 
+    /// One line about the Paxos round in flight (for logs and test diagnostics).
+    pub fn debug_round(&self) -> String {
+        match &self.round {
+            None => format!("no round; backoff until {:?}", self.backoff_until),
+            Some(r) => format!(
+                "round {:?} ballot {} stage {:?} started {:?} promises {} accepts {}",
+                r.op,
+                r.ballot,
+                r.stage,
+                r.started,
+                r.promises.len(),
+                r.accepts.len()
+            ),
+        }
+    }
+
     /// Snapshot for `firstboot status`.
     pub fn status(&self) -> Status {
         let rec = self.known();
@@ -401,6 +422,10 @@ impl Node {
         self.st.known.as_ref().map(|a| &a.record)
     }
 
+    fn chosen(&self) -> Option<&Record> {
+        self.st.chosen.as_ref().map(|a| &a.record)
+    }
+
     fn role(&self) -> Option<Role> {
         match &self.st.phase {
             Phase::Joining { role, .. } | Phase::Confirming { role, .. } | Phase::Member { role, .. } => {
@@ -412,7 +437,7 @@ impl Node {
 
     fn is_authority(&self) -> bool {
         matches!(self.st.phase, Phase::Member { role: Role::ControlPlane, .. })
-            && self.known().is_some_and(|r| r.authority == self.me && r.members.contains_key(&self.me))
+            && self.chosen().is_some_and(|r| r.authority == self.me && r.members.contains_key(&self.me))
     }
 
     fn eligible(&self) -> bool {
@@ -612,7 +637,7 @@ impl Node {
             }
             Message::SlotRequest { req } => {
                 if self.is_authority() {
-                    let member = self.known().and_then(|r| Some((r.cluster.clone(), *r.members.get(&from)?)));
+                    let member = self.chosen().and_then(|r| Some((r.cluster.clone(), *r.members.get(&from)?)));
                     match member {
                         Some((cluster, role)) => out.push(Action::Send {
                             to: from,
@@ -654,8 +679,8 @@ impl Node {
                 }
             }
             Message::JoinReport { cluster, seq, role, ok } => {
-                if self.is_authority() && self.known().is_some_and(|r| r.cluster == cluster) {
-                    let member = self.known().and_then(|r| r.members.get(&from)).copied();
+                if self.is_authority() && self.chosen().is_some_and(|r| r.cluster == cluster) {
+                    let member = self.chosen().and_then(|r| r.members.get(&from)).copied();
                     match member {
                         Some(role) if ok => out.push(Action::Send {
                             to: from,
@@ -732,6 +757,7 @@ impl Node {
             op,
             ballot: ballot.clone(),
             started: now,
+            last_send: now,
             stage: Stage::Reading,
             promises: BTreeMap::new(),
             base_none: false,
@@ -793,6 +819,7 @@ impl Node {
         };
         round.base_none = highest.is_none();
         round.stage = Stage::Writing;
+        round.last_send = now;
         round.proposal = Some(proposal.clone());
         let ballot = round.ballot.clone();
         for to in self.targets() {
@@ -825,6 +852,7 @@ impl Node {
         let Some(record) = round.proposal else { return };
         let acc = Accepted { ballot: round.ballot, record };
         self.learn(&acc);
+        self.st.chosen = Some(acc.clone());
         self.round_done(now, round.op, acc.record, out);
     }
 
@@ -840,6 +868,9 @@ impl Node {
     /// `record` is now chosen. Align our phase with it and perform the op's follow-up.
     fn round_done(&mut self, now: Duration, op: Op, record: Record, out: &mut Vec<Action>) {
         self.dirty = true;
+        if record.addons_by.as_ref() == Some(&self.me) {
+            self.st.addons_claimed = true;
+        }
         self.persist(out);
         if let Some(role) = record.members.get(&self.me) {
             let phase = Phase::Member { cluster: record.cluster.clone(), role: *role };
@@ -903,12 +934,7 @@ impl Node {
                 self.missing_since.entry(id).or_insert(now);
             }
         }
-        if let Some(r) = &self.round {
-            if now.saturating_sub(r.started) >= self.params.round_timeout {
-                self.round = None;
-                self.backoff_until = now + self.backoff();
-            }
-        }
+        self.drive_round(now, out);
 
         match self.st.phase.clone() {
             Phase::Preparing => {
@@ -944,6 +970,42 @@ impl Node {
             self.last_status = status.clone();
             out.push(Action::SetStatus(status));
         }
+    }
+
+    /// Abandons a round that took too long; re-sends its current message to acceptors that
+    /// have not answered yet (messages get lost).
+    fn drive_round(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let Some(r) = self.round.as_ref() else { return };
+        if now.saturating_sub(r.started) >= self.params.round_timeout {
+            self.round = None;
+            self.backoff_until = now + self.backoff();
+            return;
+        }
+        if now.saturating_sub(r.last_send) < self.params.retry_interval {
+            return;
+        }
+        let targets = self.targets();
+        let Some(r) = self.round.as_mut() else { return };
+        r.last_send = now;
+        for to in targets {
+            let msg = match (&r.stage, &r.proposal) {
+                (Stage::Reading, _) if !r.promises.contains_key(&to) => {
+                    Message::Prepare { ballot: r.ballot.clone() }
+                }
+                (Stage::Writing, Some(p)) if !r.accepts.contains(&to) => {
+                    Message::Accept { ballot: r.ballot.clone(), record: p.clone() }
+                }
+                _ => continue,
+            };
+            out.push(Action::Send { to, msg });
+        }
+    }
+
+    /// This node and every visible peer: the electorate of a fresh election.
+    fn participants(&self) -> BTreeSet<NodeId> {
+        let mut all: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
+        all.insert(self.me.clone());
+        all
     }
 
     fn can_propose(&self, now: Duration) -> bool {
@@ -1023,7 +1085,8 @@ impl Node {
                 .map(|p| rank(p.ann.priority, &p.ann.id))
                 .min();
             if best.is_none_or(|b| rank(self.params.priority, &self.me) < b) {
-                let electorate = self.known().map(|r| r.electorate.clone()).unwrap_or_default();
+                // Used only if the read finds no record at all (the old one was never chosen).
+                let electorate = self.participants();
                 self.start_round(now, Op::Elect { electorate, replace: Some(hint_cluster) }, out);
                 return;
             }
@@ -1040,22 +1103,23 @@ impl Node {
     }
 
     fn drive_member(&mut self, now: Duration, role: Role, out: &mut Vec<Action>) {
-        let Some(rec) = self.known() else {
-            // A member always knows its record after a completed round; learn it again.
-            if self.can_propose(now) {
+        let Some(rec) = self.chosen() else {
+            // Only control-plane members act on the record; they learn it with one round.
+            if role == Role::ControlPlane && self.can_propose(now) {
                 self.start_round(now, Op::Refresh, out);
             }
             return;
         };
-        // Addons: only the claimer enables them.
-        if rec.addons_by.as_ref() == Some(&self.me) && !self.st.addons_done && !self.addons_issued {
+        // Addons: only the claimer enables them, and only once a *chosen* record says so
+        // (`known` may hold a value that was accepted but never chosen).
+        if self.st.addons_claimed && !self.st.addons_done && !self.addons_issued {
             let cluster = rec.cluster.clone();
             self.addons_issued = true;
             out.push(Action::EnableAddons { cluster });
         }
         // Keep the slot timer of the authority running even while a round is in flight.
         if self.is_authority() {
-            let slot_seq = self.known().and_then(|r| r.slot.as_ref().map(|s| s.seq));
+            let slot_seq = self.chosen().and_then(|r| r.slot.as_ref().map(|s| s.seq));
             match (slot_seq, self.slot_watch) {
                 (Some(seq), Some((w, _))) if w == seq => {}
                 (Some(seq), _) => self.slot_watch = Some((seq, now)),
@@ -1077,14 +1141,23 @@ impl Node {
 
     /// The next record change this member should propose, if any.
     fn member_op(&self, now: Duration, role: Role) -> Option<Op> {
-        let rec = self.known()?;
+        let hint = self.known()?;
+        let rec = self.chosen()?;
         // Someone announces a different cluster from a newer record (I may be a deposed
         // seed): learn the record. Same-cluster news reaches members as acceptors anyway.
         let newer_elsewhere = self.peers.values().any(|p| {
-            p.ann.cluster.as_ref().is_some_and(|c| *c != rec.cluster)
+            p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
                 && p.ann.record_ballot.as_ref().is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
         });
-        if newer_elsewhere && now >= self.next_refresh {
+        // My known record names another cluster (a re-election replaced mine): confirm it.
+        let mine_replaced = self.st.phase.cluster() != Some(&hint.cluster);
+        // A record names me as addon enabler but I never saw it chosen (crash): confirm it.
+        let unconfirmed_claim = hint.addons_by.as_ref() == Some(&self.me) && !self.st.addons_claimed;
+        // A record names me as slot authority (my takeover may have been chosen unseen).
+        let unconfirmed_authority = hint.authority == self.me && !self.is_authority();
+        if (newer_elsewhere || mine_replaced || unconfirmed_claim || unconfirmed_authority)
+            && now >= self.next_refresh
+        {
             return Some(Op::Refresh);
         }
         let claimer = rec.addons_by.as_ref() == Some(&self.me);
@@ -1097,18 +1170,18 @@ impl Node {
         if claimer && self.st.addons_done && !rec.addons_done {
             return Some(Op::AddonsDone);
         }
-        // Takeover: the authority has been gone for a while and I am the best live
-        // control-plane member.
+        // Takeover: the authority (per the newest record known) has been gone for a while
+        // and I am the best live control-plane member. The round re-checks all of it.
         let gone = self
             .missing_since
-            .get(&rec.authority)
+            .get(&hint.authority)
             .is_some_and(|t| now.saturating_sub(*t) >= self.params.takeover_after);
         if !gone {
             return None;
         }
-        let best = rec
+        let best = hint
             .control_plane_members()
-            .filter(|id| **id != rec.authority && (**id == self.me || self.peers.contains_key(*id)))
+            .filter(|id| **id != hint.authority && (**id == self.me || self.peers.contains_key(*id)))
             .min_by_key(|id| {
                 let pr = if **id == self.me {
                     self.params.priority
@@ -1117,7 +1190,7 @@ impl Node {
                 };
                 rank(pr, id)
             })?;
-        (*best == self.me).then(|| Op::Takeover { old: rec.authority.clone() })
+        (*best == self.me).then(|| Op::Takeover { old: hint.authority.clone() })
     }
 
     fn authority_op(&self, now: Duration, rec: &Record) -> Option<Op> {

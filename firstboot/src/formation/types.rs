@@ -288,8 +288,15 @@ pub struct PersistedState {
     pub acceptor: AcceptorState,
     /// Highest ballot number this node used or saw; a proposer never reuses one.
     pub max_ballot: u64,
-    /// Newest record this node learned (by ballot): a hint for routing, not a decision.
+    /// Newest record this node learned (by ballot), possibly never chosen: a hint for
+    /// routing, never the basis of a decision.
     pub known: Option<Accepted>,
+    /// The newest record this node saw *chosen* (its own completed round): what it may act on.
+    #[serde(default)]
+    pub chosen: Option<Accepted>,
+    /// A chosen record names this node as the one that enables the addons.
+    #[serde(default)]
+    pub addons_claimed: bool,
     /// This node ran `microk8s enable` successfully.
     #[serde(default)]
     pub addons_done: bool,
@@ -306,6 +313,8 @@ impl PersistedState {
             acceptor: AcceptorState::default(),
             max_ballot: 0,
             known: None,
+            chosen: None,
+            addons_claimed: false,
             addons_done: false,
         }
     }
