@@ -3,7 +3,8 @@
 //! batch), restarts from persisted state only, late boots, priorities, pinned roles and a fake
 //! MicroK8s. Every run checks safety; runs check liveness once faults stop.
 //!
-//! Case count: [`CASES`] (override with `PROPTEST_CASES`). Failing seeds are kept in
+//! Case counts: [`CASES`] small clusters (override with `PROPTEST_CASES`) and [`LARGE_CASES`]
+//! large ones (override with `FORMATION_LARGE_CASES`). Failing seeds are kept in
 //! `tests/formation_props.proptest-regressions`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -609,7 +610,7 @@ fn describe(sim: &Sim) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases("PROPTEST_CASES", CASES), ..ProptestConfig::default() })]
 
     #[test]
     fn formation_is_safe_and_live(sc in scenario(3usize..=10)) {
@@ -618,12 +619,20 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: LARGE_CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: cases("FORMATION_LARGE_CASES", LARGE_CASES),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn large_formation_is_safe_and_live(sc in scenario(11usize..=50)) {
         check(sc)?;
     }
+}
+
+/// Case count from the environment variable `var`, else `default`.
+fn cases(var: &str, default: u32) -> u32 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn check(sc: Scenario) -> Result<(), TestCaseError> {

@@ -1015,7 +1015,8 @@ impl Node {
     fn drive_discovering(&mut self, now: Duration, out: &mut Vec<Action>) {
         if let Some(cluster) = self.hint().map(|h| h.cluster.clone()) {
             // Rule: an existing cluster wins; never start a second one.
-            self.set_phase(Phase::WaitingForSlot { cluster }, out);
+            self.set_phase(Phase::WaitingForSlot { cluster: cluster.clone() }, out);
+            self.drive_waiting(now, cluster, out);
             return;
         }
         if !self.can_propose(now) {
