@@ -669,9 +669,10 @@ fn fifty_nodes_with_all_faults_converge_safely() {
 #[test]
 #[ignore]
 fn debug_one() {
-    let sc = Scenario { n: 5, control_plane: 3, seed: 6285108585617316502, loss: 187, dup: 24, max_delay: 1, partitions: true, crashes: true, late: false, priorities: false, pins: false, join_fail: 0, addons: true };
+    let sc = Scenario { n: 8, control_plane: 3, seed: 1341131731182297335, loss: 191, dup: 39, max_delay: 4, partitions: false, crashes: false, late: true, priorities: true, pins: true, join_fail: 82, addons: true };
     let (v, c, t, sim) = run(sc);
     println!("{v:?} {c} {t}");
+    println!("{}", describe(&sim));
     for i in 0..sim.sc.n {
         if let Some(n) = &sim.nodes[i] {
             let st = n.persisted();
