@@ -4,6 +4,7 @@ pub mod addons;
 pub mod config;
 pub mod coordinator;
 pub mod discovery;
+pub mod formation;
 pub mod secret;
 pub mod status;
 pub mod system;
