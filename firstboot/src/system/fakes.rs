@@ -683,6 +683,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn usable_as_a_shared_trait_object() {
+        let s = ClusterSecret::from_bytes([3; 32]);
+        let world = FakeWorld::new();
+        let m: std::sync::Arc<dyn Microk8s> = std::sync::Arc::new(world.node("a", ip(1)));
+        assert!(!m.is_installed().await.unwrap());
+        assert_eq!(m.status().await.unwrap(), Status::Stopped);
+        let src = InstallSource::Channel("1.32/stable".into());
+        assert_eq!(
+            m.install(&src, &s).await.unwrap(),
+            InstallOutcome::Installed
+        );
+        assert_eq!(
+            m.install(&src, &s).await.unwrap(),
+            InstallOutcome::AlreadyInstalled
+        );
+        assert!(m.wait_ready(Duration::from_secs(1)).await.unwrap());
+        assert_eq!(
+            m.dqlite_members().await.unwrap()[0].address,
+            "127.0.0.1:19001"
+        );
+        assert!(matches!(m.leave().await, Err(Microk8sError::OnlyCopy)));
+    }
+
+    #[tokio::test]
     async fn join_failures_are_typed() {
         let s = ClusterSecret::from_bytes([1; 32]);
         let (world, nodes) = cluster(3, &s).await;

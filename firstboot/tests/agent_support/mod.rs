@@ -180,6 +180,11 @@ impl AgentCluster {
     /// Starts (or restarts) node `i`'s agent.
     pub fn start(&mut self, i: usize) {
         let cfg = self.dir.path().join("cluster.toml");
+        self.start_with_config(i, &cfg);
+    }
+
+    /// Starts node `i`'s agent with another config file (e.g. another secret).
+    pub fn start_with_config(&mut self, i: usize, cfg: &Path) {
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -193,7 +198,7 @@ impl AgentCluster {
             .arg(FIRSTBOOT)
             .args(["-v", "run", "--no-hostname", "--listen", "0.0.0.0:7443"])
             .arg("--config")
-            .arg(&cfg)
+            .arg(cfg)
             .arg("--state-dir")
             .arg(d.join("state"))
             .arg("--root")

@@ -959,7 +959,7 @@ impl Daemon {
     }
 
     async fn cmd_leave(&self) -> Out {
-        let (old, fresh_needed) = {
+        let old = {
             let mut st = self.lock();
             let voters: Vec<String> = st
                 .view
@@ -973,25 +973,20 @@ impl Daemon {
                     "This node holds the only copy of the Kubernetes database. Refusing to leave.\n",
                 );
             }
+            // The old cluster's view without this node in dqlite; its Node object stays (A6).
+            let mut old = st.view.clone();
             let me = self.name().to_owned();
-            if let Some(e) = st.view.entry_mut(&me) {
-                // The Node object stays (A6); only the dqlite membership goes.
+            if let Some(e) = old.entry_mut(&me) {
                 e.role = None;
             }
-            let old = st.view.clone();
-            st.view.version += 1;
-            let old = View {
-                version: st.view.version,
-                ..old
-            };
+            old.version += 1;
+            // This node starts over as a fresh single-node cluster.
             st.worker = false;
             st.view = View::single(random_hex(8), self.name(), st.my_ip.or(self.env.own_ip()));
             self.persist(&st);
-            (old, true)
+            old
         };
-        if fresh_needed {
-            self.push(old).await;
-        }
+        self.push(old).await;
         self.last_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -67,7 +67,18 @@ fn install_writes_the_launch_config_first_and_issues_the_real_snap_argv() {
 
     let installed = n.run(|a| async move { a.is_installed().await }).unwrap();
     assert!(!installed);
-    n.install_and_start();
+    let out = n
+        .run(|a| async move {
+            a.install(&InstallSource::Channel("1.32/stable".into()), &secret())
+                .await
+        })
+        .unwrap();
+    assert_eq!(out, InstallOutcome::Installed);
+    // Installed but its services not started yet: stopped (exit 0, A5).
+    assert_eq!(n.status(), Status::Stopped);
+    n.start();
+    let ready = n.run(|a| async move { a.wait_ready(Duration::from_secs(15)).await });
+    assert!(ready.unwrap(), "{}", n.daemon_log());
 
     let lc = n.dir.join("etc/microk8s.yaml");
     let text = std::fs::read_to_string(&lc).unwrap();
@@ -120,6 +131,7 @@ fn install_writes_the_launch_config_first_and_issues_the_real_snap_argv() {
         vec![
             vec!["list", "microk8s"],
             vec!["list", "microk8s"],
+            vec!["wait", "system", "seed.loaded"],
             vec!["install", "microk8s", "--classic", "--channel=1.32/stable"],
             vec!["list", "microk8s"],
         ]
@@ -164,6 +176,7 @@ fn staged_install_acks_every_assertion_then_installs_base_and_microk8s() {
         snaps,
         vec![
             "list microk8s".to_owned(),
+            "wait system seed.loaded".to_owned(),
             format!("ack {}", s("core22_2045.assert")),
             format!("ack {}", s("microk8s_7964.assert")),
             format!("install {}", s("core22_2045.snap")),

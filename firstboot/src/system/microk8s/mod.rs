@@ -50,7 +50,8 @@ const STOPPED_RETRY: Duration = Duration::from_millis(500);
 /// Minimum fingerprint length (A3, `FINGERPRINT_MIN_LEN`).
 pub const FINGERPRINT_MIN_LEN: usize = 12;
 
-/// Where the snap comes from.
+/// Where the snap comes from. Either way [`Microk8s::install`] first writes the launch config and
+/// waits for snapd's seeding (`snap wait system seed.loaded`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstallSource {
     /// `snap install microk8s --classic --channel=<channel>`.
@@ -542,6 +543,9 @@ impl Microk8s for RealMicrok8s {
             }
             // Before installing: the install hook reads it exactly once (A8).
             self.write_launch_config(secret)?;
+            // On a first boot snapd may still be seeding; installs fail until it is done. (Not
+            // from the reference: snapd's documented `snap wait system seed.loaded`.)
+            self.snap(&["wait", "system", "seed.loaded"]).await?;
             match source {
                 InstallSource::Channel(channel) => {
                     self.snap(&[
@@ -676,6 +680,12 @@ impl Microk8s for RealMicrok8s {
                     Ok(EnableOutcome::AlreadyEnabled)
                 }
                 Some(0) => Ok(EnableOutcome::Enabled),
+                Some(_) if out.stdout.contains("microk8s is not running") => {
+                    Err(Microk8sError::NotRunning {
+                        command,
+                        detail: detail(&out),
+                    })
+                }
                 code => Err(Microk8sError::Failed {
                     command,
                     code,
