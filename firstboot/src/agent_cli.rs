@@ -226,12 +226,15 @@ pub fn status(config_path: &Path, state_dir: &Path, port: u16, json: bool) -> Ex
 async fn fetch_status(config_path: &Path, state_dir: &Path, port: u16) -> Result<StatusDoc> {
     let cfg = load_config(config_path)?;
     let secret = ClusterSecret::load(&cfg.cluster.secret_file)?;
-    let identity = crate::coordinator::NodeIdentity::load_or_create(state_dir)
-        .with_context(|| format!("reading the coordinator identity in {}", state_dir.display()))?;
+    let fingerprint = crate::coordinator::identity::read_fingerprint(state_dir);
     let client = crate::coordinator::CoordinatorClient::new(&secret, "ffffffffffffffff")
         .with_timeout(Duration::from_secs(5));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    match client.status(addr, identity.fingerprint()).await {
+    let answer = match &fingerprint {
+        Ok(fp) => client.status(addr, fp).await.map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    match answer {
         Ok(v) => Ok(serde_json::from_value(v).context("reading the agent's status document")?),
         Err(e) => {
             let st: Option<PersistedState> = driver::state_file(state_dir).load()?;

@@ -213,7 +213,8 @@ impl AgentCluster {
             .arg(d.join("etc/microk8s.yaml"))
             .args(["--sim-join-timeout", &self.spec.join_timeout_s.to_string()])
             .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/rackseed-test-bus")
-            .env("RUST_LOG", "info,firstboot=debug")
+            .env("RUST_LOG", "info,firstboot=debug,firstboot::system::command=info")
+            .env("NO_COLOR", "1")
             .spawn_with(log.try_clone().unwrap(), log)
             .expect("starting firstboot");
         node.agent = Some(child);
