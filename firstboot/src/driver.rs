@@ -111,6 +111,8 @@ struct Runtime {
     state: StateFile,
     doc: StatusDoc,
     last_status_line: String,
+    /// The last announcement, re-published as a heartbeat so peers keep seeing this node.
+    last_announcement: Option<Announcement>,
 }
 
 /// Runs the agent until `shutdown` completes. Persisted state makes a restart resume.
@@ -149,6 +151,9 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         None => FormationParams::from_config(&agent.config, agent.mac),
     };
     params.validate().context("formation parameters")?;
+    // Peers forget a node whose announcement is not refreshed within `peer_timeout`, so the
+    // announcement is re-published (with a new sequence number) well within it.
+    let heartbeat_every = (params.peer_timeout / 4).max(Duration::from_secs(1));
     let (node, actions) = Node::new(params, agent.node_id.clone(), persisted, Duration::ZERO);
     let (tasks, mut task_rx) = mpsc::channel(256);
     let client = Arc::new(CoordinatorClient::new(&agent.secret, agent.node_id.as_str()));
@@ -169,6 +174,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         peers: BTreeMap::new(),
         state,
         last_status_line: String::new(),
+        last_announcement: None,
     };
     tracing::info!(
         node = %rt.agent.node_id,
@@ -187,6 +193,8 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(MICROK8S_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -195,6 +203,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
             _ = &mut shutdown => break,
             _ = tick.tick() => Some(Event::Tick),
             _ = poll.tick() => { rt.spawn_microk8s_poll(); None }
+            _ = heartbeat.tick() => { rt.reannounce(); None }
             Some(ev) = peer_events.recv() => rt.peer_event(ev),
             Some(msg) = inbound.recv() => rt.inbound(msg),
             Some(res) = task_rx.recv() => rt.task_result(res),
@@ -351,10 +360,8 @@ impl Runtime {
                         .context("persisting the formation state")?;
                 }
                 Action::Announce(ann) => {
-                    if let Err(e) = self.discovery.announce(ann.to_txt()) {
-                        tracing::warn!(error = %e, "announcing failed");
-                        self.doc.last_error = Some(format!("announcing failed: {e}"));
-                    }
+                    self.last_announcement = Some(ann);
+                    self.reannounce();
                 }
                 Action::Send { to, msg } => self.send(to, msg),
                 Action::SetStatus(line) => {
@@ -385,6 +392,16 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    fn reannounce(&mut self) {
+        let Some(ann) = &self.last_announcement else {
+            return;
+        };
+        if let Err(e) = self.discovery.announce(ann.to_txt()) {
+            tracing::warn!(error = %e, "announcing failed");
+            self.doc.last_error = Some(format!("announcing failed: {e}"));
+        }
     }
 
     fn send(&mut self, to: NodeId, msg: Message) {

@@ -104,7 +104,12 @@ fn five_nodes_give_three_control_plane_and_two_workers_and_a_sixth_joins_later()
 
 #[test]
 fn a_node_cut_off_during_the_election_does_not_form_its_own_and_joins_after() {
-    let mut c = AgentCluster::new(3, ClusterSpec::default());
+    // The two connected nodes form once the formation timeout passes with a majority visible.
+    let spec = ClusterSpec {
+        formation_timeout: "15s",
+        ..ClusterSpec::default()
+    };
+    let mut c = AgentCluster::new(3, spec);
     c.lab.disconnect(2).unwrap();
     c.start_all();
     let docs = c.wait_formed(&[0, 1], 2, Duration::from_secs(120));
