@@ -157,3 +157,64 @@ fn a_node_with_the_wrong_secret_changes_nothing() {
         "the stranger never joined"
     );
 }
+
+/// A small deterministic generator (seed printed, so a failing run can be replayed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below.max(1)
+    }
+}
+
+#[test]
+fn agents_killed_at_random_moments_resume_and_converge_to_one_cluster() {
+    let seed = std::env::var("RACKSEED_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("crash test seed {seed} (RACKSEED_CRASH_SEED={seed} replays it)");
+    let mut rng = Lcg(seed);
+    let spec = ClusterSpec {
+        expected_nodes: 5,
+        join_delay_ms: 800,
+        join_timeout_s: 10,
+        ..ClusterSpec::default()
+    };
+    let mut c = AgentCluster::new(5, spec);
+    c.start_all();
+    const KILLS: usize = 24;
+    let mut phases_hit = BTreeSet::new();
+    for k in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.next(1500)));
+        let victim = rng.next(5) as usize;
+        let phase = c
+            .status(victim)
+            .map(|d| d.phase)
+            .unwrap_or_else(|| "down".into());
+        phases_hit.insert(phase.clone());
+        assert!(c.kill_agent(victim), "node {victim} was running");
+        println!("kill {k}: node {victim} in phase {phase}");
+        std::thread::sleep(Duration::from_millis(rng.next(500)));
+        c.start(victim);
+    }
+    let docs = c.wait_formed(&[0, 1, 2, 3, 4], 3, Duration::from_secs(240));
+    let clusters: BTreeSet<_> = docs.iter().map(|d| d.cluster.clone()).collect();
+    assert_eq!(clusters.len(), 1, "one cluster: {clusters:?}");
+    let cp = docs
+        .iter()
+        .filter(|d| d.role.as_deref() == Some("control-plane"))
+        .count();
+    assert_eq!(cp, 3, "three control-plane nodes: {:?}", docs.iter().map(|d| &d.role).collect::<Vec<_>>());
+    check_command_log(&c.commands()).unwrap();
+    println!("phases at the kills: {phases_hit:?}");
+}
