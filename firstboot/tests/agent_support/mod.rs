@@ -50,6 +50,8 @@ pub struct ClusterSpec {
     pub addons_toml: String,
     /// Simulated join duration.
     pub join_delay_ms: u64,
+    /// Simulated `microk8s enable` duration.
+    pub enable_delay_ms: u64,
     /// `--sim-join-timeout` for the agents (slot reclaim and takeover scale with it).
     pub join_timeout_s: u64,
     pub secret: ClusterSecret,
@@ -63,6 +65,7 @@ impl Default for ClusterSpec {
             formation_timeout: "2m",
             addons_toml: "[addons]\nstorage = \"none\"\n\n[addons.metallb]\naddresses = [\"10.231.0.240-10.231.0.250\", \"fd00::10-fd00::20\"]\n".into(),
             join_delay_ms: 300,
+            enable_delay_ms: 0,
             join_timeout_s: 20,
             secret: ClusterSecret::from_bytes([7; 32]),
         }
@@ -140,11 +143,12 @@ impl AgentCluster {
         let env = format!(
             "export MICROK8S_SIM_STATE='{state}' MICROK8S_SIM_NODE='node-{i}' MICROK8S_SIM_LOG='{log}' \
              MICROK8S_SIM_LAUNCH_CONFIG='{lc}' MICROK8S_SIM_HEARTBEAT_MS=300 \
-             MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_IP={ip}\n",
+             MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_ENABLE_DELAY_MS={ed} MICROK8S_SIM_IP={ip}\n",
             state = dir.join("sim").display(),
             log = self.log.display(),
             lc = dir.join("etc/microk8s.yaml").display(),
             jd = self.spec.join_delay_ms,
+            ed = self.spec.enable_delay_ms,
             ip = host.addr,
         );
         write_exec(
@@ -259,6 +263,18 @@ impl AgentCluster {
             .block_on(async { tokio::time::timeout(Duration::from_secs(15), child.wait()).await })
             .ok()
             .and_then(|r| r.ok())
+    }
+
+    /// Peak resident memory (VmHWM) of node `i`'s running agent, in KiB.
+    pub fn agent_peak_rss_kib(&self, i: usize) -> Option<u64> {
+        let pid = self.nodes[i].agent.as_ref()?.id()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     /// The status document of node `i` (`firstboot status --json` run in its namespace).
