@@ -38,6 +38,30 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Write man pages (firstboot.1 and one per subcommand) into DIR.
     Manpages { dir: PathBuf },
+    /// Run the agent (the systemd service's main): discover peers, form or join the cluster.
+    Run(crate::agent_cli::RunArgs),
+    /// Show this node's phase, role, peers, members and last error.
+    Status {
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value_t = crate::agent_cli::DEFAULT_PORT)]
+        port: u16,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return this node to "fresh" (a member leaves its MicroK8s cluster first).
+    Reset {
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, default_value = "microk8s")]
+        microk8s_bin: PathBuf,
+    },
 }
 
 /// Runs a parsed command line.
@@ -64,6 +88,18 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run(args) => crate::agent_cli::run(args),
+        Command::Status {
+            config,
+            state_dir,
+            port,
+            json,
+        } => crate::agent_cli::status(&config, &state_dir, port, json),
+        Command::Reset {
+            state_dir,
+            yes,
+            microk8s_bin,
+        } => crate::agent_cli::reset(&state_dir, yes, &microk8s_bin),
     }
 }
 
