@@ -1,0 +1,159 @@
+//! The base step: turns the configured base into a raw disk image (the build's working file)
+//! laid out like Ubuntu's official images.
+//!
+//! - `official`: [`download::fetch`] (cache, resume, verify), then [`materialize`].
+//! - `local`: verified when a SHA-256 is given, then [`materialize`].
+//! - `bootstrap`: [`bootstrap::ensure_tarball`] (cached), unpacked into scratch space, then
+//!   composed into the target's layout by [`crate::disk::compose`].
+//!
+//! [`materialize`] accepts raw images, `.xz` and `.zst` streams (decoded in-process, holes kept
+//! sparse) and qcow2 (`qemu-img convert`); the format comes from the file's magic bytes, not its
+//! name. To add a format, detect it in [`Format::detect`] and decode it in [`materialize`].
+
+pub mod apt_sources;
+pub mod bootstrap;
+pub mod download;
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::tool::Tool;
+
+/// Container format of a base image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Xz,
+    Zstd,
+    Qcow2,
+}
+
+impl Format {
+    pub fn detect(magic: &[u8; 8]) -> Format {
+        if magic[..6] == [0xFD, b'7', b'z', b'X', b'Z', 0x00] {
+            Format::Xz
+        } else if magic[..4] == [0x28, 0xB5, 0x2F, 0xFD] {
+            Format::Zstd
+        } else if magic[..4] == [b'Q', b'F', b'I', 0xFB] {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        }
+    }
+}
+
+/// Writes the raw disk image held in `src` (any [`Format`]) to `dest`, sparse.
+pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> Result<Format> {
+    let fmt = Format::detect(&download::magic(src)?);
+    match fmt {
+        Format::Qcow2 => {
+            Tool::new("qemu-img")
+                .args(["convert", "-f", "qcow2", "-O", "raw"])
+                .arg(src)
+                .arg(dest)
+                .timeout(Duration::from_secs(1800))
+                .run()
+                .await
+                .with_context(|| format!("converting qcow2 base {}", src.display()))?;
+        }
+        Format::Raw | Format::Xz | Format::Zstd => {
+            let (s, d) = (src.to_path_buf(), dest.to_path_buf());
+            let cancel = Arc::clone(cancel);
+            tokio::task::spawn_blocking(move || copy_sparse(&s, &d, fmt, &cancel))
+                .await
+                .context("base copy task failed")?
+                .with_context(|| format!("reading base image {}", src.display()))?;
+        }
+    }
+    Ok(fmt)
+}
+
+/// Copies (decoding) `src` to `dest`, turning all-zero 64 KiB blocks into holes.
+pub fn copy_sparse(src: &Path, dest: &Path, fmt: Format, cancel: &AtomicBool) -> Result<u64> {
+    let f = File::open(src)?;
+    let mut reader: Box<dyn Read> = match fmt {
+        Format::Raw => Box::new(f),
+        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, f))),
+        Format::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
+        Format::Qcow2 => bail!("qcow2 is converted with qemu-img"),
+    };
+    let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let n = read_full(&mut reader, &mut buf).map_err(|e| anyhow::anyhow!("the base image is truncated or corrupt: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            out.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+        }
+        total += n as u64;
+    }
+    out.set_len(total)?;
+    out.sync_all()?;
+    Ok(total)
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_formats_by_magic() {
+        assert_eq!(Format::detect(&[0xFD, b'7', b'z', b'X', b'Z', 0, 0, 4]), Format::Xz);
+        assert_eq!(Format::detect(&[0x28, 0xB5, 0x2F, 0xFD, 0, 0, 0, 0]), Format::Zstd);
+        assert_eq!(Format::detect(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
+        assert_eq!(Format::detect(&[0; 8]), Format::Raw);
+    }
+
+    #[test]
+    fn xz_roundtrip_is_sparse_and_truncation_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = d.path().join("raw");
+        let mut data = vec![0u8; 4 << 20];
+        data[1 << 20..(1 << 20) + 10].copy_from_slice(b"0123456789");
+        std::fs::write(&raw, &data).unwrap();
+        let xz = d.path().join("raw.xz");
+        let mut enc = liblzma::write::XzEncoder::new(File::create(&xz).unwrap(), 1);
+        enc.write_all(&data).unwrap();
+        enc.finish().unwrap();
+        let out = d.path().join("out");
+        let never = AtomicBool::new(false);
+        assert_eq!(copy_sparse(&xz, &out, Format::Xz, &never).unwrap(), 4 << 20);
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "zero blocks became holes");
+        let cut = d.path().join("cut.xz");
+        let bytes = std::fs::read(&xz).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+        let e = copy_sparse(&cut, &out, Format::Xz, &never).unwrap_err().to_string();
+        assert!(e.contains("truncated or corrupt"), "{e}");
+    }
+}
