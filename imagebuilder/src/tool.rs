@@ -74,10 +74,10 @@ pub fn require(programs: &[(&str, &str)]) -> Result<()> {
 mod imp {
     use super::Tool;
     use anyhow::Result;
+    use firstboot::system::command::Cmd;
 
     pub async fn run(t: Tool) -> Result<String> {
-        let mut cmd = firstboot::system::command::Cmd::new(&t.program).args(t.args).timeout(t.timeout);
-        let out = cmd.run().await?;
-        Ok(out)
+        let out = Cmd::new(&t.program, t.timeout).args(t.args).run().await?;
+        Ok(out.stdout)
     }
 }

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
 /// How many times a broken transfer is resumed before giving up.
 pub const ATTEMPTS: u32 = 5;
@@ -149,6 +148,7 @@ pub fn magic(path: &Path) -> Result<[u8; 8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn sha_must_be_hex64() {

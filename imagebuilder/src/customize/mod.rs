@@ -255,7 +255,7 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
             });
         }
     }
-    let mut cmdline = None;
+    let cmdline;
     let fat_image = image.to_path_buf();
     match inp.target {
         Target::Rpi4 | Target::Rpi5 => {

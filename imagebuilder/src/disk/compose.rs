@@ -164,7 +164,8 @@ async fn compose_rpi(tree: &Path, image: &Path, root_size: u64, l: Labels) -> Re
     let boot = 512 * MIB;
     let total = MIB + boot + root_size;
     create_sparse(image, total)?;
-    write_mbr(image, &[(2048, boot / 512, 0x0c, true), (2048 + boot / 512, root_size / 512, 0x83, false)])?;
+    let boot_lba = u32::try_from(2048 + boot / 512).context("image too large for an MBR")?;
+    write_mbr(image, &[(2048, boot / 512, 0x0c, true), (boot_lba, root_size / 512, 0x83, false)])?;
     let t = read_table(image).await?;
     let p_boot = t.partitions.iter().find(|p| p.number == 1).context("no p1 after writing the MBR")?.clone();
     let p_root = t.partitions.iter().find(|p| p.number == 2).context("no p2 after writing the MBR")?.clone();
