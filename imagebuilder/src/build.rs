@@ -124,7 +124,14 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     let _guard = CancelOnDrop(Arc::clone(&cancel));
     let cfg = &req.config;
     let target = req.target.unwrap_or(cfg.image.target);
-    let mut needed = vec![("sfdisk", "fdisk"), ("debugfs", "e2fsprogs"), ("mke2fs", "e2fsprogs"), ("e2fsck", "e2fsprogs")];
+    let mut needed = vec![
+        ("sfdisk", "fdisk"),
+        ("debugfs", "e2fsprogs"),
+        ("mke2fs", "e2fsprogs"),
+        ("e2fsck", "e2fsprogs"),
+        ("mcopy", "mtools"),
+        ("mkfs.vfat", "dosfstools"),
+    ];
     if target == Target::X86_64Efi {
         needed.push(("sgdisk", "gdisk"));
     }
@@ -170,6 +177,8 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     let work = staging.temp(&img_name);
 
     // base -> raw image with the official layout
+    let step = std::time::Instant::now();
+    tracing::info!("base: starting");
     let base_record = match &cfg.image.base {
         Base::Official { url, sha256 } => {
             let cached = base::download::fetch(url, sha256, &cache, req.progress).await?;
@@ -188,7 +197,9 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
             let tar = base::bootstrap::ensure_tarball(&spec, &cache).await?;
             let tree = scratch.path().join("tree");
             base::bootstrap::unpack(&tar, &tree).await?;
+            tracing::info!("base: unpacked at {:.1?}", step.elapsed());
             compose::compose(&tree, target, compose::Shape::Minimal, &work).await?;
+            tracing::info!("base: composed at {:.1?}", step.elapsed());
             let _ = std::fs::remove_dir_all(&tree);
             json!({"kind": "bootstrap", "suite": spec.suite, "mirror": spec.mirror, "arch": spec.arch,
                    "packages": spec.packages, "foreign": spec.foreign, "cache_key": spec.key()})
@@ -198,7 +209,10 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         bail!("interrupted");
     }
 
+    tracing::info!("base: done in {:.1?}", step.elapsed());
     // disk: layout check, grow
+    let step = std::time::Instant::now();
+    tracing::info!("disk: starting");
     let table = disk::read_table(&work).await.context("reading the base image")?;
     let want = if target == Target::X86_64Efi { TableKind::Gpt } else { TableKind::Dos };
     if table.kind != want {
@@ -210,7 +224,10 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     disk::grow(&work, table.kind, cfg.image.disk_size).await?;
     let table = disk::read_table(&work).await?;
 
+    tracing::info!("disk: done in {:.1?}", step.elapsed());
     // customize
+    let step = std::time::Instant::now();
+    tracing::info!("customize: starting");
     let image_info = json!({
         "builder": {"name": "rackseed imagebuilder", "version": env!("CARGO_PKG_VERSION")},
         "target": target.as_str(),
@@ -250,11 +267,15 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         .context("the customised root filesystem does not check clean")?;
     outputs::sync_file(&work)?;
 
+    tracing::info!("customize: done in {:.1?}", step.elapsed());
     // outputs
+    let step = std::time::Instant::now();
+    tracing::info!("outputs: starting");
     let digest = {
         let (w, c) = (work.clone(), Arc::clone(&cancel));
         tokio::task::spawn_blocking(move || sparse::digest_image(&w, 4096, &c)).await.context("hashing task failed")??
     };
+    tracing::info!("outputs: image hashed in {:.1?}", step.elapsed());
     let mut sums = vec![(img_name.clone(), digest.sha256.clone())];
     let bmap_name = format!("{name}.bmap");
     let bmap_tmp = staging.temp(&bmap_name);
@@ -267,6 +288,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         tokio::task::spawn_blocking(move || outputs::compress(&w, &t, c, &cc)).await.context("compression task failed")??;
         sums.push((cname.clone(), sparse::sha256_file(&ctmp)?));
         compressed = Some(staging.final_path(&cname));
+        tracing::info!("outputs: compressed at {:.1?}", step.elapsed());
     }
     let mut qcow = None;
     if req.qcow2 {
@@ -275,6 +297,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         outputs::qcow2(&work, &qtmp).await?;
         sums.push((qname.clone(), sparse::sha256_file(&qtmp)?));
         qcow = Some(staging.final_path(&qname));
+        tracing::info!("outputs: qcow2 at {:.1?}", step.elapsed());
     }
     let manifest = json!({
         "image": {"file": img_name, "size": digest.size, "sha256": digest.sha256, "target": target.as_str(),
@@ -299,6 +322,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         bail!("interrupted");
     }
     staging.commit()?;
+    tracing::info!("outputs: done in {:.1?}", step.elapsed());
     Ok(BuildOutputs {
         image: req.out_dir.join(&img_name),
         compressed,

@@ -53,21 +53,15 @@ pub async fn run(path: &Path) -> Result<Report> {
         let (dir, name) = path.rsplit_once('/')?;
         listing.get(dir)?.as_ref()?.iter().find(|e| e.name == name).map(|e| format!("{:04o}", e.mode & 0o7777))
     };
-    let cmdline = match table.by_label("system-boot").or_else(|_| table.by_label("UEFI")) {
-        Ok(b) => {
-            let (img, start, size, rpi) = (path.to_path_buf(), b.start, b.size, b.label.as_deref() != Some("UEFI"));
-            tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-                let v = FatVolume::open(&img, start, size)?;
-                if rpi {
-                    return Ok(v.read("cmdline.txt")?.map(|c| String::from_utf8_lossy(&c).lines().next().unwrap_or("").to_string()));
-                }
-                Ok(v.read("loader/entries/rackseed.conf")?.and_then(|e| {
-                    String::from_utf8_lossy(&e).lines().find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))
-                }))
-            })
-            .await??
-        }
-        Err(_) => None,
+    let cmdline = if let Ok(b) = table.by_label("system-boot") {
+        FatVolume::new(path, b.start)
+            .read("cmdline.txt", scratch.path())
+            .await?
+            .map(|c| String::from_utf8_lossy(&c).lines().next().unwrap_or("").to_string())
+    } else if let Ok(b) = table.by_label("UEFI") {
+        crate::customize::loader_options(&FatVolume::new(path, b.start), scratch.path()).await?
+    } else {
+        None
     };
     if info.is_none() && mode_of(FIRSTBOOT_PATH).is_none() {
         bail!("{} has no rackseed files ({INFO_PATH} and {FIRSTBOOT_PATH} are missing)", path.display());

@@ -10,18 +10,20 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::Result;
+use firstboot::system::command::Cmd;
 
 /// One external program invocation.
 #[derive(Debug, Clone)]
 pub struct Tool {
     program: String,
     args: Vec<OsString>,
+    envs: Vec<(String, String)>,
     timeout: Duration,
 }
 
 impl Tool {
     pub fn new(program: &str) -> Self {
-        Tool { program: program.to_string(), args: Vec::new(), timeout: Duration::from_secs(120) }
+        Tool { program: program.to_string(), args: Vec::new(), envs: Vec::new(), timeout: Duration::from_secs(120) }
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
@@ -38,6 +40,11 @@ impl Tool {
         self
     }
 
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.envs.push((k.to_string(), v.to_string()));
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
@@ -46,7 +53,20 @@ impl Tool {
     /// Runs the program to completion; returns its stdout. A non-zero exit, a timeout or a
     /// missing program is an error naming the program.
     pub async fn run(self) -> Result<String> {
-        imp::run(self).await
+        Ok(self.cmd().run().await?.stdout)
+    }
+
+    /// Runs the program and returns its output whatever the exit status (the caller decides).
+    pub async fn output(self) -> Result<firstboot::system::command::Output> {
+        Ok(self.cmd().output().await?)
+    }
+
+    fn cmd(self) -> Cmd {
+        let mut c = Cmd::new(&self.program, self.timeout).args(self.args);
+        for (k, v) in self.envs {
+            c = c.env(k, v);
+        }
+        c
     }
 }
 
@@ -68,16 +88,5 @@ pub fn require(programs: &[(&str, &str)]) -> Result<()> {
         Ok(())
     } else {
         anyhow::bail!("missing build tools: {}; install them with apt-get install", missing.join(", "))
-    }
-}
-
-mod imp {
-    use super::Tool;
-    use anyhow::Result;
-    use firstboot::system::command::Cmd;
-
-    pub async fn run(t: Tool) -> Result<String> {
-        let out = Cmd::new(&t.program, t.timeout).args(t.args).run().await?;
-        Ok(out.stdout)
     }
 }

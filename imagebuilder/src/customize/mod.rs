@@ -29,7 +29,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::disk::compose::labels;
-use crate::disk::fat::FatVolume;
+use crate::disk::fat::{FatStage, FatVolume};
 use crate::disk::PartitionTable;
 use crate::tool::{on_path, Tool};
 use ext4::{Entry, Ext4};
@@ -230,6 +230,12 @@ pub async fn check_user_data(user_data: &str, scratch: &Path) -> Result<Option<S
     Ok(None)
 }
 
+/// The `options` line of rackseed's systemd-boot entry on the ESP, when there is one.
+pub async fn loader_options(esp: &FatVolume, scratch: &Path) -> Result<Option<String>> {
+    let entry = esp.read("loader/entries/rackseed.conf", scratch).await?;
+    Ok(entry.and_then(|e| String::from_utf8_lossy(&e).lines().find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))))
+}
+
 /// Applies everything to `image` (layout in `table`).
 pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scratch: &Path) -> Result<Customized> {
     let l = labels(inp.target);
@@ -256,32 +262,31 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
         }
     }
     let cmdline;
-    let fat_image = image.to_path_buf();
+    let fat = FatVolume::new(image, boot.start);
     match inp.target {
         Target::Rpi4 | Target::Rpi5 => {
-            let (b_start, b_size) = (boot.start, boot.size);
-            let wifi = inp.config.network.wifi.is_some();
-            let (line, dropped, fat_files) = tokio::task::spawn_blocking(move || -> Result<_> {
-                let v = FatVolume::open(&fat_image, b_start, b_size)?;
-                let cur = v.read("cmdline.txt")?.context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
-                let (line, dropped) = cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
-                let mut written = vec![("cmdline.txt".to_string(), line.clone().into_bytes(), false)];
-                written.push(("user-data".into(), seed.user_data.into_bytes(), false));
-                written.push(("meta-data".into(), seed.meta_data.into_bytes(), false));
-                written.push(("network-config".into(), seed.network_config.into_bytes(), wifi));
-                for (name, data, _) in &written {
-                    v.write(name, data)?;
-                }
-                v.close()?;
-                Ok((line, dropped, written))
-            })
-            .await
-            .context("system-boot task failed")??;
+            let cur = fat
+                .read("cmdline.txt", scratch)
+                .await?
+                .context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
+            let (line, dropped) = cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
             if dropped {
                 warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
             }
+            let wifi = inp.config.network.wifi.is_some();
+            let written = [
+                ("cmdline.txt", line.clone().into_bytes(), false),
+                ("user-data", seed.user_data.into_bytes(), false),
+                ("meta-data", seed.meta_data.into_bytes(), false),
+                ("network-config", seed.network_config.into_bytes(), wifi),
+            ];
+            let st = FatStage::new(scratch)?;
+            for (name, data, _) in &written {
+                st.add(name, data)?;
+            }
+            st.write_to(&fat).await?;
             cmdline = Some(line.trim_end().to_string());
-            for (name, data, secret) in fat_files {
+            for (name, data, secret) in written {
                 files.push(Added {
                     partition: l.boot.into(),
                     path: format!("/{name}"),
@@ -292,16 +297,7 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
             }
         }
         Target::X86_64Efi => {
-            let (b_start, b_size) = (boot.start, boot.size);
-            cmdline = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-                let v = FatVolume::open(&fat_image, b_start, b_size)?;
-                let entry = v.read("loader/entries/rackseed.conf")?;
-                Ok(entry.and_then(|e| {
-                    String::from_utf8_lossy(&e).lines().find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))
-                }))
-            })
-            .await
-            .context("ESP task failed")??;
+            cmdline = loader_options(&fat, scratch).await?;
         }
     }
     Ok(Customized { files, cmdline, warnings })

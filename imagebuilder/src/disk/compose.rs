@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use firstboot::config::Target;
 
-use super::fat::{self, FatVolume};
+use super::fat::{self, FatStage, FatVolume};
 use super::{read_table, PartitionTable};
 use crate::tool::Tool;
 
@@ -142,21 +142,21 @@ async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l:
         let p_boot = t.partitions.iter().find(|p| p.number == 13).context("sgdisk made no p13")?.clone();
         mke2fs(image, &p_boot, "BOOT", None).await?;
     }
-    fat::format(image, p_esp.start, p_esp.size, l.boot)?;
-    let v = FatVolume::open(image, p_esp.start, p_esp.size)?;
-    let efi_bin = std::fs::read(&efi)?;
-    v.write("EFI/BOOT/BOOTX64.EFI", &efi_bin)?;
-    v.write("EFI/systemd/systemd-bootx64.efi", &efi_bin)?;
-    v.write("loader/loader.conf", b"default rackseed.conf\ntimeout 0\n")?;
-    v.copy_from("vmlinuz", &kernel)?;
+    fat::format(image, p_esp.start, p_esp.size, l.boot).await?;
+    let scratch = tempfile::tempdir()?;
+    let st = FatStage::new(scratch.path())?;
+    st.add_file("EFI/BOOT/BOOTX64.EFI", &efi)?;
+    st.add_file("EFI/systemd/systemd-bootx64.efi", &efi)?;
+    st.add("loader/loader.conf", b"default rackseed.conf\ntimeout 0\n")?;
+    st.add_file("vmlinuz", &kernel)?;
     let mut entry = String::from("title rackseed\nlinux /vmlinuz\n");
     if let Some(i) = &initrd {
-        v.copy_from("initrd.img", i)?;
+        st.add_file("initrd.img", i)?;
         entry.push_str("initrd /initrd.img\n");
     }
     entry.push_str(&format!("options root=PARTUUID={} rw console=tty0 console=ttyS0,115200\n", root_uuid.to_lowercase()));
-    v.write("loader/entries/rackseed.conf", entry.as_bytes())?;
-    v.close()?;
+    st.add("loader/entries/rackseed.conf", entry.as_bytes())?;
+    st.write_to(&FatVolume::new(image, p_esp.start)).await?;
     super::read_table(image).await
 }
 
@@ -176,20 +176,21 @@ async fn compose_rpi(tree: &Path, image: &Path, root_size: u64, l: Labels) -> Re
         format!("LABEL={} / ext4 discard,errors=remount-ro 0 1\nLABEL={} /boot/firmware vfat defaults 0 1\n", l.root, l.boot),
     )?;
     mke2fs(image, &p_root, l.root, Some(tree)).await?;
-    fat::format(image, p_boot.start, p_boot.size, l.boot)?;
-    let v = FatVolume::open(image, p_boot.start, p_boot.size)?;
+    fat::format(image, p_boot.start, p_boot.size, l.boot).await?;
+    let scratch = tempfile::tempdir()?;
+    let st = FatStage::new(scratch.path())?;
     let (kernel, initrd) = find_kernel(tree)?;
     let mut config = String::from("[all]\narm_64bit=1\nkernel=vmlinuz\ncmdline=cmdline.txt\n");
     if let Some(k) = &kernel {
-        v.copy_from("vmlinuz", k)?;
+        st.add_file("vmlinuz", k)?;
     }
     if let Some(i) = &initrd {
-        v.copy_from("initrd.img", i)?;
+        st.add_file("initrd.img", i)?;
         config.push_str("initramfs initrd.img followkernel\n");
     }
-    v.write("config.txt", config.as_bytes())?;
-    v.write("cmdline.txt", format!("{RPI_CMDLINE}\n").as_bytes())?;
-    v.close()?;
+    st.add("config.txt", config.as_bytes())?;
+    st.add("cmdline.txt", format!("{RPI_CMDLINE}\n").as_bytes())?;
+    st.write_to(&FatVolume::new(image, p_boot.start)).await?;
     read_table(image).await
 }
 

@@ -1,118 +1,140 @@
-//! FAT filesystems inside an image file, edited in-process with the `fatfs` crate over a byte
-//! range of the file (no mtools, no mounts): format, write a file (creating parent folders),
-//! read a file, list a folder.
+//! FAT filesystems inside an image file, formatted with `mkfs.vfat --offset` and edited with
+//! mtools addressing the partition as `IMAGE@@OFFSET` (no loop device, no mount).
 //!
-//! FAT has no owners or modes, so callers pass only paths and bytes. Paths use `/` and are
-//! relative to the filesystem root.
+//! Writes are batched: files are staged in a scratch folder mirroring the FAT tree and copied
+//! with one `mcopy -s -o` (which creates folders and replaces files). FAT has no owners or
+//! modes. Paths use `/` and are relative to the filesystem root.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fatfs::{FileSystem, FormatVolumeOptions, FsOptions};
-use fscommon::{BufStream, StreamSlice};
 
-type Slice = BufStream<StreamSlice<File>>;
+use crate::tool::Tool;
 
-fn open_slice(image: &Path, start: u64, size: u64) -> Result<Slice> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .with_context(|| format!("opening {}", image.display()))?;
-    let s = StreamSlice::new(f, start, start + size).context("addressing the FAT partition")?;
-    Ok(BufStream::new(s))
+const T: Duration = Duration::from_secs(300);
+
+fn mtool(program: &str) -> Tool {
+    // The partition is addressed by byte offset, so mtools' drive geometry checks do not apply.
+    Tool::new(program).env("MTOOLS_SKIP_CHECK", "1").timeout(T)
 }
 
-/// A FAT filesystem at `[start, start+size)` of `image`.
-pub struct FatVolume {
-    fs: FileSystem<Slice>,
-    what: String,
-}
-
-/// Formats FAT32 with `label` (kept as given, e.g. lower-case `system-boot` like Ubuntu's).
-pub fn format(image: &Path, start: u64, size: u64, label: &str) -> Result<()> {
+/// Formats FAT32 labelled `label` (kept as given, e.g. lower-case `system-boot` like Ubuntu's)
+/// in `[start, start+size)` of `image`. 1 KiB clusters keep even a 64 MiB volume above FAT32's
+/// minimum cluster count, which mtools relies on to recognise FAT32.
+pub async fn format(image: &Path, start: u64, size: u64, label: &str) -> Result<()> {
     if label.len() > 11 {
         bail!("FAT label {label:?} is longer than 11 bytes");
     }
-    let mut l = [b' '; 11];
-    l[..label.len()].copy_from_slice(label.as_bytes());
-    let slice = open_slice(image, start, size)?;
-    let opts = FormatVolumeOptions::new()
-        .fat_type(fatfs::FatType::Fat32)
-        .bytes_per_cluster(2048)
-        .volume_label(l)
-        .volume_id(u32::from_le_bytes(rand::random()));
-    fatfs::format_volume(slice, opts)
+    if start % 512 != 0 || size % 1024 != 0 {
+        bail!("FAT partition at byte {start} size {size} is not sector aligned");
+    }
+    Tool::new("mkfs.vfat")
+        .args(["-F", "32", "-s", "2", "-n", label, "--offset"])
+        .arg((start / 512).to_string())
+        .arg(image)
+        .arg((size / 1024).to_string())
+        .timeout(T)
+        .run()
+        .await
         .with_context(|| format!("formatting FAT {label:?} at byte {start} of {}", image.display()))?;
     Ok(())
 }
 
+/// A FAT filesystem at byte `offset` of `image`.
+#[derive(Debug, Clone)]
+pub struct FatVolume {
+    image: PathBuf,
+    offset: u64,
+}
+
 impl FatVolume {
-    pub fn open(image: &Path, start: u64, size: u64) -> Result<Self> {
-        let what = format!("FAT filesystem at byte {start} of {}", image.display());
-        let fs = FileSystem::new(open_slice(image, start, size)?, FsOptions::new())
-            .with_context(|| format!("opening the {what}"))?;
-        Ok(FatVolume { fs, what })
+    pub fn new(image: &Path, offset: u64) -> Self {
+        FatVolume { image: image.to_path_buf(), offset }
     }
 
-    /// Writes `data` at `path`, replacing an existing file and creating parent folders.
-    pub fn write(&self, path: &str, data: &[u8]) -> Result<()> {
-        let path = path.trim_start_matches('/');
-        let root = self.fs.root_dir();
-        let mut dir = root.clone();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        let Some((name, parents)) = parts.split_last() else { bail!("empty FAT path") };
-        for p in parents {
-            dir = match dir.open_dir(p) {
-                Ok(d) => d,
-                Err(_) => dir.create_dir(p).with_context(|| format!("creating {p} in the {}", self.what))?,
-            };
+    fn dev(&self) -> String {
+        format!("{}@@{}", self.image.display(), self.offset)
+    }
+
+    fn what(&self) -> String {
+        format!("FAT filesystem at byte {} of {}", self.offset, self.image.display())
+    }
+
+    /// Copies the contents of `staged` (a folder mirroring the FAT tree) into the root,
+    /// replacing files and creating folders.
+    pub async fn write_tree(&self, staged: &Path) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(staged)
+            .with_context(|| format!("reading {}", staged.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        if entries.is_empty() {
+            return Ok(());
         }
-        let mut f = dir.create_file(name).with_context(|| format!("creating {path} in the {}", self.what))?;
-        f.truncate()?;
-        f.write_all(data).with_context(|| format!("writing {path} in the {}", self.what))?;
-        f.flush()?;
+        entries.sort();
+        mtool("mcopy")
+            .args(["-s", "-o", "-Q", "-i"])
+            .arg(self.dev())
+            .args(entries)
+            .arg("::/")
+            .run()
+            .await
+            .with_context(|| format!("writing into the {}", self.what()))?;
         Ok(())
     }
 
-    /// Copies a host file to `path` (streaming).
-    pub fn copy_from(&self, path: &str, src: &Path) -> Result<()> {
-        let data = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
-        self.write(path, &data)
-    }
-
     /// Reads `path`; `None` when it does not exist.
-    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        let path = path.trim_start_matches('/');
-        match self.fs.root_dir().open_file(path) {
-            Ok(mut f) => {
-                let mut v = Vec::new();
-                f.read_to_end(&mut v).with_context(|| format!("reading {path} in the {}", self.what))?;
-                Ok(Some(v))
+    pub async fn read(&self, path: &str, scratch: &Path) -> Result<Option<Vec<u8>>> {
+        let dest = scratch.join(format!("fat-read-{:08x}", rand::random::<u32>()));
+        let out = mtool("mcopy")
+            .args(["-n", "-i"])
+            .arg(self.dev())
+            .arg(format!("::/{}", path.trim_start_matches('/')))
+            .arg(&dest)
+            .output()
+            .await?;
+        if !out.status.success() {
+            if out.stderr.contains("not found") {
+                return Ok(None);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("opening {path} in the {}", self.what)),
+            bail!("reading {path} from the {}: {}", self.what(), out.stderr.trim());
         }
+        let data = std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()));
+        let _ = std::fs::remove_file(&dest);
+        data.map(Some)
     }
 
-    /// Names in the root folder (for inspect).
-    pub fn list_root(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        for e in self.fs.root_dir().iter() {
-            let e = e?;
-            let n = e.file_name();
-            if n != "." && n != ".." {
-                out.push(n);
-            }
-        }
-        out.sort();
-        Ok(out)
+    /// Every path in the filesystem (`::/a/b`), folders ending in `/`.
+    pub async fn list(&self) -> Result<Vec<String>> {
+        let out = mtool("mdir").args(["-/", "-b", "-i"]).arg(self.dev()).arg("::/").run().await?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+}
+
+/// Files to put on a FAT volume, staged in a scratch folder.
+pub struct FatStage {
+    root: tempfile::TempDir,
+}
+
+impl FatStage {
+    pub fn new(scratch: &Path) -> Result<Self> {
+        Ok(FatStage { root: tempfile::Builder::new().prefix("fat-").tempdir_in(scratch)? })
     }
 
-    /// Flushes and closes the filesystem.
-    pub fn close(self) -> Result<()> {
-        self.fs.unmount().with_context(|| format!("closing the {}", self.what))
+    pub fn add(&self, path: &str, data: &[u8]) -> Result<()> {
+        let p = self.root.path().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().expect("has parent"))?;
+        std::fs::write(&p, data).with_context(|| format!("staging {}", p.display()))
+    }
+
+    pub fn add_file(&self, path: &str, src: &Path) -> Result<()> {
+        let p = self.root.path().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().expect("has parent"))?;
+        std::fs::copy(src, &p).with_context(|| format!("staging {}", src.display()))?;
+        Ok(())
+    }
+
+    pub async fn write_to(self, v: &FatVolume) -> Result<()> {
+        v.write_tree(self.root.path()).await
     }
 }
