@@ -194,13 +194,9 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         }
         Base::Bootstrap { suite, mirror, arch, packages } => {
             let spec = BootstrapSpec::new(suite, mirror.as_deref(), arch, packages, Path::new("/etc/apt"))?;
-            let tar = base::bootstrap::ensure_tarball(&spec, &cache).await?;
-            let tree = scratch.path().join("tree");
-            base::bootstrap::unpack(&tar, &tree).await?;
-            tracing::info!("base: unpacked at {:.1?}", step.elapsed());
-            compose::compose(&tree, target, compose::Shape::Minimal, &work).await?;
-            tracing::info!("base: composed at {:.1?}", step.elapsed());
-            let _ = std::fs::remove_dir_all(&tree);
+            let composed = base::bootstrap::ensure_composed(&spec, target, &cache).await?;
+            tracing::info!("base: composed image ready at {:.1?}", step.elapsed());
+            base::materialize(&composed, &work, &cancel).await?;
             json!({"kind": "bootstrap", "suite": spec.suite, "mirror": spec.mirror, "arch": spec.arch,
                    "packages": spec.packages, "foreign": spec.foreign, "cache_key": spec.key()})
         }
@@ -284,8 +280,9 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     if let Some(c) = req.compression {
         let cname = format!("{img_name}.{}", c.extension());
         let ctmp = staging.temp(&cname);
+        let cfile = std::fs::File::create(&ctmp).with_context(|| format!("creating {}", ctmp.display()))?;
         let (w, t, cc) = (work.clone(), ctmp.clone(), Arc::clone(&cancel));
-        tokio::task::spawn_blocking(move || outputs::compress(&w, &t, c, &cc)).await.context("compression task failed")??;
+        tokio::task::spawn_blocking(move || outputs::compress(&w, cfile, &t, c, &cc)).await.context("compression task failed")??;
         sums.push((cname.clone(), sparse::sha256_file(&ctmp)?));
         compressed = Some(staging.final_path(&cname));
         tracing::info!("outputs: compressed at {:.1?}", step.elapsed());

@@ -11,6 +11,7 @@ use firstboot::config::{Base, Target};
 use imagebuilder::disk::{self, compose, TableKind};
 use imagebuilder::outputs::Compression;
 
+
 async fn stat(image: &Path, offset: u64, path: &str) -> String {
     run("debugfs", &["-R", &format!("stat {path}"), &format!("{}?offset={offset}", image.display())]).await
 }
@@ -142,7 +143,6 @@ async fn x86_64_efi_from_a_bootstrapped_base() {
     let out_dir = dir.path().join("out");
     let s = sample(dir.path(), Target::X86_64Efi, bootstrap_base(Target::X86_64Efi));
     let mut req = request(&s, &out_dir, x86_firstboot());
-    req.compression = Some(Compression::Zstd);
     req.qcow2 = true;
     let out = imagebuilder::build::run(req).await.expect("x86 build");
     let t = check_common(&out, &s, Target::X86_64Efi, dir.path()).await;
@@ -167,10 +167,8 @@ async fn x86_64_efi_from_a_bootstrapped_base() {
     std::fs::write(&udf, &ud).unwrap();
     run("cloud-init", &["schema", "--config-file", udf.to_str().unwrap()]).await;
 
-    // Compressed and qcow2 outputs are valid.
-    let zst = out.compressed.as_ref().unwrap();
-    assert!(zst.to_string_lossy().ends_with(".img.zst"));
-    run("zstd", &["-t", "-q", zst.to_str().unwrap()]).await;
+    // The qcow2 output holds the same disk.
+    assert!(out.compressed.is_none());
     let q = out.qcow2.as_ref().unwrap();
     run("qemu-img", &["check", q.to_str().unwrap()]).await;
     let cmp = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), out.image.to_str().unwrap()]).await;
@@ -188,10 +186,9 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
     require_all_tools();
     let dir = tempfile::tempdir().unwrap();
     // An image shaped like ubuntu-24.04-preinstalled-server-arm64+raspi.img.xz.
-    let raw = official_fixture(Target::Rpi4, dir.path()).await;
+    let cached = official_rpi_xz().await;
     let xz = dir.path().join("preinstalled-server-arm64+raspi.img.xz");
-    let never = std::sync::atomic::AtomicBool::new(false);
-    imagebuilder::outputs::compress(&raw, &xz, Compression::Xz, &never).unwrap();
+    std::fs::copy(&cached, &xz).unwrap();
     let sha = imagebuilder::outputs::sparse::sha256_file(&xz).unwrap();
     let server = serve(xz.clone(), Serve::BreakFirst).await;
     let cache = dir.path().join("cache");
@@ -200,7 +197,7 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
     let out_dir = dir.path().join("out");
     let mut req = request(&s, &out_dir, aarch64_stand_in(dir.path()).await);
     req.cache_dir = Some(cache.clone());
-    req.compression = Some(Compression::Xz);
+    req.compression = Some(Compression::Zstd);
     let out = imagebuilder::build::run(req).await.expect("rpi4 build");
     assert!(server.ranged.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the broken transfer was resumed with a Range request");
     assert!(cache.join("images").join(&sha).is_file(), "verified download cached by sha256");
@@ -224,13 +221,15 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
     let udf = dir.path().join("ud");
     std::fs::write(&udf, &ud).unwrap();
     run("cloud-init", &["schema", "--config-file", udf.to_str().unwrap()]).await;
-    run("xz", &["-t", out.compressed.as_ref().unwrap().to_str().unwrap()]).await;
+    let zst = out.compressed.as_ref().unwrap();
+    assert!(zst.to_string_lossy().ends_with(".img.zst"));
+    run("zstd", &["-t", "-q", zst.to_str().unwrap()]).await;
 
     // Rebuilding from the built image (a local base) adds nothing twice.
     let again_dir = dir.path().join("again");
     let base = Base::Local { path: out.image.clone(), sha256: Some(out.sha256.clone()) };
     let mut s2 = sample(dir.path(), Target::Rpi4, base);
-    s2.config.image.disk_size = 4 << 30;
+    s2.config.image.disk_size = 3 << 30;
     let req = request(&s2, &again_dir, aarch64_stand_in(dir.path()).await);
     let out2 = imagebuilder::build::run(req).await.expect("rebuild from a local base");
     let t2 = disk::read_table(&out2.image).await.unwrap();
@@ -245,14 +244,105 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
 async fn x86_64_efi_from_an_official_shaped_qcow2() {
     require_all_tools();
     let dir = tempfile::tempdir().unwrap();
-    let raw = official_fixture(Target::X86_64Efi, dir.path()).await;
+    let raw = official_fixture(Target::X86_64Efi).await;
     let q = dir.path().join("noble-server-cloudimg-amd64.img");
     run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]).await;
-    std::fs::remove_file(&raw).unwrap();
     let sha = imagebuilder::outputs::sparse::sha256_file(&q).unwrap();
     let s = sample(dir.path(), Target::X86_64Efi, Base::Local { path: q, sha256: Some(sha) });
     let out = imagebuilder::build::run(request(&s, &dir.path().join("out"), x86_firstboot())).await.expect("x86 from qcow2");
     let t = check_common(&out, &s, Target::X86_64Efi, dir.path()).await;
     // The official layout is kept: BOOT is still there, found by label.
     assert_eq!(t.by_label("BOOT").unwrap().fs, disk::FsKind::Ext4);
+}
+
+/// Output folder must hold nothing at all: no final names and no temporary files.
+fn assert_empty(dir: &Path) {
+    let names = listing(dir);
+    assert!(names.is_empty(), "a failed build left files behind in {}: {names:?}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_download_fails_naming_both_hashes_and_keeps_nothing() {
+    require_all_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("image.img.xz");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let good = imagebuilder::outputs::sparse::sha256_file(&file).unwrap();
+    let server = serve(file, Serve::Corrupt).await;
+    let cache = dir.path().join("cache");
+    let s = sample(dir.path(), Target::Rpi4, Base::Official { url: server.url.clone(), sha256: good.clone() });
+    let out_dir = dir.path().join("out");
+    let mut req = request(&s, &out_dir, aarch64_stand_in(dir.path()).await);
+    req.cache_dir = Some(cache.clone());
+    let e = format!("{:#}", imagebuilder::build::run(req).await.unwrap_err());
+    assert!(e.contains("sha256 mismatch") && e.contains(&good), "{e}");
+    let got = e.split("got ").nth(1).unwrap().get(..64).unwrap().to_string();
+    assert!(got.chars().all(|c| c.is_ascii_hexdigit()) && got != good, "{e}");
+    assert_empty(&cache.join("images"));
+    assert_empty(&out_dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_sha256_for_a_local_base_fails_before_writing() {
+    require_all_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = official_fixture(Target::Rpi4).await;
+    let wrong = "ab".repeat(32);
+    let s = sample(dir.path(), Target::Rpi4, Base::Local { path: raw.clone(), sha256: Some(wrong.clone()) });
+    let out_dir = dir.path().join("out");
+    let e = format!("{:#}", imagebuilder::build::run(request(&s, &out_dir, aarch64_stand_in(dir.path()).await)).await.unwrap_err());
+    assert!(e.contains("sha256 mismatch") && e.contains(&wrong) && e.contains(&raw.display().to_string()), "{e}");
+    assert_empty(&out_dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_base_fails_clearly_and_leaves_nothing() {
+    require_all_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = official_fixture(Target::Rpi4).await;
+    let cut = dir.path().join("cut.img");
+    run("cp", &["--sparse=always", raw.to_str().unwrap(), cut.to_str().unwrap()]).await;
+    let len = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(len / 2).unwrap();
+    let s = sample(dir.path(), Target::Rpi4, Base::Local { path: cut, sha256: None });
+    let out_dir = dir.path().join("out");
+    let e = format!("{:#}", imagebuilder::build::run(request(&s, &out_dir, aarch64_stand_in(dir.path()).await)).await.unwrap_err());
+    assert!(e.contains("truncated"), "{e}");
+    assert_empty(&out_dir);
+    // A truncated .xz stream fails the same way.
+    let xz = official_rpi_xz().await;
+    let bytes = std::fs::read(&xz).unwrap();
+    let cutxz = dir.path().join("cut.img.xz");
+    std::fs::write(&cutxz, &bytes[..bytes.len() / 3]).unwrap();
+    let s = sample(dir.path(), Target::Rpi4, Base::Local { path: cutxz, sha256: None });
+    let e = format!("{:#}", imagebuilder::build::run(request(&s, &out_dir, aarch64_stand_in(dir.path()).await)).await.unwrap_err());
+    assert!(e.contains("truncated or corrupt"), "{e}");
+    assert_empty(&out_dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_build_leaves_no_file_under_a_final_name() {
+    require_all_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = official_fixture(Target::X86_64Efi).await;
+    let s = sample(dir.path(), Target::X86_64Efi, Base::Local { path: raw, sha256: None });
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let build = tokio::spawn(imagebuilder::build::run(request(&s, &out_dir, x86_firstboot())));
+    // Stop it once it is writing the image (what Ctrl-C does to the CLI: the future is dropped).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let writing = listing(&out_dir).iter().any(|n| n.contains(".img.partial-"));
+        if writing || build.is_finished() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the build never started writing");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!build.is_finished(), "the build finished before it could be interrupted");
+    build.abort();
+    assert!(build.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_empty(&out_dir);
 }

@@ -7,7 +7,8 @@
 //! first stage only (`--foreign`): packages are unpacked but not configured. Such a tree is
 //! right for image-layout tests and not for booting; real Raspberry Pi images start from the
 //! official Ubuntu image (base kind `official`). The mirror defaults to the build machine's own
-//! apt sources ([`super::apt_sources`]). debootstrap needs root.
+//! apt sources ([`super::apt_sources`]). debootstrap needs root. The image composed from a
+//! tarball for a target is cached next to it ([`ensure_composed`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +18,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::apt_sources;
+use crate::disk::compose::{self, Shape};
+use firstboot::config::Target;
 use crate::tool::Tool;
 
 /// What to bootstrap, after defaults are filled in.
@@ -128,6 +131,25 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .context("archiving the bootstrapped tree")?;
     std::fs::rename(&partial, &tar).with_context(|| format!("storing {}", tar.display()))?;
     Ok(tar)
+}
+
+/// Returns the cached raw image composed from `spec`'s tree in `target`'s layout
+/// (`<cache>/bootstrap/<tarball>.<target>.img`), composing it on first use. Composing means
+/// unpacking ~1 GB of files and building filesystems from them, so caching it turns every
+/// later build from the same base into a sparse copy.
+pub async fn ensure_composed(spec: &BootstrapSpec, target: Target, cache: &Path) -> Result<PathBuf> {
+    let tar = ensure_tarball(spec, cache).await?;
+    let img = tar.with_extension(format!("{}.img", target.as_str()));
+    if img.is_file() {
+        return Ok(img);
+    }
+    let work = tempfile::Builder::new().prefix("compose-").tempdir_in(cache.join("bootstrap"))?;
+    let tree = work.path().join("tree");
+    unpack(&tar, &tree).await?;
+    let partial = work.path().join("composed.img");
+    compose::compose(&tree, target, Shape::Minimal, &partial).await?;
+    std::fs::rename(&partial, &img).with_context(|| format!("storing {}", img.display()))?;
+    Ok(img)
 }
 
 /// Unpacks `tar` into the empty folder `dest` (owners and modes kept).

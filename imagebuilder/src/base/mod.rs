@@ -65,9 +65,12 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
                 .with_context(|| format!("converting qcow2 base {}", src.display()))?;
         }
         Format::Raw | Format::Xz | Format::Zstd => {
+            // Created here, not in the blocking task, so a dropped build cannot create it after
+            // its staging removed the name.
+            let out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
             let (s, d) = (src.to_path_buf(), dest.to_path_buf());
             let cancel = Arc::clone(cancel);
-            tokio::task::spawn_blocking(move || copy_sparse(&s, &d, fmt, &cancel))
+            tokio::task::spawn_blocking(move || copy_sparse(&s, out, &d, fmt, &cancel))
                 .await
                 .context("base copy task failed")?
                 .with_context(|| format!("reading base image {}", src.display()))?;
@@ -77,7 +80,7 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
 }
 
 /// Copies (decoding) `src` to `dest`, turning all-zero 64 KiB blocks into holes.
-pub fn copy_sparse(src: &Path, dest: &Path, fmt: Format, cancel: &AtomicBool) -> Result<u64> {
+pub fn copy_sparse(src: &Path, mut out: File, dest: &Path, fmt: Format, cancel: &AtomicBool) -> Result<u64> {
     let f = File::open(src)?;
     let mut reader: Box<dyn Read> = match fmt {
         Format::Raw => Box::new(f),
@@ -85,7 +88,6 @@ pub fn copy_sparse(src: &Path, dest: &Path, fmt: Format, cancel: &AtomicBool) ->
         Format::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
         Format::Qcow2 => bail!("qcow2 is converted with qemu-img"),
     };
-    let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {
@@ -146,14 +148,14 @@ mod tests {
         enc.finish().unwrap();
         let out = d.path().join("out");
         let never = AtomicBool::new(false);
-        assert_eq!(copy_sparse(&xz, &out, Format::Xz, &never).unwrap(), 4 << 20);
+        assert_eq!(copy_sparse(&xz, File::create(&out).unwrap(), &out, Format::Xz, &never).unwrap(), 4 << 20);
         assert_eq!(std::fs::read(&out).unwrap(), data);
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "zero blocks became holes");
         let cut = d.path().join("cut.xz");
         let bytes = std::fs::read(&xz).unwrap();
         std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
-        let e = copy_sparse(&cut, &out, Format::Xz, &never).unwrap_err().to_string();
+        let e = copy_sparse(&cut, File::create(&out).unwrap(), &out, Format::Xz, &never).unwrap_err().to_string();
         assert!(e.contains("truncated or corrupt"), "{e}");
     }
 }

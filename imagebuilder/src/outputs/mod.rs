@@ -104,9 +104,12 @@ impl Drop for Staging {
 }
 
 /// Compresses `src` into `dest` using every core.
-pub fn compress(src: &Path, dest: &Path, how: Compression, cancel: &AtomicBool) -> Result<()> {
+/// `dest` is the already created file at `dest_path` (created by the caller before any
+/// blocking task starts, so a dropped build cannot recreate a removed temporary name).
+pub fn compress(src: &Path, dest: File, dest_path: &Path, how: Compression, cancel: &AtomicBool) -> Result<()> {
+    let dest_name = dest_path.display().to_string();
     let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    let out = BufWriter::with_capacity(1 << 20, File::create(dest).with_context(|| format!("creating {}", dest.display()))?);
+    let out = BufWriter::with_capacity(1 << 20, dest);
     let mut input = File::open(src)?;
     let mut buf = vec![0u8; 1 << 20];
     macro_rules! pump {
@@ -119,7 +122,7 @@ pub fn compress(src: &Path, dest: &Path, how: Compression, cancel: &AtomicBool) 
                 if n == 0 {
                     break;
                 }
-                $w.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+                $w.write_all(&buf[..n]).with_context(|| format!("writing {dest_name}"))?;
             }
         }};
     }
@@ -133,7 +136,7 @@ pub fn compress(src: &Path, dest: &Path, how: Compression, cancel: &AtomicBool) 
                 .context("creating the xz encoder")?;
             let mut w = liblzma::write::XzEncoder::new_stream(out, stream);
             pump!(w);
-            let mut inner = w.finish().with_context(|| format!("finishing {}", dest.display()))?;
+            let mut inner = w.finish().with_context(|| format!("finishing {dest_name}"))?;
             inner.flush()?;
             inner.get_ref().sync_all()?;
         }
@@ -141,7 +144,7 @@ pub fn compress(src: &Path, dest: &Path, how: Compression, cancel: &AtomicBool) 
             let mut w = zstd::stream::write::Encoder::new(out, 3)?;
             w.multithread(threads).context("enabling zstd threads")?;
             pump!(w);
-            let mut inner = w.finish().with_context(|| format!("finishing {}", dest.display()))?;
+            let mut inner = w.finish().with_context(|| format!("finishing {dest_name}"))?;
             inner.flush()?;
             inner.get_ref().sync_all()?;
         }
@@ -217,8 +220,10 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&src, &data).unwrap();
         let no = AtomicBool::new(false);
-        compress(&src, &d.path().join("img.xz"), Compression::Xz, &no).unwrap();
-        compress(&src, &d.path().join("img.zst"), Compression::Zstd, &no).unwrap();
+        for (name, how) in [("img.xz", Compression::Xz), ("img.zst", Compression::Zstd)] {
+            let p = d.path().join(name);
+            compress(&src, File::create(&p).unwrap(), &p, how, &no).unwrap();
+        }
         let mut back = Vec::new();
         liblzma::read::XzDecoder::new_multi_decoder(File::open(d.path().join("img.xz")).unwrap()).read_to_end(&mut back).unwrap();
         assert_eq!(back, data);

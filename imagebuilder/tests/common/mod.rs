@@ -75,15 +75,39 @@ pub async fn bootstrap_tarball(target: Target) -> PathBuf {
     bootstrap::ensure_tarball(&spec, &shared_cache()).await.expect("bootstrapping the test base")
 }
 
-/// An image shaped like Ubuntu's official one for `target`, made from the bootstrapped tree.
-pub async fn official_fixture(target: Target, dir: &Path) -> PathBuf {
+static FIXTURE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An image shaped like Ubuntu's official one for `target`, made from the bootstrapped tree
+/// (cached next to the bootstrap tarball; tests copy it before changing it).
+pub async fn official_fixture(target: Target) -> PathBuf {
     let tar = bootstrap_tarball(target).await;
-    let tree = dir.join(format!("tree-{}", target.as_str()));
+    let _g = FIXTURE_LOCK.lock().await;
+    let img = tar.with_extension(format!("{}.official.img", target.as_str()));
+    if img.is_file() {
+        return img;
+    }
+    let work = tempfile::tempdir_in(tar.parent().unwrap()).unwrap();
+    let tree = work.path().join("tree");
     bootstrap::unpack(&tar, &tree).await.unwrap();
-    let img = dir.join(format!("official-{}.img", target.as_str()));
-    compose::compose(&tree, target, Shape::Official, &img).await.expect("composing the official-shaped fixture");
-    std::fs::remove_dir_all(&tree).unwrap();
+    let partial = work.path().join("fixture.img");
+    compose::compose(&tree, target, Shape::Official, &partial).await.expect("composing the official-shaped fixture");
+    std::fs::rename(&partial, &img).unwrap();
     img
+}
+
+/// The rpi fixture as `.img.xz`, like the published preinstalled image (cached).
+pub async fn official_rpi_xz() -> PathBuf {
+    let raw = official_fixture(Target::Rpi4).await;
+    let _g = FIXTURE_LOCK.lock().await;
+    let xz = raw.with_extension("img.xz");
+    if !xz.is_file() {
+        let partial = raw.with_extension("xz.partial");
+        let f = std::fs::File::create(&partial).unwrap();
+        let never = std::sync::atomic::AtomicBool::new(false);
+        imagebuilder::outputs::compress(&raw, f, &partial, imagebuilder::outputs::Compression::Xz, &never).unwrap();
+        std::fs::rename(&partial, &xz).unwrap();
+    }
+    xz
 }
 
 /// An aarch64 stand-in for the firstboot binary: a real arm64 executable from the arm64
@@ -156,7 +180,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
         image: Image {
             target,
             base,
-            disk_size: 3 << 30,
+            disk_size: 2 << 30,
             users: vec![User { name: "ops".into(), ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6a ops@lab".into()], sudo: true }],
             hostname_pattern: "{cluster}-{id}".into(),
         },
