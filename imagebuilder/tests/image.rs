@@ -249,8 +249,18 @@ async fn x86_64_efi_from_an_official_shaped_qcow2() {
     run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]).await;
     let sha = imagebuilder::outputs::sparse::sha256_file(&q).unwrap();
     let s = sample(dir.path(), Target::X86_64Efi, Base::Local { path: q, sha256: Some(sha) });
-    let out = imagebuilder::build::run(request(&s, &dir.path().join("out"), x86_firstboot())).await.expect("x86 from qcow2");
+    // A test-only overlay (how the MicroK8s simulator gets into test images) is laid on request.
+    let extra = dir.path().join("test-overlay");
+    std::fs::create_dir_all(extra.join("usr/local/sbin")).unwrap();
+    std::fs::write(extra.join("usr/local/sbin/test-marker"), "#!/bin/sh\necho test image\n").unwrap();
+    std::fs::set_permissions(extra.join("usr/local/sbin/test-marker"), std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    let mut req = request(&s, &dir.path().join("out"), x86_firstboot());
+    req.extra_overlays = vec![extra];
+    let out = imagebuilder::build::run(req).await.expect("x86 from qcow2");
     let t = check_common(&out, &s, Target::X86_64Efi, dir.path()).await;
+    let root = t.by_label("cloudimg-rootfs").unwrap();
+    let st = stat(&out.image, root.start, "/usr/local/sbin/test-marker").await;
+    assert_eq!(mode_owner(&st), ("0750".into(), "0".into(), "0".into()), "{st}");
     // The official layout is kept: BOOT is still there, found by label.
     assert_eq!(t.by_label("BOOT").unwrap().fs, disk::FsKind::Ext4);
 }
@@ -344,5 +354,36 @@ async fn an_interrupted_build_leaves_no_file_under_a_final_name() {
     build.abort();
     assert!(build.await.unwrap_err().is_cancelled());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_empty(&out_dir);
+}
+
+/// A small tmpfs mounted for one test and unmounted when dropped (even when the test fails).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        nix::mount::mount(Some("tmpfs"), at, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(format!("size={size}").as_str()))
+            .expect("mounting a tmpfs (the ENOSPC test needs root)");
+        SmallDisk(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_clearly_and_leaves_nothing() {
+    require_all_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = official_fixture(Target::X86_64Efi).await;
+    let s = sample(dir.path(), Target::X86_64Efi, Base::Local { path: raw, sha256: None });
+    let disk = SmallDisk::mount(&dir.path().join("small"), "300m");
+    let out_dir = disk.0.join("out");
+    let e = format!("{:#}", imagebuilder::build::run(request(&s, &out_dir, x86_firstboot())).await.unwrap_err());
+    assert!(e.to_lowercase().contains("no space left"), "{e}");
     assert_empty(&out_dir);
 }

@@ -58,4 +58,19 @@ mod tests {
         let zeroed = x.replacen(sum, &"0".repeat(64), 1);
         assert_eq!(sum, hex::encode(Sha256::digest(zeroed.as_bytes())));
     }
+
+    #[test]
+    fn the_flasher_reads_what_we_write() {
+        let d = ImageDigest {
+            size: 5 * 4096,
+            sha256: String::new(),
+            block_size: 4096,
+            ranges: vec![(0, 0, "ab".repeat(32)), (2, 4, "cd".repeat(32))],
+        };
+        let b = crate::flash::Bmap::parse(&render(&d)).unwrap();
+        assert_eq!((b.image_size, b.block_size, b.blocks_count), (5 * 4096, 4096, 5));
+        assert_eq!(b.ranges.len(), 2);
+        assert_eq!((b.ranges[1].first, b.ranges[1].last), (2, 4));
+        assert_eq!(b.ranges[1].sha256, "cd".repeat(32));
+    }
 }
