@@ -31,11 +31,14 @@ async fn base_image(dir: &Path) -> std::path::PathBuf {
     }
     let work = tempfile::tempdir_in(tar.parent().unwrap()).unwrap();
     let tree = work.path().join("tree");
-    imagebuilder::base::bootstrap::unpack(&tar, &tree).await.unwrap();
+    imagebuilder::base::bootstrap::unpack(&tar, &tree)
+        .await
+        .unwrap();
     // Incompressible data so the base holds more than 2 GiB like a real Ubuntu image.
     std::fs::create_dir_all(tree.join("var/lib/bench")).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(tree.join("var/lib/bench/filler")).unwrap());
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(tree.join("var/lib/bench/filler")).unwrap());
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..(FILLER >> 20) {
         rng.fill_bytes(&mut buf);
@@ -43,9 +46,14 @@ async fn base_image(dir: &Path) -> std::path::PathBuf {
     }
     drop(f);
     let partial = work.path().join("base.img");
-    imagebuilder::disk::compose::compose(&tree, Target::X86_64Efi, imagebuilder::disk::compose::Shape::Official, &partial)
-        .await
-        .unwrap();
+    imagebuilder::disk::compose::compose(
+        &tree,
+        Target::X86_64Efi,
+        imagebuilder::disk::compose::Shape::Official,
+        &partial,
+    )
+    .await
+    .unwrap();
     std::fs::rename(&partial, &img).unwrap();
     let _ = dir;
     img
@@ -59,10 +67,17 @@ fn data_bytes(p: &Path) -> u64 {
 #[tokio::main]
 async fn main() {
     common::require_all_tools();
-    let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/var/tmp".into()))
+            .unwrap();
     let base = base_image(dir.path()).await;
     let size = std::fs::metadata(&base).unwrap().len();
-    println!("base image: {} ({:.2} GiB, {:.2} GiB of data)", base.display(), size as f64 / (1u64 << 30) as f64, data_bytes(&base) as f64 / (1u64 << 30) as f64);
+    println!(
+        "base image: {} ({:.2} GiB, {:.2} GiB of data)",
+        base.display(),
+        size as f64 / (1u64 << 30) as f64,
+        data_bytes(&base) as f64 / (1u64 << 30) as f64
+    );
     let hwm_before = vm_hwm_kib();
 
     let mut best_cp = f64::MAX;
@@ -70,12 +85,27 @@ async fn main() {
     for round in 1..=2 {
         let floor = dir.path().join("floor.img");
         let t = Instant::now();
-        common::run("cp", &["--sparse=always", base.to_str().unwrap(), floor.to_str().unwrap()]).await;
+        common::run(
+            "cp",
+            &[
+                "--sparse=always",
+                base.to_str().unwrap(),
+                floor.to_str().unwrap(),
+            ],
+        )
+        .await;
         common::run("sync", &[]).await;
         let cp = t.elapsed().as_secs_f64();
         std::fs::remove_file(&floor).unwrap();
 
-        let mut s = common::sample(dir.path(), Target::X86_64Efi, Base::Local { path: base.clone(), sha256: None });
+        let mut s = common::sample(
+            dir.path(),
+            Target::X86_64Efi,
+            Base::Local {
+                path: base.clone(),
+                sha256: None,
+            },
+        );
         s.config.image.disk_size = size;
         s.config.network.wifi = None;
         let out = dir.path().join(format!("out{round}"));
@@ -91,5 +121,9 @@ async fn main() {
     }
     let hwm = vm_hwm_kib();
     println!("best: cp --sparse=always {best_cp:.2} s; imagebuilder build (raw + bmap + SHA256SUMS + manifest) {best_build:.2} s; ratio {:.2} (target <= 1.5)", best_build / best_cp);
-    println!("peak RSS of the builder process: {} MiB (before building: {} MiB; target < 200 MB)", hwm / 1024, hwm_before / 1024);
+    println!(
+        "peak RSS of the builder process: {} MiB (before building: {} MiB; target < 200 MB)",
+        hwm / 1024,
+        hwm_before / 1024
+    );
 }

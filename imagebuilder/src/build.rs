@@ -53,7 +53,12 @@ pub struct BuildRequest {
 
 impl BuildRequest {
     /// A request with the defaults for everything optional.
-    pub fn new(config: ClusterConfig, config_toml: String, out_dir: PathBuf, overlays_dir: PathBuf) -> Self {
+    pub fn new(
+        config: ClusterConfig,
+        config_toml: String,
+        out_dir: PathBuf,
+        overlays_dir: PathBuf,
+    ) -> Self {
         BuildRequest {
             config,
             config_toml,
@@ -90,7 +95,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("rackseed");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/rackseed")
 }
 
@@ -141,23 +148,38 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     tool::require(&needed)?;
 
     // Inputs that can fail cheaply come first: nothing is written before they pass.
-    let secret = ClusterSecret::load(&cfg.cluster.secret_file)
-        .with_context(|| format!("loading the cluster secret {}", cfg.cluster.secret_file.display()))?;
+    let secret = ClusterSecret::load(&cfg.cluster.secret_file).with_context(|| {
+        format!(
+            "loading the cluster secret {}",
+            cfg.cluster.secret_file.display()
+        )
+    })?;
     let fb_path = match &req.firstboot_bin {
         Some(p) => p.clone(),
         None => firstboot_bin::default_path().context(
             "no firstboot binary next to imagebuilder; build it (cargo build -p firstboot) or pass --firstboot-bin",
         )?,
     };
-    let fb = firstboot_bin::inspect(&fb_path, firstboot_bin::arch_for(target.rust_triple())).await?;
+    let fb =
+        firstboot_bin::inspect(&fb_path, firstboot_bin::arch_for(target.rust_triple())).await?;
     if let Base::Bootstrap { arch, .. } = &cfg.image.base {
         if arch != target.deb_arch() {
-            bail!("bootstrap arch {arch:?} does not match target {} (needs {})", target.as_str(), target.deb_arch());
+            bail!(
+                "bootstrap arch {arch:?} does not match target {} (needs {})",
+                target.as_str(),
+                target.deb_arch()
+            );
         }
     }
-    let mut overlays = vec![req.overlays_dir.join("common"), req.overlays_dir.join(target_dir(target))];
+    let mut overlays = vec![
+        req.overlays_dir.join("common"),
+        req.overlays_dir.join(target_dir(target)),
+    ];
     if !overlays[0].is_dir() {
-        bail!("overlay folder {} does not exist; pass the repository's overlays/ folder", overlays[0].display());
+        bail!(
+            "overlay folder {} does not exist; pass the repository's overlays/ folder",
+            overlays[0].display()
+        );
     }
     for o in &req.extra_overlays {
         if !o.is_dir() {
@@ -166,7 +188,10 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         overlays.push(o.clone());
     }
     let cache = req.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let name = req.name.clone().unwrap_or_else(|| format!("rackseed-{}-{}", cfg.cluster.name, target.as_str()));
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("rackseed-{}-{}", cfg.cluster.name, target.as_str()));
 
     let mut staging = Staging::new(&req.out_dir)?;
     let scratch = tempfile::Builder::new()
@@ -192,8 +217,19 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
             let fmt = base::materialize(path, &work, &cancel).await?;
             json!({"kind": "local", "path": path, "sha256": sha256, "format": fmt})
         }
-        Base::Bootstrap { suite, mirror, arch, packages } => {
-            let spec = BootstrapSpec::new(suite, mirror.as_deref(), arch, packages, Path::new("/etc/apt"))?;
+        Base::Bootstrap {
+            suite,
+            mirror,
+            arch,
+            packages,
+        } => {
+            let spec = BootstrapSpec::new(
+                suite,
+                mirror.as_deref(),
+                arch,
+                packages,
+                Path::new("/etc/apt"),
+            )?;
             let composed = base::bootstrap::ensure_composed(&spec, target, &cache).await?;
             tracing::info!("base: composed image ready at {:.1?}", step.elapsed());
             base::materialize(&composed, &work, &cancel).await?;
@@ -209,14 +245,29 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     // disk: layout check, grow
     let step = std::time::Instant::now();
     tracing::info!("disk: starting");
-    let table = disk::read_table(&work).await.context("reading the base image")?;
-    let want = if target == Target::X86_64Efi { TableKind::Gpt } else { TableKind::Dos };
+    let table = disk::read_table(&work)
+        .await
+        .context("reading the base image")?;
+    let want = if target == Target::X86_64Efi {
+        TableKind::Gpt
+    } else {
+        TableKind::Dos
+    };
     if table.kind != want {
-        bail!("target {} needs a {:?} partition table, the base has {:?}", target.as_str(), want, table.kind);
+        bail!(
+            "target {} needs a {:?} partition table, the base has {:?}",
+            target.as_str(),
+            want,
+            table.kind
+        );
     }
     let l = compose::labels(target);
-    table.by_label(l.root).context("finding the root filesystem")?;
-    table.by_label(l.boot).context("finding the boot filesystem")?;
+    table
+        .by_label(l.root)
+        .context("finding the root filesystem")?;
+    table
+        .by_label(l.boot)
+        .context("finding the boot filesystem")?;
     disk::grow(&work, table.kind, cfg.image.disk_size).await?;
     let table = disk::read_table(&work).await?;
 
@@ -269,7 +320,9 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     tracing::info!("outputs: starting");
     let digest = {
         let (w, c) = (work.clone(), Arc::clone(&cancel));
-        tokio::task::spawn_blocking(move || sparse::digest_image(&w, 4096, &c)).await.context("hashing task failed")??
+        tokio::task::spawn_blocking(move || sparse::digest_image(&w, 4096, &c))
+            .await
+            .context("hashing task failed")??
     };
     tracing::info!("outputs: image hashed in {:.1?}", step.elapsed());
     let mut sums = vec![(img_name.clone(), digest.sha256.clone())];
@@ -280,9 +333,12 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     if let Some(c) = req.compression {
         let cname = format!("{img_name}.{}", c.extension());
         let ctmp = staging.temp(&cname);
-        let cfile = std::fs::File::create(&ctmp).with_context(|| format!("creating {}", ctmp.display()))?;
+        let cfile =
+            std::fs::File::create(&ctmp).with_context(|| format!("creating {}", ctmp.display()))?;
         let (w, t, cc) = (work.clone(), ctmp.clone(), Arc::clone(&cancel));
-        tokio::task::spawn_blocking(move || outputs::compress(&w, cfile, &t, c, &cc)).await.context("compression task failed")??;
+        tokio::task::spawn_blocking(move || outputs::compress(&w, cfile, &t, c, &cc))
+            .await
+            .context("compression task failed")??;
         sums.push((cname.clone(), sparse::sha256_file(&ctmp)?));
         compressed = Some(staging.final_path(&cname));
         tracing::info!("outputs: compressed at {:.1?}", step.elapsed());

@@ -44,27 +44,47 @@ pub async fn run(path: &Path) -> Result<Report> {
     let scratch = tempfile::tempdir()?;
     let fs = Ext4::new(path, root.start);
     let info = match fs.read(INFO_PATH, scratch.path()).await? {
-        Some(b) => Some(serde_json::from_slice(&b).with_context(|| format!("parsing {INFO_PATH} in the image"))?),
+        Some(b) => Some(
+            serde_json::from_slice(&b)
+                .with_context(|| format!("parsing {INFO_PATH} in the image"))?,
+        ),
         None => None,
     };
-    let dirs: BTreeSet<String> = ["/etc/rackseed", "/etc", "/usr/local/bin"].iter().map(|s| s.to_string()).collect();
+    let dirs: BTreeSet<String> = ["/etc/rackseed", "/etc", "/usr/local/bin"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let listing = fs.list(&dirs, scratch.path()).await?;
     let mode_of = |path: &str| -> Option<String> {
         let (dir, name) = path.rsplit_once('/')?;
-        listing.get(dir)?.as_ref()?.iter().find(|e| e.name == name).map(|e| format!("{:04o}", e.mode & 0o7777))
+        listing
+            .get(dir)?
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| format!("{:04o}", e.mode & 0o7777))
     };
     let cmdline = if let Ok(b) = table.by_label("system-boot") {
         FatVolume::new(path, b.start)
             .read("cmdline.txt", scratch.path())
             .await?
-            .map(|c| String::from_utf8_lossy(&c).lines().next().unwrap_or("").to_string())
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
     } else if let Ok(b) = table.by_label("UEFI") {
         crate::customize::loader_options(&FatVolume::new(path, b.start), scratch.path()).await?
     } else {
         None
     };
     if info.is_none() && mode_of(FIRSTBOOT_PATH).is_none() {
-        bail!("{} has no rackseed files ({INFO_PATH} and {FIRSTBOOT_PATH} are missing)", path.display());
+        bail!(
+            "{} has no rackseed files ({INFO_PATH} and {FIRSTBOOT_PATH} are missing)",
+            path.display()
+        );
     }
     Ok(Report {
         image: path.to_path_buf(),
@@ -110,12 +130,53 @@ impl fmt::Display for Report {
             )?;
             writeln!(f, "microk8s channel: {}", g("cluster", "microk8s_channel"))?;
             let ver = i["firstboot"]["version"].as_str().unwrap_or("unknown");
-            writeln!(f, "firstboot: version {ver}, arch {}, sha256 {}", g("firstboot", "arch"), g("firstboot", "sha256"))?;
+            writeln!(
+                f,
+                "firstboot: version {ver}, arch {}, sha256 {}",
+                g("firstboot", "arch"),
+                g("firstboot", "sha256")
+            )?;
         }
-        writeln!(f, "firstboot binary: {}", self.firstboot_mode.as_deref().map(|m| format!("present, mode {m}")).unwrap_or("missing".into()))?;
-        writeln!(f, "cluster config: {}", if self.config_present { "present" } else { "missing" })?;
-        writeln!(f, "cluster secret: {}", self.secret_mode.as_deref().map(|m| format!("present, mode {m}")).unwrap_or("missing".into()))?;
-        writeln!(f, "microk8s launch config: {}", if self.launch_config_present { "present" } else { "missing" })?;
-        writeln!(f, "cmdline: {}", self.cmdline.as_deref().unwrap_or("(managed by the image's own bootloader)"))
+        writeln!(
+            f,
+            "firstboot binary: {}",
+            self.firstboot_mode
+                .as_deref()
+                .map(|m| format!("present, mode {m}"))
+                .unwrap_or("missing".into())
+        )?;
+        writeln!(
+            f,
+            "cluster config: {}",
+            if self.config_present {
+                "present"
+            } else {
+                "missing"
+            }
+        )?;
+        writeln!(
+            f,
+            "cluster secret: {}",
+            self.secret_mode
+                .as_deref()
+                .map(|m| format!("present, mode {m}"))
+                .unwrap_or("missing".into())
+        )?;
+        writeln!(
+            f,
+            "microk8s launch config: {}",
+            if self.launch_config_present {
+                "present"
+            } else {
+                "missing"
+            }
+        )?;
+        writeln!(
+            f,
+            "cmdline: {}",
+            self.cmdline
+                .as_deref()
+                .unwrap_or("(managed by the image's own bootloader)")
+        )
     }
 }

@@ -23,7 +23,12 @@ pub struct Tool {
 
 impl Tool {
     pub fn new(program: &str) -> Self {
-        Tool { program: program.to_string(), args: Vec::new(), envs: Vec::new(), timeout: Duration::from_secs(120) }
+        Tool {
+            program: program.to_string(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            timeout: Duration::from_secs(120),
+        }
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
@@ -87,6 +92,9 @@ pub fn require(programs: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        anyhow::bail!("missing build tools: {}; install them with apt-get install", missing.join(", "))
+        anyhow::bail!(
+            "missing build tools: {}; install them with apt-get install",
+            missing.join(", ")
+        )
     }
 }

@@ -15,12 +15,15 @@ pub struct AptSource {
 pub fn parse_deb822(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
     for para in text.split("\n\n") {
-        let (mut types, mut uris, mut suites, mut enabled) = (Vec::new(), Vec::new(), Vec::new(), true);
+        let (mut types, mut uris, mut suites, mut enabled) =
+            (Vec::new(), Vec::new(), Vec::new(), true);
         for line in para.lines() {
             if line.starts_with('#') {
                 continue;
             }
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             let vals: Vec<String> = v.split_whitespace().map(str::to_string).collect();
             match k.trim().to_ascii_lowercase().as_str() {
                 "types" => types = vals,
@@ -32,7 +35,10 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
         }
         if enabled && types.iter().any(|t| t == "deb") {
             for u in uris {
-                out.push(AptSource { uri: u, suites: suites.clone() });
+                out.push(AptSource {
+                    uri: u,
+                    suites: suites.clone(),
+                });
             }
         }
     }
@@ -55,7 +61,10 @@ pub fn parse_one_line(text: &str) -> Vec<AptSource> {
             }
         }
         if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
-            out.push(AptSource { uri: uri.to_string(), suites: vec![suite.to_string()] });
+            out.push(AptSource {
+                uri: uri.to_string(),
+                suites: vec![suite.to_string()],
+            });
         }
     }
     out
@@ -63,7 +72,8 @@ pub fn parse_one_line(text: &str) -> Vec<AptSource> {
 
 /// All `deb` sources under `etc_apt` (normally `/etc/apt`), files in name order.
 pub fn read_sources(etc_apt: &Path) -> Vec<AptSource> {
-    let mut out = parse_one_line(&std::fs::read_to_string(etc_apt.join("sources.list")).unwrap_or_default());
+    let mut out =
+        parse_one_line(&std::fs::read_to_string(etc_apt.join("sources.list")).unwrap_or_default());
     let mut files: Vec<_> = std::fs::read_dir(etc_apt.join("sources.list.d"))
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -81,13 +91,21 @@ pub fn read_sources(etc_apt: &Path) -> Vec<AptSource> {
 
 /// The first source serving exactly `suite`.
 pub fn mirror_for(sources: &[AptSource], suite: &str) -> Option<String> {
-    sources.iter().find(|s| s.suites.iter().any(|x| x == suite)).map(|s| s.uri.clone())
+    sources
+        .iter()
+        .find(|s| s.suites.iter().any(|x| x == suite))
+        .map(|s| s.uri.clone())
 }
 
 /// The first plain release suite (no `-updates`/`-security` suffix) the sources serve, with
 /// its mirror: what tests bootstrap when they have no better idea.
 pub fn main_suite(sources: &[AptSource]) -> Option<(String, String)> {
-    sources.iter().find_map(|s| s.suites.iter().find(|x| !x.contains('-') && !x.contains('/')).map(|x| (x.clone(), s.uri.clone())))
+    sources.iter().find_map(|s| {
+        s.suites
+            .iter()
+            .find(|x| !x.contains('-') && !x.contains('/'))
+            .map(|x| (x.clone(), s.uri.clone()))
+    })
 }
 
 #[cfg(test)]
@@ -98,11 +116,29 @@ mod tests {
     fn deb822_and_one_line() {
         let d = "Types: deb\n# comment\nURIs: http://mirror.example/debian\nSuites: stable stable-updates\nComponents: main\n\nTypes: deb-src\nURIs: http://src.example/\nSuites: stable\n\nTypes: deb\nURIs: http://off.example/\nSuites: other\nEnabled: no\n";
         let s = parse_deb822(d);
-        assert_eq!(s, vec![AptSource { uri: "http://mirror.example/debian".into(), suites: vec!["stable".into(), "stable-updates".into()] }]);
+        assert_eq!(
+            s,
+            vec![AptSource {
+                uri: "http://mirror.example/debian".into(),
+                suites: vec!["stable".into(), "stable-updates".into()]
+            }]
+        );
         let l = parse_one_line("# x\ndeb [arch=amd64 signed-by=/k.gpg] http://a.example/ubuntu noble main\ndeb-src http://b.example/ noble main\n");
-        assert_eq!(l, vec![AptSource { uri: "http://a.example/ubuntu".into(), suites: vec!["noble".into()] }]);
-        assert_eq!(mirror_for(&s, "stable-updates").as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            l,
+            vec![AptSource {
+                uri: "http://a.example/ubuntu".into(),
+                suites: vec!["noble".into()]
+            }]
+        );
+        assert_eq!(
+            mirror_for(&s, "stable-updates").as_deref(),
+            Some("http://mirror.example/debian")
+        );
         assert_eq!(mirror_for(&s, "noble"), None);
-        assert_eq!(main_suite(&s), Some(("stable".into(), "http://mirror.example/debian".into())));
+        assert_eq!(
+            main_suite(&s),
+            Some(("stable".into(), "http://mirror.example/debian".into()))
+        );
     }
 }

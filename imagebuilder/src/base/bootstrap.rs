@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 
 use super::apt_sources;
 use crate::disk::compose::{self, Shape};
-use firstboot::config::Target;
 use crate::tool::Tool;
+use firstboot::config::Target;
 
 /// What to bootstrap, after defaults are filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,23 +56,46 @@ pub fn host_arch() -> &'static str {
 
 impl BootstrapSpec {
     /// Fills defaults: the mirror from `/etc/apt` when `mirror` is `None`.
-    pub fn new(suite: &str, mirror: Option<&str>, arch: &str, packages: &[String], etc_apt: &Path) -> Result<Self> {
+    pub fn new(
+        suite: &str,
+        mirror: Option<&str>,
+        arch: &str,
+        packages: &[String],
+        etc_apt: &Path,
+    ) -> Result<Self> {
         let mirror = match mirror {
             Some(m) => m.to_string(),
-            None => apt_sources::mirror_for(&apt_sources::read_sources(etc_apt), suite).with_context(|| {
-                format!("no apt source in {} serves suite {suite:?}; set image.base.mirror", etc_apt.display())
-            })?,
+            None => apt_sources::mirror_for(&apt_sources::read_sources(etc_apt), suite)
+                .with_context(|| {
+                    format!(
+                        "no apt source in {} serves suite {suite:?}; set image.base.mirror",
+                        etc_apt.display()
+                    )
+                })?,
         };
-        let mut pk: Vec<String> = default_packages(arch).into_iter().map(str::to_string).collect();
+        let mut pk: Vec<String> = default_packages(arch)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         pk.extend(packages.iter().cloned());
         pk.sort();
         pk.dedup();
         for p in &pk {
-            if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) {
+            if p.is_empty()
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c))
+            {
                 bail!("invalid package name {p:?}");
             }
         }
-        Ok(BootstrapSpec { suite: suite.into(), mirror, arch: arch.into(), packages: pk, foreign: arch != host_arch() })
+        Ok(BootstrapSpec {
+            suite: suite.into(),
+            mirror,
+            arch: arch.into(),
+            packages: pk,
+            foreign: arch != host_arch(),
+        })
     }
 
     /// Cache key: hex SHA-256 of the spec (first 24 digits).
@@ -94,9 +117,13 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         bail!("bootstrapping a base with debootstrap needs root (or use a cached tarball / an image base)");
     }
     crate::tool::require(&[("debootstrap", "debootstrap"), ("tar", "tar")])?;
-    let work = tempfile::Builder::new().prefix("bootstrap-").tempdir_in(&dir)?;
+    let work = tempfile::Builder::new()
+        .prefix("bootstrap-")
+        .tempdir_in(&dir)?;
     let root = work.path().join("root");
-    let mut t = Tool::new("debootstrap").arg("--variant=minbase").arg(format!("--arch={}", spec.arch));
+    let mut t = Tool::new("debootstrap")
+        .arg("--variant=minbase")
+        .arg(format!("--arch={}", spec.arch));
     if spec.foreign {
         t = t.arg("--foreign");
     }
@@ -107,7 +134,12 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .timeout(Duration::from_secs(1800))
         .run()
         .await
-        .with_context(|| format!("bootstrapping {} {} from {}", spec.suite, spec.arch, spec.mirror))?;
+        .with_context(|| {
+            format!(
+                "bootstrapping {} {} from {}",
+                spec.suite, spec.arch, spec.mirror
+            )
+        })?;
     if !spec.foreign {
         // Downloaded packages are not part of the system.
         if let Ok(rd) = std::fs::read_dir(root.join("var/cache/apt/archives")) {
@@ -137,13 +169,19 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
 /// (`<cache>/bootstrap/<tarball>.<target>.img`), composing it on first use. Composing means
 /// unpacking ~1 GB of files and building filesystems from them, so caching it turns every
 /// later build from the same base into a sparse copy.
-pub async fn ensure_composed(spec: &BootstrapSpec, target: Target, cache: &Path) -> Result<PathBuf> {
+pub async fn ensure_composed(
+    spec: &BootstrapSpec,
+    target: Target,
+    cache: &Path,
+) -> Result<PathBuf> {
     let tar = ensure_tarball(spec, cache).await?;
     let img = tar.with_extension(format!("{}.img", target.as_str()));
     if img.is_file() {
         return Ok(img);
     }
-    let work = tempfile::Builder::new().prefix("compose-").tempdir_in(cache.join("bootstrap"))?;
+    let work = tempfile::Builder::new()
+        .prefix("compose-")
+        .tempdir_in(cache.join("bootstrap"))?;
     let tree = work.path().join("tree");
     unpack(&tar, &tree).await?;
     let partial = work.path().join("composed.img");
@@ -180,13 +218,27 @@ mod tests {
             "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm\nComponents: main\n",
         )
         .unwrap();
-        let a = BootstrapSpec::new("bookworm", None, "amd64", &["curl".into()], dir.path()).unwrap();
+        let a =
+            BootstrapSpec::new("bookworm", None, "amd64", &["curl".into()], dir.path()).unwrap();
         assert_eq!(a.mirror, "http://m.example/debian");
-        assert!(a.packages.contains(&"systemd-boot-efi".to_string()) && a.packages.contains(&"curl".to_string()));
+        assert!(
+            a.packages.contains(&"systemd-boot-efi".to_string())
+                && a.packages.contains(&"curl".to_string())
+        );
         let b = BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path()).unwrap();
         assert_ne!(a.key(), b.key());
-        assert_eq!(b.key(), BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path()).unwrap().key());
-        assert!(BootstrapSpec::new("trixie", None, "amd64", &[], dir.path()).unwrap_err().to_string().contains("trixie"));
-        assert!(BootstrapSpec::new("bookworm", None, "amd64", &["a b".into()], dir.path()).is_err());
+        assert_eq!(
+            b.key(),
+            BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path())
+                .unwrap()
+                .key()
+        );
+        assert!(BootstrapSpec::new("trixie", None, "amd64", &[], dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("trixie"));
+        assert!(
+            BootstrapSpec::new("bookworm", None, "amd64", &["a b".into()], dir.path()).is_err()
+        );
     }
 }

@@ -31,7 +31,10 @@ pub fn verify_file(path: &Path, expected: &str) -> Result<()> {
     let expected = normalise_sha256(expected)?;
     let got = crate::outputs::sparse::sha256_file(path)?;
     if got != expected {
-        bail!("sha256 mismatch for {}: expected {expected}, got {got}", path.display());
+        bail!(
+            "sha256 mismatch for {}: expected {expected}, got {got}",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -61,9 +64,11 @@ pub async fn fetch(url: &str, sha256: &str, cache: &Path, progress: bool) -> Res
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         b.set_message(format!("downloading {url}"));
         b
@@ -87,7 +92,9 @@ pub async fn fetch(url: &str, sha256: &str, cache: &Path, progress: bool) -> Res
     }
     if let Some(e) = last_err {
         // The partial file stays for a later resume; it is never used unverified.
-        return Err(e.context(format!("downloading {url} failed after {ATTEMPTS} attempts")));
+        return Err(e.context(format!(
+            "downloading {url} failed after {ATTEMPTS} attempts"
+        )));
     }
     let got = crate::outputs::sparse::sha256_file(&partial)?;
     if got != sha {
@@ -99,13 +106,21 @@ pub async fn fetch(url: &str, sha256: &str, cache: &Path, progress: bool) -> Res
 }
 
 /// One HTTP transfer into `partial`, resuming from its current length.
-async fn transfer(client: &reqwest::Client, url: &str, partial: &Path, bar: Option<&indicatif::ProgressBar>) -> Result<()> {
+async fn transfer(
+    client: &reqwest::Client,
+    url: &str,
+    partial: &Path,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<()> {
     let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
     let mut req = client.get(url);
     if have > 0 {
         req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
     }
-    let mut resp = req.send().await.with_context(|| format!("requesting {url}"))?;
+    let mut resp = req
+        .send()
+        .await
+        .with_context(|| format!("requesting {url}"))?;
     let status = resp.status();
     let mut file = if status == reqwest::StatusCode::PARTIAL_CONTENT && have > 0 {
         OpenOptions::new().append(true).open(partial)?
@@ -124,8 +139,13 @@ async fn transfer(client: &reqwest::Client, url: &str, partial: &Path, bar: Opti
         }
         b.set_position(start);
     }
-    while let Some(chunk) = resp.chunk().await.with_context(|| format!("reading {url}"))? {
-        file.write_all(&chunk).with_context(|| format!("writing {}", partial.display()))?;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("reading {url}"))?
+    {
+        file.write_all(&chunk)
+            .with_context(|| format!("writing {}", partial.display()))?;
         if let Some(b) = bar {
             b.inc(chunk.len() as u64);
         }
@@ -162,6 +182,9 @@ mod tests {
         let p = d.path().join("f");
         std::fs::write(&p, b"x").unwrap();
         let e = verify_file(&p, &"0".repeat(64)).unwrap_err().to_string();
-        assert!(e.contains(&"0".repeat(64)) && e.contains(&hex::encode(Sha256::digest(b"x"))), "{e}");
+        assert!(
+            e.contains(&"0".repeat(64)) && e.contains(&hex::encode(Sha256::digest(b"x"))),
+            "{e}"
+        );
     }
 }

@@ -80,11 +80,19 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
 }
 
 /// Copies (decoding) `src` to `dest`, turning all-zero 64 KiB blocks into holes.
-pub fn copy_sparse(src: &Path, mut out: File, dest: &Path, fmt: Format, cancel: &AtomicBool) -> Result<u64> {
+pub fn copy_sparse(
+    src: &Path,
+    mut out: File,
+    dest: &Path,
+    fmt: Format,
+    cancel: &AtomicBool,
+) -> Result<u64> {
     let f = File::open(src)?;
     let mut reader: Box<dyn Read> = match fmt {
         Format::Raw => Box::new(f),
-        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, f))),
+        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(
+            BufReader::with_capacity(1 << 20, f),
+        )),
         Format::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
         Format::Qcow2 => bail!("qcow2 is converted with qemu-img"),
     };
@@ -94,14 +102,16 @@ pub fn copy_sparse(src: &Path, mut out: File, dest: &Path, fmt: Format, cancel: 
         if cancel.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
-        let n = read_full(&mut reader, &mut buf).map_err(|e| anyhow::anyhow!("the base image is truncated or corrupt: {e}"))?;
+        let n = read_full(&mut reader, &mut buf)
+            .map_err(|e| anyhow::anyhow!("the base image is truncated or corrupt: {e}"))?;
         if n == 0 {
             break;
         }
         if buf[..n].iter().all(|&b| b == 0) {
             out.seek(SeekFrom::Current(n as i64))?;
         } else {
-            out.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", dest.display()))?;
         }
         total += n as u64;
     }
@@ -129,8 +139,14 @@ mod tests {
 
     #[test]
     fn detects_formats_by_magic() {
-        assert_eq!(Format::detect(&[0xFD, b'7', b'z', b'X', b'Z', 0, 0, 4]), Format::Xz);
-        assert_eq!(Format::detect(&[0x28, 0xB5, 0x2F, 0xFD, 0, 0, 0, 0]), Format::Zstd);
+        assert_eq!(
+            Format::detect(&[0xFD, b'7', b'z', b'X', b'Z', 0, 0, 4]),
+            Format::Xz
+        );
+        assert_eq!(
+            Format::detect(&[0x28, 0xB5, 0x2F, 0xFD, 0, 0, 0, 0]),
+            Format::Zstd
+        );
         assert_eq!(Format::detect(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
         assert_eq!(Format::detect(&[0; 8]), Format::Raw);
     }
@@ -148,14 +164,22 @@ mod tests {
         enc.finish().unwrap();
         let out = d.path().join("out");
         let never = AtomicBool::new(false);
-        assert_eq!(copy_sparse(&xz, File::create(&out).unwrap(), &out, Format::Xz, &never).unwrap(), 4 << 20);
+        assert_eq!(
+            copy_sparse(&xz, File::create(&out).unwrap(), &out, Format::Xz, &never).unwrap(),
+            4 << 20
+        );
         assert_eq!(std::fs::read(&out).unwrap(), data);
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "zero blocks became holes");
+        assert!(
+            std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20,
+            "zero blocks became holes"
+        );
         let cut = d.path().join("cut.xz");
         let bytes = std::fs::read(&xz).unwrap();
         std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
-        let e = copy_sparse(&cut, File::create(&out).unwrap(), &out, Format::Xz, &never).unwrap_err().to_string();
+        let e = copy_sparse(&cut, File::create(&out).unwrap(), &out, Format::Xz, &never)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated or corrupt"), "{e}");
     }
 }

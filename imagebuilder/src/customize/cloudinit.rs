@@ -24,12 +24,16 @@ pub struct Seed {
 
 /// Reads a Wi-Fi PSK file: one line, 8-63 printable ASCII characters or 64 hex digits.
 pub fn read_psk(path: &Path) -> Result<String> {
-    let raw = std::fs::read_to_string(path).with_context(|| format!("reading the Wi-Fi PSK file {}", path.display()))?;
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the Wi-Fi PSK file {}", path.display()))?;
     let psk = raw.trim_end_matches(['\n', '\r']);
     let ok_pass = (8..=63).contains(&psk.len()) && psk.chars().all(|c| (' '..='~').contains(&c));
     let ok_hex = psk.len() == 64 && psk.chars().all(|c| c.is_ascii_hexdigit());
     if psk.contains('\n') || !(ok_pass || ok_hex) {
-        bail!("Wi-Fi PSK in {} must be one line of 8-63 printable ASCII characters or 64 hex digits", path.display());
+        bail!(
+            "Wi-Fi PSK in {} must be one line of 8-63 printable ASCII characters or 64 hex digits",
+            path.display()
+        );
     }
     Ok(psk.to_string())
 }
@@ -76,13 +80,19 @@ pub fn network_config(config: &ClusterConfig, psk: Option<&str>) -> Result<Strin
                 Some(i) => json!({"name": i}),
                 None => json!({"name": "e*"}),
             };
-            ethernets.insert("wired".into(), json!({"match": matcher, "dhcp4": true, "dhcp6": true, "optional": true}));
+            ethernets.insert(
+                "wired".into(),
+                json!({"match": matcher, "dhcp4": true, "dhcp6": true, "optional": true}),
+            );
         }
         Addressing::Static { gateway, dns } => {
             let dns: Vec<String> = dns.iter().map(|d| d.to_string()).collect();
             for n in &config.nodes {
                 let Some(addr) = n.address else {
-                    bail!("node {} has no address but network.addressing is static", n.hostname);
+                    bail!(
+                        "node {} has no address but network.addressing is static",
+                        n.hostname
+                    );
                 };
                 ethernets.insert(
                     n.hostname.clone(),
@@ -121,6 +131,14 @@ pub fn seed(config: &ClusterConfig, psk: Option<&str>) -> Result<Seed> {
     h.update(user_data.as_bytes());
     h.update(network_config.as_bytes());
     let id = hex::encode(h.finalize());
-    let meta_data = format!("instance-id: rackseed-{}-{}\n", config.cluster.name, &id[..12]);
-    Ok(Seed { user_data, meta_data, network_config })
+    let meta_data = format!(
+        "instance-id: rackseed-{}-{}\n",
+        config.cluster.name,
+        &id[..12]
+    );
+    Ok(Seed {
+        user_data,
+        meta_data,
+        network_config,
+    })
 }

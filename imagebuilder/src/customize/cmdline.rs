@@ -25,8 +25,14 @@ mod tests {
 
     #[test]
     fn appends_once_and_stays_one_line() {
-        let (once, dropped) = append_flags("console=tty1 root=LABEL=writable rootwait\n", &MEMORY_CGROUP);
-        assert_eq!(once, "console=tty1 root=LABEL=writable rootwait cgroup_enable=memory cgroup_memory=1\n");
+        let (once, dropped) = append_flags(
+            "console=tty1 root=LABEL=writable rootwait\n",
+            &MEMORY_CGROUP,
+        );
+        assert_eq!(
+            once,
+            "console=tty1 root=LABEL=writable rootwait cgroup_enable=memory cgroup_memory=1\n"
+        );
         assert!(!dropped);
         let (twice, _) = append_flags(&once, &MEMORY_CGROUP);
         assert_eq!(twice, once);

@@ -17,15 +17,31 @@ use crate::tool::Tool;
 /// One thing to put into the filesystem. Paths are absolute inside the filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { path: String, mode: u32, uid: u32, gid: u32 },
-    File { path: String, src: PathBuf, mode: u32, uid: u32, gid: u32 },
-    Symlink { path: String, target: String },
+    Dir {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    File {
+        path: String,
+        src: PathBuf,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
 }
 
 impl Entry {
     pub fn path(&self) -> &str {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => path,
+            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => {
+                path
+            }
         }
     }
 }
@@ -46,17 +62,29 @@ pub struct DirEntry {
 pub fn parse_ls_p(text: &str) -> Vec<DirEntry> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix('/') else { continue };
+        let Some(rest) = line.strip_prefix('/') else {
+            continue;
+        };
         let f: Vec<&str> = rest.split('/').collect();
         if f.len() < 6 {
             continue;
         }
-        let (Ok(inode), Ok(mode), Ok(uid), Ok(gid)) =
-            (f[0].parse(), u32::from_str_radix(f[1], 8), f[2].parse(), f[3].parse())
-        else {
+        let (Ok(inode), Ok(mode), Ok(uid), Ok(gid)) = (
+            f[0].parse(),
+            u32::from_str_radix(f[1], 8),
+            f[2].parse(),
+            f[3].parse(),
+        ) else {
             continue;
         };
-        out.push(DirEntry { inode, mode, uid, gid, name: f[4].to_string(), size: f[5].parse().ok() });
+        out.push(DirEntry {
+            inode,
+            mode,
+            uid,
+            gid,
+            name: f[4].to_string(),
+            size: f[5].parse().ok(),
+        });
     }
     out
 }
@@ -76,7 +104,11 @@ fn sections(text: &str) -> Vec<(String, String)> {
 }
 
 fn check_path(p: &str) -> Result<()> {
-    if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c == '"' || c.is_control()) || p.contains("/../") {
+    if !p.starts_with('/')
+        || p.chars()
+            .any(|c| c.is_whitespace() || c == '"' || c.is_control())
+        || p.contains("/../")
+    {
         bail!("unsupported path {p:?} for the ext4 editor (absolute, no spaces, quotes or ..)");
     }
     Ok(())
@@ -102,7 +134,10 @@ pub struct Ext4 {
 
 impl Ext4 {
     pub fn new(image: &Path, offset: u64) -> Self {
-        Ext4 { image: image.to_path_buf(), offset }
+        Ext4 {
+            image: image.to_path_buf(),
+            offset,
+        }
     }
 
     fn dev(&self) -> String {
@@ -129,14 +164,19 @@ impl Ext4 {
     }
 
     /// Lists `dirs`; a folder that does not exist maps to `None`.
-    pub async fn list(&self, dirs: &BTreeSet<String>, scratch: &Path) -> Result<BTreeMap<String, Option<Vec<DirEntry>>>> {
+    pub async fn list(
+        &self,
+        dirs: &BTreeSet<String>,
+        scratch: &Path,
+    ) -> Result<BTreeMap<String, Option<Vec<DirEntry>>>> {
         let mut script = String::new();
         for d in dirs {
             check_path(d)?;
             script.push_str(&format!("ls -p {d}\n"));
         }
         let out = self.debugfs_script(&script, false, scratch).await?;
-        let mut res: BTreeMap<String, Option<Vec<DirEntry>>> = dirs.iter().map(|d| (d.clone(), None)).collect();
+        let mut res: BTreeMap<String, Option<Vec<DirEntry>>> =
+            dirs.iter().map(|d| (d.clone(), None)).collect();
         for (cmd, body) in sections(&out) {
             if let Some(d) = cmd.strip_prefix("ls -p ") {
                 let entries = parse_ls_p(&body);
@@ -172,7 +212,13 @@ impl Ext4 {
         let s = script(entries, &dirs, &before)?;
         self.debugfs_script(&s, true, scratch).await?;
         let after = self.list(&dirs, scratch).await?;
-        verify(entries, &after).with_context(|| format!("verifying edits of ext4 at byte {} of {}", self.offset, self.image.display()))
+        verify(entries, &after).with_context(|| {
+            format!(
+                "verifying edits of ext4 at byte {} of {}",
+                self.offset,
+                self.image.display()
+            )
+        })
     }
 
     /// Reads a regular file; `None` when it does not exist.
@@ -188,23 +234,39 @@ impl Ext4 {
             return Ok(None);
         }
         let out = scratch.join(format!("dump-{}", rand::random::<u32>()));
-        self.debugfs_script(&format!("dump {path} {}\n", out.display()), false, scratch).await?;
-        let data = std::fs::read(&out).with_context(|| format!("reading {path} dumped from {}", self.image.display()));
+        self.debugfs_script(&format!("dump {path} {}\n", out.display()), false, scratch)
+            .await?;
+        let data = std::fs::read(&out)
+            .with_context(|| format!("reading {path} dumped from {}", self.image.display()));
         let _ = std::fs::remove_file(&out);
         data.map(Some)
     }
 }
 
-fn lookup<'a>(listing: &'a BTreeMap<String, Option<Vec<DirEntry>>>, path: &str) -> Option<&'a DirEntry> {
-    listing.get(&parent(path))?.as_ref()?.iter().find(|e| e.name == name(path))
+fn lookup<'a>(
+    listing: &'a BTreeMap<String, Option<Vec<DirEntry>>>,
+    path: &str,
+) -> Option<&'a DirEntry> {
+    listing
+        .get(&parent(path))?
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name(path))
 }
 
 /// The debugfs command file for `entries`, given the folders' listings before the edit.
-pub fn script(entries: &[Entry], dirs: &BTreeSet<String>, before: &BTreeMap<String, Option<Vec<DirEntry>>>) -> Result<String> {
+pub fn script(
+    entries: &[Entry],
+    dirs: &BTreeSet<String>,
+    before: &BTreeMap<String, Option<Vec<DirEntry>>>,
+) -> Result<String> {
     let mut s = String::new();
     // Missing folders, parents first (BTreeSet order puts "/a" before "/a/b").
-    let explicit: BTreeMap<&str, &Entry> =
-        entries.iter().filter(|e| matches!(e, Entry::Dir { .. })).map(|e| (e.path(), e)).collect();
+    let explicit: BTreeMap<&str, &Entry> = entries
+        .iter()
+        .filter(|e| matches!(e, Entry::Dir { .. }))
+        .map(|e| (e.path(), e))
+        .collect();
     let mut by_depth: Vec<&String> = dirs.iter().collect();
     by_depth.sort_by_key(|d| d.matches('/').count());
     for d in by_depth {
@@ -214,33 +276,60 @@ pub fn script(entries: &[Entry], dirs: &BTreeSet<String>, before: &BTreeMap<Stri
         let existing = before.get(d).and_then(|x| x.as_ref()).is_some();
         if !existing {
             if let Some(e) = lookup(before, d) {
-                bail!("{d} exists in the image and is not a folder (mode {:o})", e.mode);
+                bail!(
+                    "{d} exists in the image and is not a folder (mode {:o})",
+                    e.mode
+                );
             }
             s.push_str(&format!("mkdir {d}\n"));
             let (mode, uid, gid) = match explicit.get(d.as_str()) {
                 Some(Entry::Dir { mode, uid, gid, .. }) => (*mode, *uid, *gid),
                 _ => (0o755, 0, 0),
             };
-            s.push_str(&format!("sif {d} mode 0{:o}\nsif {d} uid {uid}\nsif {d} gid {gid}\n", 0o040000 | mode));
+            s.push_str(&format!(
+                "sif {d} mode 0{:o}\nsif {d} uid {uid}\nsif {d} gid {gid}\n",
+                0o040000 | mode
+            ));
         } else if let Some(Entry::Dir { mode, uid, gid, .. }) = explicit.get(d.as_str()) {
-            s.push_str(&format!("sif {d} mode 0{:o}\nsif {d} uid {uid}\nsif {d} gid {gid}\n", 0o040000 | mode));
+            s.push_str(&format!(
+                "sif {d} mode 0{:o}\nsif {d} uid {uid}\nsif {d} gid {gid}\n",
+                0o040000 | mode
+            ));
         }
     }
     for e in entries {
         match e {
             Entry::Dir { .. } => {}
-            Entry::File { path, src, mode, uid, gid } => {
-                if src.to_string_lossy().chars().any(|c| c.is_whitespace() || c == '"') {
-                    bail!("unsupported source path {} (no spaces or quotes)", src.display());
+            Entry::File {
+                path,
+                src,
+                mode,
+                uid,
+                gid,
+            } => {
+                if src
+                    .to_string_lossy()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '"')
+                {
+                    bail!(
+                        "unsupported source path {} (no spaces or quotes)",
+                        src.display()
+                    );
                 }
                 if let Some(old) = lookup(before, path) {
                     if old.mode & 0o170000 == 0o040000 {
-                        bail!("{path} is a folder in the image; refusing to replace it with a file");
+                        bail!(
+                            "{path} is a folder in the image; refusing to replace it with a file"
+                        );
                     }
                     s.push_str(&format!("rm {path}\n"));
                 }
                 s.push_str(&format!("write {} {path}\n", src.display()));
-                s.push_str(&format!("sif {path} mode 0{:o}\nsif {path} uid {uid}\nsif {path} gid {gid}\n", 0o100000 | mode));
+                s.push_str(&format!(
+                    "sif {path} mode 0{:o}\nsif {path} uid {uid}\nsif {path} gid {gid}\n",
+                    0o100000 | mode
+                ));
             }
             Entry::Symlink { path, target } => {
                 if target.chars().any(|c| c.is_whitespace() || c == '"') {
@@ -263,16 +352,32 @@ pub fn script(entries: &[Entry], dirs: &BTreeSet<String>, before: &BTreeMap<Stri
 pub fn verify(entries: &[Entry], after: &BTreeMap<String, Option<Vec<DirEntry>>>) -> Result<()> {
     for e in entries {
         let path = e.path();
-        let got = lookup(after, path).with_context(|| format!("{path} is missing after the edit"))?;
+        let got =
+            lookup(after, path).with_context(|| format!("{path} is missing after the edit"))?;
         match e {
             Entry::Dir { mode, uid, gid, .. } => {
                 if got.mode != 0o040000 | mode || got.uid != *uid || got.gid != *gid {
-                    bail!("{path}: expected folder {mode:o} {uid}:{gid}, found {:o} {}:{}", got.mode, got.uid, got.gid);
+                    bail!(
+                        "{path}: expected folder {mode:o} {uid}:{gid}, found {:o} {}:{}",
+                        got.mode,
+                        got.uid,
+                        got.gid
+                    );
                 }
             }
-            Entry::File { src, mode, uid, gid, .. } => {
+            Entry::File {
+                src,
+                mode,
+                uid,
+                gid,
+                ..
+            } => {
                 let size = std::fs::metadata(src)?.len();
-                if got.mode != 0o100000 | mode || got.uid != *uid || got.gid != *gid || got.size != Some(size) {
+                if got.mode != 0o100000 | mode
+                    || got.uid != *uid
+                    || got.gid != *gid
+                    || got.size != Some(size)
+                {
                     bail!(
                         "{path}: expected file {mode:o} {uid}:{gid} of {size} bytes, found {:o} {}:{} of {:?} bytes",
                         got.mode,
@@ -302,17 +407,42 @@ mod tests {
     fn parses_ls_p() {
         let e = parse_ls_p(LS);
         assert_eq!(e.len(), 5);
-        assert_eq!(e[3], DirEntry { inode: 12, mode: 0o100644, uid: 0, gid: 0, name: "h.txt".into(), size: Some(6) });
+        assert_eq!(
+            e[3],
+            DirEntry {
+                inode: 12,
+                mode: 0o100644,
+                uid: 0,
+                gid: 0,
+                name: "h.txt".into(),
+                size: Some(6)
+            }
+        );
         assert_eq!(e[2].size, None);
     }
 
     #[test]
     fn script_replaces_files_and_creates_missing_parents() {
         let entries = vec![
-            Entry::File { path: "/h.txt".into(), src: "/tmp/x".into(), mode: 0o600, uid: 0, gid: 0 },
-            Entry::File { path: "/etc/rackseed/a".into(), src: "/tmp/y".into(), mode: 0o644, uid: 0, gid: 0 },
+            Entry::File {
+                path: "/h.txt".into(),
+                src: "/tmp/x".into(),
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+            Entry::File {
+                path: "/etc/rackseed/a".into(),
+                src: "/tmp/y".into(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
         ];
-        let dirs: BTreeSet<String> = ["/", "/etc", "/etc/rackseed"].iter().map(|s| s.to_string()).collect();
+        let dirs: BTreeSet<String> = ["/", "/etc", "/etc/rackseed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let mut before = BTreeMap::new();
         before.insert("/".to_string(), Some(parse_ls_p(LS)));
         before.insert("/etc".to_string(), None);
@@ -327,10 +457,19 @@ mod tests {
 
     #[test]
     fn refuses_to_replace_a_folder_and_odd_paths() {
-        let entries = vec![Entry::File { path: "/lost+found".into(), src: "/tmp/x".into(), mode: 0o644, uid: 0, gid: 0 }];
+        let entries = vec![Entry::File {
+            path: "/lost+found".into(),
+            src: "/tmp/x".into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }];
         let dirs: BTreeSet<String> = ["/".to_string()].into();
         let before = BTreeMap::from([("/".to_string(), Some(parse_ls_p(LS)))]);
-        assert!(script(&entries, &dirs, &before).unwrap_err().to_string().contains("folder"));
+        assert!(script(&entries, &dirs, &before)
+            .unwrap_err()
+            .to_string()
+            .contains("folder"));
         assert!(check_path("/a b").is_err());
         assert!(check_path("relative").is_err());
     }
@@ -341,9 +480,24 @@ mod tests {
         let src = dir.path().join("s");
         std::fs::write(&src, "hello\n").unwrap();
         let after = BTreeMap::from([("/".to_string(), Some(parse_ls_p(LS)))]);
-        let ok = vec![Entry::File { path: "/h.txt".into(), src: src.clone(), mode: 0o644, uid: 0, gid: 0 }];
+        let ok = vec![Entry::File {
+            path: "/h.txt".into(),
+            src: src.clone(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }];
         verify(&ok, &after).unwrap();
-        let bad = vec![Entry::File { path: "/h.txt".into(), src, mode: 0o600, uid: 0, gid: 0 }];
-        assert!(verify(&bad, &after).unwrap_err().to_string().contains("expected file 600"));
+        let bad = vec![Entry::File {
+            path: "/h.txt".into(),
+            src,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        }];
+        assert!(verify(&bad, &after)
+            .unwrap_err()
+            .to_string()
+            .contains("expected file 600"));
     }
 }

@@ -72,9 +72,11 @@ pub fn default_path() -> Option<PathBuf> {
 /// Inspects `path` and checks it is built for `want`.
 pub async fn inspect(path: &Path, want: ElfArch) -> Result<FirstbootBin> {
     let mut head = [0u8; 64];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening firstboot binary {}", path.display()))?;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("opening firstboot binary {}", path.display()))?;
     let n = f.read(&mut head)?;
-    let arch = elf_arch(&head[..n]).with_context(|| format!("checking firstboot binary {}", path.display()))?;
+    let arch = elf_arch(&head[..n])
+        .with_context(|| format!("checking firstboot binary {}", path.display()))?;
     if arch != want {
         bail!(
             "firstboot binary {} is built for {}, but the target needs {}; pass --firstboot-bin with a {} build",
@@ -87,14 +89,24 @@ pub async fn inspect(path: &Path, want: ElfArch) -> Result<FirstbootBin> {
     let sha256 = crate::outputs::sparse::sha256_file(path)?;
     let runs_here = arch == arch_for(std::env::consts::ARCH);
     let version = if runs_here {
-        match Tool::new(&path.to_string_lossy()).arg("--version").timeout(Duration::from_secs(10)).run().await {
+        match Tool::new(&path.to_string_lossy())
+            .arg("--version")
+            .timeout(Duration::from_secs(10))
+            .run()
+            .await
+        {
             Ok(out) => parse_version(&out),
             Err(_) => None,
         }
     } else {
         None
     };
-    Ok(FirstbootBin { path: path.to_path_buf(), arch, sha256, version })
+    Ok(FirstbootBin {
+        path: path.to_path_buf(),
+        arch,
+        sha256,
+        version,
+    })
 }
 
 /// `firstboot 0.1.0` -> `0.1.0`.

@@ -20,7 +20,13 @@ pub fn render(config: &ClusterConfig, token: &str) -> Result<String> {
         if config.addons.dns.upstream.is_empty() {
             addons.push(json!({"name": "dns"}));
         } else {
-            let up: Vec<String> = config.addons.dns.upstream.iter().map(|a| a.to_string()).collect();
+            let up: Vec<String> = config
+                .addons
+                .dns
+                .upstream
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
             addons.push(json!({"name": "dns", "args": [up.join(",")]}));
         }
     }

@@ -82,7 +82,9 @@ pub struct Customized {
 
 /// The config text with `cluster.secret_file` pointing at the in-image secret.
 pub fn in_image_config(toml_text: &str) -> Result<String> {
-    let mut doc: toml_edit::DocumentMut = toml_text.parse().context("parsing the cluster config as TOML")?;
+    let mut doc: toml_edit::DocumentMut = toml_text
+        .parse()
+        .context("parsing the cluster config as TOML")?;
     let cluster = doc
         .get_mut("cluster")
         .and_then(|c| c.as_table_like_mut())
@@ -126,13 +128,26 @@ pub fn overlay_entries(root: &Path) -> Result<Vec<Entry>> {
             let m = std::fs::symlink_metadata(&p)?;
             if m.file_type().is_symlink() {
                 let target = std::fs::read_link(&p)?;
-                out.push(Entry::Symlink { path: dest, target: target.to_string_lossy().into_owned() });
+                out.push(Entry::Symlink {
+                    path: dest,
+                    target: target.to_string_lossy().into_owned(),
+                });
             } else if m.is_dir() {
                 stack.push(p);
             } else if m.is_file() {
-                out.push(Entry::File { path: dest, src: p, mode: m.permissions().mode() & 0o7777, uid: 0, gid: 0 });
+                out.push(Entry::File {
+                    path: dest,
+                    src: p,
+                    mode: m.permissions().mode() & 0o7777,
+                    uid: 0,
+                    gid: 0,
+                });
             } else {
-                bail!("overlay {} holds {}, which is neither file, folder nor symlink", root.display(), p.display());
+                bail!(
+                    "overlay {} holds {}, which is neither file, folder nor symlink",
+                    root.display(),
+                    p.display()
+                );
             }
         }
     }
@@ -144,8 +159,11 @@ fn sha_of(path: &Path) -> Result<String> {
 }
 
 /// Entries for the root filesystem, de-duplicated (later wins), with manifest records.
-pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>, Vec<(String, bool)>)> {
-    let mut sc = Scratch { dir: scratch_dir, n: 0 };
+pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>, Vec<String>)> {
+    let mut sc = Scratch {
+        dir: scratch_dir,
+        n: 0,
+    };
     let mut entries = Vec::new();
     for o in inp.overlays {
         entries.extend(overlay_entries(o)?);
@@ -154,18 +172,36 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     if !entries.iter().any(|e| e.path() == unit_path) {
         bail!("no overlay provides {unit_path} (expected in overlays/common)");
     }
-    // (path, secret?) for the manifest.
-    let mut secret_paths: Vec<(String, bool)> = Vec::new();
-    let file = |path: &str, src: PathBuf, mode: u32| Entry::File { path: path.into(), src, mode, uid: 0, gid: 0 };
+    // Paths whose content is secret: the manifest records no hash for them.
+    let mut secret_paths: Vec<String> = Vec::new();
+    let file = |path: &str, src: PathBuf, mode: u32| Entry::File {
+        path: path.into(),
+        src,
+        mode,
+        uid: 0,
+        gid: 0,
+    };
     entries.push(file(FIRSTBOOT_PATH, inp.firstboot.path.clone(), 0o755));
-    entries.push(Entry::Symlink { path: format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"), target: unit_path });
-    entries.push(Entry::Dir { path: "/etc/rackseed".into(), mode: 0o755, uid: 0, gid: 0 });
-    entries.push(file(CONFIG_PATH, sc.file(in_image_config(inp.config_toml)?.as_bytes(), 0o644)?, 0o644));
+    entries.push(Entry::Symlink {
+        path: format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"),
+        target: unit_path,
+    });
+    entries.push(Entry::Dir {
+        path: "/etc/rackseed".into(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    });
+    entries.push(file(
+        CONFIG_PATH,
+        sc.file(in_image_config(inp.config_toml)?.as_bytes(), 0o644)?,
+        0o644,
+    ));
     entries.push(file(SECRET_PATH, sc.file(inp.secret, 0o600)?, 0o600));
-    secret_paths.push((SECRET_PATH.into(), true));
+    secret_paths.push(SECRET_PATH.into());
     let launch = launch::render(inp.config, inp.microk8s_token)?;
     entries.push(file(LAUNCH_PATH, sc.file(launch.as_bytes(), 0o600)?, 0o600));
-    secret_paths.push((LAUNCH_PATH.into(), true));
+    secret_paths.push(LAUNCH_PATH.into());
     let info = serde_json::to_vec_pretty(inp.image_info)?;
     entries.push(file(INFO_PATH, sc.file(&info, 0o644)?, 0o644));
     if let Some(dir) = &inp.config.microk8s.offline_snaps {
@@ -182,17 +218,32 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
             found += 1;
         }
         if found == 0 {
-            bail!("offline snaps folder {} has no .snap or .assert files", dir.display());
+            bail!(
+                "offline snaps folder {} has no .snap or .assert files",
+                dir.display()
+            );
         }
     }
     if inp.target == Target::X86_64Efi {
         let seed = seed_for(inp.config)?;
         let base = "/var/lib/cloud/seed/nocloud";
-        entries.push(file(&format!("{base}/user-data"), sc.file(seed.user_data.as_bytes(), 0o600)?, 0o600));
-        entries.push(file(&format!("{base}/meta-data"), sc.file(seed.meta_data.as_bytes(), 0o600)?, 0o600));
-        entries.push(file(&format!("{base}/network-config"), sc.file(seed.network_config.as_bytes(), 0o600)?, 0o600));
+        entries.push(file(
+            &format!("{base}/user-data"),
+            sc.file(seed.user_data.as_bytes(), 0o600)?,
+            0o600,
+        ));
+        entries.push(file(
+            &format!("{base}/meta-data"),
+            sc.file(seed.meta_data.as_bytes(), 0o600)?,
+            0o600,
+        ));
+        entries.push(file(
+            &format!("{base}/network-config"),
+            sc.file(seed.network_config.as_bytes(), 0o600)?,
+            0o600,
+        ));
         if inp.config.network.wifi.is_some() {
-            secret_paths.push((format!("{base}/network-config"), true));
+            secret_paths.push(format!("{base}/network-config"));
         }
     }
     // Later entries win.
@@ -200,7 +251,12 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     for (i, e) in entries.iter().enumerate() {
         last.insert(e.path().to_string(), i);
     }
-    let entries: Vec<Entry> = entries.into_iter().enumerate().filter(|(i, e)| last[e.path()] == *i).map(|(_, e)| e).collect();
+    let entries: Vec<Entry> = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| last[e.path()] == *i)
+        .map(|(_, e)| e)
+        .collect();
     Ok((entries, secret_paths))
 }
 
@@ -216,7 +272,9 @@ fn seed_for(config: &ClusterConfig) -> Result<cloudinit::Seed> {
 /// warning when it is not.
 pub async fn check_user_data(user_data: &str, scratch: &Path) -> Result<Option<String>> {
     if !on_path("cloud-init") {
-        return Ok(Some("cloud-init is not installed here; user-data was not schema-checked".into()));
+        return Ok(Some(
+            "cloud-init is not installed here; user-data was not schema-checked".into(),
+        ));
     }
     let p = scratch.join("user-data.check");
     std::fs::write(&p, user_data)?;
@@ -233,11 +291,20 @@ pub async fn check_user_data(user_data: &str, scratch: &Path) -> Result<Option<S
 /// The `options` line of rackseed's systemd-boot entry on the ESP, when there is one.
 pub async fn loader_options(esp: &FatVolume, scratch: &Path) -> Result<Option<String>> {
     let entry = esp.read("loader/entries/rackseed.conf", scratch).await?;
-    Ok(entry.and_then(|e| String::from_utf8_lossy(&e).lines().find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))))
+    Ok(entry.and_then(|e| {
+        String::from_utf8_lossy(&e)
+            .lines()
+            .find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))
+    }))
 }
 
 /// Applies everything to `image` (layout in `table`).
-pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scratch: &Path) -> Result<Customized> {
+pub async fn apply(
+    image: &Path,
+    table: &PartitionTable,
+    inp: &Inputs<'_>,
+    scratch: &Path,
+) -> Result<Customized> {
     let l = labels(inp.target);
     let root = table.by_label(l.root)?.clone();
     let boot = table.by_label(l.boot)?.clone();
@@ -247,11 +314,16 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
         warnings.push(w);
     }
     let (entries, secret_paths) = root_entries(inp, scratch)?;
-    Ext4::new(image, root.start).apply(&entries, scratch).await?;
+    Ext4::new(image, root.start)
+        .apply(&entries, scratch)
+        .await?;
     let mut files = Vec::new();
     for e in &entries {
-        if let Entry::File { path, src, mode, .. } = e {
-            let secret = secret_paths.iter().any(|(p, s)| p == path && *s);
+        if let Entry::File {
+            path, src, mode, ..
+        } = e
+        {
+            let secret = secret_paths.iter().any(|p| p == path);
             files.push(Added {
                 partition: l.root.into(),
                 path: path.clone(),
@@ -269,7 +341,8 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
                 .read("cmdline.txt", scratch)
                 .await?
                 .context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
-            let (line, dropped) = cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
+            let (line, dropped) =
+                cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
             if dropped {
                 warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
             }
@@ -292,7 +365,11 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
                     path: format!("/{name}"),
                     mode: None,
                     size: data.len() as u64,
-                    sha256: if secret { None } else { Some(hex::encode(Sha256::digest(&data))) },
+                    sha256: if secret {
+                        None
+                    } else {
+                        Some(hex::encode(Sha256::digest(&data)))
+                    },
                 });
             }
         }
@@ -300,7 +377,11 @@ pub async fn apply(image: &Path, table: &PartitionTable, inp: &Inputs<'_>, scrat
             cmdline = loader_options(&fat, scratch).await?;
         }
     }
-    Ok(Customized { files, cmdline, warnings })
+    Ok(Customized {
+        files,
+        cmdline,
+        warnings,
+    })
 }
 
 #[cfg(test)]
@@ -309,7 +390,10 @@ mod tests {
 
     #[test]
     fn in_image_config_points_at_the_image_secret() {
-        let t = in_image_config("# mine\n[cluster]\nname = \"lab\"\nsecret-file = \"/home/me/lab.secret\"\n").unwrap();
+        let t = in_image_config(
+            "# mine\n[cluster]\nname = \"lab\"\nsecret-file = \"/home/me/lab.secret\"\n",
+        )
+        .unwrap();
         assert!(t.contains("# mine"));
         assert!(t.contains("secret-file = \"/etc/rackseed/cluster.secret\""));
         assert!(!t.contains("/home/me"));
@@ -321,11 +405,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc/x")).unwrap();
         std::fs::write(d.path().join("etc/x/run.sh"), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(d.path().join("etc/x/run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::set_permissions(
+            d.path().join("etc/x/run.sh"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
         std::os::unix::fs::symlink("/etc/x/run.sh", d.path().join("etc/link")).unwrap();
         let e = overlay_entries(d.path()).unwrap();
-        assert!(e.contains(&Entry::Symlink { path: "/etc/link".into(), target: "/etc/x/run.sh".into() }));
-        assert!(e.iter().any(|x| matches!(x, Entry::File { path, mode: 0o750, .. } if path == "/etc/x/run.sh")));
-        assert!(overlay_entries(&d.path().join("missing")).unwrap().is_empty());
+        assert!(e.contains(&Entry::Symlink {
+            path: "/etc/link".into(),
+            target: "/etc/x/run.sh".into()
+        }));
+        assert!(e.iter().any(
+            |x| matches!(x, Entry::File { path, mode: 0o750, .. } if path == "/etc/x/run.sh")
+        ));
+        assert!(overlay_entries(&d.path().join("missing"))
+            .unwrap()
+            .is_empty());
     }
 }

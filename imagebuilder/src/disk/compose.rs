@@ -45,8 +45,14 @@ pub struct Labels {
 
 pub fn labels(target: Target) -> Labels {
     match target {
-        Target::X86_64Efi => Labels { root: "cloudimg-rootfs", boot: "UEFI" },
-        Target::Rpi4 | Target::Rpi5 => Labels { root: "writable", boot: "system-boot" },
+        Target::X86_64Efi => Labels {
+            root: "cloudimg-rootfs",
+            boot: "UEFI",
+        },
+        Target::Rpi4 | Target::Rpi5 => Labels {
+            root: "writable",
+            boot: "system-boot",
+        },
     }
 }
 
@@ -83,14 +89,21 @@ pub fn find_kernel(tree: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
         Err(_) => Vec::new(),
     };
     kernels.sort();
-    let Some(k) = kernels.pop() else { return Ok((None, None)) };
+    let Some(k) = kernels.pop() else {
+        return Ok((None, None));
+    };
     let ver = k.trim_start_matches("vmlinuz-");
     let initrd = boot.join(format!("initrd.img-{ver}"));
     Ok((Some(boot.join(&k)), initrd.is_file().then_some(initrd)))
 }
 
 /// Composes `image` (created or replaced) for `target` from `tree`. Returns the table read back.
-pub async fn compose(tree: &Path, target: Target, shape: Shape, image: &Path) -> Result<PartitionTable> {
+pub async fn compose(
+    tree: &Path,
+    target: Target,
+    shape: Shape,
+    image: &Path,
+) -> Result<PartitionTable> {
     let used = tree_usage(tree)?;
     // Room for the customisation, the journal and growth before growpart runs.
     let root_size = ((used + used / 4 + 256 * MIB).div_ceil(MIB)).max(512) * MIB;
@@ -101,7 +114,13 @@ pub async fn compose(tree: &Path, target: Target, shape: Shape, image: &Path) ->
     }
 }
 
-async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l: Labels) -> Result<PartitionTable> {
+async fn compose_x86(
+    tree: &Path,
+    shape: Shape,
+    image: &Path,
+    root_size: u64,
+    l: Labels,
+) -> Result<PartitionTable> {
     let efi = tree.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     if !efi.is_file() {
         bail!(
@@ -110,13 +129,29 @@ async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l:
         );
     }
     let (kernel, initrd) = find_kernel(tree)?;
-    let Some(kernel) = kernel else { bail!("no kernel in {}/boot: add a linux-image package", tree.display()) };
+    let Some(kernel) = kernel else {
+        bail!(
+            "no kernel in {}/boot: add a linux-image package",
+            tree.display()
+        )
+    };
     let esp = 256 * MIB;
-    let bootp = if shape == Shape::Official { 128 * MIB } else { 0 };
+    let bootp = if shape == Shape::Official {
+        128 * MIB
+    } else {
+        0
+    };
     let total = MIB + esp + bootp + root_size + MIB;
     create_sparse(image, total)?;
     let root_uuid = uuid_v4();
-    let mut sg = Tool::new("sgdisk").arg("-o").args(["-n", "15:2048:+256M", "-t", "15:ef00", "-c", "15:UEFI"]);
+    let mut sg = Tool::new("sgdisk").arg("-o").args([
+        "-n",
+        "15:2048:+256M",
+        "-t",
+        "15:ef00",
+        "-c",
+        "15:UEFI",
+    ]);
     if shape == Shape::Official {
         sg = sg.args(["-n", "13:0:+128M", "-t", "13:ea00", "-c", "13:BOOT"]);
     }
@@ -126,10 +161,22 @@ async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l:
         .arg(format!("1:{root_uuid}"))
         .arg(image)
         .timeout(Duration::from_secs(30));
-    sg.run().await.with_context(|| format!("partitioning {}", image.display()))?;
+    sg.run()
+        .await
+        .with_context(|| format!("partitioning {}", image.display()))?;
     let t = super::read_table(image).await?;
-    let p_root = t.partitions.iter().find(|p| p.number == 1).context("sgdisk made no p1")?.clone();
-    let p_esp = t.partitions.iter().find(|p| p.number == 15).context("sgdisk made no p15")?.clone();
+    let p_root = t
+        .partitions
+        .iter()
+        .find(|p| p.number == 1)
+        .context("sgdisk made no p1")?
+        .clone();
+    let p_esp = t
+        .partitions
+        .iter()
+        .find(|p| p.number == 15)
+        .context("sgdisk made no p15")?
+        .clone();
 
     std::fs::create_dir_all(tree.join("etc"))?;
     std::fs::create_dir_all(tree.join("boot/efi"))?;
@@ -139,7 +186,12 @@ async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l:
     )?;
     mke2fs(image, &p_root, l.root, Some(tree)).await?;
     if shape == Shape::Official {
-        let p_boot = t.partitions.iter().find(|p| p.number == 13).context("sgdisk made no p13")?.clone();
+        let p_boot = t
+            .partitions
+            .iter()
+            .find(|p| p.number == 13)
+            .context("sgdisk made no p13")?
+            .clone();
         mke2fs(image, &p_boot, "BOOT", None).await?;
     }
     fat::format(image, p_esp.start, p_esp.size, l.boot).await?;
@@ -154,21 +206,45 @@ async fn compose_x86(tree: &Path, shape: Shape, image: &Path, root_size: u64, l:
         st.add_file("initrd.img", i)?;
         entry.push_str("initrd /initrd.img\n");
     }
-    entry.push_str(&format!("options root=PARTUUID={} rw console=tty0 console=ttyS0,115200\n", root_uuid.to_lowercase()));
+    entry.push_str(&format!(
+        "options root=PARTUUID={} rw console=tty0 console=ttyS0,115200\n",
+        root_uuid.to_lowercase()
+    ));
     st.add("loader/entries/rackseed.conf", entry.as_bytes())?;
     st.write_to(&FatVolume::new(image, p_esp.start)).await?;
     super::read_table(image).await
 }
 
-async fn compose_rpi(tree: &Path, image: &Path, root_size: u64, l: Labels) -> Result<PartitionTable> {
+async fn compose_rpi(
+    tree: &Path,
+    image: &Path,
+    root_size: u64,
+    l: Labels,
+) -> Result<PartitionTable> {
     let boot = 512 * MIB;
     let total = MIB + boot + root_size;
     create_sparse(image, total)?;
     let boot_lba = u32::try_from(2048 + boot / 512).context("image too large for an MBR")?;
-    write_mbr(image, &[(2048, boot / 512, 0x0c, true), (boot_lba, root_size / 512, 0x83, false)])?;
+    write_mbr(
+        image,
+        &[
+            (2048, boot / 512, 0x0c, true),
+            (boot_lba, root_size / 512, 0x83, false),
+        ],
+    )?;
     let t = read_table(image).await?;
-    let p_boot = t.partitions.iter().find(|p| p.number == 1).context("no p1 after writing the MBR")?.clone();
-    let p_root = t.partitions.iter().find(|p| p.number == 2).context("no p2 after writing the MBR")?.clone();
+    let p_boot = t
+        .partitions
+        .iter()
+        .find(|p| p.number == 1)
+        .context("no p1 after writing the MBR")?
+        .clone();
+    let p_root = t
+        .partitions
+        .iter()
+        .find(|p| p.number == 2)
+        .context("no p2 after writing the MBR")?
+        .clone();
     std::fs::create_dir_all(tree.join("etc"))?;
     std::fs::create_dir_all(tree.join("boot/firmware"))?;
     std::fs::write(
@@ -196,17 +272,25 @@ async fn compose_rpi(tree: &Path, image: &Path, root_size: u64, l: Labels) -> Re
 
 fn create_sparse(image: &Path, size: u64) -> Result<()> {
     let f = File::create(image).with_context(|| format!("creating {}", image.display()))?;
-    f.set_len(size).with_context(|| format!("sizing {}", image.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("sizing {}", image.display()))?;
     Ok(())
 }
 
 /// Writes an MBR with `(start_lba, sectors, type, bootable)` entries.
 pub fn write_mbr(image: &Path, parts: &[(u32, u64, u8, bool)]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(image)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)?;
     let mut mbr = mbrman::MBR::new_from(&mut f, 512, rand::random()).context("creating an MBR")?;
     for (i, &(start, sectors, sys, boot)) in parts.iter().enumerate() {
         mbr[i + 1] = mbrman::MBRPartitionEntry {
-            boot: if boot { mbrman::BOOT_ACTIVE } else { mbrman::BOOT_INACTIVE },
+            boot: if boot {
+                mbrman::BOOT_ACTIVE
+            } else {
+                mbrman::BOOT_INACTIVE
+            },
             first_chs: mbrman::CHS::empty(),
             sys,
             last_chs: mbrman::CHS::empty(),
@@ -214,14 +298,20 @@ pub fn write_mbr(image: &Path, parts: &[(u32, u64, u8, bool)]) -> Result<()> {
             sectors: u32::try_from(sectors).context("partition too large for an MBR")?,
         };
     }
-    mbr.write_into(&mut f).with_context(|| format!("writing the MBR of {}", image.display()))?;
+    mbr.write_into(&mut f)
+        .with_context(|| format!("writing the MBR of {}", image.display()))?;
     f.seek(SeekFrom::Start(0))?;
     f.flush()?;
     Ok(())
 }
 
 /// Creates ext4 labelled `label` in partition `p` of `image`, filled from `tree` when given.
-pub async fn mke2fs(image: &Path, p: &super::Partition, label: &str, tree: Option<&Path>) -> Result<()> {
+pub async fn mke2fs(
+    image: &Path,
+    p: &super::Partition,
+    label: &str,
+    tree: Option<&Path>,
+) -> Result<()> {
     let mut t = Tool::new("mke2fs")
         .args(["-F", "-q", "-t", "ext4", "-L", label])
         .arg("-E")
@@ -244,5 +334,12 @@ pub fn uuid_v4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode_upper(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

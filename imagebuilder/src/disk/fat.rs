@@ -37,7 +37,12 @@ pub async fn format(image: &Path, start: u64, size: u64, label: &str) -> Result<
         .timeout(T)
         .run()
         .await
-        .with_context(|| format!("formatting FAT {label:?} at byte {start} of {}", image.display()))?;
+        .with_context(|| {
+            format!(
+                "formatting FAT {label:?} at byte {start} of {}",
+                image.display()
+            )
+        })?;
     Ok(())
 }
 
@@ -50,7 +55,10 @@ pub struct FatVolume {
 
 impl FatVolume {
     pub fn new(image: &Path, offset: u64) -> Self {
-        FatVolume { image: image.to_path_buf(), offset }
+        FatVolume {
+            image: image.to_path_buf(),
+            offset,
+        }
     }
 
     fn dev(&self) -> String {
@@ -58,7 +66,11 @@ impl FatVolume {
     }
 
     fn what(&self) -> String {
-        format!("FAT filesystem at byte {} of {}", self.offset, self.image.display())
+        format!(
+            "FAT filesystem at byte {} of {}",
+            self.offset,
+            self.image.display()
+        )
     }
 
     /// Copies the contents of `staged` (a folder mirroring the FAT tree) into the root,
@@ -97,7 +109,11 @@ impl FatVolume {
             if out.stderr.contains("not found") {
                 return Ok(None);
             }
-            bail!("reading {path} from the {}: {}", self.what(), out.stderr.trim());
+            bail!(
+                "reading {path} from the {}: {}",
+                self.what(),
+                out.stderr.trim()
+            );
         }
         let data = std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()));
         let _ = std::fs::remove_file(&dest);
@@ -106,7 +122,12 @@ impl FatVolume {
 
     /// Every path in the filesystem (`::/a/b`), folders ending in `/`.
     pub async fn list(&self) -> Result<Vec<String>> {
-        let out = mtool("mdir").args(["-/", "-b", "-i"]).arg(self.dev()).arg("::/").run().await?;
+        let out = mtool("mdir")
+            .args(["-/", "-b", "-i"])
+            .arg(self.dev())
+            .arg("::/")
+            .run()
+            .await?;
         Ok(out.lines().map(str::to_string).collect())
     }
 }
@@ -118,7 +139,11 @@ pub struct FatStage {
 
 impl FatStage {
     pub fn new(scratch: &Path) -> Result<Self> {
-        Ok(FatStage { root: tempfile::Builder::new().prefix("fat-").tempdir_in(scratch)? })
+        Ok(FatStage {
+            root: tempfile::Builder::new()
+                .prefix("fat-")
+                .tempdir_in(scratch)?,
+        })
     }
 
     pub fn add(&self, path: &str, data: &[u8]) -> Result<()> {

@@ -67,7 +67,11 @@ impl PartitionTable {
         let found: Vec<&Partition> = self
             .partitions
             .iter()
-            .filter(|p| p.label.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(label)))
+            .filter(|p| {
+                p.label
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(label))
+            })
             .collect();
         match found.as_slice() {
             [one] => Ok(one),
@@ -79,7 +83,10 @@ impl PartitionTable {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            _ => bail!("{} partitions are labelled {label:?}; refusing to guess", found.len()),
+            _ => bail!(
+                "{} partitions are labelled {label:?}; refusing to guess",
+                found.len()
+            ),
         }
     }
 }
@@ -121,8 +128,18 @@ pub fn parse_sfdisk_json(text: &str) -> Result<PartitionTable> {
     let sector = t.sectorsize.unwrap_or(512);
     let mut partitions = Vec::new();
     for p in t.partitions {
-        let digits: String = p.node.chars().rev().take_while(|c| c.is_ascii_digit()).collect();
-        let number: u32 = digits.chars().rev().collect::<String>().parse().unwrap_or(0);
+        let digits: String = p
+            .node
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        let number: u32 = digits
+            .chars()
+            .rev()
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
         partitions.push(Partition {
             number,
             start: p.start * sector,
@@ -140,7 +157,8 @@ pub fn parse_sfdisk_json(text: &str) -> Result<PartitionTable> {
 pub fn probe_fs(file: &mut File, offset: u64) -> Result<(FsKind, Option<String>)> {
     let mut buf = vec![0u8; 2048];
     file.seek(SeekFrom::Start(offset))?;
-    file.read_exact(&mut buf).context("reading a partition's first sectors")?;
+    file.read_exact(&mut buf)
+        .context("reading a partition's first sectors")?;
     Ok(probe_fs_bytes(&buf))
 }
 
@@ -164,7 +182,9 @@ pub fn probe_fs_bytes(buf: &[u8]) -> (FsKind, Option<String>) {
 }
 
 fn clean_label(raw: &[u8]) -> Option<String> {
-    let s: String = String::from_utf8_lossy(raw).trim_end_matches(['\0', ' ']).to_string();
+    let s: String = String::from_utf8_lossy(raw)
+        .trim_end_matches(['\0', ' '])
+        .to_string();
     if s.is_empty() || s == "NO NAME" {
         None
     } else {
@@ -175,7 +195,9 @@ fn clean_label(raw: &[u8]) -> Option<String> {
 /// Reads the partition table and probes each partition. Fails when a partition lies beyond the
 /// end of the file (a truncated image).
 pub async fn read_table(image: &Path) -> Result<PartitionTable> {
-    let len = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?.len();
+    let len = std::fs::metadata(image)
+        .with_context(|| format!("reading {}", image.display()))?
+        .len();
     let json = Tool::new("sfdisk")
         .arg("--json")
         .arg(image)
@@ -222,7 +244,8 @@ pub async fn grow(image: &Path, kind: TableKind, size: u64) -> Result<()> {
         return Ok(());
     }
     let f = std::fs::OpenOptions::new().write(true).open(image)?;
-    f.set_len(size).with_context(|| format!("growing {} to {size} bytes", image.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("growing {} to {size} bytes", image.display()))?;
     drop(f);
     if kind == TableKind::Gpt {
         Tool::new("sgdisk")
@@ -276,13 +299,19 @@ mod tests {
         ext[1024 + 56] = 0x53;
         ext[1024 + 57] = 0xEF;
         ext[1024 + 120..1024 + 128].copy_from_slice(b"writable");
-        assert_eq!(probe_fs_bytes(&ext), (FsKind::Ext4, Some("writable".into())));
+        assert_eq!(
+            probe_fs_bytes(&ext),
+            (FsKind::Ext4, Some("writable".into()))
+        );
         let mut fat = vec![0u8; 2048];
         fat[510] = 0x55;
         fat[511] = 0xAA;
         fat[0x52..0x5A].copy_from_slice(b"FAT32   ");
         fat[0x47..0x52].copy_from_slice(b"SYSTEM-BOOT");
-        assert_eq!(probe_fs_bytes(&fat), (FsKind::Vfat, Some("SYSTEM-BOOT".into())));
+        assert_eq!(
+            probe_fs_bytes(&fat),
+            (FsKind::Vfat, Some("SYSTEM-BOOT".into()))
+        );
         assert_eq!(probe_fs_bytes(&[0u8; 2048]), (FsKind::Unknown, None));
     }
 

@@ -21,15 +21,23 @@ pub fn render(d: &ImageDigest) -> String {
     x.push_str(&format!("    <ImageSize> {} </ImageSize>\n", d.size));
     x.push_str(&format!("    <BlockSize> {} </BlockSize>\n", d.block_size));
     x.push_str(&format!("    <BlocksCount> {blocks} </BlocksCount>\n"));
-    x.push_str(&format!("    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n"));
+    x.push_str(&format!(
+        "    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n"
+    ));
     x.push_str("    <ChecksumType> sha256 </ChecksumType>\n");
-    x.push_str(&format!("    <BmapFileChecksum> {zero} </BmapFileChecksum>\n"));
+    x.push_str(&format!(
+        "    <BmapFileChecksum> {zero} </BmapFileChecksum>\n"
+    ));
     x.push_str("    <BlockMap>\n");
     for (first, last, sum) in &d.ranges {
         if first == last {
-            x.push_str(&format!("        <Range chksum=\"{sum}\"> {first} </Range>\n"));
+            x.push_str(&format!(
+                "        <Range chksum=\"{sum}\"> {first} </Range>\n"
+            ));
         } else {
-            x.push_str(&format!("        <Range chksum=\"{sum}\"> {first}-{last} </Range>\n"));
+            x.push_str(&format!(
+                "        <Range chksum=\"{sum}\"> {first}-{last} </Range>\n"
+            ));
         }
     }
     x.push_str("    </BlockMap>\n</bmap>\n");
@@ -68,7 +76,10 @@ mod tests {
             ranges: vec![(0, 0, "ab".repeat(32)), (2, 4, "cd".repeat(32))],
         };
         let b = crate::flash::Bmap::parse(&render(&d)).unwrap();
-        assert_eq!((b.image_size, b.block_size, b.blocks_count), (5 * 4096, 4096, 5));
+        assert_eq!(
+            (b.image_size, b.block_size, b.blocks_count),
+            (5 * 4096, 4096, 5)
+        );
         assert_eq!(b.ranges.len(), 2);
         assert_eq!((b.ranges[1].first, b.ranges[1].last), (2, 4));
         assert_eq!(b.ranges[1].sha256, "cd".repeat(32));

@@ -59,13 +59,20 @@ pub struct Staging {
 
 impl Staging {
     pub fn new(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating output folder {}", dir.display()))?;
-        Ok(Staging { dir: dir.to_path_buf(), pending: Vec::new(), committed: false })
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating output folder {}", dir.display()))?;
+        Ok(Staging {
+            dir: dir.to_path_buf(),
+            pending: Vec::new(),
+            committed: false,
+        })
     }
 
     /// A fresh temporary path that [`commit`](Self::commit) will rename to `dir/name`.
     pub fn temp(&mut self, name: &str) -> PathBuf {
-        let tmp = self.dir.join(format!(".{name}.partial-{:08x}", rand::random::<u32>()));
+        let tmp = self
+            .dir
+            .join(format!(".{name}.partial-{:08x}", rand::random::<u32>()));
         self.pending.push((tmp.clone(), self.dir.join(name)));
         tmp
     }
@@ -84,7 +91,8 @@ impl Staging {
         }
         let mut out = Vec::new();
         for (tmp, fin) in &self.pending {
-            std::fs::rename(tmp, fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
+            std::fs::rename(tmp, fin)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
             out.push(fin.clone());
         }
         self.committed = true;
@@ -106,9 +114,17 @@ impl Drop for Staging {
 /// Compresses `src` into `dest` using every core.
 /// `dest` is the already created file at `dest_path` (created by the caller before any
 /// blocking task starts, so a dropped build cannot recreate a removed temporary name).
-pub fn compress(src: &Path, dest: File, dest_path: &Path, how: Compression, cancel: &AtomicBool) -> Result<()> {
+pub fn compress(
+    src: &Path,
+    dest: File,
+    dest_path: &Path,
+    how: Compression,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let dest_name = dest_path.display().to_string();
-    let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let out = BufWriter::with_capacity(1 << 20, dest);
     let mut input = File::open(src)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -122,7 +138,8 @@ pub fn compress(src: &Path, dest: File, dest_path: &Path, how: Compression, canc
                 if n == 0 {
                     break;
                 }
-                $w.write_all(&buf[..n]).with_context(|| format!("writing {dest_name}"))?;
+                $w.write_all(&buf[..n])
+                    .with_context(|| format!("writing {dest_name}"))?;
             }
         }};
     }
@@ -136,7 +153,9 @@ pub fn compress(src: &Path, dest: File, dest_path: &Path, how: Compression, canc
                 .context("creating the xz encoder")?;
             let mut w = liblzma::write::XzEncoder::new_stream(out, stream);
             pump!(w);
-            let mut inner = w.finish().with_context(|| format!("finishing {dest_name}"))?;
+            let mut inner = w
+                .finish()
+                .with_context(|| format!("finishing {dest_name}"))?;
             inner.flush()?;
             inner.get_ref().sync_all()?;
         }
@@ -144,7 +163,9 @@ pub fn compress(src: &Path, dest: File, dest_path: &Path, how: Compression, canc
             let mut w = zstd::stream::write::Encoder::new(out, 3)?;
             w.multithread(threads).context("enabling zstd threads")?;
             pump!(w);
-            let mut inner = w.finish().with_context(|| format!("finishing {dest_name}"))?;
+            let mut inner = w
+                .finish()
+                .with_context(|| format!("finishing {dest_name}"))?;
             inner.flush()?;
             inner.get_ref().sync_all()?;
         }
@@ -167,22 +188,30 @@ pub async fn qcow2(src: &Path, dest: &Path) -> Result<()> {
 
 /// `SHA256SUMS` in `sha256sum` format (`HASH  NAME`).
 pub fn sha256sums(entries: &[(String, String)]) -> String {
-    entries.iter().map(|(name, sum)| format!("{sum}  {name}\n")).collect()
+    entries
+        .iter()
+        .map(|(name, sum)| format!("{sum}  {name}\n"))
+        .collect()
 }
 
 /// Writes `data` to `path` and syncs it.
 pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all()?;
     Ok(())
 }
 
 /// Syncs a file's data (the raw image after editing by external tools).
 pub fn sync_file(path: &Path) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     f.seek(SeekFrom::Start(0))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -196,7 +225,11 @@ mod tests {
         let t = s.temp("a.img");
         std::fs::write(&t, "x").unwrap();
         drop(s);
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "dropped staging leaves nothing");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "dropped staging leaves nothing"
+        );
         let mut s = Staging::new(d.path()).unwrap();
         let t = s.temp("a.img");
         std::fs::write(&t, "x").unwrap();
@@ -225,7 +258,9 @@ mod tests {
             compress(&src, File::create(&p).unwrap(), &p, how, &no).unwrap();
         }
         let mut back = Vec::new();
-        liblzma::read::XzDecoder::new_multi_decoder(File::open(d.path().join("img.xz")).unwrap()).read_to_end(&mut back).unwrap();
+        liblzma::read::XzDecoder::new_multi_decoder(File::open(d.path().join("img.xz")).unwrap())
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
         let back = zstd::decode_all(File::open(d.path().join("img.zst")).unwrap()).unwrap();
         assert_eq!(back, data);

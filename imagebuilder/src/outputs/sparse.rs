@@ -35,7 +35,10 @@ pub fn data_extents(file: &File, len: u64) -> Result<Vec<Extent>> {
             Err(Errno::ENXIO) => break,
             Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => {
                 // No hole reporting: everything left is data.
-                out.push(Extent { start: pos as u64, end: len });
+                out.push(Extent {
+                    start: pos as u64,
+                    end: len,
+                });
                 return Ok(out);
             }
             Err(e) => return Err(e).context("seeking data in image"),
@@ -45,7 +48,10 @@ pub fn data_extents(file: &File, len: u64) -> Result<Vec<Extent>> {
             Err(e) => return Err(e).context("seeking hole in image"),
         };
         if end > start {
-            out.push(Extent { start: start as u64, end: end as u64 });
+            out.push(Extent {
+                start: start as u64,
+                end: end as u64,
+            });
         }
         pos = end;
     }
@@ -99,7 +105,8 @@ pub fn digest_image(path: &Path, block: u64, cancel: &AtomicBool) -> Result<Imag
                 anyhow::bail!("interrupted");
             }
             let n = left.min(buf.len() as u64) as usize;
-            f.read_exact(&mut buf[..n]).with_context(|| format!("reading {}", path.display()))?;
+            f.read_exact(&mut buf[..n])
+                .with_context(|| format!("reading {}", path.display()))?;
             part.update(&buf[..n]);
             whole.update(&buf[..n]);
             left -= n as u64;
@@ -108,7 +115,12 @@ pub fn digest_image(path: &Path, block: u64, cancel: &AtomicBool) -> Result<Imag
         pos = end;
     }
     feed_zeros(&mut whole, &zeros, size - pos, cancel)?;
-    Ok(ImageDigest { size, sha256: hex::encode(whole.finalize()), block_size: block, ranges: out })
+    Ok(ImageDigest {
+        size,
+        sha256: hex::encode(whole.finalize()),
+        block_size: block,
+        ranges: out,
+    })
 }
 
 fn feed_zeros(h: &mut Sha256, zeros: &[u8], mut n: u64, cancel: &AtomicBool) -> Result<()> {
@@ -129,7 +141,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -145,7 +159,17 @@ mod tests {
 
     #[test]
     fn ranges_merge_touching_extents_and_round_to_blocks() {
-        let ex = [Extent { start: 0, end: 10 }, Extent { start: 4096, end: 8192 }, Extent { start: 20000, end: 20001 }];
+        let ex = [
+            Extent { start: 0, end: 10 },
+            Extent {
+                start: 4096,
+                end: 8192,
+            },
+            Extent {
+                start: 20000,
+                end: 20001,
+            },
+        ];
         assert_eq!(block_ranges(&ex, 4096), vec![(0, 1), (4, 4)]);
     }
 
@@ -165,6 +189,9 @@ mod tests {
         assert_eq!(d.size, 10 << 20);
         assert!(d.ranges.iter().any(|r| r.0 == (3 << 20) / 4096));
         let mapped: u64 = d.ranges.iter().map(|r| r.1 - r.0 + 1).sum();
-        assert!(mapped < 10, "the file is mostly holes, mapped {mapped} blocks");
+        assert!(
+            mapped < 10,
+            "the file is mostly holes, mapped {mapped} blocks"
+        );
     }
 }

@@ -17,7 +17,10 @@ use imagebuilder::disk::compose::{self, Shape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Panics (the test fails) naming what to install when a tool is missing or we are not root.
@@ -27,12 +30,22 @@ pub fn require_tools(tools: &[(&str, &str)]) {
         .filter(|(t, _)| !imagebuilder::tool::on_path(t))
         .map(|(t, p)| format!("{t} (apt-get install {p})"))
         .collect();
-    assert!(missing.is_empty(), "image tests need these tools: {}", missing.join(", "));
-    assert!(nix::unistd::geteuid().is_root(), "image tests bootstrap bases with debootstrap and need root");
+    assert!(
+        missing.is_empty(),
+        "image tests need these tools: {}",
+        missing.join(", ")
+    );
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "image tests bootstrap bases with debootstrap and need root"
+    );
 }
 
 pub fn require_all_tools() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("imagebuilder=info").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("imagebuilder=info")
+        .try_init();
     require_tools(&[
         ("debootstrap", "debootstrap"),
         ("mke2fs", "e2fsprogs"),
@@ -51,7 +64,9 @@ pub fn require_all_tools() {
 
 /// The rackseed cache the tests share (bootstrap tarballs survive between runs).
 pub fn shared_cache() -> PathBuf {
-    std::env::var_os("RACKSEED_TEST_CACHE").map(PathBuf::from).unwrap_or_else(imagebuilder::build::default_cache_dir)
+    std::env::var_os("RACKSEED_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(imagebuilder::build::default_cache_dir)
 }
 
 /// The suite and mirror the build machine's apt sources name.
@@ -62,7 +77,12 @@ pub fn host_suite() -> (String, String) {
 
 pub fn bootstrap_base(target: Target) -> Base {
     let (suite, _) = host_suite();
-    Base::Bootstrap { suite, mirror: None, arch: target.deb_arch().into(), packages: vec![] }
+    Base::Bootstrap {
+        suite,
+        mirror: None,
+        arch: target.deb_arch().into(),
+        packages: vec![],
+    }
 }
 
 static BOOTSTRAP_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -71,8 +91,12 @@ static BOOTSTRAP_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(()
 pub async fn bootstrap_tarball(target: Target) -> PathBuf {
     let _g = BOOTSTRAP_LOCK.lock().await;
     let (suite, _) = host_suite();
-    let spec = bootstrap::BootstrapSpec::new(&suite, None, target.deb_arch(), &[], Path::new("/etc/apt")).unwrap();
-    bootstrap::ensure_tarball(&spec, &shared_cache()).await.expect("bootstrapping the test base")
+    let spec =
+        bootstrap::BootstrapSpec::new(&suite, None, target.deb_arch(), &[], Path::new("/etc/apt"))
+            .unwrap();
+    bootstrap::ensure_tarball(&spec, &shared_cache())
+        .await
+        .expect("bootstrapping the test base")
 }
 
 static FIXTURE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -90,7 +114,9 @@ pub async fn official_fixture(target: Target) -> PathBuf {
     let tree = work.path().join("tree");
     bootstrap::unpack(&tar, &tree).await.unwrap();
     let partial = work.path().join("fixture.img");
-    compose::compose(&tree, target, Shape::Official, &partial).await.expect("composing the official-shaped fixture");
+    compose::compose(&tree, target, Shape::Official, &partial)
+        .await
+        .expect("composing the official-shaped fixture");
     std::fs::rename(&partial, &img).unwrap();
     img
 }
@@ -104,7 +130,14 @@ pub async fn official_rpi_xz() -> PathBuf {
         // The xz tool (optimised C, fastest preset) keeps this quick in debug test builds; the
         // builder's own xz output is covered by outputs' unit tests.
         let partial = raw.with_extension("xz.partial");
-        let data = run("sh", &["-c", &format!("xz -T0 -0 -c '{}' > '{}'", raw.display(), partial.display())]).await;
+        let data = run(
+            "sh",
+            &[
+                "-c",
+                &format!("xz -T0 -0 -c '{}' > '{}'", raw.display(), partial.display()),
+            ],
+        )
+        .await;
         assert!(data.is_empty());
         std::fs::rename(&partial, &xz).unwrap();
     }
@@ -119,7 +152,17 @@ pub async fn aarch64_stand_in(dir: &Path) -> PathBuf {
     let out = dir.join("firstboot-aarch64");
     let x = dir.join("arm64-true");
     std::fs::create_dir_all(&x).unwrap();
-    run("tar", &["-xf", tar.to_str().unwrap(), "-C", x.to_str().unwrap(), "./usr/bin/true"]).await;
+    run(
+        "tar",
+        &[
+            "-xf",
+            tar.to_str().unwrap(),
+            "-C",
+            x.to_str().unwrap(),
+            "./usr/bin/true",
+        ],
+    )
+    .await;
     std::fs::copy(x.join("usr/bin/true"), &out).unwrap();
     out
 }
@@ -127,13 +170,21 @@ pub async fn aarch64_stand_in(dir: &Path) -> PathBuf {
 /// The workspace's own x86_64 firstboot build.
 pub fn x86_firstboot() -> PathBuf {
     let p = workspace().join("target/debug/firstboot");
-    assert!(p.is_file(), "{} is missing: run `cargo build -p firstboot` first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build -p firstboot` first",
+        p.display()
+    );
     p
 }
 
 /// Runs a program, panicking with its stderr on failure; returns stdout.
 pub async fn run(program: &str, args: &[&str]) -> String {
-    match Cmd::new(program, Duration::from_secs(600)).args(args).run().await {
+    match Cmd::new(program, Duration::from_secs(600))
+        .args(args)
+        .run()
+        .await
+    {
         Ok(o) => o.stdout,
         Err(e) => panic!("{e}"),
     }
@@ -141,7 +192,11 @@ pub async fn run(program: &str, args: &[&str]) -> String {
 
 /// Exit code and combined output, for checks that must fail.
 pub async fn output(program: &str, args: &[&str]) -> (Option<i32>, String) {
-    let o = Cmd::new(program, Duration::from_secs(600)).args(args).output().await.unwrap();
+    let o = Cmd::new(program, Duration::from_secs(600))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
     (o.code(), format!("{}{}", o.stdout, o.stderr))
 }
 
@@ -170,19 +225,37 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             formation_timeout: Duration::from_secs(600),
             secret_file: secret_file.clone(),
         },
-        microk8s: Microk8s { channel: "1.32/stable".into(), offline_snaps: None },
-        addons: Addons { dns: Dns { enabled: true, upstream: vec![] }, metallb: None, storage: Storage::None },
+        microk8s: Microk8s {
+            channel: "1.32/stable".into(),
+            offline_snaps: None,
+        },
+        addons: Addons {
+            dns: Dns {
+                enabled: true,
+                upstream: vec![],
+            },
+            metallb: None,
+            storage: Storage::None,
+        },
         network: Network {
             interface: None,
             addressing: Addressing::Dhcp,
-            wifi: Some(Wifi { ssid: "homelab".into(), psk_file: psk_file.clone(), country: "GB".into() }),
+            wifi: Some(Wifi {
+                ssid: "homelab".into(),
+                psk_file: psk_file.clone(),
+                country: "GB".into(),
+            }),
         },
         nodes: vec![],
         image: Image {
             target,
             base,
             disk_size: 2 << 30,
-            users: vec![User { name: "ops".into(), ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6a ops@lab".into()], sudo: true }],
+            users: vec![User {
+                name: "ops".into(),
+                ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6a ops@lab".into()],
+                sudo: true,
+            }],
             hostname_pattern: "{cluster}-{id}".into(),
         },
     };
@@ -192,12 +265,22 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
         psk_file.display(),
         target.as_str()
     );
-    Sample { config, toml, secret, psk }
+    Sample {
+        config,
+        toml,
+        secret,
+        psk,
+    }
 }
 
 /// A request writing to `out` with the shared cache.
 pub fn request(s: &Sample, out: &Path, firstboot: PathBuf) -> imagebuilder::build::BuildRequest {
-    let mut r = imagebuilder::build::BuildRequest::new(s.config.clone(), s.toml.clone(), out.to_path_buf(), workspace().join("overlays"));
+    let mut r = imagebuilder::build::BuildRequest::new(
+        s.config.clone(),
+        s.toml.clone(),
+        out.to_path_buf(),
+        workspace().join("overlays"),
+    );
     r.firstboot_bin = Some(firstboot);
     r.cache_dir = Some(shared_cache());
     r
@@ -206,7 +289,9 @@ pub fn request(s: &Sample, out: &Path, firstboot: PathBuf) -> imagebuilder::buil
 /// Names in `dir` (sorted), hidden ones included.
 pub fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => vec![],
     };
     v.sort();
@@ -246,7 +331,9 @@ pub async fn serve(file: PathBuf, mode: Serve) -> Server {
     let (rq, rg) = (requests.clone(), ranged.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let n = rq.fetch_add(1, Ordering::SeqCst);
             let file = file.clone();
             let rg = rg.clone();
@@ -254,7 +341,9 @@ pub async fn serve(file: PathBuf, mode: Serve) -> Server {
                 let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(k) = sock.read(&mut buf).await else { return };
+                    let Ok(k) = sock.read(&mut buf).await else {
+                        return;
+                    };
                     if k == 0 || req.len() > 16384 {
                         return;
                     }
@@ -282,16 +371,28 @@ pub async fn serve(file: PathBuf, mode: Serve) -> Server {
                         data.len()
                     )
                 } else {
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
                 };
                 let _ = sock.write_all(head.as_bytes()).await;
-                let send = if mode == Serve::BreakFirst && n == 0 { &body[..body.len() / 2] } else { body };
+                let send = if mode == Serve::BreakFirst && n == 0 {
+                    &body[..body.len() / 2]
+                } else {
+                    body
+                };
                 let _ = sock.write_all(send).await;
                 let _ = sock.shutdown().await;
             });
         }
     });
-    Server { url: format!("http://127.0.0.1:{port}/{name}"), requests, ranged, task }
+    Server {
+        url: format!("http://127.0.0.1:{port}/{name}"),
+        requests,
+        ranged,
+        task,
+    }
 }
 
 /// Extracts partition bytes `[start, start+size)` of `image` to `dest` (for fsck.vfat).
