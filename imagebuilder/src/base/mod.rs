@@ -96,7 +96,7 @@ pub fn copy_sparse(
         Format::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
         Format::Qcow2 => bail!("qcow2 is converted with qemu-img"),
     };
-    let mut buf = vec![0u8; 1 << 16];
+    let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
         if cancel.load(Ordering::Relaxed) {
@@ -152,6 +152,32 @@ mod tests {
     }
 
     #[test]
+    fn raw_copy_keeps_holes_and_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("raw");
+        let f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let mut f = f;
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(&[1u8; 300_000]).unwrap();
+        f.seek(SeekFrom::Start((64 << 20) - 10)).unwrap();
+        f.write_all(b"end-marker").unwrap();
+        drop(f);
+        let out = d.path().join("out");
+        let never = AtomicBool::new(false);
+        assert_eq!(
+            copy_sparse(&src, File::create(&out).unwrap(), &out, Format::Raw, &never).unwrap(),
+            64 << 20
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            std::fs::metadata(&out).unwrap().blocks() * 512 < 4 << 20,
+            "holes kept"
+        );
+    }
+
+    #[test]
     fn xz_roundtrip_is_sparse_and_truncation_fails() {
         let d = tempfile::tempdir().unwrap();
         let raw = d.path().join("raw");
@@ -171,7 +197,7 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), data);
         use std::os::unix::fs::MetadataExt;
         assert!(
-            std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20,
+            std::fs::metadata(&out).unwrap().blocks() * 512 < 3 << 20,
             "zero blocks became holes"
         );
         let cut = d.path().join("cut.xz");

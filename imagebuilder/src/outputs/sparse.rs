@@ -82,45 +82,110 @@ pub struct ImageDigest {
     pub ranges: Vec<(u64, u64, String)>,
 }
 
-/// Hashes `path` once: per mapped range and as a whole. `cancel` aborts between chunks.
+/// Hashes `path`: per mapped range and as a whole, on two threads (each reads the data once
+/// more from the page cache; hashing, not reading, is the cost). `cancel` aborts between chunks.
 pub fn digest_image(path: &Path, block: u64, cancel: &AtomicBool) -> Result<ImageDigest> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = f.metadata()?.len();
     let extents = data_extents(&f, size)?;
     let ranges = block_ranges(&extents, block);
+    let (whole, per) = std::thread::scope(|s| {
+        let whole = s.spawn(|| whole_hash(path, size, &ranges, block, cancel));
+        let per = range_hashes(path, size, &ranges, block, cancel);
+        (
+            whole.join().expect("the hashing thread does not panic"),
+            per,
+        )
+    });
+    Ok(ImageDigest {
+        size,
+        sha256: whole?,
+        block_size: block,
+        ranges: per?,
+    })
+}
+
+fn read_into(
+    f: &mut File,
+    path: &Path,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+    cancel: &AtomicBool,
+    sinks: &mut [&mut Sha256],
+) -> Result<()> {
+    f.seek(SeekFrom::Start(start))?;
+    let mut left = end - start;
+    while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            anyhow::bail!("interrupted");
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", path.display()))?;
+        for h in sinks.iter_mut() {
+            h.update(&buf[..n]);
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn whole_hash(
+    path: &Path,
+    size: u64,
+    ranges: &[(u64, u64)],
+    block: u64,
+    cancel: &AtomicBool,
+) -> Result<String> {
+    let mut f = File::open(path)?;
     let mut whole = Sha256::new();
     let zeros = vec![0u8; 1 << 20];
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
-    let mut out = Vec::with_capacity(ranges.len());
-    for &(first, last) in &ranges {
+    for &(first, last) in ranges {
         let start = first * block;
         let end = ((last + 1) * block).min(size);
         feed_zeros(&mut whole, &zeros, start - pos, cancel)?;
-        f.seek(SeekFrom::Start(start))?;
-        let mut part = Sha256::new();
-        let mut left = end - start;
-        while left > 0 {
-            if cancel.load(Ordering::Relaxed) {
-                anyhow::bail!("interrupted");
-            }
-            let n = left.min(buf.len() as u64) as usize;
-            f.read_exact(&mut buf[..n])
-                .with_context(|| format!("reading {}", path.display()))?;
-            part.update(&buf[..n]);
-            whole.update(&buf[..n]);
-            left -= n as u64;
-        }
-        out.push((first, last, hex::encode(part.finalize())));
+        read_into(
+            &mut f,
+            path,
+            start,
+            end,
+            &mut buf,
+            cancel,
+            &mut [&mut whole],
+        )?;
         pos = end;
     }
     feed_zeros(&mut whole, &zeros, size - pos, cancel)?;
-    Ok(ImageDigest {
-        size,
-        sha256: hex::encode(whole.finalize()),
-        block_size: block,
-        ranges: out,
-    })
+    Ok(hex::encode(whole.finalize()))
+}
+
+fn range_hashes(
+    path: &Path,
+    size: u64,
+    ranges: &[(u64, u64)],
+    block: u64,
+    cancel: &AtomicBool,
+) -> Result<Vec<(u64, u64, String)>> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = Vec::with_capacity(ranges.len());
+    for &(first, last) in ranges {
+        let mut part = Sha256::new();
+        read_into(
+            &mut f,
+            path,
+            first * block,
+            ((last + 1) * block).min(size),
+            &mut buf,
+            cancel,
+            &mut [&mut part],
+        )?;
+        out.push((first, last, hex::encode(part.finalize())));
+    }
+    Ok(out)
 }
 
 fn feed_zeros(h: &mut Sha256, zeros: &[u8], mut n: u64, cancel: &AtomicBool) -> Result<()> {
