@@ -13,7 +13,7 @@ use std::time::Instant;
 use firstboot::config::{Base, Target};
 use rand::{RngCore, SeedableRng};
 
-const FILLER: u64 = 1300 << 20;
+const FILLER: u64 = 1400 << 20;
 
 fn vm_hwm_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
