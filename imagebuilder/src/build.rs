@@ -387,3 +387,76 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         warnings: custom.warnings,
     })
 }
+
+/// Arguments of `imagebuilder build`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuildArgs {
+    /// The cluster config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Target, overriding the config's `image.target`: x86_64-efi, rpi4 or rpi5.
+    #[arg(long)]
+    pub target: Option<Target>,
+    /// Output folder.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// The firstboot binary for the target (default: next to imagebuilder; aarch64 targets
+    /// need one built for aarch64).
+    #[arg(long)]
+    pub firstboot_bin: Option<PathBuf>,
+    /// The overlays folder holding common/, x86_64/ and rpi/.
+    #[arg(long, env = "RACKSEED_OVERLAYS", default_value = "overlays")]
+    pub overlays: PathBuf,
+    /// An extra overlay tree laid after the target's (test images only). Repeatable.
+    #[arg(long = "overlay")]
+    pub extra_overlays: Vec<PathBuf>,
+    /// Also write a compressed image: xz or zstd.
+    #[arg(long)]
+    pub compress: Option<Compression>,
+    /// Also write a qcow2 image (for QEMU).
+    #[arg(long)]
+    pub qcow2: bool,
+    /// Download and bootstrap cache (default ~/.cache/rackseed).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Output base name (default rackseed-<cluster>-<target>).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `imagebuilder build`: loads and validates the config, builds, prints what was written.
+/// Ctrl-C stops the build and removes its partial files.
+pub fn run_cli(args: BuildArgs) -> Result<()> {
+    let loaded = firstboot::config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let mut req = BuildRequest::new(loaded.config, text, args.out, args.overlays);
+    req.target = args.target;
+    req.firstboot_bin = args.firstboot_bin;
+    req.extra_overlays = args.extra_overlays;
+    req.compression = args.compress;
+    req.qcow2 = args.qcow2;
+    req.cache_dir = args.cache_dir;
+    req.name = args.name;
+    req.progress = true;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let out = rt.block_on(run_until_ctrl_c(req))?;
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("image:      {}", out.image.display());
+    if let Some(c) = &out.compressed {
+        println!("compressed: {}", c.display());
+    }
+    if let Some(q) = &out.qcow2 {
+        println!("qcow2:      {}", q.display());
+    }
+    println!("bmap:       {}", out.bmap.display());
+    println!("sums:       {}", out.sha256sums.display());
+    println!("manifest:   {}", out.manifest.display());
+    println!("sha256:     {}", out.sha256);
+    Ok(())
+}

@@ -180,3 +180,25 @@ impl fmt::Display for Report {
         )
     }
 }
+
+/// Arguments of `imagebuilder inspect`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// A raw image built by `imagebuilder build`.
+    pub image: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `imagebuilder inspect`.
+pub fn run_cli(args: InspectArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = rt.block_on(run(&args.image))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}

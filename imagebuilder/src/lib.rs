@@ -1,7 +1,10 @@
-//! rackseed's workstation tool: builds, inspects and flashes appliance images.
+//! rackseed's workstation tool: validates cluster configs, makes cluster secrets, and builds,
+//! inspects and flashes appliance images. Logic lives in the modules below; `main.rs` only
+//! parses arguments and calls [`cli::run`].
 
 pub mod base;
 pub mod build;
+pub mod cli;
 pub mod customize;
 pub mod disk;
 pub mod flash;
