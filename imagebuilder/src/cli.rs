@@ -1,9 +1,10 @@
 //! The `imagebuilder` command line (clap derive).
 //!
 //! Commands: `validate CONFIG` (the same check as `firstboot check-config`), `secret new PATH`,
-//! `build` and `inspect IMAGE` (logic in [`crate::build`] / [`crate::inspect`]). To add a subcommand: add a variant to [`Command`] (with its arguments)
-//! and one arm in [`run`] calling a function that does the work and returns an
-//! [`ExitCode`], or an `anyhow::Result` passed through [`report`].
+//! `build` and `inspect IMAGE` (logic in [`crate::build`] / [`crate::inspect`]). To add a
+//! subcommand: add a variant to [`Command`] (with its arguments) and one arm in [`run`] calling
+//! a function that does the work and returns an [`ExitCode`], or an `anyhow::Result` passed
+//! through [`report`].
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
