@@ -419,7 +419,7 @@ pub struct BuildArgs {
     /// Download and bootstrap cache (default ~/.cache/rackseed).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Output base name (default rackseed-<cluster>-<target>).
+    /// Output base name (default `rackseed-<cluster>-<target>`).
     #[arg(long)]
     pub name: Option<String>,
 }

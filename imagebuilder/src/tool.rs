@@ -3,7 +3,7 @@
 //! `firstboot::system::command::Cmd`, so each call has a timeout, is killed when the build is
 //! dropped (Ctrl-C) and reports the program's stderr tail on failure.
 //!
-//! To add a program: call [`run`] with its argv and a timeout sized for the slowest legitimate
+//! To add a program: call [`Tool::run`] with its argv and a timeout sized for the slowest legitimate
 //! run; parse its output in the module that owns the format, not here.
 
 use std::ffi::OsString;

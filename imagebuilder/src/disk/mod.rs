@@ -5,7 +5,7 @@
 //! The table is read with `sfdisk --json` ([`parse_sfdisk_json`] is tested on captured output);
 //! filesystem type and label come from the superblock / boot sector ([`probe_fs`]), so nothing
 //! is mounted. [`compose`] builds a fresh layout from a root tree; [`grow`] enlarges an image.
-//! To support a new layout, add its labels to [`Layout`] and teach [`compose`] to create it.
+//! To support a new layout, add its labels to [`compose::labels`] and teach [`compose`] to create it.
 
 pub mod compose;
 pub mod fat;
