@@ -312,7 +312,6 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         .run()
         .await
         .context("the customised root filesystem does not check clean")?;
-    outputs::sync_file(&work)?;
 
     tracing::info!("customize: done in {:.1?}", step.elapsed());
     // outputs
@@ -374,6 +373,8 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     if cancel.load(Ordering::Relaxed) {
         bail!("interrupted");
     }
+    // One flush of the raw image, after hashing, so writeback overlaps the hashing.
+    outputs::sync_file(&work)?;
     staging.commit()?;
     tracing::info!("outputs: done in {:.1?}", step.elapsed());
     Ok(BuildOutputs {

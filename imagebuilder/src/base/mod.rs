@@ -79,20 +79,47 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
     Ok(fmt)
 }
 
-/// Copies a raw image's data extents (found with `SEEK_DATA`/`SEEK_HOLE`) with positioned
-/// 4 MiB reads and writes; holes stay holes and are never read.
+/// Copies a raw image's data extents (found with `SEEK_DATA`/`SEEK_HOLE`); holes stay holes
+/// and are never read. The kernel copies (`copy_file_range`, no user-space buffer); where it
+/// cannot, positioned 4 MiB reads and writes do.
 fn copy_raw(src: &Path, out: &File, cancel: &AtomicBool) -> Result<u64> {
+    use nix::errno::Errno;
     use std::os::unix::fs::FileExt;
     let f = File::open(src)?;
     let len = f.metadata()?.len();
-    let mut buf = vec![0u8; 4 << 20];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut in_kernel = true;
     for e in crate::outputs::sparse::data_extents(&f, len)? {
         let mut pos = e.start;
         while pos < e.end {
             if cancel.load(Ordering::Relaxed) {
                 bail!("interrupted");
             }
-            let n = ((e.end - pos) as usize).min(buf.len());
+            let want = ((e.end - pos) as usize).min(64 << 20);
+            if in_kernel {
+                let (mut off_in, mut off_out) = (pos as i64, pos as i64);
+                match nix::fcntl::copy_file_range(
+                    &f,
+                    Some(&mut off_in),
+                    out,
+                    Some(&mut off_out),
+                    want,
+                ) {
+                    Ok(0) => bail!("the base image shrank while it was being copied"),
+                    Ok(n) => {
+                        pos += n as u64;
+                        continue;
+                    }
+                    Err(Errno::EXDEV | Errno::ENOSYS | Errno::EINVAL | Errno::EOPNOTSUPP) => {
+                        in_kernel = false
+                    }
+                    Err(e) => return Err(e).context("copying image data"),
+                }
+            }
+            if buf.is_empty() {
+                buf = vec![0u8; 4 << 20];
+            }
+            let n = want.min(buf.len());
             f.read_exact_at(&mut buf[..n], pos)
                 .context("reading image data (is the base image truncated?)")?;
             out.write_all_at(&buf[..n], pos)
@@ -100,8 +127,8 @@ fn copy_raw(src: &Path, out: &File, cancel: &AtomicBool) -> Result<u64> {
             pos += n as u64;
         }
     }
+    // No fsync here: the build syncs the finished image once, before the final rename.
     out.set_len(len)?;
-    out.sync_all()?;
     Ok(len)
 }
 
@@ -148,7 +175,6 @@ pub fn copy_sparse(
         total += n as u64;
     }
     out.set_len(total)?;
-    out.sync_all()?;
     Ok(total)
 }
 
