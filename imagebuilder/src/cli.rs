@@ -1,6 +1,7 @@
 //! The `imagebuilder` command line (clap derive).
 //!
 //! Commands: `validate CONFIG` (the same check as `firstboot check-config`), `secret new PATH`,
+//! `build` and `inspect IMAGE` (logic in [`crate::build`] / [`crate::inspect`]),
 //! `status` (watch the cluster form), `kubeconfig` (fetch the admin kubeconfig),
 //! `flash IMAGE DEVICE`, `qemu ...` (test clusters), `completions SHELL` and `manpages DIR`.
 //! To add a subcommand: add a variant to [`Command`] (with its arguments)
@@ -41,6 +42,10 @@ pub enum Command {
     /// Manage the cluster secret.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Build an appliance image from a base image (official, local or bootstrapped).
+    Build(crate::build::BuildArgs),
+    /// Show the partitions and rackseed files of a built image (never the secret).
+    Inspect(crate::inspect::InspectArgs),
     /// Watch the cluster form: every node's phase and role, and a one-line verdict.
     Status(StatusArgs),
     /// Print the cluster's admin kubeconfig, fetched from a control-plane member over its
@@ -146,6 +151,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Validate { config } => firstboot::cli::check_config(&config),
         Command::Secret(SecretCommand::New { path }) => report(new_secret(&path)),
+        Command::Build(args) => report(crate::build::run_cli(args)),
+        Command::Inspect(args) => report(crate::inspect::run_cli(args)),
         Command::Status(args) => status(&args),
         Command::Kubeconfig(args) => report(kubeconfig(&args)),
         Command::Flash {
