@@ -204,6 +204,10 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     secret_paths.push(LAUNCH_PATH.into());
     let info = serde_json::to_vec_pretty(inp.image_info)?;
     entries.push(file(INFO_PATH, sc.file(&info, 0o644)?, 0o644));
+    // One image, many machines: an empty machine id makes systemd generate a fresh one on each
+    // machine's first boot, and with it firstboot's node id. A baked-in id would give every
+    // flashed machine the same identity.
+    entries.push(file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
     if let Some(dir) = &inp.config.microk8s.offline_snaps {
         let mut found = 0;
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
