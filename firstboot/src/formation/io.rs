@@ -1,0 +1,82 @@
+//! The formation core's inputs and outputs: [`Event`]s the driver feeds in, [`Action`]s it
+//! executes, and the point-to-point [`Message`]s nodes exchange through the coordinator.
+//!
+//! To add an input or output: add a variant here, handle it in [`super::Node::handle`] and in
+//! the driver, and cover it in the simulated network of `tests/formation_props.rs`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::announce::Announcement;
+use super::types::{Accepted, Ballot, ClusterId, NodeId, PersistedState, Record};
+use crate::config::Role;
+
+/// Something that happened, fed to [`super::Node::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A verified announcement (first sight or update) and the address it came from.
+    PeerSeen { ann: Announcement, ip: IpAddr },
+    /// Discovery lost the peer (mDNS goodbye or expiry).
+    PeerLost { id: NodeId },
+    /// Periodic timer; once a second is plenty.
+    Tick,
+    /// Result of [`Action::PrepareNode`].
+    NodePrepared(Result<(), String>),
+    /// Result of [`Action::Join`] (join plus wait for Ready).
+    JoinFinished(Result<(), String>),
+    /// Result of [`Action::EnableAddons`].
+    AddonsEnabled(Result<(), String>),
+    /// A message from an authenticated peer.
+    Message { from: NodeId, msg: Message },
+}
+
+/// Something the driver must do, in order. A [`Action::Persist`] must be durable (temp file,
+/// fsync, rename) before any later action of the same batch is executed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum Action {
+    /// Advertise this announcement (replacing the previous one).
+    Announce(Announcement),
+    /// Send one message; it may be lost, duplicated or delayed.
+    Send { to: NodeId, msg: Message },
+    /// Write this state atomically before executing the following actions.
+    Persist(PersistedState),
+    /// Prepare the host (hugepages, kernel modules, packages); report [`Event::NodePrepared`].
+    PrepareNode,
+    /// Run `microk8s join <seed_ip>:25000/<persistent token>` (with `--worker` when `worker`),
+    /// then wait until this node is Ready; kill it after `timeout`; report
+    /// [`Event::JoinFinished`]. Must report success when this node already is a member.
+    Join { seed_ip: IpAddr, worker: bool, timeout: Duration, cluster: ClusterId },
+    /// Enable the configured addons on this control-plane node; report [`Event::AddonsEnabled`].
+    EnableAddons { cluster: ClusterId },
+    /// A human status line (sd_notify `STATUS=`).
+    SetStatus(String),
+}
+
+/// Point-to-point messages (JSON over the authenticated coordinator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "msg")]
+pub enum Message {
+    /// Paxos phase 1: promise not to accept anything below `ballot`.
+    Prepare { ballot: Ballot },
+    /// Binding promise for `ballot`, with the acceptor's last accepted record.
+    Promise { ballot: Ballot, accepted: Option<Accepted> },
+    /// Paxos phase 2: accept `record` at `ballot`.
+    Accept { ballot: Ballot, record: Record },
+    /// `ballot` accepted.
+    Accepted { ballot: Ballot },
+    /// Refused: the acceptor has promised `promised`, higher than `ballot`.
+    Nack { ballot: Ballot, promised: Ballot },
+    /// Ask the slot authority for the join slot; `req` identifies this request.
+    SlotRequest { req: u64 },
+    /// The slot is yours: join `cluster` as `role` (via the sender).
+    SlotGrant { req: u64, cluster: ClusterId, seq: u64, role: Role },
+    /// The receiver is not the slot authority; try `hint`.
+    NotAuthority { hint: Option<NodeId> },
+    /// The joiner's result for slot `seq`.
+    JoinReport { cluster: ClusterId, seq: u64, role: Role, ok: bool },
+    /// The membership is recorded: the joiner is a member with `role`.
+    JoinConfirmed { cluster: ClusterId, role: Role },
+}

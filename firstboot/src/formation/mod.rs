@@ -1,0 +1,126 @@
+//! Cluster formation: safe seed election and serial joins, as a pure state machine.
+//!
+//! No I/O, no async, no clock reads: [`Node::handle`] takes `now` (a monotonic
+//! [`std::time::Duration`] since this process started; it restarts from zero after a reboot, and
+//! nothing persisted is a time) and an [`Event`], and returns [`Action`]s for the driver to
+//! execute in order. Clocks of different nodes are never compared (Raspberry Pis have no RTC);
+//! only durations measured on one node are, and only against that node's own earlier readings.
+//!
+//! # Protocol: one replicated record, changed only by Paxos rounds (CASPaxos)
+//!
+//! Every node is a Paxos *acceptor* (it persists a binding promise and the last accepted value
+//! before answering). All cluster-wide decisions are changes to one value, the [`Record`]
+//! (cluster identity, electorate, slot authority, members, the join slot, addon claim), made by
+//! a *round*: the proposer picks a ballot `(n, its id)` higher than any it has seen (persisting
+//! `n` first, so a ballot is never reused), collects promises (each carrying the acceptor's last
+//! accepted record), takes the record with the highest ballot among them, applies a pure
+//! change ([`node::apply`]) and has the result accepted. A round that is refused, or does not
+//! finish within `round_timeout`, is dropped and retried later with a higher ballot.
+//!
+//! Quorums:
+//! - before a cluster exists, a round needs `Q = max(expected_nodes, control_plane) / 2 + 1`
+//!   promises, and an election write needs `Q` acceptances (2 of 3, 3 of 5);
+//! - the election fixes the record's *electorate* `S` (the nodes the seed saw; never changed);
+//!   every later round needs, among its promises and among its acceptances, a strict majority
+//!   of `S` (and a read still needs `Q` promises in total).
+//!
+//! Operations ([`node::Op`]):
+//! - **Elect**: when the expected nodes are visible (or `formation_timeout` has passed with `Q`
+//!   visible), the best visible candidate — highest priority, then lowest id; nodes pinned to
+//!   worker are not candidates — proposes a record naming itself seed, `ClusterId { seed, term =
+//!   ballot n }`, authority and only member. If the round reads an existing record, it rewrites
+//!   that one instead and the proposer becomes a joiner: competing claims collapse to one seed.
+//! - **Grant / Confirm / Reclaim**: joiners send `SlotRequest` to the slot authority; the
+//!   authority grants the slot (`slot = Some{node, role, seq}`) only while it is free, as one
+//!   round; the joiner runs `microk8s join <authority ip>` and reports; the authority records
+//!   the member and frees the slot (Confirm). A slot unconfirmed for `slot_timeout` is reclaimed;
+//!   its holder stays counted as *tentative* (it may have joined) until it confirms or asks again.
+//! - **Takeover**: when the authority has been unseen for `takeover_after`, the best visible
+//!   control-plane member makes itself authority (only if the record still names the old one).
+//! - **Elect with replace**: while nothing happened in a cluster (only the seed, no slot ever
+//!   pending, no addon claim) and its seed has been unseen for `takeover_after`, the best
+//!   waiting candidate replaces it (re-election). The deposed seed learns it at its next round.
+//! - **ClaimAddons / AddonsDone**: once `min(3, control_plane)` control-plane members are
+//!   recorded, the authority claims the addon enablement for itself; only the claimer ever
+//!   issues `EnableAddons`.
+//!
+//! Roles: pinned roles first; otherwise control plane while fewer than `control_plane` are
+//! counted (members + tentative + slot, places kept for pinned control-plane nodes not yet in);
+//! then worker. The seed is the first control-plane node. `--controlplane` is never used.
+//!
+//! # Why there is never a second cluster (safety argument)
+//!
+//! *Definitions.* A cluster identity is `(seed, term)`. A cluster is **bootstrapped** when a
+//! round that grants its first join slot or claims its addons is chosen; only then can any node
+//! other than its seed be in it, or any cluster-wide state be created. (The seed's MicroK8s is a
+//! lone single-node install until then; a deposed seed simply joins the winner.)
+//!
+//! 1. *The record is linearizable.* Standard single-decree Paxos safety, applied per round as
+//!    in CASPaxos: an acceptor never accepts below its persisted promise, a proposer never
+//!    reuses a ballot (its `n` is persisted before use), and every read quorum intersects the
+//!    write quorum of the latest chosen record: before the election both are `Q`-sized sets
+//!    out of at most `E = max(expected_nodes, control_plane)` participants; after it, both
+//!    contain a majority of the same fixed electorate `S` (a read takes the highest-ballot
+//!    record it sees, and additionally waits for a majority of *that* record's electorate).
+//!    So every round starts from the latest chosen record, or a later partially written one.
+//! 2. *One cluster.* A record, once it exists, is only ever replaced by an election when it is
+//!    untouched (no slot ever granted, no addon claim). Grants and claims are rounds on the
+//!    record, so a grant for cluster `C` can only be chosen while the record is `C`; after it,
+//!    `C` is touched forever and can never be replaced. Hence all grants in history belong to
+//!    one cluster identity, and no node ever joins two clusters.
+//! 3. *A minority never forms*: an election write needs `Q` acceptances.
+//! 4. *One join at a time.* The slot is a field of the record; a grant needs it free. It is
+//!    freed by the holder's confirmed report or reclaimed after `slot_timeout`, measured by the
+//!    authority from when it saw the grant. The joiner starts only on a grant answering a
+//!    request it sent at most `grant_max_age` ago (the grant was chosen after that send), and
+//!    the driver kills the join after `join_timeout`; `validate` demands
+//!    `slot_timeout > 5/4 (join_timeout + grant_max_age)`, so the join has ended before any
+//!    reclaim. A restarted joiner never resumes a join without a fresh grant.
+//! 5. *Control-plane count.* A role is computed inside the grant round from the record, counting
+//!    members, the slot and tentative holders (who may have joined), so it never exceeds
+//!    `control_plane`.
+//! 6. *Addons once.* The claim is a round that succeeds only when no claim exists; only the
+//!    claimer enables (again after a crash, because `microk8s enable` is idempotent).
+//!
+//! Assumptions: acceptor state survives crashes (`Persist` is durable before later actions);
+//! at most `E` nodes take part in the election (a node that sees any cluster announcement never
+//! proposes one; a re-imaged node has a new id and comes in as a late node); clock *rates*
+//! agree within 25 % (nothing depends on clock values).
+//!
+//! # State machine (persisted [`Phase`])
+//!
+//! ```text
+//!  Preparing --NodePrepared(ok)--> Discovering
+//!                                   |  \
+//!          cluster announced/known  |   \ I am best candidate and (all expected visible or
+//!                                   |    \ timeout with a quorum visible): Elect round
+//!                                   v     v
+//!                           WaitingForSlot   (round chose my record) -----> Member{cp} (seed,
+//!                           ^   |  ^    ^                                    authority)
+//!           join failed /   |   |  |    | deposed seed (record replaced    ^
+//!           restart while   |   |  |    |  by a re-election)               |
+//!           Joining         |   |  |    +----------------------------------+
+//!                           |   | SlotGrant (fresh request, free slot)
+//!                           |   v
+//!                         Joining{slot} --JoinFinished(ok)--> Confirming --JoinConfirmed--> Member{role}
+//!                           |                                    (repeats JoinReport)
+//!                           +--JoinFinished(err)--> WaitingForSlot
+//! ```
+//! Within `Member`, a control-plane node may be the slot *authority* (grants, confirms,
+//! reclaims, claims addons) or take over that duty; any node in any phase answers as acceptor.
+//!
+//! To extend: add record fields with `#[serde(default)]`, a new [`node::Op`] with its pure
+//! transition in [`node::apply`], and cover it in `tests/formation_*.rs`.
+
+pub mod announce;
+pub mod io;
+pub mod node;
+pub mod types;
+
+pub use announce::{Announcement, AnnouncementError, ANNOUNCEMENT_VERSION};
+pub use io::{Action, Event, Message};
+pub use node::{Node, Op, Status};
+pub use types::{
+    majority, Accepted, AcceptorState, Ballot, ClusterId, FormationParams, NodeId, NodeIdError,
+    ParamsError, PersistedState, Phase, PhaseSummary, Record, Slot,
+};

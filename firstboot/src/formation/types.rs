@@ -1,0 +1,463 @@
+//! Value types of the formation protocol: node ids, ballots, cluster ids, the replicated
+//! cluster [`Record`], the persisted [`Phase`] and [`PersistedState`], and [`FormationParams`].
+//!
+//! Everything here is plain data (serde, no behaviour beyond small helpers), so the driver, the
+//! coordinator and `firstboot status` can build against it. To add a persisted field, give it
+//! `#[serde(default)]` so state files written by older agents still load.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClusterConfig, MacAddr, Role};
+
+/// Stable node identity: lowercase hex, 1 to 64 characters (from `/etc/machine-id`, or the
+/// primary MAC without separators). Its ordering is the election tiebreak (lower wins).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(String);
+
+/// Why a string is not a [`NodeId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    #[error("node id is empty")]
+    Empty,
+    #[error("node id is {0} characters long, at most 64 allowed")]
+    TooLong(usize),
+    #[error("node id {0:?} is not lowercase hex")]
+    NotLowercaseHex(String),
+}
+
+impl NodeId {
+    /// Validates `s` as lowercase hex of 1 to 64 characters.
+    pub fn new(s: impl Into<String>) -> Result<NodeId, NodeIdError> {
+        let s = s.into();
+        if s.is_empty() {
+            return Err(NodeIdError::Empty);
+        }
+        if s.len() > 64 {
+            return Err(NodeIdError::TooLong(s.len()));
+        }
+        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(NodeIdError::NotLowercaseHex(s));
+        }
+        Ok(NodeId(s))
+    }
+
+    /// The id derived from a MAC address: its 12 hex digits.
+    pub fn from_mac(mac: MacAddr) -> NodeId {
+        NodeId(mac.0.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = NodeIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        NodeId::new(s)
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(id: NodeId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for NodeId {
+    type Err = NodeIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NodeId::new(s)
+    }
+}
+
+/// A Paxos ballot: totally ordered by `(n, node)`, unique because each proposer only uses its
+/// own id and never reuses an `n` (the highest `n` it used is persisted before use).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Ballot {
+    pub n: u64,
+    pub node: NodeId,
+}
+
+impl fmt::Display for Ballot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.n, self.node)
+    }
+}
+
+/// The identity of one MicroK8s cluster: the seed that founded it and the ballot number of the
+/// election that chose it. At most one cluster identity ever gets a member besides its seed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClusterId {
+    pub seed: NodeId,
+    pub term: u64,
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.term, self.seed)
+    }
+}
+
+/// The one join slot: `node` may run `microk8s join` as `role`. `seq` is unique per grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub node: NodeId,
+    pub role: Role,
+    pub seq: u64,
+}
+
+/// The replicated cluster record: the single value every CAS (compare-and-set over Paxos)
+/// reads and rewrites. See the module documentation of [`super`] for the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub cluster: ClusterId,
+    /// The nodes whose votes count once the cluster exists: fixed at the election, never
+    /// changed. Every write needs a majority of it.
+    pub electorate: BTreeSet<NodeId>,
+    /// The node that grants join slots (always a control-plane member).
+    pub authority: NodeId,
+    /// Confirmed members with their role; the seed is the first.
+    pub members: BTreeMap<NodeId, Role>,
+    /// The join slot in use, if any.
+    pub slot: Option<Slot>,
+    /// Holders of slots that timed out: they may have joined, so their role stays counted
+    /// until they confirm (then they move to `members`) or ask for a slot again.
+    #[serde(default)]
+    pub tentative: BTreeMap<NodeId, Role>,
+    /// Last slot sequence number handed out.
+    pub seq: u64,
+    /// The control-plane member that enables the addons (claimed once, never changed).
+    #[serde(default)]
+    pub addons_by: Option<NodeId>,
+    #[serde(default)]
+    pub addons_done: bool,
+}
+
+impl Record {
+    /// Control-plane nodes counted against `control_plane`: members, tentative, and the slot.
+    pub fn control_plane_count(&self) -> usize {
+        let members = self.members.values().filter(|r| **r == Role::ControlPlane).count();
+        let tentative = self
+            .tentative
+            .iter()
+            .filter(|(id, r)| **r == Role::ControlPlane && !self.members.contains_key(*id))
+            .count();
+        let slot = self
+            .slot
+            .as_ref()
+            .filter(|s| {
+                s.role == Role::ControlPlane
+                    && !self.members.contains_key(&s.node)
+                    && !self.tentative.contains_key(&s.node)
+            })
+            .map_or(0, |_| 1);
+        members + tentative + slot
+    }
+
+    /// Confirmed control-plane members.
+    pub fn control_plane_members(&self) -> impl Iterator<Item = &NodeId> {
+        self.members.iter().filter(|(_, r)| **r == Role::ControlPlane).map(|(id, _)| id)
+    }
+
+    /// True once nothing but the seed ever happened in this cluster: the only state in which
+    /// a re-election may replace it.
+    pub fn is_untouched(&self) -> bool {
+        self.members.len() == 1
+            && self.members.contains_key(&self.cluster.seed)
+            && self.slot.is_none()
+            && self.tentative.is_empty()
+            && self.addons_by.is_none()
+    }
+}
+
+/// What this node is doing; persisted after every step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "phase")]
+pub enum Phase {
+    /// Node preparation (hugepages, modules, packages) has not finished yet.
+    Preparing,
+    /// No cluster known: watching peers, maybe proposing itself as seed.
+    Discovering,
+    /// A cluster exists; waiting for the authority to grant this node the join slot.
+    WaitingForSlot { cluster: ClusterId },
+    /// Granted slot `seq`: running `microk8s join` against `via`.
+    Joining { cluster: ClusterId, seq: u64, role: Role, via: NodeId },
+    /// The join succeeded; waiting for the authority to record the membership.
+    Confirming { cluster: ClusterId, seq: u64, role: Role },
+    /// A recorded member of `cluster` (the seed is one from its election on).
+    Member { cluster: ClusterId, role: Role },
+}
+
+impl Phase {
+    /// Short name used in announcements and status lines.
+    pub fn summary(&self) -> PhaseSummary {
+        match self {
+            Phase::Preparing => PhaseSummary::Preparing,
+            Phase::Discovering => PhaseSummary::Discovering,
+            Phase::WaitingForSlot { .. } => PhaseSummary::Waiting,
+            Phase::Joining { .. } => PhaseSummary::Joining,
+            Phase::Confirming { .. } => PhaseSummary::Confirming,
+            Phase::Member { .. } => PhaseSummary::Member,
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&ClusterId> {
+        match self {
+            Phase::Preparing | Phase::Discovering => None,
+            Phase::WaitingForSlot { cluster }
+            | Phase::Joining { cluster, .. }
+            | Phase::Confirming { cluster, .. }
+            | Phase::Member { cluster, .. } => Some(cluster),
+        }
+    }
+}
+
+/// The phase without its data, as announced to peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PhaseSummary {
+    Preparing,
+    Discovering,
+    Waiting,
+    Joining,
+    Confirming,
+    Member,
+}
+
+impl PhaseSummary {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseSummary::Preparing => "prep",
+            PhaseSummary::Discovering => "disc",
+            PhaseSummary::Waiting => "wait",
+            PhaseSummary::Joining => "join",
+            PhaseSummary::Confirming => "conf",
+            PhaseSummary::Member => "memb",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PhaseSummary> {
+        Some(match s {
+            "prep" => PhaseSummary::Preparing,
+            "disc" => PhaseSummary::Discovering,
+            "wait" => PhaseSummary::Waiting,
+            "join" => PhaseSummary::Joining,
+            "conf" => PhaseSummary::Confirming,
+            "memb" => PhaseSummary::Member,
+            _ => return None,
+        })
+    }
+}
+
+/// An accepted Paxos value: the record written at `ballot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub ballot: Ballot,
+    pub record: Record,
+}
+
+/// The acceptor's binding promises: never accept below `promised`; `accepted` is the last
+/// value accepted. Both are persisted before any reply leaves the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptorState {
+    pub promised: Option<Ballot>,
+    pub accepted: Option<Accepted>,
+}
+
+/// Everything the driver writes atomically (temp file, fsync, rename) on [`super::Action::Persist`].
+/// Holds no absolute times: the clock restarts with the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// Format version of this structure.
+    pub version: u32,
+    pub phase: Phase,
+    /// Node preparation finished (it survives reboots: sysctl files, modules-load.d).
+    pub prepared: bool,
+    pub acceptor: AcceptorState,
+    /// Highest ballot number this node used or saw; a proposer never reuses one.
+    pub max_ballot: u64,
+    /// Newest record this node learned (by ballot), possibly never chosen: a hint for
+    /// routing, never the basis of a decision.
+    pub known: Option<Accepted>,
+    /// The newest record this node saw *chosen* (its own completed round): what it may act on.
+    #[serde(default)]
+    pub chosen: Option<Accepted>,
+    /// A chosen record names this node as the one that enables the addons.
+    #[serde(default)]
+    pub addons_claimed: bool,
+    /// This node ran `microk8s enable` successfully.
+    #[serde(default)]
+    pub addons_done: bool,
+}
+
+impl PersistedState {
+    pub const VERSION: u32 = 1;
+
+    pub fn fresh() -> PersistedState {
+        PersistedState {
+            version: Self::VERSION,
+            phase: Phase::Preparing,
+            prepared: false,
+            acceptor: AcceptorState::default(),
+            max_ballot: 0,
+            known: None,
+            chosen: None,
+            addons_claimed: false,
+            addons_done: false,
+        }
+    }
+}
+
+/// Tuning and inventory facts, identical on every node of a cluster (they come from the same
+/// config file). Use [`FormationParams::from_config`] in the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormationParams {
+    /// Control-plane nodes (dqlite voters) wanted: 1, 3, 5 or 7.
+    pub control_plane: u8,
+    /// Nodes to wait for before forming. See the module docs for why quorums count these.
+    pub expected_nodes: u32,
+    /// After this long (since this boot) a majority of the electorate may form.
+    pub formation_timeout: Duration,
+    /// A granted slot that is neither confirmed nor given back after this long is reclaimed.
+    /// Must exceed `join_timeout + grant_max_age` with margin (see [`Self::validate`]).
+    pub slot_timeout: Duration,
+    /// The driver kills a `microk8s join` (including its wait for Ready) after this long.
+    pub join_timeout: Duration,
+    /// A joiner ignores a grant answering a request it sent longer ago than this.
+    pub grant_max_age: Duration,
+    /// A peer whose announcement was not refreshed for this long counts as gone.
+    pub peer_timeout: Duration,
+    /// How long a Paxos round may take before it is abandoned and retried.
+    pub round_timeout: Duration,
+    /// How often a waiting node repeats its slot request / join report.
+    pub retry_interval: Duration,
+    /// How long the slot authority (or a lone seed) must be unseen before a takeover
+    /// (or re-election).
+    pub takeover_after: Duration,
+    /// This node's seed preference: higher wins.
+    pub priority: u32,
+    /// Inventory-pinned roles.
+    pub pinned_roles: BTreeMap<NodeId, Role>,
+    /// Enable the addons once HA has formed.
+    pub addons_wanted: bool,
+}
+
+/// Why a [`FormationParams`] is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    #[error("control-plane count must be 1, 3, 5 or 7, got {0}")]
+    ControlPlane(u8),
+    #[error("expected node count must be at least 1")]
+    ExpectedNodes,
+    #[error(
+        "slot timeout {slot:?} must exceed 5/4 of join timeout {join:?} plus grant max age {age:?}, or two joins could overlap"
+    )]
+    SlotTimeout { slot: Duration, join: Duration, age: Duration },
+    #[error("{0} must be non-zero")]
+    Zero(&'static str),
+}
+
+impl FormationParams {
+    /// Parameters with the agent's default timings.
+    pub fn new(control_plane: u8, expected_nodes: u32, formation_timeout: Duration) -> Self {
+        FormationParams {
+            control_plane,
+            expected_nodes,
+            formation_timeout,
+            slot_timeout: Duration::from_secs(900),
+            join_timeout: Duration::from_secs(600),
+            grant_max_age: Duration::from_secs(30),
+            peer_timeout: Duration::from_secs(90),
+            round_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(5),
+            takeover_after: Duration::from_secs(180),
+            priority: 0,
+            pinned_roles: BTreeMap::new(),
+            addons_wanted: true,
+        }
+    }
+
+    /// Parameters for node `my_id` (with primary MAC `my_mac`, used to find its inventory
+    /// entry) from the cluster config. Inventory roles are pinned by the MAC-derived id.
+    pub fn from_config(cfg: &ClusterConfig, my_mac: Option<MacAddr>) -> FormationParams {
+        let mut p = FormationParams::new(
+            cfg.cluster.control_plane,
+            cfg.cluster.expected_nodes,
+            cfg.cluster.formation_timeout,
+        );
+        for entry in &cfg.nodes {
+            if let Some(role) = entry.role {
+                p.pinned_roles.insert(NodeId::from_mac(entry.mac), role);
+            }
+            if Some(entry.mac) == my_mac {
+                p.priority = entry.priority;
+            }
+        }
+        let a = &cfg.addons;
+        p.addons_wanted = a.dns.enabled || a.metallb.is_some() || a.storage != crate::config::Storage::None;
+        p
+    }
+
+    /// Checks the invariants the safety argument relies on.
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        if ![1, 3, 5, 7].contains(&self.control_plane) {
+            return Err(ParamsError::ControlPlane(self.control_plane));
+        }
+        if self.expected_nodes == 0 {
+            return Err(ParamsError::ExpectedNodes);
+        }
+        for (name, d) in [
+            ("slot timeout", self.slot_timeout),
+            ("join timeout", self.join_timeout),
+            ("peer timeout", self.peer_timeout),
+            ("round timeout", self.round_timeout),
+            ("retry interval", self.retry_interval),
+            ("takeover delay", self.takeover_after),
+        ] {
+            if d.is_zero() {
+                return Err(ParamsError::Zero(name));
+            }
+        }
+        let need = (self.join_timeout + self.grant_max_age) * 5 / 4;
+        if self.slot_timeout <= need {
+            return Err(ParamsError::SlotTimeout {
+                slot: self.slot_timeout,
+                join: self.join_timeout,
+                age: self.grant_max_age,
+            });
+        }
+        Ok(())
+    }
+
+    /// Size of the pre-election electorate: `max(expected_nodes, control_plane)`.
+    pub fn electorate_size(&self) -> usize {
+        (self.expected_nodes as usize).max(self.control_plane as usize)
+    }
+
+    /// Votes needed before a cluster exists: a strict majority of [`Self::electorate_size`].
+    pub fn election_quorum(&self) -> usize {
+        self.electorate_size() / 2 + 1
+    }
+
+    /// Control-plane members at which HA counts as formed: 3 voters, or fewer if configured.
+    pub fn ha_size(&self) -> usize {
+        (self.control_plane as usize).min(3)
+    }
+}
+
+/// Strict majority of a set of `n`.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}

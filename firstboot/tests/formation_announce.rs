@@ -1,0 +1,154 @@
+//! Announcement TXT encoding (round trip, size limits, hostile input) and message JSON.
+
+use std::collections::BTreeMap;
+
+use firstboot::config::Role;
+use firstboot::formation::{
+    Accepted, Announcement, AnnouncementError, Ballot, ClusterId, Message, NodeId, PhaseSummary, Record, Slot,
+};
+use proptest::prelude::*;
+
+fn node_id() -> impl Strategy<Value = NodeId> {
+    "[0-9a-f]{1,64}".prop_map(|s| NodeId::new(s).expect("generated hex"))
+}
+
+fn phase() -> impl Strategy<Value = PhaseSummary> {
+    prop_oneof![
+        Just(PhaseSummary::Preparing),
+        Just(PhaseSummary::Discovering),
+        Just(PhaseSummary::Waiting),
+        Just(PhaseSummary::Joining),
+        Just(PhaseSummary::Confirming),
+        Just(PhaseSummary::Member),
+    ]
+}
+
+fn announcement() -> impl Strategy<Value = Announcement> {
+    (
+        node_id(),
+        any::<u32>(),
+        phase(),
+        proptest::option::of(prop_oneof![Just(Role::ControlPlane), Just(Role::Worker)]),
+        proptest::option::of((node_id(), any::<u64>())),
+        proptest::option::of(node_id()),
+        proptest::option::of((any::<u64>(), node_id())),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(|(id, priority, phase, role, cluster, authority, rb, members, eligible)| Announcement {
+            id,
+            priority,
+            phase,
+            role,
+            cluster: cluster.map(|(seed, term)| ClusterId { seed, term }),
+            authority,
+            record_ballot: rb.map(|(n, node)| Ballot { n, node }),
+            members,
+            eligible,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn txt_round_trips_and_stays_small(ann in announcement()) {
+        let txt = ann.to_txt();
+        let mut total = 0;
+        for (k, v) in &txt {
+            prop_assert!(k.len() <= 2 && k.is_ascii() && v.is_ascii(), "{k}={v}");
+            prop_assert!(k.len() + v.len() < 200, "{k}={v} is too long");
+            total += k.len() + v.len() + 2;
+        }
+        prop_assert!(total < 600, "TXT record of {total} bytes");
+        let map: BTreeMap<String, String> = txt.into_iter().collect();
+        prop_assert_eq!(Announcement::from_txt(&map), Ok(ann));
+    }
+
+    /// Arbitrary maps, biased towards our keys with near-miss values: never a panic.
+    #[test]
+    fn from_txt_never_panics(
+        entries in proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("v".to_string()), Just("id".to_string()), Just("pr".to_string()),
+                    Just("ph".to_string()), Just("ro".to_string()), Just("cl".to_string()),
+                    Just("au".to_string()), Just("rb".to_string()), Just("mc".to_string()),
+                    Just("el".to_string()), ".{0,4}",
+                ],
+                prop_oneof![
+                    Just("1".to_string()), "[0-9]{0,25}", "[0-9]{0,22}\\.[0-9a-f]{0,70}",
+                    "[0-9a-fA-F.]{0,80}", ".{0,300}", "\\PC{0,40}",
+                ],
+            ),
+            0..14,
+        )
+    ) {
+        let map: BTreeMap<String, String> = entries.into_iter().collect();
+        let _ = Announcement::from_txt(&map);
+    }
+}
+
+fn valid() -> BTreeMap<String, String> {
+    [("v", "1"), ("id", "0a"), ("pr", "3"), ("ph", "memb"), ("ro", "cp"), ("cl", "7.0a"), ("au", "0b"), ("rb", "9.0b")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn from_txt_reports_what_is_wrong() {
+    let ann = Announcement::from_txt(&valid()).expect("valid");
+    assert_eq!(ann.cluster, Some(ClusterId { seed: NodeId::new("0a").expect("id"), term: 7 }));
+    assert_eq!(ann.members, 0, "absent optional key takes its default");
+    assert!(ann.eligible);
+
+    let mut m = valid();
+    m.remove("id");
+    assert_eq!(Announcement::from_txt(&m), Err(AnnouncementError::Missing("id")));
+    let mut m = valid();
+    m.insert("v".into(), "2".into());
+    assert!(matches!(Announcement::from_txt(&m), Err(AnnouncementError::Version(_))));
+    for (k, bad) in [("pr", "-1"), ("pr", "99999999999"), ("ph", "boss"), ("ro", "master"), ("cl", "7"), ("cl", "x.0a"), ("rb", "1.XY"), ("id", "0A")] {
+        let mut m = valid();
+        m.insert(k.into(), bad.into());
+        assert!(matches!(Announcement::from_txt(&m), Err(AnnouncementError::Invalid { .. })), "{k}={bad}");
+    }
+    let mut m = valid();
+    m.insert("zz".into(), "from a newer agent".into());
+    assert!(Announcement::from_txt(&m).is_ok(), "unknown keys are ignored");
+}
+
+#[test]
+fn messages_round_trip_as_json() {
+    let a = NodeId::new("0a").expect("id");
+    let record = Record {
+        cluster: ClusterId { seed: a.clone(), term: 1 },
+        electorate: [a.clone()].into_iter().collect(),
+        authority: a.clone(),
+        members: [(a.clone(), Role::ControlPlane)].into_iter().collect(),
+        slot: Some(Slot { node: NodeId::new("0b").expect("id"), role: Role::Worker, seq: 3 }),
+        tentative: BTreeMap::new(),
+        seq: 3,
+        addons_by: None,
+        addons_done: false,
+    };
+    let ballot = Ballot { n: 2, node: a.clone() };
+    let msgs = vec![
+        Message::Prepare { ballot: ballot.clone() },
+        Message::Promise { ballot: ballot.clone(), accepted: Some(Accepted { ballot: ballot.clone(), record: record.clone() }) },
+        Message::Accept { ballot: ballot.clone(), record },
+        Message::Accepted { ballot: ballot.clone() },
+        Message::Nack { ballot: ballot.clone(), promised: ballot },
+        Message::SlotRequest { req: 4 },
+        Message::SlotGrant { req: 4, cluster: ClusterId { seed: a.clone(), term: 1 }, seq: 3, role: Role::Worker },
+        Message::NotAuthority { hint: Some(a.clone()) },
+        Message::JoinReport { cluster: ClusterId { seed: a.clone(), term: 1 }, seq: 3, role: Role::Worker, ok: true },
+        Message::JoinConfirmed { cluster: ClusterId { seed: a, term: 1 }, role: Role::Worker },
+    ];
+    for m in msgs {
+        let json = serde_json::to_string(&m).expect("serialize");
+        assert_eq!(serde_json::from_str::<Message>(&json).expect("deserialize"), m, "{json}");
+    }
+    assert!(serde_json::from_str::<Message>(r#"{"msg":"prepare","ballot":{"n":1,"node":"NOTHEX"}}"#).is_err());
+}

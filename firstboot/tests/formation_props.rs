@@ -1,0 +1,702 @@
+//! Property test of the formation core: 3 to 50 simulated nodes on a deterministic, lossy,
+//! duplicating, delaying, partitioning network with crashes (also in the middle of an action
+//! batch), restarts from persisted state only, late boots, priorities, pinned roles and a fake
+//! MicroK8s. Every run checks safety; runs check liveness once faults stop.
+//!
+//! Case counts: [`CASES`] small clusters (override with `PROPTEST_CASES`) and [`LARGE_CASES`]
+//! large ones (override with `FORMATION_LARGE_CASES`). Failing seeds are kept in
+//! `tests/formation_props.proptest-regressions`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use firstboot::config::Role;
+use firstboot::formation::{
+    Action, Announcement, ClusterId, Event, FormationParams, Message, Node, NodeId, PersistedState, Phase,
+};
+use proptest::prelude::*;
+
+/// Proptest cases of the property over small clusters (3 to 10 nodes).
+const CASES: u32 = 1500;
+/// Proptest cases of the property over large clusters (11 to 50 nodes); each costs up to a few
+/// seconds (every Paxos round involves the whole electorate).
+const LARGE_CASES: u32 = 6;
+
+/// Deterministic RNG (SplitMix64) so a proptest seed replays the exact run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    n: usize,
+    control_plane: u8,
+    seed: u64,
+    loss: u64,
+    dup: u64,
+    max_delay: u64,
+    partitions: bool,
+    crashes: bool,
+    late: bool,
+    priorities: bool,
+    pins: bool,
+    join_fail: u64,
+    addons: bool,
+}
+
+fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> {
+    (
+        (n, prop_oneof![Just(1u8), Just(3u8), Just(3u8), Just(5u8)], any::<u64>(), 0u64..=200, 0u64..=100, 1u64..=4),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u64..=150,
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (n, control_plane, seed, loss, dup, max_delay),
+                (partitions, crashes, late, priorities, pins, join_fail, addons),
+            )| Scenario {
+                n,
+                control_plane,
+                seed,
+                loss,
+                dup,
+                max_delay,
+                partitions,
+                crashes,
+                late,
+                priorities,
+                pins,
+                join_fail,
+                addons,
+            },
+        )
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Timing used by every simulated node (1 tick = 1 s).
+fn sim_params(sc: &Scenario) -> FormationParams {
+    let mut p = FormationParams::new(sc.control_plane, sc.n as u32, secs(25));
+    p.join_timeout = secs(8);
+    p.grant_max_age = secs(12);
+    p.slot_timeout = secs(26);
+    p.peer_timeout = secs(10);
+    p.round_timeout = secs(12);
+    p.retry_interval = secs(3);
+    p.takeover_after = secs(20);
+    p.addons_wanted = sc.addons;
+    p
+}
+
+const JOIN_MAX: u64 = 6;
+const FAULT_END: u64 = 150;
+
+enum Payload {
+    Msg { from: usize, msg: Message },
+    Ann(Announcement, usize),
+    /// A result for node incarnation `inc`.
+    Result { inc: u64, ev: Event },
+}
+
+struct Delivery {
+    to: usize,
+    payload: Payload,
+}
+
+struct JoinRun {
+    root: usize,
+    end: u64,
+    inc: u64,
+    ok: bool,
+    worker: bool,
+    target: usize,
+}
+
+struct Sim {
+    sc: Scenario,
+    rng: Rng,
+    t: u64,
+    ids: Vec<NodeId>,
+    index: BTreeMap<NodeId, usize>,
+    params: Vec<FormationParams>,
+    nodes: Vec<Option<Node>>,
+    inc: Vec<u64>,
+    boot_at: Vec<u64>,
+    persisted: Vec<Option<PersistedState>>,
+    crash_mid_batch: Vec<bool>,
+    down_until: Vec<Option<u64>>,
+    ann: Vec<Option<Announcement>>,
+    queue: BTreeMap<(u64, u64), Delivery>,
+    qseq: u64,
+    group: Vec<u8>,
+    partition_until: u64,
+    // fake microk8s
+    root: Vec<usize>,
+    cp_nodes: BTreeMap<usize, BTreeSet<usize>>,
+    joins: BTreeMap<usize, JoinRun>,
+    join_clusters: BTreeSet<ClusterId>,
+    addon_issuers: BTreeSet<usize>,
+    addons_running: BTreeMap<usize, u64>,
+    addons_completed: u32,
+    addons_done_persisted: bool,
+    violations: Vec<String>,
+    events: u64,
+}
+
+impl Sim {
+    fn new(sc: Scenario) -> Sim {
+        let mut rng = Rng(sc.seed);
+        let n = sc.n;
+        let mut ids = Vec::new();
+        let mut index = BTreeMap::new();
+        while ids.len() < n {
+            let id = NodeId::new(format!("{:012x}", rng.next() & 0xffff_ffff_ffff)).expect("hex id");
+            if index.insert(id.clone(), ids.len()).is_none() {
+                ids.push(id);
+            }
+        }
+        let mut pinned = BTreeMap::new();
+        if sc.pins {
+            let cp_pins = rng.below(sc.control_plane as u64 + 1) as usize;
+            for id in ids.iter().take(cp_pins) {
+                pinned.insert(id.clone(), Role::ControlPlane);
+            }
+            for id in ids.iter().skip(cp_pins).take(rng.below(3) as usize) {
+                pinned.insert(id.clone(), Role::Worker);
+            }
+        }
+        let base = sim_params(&sc);
+        let params = (0..n)
+            .map(|_| {
+                let mut p = base.clone();
+                p.pinned_roles = pinned.clone();
+                if sc.priorities {
+                    p.priority = rng.below(3) as u32;
+                }
+                p
+            })
+            .collect();
+        let boot_at = (0..n).map(|_| if sc.late && rng.chance(300) { rng.range(1, 250) } else { 0 }).collect();
+        Sim {
+            rng,
+            t: 0,
+            index,
+            params,
+            nodes: (0..n).map(|_| None).collect(),
+            inc: vec![0; n],
+            boot_at,
+            persisted: vec![None; n],
+            crash_mid_batch: vec![false; n],
+            down_until: vec![None; n],
+            ann: vec![None; n],
+            queue: BTreeMap::new(),
+            qseq: 0,
+            group: vec![0; n],
+            partition_until: 0,
+            root: (0..n).collect(),
+            cp_nodes: BTreeMap::new(),
+            joins: BTreeMap::new(),
+            join_clusters: BTreeSet::new(),
+            addon_issuers: BTreeSet::new(),
+            addons_running: BTreeMap::new(),
+            addons_completed: 0,
+            addons_done_persisted: false,
+            violations: Vec::new(),
+            events: 0,
+            ids,
+            sc,
+        }
+    }
+
+    fn ip(i: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250 + 1) as u8))
+    }
+
+    fn node_of_ip(ip: IpAddr) -> Option<usize> {
+        match ip {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                Some(o[2] as usize * 250 + o[3] as usize - 1)
+            }
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        self.nodes[i].is_some()
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.t >= self.partition_until || self.group[a] == self.group[b]
+    }
+
+    fn local_now(&self, i: usize) -> Duration {
+        secs(self.t - self.boot_at[i])
+    }
+
+    fn push(&mut self, at: u64, to: usize, payload: Payload) {
+        self.qseq += 1;
+        self.queue.insert((at, self.qseq), Delivery { to, payload });
+    }
+
+    fn delay(&mut self) -> u64 {
+        if self.rng.chance(700) {
+            1
+        } else {
+            self.rng.range(1, self.sc.max_delay)
+        }
+    }
+
+    fn boot(&mut self, i: usize) {
+        self.boot_at[i] = self.t;
+        self.inc[i] += 1;
+        // Restart from persisted state only, through its serialized form.
+        let persisted = self.persisted[i].as_ref().map(|p| {
+            let json = serde_json::to_string(p).expect("persisted state serializes");
+            serde_json::from_str::<PersistedState>(&json).expect("persisted state deserializes")
+        });
+        let (node, actions) =
+            Node::new(self.params[i].clone(), self.ids[i].clone(), persisted, self.local_now(i));
+        self.nodes[i] = Some(node);
+        self.execute(i, actions);
+    }
+
+    fn crash(&mut self, i: usize) {
+        self.nodes[i] = None;
+        self.ann[i] = None;
+        self.crash_mid_batch[i] = false;
+        self.joins.remove(&i);
+        self.addons_running.remove(&i);
+        let down = self.rng.range(1, 30);
+        self.down_until[i] = Some(self.t + down);
+    }
+
+    fn deliver(&mut self, i: usize, ev: Event) {
+        if !self.alive(i) {
+            return;
+        }
+        let now = self.local_now(i);
+        let Some(node) = self.nodes[i].as_mut() else { return };
+        self.events += 1;
+        let actions = node.handle(now, ev);
+        self.execute(i, actions);
+    }
+
+    fn execute(&mut self, i: usize, actions: Vec<Action>) {
+        let cut = if self.crash_mid_batch[i] && !actions.is_empty() {
+            Some(self.rng.below(actions.len() as u64) as usize)
+        } else {
+            None
+        };
+        for (k, a) in actions.into_iter().enumerate() {
+            if Some(k) == cut {
+                self.crash(i);
+                return;
+            }
+            self.execute_one(i, a);
+        }
+    }
+
+    fn execute_one(&mut self, i: usize, a: Action) {
+        let t = self.t;
+        match a {
+            Action::Announce(ann) => {
+                if ann.id != self.ids[i] {
+                    self.violations.push(format!("node {i} announced a foreign id"));
+                }
+                // Round-trip through the TXT form, as discovery would.
+                let txt: BTreeMap<String, String> = ann.to_txt().into_iter().collect();
+                let back = Announcement::from_txt(&txt).expect("own announcement parses");
+                assert_eq!(back, ann, "announcement TXT round trip");
+                self.ann[i] = Some(ann.clone());
+                for j in 0..self.sc.n {
+                    if j != i && self.alive(j) && self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
+                        let d = self.delay();
+                        self.push(t + d, j, Payload::Ann(ann.clone(), i));
+                    }
+                }
+            }
+            Action::Send { to, msg } => {
+                let Some(&j) = self.index.get(&to) else {
+                    self.violations.push(format!("node {i} sent to unknown id {to}"));
+                    return;
+                };
+                let copies = if self.rng.chance(self.sc.dup) { 2 } else { 1 };
+                for _ in 0..copies {
+                    if self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
+                        let d = self.delay();
+                        self.push(t + d, j, Payload::Msg { from: i, msg: msg.clone() });
+                    }
+                }
+            }
+            Action::Persist(st) => {
+                if st.addons_done {
+                    self.addons_done_persisted = true;
+                }
+                self.persisted[i] = Some(st);
+            }
+            Action::PrepareNode => {
+                let ok = !self.rng.chance(50);
+                let d = self.rng.range(1, 3);
+                let ev = Event::NodePrepared(if ok { Ok(()) } else { Err("modprobe nvme_tcp failed".into()) });
+                let inc = self.inc[i];
+                self.push(t + d, i, Payload::Result { inc, ev });
+            }
+            Action::Join { seed_ip, worker, timeout, cluster } => self.start_join(i, seed_ip, worker, timeout, cluster),
+            Action::EnableAddons { cluster } => {
+                self.addon_issuers.insert(i);
+                if self.addon_issuers.len() > 1 {
+                    self.violations.push(format!("addons issued by several nodes: {:?}", self.addon_issuers));
+                }
+                if self.addons_done_persisted {
+                    self.violations.push(format!("node {i} enables addons again after they were done"));
+                }
+                if !self.join_clusters.is_empty() && !self.join_clusters.contains(&cluster) {
+                    self.violations.push(format!("addons for foreign cluster {cluster}"));
+                }
+                let r = self.root[i];
+                let cp = self.cp_nodes.get(&r).map_or(1, |s| s.len() + 1);
+                let ha = (self.sc.control_plane as usize).min(3);
+                let i_is_cp = r == i || self.cp_nodes.get(&r).is_some_and(|s| s.contains(&i));
+                if cp < ha || !i_is_cp {
+                    self.violations.push(format!(
+                        "addons enabled on node {i} (control plane: {i_is_cp}) with {cp} control-plane nodes, HA needs {ha}"
+                    ));
+                }
+                if !self.addons_running.is_empty() {
+                    self.violations.push("two addon enables overlap".to_string());
+                }
+                self.addons_running.insert(i, t + 2);
+                let inc = self.inc[i];
+                self.push(t + 2, i, Payload::Result { inc, ev: Event::AddonsEnabled(Ok(())) });
+            }
+            Action::SetStatus(s) => {
+                if s.is_empty() {
+                    self.violations.push(format!("node {i} set an empty status"));
+                }
+            }
+        }
+    }
+
+    fn start_join(&mut self, i: usize, seed_ip: IpAddr, worker: bool, timeout: Duration, cluster: ClusterId) {
+        let t = self.t;
+        self.join_clusters.insert(cluster.clone());
+        if self.join_clusters.len() > 1 {
+            self.violations.push(format!("joins against two clusters: {:?}", self.join_clusters));
+        }
+        if cluster.seed == self.ids[i] {
+            self.violations.push(format!("node {i} joins its own cluster"));
+        }
+        if timeout > secs(8) {
+            self.violations.push("join timeout larger than configured".into());
+        }
+        let Some(target) = Self::node_of_ip(seed_ip).filter(|j| *j < self.sc.n) else {
+            self.violations.push(format!("join against unknown ip {seed_ip}"));
+            return;
+        };
+        let root = self.root[target];
+        let inc = self.inc[i];
+        // Already a member of that cluster: idempotent success.
+        if self.root[i] == root && i != root {
+            self.push(t + 1, i, Payload::Result { inc, ev: Event::JoinFinished(Ok(())) });
+            return;
+        }
+        let my_cluster_has_others = self.root[i] != i || self.root.iter().enumerate().any(|(k, r)| *r == i && k != i);
+        if my_cluster_has_others {
+            self.violations.push(format!("node {i} joins a second cluster (root {} -> {root})", self.root[i]));
+        }
+        if let Some((other, _)) = self.joins.iter().find(|(_, j)| j.root == root) {
+            self.violations.push(format!("joins of node {other} and node {i} overlap against cluster root {root}"));
+        }
+        let dur = self.rng.range(2, JOIN_MAX);
+        let ok = !self.rng.chance(self.sc.join_fail);
+        self.joins.insert(i, JoinRun { root, end: t + dur, inc, ok, worker, target });
+    }
+
+    fn finish_joins(&mut self) {
+        let t = self.t;
+        let done: Vec<usize> = self.joins.iter().filter(|(_, j)| j.end <= t).map(|(i, _)| *i).collect();
+        for i in done {
+            let Some(j) = self.joins.remove(&i) else { continue };
+            if j.inc != self.inc[i] {
+                continue;
+            }
+            let target_ok = self.alive(j.target) && self.root[j.target] == j.root;
+            let res = if j.ok && target_ok {
+                self.root[i] = j.root;
+                if !j.worker {
+                    let set = self.cp_nodes.entry(j.root).or_default();
+                    set.insert(i);
+                    if set.len() + 1 > self.sc.control_plane as usize {
+                        self.violations.push(format!(
+                            "cluster root {} has {} control-plane nodes, configured {}",
+                            j.root,
+                            set.len() + 1,
+                            self.sc.control_plane
+                        ));
+                    }
+                }
+                Ok(())
+            } else {
+                Err("connection failed (503)".to_string())
+            };
+            self.deliver(i, Event::JoinFinished(res));
+        }
+    }
+
+    fn schedule_faults(&mut self) {
+        let t = self.t;
+        if t >= FAULT_END {
+            return;
+        }
+        if self.sc.partitions && t >= self.partition_until && self.rng.chance(15) {
+            for g in self.group.iter_mut() {
+                *g = 0;
+            }
+            for i in 0..self.sc.n {
+                self.group[i] = (self.rng.below(2)) as u8;
+            }
+            self.partition_until = t + self.rng.range(5, 60);
+        }
+        if self.sc.crashes && self.rng.chance(30) {
+            let i = self.rng.below(self.sc.n as u64) as usize;
+            if self.alive(i) {
+                if self.rng.chance(500) {
+                    self.crash_mid_batch[i] = true;
+                } else {
+                    self.crash(i);
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let t = self.t;
+        for i in 0..self.sc.n {
+            let boot_now = (self.boot_at[i] == t && self.inc[i] == 0) || self.down_until[i] == Some(t);
+            if boot_now && !self.alive(i) {
+                self.down_until[i] = None;
+                self.boot(i);
+            }
+        }
+        self.schedule_faults();
+        self.finish_joins();
+        self.addons_running.retain(|_, end| *end > t);
+        while let Some((&key, _)) = self.queue.iter().next() {
+            if key.0 > t {
+                break;
+            }
+            let Some(d) = self.queue.remove(&key) else { break };
+            let i = d.to;
+            if !self.alive(i) {
+                continue;
+            }
+            match d.payload {
+                Payload::Msg { from, msg } => {
+                    if self.reachable(from, i) {
+                        let from = self.ids[from].clone();
+                        self.deliver(i, Event::Message { from, msg });
+                    }
+                }
+                Payload::Ann(ann, from) => {
+                    if self.reachable(from, i) {
+                        self.deliver(i, Event::PeerSeen { ann, ip: Self::ip(from) });
+                    }
+                }
+                Payload::Result { inc, ev } => {
+                    if inc == self.inc[i] {
+                        if let Event::AddonsEnabled(Ok(())) = &ev {
+                            self.addons_completed += 1;
+                        }
+                        self.deliver(i, ev);
+                    }
+                }
+            }
+        }
+        // mDNS re-announcements every third tick (delivered at once; changes travel with
+        // delay above).
+        if t % 3 == 0 {
+            for i in 0..self.sc.n {
+                let Some(ann) = self.ann[i].clone() else { continue };
+                for j in 0..self.sc.n {
+                    if j != i && self.alive(j) && self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
+                        self.deliver(j, Event::PeerSeen { ann: ann.clone(), ip: Self::ip(i) });
+                    }
+                }
+            }
+        }
+        for i in 0..self.sc.n {
+            self.deliver(i, Event::Tick);
+        }
+        self.t += 1;
+    }
+
+    fn converged(&self) -> bool {
+        let all_members = (0..self.sc.n).all(|i| {
+            self.alive(i) && matches!(self.nodes[i].as_ref().map(|n| n.phase()), Some(Phase::Member { .. }))
+        });
+        let one_root = self.root.iter().all(|r| *r == self.root[0]) || self.sc.n == 1;
+        // HA (and so the addons) needs enough nodes that may be control plane.
+        let workers = self.params[0].pinned_roles.values().filter(|r| **r == Role::Worker).count();
+        let ha_possible = self.sc.n - workers >= (self.sc.control_plane as usize).min(3);
+        let addons_ok = !self.sc.addons || !ha_possible || self.addons_completed >= 1;
+        all_members && one_root && addons_ok
+    }
+}
+
+/// Runs one scenario; returns the violations (safety) and whether it converged (liveness).
+fn run(sc: Scenario) -> (Vec<String>, bool, u64, Sim) {
+    let last_boot = {
+        let s = Sim::new(sc.clone());
+        *s.boot_at.iter().max().unwrap_or(&0)
+    };
+    let mut sim = Sim::new(sc.clone());
+    let bound = FAULT_END.max(last_boot) + 150 + 40 * sc.n as u64;
+    while sim.t < bound {
+        sim.step();
+        if !sim.violations.is_empty() {
+            break;
+        }
+        if sim.t > FAULT_END.max(last_boot) && sim.converged() {
+            return (sim.violations.clone(), true, sim.t, sim);
+        }
+    }
+    (sim.violations.clone(), sim.converged(), sim.t, sim)
+}
+
+fn describe(sim: &Sim) -> String {
+    let mut s = String::new();
+    for i in 0..sim.sc.n {
+        let st = sim.nodes[i].as_ref().map(|n| n.status());
+        s.push_str(&format!(
+            "node {i} {} root {} boot {} : {:?}\n",
+            sim.ids[i],
+            sim.root[i],
+            sim.boot_at[i],
+            st.map(|s| (s.phase, s.authority, s.slot, s.members_known.len(), s.last_error))
+        ));
+    }
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases("PROPTEST_CASES", CASES), ..ProptestConfig::default() })]
+
+    #[test]
+    fn formation_is_safe_and_live(sc in scenario(3usize..=10)) {
+        check(sc)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases("FORMATION_LARGE_CASES", LARGE_CASES),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn large_formation_is_safe_and_live(sc in scenario(11usize..=50)) {
+        check(sc)?;
+    }
+}
+
+/// Case count from the environment variable `var`, else `default`.
+fn cases(var: &str, default: u32) -> u32 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn check(sc: Scenario) -> Result<(), TestCaseError> {
+    let (violations, converged, t, sim) = run(sc.clone());
+    prop_assert!(violations.is_empty(), "safety violated at tick {t}: {violations:?}\n{}", describe(&sim));
+    prop_assert!(converged, "not converged by tick {t} ({sc:?})\n{}", describe(&sim));
+    Ok(())
+}
+
+/// A fixed, large run: 50 nodes with every fault enabled (also a quick smoke test in debug).
+#[test]
+fn fifty_nodes_with_all_faults_converge_safely() {
+    let sc = Scenario {
+        n: 50,
+        control_plane: 3,
+        seed: 42,
+        loss: 100,
+        dup: 50,
+        max_delay: 3,
+        partitions: true,
+        crashes: true,
+        late: true,
+        priorities: true,
+        pins: true,
+        join_fail: 100,
+        addons: true,
+    };
+    let (violations, converged, t, sim) = run(sc);
+    assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
+    assert!(converged, "not converged by tick {t}\n{}", describe(&sim));
+    println!("50 nodes converged at tick {t} after {} events", sim.events);
+}
+
+#[test]
+#[ignore]
+fn debug_one() {
+    let sc = Scenario { n: 8, control_plane: 3, seed: 1341131731182297335, loss: 191, dup: 39, max_delay: 4, partitions: false, crashes: false, late: true, priorities: true, pins: true, join_fail: 82, addons: true };
+    let (v, c, t, sim) = run(sc);
+    println!("{v:?} {c} {t}");
+    println!("{}", describe(&sim));
+    for i in 0..sim.sc.n {
+        if let Some(n) = &sim.nodes[i] {
+            let st = n.persisted();
+            println!("node {i} {} phase {:?}\n  promised {:?}\n  accepted {:?}\n  known {:?}\n  chosen {:?}\n  max {}", sim.ids[i], st.phase, st.acceptor.promised, st.acceptor.accepted.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, a.record.members.len(), a.record.electorate.len())), st.known.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, &a.record.members, &a.record.slot, &a.record.tentative, &a.record.addons_by)), st.chosen.as_ref().map(|a| (&a.ballot, &a.record.authority, &a.record.slot)), st.max_ballot);
+            println!("  pinned {:?}", sim.params[i].pinned_roles);
+            println!("  {}", n.debug_round());
+        }
+    }
+}
+
+/// Prints how long one run takes per node count (a measurement, not a check).
+#[test]
+#[ignore]
+fn measure_run_cost() {
+    let sizes: Vec<usize> = std::env::var("SIM_SIZES").map(|v| v.split(',').map(|x| x.parse().expect("size")).collect()).unwrap_or_else(|_| vec![3, 5, 8, 12, 16, 24, 35, 50]);
+    for n in sizes {
+        let start = std::time::Instant::now();
+        let mut ticks = 0;
+        for seed in 0..5u64 {
+            let sc = Scenario { n, control_plane: 3, seed, loss: 100, dup: 50, max_delay: 3, partitions: true, crashes: true, late: true, priorities: true, pins: false, join_fail: 50, addons: true };
+            let (v, c, t, _) = run(sc);
+            assert!(v.is_empty() && c);
+            ticks += t;
+        }
+        println!("n={n}: {:?} per run, {} ticks avg", start.elapsed() / 5, ticks / 5);
+    }
+}

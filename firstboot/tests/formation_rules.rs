@@ -1,0 +1,603 @@
+//! Unit tests for each formation rule, on a small perfect (FIFO, lossless) in-test network, or
+//! on one node fed by hand.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use firstboot::config::Role;
+use firstboot::formation::{
+    Action, Announcement, Ballot, ClusterId, Event, FormationParams, Message, Node, NodeId, ParamsError,
+    PersistedState, Phase, PhaseSummary,
+};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn id(s: &str) -> NodeId {
+    NodeId::new(s).expect("valid id")
+}
+
+fn params(cp: u8, expected: u32) -> FormationParams {
+    let mut p = FormationParams::new(cp, expected, secs(30));
+    p.join_timeout = secs(8);
+    p.grant_max_age = secs(4);
+    p.slot_timeout = secs(20);
+    p.peer_timeout = secs(10);
+    p.round_timeout = secs(6);
+    p.retry_interval = secs(2);
+    p.takeover_after = secs(15);
+    p.validate().expect("test params are valid");
+    p
+}
+
+fn ip(k: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, k))
+}
+
+/// A lossless network of nodes. Joins finish after `join_ticks` unless held.
+struct Net {
+    t: u64,
+    order: Vec<NodeId>,
+    params: BTreeMap<NodeId, FormationParams>,
+    nodes: BTreeMap<NodeId, Node>,
+    down: BTreeMap<NodeId, bool>,
+    persisted: BTreeMap<NodeId, PersistedState>,
+    anns: BTreeMap<NodeId, Announcement>,
+    queue: VecDeque<(NodeId, Event)>,
+    /// Running joins: node -> (end tick, started tick).
+    joins: BTreeMap<NodeId, (u64, u64)>,
+    hold_joins: bool,
+    /// Crash this node as soon as it becomes a member.
+    crash_on_member: Option<NodeId>,
+    join_ticks: u64,
+    /// Every join started: (node, worker, start tick, cluster).
+    join_log: Vec<(NodeId, bool, u64, ClusterId)>,
+    /// Finished joins: (node, start, end).
+    join_spans: Vec<(NodeId, u64, u64)>,
+    addons: Vec<NodeId>,
+    prepares: Vec<(NodeId, Ballot, u64)>,
+}
+
+impl Net {
+    fn new(ids: &[(&str, u32)], base: FormationParams) -> Net {
+        let mut net = Net {
+            t: 0,
+            order: Vec::new(),
+            params: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            down: BTreeMap::new(),
+            persisted: BTreeMap::new(),
+            anns: BTreeMap::new(),
+            queue: VecDeque::new(),
+            joins: BTreeMap::new(),
+            hold_joins: false,
+            crash_on_member: None,
+            join_ticks: 2,
+            join_log: Vec::new(),
+            join_spans: Vec::new(),
+            addons: Vec::new(),
+            prepares: Vec::new(),
+        };
+        for (name, prio) in ids {
+            let mut p = base.clone();
+            p.priority = *prio;
+            net.order.push(id(name));
+            net.params.insert(id(name), p);
+        }
+        net
+    }
+
+    fn ip_of(&self, n: &NodeId) -> IpAddr {
+        ip(self.order.iter().position(|x| x == n).expect("known node") as u8 + 1)
+    }
+
+    fn boot(&mut self, n: &str) {
+        let n = id(n);
+        let persisted = self.persisted.get(&n).cloned();
+        let (node, actions) = Node::new(self.params[&n].clone(), n.clone(), persisted, secs(self.t));
+        self.nodes.insert(n.clone(), node);
+        self.down.insert(n.clone(), false);
+        self.run(&n, actions);
+    }
+
+    fn crash(&mut self, n: &str) {
+        let n = id(n);
+        self.nodes.remove(&n);
+        self.anns.remove(&n);
+        self.joins.remove(&n);
+        self.down.insert(n, true);
+    }
+
+    fn run(&mut self, from: &NodeId, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Announce(ann) => {
+                    self.anns.insert(from.clone(), ann);
+                }
+                Action::Send { to, msg } => {
+                    if let Message::Prepare { ballot } = &msg {
+                        self.prepares.push((from.clone(), ballot.clone(), self.t));
+                    }
+                    self.queue.push_back((to, Event::Message { from: from.clone(), msg }));
+                }
+                Action::Persist(st) => {
+                    self.persisted.insert(from.clone(), st);
+                }
+                Action::PrepareNode => self.queue.push_back((from.clone(), Event::NodePrepared(Ok(())))),
+                Action::Join { worker, cluster, seed_ip, .. } => {
+                    assert!(self.order.iter().any(|n| self.ip_of(n) == seed_ip), "join against a known ip");
+                    self.join_log.push((from.clone(), worker, self.t, cluster));
+                    self.joins.insert(from.clone(), (self.t + self.join_ticks, self.t));
+                }
+                Action::EnableAddons { .. } => {
+                    self.addons.push(from.clone());
+                    self.queue.push_back((from.clone(), Event::AddonsEnabled(Ok(()))));
+                }
+                Action::SetStatus(_) => {}
+            }
+        }
+    }
+
+    fn deliver(&mut self, to: &NodeId, ev: Event) {
+        let now = secs(self.t);
+        if let Some(node) = self.nodes.get_mut(to) {
+            let actions = node.handle(now, ev);
+            let member = matches!(node.phase(), Phase::Member { .. });
+            let to = to.clone();
+            self.run(&to, actions);
+            if member && self.crash_on_member.as_ref() == Some(&to) {
+                self.crash_on_member = None;
+                self.crash(to.as_str());
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        // announcements
+        let anns: Vec<(NodeId, Announcement)> = self.anns.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (from, ann) in anns {
+            let from_ip = self.ip_of(&from);
+            let targets: Vec<NodeId> = self.nodes.keys().filter(|k| **k != from).cloned().collect();
+            for to in targets {
+                self.deliver(&to, Event::PeerSeen { ann: ann.clone(), ip: from_ip });
+            }
+        }
+        let mut budget = 100_000;
+        while let Some((to, ev)) = self.queue.pop_front() {
+            self.deliver(&to, ev);
+            budget -= 1;
+            assert!(budget > 0, "message storm");
+        }
+        if !self.hold_joins {
+            let done: Vec<NodeId> =
+                self.joins.iter().filter(|(_, (end, _))| *end <= self.t).map(|(k, _)| k.clone()).collect();
+            for n in done {
+                self.finish_join(&n, Ok(()));
+            }
+        }
+        let all: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for n in all {
+            self.deliver(&n, Event::Tick);
+        }
+        self.t += 1;
+    }
+
+    fn finish_join(&mut self, n: &NodeId, res: Result<(), String>) {
+        if let Some((_, start)) = self.joins.remove(n) {
+            self.join_spans.push((n.clone(), start, self.t));
+            self.deliver(n, Event::JoinFinished(res));
+        }
+    }
+
+    fn steps(&mut self, k: u64) {
+        for _ in 0..k {
+            self.step();
+        }
+    }
+
+    fn phase(&self, n: &str) -> Phase {
+        self.nodes[&id(n)].phase().clone()
+    }
+
+    fn all_members(&self) -> bool {
+        self.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. }))
+    }
+
+    fn roles(&self) -> BTreeMap<NodeId, Role> {
+        self.nodes
+            .iter()
+            .filter_map(|(k, n)| match n.phase() {
+                Phase::Member { role, .. } => Some((k.clone(), *role)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn run_until_members(&mut self, max: u64) {
+        for _ in 0..max {
+            if self.all_members() {
+                return;
+            }
+            self.step();
+        }
+        panic!("not all members after {max} ticks: {:?}", self.nodes.values().map(|n| n.status()).collect::<Vec<_>>());
+    }
+}
+
+fn cluster_of(p: &Phase) -> Option<ClusterId> {
+    p.cluster().cloned()
+}
+
+#[test]
+fn three_nodes_form_one_cluster_with_the_best_candidate_as_seed() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 0), ("0c", 0)], params(3, 3));
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    let seed = cluster_of(&net.phase("0a")).expect("cluster").seed;
+    assert_eq!(seed, id("0a"), "equal priority: the lowest id wins");
+    for n in ["0b", "0c"] {
+        assert_eq!(cluster_of(&net.phase(n)), cluster_of(&net.phase("0a")));
+    }
+    let first_join = net.join_log.first().expect("joins happened").2;
+    assert!(
+        net.prepares.iter().filter(|p| p.2 < first_join).all(|(from, _, _)| *from == id("0a")),
+        "only the best candidate proposes before the cluster exists"
+    );
+    assert!(net.roles().values().all(|r| *r == Role::ControlPlane));
+}
+
+#[test]
+fn higher_priority_wins_the_seed_role() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 5), ("0c", 1)], params(3, 3));
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    assert_eq!(cluster_of(&net.phase("0a")).expect("cluster").seed, id("0b"));
+}
+
+#[test]
+fn nodes_pinned_to_worker_are_never_seed() {
+    let mut base = params(3, 3);
+    base.pinned_roles.insert(id("0a"), Role::Worker);
+    let mut net = Net::new(&[("0a", 9), ("0b", 0), ("0c", 0)], base);
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    assert_eq!(cluster_of(&net.phase("0a")).expect("cluster").seed, id("0b"));
+    assert_eq!(net.roles()[&id("0a")], Role::Worker);
+}
+
+#[test]
+fn before_the_timeout_nodes_wait_for_all_expected_nodes() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 0), ("0c", 0)], params(3, 3));
+    net.boot("0a");
+    net.boot("0b");
+    net.steps(20); // formation timeout is 30 s
+    assert!(net.prepares.is_empty(), "no election before all expected nodes are visible");
+    net.steps(15);
+    assert!(!net.prepares.is_empty(), "after the timeout a majority (2 of 3) forms");
+    net.run_until_members(200);
+    net.boot("0c");
+    net.run_until_members(200);
+    assert_eq!(net.roles().len(), 3);
+}
+
+#[test]
+fn a_minority_never_forms_a_cluster() {
+    // 5 expected: 2 visible nodes are a minority, even long after the timeout.
+    let mut net = Net::new(&[("0a", 0), ("0b", 0)], params(5, 5));
+    net.boot("0a");
+    net.boot("0b");
+    net.steps(300);
+    assert!(net.prepares.is_empty());
+    assert!(net.join_log.is_empty());
+    assert_eq!(net.phase("0a"), Phase::Discovering);
+    // A single node of 3 expected alone: the same.
+    let mut net = Net::new(&[("0a", 0)], params(3, 3));
+    net.boot("0a");
+    net.steps(300);
+    assert!(net.prepares.is_empty());
+}
+
+#[test]
+fn a_node_that_sees_a_formed_cluster_joins_it_instead_of_electing() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 0), ("0c", 0), ("01", 9)], params(3, 3));
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    let before = net.prepares.len();
+    // A late node with the highest priority and lowest id must not start a second cluster.
+    net.boot("01");
+    net.run_until_members(200);
+    assert!(net.prepares[before..].iter().all(|(from, _, _)| *from != id("01")), "late node never proposes");
+    assert_eq!(cluster_of(&net.phase("01")), cluster_of(&net.phase("0a")));
+    assert_eq!(net.roles()[&id("01")], Role::Worker, "control plane is full");
+}
+
+#[test]
+fn joins_are_serial_and_roles_follow_the_order() {
+    let names = ["0a", "0b", "0c", "0d", "0e", "0f"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 6));
+    net.join_ticks = 4;
+    for n in names {
+        net.boot(n);
+    }
+    net.run_until_members(400);
+    let mut spans = net.join_spans.clone();
+    spans.sort_by_key(|s| s.1);
+    for w in spans.windows(2) {
+        assert!(w[0].2 <= w[1].1, "joins overlap: {w:?}");
+    }
+    let cp = net.roles().values().filter(|r| **r == Role::ControlPlane).count();
+    assert_eq!(cp, 3, "exactly control_plane control-plane nodes");
+    // The first two joiners (after the seed) are control plane, the rest workers.
+    let mut log = net.join_log.clone();
+    log.sort_by_key(|j| j.2);
+    let workers: Vec<bool> = log.iter().map(|j| j.1).collect();
+    assert_eq!(workers, vec![false, false, true, true, true]);
+    let cluster = &log[0].3;
+    assert!(log.iter().all(|j| j.3 == *cluster));
+}
+
+#[test]
+fn pinned_roles_are_respected_and_keep_their_place() {
+    let mut base = params(3, 5);
+    base.pinned_roles.insert(id("0b"), Role::Worker);
+    base.pinned_roles.insert(id("0e"), Role::ControlPlane);
+    let names = ["0a", "0b", "0c", "0d", "0e"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), base);
+    for n in names {
+        net.boot(n);
+    }
+    net.run_until_members(400);
+    let roles = net.roles();
+    assert_eq!(roles[&id("0b")], Role::Worker);
+    assert_eq!(roles[&id("0e")], Role::ControlPlane);
+    assert_eq!(roles.values().filter(|r| **r == Role::ControlPlane).count(), 3);
+}
+
+#[test]
+fn addons_are_enabled_once_from_one_control_plane_node_after_ha() {
+    let names = ["0a", "0b", "0c", "0d"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 4));
+    for n in names {
+        net.boot(n);
+    }
+    // Before the third control-plane member is confirmed: no addons.
+    for _ in 0..400 {
+        let cp = net.roles().values().filter(|r| **r == Role::ControlPlane).count();
+        if cp < 3 {
+            assert!(net.addons.is_empty(), "addons before HA");
+        }
+        net.step();
+    }
+    assert_eq!(net.addons.len(), 1, "{:?}", net.addons);
+    assert_eq!(net.roles()[&net.addons[0]], Role::ControlPlane);
+    // A single-node cluster (control_plane = 1) enables them right away.
+    let mut net = Net::new(&[("0a", 0)], params(1, 1));
+    net.boot("0a");
+    net.steps(20);
+    assert_eq!(net.addons, vec![id("0a")]);
+}
+
+#[test]
+fn a_crashed_joiner_resumes_by_asking_for_a_fresh_slot() {
+    let names = ["0a", "0b", "0c"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 3));
+    net.hold_joins = true;
+    for n in names {
+        net.boot(n);
+    }
+    for _ in 0..200 {
+        if !net.joins.is_empty() {
+            break;
+        }
+        net.step();
+    }
+    let joiner = net.joins.keys().next().expect("a join started").clone();
+    assert!(matches!(net.persisted[&joiner].phase, Phase::Joining { .. }), "Joining persisted before Join");
+    net.crash(joiner.as_str());
+    net.steps(3);
+    net.boot(joiner.as_str());
+    assert!(matches!(net.persisted[&joiner].phase, Phase::WaitingForSlot { .. }), "restart never resumes a join blindly");
+    net.hold_joins = false;
+    net.run_until_members(300);
+}
+
+#[test]
+fn a_slot_that_is_never_confirmed_is_reclaimed_and_counted() {
+    let names = ["0a", "0b", "0c", "0d"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 4));
+    net.hold_joins = true;
+    for n in names {
+        net.boot(n);
+    }
+    for _ in 0..200 {
+        if !net.joins.is_empty() {
+            break;
+        }
+        net.step();
+    }
+    let stuck = net.joins.keys().next().expect("a join started").clone();
+    // The holder vanishes for good in the middle of its join.
+    net.crash(stuck.as_str());
+    net.hold_joins = false;
+    for _ in 0..400 {
+        net.step();
+        let others_done = net.nodes.iter().filter(|(k, _)| **k != stuck).all(|(_, n)| matches!(n.phase(), Phase::Member { .. }));
+        if others_done {
+            break;
+        }
+    }
+    let st = net.nodes[&id("0a")].status();
+    assert!(st.members_known.len() >= 3, "slot was reclaimed and others joined: {st:?}");
+    // The vanished holder may have joined as control plane: it stays counted.
+    let cp_members = st.members_known.values().filter(|r| **r == Role::ControlPlane).count();
+    assert!(cp_members <= 2, "its control-plane place is kept: {st:?}");
+}
+
+#[test]
+fn the_seed_is_replaced_when_it_vanishes_before_anyone_joined() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 0), ("0c", 0)], params(3, 3));
+    // The seed dies the moment its election is chosen, before any grant.
+    net.crash_on_member = Some(id("0a"));
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    for _ in 0..100 {
+        if net.nodes.len() == 2 {
+            break;
+        }
+        net.step();
+    }
+    assert_eq!(net.nodes.len(), 2, "the seed was elected and crashed");
+    assert!(matches!(net.persisted[&id("0a")].phase, Phase::Member { .. }));
+    assert!(net.join_log.is_empty());
+    net.run_until_members(300);
+    let c = cluster_of(&net.phase("0b")).expect("cluster");
+    assert_eq!(c.seed, id("0b"), "the next best candidate replaced the seed");
+    // The old seed comes back (still believing in its own cluster), learns that it was
+    // replaced, and joins the new cluster.
+    net.boot("0a");
+    for _ in 0..300 {
+        net.step();
+        if cluster_of(&net.phase("0a")) == Some(c.clone()) && net.all_members() {
+            break;
+        }
+    }
+    assert_eq!(cluster_of(&net.phase("0a")), Some(c));
+    assert!(net.join_log.iter().all(|j| j.3.seed == id("0b")));
+}
+
+#[test]
+fn another_control_plane_member_takes_over_granting_when_the_authority_vanishes() {
+    let names = ["0a", "0b", "0c", "0d", "0e"];
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 5));
+    for n in names {
+        net.boot(n);
+    }
+    // Wait until the seed has at least one more member, then remove it.
+    for _ in 0..300 {
+        if net.nodes[&id("0a")].status().members_known.len() >= 3 {
+            break;
+        }
+        net.step();
+    }
+    net.crash("0a");
+    for _ in 0..600 {
+        let live_members = net.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. }));
+        if live_members {
+            break;
+        }
+        net.step();
+    }
+    let st = net.nodes[&id("0b")].status();
+    assert!(net.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. })), "{st:?}");
+    assert_ne!(st.authority, Some(id("0a")), "authority moved");
+}
+
+#[test]
+fn acceptor_promises_are_binding_and_persisted_before_the_reply() {
+    let p = params(3, 3);
+    let (mut node, _) = Node::new(p.clone(), id("0a"), None, secs(0));
+    let hi = Ballot { n: 5, node: id("0b") };
+    let lo = Ballot { n: 4, node: id("0c") };
+    let out = node.handle(secs(1), Event::Message { from: id("0b"), msg: Message::Prepare { ballot: hi.clone() } });
+    let persist = out.iter().position(|a| matches!(a, Action::Persist(s) if s.acceptor.promised == Some(hi.clone())));
+    let reply = out.iter().position(|a| matches!(a, Action::Send { msg: Message::Promise { .. }, .. }));
+    assert!(persist.is_some() && reply.is_some() && persist < reply, "{out:?}");
+    let out = node.handle(secs(2), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: lo.clone() } });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { msg: Message::Nack { promised, .. }, .. } if *promised == hi)));
+    // A forged ballot (claiming another proposer) is ignored.
+    let out = node.handle(secs(3), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: Ballot { n: 9, node: id("0b") } } });
+    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert_eq!(node.status().ignored, 1);
+    // The promise survives a restart.
+    let st = node.persisted().clone();
+    let (mut node, _) = Node::new(p, id("0a"), Some(st), secs(0));
+    let out = node.handle(secs(1), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: lo } });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { msg: Message::Nack { .. }, .. })));
+}
+
+#[test]
+fn a_stale_grant_is_ignored() {
+    let p = params(3, 3);
+    let (mut node, _) = Node::new(p, id("0c"), None, secs(0));
+    node.handle(secs(0), Event::NodePrepared(Ok(())));
+    let cluster = ClusterId { seed: id("0a"), term: 1 };
+    let ann = Announcement {
+        id: id("0a"),
+        priority: 0,
+        phase: PhaseSummary::Member,
+        role: Some(Role::ControlPlane),
+        cluster: Some(cluster.clone()),
+        authority: Some(id("0a")),
+        record_ballot: Some(Ballot { n: 1, node: id("0a") }),
+        members: 1,
+        eligible: true,
+    };
+    let out = node.handle(secs(1), Event::PeerSeen { ann, ip: ip(1) });
+    let req = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send { to, msg: Message::SlotRequest { req } } if *to == id("0a") => Some(*req),
+            _ => None,
+        })
+        .expect("a waiting node asks the authority for a slot");
+    // Answered long after the request: must not join.
+    let grant = Message::SlotGrant { req, cluster: cluster.clone(), seq: 1, role: Role::ControlPlane };
+    let mut out = node.handle(secs(1) + secs(5), Event::Message { from: id("0a"), msg: grant.clone() });
+    assert!(!out.iter().any(|a| matches!(a, Action::Join { .. })), "{out:?}");
+    // A fresh answer to a new request is accepted, persisted before the join.
+    out.extend(node.handle(secs(7), Event::Tick));
+    let req = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { msg: Message::SlotRequest { req }, .. } => Some(*req),
+            _ => None,
+        })
+        .next_back()
+        .expect("asks again");
+    let grant = Message::SlotGrant { req, cluster, seq: 2, role: Role::Worker };
+    let out = node.handle(secs(8), Event::Message { from: id("0a"), msg: grant });
+    let persist = out.iter().position(|a| matches!(a, Action::Persist(s) if matches!(s.phase, Phase::Joining { .. })));
+    let join = out.iter().position(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
+    assert!(persist.is_some() && join.is_some() && persist < join, "{out:?}");
+}
+
+#[test]
+fn params_are_validated_and_built_from_config() {
+    let mut p = params(3, 3);
+    p.slot_timeout = p.join_timeout;
+    assert!(matches!(p.validate(), Err(ParamsError::SlotTimeout { .. })));
+    let mut p = params(3, 3);
+    p.control_plane = 2;
+    assert_eq!(p.validate(), Err(ParamsError::ControlPlane(2)));
+    assert_eq!(params(3, 3).election_quorum(), 2);
+    assert_eq!(params(5, 5).election_quorum(), 3);
+    assert_eq!(params(3, 10).election_quorum(), 6, "quorums count every expected node");
+    assert_eq!(params(1, 1).ha_size(), 1);
+    assert_eq!(params(5, 5).ha_size(), 3);
+    assert!(FormationParams::new(3, 3, secs(600)).validate().is_ok(), "defaults are valid");
+}
+
+#[test]
+fn node_ids_are_lowercase_hex() {
+    assert!(NodeId::new("0123abcdef").is_ok());
+    assert!(NodeId::new("").is_err());
+    assert!(NodeId::new("ABCD").is_err());
+    assert!(NodeId::new("xyz").is_err());
+    assert!(NodeId::new("a".repeat(65)).is_err());
+    let mac: firstboot::config::MacAddr = "AA:bb:0c:00:11:22".parse().expect("mac");
+    assert_eq!(NodeId::from_mac(mac).as_str(), "aabb0c001122");
+    let json = serde_json::to_string(&id("0a")).expect("serialize");
+    assert_eq!(json, "\"0a\"");
+    assert!(serde_json::from_str::<NodeId>("\"0A\"").is_err(), "validated on deserialize");
+}
