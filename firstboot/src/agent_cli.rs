@@ -83,7 +83,11 @@ impl RunArgs {
 }
 
 /// Timers for simulated clusters: everything scales with the join timeout.
-pub fn sim_params(cfg: &config::ClusterConfig, mac: Option<config::MacAddr>, join_secs: u64) -> FormationParams {
+pub fn sim_params(
+    cfg: &config::ClusterConfig,
+    mac: Option<config::MacAddr>,
+    join_secs: u64,
+) -> FormationParams {
     let mut p = FormationParams::from_config(cfg, mac);
     let join = Duration::from_secs(join_secs.max(1));
     p.join_timeout = join;
@@ -154,7 +158,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     if !args.no_hostname {
         match SystemHostname::default().set(&hostname).await {
             Ok(how) => tracing::info!(%hostname, via = how, "hostname set"),
-            Err(e) => tracing::warn!(%hostname, error = %format!("{e:#}"), "could not set the hostname"),
+            Err(e) => {
+                tracing::warn!(%hostname, error = %format!("{e:#}"), "could not set the hostname")
+            }
         }
     }
     let interfaces = if !args.interface.is_empty() {
@@ -200,7 +206,10 @@ async fn shutdown_signal() {
 
 /// `firstboot status`: asks the running agent; falls back to the persisted phase.
 pub fn status(config_path: &Path, state_dir: &Path, port: u16, json: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");

@@ -84,10 +84,19 @@ fn addons_file(state_dir: &std::path::Path) -> StateFile {
 /// Results of spawned tasks.
 enum TaskResult {
     Event(Event),
-    Replies { from: NodeId, msgs: Vec<Message> },
-    SendFailed { to: NodeId, error: String },
+    Replies {
+        from: NodeId,
+        msgs: Vec<Message>,
+    },
+    SendFailed {
+        to: NodeId,
+        error: String,
+    },
     Microk8s(Option<Microk8sView>),
-    Problems { problems: Vec<String>, fixes: Vec<String> },
+    Problems {
+        problems: Vec<String>,
+        fixes: Vec<String>,
+    },
     Addons(Vec<AddonRow>),
 }
 
@@ -140,8 +149,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         &fingerprint,
     );
     dcfg.interfaces = agent.interfaces.clone();
-    let (discovery, mut peer_events) =
-        Discovery::start(dcfg).context("starting mDNS discovery")?;
+    let (discovery, mut peer_events) = Discovery::start(dcfg).context("starting mDNS discovery")?;
 
     let state = state_file(&agent.state_dir);
     let persisted: Option<PersistedState> = state.load()?;
@@ -156,7 +164,10 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
     let heartbeat_every = (params.peer_timeout / 4).max(Duration::from_secs(1));
     let (node, actions) = Node::new(params, agent.node_id.clone(), persisted, Duration::ZERO);
     let (tasks, mut task_rx) = mpsc::channel(256);
-    let client = Arc::new(CoordinatorClient::new(&agent.secret, agent.node_id.as_str()));
+    let client = Arc::new(CoordinatorClient::new(
+        &agent.secret,
+        agent.node_id.as_str(),
+    ));
     let mut rt = Runtime {
         doc: StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -441,8 +452,7 @@ impl Runtime {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, join(&agent, seed_ip, worker)).await
-            {
+            let result = match tokio::time::timeout(timeout, join(&agent, seed_ip, worker)).await {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
                 Err(_) => Err(format!("join did not finish within {timeout:?}")),
             };
@@ -655,8 +665,8 @@ async fn enable_addons(
             let ctx = addons::plan::PlanContext {
                 metallb_auto: auto_metallb(agent, peers).await?,
             };
-            let plan = addons::plan::plan_addon_enables(&agent.config, &ctx)
-                .context("planning addons")?;
+            let plan =
+                addons::plan::plan_addon_enables(&agent.config, &ctx).context("planning addons")?;
             AddonProgress::new(plan)
         }
     };

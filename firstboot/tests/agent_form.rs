@@ -14,7 +14,11 @@ fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     for r in records {
         let argv: Vec<String> = r["argv"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("enable") {
             continue;
@@ -53,17 +57,14 @@ fn three_nodes_form_one_ha_cluster_and_enable_addons_once() {
         assert!(d.microk8s.as_ref().unwrap().ha);
     }
     // Every node agrees on the member list.
-    let members: BTreeSet<_> = docs
-        .iter()
-        .map(|d| format!("{:?}", d.members))
-        .collect();
+    let members: BTreeSet<_> = docs.iter().map(|d| format!("{:?}", d.members)).collect();
     assert_eq!(members.len(), 1, "{members:?}");
     // Addons: enabled once each, on one control-plane node, after HA.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let done = (0..3).filter_map(|i| c.status(i)).any(|d| {
-            !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled")
-        });
+        let done = (0..3)
+            .filter_map(|i| c.status(i))
+            .any(|d| !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled"));
         if done {
             break;
         }
@@ -75,7 +76,11 @@ fn three_nodes_form_one_ha_cluster_and_enable_addons_once() {
     let en = enables(&records);
     let ok: Vec<_> = en.iter().filter(|(_, _, code)| *code == 0).collect();
     let names: Vec<&str> = ok.iter().map(|(_, a, _)| a.as_str()).collect();
-    assert_eq!(names, vec!["dns", "metallb"], "each addon enabled once: {en:?}");
+    assert_eq!(
+        names,
+        vec!["dns", "metallb"],
+        "each addon enabled once: {en:?}"
+    );
     let nodes: BTreeSet<_> = ok.iter().map(|(n, _, _)| n.clone()).collect();
     assert_eq!(nodes.len(), 1, "from one node: {en:?}");
     println!("3-node formation: HA after {formed_at:.1} s");
@@ -93,12 +98,23 @@ fn five_nodes_give_three_control_plane_and_two_workers_and_a_sixth_joins_later()
     }
     let docs = c.wait_formed(&[0, 1, 2, 3, 4], 3, Duration::from_secs(180));
     let roles: Vec<_> = docs.iter().map(|d| d.role.clone().unwrap()).collect();
-    assert_eq!(roles.iter().filter(|r| *r == "control-plane").count(), 3, "{roles:?}");
-    assert_eq!(roles.iter().filter(|r| *r == "worker").count(), 2, "{roles:?}");
+    assert_eq!(
+        roles.iter().filter(|r| *r == "control-plane").count(),
+        3,
+        "{roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| *r == "worker").count(),
+        2,
+        "{roles:?}"
+    );
     c.start(5);
     let late = c.wait_formed(&[5], 3, Duration::from_secs(120));
     assert_eq!(late[0].role.as_deref(), Some("worker"));
-    assert_eq!(late[0].cluster, docs[0].cluster, "the late node joined the same cluster");
+    assert_eq!(
+        late[0].cluster, docs[0].cluster,
+        "the late node joined the same cluster"
+    );
     check_command_log(&c.commands()).unwrap();
 }
 
@@ -143,7 +159,9 @@ fn a_node_with_the_wrong_secret_changes_nothing() {
     let docs = c.wait_formed(&[0, 1, 2], 3, Duration::from_secs(120));
     for d in &docs {
         assert!(
-            d.peers.iter().all(|p| p.address != c.nodes[3].addr.to_string()),
+            d.peers
+                .iter()
+                .all(|p| p.address != c.nodes[3].addr.to_string()),
             "the stranger must not be a peer: {:?}",
             d.peers
         );
@@ -214,7 +232,12 @@ fn agents_killed_at_random_moments_resume_and_converge_to_one_cluster() {
         .iter()
         .filter(|d| d.role.as_deref() == Some("control-plane"))
         .count();
-    assert_eq!(cp, 3, "three control-plane nodes: {:?}", docs.iter().map(|d| &d.role).collect::<Vec<_>>());
+    assert_eq!(
+        cp,
+        3,
+        "three control-plane nodes: {:?}",
+        docs.iter().map(|d| &d.role).collect::<Vec<_>>()
+    );
     check_command_log(&c.commands()).unwrap();
     println!("phases at the kills: {phases_hit:?}");
 }

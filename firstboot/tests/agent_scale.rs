@@ -41,11 +41,12 @@ fn many_agents_form_one_cluster() {
         // is checked once at the end).
         pending.retain(|&i| !c.status(i).is_some_and(|d| d.phase == "member"));
         if pending.is_empty() && addons_done_at.is_none() {
-            let done = (0..n.min(3)).filter_map(|i| c.status(i)).any(|d| {
-                !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled")
-            }) || (0..n).filter_map(|i| c.status(i)).any(|d| {
-                !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled")
-            });
+            let done = (0..n.min(3))
+                .filter_map(|i| c.status(i))
+                .any(|d| !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled"))
+                || (0..n)
+                    .filter_map(|i| c.status(i))
+                    .any(|d| !d.addons.is_empty() && d.addons.iter().all(|a| a.state == "enabled"));
             if done {
                 addons_done_at = Some(t0.elapsed());
             }
@@ -66,7 +67,10 @@ fn many_agents_form_one_cluster() {
         .count();
     assert_eq!(cp, 3.min(n));
     check_command_log(&c.commands()).unwrap();
-    let rss: Vec<u64> = all.iter().filter_map(|&i| c.agent_peak_rss_kib(i)).collect();
+    let rss: Vec<u64> = all
+        .iter()
+        .filter_map(|&i| c.agent_peak_rss_kib(i))
+        .collect();
     let max_rss = rss.iter().copied().max().unwrap_or(0);
     let mean_rss = rss.iter().sum::<u64>() / rss.len().max(1) as u64;
     // Lower bound: mDNS discovery (~1 s) + (N-1) serial joins + the addon enables (2 addons).

@@ -216,8 +216,14 @@ impl AgentCluster {
             .arg("--launch-config")
             .arg(d.join("etc/microk8s.yaml"))
             .args(["--sim-join-timeout", &self.spec.join_timeout_s.to_string()])
-            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/rackseed-test-bus")
-            .env("RUST_LOG", "info,firstboot=debug,firstboot::system::command=info")
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                "unix:path=/nonexistent/rackseed-test-bus",
+            )
+            .env(
+                "RUST_LOG",
+                "info,firstboot=debug,firstboot::system::command=info",
+            )
             .env("NO_COLOR", "1")
             .spawn_with(log.try_clone().unwrap(), log)
             .expect("starting firstboot");
@@ -382,7 +388,11 @@ pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
     for r in records {
         let argv: Vec<String> = r["argv"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("join") {
             continue;
