@@ -28,6 +28,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; the size of the `run` options does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Check a cluster config file; print every error, or warnings and a summary.
     CheckConfig {

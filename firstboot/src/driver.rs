@@ -83,7 +83,7 @@ fn addons_file(state_dir: &std::path::Path) -> StateFile {
 
 /// Results of spawned tasks.
 enum TaskResult {
-    Event(Event),
+    Event(Box<Event>),
     Replies {
         from: NodeId,
         msgs: Vec<Message>,
@@ -307,6 +307,7 @@ impl Runtime {
     fn task_result(&mut self, res: TaskResult) -> Option<Event> {
         match res {
             TaskResult::Event(ev) => {
+                let ev = *ev;
                 match &ev {
                     Event::NodePrepared(r) => self.timeline(match r {
                         Ok(()) => "node prepared; microk8s installed and ready".to_owned(),
@@ -443,7 +444,7 @@ impl Runtime {
         tokio::spawn(async move {
             let result = prepare(&agent, &tasks).await.map_err(|e| format!("{e:#}"));
             let _ = tasks
-                .send(TaskResult::Event(Event::NodePrepared(result)))
+                .send(TaskResult::Event(Box::new(Event::NodePrepared(result))))
                 .await;
         });
     }
@@ -457,7 +458,7 @@ impl Runtime {
                 Err(_) => Err(format!("join did not finish within {timeout:?}")),
             };
             let _ = tasks
-                .send(TaskResult::Event(Event::JoinFinished(result)))
+                .send(TaskResult::Event(Box::new(Event::JoinFinished(result))))
                 .await;
         });
     }
@@ -471,7 +472,7 @@ impl Runtime {
                 .await
                 .map_err(|e| format!("{e:#}"));
             let _ = tasks
-                .send(TaskResult::Event(Event::AddonsEnabled(result)))
+                .send(TaskResult::Event(Box::new(Event::AddonsEnabled(result))))
                 .await;
         });
     }

@@ -39,7 +39,7 @@ fn many_agents_form_one_cluster() {
     while !pending.is_empty() || addons_done_at.is_none() {
         // Membership as the agents record it (MicroK8s' own view is only polled every 5 s and
         // is checked once at the end).
-        pending.retain(|&i| !c.status(i).is_some_and(|d| d.phase == "member"));
+        pending.retain(|&i| c.status(i).is_none_or(|d| d.phase != "member"));
         if pending.is_empty() && addons_done_at.is_none() {
             let done = (0..n.min(3))
                 .filter_map(|i| c.status(i))

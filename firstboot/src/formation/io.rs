@@ -36,6 +36,9 @@ pub enum Event {
 /// fsync, rename) before any later action of the same batch is executed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "action")]
+// Actions come a few at a time and are consumed at once; boxing the persisted state would only
+// add an allocation per step.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Advertise this announcement (replacing the previous one).
     Announce(Announcement),

@@ -413,11 +413,7 @@ pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
                 }
                 open = Some((key, r["ts_ms"].as_i64().unwrap_or(0)));
             }
-            Some("end") => {
-                if open.as_ref().is_some_and(|(k, _)| *k == key) {
-                    open = None;
-                }
-            }
+            Some("end") if open.as_ref().is_some_and(|(k, _)| *k == key) => open = None,
             _ => {}
         }
     }
