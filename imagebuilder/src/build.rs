@@ -434,6 +434,8 @@ pub fn run_cli(args: BuildArgs) -> Result<()> {
     }
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
+    let cluster = loaded.config.cluster.name.clone();
+    let target = args.target.unwrap_or(loaded.config.image.target);
     let mut req = BuildRequest::new(loaded.config, text, args.out, args.overlays);
     req.target = args.target;
     req.firstboot_bin = args.firstboot_bin;
@@ -459,5 +461,46 @@ pub fn run_cli(args: BuildArgs) -> Result<()> {
     println!("sums:       {}", out.sha256sums.display());
     println!("manifest:   {}", out.manifest.display());
     println!("sha256:     {}", out.sha256);
+    if let Some(path) = write_os_list(&cluster, target, &out)? {
+        println!(
+            "os_list:    {} (Raspberry Pi Imager: use custom repository)",
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// Writes `<image>.os_list.json` next to a compressed Raspberry Pi image, so Raspberry Pi
+/// Imager can offer it from a custom repository. Nothing for x86 or uncompressed images.
+fn write_os_list(cluster: &str, target: Target, out: &BuildOutputs) -> Result<Option<PathBuf>> {
+    use sha2::Digest;
+    let Some(download) = &out.compressed else {
+        return Ok(None);
+    };
+    let hash_file = |p: &Path| -> Result<(u64, String)> {
+        let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+        let mut h = sha2::Sha256::new();
+        let n = std::io::copy(&mut f, &mut h)?;
+        Ok((n, hex::encode(h.finalize())))
+    };
+    let (download_size, download_sha256) = hash_file(download)?;
+    let raw_size = std::fs::metadata(&out.image)?.len();
+    let abs = std::fs::canonicalize(download)?;
+    let doc = crate::os_list::os_list_for(&crate::os_list::BuiltImage {
+        cluster,
+        target,
+        url: format!("file://{}", abs.display()),
+        raw_size,
+        raw_sha256: out.sha256.clone(),
+        download_size,
+        download_sha256,
+        release_date: humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10]
+            .to_owned(),
+    });
+    let Some(doc) = doc else {
+        return Ok(None);
+    };
+    let path = out.image.with_extension("os_list.json");
+    firstboot::system::state::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?, 0o644)?;
+    Ok(Some(path))
 }
