@@ -93,10 +93,10 @@ pub fn sim_params(
     p.join_timeout = join;
     p.grant_max_age = Duration::from_secs(3);
     p.slot_timeout = (join + p.grant_max_age) * 3 / 2 + Duration::from_secs(1);
-    p.peer_timeout = Duration::from_secs(10);
-    p.round_timeout = Duration::from_secs(2);
+    p.peer_timeout = Duration::from_secs(20);
+    p.round_timeout = Duration::from_secs(4);
     p.retry_interval = Duration::from_secs(1);
-    p.takeover_after = Duration::from_secs(15);
+    p.takeover_after = Duration::from_secs(30);
     p
 }
 

@@ -271,6 +271,29 @@ impl AgentCluster {
             .and_then(|r| r.ok())
     }
 
+    /// Whether node `i`'s persisted formation phase is `member`.
+    pub fn persisted_member(&self, i: usize) -> bool {
+        std::fs::read_to_string(self.nodes[i].dir.join("state/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["phase"]["phase"] == "member")
+    }
+
+    /// Whether some node's persisted addon progress shows every addon enabled.
+    pub fn addons_enabled_somewhere(&self) -> bool {
+        self.nodes.iter().any(|n| {
+            std::fs::read_to_string(n.dir.join("state/addons.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| {
+                    v["addons"].as_array().map(|a| {
+                        !a.is_empty() && a.iter().all(|r| r["state"]["state"] == "enabled")
+                    })
+                })
+                .unwrap_or(false)
+        })
+    }
+
     /// Peak resident memory (VmHWM) of node `i`'s running agent, in KiB.
     pub fn agent_peak_rss_kib(&self, i: usize) -> Option<u64> {
         let pid = self.nodes[i].agent.as_ref()?.id()?;
