@@ -123,7 +123,7 @@ impl Net {
                     self.queue.push_back((to, Event::Message { from: from.clone(), msg }));
                 }
                 Action::Persist(st) => {
-                    self.persisted.insert(from.clone(), st);
+                    self.persisted.insert(from.clone(), *st);
                 }
                 Action::PrepareNode => self.queue.push_back((from.clone(), Event::NodePrepared(Ok(())))),
                 Action::Join { worker, cluster, seed_ip, .. } => {

@@ -42,7 +42,7 @@ pub enum Action {
     /// Send one message; it may be lost, duplicated or delayed.
     Send { to: NodeId, msg: Message },
     /// Write this state atomically before executing the following actions.
-    Persist(PersistedState),
+    Persist(Box<PersistedState>),
     /// Prepare the host (hugepages, kernel modules, packages); report [`Event::NodePrepared`].
     PrepareNode,
     /// Run `microk8s join <seed_ip>:25000/<persistent token>` (with `--worker` when `worker`),

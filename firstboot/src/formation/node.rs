@@ -287,7 +287,7 @@ impl Node {
         // success when this node already is a member).
         if let Phase::Joining { cluster, .. } = &st.phase {
             st.phase = Phase::WaitingForSlot { cluster: cluster.clone() };
-            out.push(Action::Persist(st.clone()));
+            out.push(Action::Persist(Box::new(st.clone())));
         }
         let mut node = Node {
             params,
@@ -315,7 +315,7 @@ impl Node {
             dirty: false,
         };
         if !resumed {
-            out.push(Action::Persist(node.st.clone()));
+            out.push(Action::Persist(Box::new(node.st.clone())));
         }
         node.drive(now, &mut out);
         (node, out)
@@ -445,7 +445,7 @@ impl Node {
     }
 
     fn persist(&self, out: &mut Vec<Action>) {
-        out.push(Action::Persist(self.st.clone()));
+        out.push(Action::Persist(Box::new(self.st.clone())));
     }
 
     fn set_phase(&mut self, phase: Phase, out: &mut Vec<Action>) {
