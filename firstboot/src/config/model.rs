@@ -114,7 +114,10 @@ pub struct Network {
 pub enum Addressing {
     Dhcp,
     /// Static: each node's own address comes from its inventory entry; these are shared.
-    Static { gateway: IpAddr, dns: Vec<IpAddr> },
+    Static {
+        gateway: IpAddr,
+        dns: Vec<IpAddr>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -138,7 +141,9 @@ pub struct NodeEntry {
     pub address: Option<IpNet>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     ControlPlane,
@@ -152,7 +157,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl std::fmt::Display for MacAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -161,12 +170,16 @@ impl std::str::FromStr for MacAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
-            return Err(format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"));
+            return Err(format!(
+                "expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"
+            ));
         }
         let mut out = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
             if p.len() != 2 {
-                return Err(format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"));
+                return Err(format!(
+                    "expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"
+                ));
             }
             out[i] = u8::from_str_radix(p, 16)
                 .map_err(|_| format!("expected a MAC address like aa:bb:cc:dd:ee:ff, got {s:?}"))?;
@@ -245,7 +258,10 @@ pub enum Base {
     /// Official image by URL; always verified against `sha256` (64 lowercase hex).
     Official { url: String, sha256: String },
     /// A local image file; verified when `sha256` is given.
-    Local { path: PathBuf, sha256: Option<String> },
+    Local {
+        path: PathBuf,
+        sha256: Option<String>,
+    },
     /// Bootstrap a root filesystem from packages. `mirror: None` means: take it from the build
     /// machine's apt sources.
     Bootstrap {
@@ -265,7 +281,10 @@ pub struct User {
 }
 
 mod humantime_serde_shim {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
 }

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ClusterConfig, MacAddr, Role};
 
-/// Stable node identity: lowercase hex, 1 to 64 characters (from `/etc/machine-id`, or the
-/// primary MAC without separators). Its ordering is the election tiebreak (lower wins).
+/// Stable node identity: lowercase hex, 1 to [`NodeId::MAX_LEN`] characters (from
+/// `/etc/machine-id`, 32 hex, or the primary MAC without separators). Its ordering is the
+/// election tiebreak (lower wins).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct NodeId(String);
@@ -24,20 +25,23 @@ pub struct NodeId(String);
 pub enum NodeIdError {
     #[error("node id is empty")]
     Empty,
-    #[error("node id is {0} characters long, at most 64 allowed")]
+    #[error("node id is {0} characters long, at most 48 allowed")]
     TooLong(usize),
     #[error("node id {0:?} is not lowercase hex")]
     NotLowercaseHex(String),
 }
 
 impl NodeId {
-    /// Validates `s` as lowercase hex of 1 to 64 characters.
+    /// Longest id (the discovery record's limit).
+    pub const MAX_LEN: usize = 48;
+
+    /// Validates `s` as lowercase hex of 1 to [`Self::MAX_LEN`] characters.
     pub fn new(s: impl Into<String>) -> Result<NodeId, NodeIdError> {
         let s = s.into();
         if s.is_empty() {
             return Err(NodeIdError::Empty);
         }
-        if s.len() > 64 {
+        if s.len() > Self::MAX_LEN {
             return Err(NodeIdError::TooLong(s.len()));
         }
         if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {

@@ -1,0 +1,227 @@
+//! Behaving fakes for the addon module's host interfaces, for tests here and in the driver.
+//!
+//! - [`FakeProber`]: a LAN where a given set of addresses answers ARP; records what was probed.
+//! - [`FakeKernel`]: a kernel whose state is a fake root directory: `sysctl vm.nr_hugepages`
+//!   updates `proc/meminfo` (up to an optional limit, to act out fragmented memory), `modprobe`
+//!   succeeds only for modules in `modules.dep` and then lists them in `proc/modules`.
+//! - [`FakeRoot`]: writes such a root directory (kernel release, modules, meminfo, cgroups,
+//!   dpkg status).
+//!
+//! To fake another kernel effect, extend [`FakeKernel`] so it changes the same files the real
+//! kernel would.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context};
+
+use super::autorange::{AddressProber, ProbeError};
+use super::prep::{module_name, KernelControl};
+
+/// A LAN in which `in_use` addresses answer ARP.
+#[derive(Debug, Default)]
+pub struct FakeProber {
+    in_use: HashSet<Ipv4Addr>,
+    failing: HashSet<Ipv4Addr>,
+    probed: Mutex<Vec<Ipv4Addr>>,
+}
+
+impl FakeProber {
+    pub fn with_in_use(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        FakeProber {
+            in_use: addrs.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Probing `addr` fails (as `arping` would on a broken interface).
+    pub fn failing_on(mut self, addr: Ipv4Addr) -> Self {
+        self.failing.insert(addr);
+        self
+    }
+
+    /// Every address probed so far, in order.
+    pub fn probed(&self) -> Vec<Ipv4Addr> {
+        self.probed.lock().expect("probe log lock").clone()
+    }
+}
+
+impl AddressProber for FakeProber {
+    async fn in_use(&self, addr: Ipv4Addr) -> Result<bool, ProbeError> {
+        self.probed.lock().expect("probe log lock").push(addr);
+        if self.failing.contains(&addr) {
+            return Err(ProbeError::Other {
+                addr,
+                reason: "fake probe failure".into(),
+            });
+        }
+        Ok(self.in_use.contains(&addr))
+    }
+}
+
+/// A kernel whose state lives in a fake root (see the module docs).
+#[derive(Debug)]
+pub struct FakeKernel {
+    root: PathBuf,
+    /// At most this many hugepages can be reserved at run time.
+    hugepages_limit: Option<u64>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeKernel {
+    pub fn new(root: &Path) -> Self {
+        FakeKernel {
+            root: root.to_owned(),
+            hugepages_limit: None,
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Acts out fragmented memory: no more than `limit` hugepages can be reserved.
+    pub fn with_hugepages_limit(mut self, limit: u64) -> Self {
+        self.hugepages_limit = Some(limit);
+        self
+    }
+
+    /// The commands the real implementation would have run, e.g. `sysctl -w vm.nr_hugepages=1024`.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("call log lock").clone()
+    }
+
+    fn release(&self) -> anyhow::Result<String> {
+        let p = self.root.join("proc/sys/kernel/osrelease");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .trim()
+            .to_owned())
+    }
+}
+
+impl KernelControl for FakeKernel {
+    async fn set_sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.calls
+            .lock()
+            .expect("call log lock")
+            .push(format!("sysctl -w {key}={value}"));
+        if key != "vm.nr_hugepages" {
+            bail!(
+                "sysctl: cannot stat /proc/sys/{}: no such file",
+                key.replace('.', "/")
+            );
+        }
+        let want: u64 = value.parse().context("sysctl: invalid argument")?;
+        let got = self.hugepages_limit.map_or(want, |l| want.min(l));
+        let path = self.root.join("proc/meminfo");
+        let text = std::fs::read_to_string(&path)?;
+        let mut out: String = text
+            .lines()
+            .filter(|l| !l.starts_with("HugePages_Total:"))
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        out.push_str(&format!("HugePages_Total: {got:>7}\n"));
+        std::fs::write(&path, out)?;
+        Ok(())
+    }
+
+    async fn load_module(&self, module: &str) -> anyhow::Result<()> {
+        self.calls
+            .lock()
+            .expect("call log lock")
+            .push(format!("modprobe {module}"));
+        let rel = self.release()?;
+        let dep =
+            std::fs::read_to_string(self.root.join("lib/modules").join(&rel).join("modules.dep"))
+                .unwrap_or_default();
+        let want = module_name(module);
+        if !dep.lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(f, _)| module_name(f) == want)
+        }) {
+            bail!("modprobe: FATAL: Module {module} not found in directory /lib/modules/{rel}");
+        }
+        let path = self.root.join("proc/modules");
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("{want} 53248 0 - Live 0x0000000000000000\n"));
+        std::fs::write(&path, text)?;
+        Ok(())
+    }
+}
+
+/// Builds a fake root filesystem for node-preparation tests.
+#[derive(Debug, Clone)]
+pub struct FakeRoot {
+    pub release: String,
+    /// Loadable modules (paths as in `modules.dep`, e.g. `kernel/drivers/net/vxlan/vxlan.ko.zst`).
+    pub modules: Vec<String>,
+    pub builtin: Vec<String>,
+    pub loaded: Vec<String>,
+    pub mem_total_kib: u64,
+    pub hugepages_total: u64,
+    /// `sys/fs/cgroup/cgroup.controllers` content; `None` leaves the file out.
+    pub cgroup_controllers: Option<String>,
+    /// Installed packages for `var/lib/dpkg/status`; `None` leaves the file out.
+    pub dpkg_installed: Option<Vec<String>>,
+}
+
+impl Default for FakeRoot {
+    /// A 4 GB x86 node on Ubuntu 24.04's generic kernel with the usual modules.
+    fn default() -> Self {
+        FakeRoot {
+            release: "6.8.0-49-generic".into(),
+            modules: vec![
+                "kernel/drivers/nvme/host/nvme-tcp.ko.zst".into(),
+                "kernel/drivers/net/vxlan/vxlan.ko.zst".into(),
+                "kernel/drivers/block/rbd.ko.zst".into(),
+            ],
+            builtin: vec!["kernel/fs/ext4/ext4.ko".into()],
+            loaded: vec!["overlay".into()],
+            mem_total_kib: 3_884_524,
+            hugepages_total: 0,
+            cgroup_controllers: Some("cpuset cpu io memory hugetlb pids rdma misc".into()),
+            dpkg_installed: Some(vec!["bash".into(), "systemd".into()]),
+        }
+    }
+}
+
+impl FakeRoot {
+    /// Writes the files under `root`.
+    pub fn write(&self, root: &Path) -> anyhow::Result<()> {
+        let put = |rel: &str, text: String| -> anyhow::Result<()> {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().expect("relative paths have parents"))?;
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+        };
+        put("proc/sys/kernel/osrelease", format!("{}\n", self.release))?;
+        let moddir = format!("lib/modules/{}", self.release);
+        let dep: String = self.modules.iter().map(|m| format!("{m}:\n")).collect();
+        put(&format!("{moddir}/modules.dep"), dep)?;
+        let builtin: String = self.builtin.iter().map(|m| format!("{m}\n")).collect();
+        put(&format!("{moddir}/modules.builtin"), builtin)?;
+        let loaded: String = self
+            .loaded
+            .iter()
+            .map(|m| format!("{m} 4096 0 - Live 0x0000000000000000\n"))
+            .collect();
+        put("proc/modules", loaded)?;
+        put(
+            "proc/meminfo",
+            format!(
+                "MemTotal:       {} kB\nMemFree:         100000 kB\nHugePages_Total: {:>7}\nHugepagesize:       2048 kB\n",
+                self.mem_total_kib, self.hugepages_total
+            ),
+        )?;
+        if let Some(c) = &self.cgroup_controllers {
+            put("sys/fs/cgroup/cgroup.controllers", format!("{c}\n"))?;
+        }
+        if let Some(pkgs) = &self.dpkg_installed {
+            let status: String = pkgs
+                .iter()
+                .map(|p| format!("Package: {p}\nStatus: install ok installed\nVersion: 1.0\n\n"))
+                .collect();
+            put("var/lib/dpkg/status", status)?;
+        }
+        Ok(())
+    }
+}

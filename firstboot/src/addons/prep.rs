@@ -1,0 +1,727 @@
+//! Node preparation for the configured addons, run on **every** node before it joins, and the
+//! Raspberry Pi boot checks. Idempotent: running it again changes nothing and runs no command
+//! that is not needed.
+//!
+//! Every path is relative to a `root` directory (`/` in production), so tests use a fake root
+//! filesystem: `proc/meminfo`, `proc/modules`, `proc/sys/kernel/osrelease`,
+//! `lib/modules/<release>/modules.{dep,builtin}`, `sys/fs/cgroup/cgroup.controllers`,
+//! `proc/cgroups`, `var/lib/dpkg/status`. Changes to the running kernel (sysctl, modprobe) go
+//! through [`KernelControl`], whose real implementation runs `sysctl -w` / `modprobe` through
+//! [`Cmd`] and whose fake ([`super::fakes::FakeKernel`]) updates the fake root like a kernel.
+//!
+//! What it does:
+//! - mayastor: checks RAM (at least [`MAYASTOR_MIN_RAM_GIB`] GiB installed, i.e. `MemTotal` >=
+//!   3.5 GiB: 1024 hugepages of 2 MiB take 2 GiB), persists `vm.nr_hugepages = 1024` in
+//!   `etc/sysctl.d/20-microk8s-hugepages.conf` and applies it with `sysctl -w` when fewer are
+//!   reserved, then re-reads `HugePages_Total`; checks the kernel has `nvme-tcp`, persists it in
+//!   `etc/modules-load.d/microk8s-mayastor.conf` and loads it with `modprobe`.
+//! - longhorn: checks `open-iscsi` and `nfs-common` are installed (dpkg status, else their
+//!   binaries); says it is a manual helm install that needs internet.
+//! - rook-ceph: checks `lvm2` and the `rbd` module; notes the raw disks and internet it needs.
+//! - rpi4/rpi5: memory cgroup enabled, `vxlan` module available, RAM above MicroK8s'
+//!   low-memory guard.
+//!
+//! Files are written atomically (temp file, fsync, rename, fsync of the directory), only when
+//! their content changes, and setting lines are never duplicated. Problems the node cannot fix
+//! itself are reported in a [`Readiness`] (what is wrong and the fix), never silently ignored.
+//!
+//! To add a check: write a `check_*`/`prepare_*` function that pushes into a [`Readiness`] and
+//! call it from [`prepare_node`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Storage, Target};
+use crate::system::command::Cmd;
+
+/// The sysctl.d file MicroK8s' docs name for Mayastor's hugepages.
+pub const HUGEPAGES_CONF: &str = "etc/sysctl.d/20-microk8s-hugepages.conf";
+/// The modules-load.d file MicroK8s' docs name for Mayastor's `nvme-tcp`.
+pub const MAYASTOR_MODULES_CONF: &str = "etc/modules-load.d/microk8s-mayastor.conf";
+/// Mayastor refuses to enable below this `HugePages_Total`.
+pub const HUGEPAGES_WANTED: u64 = 1024;
+/// Installed RAM a Mayastor node needs, in GiB (2 GiB go to hugepages).
+pub const MAYASTOR_MIN_RAM_GIB: u64 = 4;
+/// `MemTotal` threshold for [`MAYASTOR_MIN_RAM_GIB`]: firmware and kernel keep a few hundred
+/// MiB, so a 4 GB machine shows about 3.7-3.8 GiB.
+pub const MAYASTOR_MIN_MEMTOTAL_KIB: u64 = 3 * 1024 * 1024 + 512 * 1024;
+/// Below this MicroK8s' low-memory guard blocks the control plane.
+pub const MICROK8S_MIN_MEMTOTAL_KIB: u64 = 512 * 1024;
+/// The kernel command-line flags that turn the memory cgroup on for Raspberry Pi kernels.
+pub const PI_CGROUP_FLAGS: [&str; 2] = ["cgroup_enable=memory", "cgroup_memory=1"];
+/// Where the Pi's kernel command line lives (relative to root).
+pub const PI_CMDLINE: &str = "boot/firmware/cmdline.txt";
+
+const KERNEL_CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether this node can host what the configuration asks for. `ok` is true exactly when
+/// `problems` is empty; every problem has a matching entry in `fixes` (same index) when a fix is
+/// known. `notes` are prerequisites this node cannot check (internet, raw disks, manual steps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ok: bool,
+    pub problems: Vec<String>,
+    pub fixes: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            ok: true,
+            problems: Vec::new(),
+            fixes: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+impl Readiness {
+    pub fn problem(&mut self, problem: impl Into<String>, fix: impl Into<String>) {
+        let problem = problem.into();
+        tracing::warn!(%problem, "node preparation");
+        self.ok = false;
+        self.problems.push(problem);
+        self.fixes.push(fix.into());
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    pub fn merge(&mut self, other: Readiness) {
+        self.ok &= other.ok;
+        self.problems.extend(other.problems);
+        self.fixes.extend(other.fixes);
+        self.notes.extend(other.notes);
+    }
+}
+
+/// I/O failures of node preparation itself (as opposed to a node that is not ready).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+}
+
+/// Changes to the running kernel.
+#[allow(async_fn_in_trait)] // used through generics only
+pub trait KernelControl {
+    /// Sets a sysctl now (the persistent setting is a file written separately).
+    async fn set_sysctl(&self, key: &str, value: &str) -> anyhow::Result<()>;
+    /// Loads a kernel module now.
+    async fn load_module(&self, module: &str) -> anyhow::Result<()>;
+}
+
+/// The real kernel: `sysctl -w key=value` and `modprobe <module>` through [`Cmd`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostKernel;
+
+impl KernelControl for HostKernel {
+    async fn set_sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        Cmd::new("sysctl", KERNEL_CMD_TIMEOUT)
+            .args(["-w", &format!("{key}={value}")])
+            .run()
+            .await?;
+        Ok(())
+    }
+
+    async fn load_module(&self, module: &str) -> anyhow::Result<()> {
+        Cmd::new("modprobe", KERNEL_CMD_TIMEOUT)
+            .arg(module)
+            .run()
+            .await?;
+        Ok(())
+    }
+}
+
+/// Prepares this node for `storage` and runs the boot checks for `target`. `Err` only when a
+/// file could not be read or written; everything else ends up in the [`Readiness`].
+pub async fn prepare_node<K: KernelControl>(
+    root: &Path,
+    storage: Storage,
+    target: Target,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    if matches!(target, Target::Rpi4 | Target::Rpi5) {
+        r.merge(check_raspberry_pi(root)?);
+    }
+    match storage {
+        Storage::None | Storage::Hostpath => {}
+        Storage::Mayastor => r.merge(prepare_mayastor(root, kernel).await?),
+        Storage::Longhorn => r.merge(check_longhorn(root)?),
+        Storage::RookCeph => r.merge(check_rook_ceph(root)?),
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// mayastor
+
+/// See the module docs. Writes the two files, applies them, and re-checks.
+pub async fn prepare_mayastor<K: KernelControl>(
+    root: &Path,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    let mem = read_meminfo(root)?;
+    if mem.mem_total_kib < MAYASTOR_MIN_MEMTOTAL_KIB {
+        r.problem(
+            format!(
+                "mayastor: this node has {} MiB of RAM; mayastor needs a node with at least \
+                 {MAYASTOR_MIN_RAM_GIB} GiB (it reserves {} MiB as hugepages); hugepages were \
+                 not reserved",
+                mem.mem_total_kib / 1024,
+                HUGEPAGES_WANTED * 2
+            ),
+            format!(
+                "use nodes with at least {MAYASTOR_MIN_RAM_GIB} GB of RAM for mayastor, or choose \
+                 another storage (addons.storage)"
+            ),
+        );
+    } else {
+        prepare_hugepages(root, kernel, &mem, &mut r).await?;
+    }
+    prepare_nvme_tcp(root, kernel, &mut r).await?;
+    Ok(r)
+}
+
+async fn prepare_hugepages<K: KernelControl>(
+    root: &Path,
+    kernel: &K,
+    mem: &MemInfo,
+    r: &mut Readiness,
+) -> Result<(), PrepError> {
+    ensure_setting_line(
+        &root.join(HUGEPAGES_CONF),
+        &format!("vm.nr_hugepages = {HUGEPAGES_WANTED}"),
+        |l| sysctl_key(l) == Some("vm.nr_hugepages"),
+        |l| sysctl_value(l).is_some_and(|v| v >= HUGEPAGES_WANTED),
+    )?;
+    if mem.hugepages_total >= HUGEPAGES_WANTED {
+        return Ok(());
+    }
+    if let Err(e) = kernel
+        .set_sysctl("vm.nr_hugepages", &HUGEPAGES_WANTED.to_string())
+        .await
+    {
+        r.problem(
+            format!("mayastor: applying vm.nr_hugepages = {HUGEPAGES_WANTED} failed: {e:#}"),
+            format!("reboot so /{HUGEPAGES_CONF} applies at boot"),
+        );
+        return Ok(());
+    }
+    let after = read_meminfo(root)?;
+    if after.hugepages_total < HUGEPAGES_WANTED {
+        r.problem(
+            format!(
+                "mayastor: only {} of {HUGEPAGES_WANTED} hugepages could be reserved (memory is \
+                 fragmented or too small)",
+                after.hugepages_total
+            ),
+            format!("reboot so /{HUGEPAGES_CONF} applies at boot, before memory fragments"),
+        );
+    }
+    Ok(())
+}
+
+async fn prepare_nvme_tcp<K: KernelControl>(
+    root: &Path,
+    kernel: &K,
+    r: &mut Readiness,
+) -> Result<(), PrepError> {
+    let release = kernel_release(root)?;
+    match module_status(root, &release, "nvme-tcp")? {
+        ModuleStatus::Builtin => {}
+        ModuleStatus::Loaded | ModuleStatus::Available => {
+            ensure_setting_line(
+                &root.join(MAYASTOR_MODULES_CONF),
+                "nvme-tcp",
+                |l| module_name(l.trim()) == "nvme_tcp",
+                // `nvme_tcp` and `nvme-tcp` name the same module.
+                |_| true,
+            )?;
+            if module_status(root, &release, "nvme-tcp")? == ModuleStatus::Loaded {
+                return Ok(());
+            }
+            if let Err(e) = kernel.load_module("nvme-tcp").await {
+                r.problem(
+                    format!("mayastor: loading nvme-tcp failed: {e:#}"),
+                    "run `modprobe nvme-tcp` and read the kernel log (journalctl -k)",
+                );
+            } else if module_status(root, &release, "nvme-tcp")? != ModuleStatus::Loaded {
+                r.problem(
+                    "mayastor: modprobe nvme-tcp succeeded but the module is not loaded",
+                    "run `modprobe nvme-tcp` and read the kernel log (journalctl -k)",
+                );
+            }
+        }
+        ModuleStatus::Missing => r.problem(
+            format!("mayastor: kernel {release} has no nvme-tcp module"),
+            format!("{} and reboot", modules_extra_install(&release)),
+        ),
+    }
+    Ok(())
+}
+
+/// The package command that adds the extra kernel modules for `release`.
+fn modules_extra_install(release: &str) -> String {
+    if release.ends_with("-raspi") {
+        "apt-get install linux-modules-extra-raspi".into()
+    } else {
+        format!("apt-get install linux-modules-extra-{release}")
+    }
+}
+
+fn sysctl_key(line: &str) -> Option<&str> {
+    let l = line.trim();
+    if l.starts_with('#') || l.starts_with(';') {
+        return None;
+    }
+    let (k, _) = l.split_once('=')?;
+    let k = k.trim().trim_start_matches('-');
+    // sysctl.d accepts `/` as the separator too.
+    Some(if k == "vm/nr_hugepages" {
+        "vm.nr_hugepages"
+    } else {
+        k
+    })
+}
+
+fn sysctl_value(line: &str) -> Option<u64> {
+    line.split_once('=')?.1.trim().parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// longhorn, rook-ceph
+
+/// Longhorn's node prerequisites (see the module docs).
+pub fn check_longhorn(root: &Path) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    let installed = installed_packages(root)?;
+    let needs = [
+        ("open-iscsi", ["usr/sbin/iscsiadm", "sbin/iscsiadm"]),
+        ("nfs-common", ["usr/sbin/mount.nfs", "sbin/mount.nfs"]),
+    ];
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(pkg, bins)| match &installed {
+            Some(set) => !set.contains(*pkg),
+            None => !bins.iter().any(|b| root.join(b).exists()),
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        r.problem(
+            format!(
+                "longhorn: {} not installed on this node (every longhorn node needs them)",
+                missing.join(" and ")
+            ),
+            format!(
+                "apt-get install -y {} && systemctl enable --now iscsid (needs a package \
+                 source), or add them to image.base.packages",
+                missing.join(" ")
+            ),
+        );
+    }
+    let step = super::plan::longhorn_step();
+    r.note(format!(
+        "longhorn: manual step (needs internet): {}",
+        step.commands.join(" && ")
+    ));
+    Ok(r)
+}
+
+/// Rook-Ceph's node prerequisites (see the module docs).
+pub fn check_rook_ceph(root: &Path) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    if let Some(set) = installed_packages(root)? {
+        if !set.contains("lvm2") {
+            r.problem(
+                "rook-ceph: lvm2 is not installed on this node (ceph OSDs need it)",
+                "apt-get install -y lvm2, or add it to image.base.packages",
+            );
+        }
+    } else if !root.join("usr/sbin/lvm").exists() && !root.join("sbin/lvm").exists() {
+        r.problem(
+            "rook-ceph: lvm2 is not installed on this node (ceph OSDs need it)",
+            "apt-get install -y lvm2, or add it to image.base.packages",
+        );
+    }
+    let release = kernel_release(root)?;
+    if module_status(root, &release, "rbd")? == ModuleStatus::Missing {
+        r.problem(
+            format!("rook-ceph: kernel {release} has no rbd module (ceph block volumes need it)"),
+            format!("{} and reboot", modules_extra_install(&release)),
+        );
+    }
+    r.note("rook-ceph: needs internet access when it is enabled (helm repo)");
+    r.note(
+        "rook-ceph: nodes that host OSDs need a raw, unformatted disk or partition \
+         (not checked by firstboot)",
+    );
+    Ok(r)
+}
+
+/// The installed packages according to `var/lib/dpkg/status`, or `None` when there is no dpkg
+/// database under `root`.
+pub fn installed_packages(root: &Path) -> Result<Option<HashSet<String>>, PrepError> {
+    let Some(text) = read_optional(&root.join("var/lib/dpkg/status"))? else {
+        return Ok(None);
+    };
+    Ok(Some(parse_dpkg_status(&text)))
+}
+
+/// Names of packages whose `Status:` ends in `installed` in a dpkg status file.
+pub fn parse_dpkg_status(text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for para in text.split("\n\n") {
+        let mut name = None;
+        let mut installed = false;
+        for line in para.lines() {
+            if let Some(v) = line.strip_prefix("Package:") {
+                name = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("Status:") {
+                installed = v.split_whitespace().last() == Some("installed");
+            }
+        }
+        if let (Some(n), true) = (name, installed) {
+            out.insert(n);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raspberry Pi
+
+/// Memory cgroup, `vxlan` and RAM checks for Raspberry Pi nodes (reference A10).
+pub fn check_raspberry_pi(root: &Path) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    if !memory_cgroup_enabled(root)? {
+        r.problem(
+            "rpi: the memory cgroup is not enabled (kubelet cannot limit memory)",
+            format!(
+                "add `{}` to the single line of /{PI_CMDLINE} and reboot",
+                PI_CGROUP_FLAGS.join(" ")
+            ),
+        );
+    }
+    let release = kernel_release(root)?;
+    if module_status(root, &release, "vxlan")? == ModuleStatus::Missing {
+        r.problem(
+            format!(
+                "rpi: kernel {release} has no vxlan module (the cluster network needs it; Ubuntu \
+                 21.10-23.10 raspi kernels ship it separately)"
+            ),
+            "apt-get install linux-modules-extra-raspi and reboot",
+        );
+    }
+    let mem = read_meminfo(root)?;
+    if mem.mem_total_kib < MICROK8S_MIN_MEMTOTAL_KIB {
+        r.problem(
+            format!(
+                "rpi: this node has {} MiB of RAM; microk8s' low-memory guard blocks the control \
+                 plane below 512 MiB",
+                mem.mem_total_kib / 1024
+            ),
+            "use a Raspberry Pi with at least 1 GB (4 GB recommended)",
+        );
+    }
+    Ok(r)
+}
+
+/// Whether the memory cgroup controller is available: listed in the cgroup2 root's
+/// `cgroup.controllers`, or (cgroup v1) enabled in `proc/cgroups`.
+pub fn memory_cgroup_enabled(root: &Path) -> Result<bool, PrepError> {
+    if let Some(c) = read_optional(&root.join("sys/fs/cgroup/cgroup.controllers"))? {
+        return Ok(c.split_whitespace().any(|w| w == "memory"));
+    }
+    if let Some(c) = read_optional(&root.join("proc/cgroups"))? {
+        return Ok(c.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&"memory") && f.get(3) == Some(&"1")
+        }));
+    }
+    Ok(false)
+}
+
+/// Adds the memory-cgroup flags to the Pi's `cmdline.txt` (one line) when missing. Returns
+/// whether the file changed (then a reboot is needed). Idempotent.
+pub fn ensure_pi_cgroup_flags(root: &Path) -> Result<bool, PrepError> {
+    let path = root.join(PI_CMDLINE);
+    let text = read_optional(&path)?.ok_or_else(|| PrepError::Read {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+    })?;
+    let line = text.lines().next().unwrap_or("").trim_end();
+    let mut words: Vec<&str> = line.split_whitespace().collect();
+    let mut changed = false;
+    for f in PI_CGROUP_FLAGS {
+        if !words.contains(&f) {
+            words.push(f);
+            changed = true;
+        }
+    }
+    if changed {
+        write_atomic(&path, format!("{}\n", words.join(" ")).as_bytes())?;
+    }
+    Ok(changed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel facts from the root filesystem
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    pub mem_total_kib: u64,
+    pub hugepages_total: u64,
+}
+
+/// Parses `/proc/meminfo` (`MemTotal` is required; `HugePages_Total` defaults to 0).
+pub fn parse_meminfo(text: &str) -> Result<MemInfo, String> {
+    let mut total = None;
+    let mut huge = 0;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let num = v
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
+        match k.trim() {
+            "MemTotal" => total = num,
+            "HugePages_Total" => huge = num.unwrap_or(0),
+            _ => {}
+        }
+    }
+    Ok(MemInfo {
+        mem_total_kib: total.ok_or("no MemTotal line")?,
+        hugepages_total: huge,
+    })
+}
+
+pub fn read_meminfo(root: &Path) -> Result<MemInfo, PrepError> {
+    let path = root.join("proc/meminfo");
+    let text = read_required(&path)?;
+    parse_meminfo(&text).map_err(|reason| PrepError::Malformed { path, reason })
+}
+
+/// The running kernel's release (`uname -r`), from `proc/sys/kernel/osrelease`.
+pub fn kernel_release(root: &Path) -> Result<String, PrepError> {
+    let path = root.join("proc/sys/kernel/osrelease");
+    let rel = read_required(&path)?.trim().to_owned();
+    if rel.is_empty() || rel.contains('/') {
+        return Err(PrepError::Malformed {
+            path,
+            reason: format!("not a kernel release: {rel:?}"),
+        });
+    }
+    Ok(rel)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleStatus {
+    /// Listed in `proc/modules`.
+    Loaded,
+    /// Compiled into the kernel (`modules.builtin`).
+    Builtin,
+    /// In `modules.dep`: `modprobe` can load it.
+    Available,
+    Missing,
+}
+
+/// The kernel's module name for a file name or a `modprobe` argument: basename without
+/// `.ko[.xz|.zst|.gz]`, `-` as `_`.
+pub fn module_name(s: &str) -> String {
+    let base = s.rsplit('/').next().unwrap_or(s);
+    let base = base.split(".ko").next().unwrap_or(base);
+    base.replace('-', "_")
+}
+
+/// Where a module stands on this root, for kernel `release`. A missing `modules.dep` counts as
+/// no loadable modules (the kernel's modules package is not installed).
+pub fn module_status(root: &Path, release: &str, module: &str) -> Result<ModuleStatus, PrepError> {
+    let want = module_name(module);
+    if let Some(m) = read_optional(&root.join("proc/modules"))? {
+        if m.lines()
+            .any(|l| l.split_whitespace().next() == Some(want.as_str()))
+        {
+            return Ok(ModuleStatus::Loaded);
+        }
+    }
+    let dir = root.join("lib/modules").join(release);
+    if let Some(b) = read_optional(&dir.join("modules.builtin"))? {
+        if b.lines().any(|l| module_name(l.trim()) == want) {
+            return Ok(ModuleStatus::Builtin);
+        }
+    }
+    if let Some(d) = read_optional(&dir.join("modules.dep"))? {
+        if d.lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(file, _)| module_name(file) == want)
+        }) {
+            return Ok(ModuleStatus::Available);
+        }
+    }
+    Ok(ModuleStatus::Missing)
+}
+
+// ---------------------------------------------------------------------------------------------
+// files
+
+fn read_optional(path: &Path) -> Result<Option<String>, PrepError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(PrepError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn read_required(path: &Path) -> Result<String, PrepError> {
+    std::fs::read_to_string(path).map_err(|source| PrepError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Makes `path` hold exactly one setting line for a key: lines for which `same_key` is true are
+/// the key's settings. If there is exactly one and `satisfied` accepts it, nothing changes;
+/// otherwise they are all removed and `wanted` is appended. Other lines (comments, other keys)
+/// are kept. Returns whether the file was written.
+pub fn ensure_setting_line(
+    path: &Path,
+    wanted: &str,
+    same_key: impl Fn(&str) -> bool,
+    satisfied: impl Fn(&str) -> bool,
+) -> Result<bool, PrepError> {
+    let old = read_optional(path)?.unwrap_or_default();
+    let matching: Vec<&str> = old.lines().filter(|l| same_key(l)).collect();
+    if matching.len() == 1 && satisfied(matching[0]) {
+        return Ok(false);
+    }
+    let mut new: String = old
+        .lines()
+        .filter(|l| !same_key(l))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    new.push_str(wanted);
+    new.push('\n');
+    if new == old {
+        return Ok(false);
+    }
+    write_atomic(path, new.as_bytes())?;
+    tracing::info!(path = %path.display(), line = wanted, "wrote setting");
+    Ok(true)
+}
+
+/// Writes a configuration file atomically (mode 0644) through the shared writer
+/// [`crate::system::state::write_atomic`]: temp file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepError> {
+    crate::system::state::write_atomic(path, bytes, 0o644).map_err(|e| PrepError::Write {
+        path: path.to_owned(),
+        reason: format!("{e:#}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_normalise() {
+        assert_eq!(
+            module_name("kernel/drivers/nvme/host/nvme-tcp.ko.zst"),
+            "nvme_tcp"
+        );
+        assert_eq!(module_name("nvme_tcp"), "nvme_tcp");
+        assert_eq!(module_name("kernel/drivers/net/vxlan/vxlan.ko"), "vxlan");
+    }
+
+    #[test]
+    fn meminfo_parses_and_requires_memtotal() {
+        let m = parse_meminfo(
+            "MemTotal:        3884524 kB\nMemFree: 1 kB\nHugePages_Total:     512\nHugepagesize:       2048 kB\n",
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            MemInfo {
+                mem_total_kib: 3884524,
+                hugepages_total: 512
+            }
+        );
+        assert!(parse_meminfo("MemFree: 1 kB\n").is_err());
+    }
+
+    #[test]
+    fn dpkg_status_counts_only_installed_packages() {
+        let s = "Package: open-iscsi\nStatus: install ok installed\nVersion: 1\n\n\
+                 Package: nfs-common\nStatus: deinstall ok config-files\n\n\
+                 Package: lvm2\nArchitecture: arm64\nStatus: install ok installed\n";
+        let set = parse_dpkg_status(s);
+        assert!(set.contains("open-iscsi"));
+        assert!(set.contains("lvm2"));
+        assert!(!set.contains("nfs-common"));
+    }
+
+    #[test]
+    fn setting_lines_are_replaced_not_duplicated_and_other_lines_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b.conf");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(
+            &p,
+            "# keep me\nvm.nr_hugepages = 1024\nvm.swappiness=10\nvm.nr_hugepages=64\n",
+        )
+        .unwrap();
+        let same = |l: &str| sysctl_key(l) == Some("vm.nr_hugepages");
+        let ok = |l: &str| sysctl_value(l).is_some_and(|v| v >= 1024);
+        assert!(ensure_setting_line(&p, "vm.nr_hugepages = 1024", same, ok).unwrap());
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            text,
+            "# keep me\nvm.swappiness=10\nvm.nr_hugepages = 1024\n"
+        );
+        assert!(!ensure_setting_line(&p, "vm.nr_hugepages = 1024", same, ok).unwrap());
+        // A larger value set by the administrator is respected.
+        std::fs::write(&p, "vm.nr_hugepages = 2048\n").unwrap();
+        assert!(!ensure_setting_line(&p, "vm.nr_hugepages = 1024", same, ok).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "vm.nr_hugepages = 2048\n"
+        );
+        // No temp file is left behind.
+        let names: Vec<_> = std::fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn readiness_ok_follows_problems() {
+        let mut r = Readiness::default();
+        assert!(r.ok);
+        let mut other = Readiness::default();
+        other.problem("x: broken", "fix x");
+        r.merge(other);
+        assert!(!r.ok);
+        assert_eq!(r.fixes, ["fix x"]);
+    }
+}

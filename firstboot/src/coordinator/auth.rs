@@ -1,0 +1,388 @@
+//! Challenge-response authentication of coordinator requests, and the strict parsing of
+//! request bodies. Pure: the time is passed in as a monotonic [`Instant`], nothing here does
+//! I/O, so it is property-tested on arbitrary input.
+//!
+//! A client first fetches a fresh nonce (`GET /v1/nonce`). It then sends the request with
+//! three headers: [`HEADER_NODE`] (its node id), [`HEADER_NONCE`] and [`HEADER_AUTH`] =
+//! hex HMAC-SHA256 under [`ClusterSecret::coordinator_key`] of a length-prefixed encoding of
+//! (nonce, method, path, SHA-256 of the body, node id). The server accepts a nonce once and only
+//! within [`NONCE_TTL`] of issuing it, by its own monotonic clock: a captured request replayed
+//! later fails because its nonce is gone, and no clock agreement between nodes is needed.
+//! A presented nonce is consumed even when the signature is wrong, so a nonce cannot be used
+//! for guessing. Only nonces, never application state, change on a rejected request.
+//!
+//! What the HMAC proves: the sender holds the cluster secret. All nodes share that secret, so
+//! it does not prove *which* member sent the request; the node id is the sender's claim.
+//!
+//! [`ClusterSecret::coordinator_key`]: crate::secret::ClusterSecret::coordinator_key
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::discovery::record::valid_node_id;
+
+pub const HEADER_NODE: &str = "x-rackseed-node";
+pub const HEADER_NONCE: &str = "x-rackseed-nonce";
+pub const HEADER_AUTH: &str = "x-rackseed-auth";
+/// How long an issued nonce stays usable (server's monotonic clock).
+pub const NONCE_TTL: Duration = Duration::from_secs(30);
+/// Most outstanding nonces; issuing more evicts the oldest.
+pub const MAX_NONCES: usize = 1024;
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Body of `POST /v1/message`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest<M> {
+    pub message: M,
+}
+
+/// Successful response to `POST /v1/message`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageResponse<M> {
+    pub replies: Vec<M>,
+}
+
+/// Response to `GET /v1/nonce`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NonceResponse {
+    pub nonce: String,
+}
+
+/// Body of every 4xx/5xx response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A refused request: HTTP status and a reason for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+fn lp(m: &mut Hmac<Sha256>, b: &[u8]) {
+    m.update(&(b.len() as u32).to_be_bytes());
+    m.update(b);
+}
+
+fn request_mac(
+    key: &[u8; 32],
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    node: &str,
+) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
+    m.update(b"rackseed/coordinator/v1\0");
+    lp(&mut m, nonce.as_bytes());
+    lp(&mut m, method.as_bytes());
+    lp(&mut m, path.as_bytes());
+    lp(&mut m, &Sha256::digest(body));
+    lp(&mut m, node.as_bytes());
+    m
+}
+
+/// The [`HEADER_AUTH`] value for a request.
+pub fn sign_request(
+    key: &[u8; 32],
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    node: &str,
+) -> String {
+    hex::encode(
+        request_mac(key, nonce, method, path, body, node)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Outstanding single-use nonces, bounded in number and age.
+#[derive(Debug)]
+pub struct NonceStore {
+    ttl: Duration,
+    cap: usize,
+    issued: HashMap<String, Instant>,
+    order: VecDeque<String>,
+}
+
+impl Default for NonceStore {
+    fn default() -> Self {
+        Self::new(NONCE_TTL, MAX_NONCES)
+    }
+}
+
+impl NonceStore {
+    pub fn new(ttl: Duration, cap: usize) -> Self {
+        NonceStore {
+            ttl,
+            cap: cap.max(1),
+            issued: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Issues a fresh random nonce (32 bytes, hex).
+    pub fn issue(&mut self, now: Instant) -> String {
+        self.prune(now);
+        while self.issued.len() >= self.cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.issued.remove(&old);
+                }
+                None => break,
+            }
+        }
+        let mut b = [0u8; 32];
+        rand::fill(&mut b);
+        let n = hex::encode(b);
+        self.issued.insert(n.clone(), now);
+        self.order.push_back(n.clone());
+        n
+    }
+
+    /// Removes `nonce`; true when it was outstanding and not expired.
+    pub fn consume(&mut self, nonce: &str, now: Instant) -> bool {
+        match self.issued.remove(nonce) {
+            Some(at) => {
+                self.order.retain(|n| n != nonce);
+                now.saturating_duration_since(at) <= self.ttl
+            }
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.issued.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.issued.is_empty()
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(front) = self.order.front() {
+            match self.issued.get(front) {
+                Some(at) if now.saturating_duration_since(*at) <= self.ttl => break,
+                _ => {
+                    let n = self.order.pop_front().expect("front exists");
+                    self.issued.remove(&n);
+                }
+            }
+        }
+    }
+}
+
+/// The parts of a request that authentication looks at. Header values are `None` when absent
+/// or not valid UTF-8.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub node: Option<&'a str>,
+    pub nonce: Option<&'a str>,
+    pub auth: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// Checks a request's challenge-response; returns the sender's node id.
+pub fn authenticate(
+    key: &[u8; 32],
+    nonces: &mut NonceStore,
+    now: Instant,
+    req: RequestParts<'_>,
+) -> Result<String, Refusal> {
+    let (Some(node), Some(nonce), Some(auth)) = (req.node, req.nonce, req.auth) else {
+        return Err(Refusal::new(
+            401,
+            format!("missing {HEADER_NODE}, {HEADER_NONCE} or {HEADER_AUTH} header; fetch a nonce from GET /v1/nonce and sign the request"),
+        ));
+    };
+    if !valid_node_id(node) {
+        return Err(Refusal::new(
+            400,
+            format!("{HEADER_NODE} is not a valid node id"),
+        ));
+    }
+    if req.body.len() > MAX_BODY {
+        return Err(Refusal::new(
+            413,
+            format!("body larger than {MAX_BODY} bytes"),
+        ));
+    }
+    if !nonces.consume(nonce, now) {
+        return Err(Refusal::new(
+            401,
+            "nonce unknown, expired or already used; fetch a new one",
+        ));
+    }
+    let Ok(sig) = hex::decode(auth) else {
+        return Err(Refusal::new(401, format!("{HEADER_AUTH} is not hex")));
+    };
+    request_mac(key, nonce, req.method, req.path, req.body, node)
+        .verify_slice(&sig)
+        .map_err(|_| Refusal::new(401, "bad request signature (wrong cluster secret?)"))?;
+    Ok(node.to_string())
+}
+
+/// Parses an authenticated `POST /v1/message` body.
+pub fn parse_message<M: DeserializeOwned>(body: &[u8]) -> Result<M, Refusal> {
+    match serde_json::from_slice::<MessageRequest<M>>(body) {
+        Ok(r) => Ok(r.message),
+        Err(e) if e.is_data() => Err(Refusal::new(422, format!("invalid message: {e}"))),
+        Err(e) => Err(Refusal::new(400, format!("malformed json: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: [u8; 32] = [9; 32];
+
+    fn parts<'a>(nonce: &'a str, auth: &'a str, body: &'a [u8]) -> RequestParts<'a> {
+        RequestParts {
+            method: "POST",
+            path: "/v1/message",
+            node: Some("node-a"),
+            nonce: Some(nonce),
+            auth: Some(auth),
+            body,
+        }
+    }
+
+    #[test]
+    fn signed_request_passes_once_then_replay_fails() {
+        let mut store = NonceStore::default();
+        let t0 = Instant::now();
+        let n = store.issue(t0);
+        let body = br#"{"message":1}"#;
+        let sig = sign_request(&KEY, &n, "POST", "/v1/message", body, "node-a");
+        assert_eq!(
+            authenticate(&KEY, &mut store, t0, parts(&n, &sig, body)).unwrap(),
+            "node-a"
+        );
+        let e = authenticate(&KEY, &mut store, t0, parts(&n, &sig, body)).unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(e.reason.contains("nonce"), "{}", e.reason);
+    }
+
+    #[test]
+    fn every_signed_part_matters() {
+        let body = br#"{"message":1}"#;
+        let t0 = Instant::now();
+        type Case<'a> = (&'a str, &'a str, &'a [u8], &'a str, [u8; 32]);
+        let cases: [Case; 5] = [
+            ("GET", "/v1/message", body, "node-a", KEY),
+            ("POST", "/v1/status", body, "node-a", KEY),
+            ("POST", "/v1/message", br#"{"message":2}"#, "node-a", KEY),
+            ("POST", "/v1/message", body, "node-b", KEY),
+            ("POST", "/v1/message", body, "node-a", [1; 32]),
+        ];
+        for (m, p, b, node, key) in cases {
+            let mut store = NonceStore::default();
+            let n = store.issue(t0);
+            let sig = sign_request(&key, &n, m, p, b, node);
+            let e = authenticate(&KEY, &mut store, t0, parts(&n, &sig, body)).unwrap_err();
+            assert_eq!(e.status, 401, "{m} {p} {node}");
+            assert!(e.reason.contains("signature"));
+        }
+    }
+
+    #[test]
+    fn nonces_expire_by_monotonic_time_and_are_bounded() {
+        let t0 = Instant::now();
+        let mut store = NonceStore::new(Duration::from_secs(30), 3);
+        let n = store.issue(t0);
+        assert!(!store.consume(&n, t0 + Duration::from_secs(31)));
+        let a = store.issue(t0);
+        for _ in 0..3 {
+            store.issue(t0);
+        }
+        assert_eq!(store.len(), 3);
+        assert!(!store.consume(&a, t0), "oldest nonce evicted at the cap");
+        // Expired nonces are pruned on issue.
+        store.issue(t0 + Duration::from_secs(60));
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn body_parsing_is_strict_and_explains() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Claim {
+            #[allow(dead_code)]
+            term: u64,
+        }
+        assert!(parse_message::<Claim>(br#"{"message":{"term":3}}"#).is_ok());
+        let e = parse_message::<Claim>(br#"{"message":{"term":3,"x":1}}"#).unwrap_err();
+        assert_eq!(e.status, 422);
+        assert!(e.reason.contains("unknown field"), "{}", e.reason);
+        let e = parse_message::<Claim>(br#"{"message":{"term":3}, "extra":1}"#).unwrap_err();
+        assert_eq!(e.status, 422);
+        let e = parse_message::<Claim>(b"{not json").unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_requests_never_panic_and_never_pass_without_the_key(
+            method in "[A-Z]{0,8}",
+            path in "[ -~]{0,40}",
+            node in proptest::option::of("[ -~]{0,60}"),
+            nonce in proptest::option::of("[0-9a-f]{0,70}"),
+            use_real_nonce in any::<bool>(),
+            auth in proptest::option::of("[ -~]{0,70}"),
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let t0 = Instant::now();
+            let mut store = NonceStore::default();
+            let real = store.issue(t0);
+            let nonce = if use_real_nonce { Some(real.clone()) } else { nonce };
+            let r = authenticate(&KEY, &mut store, t0, RequestParts {
+                method: &method, path: &path, node: node.as_deref(),
+                nonce: nonce.as_deref(), auth: auth.as_deref(), body: &body,
+            });
+            prop_assert!(r.is_err());
+            let r = r.unwrap_err();
+            prop_assert!((400..500).contains(&r.status));
+            let _ = parse_message::<serde_json::Value>(&body);
+        }
+
+        #[test]
+        fn arbitrary_json_bodies_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+            v in proptest::collection::btree_map("[a-z]{0,8}", any::<i64>(), 0..5),
+        ) {
+            let _ = parse_message::<serde_json::Value>(&body);
+            let wrapped = serde_json::to_vec(&v).unwrap();
+            let _ = parse_message::<u64>(&wrapped);
+            let _ = parse_message::<MessageRequest<String>>(&wrapped);
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The coordinator: a small HTTPS service every node runs, carrying the formation core's
+//! point-to-point messages (seed-claim acks, join-slot requests and grants, "joined"
+//! confirmations) and a read-only status document; plus its client.
+//!
+//! Trust (DESIGN.md rule 1): the server presents a self-signed certificate ([`identity`])
+//! whose fingerprint the node announces in its signed mDNS record; clients pin it
+//! ([`client::PinnedCert`]). Every request carries a challenge-response HMAC under the
+//! cluster's coordinator key bound to a single-use server nonce ([`auth`]), so a machine
+//! without the secret gets no reply and a captured request cannot be replayed. No rule needs
+//! the nodes' clocks to agree.
+//!
+//! The layer is generic over the message type `M` (any `Serialize + DeserializeOwned`):
+//! the driver gets each authenticated message as a [`server::Inbound`] and answers with
+//! `Vec<M>`. To add a kind of message, add a variant to the core's message enum; nothing here
+//! changes.
+
+pub mod auth;
+pub mod client;
+pub mod identity;
+pub mod server;
+
+pub use client::{ClientError, CoordinatorClient, SignedRequest};
+pub use identity::{fingerprint_of, IdentityError, NodeIdentity};
+pub use server::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorStats, Inbound};

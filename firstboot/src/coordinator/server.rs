@@ -1,0 +1,397 @@
+//! The coordinator's HTTPS server (rustls + hyper, HTTP/1.1 only).
+//!
+//! Routes:
+//! - `GET /v1/nonce` (no auth): a fresh single-use nonce, `{"nonce": "..."}`.
+//! - `POST /v1/message` (auth): body `{"message": M}`; the message goes to the driver as an
+//!   [`Inbound`] and the driver's reply becomes `{"replies": [M, ...]}`.
+//! - `GET /v1/status` (auth): the status document the driver last set. It holds no secrets,
+//!   but it is still served only to cluster members, so a stranger on the LAN learns nothing
+//!   beyond the (already public) mDNS fields.
+//!
+//! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
+//! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
+//! Only the presented nonce is consumed by a refused request; the driver sees nothing.
+//! Connections are bounded ([`MAX_CONNECTIONS`]) and timed out (10 s handshake, 30 s per
+//! connection). Anyone on the LAN can still exhaust them (denial of service is out of scope;
+//! safety never depends on the coordinator answering).
+//!
+//! To add a route: add a match arm in `route`, authenticate it like the others.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes_body::{full, Body};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::auth::{
+    authenticate, parse_message, ErrorBody, MessageResponse, NonceResponse, NonceStore, Refusal,
+    RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY,
+};
+use super::identity::NodeIdentity;
+use crate::secret::ClusterSecret;
+
+/// Simultaneous connections served; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long the driver has to answer a message.
+pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+mod bytes_body {
+    use http_body_util::Full;
+    pub type Body = Full<hyper::body::Bytes>;
+    pub fn full(v: Vec<u8>) -> Body {
+        Full::new(hyper::body::Bytes::from(v))
+    }
+}
+
+/// A message from an authenticated peer, waiting for the driver's replies.
+#[derive(Debug)]
+pub struct Inbound<M> {
+    /// The sender's node id (as claimed by a holder of the cluster secret).
+    pub from: String,
+    pub message: M,
+    reply: oneshot::Sender<Vec<M>>,
+}
+
+impl<M> Inbound<M> {
+    /// Answers the sender. Dropping the `Inbound` without replying answers 503.
+    pub fn reply(self, replies: Vec<M>) {
+        let _ = self.reply.send(replies);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("binding coordinator to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("building the coordinator's tls config: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Counters of requests by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoordinatorStats {
+    pub nonces_issued: u64,
+    pub messages: u64,
+    pub status_reads: u64,
+    /// Refused with 401.
+    pub unauthorized: u64,
+    /// Refused with 400, 404, 405, 413 or 422.
+    pub bad_requests: u64,
+    /// 503: the driver did not answer.
+    pub unavailable: u64,
+    /// TLS handshakes that failed (e.g. a scanner, or a client pinning another certificate).
+    pub tls_failures: u64,
+}
+
+/// What [`Coordinator::start`] needs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub secret: ClusterSecret,
+    pub identity: NodeIdentity,
+    /// Where to listen, e.g. `0.0.0.0:7443` (port 0 picks a free port).
+    pub listen: SocketAddr,
+}
+
+struct State {
+    key: [u8; 32],
+    nonces: Mutex<NonceStore>,
+    stats: Mutex<CoordinatorStats>,
+    status: watch::Receiver<serde_json::Value>,
+}
+
+/// A running coordinator. Dropping it stops the server and closes its connections.
+pub struct Coordinator<M> {
+    local_addr: SocketAddr,
+    status: watch::Sender<serde_json::Value>,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+    _m: PhantomData<fn() -> M>,
+}
+
+impl<M> Drop for Coordinator<M> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl<M> Coordinator<M>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Binds and starts serving. Messages arrive on the returned receiver.
+    pub async fn start(
+        cfg: CoordinatorConfig,
+    ) -> Result<(Coordinator<M>, mpsc::Receiver<Inbound<M>>), CoordinatorError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cfg.identity.cert_der().clone()],
+                cfg.identity.key_der(),
+            )?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| CoordinatorError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| CoordinatorError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (status_tx, status_rx) = watch::channel(serde_json::json!({}));
+        let state = Arc::new(State {
+            key: cfg.secret.coordinator_key(),
+            nonces: Mutex::new(NonceStore::default()),
+            stats: Mutex::new(CoordinatorStats::default()),
+            status: status_rx,
+        });
+        let (tx, rx) = mpsc::channel::<Inbound<M>>(64);
+        let task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), tx));
+        tracing::info!(%local_addr, fingerprint = cfg.identity.fingerprint(), "coordinator listening");
+        Ok((
+            Coordinator {
+                local_addr,
+                status: status_tx,
+                state,
+                task,
+                _m: PhantomData,
+            },
+            rx,
+        ))
+    }
+}
+
+impl<M> Coordinator<M> {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Replaces the status document served at `GET /v1/status`. It must hold no secrets.
+    pub fn set_status(&self, doc: serde_json::Value) {
+        self.status.send_replace(doc);
+    }
+
+    /// [`Coordinator::set_status`] from any serialisable document.
+    pub fn set_status_from<T: Serialize>(&self, doc: &T) -> Result<(), serde_json::Error> {
+        self.set_status(serde_json::to_value(doc)?);
+        Ok(())
+    }
+
+    pub fn stats(&self) -> CoordinatorStats {
+        self.state.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Stops accepting and closes open connections.
+    pub fn shutdown(&self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop<M>(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+    tx: mpsc::Sender<Inbound<M>>,
+) where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "coordinator accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while conns.try_join_next().is_some() {}
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        let tx = tx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    state.stats.lock().expect("stats lock").tls_failures += 1;
+                    tracing::debug!(%peer, error = %e, "coordinator tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    state.stats.lock().expect("stats lock").tls_failures += 1;
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let tx = tx.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(state, tx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+        });
+    }
+}
+
+fn json_response(status: u16, body: Vec<u8>) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(full(body))
+        .expect("static response parts are valid")
+}
+
+fn refuse(state: &State, r: Refusal) -> Response<Body> {
+    {
+        let mut s = state.stats.lock().expect("stats lock");
+        match r.status {
+            401 => s.unauthorized += 1,
+            503 => s.unavailable += 1,
+            _ => s.bad_requests += 1,
+        }
+    }
+    tracing::debug!(status = r.status, reason = %r.reason, "coordinator refused a request");
+    let body = serde_json::to_vec(&ErrorBody { error: r.reason }).expect("string serialises");
+    json_response(r.status, body)
+}
+
+async fn read_body(
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, Vec<u8>), Refusal> {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || Refusal::new(413, format!("body larger than {MAX_BODY} bytes"));
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok((parts, b.to_bytes().to_vec())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Refusal::new(400, format!("reading body: {e}"))),
+    }
+}
+
+async fn route<M>(
+    state: Arc<State>,
+    tx: mpsc::Sender<Inbound<M>>,
+    req: Request<Incoming>,
+) -> Response<Body>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match (method.clone(), path.as_str()) {
+        (Method::GET, "/v1/nonce") => {
+            let nonce = state
+                .nonces
+                .lock()
+                .expect("nonce lock")
+                .issue(Instant::now());
+            state.stats.lock().expect("stats lock").nonces_issued += 1;
+            json_response(
+                200,
+                serde_json::to_vec(&NonceResponse { nonce }).expect("serialises"),
+            )
+        }
+        (Method::POST, "/v1/message") | (Method::GET, "/v1/status") => {
+            let (parts, body) = match read_body(req).await {
+                Ok(x) => x,
+                Err(r) => return refuse(&state, r),
+            };
+            let h = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            let from = {
+                let mut nonces = state.nonces.lock().expect("nonce lock");
+                authenticate(
+                    &state.key,
+                    &mut nonces,
+                    Instant::now(),
+                    RequestParts {
+                        method: method.as_str(),
+                        path: &path,
+                        node: h(HEADER_NODE),
+                        nonce: h(HEADER_NONCE),
+                        auth: h(HEADER_AUTH),
+                        body: &body,
+                    },
+                )
+            };
+            let from = match from {
+                Ok(f) => f,
+                Err(r) => return refuse(&state, r),
+            };
+            if method == Method::GET {
+                state.stats.lock().expect("stats lock").status_reads += 1;
+                let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
+                return json_response(200, doc);
+            }
+            let message = match parse_message::<M>(&body) {
+                Ok(m) => m,
+                Err(r) => return refuse(&state, r),
+            };
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let inbound = Inbound {
+                from,
+                message,
+                reply: reply_tx,
+            };
+            let busy = |why: &str| Refusal::new(503, why.to_string());
+            if tokio::time::timeout(HANDLER_TIMEOUT, tx.send(inbound))
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                return refuse(&state, busy("agent is not taking messages"));
+            }
+            match tokio::time::timeout(HANDLER_TIMEOUT, reply_rx).await {
+                Ok(Ok(replies)) => {
+                    state.stats.lock().expect("stats lock").messages += 1;
+                    match serde_json::to_vec(&MessageResponse { replies }) {
+                        Ok(b) => json_response(200, b),
+                        Err(e) => {
+                            refuse(&state, Refusal::new(500, format!("encoding replies: {e}")))
+                        }
+                    }
+                }
+                Ok(Err(_)) => refuse(&state, busy("agent dropped the message")),
+                Err(_) => refuse(&state, busy("agent did not answer in time")),
+            }
+        }
+        (_, "/v1/nonce" | "/v1/message" | "/v1/status") => refuse(
+            &state,
+            Refusal::new(405, format!("{method} not allowed on {path}")),
+        ),
+        _ => refuse(&state, Refusal::new(404, format!("no route {path}"))),
+    }
+}

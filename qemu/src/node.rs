@@ -1,0 +1,430 @@
+//! One QEMU process: [`NodeSpec`] describes a node completely and [`qemu_argv`] turns it into
+//! the command line, as a pure function so the network and firmware rules can be unit-tested.
+//!
+//! Rules the argv keeps, whatever the spec says:
+//! - the cluster NIC is a `-netdev socket` multicast group whose outgoing interface is
+//!   127.0.0.1 (`localaddr`), so traffic never leaves the machine;
+//! - the management NIC is user-mode networking with `restrict=on` (no route out) and one host
+//!   forward bound to 127.0.0.1;
+//! - the serial console is appended to a file, there is no display, QMP is a unix socket, and
+//!   QEMU daemonizes (writing its pid file) so the caller can exit.
+//!
+//! To add a device, add a field to [`NodeSpec`] and emit it in [`qemu_argv`]; keep the
+//! `argv_*` tests in this module up to date.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The multicast group every cluster network uses; clusters differ by port.
+pub const MCAST_GROUP: &str = "230.0.0.1";
+/// The only host address anything is bound to.
+pub const LOOPBACK: &str = "127.0.0.1";
+/// The guest port the management forward reaches by default (the firstboot status service).
+pub const DEFAULT_GUEST_MGMT_PORT: u16 = 7443;
+
+/// Guest architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// The `qemu-system-*` program for this architecture.
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// Whether the host can run this guest with hardware virtualization at all.
+    pub fn is_host(self) -> bool {
+        matches!(
+            (self, std::env::consts::ARCH),
+            (Arch::X86_64, "x86_64") | (Arch::Aarch64, "aarch64")
+        )
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        })
+    }
+}
+
+impl FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            other => Err(format!(
+                "unknown architecture `{other}` (expected x86_64 or aarch64)"
+            )),
+        }
+    }
+}
+
+/// The accelerator a node actually runs with (see [`crate::accel`] for choosing it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// How a node boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Boot {
+    /// UEFI firmware from the disk: `code` is mapped read-only, `vars` is this node's own copy.
+    Uefi { code: PathBuf, vars: PathBuf },
+    /// Direct kernel boot (`-kernel/-initrd/-append`), e.g. a Pi image's kernel from `system-boot`.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        append: String,
+    },
+}
+
+/// Everything one QEMU process needs. Paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// `rackseed-<cluster>-<node>`, shown by `ps` and QMP.
+    pub name: String,
+    pub arch: Arch,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The node's qcow2 overlay.
+    pub disk: PathBuf,
+    pub boot: Boot,
+    /// MAC of the cluster NIC (the first NIC).
+    pub mac: String,
+    /// MAC of the management NIC.
+    pub mgmt_mac: String,
+    /// The cluster's multicast port.
+    pub mcast_port: u16,
+    /// Host port on 127.0.0.1 forwarded to `guest_mgmt_port`.
+    pub mgmt_host_port: u16,
+    pub guest_mgmt_port: u16,
+    pub serial_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub pid_file: PathBuf,
+    /// Exit QEMU instead of rebooting the guest.
+    pub no_reboot: bool,
+}
+
+/// The argv (program first) that starts `spec` as a daemonized QEMU.
+pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
+    let mut a: Vec<String> = vec![spec.arch.qemu_binary().into()];
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-name", &spec.name]);
+    match spec.arch {
+        Arch::X86_64 => push(&["-machine", "q35"]),
+        Arch::Aarch64 => push(&["-machine", "virt"]),
+    }
+    push(&["-accel", &spec.accel.to_string()]);
+    let cpu = match (spec.accel, spec.arch) {
+        (Accel::Kvm, _) => "host",
+        (Accel::Tcg, Arch::X86_64) => "max",
+        // pauth-impdef: the architected pointer-auth algorithm is very slow under TCG.
+        (Accel::Tcg, Arch::Aarch64) => "max,pauth-impdef=on",
+    };
+    push(&["-cpu", cpu]);
+    push(&["-m", &spec.memory_mib.to_string()]);
+    push(&["-smp", &spec.cpus.to_string()]);
+    push(&["-nodefaults", "-display", "none", "-daemonize"]);
+    push(&["-pidfile", &path_arg(&spec.pid_file)]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", path_arg(&spec.qmp_socket)),
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=serial0,path={},append=on",
+            path_arg(&spec.serial_log)
+        ),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    // Cluster network: multicast over loopback only.
+    push(&[
+        "-netdev",
+        &format!(
+            "socket,id=n0,mcast={MCAST_GROUP}:{},localaddr={LOOPBACK}",
+            spec.mcast_port
+        ),
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac),
+    ]);
+    // Management network: no route out, one forward from 127.0.0.1.
+    push(&[
+        "-netdev",
+        &format!(
+            "user,id=m0,restrict=on,hostfwd=tcp:{LOOPBACK}:{}-:{}",
+            spec.mgmt_host_port, spec.guest_mgmt_port
+        ),
+        "-device",
+        &format!("virtio-net-pci,netdev=m0,mac={}", spec.mgmt_mac),
+    ]);
+    push(&[
+        "-drive",
+        &format!(
+            "if=none,id=disk0,format=qcow2,file={}",
+            path_arg(&spec.disk)
+        ),
+        "-device",
+        // With -kernel, QEMU's linuxboot option ROM holds boot index 0.
+        match spec.boot {
+            Boot::Uefi { .. } => "virtio-blk-pci,drive=disk0,bootindex=0",
+            Boot::Kernel { .. } => "virtio-blk-pci,drive=disk0",
+        },
+    ]);
+    push(&[
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=rng0",
+    ]);
+    match &spec.boot {
+        Boot::Uefi { code, vars } => push(&[
+            "-drive",
+            &format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                path_arg(code)
+            ),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", path_arg(vars)),
+        ]),
+        Boot::Kernel {
+            kernel,
+            initrd,
+            append,
+        } => {
+            push(&["-kernel", &path_arg(kernel)]);
+            if let Some(initrd) = initrd {
+                push(&["-initrd", &path_arg(initrd)]);
+            }
+            push(&["-append", append]);
+        }
+    }
+    if spec.no_reboot {
+        push(&["-no-reboot"]);
+    }
+    a
+}
+
+/// A path inside a QEMU `key=value,...` option: commas are doubled, QEMU's escape.
+fn path_arg(p: &std::path::Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// Locally administered, deterministic MACs: `52:54:HH:HH:RR:II` where `HH:HH` derives from
+/// the cluster id, `RR` is 00 for the cluster NIC and 01 for the management NIC, and `II` is
+/// the node index. 0x52 has the locally-administered bit set and the multicast bit clear.
+pub fn node_macs(cluster_id: &str, index: u8) -> (String, String) {
+    let h = fnv1a(cluster_id.as_bytes());
+    let (a, b) = ((h >> 8) as u8, h as u8);
+    (
+        format!("52:54:{a:02x}:{b:02x}:00:{index:02x}"),
+        format!("52:54:{a:02x}:{b:02x}:01:{index:02x}"),
+    )
+}
+
+/// 64-bit FNV-1a: a stable, dependency-free hash for deterministic MACs and ports.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn spec(i: u8) -> NodeSpec {
+        let (mac, mgmt_mac) = node_macs("/var/tmp/cluster-a", i);
+        NodeSpec {
+            name: format!("rackseed-a-node{i}"),
+            arch: Arch::X86_64,
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            cpus: 1,
+            disk: format!("/s/node{i}.qcow2").into(),
+            boot: Boot::Uefi {
+                code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                vars: format!("/s/node{i}.vars.fd").into(),
+            },
+            mac,
+            mgmt_mac,
+            mcast_port: 41000,
+            mgmt_host_port: 45000 + u16::from(i),
+            guest_mgmt_port: DEFAULT_GUEST_MGMT_PORT,
+            serial_log: format!("/s/node{i}.serial.log").into(),
+            qmp_socket: format!("/s/node{i}.qmp").into(),
+            pid_file: format!("/s/node{i}.pid").into(),
+            no_reboot: false,
+        }
+    }
+
+    fn values_after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn argv_binds_every_network_to_loopback() {
+        let argv = qemu_argv(&spec(0));
+        let netdevs = values_after(&argv, "-netdev");
+        assert_eq!(netdevs.len(), 2, "{argv:?}");
+        assert_eq!(
+            netdevs[0],
+            "socket,id=n0,mcast=230.0.0.1:41000,localaddr=127.0.0.1"
+        );
+        assert_eq!(
+            netdevs[1],
+            "user,id=m0,restrict=on,hostfwd=tcp:127.0.0.1:45000-:7443"
+        );
+        // No other address appears anywhere on the command line.
+        for a in &argv {
+            for word in a.split([',', '=', ':', ' ']) {
+                let dots = word.chars().filter(|c| *c == '.').count();
+                if dots == 3 && word.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                    assert!(
+                        word == "127.0.0.1" || word == "230.0.0.1",
+                        "unexpected address {word} in {a}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn argv_has_serial_file_qmp_daemonize_and_no_display() {
+        let argv = qemu_argv(&spec(1));
+        assert_eq!(argv[0], "qemu-system-x86_64");
+        assert!(argv.contains(&"-daemonize".to_string()));
+        assert!(argv.contains(&"-nodefaults".to_string()));
+        assert_eq!(values_after(&argv, "-display"), ["none"]);
+        assert_eq!(
+            values_after(&argv, "-qmp"),
+            ["unix:/s/node1.qmp,server=on,wait=off"]
+        );
+        assert_eq!(
+            values_after(&argv, "-chardev"),
+            ["file,id=serial0,path=/s/node1.serial.log,append=on"]
+        );
+        assert_eq!(values_after(&argv, "-pidfile"), ["/s/node1.pid"]);
+        assert_eq!(values_after(&argv, "-cpu"), ["max"]);
+        assert!(!argv.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn argv_uefi_maps_code_read_only_and_vars_per_node() {
+        let argv = qemu_argv(&spec(2));
+        let drives = values_after(&argv, "-drive");
+        assert!(drives.contains(
+            &"if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+        ));
+        assert!(drives.contains(&"if=pflash,format=raw,unit=1,file=/s/node2.vars.fd"));
+        assert!(drives.contains(&"if=none,id=disk0,format=qcow2,file=/s/node2.qcow2"));
+    }
+
+    #[test]
+    fn argv_kernel_boot_for_aarch64_virt() {
+        let mut s = spec(0);
+        s.arch = Arch::Aarch64;
+        s.boot = Boot::Kernel {
+            kernel: "/b/vmlinuz".into(),
+            initrd: Some("/b/initrd.img".into()),
+            append: "console=ttyAMA0 root=LABEL=writable".into(),
+        };
+        s.no_reboot = true;
+        let argv = qemu_argv(&s);
+        assert_eq!(argv[0], "qemu-system-aarch64");
+        assert_eq!(values_after(&argv, "-machine"), ["virt"]);
+        assert_eq!(values_after(&argv, "-cpu"), ["max,pauth-impdef=on"]);
+        assert_eq!(values_after(&argv, "-kernel"), ["/b/vmlinuz"]);
+        assert_eq!(values_after(&argv, "-initrd"), ["/b/initrd.img"]);
+        assert_eq!(
+            values_after(&argv, "-append"),
+            ["console=ttyAMA0 root=LABEL=writable"]
+        );
+        assert!(argv.contains(&"-no-reboot".to_string()));
+        assert!(!values_after(&argv, "-drive")
+            .iter()
+            .any(|d| d.contains("pflash")));
+    }
+
+    #[test]
+    fn argv_kvm_uses_host_cpu() {
+        let mut s = spec(0);
+        s.accel = Accel::Kvm;
+        let argv = qemu_argv(&s);
+        assert_eq!(values_after(&argv, "-accel"), ["kvm"]);
+        assert_eq!(values_after(&argv, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let mut s = spec(0);
+        s.disk = "/odd,dir/node0.qcow2".into();
+        let argv = qemu_argv(&s);
+        assert!(values_after(&argv, "-drive")
+            .contains(&"if=none,id=disk0,format=qcow2,file=/odd,,dir/node0.qcow2"));
+    }
+
+    #[test]
+    fn macs_are_unique_locally_administered_and_deterministic() {
+        let mut seen = HashSet::new();
+        for i in 0..=255u8 {
+            let (a, b) = node_macs("/var/tmp/cluster-a", i);
+            for m in [&a, &b] {
+                let first = u8::from_str_radix(&m[0..2], 16).unwrap();
+                assert_eq!(first & 0b10, 0b10, "not locally administered: {m}");
+                assert_eq!(first & 0b01, 0, "multicast bit set: {m}");
+                assert!(seen.insert(m.clone()), "duplicate MAC {m}");
+            }
+        }
+        assert_eq!(
+            node_macs("/var/tmp/cluster-a", 3),
+            node_macs("/var/tmp/cluster-a", 3)
+        );
+        assert_ne!(
+            node_macs("/var/tmp/cluster-a", 3).0,
+            node_macs("/var/tmp/cluster-b", 3).0
+        );
+    }
+
+    #[test]
+    fn arch_parses_debian_and_kernel_names() {
+        assert_eq!("arm64".parse::<Arch>(), Ok(Arch::Aarch64));
+        assert_eq!("x86_64".parse::<Arch>(), Ok(Arch::X86_64));
+        assert!("riscv64".parse::<Arch>().unwrap_err().contains("riscv64"));
+    }
+}

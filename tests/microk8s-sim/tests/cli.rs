@@ -1,0 +1,186 @@
+//! The simulator's CLI on its own (no adapter): token rules of add-node (A1, A2), join
+//! validation and the broken `--controlplane` (A3), the port check (A4), status formats (A5).
+//! Needs root (network namespaces). Run: `cargo test -p microk8s-sim --test cli`.
+
+mod support;
+
+use std::time::Duration;
+
+use firstboot::system::command::Output;
+use firstboot::system::microk8s::parse::{parse_status_pretty, parse_status_yaml};
+use netns_lab::Lab;
+use support::*;
+
+fn mk(node: &SimNode, args: &[&str]) -> Output {
+    node.host
+        .cmd(
+            &node.dir.join("bin/microk8s").to_string_lossy(),
+            Duration::from_secs(20),
+        )
+        .args(args)
+        .output_blocking()
+        .expect("running the simulator")
+}
+
+fn join_url(seed: &SimNode, token: &str) -> String {
+    format!("{}:25000/{token}", seed.host.addr)
+}
+
+fn pair(extra: &[(&str, &str)]) -> (Lab, tempfile::TempDir, Vec<SimNode>) {
+    let lab = Lab::new(3).expect("creating the network lab (run as root)");
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("commands.jsonl");
+    let nodes = (0..3)
+        .map(|i| SimNode::new(&lab, i, root.path(), &log, if i == 2 { extra } else { &[] }))
+        .collect();
+    (lab, root, nodes)
+}
+
+#[test]
+fn add_node_tokens_are_one_time_ttl_or_persistent() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let (_lab, _root, mut n) = pair(&[]);
+    for x in &mut n {
+        x.install_and_start();
+    }
+    // Too short: refused (A1: at least 32 characters).
+    let o = mk(&n[0], &["add-node", "-t", &"s".repeat(31)]);
+    assert_eq!(o.code(), Some(1), "{o:?}");
+    // One-time token: consumed even by a join that fails later (A2); here by --controlplane.
+    let one = "1".repeat(32);
+    assert_eq!(mk(&n[0], &["add-node", "-t", &one]).code(), Some(0));
+    let o = mk(&n[1], &["join", &join_url(&n[0], &one), "--controlplane"]);
+    assert_eq!(o.code(), Some(1), "--controlplane is broken (A3): {o:?}");
+    assert!(o.stdout.contains("supports joining worker nodes"), "{o:?}");
+    let o = mk(&n[1], &["join", &join_url(&n[0], &one)]);
+    assert_eq!(o.code(), Some(6), "{o:?}");
+    assert!(
+        o.stdout.contains("Connection failed. invalid token (500)."),
+        "{o:?}"
+    );
+    // TTL token: survives use.
+    let ttl = "2".repeat(40);
+    assert_eq!(
+        mk(&n[0], &["add-node", "-t", &ttl, "-l", "600"]).code(),
+        Some(0)
+    );
+    let o = mk(&n[1], &["join", &join_url(&n[0], &ttl), "--worker"]);
+    assert_eq!(o.code(), Some(0), "{o:?}");
+    let o = mk(&n[2], &["join", &join_url(&n[0], &ttl), "--worker"]);
+    assert_eq!(o.code(), Some(0), "a TTL token is reusable: {o:?}");
+    // The add-node output formats carry token/check and IP:25000 URLs.
+    let o = mk(&n[0], &["add-node", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let url = v["urls"][0].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{}:25000/", n[0].host.addr)),
+        "{url}"
+    );
+    let tc = v["token"].as_str().unwrap();
+    assert_eq!(tc.split('/').map(str::len).collect::<Vec<_>>(), [32, 12]);
+    assert!(url.ends_with(tc));
+}
+
+#[test]
+fn join_validation_port_check_and_status_formats() {
+    let rt = runtime();
+    let _g = rt.enter();
+    // Node 2's agent runs on another port: the seed answers 502 (A4 check 3).
+    let (_lab, _root, mut n) = pair(&[("MICROK8S_SIM_PORT", "25001")]);
+    for x in &mut n {
+        x.install_and_start();
+    }
+    let token = secret().microk8s_token();
+    for (url, msg) in [
+        (format!("node-0.local:25000/{token}"), "Invalid master IP"),
+        (format!("[fd00::1]:25000/{token}"), "Expected format"),
+        (format!("{}:70000/{token}", n[0].host.addr), "not in range"),
+        (format!("{}:25000/short", n[0].host.addr), "at least 32"),
+        (
+            format!("{}:25000/{token}/abc", n[0].host.addr),
+            "Fingerprint",
+        ),
+    ] {
+        let o = mk(&n[1], &["join", &url]);
+        assert_eq!(o.code(), Some(1), "{url}: {o:?}");
+        assert!(
+            o.stdout.contains("Invalid connection:") && o.stdout.contains(msg),
+            "{o:?}"
+        );
+    }
+    let o = mk(&n[2], &["join", &join_url(&n[0], &token)]);
+    assert_eq!(o.code(), Some(6), "{o:?}");
+    assert!(o.stdout.contains("(502)."), "{o:?}");
+    // The persistent token is never consumed: a correct fingerprint from add-node works too.
+    let check = mk(&n[0], &["add-node", "--format", "token-check"]).stdout;
+    let fp = check.trim().split('/').nth(1).unwrap().to_owned();
+    let o = mk(
+        &n[1],
+        &["join", &format!("{}/{fp}", join_url(&n[0], &token))],
+    );
+    assert_eq!(o.code(), Some(0), "{o:?}");
+    assert!(o.stdout.contains("Successfully joined the cluster."));
+
+    // Status formats agree with the adapter's parsers; -a prints enabled/disabled.
+    let yaml = eventually(Duration::from_secs(5), "a ready seed", || {
+        let o = mk(&n[0], &["status", "--format", "yaml"]);
+        (o.code() == Some(0)).then_some(o.stdout)
+    });
+    let y = parse_status_yaml(&yaml).unwrap().unwrap();
+    let p = parse_status_pretty(&mk(&n[0], &["status", "--format", "pretty"]).stdout)
+        .unwrap()
+        .unwrap();
+    assert_eq!(y.voters(), p.voters());
+    assert_eq!(y.voters().len(), 2);
+    assert_eq!(mk(&n[0], &["status", "-a", "dns"]).stdout, "enabled\n");
+    assert_eq!(mk(&n[0], &["status", "-a", "metallb"]).stdout, "disabled\n");
+    let o = mk(&n[0], &["enable", "no-such-addon"]);
+    assert_eq!(o.code(), Some(1));
+}
+
+#[test]
+fn garbage_on_the_agent_port_is_counted_and_ignored() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let (_lab, _root, mut n) = pair(&[]);
+    n[0].install_and_start();
+    let addr = std::net::SocketAddr::from((n[0].host.addr, 25000));
+    let counts = n[1].host.spawn_thread(move || {
+        use std::io::{Read, Write};
+        let send = |bytes: &[u8]| -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            Ok(out)
+        };
+        let ping = || -> anyhow::Result<u64> {
+            let out = send(b"GET /sim/v1/ping HTTP/1.1\r\n\r\n")?;
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(body)?;
+            Ok(v["bad_requests"].as_u64().unwrap_or(0))
+        };
+        let before = ping()?;
+        send(b"\x00\x01\x02garbage")?;
+        send(&vec![b'A'; 40_000])?;
+        send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 5\r\n\r\n{not}")?;
+        send(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")?;
+        let bad_json =
+            send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]")?;
+        Ok((before, ping()?, bad_json))
+    });
+    let (before, after, bad_json) = counts.join().unwrap().unwrap();
+    assert!(after >= before + 4, "before {before}, after {after}");
+    assert!(
+        bad_json.starts_with("HTTP/1.1 500"),
+        "no token in a JSON array: {bad_json}"
+    );
+    // Still serving.
+    assert!(matches!(
+        n[0].status(),
+        firstboot::system::microk8s::Status::Running(_)
+    ));
+}
