@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use firstboot::config::Role;
 use firstboot::formation::{
-    Accepted, Announcement, AnnouncementError, Ballot, ClusterId, Message, NodeId, PhaseSummary, Record, Slot,
+    Accepted, Announcement, AnnouncementError, Ballot, ClusterId, Message, NodeId, PhaseSummary,
+    Record, Slot,
 };
 use proptest::prelude::*;
 
@@ -35,17 +36,19 @@ fn announcement() -> impl Strategy<Value = Announcement> {
         any::<u32>(),
         any::<bool>(),
     )
-        .prop_map(|(id, priority, phase, role, cluster, authority, rb, members, eligible)| Announcement {
-            id,
-            priority,
-            phase,
-            role,
-            cluster: cluster.map(|(seed, term)| ClusterId { seed, term }),
-            authority,
-            record_ballot: rb.map(|(n, node)| Ballot { n, node }),
-            members,
-            eligible,
-        })
+        .prop_map(
+            |(id, priority, phase, role, cluster, authority, rb, members, eligible)| Announcement {
+                id,
+                priority,
+                phase,
+                role,
+                cluster: cluster.map(|(seed, term)| ClusterId { seed, term }),
+                authority,
+                record_ballot: rb.map(|(n, node)| Ballot { n, node }),
+                members,
+                eligible,
+            },
+        )
 }
 
 proptest! {
@@ -90,65 +93,158 @@ proptest! {
 }
 
 fn valid() -> BTreeMap<String, String> {
-    [("v", "1"), ("id", "0a"), ("pr", "3"), ("ph", "memb"), ("ro", "cp"), ("cl", "7.0a"), ("au", "0b"), ("rb", "9.0b")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    [
+        ("v", "1"),
+        ("id", "0a"),
+        ("pr", "3"),
+        ("ph", "memb"),
+        ("ro", "cp"),
+        ("cl", "7.0a"),
+        ("au", "0b"),
+        ("rb", "9.0b"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 #[test]
 fn from_txt_reports_what_is_wrong() {
     let ann = Announcement::from_txt(&valid()).expect("valid");
-    assert_eq!(ann.cluster, Some(ClusterId { seed: NodeId::new("0a").expect("id"), term: 7 }));
+    assert_eq!(
+        ann.cluster,
+        Some(ClusterId {
+            seed: NodeId::new("0a").expect("id"),
+            term: 7
+        })
+    );
     assert_eq!(ann.members, 0, "absent optional key takes its default");
     assert!(ann.eligible);
 
     let mut m = valid();
     m.remove("id");
-    assert_eq!(Announcement::from_txt(&m), Err(AnnouncementError::Missing("id")));
+    assert_eq!(
+        Announcement::from_txt(&m),
+        Err(AnnouncementError::Missing("id"))
+    );
     let mut m = valid();
     m.insert("v".into(), "2".into());
-    assert!(matches!(Announcement::from_txt(&m), Err(AnnouncementError::Version(_))));
-    for (k, bad) in [("pr", "-1"), ("pr", "99999999999"), ("ph", "boss"), ("ro", "master"), ("cl", "7"), ("cl", "x.0a"), ("rb", "1.XY"), ("id", "0A")] {
+    assert!(matches!(
+        Announcement::from_txt(&m),
+        Err(AnnouncementError::Version(_))
+    ));
+    for (k, bad) in [
+        ("pr", "-1"),
+        ("pr", "99999999999"),
+        ("ph", "boss"),
+        ("ro", "master"),
+        ("cl", "7"),
+        ("cl", "x.0a"),
+        ("rb", "1.XY"),
+        ("id", "0A"),
+    ] {
         let mut m = valid();
         m.insert(k.into(), bad.into());
-        assert!(matches!(Announcement::from_txt(&m), Err(AnnouncementError::Invalid { .. })), "{k}={bad}");
+        assert!(
+            matches!(
+                Announcement::from_txt(&m),
+                Err(AnnouncementError::Invalid { .. })
+            ),
+            "{k}={bad}"
+        );
     }
     let mut m = valid();
     m.insert("zz".into(), "from a newer agent".into());
-    assert!(Announcement::from_txt(&m).is_ok(), "unknown keys are ignored");
+    assert!(
+        Announcement::from_txt(&m).is_ok(),
+        "unknown keys are ignored"
+    );
 }
 
 #[test]
 fn messages_round_trip_as_json() {
     let a = NodeId::new("0a").expect("id");
     let record = Record {
-        cluster: ClusterId { seed: a.clone(), term: 1 },
+        cluster: ClusterId {
+            seed: a.clone(),
+            term: 1,
+        },
         electorate: [a.clone()].into_iter().collect(),
         authority: a.clone(),
         members: [(a.clone(), Role::ControlPlane)].into_iter().collect(),
-        slot: Some(Slot { node: NodeId::new("0b").expect("id"), role: Role::Worker, seq: 3 }),
+        slot: Some(Slot {
+            node: NodeId::new("0b").expect("id"),
+            role: Role::Worker,
+            seq: 3,
+        }),
         tentative: BTreeMap::new(),
         seq: 3,
         addons_by: None,
         addons_done: false,
     };
-    let ballot = Ballot { n: 2, node: a.clone() };
+    let ballot = Ballot {
+        n: 2,
+        node: a.clone(),
+    };
     let msgs = vec![
-        Message::Prepare { ballot: ballot.clone() },
-        Message::Promise { ballot: ballot.clone(), accepted: Some(Accepted { ballot: ballot.clone(), record: record.clone() }) },
-        Message::Accept { ballot: ballot.clone(), record },
-        Message::Accepted { ballot: ballot.clone() },
-        Message::Nack { ballot: ballot.clone(), promised: ballot },
+        Message::Prepare {
+            ballot: ballot.clone(),
+        },
+        Message::Promise {
+            ballot: ballot.clone(),
+            accepted: Some(Accepted {
+                ballot: ballot.clone(),
+                record: record.clone(),
+            }),
+        },
+        Message::Accept {
+            ballot: ballot.clone(),
+            record,
+        },
+        Message::Accepted {
+            ballot: ballot.clone(),
+        },
+        Message::Nack {
+            ballot: ballot.clone(),
+            promised: ballot,
+        },
         Message::SlotRequest { req: 4 },
-        Message::SlotGrant { req: 4, cluster: ClusterId { seed: a.clone(), term: 1 }, seq: 3, role: Role::Worker },
-        Message::NotAuthority { hint: Some(a.clone()) },
-        Message::JoinReport { cluster: ClusterId { seed: a.clone(), term: 1 }, seq: 3, role: Role::Worker, ok: true },
-        Message::JoinConfirmed { cluster: ClusterId { seed: a, term: 1 }, role: Role::Worker },
+        Message::SlotGrant {
+            req: 4,
+            cluster: ClusterId {
+                seed: a.clone(),
+                term: 1,
+            },
+            seq: 3,
+            role: Role::Worker,
+        },
+        Message::NotAuthority {
+            hint: Some(a.clone()),
+        },
+        Message::JoinReport {
+            cluster: ClusterId {
+                seed: a.clone(),
+                term: 1,
+            },
+            seq: 3,
+            role: Role::Worker,
+            ok: true,
+        },
+        Message::JoinConfirmed {
+            cluster: ClusterId { seed: a, term: 1 },
+            role: Role::Worker,
+        },
     ];
     for m in msgs {
         let json = serde_json::to_string(&m).expect("serialize");
-        assert_eq!(serde_json::from_str::<Message>(&json).expect("deserialize"), m, "{json}");
+        assert_eq!(
+            serde_json::from_str::<Message>(&json).expect("deserialize"),
+            m,
+            "{json}"
+        );
     }
-    assert!(serde_json::from_str::<Message>(r#"{"msg":"prepare","ballot":{"n":1,"node":"NOTHEX"}}"#).is_err());
+    assert!(serde_json::from_str::<Message>(
+        r#"{"msg":"prepare","ballot":{"n":1,"node":"NOTHEX"}}"#
+    )
+    .is_err());
 }

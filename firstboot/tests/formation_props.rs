@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use firstboot::config::Role;
 use firstboot::formation::{
-    Action, Announcement, ClusterId, Event, FormationParams, Message, Node, NodeId, PersistedState, Phase,
+    Action, Announcement, ClusterId, Event, FormationParams, Message, Node, NodeId, PersistedState,
+    Phase,
 };
 use proptest::prelude::*;
 
@@ -67,7 +68,14 @@ struct Scenario {
 
 fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> {
     (
-        (n, prop_oneof![Just(1u8), Just(3u8), Just(3u8), Just(5u8)], any::<u64>(), 0u64..=200, 0u64..=100, 1u64..=4),
+        (
+            n,
+            prop_oneof![Just(1u8), Just(3u8), Just(3u8), Just(5u8)],
+            any::<u64>(),
+            0u64..=200,
+            0u64..=100,
+            1u64..=4,
+        ),
         (
             any::<bool>(),
             any::<bool>(),
@@ -122,10 +130,16 @@ const JOIN_MAX: u64 = 6;
 const FAULT_END: u64 = 150;
 
 enum Payload {
-    Msg { from: usize, msg: Message },
+    Msg {
+        from: usize,
+        msg: Message,
+    },
     Ann(Announcement, usize),
     /// A result for node incarnation `inc`.
-    Result { inc: u64, ev: Event },
+    Result {
+        inc: u64,
+        ev: Event,
+    },
 }
 
 struct Delivery {
@@ -180,7 +194,8 @@ impl Sim {
         let mut ids = Vec::new();
         let mut index = BTreeMap::new();
         while ids.len() < n {
-            let id = NodeId::new(format!("{:012x}", rng.next() & 0xffff_ffff_ffff)).expect("hex id");
+            let id =
+                NodeId::new(format!("{:012x}", rng.next() & 0xffff_ffff_ffff)).expect("hex id");
             if index.insert(id.clone(), ids.len()).is_none() {
                 ids.push(id);
             }
@@ -206,7 +221,15 @@ impl Sim {
                 p
             })
             .collect();
-        let boot_at = (0..n).map(|_| if sc.late && rng.chance(300) { rng.range(1, 250) } else { 0 }).collect();
+        let boot_at = (0..n)
+            .map(|_| {
+                if sc.late && rng.chance(300) {
+                    rng.range(1, 250)
+                } else {
+                    0
+                }
+            })
+            .collect();
         Sim {
             rng,
             t: 0,
@@ -285,8 +308,12 @@ impl Sim {
             let json = serde_json::to_string(p).expect("persisted state serializes");
             serde_json::from_str::<PersistedState>(&json).expect("persisted state deserializes")
         });
-        let (node, actions) =
-            Node::new(self.params[i].clone(), self.ids[i].clone(), persisted, self.local_now(i));
+        let (node, actions) = Node::new(
+            self.params[i].clone(),
+            self.ids[i].clone(),
+            persisted,
+            self.local_now(i),
+        );
         self.nodes[i] = Some(node);
         self.execute(i, actions);
     }
@@ -306,7 +333,9 @@ impl Sim {
             return;
         }
         let now = self.local_now(i);
-        let Some(node) = self.nodes[i].as_mut() else { return };
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
         self.events += 1;
         let actions = node.handle(now, ev);
         self.execute(i, actions);
@@ -332,7 +361,8 @@ impl Sim {
         match a {
             Action::Announce(ann) => {
                 if ann.id != self.ids[i] {
-                    self.violations.push(format!("node {i} announced a foreign id"));
+                    self.violations
+                        .push(format!("node {i} announced a foreign id"));
                 }
                 // Round-trip through the TXT form, as discovery would.
                 let txt: BTreeMap<String, String> = ann.to_txt().into_iter().collect();
@@ -340,7 +370,11 @@ impl Sim {
                 assert_eq!(back, ann, "announcement TXT round trip");
                 self.ann[i] = Some(ann.clone());
                 for j in 0..self.sc.n {
-                    if j != i && self.alive(j) && self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
+                    if j != i
+                        && self.alive(j)
+                        && self.reachable(i, j)
+                        && !self.rng.chance(self.sc.loss)
+                    {
                         let d = self.delay();
                         self.push(t + d, j, Payload::Ann(ann.clone(), i));
                     }
@@ -348,14 +382,22 @@ impl Sim {
             }
             Action::Send { to, msg } => {
                 let Some(&j) = self.index.get(&to) else {
-                    self.violations.push(format!("node {i} sent to unknown id {to}"));
+                    self.violations
+                        .push(format!("node {i} sent to unknown id {to}"));
                     return;
                 };
                 let copies = if self.rng.chance(self.sc.dup) { 2 } else { 1 };
                 for _ in 0..copies {
                     if self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
                         let d = self.delay();
-                        self.push(t + d, j, Payload::Msg { from: i, msg: msg.clone() });
+                        self.push(
+                            t + d,
+                            j,
+                            Payload::Msg {
+                                from: i,
+                                msg: msg.clone(),
+                            },
+                        );
                     }
                 }
             }
@@ -368,21 +410,36 @@ impl Sim {
             Action::PrepareNode => {
                 let ok = !self.rng.chance(50);
                 let d = self.rng.range(1, 3);
-                let ev = Event::NodePrepared(if ok { Ok(()) } else { Err("modprobe nvme_tcp failed".into()) });
+                let ev = Event::NodePrepared(if ok {
+                    Ok(())
+                } else {
+                    Err("modprobe nvme_tcp failed".into())
+                });
                 let inc = self.inc[i];
                 self.push(t + d, i, Payload::Result { inc, ev });
             }
-            Action::Join { seed_ip, worker, timeout, cluster } => self.start_join(i, seed_ip, worker, timeout, cluster),
+            Action::Join {
+                seed_ip,
+                worker,
+                timeout,
+                cluster,
+            } => self.start_join(i, seed_ip, worker, timeout, cluster),
             Action::EnableAddons { cluster } => {
                 self.addon_issuers.insert(i);
                 if self.addon_issuers.len() > 1 {
-                    self.violations.push(format!("addons issued by several nodes: {:?}", self.addon_issuers));
+                    self.violations.push(format!(
+                        "addons issued by several nodes: {:?}",
+                        self.addon_issuers
+                    ));
                 }
                 if self.addons_done_persisted {
-                    self.violations.push(format!("node {i} enables addons again after they were done"));
+                    self.violations.push(format!(
+                        "node {i} enables addons again after they were done"
+                    ));
                 }
                 if !self.join_clusters.is_empty() && !self.join_clusters.contains(&cluster) {
-                    self.violations.push(format!("addons for foreign cluster {cluster}"));
+                    self.violations
+                        .push(format!("addons for foreign cluster {cluster}"));
                 }
                 let r = self.root[i];
                 let cp = self.cp_nodes.get(&r).map_or(1, |s| s.len() + 1);
@@ -394,60 +451,112 @@ impl Sim {
                     ));
                 }
                 if !self.addons_running.is_empty() {
-                    self.violations.push("two addon enables overlap".to_string());
+                    self.violations
+                        .push("two addon enables overlap".to_string());
                 }
                 self.addons_running.insert(i, t + 2);
                 let inc = self.inc[i];
-                self.push(t + 2, i, Payload::Result { inc, ev: Event::AddonsEnabled(Ok(())) });
+                self.push(
+                    t + 2,
+                    i,
+                    Payload::Result {
+                        inc,
+                        ev: Event::AddonsEnabled(Ok(())),
+                    },
+                );
             }
             Action::SetStatus(s) => {
                 if s.is_empty() {
-                    self.violations.push(format!("node {i} set an empty status"));
+                    self.violations
+                        .push(format!("node {i} set an empty status"));
                 }
             }
         }
     }
 
-    fn start_join(&mut self, i: usize, seed_ip: IpAddr, worker: bool, timeout: Duration, cluster: ClusterId) {
+    fn start_join(
+        &mut self,
+        i: usize,
+        seed_ip: IpAddr,
+        worker: bool,
+        timeout: Duration,
+        cluster: ClusterId,
+    ) {
         let t = self.t;
         self.join_clusters.insert(cluster.clone());
         if self.join_clusters.len() > 1 {
-            self.violations.push(format!("joins against two clusters: {:?}", self.join_clusters));
+            self.violations.push(format!(
+                "joins against two clusters: {:?}",
+                self.join_clusters
+            ));
         }
         if cluster.seed == self.ids[i] {
-            self.violations.push(format!("node {i} joins its own cluster"));
+            self.violations
+                .push(format!("node {i} joins its own cluster"));
         }
         if timeout > secs(8) {
-            self.violations.push("join timeout larger than configured".into());
+            self.violations
+                .push("join timeout larger than configured".into());
         }
         let Some(target) = Self::node_of_ip(seed_ip).filter(|j| *j < self.sc.n) else {
-            self.violations.push(format!("join against unknown ip {seed_ip}"));
+            self.violations
+                .push(format!("join against unknown ip {seed_ip}"));
             return;
         };
         let root = self.root[target];
         let inc = self.inc[i];
         // Already a member of that cluster: idempotent success.
         if self.root[i] == root && i != root {
-            self.push(t + 1, i, Payload::Result { inc, ev: Event::JoinFinished(Ok(())) });
+            self.push(
+                t + 1,
+                i,
+                Payload::Result {
+                    inc,
+                    ev: Event::JoinFinished(Ok(())),
+                },
+            );
             return;
         }
-        let my_cluster_has_others = self.root[i] != i || self.root.iter().enumerate().any(|(k, r)| *r == i && k != i);
+        let my_cluster_has_others =
+            self.root[i] != i || self.root.iter().enumerate().any(|(k, r)| *r == i && k != i);
         if my_cluster_has_others {
-            self.violations.push(format!("node {i} joins a second cluster (root {} -> {root})", self.root[i]));
+            self.violations.push(format!(
+                "node {i} joins a second cluster (root {} -> {root})",
+                self.root[i]
+            ));
         }
         if let Some((other, _)) = self.joins.iter().find(|(_, j)| j.root == root) {
-            self.violations.push(format!("joins of node {other} and node {i} overlap against cluster root {root}"));
+            self.violations.push(format!(
+                "joins of node {other} and node {i} overlap against cluster root {root}"
+            ));
         }
         let dur = self.rng.range(2, JOIN_MAX);
         let ok = !self.rng.chance(self.sc.join_fail);
-        self.joins.insert(i, JoinRun { root, end: t + dur, inc, ok, worker, target });
+        self.joins.insert(
+            i,
+            JoinRun {
+                root,
+                end: t + dur,
+                inc,
+                ok,
+                worker,
+                target,
+            },
+        );
     }
 
     fn finish_joins(&mut self) {
         let t = self.t;
-        let done: Vec<usize> = self.joins.iter().filter(|(_, j)| j.end <= t).map(|(i, _)| *i).collect();
+        let done: Vec<usize> = self
+            .joins
+            .iter()
+            .filter(|(_, j)| j.end <= t)
+            .map(|(i, _)| *i)
+            .collect();
         for i in done {
-            let Some(j) = self.joins.remove(&i) else { continue };
+            let Some(j) = self.joins.remove(&i) else {
+                continue;
+            };
             if j.inc != self.inc[i] {
                 continue;
             }
@@ -503,7 +612,8 @@ impl Sim {
     fn step(&mut self) {
         let t = self.t;
         for i in 0..self.sc.n {
-            let boot_now = (self.boot_at[i] == t && self.inc[i] == 0) || self.down_until[i] == Some(t);
+            let boot_now =
+                (self.boot_at[i] == t && self.inc[i] == 0) || self.down_until[i] == Some(t);
             if boot_now && !self.alive(i) {
                 self.down_until[i] = None;
                 self.boot(i);
@@ -516,7 +626,9 @@ impl Sim {
             if key.0 > t {
                 break;
             }
-            let Some(d) = self.queue.remove(&key) else { break };
+            let Some(d) = self.queue.remove(&key) else {
+                break;
+            };
             let i = d.to;
             if !self.alive(i) {
                 continue;
@@ -530,7 +642,13 @@ impl Sim {
                 }
                 Payload::Ann(ann, from) => {
                     if self.reachable(from, i) {
-                        self.deliver(i, Event::PeerSeen { ann, ip: Self::ip(from) });
+                        self.deliver(
+                            i,
+                            Event::PeerSeen {
+                                ann,
+                                ip: Self::ip(from),
+                            },
+                        );
                     }
                 }
                 Payload::Result { inc, ev } => {
@@ -547,10 +665,22 @@ impl Sim {
         // delay above).
         if t % 3 == 0 {
             for i in 0..self.sc.n {
-                let Some(ann) = self.ann[i].clone() else { continue };
+                let Some(ann) = self.ann[i].clone() else {
+                    continue;
+                };
                 for j in 0..self.sc.n {
-                    if j != i && self.alive(j) && self.reachable(i, j) && !self.rng.chance(self.sc.loss) {
-                        self.deliver(j, Event::PeerSeen { ann: ann.clone(), ip: Self::ip(i) });
+                    if j != i
+                        && self.alive(j)
+                        && self.reachable(i, j)
+                        && !self.rng.chance(self.sc.loss)
+                    {
+                        self.deliver(
+                            j,
+                            Event::PeerSeen {
+                                ann: ann.clone(),
+                                ip: Self::ip(i),
+                            },
+                        );
                     }
                 }
             }
@@ -563,11 +693,19 @@ impl Sim {
 
     fn converged(&self) -> bool {
         let all_members = (0..self.sc.n).all(|i| {
-            self.alive(i) && matches!(self.nodes[i].as_ref().map(|n| n.phase()), Some(Phase::Member { .. }))
+            self.alive(i)
+                && matches!(
+                    self.nodes[i].as_ref().map(|n| n.phase()),
+                    Some(Phase::Member { .. })
+                )
         });
         let one_root = self.root.iter().all(|r| *r == self.root[0]) || self.sc.n == 1;
         // HA (and so the addons) needs enough nodes that may be control plane.
-        let workers = self.params[0].pinned_roles.values().filter(|r| **r == Role::Worker).count();
+        let workers = self.params[0]
+            .pinned_roles
+            .values()
+            .filter(|r| **r == Role::Worker)
+            .count();
         let ha_possible = self.sc.n - workers >= (self.sc.control_plane as usize).min(3);
         let addons_ok = !self.sc.addons || !ha_possible || self.addons_completed >= 1;
         all_members && one_root && addons_ok
@@ -598,12 +736,22 @@ fn describe(sim: &Sim) -> String {
     let mut s = String::new();
     for i in 0..sim.sc.n {
         let st = sim.nodes[i].as_ref().map(|n| n.status());
+        let round = sim.nodes[i]
+            .as_ref()
+            .map(|n| n.debug_round())
+            .unwrap_or_default();
         s.push_str(&format!(
-            "node {i} {} root {} boot {} : {:?}\n",
+            "node {i} {} root {} boot {} : {:?}\n    {round}\n",
             sim.ids[i],
             sim.root[i],
             sim.boot_at[i],
-            st.map(|s| (s.phase, s.authority, s.slot, s.members_known.len(), s.last_error))
+            st.map(|s| (
+                s.phase,
+                s.authority,
+                s.slot,
+                s.members_known.len(),
+                s.last_error
+            ))
         ));
     }
     s
@@ -632,13 +780,24 @@ proptest! {
 
 /// Case count from the environment variable `var`, else `default`.
 fn cases(var: &str, default: u32) -> u32 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn check(sc: Scenario) -> Result<(), TestCaseError> {
     let (violations, converged, t, sim) = run(sc.clone());
-    prop_assert!(violations.is_empty(), "safety violated at tick {t}: {violations:?}\n{}", describe(&sim));
-    prop_assert!(converged, "not converged by tick {t} ({sc:?})\n{}", describe(&sim));
+    prop_assert!(
+        violations.is_empty(),
+        "safety violated at tick {t}: {violations:?}\n{}",
+        describe(&sim)
+    );
+    prop_assert!(
+        converged,
+        "not converged by tick {t} ({sc:?})\n{}",
+        describe(&sim)
+    );
     Ok(())
 }
 
@@ -666,37 +825,40 @@ fn fifty_nodes_with_all_faults_converge_safely() {
     println!("50 nodes converged at tick {t} after {} events", sim.events);
 }
 
-#[test]
-#[ignore]
-fn debug_one() {
-    let sc = Scenario { n: 8, control_plane: 3, seed: 1341131731182297335, loss: 191, dup: 39, max_delay: 4, partitions: false, crashes: false, late: true, priorities: true, pins: true, join_fail: 82, addons: true };
-    let (v, c, t, sim) = run(sc);
-    println!("{v:?} {c} {t}");
-    println!("{}", describe(&sim));
-    for i in 0..sim.sc.n {
-        if let Some(n) = &sim.nodes[i] {
-            let st = n.persisted();
-            println!("node {i} {} phase {:?}\n  promised {:?}\n  accepted {:?}\n  known {:?}\n  chosen {:?}\n  max {}", sim.ids[i], st.phase, st.acceptor.promised, st.acceptor.accepted.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, a.record.members.len(), a.record.electorate.len())), st.known.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, &a.record.members, &a.record.slot, &a.record.tentative, &a.record.addons_by)), st.chosen.as_ref().map(|a| (&a.ballot, &a.record.authority, &a.record.slot)), st.max_ballot);
-            println!("  pinned {:?}", sim.params[i].pinned_roles);
-            println!("  {}", n.debug_round());
-        }
-    }
-}
-
 /// Prints how long one run takes per node count (a measurement, not a check).
 #[test]
 #[ignore]
 fn measure_run_cost() {
-    let sizes: Vec<usize> = std::env::var("SIM_SIZES").map(|v| v.split(',').map(|x| x.parse().expect("size")).collect()).unwrap_or_else(|_| vec![3, 5, 8, 12, 16, 24, 35, 50]);
+    let sizes: Vec<usize> = std::env::var("SIM_SIZES")
+        .map(|v| v.split(',').map(|x| x.parse().expect("size")).collect())
+        .unwrap_or_else(|_| vec![3, 5, 8, 12, 16, 24, 35, 50]);
     for n in sizes {
         let start = std::time::Instant::now();
         let mut ticks = 0;
         for seed in 0..5u64 {
-            let sc = Scenario { n, control_plane: 3, seed, loss: 100, dup: 50, max_delay: 3, partitions: true, crashes: true, late: true, priorities: true, pins: false, join_fail: 50, addons: true };
+            let sc = Scenario {
+                n,
+                control_plane: 3,
+                seed,
+                loss: 100,
+                dup: 50,
+                max_delay: 3,
+                partitions: true,
+                crashes: true,
+                late: true,
+                priorities: true,
+                pins: false,
+                join_fail: 50,
+                addons: true,
+            };
             let (v, c, t, _) = run(sc);
             assert!(v.is_empty() && c);
             ticks += t;
         }
-        println!("n={n}: {:?} per run, {} ticks avg", start.elapsed() / 5, ticks / 5);
+        println!(
+            "n={n}: {:?} per run, {} ticks avg",
+            start.elapsed() / 5,
+            ticks / 5
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use firstboot::config::Role;
 use firstboot::formation::{
-    Action, Announcement, Ballot, ClusterId, Event, FormationParams, Message, Node, NodeId, ParamsError,
-    PersistedState, Phase, PhaseSummary,
+    Action, Announcement, Ballot, ClusterId, Event, FormationParams, Message, Node, NodeId,
+    ParamsError, PersistedState, Phase, PhaseSummary,
 };
 
 fn secs(s: u64) -> Duration {
@@ -96,7 +96,8 @@ impl Net {
     fn boot(&mut self, n: &str) {
         let n = id(n);
         let persisted = self.persisted.get(&n).cloned();
-        let (node, actions) = Node::new(self.params[&n].clone(), n.clone(), persisted, secs(self.t));
+        let (node, actions) =
+            Node::new(self.params[&n].clone(), n.clone(), persisted, secs(self.t));
         self.nodes.insert(n.clone(), node);
         self.down.insert(n.clone(), false);
         self.run(&n, actions);
@@ -120,20 +121,38 @@ impl Net {
                     if let Message::Prepare { ballot } = &msg {
                         self.prepares.push((from.clone(), ballot.clone(), self.t));
                     }
-                    self.queue.push_back((to, Event::Message { from: from.clone(), msg }));
+                    self.queue.push_back((
+                        to,
+                        Event::Message {
+                            from: from.clone(),
+                            msg,
+                        },
+                    ));
                 }
                 Action::Persist(st) => {
                     self.persisted.insert(from.clone(), *st);
                 }
-                Action::PrepareNode => self.queue.push_back((from.clone(), Event::NodePrepared(Ok(())))),
-                Action::Join { worker, cluster, seed_ip, .. } => {
-                    assert!(self.order.iter().any(|n| self.ip_of(n) == seed_ip), "join against a known ip");
+                Action::PrepareNode => self
+                    .queue
+                    .push_back((from.clone(), Event::NodePrepared(Ok(())))),
+                Action::Join {
+                    worker,
+                    cluster,
+                    seed_ip,
+                    ..
+                } => {
+                    assert!(
+                        self.order.iter().any(|n| self.ip_of(n) == seed_ip),
+                        "join against a known ip"
+                    );
                     self.join_log.push((from.clone(), worker, self.t, cluster));
-                    self.joins.insert(from.clone(), (self.t + self.join_ticks, self.t));
+                    self.joins
+                        .insert(from.clone(), (self.t + self.join_ticks, self.t));
                 }
                 Action::EnableAddons { .. } => {
                     self.addons.push(from.clone());
-                    self.queue.push_back((from.clone(), Event::AddonsEnabled(Ok(()))));
+                    self.queue
+                        .push_back((from.clone(), Event::AddonsEnabled(Ok(()))));
                 }
                 Action::SetStatus(_) => {}
             }
@@ -156,12 +175,22 @@ impl Net {
 
     fn step(&mut self) {
         // announcements
-        let anns: Vec<(NodeId, Announcement)> = self.anns.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let anns: Vec<(NodeId, Announcement)> = self
+            .anns
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (from, ann) in anns {
             let from_ip = self.ip_of(&from);
             let targets: Vec<NodeId> = self.nodes.keys().filter(|k| **k != from).cloned().collect();
             for to in targets {
-                self.deliver(&to, Event::PeerSeen { ann: ann.clone(), ip: from_ip });
+                self.deliver(
+                    &to,
+                    Event::PeerSeen {
+                        ann: ann.clone(),
+                        ip: from_ip,
+                    },
+                );
             }
         }
         let mut budget = 100_000;
@@ -171,8 +200,12 @@ impl Net {
             assert!(budget > 0, "message storm");
         }
         if !self.hold_joins {
-            let done: Vec<NodeId> =
-                self.joins.iter().filter(|(_, (end, _))| *end <= self.t).map(|(k, _)| k.clone()).collect();
+            let done: Vec<NodeId> = self
+                .joins
+                .iter()
+                .filter(|(_, (end, _))| *end <= self.t)
+                .map(|(k, _)| k.clone())
+                .collect();
             for n in done {
                 self.finish_join(&n, Ok(()));
             }
@@ -202,7 +235,9 @@ impl Net {
     }
 
     fn all_members(&self) -> bool {
-        self.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. }))
+        self.nodes
+            .values()
+            .all(|n| matches!(n.phase(), Phase::Member { .. }))
     }
 
     fn roles(&self) -> BTreeMap<NodeId, Role> {
@@ -222,7 +257,10 @@ impl Net {
             }
             self.step();
         }
-        panic!("not all members after {max} ticks: {:?}", self.nodes.values().map(|n| n.status()).collect::<Vec<_>>());
+        panic!(
+            "not all members after {max} ticks: {:?}",
+            self.nodes.values().map(|n| n.status()).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -244,7 +282,10 @@ fn three_nodes_form_one_cluster_with_the_best_candidate_as_seed() {
     }
     let first_join = net.join_log.first().expect("joins happened").2;
     assert!(
-        net.prepares.iter().filter(|p| p.2 < first_join).all(|(from, _, _)| *from == id("0a")),
+        net.prepares
+            .iter()
+            .filter(|p| p.2 < first_join)
+            .all(|(from, _, _)| *from == id("0a")),
         "only the best candidate proposes before the cluster exists"
     );
     assert!(net.roles().values().all(|r| *r == Role::ControlPlane));
@@ -257,7 +298,10 @@ fn higher_priority_wins_the_seed_role() {
         net.boot(n);
     }
     net.run_until_members(200);
-    assert_eq!(cluster_of(&net.phase("0a")).expect("cluster").seed, id("0b"));
+    assert_eq!(
+        cluster_of(&net.phase("0a")).expect("cluster").seed,
+        id("0b")
+    );
 }
 
 #[test]
@@ -269,7 +313,10 @@ fn nodes_pinned_to_worker_are_never_seed() {
         net.boot(n);
     }
     net.run_until_members(200);
-    assert_eq!(cluster_of(&net.phase("0a")).expect("cluster").seed, id("0b"));
+    assert_eq!(
+        cluster_of(&net.phase("0a")).expect("cluster").seed,
+        id("0b")
+    );
     assert_eq!(net.roles()[&id("0a")], Role::Worker);
 }
 
@@ -279,9 +326,15 @@ fn before_the_timeout_nodes_wait_for_all_expected_nodes() {
     net.boot("0a");
     net.boot("0b");
     net.steps(20); // formation timeout is 30 s
-    assert!(net.prepares.is_empty(), "no election before all expected nodes are visible");
+    assert!(
+        net.prepares.is_empty(),
+        "no election before all expected nodes are visible"
+    );
     net.steps(15);
-    assert!(!net.prepares.is_empty(), "after the timeout a majority (2 of 3) forms");
+    assert!(
+        !net.prepares.is_empty(),
+        "after the timeout a majority (2 of 3) forms"
+    );
     net.run_until_members(200);
     net.boot("0c");
     net.run_until_members(200);
@@ -316,15 +369,27 @@ fn a_node_that_sees_a_formed_cluster_joins_it_instead_of_electing() {
     // A late node with the highest priority and lowest id must not start a second cluster.
     net.boot("01");
     net.run_until_members(200);
-    assert!(net.prepares[before..].iter().all(|(from, _, _)| *from != id("01")), "late node never proposes");
+    assert!(
+        net.prepares[before..]
+            .iter()
+            .all(|(from, _, _)| *from != id("01")),
+        "late node never proposes"
+    );
     assert_eq!(cluster_of(&net.phase("01")), cluster_of(&net.phase("0a")));
-    assert_eq!(net.roles()[&id("01")], Role::Worker, "control plane is full");
+    assert_eq!(
+        net.roles()[&id("01")],
+        Role::Worker,
+        "control plane is full"
+    );
 }
 
 #[test]
 fn joins_are_serial_and_roles_follow_the_order() {
     let names = ["0a", "0b", "0c", "0d", "0e", "0f"];
-    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 6));
+    let mut net = Net::new(
+        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
+        params(3, 6),
+    );
     net.join_ticks = 4;
     for n in names {
         net.boot(n);
@@ -335,7 +400,11 @@ fn joins_are_serial_and_roles_follow_the_order() {
     for w in spans.windows(2) {
         assert!(w[0].2 <= w[1].1, "joins overlap: {w:?}");
     }
-    let cp = net.roles().values().filter(|r| **r == Role::ControlPlane).count();
+    let cp = net
+        .roles()
+        .values()
+        .filter(|r| **r == Role::ControlPlane)
+        .count();
     assert_eq!(cp, 3, "exactly control_plane control-plane nodes");
     // The first two joiners (after the seed) are control plane, the rest workers.
     let mut log = net.join_log.clone();
@@ -360,19 +429,29 @@ fn pinned_roles_are_respected_and_keep_their_place() {
     let roles = net.roles();
     assert_eq!(roles[&id("0b")], Role::Worker);
     assert_eq!(roles[&id("0e")], Role::ControlPlane);
-    assert_eq!(roles.values().filter(|r| **r == Role::ControlPlane).count(), 3);
+    assert_eq!(
+        roles.values().filter(|r| **r == Role::ControlPlane).count(),
+        3
+    );
 }
 
 #[test]
 fn addons_are_enabled_once_from_one_control_plane_node_after_ha() {
     let names = ["0a", "0b", "0c", "0d"];
-    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 4));
+    let mut net = Net::new(
+        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
+        params(3, 4),
+    );
     for n in names {
         net.boot(n);
     }
     // Before the third control-plane member is confirmed: no addons.
     for _ in 0..400 {
-        let cp = net.roles().values().filter(|r| **r == Role::ControlPlane).count();
+        let cp = net
+            .roles()
+            .values()
+            .filter(|r| **r == Role::ControlPlane)
+            .count();
         if cp < 3 {
             assert!(net.addons.is_empty(), "addons before HA");
         }
@@ -390,7 +469,10 @@ fn addons_are_enabled_once_from_one_control_plane_node_after_ha() {
 #[test]
 fn a_crashed_joiner_resumes_by_asking_for_a_fresh_slot() {
     let names = ["0a", "0b", "0c"];
-    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 3));
+    let mut net = Net::new(
+        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
+        params(3, 3),
+    );
     net.hold_joins = true;
     for n in names {
         net.boot(n);
@@ -402,11 +484,17 @@ fn a_crashed_joiner_resumes_by_asking_for_a_fresh_slot() {
         net.step();
     }
     let joiner = net.joins.keys().next().expect("a join started").clone();
-    assert!(matches!(net.persisted[&joiner].phase, Phase::Joining { .. }), "Joining persisted before Join");
+    assert!(
+        matches!(net.persisted[&joiner].phase, Phase::Joining { .. }),
+        "Joining persisted before Join"
+    );
     net.crash(joiner.as_str());
     net.steps(3);
     net.boot(joiner.as_str());
-    assert!(matches!(net.persisted[&joiner].phase, Phase::WaitingForSlot { .. }), "restart never resumes a join blindly");
+    assert!(
+        matches!(net.persisted[&joiner].phase, Phase::WaitingForSlot { .. }),
+        "restart never resumes a join blindly"
+    );
     net.hold_joins = false;
     net.run_until_members(300);
 }
@@ -414,7 +502,10 @@ fn a_crashed_joiner_resumes_by_asking_for_a_fresh_slot() {
 #[test]
 fn a_slot_that_is_never_confirmed_is_reclaimed_and_counted() {
     let names = ["0a", "0b", "0c", "0d"];
-    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 4));
+    let mut net = Net::new(
+        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
+        params(3, 4),
+    );
     net.hold_joins = true;
     for n in names {
         net.boot(n);
@@ -431,15 +522,26 @@ fn a_slot_that_is_never_confirmed_is_reclaimed_and_counted() {
     net.hold_joins = false;
     for _ in 0..400 {
         net.step();
-        let others_done = net.nodes.iter().filter(|(k, _)| **k != stuck).all(|(_, n)| matches!(n.phase(), Phase::Member { .. }));
+        let others_done = net
+            .nodes
+            .iter()
+            .filter(|(k, _)| **k != stuck)
+            .all(|(_, n)| matches!(n.phase(), Phase::Member { .. }));
         if others_done {
             break;
         }
     }
     let st = net.nodes[&id("0a")].status();
-    assert!(st.members_known.len() >= 3, "slot was reclaimed and others joined: {st:?}");
+    assert!(
+        st.members_known.len() >= 3,
+        "slot was reclaimed and others joined: {st:?}"
+    );
     // The vanished holder may have joined as control plane: it stays counted.
-    let cp_members = st.members_known.values().filter(|r| **r == Role::ControlPlane).count();
+    let cp_members = st
+        .members_known
+        .values()
+        .filter(|r| **r == Role::ControlPlane)
+        .count();
     assert!(cp_members <= 2, "its control-plane place is kept: {st:?}");
 }
 
@@ -458,11 +560,18 @@ fn the_seed_is_replaced_when_it_vanishes_before_anyone_joined() {
         net.step();
     }
     assert_eq!(net.nodes.len(), 2, "the seed was elected and crashed");
-    assert!(matches!(net.persisted[&id("0a")].phase, Phase::Member { .. }));
+    assert!(matches!(
+        net.persisted[&id("0a")].phase,
+        Phase::Member { .. }
+    ));
     assert!(net.join_log.is_empty());
     net.run_until_members(300);
     let c = cluster_of(&net.phase("0b")).expect("cluster");
-    assert_eq!(c.seed, id("0b"), "the next best candidate replaced the seed");
+    assert_eq!(
+        c.seed,
+        id("0b"),
+        "the next best candidate replaced the seed"
+    );
     // The old seed comes back (still believing in its own cluster), learns that it was
     // replaced, and joins the new cluster.
     net.boot("0a");
@@ -479,7 +588,10 @@ fn the_seed_is_replaced_when_it_vanishes_before_anyone_joined() {
 #[test]
 fn another_control_plane_member_takes_over_granting_when_the_authority_vanishes() {
     let names = ["0a", "0b", "0c", "0d", "0e"];
-    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), params(3, 5));
+    let mut net = Net::new(
+        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
+        params(3, 5),
+    );
     for n in names {
         net.boot(n);
     }
@@ -492,14 +604,22 @@ fn another_control_plane_member_takes_over_granting_when_the_authority_vanishes(
     }
     net.crash("0a");
     for _ in 0..600 {
-        let live_members = net.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. }));
+        let live_members = net
+            .nodes
+            .values()
+            .all(|n| matches!(n.phase(), Phase::Member { .. }));
         if live_members {
             break;
         }
         net.step();
     }
     let st = net.nodes[&id("0b")].status();
-    assert!(net.nodes.values().all(|n| matches!(n.phase(), Phase::Member { .. })), "{st:?}");
+    assert!(
+        net.nodes
+            .values()
+            .all(|n| matches!(n.phase(), Phase::Member { .. })),
+        "{st:?}"
+    );
     assert_ne!(st.authority, Some(id("0a")), "authority moved");
 }
 
@@ -507,23 +627,79 @@ fn another_control_plane_member_takes_over_granting_when_the_authority_vanishes(
 fn acceptor_promises_are_binding_and_persisted_before_the_reply() {
     let p = params(3, 3);
     let (mut node, _) = Node::new(p.clone(), id("0a"), None, secs(0));
-    let hi = Ballot { n: 5, node: id("0b") };
-    let lo = Ballot { n: 4, node: id("0c") };
-    let out = node.handle(secs(1), Event::Message { from: id("0b"), msg: Message::Prepare { ballot: hi.clone() } });
-    let persist = out.iter().position(|a| matches!(a, Action::Persist(s) if s.acceptor.promised == Some(hi.clone())));
-    let reply = out.iter().position(|a| matches!(a, Action::Send { msg: Message::Promise { .. }, .. }));
-    assert!(persist.is_some() && reply.is_some() && persist < reply, "{out:?}");
-    let out = node.handle(secs(2), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: lo.clone() } });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { msg: Message::Nack { promised, .. }, .. } if *promised == hi)));
+    let hi = Ballot {
+        n: 5,
+        node: id("0b"),
+    };
+    let lo = Ballot {
+        n: 4,
+        node: id("0c"),
+    };
+    let out = node.handle(
+        secs(1),
+        Event::Message {
+            from: id("0b"),
+            msg: Message::Prepare { ballot: hi.clone() },
+        },
+    );
+    let persist = out
+        .iter()
+        .position(|a| matches!(a, Action::Persist(s) if s.acceptor.promised == Some(hi.clone())));
+    let reply = out.iter().position(|a| {
+        matches!(
+            a,
+            Action::Send {
+                msg: Message::Promise { .. },
+                ..
+            }
+        )
+    });
+    assert!(
+        persist.is_some() && reply.is_some() && persist < reply,
+        "{out:?}"
+    );
+    let out = node.handle(
+        secs(2),
+        Event::Message {
+            from: id("0c"),
+            msg: Message::Prepare { ballot: lo.clone() },
+        },
+    );
+    assert!(out.iter().any(
+        |a| matches!(a, Action::Send { msg: Message::Nack { promised, .. }, .. } if *promised == hi)
+    ));
     // A forged ballot (claiming another proposer) is ignored.
-    let out = node.handle(secs(3), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: Ballot { n: 9, node: id("0b") } } });
+    let out = node.handle(
+        secs(3),
+        Event::Message {
+            from: id("0c"),
+            msg: Message::Prepare {
+                ballot: Ballot {
+                    n: 9,
+                    node: id("0b"),
+                },
+            },
+        },
+    );
     assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })));
     assert_eq!(node.status().ignored, 1);
     // The promise survives a restart.
     let st = node.persisted().clone();
     let (mut node, _) = Node::new(p, id("0a"), Some(st), secs(0));
-    let out = node.handle(secs(1), Event::Message { from: id("0c"), msg: Message::Prepare { ballot: lo } });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { msg: Message::Nack { .. }, .. })));
+    let out = node.handle(
+        secs(1),
+        Event::Message {
+            from: id("0c"),
+            msg: Message::Prepare { ballot: lo },
+        },
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: Message::Nack { .. },
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -531,7 +707,10 @@ fn a_stale_grant_is_ignored() {
     let p = params(3, 3);
     let (mut node, _) = Node::new(p, id("0c"), None, secs(0));
     node.handle(secs(0), Event::NodePrepared(Ok(())));
-    let cluster = ClusterId { seed: id("0a"), term: 1 };
+    let cluster = ClusterId {
+        seed: id("0a"),
+        term: 1,
+    };
     let ann = Announcement {
         id: id("0a"),
         priority: 0,
@@ -539,7 +718,10 @@ fn a_stale_grant_is_ignored() {
         role: Some(Role::ControlPlane),
         cluster: Some(cluster.clone()),
         authority: Some(id("0a")),
-        record_ballot: Some(Ballot { n: 1, node: id("0a") }),
+        record_ballot: Some(Ballot {
+            n: 1,
+            node: id("0a"),
+        }),
         members: 1,
         eligible: true,
     };
@@ -547,29 +729,67 @@ fn a_stale_grant_is_ignored() {
     let req = out
         .iter()
         .find_map(|a| match a {
-            Action::Send { to, msg: Message::SlotRequest { req } } if *to == id("0a") => Some(*req),
+            Action::Send {
+                to,
+                msg: Message::SlotRequest { req },
+            } if *to == id("0a") => Some(*req),
             _ => None,
         })
         .expect("a waiting node asks the authority for a slot");
     // Answered long after the request: must not join.
-    let grant = Message::SlotGrant { req, cluster: cluster.clone(), seq: 1, role: Role::ControlPlane };
-    let mut out = node.handle(secs(1) + secs(5), Event::Message { from: id("0a"), msg: grant.clone() });
-    assert!(!out.iter().any(|a| matches!(a, Action::Join { .. })), "{out:?}");
+    let grant = Message::SlotGrant {
+        req,
+        cluster: cluster.clone(),
+        seq: 1,
+        role: Role::ControlPlane,
+    };
+    let mut out = node.handle(
+        secs(1) + secs(5),
+        Event::Message {
+            from: id("0a"),
+            msg: grant.clone(),
+        },
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Join { .. })),
+        "{out:?}"
+    );
     // A fresh answer to a new request is accepted, persisted before the join.
     out.extend(node.handle(secs(7), Event::Tick));
     let req = out
         .iter()
         .filter_map(|a| match a {
-            Action::Send { msg: Message::SlotRequest { req }, .. } => Some(*req),
+            Action::Send {
+                msg: Message::SlotRequest { req },
+                ..
+            } => Some(*req),
             _ => None,
         })
         .next_back()
         .expect("asks again");
-    let grant = Message::SlotGrant { req, cluster, seq: 2, role: Role::Worker };
-    let out = node.handle(secs(8), Event::Message { from: id("0a"), msg: grant });
-    let persist = out.iter().position(|a| matches!(a, Action::Persist(s) if matches!(s.phase, Phase::Joining { .. })));
-    let join = out.iter().position(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
-    assert!(persist.is_some() && join.is_some() && persist < join, "{out:?}");
+    let grant = Message::SlotGrant {
+        req,
+        cluster,
+        seq: 2,
+        role: Role::Worker,
+    };
+    let out = node.handle(
+        secs(8),
+        Event::Message {
+            from: id("0a"),
+            msg: grant,
+        },
+    );
+    let persist = out
+        .iter()
+        .position(|a| matches!(a, Action::Persist(s) if matches!(s.phase, Phase::Joining { .. })));
+    let join = out
+        .iter()
+        .position(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
+    assert!(
+        persist.is_some() && join.is_some() && persist < join,
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -582,10 +802,17 @@ fn params_are_validated_and_built_from_config() {
     assert_eq!(p.validate(), Err(ParamsError::ControlPlane(2)));
     assert_eq!(params(3, 3).election_quorum(), 2);
     assert_eq!(params(5, 5).election_quorum(), 3);
-    assert_eq!(params(3, 10).election_quorum(), 6, "quorums count every expected node");
+    assert_eq!(
+        params(3, 10).election_quorum(),
+        6,
+        "quorums count every expected node"
+    );
     assert_eq!(params(1, 1).ha_size(), 1);
     assert_eq!(params(5, 5).ha_size(), 3);
-    assert!(FormationParams::new(3, 3, secs(600)).validate().is_ok(), "defaults are valid");
+    assert!(
+        FormationParams::new(3, 3, secs(600)).validate().is_ok(),
+        "defaults are valid"
+    );
 }
 
 #[test]
@@ -599,5 +826,8 @@ fn node_ids_are_lowercase_hex() {
     assert_eq!(NodeId::from_mac(mac).as_str(), "aabb0c001122");
     let json = serde_json::to_string(&id("0a")).expect("serialize");
     assert_eq!(json, "\"0a\"");
-    assert!(serde_json::from_str::<NodeId>("\"0A\"").is_err(), "validated on deserialize");
+    assert!(
+        serde_json::from_str::<NodeId>("\"0A\"").is_err(),
+        "validated on deserialize"
+    );
 }

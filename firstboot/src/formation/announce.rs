@@ -66,7 +66,10 @@ impl Announcement {
             ("id".to_string(), self.id.to_string()),
             ("pr".to_string(), self.priority.to_string()),
             ("ph".to_string(), self.phase.as_str().to_string()),
-            ("el".to_string(), if self.eligible { "1" } else { "0" }.to_string()),
+            (
+                "el".to_string(),
+                if self.eligible { "1" } else { "0" }.to_string(),
+            ),
             ("mc".to_string(), self.members.to_string()),
         ];
         if let Some(r) = self.role {
@@ -93,9 +96,10 @@ impl Announcement {
         ) -> Result<Option<&'a str>, AnnouncementError> {
             match txt.get(key) {
                 None => Ok(None),
-                Some(v) if v.len() > MAX_VALUE => {
-                    Err(AnnouncementError::Invalid { key, value: v.chars().take(40).collect() })
-                }
+                Some(v) if v.len() > MAX_VALUE => Err(AnnouncementError::Invalid {
+                    key,
+                    value: v.chars().take(40).collect(),
+                }),
                 Some(v) => Ok(Some(v.as_str())),
             }
         }
@@ -106,7 +110,10 @@ impl Announcement {
             get(txt, key)?.ok_or(AnnouncementError::Missing(key))
         }
         fn invalid(key: &'static str, value: &str) -> AnnouncementError {
-            AnnouncementError::Invalid { key, value: value.chars().take(40).collect() }
+            AnnouncementError::Invalid {
+                key,
+                value: value.chars().take(40).collect(),
+            }
         }
         fn num<T: std::str::FromStr>(key: &'static str, v: &str) -> Result<T, AnnouncementError> {
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {

@@ -48,7 +48,12 @@ pub enum Action {
     /// Run `microk8s join <seed_ip>:25000/<persistent token>` (with `--worker` when `worker`),
     /// then wait until this node is Ready; kill it after `timeout`; report
     /// [`Event::JoinFinished`]. Must report success when this node already is a member.
-    Join { seed_ip: IpAddr, worker: bool, timeout: Duration, cluster: ClusterId },
+    Join {
+        seed_ip: IpAddr,
+        worker: bool,
+        timeout: Duration,
+        cluster: ClusterId,
+    },
     /// Enable the configured addons on this control-plane node; report [`Event::AddonsEnabled`].
     EnableAddons { cluster: ClusterId },
     /// A human status line (sd_notify `STATUS=`).
@@ -62,7 +67,10 @@ pub enum Message {
     /// Paxos phase 1: promise not to accept anything below `ballot`.
     Prepare { ballot: Ballot },
     /// Binding promise for `ballot`, with the acceptor's last accepted record.
-    Promise { ballot: Ballot, accepted: Option<Accepted> },
+    Promise {
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+    },
     /// Paxos phase 2: accept `record` at `ballot`.
     Accept { ballot: Ballot, record: Record },
     /// `ballot` accepted.
@@ -72,11 +80,21 @@ pub enum Message {
     /// Ask the slot authority for the join slot; `req` identifies this request.
     SlotRequest { req: u64 },
     /// The slot is yours: join `cluster` as `role` (via the sender).
-    SlotGrant { req: u64, cluster: ClusterId, seq: u64, role: Role },
+    SlotGrant {
+        req: u64,
+        cluster: ClusterId,
+        seq: u64,
+        role: Role,
+    },
     /// The receiver is not the slot authority; try `hint`.
     NotAuthority { hint: Option<NodeId> },
     /// The joiner's result for slot `seq`.
-    JoinReport { cluster: ClusterId, seq: u64, role: Role, ok: bool },
+    JoinReport {
+        cluster: ClusterId,
+        seq: u64,
+        role: Role,
+        ok: bool,
+    },
     /// The membership is recorded: the joiner is a member with `role`.
     JoinConfirmed { cluster: ClusterId, role: Role },
 }

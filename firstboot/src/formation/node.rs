@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::announce::Announcement;
 use super::io::{Action, Event, Message};
 use super::types::{
-    majority, Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase,
-    Record, Slot,
+    majority, Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, Record,
+    Slot,
 };
 use crate::config::Role;
 
@@ -25,11 +25,19 @@ use crate::config::Role;
 pub enum Op {
     /// Found a cluster with me as seed. If `replace` is set, also replace that cluster when
     /// nothing ever happened in it (its seed vanished before the first join).
-    Elect { electorate: BTreeSet<NodeId>, replace: Option<ClusterId> },
+    Elect {
+        electorate: BTreeSet<NodeId>,
+        replace: Option<ClusterId>,
+    },
     /// Give the join slot to `to` (answering its request `req`).
     Grant { to: NodeId, req: u64 },
     /// Record the result of `node`'s join in slot `seq`.
-    Confirm { node: NodeId, seq: u64, role: Role, ok: bool },
+    Confirm {
+        node: NodeId,
+        seq: u64,
+        role: Role,
+        ok: bool,
+    },
     /// Take back slot `seq` after it timed out.
     Reclaim { seq: u64 },
     /// Become slot authority in place of `old`.
@@ -52,7 +60,10 @@ pub fn apply(
     params: &FormationParams,
 ) -> Option<Record> {
     let fresh = |electorate: BTreeSet<NodeId>, seq: u64| Record {
-        cluster: ClusterId { seed: me.clone(), term: ballot.n },
+        cluster: ClusterId {
+            seed: me.clone(),
+            term: ballot.n,
+        },
         electorate,
         authority: me.clone(),
         members: BTreeMap::from([(me.clone(), Role::ControlPlane)]),
@@ -84,7 +95,11 @@ pub fn apply(
                 match &r.slot {
                     Some(s) if s.node == *to => {
                         r.seq += 1;
-                        r.slot = Some(Slot { node: to.clone(), role: s.role, seq: r.seq });
+                        r.slot = Some(Slot {
+                            node: to.clone(),
+                            role: s.role,
+                            seq: r.seq,
+                        });
                     }
                     Some(_) => {}
                     None => {
@@ -93,12 +108,21 @@ pub fn apply(
                             None => role_for(&r, to, params),
                         };
                         r.seq += 1;
-                        r.slot = Some(Slot { node: to.clone(), role, seq: r.seq });
+                        r.slot = Some(Slot {
+                            node: to.clone(),
+                            role,
+                            seq: r.seq,
+                        });
                     }
                 }
             }
         }
-        Op::Confirm { node, seq, role, ok } => {
+        Op::Confirm {
+            node,
+            seq,
+            role,
+            ok,
+        } => {
             let slot_is_node = r.slot.as_ref().is_some_and(|s| s.node == *node);
             if *ok {
                 if !r.members.contains_key(node) {
@@ -115,7 +139,11 @@ pub fn apply(
                 if slot_is_node {
                     r.slot = None;
                 }
-            } else if r.slot.as_ref().is_some_and(|s| s.node == *node && s.seq == *seq) {
+            } else if r
+                .slot
+                .as_ref()
+                .is_some_and(|s| s.node == *node && s.seq == *seq)
+            {
                 r.slot = None;
             }
         }
@@ -286,7 +314,9 @@ impl Node {
         // keeps the timing bound that makes slot reclaim safe; the driver's join reports
         // success when this node already is a member).
         if let Phase::Joining { cluster, .. } = &st.phase {
-            st.phase = Phase::WaitingForSlot { cluster: cluster.clone() };
+            st.phase = Phase::WaitingForSlot {
+                cluster: cluster.clone(),
+            };
             out.push(Action::Persist(Box::new(st.clone())));
         }
         let mut node = Node {
@@ -385,7 +415,8 @@ impl Node {
                         self.st.max_ballot = self.st.max_ballot.max(b.n);
                     }
                     self.missing_since.remove(&ann.id);
-                    self.peers.insert(ann.id.clone(), Peer { ann, ip, seen: now });
+                    self.peers
+                        .insert(ann.id.clone(), Peer { ann, ip, seen: now });
                 }
             }
             Event::PeerLost { id } => {
@@ -428,16 +459,23 @@ impl Node {
 
     fn role(&self) -> Option<Role> {
         match &self.st.phase {
-            Phase::Joining { role, .. } | Phase::Confirming { role, .. } | Phase::Member { role, .. } => {
-                Some(*role)
-            }
+            Phase::Joining { role, .. }
+            | Phase::Confirming { role, .. }
+            | Phase::Member { role, .. } => Some(*role),
             _ => None,
         }
     }
 
     fn is_authority(&self) -> bool {
-        matches!(self.st.phase, Phase::Member { role: Role::ControlPlane, .. })
-            && self.chosen().is_some_and(|r| r.authority == self.me && r.members.contains_key(&self.me))
+        matches!(
+            self.st.phase,
+            Phase::Member {
+                role: Role::ControlPlane,
+                ..
+            }
+        ) && self
+            .chosen()
+            .is_some_and(|r| r.authority == self.me && r.members.contains_key(&self.me))
     }
 
     fn eligible(&self) -> bool {
@@ -511,7 +549,9 @@ impl Node {
             phase: self.st.phase.summary(),
             role: self.role(),
             cluster: self.st.phase.cluster().cloned(),
-            authority: known.map(|k| k.record.authority.clone()).or_else(|| hint.map(|h| h.authority.clone())),
+            authority: known
+                .map(|k| k.record.authority.clone())
+                .or_else(|| hint.map(|h| h.authority.clone())),
             record_ballot: known.map(|k| k.ballot.clone()),
             members: known.map_or(0, |k| k.record.members.len() as u32),
             eligible: self.eligible(),
@@ -520,23 +560,41 @@ impl Node {
 
     fn status_line(&self) -> String {
         let peers = self.peers.len();
-        let electing = self.round.as_ref().is_some_and(|r| matches!(r.op, Op::Elect { .. }));
+        let electing = self
+            .round
+            .as_ref()
+            .is_some_and(|r| matches!(r.op, Op::Elect { .. }));
         match &self.st.phase {
             Phase::Preparing => "preparing node".to_string(),
-            Phase::Discovering if electing => format!("proposing self as seed ({peers} peers seen)"),
+            Phase::Discovering if electing => {
+                format!("proposing self as seed ({peers} peers seen)")
+            }
             Phase::Discovering => format!(
                 "discovering peers ({} of {} expected seen)",
                 peers + 1,
                 self.params.expected_nodes
             ),
-            Phase::WaitingForSlot { cluster } => format!("waiting for a join slot in cluster {cluster}"),
-            Phase::Joining { cluster, seq, role, via } => {
+            Phase::WaitingForSlot { cluster } => {
+                format!("waiting for a join slot in cluster {cluster}")
+            }
+            Phase::Joining {
+                cluster,
+                seq,
+                role,
+                via,
+            } => {
                 format!("joining cluster {cluster} via {via} as {role:?} (slot {seq})")
             }
-            Phase::Confirming { cluster, .. } => format!("joined cluster {cluster}, confirming membership"),
+            Phase::Confirming { cluster, .. } => {
+                format!("joined cluster {cluster}, confirming membership")
+            }
             Phase::Member { cluster, role } => {
                 let members = self.known().map_or(0, |r| r.members.len());
-                let auth = if self.is_authority() { ", granting join slots" } else { "" };
+                let auth = if self.is_authority() {
+                    ", granting join slots"
+                } else {
+                    ""
+                };
                 format!("member of cluster {cluster} as {role:?} ({members} members known{auth})")
             }
         }
@@ -564,25 +622,53 @@ impl Node {
     }
 
     fn on_join_finished(&mut self, now: Duration, res: Result<(), String>, out: &mut Vec<Action>) {
-        let Phase::Joining { cluster, seq, role, via } = self.st.phase.clone() else {
+        let Phase::Joining {
+            cluster,
+            seq,
+            role,
+            via,
+        } = self.st.phase.clone()
+        else {
             self.ignored += 1;
             return;
         };
         match res {
             Ok(()) => {
-                self.set_phase(Phase::Confirming { cluster: cluster.clone(), seq, role }, out);
+                self.set_phase(
+                    Phase::Confirming {
+                        cluster: cluster.clone(),
+                        seq,
+                        role,
+                    },
+                    out,
+                );
                 out.push(Action::Send {
                     to: via,
-                    msg: Message::JoinReport { cluster, seq, role, ok: true },
+                    msg: Message::JoinReport {
+                        cluster,
+                        seq,
+                        role,
+                        ok: true,
+                    },
                 });
                 self.last_request = Some(now);
             }
             Err(e) => {
                 self.last_error = Some(format!("join of cluster {cluster} via {via} failed: {e}"));
-                self.set_phase(Phase::WaitingForSlot { cluster: cluster.clone() }, out);
+                self.set_phase(
+                    Phase::WaitingForSlot {
+                        cluster: cluster.clone(),
+                    },
+                    out,
+                );
                 out.push(Action::Send {
                     to: via,
-                    msg: Message::JoinReport { cluster, seq, role, ok: false },
+                    msg: Message::JoinReport {
+                        cluster,
+                        seq,
+                        role,
+                        ok: false,
+                    },
                 });
                 // back off before asking again
                 self.last_request = Some(now + self.params.retry_interval);
@@ -615,7 +701,10 @@ impl Node {
                     return;
                 }
                 let reply = self.acceptor_prepare(ballot, out);
-                out.push(Action::Send { to: from, msg: reply });
+                out.push(Action::Send {
+                    to: from,
+                    msg: reply,
+                });
             }
             Message::Accept { ballot, record } => {
                 if ballot.node != from {
@@ -623,9 +712,14 @@ impl Node {
                     return;
                 }
                 let reply = self.acceptor_accept(ballot, record, out);
-                out.push(Action::Send { to: from, msg: reply });
+                out.push(Action::Send {
+                    to: from,
+                    msg: reply,
+                });
             }
-            Message::Promise { ballot, accepted } => self.on_promise(now, from, ballot, accepted, out),
+            Message::Promise { ballot, accepted } => {
+                self.on_promise(now, from, ballot, accepted, out)
+            }
             Message::Accepted { ballot } => self.on_accepted(now, from, ballot, out),
             Message::Nack { ballot, promised } => {
                 self.st.max_ballot = self.st.max_ballot.max(promised.n);
@@ -637,7 +731,9 @@ impl Node {
             }
             Message::SlotRequest { req } => {
                 if self.is_authority() {
-                    let member = self.chosen().and_then(|r| Some((r.cluster.clone(), *r.members.get(&from)?)));
+                    let member = self
+                        .chosen()
+                        .and_then(|r| Some((r.cluster.clone(), *r.members.get(&from)?)));
                     match member {
                         Some((cluster, role)) => out.push(Action::Send {
                             to: from,
@@ -648,19 +744,38 @@ impl Node {
                         }
                     }
                 } else {
-                    let hint = self.hint().map(|h| h.authority.clone()).filter(|a| *a != self.me);
-                    out.push(Action::Send { to: from, msg: Message::NotAuthority { hint } });
+                    let hint = self
+                        .hint()
+                        .map(|h| h.authority.clone())
+                        .filter(|a| *a != self.me);
+                    out.push(Action::Send {
+                        to: from,
+                        msg: Message::NotAuthority { hint },
+                    });
                 }
             }
-            Message::SlotGrant { req, cluster, seq, role } => {
-                let fresh = self.reqs.get(&req).is_some_and(|sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
+            Message::SlotGrant {
+                req,
+                cluster,
+                seq,
+                role,
+            } => {
+                let fresh = self
+                    .reqs
+                    .get(&req)
+                    .is_some_and(|sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
                 let waiting = matches!(self.st.phase, Phase::WaitingForSlot { .. });
                 let ip = self.peers.get(&from).map(|p| p.ip);
                 match (fresh && waiting, ip) {
                     (true, Some(ip)) => {
                         self.reqs.clear();
                         self.set_phase(
-                            Phase::Joining { cluster: cluster.clone(), seq, role, via: from },
+                            Phase::Joining {
+                                cluster: cluster.clone(),
+                                seq,
+                                role,
+                                via: from,
+                            },
                             out,
                         );
                         out.push(Action::Join {
@@ -678,7 +793,12 @@ impl Node {
                     self.authority_override = hint;
                 }
             }
-            Message::JoinReport { cluster, seq, role, ok } => {
+            Message::JoinReport {
+                cluster,
+                seq,
+                role,
+                ok,
+            } => {
                 if self.is_authority() && self.chosen().is_some_and(|r| r.cluster == cluster) {
                     let member = self.chosen().and_then(|r| r.members.get(&from)).copied();
                     match member {
@@ -691,14 +811,22 @@ impl Node {
                         }
                     }
                 } else if !self.is_authority() {
-                    let hint = self.hint().map(|h| h.authority.clone()).filter(|a| *a != self.me);
-                    out.push(Action::Send { to: from, msg: Message::NotAuthority { hint } });
+                    let hint = self
+                        .hint()
+                        .map(|h| h.authority.clone())
+                        .filter(|a| *a != self.me);
+                    out.push(Action::Send {
+                        to: from,
+                        msg: Message::NotAuthority { hint },
+                    });
                 } else {
                     self.ignored += 1;
                 }
             }
             Message::JoinConfirmed { cluster, role } => match &self.st.phase {
-                Phase::Confirming { cluster: c, .. } | Phase::WaitingForSlot { cluster: c } if *c == cluster => {
+                Phase::Confirming { cluster: c, .. } | Phase::WaitingForSlot { cluster: c }
+                    if *c == cluster =>
+                {
                     self.set_phase(Phase::Member { cluster, role }, out);
                 }
                 _ => self.ignored += 1,
@@ -711,23 +839,40 @@ impl Node {
     fn acceptor_prepare(&mut self, ballot: Ballot, out: &mut Vec<Action>) -> Message {
         self.st.max_ballot = self.st.max_ballot.max(ballot.n);
         match &self.st.acceptor.promised {
-            Some(p) if *p > ballot => Message::Nack { ballot, promised: p.clone() },
+            Some(p) if *p > ballot => Message::Nack {
+                ballot,
+                promised: p.clone(),
+            },
             _ => {
                 if self.st.acceptor.promised.as_ref() != Some(&ballot) {
                     self.st.acceptor.promised = Some(ballot.clone());
                     self.persist(out);
                 }
-                Message::Promise { ballot, accepted: self.st.acceptor.accepted.clone() }
+                Message::Promise {
+                    ballot,
+                    accepted: self.st.acceptor.accepted.clone(),
+                }
             }
         }
     }
 
-    fn acceptor_accept(&mut self, ballot: Ballot, record: Record, out: &mut Vec<Action>) -> Message {
+    fn acceptor_accept(
+        &mut self,
+        ballot: Ballot,
+        record: Record,
+        out: &mut Vec<Action>,
+    ) -> Message {
         self.st.max_ballot = self.st.max_ballot.max(ballot.n);
         match &self.st.acceptor.promised {
-            Some(p) if *p > ballot => Message::Nack { ballot, promised: p.clone() },
+            Some(p) if *p > ballot => Message::Nack {
+                ballot,
+                promised: p.clone(),
+            },
             _ => {
-                let acc = Accepted { ballot: ballot.clone(), record };
+                let acc = Accepted {
+                    ballot: ballot.clone(),
+                    record,
+                };
                 if self.st.acceptor.accepted.as_ref() != Some(&acc) {
                     self.st.acceptor.promised = Some(ballot.clone());
                     self.st.acceptor.accepted = Some(acc.clone());
@@ -743,14 +888,25 @@ impl Node {
 
     fn backoff(&self) -> Duration {
         // Deterministic spread so that competing proposers do not retry in lockstep.
-        let h = self.me.as_str().bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+        let h = self
+            .me
+            .as_str()
+            .bytes()
+            .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
         self.params.round_timeout / 4 * (1 + (h % 4) as u32)
     }
 
     fn start_round(&mut self, now: Duration, op: Op, out: &mut Vec<Action>) {
-        let n = self.st.max_ballot.max(self.st.acceptor.promised.as_ref().map_or(0, |b| b.n)) + 1;
+        let n = self
+            .st
+            .max_ballot
+            .max(self.st.acceptor.promised.as_ref().map_or(0, |b| b.n))
+            + 1;
         self.st.max_ballot = n;
-        let ballot = Ballot { n, node: self.me.clone() };
+        let ballot = Ballot {
+            n,
+            node: self.me.clone(),
+        };
         // The ballot number must be durable before it is used: never reuse one after a crash.
         self.persist(out);
         self.round = Some(Round {
@@ -765,7 +921,12 @@ impl Node {
             accepts: BTreeSet::new(),
         });
         for to in self.targets() {
-            out.push(Action::Send { to, msg: Message::Prepare { ballot: ballot.clone() } });
+            out.push(Action::Send {
+                to,
+                msg: Message::Prepare {
+                    ballot: ballot.clone(),
+                },
+            });
         }
         if let Message::Promise { ballot, accepted } = self.acceptor_prepare(ballot.clone(), out) {
             let me = self.me.clone();
@@ -784,7 +945,9 @@ impl Node {
         if let Some(acc) = &accepted {
             self.learn(acc);
         }
-        let Some(round) = self.round.as_mut() else { return };
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         if round.ballot != ballot || round.stage != Stage::Reading {
             return;
         }
@@ -792,7 +955,12 @@ impl Node {
         if round.promises.len() < self.params.election_quorum() {
             return;
         }
-        let highest = round.promises.values().flatten().max_by(|a, b| a.ballot.cmp(&b.ballot)).cloned();
+        let highest = round
+            .promises
+            .values()
+            .flatten()
+            .max_by(|a, b| a.ballot.cmp(&b.ballot))
+            .cloned();
         // Every electorate we know of must be represented by a majority among the promises.
         let mut electorates: Vec<&BTreeSet<NodeId>> = Vec::new();
         if let Some(h) = &highest {
@@ -825,7 +993,10 @@ impl Node {
         for to in self.targets() {
             out.push(Action::Send {
                 to,
-                msg: Message::Accept { ballot: ballot.clone(), record: proposal.clone() },
+                msg: Message::Accept {
+                    ballot: ballot.clone(),
+                    record: proposal.clone(),
+                },
             });
         }
         if let Message::Accepted { ballot } = self.acceptor_accept(ballot, proposal, out) {
@@ -835,12 +1006,16 @@ impl Node {
     }
 
     fn on_accepted(&mut self, now: Duration, from: NodeId, ballot: Ballot, out: &mut Vec<Action>) {
-        let Some(round) = self.round.as_mut() else { return };
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         if round.ballot != ballot || round.stage != Stage::Writing {
             return;
         }
         round.accepts.insert(from);
-        let Some(proposal) = &round.proposal else { return };
+        let Some(proposal) = &round.proposal else {
+            return;
+        };
         let s = &proposal.electorate;
         if round.accepts.iter().filter(|id| s.contains(*id)).count() < majority(s.len()) {
             return;
@@ -848,9 +1023,14 @@ impl Node {
         if round.base_none && round.accepts.len() < self.params.election_quorum() {
             return;
         }
-        let Some(round) = self.round.take() else { return };
+        let Some(round) = self.round.take() else {
+            return;
+        };
         let Some(record) = round.proposal else { return };
-        let acc = Accepted { ballot: round.ballot, record };
+        let acc = Accepted {
+            ballot: round.ballot,
+            record,
+        };
         self.learn(&acc);
         self.st.chosen = Some(acc.clone());
         self.round_done(now, round.op, acc.record, out);
@@ -873,15 +1053,28 @@ impl Node {
         }
         self.persist(out);
         if let Some(role) = record.members.get(&self.me) {
-            let phase = Phase::Member { cluster: record.cluster.clone(), role: *role };
+            let phase = Phase::Member {
+                cluster: record.cluster.clone(),
+                role: *role,
+            };
             self.set_phase(phase, out);
         } else {
             match &self.st.phase {
-                Phase::Discovering => {
-                    self.set_phase(Phase::WaitingForSlot { cluster: record.cluster.clone() }, out)
-                }
-                Phase::Member { cluster, .. } | Phase::WaitingForSlot { cluster } if *cluster != record.cluster => {
-                    self.set_phase(Phase::WaitingForSlot { cluster: record.cluster.clone() }, out)
+                Phase::Discovering => self.set_phase(
+                    Phase::WaitingForSlot {
+                        cluster: record.cluster.clone(),
+                    },
+                    out,
+                ),
+                Phase::Member { cluster, .. } | Phase::WaitingForSlot { cluster }
+                    if *cluster != record.cluster =>
+                {
+                    self.set_phase(
+                        Phase::WaitingForSlot {
+                            cluster: record.cluster.clone(),
+                        },
+                        out,
+                    )
                 }
                 _ => {}
             }
@@ -896,7 +1089,12 @@ impl Node {
                     self.slot_watch = Some((s.seq, now));
                     out.push(Action::Send {
                         to: to.clone(),
-                        msg: Message::SlotGrant { req, cluster: record.cluster.clone(), seq: s.seq, role: s.role },
+                        msg: Message::SlotGrant {
+                            req,
+                            cluster: record.cluster.clone(),
+                            seq: s.seq,
+                            role: s.role,
+                        },
                     });
                     self.requests.remove(&to);
                 }
@@ -907,7 +1105,10 @@ impl Node {
                     if let Some(role) = record.members.get(&node) {
                         out.push(Action::Send {
                             to: node.clone(),
-                            msg: Message::JoinConfirmed { cluster: record.cluster.clone(), role: *role },
+                            msg: Message::JoinConfirmed {
+                                cluster: record.cluster.clone(),
+                                role: *role,
+                            },
                         });
                     }
                 }
@@ -921,7 +1122,8 @@ impl Node {
     fn drive(&mut self, now: Duration, out: &mut Vec<Action>) {
         // Expire silent peers and note since when known nodes are missing.
         let timeout = self.params.peer_timeout;
-        self.peers.retain(|_, p| now.saturating_sub(p.seen) < timeout);
+        self.peers
+            .retain(|_, p| now.saturating_sub(p.seen) < timeout);
         let mut watch: BTreeSet<NodeId> = BTreeSet::new();
         if let Some(h) = self.hint() {
             watch.insert(h.cluster.seed.clone());
@@ -950,10 +1152,21 @@ impl Node {
             Phase::WaitingForSlot { cluster } => self.drive_waiting(now, cluster, out),
             Phase::Joining { .. } => {}
             Phase::Confirming { cluster, seq, role } => {
-                if self.last_request.is_none_or(|t| now.saturating_sub(t) >= self.params.retry_interval) {
+                if self
+                    .last_request
+                    .is_none_or(|t| now.saturating_sub(t) >= self.params.retry_interval)
+                {
                     self.last_request = Some(now);
                     if let Some(to) = self.authority_target() {
-                        out.push(Action::Send { to, msg: Message::JoinReport { cluster, seq, role, ok: true } });
+                        out.push(Action::Send {
+                            to,
+                            msg: Message::JoinReport {
+                                cluster,
+                                seq,
+                                role,
+                                ok: true,
+                            },
+                        });
                     }
                 }
             }
@@ -989,12 +1202,13 @@ impl Node {
         r.last_send = now;
         for to in targets {
             let msg = match (&r.stage, &r.proposal) {
-                (Stage::Reading, _) if !r.promises.contains_key(&to) => {
-                    Message::Prepare { ballot: r.ballot.clone() }
-                }
-                (Stage::Writing, Some(p)) if !r.accepts.contains(&to) => {
-                    Message::Accept { ballot: r.ballot.clone(), record: p.clone() }
-                }
+                (Stage::Reading, _) if !r.promises.contains_key(&to) => Message::Prepare {
+                    ballot: r.ballot.clone(),
+                },
+                (Stage::Writing, Some(p)) if !r.accepts.contains(&to) => Message::Accept {
+                    ballot: r.ballot.clone(),
+                    record: p.clone(),
+                },
                 _ => continue,
             };
             out.push(Action::Send { to, msg });
@@ -1015,15 +1229,23 @@ impl Node {
     fn drive_discovering(&mut self, now: Duration, out: &mut Vec<Action>) {
         if let Some(cluster) = self.hint().map(|h| h.cluster.clone()) {
             // Rule: an existing cluster wins; never start a second one.
-            self.set_phase(Phase::WaitingForSlot { cluster: cluster.clone() }, out);
+            self.set_phase(
+                Phase::WaitingForSlot {
+                    cluster: cluster.clone(),
+                },
+                out,
+            );
             self.drive_waiting(now, cluster, out);
             return;
         }
         if !self.can_propose(now) {
             return;
         }
-        let mut participants: Vec<(u32, NodeId, bool)> =
-            self.peers.values().map(|p| (p.ann.priority, p.ann.id.clone(), p.ann.eligible)).collect();
+        let mut participants: Vec<(u32, NodeId, bool)> = self
+            .peers
+            .values()
+            .map(|p| (p.ann.priority, p.ann.id.clone(), p.ann.eligible))
+            .collect();
         participants.push((self.params.priority, self.me.clone(), self.eligible()));
         let seen = participants.len();
         let all_here = seen >= self.params.electorate_size();
@@ -1040,7 +1262,14 @@ impl Node {
             .map(|p| p.1.clone());
         if best.as_ref() == Some(&self.me) {
             let electorate = participants.into_iter().map(|p| p.1).collect();
-            self.start_round(now, Op::Elect { electorate, replace: None }, out);
+            self.start_round(
+                now,
+                Op::Elect {
+                    electorate,
+                    replace: None,
+                },
+                out,
+            );
         }
     }
 
@@ -1055,16 +1284,25 @@ impl Node {
     }
 
     fn drive_waiting(&mut self, now: Duration, cluster: ClusterId, out: &mut Vec<Action>) {
-        let Some((hint_cluster, authority, members)) =
-            self.hint().map(|h| (h.cluster.clone(), h.authority.clone(), h.members))
+        let Some((hint_cluster, authority, members)) = self
+            .hint()
+            .map(|h| (h.cluster.clone(), h.authority.clone(), h.members))
         else {
             return;
         };
         if hint_cluster != cluster {
-            self.set_phase(Phase::WaitingForSlot { cluster: hint_cluster.clone() }, out);
+            self.set_phase(
+                Phase::WaitingForSlot {
+                    cluster: hint_cluster.clone(),
+                },
+                out,
+            );
         }
         // The record may name me (my own unfinished election): finish or refute it.
-        if (authority == self.me || hint_cluster.seed == self.me) && self.can_propose(now) && now >= self.next_refresh {
+        if (authority == self.me || hint_cluster.seed == self.me)
+            && self.can_propose(now)
+            && now >= self.next_refresh
+        {
             self.next_refresh = now + self.params.retry_interval;
             self.start_round(now, Op::Refresh, out);
             return;
@@ -1088,17 +1326,31 @@ impl Node {
             if best.is_none_or(|b| rank(self.params.priority, &self.me) < b) {
                 // Used only if the read finds no record at all (the old one was never chosen).
                 let electorate = self.participants();
-                self.start_round(now, Op::Elect { electorate, replace: Some(hint_cluster) }, out);
+                self.start_round(
+                    now,
+                    Op::Elect {
+                        electorate,
+                        replace: Some(hint_cluster),
+                    },
+                    out,
+                );
                 return;
             }
         }
-        if self.last_request.is_none_or(|t| now >= t && now.saturating_sub(t) >= self.params.retry_interval) {
+        if self
+            .last_request
+            .is_none_or(|t| now >= t && now.saturating_sub(t) >= self.params.retry_interval)
+        {
             if let Some(to) = self.authority_target() {
                 self.last_request = Some(now);
-                self.reqs.retain(|_, sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
+                self.reqs
+                    .retain(|_, sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
                 self.next_req += 1;
                 self.reqs.insert(self.next_req, now);
-                out.push(Action::Send { to, msg: Message::SlotRequest { req: self.next_req } });
+                out.push(Action::Send {
+                    to,
+                    msg: Message::SlotRequest { req: self.next_req },
+                });
             }
         }
     }
@@ -1127,7 +1379,8 @@ impl Node {
                 (None, _) => self.slot_watch = None,
             }
             let fresh = self.params.retry_interval * 3;
-            self.requests.retain(|_, (_, at)| now.saturating_sub(*at) <= fresh);
+            self.requests
+                .retain(|_, (_, at)| now.saturating_sub(*at) <= fresh);
         }
         if !self.can_propose(now) {
             return;
@@ -1148,12 +1401,16 @@ impl Node {
         // seed): learn the record. Same-cluster news reaches members as acceptors anyway.
         let newer_elsewhere = self.peers.values().any(|p| {
             p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
-                && p.ann.record_ballot.as_ref().is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
+                && p.ann
+                    .record_ballot
+                    .as_ref()
+                    .is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
         });
         // My known record names another cluster (a re-election replaced mine): confirm it.
         let mine_replaced = self.st.phase.cluster() != Some(&hint.cluster);
         // A record names me as addon enabler but I never saw it chosen (crash): confirm it.
-        let unconfirmed_claim = hint.addons_by.as_ref() == Some(&self.me) && !self.st.addons_claimed;
+        let unconfirmed_claim =
+            hint.addons_by.as_ref() == Some(&self.me) && !self.st.addons_claimed;
         // A record names me as slot authority (my takeover may have been chosen unseen).
         let unconfirmed_authority = hint.authority == self.me && !self.is_authority();
         if (newer_elsewhere || mine_replaced || unconfirmed_claim || unconfirmed_authority)
@@ -1182,7 +1439,9 @@ impl Node {
         }
         let best = hint
             .control_plane_members()
-            .filter(|id| **id != hint.authority && (**id == self.me || self.peers.contains_key(*id)))
+            .filter(|id| {
+                **id != hint.authority && (**id == self.me || self.peers.contains_key(*id))
+            })
             .min_by_key(|id| {
                 let pr = if **id == self.me {
                     self.params.priority
@@ -1191,13 +1450,20 @@ impl Node {
                 };
                 rank(pr, id)
             })?;
-        (*best == self.me).then(|| Op::Takeover { old: hint.authority.clone() })
+        (*best == self.me).then(|| Op::Takeover {
+            old: hint.authority.clone(),
+        })
     }
 
     fn authority_op(&self, now: Duration, rec: &Record) -> Option<Op> {
         // 1. join results
         if let Some((node, (seq, role, ok))) = self.reports.iter().next() {
-            return Some(Op::Confirm { node: node.clone(), seq: *seq, role: *role, ok: *ok });
+            return Some(Op::Confirm {
+                node: node.clone(),
+                seq: *seq,
+                role: *role,
+                ok: *ok,
+            });
         }
         // 2. reclaim a timed-out slot
         if let (Some(s), Some((seq, since))) = (&rec.slot, self.slot_watch) {
@@ -1208,7 +1474,10 @@ impl Node {
         // 3. grant the free slot (pinned control-plane nodes first, then by rank); a request
         // from the slot holder itself means its join ended without a report reaching us.
         let next = match &rec.slot {
-            Some(s) => self.requests.get(&s.node).map(|(req, _)| (s.node.clone(), *req)),
+            Some(s) => self
+                .requests
+                .get(&s.node)
+                .map(|(req, _)| (s.node.clone(), *req)),
             None => self
                 .requests
                 .iter()

@@ -44,7 +44,10 @@ impl NodeId {
         if s.len() > Self::MAX_LEN {
             return Err(NodeIdError::TooLong(s.len()));
         }
-        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(NodeIdError::NotLowercaseHex(s));
         }
         Ok(NodeId(s))
@@ -152,7 +155,11 @@ pub struct Record {
 impl Record {
     /// Control-plane nodes counted against `control_plane`: members, tentative, and the slot.
     pub fn control_plane_count(&self) -> usize {
-        let members = self.members.values().filter(|r| **r == Role::ControlPlane).count();
+        let members = self
+            .members
+            .values()
+            .filter(|r| **r == Role::ControlPlane)
+            .count();
         let tentative = self
             .tentative
             .iter()
@@ -172,7 +179,10 @@ impl Record {
 
     /// Confirmed control-plane members.
     pub fn control_plane_members(&self) -> impl Iterator<Item = &NodeId> {
-        self.members.iter().filter(|(_, r)| **r == Role::ControlPlane).map(|(id, _)| id)
+        self.members
+            .iter()
+            .filter(|(_, r)| **r == Role::ControlPlane)
+            .map(|(id, _)| id)
     }
 
     /// True once nothing but the seed ever happened in this cluster: the only state in which
@@ -197,9 +207,18 @@ pub enum Phase {
     /// A cluster exists; waiting for the authority to grant this node the join slot.
     WaitingForSlot { cluster: ClusterId },
     /// Granted slot `seq`: running `microk8s join` against `via`.
-    Joining { cluster: ClusterId, seq: u64, role: Role, via: NodeId },
+    Joining {
+        cluster: ClusterId,
+        seq: u64,
+        role: Role,
+        via: NodeId,
+    },
     /// The join succeeded; waiting for the authority to record the membership.
-    Confirming { cluster: ClusterId, seq: u64, role: Role },
+    Confirming {
+        cluster: ClusterId,
+        seq: u64,
+        role: Role,
+    },
     /// A recorded member of `cluster` (the seed is one from its election on).
     Member { cluster: ClusterId, role: Role },
 }
@@ -368,7 +387,11 @@ pub enum ParamsError {
     #[error(
         "slot timeout {slot:?} must exceed 5/4 of join timeout {join:?} plus grant max age {age:?}, or two joins could overlap"
     )]
-    SlotTimeout { slot: Duration, join: Duration, age: Duration },
+    SlotTimeout {
+        slot: Duration,
+        join: Duration,
+        age: Duration,
+    },
     #[error("{0} must be non-zero")]
     Zero(&'static str),
 }
@@ -410,7 +433,8 @@ impl FormationParams {
             }
         }
         let a = &cfg.addons;
-        p.addons_wanted = a.dns.enabled || a.metallb.is_some() || a.storage != crate::config::Storage::None;
+        p.addons_wanted =
+            a.dns.enabled || a.metallb.is_some() || a.storage != crate::config::Storage::None;
         p
     }
 
