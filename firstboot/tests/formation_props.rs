@@ -758,7 +758,11 @@ fn describe(sim: &Sim) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases("PROPTEST_CASES", CASES), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: cases("PROPTEST_CASES", CASES),
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn formation_is_safe_and_live(sc in scenario(3usize..=10)) {
@@ -769,6 +773,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: cases("FORMATION_LARGE_CASES", LARGE_CASES),
+        max_shrink_iters: 20,
         ..ProptestConfig::default()
     })]
 

@@ -1397,14 +1397,21 @@ impl Node {
     fn member_op(&self, now: Duration, role: Role) -> Option<Op> {
         let hint = self.known()?;
         let rec = self.chosen()?;
-        // Someone announces a different cluster from a newer record (I may be a deposed
-        // seed): learn the record. Same-cluster news reaches members as acceptors anyway.
+        // Someone announces a newer record with another cluster (I may be a deposed seed) or
+        // another authority (maybe me, by a takeover I never saw finish): learn the record.
+        // Other news reaches members as acceptors anyway.
         let newer_elsewhere = self.peers.values().any(|p| {
-            p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
-                && p.ann
-                    .record_ballot
+            let newer = p
+                .ann
+                .record_ballot
+                .as_ref()
+                .is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot));
+            let differs = p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
+                || p.ann
+                    .authority
                     .as_ref()
-                    .is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
+                    .is_some_and(|a| *a != hint.authority);
+            newer && differs
         });
         // My known record names another cluster (a re-election replaced mine): confirm it.
         let mine_replaced = self.st.phase.cluster() != Some(&hint.cluster);
