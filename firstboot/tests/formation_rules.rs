@@ -831,3 +831,67 @@ fn node_ids_are_lowercase_hex() {
         "validated on deserialize"
     );
 }
+
+#[test]
+fn a_grant_for_a_request_from_before_a_restart_is_ignored() {
+    let p = params(3, 3);
+    let (mut node, _) = Node::new(p.clone(), id("0c"), None, secs(0));
+    node.handle(secs(0), Event::NodePrepared(Ok(())));
+    let cluster = ClusterId {
+        seed: id("0a"),
+        term: 1,
+    };
+    let ann = Announcement {
+        id: id("0a"),
+        priority: 0,
+        phase: PhaseSummary::Member,
+        role: Some(Role::ControlPlane),
+        cluster: Some(cluster.clone()),
+        authority: Some(id("0a")),
+        record_ballot: Some(Ballot {
+            n: 1,
+            node: id("0a"),
+        }),
+        members: 1,
+        eligible: true,
+    };
+    let req_of = |out: &[Action]| {
+        out.iter().find_map(|a| match a {
+            Action::Send {
+                msg: Message::SlotRequest { req },
+                ..
+            } => Some(*req),
+            _ => None,
+        })
+    };
+    let out = node.handle(
+        secs(1),
+        Event::PeerSeen {
+            ann: ann.clone(),
+            ip: ip(1),
+        },
+    );
+    let old_req = req_of(&out).expect("asks for a slot");
+    // Restart (the clock starts again at zero) and ask again.
+    let (mut node, _) = Node::new(p, id("0c"), Some(node.persisted().clone()), secs(0));
+    let out = node.handle(secs(1), Event::PeerSeen { ann, ip: ip(1) });
+    let new_req = req_of(&out).expect("asks again after the restart");
+    assert_ne!(old_req, new_req, "request ids are unique across restarts");
+    let stale = Message::SlotGrant {
+        req: old_req,
+        cluster,
+        seq: 1,
+        role: Role::ControlPlane,
+    };
+    let out = node.handle(
+        secs(2),
+        Event::Message {
+            from: id("0a"),
+            msg: stale,
+        },
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Join { .. })),
+        "{out:?}"
+    );
+}

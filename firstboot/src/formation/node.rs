@@ -308,8 +308,8 @@ impl Node {
         now: Duration,
     ) -> (Node, Vec<Action>) {
         let mut out = Vec::new();
-        let resumed = persisted.is_some();
         let mut st = persisted.unwrap_or_else(PersistedState::fresh);
+        st.boots += 1;
         // A join cannot still be running after a restart: ask for a fresh grant (a new grant
         // keeps the timing bound that makes slot reclaim safe; the driver's join reports
         // success when this node already is a member).
@@ -317,8 +317,8 @@ impl Node {
             st.phase = Phase::WaitingForSlot {
                 cluster: cluster.clone(),
             };
-            out.push(Action::Persist(Box::new(st.clone())));
         }
+        out.push(Action::Persist(Box::new(st.clone())));
         let mut node = Node {
             params,
             me,
@@ -344,9 +344,6 @@ impl Node {
             last_status: String::new(),
             dirty: false,
         };
-        if !resumed {
-            out.push(Action::Persist(Box::new(node.st.clone())));
-        }
         node.drive(now, &mut out);
         (node, out)
     }
@@ -1346,10 +1343,12 @@ impl Node {
                 self.reqs
                     .retain(|_, sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
                 self.next_req += 1;
-                self.reqs.insert(self.next_req, now);
+                // Unique across restarts: the boot count is persisted.
+                let req = (self.st.boots << 32) | (self.next_req & 0xffff_ffff);
+                self.reqs.insert(req, now);
                 out.push(Action::Send {
                     to,
-                    msg: Message::SlotRequest { req: self.next_req },
+                    msg: Message::SlotRequest { req },
                 });
             }
         }

@@ -317,6 +317,10 @@ pub struct PersistedState {
     /// The newest record this node saw *chosen* (its own completed round): what it may act on.
     #[serde(default)]
     pub chosen: Option<Accepted>,
+    /// How many times the agent started with this state; makes slot request ids unique
+    /// across restarts (a grant answering a request from before a crash is never taken).
+    #[serde(default)]
+    pub boots: u64,
     /// A chosen record names this node as the one that enables the addons.
     #[serde(default)]
     pub addons_claimed: bool,
@@ -337,6 +341,7 @@ impl PersistedState {
             max_ballot: 0,
             known: None,
             chosen: None,
+            boots: 0,
             addons_claimed: false,
             addons_done: false,
         }
