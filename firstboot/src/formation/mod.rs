@@ -80,7 +80,8 @@
 //!    request it sent at most `grant_max_age` ago (the grant was chosen after that send), and
 //!    the driver kills the join after `join_timeout`; `validate` demands
 //!    `slot_timeout > 5/4 (join_timeout + grant_max_age)`, so the join has ended before any
-//!    reclaim. A restarted joiner never resumes a join without a fresh grant.
+//!    reclaim. A restarted joiner never resumes a join without a fresh grant, and request ids
+//!    carry the persisted boot count, so a grant for a request from before a crash is ignored.
 //! 5. *Control-plane count.* A role is computed inside the grant round from the record, counting
 //!    members, the slot and tentative holders (who may have joined), so it never exceeds
 //!    `control_plane`.
