@@ -18,11 +18,12 @@ use firstboot::formation::{
 };
 use proptest::prelude::*;
 
-/// Proptest cases of the property over small clusters (3 to 10 nodes).
-const CASES: u32 = 1500;
+/// Proptest cases of the property over small clusters (3 to 10 nodes): 1500 in release
+/// builds (`--release`: about 10 s of CPU), 200 in debug builds (about 10x slower per case).
+const CASES: u32 = if cfg!(debug_assertions) { 200 } else { 1500 };
 /// Proptest cases of the property over large clusters (11 to 50 nodes); each costs up to a few
 /// seconds (every Paxos round involves the whole electorate).
-const LARGE_CASES: u32 = 6;
+const LARGE_CASES: u32 = if cfg!(debug_assertions) { 1 } else { 6 };
 
 /// Deterministic RNG (SplitMix64) so a proptest seed replays the exact run.
 struct Rng(u64);
