@@ -895,3 +895,27 @@ fn a_grant_for_a_request_from_before_a_restart_is_ignored() {
         "{out:?}"
     );
 }
+
+#[test]
+fn params_from_the_rack_example_config() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/rack.toml");
+    let loaded = firstboot::config::load(&path).expect("configs/rack.toml loads");
+    let mac: firstboot::config::MacAddr = "3c:ec:ef:10:00:02".parse().expect("mac");
+    let p = FormationParams::from_config(&loaded.config, Some(mac));
+    assert_eq!(p.priority, 90, "priority of this node's inventory entry");
+    assert_eq!(p.control_plane, loaded.config.cluster.control_plane);
+    assert_eq!(p.expected_nodes, 5);
+    assert_eq!(
+        p.pinned_roles.get(&id("3cecef100001")),
+        Some(&Role::ControlPlane)
+    );
+    assert_eq!(p.pinned_roles.get(&id("3cecef100005")), Some(&Role::Worker));
+    assert!(p.addons_wanted);
+    p.validate().expect("derived params are valid");
+    // A machine not in the inventory gets priority 0.
+    let other: firstboot::config::MacAddr = "02:00:00:00:00:09".parse().expect("mac");
+    assert_eq!(
+        FormationParams::from_config(&loaded.config, Some(other)).priority,
+        0
+    );
+}
