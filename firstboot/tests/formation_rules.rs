@@ -919,3 +919,47 @@ fn params_from_the_rack_example_config() {
         0
     );
 }
+
+#[test]
+fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
+    use firstboot::formation::{Record, Slot};
+    let me = id("0a");
+    let mut r = Record {
+        cluster: ClusterId {
+            seed: me.clone(),
+            term: 1,
+        },
+        electorate: [me.clone(), id("0b"), id("0c")].into_iter().collect(),
+        authority: me.clone(),
+        members: [(me.clone(), Role::ControlPlane)].into_iter().collect(),
+        slot: None,
+        tentative: BTreeMap::new(),
+        seq: 0,
+        addons_by: None,
+        addons_done: false,
+    };
+    assert!(r.is_untouched());
+    r.seq = 1;
+    r.slot = Some(Slot {
+        node: id("0b"),
+        role: Role::ControlPlane,
+        seq: 1,
+    });
+    assert!(!r.is_untouched());
+    // Even after the (failed) join gave the slot back.
+    r.slot = None;
+    assert!(!r.is_untouched());
+    let p = params(3, 3);
+    let op = firstboot::formation::Op::Elect {
+        electorate: r.electorate.clone(),
+        replace: Some(r.cluster.clone()),
+    };
+    let ballot = Ballot {
+        n: 7,
+        node: id("0b"),
+    };
+    assert_eq!(
+        firstboot::formation::node::apply(&op, Some(&r), &ballot, &id("0b"), &p),
+        Some(r.clone())
+    );
+}

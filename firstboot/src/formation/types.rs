@@ -185,10 +185,11 @@ impl Record {
             .map(|(id, _)| id)
     }
 
-    /// True once nothing but the seed ever happened in this cluster: the only state in which
-    /// a re-election may replace it.
+    /// True while nothing but the seed ever happened in this cluster (no slot was ever
+    /// granted, no addon claim): the only state in which a re-election may replace it.
     pub fn is_untouched(&self) -> bool {
-        self.members.len() == 1
+        self.seq == 0
+            && self.members.len() == 1
             && self.members.contains_key(&self.cluster.seed)
             && self.slot.is_none()
             && self.tentative.is_empty()
