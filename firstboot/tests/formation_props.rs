@@ -720,7 +720,7 @@ fn run(sc: Scenario) -> (Vec<String>, bool, u64, Sim) {
         *s.boot_at.iter().max().unwrap_or(&0)
     };
     let mut sim = Sim::new(sc.clone());
-    let bound = FAULT_END.max(last_boot) + 150 + 40 * sc.n as u64;
+    let bound = FAULT_END.max(last_boot) + 200 + 80 * sc.n as u64;
     while sim.t < bound {
         sim.step();
         if !sim.violations.is_empty() {
