@@ -1,13 +1,15 @@
 //! The `firstboot` command line (clap derive).
 //!
-//! `firstboot check-config CONFIG` runs the same check as `imagebuilder validate`. To add a
+//! `firstboot check-config CONFIG` runs the same check as `imagebuilder validate`;
+//! `completions SHELL` and `manpages DIR` write shell completions and man pages. To add a
 //! subcommand: add a variant to [`Command`] and one arm in [`run`] calling a function that does
 //! the work and returns an exit code (or an error, printed with its context chain).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config;
 
@@ -26,11 +28,41 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; the size of the `run` options does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Check a cluster config file; print every error, or warnings and a summary.
     CheckConfig {
         /// The cluster config (TOML).
         config: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (firstboot.1 and one per subcommand) into DIR.
+    Manpages { dir: PathBuf },
+    /// Run the agent (the systemd service's main): discover peers, form or join the cluster.
+    Run(crate::agent_cli::RunArgs),
+    /// Show this node's phase, role, peers, members and last error.
+    Status {
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value_t = crate::agent_cli::DEFAULT_PORT)]
+        port: u16,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return this node to "fresh" (a member leaves its MicroK8s cluster first).
+    Reset {
+        #[arg(long, default_value = crate::agent_cli::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, default_value = "microk8s")]
+        microk8s_bin: PathBuf,
     },
 }
 
@@ -39,7 +71,57 @@ pub fn run(cli: Cli) -> ExitCode {
     crate::logging::init(cli.verbose);
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "firstboot",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { dir } => match write_manpages(Cli::command(), &dir) {
+            Ok(pages) => {
+                println!("wrote {} man pages into {}", pages.len(), dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => crate::agent_cli::run(args),
+        Command::Status {
+            config,
+            state_dir,
+            port,
+            json,
+        } => crate::agent_cli::status(&config, &state_dir, port, json),
+        Command::Reset {
+            state_dir,
+            yes,
+            microk8s_bin,
+        } => crate::agent_cli::reset(&state_dir, yes, &microk8s_bin),
     }
+}
+
+/// Writes `<name>.1` for the command and `<name>-<sub>.1` for every subcommand (recursively,
+/// e.g. `imagebuilder-qemu-up.1`) into `dir`; returns the pages there, sorted.
+pub fn write_manpages(cmd: clap::Command, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = cmd.get_name().to_string();
+    clap_mangen::generate_to(cmd, dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let mut pages = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        if file.starts_with(&name) && file.ends_with(".1") {
+            pages.push(path);
+        }
+    }
+    pages.sort();
+    Ok(pages)
 }
 
 /// Loads and checks `path`, printing warnings and `ok: <summary>` to stdout, or every error to
@@ -85,5 +167,19 @@ mod tests {
         assert!(
             matches!(cli.command, Command::CheckConfig { ref config } if config == Path::new("c.toml"))
         );
+    }
+
+    #[test]
+    fn parses_completions_and_manpages() {
+        let cli = Cli::try_parse_from(["firstboot", "completions", "zsh"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Completions {
+                shell: clap_complete::Shell::Zsh
+            }
+        ));
+        let cli = Cli::try_parse_from(["firstboot", "manpages", "out"]).unwrap();
+        assert!(matches!(cli.command, Command::Manpages { .. }));
+        assert!(Cli::try_parse_from(["firstboot", "completions", "cmd.exe"]).is_err());
     }
 }

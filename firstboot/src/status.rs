@@ -48,6 +48,10 @@ pub struct StatusDoc {
     pub last_error: Option<String>,
     #[serde(default)]
     pub timeline: Vec<TimelineEntry>,
+    /// The configured number of control-plane nodes (`cluster.control-plane`), so that
+    /// `imagebuilder status` can say "2 of 3" without the config file.
+    #[serde(default)]
+    pub control_plane_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -406,7 +406,7 @@ impl Sim {
                 if st.addons_done {
                     self.addons_done_persisted = true;
                 }
-                self.persisted[i] = Some(*st);
+                self.persisted[i] = Some(st);
             }
             Action::PrepareNode => {
                 let ok = !self.rng.chance(50);

@@ -130,7 +130,7 @@ impl Net {
                     ));
                 }
                 Action::Persist(st) => {
-                    self.persisted.insert(from.clone(), *st);
+                    self.persisted.insert(from.clone(), st);
                 }
                 Action::PrepareNode => self
                     .queue

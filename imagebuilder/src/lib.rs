@@ -2,6 +2,15 @@
 //! inspects and flashes appliance images. Logic lives in the modules below; `main.rs` only
 //! parses arguments and calls [`cli::run`].
 
+pub mod base;
+pub mod build;
 pub mod cli;
+pub mod customize;
+pub mod disk;
 pub mod flash;
+pub mod inspect;
+pub mod kubeconfig;
 pub mod os_list;
+pub mod outputs;
+pub mod status;
+pub mod tool;

@@ -22,6 +22,7 @@ use super::auth::{
     HEADER_NODE, HEADER_NONCE,
 };
 use super::identity::fingerprint_of;
+use super::server::KubeconfigResponse;
 use crate::secret::ClusterSecret;
 
 /// Default timeout of one request (connect + TLS + response).
@@ -332,5 +333,19 @@ impl CoordinatorClient {
         let nonce = self.nonce(peer, fingerprint).await?;
         let req = self.sign("GET", "/v1/status", &nonce, Vec::new());
         self.send_signed(peer, fingerprint, &req).await
+    }
+
+    /// Fetches the cluster's admin kubeconfig from the control-plane member at `peer`
+    /// (`POST /v1/kubeconfig`). A node that serves none answers 503 ([`ClientError::Refused`]).
+    /// The kubeconfig is a credential: callers must not log it.
+    pub async fn kubeconfig(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+    ) -> Result<String, ClientError> {
+        let nonce = self.nonce(peer, fingerprint).await?;
+        let req = self.sign("POST", "/v1/kubeconfig", &nonce, Vec::new());
+        let resp: KubeconfigResponse = self.send_signed(peer, fingerprint, &req).await?;
+        Ok(resp.kubeconfig)
     }
 }

@@ -7,8 +7,7 @@
 //! Files are written to a temporary name, synced and renamed, key first; a cut between the
 //! two leaves a key without a certificate, from which the certificate is simply regenerated.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -156,33 +155,25 @@ impl NodeIdentity {
     }
 }
 
+/// The shared atomic writer (temp file unique per process, fsync, rename), with this module's
+/// error type.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let err = |action, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| IdentityError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err("creating", &tmp))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(err("writing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(err("renaming into place", path))?;
-    if let Some(parent) = path.parent() {
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::system::state::write_atomic(path, bytes, mode).map_err(|e| IdentityError::Io {
+        action: "writing",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("{e:#}")),
+    })
+}
+
+/// The fingerprint of the certificate kept in `dir`, without creating anything (for
+/// `firstboot status`, which must not race the agent's first start).
+pub fn read_fingerprint(dir: &Path) -> Result<String, IdentityError> {
+    let cert_path = dir.join(CERT_FILE);
+    let cert = CertificateDer::from_pem_file(&cert_path).map_err(|_| IdentityError::Invalid {
+        path: cert_path.clone(),
+        what: "certificate",
+    })?;
+    Ok(fingerprint_of(&cert))
 }
 
 #[cfg(test)]

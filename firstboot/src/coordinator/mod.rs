@@ -1,6 +1,7 @@
 //! The coordinator: a small HTTPS service every node runs, carrying the formation core's
 //! point-to-point messages (seed-claim acks, join-slot requests and grants, "joined"
-//! confirmations) and a read-only status document; plus its client.
+//! confirmations), a read-only status document (also as a public HTML page, [`page`]) and the
+//! cluster's kubeconfig for the workstation; plus its client.
 //!
 //! Trust (DESIGN.md rule 1): the server presents a self-signed certificate ([`identity`])
 //! whose fingerprint the node announces in its signed mDNS record; clients pin it
@@ -17,8 +18,11 @@
 pub mod auth;
 pub mod client;
 pub mod identity;
+pub mod page;
 pub mod server;
 
 pub use client::{ClientError, CoordinatorClient, SignedRequest};
 pub use identity::{fingerprint_of, IdentityError, NodeIdentity};
-pub use server::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorStats, Inbound};
+pub use server::{
+    Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorStats, Inbound, KubeconfigProvider,
+};

@@ -4,9 +4,15 @@
 //! - `GET /v1/nonce` (no auth): a fresh single-use nonce, `{"nonce": "..."}`.
 //! - `POST /v1/message` (auth): body `{"message": M}`; the message goes to the driver as an
 //!   [`Inbound`] and the driver's reply becomes `{"replies": [M, ...]}`.
-//! - `GET /v1/status` (auth): the status document the driver last set. It holds no secrets,
-//!   but it is still served only to cluster members, so a stranger on the LAN learns nothing
-//!   beyond the (already public) mDNS fields.
+//! - `GET /v1/status` (auth): the status document the driver last set, over the pinned and
+//!   authenticated channel (what `imagebuilder status` reads).
+//! - `GET /` and `GET /status.json` (no auth): the same document as a read-only HTML page and
+//!   as JSON, for a browser (which cannot do the HMAC dance). The document holds no secrets by
+//!   design; see [`super::page`] for what it shows and why that is acceptable.
+//! - `POST /v1/kubeconfig` (auth): the cluster's admin kubeconfig, `{"kubeconfig": "..."}`,
+//!   from the provider the driver installed with [`Coordinator::set_kubeconfig_provider`]
+//!   (`microk8s config` on a control-plane member); 503 with the reason when there is none or
+//!   it fails. It is a credential: served only to holders of the cluster secret, never logged.
 //!
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
 //! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
@@ -15,7 +21,8 @@
 //! connection). Anyone on the LAN can still exhaust them (denial of service is out of scope;
 //! safety never depends on the coordinator answering).
 //!
-//! To add a route: add a match arm in `route`, authenticate it like the others.
+//! To add a route: add a match arm in `route`; authenticate it like the others unless it only
+//! reads the status document.
 
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -37,6 +44,7 @@ use super::auth::{
     RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY,
 };
 use super::identity::NodeIdentity;
+use super::page;
 use crate::secret::ClusterSecret;
 
 /// Simultaneous connections served; more wait in the listen backlog.
@@ -45,6 +53,26 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the kubeconfig provider may take (`microk8s config` is normally quick).
+pub const KUBECONFIG_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Produces the cluster's admin kubeconfig (the driver plugs in `microk8s config`).
+pub type KubeconfigProvider =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, anyhow::Result<String>> + Send + Sync>;
+
+/// Successful response to `POST /v1/kubeconfig`.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeconfigResponse {
+    pub kubeconfig: String,
+}
+
+/// Redacted: a kubeconfig is a credential.
+impl std::fmt::Debug for KubeconfigResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeconfigResponse(<redacted>)")
+    }
+}
 
 mod bytes_body {
     use http_body_util::Full;
@@ -87,6 +115,10 @@ pub struct CoordinatorStats {
     pub nonces_issued: u64,
     pub messages: u64,
     pub status_reads: u64,
+    /// Unauthenticated reads of `GET /` and `GET /status.json`.
+    pub page_reads: u64,
+    /// Kubeconfigs handed out.
+    pub kubeconfig_reads: u64,
     /// Refused with 401.
     pub unauthorized: u64,
     /// Refused with 400, 404, 405, 413 or 422.
@@ -111,6 +143,9 @@ struct State {
     nonces: Mutex<NonceStore>,
     stats: Mutex<CoordinatorStats>,
     status: watch::Receiver<serde_json::Value>,
+    kubeconfig: Mutex<Option<KubeconfigProvider>>,
+    /// Values that must never appear on the public page (see [`page_response`]).
+    never_public: Vec<String>,
 }
 
 /// A running coordinator. Dropping it stops the server and closes its connections.
@@ -165,6 +200,11 @@ where
             nonces: Mutex::new(NonceStore::default()),
             stats: Mutex::new(CoordinatorStats::default()),
             status: status_rx,
+            kubeconfig: Mutex::new(None),
+            never_public: vec![
+                cfg.secret.microk8s_token(),
+                cfg.secret.to_file_contents().trim().to_string(),
+            ],
         });
         let (tx, rx) = mpsc::channel::<Inbound<M>>(64);
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), tx));
@@ -200,6 +240,17 @@ impl<M> Coordinator<M> {
 
     pub fn stats(&self) -> CoordinatorStats {
         self.state.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Serves `POST /v1/kubeconfig` from `provider` (called once per authenticated request,
+    /// with [`KUBECONFIG_TIMEOUT`]). Until this is called, the route answers 503.
+    pub fn set_kubeconfig_provider(&self, provider: KubeconfigProvider) {
+        *self.state.kubeconfig.lock().expect("kubeconfig lock") = Some(provider);
+    }
+
+    /// Stops serving the kubeconfig (e.g. the node left the cluster).
+    pub fn clear_kubeconfig_provider(&self) {
+        *self.state.kubeconfig.lock().expect("kubeconfig lock") = None;
     }
 
     /// Stops accepting and closes open connections.
@@ -269,6 +320,72 @@ fn json_response(status: u16, body: Vec<u8>) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// The public page or JSON. The document holds no secrets by design; as a second line of
+/// defence, the cluster secret and the MicroK8s token derived from it are cut out of it should
+/// a bug ever put one there (e.g. an error message echoing a join URL).
+fn page_response(state: &State, json: bool) -> Response<Body> {
+    state.stats.lock().expect("stats lock").page_reads += 1;
+    let mut text = serde_json::to_string(&*state.status.borrow()).expect("json value");
+    for secret in &state.never_public {
+        if text.contains(secret.as_str()) {
+            tracing::warn!("the status document contains a secret; cut from the public page (a bug: report it)");
+            text = text.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    let (content_type, body) = if json {
+        ("application/json", text.into_bytes())
+    } else {
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).expect("hex replaced by plain text stays valid json");
+        (
+            "text/html; charset=utf-8",
+            page::render_page(&doc).into_bytes(),
+        )
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .header("x-content-type-options", "nosniff")
+        .header("content-security-policy", page::CONTENT_SECURITY_POLICY)
+        .body(full(body))
+        .expect("static response parts are valid")
+}
+
+async fn kubeconfig_response(state: &State) -> Response<Body> {
+    let provider = state.kubeconfig.lock().expect("kubeconfig lock").clone();
+    let Some(provider) = provider else {
+        return refuse(
+            state,
+            Refusal::new(
+                503,
+                "this node serves no kubeconfig (it is not a running control-plane member yet)",
+            ),
+        );
+    };
+    let kubeconfig = match tokio::time::timeout(KUBECONFIG_TIMEOUT, provider()).await {
+        Ok(Ok(k)) => k,
+        Ok(Err(e)) => {
+            return refuse(
+                state,
+                Refusal::new(503, format!("getting the kubeconfig on this node: {e:#}")),
+            )
+        }
+        Err(_) => {
+            return refuse(
+                state,
+                Refusal::new(
+                    503,
+                    format!("getting the kubeconfig on this node took over {KUBECONFIG_TIMEOUT:?}"),
+                ),
+            )
+        }
+    };
+    state.stats.lock().expect("stats lock").kubeconfig_reads += 1;
+    let body = serde_json::to_vec(&KubeconfigResponse { kubeconfig }).expect("string serialises");
+    json_response(200, body)
+}
+
 fn refuse(state: &State, r: Refusal) -> Response<Body> {
     {
         let mut s = state.stats.lock().expect("stats lock");
@@ -326,7 +443,11 @@ where
                 serde_json::to_vec(&NonceResponse { nonce }).expect("serialises"),
             )
         }
-        (Method::POST, "/v1/message") | (Method::GET, "/v1/status") => {
+        (Method::GET, "/") => page_response(&state, false),
+        (Method::GET, "/status.json") => page_response(&state, true),
+        (Method::POST, "/v1/message")
+        | (Method::GET, "/v1/status")
+        | (Method::POST, "/v1/kubeconfig") => {
             let (parts, body) = match read_body(req).await {
                 Ok(x) => x,
                 Err(r) => return refuse(&state, r),
@@ -352,6 +473,10 @@ where
                 Ok(f) => f,
                 Err(r) => return refuse(&state, r),
             };
+            if path == "/v1/kubeconfig" {
+                tracing::info!(requester = %from, "handing out the kubeconfig");
+                return kubeconfig_response(&state).await;
+            }
             if method == Method::GET {
                 state.stats.lock().expect("stats lock").status_reads += 1;
                 let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
@@ -388,7 +513,10 @@ where
                 Err(_) => refuse(&state, busy("agent did not answer in time")),
             }
         }
-        (_, "/v1/nonce" | "/v1/message" | "/v1/status") => refuse(
+        (
+            _,
+            "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig",
+        ) => refuse(
             &state,
             Refusal::new(405, format!("{method} not allowed on {path}")),
         ),

@@ -443,12 +443,13 @@ impl Browser {
                     .check(&rec.header.node_id, &rec.header.boot, rec.header.seq)
                 {
                     Freshness::Stale => Err(Rejection::Replayed),
-                    Freshness::Same | Freshness::Newer => Ok(Some(rec)),
+                    Freshness::Same => Ok(Some((rec, false))),
+                    Freshness::Newer => Ok(Some((rec, true))),
                 }
             });
         let mut shared = self.shared.lock().expect("discovery state lock");
-        let rec = match verdict {
-            Ok(Some(rec)) => rec,
+        let (rec, newer) = match verdict {
+            Ok(Some(found)) => found,
             Ok(None) => {
                 shared.stats.own += 1;
                 return None;
@@ -475,7 +476,9 @@ impl Browser {
                 self.peers.insert(fullname.to_string(), peer.clone());
                 Some(PeerEvent::Seen(peer))
             }
-            Some(old) if *old == peer => None,
+            // A newer record with the same content is the peer's heartbeat: report it, so the
+            // formation core keeps counting the peer as present.
+            Some(old) if *old == peer && !newer => None,
             Some(_) => {
                 self.peers.insert(fullname.to_string(), peer.clone());
                 Some(PeerEvent::Updated(peer))

@@ -36,13 +36,16 @@ pub enum Event {
 /// fsync, rename) before any later action of the same batch is executed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "action")]
+// Actions come a few at a time and are consumed at once; boxing the persisted state would only
+// add an allocation per step.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Advertise this announcement (replacing the previous one).
     Announce(Announcement),
     /// Send one message; it may be lost, duplicated or delayed.
     Send { to: NodeId, msg: Message },
     /// Write this state atomically before executing the following actions.
-    Persist(Box<PersistedState>),
+    Persist(PersistedState),
     /// Prepare the host (hugepages, kernel modules, packages); report [`Event::NodePrepared`].
     PrepareNode,
     /// Run `microk8s join <seed_ip>:25000/<persistent token>` (with `--worker` when `worker`),

@@ -318,7 +318,7 @@ impl Node {
                 cluster: cluster.clone(),
             };
         }
-        out.push(Action::Persist(Box::new(st.clone())));
+        out.push(Action::Persist(st.clone()));
         let mut node = Node {
             params,
             me,
@@ -480,7 +480,7 @@ impl Node {
     }
 
     fn persist(&self, out: &mut Vec<Action>) {
-        out.push(Action::Persist(Box::new(self.st.clone())));
+        out.push(Action::Persist(self.st.clone()));
     }
 
     fn set_phase(&mut self, phase: Phase, out: &mut Vec<Action>) {

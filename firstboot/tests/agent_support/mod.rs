@@ -1,0 +1,421 @@
+//! Harness for agent tests: real `firstboot run` processes, each in its own network namespace
+//! (netns-lab) with its own simulated MicroK8s node (tests/microk8s-sim), all on one bridge.
+//!
+//! Per node a folder holds: `bin/{microk8s,dqlite,snap}` wrappers that set the simulator's
+//! environment (the fake `snap install` also starts the node's simulator daemon, as snapd would
+//! start the snap's services), `root/etc/machine-id` (the node's identity), `state/` (the
+//! agent's state), `agent.log` and `daemon.log`. Every simulator command of every node goes to
+//! one shared command log, which the tests read to check what the agents did.
+//!
+//! The binaries are the ones cargo built for this test run: `firstboot` (this crate) and
+//! `microk8s`/`dqlite` (the microk8s-sim crate, built by `cargo test --workspace` or
+//! `cargo build --workspace --bins`); a missing simulator is a loud failure.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use firstboot::secret::ClusterSecret;
+use firstboot::status::StatusDoc;
+use firstboot::system::command::Cmd;
+use netns_lab::Lab;
+
+pub const FIRSTBOOT: &str = env!("CARGO_BIN_EXE_firstboot");
+
+/// The simulator binaries next to ours in the target directory.
+pub fn sim_bin(name: &str) -> PathBuf {
+    let p = Path::new(FIRSTBOOT).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the MicroK8s simulator first (cargo build -p microk8s-sim, or run the whole workspace's tests)",
+        p.display()
+    );
+    p
+}
+
+fn write_exec(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Settings shared by the nodes of one test cluster.
+#[derive(Clone)]
+pub struct ClusterSpec {
+    pub control_plane: u8,
+    pub expected_nodes: u32,
+    pub formation_timeout: &'static str,
+    /// Extra TOML appended to the `[addons]` section's siblings.
+    pub addons_toml: String,
+    /// Simulated join duration.
+    pub join_delay_ms: u64,
+    /// Simulated `microk8s enable` duration.
+    pub enable_delay_ms: u64,
+    /// `--sim-join-timeout` for the agents (slot reclaim and takeover scale with it).
+    pub join_timeout_s: u64,
+    pub secret: ClusterSecret,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            control_plane: 3,
+            expected_nodes: 3,
+            formation_timeout: "2m",
+            addons_toml: "[addons]\nstorage = \"none\"\n\n[addons.metallb]\naddresses = [\"10.231.0.240-10.231.0.250\", \"fd00::10-fd00::20\"]\n".into(),
+            join_delay_ms: 300,
+            enable_delay_ms: 0,
+            join_timeout_s: 20,
+            secret: ClusterSecret::from_bytes([7; 32]),
+        }
+    }
+}
+
+/// One machine: namespace, simulator and agent.
+pub struct AgentNode {
+    pub index: usize,
+    pub ns: String,
+    pub addr: std::net::Ipv4Addr,
+    pub dir: PathBuf,
+    agent: Option<tokio::process::Child>,
+}
+
+/// A lab of agent nodes. Dropping it kills every agent and simulator daemon.
+pub struct AgentCluster {
+    pub lab: Lab,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<AgentNode>,
+    pub spec: ClusterSpec,
+    pub log: PathBuf,
+    pub rt: tokio::runtime::Runtime,
+    started: Instant,
+}
+
+impl AgentCluster {
+    /// Prepares `n` hosts (agents not started yet).
+    pub fn new(n: usize, spec: ClusterSpec) -> AgentCluster {
+        let lab = Lab::new(n).expect("network lab (needs root)");
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("commands.jsonl");
+        let secret_path = dir.path().join("cluster.secret");
+        spec.secret.write_new(&secret_path).unwrap();
+        let config = format!(
+            "[cluster]\nname = \"agents\"\ncontrol-plane = {cp}\nexpected-nodes = {en}\nformation-timeout = \"{ft}\"\nsecret-file = \"cluster.secret\"\n\n{addons}\n[network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\nkind = \"local\"\npath = \"base.img\"\n",
+            cp = spec.control_plane,
+            en = spec.expected_nodes,
+            ft = spec.formation_timeout,
+            addons = spec.addons_toml,
+        );
+        std::fs::write(dir.path().join("cluster.toml"), config).unwrap();
+        let mut c = AgentCluster {
+            lab,
+            dir,
+            nodes: Vec::new(),
+            spec,
+            log,
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+            started: Instant::now(),
+        };
+        for i in 0..n {
+            c.prepare_node(i);
+        }
+        c
+    }
+
+    fn prepare_node(&mut self, i: usize) {
+        let host = self.lab.host(i).clone();
+        let dir = self.dir.path().join(format!("node-{i}"));
+        for sub in ["bin", "etc", "root/etc", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.join("root/etc/machine-id"),
+            format!("{:032x}\n", 0xabc0_0000u64 + i as u64 * 7919),
+        )
+        .unwrap();
+        let sim = sim_bin("microk8s");
+        let dqlite = sim_bin("dqlite");
+        let env = format!(
+            "export MICROK8S_SIM_STATE='{state}' MICROK8S_SIM_NODE='node-{i}' MICROK8S_SIM_LOG='{log}' \
+             MICROK8S_SIM_LAUNCH_CONFIG='{lc}' MICROK8S_SIM_HEARTBEAT_MS=300 \
+             MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_ENABLE_DELAY_MS={ed} MICROK8S_SIM_IP={ip}\n",
+            state = dir.join("sim").display(),
+            log = self.log.display(),
+            lc = dir.join("etc/microk8s.yaml").display(),
+            jd = self.spec.join_delay_ms,
+            ed = self.spec.enable_delay_ms,
+            ip = host.addr,
+        );
+        write_exec(
+            &dir.join("bin/microk8s"),
+            &format!("#!/bin/sh\n{env}exec '{}' \"$@\"\n", sim.display()),
+        );
+        write_exec(
+            &dir.join("bin/dqlite"),
+            &format!("#!/bin/sh\n{env}exec '{}' \"$@\"\n", dqlite.display()),
+        );
+        // The fake snapd: after a successful install, start the node's MicroK8s services.
+        write_exec(
+            &dir.join("bin/snap"),
+            &format!(
+                "#!/bin/sh\n{env}'{sim}' sim-snap \"$@\" || exit $?\n\
+                 if [ \"$1\" = install ] && [ ! -s '{pid}' ]; then\n\
+                 setsid '{sim}' sim-daemon >>'{dlog}' 2>&1 </dev/null &\n\
+                 echo $! > '{pid}'\nfi\n",
+                sim = sim.display(),
+                pid = dir.join("daemon.pid").display(),
+                dlog = dir.join("daemon.log").display(),
+            ),
+        );
+        self.nodes.push(AgentNode {
+            index: i,
+            ns: host.ns.clone(),
+            addr: host.addr,
+            dir,
+            agent: None,
+        });
+    }
+
+    /// Starts (or restarts) node `i`'s agent.
+    pub fn start(&mut self, i: usize) {
+        let cfg = self.dir.path().join("cluster.toml");
+        self.start_with_config(i, &cfg);
+    }
+
+    /// Starts node `i`'s agent with another config file (e.g. another secret).
+    pub fn start_with_config(&mut self, i: usize, cfg: &Path) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("agent.log"))
+            .unwrap();
+        let d = &node.dir;
+        let _guard = self.rt.enter();
+        let child = Cmd::new("ip", Duration::from_secs(1))
+            .args(["netns", "exec", &node.ns])
+            .arg(FIRSTBOOT)
+            .args(["-v", "run", "--no-hostname", "--listen", "0.0.0.0:7443"])
+            .arg("--config")
+            .arg(cfg)
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .arg("--root")
+            .arg(d.join("root"))
+            .arg("--microk8s-bin")
+            .arg(d.join("bin/microk8s"))
+            .arg("--snap-bin")
+            .arg(d.join("bin/snap"))
+            .arg("--dqlite-bin")
+            .arg(d.join("bin/dqlite"))
+            .arg("--launch-config")
+            .arg(d.join("etc/microk8s.yaml"))
+            .args(["--sim-join-timeout", &self.spec.join_timeout_s.to_string()])
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                "unix:path=/nonexistent/rackseed-test-bus",
+            )
+            .env(
+                "RUST_LOG",
+                "info,firstboot=debug,firstboot::system::command=info",
+            )
+            .env("NO_COLOR", "1")
+            .spawn_with(log.try_clone().unwrap(), log)
+            .expect("starting firstboot");
+        node.agent = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// kill -9 of node `i`'s agent (its MicroK8s keeps running, as after a crash of the
+    /// service). Returns whether it was running.
+    pub fn kill_agent(&mut self, i: usize) -> bool {
+        let Some(mut child) = self.nodes[i].agent.take() else {
+            return false;
+        };
+        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _guard = self.rt.enter();
+        self.rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        });
+        true
+    }
+
+    /// SIGTERM and wait (clean stop).
+    pub fn stop_agent(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut child = self.nodes[i].agent.take()?;
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        self.rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(15), child.wait()).await })
+            .ok()
+            .and_then(|r| r.ok())
+    }
+
+    /// Peak resident memory (VmHWM) of node `i`'s running agent, in KiB.
+    pub fn agent_peak_rss_kib(&self, i: usize) -> Option<u64> {
+        let pid = self.nodes[i].agent.as_ref()?.id()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// The status document of node `i` (`firstboot status --json` run in its namespace).
+    pub fn status(&self, i: usize) -> Option<StatusDoc> {
+        let node = &self.nodes[i];
+        let out = Cmd::new("ip", Duration::from_secs(15))
+            .args(["netns", "exec", &node.ns])
+            .arg(FIRSTBOOT)
+            .args(["status", "--json", "--port", "7443"])
+            .arg("--config")
+            .arg(self.dir.path().join("cluster.toml"))
+            .arg("--state-dir")
+            .arg(node.dir.join("state"))
+            .output_blocking()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let doc: StatusDoc = serde_json::from_str(&out.stdout).ok()?;
+        // A document rebuilt from the state file (agent down) has no node id.
+        (!doc.node_id.is_empty()).then_some(doc)
+    }
+
+    /// Waits until every node in `which` is a member and reports HA with `voters` voters.
+    pub fn wait_formed(&self, which: &[usize], voters: usize, timeout: Duration) -> Vec<StatusDoc> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let docs: Vec<Option<StatusDoc>> = which.iter().map(|&i| self.status(i)).collect();
+            let done = docs.iter().all(|d| {
+                d.as_ref().is_some_and(|d| {
+                    d.phase == "member"
+                        && d.microk8s.as_ref().is_some_and(|m| {
+                            m.voters.len() == voters || m.note.as_deref() == Some("worker node")
+                        })
+                })
+            });
+            if done {
+                return docs.into_iter().map(Option::unwrap).collect();
+            }
+            if Instant::now() > deadline {
+                self.dump();
+                panic!(
+                    "cluster did not form within {timeout:?}; phases: {:?}",
+                    docs.iter()
+                        .map(|d| d.as_ref().map(|d| (d.phase.clone(), d.role.clone())))
+                        .collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Seconds since the cluster object was made.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Prints the tail of every agent and daemon log (on failure).
+    pub fn dump(&self) {
+        for n in &self.nodes {
+            for f in ["agent.log", "daemon.log"] {
+                let text = std::fs::read_to_string(n.dir.join(f)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(25)..];
+                eprintln!("---- node-{} {f} (last {} lines)", n.index, tail.len());
+                for l in tail {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+
+    /// Every simulator command record, in order.
+    pub fn commands(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for AgentCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_agent(i);
+        }
+        for n in &self.nodes {
+            if let Ok(pid) = std::fs::read_to_string(n.dir.join("daemon.pid")) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Checks the simulator's command log: joins never overlapped, never by hostname, never with
+/// `--controlplane`, and every successful enable ran on a node that was control plane.
+pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
+    let mut open: Option<(String, i64)> = None;
+    for r in records {
+        let argv: Vec<String> = r["argv"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("join") {
+            continue;
+        }
+        if argv.iter().any(|a| a == "--controlplane") {
+            return Err(format!("a join used --controlplane: {argv:?}"));
+        }
+        let url = argv.get(1).cloned().unwrap_or_default();
+        let host = url.split(':').next().unwrap_or_default();
+        if host.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!("a join did not use an IP literal: {url}"));
+        }
+        let key = format!("{}/{}", r["node"], r["pid"]);
+        match r["event"].as_str() {
+            Some("start") => {
+                if let Some((other, _)) = &open {
+                    return Err(format!("join {key} started while join {other} was running"));
+                }
+                open = Some((key, r["ts_ms"].as_i64().unwrap_or(0)));
+            }
+            Some("end") if open.as_ref().is_some_and(|(k, _)| *k == key) => open = None,
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! The customize step: puts rackseed into a base image that already has the target's layout,
+//! without root, loop devices or mounts.
+//!
+//! Into the root filesystem (ext4, edited with [`ext4`]): the overlay trees (`overlays/common`,
+//! then `overlays/x86_64` or `overlays/rpi`, then any `--overlay` dirs), then the generated
+//! files, which win over overlays: `/usr/local/bin/firstboot`, the unit's
+//! `multi-user.target.wants` link, `/etc/rackseed/cluster.toml`, `/etc/rackseed/cluster.secret`
+//! (0600 root:root), `/etc/microk8s.yaml` (0600: it holds the cluster token),
+//! `/etc/rackseed/image.json` (what `inspect` reads), staged offline snaps under
+//! `/var/lib/rackseed/snaps/`, and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
+//! Into `system-boot` (FAT, Raspberry Pi): the memory-cgroup flags in `cmdline.txt` and the
+//! NoCloud seed. To add a file, push an [`ext4::Entry`] in [`root_entries`] (and list it in
+//! the manifest through [`Added`]).
+
+pub mod cloudinit;
+pub mod cmdline;
+pub mod ext4;
+pub mod firstboot_bin;
+pub mod launch;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use firstboot::config::{ClusterConfig, Target};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::disk::compose::labels;
+use crate::disk::fat::{FatStage, FatVolume};
+use crate::disk::PartitionTable;
+use crate::tool::{on_path, Tool};
+use ext4::{Entry, Ext4};
+use firstboot_bin::FirstbootBin;
+
+pub const UNIT: &str = "rackseed-firstboot.service";
+pub const SECRET_PATH: &str = "/etc/rackseed/cluster.secret";
+pub const CONFIG_PATH: &str = "/etc/rackseed/cluster.toml";
+pub const INFO_PATH: &str = "/etc/rackseed/image.json";
+pub const LAUNCH_PATH: &str = "/etc/microk8s.yaml";
+pub const FIRSTBOOT_PATH: &str = "/usr/local/bin/firstboot";
+pub const SNAPS_DIR: &str = "/var/lib/rackseed/snaps";
+
+/// Everything the customisation needs.
+pub struct Inputs<'a> {
+    pub config: &'a ClusterConfig,
+    /// The config file as written by the user; copied in with `secret_file` pointing inside.
+    pub config_toml: &'a str,
+    pub target: Target,
+    pub secret: &'a [u8],
+    pub microk8s_token: &'a str,
+    pub firstboot: &'a FirstbootBin,
+    /// Overlay roots in order; missing ones are skipped (an overlay may be empty).
+    pub overlays: &'a [PathBuf],
+    /// Content of `/etc/rackseed/image.json`.
+    pub image_info: &'a serde_json::Value,
+}
+
+/// One file the build put into the image (for the manifest).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Added {
+    /// Filesystem label of the partition.
+    pub partition: String,
+    pub path: String,
+    /// Permission bits (ext4 only; FAT has none).
+    pub mode: Option<String>,
+    pub size: u64,
+    /// `None` for files holding secrets (the secret, the token, the Wi-Fi PSK).
+    pub sha256: Option<String>,
+}
+
+/// What customisation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Customized {
+    pub files: Vec<Added>,
+    /// The kernel command line the image boots with, when rackseed manages it.
+    pub cmdline: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The config text with `cluster.secret_file` pointing at the in-image secret.
+pub fn in_image_config(toml_text: &str) -> Result<String> {
+    let mut doc: toml_edit::DocumentMut = toml_text
+        .parse()
+        .context("parsing the cluster config as TOML")?;
+    let cluster = doc
+        .get_mut("cluster")
+        .and_then(|c| c.as_table_like_mut())
+        .context("the cluster config has no [cluster] table")?;
+    cluster.insert("secret-file", toml_edit::value(SECRET_PATH));
+    cluster.remove("secret_file");
+    Ok(doc.to_string())
+}
+
+struct Scratch<'a> {
+    dir: &'a Path,
+    n: usize,
+}
+
+impl Scratch<'_> {
+    fn file(&mut self, data: &[u8], mode: u32) -> Result<PathBuf> {
+        self.n += 1;
+        let p = self.dir.join(format!("gen-{}", self.n));
+        std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        Ok(p)
+    }
+}
+
+/// Walks an overlay root into entries (files keep their permission bits; owner root).
+pub fn overlay_entries(root: &Path) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    if !root.is_dir() {
+        return Ok(out);
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut rd: Vec<_> = std::fs::read_dir(&d)
+            .with_context(|| format!("reading overlay {}", d.display()))?
+            .collect::<std::io::Result<_>>()?;
+        rd.sort_by_key(|e| e.file_name());
+        for e in rd {
+            let p = e.path();
+            let rel = p.strip_prefix(root).expect("under root");
+            let dest = format!("/{}", rel.to_string_lossy());
+            let m = std::fs::symlink_metadata(&p)?;
+            if m.file_type().is_symlink() {
+                let target = std::fs::read_link(&p)?;
+                out.push(Entry::Symlink {
+                    path: dest,
+                    target: target.to_string_lossy().into_owned(),
+                });
+            } else if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                out.push(Entry::File {
+                    path: dest,
+                    src: p,
+                    mode: m.permissions().mode() & 0o7777,
+                    uid: 0,
+                    gid: 0,
+                });
+            } else {
+                bail!(
+                    "overlay {} holds {}, which is neither file, folder nor symlink",
+                    root.display(),
+                    p.display()
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sha_of(path: &Path) -> Result<String> {
+    crate::outputs::sparse::sha256_file(path)
+}
+
+/// Entries for the root filesystem, de-duplicated (later wins), with manifest records.
+pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>, Vec<String>)> {
+    let mut sc = Scratch {
+        dir: scratch_dir,
+        n: 0,
+    };
+    let mut entries = Vec::new();
+    for o in inp.overlays {
+        entries.extend(overlay_entries(o)?);
+    }
+    let unit_path = format!("/etc/systemd/system/{UNIT}");
+    if !entries.iter().any(|e| e.path() == unit_path) {
+        bail!("no overlay provides {unit_path} (expected in overlays/common)");
+    }
+    // Paths whose content is secret: the manifest records no hash for them.
+    let mut secret_paths: Vec<String> = Vec::new();
+    let file = |path: &str, src: PathBuf, mode: u32| Entry::File {
+        path: path.into(),
+        src,
+        mode,
+        uid: 0,
+        gid: 0,
+    };
+    entries.push(file(FIRSTBOOT_PATH, inp.firstboot.path.clone(), 0o755));
+    entries.push(Entry::Symlink {
+        path: format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"),
+        target: unit_path,
+    });
+    entries.push(Entry::Dir {
+        path: "/etc/rackseed".into(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    });
+    entries.push(file(
+        CONFIG_PATH,
+        sc.file(in_image_config(inp.config_toml)?.as_bytes(), 0o644)?,
+        0o644,
+    ));
+    entries.push(file(SECRET_PATH, sc.file(inp.secret, 0o600)?, 0o600));
+    secret_paths.push(SECRET_PATH.into());
+    let launch = launch::render(inp.config, inp.microk8s_token)?;
+    entries.push(file(LAUNCH_PATH, sc.file(launch.as_bytes(), 0o600)?, 0o600));
+    secret_paths.push(LAUNCH_PATH.into());
+    let info = serde_json::to_vec_pretty(inp.image_info)?;
+    entries.push(file(INFO_PATH, sc.file(&info, 0o644)?, 0o644));
+    // One image, many machines: an empty machine id makes systemd generate a fresh one on each
+    // machine's first boot, and with it firstboot's node id. A baked-in id would give every
+    // flashed machine the same identity.
+    entries.push(file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
+    if let Some(dir) = &inp.config.microk8s.offline_snaps {
+        let mut found = 0;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading offline snaps folder {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "snap" || x == "assert"))
+            .collect();
+        names.sort();
+        for p in names {
+            let name = p.file_name().expect("file").to_string_lossy().into_owned();
+            entries.push(file(&format!("{SNAPS_DIR}/{name}"), p.clone(), 0o644));
+            found += 1;
+        }
+        if found == 0 {
+            bail!(
+                "offline snaps folder {} has no .snap or .assert files",
+                dir.display()
+            );
+        }
+    }
+    if inp.target == Target::X86_64Efi {
+        let seed = seed_for(inp.config)?;
+        let base = "/var/lib/cloud/seed/nocloud";
+        entries.push(file(
+            &format!("{base}/user-data"),
+            sc.file(seed.user_data.as_bytes(), 0o600)?,
+            0o600,
+        ));
+        entries.push(file(
+            &format!("{base}/meta-data"),
+            sc.file(seed.meta_data.as_bytes(), 0o600)?,
+            0o600,
+        ));
+        entries.push(file(
+            &format!("{base}/network-config"),
+            sc.file(seed.network_config.as_bytes(), 0o600)?,
+            0o600,
+        ));
+        if inp.config.network.wifi.is_some() {
+            secret_paths.push(format!("{base}/network-config"));
+        }
+    }
+    // Later entries win.
+    let mut last: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        last.insert(e.path().to_string(), i);
+    }
+    let entries: Vec<Entry> = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| last[e.path()] == *i)
+        .map(|(_, e)| e)
+        .collect();
+    Ok((entries, secret_paths))
+}
+
+fn seed_for(config: &ClusterConfig) -> Result<cloudinit::Seed> {
+    let psk = match &config.network.wifi {
+        Some(w) => Some(cloudinit::read_psk(&w.psk_file)?),
+        None => None,
+    };
+    cloudinit::seed(config, psk.as_deref())
+}
+
+/// Validates `user-data` with `cloud-init schema` when cloud-init is installed; returns a
+/// warning when it is not.
+pub async fn check_user_data(user_data: &str, scratch: &Path) -> Result<Option<String>> {
+    if !on_path("cloud-init") {
+        return Ok(Some(
+            "cloud-init is not installed here; user-data was not schema-checked".into(),
+        ));
+    }
+    let p = scratch.join("user-data.check");
+    std::fs::write(&p, user_data)?;
+    Tool::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(&p)
+        .timeout(Duration::from_secs(120))
+        .run()
+        .await
+        .context("cloud-init schema rejected the generated user-data")?;
+    Ok(None)
+}
+
+/// The `options` line of rackseed's systemd-boot entry on the ESP, when there is one.
+pub async fn loader_options(esp: &FatVolume, scratch: &Path) -> Result<Option<String>> {
+    let entry = esp.read("loader/entries/rackseed.conf", scratch).await?;
+    Ok(entry.and_then(|e| {
+        String::from_utf8_lossy(&e)
+            .lines()
+            .find_map(|l| l.strip_prefix("options ").map(|s| s.trim().to_string()))
+    }))
+}
+
+/// Applies everything to `image` (layout in `table`).
+pub async fn apply(
+    image: &Path,
+    table: &PartitionTable,
+    inp: &Inputs<'_>,
+    scratch: &Path,
+) -> Result<Customized> {
+    let l = labels(inp.target);
+    let root = table.by_label(l.root)?.clone();
+    let boot = table.by_label(l.boot)?.clone();
+    let mut warnings = Vec::new();
+    let seed = seed_for(inp.config)?;
+    if let Some(w) = check_user_data(&seed.user_data, scratch).await? {
+        warnings.push(w);
+    }
+    let (entries, secret_paths) = root_entries(inp, scratch)?;
+    Ext4::new(image, root.start)
+        .apply(&entries, scratch)
+        .await?;
+    let mut files = Vec::new();
+    for e in &entries {
+        if let Entry::File {
+            path, src, mode, ..
+        } = e
+        {
+            let secret = secret_paths.iter().any(|p| p == path);
+            files.push(Added {
+                partition: l.root.into(),
+                path: path.clone(),
+                mode: Some(format!("{mode:04o}")),
+                size: std::fs::metadata(src)?.len(),
+                sha256: if secret { None } else { Some(sha_of(src)?) },
+            });
+        }
+    }
+    let cmdline;
+    let fat = FatVolume::new(image, boot.start);
+    match inp.target {
+        Target::Rpi4 | Target::Rpi5 => {
+            let cur = fat
+                .read("cmdline.txt", scratch)
+                .await?
+                .context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
+            let (line, dropped) =
+                cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
+            if dropped {
+                warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
+            }
+            let wifi = inp.config.network.wifi.is_some();
+            let written = [
+                ("cmdline.txt", line.clone().into_bytes(), false),
+                ("user-data", seed.user_data.into_bytes(), false),
+                ("meta-data", seed.meta_data.into_bytes(), false),
+                ("network-config", seed.network_config.into_bytes(), wifi),
+            ];
+            let st = FatStage::new(scratch)?;
+            for (name, data, _) in &written {
+                st.add(name, data)?;
+            }
+            st.write_to(&fat).await?;
+            cmdline = Some(line.trim_end().to_string());
+            for (name, data, secret) in written {
+                files.push(Added {
+                    partition: l.boot.into(),
+                    path: format!("/{name}"),
+                    mode: None,
+                    size: data.len() as u64,
+                    sha256: if secret {
+                        None
+                    } else {
+                        Some(hex::encode(Sha256::digest(&data)))
+                    },
+                });
+            }
+        }
+        Target::X86_64Efi => {
+            cmdline = loader_options(&fat, scratch).await?;
+        }
+    }
+    Ok(Customized {
+        files,
+        cmdline,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_image_config_points_at_the_image_secret() {
+        let t = in_image_config(
+            "# mine\n[cluster]\nname = \"lab\"\nsecret-file = \"/home/me/lab.secret\"\n",
+        )
+        .unwrap();
+        assert!(t.contains("# mine"));
+        assert!(t.contains("secret-file = \"/etc/rackseed/cluster.secret\""));
+        assert!(!t.contains("/home/me"));
+        assert!(in_image_config("name = 1").is_err());
+    }
+
+    #[test]
+    fn overlay_walk_keeps_modes_and_links() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc/x")).unwrap();
+        std::fs::write(d.path().join("etc/x/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            d.path().join("etc/x/run.sh"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/x/run.sh", d.path().join("etc/link")).unwrap();
+        let e = overlay_entries(d.path()).unwrap();
+        assert!(e.contains(&Entry::Symlink {
+            path: "/etc/link".into(),
+            target: "/etc/x/run.sh".into()
+        }));
+        assert!(e.iter().any(
+            |x| matches!(x, Entry::File { path, mode: 0o750, .. } if path == "/etc/x/run.sh")
+        ));
+        assert!(overlay_entries(&d.path().join("missing"))
+            .unwrap()
+            .is_empty());
+    }
+}
