@@ -10,7 +10,7 @@ use firstboot::formation::{
 use proptest::prelude::*;
 
 fn node_id() -> impl Strategy<Value = NodeId> {
-    "[0-9a-f]{1,64}".prop_map(|s| NodeId::new(s).expect("generated hex"))
+    "[0-9a-f]{1,48}".prop_map(|s| NodeId::new(s).expect("generated hex"))
 }
 
 fn phase() -> impl Strategy<Value = PhaseSummary> {

@@ -18,11 +18,12 @@ use firstboot::formation::{
 };
 use proptest::prelude::*;
 
-/// Proptest cases of the property over small clusters (3 to 10 nodes).
-const CASES: u32 = 1500;
+/// Proptest cases of the property over small clusters (3 to 10 nodes): 1500 in release
+/// builds (`--release`: about 10 s of CPU), 200 in debug builds (about 10x slower per case).
+const CASES: u32 = if cfg!(debug_assertions) { 200 } else { 1500 };
 /// Proptest cases of the property over large clusters (11 to 50 nodes); each costs up to a few
 /// seconds (every Paxos round involves the whole electorate).
-const LARGE_CASES: u32 = 6;
+const LARGE_CASES: u32 = if cfg!(debug_assertions) { 1 } else { 6 };
 
 /// Deterministic RNG (SplitMix64) so a proptest seed replays the exact run.
 struct Rng(u64);
@@ -719,7 +720,7 @@ fn run(sc: Scenario) -> (Vec<String>, bool, u64, Sim) {
         *s.boot_at.iter().max().unwrap_or(&0)
     };
     let mut sim = Sim::new(sc.clone());
-    let bound = FAULT_END.max(last_boot) + 150 + 40 * sc.n as u64;
+    let bound = FAULT_END.max(last_boot) + 200 + 80 * sc.n as u64;
     while sim.t < bound {
         sim.step();
         if !sim.violations.is_empty() {
@@ -736,8 +737,12 @@ fn describe(sim: &Sim) -> String {
     let mut s = String::new();
     for i in 0..sim.sc.n {
         let st = sim.nodes[i].as_ref().map(|n| n.status());
+        let round = sim.nodes[i]
+            .as_ref()
+            .map(|n| n.debug_round())
+            .unwrap_or_default();
         s.push_str(&format!(
-            "node {i} {} root {} boot {} : {:?}\n",
+            "node {i} {} root {} boot {} : {:?}\n    {round}\n",
             sim.ids[i],
             sim.root[i],
             sim.boot_at[i],
@@ -754,7 +759,11 @@ fn describe(sim: &Sim) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases("PROPTEST_CASES", CASES), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: cases("PROPTEST_CASES", CASES),
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn formation_is_safe_and_live(sc in scenario(3usize..=10)) {
@@ -765,6 +774,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: cases("FORMATION_LARGE_CASES", LARGE_CASES),
+        max_shrink_iters: 20,
         ..ProptestConfig::default()
     })]
 
@@ -819,37 +829,6 @@ fn fifty_nodes_with_all_faults_converge_safely() {
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
     assert!(converged, "not converged by tick {t}\n{}", describe(&sim));
     println!("50 nodes converged at tick {t} after {} events", sim.events);
-}
-
-#[test]
-#[ignore]
-fn debug_one() {
-    let sc = Scenario {
-        n: 8,
-        control_plane: 3,
-        seed: 1341131731182297335,
-        loss: 191,
-        dup: 39,
-        max_delay: 4,
-        partitions: false,
-        crashes: false,
-        late: true,
-        priorities: true,
-        pins: true,
-        join_fail: 82,
-        addons: true,
-    };
-    let (v, c, t, sim) = run(sc);
-    println!("{v:?} {c} {t}");
-    println!("{}", describe(&sim));
-    for i in 0..sim.sc.n {
-        if let Some(n) = &sim.nodes[i] {
-            let st = n.persisted();
-            println!("node {i} {} phase {:?}\n  promised {:?}\n  accepted {:?}\n  known {:?}\n  chosen {:?}\n  max {}", sim.ids[i], st.phase, st.acceptor.promised, st.acceptor.accepted.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, a.record.members.len(), a.record.electorate.len())), st.known.as_ref().map(|a| (&a.ballot, &a.record.cluster, &a.record.authority, &a.record.members, &a.record.slot, &a.record.tentative, &a.record.addons_by)), st.chosen.as_ref().map(|a| (&a.ballot, &a.record.authority, &a.record.slot)), st.max_ballot);
-            println!("  pinned {:?}", sim.params[i].pinned_roles);
-            println!("  {}", n.debug_round());
-        }
-    }
 }
 
 /// Prints how long one run takes per node count (a measurement, not a check).

@@ -44,6 +44,11 @@
 //!   recorded, the authority claims the addon enablement for itself; only the claimer ever
 //!   issues `EnableAddons`.
 //!
+//! A node acts (grants, confirms a member, enables addons, calls itself seed or authority)
+//! only on a record it saw *chosen*, i.e. at the end of its own completed round
+//! ([`PersistedState::chosen`]); the newest record it merely heard of ([`PersistedState::known`],
+//! accepted values and announcements) only routes requests and triggers a confirming round.
+//!
 //! Roles: pinned roles first; otherwise control plane while fewer than `control_plane` are
 //! counted (members + tentative + slot, places kept for pinned control-plane nodes not yet in);
 //! then worker. The seed is the first control-plane node. `--controlplane` is never used.
@@ -75,7 +80,8 @@
 //!    request it sent at most `grant_max_age` ago (the grant was chosen after that send), and
 //!    the driver kills the join after `join_timeout`; `validate` demands
 //!    `slot_timeout > 5/4 (join_timeout + grant_max_age)`, so the join has ended before any
-//!    reclaim. A restarted joiner never resumes a join without a fresh grant.
+//!    reclaim. A restarted joiner never resumes a join without a fresh grant, and request ids
+//!    carry the persisted boot count, so a grant for a request from before a crash is ignored.
 //! 5. *Control-plane count.* A role is computed inside the grant round from the record, counting
 //!    members, the slot and tentative holders (who may have joined), so it never exceeds
 //!    `control_plane`.
@@ -108,6 +114,19 @@
 //! ```
 //! Within `Member`, a control-plane node may be the slot *authority* (grants, confirms,
 //! reclaims, claims addons) or take over that duty; any node in any phase answers as acceptor.
+//!
+//! # Driver contract
+//!
+//! - Execute actions in order; a [`Action::Persist`] is durable (temp file, fsync, rename)
+//!   before the next action runs. Resume with [`Node::new`] and the last persisted state.
+//! - Deliver verified announcements as [`Event::PeerSeen`] (also unchanged refreshes: they keep
+//!   the peer alive; a peer unseen for `peer_timeout` counts as gone) and messages from
+//!   authenticated peers as [`Event::Message`]; send [`Event::Tick`] about once a second.
+//! - [`Action::Join`] runs `microk8s join <seed_ip>:25000/<token>` (plus `--worker` for
+//!   workers, never `--controlplane`) and waits for Ready, killed after its `timeout`; it must
+//!   report success if this node already is a member of that cluster.
+//! - Inventory pins are keyed by [`NodeId`]: [`FormationParams::from_config`] keys them by the
+//!   MAC-derived id, so a cluster with pinned roles should use [`NodeId::from_mac`] ids.
 //!
 //! To extend: add record fields with `#[serde(default)]`, a new [`node::Op`] with its pure
 //! transition in [`node::apply`], and cover it in `tests/formation_*.rs`.

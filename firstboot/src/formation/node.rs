@@ -308,8 +308,8 @@ impl Node {
         now: Duration,
     ) -> (Node, Vec<Action>) {
         let mut out = Vec::new();
-        let resumed = persisted.is_some();
         let mut st = persisted.unwrap_or_else(PersistedState::fresh);
+        st.boots += 1;
         // A join cannot still be running after a restart: ask for a fresh grant (a new grant
         // keeps the timing bound that makes slot reclaim safe; the driver's join reports
         // success when this node already is a member).
@@ -317,8 +317,8 @@ impl Node {
             st.phase = Phase::WaitingForSlot {
                 cluster: cluster.clone(),
             };
-            out.push(Action::Persist(st.clone()));
         }
+        out.push(Action::Persist(st.clone()));
         let mut node = Node {
             params,
             me,
@@ -344,9 +344,6 @@ impl Node {
             last_status: String::new(),
             dirty: false,
         };
-        if !resumed {
-            out.push(Action::Persist(node.st.clone()));
-        }
         node.drive(now, &mut out);
         (node, out)
     }
@@ -1346,10 +1343,12 @@ impl Node {
                 self.reqs
                     .retain(|_, sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
                 self.next_req += 1;
-                self.reqs.insert(self.next_req, now);
+                // Unique across restarts: the boot count is persisted.
+                let req = (self.st.boots << 32) | (self.next_req & 0xffff_ffff);
+                self.reqs.insert(req, now);
                 out.push(Action::Send {
                     to,
-                    msg: Message::SlotRequest { req: self.next_req },
+                    msg: Message::SlotRequest { req },
                 });
             }
         }
@@ -1397,14 +1396,21 @@ impl Node {
     fn member_op(&self, now: Duration, role: Role) -> Option<Op> {
         let hint = self.known()?;
         let rec = self.chosen()?;
-        // Someone announces a different cluster from a newer record (I may be a deposed
-        // seed): learn the record. Same-cluster news reaches members as acceptors anyway.
+        // Someone announces a newer record with another cluster (I may be a deposed seed) or
+        // another authority (maybe me, by a takeover I never saw finish): learn the record.
+        // Other news reaches members as acceptors anyway.
         let newer_elsewhere = self.peers.values().any(|p| {
-            p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
-                && p.ann
-                    .record_ballot
+            let newer = p
+                .ann
+                .record_ballot
+                .as_ref()
+                .is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot));
+            let differs = p.ann.cluster.as_ref().is_some_and(|c| *c != hint.cluster)
+                || p.ann
+                    .authority
                     .as_ref()
-                    .is_some_and(|b| self.st.known.as_ref().is_none_or(|k| *b > k.ballot))
+                    .is_some_and(|a| *a != hint.authority);
+            newer && differs
         });
         // My known record names another cluster (a re-election replaced mine): confirm it.
         let mine_replaced = self.st.phase.cluster() != Some(&hint.cluster);

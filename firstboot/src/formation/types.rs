@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ClusterConfig, MacAddr, Role};
 
-/// Stable node identity: lowercase hex, 1 to 64 characters (from `/etc/machine-id`, or the
-/// primary MAC without separators). Its ordering is the election tiebreak (lower wins).
+/// Stable node identity: lowercase hex, 1 to [`NodeId::MAX_LEN`] characters (from
+/// `/etc/machine-id`, 32 hex, or the primary MAC without separators). Its ordering is the
+/// election tiebreak (lower wins).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct NodeId(String);
@@ -24,20 +25,23 @@ pub struct NodeId(String);
 pub enum NodeIdError {
     #[error("node id is empty")]
     Empty,
-    #[error("node id is {0} characters long, at most 64 allowed")]
+    #[error("node id is {0} characters long, at most 48 allowed")]
     TooLong(usize),
     #[error("node id {0:?} is not lowercase hex")]
     NotLowercaseHex(String),
 }
 
 impl NodeId {
-    /// Validates `s` as lowercase hex of 1 to 64 characters.
+    /// Longest id (the discovery record's limit).
+    pub const MAX_LEN: usize = 48;
+
+    /// Validates `s` as lowercase hex of 1 to [`Self::MAX_LEN`] characters.
     pub fn new(s: impl Into<String>) -> Result<NodeId, NodeIdError> {
         let s = s.into();
         if s.is_empty() {
             return Err(NodeIdError::Empty);
         }
-        if s.len() > 64 {
+        if s.len() > Self::MAX_LEN {
             return Err(NodeIdError::TooLong(s.len()));
         }
         if !s
@@ -181,10 +185,11 @@ impl Record {
             .map(|(id, _)| id)
     }
 
-    /// True once nothing but the seed ever happened in this cluster: the only state in which
-    /// a re-election may replace it.
+    /// True while nothing but the seed ever happened in this cluster (no slot was ever
+    /// granted, no addon claim): the only state in which a re-election may replace it.
     pub fn is_untouched(&self) -> bool {
-        self.members.len() == 1
+        self.seq == 0
+            && self.members.len() == 1
             && self.members.contains_key(&self.cluster.seed)
             && self.slot.is_none()
             && self.tentative.is_empty()
@@ -313,6 +318,10 @@ pub struct PersistedState {
     /// The newest record this node saw *chosen* (its own completed round): what it may act on.
     #[serde(default)]
     pub chosen: Option<Accepted>,
+    /// How many times the agent started with this state; makes slot request ids unique
+    /// across restarts (a grant answering a request from before a crash is never taken).
+    #[serde(default)]
+    pub boots: u64,
     /// A chosen record names this node as the one that enables the addons.
     #[serde(default)]
     pub addons_claimed: bool,
@@ -333,6 +342,7 @@ impl PersistedState {
             max_ballot: 0,
             known: None,
             chosen: None,
+            boots: 0,
             addons_claimed: false,
             addons_done: false,
         }
