@@ -1,4 +1,4 @@
-//! Scale: N agents (default 50, `RACKSEED_SCALE_NODES`) in network namespaces form one
+//! Scale: N agents (default 20 in the test suite; `RACKSEED_SCALE_NODES=50` for the full rack) in network namespaces form one
 //! cluster with the MicroK8s simulator. Prints the formation time next to the lower bound the
 //! simulated delays allow, and every agent's peak RSS. `scripts/bench-formation` runs it for
 //! N = 3, 10 and 50.
@@ -15,7 +15,7 @@ fn many_agents_form_one_cluster() {
     let n: usize = std::env::var("RACKSEED_SCALE_NODES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(20);
     let join_ms: u64 = std::env::var("RACKSEED_SCALE_JOIN_MS")
         .ok()
         .and_then(|s| s.parse().ok())
