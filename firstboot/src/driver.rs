@@ -173,6 +173,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
             version: env!("CARGO_PKG_VERSION").into(),
             node_id: agent.node_id.to_string(),
             hostname: agent.hostname.clone(),
+            control_plane_size: Some(u32::from(agent.config.cluster.control_plane)),
             ..StatusDoc::default()
         },
         agent,
