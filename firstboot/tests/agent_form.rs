@@ -6,20 +6,13 @@ mod agent_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use agent_support::{check_command_log, AgentCluster, ClusterSpec};
+use agent_support::{argv, check_command_log, AgentCluster, ClusterSpec};
 
 fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     let mut starts = std::collections::HashMap::new();
     let mut out = Vec::new();
     for r in records {
-        let argv: Vec<String> = r["argv"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let argv = argv(r);
         if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("enable") {
             continue;
         }

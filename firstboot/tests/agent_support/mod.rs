@@ -404,19 +404,24 @@ impl Drop for AgentCluster {
     }
 }
 
+/// The argv of one command-log record.
+pub fn argv(r: &serde_json::Value) -> Vec<String> {
+    r["argv"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Checks the simulator's command log: joins never overlapped, never by hostname, never with
 /// `--controlplane`, and every successful enable ran on a node that was control plane.
 pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
     let mut open: Option<(String, i64)> = None;
     for r in records {
-        let argv: Vec<String> = r["argv"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let argv = argv(r);
         if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("join") {
             continue;
         }
