@@ -280,7 +280,7 @@ pub fn reset(state_dir: &Path, yes: bool, microk8s_bin: &Path) -> ExitCode {
                 ""
             }
         );
-        if !yes && !confirm(&prompt)? {
+        if !yes && !crate::cli::confirm(&prompt)? {
             return Ok(false);
         }
         if in_cluster {
@@ -312,16 +312,4 @@ pub fn reset(state_dir: &Path, yes: bool, microk8s_bin: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn confirm(prompt: &str) -> Result<bool> {
-    use std::io::{BufRead, IsTerminal, Write};
-    if !std::io::stdin().is_terminal() {
-        bail!("{prompt} Refusing without a terminal to confirm on; pass --yes");
-    }
-    eprint!("{prompt}\nType 'yes' to continue: ");
-    std::io::stderr().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim() == "yes")
 }

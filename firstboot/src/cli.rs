@@ -150,6 +150,20 @@ pub fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// Asks for "yes" on the terminal before something destructive (`firstboot reset`,
+/// `imagebuilder flash`). Without a terminal it refuses, so scripts must pass `--yes`.
+pub fn confirm(prompt: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{prompt} Refusing without a terminal to confirm on; pass --yes");
+    }
+    eprint!("{prompt}\nType 'yes' to continue: ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim() == "yes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@
 //! compression, add a reader in [`open_image`].
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -375,19 +375,6 @@ pub fn open_image(path: &Path) -> Result<Box<dyn Read>> {
     })
 }
 
-/// Asks "type yes" on the terminal. Without a terminal it refuses.
-pub fn confirm(prompt: &str) -> Result<bool> {
-    use std::io::IsTerminal;
-    if !std::io::stdin().is_terminal() {
-        bail!("{prompt}: refusing without a terminal to confirm on; pass --yes to proceed");
-    }
-    eprint!("{prompt}\nType 'yes' to continue: ");
-    std::io::stderr().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim() == "yes")
-}
-
 fn progress_bar(enabled: bool, total: u64, msg: &'static str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
@@ -435,7 +422,7 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
     };
     check_target(info, &req.device, device_size, bmap.image_size)?;
     if !req.yes
-        && !confirm(&format!(
+        && !firstboot::cli::confirm(&format!(
             "This overwrites {} ({} bytes) with {} ({} bytes, {} mapped).",
             req.device.display(),
             device_size,
