@@ -276,7 +276,7 @@ impl Runtime {
                         ip,
                         port: p.port,
                         fingerprint: p.fingerprint.clone(),
-                        phase: phase_name(ann.phase.as_str()).into(),
+                        phase: ann.phase.name().into(),
                         role: ann.role.map(role_name),
                     },
                 );
@@ -518,7 +518,7 @@ impl Runtime {
     /// Refreshes the status document served by the coordinator.
     fn publish_status(&mut self) {
         let st = self.node.status();
-        self.doc.phase = phase_name(st.phase.summary().as_str()).into();
+        self.doc.phase = st.phase.summary().name().into();
         self.doc.role = st.role.map(role_name);
         self.doc.cluster = st.cluster.as_ref().map(|c| c.to_string());
         self.doc.authority = st.authority.as_ref().map(|a| a.to_string());
@@ -551,19 +551,6 @@ fn role_name(r: crate::config::Role) -> String {
     match r {
         crate::config::Role::ControlPlane => "control-plane".into(),
         crate::config::Role::Worker => "worker".into(),
-    }
-}
-
-/// Long names for the announced phase codes.
-fn phase_name(code: &str) -> &'static str {
-    match code {
-        "prep" => "preparing",
-        "disc" => "discovering",
-        "wait" => "waiting",
-        "join" => "joining",
-        "conf" => "confirming",
-        "memb" => "member",
-        _ => "unknown",
     }
 }
 

@@ -46,15 +46,7 @@ pub const DEFAULT_CONTROL_PLANE: u32 = 3;
 
 /// Long name of an announced phase code (the names the status document uses).
 pub fn phase_name(code: &str) -> Option<&'static str> {
-    Some(match code {
-        "prep" => "preparing",
-        "disc" => "discovering",
-        "wait" => "waiting",
-        "join" => "joining",
-        "conf" => "confirming",
-        "memb" => "member",
-        _ => return None,
-    })
+    firstboot::formation::PhaseSummary::parse(code).map(|p| p.name())
 }
 
 /// Long name of an announced role code.

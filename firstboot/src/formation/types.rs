@@ -272,6 +272,18 @@ impl PhaseSummary {
         }
     }
 
+    /// The long name used in status documents and tables (`member`, `joining`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PhaseSummary::Preparing => "preparing",
+            PhaseSummary::Discovering => "discovering",
+            PhaseSummary::Waiting => "waiting",
+            PhaseSummary::Joining => "joining",
+            PhaseSummary::Confirming => "confirming",
+            PhaseSummary::Member => "member",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<PhaseSummary> {
         Some(match s {
             "prep" => PhaseSummary::Preparing,
