@@ -174,6 +174,21 @@ async fn main() {
         let build = t.elapsed().as_secs_f64();
         let (me1, kids1) = cpu_seconds(tick);
         let build_cpu = (me1 - me0) + (kids1 - kids0);
+        let phases: Vec<String> = o
+            .timings
+            .iter()
+            .map(|(n, t)| format!("{n} {t:.2} s"))
+            .collect();
+        let ready: f64 = o
+            .timings
+            .iter()
+            .filter(|(n, _)| *n != "outputs")
+            .map(|(_, t)| t)
+            .sum();
+        println!(
+            "round {round}: customised image ready after {ready:.2} s; steps: {}",
+            phases.join(", ")
+        );
         println!(
             "round {round} (load average {load} on {cores} cores): cp --sparse=always {cp:.2} s ({cp_cpu:.1} s CPU), imagebuilder build {build:.2} s ({build_cpu:.1} s CPU), ratio {:.2}",
             build / cp

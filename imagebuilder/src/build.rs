@@ -88,6 +88,8 @@ pub struct BuildOutputs {
     /// SHA-256 of the raw image.
     pub sha256: String,
     pub warnings: Vec<String>,
+    /// Seconds spent in each step, in order: base, disk, customize, outputs.
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 /// The default cache: `$XDG_CACHE_HOME/rackseed` or `~/.cache/rackseed`.
@@ -202,6 +204,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     let work = staging.temp(&img_name);
 
     // base -> raw image with the official layout
+    let mut timings = Vec::new();
     let step = std::time::Instant::now();
     tracing::info!("base: starting");
     let base_record = match &cfg.image.base {
@@ -242,6 +245,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     }
 
     tracing::info!("base: done in {:.1?}", step.elapsed());
+    timings.push(("base", step.elapsed().as_secs_f64()));
     // The base's data is only in the page cache now; write it back while customisation and
     // hashing run instead of all at the final sync (the kernel would wait ~30 s to start).
     let early_writeback = {
@@ -279,6 +283,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     let table = disk::read_table(&work).await?;
 
     tracing::info!("disk: done in {:.1?}", step.elapsed());
+    timings.push(("disk", step.elapsed().as_secs_f64()));
     // customize
     let step = std::time::Instant::now();
     tracing::info!("customize: starting");
@@ -312,6 +317,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     };
     let custom = customize::apply(&work, &table, &inputs, scratch.path()).await?;
     tracing::info!("customize: done in {:.1?}", step.elapsed());
+    timings.push(("customize", step.elapsed().as_secs_f64()));
 
     // outputs; the read-only filesystem check runs next to the hashing (both only read).
     let step = std::time::Instant::now();
@@ -387,6 +393,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     outputs::sync_file(&work)?;
     staging.commit()?;
     tracing::info!("outputs: done in {:.1?}", step.elapsed());
+    timings.push(("outputs", step.elapsed().as_secs_f64()));
     Ok(BuildOutputs {
         image: req.out_dir.join(&img_name),
         compressed,
@@ -396,6 +403,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         manifest: req.out_dir.join("manifest.json"),
         sha256: digest.sha256,
         warnings: custom.warnings,
+        timings,
     })
 }
 
