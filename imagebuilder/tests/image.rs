@@ -565,7 +565,11 @@ async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
 
     // The initramfs can find root by label over virtio-blk: the driver and udev are in it.
     let initrd = dir.path().join("initrd.img");
-    run("mcopy", &["-i", f, "::/initrd.img", initrd.to_str().unwrap()]).await;
+    run(
+        "mcopy",
+        &["-i", f, "::/initrd.img", initrd.to_str().unwrap()],
+    )
+    .await;
     let files = run(
         "sh",
         &[
@@ -576,7 +580,9 @@ async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
     .await;
     for want in ["/virtio_blk.ko", "/ext4.ko", "/udevadm", "scripts/local"] {
         assert!(
-            files.lines().any(|l| l.ends_with(want) || l.contains(&format!("{want}."))),
+            files
+                .lines()
+                .any(|l| l.ends_with(want) || l.contains(&format!("{want}."))),
             "{want} missing from the initramfs ({} entries)",
             files.lines().count()
         );
@@ -598,9 +604,15 @@ async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
     assert_eq!(&elf[..4], b"\x7fELF");
     assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 0xb7, "EM_AARCH64");
     let status = cat(&out.image, root.start, "/var/lib/dpkg/status").await;
-    assert!(status.contains("Package: linux-image-"), "kernel package installed");
+    assert!(
+        status.contains("Package: linux-image-"),
+        "kernel package installed"
+    );
     let unfinished = unfinished_packages(&status);
-    assert!(unfinished.is_empty(), "packages left unconfigured: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "packages left unconfigured: {unfinished:?}"
+    );
     let fstab = cat(&out.image, root.start, "/etc/fstab").await;
     assert!(fstab.contains("LABEL=writable / ext4"), "{fstab}");
 }

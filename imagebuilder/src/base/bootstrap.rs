@@ -215,7 +215,11 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .arg(&root)
         .arg(&spec.mirror)
         // A full foreign bootstrap runs every maintainer script under emulation.
-        .timeout(Duration::from_secs(if spec.arch == host_arch() { 1800 } else { 3600 }))
+        .timeout(Duration::from_secs(if spec.arch == host_arch() {
+            1800
+        } else {
+            3600
+        }))
         .run()
         .await
         .with_context(|| {
@@ -306,10 +310,7 @@ mod tests {
             &arm
         ));
         // Without F the interpreter is looked up inside the chroot, where it is missing.
-        assert!(!binfmt_entry_runs(
-            &QEMU_AARCH64.replace("POF", "PO"),
-            &arm
-        ));
+        assert!(!binfmt_entry_runs(&QEMU_AARCH64.replace("POF", "PO"), &arm));
         assert!(!binfmt_entry_runs(
             &QEMU_AARCH64.replace("offset 0", "offset 4"),
             &arm
@@ -325,7 +326,11 @@ mod tests {
         std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
         std::fs::write(dir.path().join("register"), "").unwrap();
         assert!(can_run_arch(host_arch(), d));
-        let other = if host_arch() == "arm64" { "amd64" } else { "arm64" };
+        let other = if host_arch() == "arm64" {
+            "amd64"
+        } else {
+            "arm64"
+        };
         assert!(!can_run_arch(other, d));
         let entry = if other == "arm64" {
             QEMU_AARCH64.to_string()

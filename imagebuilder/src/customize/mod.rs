@@ -457,7 +457,10 @@ mod tests {
         let src = "[cluster]\nname = \"lab\"\nsecret-file = \"s\"\n\n[microk8s]\noffline-snaps = \"/home/me/snaps\"\n\n[network]\naddressing = \"dhcp\"\n\n[network.wifi]\nssid = \"home\"\npsk-file = \"/home/me/wifi.psk\"\ncountry = \"GB\"\n";
         let t = in_image_config(src).unwrap();
         assert!(!t.contains("/home/me"), "{t}");
-        assert!(t.contains(&format!("offline-snaps = \"{SNAPS_DIR}\"")), "{t}");
+        assert!(
+            t.contains(&format!("offline-snaps = \"{SNAPS_DIR}\"")),
+            "{t}"
+        );
         assert!(t.contains("addressing = \"dhcp\""), "{t}");
         assert!(t.contains("# [network.wifi] for SSID \"home\" was applied at build time"));
         let doc: toml_edit::DocumentMut = t.parse().unwrap();
@@ -465,7 +468,8 @@ mod tests {
         // Inline and dotted forms too.
         let t = in_image_config("[cluster]\nname = \"x\"\n[network]\nwifi = { ssid = \"a\", psk-file = \"/p\", country = \"GB\" }\n").unwrap();
         assert!(!t.contains("/p\""), "{t}");
-        let t = in_image_config("network.wifi.psk-file = \"/p\"\n[cluster]\nname = \"x\"\n").unwrap();
+        let t =
+            in_image_config("network.wifi.psk-file = \"/p\"\n[cluster]\nname = \"x\"\n").unwrap();
         assert!(!t.contains("/p\""), "{t}");
         // A valid config stays valid for firstboot (check-config), minus Wi-Fi.
         let full = "[cluster]\nname = \"lab\"\n\n[microk8s]\noffline-snaps = \"snaps\"\n\n[network.wifi]\nssid = \"home\"\npsk-file = \"wifi.psk\"\ncountry = \"GB\"\n\n[image]\ntarget = \"rpi5\"\nbase = { kind = \"local\", path = \"base.img\" }\n";
