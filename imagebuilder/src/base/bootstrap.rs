@@ -214,7 +214,8 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .arg(&spec.suite)
         .arg(&root)
         .arg(&spec.mirror)
-        // A full foreign bootstrap runs every maintainer script under emulation.
+        // A full foreign bootstrap runs every maintainer script under emulation (mkinitramfs
+        // alone took ~25 min on a loaded 2-core machine).
         .timeout(Duration::from_secs(if spec.arch == host_arch() {
             1800
         } else {
