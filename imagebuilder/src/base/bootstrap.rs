@@ -219,7 +219,7 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .timeout(Duration::from_secs(if spec.arch == host_arch() {
             1800
         } else {
-            3600
+            7200
         }))
         .run()
         .await
