@@ -96,7 +96,7 @@ async fn e2e() {
     let mut spec = ClusterSpec::new(&image, &cluster_dir);
     spec.nodes = 3;
     spec.memory_mib = 768;
-    let mut watch = Watch::new();
+    let mut watch = Watch::new(&cluster_dir);
     let mut cluster = Cluster::up(spec).await.expect("qemu up");
     cluster.kill_on_drop(true);
     let first3 = cluster.node_names();

@@ -105,7 +105,7 @@ async fn e2e_arm64() {
         initrd: Some(initrd),
         append: "console=ttyAMA0 root=LABEL=writable rootfstype=ext4 rootwait rw".into(),
     };
-    let mut watch = Watch::new();
+    let mut watch = Watch::new(&cluster_dir);
     let mut cluster = Cluster::up(spec).await.expect("qemu up");
     cluster.kill_on_drop(true);
     let nodes = cluster.node_names();

@@ -211,18 +211,38 @@ pub async fn status(cluster: &Cluster, node: &str) -> Option<StatusDoc> {
 }
 
 /// Watches the nodes, remembering when (since power-on) each one was first seen in each phase.
+/// If the test panics anywhere while it is alive, it prints every node's serial log tail.
 pub struct Watch {
     pub start: Instant,
     pub phases: BTreeMap<String, Vec<(String, f64)>>,
     pub last: BTreeMap<String, StatusDoc>,
+    cluster_dir: PathBuf,
+    dumped: bool,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.dumped {
+            match Cluster::open(&self.cluster_dir) {
+                Ok(c) => dump(&c, &self.last),
+                Err(e) => eprintln!(
+                    "no cluster to dump in {}: {e:#}",
+                    self.cluster_dir.display()
+                ),
+            }
+        }
+    }
 }
 
 impl Watch {
-    pub fn new() -> Watch {
+    /// Call just before powering on the cluster in `cluster_dir`.
+    pub fn new(cluster_dir: &Path) -> Watch {
         Watch {
             start: Instant::now(),
             phases: BTreeMap::new(),
             last: BTreeMap::new(),
+            cluster_dir: cluster_dir.to_path_buf(),
+            dumped: false,
         }
     }
 
@@ -258,6 +278,7 @@ impl Watch {
             }
             if Instant::now() > deadline {
                 dump(cluster, &self.last);
+                self.dumped = true;
                 panic!("{what}: not reached within {timeout:?}");
             }
             tokio::time::sleep(POLL).await;
