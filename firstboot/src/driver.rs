@@ -277,7 +277,7 @@ impl Runtime {
                         port: p.port,
                         fingerprint: p.fingerprint.clone(),
                         phase: ann.phase.name().into(),
-                        role: ann.role.map(role_name),
+                        role: ann.role.map(|r| r.name().to_owned()),
                     },
                 );
                 if first {
@@ -519,7 +519,7 @@ impl Runtime {
     fn publish_status(&mut self) {
         let st = self.node.status();
         self.doc.phase = st.phase.summary().name().into();
-        self.doc.role = st.role.map(role_name);
+        self.doc.role = st.role.map(|r| r.name().to_owned());
         self.doc.cluster = st.cluster.as_ref().map(|c| c.to_string());
         self.doc.authority = st.authority.as_ref().map(|a| a.to_string());
         if let Some(e) = &st.last_error {
@@ -530,7 +530,7 @@ impl Runtime {
             .iter()
             .map(|(id, role)| MemberRow {
                 node_id: id.to_string(),
-                role: role_name(*role),
+                role: role.name().to_owned(),
             })
             .collect();
         self.doc.peers = self
@@ -544,13 +544,6 @@ impl Runtime {
             })
             .collect();
         let _ = self.coordinator.set_status_from(&self.doc);
-    }
-}
-
-fn role_name(r: crate::config::Role) -> String {
-    match r {
-        crate::config::Role::ControlPlane => "control-plane".into(),
-        crate::config::Role::Worker => "worker".into(),
     }
 }
 
