@@ -792,7 +792,7 @@ mod tests {
     #[test]
     fn announced_codes_map_to_long_names_and_tables_are_terminal_safe() {
         let ann = Announcement {
-            id: firstboot::formation::NodeId::new("n1").unwrap(),
+            id: firstboot::formation::NodeId::new("ab12").unwrap(),
             priority: 0,
             phase: PhaseSummary::Member,
             role: Some(Role::ControlPlane),
