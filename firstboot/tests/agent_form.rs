@@ -68,7 +68,10 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
         .expect("a worker");
     let file = c.dir.path().join("kubeconfig");
     let out = host
-        .cmd(&imagebuilder_bin().to_string_lossy(), Duration::from_secs(90))
+        .cmd(
+            &imagebuilder_bin().to_string_lossy(),
+            Duration::from_secs(90),
+        )
         .arg("kubeconfig")
         .arg("--config")
         .arg(c.dir.path().join("cluster.toml"))
@@ -79,7 +82,10 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let text = std::fs::read_to_string(&file).unwrap();
     let k: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let server = k["clusters"][0]["cluster"]["server"].as_str().unwrap().to_owned();
+    let server = k["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let from = cp
         .iter()
         .copied()
@@ -96,7 +102,11 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
     );
     // It is what MicroK8s printed on that node: its admin certificate, the cluster's CA.
     let cert = base64::engine::general_purpose::STANDARD
-        .decode(k["users"][0]["user"]["client-certificate-data"].as_str().unwrap())
+        .decode(
+            k["users"][0]["user"]["client-certificate-data"]
+                .as_str()
+                .unwrap(),
+        )
         .unwrap();
     let cert = String::from_utf8(cert).unwrap();
     assert!(
@@ -104,7 +114,10 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
         "{cert}"
     );
     let key = k["users"][0]["user"]["client-key-data"].as_str().unwrap();
-    assert!(!out.stderr.contains(key), "the kubeconfig leaked into the log");
+    assert!(
+        !out.stderr.contains(key),
+        "the kubeconfig leaked into the log"
+    );
     for i in 0..c.nodes.len() {
         let log = std::fs::read_to_string(c.nodes[i].dir.join("agent.log")).unwrap_or_default();
         assert!(!log.contains(key), "node-{i}'s agent logged the kubeconfig");
@@ -117,7 +130,10 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
         .write_new(&other)
         .unwrap();
     let out = host
-        .cmd(&imagebuilder_bin().to_string_lossy(), Duration::from_secs(60))
+        .cmd(
+            &imagebuilder_bin().to_string_lossy(),
+            Duration::from_secs(60),
+        )
         .arg("kubeconfig")
         .arg("--secret")
         .arg(&other)
@@ -126,7 +142,11 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
         .expect("running imagebuilder kubeconfig");
     assert_eq!(out.code(), Some(1), "{}", out.stdout);
     assert!(out.stdout.is_empty());
-    assert!(out.stderr.contains("is this the cluster's secret?"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is this the cluster's secret?"),
+        "{}",
+        out.stderr
+    );
 
     // Straight at the coordinators: a stranger is refused before `microk8s config` runs; the
     // secret's holder asking a worker is told why it has none.
@@ -167,11 +187,17 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
     assert_eq!(w_status, 503, "{w_reason}");
     assert!(w_reason.contains("worker"), "{w_reason}");
     let calls = config_calls(&c.commands());
-    assert_eq!(calls, configs_before, "the stranger made `microk8s config` run");
+    assert_eq!(
+        calls, configs_before,
+        "the stranger made `microk8s config` run"
+    );
     assert!(!calls.is_empty());
     for n in &calls {
         let i: usize = n.trim_start_matches("node-").parse().unwrap();
-        assert!(cp.contains(&i), "`microk8s config` ran on {n}, not a control-plane node");
+        assert!(
+            cp.contains(&i),
+            "`microk8s config` ran on {n}, not a control-plane node"
+        );
     }
 }
 

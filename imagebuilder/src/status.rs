@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use firstboot::coordinator::CoordinatorClient;
 use firstboot::config::Role;
+use firstboot::coordinator::CoordinatorClient;
 use firstboot::discovery::{
     Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, Peer, PeerEvent,
 };

@@ -11,9 +11,9 @@ mod status_support;
 
 use std::time::{Duration, Instant};
 
-use firstboot::status::AddonRow;
 use firstboot::config::Role::ControlPlane;
 use firstboot::formation::PhaseSummary::{Joining, Member};
+use firstboot::status::AddonRow;
 use netns_lab::Lab;
 use status_support::{doc, member_doc, spawn, Kubeconfig, CP};
 

@@ -747,7 +747,10 @@ mod tests {
             Err(Microk8sError::WorkerNode { .. })
         ));
         world.set_up(ip(1), false);
-        assert!(nodes[0].config().await.is_ok(), "a stopped node still has its file");
+        assert!(
+            nodes[0].config().await.is_ok(),
+            "a stopped node still has its file"
+        );
     }
 
     #[tokio::test]

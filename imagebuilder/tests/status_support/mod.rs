@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::coordinator::{Coordinator, CoordinatorConfig, KubeconfigProvider, NodeIdentity};
 use firstboot::config::Role;
+use firstboot::coordinator::{Coordinator, CoordinatorConfig, KubeconfigProvider, NodeIdentity};
 use firstboot::discovery::{Discovery, DiscoveryConfig, InterfaceChoice};
 use firstboot::formation::{Announcement, NodeId, PhaseSummary};
 use firstboot::secret::ClusterSecret;

@@ -397,7 +397,10 @@ pub fn render_kubeconfig(server_host: &str, ca_of: &str, node: &str) -> String {
         ))
     };
     let ca = b64("CERTIFICATE", format!("simulated CA of cluster {ca_of}"));
-    let cert = b64("CERTIFICATE", format!("simulated admin certificate of {node}"));
+    let cert = b64(
+        "CERTIFICATE",
+        format!("simulated admin certificate of {node}"),
+    );
     let key = b64("RSA PRIVATE KEY", format!("simulated admin key of {node}"));
     let mut s = String::from("apiVersion: v1\nclusters:\n- cluster:\n");
     s.push_str(&format!("    certificate-authority-data: {ca}\n"));
@@ -405,7 +408,9 @@ pub fn render_kubeconfig(server_host: &str, ca_of: &str, node: &str) -> String {
     s.push_str("  name: microk8s-cluster\ncontexts:\n- context:\n    cluster: microk8s-cluster\n");
     s.push_str("    user: admin\n  name: microk8s\ncurrent-context: microk8s\nkind: Config\n");
     s.push_str("preferences: {}\nusers:\n- name: admin\n  user:\n");
-    s.push_str(&format!("    client-certificate-data: {cert}\n    client-key-data: {key}\n\n"));
+    s.push_str(&format!(
+        "    client-certificate-data: {cert}\n    client-key-data: {key}\n\n"
+    ));
     s
 }
 
@@ -493,12 +498,17 @@ mod tests {
         let b = render_kubeconfig("10.0.0.2", "c1", "b");
         let y: serde_yaml::Value = serde_yaml::from_str(&a).unwrap();
         assert_eq!(y["kind"], "Config");
-        assert_eq!(y["clusters"][0]["cluster"]["server"], "https://10.0.0.1:16443");
+        assert_eq!(
+            y["clusters"][0]["cluster"]["server"],
+            "https://10.0.0.1:16443"
+        );
         assert_eq!(y["users"][0]["name"], "admin");
         assert!(a.ends_with("\n\n"), "the wrapper's echo");
-        let ca = |k: &str| serde_yaml::from_str::<serde_yaml::Value>(k).unwrap()["clusters"][0]
-            ["cluster"]["certificate-authority-data"]
-            .clone();
+        let ca = |k: &str| {
+            serde_yaml::from_str::<serde_yaml::Value>(k).unwrap()["clusters"][0]["cluster"]
+                ["certificate-authority-data"]
+                .clone()
+        };
         assert_eq!(ca(&a), ca(&b));
         assert_ne!(ca(&a), ca(&render_kubeconfig("10.0.0.1", "c2", "a")));
     }

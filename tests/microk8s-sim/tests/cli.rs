@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use firstboot::system::command::Output;
-use firstboot::system::microk8s::parse::{parse_kubeconfig, parse_status_pretty, parse_status_yaml};
+use firstboot::system::microk8s::parse::{
+    parse_kubeconfig, parse_status_pretty, parse_status_yaml,
+};
 use firstboot::system::microk8s::{InstallSource, Microk8s};
 use netns_lab::Lab;
 use support::*;
@@ -153,14 +155,14 @@ fn config_prints_the_admin_kubeconfig_on_control_plane_nodes_even_when_stopped()
         .collect();
     let o = mk(&n[0], &["config"]);
     assert_eq!(o.code(), Some(1), "not installed: {o:?}");
-    assert!(o.stdout.is_empty() && o.stderr.contains("not installed"), "{o:?}");
+    assert!(
+        o.stdout.is_empty() && o.stderr.contains("not installed"),
+        "{o:?}"
+    );
     // Installed but its services not started: the wrapper only reads the file.
     n[0].run(|a| async move {
-        a.install(
-            &InstallSource::Channel("1.32/stable".into()),
-            &secret(),
-        )
-        .await
+        a.install(&InstallSource::Channel("1.32/stable".into()), &secret())
+            .await
     })
     .expect("install");
     let stopped = mk(&n[0], &["config"]);
@@ -169,7 +171,10 @@ fn config_prints_the_admin_kubeconfig_on_control_plane_nodes_even_when_stopped()
     assert!(stopped.stdout.contains(&server), "{}", stopped.stdout);
     parse_kubeconfig(&stopped.stdout).unwrap();
     let o = mk(&n[0], &["config", "--use-loopback"]);
-    assert!(o.stdout.contains("    server: https://127.0.0.1:16443\n"), "{o:?}");
+    assert!(
+        o.stdout.contains("    server: https://127.0.0.1:16443\n"),
+        "{o:?}"
+    );
     let o = mk(&n[0], &["config", "--bogus"]);
     assert_eq!(o.code(), Some(1), "{o:?}");
     n[0].start();
@@ -187,14 +192,20 @@ fn config_prints_the_admin_kubeconfig_on_control_plane_nodes_even_when_stopped()
     let o = mk(&n[1], &["config"]);
     assert_eq!(o.code(), Some(0), "{o:?}");
     assert!(
-        o.stdout.starts_with("This MicroK8s deployment is acting as a node in a cluster.")
+        o.stdout
+            .starts_with("This MicroK8s deployment is acting as a node in a cluster.")
             && !o.stdout.contains("server:"),
         "{o:?}"
     );
     let configs: Vec<_> = log_records(&log)
         .into_iter()
         .filter(|r| r["argv"][0] == "config" && r["event"] == "end")
-        .map(|r| (r["node"].as_str().unwrap().to_owned(), r["exit"].as_i64().unwrap()))
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_owned(),
+                r["exit"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         configs,

@@ -525,9 +525,18 @@ mod tests {
     #[test]
     fn other_text_is_refused_without_quoting_it() {
         for (text, want) in [
-            ("microk8s is not running, try microk8s start\n", "kind: Config"),
-            ("kind: Config\nclusters: []\nusers: [{user: {token: SECRETTOKEN}}]\n", "no clusters"),
-            ("kind: Config\nclusters:\n- cluster: {certificate-authority-data: SECRETTOKEN}\n", "names no server"),
+            (
+                "microk8s is not running, try microk8s start\n",
+                "kind: Config",
+            ),
+            (
+                "kind: Config\nclusters: []\nusers: [{user: {token: SECRETTOKEN}}]\n",
+                "no clusters",
+            ),
+            (
+                "kind: Config\nclusters:\n- cluster: {certificate-authority-data: SECRETTOKEN}\n",
+                "names no server",
+            ),
             ("kind: Config\nusers: [SECRETTOKEN\n", "not YAML (line"),
         ] {
             let e = parse_kubeconfig(text).unwrap_err();
