@@ -208,6 +208,13 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     // machine's first boot, and with it firstboot's node id. A baked-in id would give every
     // flashed machine the same identity.
     entries.push(file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
+    // systemd initialises an empty machine id from D-Bus' copy when one exists, and a
+    // bootstrapped base carries the copy made at bootstrap time: every machine would get the
+    // same id. Make it the link Ubuntu's images ship, so there is only one id, made per machine.
+    entries.push(Entry::Symlink {
+        path: "/var/lib/dbus/machine-id".into(),
+        target: "/etc/machine-id".into(),
+    });
     if let Some(dir) = &inp.config.microk8s.offline_snaps {
         let mut found = 0;
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
