@@ -12,6 +12,7 @@ use std::time::Duration;
 use agent_support::{argv, check_command_log, AgentCluster, ClusterSpec};
 use firstboot::coordinator::{ClientError, CoordinatorClient};
 use firstboot::status::StatusDoc;
+use firstboot::system::command::Output;
 
 fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     let mut starts = std::collections::HashMap::new();
@@ -41,15 +42,19 @@ fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     out
 }
 
-/// The `imagebuilder` binary next to ours in the target directory.
-fn imagebuilder_bin() -> std::path::PathBuf {
-    let p = std::path::Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
+/// Runs `imagebuilder ARGS…` on lab host `host`: the binary next to ours in the target
+/// directory.
+fn imagebuilder_on(host: &netns_lab::Host, args: &[&std::ffi::OsStr]) -> Output {
+    let bin = std::path::Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
     assert!(
-        p.exists(),
+        bin.exists(),
         "{} is missing: build it first (cargo build -p imagebuilder, or run the whole workspace's tests)",
-        p.display()
+        bin.display()
     );
-    p
+    host.cmd(&bin.to_string_lossy(), Duration::from_secs(90))
+        .args(args)
+        .output_blocking()
+        .expect("running imagebuilder")
 }
 
 /// Issue #10 against a formed cluster of 3 control-plane nodes and 2 workers, from host `ws`
@@ -67,18 +72,19 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
         .find(|&i| docs[i].role.as_deref() == Some("worker"))
         .expect("a worker");
     let file = c.dir.path().join("kubeconfig");
-    let out = host
-        .cmd(
-            &imagebuilder_bin().to_string_lossy(),
-            Duration::from_secs(90),
-        )
-        .arg("kubeconfig")
-        .arg("--config")
-        .arg(c.dir.path().join("cluster.toml"))
-        .args(["--timeout", "60s", "--output"])
-        .arg(&file)
-        .output_blocking()
-        .expect("running imagebuilder kubeconfig");
+    let toml = c.dir.path().join("cluster.toml");
+    let out = imagebuilder_on(
+        &host,
+        &[
+            "kubeconfig".as_ref(),
+            "--config".as_ref(),
+            toml.as_os_str(),
+            "--timeout".as_ref(),
+            "60s".as_ref(),
+            "--output".as_ref(),
+            file.as_os_str(),
+        ],
+    );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let text = std::fs::read_to_string(&file).unwrap();
     let k: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
@@ -129,17 +135,16 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
     firstboot::secret::ClusterSecret::from_bytes([8; 32])
         .write_new(&other)
         .unwrap();
-    let out = host
-        .cmd(
-            &imagebuilder_bin().to_string_lossy(),
-            Duration::from_secs(60),
-        )
-        .arg("kubeconfig")
-        .arg("--secret")
-        .arg(&other)
-        .args(["--timeout", "4s"])
-        .output_blocking()
-        .expect("running imagebuilder kubeconfig");
+    let out = imagebuilder_on(
+        &host,
+        &[
+            "kubeconfig".as_ref(),
+            "--secret".as_ref(),
+            other.as_os_str(),
+            "--timeout".as_ref(),
+            "4s".as_ref(),
+        ],
+    );
     assert_eq!(out.code(), Some(1), "{}", out.stdout);
     assert!(out.stdout.is_empty());
     assert!(

@@ -55,7 +55,14 @@ fn require_tools() {
         nix::unistd::geteuid().is_root(),
         "the QEMU end-to-end test needs root (debootstrap); CI runs it as root"
     );
-    for tool in ["qemu-system-x86_64", "qemu-img", "debugfs", "mkfs.ext4", "curl", "strip"] {
+    for tool in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "debugfs",
+        "mkfs.ext4",
+        "curl",
+        "strip",
+    ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -98,7 +105,11 @@ async fn write_overlay(dir: &Path, cluster_id: &str) {
     }
     let units = dir.join("etc/systemd/system");
     for u in ["microk8s-sim.path", "microk8s-sim.service"] {
-        std::fs::copy(repo().join("tests/microk8s-sim/packaging").join(u), units.join(u)).unwrap();
+        std::fs::copy(
+            repo().join("tests/microk8s-sim/packaging").join(u),
+            units.join(u),
+        )
+        .unwrap();
     }
     std::fs::write(
         dir.join("etc/rackseed-sim.env"),
@@ -346,10 +357,17 @@ async fn e2e() {
     assert_eq!(clusters.len(), 1, "one cluster: {clusters:?}");
     let members: std::collections::BTreeSet<_> =
         docs.iter().map(|d| format!("{:?}", d.members)).collect();
-    assert_eq!(members.len(), 1, "every node agrees on the members: {members:?}");
+    assert_eq!(
+        members.len(),
+        1,
+        "every node agrees on the members: {members:?}"
+    );
     for d in &docs {
         let addr = d.address.clone().unwrap_or_default();
-        assert!(addr.starts_with(SUBNET), "announced on the cluster network: {d:?}");
+        assert!(
+            addr.starts_with(SUBNET),
+            "announced on the cluster network: {d:?}"
+        );
     }
     let enabled: Vec<_> = docs
         .iter()
@@ -362,7 +380,10 @@ async fn e2e() {
          {ENABLE_DELAY_MS} ms); addons enabled at {addons_at:.1} s"
     );
     for (n, d) in first3.iter().zip(&docs) {
-        println!("  {n} ({}) phases since power-on: {:?}", d.node_id, watch.phases[n]);
+        println!(
+            "  {n} ({}) phases since power-on: {:?}",
+            d.node_id, watch.phases[n]
+        );
         for e in &d.timeline {
             println!("    agent +{:6.1} s  {}", e.at, e.what);
         }
@@ -383,9 +404,13 @@ async fn e2e() {
     // Let the survivors notice (the simulator's heartbeats), then check they keep quorum.
     tokio::time::sleep(Duration::from_secs(20)).await;
     watch
-        .until(&cluster, &others, "quorum kept without the seed", STAGE_TIMEOUT, |docs| {
-            docs.len() == 2 && docs.values().all(cp_ha)
-        })
+        .until(
+            &cluster,
+            &others,
+            "quorum kept without the seed",
+            STAGE_TIMEOUT,
+            |docs| docs.len() == 2 && docs.values().all(cp_ha),
+        )
         .await;
     println!("killed the seed {seed} at {killed_at:.1} s; the other two keep quorum");
 
@@ -393,15 +418,21 @@ async fn e2e() {
     let fourth = cluster.add().await.expect("qemu add");
     let with4: Vec<String> = others.iter().cloned().chain([fourth.clone()]).collect();
     let worker_at = watch
-        .until(&cluster, &with4, "4th node is a worker", FORM_TIMEOUT, |docs| {
-            docs.get(&fourth).is_some_and(|d| {
-                is_member(d)
-                    && d.role.as_deref() == Some("worker")
-                    && d.microk8s
-                        .as_ref()
-                        .is_some_and(|m| m.note.as_deref() == Some("worker node"))
-            })
-        })
+        .until(
+            &cluster,
+            &with4,
+            "4th node is a worker",
+            FORM_TIMEOUT,
+            |docs| {
+                docs.get(&fourth).is_some_and(|d| {
+                    is_member(d)
+                        && d.role.as_deref() == Some("worker")
+                        && d.microk8s
+                            .as_ref()
+                            .is_some_and(|m| m.note.as_deref() == Some("worker node"))
+                })
+            },
+        )
         .await;
     println!("{fourth} joined as a worker at {worker_at:.1} s");
 
@@ -409,9 +440,13 @@ async fn e2e() {
     cluster.start(&seed).await.expect("qemu start");
     let all: Vec<String> = cluster.node_names();
     let back_at = watch
-        .until(&cluster, &all, "the killed node is back", FORM_TIMEOUT, |docs| {
-            docs.get(&seed).is_some_and(cp_ha)
-        })
+        .until(
+            &cluster,
+            &all,
+            "the killed node is back",
+            FORM_TIMEOUT,
+            |docs| docs.get(&seed).is_some_and(cp_ha),
+        )
         .await;
     let back = &watch.last[&seed];
     assert_eq!(back.node_id, seed_id, "same identity after the restart");
@@ -425,7 +460,10 @@ async fn e2e() {
     }
     let final_members = back.members.len();
     assert_eq!(final_members, 4, "4 members: {:?}", back.members);
-    println!("{seed} back as a member at {back_at:.1} s: {:?}", back.timeline);
+    println!(
+        "{seed} back as a member at {back_at:.1} s: {:?}",
+        back.timeline
+    );
 
     cluster.kill_on_drop(false);
     cluster.down().await.expect("qemu down");

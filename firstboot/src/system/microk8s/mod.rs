@@ -343,9 +343,12 @@ pub struct RealMicrok8s {
 }
 
 fn detail(out: &Output) -> String {
-    let text = format!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+    tail(&format!("{}\n{}", out.stdout.trim(), out.stderr.trim()))
+}
+
+/// The last 600 characters of `text`, trimmed: the interesting line is usually last.
+fn tail(text: &str) -> String {
     let text = text.trim();
-    // Keep the tail: the interesting line is usually last.
     let start = text
         .char_indices()
         .rev()
@@ -518,14 +521,7 @@ pub fn classify_join(seed: IpAddr, out: &Output) -> Result<(), JoinError> {
 
 /// The tail of stderr only: for commands whose stdout is a credential.
 fn stderr_detail(out: &Output) -> String {
-    let text = out.stderr.trim();
-    let start = text
-        .char_indices()
-        .rev()
-        .nth(600)
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    text[start..].to_owned()
+    tail(&out.stderr)
 }
 
 fn refused_on_worker(out: &Output) -> bool {
