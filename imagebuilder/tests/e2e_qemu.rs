@@ -14,126 +14,18 @@
 //! workspace's binaries (`cargo build --workspace --bins`): it fails with a message naming
 //! what is missing, never skips.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+mod e2e_support;
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use e2e_support::*;
 use firstboot::status::StatusDoc;
-use firstboot::system::command::Cmd;
 use qemu::{Cluster, ClusterSpec};
 
-/// Simulated MicroK8s: each join takes this long, each addon enable this long.
-const JOIN_DELAY_MS: u64 = 3000;
-const ENABLE_DELAY_MS: u64 = 2000;
 /// Software-emulated VMs sharing 2 cores boot slowly; these bound each stage.
 const FORM_TIMEOUT: Duration = Duration::from_secs(900);
 const STAGE_TIMEOUT: Duration = Duration::from_secs(600);
-const POLL: Duration = Duration::from_secs(3);
-/// The test network (one static address per MAC, written into the overlay).
-const SUBNET: &str = "192.168.76.";
-const NODES_MAX: u8 = 4;
-
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_imagebuilder")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn require_tools() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the QEMU end-to-end test needs root (debootstrap); CI runs it as root"
-    );
-    for tool in ["qemu-system-x86_64", "qemu-img", "debugfs", "mkfs.ext4", "curl", "strip"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{tool} is not installed (scripts/install-deps installs it)"
-        );
-    }
-}
-
-async fn run(cmd: Cmd) -> String {
-    let what = cmd.display();
-    match cmd.run().await {
-        Ok(out) => out.stdout,
-        Err(e) => panic!("{what}: {e}"),
-    }
-}
-
-/// A copy of `from` without debug info (smaller images, faster copies).
-async fn stripped(from: &Path, to: &Path) {
-    run(Cmd::new("strip", Duration::from_secs(60))
-        .args(["--strip-debug", "-o"])
-        .arg(to)
-        .arg(from))
-    .await;
-}
-
-/// The overlay: the repository's test tree, the simulator binaries, the per-MAC network files
-/// and the simulator's settings.
-async fn write_overlay(dir: &Path, cluster_id: &str) {
-    let src = repo().join("tests/e2e-overlay/root");
-    run(Cmd::new("cp", Duration::from_secs(60))
-        .args(["-a", "--no-target-directory"])
-        .arg(&src)
-        .arg(dir))
-    .await;
-    let lib = dir.join("usr/local/lib/rackseed-sim");
-    for (from, to) in [("microk8s", "microk8s-sim"), ("dqlite", "dqlite-sim")] {
-        stripped(&bin(from), &lib.join(to)).await;
-    }
-    let units = dir.join("etc/systemd/system");
-    for u in ["microk8s-sim.path", "microk8s-sim.service"] {
-        std::fs::copy(repo().join("tests/microk8s-sim/packaging").join(u), units.join(u)).unwrap();
-    }
-    std::fs::write(
-        dir.join("etc/rackseed-sim.env"),
-        format!(
-            "MICROK8S_SIM_JOIN_DELAY_MS={JOIN_DELAY_MS}\nMICROK8S_SIM_ENABLE_DELAY_MS={ENABLE_DELAY_MS}\n\
-             MICROK8S_SIM_HEARTBEAT_MS=1000\nRACKSEED_SIM_SUBNET={SUBNET}\n"
-        ),
-    )
-    .unwrap();
-    let net = dir.join("etc/systemd/network");
-    std::fs::create_dir_all(&net).unwrap();
-    let mut mgmt = Vec::new();
-    for i in 0..NODES_MAX {
-        let (mac, mgmt_mac) = qemu::node::node_macs(cluster_id, i);
-        std::fs::write(
-            net.join(format!("10-cluster-{i}.network")),
-            format!(
-                "[Match]\nMACAddress={mac}\n\n[Network]\nAddress={SUBNET}{}/24\n\
-                 LinkLocalAddressing=no\nIPv6AcceptRA=no\n",
-                10 + u32::from(i)
-            ),
-        )
-        .unwrap();
-        mgmt.push(mgmt_mac);
-    }
-    std::fs::write(
-        net.join("20-mgmt.network"),
-        format!(
-            "[Match]\nMACAddress={}\n\n[Network]\nAddress=10.0.2.15/24\nLinkLocalAddressing=no\n\
-             IPv6AcceptRA=no\n",
-            mgmt.join(" ")
-        ),
-    )
-    .unwrap();
-}
 
 const CONFIG: &str = r#"
 [cluster]
@@ -160,91 +52,6 @@ disk-size = "3GiB"
 kind = "bootstrap"
 "#;
 
-/// The config, with the suite the build machine's apt sources name (the mirror, left out,
-/// defaults to the same sources).
-fn config_text() -> String {
-    use imagebuilder::base::apt_sources;
-    let (suite, _) = apt_sources::main_suite(&apt_sources::read_sources(Path::new("/etc/apt")))
-        .expect("the build machine's apt sources name no release suite");
-    format!("{CONFIG}suite = \"{suite}\"\n")
-}
-
-/// One node's status over its management port, if it answers.
-async fn status(cluster: &Cluster, node: &str) -> Option<StatusDoc> {
-    let addr = cluster.mgmt_addr(node).ok()?;
-    let out = Cmd::new("curl", Duration::from_secs(10))
-        .args(["-sk", "--max-time", "5"])
-        .arg(format!("https://{addr}/status.json"))
-        .output()
-        .await
-        .ok()?;
-    serde_json::from_str(&out.stdout).ok()
-}
-
-/// Watches the nodes, remembering when (since power-on) each one was first seen in each phase.
-struct Watch {
-    start: Instant,
-    phases: BTreeMap<String, Vec<(String, f64)>>,
-    last: BTreeMap<String, StatusDoc>,
-}
-
-impl Watch {
-    fn new() -> Watch {
-        Watch {
-            start: Instant::now(),
-            phases: BTreeMap::new(),
-            last: BTreeMap::new(),
-        }
-    }
-
-    async fn poll(&mut self, cluster: &Cluster, nodes: &[String]) {
-        for n in nodes {
-            if let Some(doc) = status(cluster, n).await {
-                let seen = self.phases.entry(n.clone()).or_default();
-                if seen.last().map(|(p, _)| p != &doc.phase).unwrap_or(true) {
-                    let at = self.start.elapsed().as_secs_f64();
-                    println!("[{at:7.1} s] {n}: {} ({:?})", doc.phase, doc.role);
-                    seen.push((doc.phase.clone(), at));
-                }
-                self.last.insert(n.clone(), doc);
-            }
-        }
-    }
-
-    /// Polls until `done` holds for the latest documents, or fails with every serial tail.
-    async fn until(
-        &mut self,
-        cluster: &Cluster,
-        nodes: &[String],
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&BTreeMap<String, StatusDoc>) -> bool,
-    ) -> f64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.poll(cluster, nodes).await;
-            if done(&self.last) {
-                return self.start.elapsed().as_secs_f64();
-            }
-            if Instant::now() > deadline {
-                dump(cluster, &self.last);
-                panic!("{what}: not reached within {timeout:?}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-}
-
-fn dump(cluster: &Cluster, last: &BTreeMap<String, StatusDoc>) {
-    for n in cluster.node_names() {
-        eprintln!("==== {n}: last status: {:?}", last.get(&n));
-        match cluster.serial_tail(&n, 60) {
-            Ok(t) => eprintln!("==== {n}: serial log (last 60 lines)\n{t}"),
-            Err(e) => eprintln!("==== {n}: no serial log: {e:#}"),
-        }
-    }
-}
-
 fn is_member(d: &StatusDoc) -> bool {
     d.phase == "member"
 }
@@ -263,69 +70,33 @@ fn addons_enabled(d: &StatusDoc) -> bool {
 
 #[test]
 fn three_vms_form_ha_survive_the_seed_and_take_a_worker() {
-    require_tools();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(e2e());
+    require_tools(&[
+        "qemu-system-x86_64",
+        "qemu-img",
+        "debugfs",
+        "mkfs.ext4",
+        "curl",
+        "strip",
+    ]);
+    runtime().block_on(e2e());
 }
 
 async fn e2e() {
-    let tmp = tempfile::Builder::new()
-        .prefix("rackseed-e2e-")
-        .tempdir()
-        .unwrap();
-    let work = std::fs::canonicalize(tmp.path()).unwrap();
-    let cluster_dir = work.join("cluster");
-    std::fs::create_dir_all(&cluster_dir).unwrap();
-    // The launcher derives MACs from the canonical cluster directory; the image's network files
-    // match them.
-    let cluster_id = std::fs::canonicalize(&cluster_dir)
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-
-    // Build the image, exactly as a user would, plus the test-only overlay.
+    let (_tmp, work, cluster_dir, cluster_id) = workdir();
     let overlay = work.join("overlay");
-    write_overlay(&overlay, &cluster_id).await;
+    let host_bins = bin("microk8s").parent().unwrap().to_path_buf();
+    write_overlay(&overlay, &cluster_id, &host_bins, true).await;
     let config = work.join("e2e.toml");
-    std::fs::write(&config, config_text()).unwrap();
-    let ib = bin("imagebuilder");
-    run(Cmd::new(&ib, Duration::from_secs(30))
-        .args(["secret", "new"])
-        .arg(work.join("e2e.secret")))
-    .await;
+    std::fs::write(&config, with_host_suite(CONFIG)).unwrap();
     let firstboot = work.join("firstboot");
     stripped(&bin("firstboot"), &firstboot).await;
-    let out = work.join("out");
-    let t = Instant::now();
-    let log = run(Cmd::new(&ib, Duration::from_secs(1800))
-        .arg("build")
-        .arg("--config")
-        .arg(&config)
-        .arg("--out")
-        .arg(&out)
-        .arg("--firstboot-bin")
-        .arg(&firstboot)
-        .arg("--overlays")
-        .arg(repo().join("overlays"))
-        .arg("--overlay")
-        .arg(&overlay))
-    .await;
-    println!("image built in {:.1} s{log}", t.elapsed().as_secs_f64());
-    let image = std::fs::read_dir(&out)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "img"))
-        .expect("the build wrote an .img");
+    let image = build_image(&work, &config, &firstboot, &overlay).await;
 
     // Power on three nodes.
     let mut spec = ClusterSpec::new(&image, &cluster_dir);
     spec.nodes = 3;
     spec.memory_mib = 768;
-    let mut watch = Watch::new();
+    let mut watch = Watch::new(&cluster_dir);
     let mut cluster = Cluster::up(spec).await.expect("qemu up");
     cluster.kill_on_drop(true);
     let first3 = cluster.node_names();
@@ -342,14 +113,24 @@ async fn e2e() {
         })
         .await;
     let docs: Vec<StatusDoc> = first3.iter().map(|n| watch.last[n].clone()).collect();
-    let clusters: std::collections::BTreeSet<_> = docs.iter().map(|d| d.cluster.clone()).collect();
+    let clusters: BTreeSet<_> = docs.iter().map(|d| d.cluster.clone()).collect();
     assert_eq!(clusters.len(), 1, "one cluster: {clusters:?}");
-    let members: std::collections::BTreeSet<_> =
-        docs.iter().map(|d| format!("{:?}", d.members)).collect();
-    assert_eq!(members.len(), 1, "every node agrees on the members: {members:?}");
+    let members: BTreeSet<_> = docs.iter().map(|d| format!("{:?}", d.members)).collect();
+    assert_eq!(
+        members.len(),
+        1,
+        "every node agrees on the members: {members:?}"
+    );
+    // Peers are reached on the cluster network, never on the management NIC's 10.0.2.15
+    // (the same address on every VM).
     for d in &docs {
-        let addr = d.address.clone().unwrap_or_default();
-        assert!(addr.starts_with(SUBNET), "announced on the cluster network: {d:?}");
+        assert_eq!(d.peers.len(), 2, "{d:?}");
+        for p in &d.peers {
+            assert!(
+                p.address.starts_with(SUBNET),
+                "peer on the cluster network: {d:?}"
+            );
+        }
     }
     let enabled: Vec<_> = docs
         .iter()
@@ -362,7 +143,10 @@ async fn e2e() {
          {ENABLE_DELAY_MS} ms); addons enabled at {addons_at:.1} s"
     );
     for (n, d) in first3.iter().zip(&docs) {
-        println!("  {n} ({}) phases since power-on: {:?}", d.node_id, watch.phases[n]);
+        println!(
+            "  {n} ({}) phases since power-on: {:?}",
+            d.node_id, watch.phases[n]
+        );
         for e in &d.timeline {
             println!("    agent +{:6.1} s  {}", e.at, e.what);
         }
@@ -383,9 +167,13 @@ async fn e2e() {
     // Let the survivors notice (the simulator's heartbeats), then check they keep quorum.
     tokio::time::sleep(Duration::from_secs(20)).await;
     watch
-        .until(&cluster, &others, "quorum kept without the seed", STAGE_TIMEOUT, |docs| {
-            docs.len() == 2 && docs.values().all(cp_ha)
-        })
+        .until(
+            &cluster,
+            &others,
+            "quorum kept without the seed",
+            STAGE_TIMEOUT,
+            |docs| docs.len() == 2 && docs.values().all(cp_ha),
+        )
         .await;
     println!("killed the seed {seed} at {killed_at:.1} s; the other two keep quorum");
 
@@ -393,15 +181,21 @@ async fn e2e() {
     let fourth = cluster.add().await.expect("qemu add");
     let with4: Vec<String> = others.iter().cloned().chain([fourth.clone()]).collect();
     let worker_at = watch
-        .until(&cluster, &with4, "4th node is a worker", FORM_TIMEOUT, |docs| {
-            docs.get(&fourth).is_some_and(|d| {
-                is_member(d)
-                    && d.role.as_deref() == Some("worker")
-                    && d.microk8s
-                        .as_ref()
-                        .is_some_and(|m| m.note.as_deref() == Some("worker node"))
-            })
-        })
+        .until(
+            &cluster,
+            &with4,
+            "4th node is a worker",
+            FORM_TIMEOUT,
+            |docs| {
+                docs.get(&fourth).is_some_and(|d| {
+                    is_member(d)
+                        && d.role.as_deref() == Some("worker")
+                        && d.microk8s
+                            .as_ref()
+                            .is_some_and(|m| m.note.as_deref() == Some("worker node"))
+                })
+            },
+        )
         .await;
     println!("{fourth} joined as a worker at {worker_at:.1} s");
 
@@ -409,9 +203,13 @@ async fn e2e() {
     cluster.start(&seed).await.expect("qemu start");
     let all: Vec<String> = cluster.node_names();
     let back_at = watch
-        .until(&cluster, &all, "the killed node is back", FORM_TIMEOUT, |docs| {
-            docs.get(&seed).is_some_and(cp_ha)
-        })
+        .until(
+            &cluster,
+            &all,
+            "the killed node is back",
+            FORM_TIMEOUT,
+            |docs| docs.get(&seed).is_some_and(cp_ha),
+        )
         .await;
     let back = &watch.last[&seed];
     assert_eq!(back.node_id, seed_id, "same identity after the restart");
@@ -425,7 +223,10 @@ async fn e2e() {
     }
     let final_members = back.members.len();
     assert_eq!(final_members, 4, "4 members: {:?}", back.members);
-    println!("{seed} back as a member at {back_at:.1} s: {:?}", back.timeline);
+    println!(
+        "{seed} back as a member at {back_at:.1} s: {:?}",
+        back.timeline
+    );
 
     cluster.kill_on_drop(false);
     cluster.down().await.expect("qemu down");

@@ -426,7 +426,10 @@ mod tests {
             let parts: Vec<&str> = id.split('-').collect();
             let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
             assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
-            assert!(parts[2].starts_with('4') && parts[3].starts_with('8'), "{id}");
+            assert!(
+                parts[2].starts_with('4') && parts[3].starts_with('8'),
+                "{id}"
+            );
         }
         let mac = node_macs("/var/tmp/cluster-a", 7).0;
         assert_eq!(node_uuid(&mac), node_uuid(&mac));
