@@ -601,6 +601,34 @@ impl Runtime {
 }
 
 /// Node preparation: storage/hardware checks, then install MicroK8s and wait until it is ready.
+/// A Pi booted without the memory cgroup (an image not made by rackseed, or a `cmdline.txt`
+/// edited since): add the flags and reboot once; the persisted phase resumes preparation after
+/// the reboot. Never reboots twice for this ([`addons::prep::pi_cgroup_step`]), and never when
+/// `--root` is not `/` (a test must not reboot its host).
+async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
+    use addons::prep::PiCgroup;
+    match addons::prep::pi_cgroup_step(&agent.root).context("checking the memory cgroup")? {
+        PiCgroup::Ready | PiCgroup::FlagsIgnored => Ok(()),
+        PiCgroup::RebootNeeded => {
+            let why = "added cgroup_enable=memory cgroup_memory=1 to cmdline.txt; rebooting once \
+                       so the kernel reads them";
+            if agent.root != std::path::Path::new("/") {
+                anyhow::bail!("{why} (not rebooting: --root is {})", agent.root.display());
+            }
+            tracing::warn!("{why}");
+            agent
+                .notifier
+                .status("rebooting once to enable the memory cgroup");
+            crate::system::command::Cmd::new("systemctl", Duration::from_secs(30))
+                .arg("reboot")
+                .run()
+                .await
+                .context("systemctl reboot")?;
+            anyhow::bail!("{why}")
+        }
+    }
+}
+
 async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>) -> Result<()> {
     let readiness = addons::prep::prepare_node(
         &agent.root,
@@ -620,6 +648,7 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>) -> Result<()> 
         for (p, f) in readiness.problems.iter().zip(&readiness.fixes) {
             tracing::warn!(problem = %p, fix = %f, "raspberry pi check");
         }
+        pi_memory_cgroup(agent).await?;
     }
     let source = match &agent.config.microk8s.offline_snaps {
         Some(dir) => InstallSource::Staged(dir.clone()),

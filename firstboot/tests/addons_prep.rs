@@ -5,8 +5,8 @@ use std::path::Path;
 
 use firstboot::addons::fakes::{FakeKernel, FakeRoot};
 use firstboot::addons::prep::{
-    ensure_pi_cgroup_flags, prepare_node, Readiness, HUGEPAGES_CONF, MAYASTOR_MODULES_CONF,
-    PI_CMDLINE,
+    ensure_pi_cgroup_flags, pi_cgroup_step, prepare_node, PiCgroup, Readiness, HUGEPAGES_CONF,
+    MAYASTOR_MODULES_CONF, PI_CMDLINE,
 };
 use firstboot::config::{Storage, Target};
 
@@ -333,6 +333,38 @@ fn pi_cmdline_flags_are_added_once() {
     );
     assert!(!ensure_pi_cgroup_flags(root).unwrap());
     assert_eq!(read(root, PI_CMDLINE), once);
+}
+
+#[test]
+fn pi_cgroup_step_reboots_once_and_never_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("boot/firmware")).unwrap();
+    std::fs::create_dir_all(root.join("sys/fs/cgroup")).unwrap();
+    // Not a Pi layout: nothing to do, even without the memory controller.
+    std::fs::write(
+        root.join("sys/fs/cgroup/cgroup.controllers"),
+        "cpu io pids\n",
+    )
+    .unwrap();
+    assert_eq!(pi_cgroup_step(root).unwrap(), PiCgroup::Ready);
+    // A Pi without the flags: they are added and one reboot is asked for.
+    std::fs::write(
+        root.join(PI_CMDLINE),
+        "console=tty1 root=LABEL=writable rootwait\n",
+    )
+    .unwrap();
+    assert_eq!(pi_cgroup_step(root).unwrap(), PiCgroup::RebootNeeded);
+    assert!(read(root, PI_CMDLINE).contains("cgroup_enable=memory cgroup_memory=1"));
+    // Booted again and the kernel still has no memory cgroup: no second reboot.
+    assert_eq!(pi_cgroup_step(root).unwrap(), PiCgroup::FlagsIgnored);
+    // Booted with the flags honoured.
+    std::fs::write(
+        root.join("sys/fs/cgroup/cgroup.controllers"),
+        "cpu memory io pids\n",
+    )
+    .unwrap();
+    assert_eq!(pi_cgroup_step(root).unwrap(), PiCgroup::Ready);
 }
 
 #[test]

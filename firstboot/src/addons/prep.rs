@@ -457,6 +457,32 @@ pub fn memory_cgroup_enabled(root: &Path) -> Result<bool, PrepError> {
     Ok(false)
 }
 
+/// What a Raspberry Pi node must do about the memory cgroup before installing MicroK8s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PiCgroup {
+    /// Enabled (or not a Pi boot layout): nothing to do.
+    Ready,
+    /// The flags were just added to `cmdline.txt`: reboot once so the kernel reads them.
+    RebootNeeded,
+    /// The flags are on the command line file but the running kernel still has no memory
+    /// cgroup (the file is not the one the firmware reads, or the kernel ignores them): a reboot
+    /// would not help, so never loop; the readiness check reports the problem.
+    FlagsIgnored,
+}
+
+/// Decides (and, when needed, fixes `cmdline.txt` for) the Pi memory-cgroup reboot. Bounded: a
+/// second boot with the flags present yields [`PiCgroup::FlagsIgnored`], never another reboot.
+pub fn pi_cgroup_step(root: &Path) -> Result<PiCgroup, PrepError> {
+    if memory_cgroup_enabled(root)? || !root.join(PI_CMDLINE).is_file() {
+        return Ok(PiCgroup::Ready);
+    }
+    Ok(if ensure_pi_cgroup_flags(root)? {
+        PiCgroup::RebootNeeded
+    } else {
+        PiCgroup::FlagsIgnored
+    })
+}
+
 /// Adds the memory-cgroup flags to the Pi's `cmdline.txt` (one line) when missing. Returns
 /// whether the file changed (then a reboot is needed). Idempotent.
 pub fn ensure_pi_cgroup_flags(root: &Path) -> Result<bool, PrepError> {
