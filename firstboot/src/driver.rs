@@ -297,6 +297,7 @@ impl Runtime {
     fn inbound(&mut self, msg: Inbound<Message>) -> Option<Event> {
         let from = NodeId::new(msg.from.clone()).ok();
         let message = msg.message.clone();
+        tracing::trace!(peer = %msg.from, msg = message.kind(), "message in");
         // Replies travel as separate messages; the HTTP answer only acknowledges receipt.
         msg.reply(Vec::new());
         Some(Event::Message {
@@ -418,6 +419,7 @@ impl Runtime {
     }
 
     fn send(&mut self, to: NodeId, msg: Message) {
+        tracing::trace!(peer = %to, msg = msg.kind(), "message out");
         let Some(peer) = self.peers.get(&to) else {
             tracing::debug!(peer = %to, "no address for peer; message dropped");
             return;

@@ -101,3 +101,21 @@ pub enum Message {
     /// The membership is recorded: the joiner is a member with `role`.
     JoinConfirmed { cluster: ClusterId, role: Role },
 }
+
+impl Message {
+    /// Short name of the message kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Prepare { .. } => "prepare",
+            Message::Promise { .. } => "promise",
+            Message::Accept { .. } => "accept",
+            Message::Accepted { .. } => "accepted",
+            Message::Nack { .. } => "nack",
+            Message::SlotRequest { .. } => "slot-request",
+            Message::SlotGrant { .. } => "slot-grant",
+            Message::NotAuthority { .. } => "not-authority",
+            Message::JoinReport { .. } => "join-report",
+            Message::JoinConfirmed { .. } => "join-confirmed",
+        }
+    }
+}
