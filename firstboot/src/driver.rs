@@ -287,7 +287,12 @@ impl Runtime {
             }
             PeerEvent::Lost { node_id } => {
                 let id = NodeId::new(node_id).ok()?;
-                self.peers.remove(&id);
+                // Keep the address: a lost mDNS record (expiry under load, an unsigned goodbye)
+                // does not mean the peer is gone, and the pinned coordinator client can still
+                // reach it. The formation core decides liveness.
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.phase = "lost".into();
+                }
                 self.timeline(format!("lost {id}"));
                 Some(Event::PeerLost { id })
             }

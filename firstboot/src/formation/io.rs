@@ -18,7 +18,8 @@ use crate::config::Role;
 pub enum Event {
     /// A verified announcement (first sight or update) and the address it came from.
     PeerSeen { ann: Announcement, ip: IpAddr },
-    /// Discovery lost the peer (mDNS goodbye or expiry).
+    /// Discovery lost the peer (mDNS goodbye or expiry). A hint only: a peer counts as gone
+    /// when neither an announcement nor a message came from it for `peer_timeout`.
     PeerLost { id: NodeId },
     /// Periodic timer; once a second is plenty.
     Tick,

@@ -449,14 +449,20 @@ impl Node {
                         .insert(ann.id.clone(), Peer { ann, ip, seen: now });
                 }
             }
-            Event::PeerLost { id } => {
-                self.peers.remove(&id);
+            Event::PeerLost { .. } => {
+                // A hint only (unsigned goodbye, or a record expired on a busy network): the
+                // peer counts as gone once nothing from it arrived for `peer_timeout`.
             }
             Event::Tick => {}
             Event::NodePrepared(res) => self.on_prepared(now, res, &mut out),
             Event::JoinFinished(res) => self.on_join_finished(now, res, &mut out),
             Event::AddonsEnabled(res) => self.on_addons(res, &mut out),
             Event::Message { from, msg } => {
+                // An authenticated message shows the sender is alive even when its mDNS
+                // announcements are late (a busy network): no takeover of a working authority.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.seen = now;
+                }
                 // Paxos traffic only needs the decision step when it changed something.
                 let paxos = matches!(
                     msg,
