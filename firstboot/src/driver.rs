@@ -14,8 +14,11 @@
 //! coordinator client; `PrepareNode`, `Join` and `EnableAddons` run as tasks whose results come
 //! back as events. Nothing here decides anything about formation.
 //!
-//! Once the node is a member with its addons done, the loop only answers peers, re-announces
-//! on changes, refreshes the status document every few seconds and otherwise sleeps.
+//! Once the node is a control-plane member, its coordinator hands the admin kubeconfig
+//! (`microk8s config`) to authenticated requests (`imagebuilder kubeconfig`); a worker member
+//! refuses with the reason. Once the node is a member with its addons done, the loop only
+//! answers peers, re-announces on changes, refreshes the status document every few seconds and
+//! otherwise sleeps.
 //!
 //! To add a long-running action: spawn it in [`Runtime::execute`] and send its result back
 //! through the task channel as an [`Event`].
@@ -31,7 +34,7 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::addons::{self, progress::AddonProgress};
-use crate::config::{ClusterConfig, MacAddr, Metallb, Target};
+use crate::config::{ClusterConfig, MacAddr, Metallb, Role, Target};
 use crate::coordinator::{
     Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
 };
@@ -122,6 +125,19 @@ struct Runtime {
     last_status_line: String,
     /// The last announcement, re-published as a heartbeat so peers keep seeing this node.
     last_announcement: Option<Announcement>,
+    /// What `POST /v1/kubeconfig` currently answers.
+    kubeconfig: KubeconfigServing,
+}
+
+/// Whether the coordinator hands out the admin kubeconfig (see [`Runtime::serve_kubeconfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KubeconfigServing {
+    /// Not a member yet: 503 "not a running control-plane member yet".
+    NotYet,
+    /// A control-plane member: `microk8s config` on each authenticated request.
+    Serving,
+    /// A worker member: 503 saying to ask a control-plane member.
+    Worker,
 }
 
 /// Runs the agent until `shutdown` completes. Persisted state makes a restart resume.
@@ -187,6 +203,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         state,
         last_status_line: String::new(),
         last_announcement: None,
+        kubeconfig: KubeconfigServing::NotYet,
     };
     tracing::info!(
         node = %rt.agent.node_id,
@@ -277,7 +294,7 @@ impl Runtime {
                         port: p.port,
                         fingerprint: p.fingerprint.clone(),
                         phase: ann.phase.name().into(),
-                        role: ann.role.map(role_name),
+                        role: ann.role.map(|r| r.name().to_owned()),
                     },
                 );
                 if first {
@@ -522,11 +539,47 @@ impl Runtime {
         });
     }
 
+    /// Serves the admin kubeconfig over the coordinator (authenticated requests only) once
+    /// this node is a control-plane member: `microk8s config` runs on each request, so the
+    /// answer follows MicroK8s (certificate refreshes, a stopped service's error). The text is
+    /// never logged or kept here. A worker member refuses with a reason naming where to ask.
+    fn serve_kubeconfig(&mut self, phase: &Phase) {
+        let want = match phase {
+            Phase::Member {
+                role: Role::ControlPlane,
+                ..
+            } => KubeconfigServing::Serving,
+            Phase::Member {
+                role: Role::Worker, ..
+            } => KubeconfigServing::Worker,
+            _ => KubeconfigServing::NotYet,
+        };
+        if want == self.kubeconfig {
+            return;
+        }
+        match want {
+            KubeconfigServing::Serving => {
+                let mk = self.agent.microk8s.clone();
+                self.coordinator.set_kubeconfig_provider(Arc::new(move || {
+                    let mk = mk.clone();
+                    Box::pin(async move { Ok(mk.config().await?) })
+                }));
+                self.timeline("serving the admin kubeconfig to holders of the cluster secret");
+            }
+            KubeconfigServing::Worker => self.coordinator.refuse_kubeconfig(
+                "this node is a worker and has no admin kubeconfig; ask a control-plane member",
+            ),
+            KubeconfigServing::NotYet => self.coordinator.clear_kubeconfig_provider(),
+        }
+        self.kubeconfig = want;
+    }
+
     /// Refreshes the status document served by the coordinator.
     fn publish_status(&mut self) {
         let st = self.node.status();
+        self.serve_kubeconfig(&st.phase);
         self.doc.phase = st.phase.summary().name().into();
-        self.doc.role = st.role.map(role_name);
+        self.doc.role = st.role.map(|r| r.name().to_owned());
         self.doc.cluster = st.cluster.as_ref().map(|c| c.to_string());
         self.doc.authority = st.authority.as_ref().map(|a| a.to_string());
         if let Some(e) = &st.last_error {
@@ -537,7 +590,7 @@ impl Runtime {
             .iter()
             .map(|(id, role)| MemberRow {
                 node_id: id.to_string(),
-                role: role_name(*role),
+                role: role.name().to_owned(),
             })
             .collect();
         self.doc.peers = self
@@ -551,13 +604,6 @@ impl Runtime {
             })
             .collect();
         let _ = self.coordinator.set_status_from(&self.doc);
-    }
-}
-
-fn role_name(r: crate::config::Role) -> String {
-    match r {
-        crate::config::Role::ControlPlane => "control-plane".into(),
-        crate::config::Role::Worker => "worker".into(),
     }
 }
 

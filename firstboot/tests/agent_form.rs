@@ -1,5 +1,8 @@
 //! Host-level agent tests (root; network namespaces; the MicroK8s simulator): real `firstboot
-//! run` processes form clusters, survive crashes and partitions, and ignore strangers.
+//! run` processes form clusters, survive crashes and partitions, and ignore strangers; the
+//! formed cluster hands its admin kubeconfig to `imagebuilder kubeconfig` (the imagebuilder
+//! binary next to ours: `cargo build -p imagebuilder`, or the whole workspace's tests) and to
+//! nobody without the secret.
 
 mod agent_support;
 
@@ -7,6 +10,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use agent_support::{argv, check_command_log, AgentCluster, ClusterSpec};
+use firstboot::coordinator::{ClientError, CoordinatorClient};
+use firstboot::status::StatusDoc;
+use firstboot::system::command::Output;
 
 fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     let mut starts = std::collections::HashMap::new();
@@ -34,6 +40,179 @@ fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
         }
     }
     out
+}
+
+/// Runs `imagebuilder ARGS…` on lab host `host`: the binary next to ours in the target
+/// directory.
+fn imagebuilder_on(host: &netns_lab::Host, args: &[&std::ffi::OsStr]) -> Output {
+    let bin = std::path::Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p imagebuilder, or run the whole workspace's tests)",
+        bin.display()
+    );
+    host.cmd(&bin.to_string_lossy(), Duration::from_secs(90))
+        .args(args)
+        .output_blocking()
+        .expect("running imagebuilder")
+}
+
+/// Issue #10 against a formed cluster of 3 control-plane nodes and 2 workers, from host `ws`
+/// (no agent): `imagebuilder kubeconfig --config` gets the kubeconfig `microk8s config` printed
+/// on a control-plane node, pointed at the address it reached that node on; a wrong secret gets
+/// nothing (no node verifies, and the coordinator answers 401 without running the provider); a
+/// worker answers 503 saying why; `microk8s config` never ran on a worker.
+fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, docs: &[StatusDoc]) {
+    use base64::Engine as _;
+    let host = c.lab.host(ws).clone();
+    let cp: Vec<usize> = (0..docs.len())
+        .filter(|&i| docs[i].role.as_deref() == Some("control-plane"))
+        .collect();
+    let worker = (0..docs.len())
+        .find(|&i| docs[i].role.as_deref() == Some("worker"))
+        .expect("a worker");
+    let file = c.dir.path().join("kubeconfig");
+    let toml = c.dir.path().join("cluster.toml");
+    let out = imagebuilder_on(
+        &host,
+        &[
+            "kubeconfig".as_ref(),
+            "--config".as_ref(),
+            toml.as_os_str(),
+            "--timeout".as_ref(),
+            "60s".as_ref(),
+            "--output".as_ref(),
+            file.as_os_str(),
+        ],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let k: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let server = k["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let from = cp
+        .iter()
+        .copied()
+        .find(|&i| server == format!("https://{}:16443", c.nodes[i].addr))
+        .unwrap_or_else(|| panic!("server {server} is no control-plane node's address"));
+    let node = &docs[from].node_id;
+    assert!(
+        out.stderr.contains(&format!(
+            "wrote the kubeconfig of {node} (API server {})",
+            c.nodes[from].addr
+        )),
+        "the server is the address the workstation reached: {}",
+        out.stderr
+    );
+    // It is what MicroK8s printed on that node: its admin certificate, the cluster's CA.
+    let cert = base64::engine::general_purpose::STANDARD
+        .decode(
+            k["users"][0]["user"]["client-certificate-data"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let cert = String::from_utf8(cert).unwrap();
+    assert!(
+        cert.contains(&format!("admin certificate of node-{from}")),
+        "{cert}"
+    );
+    let key = k["users"][0]["user"]["client-key-data"].as_str().unwrap();
+    assert!(
+        !out.stderr.contains(key),
+        "the kubeconfig leaked into the log"
+    );
+    for i in 0..c.nodes.len() {
+        let log = std::fs::read_to_string(c.nodes[i].dir.join("agent.log")).unwrap_or_default();
+        assert!(!log.contains(key), "node-{i}'s agent logged the kubeconfig");
+    }
+    let configs_before = config_calls(&c.commands());
+
+    // Another cluster's secret: no announcement verifies, so nothing is asked.
+    let other = c.dir.path().join("other.secret");
+    firstboot::secret::ClusterSecret::from_bytes([8; 32])
+        .write_new(&other)
+        .unwrap();
+    let out = imagebuilder_on(
+        &host,
+        &[
+            "kubeconfig".as_ref(),
+            "--secret".as_ref(),
+            other.as_os_str(),
+            "--timeout".as_ref(),
+            "4s".as_ref(),
+        ],
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stdout);
+    assert!(out.stdout.is_empty());
+    assert!(
+        out.stderr.contains("is this the cluster's secret?"),
+        "{}",
+        out.stderr
+    );
+
+    // Straight at the coordinators: a stranger is refused before `microk8s config` runs; the
+    // secret's holder asking a worker is told why it has none.
+    let fp = |i: usize| {
+        firstboot::coordinator::identity::read_fingerprint(&c.nodes[i].dir.join("state")).unwrap()
+    };
+    let target = |i: usize| std::net::SocketAddr::from((c.nodes[i].addr, 7443));
+    let (cp_addr, cp_fp) = (target(from), fp(from));
+    let (w_addr, w_fp) = (target(worker), fp(worker));
+    let secret = c.spec.secret.clone();
+    let answers = host
+        .spawn_thread(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let stranger = CoordinatorClient::new(
+                    &firstboot::secret::ClusterSecret::from_bytes([8; 32]),
+                    "stranger",
+                );
+                let holder = CoordinatorClient::new(&secret, "workstation");
+                let refusal = |r: Result<String, ClientError>| match r {
+                    Err(ClientError::Refused { status, reason, .. }) => (status, reason),
+                    Err(e) => (0, e.to_string()),
+                    Ok(_) => (200, "<a kubeconfig>".to_owned()),
+                };
+                Ok((
+                    refusal(stranger.kubeconfig(cp_addr, &cp_fp).await),
+                    refusal(holder.kubeconfig(w_addr, &w_fp).await),
+                ))
+            })
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let ((s_status, _), (w_status, w_reason)) = answers;
+    assert_eq!(s_status, 401, "a stranger must be refused");
+    assert_eq!(w_status, 503, "{w_reason}");
+    assert!(w_reason.contains("worker"), "{w_reason}");
+    let calls = config_calls(&c.commands());
+    assert_eq!(
+        calls, configs_before,
+        "the stranger made `microk8s config` run"
+    );
+    assert!(!calls.is_empty());
+    for n in &calls {
+        let i: usize = n.trim_start_matches("node-").parse().unwrap();
+        assert!(
+            cp.contains(&i),
+            "`microk8s config` ran on {n}, not a control-plane node"
+        );
+    }
+}
+
+/// The node of every finished `microk8s config`, in order.
+fn config_calls(records: &[serde_json::Value]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r["event"] == "end" && argv(r).first().map(String::as_str) == Some("config"))
+        .map(|r| r["node"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 #[test]
@@ -101,6 +280,8 @@ fn five_nodes_give_three_control_plane_and_two_workers_and_a_sixth_joins_later()
         2,
         "{roles:?}"
     );
+    // Host 5 has no agent yet: the workstation's place.
+    kubeconfig_is_served_to_the_secret_holder_only(&c, 5, &docs);
     c.start(5);
     let late = c.wait_formed(&[5], 3, Duration::from_secs(120));
     assert_eq!(late[0].role.as_deref(), Some("worker"));

@@ -2,8 +2,9 @@
 //! and point it at that member's address.
 //!
 //! The workstation browses mDNS (announcing nothing; see [`crate::status::ClusterBrowser`]),
-//! keeps the nodes whose verified announcement says "member, control-plane" (`ph=memb`,
-//! `ro=cp`), and asks each in turn for `POST /v1/kubeconfig` over its coordinator: TLS pinned
+//! keeps the nodes whose verified announcement (decoded by the formation core's
+//! `Announcement::from_txt`) says "member, control-plane", and asks each in turn for
+//! `POST /v1/kubeconfig` over its coordinator: TLS pinned
 //! to the announced fingerprint, request signed with the cluster secret's challenge-response.
 //! The kubeconfig never travels over any other channel, and is never logged.
 //!

@@ -28,35 +28,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use firstboot::config::Role;
 use firstboot::coordinator::CoordinatorClient;
 use firstboot::discovery::{
     Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, Peer, PeerEvent,
 };
+use firstboot::formation::{Announcement, PhaseSummary};
 use firstboot::secret::ClusterSecret;
 use firstboot::status::StatusDoc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-/// Announcement application field carrying the phase code (`formation::announce`: `ph`).
-pub const FIELD_PHASE: &str = "ph";
-/// Announcement application field carrying the role code (`formation::announce`: `ro`).
-pub const FIELD_ROLE: &str = "ro";
 /// Control-plane size assumed when neither the config nor any node says.
 pub const DEFAULT_CONTROL_PLANE: u32 = 3;
-
-/// Long name of an announced phase code (the names the status document uses).
-pub fn phase_name(code: &str) -> Option<&'static str> {
-    firstboot::formation::PhaseSummary::parse(code).map(|p| p.name())
-}
-
-/// Long name of an announced role code.
-pub fn role_name(code: &str) -> Option<&'static str> {
-    Some(match code {
-        "cp" => "control-plane",
-        "w" => "worker",
-        _ => return None,
-    })
-}
 
 /// A node of this cluster seen over mDNS (its announcement verified under the secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,23 +56,31 @@ pub struct AnnouncedNode {
 }
 
 impl AnnouncedNode {
+    /// Reads the announcement with the formation core's own decoder
+    /// ([`Announcement::from_txt`]); a record it cannot read (e.g. a newer format) is still
+    /// listed, with no phase and no role.
     pub fn from_peer(p: &Peer) -> Self {
-        let field = |k: &str, f: fn(&str) -> Option<&'static str>| {
-            p.fields.get(k).and_then(|v| f(v)).map(str::to_string)
+        let ann = match Announcement::from_txt(&p.fields) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::debug!(node = %p.node_id, error = %e, "announcement not understood");
+                None
+            }
         };
         AnnouncedNode {
             node_id: p.node_id.clone(),
             addresses: p.addrs.clone(),
             port: p.port,
             fingerprint: p.fingerprint.clone(),
-            phase: field(FIELD_PHASE, phase_name),
-            role: field(FIELD_ROLE, role_name),
+            phase: ann.as_ref().map(|a| a.phase.name().to_owned()),
+            role: ann.and_then(|a| a.role).map(|r| r.name().to_owned()),
         }
     }
 
     /// A member that announces the control-plane role.
     pub fn is_control_plane_member(&self) -> bool {
-        self.phase.as_deref() == Some("member") && self.role.as_deref() == Some("control-plane")
+        self.phase.as_deref() == Some(PhaseSummary::Member.name())
+            && self.role.as_deref() == Some(Role::ControlPlane.name())
     }
 }
 
@@ -799,18 +791,38 @@ mod tests {
 
     #[test]
     fn announced_codes_map_to_long_names_and_tables_are_terminal_safe() {
-        let p = Peer {
+        let ann = Announcement {
+            id: firstboot::formation::NodeId::new("ab12").unwrap(),
+            priority: 0,
+            phase: PhaseSummary::Member,
+            role: Some(Role::ControlPlane),
+            cluster: None,
+            authority: None,
+            record_ballot: None,
+            members: 3,
+            eligible: true,
+        };
+        let mut p = Peer {
             node_id: "n1".into(),
             addrs: vec![],
             port: 7443,
             fingerprint: "0".repeat(64),
-            fields: [("ph", "memb"), ("ro", "cp"), ("x", "y")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            fields: ann.to_txt().into_iter().collect(),
         };
+        // Keys a newer agent may add are ignored.
+        p.fields.insert("x".into(), "y".into());
         let a = AnnouncedNode::from_peer(&p);
+        assert_eq!(a.phase.as_deref(), Some("member"));
+        assert_eq!(a.role.as_deref(), Some("control-plane"));
         assert!(a.is_control_plane_member());
+        // A worker, and a record the decoder refuses, are not asked for a kubeconfig.
+        p.fields.insert("ro".into(), "w".into());
+        let w = AnnouncedNode::from_peer(&p);
+        assert_eq!(w.role.as_deref(), Some("worker"));
+        assert!(!w.is_control_plane_member());
+        p.fields.insert("ro".into(), "boss".into());
+        let bad = AnnouncedNode::from_peer(&p);
+        assert_eq!((bad.phase, bad.role), (None, None));
         let mut doc = member_doc("n1", CP, &[("n1", CP)], 1);
         doc.last_error = Some("bad\x1b[2Jthing".into());
         let report = ClusterReport {

@@ -183,6 +183,24 @@ async fn check_common(
         cfg.contains("secret-file = \"/etc/rackseed/cluster.secret\""),
         "{cfg}"
     );
+    // No build-machine path in the installed config (the Wi-Fi psk-file went with its table),
+    // and firstboot still accepts it.
+    let wifi = s.config.network.wifi.as_ref().unwrap();
+    let host_dir = s.config.cluster.secret_file.parent().unwrap();
+    assert!(
+        !cfg.contains(host_dir.to_str().unwrap())
+            && !cfg.lines().any(|l| l.trim_start().starts_with("psk-file")),
+        "{cfg}"
+    );
+    assert!(!cfg.contains(s.psk), "{cfg}");
+    assert!(
+        cfg.contains("[network.wifi] for SSID \"homelab\" was applied at build time"),
+        "{cfg}"
+    );
+    assert!(wifi.psk_file.starts_with(host_dir));
+    let loaded = firstboot::config::parse(&cfg, Path::new("/etc/rackseed/cluster.toml"))
+        .unwrap_or_else(|e| panic!("the installed config does not load: {e:?}\n{cfg}"));
+    assert!(loaded.config.network.wifi.is_none());
     let unit = cat(
         img,
         root.start,
@@ -472,6 +490,140 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
     extract(&out2.image, boot2.start, boot2.size, &fat2);
     let cmdline2 = run("mtype", &["-i", fat2.to_str().unwrap(), "::/cmdline.txt"]).await;
     assert_eq!(cmdline2, cmdline, "the flags are not added twice");
+}
+
+/// Status lines in a dpkg status file that are not "install ok installed" (unpacked,
+/// half-installed, half-configured, trigger states...), with their package names.
+fn unfinished_packages(status: &str) -> Vec<String> {
+    status
+        .split("\n\n")
+        .filter_map(|para| {
+            let name = para.lines().find_map(|l| l.strip_prefix("Package: "))?;
+            let st = para.lines().find_map(|l| l.strip_prefix("Status: "))?;
+            (st != "install ok installed").then(|| format!("{name}: {st}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
+    require_all_tools();
+    require_tools(&[("cpio", "cpio"), ("gzip", "gzip")]);
+    assert!(
+        imagebuilder::base::bootstrap::can_run_arch("arm64", imagebuilder::base::bootstrap::BINFMT_DIR),
+        "this test needs arm64 binaries to run here (a binfmt_misc handler with flag F): run scripts/install-deps as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let s = sample(dir.path(), Target::Rpi5, bootstrap_base(Target::Rpi5));
+    let out_dir = dir.path().join("out");
+    let req = request(&s, &out_dir, aarch64_stand_in(dir.path()).await);
+    let out = imagebuilder::build::run(req).await.expect("rpi5 build");
+    let t = check_common(&out, &s, Target::Rpi5, dir.path()).await;
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out.manifest).unwrap()).unwrap();
+    assert_eq!(m["base"]["kind"], "bootstrap");
+    assert_eq!(m["base"]["foreign"], false, "a full, configured bootstrap");
+
+    // system-boot like Ubuntu's Pi images: kernel, initrd, config.txt, one-line cmdline.txt.
+    let boot = t.by_label("system-boot").unwrap();
+    let fat = dir.path().join("sb.fat");
+    extract(&out.image, boot.start, boot.size, &fat);
+    let f = fat.to_str().unwrap();
+    let listing = run("mdir", &["-/", "-b", "-i", f, "::"]).await;
+    for want in [
+        "::/vmlinuz",
+        "::/initrd.img",
+        "::/config.txt",
+        "::/cmdline.txt",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.eq_ignore_ascii_case(want)),
+            "{want} missing from system-boot: {listing}"
+        );
+    }
+    let config = run("mtype", &["-i", f, "::/config.txt"]).await;
+    assert!(
+        config.contains("kernel=vmlinuz") && config.contains("initramfs initrd.img followkernel"),
+        "{config}"
+    );
+    let cmdline = run("mtype", &["-i", f, "::/cmdline.txt"]).await;
+    assert_eq!(cmdline.lines().count(), 1, "{cmdline:?}");
+    assert!(cmdline.contains("root=LABEL=writable"), "{cmdline}");
+
+    // The kernel is an arm64 Image (Debian ships it uncompressed; Ubuntu gzip'd, which QEMU's
+    // -kernel and the Pi firmware also take).
+    let vmlinuz = dir.path().join("vmlinuz");
+    run("mcopy", &["-i", f, "::/vmlinuz", vmlinuz.to_str().unwrap()]).await;
+    let mut kernel = std::fs::read(&vmlinuz).unwrap();
+    if kernel.starts_with(&[0x1f, 0x8b]) {
+        let image = dir.path().join("Image");
+        let sh = format!("gzip -dc '{}' > '{}'", vmlinuz.display(), image.display());
+        run("sh", &["-c", &sh]).await;
+        kernel = std::fs::read(&image).unwrap();
+    }
+    assert_eq!(&kernel[56..60], b"ARM\x64", "arm64 Image magic");
+
+    // The initramfs can find root by label over virtio-blk: the driver and udev are in it.
+    let initrd = dir.path().join("initrd.img");
+    run(
+        "mcopy",
+        &["-i", f, "::/initrd.img", initrd.to_str().unwrap()],
+    )
+    .await;
+    let files = run(
+        "sh",
+        &[
+            "-c",
+            &format!("gzip -dc '{}' | cpio -it --quiet", initrd.display()),
+        ],
+    )
+    .await;
+    for want in ["/virtio_blk.ko", "/ext4.ko", "/udevadm", "scripts/local"] {
+        assert!(
+            files
+                .lines()
+                .any(|l| l.ends_with(want) || l.contains(&format!("{want}."))),
+            "{want} missing from the initramfs ({} entries)",
+            files.lines().count()
+        );
+    }
+
+    // The root filesystem holds arm64 binaries, every package configured.
+    let root = t.by_label("writable").unwrap();
+    let dpkg = dir.path().join("dpkg");
+    run(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /usr/bin/dpkg {}", dpkg.display()),
+            &format!("{}?offset={}", out.image.display(), root.start),
+        ],
+    )
+    .await;
+    let elf = std::fs::read(&dpkg).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 0xb7, "EM_AARCH64");
+    let status = cat(&out.image, root.start, "/var/lib/dpkg/status").await;
+    assert!(
+        status.contains("Package: linux-image-"),
+        "kernel package installed"
+    );
+    let unfinished = unfinished_packages(&status);
+    assert!(
+        unfinished.is_empty(),
+        "packages left unconfigured: {unfinished:?}"
+    );
+    let fstab = cat(&out.image, root.start, "/etc/fstab").await;
+    assert!(fstab.contains("LABEL=writable / ext4"), "{fstab}");
+}
+
+#[test]
+fn unfinished_packages_reads_dpkg_status() {
+    let st = "Package: a\nStatus: install ok installed\n\nPackage: b\nStatus: install ok unpacked\n\nPackage: c\nStatus: install ok half-configured\n";
+    assert_eq!(
+        unfinished_packages(st),
+        vec!["b: install ok unpacked", "c: install ok half-configured"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,6 @@
 //! The coordinator's kubeconfig route and `CoordinatorClient::kubeconfig` on loopback: served
 //! only with a provider installed, only to holders of the cluster secret, provider failures
-//! and timeouts explained, and the provider can be withdrawn.
+//! and timeouts explained, and the provider can be withdrawn or replaced by a stated reason.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -88,8 +88,16 @@ async fn kubeconfig_route_serves_only_with_a_provider_and_the_secret() {
         "{reason}"
     );
 
+    coord.refuse_kubeconfig("this node is a worker; ask a control-plane member");
+    let (status, reason) = refused(client.kubeconfig(addr, &fp).await);
+    assert_eq!(
+        (status, reason.as_str()),
+        (503, "this node is a worker; ask a control-plane member")
+    );
+
     coord.clear_kubeconfig_provider();
-    let (status, _) = refused(client.kubeconfig(addr, &fp).await);
+    let (status, reason) = refused(client.kubeconfig(addr, &fp).await);
     assert_eq!(status, 503);
+    assert!(reason.contains("serves no kubeconfig"), "{reason}");
     assert_eq!(coord.stats().kubeconfig_reads, 1);
 }

@@ -14,6 +14,8 @@ mod status_support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use firstboot::config::Role::{ControlPlane, Worker};
+use firstboot::formation::PhaseSummary::Member;
 use netns_lab::Lab;
 use status_support::{member_doc, spawn, Command, Kubeconfig, CP};
 
@@ -56,8 +58,8 @@ fn kubeconfig_comes_from_a_serving_control_plane_member_and_points_at_it() {
             "node-a",
             &secret,
             member_doc("node-a", ips[0], CP, &members, &ips[..2]),
-            "memb",
-            Some("cp"),
+            Member,
+            Some(ControlPlane),
             Kubeconfig::Fail("microk8s is not running".into()),
         )
         .unwrap(),
@@ -66,8 +68,8 @@ fn kubeconfig_comes_from_a_serving_control_plane_member_and_points_at_it() {
             "node-b",
             &secret,
             member_doc("node-b", ips[1], CP, &members, &ips[..2]),
-            "memb",
-            Some("cp"),
+            Member,
+            Some(ControlPlane),
             Kubeconfig::Serve(FAKE.into()),
         )
         .unwrap(),
@@ -76,8 +78,8 @@ fn kubeconfig_comes_from_a_serving_control_plane_member_and_points_at_it() {
             "node-c",
             &secret,
             member_doc("node-c", ips[2], "worker", &members, &[]),
-            "memb",
-            Some("w"),
+            Member,
+            Some(Worker),
             // A worker never has a provider; one here would show the workstation asked it.
             Kubeconfig::Serve("clusters: [wrong node]".into()),
         )

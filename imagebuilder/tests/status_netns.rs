@@ -11,6 +11,8 @@ mod status_support;
 
 use std::time::{Duration, Instant};
 
+use firstboot::config::Role::ControlPlane;
+use firstboot::formation::PhaseSummary::{Joining, Member};
 use firstboot::status::AddonRow;
 use netns_lab::Lab;
 use status_support::{doc, member_doc, spawn, Kubeconfig, CP};
@@ -35,8 +37,8 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
             "node-a",
             &secret,
             member_doc("node-a", ips[0], CP, &two, &ips[..2]),
-            "memb",
-            Some("cp"),
+            Member,
+            Some(ControlPlane),
             Kubeconfig::None,
         )
         .unwrap(),
@@ -45,8 +47,8 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
             "node-b",
             &secret,
             member_doc("node-b", ips[1], CP, &two, &ips[..2]),
-            "memb",
-            Some("cp"),
+            Member,
+            Some(ControlPlane),
             Kubeconfig::None,
         )
         .unwrap(),
@@ -55,8 +57,8 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
             "node-c",
             &secret,
             doc("node-c", ips[2], "joining", Some(CP)),
-            "join",
-            Some("cp"),
+            Joining,
+            Some(ControlPlane),
             Kubeconfig::None,
         )
         .unwrap(),
@@ -207,7 +209,7 @@ fn status_reports_and_waits_for_the_cluster_to_form() {
     nodes[0].set_status(a);
     nodes[1].set_status(member_doc("node-b", ips[1], CP, &three, &ips));
     nodes[2].set_status(member_doc("node-c", ips[2], CP, &three, &ips));
-    nodes[2].announce("memb", Some("cp"));
+    nodes[2].announce(Member, Some(ControlPlane));
     let out = waiter.join().unwrap().unwrap();
     let waited = started.elapsed();
     assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout, out.stderr);

@@ -151,6 +151,9 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
     push(&["-cpu", cpu]);
     push(&["-m", &spec.memory_mib.to_string()]);
     push(&["-smp", &spec.cpus.to_string()]);
+    // A machine UUID of its own per node (SMBIOS): systemd derives a VM's machine id from it
+    // on first boot, so without it every node would get the same identity.
+    push(&["-uuid", &node_uuid(&spec.mac)]);
     push(&["-nodefaults", "-display", "none", "-daemonize"]);
     push(&["-pidfile", &path_arg(&spec.pid_file)]);
     push(&[
@@ -247,6 +250,20 @@ pub fn node_macs(cluster_id: &str, index: u8) -> (String, String) {
     (
         format!("52:54:{a:02x}:{b:02x}:00:{index:02x}"),
         format!("52:54:{a:02x}:{b:02x}:01:{index:02x}"),
+    )
+}
+
+/// A deterministic RFC 4122 version-4-shaped UUID from the node's (unique) cluster MAC.
+pub fn node_uuid(mac: &str) -> String {
+    let hi = fnv1a(mac.as_bytes());
+    let lo = fnv1a(format!("{mac}/rackseed").as_bytes());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xfff,
+        lo >> 52,
+        lo & 0xffff_ffff_ffff
     )
 }
 
@@ -397,6 +414,27 @@ mod tests {
         let argv = qemu_argv(&s);
         assert!(values_after(&argv, "-drive")
             .contains(&"if=none,id=disk0,format=qcow2,file=/odd,,dir/node0.qcow2"));
+    }
+
+    #[test]
+    fn node_uuids_are_distinct_well_formed_and_deterministic() {
+        let ids: std::collections::BTreeSet<String> = (0..=255u8)
+            .map(|i| node_uuid(&node_macs("/var/tmp/cluster-a", i).0))
+            .collect();
+        assert_eq!(ids.len(), 256);
+        for id in &ids {
+            let parts: Vec<&str> = id.split('-').collect();
+            let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                parts[2].starts_with('4') && parts[3].starts_with('8'),
+                "{id}"
+            );
+        }
+        let mac = node_macs("/var/tmp/cluster-a", 7).0;
+        assert_eq!(node_uuid(&mac), node_uuid(&mac));
+        let argv = qemu_argv(&spec(1));
+        assert_eq!(values_after(&argv, "-uuid").len(), 1, "{argv:?}");
     }
 
     #[test]

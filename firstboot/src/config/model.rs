@@ -150,6 +150,23 @@ pub enum Role {
     Worker,
 }
 
+impl Role {
+    /// The role's name as written in config files and status documents (its serde name):
+    /// `control-plane` or `worker`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ControlPlane => "control-plane",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A MAC address, normalised to lowercase `aa:bb:cc:dd:ee:ff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MacAddr(pub [u8; 6]);
@@ -286,5 +303,19 @@ mod humantime_serde_shim {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::Role;
+
+    #[test]
+    fn role_names_are_the_serde_names() {
+        for r in [Role::ControlPlane, Role::Worker] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+            assert_eq!(serde_json::from_value::<Role>(r.name().into()).unwrap(), r);
+            assert_eq!(r.to_string(), r.name());
+        }
     }
 }

@@ -11,8 +11,8 @@
 //!   design; see [`super::page`] for what it shows and why that is acceptable.
 //! - `POST /v1/kubeconfig` (auth): the cluster's admin kubeconfig, `{"kubeconfig": "..."}`,
 //!   from the provider the driver installed with [`Coordinator::set_kubeconfig_provider`]
-//!   (`microk8s config` on a control-plane member); 503 with the reason when there is none or
-//!   it fails. It is a credential: served only to holders of the cluster secret, never logged.
+//!   (`microk8s config` on a control-plane member); 503 with the reason when there is none
+//!   (not a member yet, or a worker: [`Coordinator::refuse_kubeconfig`]) or it fails. It is a credential: served only to holders of the cluster secret, never logged.
 //!
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
 //! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
@@ -143,10 +143,21 @@ struct State {
     nonces: Mutex<NonceStore>,
     stats: Mutex<CoordinatorStats>,
     status: watch::Receiver<serde_json::Value>,
-    kubeconfig: Mutex<Option<KubeconfigProvider>>,
+    kubeconfig: Mutex<KubeconfigSource>,
     /// Values that must never appear on the public page (see [`page_response`]).
     never_public: Vec<String>,
 }
+
+/// Where `POST /v1/kubeconfig` gets its answer.
+enum KubeconfigSource {
+    /// 503 with this reason.
+    Unavailable(String),
+    Provider(KubeconfigProvider),
+}
+
+/// The reason given until a provider is installed (or after it was withdrawn).
+pub const NO_KUBECONFIG_YET: &str =
+    "this node serves no kubeconfig (it is not a running control-plane member yet)";
 
 /// A running coordinator. Dropping it stops the server and closes its connections.
 pub struct Coordinator<M> {
@@ -200,7 +211,7 @@ where
             nonces: Mutex::new(NonceStore::default()),
             stats: Mutex::new(CoordinatorStats::default()),
             status: status_rx,
-            kubeconfig: Mutex::new(None),
+            kubeconfig: Mutex::new(KubeconfigSource::Unavailable(NO_KUBECONFIG_YET.into())),
             never_public: vec![
                 cfg.secret.microk8s_token(),
                 cfg.secret.to_file_contents().trim().to_string(),
@@ -245,12 +256,21 @@ impl<M> Coordinator<M> {
     /// Serves `POST /v1/kubeconfig` from `provider` (called once per authenticated request,
     /// with [`KUBECONFIG_TIMEOUT`]). Until this is called, the route answers 503.
     pub fn set_kubeconfig_provider(&self, provider: KubeconfigProvider) {
-        *self.state.kubeconfig.lock().expect("kubeconfig lock") = Some(provider);
+        *self.state.kubeconfig.lock().expect("kubeconfig lock") =
+            KubeconfigSource::Provider(provider);
     }
 
-    /// Stops serving the kubeconfig (e.g. the node left the cluster).
+    /// Stops serving the kubeconfig (e.g. the node left the cluster); the route answers 503
+    /// with [`NO_KUBECONFIG_YET`].
     pub fn clear_kubeconfig_provider(&self) {
-        *self.state.kubeconfig.lock().expect("kubeconfig lock") = None;
+        self.refuse_kubeconfig(NO_KUBECONFIG_YET);
+    }
+
+    /// Stops serving the kubeconfig, answering 503 with `reason` (e.g. "this node is a worker;
+    /// ask a control-plane member").
+    pub fn refuse_kubeconfig(&self, reason: impl Into<String>) {
+        *self.state.kubeconfig.lock().expect("kubeconfig lock") =
+            KubeconfigSource::Unavailable(reason.into());
     }
 
     /// Stops accepting and closes open connections.
@@ -353,15 +373,11 @@ fn page_response(state: &State, json: bool) -> Response<Body> {
 }
 
 async fn kubeconfig_response(state: &State) -> Response<Body> {
-    let provider = state.kubeconfig.lock().expect("kubeconfig lock").clone();
-    let Some(provider) = provider else {
-        return refuse(
-            state,
-            Refusal::new(
-                503,
-                "this node serves no kubeconfig (it is not a running control-plane member yet)",
-            ),
-        );
+    let provider = match &*state.kubeconfig.lock().expect("kubeconfig lock") {
+        KubeconfigSource::Provider(p) => p.clone(),
+        KubeconfigSource::Unavailable(reason) => {
+            return refuse(state, Refusal::new(503, reason.clone()))
+        }
     };
     let kubeconfig = match tokio::time::timeout(KUBECONFIG_TIMEOUT, provider()).await {
         Ok(Ok(k)) => k,

@@ -8,8 +8,11 @@
 //! second join while one is in flight fails with 500 (the concurrent-join race); the first 3
 //! control-plane nodes are voters, then standby, then spare; workers are not dqlite members;
 //! stopping a voter promotes a standby while quorum holds; without a majority of voters every
-//! control-plane node reports not ready. Enable is idempotent and refused on workers. Every
-//! operation is recorded ([`FakeWorld::log`]) so tests can assert what the agent did.
+//! control-plane node reports not ready. Enable is idempotent and refused on workers. `config`
+//! prints an admin kubeconfig in `microk8s config`'s layout (server `https://<node IP>:16443`,
+//! one stand-in CA per cluster) on installed control-plane nodes, also stopped ones (the real
+//! command only reads a file), and is refused on workers. Every operation is recorded
+//! ([`FakeWorld::log`]) so tests can assert what the agent did.
 //!
 //! To fake another system, add a struct here implementing that system's trait on shared state.
 
@@ -628,6 +631,50 @@ impl Microk8s for FakeMicrok8s {
             }
         })
     }
+    fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        Box::pin(async move {
+            let mut w = self.world.lock();
+            self.record(&mut w, "config".into());
+            if !self.node(&w).installed {
+                return Err(Microk8sError::Failed {
+                    command: "microk8s config".into(),
+                    code: Some(1),
+                    detail: "microk8s is not installed".into(),
+                });
+            }
+            self.refuse_worker(&w, "microk8s config")?;
+            let n = self.node(&w);
+            Ok(fake_kubeconfig(self.ip, n.cluster, &n.name))
+        })
+    }
+}
+
+/// A kubeconfig in the layout `microk8s config` prints (the snap's `client-x509.config.template`
+/// filled in by `create_kubeconfig_x509`, server rewritten to the node's address). The
+/// certificate data are stand-ins: base64 of PEM-looking text naming the cluster and node.
+fn fake_kubeconfig(ip: IpAddr, cluster: u64, node: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |what: &str, body: String| {
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "-----BEGIN {what}-----\n{body}\n-----END {what}-----\n"
+        ))
+    };
+    format!(
+        "apiVersion: v1\n\
+         clusters:\n\
+         - cluster:\n    certificate-authority-data: {ca}\n    server: https://{server}\n  name: microk8s-cluster\n\
+         contexts:\n\
+         - context:\n    cluster: microk8s-cluster\n    user: admin\n  name: microk8s\n\
+         current-context: microk8s\n\
+         kind: Config\n\
+         preferences: {{}}\n\
+         users:\n\
+         - name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\n",
+        ca = b64("CERTIFICATE", format!("fake CA of cluster {cluster}")),
+        server = std::net::SocketAddr::new(ip, 16443),
+        cert = b64("CERTIFICATE", format!("fake admin certificate of {node}")),
+        key = b64("RSA PRIVATE KEY", format!("fake admin key of {node}")),
+    )
 }
 
 #[cfg(test)]
@@ -680,6 +727,30 @@ mod tests {
             EnableOutcome::AlreadyEnabled
         );
         assert!(world.log().iter().all(|c| !c.what.contains("controlplane")));
+        // The admin kubeconfig: on control-plane nodes, naming the node, one CA per cluster.
+        let k1 = nodes[1].config().await.unwrap();
+        let k2 = nodes[2].config().await.unwrap();
+        assert!(k1.contains("    server: https://10.0.0.2:16443\n"), "{k1}");
+        assert_eq!(
+            crate::system::microk8s::parse::parse_kubeconfig(&k1).unwrap(),
+            k1
+        );
+        let ca = |k: &str| {
+            k.lines()
+                .find(|l| l.contains("certificate-authority-data"))
+                .map(str::to_owned)
+        };
+        assert_eq!(ca(&k1), ca(&k2));
+        assert_ne!(k1, k2, "each node has its own admin certificate");
+        assert!(matches!(
+            nodes[3].config().await,
+            Err(Microk8sError::WorkerNode { .. })
+        ));
+        world.set_up(ip(1), false);
+        assert!(
+            nodes[0].config().await.is_ok(),
+            "a stopped node still has its file"
+        );
     }
 
     #[tokio::test]

@@ -3,10 +3,13 @@
 //! cached as a tarball under `<cache>/bootstrap/<key>.tar`, the key being a hash of every input
 //! (suite, mirror, arch, packages, mode), so a suite pays the ~2 minutes once.
 //!
-//! Foreign architectures (arm64 on an x86 build machine without binfmt/qemu-user) get the
-//! first stage only (`--foreign`): packages are unpacked but not configured. Such a tree is
-//! right for image-layout tests and not for booting; real Raspberry Pi images start from the
-//! official Ubuntu image (base kind `official`). The mirror defaults to the build machine's own
+//! A foreign architecture (arm64 on an x86 build machine) is bootstrapped fully, packages
+//! configured and an initramfs built, when the kernel can run its binaries: an enabled
+//! binfmt_misc handler matching its ELF header with the `F` (fix-binary) flag, so the
+//! interpreter works inside the chroot ([`can_run_arch`]; `scripts/install-deps` registers
+//! qemu-user-static's). Without one it gets the first stage only (`--foreign`, with a warning):
+//! packages are unpacked but not configured, which is right for image-layout tests and not for
+//! booting. `foreign` is part of the cache key, so the two never share a tarball. The mirror defaults to the build machine's own
 //! apt sources ([`super::apt_sources`]). debootstrap needs root. The image composed from a
 //! tarball for a target is cached next to it ([`ensure_composed`]).
 
@@ -94,7 +97,7 @@ impl BootstrapSpec {
             mirror,
             arch: arch.into(),
             packages: pk,
-            foreign: arch != host_arch(),
+            foreign: arch != host_arch() && !can_run_arch(arch, BINFMT_DIR),
         })
     }
 
@@ -103,6 +106,80 @@ impl BootstrapSpec {
         let json = serde_json::to_vec(self).expect("spec serialises");
         hex::encode(Sha256::digest(json))[..24].to_string()
     }
+}
+
+/// Where the kernel lists its binfmt_misc handlers.
+pub const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The first 20 bytes of an executable ELF for `arch` (little-endian, 64-bit), which is what
+/// binfmt_misc handlers for it match; `None` for an arch this module does not know.
+pub fn elf_header(arch: &str) -> Option<[u8; 20]> {
+    let machine: u16 = match arch {
+        "arm64" => 0xb7,
+        "amd64" => 0x3e,
+        "riscv64" => 0xf3,
+        _ => return None,
+    };
+    let mut h = [0u8; 20];
+    h[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    h[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    h[18..20].copy_from_slice(&machine.to_le_bytes());
+    Some(h)
+}
+
+/// Whether one binfmt_misc handler entry (the text of `/proc/sys/fs/binfmt_misc/<name>`) is
+/// enabled, has the `F` flag and matches `header` at its offset under its mask.
+pub fn binfmt_entry_runs(entry: &str, header: &[u8]) -> bool {
+    let mut enabled = false;
+    let (mut flags, mut offset, mut magic, mut mask) = ("", 0usize, None, None);
+    for line in entry.lines() {
+        let line = line.trim();
+        if line == "enabled" {
+            enabled = true;
+        } else if let Some(v) = line.strip_prefix("flags:") {
+            flags = v.trim();
+        } else if let Some(v) = line.strip_prefix("offset ") {
+            offset = v.trim().parse().unwrap_or(usize::MAX);
+        } else if let Some(v) = line.strip_prefix("magic ") {
+            magic = hex::decode(v.trim()).ok();
+        } else if let Some(v) = line.strip_prefix("mask ") {
+            mask = hex::decode(v.trim()).ok();
+        }
+    }
+    let Some(magic) = magic else { return false };
+    let mask = mask.unwrap_or_else(|| vec![0xff; magic.len()]);
+    if !enabled || !flags.contains('F') || magic.is_empty() || mask.len() != magic.len() {
+        return false;
+    }
+    let Some(window) = offset
+        .checked_add(magic.len())
+        .and_then(|end| header.get(offset..end))
+    else {
+        return false;
+    };
+    window
+        .iter()
+        .zip(&magic)
+        .zip(&mask)
+        .all(|((h, m), k)| h & k == m & k)
+}
+
+/// Whether this machine can run `arch`'s binaries, also inside a chroot: natively, or through
+/// an enabled binfmt_misc handler with the `F` flag listed in `binfmt_dir`.
+pub fn can_run_arch(arch: &str, binfmt_dir: &str) -> bool {
+    if arch == host_arch() {
+        return true;
+    }
+    let Some(header) = elf_header(arch) else {
+        return false;
+    };
+    let Ok(rd) = std::fs::read_dir(binfmt_dir) else {
+        return false;
+    };
+    rd.flatten()
+        .filter(|e| !matches!(e.file_name().to_str(), Some("register" | "status")))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .any(|text| binfmt_entry_runs(&text, &header))
 }
 
 /// Returns the cached tarball for `spec`, bootstrapping it first when absent.
@@ -125,13 +202,25 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .arg("--variant=minbase")
         .arg(format!("--arch={}", spec.arch));
     if spec.foreign {
+        tracing::warn!(
+            "no binfmt_misc handler (flag F) runs {} binaries here: bootstrapping with --foreign, \
+             so packages stay unconfigured and the image will not boot; run scripts/install-deps \
+             as root to register qemu-user-static",
+            spec.arch
+        );
         t = t.arg("--foreign");
     }
     t.arg(format!("--include={}", spec.packages.join(",")))
         .arg(&spec.suite)
         .arg(&root)
         .arg(&spec.mirror)
-        .timeout(Duration::from_secs(1800))
+        // A full foreign bootstrap runs every maintainer script under emulation (mkinitramfs
+        // alone took ~25 min on a loaded 2-core machine).
+        .timeout(Duration::from_secs(if spec.arch == host_arch() {
+            1800
+        } else {
+            7200
+        }))
         .run()
         .await
         .with_context(|| {
@@ -208,6 +297,51 @@ pub async fn unpack(tar: &Path, dest: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const QEMU_AARCH64: &str = "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: POF\noffset 0\nmagic 7f454c460201010000000000000000000200b700\nmask ffffffffffffff00fffffffffffffffffeffffff\n";
+
+    #[test]
+    fn binfmt_entry_matches_only_an_enabled_fixed_handler_for_the_arch() {
+        let arm = elf_header("arm64").unwrap();
+        let x86 = elf_header("amd64").unwrap();
+        assert!(binfmt_entry_runs(QEMU_AARCH64, &arm));
+        assert!(!binfmt_entry_runs(QEMU_AARCH64, &x86));
+        assert!(!binfmt_entry_runs(
+            &QEMU_AARCH64.replace("enabled", "disabled"),
+            &arm
+        ));
+        // Without F the interpreter is looked up inside the chroot, where it is missing.
+        assert!(!binfmt_entry_runs(&QEMU_AARCH64.replace("POF", "PO"), &arm));
+        assert!(!binfmt_entry_runs(
+            &QEMU_AARCH64.replace("offset 0", "offset 4"),
+            &arm
+        ));
+        assert!(!binfmt_entry_runs("enabled\nflags: F\n", &arm));
+        assert!(elf_header("mips").is_none());
+    }
+
+    #[test]
+    fn can_run_arch_reads_handlers_from_the_binfmt_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
+        std::fs::write(dir.path().join("register"), "").unwrap();
+        assert!(can_run_arch(host_arch(), d));
+        let other = if host_arch() == "arm64" {
+            "amd64"
+        } else {
+            "arm64"
+        };
+        assert!(!can_run_arch(other, d));
+        let entry = if other == "arm64" {
+            QEMU_AARCH64.to_string()
+        } else {
+            QEMU_AARCH64.replace("b700", "3e00")
+        };
+        std::fs::write(dir.path().join("qemu-x"), entry).unwrap();
+        assert!(can_run_arch(other, d));
+        assert!(!can_run_arch(other, "/nonexistent"));
+    }
 
     #[test]
     fn spec_fills_mirror_from_apt_and_keys_on_inputs() {

@@ -61,12 +61,16 @@ pub fn user_data(config: &ClusterConfig) -> Result<String> {
             Value::Object(m)
         })
         .collect();
-    let doc = json!({
+    let mut doc = json!({
         "preserve_hostname": true,
         "ssh_pwauth": false,
-        "users": users,
         "growpart": {"mode": "auto", "devices": ["/"]},
     });
+    // No configured users: leave `users` out, which keeps the image's default user (cloud-init
+    // rejects an empty list).
+    if !users.is_empty() {
+        doc["users"] = Value::Array(users);
+    }
     Ok(format!("#cloud-config\n{}", yaml(&doc)?))
 }
 

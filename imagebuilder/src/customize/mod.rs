@@ -80,7 +80,17 @@ pub struct Customized {
     pub warnings: Vec<String>,
 }
 
-/// The config text with `cluster.secret_file` pointing at the in-image secret.
+/// The config text as installed in the image: paths that name files on the build machine are
+/// rewritten to where the build put those files, or dropped when the node has no use for them,
+/// so the copy stays valid for `firstboot check-config` and names nothing from the host.
+///
+/// - `cluster.secret-file` -> the in-image secret ([`SECRET_PATH`]).
+/// - `microk8s.offline-snaps` -> the staged snaps ([`SNAPS_DIR`]).
+/// - `[network.wifi]` is removed (its `psk-file` is a host file and `firstboot` never uses
+///   Wi-Fi: cloud-init's network-config got the SSID and PSK at build time); a closing comment
+///   says so, naming the SSID but never the PSK.
+///
+/// To rewrite another host path, add it here and to the test below.
 pub fn in_image_config(toml_text: &str) -> Result<String> {
     let mut doc: toml_edit::DocumentMut = toml_text
         .parse()
@@ -91,7 +101,34 @@ pub fn in_image_config(toml_text: &str) -> Result<String> {
         .context("the cluster config has no [cluster] table")?;
     cluster.insert("secret-file", toml_edit::value(SECRET_PATH));
     cluster.remove("secret_file");
-    Ok(doc.to_string())
+    if let Some(m) = doc.get_mut("microk8s").and_then(|m| m.as_table_like_mut()) {
+        if m.contains_key("offline-snaps") {
+            m.insert("offline-snaps", toml_edit::value(SNAPS_DIR));
+        }
+    }
+    let wifi = doc
+        .get_mut("network")
+        .and_then(|n| n.as_table_like_mut())
+        .and_then(|n| n.remove("wifi"));
+    let mut text = doc.to_string();
+    if let Some(w) = wifi {
+        let ssid = w
+            .as_table_like()
+            .and_then(|t| t.get("ssid"))
+            .and_then(|s| s.as_str())
+            .map(|s| format!(" for SSID {s:?}"))
+            .unwrap_or_default();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "\n# [network.wifi]{} was applied at build time: the SSID and passphrase are in\n\
+             # cloud-init's network-config. Its psk-file named a file on the build machine, so the\n\
+             # table is left out of this copy.\n",
+            ssid.replace('\n', " ")
+        ));
+    }
+    Ok(text)
 }
 
 struct Scratch<'a> {
@@ -208,6 +245,13 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     // machine's first boot, and with it firstboot's node id. A baked-in id would give every
     // flashed machine the same identity.
     entries.push(file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
+    // systemd initialises an empty machine id from D-Bus' copy when one exists, and a
+    // bootstrapped base carries the copy made at bootstrap time: every machine would get the
+    // same id. Make it the link Ubuntu's images ship, so there is only one id, made per machine.
+    entries.push(Entry::Symlink {
+        path: "/var/lib/dbus/machine-id".into(),
+        target: "/etc/machine-id".into(),
+    });
     if let Some(dir) = &inp.config.microk8s.offline_snaps {
         let mut found = 0;
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -314,13 +358,17 @@ pub async fn apply(
     let boot = table.by_label(l.boot)?.clone();
     let mut warnings = Vec::new();
     let seed = seed_for(inp.config)?;
-    if let Some(w) = check_user_data(&seed.user_data, scratch).await? {
+    let (entries, secret_paths) = root_entries(inp, scratch)?;
+    // The schema check (a Python start-up) runs next to the ext4 edit; neither needs the other.
+    let ext4 = Ext4::new(image, root.start);
+    let (checked, applied) = tokio::join!(
+        check_user_data(&seed.user_data, scratch),
+        ext4.apply(&entries, scratch)
+    );
+    if let Some(w) = checked? {
         warnings.push(w);
     }
-    let (entries, secret_paths) = root_entries(inp, scratch)?;
-    Ext4::new(image, root.start)
-        .apply(&entries, scratch)
-        .await?;
+    applied?;
     let mut files = Vec::new();
     for e in &entries {
         if let Entry::File {
@@ -402,6 +450,42 @@ mod tests {
         assert!(t.contains("secret-file = \"/etc/rackseed/cluster.secret\""));
         assert!(!t.contains("/home/me"));
         assert!(in_image_config("name = 1").is_err());
+    }
+
+    #[test]
+    fn in_image_config_drops_wifi_and_rewrites_the_snaps_folder() {
+        let src = "[cluster]\nname = \"lab\"\nsecret-file = \"s\"\n\n[microk8s]\noffline-snaps = \"/home/me/snaps\"\n\n[network]\naddressing = \"dhcp\"\n\n[network.wifi]\nssid = \"home\"\npsk-file = \"/home/me/wifi.psk\"\ncountry = \"GB\"\n";
+        let t = in_image_config(src).unwrap();
+        assert!(!t.contains("/home/me"), "{t}");
+        assert!(
+            t.contains(&format!("offline-snaps = \"{SNAPS_DIR}\"")),
+            "{t}"
+        );
+        assert!(t.contains("addressing = \"dhcp\""), "{t}");
+        assert!(t.contains("# [network.wifi] for SSID \"home\" was applied at build time"));
+        let doc: toml_edit::DocumentMut = t.parse().unwrap();
+        assert!(doc["network"].get("wifi").is_none());
+        // Inline and dotted forms too.
+        let t = in_image_config("[cluster]\nname = \"x\"\n[network]\nwifi = { ssid = \"a\", psk-file = \"/p\", country = \"GB\" }\n").unwrap();
+        assert!(!t.contains("/p\""), "{t}");
+        let t =
+            in_image_config("network.wifi.psk-file = \"/p\"\n[cluster]\nname = \"x\"\n").unwrap();
+        assert!(!t.contains("/p\""), "{t}");
+        // A valid config stays valid for firstboot (check-config), minus Wi-Fi.
+        let full = "[cluster]\nname = \"lab\"\n\n[microk8s]\noffline-snaps = \"snaps\"\n\n[network.wifi]\nssid = \"home\"\npsk-file = \"wifi.psk\"\ncountry = \"GB\"\n\n[image]\ntarget = \"rpi5\"\nbase = { kind = \"local\", path = \"base.img\" }\n";
+        let before = firstboot::config::parse(full, Path::new("/home/me/lab.toml")).unwrap();
+        assert!(before.config.network.wifi.is_some());
+        let t = in_image_config(full).unwrap();
+        let after = firstboot::config::parse(&t, Path::new(CONFIG_PATH)).unwrap();
+        assert!(after.config.network.wifi.is_none());
+        assert_eq!(
+            after.config.microk8s.offline_snaps.as_deref(),
+            Some(Path::new(SNAPS_DIR))
+        );
+        assert_eq!(after.config.cluster.secret_file, Path::new(SECRET_PATH));
+        // No Wi-Fi, no comment.
+        let t = in_image_config("[cluster]\nname = \"x\"\n").unwrap();
+        assert!(!t.contains("wifi"));
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! The sparse map of an image file (its data ranges, found with `SEEK_DATA`/`SEEK_HOLE`) and a
-//! single pass over it that yields both the whole-file SHA-256 (holes hashed as zeros) and a
-//! SHA-256 per mapped block range, which is what `.bmap` and `SHA256SUMS` need.
+//! single read over it that yields both the whole-file SHA-256 (holes hashed as zeros, never
+//! read) and a SHA-256 per mapped block range, which is what `.bmap` and `SHA256SUMS` need.
+//! The two hashes run on two threads over the same buffers ([`digest_image`]).
 //!
 //! Filesystems without hole reporting make the whole file one data range, which is still
 //! correct, only less sparse.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use nix::errno::Errno;
@@ -82,122 +86,114 @@ pub struct ImageDigest {
     pub ranges: Vec<(u64, u64, String)>,
 }
 
-/// Hashes `path`: per mapped range and as a whole, on two threads (each reads the data once
-/// more from the page cache; hashing, not reading, is the cost). `cancel` aborts between chunks.
+/// Bytes read per step of [`digest_image`].
+const CHUNK: usize = 4 << 20;
+/// Buffers in flight between the reader and the whole-file hasher (memory: `DEPTH * CHUNK`).
+const DEPTH: usize = 4;
+
+/// What the reader hands the whole-file hasher.
+enum Piece {
+    /// A buffer and how many of its bytes are image data.
+    Data(Arc<Vec<u8>>, usize),
+    /// A hole of this many bytes (hashed as zeros, never read).
+    Zeros(u64),
+}
+
+/// Hashes `path` in one read of its mapped ranges: this thread reads each range and hashes it
+/// for the bmap while a second thread hashes the same buffers, and the holes as zeros, into
+/// the whole-file SHA-256. Holes are never read. Memory stays at `DEPTH` buffers of `CHUNK`
+/// bytes, recycled. `cancel` aborts between chunks.
 pub fn digest_image(path: &Path, block: u64, cancel: &AtomicBool) -> Result<ImageDigest> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = f.metadata()?.len();
     let extents = data_extents(&f, size)?;
     let ranges = block_ranges(&extents, block);
-    let (whole, per) = std::thread::scope(|s| {
-        let whole = s.spawn(|| whole_hash(path, size, &ranges, block, cancel));
-        let per = range_hashes(path, size, &ranges, block, cancel);
-        (
-            whole.join().expect("the hashing thread does not panic"),
-            per,
-        )
-    });
-    Ok(ImageDigest {
-        size,
-        sha256: whole?,
-        block_size: block,
-        ranges: per?,
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(DEPTH);
+    let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(DEPTH);
+    std::thread::scope(|s| {
+        let whole = s.spawn(move || {
+            let mut h = Sha256::new();
+            let zeros = vec![0u8; 1 << 20];
+            for piece in rx {
+                match piece {
+                    Piece::Data(buf, n) => {
+                        h.update(&buf[..n]);
+                        // Capacity DEPTH holds every buffer, so this never blocks.
+                        let _ = back_tx.send(buf);
+                    }
+                    Piece::Zeros(mut n) => {
+                        while n > 0 {
+                            let k = n.min(zeros.len() as u64) as usize;
+                            h.update(&zeros[..k]);
+                            n -= k as u64;
+                        }
+                    }
+                }
+            }
+            hex::encode(h.finalize())
+        });
+        let per = read_ranges(&f, path, size, &ranges, block, cancel, &tx, &back_rx);
+        drop(tx);
+        let whole = whole.join().expect("the hashing thread does not panic");
+        Ok(ImageDigest {
+            size,
+            sha256: whole,
+            block_size: block,
+            ranges: per?,
+        })
     })
 }
 
-fn read_into(
-    f: &mut File,
-    path: &Path,
-    start: u64,
-    end: u64,
-    buf: &mut [u8],
-    cancel: &AtomicBool,
-    sinks: &mut [&mut Sha256],
-) -> Result<()> {
-    f.seek(SeekFrom::Start(start))?;
-    let mut left = end - start;
-    while left > 0 {
-        if cancel.load(Ordering::Relaxed) {
-            anyhow::bail!("interrupted");
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.read_exact(&mut buf[..n])
-            .with_context(|| format!("reading {}", path.display()))?;
-        for h in sinks.iter_mut() {
-            h.update(&buf[..n]);
-        }
-        left -= n as u64;
-    }
-    Ok(())
-}
-
-fn whole_hash(
+/// The reader side of [`digest_image`]: range hashes, feeding `tx` as it goes.
+#[allow(clippy::too_many_arguments)]
+fn read_ranges(
+    f: &File,
     path: &Path,
     size: u64,
     ranges: &[(u64, u64)],
     block: u64,
     cancel: &AtomicBool,
-) -> Result<String> {
-    let mut f = File::open(path)?;
-    let mut whole = Sha256::new();
-    let zeros = vec![0u8; 1 << 20];
-    let mut buf = vec![0u8; 1 << 20];
+    tx: &SyncSender<Piece>,
+    back: &Receiver<Arc<Vec<u8>>>,
+) -> Result<Vec<(u64, u64, String)>> {
+    let hasher_gone = || anyhow::anyhow!("the hashing thread stopped");
+    let mut free: Vec<Arc<Vec<u8>>> = (0..DEPTH).map(|_| Arc::new(vec![0u8; CHUNK])).collect();
+    let mut out = Vec::with_capacity(ranges.len());
     let mut pos = 0u64;
     for &(first, last) in ranges {
         let start = first * block;
         let end = ((last + 1) * block).min(size);
-        feed_zeros(&mut whole, &zeros, start - pos, cancel)?;
-        read_into(
-            &mut f,
-            path,
-            start,
-            end,
-            &mut buf,
-            cancel,
-            &mut [&mut whole],
-        )?;
+        if start > pos {
+            tx.send(Piece::Zeros(start - pos))
+                .map_err(|_| hasher_gone())?;
+        }
+        let mut part = Sha256::new();
+        let mut off = start;
+        while off < end {
+            if cancel.load(Ordering::Relaxed) {
+                anyhow::bail!("interrupted");
+            }
+            let mut buf = match free.pop() {
+                Some(b) => b,
+                None => back.recv().map_err(|_| hasher_gone())?,
+            };
+            let n = (end - off).min(CHUNK as u64) as usize;
+            let b = Arc::get_mut(&mut buf).expect("a returned buffer is no longer shared");
+            f.read_exact_at(&mut b[..n], off)
+                .with_context(|| format!("reading {}", path.display()))?;
+            tx.send(Piece::Data(Arc::clone(&buf), n))
+                .map_err(|_| hasher_gone())?;
+            part.update(&buf[..n]);
+            off += n as u64;
+        }
+        out.push((first, last, hex::encode(part.finalize())));
         pos = end;
     }
-    feed_zeros(&mut whole, &zeros, size - pos, cancel)?;
-    Ok(hex::encode(whole.finalize()))
-}
-
-fn range_hashes(
-    path: &Path,
-    size: u64,
-    ranges: &[(u64, u64)],
-    block: u64,
-    cancel: &AtomicBool,
-) -> Result<Vec<(u64, u64, String)>> {
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut out = Vec::with_capacity(ranges.len());
-    for &(first, last) in ranges {
-        let mut part = Sha256::new();
-        read_into(
-            &mut f,
-            path,
-            first * block,
-            ((last + 1) * block).min(size),
-            &mut buf,
-            cancel,
-            &mut [&mut part],
-        )?;
-        out.push((first, last, hex::encode(part.finalize())));
+    if size > pos {
+        tx.send(Piece::Zeros(size - pos))
+            .map_err(|_| hasher_gone())?;
     }
     Ok(out)
-}
-
-fn feed_zeros(h: &mut Sha256, zeros: &[u8], mut n: u64, cancel: &AtomicBool) -> Result<()> {
-    while n > 0 {
-        if cancel.load(Ordering::Relaxed) {
-            anyhow::bail!("interrupted");
-        }
-        let k = n.min(zeros.len() as u64) as usize;
-        h.update(&zeros[..k]);
-        n -= k as u64;
-    }
-    Ok(())
 }
 
 /// SHA-256 of a whole file, streaming.
@@ -220,7 +216,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn ranges_merge_touching_extents_and_round_to_blocks() {
@@ -258,5 +254,36 @@ mod tests {
             mapped < 10,
             "the file is mostly holes, mapped {mapped} blocks"
         );
+    }
+
+    #[test]
+    fn digest_recycles_buffers_over_many_chunks_and_hashes_each_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.img");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        // Two ranges, each more chunks than there are buffers, with a hole between.
+        let a: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let b: Vec<u8> = (0..(18u32 << 20) + 123).map(|i| (i % 241) as u8).collect();
+        f.write_all(&a).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(&b).unwrap();
+        drop(f);
+        let d = digest_image(&p, 4096, &AtomicBool::new(false)).unwrap();
+        assert_eq!(d.sha256, sha256_file(&p).unwrap());
+        let data = std::fs::read(&p).unwrap();
+        for (first, last, sum) in &d.ranges {
+            let (s, e) = (
+                (*first * 4096) as usize,
+                (((*last + 1) * 4096) as usize).min(data.len()),
+            );
+            assert_eq!(*sum, hex::encode(Sha256::digest(&data[s..e])));
+        }
+        let covered: u64 = d.ranges.iter().map(|r| r.1 - r.0 + 1).sum();
+        assert!(covered * 4096 >= (38 << 20), "both ranges mapped");
+        assert!(digest_image(&p, 4096, &AtomicBool::new(true))
+            .unwrap_err()
+            .to_string()
+            .contains("interrupted"));
     }
 }

@@ -1,7 +1,7 @@
 //! Stand-in nodes for the workstation tests: each runs a real coordinator and a real discovery
-//! in its own network namespace (netns-lab), with a hand-made status document, hand-made
-//! announcement fields (the formation core's TXT keys: `v`, `id`, `pr`, `ph`, `el`, `mc`, `ro`)
-//! and, optionally, a fake kubeconfig provider. The real agent is not needed to test what the
+//! in its own network namespace (netns-lab), with a hand-made status document, an announcement
+//! encoded by the formation core (phase and role chosen by the test) and, optionally, a fake
+//! kubeconfig provider. The real agent is not needed to test what the
 //! workstation does with what nodes publish.
 
 #![allow(dead_code)]
@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use firstboot::config::Role;
 use firstboot::coordinator::{Coordinator, CoordinatorConfig, KubeconfigProvider, NodeIdentity};
 use firstboot::discovery::{Discovery, DiscoveryConfig, InterfaceChoice};
+use firstboot::formation::{Announcement, NodeId, PhaseSummary};
 use firstboot::secret::ClusterSecret;
 use firstboot::status::{MemberRow, Microk8sView, StatusDoc, TimelineEntry};
 use netns_lab::Host;
@@ -52,7 +54,7 @@ impl FakeNode {
         self.send(Command::SetStatus(Box::new(doc)));
     }
 
-    pub fn announce(&self, phase: &str, role: Option<&str>) {
+    pub fn announce(&self, phase: PhaseSummary, role: Option<Role>) {
         self.send(Command::Announce(fields(&self.id, phase, role)));
     }
 
@@ -74,31 +76,32 @@ impl Drop for FakeNode {
     }
 }
 
-/// The formation core's announcement fields (see `formation::announce::Announcement::to_txt`).
-pub fn fields(id: &str, phase: &str, role: Option<&str>) -> Vec<(String, String)> {
-    let mut f = vec![
-        ("v".to_string(), "1".to_string()),
-        ("id".to_string(), id.to_string()),
-        ("pr".to_string(), "0".to_string()),
-        ("ph".to_string(), phase.to_string()),
-        ("el".to_string(), "1".to_string()),
-        ("mc".to_string(), "2".to_string()),
-    ];
-    if let Some(r) = role {
-        f.push(("ro".to_string(), r.to_string()));
+/// The announcement fields of a node with discovery id `id`, encoded by the formation core
+/// ([`Announcement::to_txt`]). Its formation id must be lowercase hex, so it is the hex of `id`.
+pub fn fields(id: &str, phase: PhaseSummary, role: Option<Role>) -> Vec<(String, String)> {
+    Announcement {
+        id: NodeId::new(hex::encode(id)).expect("hex is a valid node id"),
+        priority: 0,
+        phase,
+        role,
+        cluster: None,
+        authority: None,
+        record_ballot: None,
+        members: 2,
+        eligible: true,
     }
-    f
+    .to_txt()
 }
 
 /// Starts a fake node on `host`: coordinator on port 7443, discovery on eth0, `doc` published,
-/// announcing `phase`/`role` codes.
+/// announcing `phase` and `role`.
 pub fn spawn(
     host: &Host,
     id: &str,
     secret: &ClusterSecret,
     doc: StatusDoc,
-    phase: &str,
-    role: Option<&str>,
+    phase: PhaseSummary,
+    role: Option<Role>,
     kubeconfig: Kubeconfig,
 ) -> Result<FakeNode> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Command>();

@@ -4,7 +4,8 @@
 //! `node`, `pid`, `event` = `start`|`end`, `argv` with join tokens redacted, `exit` on `end`) and
 //! then, except for the `sim-*` commands, forwarded to the local daemon over loopback. When the
 //! daemon is not running, MicroK8s is "stopped": `status` prints "microk8s is not running, try
-//! microk8s start" and exits 0 (A5), everything else exits 1.
+//! microk8s start" and exits 0 (A5), everything else exits 1, except `config`, which only reads
+//! files (as the snap's wrapper) and runs here whether or not the daemon runs.
 //!
 //! Simulator-only commands: `sim-daemon` (run the node), `sim-install` (what the snap's install
 //! hook does: read the launch config, A8) and `sim-snap ARGS` (a fake `snap` CLI: `list`, `ack`,
@@ -156,12 +157,18 @@ pub fn microk8s_main(argv: Vec<String>) -> i32 {
             }
         }
         None | Some("--help" | "-h" | "help") => {
-            println!("Usage: microk8s [command] [args]\n\nThe MicroK8s simulator (test-only). Commands: status, add-node, join, enable, disable, leave, remove-node, kubectl get nodes, sim-daemon, sim-install, sim-snap.");
+            println!("Usage: microk8s [command] [args]\n\nThe MicroK8s simulator (test-only). Commands: status, add-node, join, enable, disable, leave, remove-node, kubectl get nodes, config, sim-daemon, sim-install, sim-snap.");
             return 0;
         }
         _ => {}
     }
     log_event(&env, "microk8s", &argv, "start", None);
+    if argv.first().map(String::as_str) == Some("config") {
+        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        let out = daemon::cmd_config(&env, &args);
+        log_event(&env, "microk8s", &argv, "end", Some(out.code));
+        return print(&out);
+    }
     let out = runtime()
         .block_on(forward(&env, argv.clone()))
         .unwrap_or_else(|| {

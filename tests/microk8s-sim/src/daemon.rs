@@ -38,6 +38,8 @@ pub const NOT_READY_MSG: &str =
     "microk8s is not running. Use microk8s inspect for a deeper inspection.\n";
 /// Printed when MicroK8s is stopped (A5).
 pub const STOPPED_MSG: &str = "microk8s is not running, try microk8s start\n";
+/// Printed (exit 0) by `microk8s config` on a worker (the snap's `microk8s-config.wrapper`).
+pub const CONFIG_WORKER_MSG: &str = "This MicroK8s deployment is acting as a node in a cluster. Please use the microk8s config on the master.\n";
 const TOKEN_MIN_LEN: usize = 32;
 const FINGERPRINT_MIN_LEN: usize = 12;
 
@@ -1157,6 +1159,64 @@ pub fn valid_connection_parts(
     ))
 }
 
+/// The cluster id a node starts with (its own one-node cluster). Derived from the random
+/// stand-in certificate written at install, so `microk8s config` shows the same CA before and
+/// after the daemon first ran, as the real install hook creates the CA once.
+fn first_cluster_id(installed: &Installed) -> String {
+    installed.cert_hex.chars().take(16).collect()
+}
+
+/// `microk8s config [-l|--use-loopback]`, as the snap's wrapper: it only reads files, so it
+/// runs in the CLI process and answers whether or not the daemon runs. On a worker it prints
+/// [`CONFIG_WORKER_MSG`] and exits 0 (before looking at options); otherwise the admin kubeconfig
+/// with the default interface address (`MICROK8S_SIM_IP`, else the first IPv4; `none` if there
+/// is none, as `get_default_ip`), or `127.0.0.1` with `--use-loopback`.
+pub fn cmd_config(env: &SimEnv, args: &[&str]) -> Out {
+    let ipath = installed_path(env);
+    let installed: Installed = match std::fs::read(&ipath)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+    {
+        Ok(i) => i,
+        Err(e) => {
+            return Out::err(
+                1,
+                format!(
+                    "microk8s-sim: microk8s is not installed ({}: {e})\n",
+                    ipath.display()
+                ),
+            )
+        }
+    };
+    let st: Option<Persisted> = std::fs::read(state_path(env))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if st.as_ref().is_some_and(|s| s.worker) {
+        return Out::ok(CONFIG_WORKER_MSG);
+    }
+    let mut loopback = false;
+    for a in args {
+        match *a {
+            "-l" | "--use-loopback" => loopback = true,
+            "-h" | "--help" => {
+                return Out::ok("Usage: microk8s config [OPTIONS]\n\nRetrieve the client config, similar to microk8s kubectl config view --raw\n\nOptions:\n -h, --help          Show this help\n -l, --use-loopback  Report the cluster address using the loopback address\n                     (127.0.0.1) rather than the default interface address\n")
+            }
+            other => return Out::fail(1, format!("microk8s config: invalid option -- {other}\n")),
+        }
+    }
+    let host = if loopback {
+        "127.0.0.1".to_owned()
+    } else {
+        env.own_ip()
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "none".into())
+    };
+    let cluster = st
+        .map(|s| s.view.cluster_id)
+        .unwrap_or_else(|| first_cluster_id(&installed));
+    Out::ok(model::render_kubeconfig(&host, &cluster, &installed.name))
+}
+
 /// Runs the node until killed: loads `installed.json` (and `state.json` when present), serves
 /// the agent on `0.0.0.0:PORT`, heartbeats, and applies the launch config's addons once.
 pub async fn run(env: SimEnv) -> Result<()> {
@@ -1179,7 +1239,7 @@ pub async fn run(env: SimEnv) -> Result<()> {
             serde_json::from_slice(&b).with_context(|| format!("parsing {}", spath.display()))?
         }
         Err(_) => Persisted {
-            view: View::single(random_hex(8), &installed.name, env.own_ip()),
+            view: View::single(first_cluster_id(&installed), &installed.name, env.own_ip()),
             my_ip: env.own_ip(),
             worker: false,
             tokens: vec![],

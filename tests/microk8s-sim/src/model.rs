@@ -2,7 +2,8 @@
 //! holds (dqlite membership + Kubernetes nodes + addons), role assignment on join (first 3
 //! control-plane nodes voters, next 3 standby, then spare; workers are not dqlite members; A5),
 //! quorum, standby promotion, and the output renderers (status yaml/pretty/short, dqlite
-//! `.cluster` JSON, `kubectl get nodes -o json`) in the reference's formats (A5).
+//! `.cluster` JSON, `kubectl get nodes -o json`) in the reference's formats (A5), and the admin
+//! kubeconfig `microk8s config` prints (the snap's `client-x509.config.template` layout).
 //!
 //! No I/O here; the daemon calls these. To add an output, add a renderer and a unit test.
 
@@ -382,6 +383,37 @@ pub fn render_nodes_json(v: &View, alive: &BTreeSet<String>) -> String {
     .expect("json values serialise")
 }
 
+/// The admin kubeconfig as `microk8s config` prints it: the snap's x509 client template filled
+/// in by `create_kubeconfig_x509` (CA, admin certificate and key as base64), `127.0.0.1`
+/// replaced by `server_host`, then the wrapper's `echo` (an empty last line). There are no real
+/// certificates: the data are base64 of PEM-looking text naming the cluster (`ca_of`, so every
+/// control-plane node of one cluster shows the same CA) and the node (each node signs its own
+/// admin certificate when it joins).
+pub fn render_kubeconfig(server_host: &str, ca_of: &str, node: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |what: &str, body: String| {
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "-----BEGIN {what}-----\n{body}\n-----END {what}-----\n"
+        ))
+    };
+    let ca = b64("CERTIFICATE", format!("simulated CA of cluster {ca_of}"));
+    let cert = b64(
+        "CERTIFICATE",
+        format!("simulated admin certificate of {node}"),
+    );
+    let key = b64("RSA PRIVATE KEY", format!("simulated admin key of {node}"));
+    let mut s = String::from("apiVersion: v1\nclusters:\n- cluster:\n");
+    s.push_str(&format!("    certificate-authority-data: {ca}\n"));
+    s.push_str(&format!("    server: https://{server_host}:16443\n"));
+    s.push_str("  name: microk8s-cluster\ncontexts:\n- context:\n    cluster: microk8s-cluster\n");
+    s.push_str("    user: admin\n  name: microk8s\ncurrent-context: microk8s\nkind: Config\n");
+    s.push_str("preferences: {}\nusers:\n- name: admin\n  user:\n");
+    s.push_str(&format!(
+        "    client-certificate-data: {cert}\n    client-key-data: {key}\n\n"
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,5 +490,26 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&render_dqlite_json(&v)).unwrap();
         assert_eq!(j[3]["Role"], 1);
         assert_eq!(j[0]["Address"], "10.0.0.1:19001");
+    }
+
+    #[test]
+    fn the_kubeconfig_is_a_kubeconfig_naming_the_server_and_the_cluster_ca() {
+        let a = render_kubeconfig("10.0.0.1", "c1", "a");
+        let b = render_kubeconfig("10.0.0.2", "c1", "b");
+        let y: serde_yaml::Value = serde_yaml::from_str(&a).unwrap();
+        assert_eq!(y["kind"], "Config");
+        assert_eq!(
+            y["clusters"][0]["cluster"]["server"],
+            "https://10.0.0.1:16443"
+        );
+        assert_eq!(y["users"][0]["name"], "admin");
+        assert!(a.ends_with("\n\n"), "the wrapper's echo");
+        let ca = |k: &str| {
+            serde_yaml::from_str::<serde_yaml::Value>(k).unwrap()["clusters"][0]["cluster"]
+                ["certificate-authority-data"]
+                .clone()
+        };
+        assert_eq!(ca(&a), ca(&b));
+        assert_ne!(ca(&a), ca(&render_kubeconfig("10.0.0.1", "c2", "a")));
     }
 }

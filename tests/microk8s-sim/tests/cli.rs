@@ -1,5 +1,6 @@
 //! The simulator's CLI on its own (no adapter): token rules of add-node (A1, A2), join
-//! validation and the broken `--controlplane` (A3), the port check (A4), status formats (A5).
+//! validation and the broken `--controlplane` (A3), the port check (A4), status formats (A5),
+//! `microk8s config` as the snap's wrapper prints it.
 //! Needs root (network namespaces). Run: `cargo test -p microk8s-sim --test cli`.
 
 mod support;
@@ -7,7 +8,10 @@ mod support;
 use std::time::Duration;
 
 use firstboot::system::command::Output;
-use firstboot::system::microk8s::parse::{parse_status_pretty, parse_status_yaml};
+use firstboot::system::microk8s::parse::{
+    parse_kubeconfig, parse_status_pretty, parse_status_yaml,
+};
+use firstboot::system::microk8s::{InstallSource, Microk8s};
 use netns_lab::Lab;
 use support::*;
 
@@ -137,6 +141,85 @@ fn join_validation_port_check_and_status_formats() {
     assert_eq!(mk(&n[0], &["status", "-a", "metallb"]).stdout, "disabled\n");
     let o = mk(&n[0], &["enable", "no-such-addon"]);
     assert_eq!(o.code(), Some(1));
+}
+
+#[test]
+fn config_prints_the_admin_kubeconfig_on_control_plane_nodes_even_when_stopped() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let root = tempfile::tempdir().unwrap();
+    let lab = Lab::new(2).expect("creating the network lab (run as root)");
+    let log = root.path().join("commands.jsonl");
+    let mut n: Vec<SimNode> = (0..2)
+        .map(|i| SimNode::new(&lab, i, root.path(), &log, &[]))
+        .collect();
+    let o = mk(&n[0], &["config"]);
+    assert_eq!(o.code(), Some(1), "not installed: {o:?}");
+    assert!(
+        o.stdout.is_empty() && o.stderr.contains("not installed"),
+        "{o:?}"
+    );
+    // Installed but its services not started: the wrapper only reads the file.
+    n[0].run(|a| async move {
+        a.install(&InstallSource::Channel("1.32/stable".into()), &secret())
+            .await
+    })
+    .expect("install");
+    let stopped = mk(&n[0], &["config"]);
+    assert_eq!(stopped.code(), Some(0), "{stopped:?}");
+    let server = format!("    server: https://{}:16443\n", n[0].host.addr);
+    assert!(stopped.stdout.contains(&server), "{}", stopped.stdout);
+    parse_kubeconfig(&stopped.stdout).unwrap();
+    let o = mk(&n[0], &["config", "--use-loopback"]);
+    assert!(
+        o.stdout.contains("    server: https://127.0.0.1:16443\n"),
+        "{o:?}"
+    );
+    let o = mk(&n[0], &["config", "--bogus"]);
+    assert_eq!(o.code(), Some(1), "{o:?}");
+    n[0].start();
+    n[1].install_and_start();
+    eventually(Duration::from_secs(10), "a ready seed", || {
+        (mk(&n[0], &["status"]).code() == Some(0)).then_some(())
+    });
+    // Same CA before and after the daemon first ran.
+    let running = mk(&n[0], &["config"]);
+    assert_eq!(running.stdout, stopped.stdout);
+    let token = secret().microk8s_token();
+    let o = mk(&n[1], &["join", &join_url(&n[0], &token), "--worker"]);
+    assert_eq!(o.code(), Some(0), "{o:?}");
+    // A worker: the wrapper's message, exit 0 (the adapter maps it to WorkerNode).
+    let o = mk(&n[1], &["config"]);
+    assert_eq!(o.code(), Some(0), "{o:?}");
+    assert!(
+        o.stdout
+            .starts_with("This MicroK8s deployment is acting as a node in a cluster.")
+            && !o.stdout.contains("server:"),
+        "{o:?}"
+    );
+    let configs: Vec<_> = log_records(&log)
+        .into_iter()
+        .filter(|r| r["argv"][0] == "config" && r["event"] == "end")
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_owned(),
+                r["exit"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        configs,
+        [
+            ("node-0".to_owned(), 1),
+            ("node-0".to_owned(), 0),
+            ("node-0".to_owned(), 0),
+            ("node-0".to_owned(), 1),
+            ("node-0".to_owned(), 0),
+            ("node-1".to_owned(), 0),
+        ],
+        "every config call is in the command log"
+    );
+    n[0].kill();
 }
 
 #[test]

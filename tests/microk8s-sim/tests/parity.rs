@@ -97,6 +97,9 @@ impl Microk8s for InNamespace {
         let n = name_or_ip.to_owned();
         self.call(move |a| async move { a.remove_node(&n, force).await })
     }
+    fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        self.call(|a| async move { a.config().await })
+    }
 }
 
 /// A short, comparable description of an outcome.
@@ -220,6 +223,25 @@ async fn scenario(n: &[Arc<dyn Microk8s>], ips: &[IpAddr]) -> Vec<String> {
         "enable worker: {}",
         kind(&n[3].enable("metallb", &[]).await)
     ));
+    // The admin kubeconfig: each control-plane node names itself, all share the cluster's CA;
+    // a worker has none.
+    let line = |k: &str, key: &str| {
+        k.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let k0 = n[0].config().await.unwrap();
+    for (i, node) in n.iter().enumerate().take(3) {
+        let k = node.config().await.unwrap();
+        t.push(format!(
+            "config {i}: {} same-ca={} kind={}",
+            line(&k, "server:"),
+            line(&k, "certificate-authority-data:") == line(&k0, "certificate-authority-data:"),
+            line(&k, "kind:")
+        ));
+    }
+    t.push(format!("config worker: {}", kind(&n[3].config().await)));
     let ip1 = ips[1].to_string();
     t.push(format!(
         "remove member: {}",
@@ -285,12 +307,19 @@ fn fake_and_simulator_tell_the_same_story() {
         "enable: Some(Enabled)",
         "enable again: Some(AlreadyEnabled)",
         "enable worker: Err(WorkerNode",
+        "same-ca=true kind=kind: Config",
+        "config worker: Err(WorkerNode",
         "remove member: Err(StillInDqlite",
         "remove unknown: Err(UnknownNode",
     ];
     for e in expect {
         assert!(sim_story.iter().any(|l| l.contains(e)), "missing {e:?}");
     }
+    let own = format!(
+        "config 1: server: https://{}:16443 same-ca=true kind=kind: Config",
+        ips[1]
+    );
+    assert!(sim_story.contains(&own), "missing {own:?}");
     for (i, (s, f)) in sim_story.iter().zip(&fake_story).enumerate() {
         assert_eq!(s, f, "step {i} differs");
     }

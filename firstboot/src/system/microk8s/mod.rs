@@ -12,7 +12,11 @@
 //!   refused before running anything), `--worker` for workers, never `--controlplane`; the URL
 //!   is a secret argument and never logged;
 //! - exit codes of `join` map to [`JoinError`] (A3), status edge cases to [`Status`] (A5);
-//! - membership comes from the dqlite `.cluster` query and `kubectl get nodes -o json` (A5).
+//! - membership comes from the dqlite `.cluster` query and `kubectl get nodes -o json` (A5);
+//! - `microk8s config` (not in the reference; from the snap's `microk8s-config.wrapper`) prints
+//!   the admin kubeconfig, or on a worker "This MicroK8s deployment is acting as a node in a
+//!   cluster. Please use the microk8s config on the master." with exit 0, which maps to
+//!   [`Microk8sError::WorkerNode`]. Its output is a credential and never goes into an error.
 //!
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
@@ -275,6 +279,10 @@ pub trait Microk8s: Send + Sync {
         name_or_ip: &'a str,
         force: bool,
     ) -> BoxFuture<'a, Result<(), Microk8sError>>;
+    /// `microk8s config`: the cluster's admin kubeconfig, its `server` the node's default
+    /// interface address on port 16443. It reads a file, so it answers on a stopped node too;
+    /// a worker has none ([`Microk8sError::WorkerNode`]). A credential: never log it.
+    fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>>;
 }
 
 /// The launch configuration written to `/etc/microk8s.yaml` (A8). Supplying a file replaces the
@@ -335,9 +343,12 @@ pub struct RealMicrok8s {
 }
 
 fn detail(out: &Output) -> String {
-    let text = format!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+    tail(&format!("{}\n{}", out.stdout.trim(), out.stderr.trim()))
+}
+
+/// The last 600 characters of `text`, trimmed: the interesting line is usually last.
+fn tail(text: &str) -> String {
     let text = text.trim();
-    // Keep the tail: the interesting line is usually last.
     let start = text
         .char_indices()
         .rev()
@@ -506,6 +517,11 @@ pub fn classify_join(seed: IpAddr, out: &Output) -> Result<(), JoinError> {
             detail: d,
         }),
     }
+}
+
+/// The tail of stderr only: for commands whose stdout is a credential.
+fn stderr_detail(out: &Output) -> String {
+    tail(&out.stderr)
 }
 
 fn refused_on_worker(out: &Output) -> bool {
@@ -739,6 +755,24 @@ impl Microk8s for RealMicrok8s {
                     command: format!("microk8s remove-node {node}"),
                     code,
                     detail: detail(&out),
+                }),
+            }
+        })
+    }
+    fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        Box::pin(async move {
+            let out = self.run_mk(&["config"], self.config.query_timeout).await?;
+            let command = "microk8s config".to_owned();
+            // On a worker the wrapper prints the refusal and exits 0.
+            if refused_on_worker(&out) {
+                return Err(Microk8sError::WorkerNode { command });
+            }
+            match out.code() {
+                Some(0) => Ok(parse::parse_kubeconfig(&out.stdout)?),
+                code => Err(Microk8sError::Failed {
+                    command,
+                    code,
+                    detail: stderr_detail(&out),
                 }),
             }
         })

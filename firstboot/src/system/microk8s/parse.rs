@@ -2,8 +2,9 @@
 //! `tests/fixtures/microk8s/`. Each takes the command's text and returns typed data; none runs
 //! anything. Formats are the ones in the reference (A3, A5): `status --format yaml` (printed by
 //! Python `print` calls, so it is parsed line by line rather than as YAML, which such output
-//! does not always satisfy), the dqlite `.cluster` JSON, `kubectl get nodes -o json`, and the
-//! `Connection failed. <error> (<status>).` line of a rejected join.
+//! does not always satisfy), the dqlite `.cluster` JSON, `kubectl get nodes -o json`, the
+//! `Connection failed. <error> (<status>).` line of a rejected join, and the kubeconfig printed
+//! by `microk8s config` (checked, never quoted in errors: it is a credential).
 //!
 //! To support a new output, add a `parse_*` function here and a fixture next to the others.
 
@@ -468,4 +469,79 @@ fn push_addresses(st: &mut RunningStatus, list: &str, role: DqliteRole) {
             address: a.to_owned(),
             role,
         }));
+}
+
+/// Checks that `microk8s config` printed a kubeconfig (`kind: Config`, at least one cluster,
+/// every cluster naming a `server`) and returns it with one final newline (the wrapper echoes an
+/// empty line after the file). The text holds the admin credentials, so errors describe what is
+/// wrong without quoting any of it.
+pub fn parse_kubeconfig(text: &str) -> Result<String, ParseError> {
+    const WHAT: &str = "microk8s config";
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        perr(
+            WHAT,
+            match e.location() {
+                Some(l) => format!("not YAML (line {}, column {})", l.line(), l.column()),
+                None => "not YAML".to_owned(),
+            },
+        )
+    })?;
+    if doc.get("kind").and_then(|k| k.as_str()) != Some("Config") {
+        return Err(perr(WHAT, "not a kubeconfig (no `kind: Config`)"));
+    }
+    let clusters = doc
+        .get("clusters")
+        .and_then(|c| c.as_sequence())
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| perr(WHAT, "the kubeconfig lists no clusters"))?;
+    let named = |c: &serde_yaml::Value| {
+        c.get("cluster")
+            .and_then(|c| c.get("server"))
+            .and_then(|s| s.as_str())
+            .is_some_and(|s| !s.trim().is_empty())
+    };
+    if !clusters.iter().all(named) {
+        return Err(perr(WHAT, "a cluster of the kubeconfig names no server"));
+    }
+    Ok(format!("{}\n", text.trim_end()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout of `client-x509.config.template` after the snap's `create_kubeconfig_x509`
+    /// and the `microk8s config` wrapper (server rewritten to the default interface address,
+    /// then an `echo`).
+    const CONFIG: &str = "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: Q0EK\n    server: https://10.0.0.5:16443\n  name: microk8s-cluster\ncontexts:\n- context:\n    cluster: microk8s-cluster\n    user: admin\n  name: microk8s\ncurrent-context: microk8s\nkind: Config\npreferences: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: Q0VSVAo=\n    client-key-data: U0VDUkVUS0VZCg==\n\n";
+
+    #[test]
+    fn a_kubeconfig_is_accepted_with_one_final_newline() {
+        let k = parse_kubeconfig(CONFIG).unwrap();
+        assert!(k.ends_with("U0VDUkVUS0VZCg==\n"), "{k}");
+        assert_eq!(k, CONFIG.trim_end().to_owned() + "\n");
+    }
+
+    #[test]
+    fn other_text_is_refused_without_quoting_it() {
+        for (text, want) in [
+            (
+                "microk8s is not running, try microk8s start\n",
+                "kind: Config",
+            ),
+            (
+                "kind: Config\nclusters: []\nusers: [{user: {token: SECRETTOKEN}}]\n",
+                "no clusters",
+            ),
+            (
+                "kind: Config\nclusters:\n- cluster: {certificate-authority-data: SECRETTOKEN}\n",
+                "names no server",
+            ),
+            ("kind: Config\nusers: [SECRETTOKEN\n", "not YAML (line"),
+        ] {
+            let e = parse_kubeconfig(text).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(!e.to_string().contains("SECRETTOKEN"), "{e}");
+        }
+    }
 }

@@ -1,0 +1,157 @@
+//! End-to-end on arm64: the rpi4 image, built from a bootstrapped Debian arm64 base with the
+//! cross-built `firstboot` and the test-only overlay (the simulator, cross-built too), boots its
+//! root filesystem under `qemu-system-aarch64 -M virt` with the kernel and initrd taken from its
+//! `system-boot` partition. Two nodes start `firstboot`, announce themselves (each sees the
+//! other), and form a cluster (one control-plane node, one worker).
+//!
+//! Needs what `e2e_qemu.rs` needs plus qemu-system-arm, an aarch64 binfmt handler for the full
+//! arm64 bootstrap (scripts/install-deps registers it), and the aarch64 builds
+//! (`scripts/build-firstboot-aarch64 --with-simulator`; scripts/test runs it first). Fails,
+//! never skips, when any is missing.
+
+mod e2e_support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use e2e_support::*;
+use qemu::{Arch, BootSource, Cluster, ClusterSpec};
+
+const TRIPLE: &str = "aarch64-unknown-linux-gnu";
+const START_TIMEOUT: Duration = Duration::from_secs(900);
+const FORM_TIMEOUT: Duration = Duration::from_secs(600);
+
+const CONFIG: &str = r#"
+[cluster]
+name = "e2e-arm"
+control-plane = 1
+expected-nodes = 2
+formation-timeout = "30m"
+secret-file = "e2e.secret"
+
+[addons]
+storage = "none"
+
+[network]
+addressing = "dhcp"
+
+[image]
+target = "rpi4"
+disk-size = "3GiB"
+
+[image.base]
+kind = "bootstrap"
+"#;
+
+/// The aarch64 release builds of firstboot and the simulator.
+fn cross_dir() -> PathBuf {
+    let dir = repo().join("target/cross").join(TRIPLE).join("release");
+    for b in ["firstboot", "microk8s", "dqlite"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} is missing: run `scripts/build-firstboot-aarch64 --with-simulator` first \
+             (scripts/test does)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Copies `name` out of the image's `system-boot` partition (found by label).
+async fn from_system_boot(image: &Path, name: &str, dest: &Path, scratch: &Path) {
+    let table = imagebuilder::disk::read_table(image).await.unwrap();
+    let part = table.by_label("system-boot").unwrap();
+    let fat = imagebuilder::disk::fat::FatVolume::new(image, part.start);
+    let data = fat
+        .read(name, scratch)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("system-boot has no {name}"));
+    std::fs::write(dest, data).unwrap();
+}
+
+#[test]
+fn rpi4_image_boots_under_virt_and_two_nodes_form() {
+    require_tools(&[
+        "qemu-system-aarch64",
+        "qemu-img",
+        "debugfs",
+        "mcopy",
+        "curl",
+    ]);
+    runtime().block_on(e2e_arm64());
+}
+
+async fn e2e_arm64() {
+    let cross = cross_dir();
+    let (_tmp, work, cluster_dir, cluster_id) = workdir();
+    let overlay = work.join("overlay");
+    write_overlay(&overlay, &cluster_id, &cross, false).await;
+    let config = work.join("e2e.toml");
+    std::fs::write(&config, with_host_suite(CONFIG)).unwrap();
+    let image = build_image(&work, &config, &cross.join("firstboot"), &overlay).await;
+
+    let kernel = work.join("vmlinuz");
+    let initrd = work.join("initrd.img");
+    from_system_boot(&image, "vmlinuz", &kernel, &work).await;
+    from_system_boot(&image, "initrd.img", &initrd, &work).await;
+
+    let mut spec = ClusterSpec::new(&image, &cluster_dir);
+    spec.nodes = 2;
+    spec.arch = Arch::Aarch64;
+    spec.memory_mib = 1024;
+    spec.boot = BootSource::Kernel {
+        kernel,
+        initrd: Some(initrd),
+        append: "console=ttyAMA0 root=LABEL=writable rootfstype=ext4 rootwait rw".into(),
+    };
+    let mut watch = Watch::new(&cluster_dir);
+    let mut cluster = Cluster::up(spec).await.expect("qemu up");
+    cluster.kill_on_drop(true);
+    let nodes = cluster.node_names();
+    println!("powered on {nodes:?} (aarch64, -M virt)");
+
+    // firstboot starts, announces itself (the other node sees it), and reaches its first phase.
+    let started = watch
+        .until(
+            &cluster,
+            &nodes,
+            "firstboot running and announcing on both arm64 nodes",
+            START_TIMEOUT,
+            |docs| {
+                docs.len() == 2
+                    && docs.values().all(|d| {
+                        d.timeline.iter().any(|e| e.what == "preparing node")
+                            && d.peers.iter().any(|p| p.address.starts_with(SUBNET))
+                    })
+            },
+        )
+        .await;
+    println!("both arm64 agents running and seeing each other {started:.1} s after power-on");
+
+    // The plus: the two form a cluster (1 control plane, 1 worker).
+    let formed = watch
+        .until(
+            &cluster,
+            &nodes,
+            "2-node arm64 formation",
+            FORM_TIMEOUT,
+            |docs| {
+                docs.len() == 2
+                    && docs.values().all(|d| d.phase == "member")
+                    && docs
+                        .values()
+                        .filter(|d| d.role.as_deref() == Some("worker"))
+                        .count()
+                        == 1
+            },
+        )
+        .await;
+    println!("2-node arm64 cluster formed {formed:.1} s after power-on");
+    for n in &nodes {
+        println!("  {n} phases since power-on: {:?}", watch.phases[n]);
+    }
+
+    cluster.kill_on_drop(false);
+    cluster.down().await.expect("qemu down");
+}
