@@ -304,7 +304,12 @@ impl Runtime {
             }
             PeerEvent::Lost { node_id } => {
                 let id = NodeId::new(node_id).ok()?;
-                self.peers.remove(&id);
+                // Keep the address: a lost mDNS record (expiry under load, an unsigned goodbye)
+                // does not mean the peer is gone, and the pinned coordinator client can still
+                // reach it. The formation core decides liveness.
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.phase = "lost".into();
+                }
                 self.timeline(format!("lost {id}"));
                 Some(Event::PeerLost { id })
             }
@@ -314,6 +319,7 @@ impl Runtime {
     fn inbound(&mut self, msg: Inbound<Message>) -> Option<Event> {
         let from = NodeId::new(msg.from.clone()).ok();
         let message = msg.message.clone();
+        tracing::trace!(peer = %msg.from, msg = message.kind(), "message in");
         // Replies travel as separate messages; the HTTP answer only acknowledges receipt.
         msg.reply(Vec::new());
         Some(Event::Message {
@@ -435,6 +441,7 @@ impl Runtime {
     }
 
     fn send(&mut self, to: NodeId, msg: Message) {
+        tracing::trace!(peer = %to, msg = msg.kind(), "message out");
         let Some(peer) = self.peers.get(&to) else {
             tracing::debug!(peer = %to, "no address for peer; message dropped");
             return;

@@ -18,7 +18,8 @@ use crate::config::Role;
 pub enum Event {
     /// A verified announcement (first sight or update) and the address it came from.
     PeerSeen { ann: Announcement, ip: IpAddr },
-    /// Discovery lost the peer (mDNS goodbye or expiry).
+    /// Discovery lost the peer (mDNS goodbye or expiry). A hint only: a peer counts as gone
+    /// when neither an announcement nor a message came from it for `peer_timeout`.
     PeerLost { id: NodeId },
     /// Periodic timer; once a second is plenty.
     Tick,
@@ -100,4 +101,22 @@ pub enum Message {
     },
     /// The membership is recorded: the joiner is a member with `role`.
     JoinConfirmed { cluster: ClusterId, role: Role },
+}
+
+impl Message {
+    /// Short name of the message kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Prepare { .. } => "prepare",
+            Message::Promise { .. } => "promise",
+            Message::Accept { .. } => "accept",
+            Message::Accepted { .. } => "accepted",
+            Message::Nack { .. } => "nack",
+            Message::SlotRequest { .. } => "slot-request",
+            Message::SlotGrant { .. } => "slot-grant",
+            Message::NotAuthority { .. } => "not-authority",
+            Message::JoinReport { .. } => "join-report",
+            Message::JoinConfirmed { .. } => "join-confirmed",
+        }
+    }
 }

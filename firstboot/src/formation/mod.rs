@@ -35,6 +35,13 @@
 //!   round; the joiner runs `microk8s join <authority ip>` and reports; the authority records
 //!   the member and frees the slot (Confirm). A slot unconfirmed for `slot_timeout` is reclaimed;
 //!   its holder stays counted as *tentative* (it may have joined) until it confirms or asks again.
+//!   The authority keeps the requests it hears (for three retry intervals), also those that
+//!   arrive while its own election round is still running, so a freed slot is granted at once.
+//! - **Batch**: the round that records a join result (Confirm) also grants the slot it frees to
+//!   the next waiting requester (Grant) and claims the addons (ClaimAddons): [`node::apply`]
+//!   applies them in order to the record read, each checking its own precondition on the
+//!   result of the one before, so a join costs one round instead of two and its effect is
+//!   exactly that of the separate rounds chosen back to back with nothing in between.
 //! - **Takeover**: when the authority has been unseen for `takeover_after`, the best visible
 //!   control-plane member makes itself authority (only if the record still names the old one).
 //! - **Elect with replace**: while nothing happened in a cluster (only the seed, no slot ever
@@ -43,6 +50,11 @@
 //! - **ClaimAddons / AddonsDone**: once `min(3, control_plane)` control-plane members are
 //!   recorded, the authority claims the addon enablement for itself; only the claimer ever
 //!   issues `EnableAddons`.
+//!
+//! In the steady state only the slot authority proposes: a control-plane member that never
+//! saw a record chosen runs its learning round (Refresh) only when it needs one (the newest
+//! record it heard of names it authority or addon enabler or another cluster, or the
+//! authority is missing), so rounds do not duel and back off.
 //!
 //! A node acts (grants, confirms a member, enables addons, calls itself seed or authority)
 //! only on a record it saw *chosen*, i.e. at the end of its own completed round
@@ -72,7 +84,10 @@
 //!    untouched (no slot ever granted, no addon claim). Grants and claims are rounds on the
 //!    record, so a grant for cluster `C` can only be chosen while the record is `C`; after it,
 //!    `C` is touched forever and can never be replaced. Hence all grants in history belong to
-//!    one cluster identity, and no node ever joins two clusters.
+//!    one cluster identity, and no node ever joins two clusters. A batch is one write of one
+//!    value (point 1 is unchanged), and the rules below are checked per change on the record
+//!    the earlier changes of the batch produced, so every intermediate record satisfies them
+//!    as if it had been chosen by a round of its own.
 //! 3. *A minority never forms*: an election write needs `Q` acceptances.
 //! 4. *One join at a time.* The slot is a field of the record; a grant needs it free. It is
 //!    freed by the holder's confirmed report or reclaimed after `slot_timeout`, measured by the
@@ -119,9 +134,12 @@
 //!
 //! - Execute actions in order; a [`Action::Persist`] is durable (temp file, fsync, rename)
 //!   before the next action runs. Resume with [`Node::new`] and the last persisted state.
+//!   (The core never emits two `Persist` in a row: each holds the whole state, so it drops
+//!   all but the last of a run of them.)
 //! - Deliver verified announcements as [`Event::PeerSeen`] (also unchanged refreshes: they keep
 //!   the peer alive; a peer unseen for `peer_timeout` counts as gone) and messages from
-//!   authenticated peers as [`Event::Message`]; send [`Event::Tick`] about once a second.
+//!   authenticated peers as [`Event::Message`] (they keep the sender alive too; an
+//!   [`Event::PeerLost`] is only a hint); send [`Event::Tick`] about once a second.
 //! - [`Action::Join`] runs `microk8s join <seed_ip>:25000/<token>` (plus `--worker` for
 //!   workers, never `--controlplane`) and waits for Ready, killed after its `timeout`; it must
 //!   report success if this node already is a member of that cluster.

@@ -48,6 +48,9 @@ pub enum Op {
     AddonsDone,
     /// Learn (and complete) the current record without changing it.
     Refresh,
+    /// Several changes in one round, applied in order (the slot authority confirms a join,
+    /// grants the freed slot to the next requester and claims the addons at once).
+    Batch(Vec<Op>),
 }
 
 /// Pure transition of the record for `op` proposed by `me` at `ballot`. `None` means nothing
@@ -73,6 +76,15 @@ pub fn apply(
         addons_by: None,
         addons_done: false,
     };
+    if let Op::Batch(ops) = op {
+        let mut acc = cur.cloned();
+        for op in ops {
+            if let Some(next) = apply(op, acc.as_ref(), ballot, me, params) {
+                acc = Some(next);
+            }
+        }
+        return acc;
+    }
     let Some(cur) = cur else {
         return match op {
             Op::Elect { electorate, .. } => {
@@ -171,7 +183,7 @@ pub fn apply(
                 r.addons_done = true;
             }
         }
-        Op::Refresh => {}
+        Op::Refresh | Op::Batch(_) => {}
     }
     Some(r)
 }
@@ -203,6 +215,20 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
             } else {
                 Role::Worker
             }
+        }
+    }
+}
+
+/// Drops every [`Action::Persist`] directly followed by another one: each holds the whole
+/// state, the later one includes every change of the earlier, and no action ran in between, so
+/// writing only the later one is equivalent (and saves an fsync).
+fn coalesce_persists(out: &mut Vec<Action>) {
+    let mut i = 0;
+    while i + 1 < out.len() {
+        if matches!(out[i], Action::Persist(_)) && matches!(out[i + 1], Action::Persist(_)) {
+            out.remove(i);
+        } else {
+            i += 1;
         }
     }
 }
@@ -345,6 +371,7 @@ impl Node {
             dirty: false,
         };
         node.drive(now, &mut out);
+        coalesce_persists(&mut out);
         (node, out)
     }
 
@@ -397,6 +424,12 @@ impl Node {
 
     /// Feeds one event; returns the actions to execute in order.
     pub fn handle(&mut self, now: Duration, event: Event) -> Vec<Action> {
+        let mut out = self.handle_event(now, event);
+        coalesce_persists(&mut out);
+        out
+    }
+
+    fn handle_event(&mut self, now: Duration, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
             Event::PeerSeen { ann, ip } => {
@@ -416,14 +449,20 @@ impl Node {
                         .insert(ann.id.clone(), Peer { ann, ip, seen: now });
                 }
             }
-            Event::PeerLost { id } => {
-                self.peers.remove(&id);
+            Event::PeerLost { .. } => {
+                // A hint only (unsigned goodbye, or a record expired on a busy network): the
+                // peer counts as gone once nothing from it arrived for `peer_timeout`.
             }
             Event::Tick => {}
             Event::NodePrepared(res) => self.on_prepared(now, res, &mut out),
             Event::JoinFinished(res) => self.on_join_finished(now, res, &mut out),
             Event::AddonsEnabled(res) => self.on_addons(res, &mut out),
             Event::Message { from, msg } => {
+                // An authenticated message shows the sender is alive even when its mDNS
+                // announcements are late (a busy network): no takeover of a working authority.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.seen = now;
+                }
                 // Paxos traffic only needs the decision step when it changed something.
                 let paxos = matches!(
                     msg,
@@ -473,6 +512,15 @@ impl Node {
         ) && self
             .chosen()
             .is_some_and(|r| r.authority == self.me && r.members.contains_key(&self.me))
+    }
+
+    /// My round in flight may make me slot authority (an election or a takeover), or the
+    /// newest record I heard of names me.
+    fn may_become_authority(&self) -> bool {
+        self.round
+            .as_ref()
+            .is_some_and(|r| matches!(r.op, Op::Elect { .. } | Op::Takeover { .. }))
+            || self.known().is_some_and(|r| r.authority == self.me)
     }
 
     fn eligible(&self) -> bool {
@@ -740,6 +788,10 @@ impl Node {
                             self.requests.insert(from, (req, now));
                         }
                     }
+                } else if self.may_become_authority() {
+                    // Keep it for when my round completes: the requester would otherwise
+                    // only ask again after its retry interval.
+                    self.requests.insert(from, (req, now));
                 } else {
                     let hint = self
                         .hint()
@@ -905,6 +957,7 @@ impl Node {
             node: self.me.clone(),
         };
         // The ballot number must be durable before it is used: never reuse one after a crash.
+        // (My own promise is persisted right after; the two writes coalesce.)
         self.persist(out);
         self.round = Some(Round {
             op,
@@ -917,6 +970,7 @@ impl Node {
             proposal: None,
             accepts: BTreeSet::new(),
         });
+        let own = self.acceptor_prepare(ballot.clone(), out);
         for to in self.targets() {
             out.push(Action::Send {
                 to,
@@ -925,7 +979,7 @@ impl Node {
                 },
             });
         }
-        if let Message::Promise { ballot, accepted } = self.acceptor_prepare(ballot.clone(), out) {
+        if let Message::Promise { ballot, accepted } = own {
             let me = self.me.clone();
             self.on_promise(now, me, ballot, accepted, out);
         }
@@ -1080,7 +1134,17 @@ impl Node {
             self.requests.clear();
             self.reports.clear();
         }
+        self.follow_up(now, op, &record, out);
+    }
+
+    /// What the proposer of `op` does once `record` (the result of `op`) is chosen.
+    fn follow_up(&mut self, now: Duration, op: Op, record: &Record, out: &mut Vec<Action>) {
         match op {
+            Op::Batch(ops) => {
+                for op in ops {
+                    self.follow_up(now, op, record, out);
+                }
+            }
             Op::Grant { to, req } => {
                 if let Some(s) = record.slot.as_ref().filter(|s| s.node == to) {
                     self.slot_watch = Some((s.seq, now));
@@ -1270,6 +1334,20 @@ impl Node {
         }
     }
 
+    /// The waiting node that gets the free slot next (pinned control-plane nodes first, then
+    /// by rank), other than `except`.
+    fn next_requester(&self, except: Option<&NodeId>) -> Option<(NodeId, u64)> {
+        self.requests
+            .iter()
+            .filter(|(id, _)| Some(*id) != except)
+            .min_by_key(|(id, _)| {
+                let pinned_cp = self.params.pinned_roles.get(*id) == Some(&Role::ControlPlane);
+                let pr = self.peers.get(*id).map_or(0, |p| p.ann.priority);
+                (!pinned_cp, rank(pr, id))
+            })
+            .map(|(id, (req, _))| (id.clone(), *req))
+    }
+
     /// Where slot requests and join reports go.
     fn authority_target(&self) -> Option<NodeId> {
         let hint = self.hint().map(|h| h.authority.clone());
@@ -1356,8 +1434,15 @@ impl Node {
 
     fn drive_member(&mut self, now: Duration, role: Role, out: &mut Vec<Action>) {
         let Some(rec) = self.chosen() else {
-            // Only control-plane members act on the record; they learn it with one round.
-            if role == Role::ControlPlane && self.can_propose(now) {
+            // Only control-plane members act on the record; they learn it with one round, but
+            // only once they have a reason to act: a round of theirs would compete with the
+            // authority's grant rounds (and make them retry after a back-off).
+            if role == Role::ControlPlane
+                && self.needs_chosen()
+                && self.can_propose(now)
+                && now >= self.next_refresh
+            {
+                self.next_refresh = now + self.params.retry_interval;
                 self.start_round(now, Op::Refresh, out);
             }
             return;
@@ -1390,6 +1475,21 @@ impl Node {
             }
             self.start_round(now, op, out);
         }
+    }
+
+    /// A control-plane member that never saw a record chosen needs one before it can act: when
+    /// the newest record it heard of names it as slot authority or addon enabler, when its
+    /// phase names another cluster, or when the authority is missing (it may have to take
+    /// over).
+    fn needs_chosen(&self) -> bool {
+        let Some(h) = self.hint() else { return true };
+        let names_me = *h.authority == self.me
+            || self
+                .known()
+                .is_some_and(|r| r.addons_by.as_ref() == Some(&self.me));
+        names_me
+            || self.st.phase.cluster() != Some(h.cluster)
+            || self.missing_since.contains_key(h.authority)
     }
 
     /// The next record change this member should propose, if any.
@@ -1462,13 +1562,29 @@ impl Node {
     }
 
     fn authority_op(&self, now: Duration, rec: &Record) -> Option<Op> {
-        // 1. join results
+        // 1. join results. The round that records one also grants the slot it frees to the
+        // next requester and claims the addons if HA is complete (each change is re-checked
+        // by `apply` on the record read, exactly as in a round of its own), so a join costs
+        // one round rather than two.
         if let Some((node, (seq, role, ok))) = self.reports.iter().next() {
-            return Some(Op::Confirm {
+            let mut ops = vec![Op::Confirm {
                 node: node.clone(),
                 seq: *seq,
                 role: *role,
                 ok: *ok,
+            }];
+            if rec.slot.as_ref().is_some_and(|s| s.node == *node) {
+                if let Some((to, req)) = self.next_requester(Some(node)) {
+                    ops.push(Op::Grant { to, req });
+                }
+            }
+            if self.params.addons_wanted && rec.addons_by.is_none() {
+                ops.push(Op::ClaimAddons);
+            }
+            return Some(if ops.len() == 1 {
+                ops.remove(0)
+            } else {
+                Op::Batch(ops)
             });
         }
         // 2. reclaim a timed-out slot
@@ -1484,15 +1600,7 @@ impl Node {
                 .requests
                 .get(&s.node)
                 .map(|(req, _)| (s.node.clone(), *req)),
-            None => self
-                .requests
-                .iter()
-                .min_by_key(|(id, _)| {
-                    let pinned_cp = self.params.pinned_roles.get(*id) == Some(&Role::ControlPlane);
-                    let pr = self.peers.get(*id).map_or(0, |p| p.ann.priority);
-                    (!pinned_cp, rank(pr, id))
-                })
-                .map(|(id, (req, _))| (id.clone(), *req)),
+            None => self.next_requester(None),
         };
         if let Some((to, req)) = next {
             return Some(Op::Grant { to, req });

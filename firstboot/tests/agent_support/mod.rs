@@ -222,7 +222,9 @@ impl AgentCluster {
             )
             .env(
                 "RUST_LOG",
-                "info,firstboot=debug,firstboot::system::command=info",
+                std::env::var("RACKSEED_AGENT_LOG").unwrap_or_else(|_| {
+                    "info,firstboot=debug,firstboot::system::command=info".into()
+                }),
             )
             .env("NO_COLOR", "1")
             .spawn_with(log.try_clone().unwrap(), log)
@@ -390,6 +392,18 @@ impl Drop for AgentCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill_agent(i);
+        }
+        // For profiling: `RACKSEED_KEEP_LOGS=<dir>` keeps the agent logs and the command log.
+        if let Some(keep) = std::env::var_os("RACKSEED_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(&self.log, keep.join("commands.jsonl"));
+            for n in &self.nodes {
+                let _ = std::fs::copy(
+                    n.dir.join("agent.log"),
+                    keep.join(format!("node-{}.log", n.index)),
+                );
+            }
         }
         for n in &self.nodes {
             if let Ok(pid) = std::fs::read_to_string(n.dir.join("daemon.pid")) {
