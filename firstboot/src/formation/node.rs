@@ -628,7 +628,7 @@ impl Node {
                 role,
                 via,
             } => {
-                format!("joining cluster {cluster} via {via} as {role:?} (slot {seq})")
+                format!("joining cluster {cluster} via {via} as {role} (slot {seq})")
             }
             Phase::Confirming { cluster, .. } => {
                 format!("joined cluster {cluster}, confirming membership")
@@ -640,7 +640,7 @@ impl Node {
                 } else {
                     ""
                 };
-                format!("member of cluster {cluster} as {role:?} ({members} members known{auth})")
+                format!("member of cluster {cluster} as {role} ({members} members known{auth})")
             }
         }
     }
