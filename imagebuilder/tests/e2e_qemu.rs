@@ -71,12 +71,12 @@ fn addons_enabled(d: &StatusDoc) -> bool {
 #[test]
 fn three_vms_form_ha_survive_the_seed_and_take_a_worker() {
     require_tools(&[
-        "qemu-system-x86_64",
-        "qemu-img",
-        "debugfs",
-        "mkfs.ext4",
-        "curl",
-        "strip",
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("debugfs", "e2fsprogs"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("curl", "curl"),
+        ("strip", "binutils"),
     ]);
     runtime().block_on(e2e());
 }

@@ -73,11 +73,11 @@ async fn from_system_boot(image: &Path, name: &str, dest: &Path, scratch: &Path)
 #[test]
 fn rpi4_image_boots_under_virt_and_two_nodes_form() {
     require_tools(&[
-        "qemu-system-aarch64",
-        "qemu-img",
-        "debugfs",
-        "mcopy",
-        "curl",
+        ("qemu-system-aarch64", "qemu-system-arm"),
+        ("qemu-img", "qemu-utils"),
+        ("debugfs", "e2fsprogs"),
+        ("mcopy", "mtools"),
+        ("curl", "curl"),
     ]);
     runtime().block_on(e2e_arm64());
 }

@@ -40,20 +40,15 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Fails (never skips) when the test cannot run here.
-pub fn require_tools(tools: &[&str]) {
+/// Fails (never skips) when the test cannot run here: not root, or a (tool, Debian package)
+/// missing.
+pub fn require_tools(tools: &[(&str, &str)]) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the QEMU end-to-end tests need root (debootstrap); CI runs them as root"
     );
-    for tool in tools {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{tool} is not installed (scripts/install-deps installs it)"
-        );
+    if let Err(e) = imagebuilder::tool::require(tools) {
+        panic!("{e} (scripts/install-deps installs them)");
     }
 }
 
