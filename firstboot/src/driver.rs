@@ -125,6 +125,8 @@ struct Runtime {
     last_status_line: String,
     /// The last announcement, re-published as a heartbeat so peers keep seeing this node.
     last_announcement: Option<Announcement>,
+    /// The status document as last handed to the coordinator.
+    published: Option<StatusDoc>,
     /// What `POST /v1/kubeconfig` currently answers.
     kubeconfig: KubeconfigServing,
 }
@@ -203,6 +205,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         state,
         last_status_line: String::new(),
         last_announcement: None,
+        published: None,
         kubeconfig: KubeconfigServing::NotYet,
     };
     tracing::info!(
@@ -396,8 +399,15 @@ impl Runtime {
                         .context("persisting the formation state")?;
                 }
                 Action::Announce(ann) => {
+                    // Progress alone (record ballot, member count) rides on the heartbeat.
+                    let urgent = self
+                        .last_announcement
+                        .as_ref()
+                        .is_none_or(|last| !last.only_progress_differs(&ann));
                     self.last_announcement = Some(ann);
-                    self.reannounce();
+                    if urgent {
+                        self.reannounce();
+                    }
                 }
                 Action::Send { to, msg } => self.send(to, msg),
                 Action::SetStatus(line) => {
@@ -603,7 +613,11 @@ impl Runtime {
                 role: p.role.clone(),
             })
             .collect();
-        let _ = self.coordinator.set_status_from(&self.doc);
+        // The loop calls this after every event; only a changed document is re-encoded.
+        if self.published.as_ref() != Some(&self.doc) {
+            let _ = self.coordinator.set_status_from(&self.doc);
+            self.published = Some(self.doc.clone());
+        }
     }
 }
 

@@ -68,6 +68,29 @@ proptest! {
         prop_assert_eq!(Announcement::from_txt(&map), Ok(ann));
     }
 
+    /// Only the record ballot and the member count may wait for the heartbeat; a change of
+    /// anything a peer routes by is announced at once.
+    #[test]
+    fn only_progress_may_wait(a in announcement(), b in announcement()) {
+        let progress = Announcement {
+            record_ballot: b.record_ballot.clone(),
+            members: b.members,
+            ..a.clone()
+        };
+        prop_assert!(a.only_progress_differs(&progress));
+        prop_assert!(a.only_progress_differs(&a));
+        let routing_same = a.id == b.id
+            && a.priority == b.priority
+            && a.phase == b.phase
+            && a.role == b.role
+            && a.cluster == b.cluster
+            && a.authority == b.authority
+            && a.eligible == b.eligible;
+        prop_assert_eq!(a.only_progress_differs(&b), routing_same);
+        let moved = Announcement { authority: Some(b.id.clone()), ..a.clone() };
+        prop_assert_eq!(a.only_progress_differs(&moved), a.authority == moved.authority);
+    }
+
     /// Arbitrary maps, biased towards our keys with near-miss values: never a panic.
     #[test]
     fn from_txt_never_panics(

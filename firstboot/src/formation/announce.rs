@@ -87,6 +87,22 @@ impl Announcement {
         out
     }
 
+    /// True when `newer` differs from `self` at most in the fields that change with every
+    /// chosen round: the record ballot and the member count. Such a change need not go out at
+    /// once. With 50 nodes, re-announcing it would make every acceptor multicast a new record
+    /// at every join, and every peer would verify each one: O(N²) packets per join. It goes
+    /// out with the next heartbeat instead. Routing changes (phase, role, cluster, authority,
+    /// eligibility) are still announced at once.
+    pub fn only_progress_differs(&self, newer: &Announcement) -> bool {
+        self.id == newer.id
+            && self.priority == newer.priority
+            && self.phase == newer.phase
+            && self.role == newer.role
+            && self.cluster == newer.cluster
+            && self.authority == newer.authority
+            && self.eligible == newer.eligible
+    }
+
     /// Parses a verified TXT map. Never panics; unknown keys are ignored (newer agents may add
     /// some), missing optional keys take their default.
     pub fn from_txt(txt: &BTreeMap<String, String>) -> Result<Announcement, AnnouncementError> {
