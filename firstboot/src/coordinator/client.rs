@@ -27,6 +27,11 @@ use crate::secret::ClusterSecret;
 
 /// Default timeout of one request (connect + TLS + response).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection to a peer is kept this long for the next request, well below the
+/// server's [`super::server::IDLE_TIMEOUT`]. While a round is under way the slot authority
+/// talks to every peer several times a second, so it pays one TLS handshake per peer instead
+/// of two per message; waiting nodes that ask every few seconds still reconnect each time.
+pub const POOL_IDLE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -198,9 +203,8 @@ impl CoordinatorClient {
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .no_proxy()
-            // One connection per request: no pooled connection can be cut under us by the
-            // server's connection timeout, and messages are rare.
-            .pool_max_idle_per_host(0)
+            .pool_max_idle_per_host(2)
+            .pool_idle_timeout(POOL_IDLE)
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .build()
@@ -313,6 +317,20 @@ impl CoordinatorClient {
     /// Sends one message to the coordinator at `peer`, whose certificate must have
     /// `fingerprint`; returns the peer's replies.
     pub async fn send<M: Serialize + DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        message: &M,
+    ) -> Result<Vec<M>, ClientError> {
+        match self.send_once(peer, fingerprint, message).await {
+            // A kept-alive connection the peer closed just as we reused it; a fresh nonce and
+            // connection settle it. (Protocol messages may arrive twice: they are idempotent.)
+            Err(ClientError::Transport { .. }) => self.send_once(peer, fingerprint, message).await,
+            res => res,
+        }
+    }
+
+    async fn send_once<M: Serialize + DeserializeOwned>(
         &self,
         peer: SocketAddr,
         fingerprint: &str,

@@ -17,8 +17,9 @@
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
 //! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
 //! Only the presented nonce is consumed by a refused request; the driver sees nothing.
-//! Connections are bounded ([`MAX_CONNECTIONS`]) and timed out (10 s handshake, 30 s per
-//! connection). Anyone on the LAN can still exhaust them (denial of service is out of scope;
+//! Connections are bounded ([`MAX_CONNECTIONS`]) and kept alive between requests: the
+//! handshake has 10 s, a connection waiting for its next request's headers is closed after
+//! [`IDLE_TIMEOUT`], and any connection is shut down gracefully after 5 minutes. Anyone on the LAN can still exhaust them (denial of service is out of scope;
 //! safety never depends on the coordinator answering).
 //!
 //! To add a route: add a match arm in `route`; authenticate it like the others unless it only
@@ -52,7 +53,13 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How long the driver has to answer a message.
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A kept-alive connection with no request for this long is closed (hyper's header-read
+/// timeout runs while it waits for the next request). Clients drop idle connections sooner
+/// ([`super::client::POOL_IDLE`]), so they never send on one the server is closing.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection is shut down gracefully (the request in flight is answered) after this long,
+/// however busy it is.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// How long the kubeconfig provider may take (`microk8s config` is normally quick).
 pub const KUBECONFIG_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -326,8 +333,17 @@ async fn accept_loop<M>(
                 async move { Ok::<_, std::convert::Infallible>(route(state, tx, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HANDLER_TIMEOUT, conn).await;
+                }
+            }
         });
     }
 }
