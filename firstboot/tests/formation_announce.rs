@@ -222,10 +222,27 @@ fn messages_round_trip_as_json() {
         },
         Message::Accept {
             ballot: ballot.clone(),
+            record: record.clone(),
+            next: None,
+        },
+        Message::Accept {
+            ballot: ballot.clone(),
             record,
+            next: Some(Ballot {
+                n: 3,
+                node: a.clone(),
+            }),
         },
         Message::Accepted {
             ballot: ballot.clone(),
+            next: None,
+        },
+        Message::Accepted {
+            ballot: ballot.clone(),
+            next: Some(Ballot {
+                n: 3,
+                node: a.clone(),
+            }),
         },
         Message::Nack {
             ballot: ballot.clone(),
@@ -270,4 +287,16 @@ fn messages_round_trip_as_json() {
         r#"{"msg":"prepare","ballot":{"n":1,"node":"NOTHEX"}}"#
     )
     .is_err());
+    // An agent without the piggybacked promise sends no `next`: read as none.
+    assert_eq!(
+        serde_json::from_str::<Message>(r#"{"msg":"accepted","ballot":{"n":1,"node":"0a"}}"#)
+            .expect("deserialize"),
+        Message::Accepted {
+            ballot: Ballot {
+                n: 1,
+                node: NodeId::new("0a").expect("id"),
+            },
+            next: None,
+        }
+    );
 }

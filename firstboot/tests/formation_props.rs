@@ -868,3 +868,29 @@ fn measure_run_cost() {
         );
     }
 }
+
+/// Found by `large_formation_is_safe_and_live` when acceptors began promising the proposer's
+/// next ballot along with each accept: with 20 % message loss, retransmitted Accepts were
+/// refused by acceptors that had already accepted them (and promised the next ballot), so the
+/// slot authority's rounds kept failing and formation stalled.
+#[test]
+fn lossy_large_cluster_with_piggybacked_promises_converges() {
+    let sc = Scenario {
+        n: 46,
+        control_plane: 1,
+        seed: 62742026968291927,
+        loss: 196,
+        dup: 34,
+        max_delay: 4,
+        partitions: true,
+        crashes: true,
+        late: true,
+        priorities: true,
+        pins: false,
+        join_fail: 128,
+        addons: false,
+    };
+    let (violations, converged, t, sim) = run(sc);
+    assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
+    assert!(converged, "not converged by tick {t}\n{}", describe(&sim));
+}

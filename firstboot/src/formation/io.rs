@@ -75,10 +75,22 @@ pub enum Message {
         ballot: Ballot,
         accepted: Option<Accepted>,
     },
-    /// Paxos phase 2: accept `record` at `ballot`.
-    Accept { ballot: Ballot, record: Record },
-    /// `ballot` accepted.
-    Accepted { ballot: Ballot },
+    /// Paxos phase 2: accept `record` at `ballot`. With `next` (the proposer's next ballot),
+    /// an acceptor that accepts also promises `next` at once, exactly as if `Prepare { next }`
+    /// had followed: the proposer's next round can skip phase 1.
+    Accept {
+        ballot: Ballot,
+        record: Record,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<Ballot>,
+    },
+    /// `ballot` accepted; with `next`, also promised `next` (the acceptor's last accepted
+    /// record is then the one it just accepted at `ballot`).
+    Accepted {
+        ballot: Ballot,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<Ballot>,
+    },
     /// Refused: the acceptor has promised `promised`, higher than `ballot`.
     Nack { ballot: Ballot, promised: Ballot },
     /// Ask the slot authority for the join slot; `req` identifies this request.

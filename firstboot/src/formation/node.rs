@@ -272,6 +272,19 @@ struct Round {
     base_none: bool,
     proposal: Option<Record>,
     accepts: BTreeSet<NodeId>,
+    /// The ballot the Accepts ask to be promised next, and who promised it.
+    next: Option<Ballot>,
+    next_promises: BTreeSet<NodeId>,
+}
+
+/// Phase 1 of this proposer's next round, done ahead: acceptors that accepted `base` also
+/// promised `next` (see [`Message::Accept`]). Used by the next round only while nothing newer
+/// was heard of, so a slot authority pays one phase per change instead of two.
+#[derive(Debug, Clone)]
+struct Prepared {
+    next: Ballot,
+    base: Accepted,
+    promises: BTreeSet<NodeId>,
 }
 
 /// A point-in-time view for `firstboot status`.
@@ -302,6 +315,7 @@ pub struct Node {
     st: PersistedState,
     peers: BTreeMap<NodeId, Peer>,
     round: Option<Round>,
+    prepared: Option<Prepared>,
     backoff_until: Duration,
     // joiner
     reqs: BTreeMap<u64, Duration>,
@@ -352,6 +366,7 @@ impl Node {
             st,
             peers: BTreeMap::new(),
             round: None,
+            prepared: None,
             backoff_until: now,
             reqs: BTreeMap::new(),
             next_req: 0,
@@ -751,12 +766,18 @@ impl Node {
                     msg: reply,
                 });
             }
-            Message::Accept { ballot, record } => {
+            Message::Accept {
+                ballot,
+                record,
+                next,
+            } => {
                 if ballot.node != from {
                     self.ignored += 1;
                     return;
                 }
-                let reply = self.acceptor_accept(ballot, record, out);
+                // A next ballot must be the sender's own and higher; otherwise accept only.
+                let next = next.filter(|n| n.node == from && *n > ballot);
+                let reply = self.acceptor_accept(ballot, record, next, out);
                 out.push(Action::Send {
                     to: from,
                     msg: reply,
@@ -765,7 +786,10 @@ impl Node {
             Message::Promise { ballot, accepted } => {
                 self.on_promise(now, from, ballot, accepted, out)
             }
-            Message::Accepted { ballot } => self.on_accepted(now, from, ballot, out),
+            Message::Accepted { ballot, next } => self.on_accepted(now, from, ballot, next, out),
+            // Refused because the acceptor promised my own later ballot (the piggybacked next
+            // one): a stale repeat of a message it already answered, not competition.
+            Message::Nack { promised, .. } if promised.node == self.me => self.ignored += 1,
             Message::Nack { ballot, promised } => {
                 self.st.max_ballot = self.st.max_ballot.max(promised.n);
                 if self.round.as_ref().is_some_and(|r| r.ballot == ballot) {
@@ -905,32 +929,52 @@ impl Node {
         }
     }
 
+    /// Accepts `record` at `ballot` unless a higher ballot was promised; then, with `next`,
+    /// promises `next` as a `Prepare { next }` arriving right after would (the promise's
+    /// "last accepted" is the record just accepted). One persist covers both.
     fn acceptor_accept(
         &mut self,
         ballot: Ballot,
         record: Record,
+        next: Option<Ballot>,
         out: &mut Vec<Action>,
     ) -> Message {
         self.st.max_ballot = self.st.max_ballot.max(ballot.n);
-        match &self.st.acceptor.promised {
-            Some(p) if *p > ballot => Message::Nack {
-                ballot,
-                promised: p.clone(),
-            },
-            _ => {
-                let acc = Accepted {
-                    ballot: ballot.clone(),
-                    record,
+        let acc = Accepted {
+            ballot: ballot.clone(),
+            record,
+        };
+        // A repeated Accept (retransmitted, duplicated) of what I accepted is answered again,
+        // even if I promised a higher ballot since (e.g. the piggybacked next one): having
+        // accepted it stays true.
+        let already = self.st.acceptor.accepted.as_ref() == Some(&acc);
+        if let Some(p) = self.st.acceptor.promised.as_ref().filter(|p| **p > ballot) {
+            if !already {
+                return Message::Nack {
+                    ballot,
+                    promised: p.clone(),
                 };
-                if self.st.acceptor.accepted.as_ref() != Some(&acc) {
-                    self.st.acceptor.promised = Some(ballot.clone());
-                    self.st.acceptor.accepted = Some(acc.clone());
-                    self.learn(&acc);
-                    self.persist(out);
-                }
-                Message::Accepted { ballot }
             }
         }
+        let mut changed = false;
+        if !already {
+            self.st.acceptor.promised = Some(ballot.clone());
+            self.st.acceptor.accepted = Some(acc.clone());
+            self.learn(&acc);
+            changed = true;
+        }
+        let next = next.filter(|n| self.st.acceptor.promised.as_ref().is_none_or(|p| p <= n));
+        if let Some(n) = &next {
+            self.st.max_ballot = self.st.max_ballot.max(n.n);
+            if self.st.acceptor.promised.as_ref() != Some(n) {
+                self.st.acceptor.promised = Some(n.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.persist(out);
+        }
+        Message::Accepted { ballot, next }
     }
 
     // ----- proposer -----
@@ -946,32 +990,63 @@ impl Node {
     }
 
     fn start_round(&mut self, now: Duration, op: Op, out: &mut Vec<Action>) {
-        let n = self
-            .st
-            .max_ballot
-            .max(self.st.acceptor.promised.as_ref().map_or(0, |b| b.n))
-            + 1;
-        self.st.max_ballot = n;
-        let ballot = Ballot {
-            n,
-            node: self.me.clone(),
+        // Phase 1 done ahead by my last round's Accepts, if nothing was heard of since.
+        let prepared = self.prepared.take().filter(|p| {
+            self.st.known.as_ref().map(|k| &k.ballot) == Some(&p.base.ballot)
+                && self.st.chosen.as_ref().map(|c| &c.ballot) == Some(&p.base.ballot)
+                && self.st.acceptor.promised.as_ref() == Some(&p.next)
+                && self.st.max_ballot == p.next.n
+        });
+        let (ballot, promises) = match prepared {
+            Some(p) => {
+                let promises: BTreeMap<NodeId, Option<Accepted>> = p
+                    .promises
+                    .into_iter()
+                    .map(|id| (id, Some(p.base.clone())))
+                    .collect();
+                (p.next, promises)
+            }
+            None => {
+                let n = self
+                    .st
+                    .max_ballot
+                    .max(self.st.acceptor.promised.as_ref().map_or(0, |b| b.n))
+                    + 1;
+                self.st.max_ballot = n;
+                // The ballot number must be durable before it is used: never reuse one after
+                // a crash. (My own promise is persisted right after; the two writes coalesce.)
+                self.persist(out);
+                let ballot = Ballot {
+                    n,
+                    node: self.me.clone(),
+                };
+                (ballot, BTreeMap::new())
+            }
         };
-        // The ballot number must be durable before it is used: never reuse one after a crash.
-        // (My own promise is persisted right after; the two writes coalesce.)
-        self.persist(out);
+        let own_promised = promises.contains_key(&self.me);
         self.round = Some(Round {
             op,
             ballot: ballot.clone(),
             started: now,
             last_send: now,
             stage: Stage::Reading,
-            promises: BTreeMap::new(),
+            promises,
             base_none: false,
             proposal: None,
             accepts: BTreeSet::new(),
+            next: None,
+            next_promises: BTreeSet::new(),
         });
-        let own = self.acceptor_prepare(ballot.clone(), out);
+        let own = (!own_promised).then(|| self.acceptor_prepare(ballot.clone(), out));
+        let asked: BTreeSet<NodeId> = self
+            .round
+            .as_ref()
+            .map(|r| r.promises.keys().cloned().collect())
+            .unwrap_or_default();
         for to in self.targets() {
+            if asked.contains(&to) {
+                continue;
+            }
             out.push(Action::Send {
                 to,
                 msg: Message::Prepare {
@@ -979,9 +1054,14 @@ impl Node {
                 },
             });
         }
-        if let Message::Promise { ballot, accepted } = own {
-            let me = self.me.clone();
-            self.on_promise(now, me, ballot, accepted, out);
+        match own {
+            Some(Message::Promise { ballot, accepted }) => {
+                let me = self.me.clone();
+                self.on_promise(now, me, ballot, accepted, out);
+            }
+            // My own acceptor refused (it promised higher): the round cannot win.
+            Some(_) => {}
+            None => self.try_write(now, out),
         }
     }
 
@@ -1003,7 +1083,16 @@ impl Node {
             return;
         }
         round.promises.insert(from, accepted);
-        if round.promises.len() < self.params.election_quorum() {
+        self.try_write(now, out);
+    }
+
+    /// Phase 2: once the promises make a read quorum, applies the round's op to the newest
+    /// record among them and asks everybody to accept the result.
+    fn try_write(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        if round.stage != Stage::Reading || round.promises.len() < self.params.election_quorum() {
             return;
         }
         let highest = round
@@ -1041,27 +1130,54 @@ impl Node {
         round.last_send = now;
         round.proposal = Some(proposal.clone());
         let ballot = round.ballot.clone();
+        let next = Ballot {
+            n: ballot.n + 1,
+            node: self.me.clone(),
+        };
+        round.next = Some(next.clone());
+        // `next` is reserved like any ballot of mine: my own accept below persists it before
+        // the Accepts go out.
+        self.st.max_ballot = self.st.max_ballot.max(next.n);
+        let own = self.acceptor_accept(ballot.clone(), proposal.clone(), Some(next.clone()), out);
+        self.persist(out);
         for to in self.targets() {
             out.push(Action::Send {
                 to,
                 msg: Message::Accept {
                     ballot: ballot.clone(),
                     record: proposal.clone(),
+                    next: Some(next.clone()),
                 },
             });
         }
-        if let Message::Accepted { ballot } = self.acceptor_accept(ballot, proposal, out) {
+        if let Message::Accepted { ballot, next } = own {
             let me = self.me.clone();
-            self.on_accepted(now, me, ballot, out);
+            self.on_accepted(now, me, ballot, next, out);
         }
     }
 
-    fn on_accepted(&mut self, now: Duration, from: NodeId, ballot: Ballot, out: &mut Vec<Action>) {
+    fn on_accepted(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        ballot: Ballot,
+        next: Option<Ballot>,
+        out: &mut Vec<Action>,
+    ) {
+        // A late answer to my last completed round still counts as a promise for the next.
+        if let (Some(p), Some(n)) = (self.prepared.as_mut(), next.as_ref()) {
+            if p.base.ballot == ballot && p.next == *n {
+                p.promises.insert(from.clone());
+            }
+        }
         let Some(round) = self.round.as_mut() else {
             return;
         };
         if round.ballot != ballot || round.stage != Stage::Writing {
             return;
+        }
+        if next.is_some() && next == round.next {
+            round.next_promises.insert(from.clone());
         }
         round.accepts.insert(from);
         let Some(proposal) = &round.proposal else {
@@ -1082,6 +1198,11 @@ impl Node {
             ballot: round.ballot,
             record,
         };
+        self.prepared = round.next.map(|next| Prepared {
+            next,
+            base: acc.clone(),
+            promises: round.next_promises,
+        });
         self.learn(&acc);
         self.st.chosen = Some(acc.clone());
         self.round_done(now, round.op, acc.record, out);
@@ -1269,6 +1390,7 @@ impl Node {
                 (Stage::Writing, Some(p)) if !r.accepts.contains(&to) => Message::Accept {
                     ballot: r.ballot.clone(),
                     record: p.clone(),
+                    next: r.next.clone(),
                 },
                 _ => continue,
             };
