@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,9 @@ struct Runtime {
     last_announcement: Option<Announcement>,
     /// The status document as last handed to the coordinator.
     published: Option<StatusDoc>,
+    /// Set when preparation found MicroK8s a lone node; cleared by the first join attempt.
+    /// Until then this node cannot already be a member, so that join skips the check.
+    lone: Arc<AtomicBool>,
     /// What `POST /v1/kubeconfig` currently answers.
     kubeconfig: KubeconfigServing,
 }
@@ -206,6 +210,7 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
         last_status_line: String::new(),
         last_announcement: None,
         published: None,
+        lone: Arc::new(AtomicBool::new(false)),
         kubeconfig: KubeconfigServing::NotYet,
     };
     tracing::info!(
@@ -476,8 +481,11 @@ impl Runtime {
     fn spawn_prepare(&self) {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
+        let lone = self.lone.clone();
         tokio::spawn(async move {
-            let result = prepare(&agent, &tasks).await.map_err(|e| format!("{e:#}"));
+            let result = prepare(&agent, &tasks, &lone)
+                .await
+                .map_err(|e| format!("{e:#}"));
             let _ = tasks
                 .send(TaskResult::Event(Box::new(Event::NodePrepared(result))))
                 .await;
@@ -487,8 +495,10 @@ impl Runtime {
     fn spawn_join(&self, seed_ip: IpAddr, worker: bool, timeout: Duration) {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
+        let lone = self.lone.swap(false, Ordering::SeqCst);
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, join(&agent, seed_ip, worker)).await {
+            let joining = join(&agent, seed_ip, worker, lone);
+            let result = match tokio::time::timeout(timeout, joining).await {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
                 Err(_) => Err(format!("join did not finish within {timeout:?}")),
             };
@@ -650,7 +660,11 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
     }
 }
 
-async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>) -> Result<()> {
+async fn prepare(
+    agent: &Agent,
+    tasks: &mpsc::Sender<TaskResult>,
+    lone: &AtomicBool,
+) -> Result<()> {
     let readiness = addons::prep::prepare_node(
         &agent.root,
         agent.config.addons.storage,
@@ -689,13 +703,17 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>) -> Result<()> 
     {
         anyhow::bail!("microk8s did not become ready within {READY_TIMEOUT:?}");
     }
+    // A lone node now is not a member of anything until this agent joins it somewhere.
+    let alone = matches!(agent.microk8s.status().await, Ok(Status::Running(s)) if s.datastore.len() <= 1);
+    lone.store(alone, Ordering::SeqCst);
     Ok(())
 }
 
 /// `microk8s join` through the seed, then wait until ready. A node that already is a member
-/// (a restart after a join that succeeded) reports success without joining again.
-async fn join(agent: &Agent, seed_ip: IpAddr, worker: bool) -> Result<()> {
-    if already_joined(agent.microk8s.as_ref(), seed_ip, worker).await {
+/// (a restart after a join that succeeded) reports success without joining again; that
+/// check is skipped only for the first join after preparation found a lone node (`lone`).
+async fn join(agent: &Agent, seed_ip: IpAddr, worker: bool, lone: bool) -> Result<()> {
+    if !lone && already_joined(agent.microk8s.as_ref(), seed_ip, worker).await {
         tracing::info!(%seed_ip, "already a member; not joining again");
         return Ok(());
     }
