@@ -660,11 +660,7 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
     }
 }
 
-async fn prepare(
-    agent: &Agent,
-    tasks: &mpsc::Sender<TaskResult>,
-    lone: &AtomicBool,
-) -> Result<()> {
+async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicBool) -> Result<()> {
     let readiness = addons::prep::prepare_node(
         &agent.root,
         agent.config.addons.storage,
@@ -704,7 +700,8 @@ async fn prepare(
         anyhow::bail!("microk8s did not become ready within {READY_TIMEOUT:?}");
     }
     // A lone node now is not a member of anything until this agent joins it somewhere.
-    let alone = matches!(agent.microk8s.status().await, Ok(Status::Running(s)) if s.datastore.len() <= 1);
+    let alone =
+        matches!(agent.microk8s.status().await, Ok(Status::Running(s)) if s.datastore.len() <= 1);
     lone.store(alone, Ordering::SeqCst);
     Ok(())
 }

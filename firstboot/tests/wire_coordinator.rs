@@ -28,12 +28,16 @@ struct Server {
 
 /// A coordinator whose "driver" grants slot 1 to every request and records what it saw.
 async fn server(secret: &ClusterSecret) -> Server {
+    server_at(secret, "127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn server_at(secret: &ClusterSecret, listen: SocketAddr) -> Server {
     let identity = NodeIdentity::generate().unwrap();
     let fp = identity.fingerprint().to_string();
     let (coord, mut rx) = Coordinator::<Msg>::start(CoordinatorConfig {
         secret: secret.clone(),
         identity,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen,
     })
     .await
     .unwrap();
@@ -96,6 +100,47 @@ async fn message_round_trip_and_status_need_the_secret() {
     );
     assert_eq!(s.coord.stats().unauthorized, 2);
     assert_eq!(s.coord.stats().messages, 1);
+}
+
+/// Each answer carries the nonce for the sender's next message: back-to-back messages cost
+/// one `GET /v1/nonce` in all. A peer that restarted (and forgot its nonces) refuses the
+/// cached one; the client fetches a fresh nonce and the message still gets through once.
+#[tokio::test]
+async fn answers_carry_the_next_nonce_and_a_forgotten_one_is_replaced() {
+    let secret = ClusterSecret::generate();
+    let mut s = server(&secret).await;
+    let c = CoordinatorClient::new(&secret, "node-b");
+    for term in 0..3 {
+        let replies = c
+            .send(s.addr, &s.fp, &Msg::RequestSlot { term })
+            .await
+            .unwrap();
+        assert_eq!(replies, vec![Msg::Granted { slot: 1 }]);
+        assert_eq!(s.seen.recv().await.unwrap().1, Msg::RequestSlot { term });
+    }
+    let st = s.coord.stats();
+    assert_eq!((st.nonces_issued, st.messages, st.unauthorized), (1, 3, 0));
+
+    let addr = s.addr;
+    s.coord.shutdown();
+    drop(s);
+    // The aborted accept task releases the port when it is next polled.
+    for _ in 0..100 {
+        if std::net::TcpListener::bind(addr).is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut s = server_at(&secret, addr).await;
+    let replies = c
+        .send(s.addr, &s.fp, &Msg::Echo("again".into()))
+        .await
+        .unwrap();
+    assert_eq!(replies, vec![Msg::Echo("again".into())]);
+    assert_eq!(s.seen.recv().await.unwrap().1, Msg::Echo("again".into()));
+    assert!(s.seen.try_recv().is_err(), "delivered twice");
+    let st = s.coord.stats();
+    assert_eq!((st.nonces_issued, st.messages, st.unauthorized), (1, 1, 1));
 }
 
 #[tokio::test]

@@ -48,6 +48,10 @@ pub struct MessageRequest<M> {
 #[serde(deny_unknown_fields)]
 pub struct MessageResponse<M> {
     pub replies: Vec<M>,
+    /// A fresh nonce for the sender's next request, so that it needs no `GET /v1/nonce`
+    /// round trip (issued and expiring like any other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_nonce: Option<String>,
 }
 
 /// Response to `GET /v1/nonce`.

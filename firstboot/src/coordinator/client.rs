@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::auth::{
     sign_request, ErrorBody, MessageRequest, MessageResponse, NonceResponse, HEADER_AUTH,
-    HEADER_NODE, HEADER_NONCE,
+    HEADER_NODE, HEADER_NONCE, NONCE_TTL,
 };
 use super::identity::fingerprint_of;
 use super::server::KubeconfigResponse;
@@ -148,6 +148,9 @@ pub struct CoordinatorClient {
     node_id: String,
     timeout: Duration,
     clients: Mutex<HashMap<String, reqwest::Client>>,
+    /// Nonces handed out with peers' answers ([`MessageResponse::next_nonce`]), one per peer,
+    /// with when they arrived; used for the next message within half the nonce lifetime.
+    nonces: Mutex<HashMap<SocketAddr, (String, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for CoordinatorClient {
@@ -179,6 +182,7 @@ impl CoordinatorClient {
             node_id: node_id.to_string(),
             timeout: DEFAULT_TIMEOUT,
             clients: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(HashMap::new()),
         }
     }
 
@@ -336,10 +340,45 @@ impl CoordinatorClient {
         fingerprint: &str,
         message: &M,
     ) -> Result<Vec<M>, ClientError> {
+        if let Some(nonce) = self.cached_nonce(peer) {
+            match self.send_with(peer, fingerprint, &nonce, message).await {
+                // The peer restarted or forgot the nonce: ask for a fresh one below.
+                Err(ClientError::Refused { status: 401, .. }) => {}
+                res => return res,
+            }
+        }
         let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign_message(peer, &nonce, message)?;
+        self.send_with(peer, fingerprint, &nonce, message).await
+    }
+
+    async fn send_with<M: Serialize + DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        nonce: &str,
+        message: &M,
+    ) -> Result<Vec<M>, ClientError> {
+        let req = self.sign_message(peer, nonce, message)?;
         let resp: MessageResponse<M> = self.send_signed(peer, fingerprint, &req).await?;
+        if let Some(n) = resp.next_nonce {
+            let mut cache = self.nonces.lock().expect("nonce cache lock");
+            if cache.len() >= 256 && !cache.contains_key(&peer) {
+                cache.clear();
+            }
+            cache.insert(peer, (n, std::time::Instant::now()));
+        }
         Ok(resp.replies)
+    }
+
+    /// The nonce the peer handed out with its last answer, if still well within its lifetime.
+    /// Taken out: a nonce is good for one request only.
+    fn cached_nonce(&self, peer: SocketAddr) -> Option<String> {
+        let (nonce, at) = self
+            .nonces
+            .lock()
+            .expect("nonce cache lock")
+            .remove(&peer)?;
+        (at.elapsed() < NONCE_TTL / 2).then_some(nonce)
     }
 
     /// Reads the peer's status document.

@@ -119,6 +119,7 @@ pub enum CoordinatorError {
 /// Counters of requests by outcome.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CoordinatorStats {
+    /// Answers to `GET /v1/nonce` (nonces handed out with message answers are not counted).
     pub nonces_issued: u64,
     pub messages: u64,
     pub status_reads: u64,
@@ -534,7 +535,17 @@ where
             match tokio::time::timeout(HANDLER_TIMEOUT, reply_rx).await {
                 Ok(Ok(replies)) => {
                     state.stats.lock().expect("stats lock").messages += 1;
-                    match serde_json::to_vec(&MessageResponse { replies }) {
+                    let next_nonce = Some(
+                        state
+                            .nonces
+                            .lock()
+                            .expect("nonce lock")
+                            .issue(Instant::now()),
+                    );
+                    match serde_json::to_vec(&MessageResponse {
+                        replies,
+                        next_nonce,
+                    }) {
                         Ok(b) => json_response(200, b),
                         Err(e) => {
                             refuse(&state, Refusal::new(500, format!("encoding replies: {e}")))
