@@ -1135,11 +1135,8 @@ impl Node {
             node: self.me.clone(),
         };
         round.next = Some(next.clone());
-        // `next` is reserved like any ballot of mine: my own accept below persists it before
-        // the Accepts go out.
-        self.st.max_ballot = self.st.max_ballot.max(next.n);
-        let own = self.acceptor_accept(ballot.clone(), proposal.clone(), Some(next.clone()), out);
-        self.persist(out);
+        // The Accepts go out before my own accept is persisted (below), so the fsync overlaps
+        // their delivery.
         for to in self.targets() {
             out.push(Action::Send {
                 to,
@@ -1150,6 +1147,12 @@ impl Node {
                 },
             });
         }
+        // `next` is reserved like any ballot of mine, and my own accept is durable before it
+        // counts: the persist below runs before any answer is handled. (`next` is only ever
+        // proposed with in a later round, after this persist.)
+        self.st.max_ballot = self.st.max_ballot.max(next.n);
+        let own = self.acceptor_accept(ballot.clone(), proposal.clone(), Some(next.clone()), out);
+        self.persist(out);
         if let Message::Accepted { ballot, next } = own {
             let me = self.me.clone();
             self.on_accepted(now, me, ballot, next, out);
