@@ -236,19 +236,26 @@ pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()>
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
+        // An inbound message is answered in its own HTTP response: what the core sends back
+        // to its sender while handling it (a promise, an accepted, a grant...).
+        let mut answering = None;
         let event = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => Some(Event::Tick),
             _ = poll.tick() => { rt.spawn_microk8s_poll(); None }
             _ = heartbeat.tick() => { rt.reannounce(); None }
             Some(ev) = peer_events.recv() => rt.peer_event(ev),
-            Some(msg) = inbound.recv() => rt.inbound(msg),
+            Some(msg) = inbound.recv() => {
+                let ev = rt.inbound(&msg);
+                answering = ev.is_some().then_some(msg);
+                ev
+            }
             Some(res) = task_rx.recv() => rt.task_result(res),
         };
         if let Some(ev) = event {
             let now = rt.started.elapsed();
             let actions = rt.node.handle(now, ev);
-            rt.execute(actions).await?;
+            rt.execute_answering(actions, answering).await?;
         }
         rt.publish_status();
     }
@@ -324,15 +331,13 @@ impl Runtime {
         }
     }
 
-    fn inbound(&mut self, msg: Inbound<Message>) -> Option<Event> {
-        let from = NodeId::new(msg.from.clone()).ok();
-        let message = msg.message.clone();
-        tracing::trace!(peer = %msg.from, msg = message.kind(), "message in");
-        // Replies travel as separate messages; the HTTP answer only acknowledges receipt.
-        msg.reply(Vec::new());
+    /// The event for an inbound message (none if the sender id is malformed: the dropped
+    /// `Inbound` then answers 503).
+    fn inbound(&mut self, msg: &Inbound<Message>) -> Option<Event> {
+        tracing::trace!(peer = %msg.from, msg = msg.message.kind(), "message in");
         Some(Event::Message {
-            from: from?,
-            msg: message,
+            from: NodeId::new(msg.from.clone()).ok()?,
+            msg: msg.message.clone(),
         })
     }
 
@@ -396,8 +401,26 @@ impl Runtime {
     }
 
     async fn execute(&mut self, actions: Vec<Action>) -> Result<()> {
+        self.execute_answering(actions, None).await
+    }
+
+    /// Runs `actions` in order. Messages for the sender of `answering` are held and go back
+    /// in its HTTP response once every action ran, so after any persist that preceded them
+    /// (a promise or an accept is durable before the proposer sees it).
+    async fn execute_answering(
+        &mut self,
+        actions: Vec<Action>,
+        answering: Option<Inbound<Message>>,
+    ) -> Result<()> {
+        let mut answers = Vec::new();
         for action in actions {
             match action {
+                Action::Send { to, msg }
+                    if answering.as_ref().is_some_and(|a| a.from == to.as_str()) =>
+                {
+                    tracing::trace!(peer = %to, msg = msg.kind(), "message out (answer)");
+                    answers.push(msg);
+                }
                 Action::Persist(st) => {
                     self.state
                         .store(&st)
@@ -441,6 +464,9 @@ impl Runtime {
                     self.spawn_addons();
                 }
             }
+        }
+        if let Some(a) = answering {
+            a.reply(answers);
         }
         Ok(())
     }
