@@ -42,6 +42,16 @@
 //!   applies them in order to the record read, each checking its own precondition on the
 //!   result of the one before, so a join costs one round instead of two and its effect is
 //!   exactly that of the separate rounds chosen back to back with nothing in between.
+//! - **One phase per change**: every Accept also names the proposer's next ballot
+//!   `(n + 1, proposer)`; an acceptor that accepts promises that ballot in the same persist,
+//!   exactly as a `Prepare` arriving right after would, and its "last accepted" for that
+//!   promise is the record it just accepted. The proposer's next round starts from those
+//!   promises (phase 1 already done) if nothing newer was heard of since (its known and chosen
+//!   records are still that one, its own acceptor still holds that promise, and it has seen no
+//!   higher ballot); otherwise it runs both phases. So the slot authority pays one phase per
+//!   join. An Accept repeated after its acceptor moved on to the next promise is answered
+//!   "accepted" again (it was), and a refusal caused by the proposer's own next ballot is a
+//!   stale repeat, not competition.
 //! - **Takeover**: when the authority has been unseen for `takeover_after`, the best visible
 //!   control-plane member makes itself authority (only if the record still names the old one).
 //! - **Elect with replace**: while nothing happened in a cluster (only the seed, no slot ever
@@ -80,6 +90,8 @@
 //!    contain a majority of the same fixed electorate `S` (a read takes the highest-ballot
 //!    record it sees, and additionally waits for a majority of *that* record's electorate).
 //!    So every round starts from the latest chosen record, or a later partially written one.
+//!    A piggybacked promise is such a read done early: the same quorum rules are checked on
+//!    those promises before the round writes.
 //! 2. *One cluster.* A record, once it exists, is only ever replaced by an election when it is
 //!    untouched (no slot ever granted, no addon claim). Grants and claims are rounds on the
 //!    record, so a grant for cluster `C` can only be chosen while the record is `C`; after it,
