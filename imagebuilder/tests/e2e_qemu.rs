@@ -199,16 +199,21 @@ async fn e2e() {
         .await;
     println!("{fourth} joined as a worker at {worker_at:.1} s");
 
-    // The killed node comes back as a member and forms nothing.
+    // The killed node comes back as a member and forms nothing. It learns the record it
+    // missed (the worker) with a round of its own once it sees the newer announcements, which
+    // may finish after its MicroK8s reports HA: wait for both.
     cluster.start(&seed).await.expect("qemu start");
     let all: Vec<String> = cluster.node_names();
     let back_at = watch
         .until(
             &cluster,
             &all,
-            "the killed node is back",
+            "the killed node is back and knows the 4 members",
             FORM_TIMEOUT,
-            |docs| docs.get(&seed).is_some_and(cp_ha),
+            |docs| {
+                docs.get(&seed)
+                    .is_some_and(|d| cp_ha(d) && d.members.len() == 4)
+            },
         )
         .await;
     let back = &watch.last[&seed];
