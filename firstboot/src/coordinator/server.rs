@@ -19,8 +19,9 @@
 //! Only the presented nonce is consumed by a refused request; the driver sees nothing.
 //! Connections are bounded ([`MAX_CONNECTIONS`]) and kept alive between requests: the
 //! handshake has 10 s, a connection waiting for its next request's headers is closed after
-//! [`IDLE_TIMEOUT`], and any connection is shut down gracefully after 5 minutes. Anyone on the LAN can still exhaust them (denial of service is out of scope;
-//! safety never depends on the coordinator answering).
+//! [`IDLE_TIMEOUT`], and any connection is shut down gracefully after 5 minutes. Anyone on
+//! the LAN can still exhaust them (denial of service is out of scope; safety never depends on
+//! the coordinator answering).
 //!
 //! To add a route: add a match arm in `route`; authenticate it like the others unless it only
 //! reads the status document.

@@ -1023,7 +1023,8 @@ impl Node {
                 (ballot, BTreeMap::new())
             }
         };
-        let own_promised = promises.contains_key(&self.me);
+        // Those who promised already (mine included) need no Prepare.
+        let asked: BTreeSet<NodeId> = promises.keys().cloned().collect();
         self.round = Some(Round {
             op,
             ballot: ballot.clone(),
@@ -1037,12 +1038,7 @@ impl Node {
             next: None,
             next_promises: BTreeSet::new(),
         });
-        let own = (!own_promised).then(|| self.acceptor_prepare(ballot.clone(), out));
-        let asked: BTreeSet<NodeId> = self
-            .round
-            .as_ref()
-            .map(|r| r.promises.keys().cloned().collect())
-            .unwrap_or_default();
+        let own = (!asked.contains(&self.me)).then(|| self.acceptor_prepare(ballot.clone(), out));
         for to in self.targets() {
             if asked.contains(&to) {
                 continue;
