@@ -591,11 +591,21 @@ impl Node {
         best
     }
 
+    /// Who my round's Prepares and Accepts go to. After I saw a record chosen, its electorate:
+    /// a read and a write then need only a majority of it (see [`Node::try_write`]), so the
+    /// other nodes of a large cluster stay idle. Before, everybody I see and the electorate of
+    /// the newest record I heard of (the read needs the pre-election quorum).
     fn targets(&self) -> BTreeSet<NodeId> {
-        let mut t: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
-        if let Some(r) = self.known() {
-            t.extend(r.electorate.iter().cloned());
-        }
+        let mut t: BTreeSet<NodeId> = match self.chosen() {
+            Some(r) => r.electorate.clone(),
+            None => {
+                let mut t: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
+                if let Some(r) = self.known() {
+                    t.extend(r.electorate.iter().cloned());
+                }
+                t
+            }
+        };
         t.remove(&self.me);
         t
     }
@@ -1083,18 +1093,30 @@ impl Node {
     }
 
     /// Phase 2: once the promises make a read quorum, applies the round's op to the newest
-    /// record among them and asks everybody to accept the result.
+    /// record among them and asks the targets to accept the result.
+    ///
+    /// The read quorum: a majority of every electorate known (of the newest record among the
+    /// promises, of the newest heard of, of the one I saw chosen) and, unless I saw a record
+    /// chosen, the pre-election quorum `Q` in all. A proposer that saw `C` chosen starts from
+    /// the newest of the promises and `C` itself: every record chosen after `C` was accepted
+    /// by a majority of `C`'s electorate (it descends from `C`, and no change alters the
+    /// electorate), which the promises meet; so the base is the latest chosen record or a
+    /// later one, as with a `Q` read (see the safety argument in [`super`]).
     fn try_write(&mut self, now: Duration, out: &mut Vec<Action>) {
         let Some(round) = self.round.as_mut() else {
             return;
         };
-        if round.stage != Stage::Reading || round.promises.len() < self.params.election_quorum() {
+        let chosen = self.st.chosen.as_ref();
+        if round.stage != Stage::Reading
+            || (chosen.is_none() && round.promises.len() < self.params.election_quorum())
+        {
             return;
         }
         let highest = round
             .promises
             .values()
             .flatten()
+            .chain(chosen)
             .max_by(|a, b| a.ballot.cmp(&b.ballot))
             .cloned();
         // Every electorate we know of must be represented by a majority among the promises.
@@ -1104,6 +1126,9 @@ impl Node {
         }
         if let Some(k) = &self.st.known {
             electorates.push(&k.record.electorate);
+        }
+        if let Some(c) = chosen {
+            electorates.push(&c.record.electorate);
         }
         for s in electorates {
             let have = round.promises.keys().filter(|id| s.contains(*id)).count();
@@ -1397,10 +1422,28 @@ impl Node {
         }
     }
 
-    /// This node and every visible peer: the electorate of a fresh election.
-    fn participants(&self) -> BTreeSet<NodeId> {
-        let mut all: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
-        all.insert(self.me.clone());
+    /// The electorate of a fresh election among `candidates` (priority, id, eligible), this
+    /// node included: this node and the best-ranked others, eligible candidates first, at most
+    /// [`FormationParams::electorate_cap`] in all. The best-ranked are also the first to be
+    /// granted a slot, so the control plane is drawn from the electorate.
+    fn electorate_of(&self, candidates: &[(u32, NodeId, bool)]) -> BTreeSet<NodeId> {
+        let mut order: Vec<&(u32, NodeId, bool)> =
+            candidates.iter().filter(|c| c.1 != self.me).collect();
+        order.sort_by_key(|c| (!c.2, rank(c.0, &c.1)));
+        let mut electorate = BTreeSet::from([self.me.clone()]);
+        let others = self.params.electorate_cap().saturating_sub(1);
+        electorate.extend(order.into_iter().take(others).map(|c| c.1.clone()));
+        electorate
+    }
+
+    /// This node and every visible peer, as (priority, id, eligible).
+    fn participants(&self) -> Vec<(u32, NodeId, bool)> {
+        let mut all: Vec<(u32, NodeId, bool)> = self
+            .peers
+            .values()
+            .map(|p| (p.ann.priority, p.ann.id.clone(), p.ann.eligible))
+            .collect();
+        all.push((self.params.priority, self.me.clone(), self.eligible()));
         all
     }
 
@@ -1423,12 +1466,7 @@ impl Node {
         if !self.can_propose(now) {
             return;
         }
-        let mut participants: Vec<(u32, NodeId, bool)> = self
-            .peers
-            .values()
-            .map(|p| (p.ann.priority, p.ann.id.clone(), p.ann.eligible))
-            .collect();
-        participants.push((self.params.priority, self.me.clone(), self.eligible()));
+        let participants = self.participants();
         let seen = participants.len();
         let all_here = seen >= self.params.electorate_size();
         let timed_out = now.saturating_sub(self.boot) >= self.params.formation_timeout
@@ -1443,7 +1481,7 @@ impl Node {
             .min_by_key(|p| rank(p.0, &p.1))
             .map(|p| p.1.clone());
         if best.as_ref() == Some(&self.me) {
-            let electorate = participants.into_iter().map(|p| p.1).collect();
+            let electorate = self.electorate_of(&participants);
             self.start_round(
                 now,
                 Op::Elect {
@@ -1521,7 +1559,7 @@ impl Node {
                 .min();
             if best.is_none_or(|b| rank(self.params.priority, &self.me) < b) {
                 // Used only if the read finds no record at all (the old one was never chosen).
-                let electorate = self.participants();
+                let electorate = self.electorate_of(&self.participants());
                 self.start_round(
                     now,
                     Op::Elect {
