@@ -1,7 +1,7 @@
 //! Unit tests for each formation rule, on a small perfect (FIFO, lossless) in-test network, or
 //! on one node fed by hand.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ struct Net {
     join_spans: Vec<(NodeId, u64, u64)>,
     addons: Vec<NodeId>,
     prepares: Vec<(NodeId, Ballot, u64)>,
+    /// Every Prepare and Accept sent: (from, to, tick).
+    paxos_sends: Vec<(NodeId, NodeId, u64)>,
 }
 
 impl Net {
@@ -79,6 +81,7 @@ impl Net {
             join_spans: Vec::new(),
             addons: Vec::new(),
             prepares: Vec::new(),
+            paxos_sends: Vec::new(),
         };
         for (name, prio) in ids {
             let mut p = base.clone();
@@ -120,6 +123,9 @@ impl Net {
                 Action::Send { to, msg } => {
                     if let Message::Prepare { ballot } = &msg {
                         self.prepares.push((from.clone(), ballot.clone(), self.t));
+                    }
+                    if matches!(msg, Message::Prepare { .. } | Message::Accept { .. }) {
+                        self.paxos_sends.push((from.clone(), to.clone(), self.t));
                     }
                     self.queue.push_back((
                         to,
@@ -754,7 +760,7 @@ fn a_stale_grant_is_ignored() {
         !out.iter().any(|a| matches!(a, Action::Join { .. })),
         "{out:?}"
     );
-    // A fresh answer to a new request is accepted, persisted before the join.
+    // A fresh answer to a new request is accepted: the join starts and `Joining` is persisted.
     out.extend(node.handle(secs(7), Event::Tick));
     let req = out
         .iter()
@@ -773,6 +779,7 @@ fn a_stale_grant_is_ignored() {
         seq: 2,
         role: Role::Worker,
     };
+    let before = node.persisted().clone();
     let out = node.handle(
         secs(8),
         Event::Message {
@@ -780,16 +787,29 @@ fn a_stale_grant_is_ignored() {
             msg: grant,
         },
     );
-    let persist = out
-        .iter()
-        .position(|a| matches!(a, Action::Persist(s) if matches!(s.phase, Phase::Joining { .. })));
+    let joining = out.iter().find_map(|a| match a {
+        Action::Persist(s) if matches!(s.phase, Phase::Joining { .. }) => Some(s.clone()),
+        _ => None,
+    });
     let join = out
         .iter()
-        .position(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
-    assert!(
-        persist.is_some() && join.is_some() && persist < join,
-        "{out:?}"
-    );
+        .any(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
+    assert!(join, "{out:?}");
+    let joining = joining.expect("`Joining` is persisted");
+    // The join need not wait for that persist: killed before it or after it, the node resumes
+    // the same way, waiting for a fresh grant (it never resumes a join).
+    let resumed = |st: PersistedState| {
+        let (n, _) = Node::new(params(3, 3), id("0c"), Some(st), secs(0));
+        n.phase().clone()
+    };
+    let waiting = Phase::WaitingForSlot {
+        cluster: ClusterId {
+            seed: id("0a"),
+            term: 1,
+        },
+    };
+    assert_eq!(resumed(before), waiting);
+    assert_eq!(resumed(joining), waiting);
 }
 
 #[test]
@@ -961,5 +981,111 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
     assert_eq!(
         firstboot::formation::node::apply(&op, Some(&r), &ballot, &id("0b"), &p),
         Some(r.clone())
+    );
+}
+
+/// Names `0a`, `0b`, ... for `n` nodes, with priorities from `prio`.
+fn many(n: usize, prio: impl Fn(usize) -> u32) -> Vec<(String, u32)> {
+    (0..n)
+        .map(|i| (format!("{:02x}", 0x0a + i), prio(i)))
+        .collect()
+}
+
+fn net_of(nodes: &[(String, u32)], p: FormationParams) -> Net {
+    let refs: Vec<(&str, u32)> = nodes.iter().map(|(n, pr)| (n.as_str(), *pr)).collect();
+    Net::new(&refs, p)
+}
+
+#[test]
+fn a_large_cluster_keeps_a_small_electorate_of_its_best_candidates() {
+    // 16 nodes, 3 control plane: the electorate is the seed and the 6 next best candidates
+    // (priority first, then id; nodes pinned to worker last), and once the election is
+    // chosen every Paxos message goes to the electorate only.
+    let nodes = many(16, |i| if i == 9 || i == 12 { 4 } else { 0 });
+    let mut p = params(3, 16);
+    p.pinned_roles.insert(id("0b"), Role::Worker);
+    assert_eq!(p.electorate_cap(), 7);
+    let mut net = net_of(&nodes, p);
+    for (n, _) in &nodes {
+        net.boot(n);
+    }
+    net.run_until_members(2000);
+    let seed = net.nodes.values().find_map(|n| {
+        let c = n.persisted().chosen.as_ref()?;
+        Some(c.record.clone())
+    });
+    let rec = seed.expect("some node saw the record chosen");
+    let expected: BTreeSet<NodeId> = ["13", "16", "0a", "0c", "0d", "0e", "0f"]
+        .into_iter()
+        .map(id)
+        .collect();
+    assert_eq!(rec.cluster.seed, id("13"), "priority 4, lowest id");
+    assert_eq!(rec.electorate, expected);
+    let cp: BTreeSet<NodeId> = net
+        .roles()
+        .into_iter()
+        .filter(|(_, r)| *r == Role::ControlPlane)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(cp.len(), 3);
+    assert!(
+        cp.is_subset(&rec.electorate),
+        "control plane {cp:?} drawn from the electorate"
+    );
+    let first_join = net.join_log.first().expect("joins happened").2;
+    let late: Vec<_> = net
+        .paxos_sends
+        .iter()
+        .filter(|(_, to, t)| *t > first_join && !rec.electorate.contains(to))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "Paxos messages outside the electorate: {late:?}"
+    );
+    assert!(net.paxos_sends.iter().any(|(_, _, t)| *t > first_join));
+}
+
+#[test]
+fn a_node_added_later_joins_while_only_the_electorate_is_up() {
+    // 15 expected nodes (pre-election quorum 8), electorate 7. After formation the 8 nodes
+    // outside the electorate are switched off: 7 are up, fewer than the pre-election quorum,
+    // yet a 16th machine flashed with the same image joins, because rounds on a chosen record
+    // need only a majority of its electorate.
+    let nodes = many(16, |_| 0);
+    let mut net = net_of(&nodes, params(3, 15));
+    for (n, _) in &nodes[..15] {
+        net.boot(n);
+    }
+    net.run_until_members(2000);
+    let rec = net.nodes[&id("0a")]
+        .persisted()
+        .chosen
+        .clone()
+        .expect("the seed saw its record chosen")
+        .record;
+    let off: Vec<String> = nodes[..15]
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| !rec.electorate.contains(&id(n)))
+        .collect();
+    assert_eq!(off.len(), 8);
+    for n in &off {
+        net.crash(n);
+    }
+    net.steps(20);
+    let late = &nodes[15].0;
+    net.boot(late);
+    for _ in 0..200 {
+        if matches!(net.phase(late), Phase::Member { .. }) {
+            break;
+        }
+        net.step();
+    }
+    assert_eq!(
+        net.phase(late),
+        Phase::Member {
+            cluster: rec.cluster.clone(),
+            role: Role::Worker
+        }
     );
 }

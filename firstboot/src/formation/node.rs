@@ -852,21 +852,25 @@ impl Node {
                 match (fresh && waiting, ip) {
                     (true, Some(ip)) => {
                         self.reqs.clear();
+                        // The join starts before its phase is persisted: a restart turns
+                        // `Joining` back into `WaitingForSlot` (see `Node::new`), so the
+                        // persisted `Joining` only informs `status`, and its fsync need not
+                        // delay the join.
+                        out.push(Action::Join {
+                            seed_ip: ip,
+                            worker: role == Role::Worker,
+                            timeout: self.params.join_timeout,
+                            cluster: cluster.clone(),
+                        });
                         self.set_phase(
                             Phase::Joining {
-                                cluster: cluster.clone(),
+                                cluster,
                                 seq,
                                 role,
                                 via: from,
                             },
                             out,
                         );
-                        out.push(Action::Join {
-                            seed_ip: ip,
-                            worker: role == Role::Worker,
-                            timeout: self.params.join_timeout,
-                            cluster,
-                        });
                     }
                     _ => self.ignored += 1,
                 }
@@ -1247,6 +1251,15 @@ impl Node {
         if record.addons_by.as_ref() == Some(&self.me) {
             self.st.addons_claimed = true;
         }
+        if record.authority != self.me {
+            self.requests.clear();
+            self.reports.clear();
+        }
+        // The messages that follow from the chosen record (a grant, a confirmation) go out
+        // before it is persisted here: it is durable at a majority of the electorate already,
+        // and nothing persisted below is needed for them to be right. The next joiner does not
+        // wait for this fsync.
+        self.follow_up(now, op, &record, out);
         self.persist(out);
         if let Some(role) = record.members.get(&self.me) {
             let phase = Phase::Member {
@@ -1275,11 +1288,6 @@ impl Node {
                 _ => {}
             }
         }
-        if record.authority != self.me {
-            self.requests.clear();
-            self.reports.clear();
-        }
-        self.follow_up(now, op, &record, out);
     }
 
     /// What the proposer of `op` does once `record` (the result of `op`) is chosen.
