@@ -310,6 +310,11 @@ async fn accept_loop<M>(
                 continue;
             }
         };
+        // Handshake and answers are small writes: without this, Nagle's algorithm holds the
+        // next one back until the client's delayed ACK (40 ms) on every fresh connection.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "coordinator could not set TCP_NODELAY");
+        }
         while conns.try_join_next().is_some() {}
         let acceptor = acceptor.clone();
         let state = state.clone();

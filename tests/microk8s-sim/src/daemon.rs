@@ -196,16 +196,27 @@ impl Daemon {
         st.view.clone()
     }
 
-    /// Sends `view` to every peer and waits (bounded) for them to take it.
+    /// Sends `view` to every peer; waits (bounded) for the datastore nodes to take it. Workers
+    /// run no dqlite, so a datastore change does not wait for them (in MicroK8s they learn the
+    /// control plane through their API server proxy): they are sent the view in the background.
     async fn push(&self, view: View) {
         let body = serde_json::to_value(&view).expect("views serialise");
+        let workers: BTreeSet<&str> = view
+            .entries
+            .iter()
+            .filter(|e| e.worker)
+            .map(|e| e.name.as_str())
+            .collect();
         let mut tasks = Vec::new();
-        for (_, addr) in self.peers(&view) {
+        for (name, addr) in self.peers(&view) {
             let body = body.clone();
             let t = self.env.heartbeat;
-            tasks.push(tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = http::request(addr, "POST", "/sim/v1/view", Some(&body), t, t * 2).await;
-            }));
+            });
+            if !workers.contains(name.as_str()) {
+                tasks.push(task);
+            }
         }
         for t in tasks {
             let _ = t.await;
@@ -231,20 +242,33 @@ impl Daemon {
 
     // ---- heartbeats ----
 
+    /// Pings the datastore (non-worker) nodes and syncs views with them. Workers are not
+    /// pinged: like kubelets, they report to the control plane (their pings, which name the
+    /// sender, count as their heartbeat there), so the cost grows with nodes × control plane,
+    /// not with the square of the cluster.
     async fn heartbeat_once(self: &Arc<Self>) {
         let (view, version, cid) = {
             let st = self.lock();
             (st.view.clone(), st.view.version, st.view.cluster_id.clone())
         };
         let hb = self.env.heartbeat;
+        let ping = format!("/sim/v1/ping?from={}", self.name());
+        let datastore: BTreeSet<&str> = view
+            .entries
+            .iter()
+            .filter(|e| !e.worker)
+            .map(|e| e.name.as_str())
+            .collect();
         let mut tasks = Vec::new();
         for (name, addr) in self.peers(&view) {
+            if !datastore.contains(name.as_str()) {
+                continue;
+            }
             let d = self.clone();
             let cid = cid.clone();
+            let ping = ping.clone();
             tasks.push(tokio::spawn(async move {
-                let Ok((200, pong)) =
-                    http::request(addr, "GET", "/sim/v1/ping", None, hb, hb).await
-                else {
+                let Ok((200, pong)) = http::request(addr, "GET", &ping, None, hb, hb).await else {
                     return;
                 };
                 if pong["cluster_id"] != cid.as_str() || pong["name"] != name.as_str() {
@@ -325,8 +349,19 @@ impl Daemon {
             }
         };
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/sim/v1/ping") => {
+            ("GET", p) if p == "/sim/v1/ping" || p.starts_with("/sim/v1/ping?") => {
                 let st = self.lock();
+                // A member's ping is its heartbeat (a kubelet reporting to the control plane).
+                if let Some(from) = p.strip_prefix("/sim/v1/ping?from=") {
+                    let member = st.view.entries.iter().any(|e| e.name == from);
+                    if member && from != self.name() {
+                        // Lock order: state before last_seen.
+                        self.last_seen
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(from.to_owned(), Instant::now());
+                    }
+                }
                 Response::ok(json!({
                     "name": self.name(),
                     "cluster_id": st.view.cluster_id,
