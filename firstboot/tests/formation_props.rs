@@ -22,7 +22,8 @@ use proptest::prelude::*;
 /// builds (`--release`: about 10 s of CPU), 200 in debug builds (about 10x slower per case).
 const CASES: u32 = if cfg!(debug_assertions) { 200 } else { 1500 };
 /// Proptest cases of the property over large clusters (11 to 50 nodes); each costs up to a few
-/// seconds (every Paxos round involves the whole electorate).
+/// seconds (the election and the rounds of nodes that never saw a record chosen involve every
+/// node).
 const LARGE_CASES: u32 = if cfg!(debug_assertions) { 1 } else { 6 };
 
 /// Deterministic RNG (SplitMix64) so a proptest seed replays the exact run.

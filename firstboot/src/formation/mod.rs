@@ -20,9 +20,15 @@
 //! Quorums:
 //! - before a cluster exists, a round needs `Q = max(expected_nodes, control_plane) / 2 + 1`
 //!   promises, and an election write needs `Q` acceptances (2 of 3, 3 of 5);
-//! - the election fixes the record's *electorate* `S` (the nodes the seed saw; never changed);
-//!   every later round needs, among its promises and among its acceptances, a strict majority
-//!   of `S` (and a read still needs `Q` promises in total).
+//! - the election fixes the record's *electorate* `S`: the seed and the best-ranked candidates
+//!   it saw, at most [`FormationParams::electorate_cap`] (`2 × control_plane + 1`, at least 5:
+//!   7 of a rack of 50 with 3 control-plane nodes); never changed. Every later round needs,
+//!   among its promises and among its acceptances, a strict majority of `S`; a read also needs
+//!   `Q` promises in total, unless its proposer saw a record chosen (then it reads from a
+//!   majority of `S` and takes the newest of the promises and that record). Such a proposer
+//!   sends its Prepares and Accepts to `S` only, so in the steady state a join costs the slot
+//!   authority a handful of messages, however large the cluster. The best-ranked nodes are
+//!   also granted slots first, so the control plane is drawn from `S`.
 //!
 //! Operations ([`node::Op`]):
 //! - **Elect**: when the expected nodes are visible (or `formation_timeout` has passed with `Q`
@@ -92,6 +98,15 @@
 //!    So every round starts from the latest chosen record, or a later partially written one.
 //!    A piggybacked promise is such a read done early: the same quorum rules are checked on
 //!    those promises before the round writes.
+//!    *Reads by a proposer that saw `C` chosen* skip `Q`: every value proposed at a ballot
+//!    above `C`'s descends from `C` (induction over ballots, as in Paxos) and so has `C`'s
+//!    electorate, and every value *chosen* above `C`'s ballot was accepted by a majority of
+//!    it (a write always needs a majority of its proposal's electorate). A majority of `S`
+//!    among the promises therefore meets the write quorum of every record chosen after `C`,
+//!    and taking the newest of those promises and `C` itself starts from the latest chosen
+//!    record: `C`, or one chosen after it. The only write quorum such a read may miss is the
+//!    election's (`Q` acceptances, possibly without a majority of `S`), and that record is `C`
+//!    or an ancestor of `C`.
 //! 2. *One cluster.* A record, once it exists, is only ever replaced by an election when it is
 //!    untouched (no slot ever granted, no addon claim). Grants and claims are rounds on the
 //!    record, so a grant for cluster `C` can only be chosen while the record is `C`; after it,
