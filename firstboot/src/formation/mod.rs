@@ -28,7 +28,8 @@
 //!   majority of `S` and takes the newest of the promises and that record). Such a proposer
 //!   sends its Prepares and Accepts to `S` only, so in the steady state a join costs the slot
 //!   authority a handful of messages, however large the cluster. The best-ranked nodes are
-//!   also granted slots first, so the control plane is drawn from `S`.
+//!   also granted slots first when they are waiting, so the control plane is normally drawn
+//!   from `S`.
 //!
 //! Operations ([`node::Op`]):
 //! - **Elect**: when the expected nodes are visible (or `formation_timeout` has passed with `Q`

@@ -1433,7 +1433,8 @@ impl Node {
     /// The electorate of a fresh election among `candidates` (priority, id, eligible), this
     /// node included: this node and the best-ranked others, eligible candidates first, at most
     /// [`FormationParams::electorate_cap`] in all. The best-ranked are also the first to be
-    /// granted a slot, so the control plane is drawn from the electorate.
+    /// granted a slot when they wait for one, so the control plane is normally drawn from the
+    /// electorate.
     fn electorate_of(&self, candidates: &[(u32, NodeId, bool)]) -> BTreeSet<NodeId> {
         let mut order: Vec<&(u32, NodeId, bool)> =
             candidates.iter().filter(|c| c.1 != self.me).collect();
