@@ -173,11 +173,15 @@ impl Daemon {
         a
     }
 
-    fn peers(&self, view: &View) -> Vec<(String, SocketAddr)> {
+    /// The other nodes of `view` with an address: (name, agent address, is a worker).
+    fn peers(&self, view: &View) -> Vec<(String, SocketAddr, bool)> {
         view.entries
             .iter()
             .filter(|e| e.name != self.name())
-            .filter_map(|e| Some((e.name.clone(), SocketAddr::new(e.ip?, self.env.port))))
+            .filter_map(|e| {
+                let addr = SocketAddr::new(e.ip?, self.env.port);
+                Some((e.name.clone(), addr, e.worker))
+            })
             .collect()
     }
 
@@ -201,20 +205,14 @@ impl Daemon {
     /// control plane through their API server proxy): they are sent the view in the background.
     async fn push(&self, view: View) {
         let body = serde_json::to_value(&view).expect("views serialise");
-        let workers: BTreeSet<&str> = view
-            .entries
-            .iter()
-            .filter(|e| e.worker)
-            .map(|e| e.name.as_str())
-            .collect();
         let mut tasks = Vec::new();
-        for (name, addr) in self.peers(&view) {
+        for (_, addr, worker) in self.peers(&view) {
             let body = body.clone();
             let t = self.env.heartbeat;
             let task = tokio::spawn(async move {
                 let _ = http::request(addr, "POST", "/sim/v1/view", Some(&body), t, t * 2).await;
             });
-            if !workers.contains(name.as_str()) {
+            if !worker {
                 tasks.push(task);
             }
         }
@@ -253,15 +251,9 @@ impl Daemon {
         };
         let hb = self.env.heartbeat;
         let ping = format!("/sim/v1/ping?from={}", self.name());
-        let datastore: BTreeSet<&str> = view
-            .entries
-            .iter()
-            .filter(|e| !e.worker)
-            .map(|e| e.name.as_str())
-            .collect();
         let mut tasks = Vec::new();
-        for (name, addr) in self.peers(&view) {
-            if !datastore.contains(name.as_str()) {
+        for (name, addr, worker) in self.peers(&view) {
+            if worker {
                 continue;
             }
             let d = self.clone();
