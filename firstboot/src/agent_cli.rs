@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config;
-use crate::discovery::InterfaceChoice;
 use crate::driver::{self, Agent};
-use crate::formation::{FormationParams, NodeId, PersistedState, Phase};
-use crate::secret::ClusterSecret;
-use crate::status::StatusDoc;
 use crate::system::hostname::{HostnameSetter, SystemHostname};
 use crate::system::identity;
 use crate::system::microk8s::{Microk8s, RealMicrok8s, RealMicrok8sConfig};
 use crate::system::notify::SystemdNotifier;
+use rackseed_config as config;
+use rackseed_formation::{FormationParams, NodeId, PersistedState, Phase};
+use rackseed_protocol::discovery::InterfaceChoice;
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::StatusDoc;
 
 /// Default paths on a node (the image builder installs these).
 pub const DEFAULT_CONFIG: &str = "/etc/rackseed/cluster.toml";
@@ -235,9 +235,10 @@ pub fn status(config_path: &Path, state_dir: &Path, port: u16, json: bool) -> Ex
 async fn fetch_status(config_path: &Path, state_dir: &Path, port: u16) -> Result<StatusDoc> {
     let cfg = load_config(config_path)?;
     let secret = ClusterSecret::load(&cfg.cluster.secret_file)?;
-    let fingerprint = crate::coordinator::identity::read_fingerprint(state_dir);
-    let client = crate::coordinator::CoordinatorClient::new(&secret, "ffffffffffffffff")
-        .with_timeout(Duration::from_secs(5));
+    let fingerprint = rackseed_protocol::coordinator::identity::read_fingerprint(state_dir);
+    let client =
+        rackseed_protocol::coordinator::CoordinatorClient::new(&secret, "ffffffffffffffff")
+            .with_timeout(Duration::from_secs(5));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let answer = match &fingerprint {
         Ok(fp) => client.status(addr, fp).await.map_err(anyhow::Error::from),
@@ -280,7 +281,7 @@ pub fn reset(state_dir: &Path, yes: bool, microk8s_bin: &Path) -> ExitCode {
                 ""
             }
         );
-        if !yes && !crate::cli::confirm(&prompt)? {
+        if !yes && !rackseed_host::terminal::confirm(&prompt)? {
             return Ok(false);
         }
         if in_cluster {

@@ -5,13 +5,10 @@
 //! subcommand: add a variant to [`Command`] and one arm in [`run`] calling a function that does
 //! the work and returns an exit code (or an error, printed with its context chain).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
-
-use crate::config;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,9 +65,9 @@ pub enum Command {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    crate::logging::init(cli.verbose);
+    rackseed_host::logging::init(cli.verbose);
     match cli.command {
-        Command::CheckConfig { config } => check_config(&config),
+        Command::CheckConfig { config } => rackseed_config::check_config(&config),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -80,16 +77,18 @@ pub fn run(cli: Cli) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Manpages { dir } => match write_manpages(Cli::command(), &dir) {
-            Ok(pages) => {
-                println!("wrote {} man pages into {}", pages.len(), dir.display());
-                ExitCode::SUCCESS
+        Command::Manpages { dir } => {
+            match rackseed_host::terminal::write_manpages(Cli::command(), &dir) {
+                Ok(pages) => {
+                    println!("wrote {} man pages into {}", pages.len(), dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run(args) => crate::agent_cli::run(args),
         Command::Status {
             config,
@@ -103,65 +102,6 @@ pub fn run(cli: Cli) -> ExitCode {
             microk8s_bin,
         } => crate::agent_cli::reset(&state_dir, yes, &microk8s_bin),
     }
-}
-
-/// Writes `<name>.1` for the command and `<name>-<sub>.1` for every subcommand (recursively,
-/// e.g. `imagebuilder-qemu-up.1`) into `dir`; returns the pages there, sorted.
-pub fn write_manpages(cmd: clap::Command, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = cmd.get_name().to_string();
-    clap_mangen::generate_to(cmd, dir)
-        .with_context(|| format!("writing man pages into {}", dir.display()))?;
-    let mut pages = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-        if file.starts_with(&name) && file.ends_with(".1") {
-            pages.push(path);
-        }
-    }
-    pages.sort();
-    Ok(pages)
-}
-
-/// Loads and checks `path`, printing warnings and `ok: <summary>` to stdout, or every error to
-/// stderr. Shared by `imagebuilder validate` and `firstboot check-config`.
-pub fn check_config(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(loaded) => {
-            for w in &loaded.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!("ok: {}", config::summary(&loaded.config));
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            for d in &err.diagnostics {
-                eprintln!("error: {d}");
-            }
-            let n = err.diagnostics.len();
-            eprintln!(
-                "{}: {n} error{} found",
-                path.display(),
-                if n == 1 { "" } else { "s" }
-            );
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Asks for "yes" on the terminal before something destructive (`firstboot reset`,
-/// `imagebuilder flash`). Without a terminal it refuses, so scripts must pass `--yes`.
-pub fn confirm(prompt: &str) -> anyhow::Result<bool> {
-    use std::io::{BufRead, IsTerminal, Write};
-    if !std::io::stdin().is_terminal() {
-        anyhow::bail!("{prompt} Refusing without a terminal to confirm on; pass --yes");
-    }
-    eprint!("{prompt}\nType 'yes' to continue: ");
-    std::io::stderr().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim() == "yes")
 }
 
 #[cfg(test)]
@@ -179,7 +119,7 @@ mod tests {
         let cli = Cli::try_parse_from(["firstboot", "-vv", "check-config", "c.toml"]).unwrap();
         assert_eq!(cli.verbose, 2);
         assert!(
-            matches!(cli.command, Command::CheckConfig { ref config } if config == Path::new("c.toml"))
+            matches!(cli.command, Command::CheckConfig { ref config } if config == std::path::Path::new("c.toml"))
         );
     }
 

@@ -2,7 +2,7 @@
 //!
 //! [`run`] takes its dependencies ([`Agent`]) and a shutdown future. It starts the coordinator
 //! (HTTPS, join-slot messages, status document) and mDNS discovery, then feeds the formation
-//! core ([`crate::formation::Node`]) with:
+//! core ([`rackseed_formation::Node`]) with:
 //! - verified peer announcements and losses from discovery,
 //! - authenticated messages from the coordinator (and the replies to messages it sent),
 //! - a one-second tick,
@@ -35,19 +35,21 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::addons::{self, progress::AddonProgress};
-use crate::config::{ClusterConfig, MacAddr, Metallb, Role, Target};
-use crate::coordinator::{
-    Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
-};
-use crate::discovery::{Discovery, DiscoveryConfig, InterfaceChoice, PeerEvent};
-use crate::formation::{
-    Action, Announcement, Event, FormationParams, Message, Node, NodeId, PersistedState, Phase,
-};
-use crate::secret::ClusterSecret;
-use crate::status::{AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry};
 use crate::system::microk8s::{InstallSource, JoinRole, JoinTarget, Microk8s, Status};
 use crate::system::notify::Notifier;
 use crate::system::state::StateFile;
+use rackseed_config::{ClusterConfig, MacAddr, Metallb, Role, Target};
+use rackseed_formation::{
+    Action, Announcement, Event, FormationParams, Message, Node, NodeId, PersistedState, Phase,
+};
+use rackseed_protocol::coordinator::{
+    Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
+};
+use rackseed_protocol::discovery::{Discovery, DiscoveryConfig, InterfaceChoice, PeerEvent};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::{
+    AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry,
+};
 
 /// How often the formation core ticks.
 const TICK: Duration = Duration::from_secs(1);
@@ -676,7 +678,7 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
             agent
                 .notifier
                 .status("rebooting once to enable the memory cgroup");
-            crate::system::command::Cmd::new("systemctl", Duration::from_secs(30))
+            rackseed_host::command::Cmd::new("systemctl", Duration::from_secs(30))
                 .arg("reboot")
                 .run()
                 .await
@@ -828,7 +830,7 @@ async fn enable_addons(
 async fn auto_metallb(
     agent: &Agent,
     peers: &[IpAddr],
-) -> Result<Option<Vec<crate::config::AddressBlock>>> {
+) -> Result<Option<Vec<rackseed_config::AddressBlock>>> {
     let Some(Metallb::Auto { count }) = &agent.config.addons.metallb else {
         return Ok(None);
     };
@@ -846,14 +848,14 @@ async fn auto_metallb(
         .collect();
     nodes.push(net.addr());
     let reserved = match &agent.config.network.addressing {
-        crate::config::Addressing::Static { gateway, dns } => std::iter::once(gateway)
+        rackseed_config::Addressing::Static { gateway, dns } => std::iter::once(gateway)
             .chain(dns.iter())
             .filter_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
             })
             .collect(),
-        crate::config::Addressing::Dhcp => Vec::new(),
+        rackseed_config::Addressing::Dhcp => Vec::new(),
     };
     let range = addons::autorange::choose_auto_range(
         &addons::autorange::ArpingProber::new(iface),

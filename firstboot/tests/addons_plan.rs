@@ -9,7 +9,7 @@ use firstboot::addons::plan::{
     MICROK8S_KUBELET_DIR,
 };
 use firstboot::addons::progress::{next_addon_to_enable, record_result, AddonProgress};
-use firstboot::config::*;
+use rackseed_config::*;
 
 fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig {
     ClusterConfig {

@@ -8,7 +8,7 @@ use firstboot::addons::prep::{
     ensure_pi_cgroup_flags, pi_cgroup_step, prepare_node, PiCgroup, Readiness, HUGEPAGES_CONF,
     MAYASTOR_MODULES_CONF, PI_CMDLINE,
 };
-use firstboot::config::{Storage, Target};
+use rackseed_config::{Storage, Target};
 
 fn run<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

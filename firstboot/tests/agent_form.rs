@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use agent_support::{argv, check_command_log, AgentCluster, ClusterSpec};
-use firstboot::coordinator::{ClientError, CoordinatorClient};
-use firstboot::status::StatusDoc;
-use firstboot::system::command::Output;
+use rackseed_host::command::Output;
+use rackseed_protocol::coordinator::{ClientError, CoordinatorClient};
+use rackseed_protocol::status::StatusDoc;
 
 fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
     let mut starts = std::collections::HashMap::new();
@@ -132,7 +132,7 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
 
     // Another cluster's secret: no announcement verifies, so nothing is asked.
     let other = c.dir.path().join("other.secret");
-    firstboot::secret::ClusterSecret::from_bytes([8; 32])
+    rackseed_protocol::secret::ClusterSecret::from_bytes([8; 32])
         .write_new(&other)
         .unwrap();
     let out = imagebuilder_on(
@@ -156,7 +156,8 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
     // Straight at the coordinators: a stranger is refused before `microk8s config` runs; the
     // secret's holder asking a worker is told why it has none.
     let fp = |i: usize| {
-        firstboot::coordinator::identity::read_fingerprint(&c.nodes[i].dir.join("state")).unwrap()
+        rackseed_protocol::coordinator::identity::read_fingerprint(&c.nodes[i].dir.join("state"))
+            .unwrap()
     };
     let target = |i: usize| std::net::SocketAddr::from((c.nodes[i].addr, 7443));
     let (cp_addr, cp_fp) = (target(from), fp(from));
@@ -169,7 +170,7 @@ fn kubeconfig_is_served_to_the_secret_holder_only(c: &AgentCluster, ws: usize, d
                 .build()?;
             rt.block_on(async move {
                 let stranger = CoordinatorClient::new(
-                    &firstboot::secret::ClusterSecret::from_bytes([8; 32]),
+                    &rackseed_protocol::secret::ClusterSecret::from_bytes([8; 32]),
                     "stranger",
                 );
                 let holder = CoordinatorClient::new(&secret, "workstation");
@@ -321,7 +322,7 @@ fn a_node_with_the_wrong_secret_changes_nothing() {
     // Node 3 runs with another secret: rewrite its view of the config.
     let stranger_dir = c.dir.path().join("stranger");
     std::fs::create_dir_all(&stranger_dir).unwrap();
-    firstboot::secret::ClusterSecret::from_bytes([9; 32])
+    rackseed_protocol::secret::ClusterSecret::from_bytes([9; 32])
         .write_new(&stranger_dir.join("cluster.secret"))
         .unwrap();
     let text = std::fs::read_to_string(c.dir.path().join("cluster.toml")).unwrap();

@@ -17,7 +17,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use firstboot::config::{Base, Target};
+use rackseed_config::{Base, Target};
 use rand::{RngCore, SeedableRng};
 
 const FILLER: u64 = 1400 << 20;

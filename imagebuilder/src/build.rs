@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::config::{Base, ClusterConfig, Target};
-use firstboot::secret::ClusterSecret;
+use rackseed_config::{Base, ClusterConfig, Target};
+use rackseed_protocol::secret::ClusterSecret;
 use serde::Serialize;
 use serde_json::json;
 
@@ -446,7 +446,7 @@ pub struct BuildArgs {
 /// `imagebuilder build`: loads and validates the config, builds, prints what was written.
 /// Ctrl-C stops the build and removes its partial files.
 pub fn run_cli(args: BuildArgs) -> Result<()> {
-    let loaded = firstboot::config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = rackseed_config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
@@ -519,6 +519,6 @@ fn write_os_list(cluster: &str, target: Target, out: &BuildOutputs) -> Result<Op
         return Ok(None);
     };
     let path = out.image.with_extension("os_list.json");
-    firstboot::system::state::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?, 0o644)?;
+    rackseed_host::fs::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?, 0o644)?;
     Ok(Some(path))
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use firstboot::discovery::InterfaceChoice;
-use firstboot::secret::ClusterSecret;
+use rackseed_protocol::discovery::InterfaceChoice;
+use rackseed_protocol::secret::ClusterSecret;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -147,9 +147,9 @@ pub enum SecretCommand {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    firstboot::logging::init(cli.verbose);
+    rackseed_host::logging::init(cli.verbose);
     match cli.command {
-        Command::Validate { config } => firstboot::cli::check_config(&config),
+        Command::Validate { config } => rackseed_config::check_config(&config),
         Command::Secret(SecretCommand::New { path }) => report(new_secret(&path)),
         Command::Build(args) => report(crate::build::run_cli(args)),
         Command::Inspect(args) => report(crate::inspect::run_cli(args)),
@@ -172,7 +172,7 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Manpages { dir } => report(
-            firstboot::cli::write_manpages(Cli::command(), &dir).map(|pages| {
+            rackseed_host::terminal::write_manpages(Cli::command(), &dir).map(|pages| {
                 println!("wrote {} man pages into {}", pages.len(), dir.display());
             }),
         ),

@@ -422,7 +422,7 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
     };
     check_target(info, &req.device, device_size, bmap.image_size)?;
     if !req.yes
-        && !firstboot::cli::confirm(&format!(
+        && !rackseed_host::terminal::confirm(&format!(
             "This overwrites {} ({} bytes) with {} ({} bytes, {} mapped).",
             req.device.display(),
             device_size,

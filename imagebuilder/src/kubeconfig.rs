@@ -20,8 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use firstboot::discovery::InterfaceChoice;
-use firstboot::secret::ClusterSecret;
+use rackseed_protocol::discovery::InterfaceChoice;
+use rackseed_protocol::secret::ClusterSecret;
 
 use crate::status::{workstation_client, AnnouncedNode, ClusterBrowser};
 

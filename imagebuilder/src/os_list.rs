@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use firstboot::config::Target;
+use rackseed_config::Target;
 
 /// One downloadable image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

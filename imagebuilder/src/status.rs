@@ -1,7 +1,7 @@
 //! `imagebuilder status`: watch a cluster form from the workstation.
 //!
 //! The workstation holds the cluster secret (the same file that went into the images). It
-//! browses mDNS with [`firstboot::discovery::Discovery`] without announcing anything, so it only
+//! browses mDNS with [`rackseed_protocol::discovery::Discovery`] without announcing anything, so it only
 //! sees nodes whose announcements verify under that secret. For every such node it reads the
 //! status document ([`StatusDoc`]) over the node's coordinator: TLS pinned to the fingerprint
 //! from the signed announcement, request signed with the challenge-response HMAC. A machine
@@ -28,14 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use firstboot::config::Role;
-use firstboot::coordinator::CoordinatorClient;
-use firstboot::discovery::{
+use rackseed_config::Role;
+use rackseed_formation::{Announcement, PhaseSummary};
+use rackseed_protocol::coordinator::CoordinatorClient;
+use rackseed_protocol::discovery::{
     Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, Peer, PeerEvent,
 };
-use firstboot::formation::{Announcement, PhaseSummary};
-use firstboot::secret::ClusterSecret;
-use firstboot::status::StatusDoc;
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::StatusDoc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -344,7 +344,7 @@ pub fn load_access(
     let mut secret_file = secret.map(std::path::Path::to_path_buf);
     if let Some(path) = config {
         // Each diagnostic names the file, line and field.
-        let loaded = firstboot::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let loaded = rackseed_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let c = &loaded.config.cluster;
         expect.control_plane = Some(u32::from(c.control_plane));
         expect.nodes = Some(c.expected_nodes as usize);
@@ -589,7 +589,7 @@ pub async fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<ClusterRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firstboot::status::{AddonRow, MemberRow, Microk8sView};
+    use rackseed_protocol::status::{AddonRow, MemberRow, Microk8sView};
 
     fn announced(id: &str, phase: &str, role: Option<&str>) -> AnnouncedNode {
         AnnouncedNode {
@@ -792,7 +792,7 @@ mod tests {
     #[test]
     fn announced_codes_map_to_long_names_and_tables_are_terminal_safe() {
         let ann = Announcement {
-            id: firstboot::formation::NodeId::new("ab12").unwrap(),
+            id: rackseed_formation::NodeId::new("ab12").unwrap(),
             priority: 0,
             phase: PhaseSummary::Member,
             role: Some(Role::ControlPlane),

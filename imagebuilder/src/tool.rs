@@ -1,6 +1,6 @@
 //! Runs the external programs the image builder needs (mke2fs, debugfs, sgdisk, sfdisk,
 //! qemu-img, debootstrap, tar, e2fsck) through the workspace's one command runner,
-//! `firstboot::system::command::Cmd`, so each call has a timeout, is killed when the build is
+//! `rackseed_host::command::Cmd`, so each call has a timeout, is killed when the build is
 //! dropped (Ctrl-C) and reports the program's stderr tail on failure.
 //!
 //! To add a program: call [`Tool::run`] with its argv and a timeout sized for the slowest legitimate
@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::Result;
-use firstboot::system::command::Cmd;
+use rackseed_host::command::Cmd;
 
 /// One external program invocation.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ impl Tool {
     }
 
     /// Runs the program and returns its output whatever the exit status (the caller decides).
-    pub async fn output(self) -> Result<firstboot::system::command::Output> {
+    pub async fn output(self) -> Result<rackseed_host::command::Output> {
         Ok(self.cmd().output().await?)
     }
 

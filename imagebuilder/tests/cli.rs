@@ -5,11 +5,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use firstboot::config::Target;
-use firstboot::system::command::Cmd;
+use rackseed_config::Target;
+use rackseed_host::command::Cmd;
 
 fn write_config(dir: &std::path::Path, base_path: &std::path::Path) -> std::path::PathBuf {
-    firstboot::secret::ClusterSecret::from_bytes([9u8; 32])
+    rackseed_protocol::secret::ClusterSecret::from_bytes([9u8; 32])
         .write_new(&dir.join("lab.secret"))
         .unwrap();
     let cfg = dir.join("lab.toml");

@@ -4,8 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use firstboot::secret::ClusterSecret;
-use firstboot::system::command::{Cmd, Output};
+use rackseed_host::command::{Cmd, Output};
+use rackseed_protocol::secret::ClusterSecret;
 
 fn imagebuilder(args: &[&str]) -> Output {
     Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))

@@ -20,8 +20,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use e2e_support::*;
-use firstboot::status::StatusDoc;
 use qemu::{Cluster, ClusterSpec};
+use rackseed_protocol::status::StatusDoc;
 
 /// Software-emulated VMs sharing 2 cores boot slowly; these bound each stage.
 const FORM_TIMEOUT: Duration = Duration::from_secs(900);

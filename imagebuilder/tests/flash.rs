@@ -5,8 +5,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use firstboot::system::command::Cmd;
 use imagebuilder::flash::{flash, FlashRequest, Refusal, SystemBlockInfo};
+use rackseed_host::command::Cmd;
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;

@@ -7,9 +7,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use firstboot::config::{Base, Target};
 use imagebuilder::disk::{self, compose, TableKind};
 use imagebuilder::outputs::Compression;
+use rackseed_config::{Base, Target};
 
 async fn stat(image: &Path, offset: u64, path: &str) -> String {
     run(
@@ -198,7 +198,7 @@ async fn check_common(
         "{cfg}"
     );
     assert!(wifi.psk_file.starts_with(host_dir));
-    let loaded = firstboot::config::parse(&cfg, Path::new("/etc/rackseed/cluster.toml"))
+    let loaded = rackseed_config::parse(&cfg, Path::new("/etc/rackseed/cluster.toml"))
         .unwrap_or_else(|e| panic!("the installed config does not load: {e:?}\n{cfg}"));
     assert!(loaded.config.network.wifi.is_none());
     let unit = cat(

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use firstboot::coordinator::{
+use rackseed_protocol::coordinator::{
     ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, KubeconfigProvider,
     NodeIdentity,
 };
-use firstboot::secret::ClusterSecret;
+use rackseed_protocol::secret::ClusterSecret;
 
 async fn start(secret: &ClusterSecret) -> (Coordinator<serde_json::Value>, SocketAddr, String) {
     let identity = NodeIdentity::generate().unwrap();

@@ -14,9 +14,9 @@ mod status_support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use firstboot::config::Role::{ControlPlane, Worker};
-use firstboot::formation::PhaseSummary::Member;
 use netns_lab::Lab;
+use rackseed_config::Role::{ControlPlane, Worker};
+use rackseed_formation::PhaseSummary::Member;
 use status_support::{member_doc, spawn, Command, Kubeconfig, CP};
 
 const RUN: Duration = Duration::from_secs(90);

@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use firstboot::system::command::{Cmd, Output};
+use rackseed_host::command::{Cmd, Output};
 
 fn imagebuilder(args: &[&str]) -> Output {
     Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))

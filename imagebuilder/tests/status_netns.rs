@@ -11,10 +11,10 @@ mod status_support;
 
 use std::time::{Duration, Instant};
 
-use firstboot::config::Role::ControlPlane;
-use firstboot::formation::PhaseSummary::{Joining, Member};
-use firstboot::status::AddonRow;
 use netns_lab::Lab;
+use rackseed_config::Role::ControlPlane;
+use rackseed_formation::PhaseSummary::{Joining, Member};
+use rackseed_protocol::status::AddonRow;
 use status_support::{doc, member_doc, spawn, Kubeconfig, CP};
 
 const RUN: Duration = Duration::from_secs(90);

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use firstboot::system::command::Cmd;
+use rackseed_host::command::Cmd;
 use tokio::sync::OnceCell;
 
 use crate::node::{Accel, Arch};

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use firstboot::system::command::Cmd;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rackseed_host::command::Cmd;
 
 use crate::accel::{choose_accel, AccelChoice};
 use crate::node::{fnv1a, node_macs, qemu_argv, Arch, Boot, NodeSpec, DEFAULT_GUEST_MGMT_PORT};

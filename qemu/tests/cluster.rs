@@ -11,11 +11,11 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use firstboot::system::command::Cmd;
 use qemu::cli::{run_async, DirArg, QemuCommand};
 use qemu::{
     AccelChoice, Arch, BootSource, Cluster, ClusterError, ClusterSpec, NodeRunState, StopOutcome,
 };
+use rackseed_host::command::Cmd;
 
 const BOOT_WAIT: Duration = Duration::from_secs(120);
 const PEERS: &str = "192.168.76.10,192.168.76.11,192.168.76.12";

@@ -27,8 +27,8 @@ use futures_util::future::join_all;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
-use crate::config::AddressBlock;
-use crate::system::command::{Cmd, CmdError};
+use rackseed_config::AddressBlock;
+use rackseed_host::command::{Cmd, CmdError};
 
 /// How many candidate addresses are probed at most (or twice the count asked for, if larger).
 pub const MAX_PROBES: usize = 64;

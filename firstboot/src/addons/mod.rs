@@ -22,6 +22,7 @@
 //! its node preparation (if any) in [`prep`], and a line in [`plan::prerequisite_notes`].
 
 pub mod autorange;
+#[cfg(any(test, feature = "testing"))]
 pub mod fakes;
 pub mod plan;
 pub mod prep;

@@ -28,7 +28,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AddressBlock, Base, ClusterConfig, Dns, Metallb, Storage, Target};
+use rackseed_config::{AddressBlock, Base, ClusterConfig, Dns, Metallb, Storage, Target};
 
 /// Mayastor's default pool: a file of this size on every node.
 pub const MAYASTOR_POOL_SIZE: &str = "20G";

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Storage, Target};
-use crate::system::command::Cmd;
+use rackseed_config::{Storage, Target};
+use rackseed_host::command::Cmd;
 
 /// The sysctl.d file MicroK8s' docs name for Mayastor's hugepages.
 pub const HUGEPAGES_CONF: &str = "etc/sysctl.d/20-microk8s-hugepages.conf";
@@ -657,9 +657,9 @@ pub fn ensure_setting_line(
 }
 
 /// Writes a configuration file atomically (mode 0644) through the shared writer
-/// [`crate::system::state::write_atomic`]: temp file, fsync, rename, fsync of the directory.
+/// [`rackseed_host::fs::write_atomic`]: temp file, fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepError> {
-    crate::system::state::write_atomic(path, bytes, 0o644).map_err(|e| PrepError::Write {
+    rackseed_host::fs::write_atomic(path, bytes, 0o644).map_err(|e| PrepError::Write {
         path: path.to_owned(),
         reason: format!("{e:#}"),
     })

@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use crate::secret::ClusterSecret;
 use crate::system::microk8s::{
     parse::address_ip, AddonState, DatastoreNode, DqliteMember, DqliteRole, EnableOutcome,
     InstallOutcome, InstallSource, JoinError, JoinRole, JoinTarget, K8sNode, Microk8s,
     Microk8sError, NodeRole, RunningStatus, Status, CLUSTER_AGENT_PORT,
 };
+use rackseed_protocol::secret::ClusterSecret;
 
 /// One recorded call on a fake node.
 #[derive(Debug, Clone, PartialEq, Eq)]

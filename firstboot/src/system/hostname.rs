@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::command::Cmd;
+use rackseed_host::command::Cmd;
 
 #[zbus::proxy(
     interface = "org.freedesktop.hostname1",
@@ -61,7 +61,7 @@ impl HostnameSetter for SystemHostname {
                 tracing::info!("hostname1 did not answer in 10 s, using the hostname command")
             }
         }
-        super::state::write_atomic(&self.etc_hostname, format!("{name}\n").as_bytes(), 0o644)?;
+        rackseed_host::fs::write_atomic(&self.etc_hostname, format!("{name}\n").as_bytes(), 0o644)?;
         Cmd::new("hostname", Duration::from_secs(10))
             .arg(name)
             .run()
@@ -72,11 +72,13 @@ impl HostnameSetter for SystemHostname {
 }
 
 /// Remembers the names it was asked to set, for tests.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default, Clone)]
 pub struct RecordingHostname {
     pub names: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl HostnameSetter for RecordingHostname {
     async fn set(&self, name: &str) -> Result<&'static str> {
         self.names.lock().unwrap().push(name.to_owned());

@@ -12,18 +12,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ClusterConfig, MacAddr};
+use rackseed_config::{ClusterConfig, MacAddr};
 
-/// Interface name prefixes that never count as the primary NIC.
-const VIRTUAL_PREFIXES: &[&str] = &[
-    "lo", "cni", "flannel", "vxlan", "cali", "docker", "veth", "virbr", "br-", "tun", "tap", "wg",
-    "kube", "dummy",
-];
-
-/// True for loopback, container and virtual interfaces.
-pub fn is_virtual_interface(name: &str) -> bool {
-    VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p))
-}
+pub use rackseed_protocol::discovery::is_virtual_interface;
 
 /// The primary NIC and its MAC: the configured interface, else the first physical-looking
 /// interface by name that has a non-zero MAC.

@@ -2,8 +2,6 @@
 //! `STATUS=<phase line>` on every phase change, `STOPPING=1` on shutdown. Outside systemd
 //! (no `NOTIFY_SOCKET`) the real implementation does nothing. Tests use [`RecordingNotifier`].
 
-use std::sync::{Arc, Mutex};
-
 pub trait Notifier: Send + Sync {
     fn ready(&self);
     fn status(&self, line: &str);
@@ -33,11 +31,13 @@ fn send(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Keeps every notification, for tests.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default, Clone)]
 pub struct RecordingNotifier {
-    pub lines: Arc<Mutex<Vec<String>>>,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Notifier for RecordingNotifier {
     fn ready(&self) {
         self.lines.lock().unwrap().push("READY=1".into());

@@ -17,10 +17,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use firstboot::secret::ClusterSecret;
-use firstboot::status::StatusDoc;
-use firstboot::system::command::Cmd;
 use netns_lab::Lab;
+use rackseed_host::command::Cmd;
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::StatusDoc;
 
 pub const FIRSTBOOT: &str = env!("CARGO_BIN_EXE_firstboot");
 
@@ -222,9 +222,8 @@ impl AgentCluster {
             )
             .env(
                 "RUST_LOG",
-                std::env::var("RACKSEED_AGENT_LOG").unwrap_or_else(|_| {
-                    "info,firstboot=debug,firstboot::system::command=info".into()
-                }),
+                std::env::var("RACKSEED_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,firstboot=debug,rackseed_host::command=info".into()),
             )
             .env("NO_COLOR", "1")
             .spawn_with(log.try_clone().unwrap(), log)

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::apt_sources;
 use crate::disk::compose::{self, Shape};
 use crate::tool::Tool;
-use firstboot::config::Target;
+use rackseed_config::Target;
 
 /// What to bootstrap, after defaults are filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

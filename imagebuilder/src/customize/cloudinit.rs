@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use firstboot::config::{Addressing, ClusterConfig};
+use rackseed_config::{Addressing, ClusterConfig};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 

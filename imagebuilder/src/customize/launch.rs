@@ -6,7 +6,7 @@
 //! Joins are not listed here (they would race); `firstboot` serialises them.
 
 use anyhow::{bail, Result};
-use firstboot::config::ClusterConfig;
+use rackseed_config::ClusterConfig;
 use serde_json::json;
 
 /// Renders the launch configuration for `config` with `token` (at least 32 characters, as

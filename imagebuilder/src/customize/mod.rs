@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::config::{ClusterConfig, Target};
+use rackseed_config::{ClusterConfig, Target};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -473,10 +473,10 @@ mod tests {
         assert!(!t.contains("/p\""), "{t}");
         // A valid config stays valid for firstboot (check-config), minus Wi-Fi.
         let full = "[cluster]\nname = \"lab\"\n\n[microk8s]\noffline-snaps = \"snaps\"\n\n[network.wifi]\nssid = \"home\"\npsk-file = \"wifi.psk\"\ncountry = \"GB\"\n\n[image]\ntarget = \"rpi5\"\nbase = { kind = \"local\", path = \"base.img\" }\n";
-        let before = firstboot::config::parse(full, Path::new("/home/me/lab.toml")).unwrap();
+        let before = rackseed_config::parse(full, Path::new("/home/me/lab.toml")).unwrap();
         assert!(before.config.network.wifi.is_some());
         let t = in_image_config(full).unwrap();
-        let after = firstboot::config::parse(&t, Path::new(CONFIG_PATH)).unwrap();
+        let after = rackseed_config::parse(&t, Path::new(CONFIG_PATH)).unwrap();
         assert!(after.config.network.wifi.is_none());
         assert_eq!(
             after.config.microk8s.offline_snaps.as_deref(),

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::config::Target;
+use rackseed_config::Target;
 
 use super::fat::{self, FatStage, FatVolume};
 use super::{read_table, PartitionTable};

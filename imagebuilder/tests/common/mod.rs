@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstboot::config::*;
-use firstboot::secret::ClusterSecret;
-use firstboot::system::command::Cmd;
 use imagebuilder::base::{apt_sources, bootstrap};
 use imagebuilder::disk::compose::{self, Shape};
+use rackseed_config::*;
+use rackseed_host::command::Cmd;
+use rackseed_protocol::secret::ClusterSecret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub fn workspace() -> PathBuf {

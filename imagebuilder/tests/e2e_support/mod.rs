@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use firstboot::status::StatusDoc;
-use firstboot::system::command::Cmd;
 use qemu::Cluster;
+use rackseed_host::command::Cmd;
+use rackseed_protocol::status::StatusDoc;
 
 /// Simulated MicroK8s: each join takes this long, each addon enable this long.
 pub const JOIN_DELAY_MS: u64 = 3000;

@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::config::Role;
-use firstboot::coordinator::{Coordinator, CoordinatorConfig, KubeconfigProvider, NodeIdentity};
-use firstboot::discovery::{Discovery, DiscoveryConfig, InterfaceChoice};
-use firstboot::formation::{Announcement, NodeId, PhaseSummary};
-use firstboot::secret::ClusterSecret;
-use firstboot::status::{MemberRow, Microk8sView, StatusDoc, TimelineEntry};
 use netns_lab::Host;
+use rackseed_config::Role;
+use rackseed_formation::{Announcement, NodeId, PhaseSummary};
+use rackseed_protocol::coordinator::{
+    Coordinator, CoordinatorConfig, KubeconfigProvider, NodeIdentity,
+};
+use rackseed_protocol::discovery::{Discovery, DiscoveryConfig, InterfaceChoice};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::{MemberRow, Microk8sView, StatusDoc, TimelineEntry};
 use tokio::sync::mpsc;
 
 pub const PORT: u16 = 7443;
@@ -255,7 +257,7 @@ pub fn imagebuilder_in(
     host: &Host,
     args: &[&str],
     timeout: Duration,
-) -> Result<firstboot::system::command::Output> {
+) -> Result<rackseed_host::command::Output> {
     host.cmd(env!("CARGO_BIN_EXE_imagebuilder"), timeout)
         .args(args)
         .output_blocking()

@@ -7,12 +7,12 @@ mod support;
 
 use std::time::Duration;
 
-use firstboot::system::command::Output;
 use firstboot::system::microk8s::parse::{
     parse_kubeconfig, parse_status_pretty, parse_status_yaml,
 };
 use firstboot::system::microk8s::{InstallSource, Microk8s};
 use netns_lab::Lab;
+use rackseed_host::command::Output;
 use support::*;
 
 fn mk(node: &SimNode, args: &[&str]) -> Output {

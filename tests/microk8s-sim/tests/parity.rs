@@ -10,7 +10,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstboot::secret::ClusterSecret;
 use firstboot::system::fakes::FakeWorld;
 use firstboot::system::microk8s::{
     DqliteMember, EnableOutcome, InstallOutcome, InstallSource, JoinError, JoinRole, JoinTarget,
@@ -18,6 +17,7 @@ use firstboot::system::microk8s::{
 };
 use futures_util::future::BoxFuture;
 use netns_lab::{Host, Lab};
+use rackseed_protocol::secret::ClusterSecret;
 use support::*;
 
 /// The real adapter, each call run on a thread inside the node's namespace.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use firstboot::system::command::Cmd;
+use rackseed_host::command::Cmd;
 
 const IP_TIMEOUT: Duration = Duration::from_secs(20);
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);

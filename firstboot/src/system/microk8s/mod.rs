@@ -1,6 +1,6 @@
 //! The MicroK8s adapter: [`Microk8s`] is everything firstboot asks of MicroK8s, with
 //! [`RealMicrok8s`] driving the real snap through its CLI (every call through
-//! [`Cmd`](crate::system::command::Cmd)) and `system::fakes::FakeMicrok8s` behaving the same in
+//! [`Cmd`](rackseed_host::command::Cmd)) and `system::fakes::FakeMicrok8s` behaving the same in
 //! memory for agent tests.
 //!
 //! Facts follow `shared/reference/microk8s-and-ubuntu-facts.md` part A:
@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use crate::secret::ClusterSecret;
-use crate::system::command::{Cmd, CmdError, Output};
+use rackseed_host::command::{Cmd, CmdError, Output};
+use rackseed_protocol::secret::ClusterSecret;
 
 pub use parse::{
     AddonState, DatastoreNode, DqliteMember, DqliteRole, K8sNode, NodeRole, ParseError,

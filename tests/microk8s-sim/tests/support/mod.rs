@@ -17,11 +17,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use firstboot::secret::ClusterSecret;
 use firstboot::system::microk8s::{
     InstallSource, Microk8s, RealMicrok8s, RealMicrok8sConfig, Status,
 };
 use netns_lab::{Host, Lab};
+use rackseed_protocol::secret::ClusterSecret;
 
 pub const SIM: &str = env!("CARGO_BIN_EXE_microk8s");
 pub const DQLITE: &str = env!("CARGO_BIN_EXE_dqlite");

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use firstboot::config::{self, values};
 use proptest::prelude::*;
+use rackseed_config::{self as config, values};
 
-const EXAMPLE: &str = include_str!("../../configs/rack.toml");
+const EXAMPLE: &str = include_str!("../../../../configs/rack.toml");
 
 fn check_diagnostics(text: &str) {
     let lines = text.split('\n').count();

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::types::{Ballot, ClusterId, NodeId, PhaseSummary};
-use crate::config::Role;
+use rackseed_config::Role;
 
 /// Format version written under key `v`.
 pub const ANNOUNCEMENT_VERSION: u32 = 1;

@@ -95,3 +95,28 @@ fn base_dir(origin: &Path) -> PathBuf {
     };
     std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
 }
+/// Loads and checks `path`, printing warnings and `ok: <summary>` to stdout, or every error to
+/// stderr. Shared by `imagebuilder validate` and `firstboot check-config`.
+pub fn check_config(path: &Path) -> std::process::ExitCode {
+    match load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("ok: {}", summary(&loaded.config));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            for d in &err.diagnostics {
+                eprintln!("error: {d}");
+            }
+            let n = err.diagnostics.len();
+            eprintln!(
+                "{}: {n} error{} found",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

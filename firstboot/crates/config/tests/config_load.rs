@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use firstboot::config::{
-    self, AddressBlock, Addressing, Base, ConfigError, Diagnostic, Metallb, Role, Storage, Target,
+use rackseed_config::{
+    self as config, AddressBlock, Addressing, Base, ConfigError, Diagnostic, Metallb, Role,
+    Storage, Target,
 };
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../..")
 }
 
 fn fixture(name: &str) -> PathBuf {

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use firstboot::coordinator::{
+use rackseed_protocol::coordinator::{
     Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
 };
-use firstboot::secret::ClusterSecret;
+use rackseed_protocol::secret::ClusterSecret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -191,7 +191,7 @@ async fn signed_raw(
     body: Vec<u8>,
 ) -> (u16, String) {
     let nonce = c.nonce(s.addr, &s.fp).await.unwrap();
-    let auth = firstboot::coordinator::auth::sign_request(
+    let auth = rackseed_protocol::coordinator::auth::sign_request(
         &secret.coordinator_key(),
         &nonce,
         "POST",
@@ -199,7 +199,7 @@ async fn signed_raw(
         &body,
         "node-b",
     );
-    let req = firstboot::coordinator::SignedRequest {
+    let req = rackseed_protocol::coordinator::SignedRequest {
         method: "POST".into(),
         path: "/v1/message".into(),
         node: "node-b".into(),
@@ -280,7 +280,7 @@ async fn bad_node_id_unknown_routes_and_methods_are_refused() {
         .unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
     for (method, path, want) in [("GET", "/nope", 404), ("DELETE", "/v1/message", 405)] {
-        let r = firstboot::coordinator::SignedRequest {
+        let r = rackseed_protocol::coordinator::SignedRequest {
             method: method.into(),
             path: path.into(),
             node: "node-b".into(),

@@ -21,15 +21,15 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use firstboot::coordinator::{
+use netns_lab::{Host, Lab};
+use rackseed_host::command::Cmd;
+use rackseed_protocol::coordinator::{
     ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, NodeIdentity, SignedRequest,
 };
-use firstboot::discovery::{
+use rackseed_protocol::discovery::{
     Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, PeerEvent,
 };
-use firstboot::secret::ClusterSecret;
-use firstboot::system::command::Cmd;
-use netns_lab::{Host, Lab};
+use rackseed_protocol::secret::ClusterSecret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 

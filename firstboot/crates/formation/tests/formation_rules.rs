@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use firstboot::config::Role;
-use firstboot::formation::{
+use rackseed_config::Role;
+use rackseed_formation::{
     Action, Announcement, Ballot, ClusterId, Event, FormationParams, Message, Node, NodeId,
     ParamsError, PersistedState, Phase, PhaseSummary,
 };
@@ -842,7 +842,7 @@ fn node_ids_are_lowercase_hex() {
     assert!(NodeId::new("ABCD").is_err());
     assert!(NodeId::new("xyz").is_err());
     assert!(NodeId::new("a".repeat(49)).is_err());
-    let mac: firstboot::config::MacAddr = "AA:bb:0c:00:11:22".parse().expect("mac");
+    let mac: rackseed_config::MacAddr = "AA:bb:0c:00:11:22".parse().expect("mac");
     assert_eq!(NodeId::from_mac(mac).as_str(), "aabb0c001122");
     let json = serde_json::to_string(&id("0a")).expect("serialize");
     assert_eq!(json, "\"0a\"");
@@ -918,9 +918,9 @@ fn a_grant_for_a_request_from_before_a_restart_is_ignored() {
 
 #[test]
 fn params_from_the_rack_example_config() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/rack.toml");
-    let loaded = firstboot::config::load(&path).expect("configs/rack.toml loads");
-    let mac: firstboot::config::MacAddr = "3c:ec:ef:10:00:02".parse().expect("mac");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../configs/rack.toml");
+    let loaded = rackseed_config::load(&path).expect("configs/rack.toml loads");
+    let mac: rackseed_config::MacAddr = "3c:ec:ef:10:00:02".parse().expect("mac");
     let p = FormationParams::from_config(&loaded.config, Some(mac));
     assert_eq!(p.priority, 90, "priority of this node's inventory entry");
     assert_eq!(p.control_plane, loaded.config.cluster.control_plane);
@@ -933,7 +933,7 @@ fn params_from_the_rack_example_config() {
     assert!(p.addons_wanted);
     p.validate().expect("derived params are valid");
     // A machine not in the inventory gets priority 0.
-    let other: firstboot::config::MacAddr = "02:00:00:00:00:09".parse().expect("mac");
+    let other: rackseed_config::MacAddr = "02:00:00:00:00:09".parse().expect("mac");
     assert_eq!(
         FormationParams::from_config(&loaded.config, Some(other)).priority,
         0
@@ -942,7 +942,7 @@ fn params_from_the_rack_example_config() {
 
 #[test]
 fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
-    use firstboot::formation::{Record, Slot};
+    use rackseed_formation::{Record, Slot};
     let me = id("0a");
     let mut r = Record {
         cluster: ClusterId {
@@ -970,7 +970,7 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
     r.slot = None;
     assert!(!r.is_untouched());
     let p = params(3, 3);
-    let op = firstboot::formation::Op::Elect {
+    let op = rackseed_formation::Op::Elect {
         electorate: r.electorate.clone(),
         replace: Some(r.cluster.clone()),
     };
@@ -979,7 +979,7 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
         node: id("0b"),
     };
     assert_eq!(
-        firstboot::formation::node::apply(&op, Some(&r), &ballot, &id("0b"), &p),
+        rackseed_formation::node::apply(&op, Some(&r), &ballot, &id("0b"), &p),
         Some(r.clone())
     );
 }

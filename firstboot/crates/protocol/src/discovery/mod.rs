@@ -59,12 +59,17 @@ impl InterfaceChoice {
     }
 }
 
-/// Interfaces created by container runtimes and CNIs (they appear once MicroK8s runs): the
-/// shared list of [`crate::system::identity::is_virtual_interface`] plus a few CNIs it does
-/// not name.
+/// Interface name prefixes that never count as a node's own network: loopback, container
+/// runtimes and CNIs (they appear once MicroK8s runs), bridges, tunnels. The one list for
+/// discovery and for the agent's choice of its primary NIC.
+const VIRTUAL_PREFIXES: &[&str] = &[
+    "lo", "cni", "flannel", "vxlan", "cali", "docker", "veth", "virbr", "br-", "tun", "tap", "wg",
+    "kube", "dummy", "cilium", "lxc", "weave", "genev", "ovn",
+];
+
+/// True for loopback, container and virtual interfaces.
 pub fn is_virtual_interface(name: &str) -> bool {
-    const MORE: [&str; 5] = ["cilium", "lxc", "weave", "genev", "ovn"];
-    crate::system::identity::is_virtual_interface(name) || MORE.iter().any(|p| name.starts_with(p))
+    VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// What [`Discovery::start`] needs.

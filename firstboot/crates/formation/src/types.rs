@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClusterConfig, MacAddr, Role};
+use rackseed_config::{ClusterConfig, MacAddr, Role};
 
 /// Stable node identity: lowercase hex, 1 to [`NodeId::MAX_LEN`] characters (from
 /// `/etc/machine-id`, 32 hex, or the primary MAC without separators). Its ordering is the
@@ -453,7 +453,7 @@ impl FormationParams {
         }
         let a = &cfg.addons;
         p.addons_wanted =
-            a.dns.enabled || a.metallb.is_some() || a.storage != crate::config::Storage::None;
+            a.dns.enabled || a.metallb.is_some() || a.storage != rackseed_config::Storage::None;
         p
     }
 

@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstboot::coordinator::client::PinnedCert;
-use firstboot::coordinator::{Coordinator, CoordinatorConfig, NodeIdentity};
-use firstboot::secret::ClusterSecret;
-use firstboot::status::{AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry};
-use firstboot::system::command::Cmd;
+use rackseed_host::command::Cmd;
+use rackseed_protocol::coordinator::client::PinnedCert;
+use rackseed_protocol::coordinator::{Coordinator, CoordinatorConfig, NodeIdentity};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::{
+    AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry,
+};
 
 const HOSTILE: &str = "<img src=x onerror=alert(1)><script>document.title='pwned'</script>";
 

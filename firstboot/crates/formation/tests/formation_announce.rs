@@ -2,12 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use firstboot::config::Role;
-use firstboot::formation::{
+use proptest::prelude::*;
+use rackseed_config::Role;
+use rackseed_formation::{
     Accepted, Announcement, AnnouncementError, Ballot, ClusterId, Message, NodeId, PhaseSummary,
     Record, Slot,
 };
-use proptest::prelude::*;
 
 fn node_id() -> impl Strategy<Value = NodeId> {
     "[0-9a-f]{1,48}".prop_map(|s| NodeId::new(s).expect("generated hex"))

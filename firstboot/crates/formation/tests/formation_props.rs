@@ -11,12 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use firstboot::config::Role;
-use firstboot::formation::{
+use proptest::prelude::*;
+use rackseed_config::Role;
+use rackseed_formation::{
     Action, Announcement, ClusterId, Event, FormationParams, Message, Node, NodeId, PersistedState,
     Phase,
 };
-use proptest::prelude::*;
 
 /// Proptest cases of the property over small clusters (3 to 10 nodes): 1500 in release
 /// builds (`--release`: about 10 s of CPU), 200 in debug builds (about 10x slower per case).

@@ -18,7 +18,7 @@ use super::types::{
     majority, Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, Record,
     Slot,
 };
-use crate::config::Role;
+use rackseed_config::Role;
 
 /// A record-changing operation, run as one Paxos round (read the record, apply, write back).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::announce::Announcement;
 use super::types::{Accepted, Ballot, ClusterId, NodeId, PersistedState, Record};
-use crate::config::Role;
+use rackseed_config::Role;
 
 /// Something that happened, fed to [`super::Node::handle`].
 #[derive(Debug, Clone, PartialEq)]

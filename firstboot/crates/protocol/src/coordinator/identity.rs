@@ -158,7 +158,7 @@ impl NodeIdentity {
 /// The shared atomic writer (temp file unique per process, fsync, rename), with this module's
 /// error type.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    crate::system::state::write_atomic(path, bytes, mode).map_err(|e| IdentityError::Io {
+    rackseed_host::fs::write_atomic(path, bytes, mode).map_err(|e| IdentityError::Io {
         action: "writing",
         path: path.to_path_buf(),
         source: std::io::Error::other(format!("{e:#}")),

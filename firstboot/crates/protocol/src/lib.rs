@@ -1,0 +1,10 @@
+//! What crosses the network between rackseed nodes, and between the nodes and the workstation:
+//! the keys derived from the cluster secret ([`secret`]), signed mDNS announcements
+//! ([`discovery`]), the coordinator's HTTPS service and its client ([`coordinator`]), and the
+//! status document every node serves ([`status`]). The agent runs both ends; the image
+//! builder's `status` and `kubeconfig` use the browsing and client side.
+
+pub mod coordinator;
+pub mod discovery;
+pub mod secret;
+pub mod status;
