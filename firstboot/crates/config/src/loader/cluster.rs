@@ -1,0 +1,118 @@
+//! `[cluster]` (name, control-plane count, expected nodes, formation timeout, secret file) and
+//! `[microk8s]` (snap channel, offline snaps).
+
+use std::path::Path;
+
+use super::{
+    refuse_inline_secret, resolve, Spans, DEFAULT_CHANNEL, DEFAULT_FORMATION_TIMEOUT,
+    DEFAULT_SECRET_FILE,
+};
+use crate::diagnostic::Report;
+use crate::model::*;
+use crate::tree::{Node, TableReader};
+use crate::values;
+
+pub(super) fn read_cluster(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+    spans: &mut Spans,
+) -> Option<Cluster> {
+    let mut t = TableReader::open(rep, node, "cluster")?;
+    spans.cluster = t.span.clone();
+    let name = t.parsed(rep, "name", |s| {
+        values::check_label(s).map(|()| s.to_string())
+    });
+    if !t.has("name") {
+        t.missing(rep, "name", "a lowercase name like \"homelab\"");
+    }
+    let mut control_plane = Some(3u8);
+    if let Some((n, span)) = t.int(rep, "control-plane", 1, 7) {
+        spans.control_plane = Some(span.clone());
+        if n % 2 == 1 {
+            control_plane = Some(n as u8);
+        } else {
+            rep.error(
+                span,
+                &t.field("control-plane"),
+                format!("expected 1, 3, 5 or 7 (an odd count keeps a dqlite majority), got {n}"),
+            );
+            control_plane = None;
+        }
+    } else if t.has("control-plane") {
+        control_plane = None;
+    }
+    let mut expected_nodes = None;
+    if let Some((n, span)) = t.int(rep, "expected-nodes", 1, 10_000) {
+        spans.expected_nodes = Some(span.clone());
+        expected_nodes = Some(n as u32);
+    }
+    let bad_expected = t.has("expected-nodes") && expected_nodes.is_none();
+    let formation_timeout = match t.str(rep, "formation-timeout") {
+        Some((s, span)) => match values::parse_duration(s) {
+            Ok(d) if d.is_zero() => {
+                rep.error(
+                    span,
+                    "cluster.formation-timeout",
+                    "expected a duration above zero, like \"10m\"",
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(m) => {
+                rep.error(span, "cluster.formation-timeout", m);
+                None
+            }
+        },
+        None if t.has("formation-timeout") => None,
+        None => Some(DEFAULT_FORMATION_TIMEOUT),
+    };
+    let secret_file = match t.parsed(rep, "secret-file", |s| resolve(base_dir, s)) {
+        Some(p) => Some(p),
+        None if t.has("secret-file") => None,
+        None => Some(base_dir.join(DEFAULT_SECRET_FILE)),
+    };
+    refuse_inline_secret(
+        rep,
+        &mut t,
+        &["secret", "token"],
+        "create the secret with `imagebuilder secret new PATH` and set `secret-file`",
+    );
+    t.finish(rep);
+    let control_plane = control_plane?;
+    if bad_expected {
+        return None;
+    }
+    Some(Cluster {
+        name: name?,
+        control_plane,
+        expected_nodes: expected_nodes.unwrap_or(u32::from(control_plane)),
+        formation_timeout: formation_timeout?,
+        secret_file: secret_file?,
+    })
+}
+
+pub(super) fn read_microk8s(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+) -> Option<Microk8s> {
+    let mut t = TableReader::open(rep, node, "microk8s")?;
+    let channel = match t.parsed(rep, "channel", |s| {
+        values::check_channel(s).map(|()| s.to_string())
+    }) {
+        Some(c) => Some(c),
+        None if t.has("channel") => None,
+        None => Some(DEFAULT_CHANNEL.to_string()),
+    };
+    let offline = t.parsed(rep, "offline-snaps", |s| resolve(base_dir, s));
+    let bad_offline = t.has("offline-snaps") && offline.is_none();
+    t.finish(rep);
+    if bad_offline {
+        return None;
+    }
+    Some(Microk8s {
+        channel: channel?,
+        offline_snaps: offline,
+    })
+}
