@@ -178,12 +178,12 @@
 //! transition in [`node::apply`], and cover it in `tests/formation_*.rs`.
 
 pub mod announce;
-pub mod io;
+pub mod events;
 pub mod node;
 pub mod types;
 
 pub use announce::{Announcement, AnnouncementError, ANNOUNCEMENT_VERSION};
-pub use io::{Action, Event, Message};
+pub use events::{Action, Event, Message};
 pub use node::{Node, Op, Status};
 pub use types::{
     majority, Accepted, AcceptorState, Ballot, ClusterId, FormationParams, NodeId, NodeIdError,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::announce::Announcement;
-use super::io::{Action, Event, Message};
+use super::events::{Action, Event, Message};
 use super::types::{
     majority, Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, Record,
     Slot,
