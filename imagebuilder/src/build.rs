@@ -6,23 +6,33 @@
 //! blocking work stops at its next chunk) leaves no file under a final name. The scratch
 //! folder (bootstrapped tree, generated files) lives next to the outputs and is removed too.
 //!
-//! To add a build step, give it its own module and call it here between the steps it depends
-//! on; record what it put in the image in the manifest.
+//! The steps run in order, each a function here taking what the earlier ones produced:
+//! `check_inputs` (everything that can fail before a byte is written) -> `fetch_base` ->
+//! `lay_out_disk` -> `customize_image` -> `write_outputs`. `Plan` carries what the checks
+//! found, `Work` the image and its staging, `Built` what disk and customisation produced.
+//!
+//! To add a build step, give it its own module and a step function here called between the
+//! steps it depends on; record what it put in the image in [`manifest`].
 
+pub mod manifest;
+
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rackseed_config::{Base, ClusterConfig, Target};
 use rackseed_protocol::secret::ClusterSecret;
 use serde::Serialize;
-use serde_json::json;
 
+use self::manifest::{BaseRecord, ImageInfo, ImageRecord, Manifest};
 use crate::base::{self, bootstrap::BootstrapSpec};
-use crate::customize::{self, firstboot_bin};
-use crate::disk::{self, compose, TableKind};
+use crate::customize::firstboot_bin::{self, FirstbootBin};
+use crate::customize::{self, Customized};
+use crate::disk::{self, compose, PartitionTable, TableKind};
+use crate::outputs::sparse::ImageDigest;
 use crate::outputs::{self, bmap, sparse, Compression, Staging};
 use crate::tool::{self, Tool};
 
@@ -127,10 +137,130 @@ fn target_dir(t: Target) -> &'static str {
     }
 }
 
-/// Builds the image.
+/// Builds the image: checks the inputs, then runs the steps in order.
 pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(Arc::clone(&cancel));
+    // Inputs that can fail cheaply come first: nothing is written before they pass.
+    let plan = check_inputs(&req).await?;
+    let work = Work::start(&req.out_dir, &plan.name, cancel)?;
+    let mut timings = Vec::new();
+    let base = timed(&mut timings, "base", fetch_base(&req, &plan, &work)).await?;
+    // The base's data is only in the page cache now; write it back while customisation and
+    // hashing run instead of all at the final sync (the kernel would wait ~30 s to start).
+    let writeback = start_writeback(&work.image)?;
+    let table = timed(
+        &mut timings,
+        "disk",
+        lay_out_disk(&req.config, plan.target, &work.image),
+    )
+    .await?;
+    let info = ImageInfo::new(
+        &req.config,
+        plan.target,
+        &plan.firstboot,
+        &plan.secret,
+        base,
+    );
+    let custom = timed(
+        &mut timings,
+        "customize",
+        customize_image(&req, &plan, &info, &table, &work),
+    )
+    .await?;
+    let built = Built {
+        info,
+        table,
+        custom,
+        writeback,
+    };
+    let mut out = timed(
+        &mut timings,
+        "outputs",
+        write_outputs(&req, &plan, work, built),
+    )
+    .await?;
+    out.timings = timings;
+    Ok(out)
+}
+
+/// What the checks established before anything was written.
+struct Plan {
+    target: Target,
+    secret: ClusterSecret,
+    firstboot: FirstbootBin,
+    /// Overlay roots in the order they are laid.
+    overlays: Vec<PathBuf>,
+    cache: PathBuf,
+    /// Output base name.
+    name: String,
+}
+
+/// The image being built and the output folder's staging, shared by every step.
+struct Work {
+    /// The raw image, under its staging name.
+    image: PathBuf,
+    /// The raw image's final file name.
+    image_name: String,
+    /// Bootstrapped tree and generated files, next to the outputs; removed on drop.
+    scratch: tempfile::TempDir,
+    staging: Staging,
+    /// Raised when the build is dropped; blocking work checks it.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Work {
+    fn start(out_dir: &Path, name: &str, cancel: Arc<AtomicBool>) -> Result<Self> {
+        let mut staging = Staging::new(out_dir)?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".rackseed-work-")
+            .tempdir_in(out_dir)
+            .with_context(|| format!("creating scratch space in {}", out_dir.display()))?;
+        let image_name = format!("{name}.img");
+        let image = staging.temp(&image_name);
+        Ok(Work {
+            image,
+            image_name,
+            scratch,
+            staging,
+            cancel,
+        })
+    }
+
+    fn bail_if_cancelled(&self) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+}
+
+/// What the disk and customize steps produced, for the outputs step.
+struct Built {
+    info: ImageInfo,
+    table: PartitionTable,
+    custom: Customized,
+    /// The early writeback of the base's data.
+    writeback: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Runs one step, logging its start and end and recording its duration.
+async fn timed<T>(
+    timings: &mut Vec<(&'static str, f64)>,
+    name: &'static str,
+    step: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let started = Instant::now();
+    tracing::info!("{name}: starting");
+    let out = step.await?;
+    tracing::info!("{name}: done in {:.1?}", started.elapsed());
+    timings.push((name, started.elapsed().as_secs_f64()));
+    Ok(out)
+}
+
+/// The tools, the secret, the firstboot binary, the arch and the overlays: everything that
+/// can fail without writing a byte.
+async fn check_inputs(req: &BuildRequest) -> Result<Plan> {
     let cfg = &req.config;
     let target = req.target.unwrap_or(cfg.image.target);
     let mut needed = vec![
@@ -148,8 +278,6 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         needed.push(("qemu-img", "qemu-utils"));
     }
     tool::require(&needed)?;
-
-    // Inputs that can fail cheaply come first: nothing is written before they pass.
     let secret = ClusterSecret::load(&cfg.cluster.secret_file).with_context(|| {
         format!(
             "loading the cluster secret {}",
@@ -162,7 +290,7 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
             "no firstboot binary next to imagebuilder; build it (cargo build -p firstboot) or pass --firstboot-bin",
         )?,
     };
-    let fb =
+    let firstboot =
         firstboot_bin::inspect(&fb_path, firstboot_bin::arch_for(target.rust_triple())).await?;
     if let Base::Bootstrap { arch, .. } = &cfg.image.base {
         if arch != target.deb_arch() {
@@ -173,6 +301,21 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
             );
         }
     }
+    Ok(Plan {
+        target,
+        secret,
+        firstboot,
+        overlays: check_overlays(req, target)?,
+        cache: req.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        name: req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("rackseed-{}-{}", cfg.cluster.name, target.as_str())),
+    })
+}
+
+/// The overlay roots in order: common, the target's, then the extra ones.
+fn check_overlays(req: &BuildRequest, target: Target) -> Result<Vec<PathBuf>> {
     let mut overlays = vec![
         req.overlays_dir.join("common"),
         req.overlays_dir.join(target_dir(target)),
@@ -189,36 +332,33 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         }
         overlays.push(o.clone());
     }
-    let cache = req.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let name = req
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("rackseed-{}-{}", cfg.cluster.name, target.as_str()));
+    Ok(overlays)
+}
 
-    let mut staging = Staging::new(&req.out_dir)?;
-    let scratch = tempfile::Builder::new()
-        .prefix(".rackseed-work-")
-        .tempdir_in(&req.out_dir)
-        .with_context(|| format!("creating scratch space in {}", req.out_dir.display()))?;
-    let img_name = format!("{name}.img");
-    let work = staging.temp(&img_name);
-
-    // base -> raw image with the official layout
-    let mut timings = Vec::new();
-    let step = std::time::Instant::now();
-    tracing::info!("base: starting");
-    let base_record = match &cfg.image.base {
+/// Step 1, base: the configured base as a raw image with the official layout.
+async fn fetch_base(req: &BuildRequest, plan: &Plan, work: &Work) -> Result<BaseRecord> {
+    let started = Instant::now();
+    let (image, cancel) = (&work.image, &work.cancel);
+    let record = match &req.config.image.base {
         Base::Official { url, sha256 } => {
-            let cached = base::download::fetch(url, sha256, &cache, req.progress).await?;
-            let fmt = base::materialize(&cached, &work, &cancel).await?;
-            json!({"kind": "official", "url": url, "sha256": sha256, "format": fmt})
+            let cached = base::download::fetch(url, sha256, &plan.cache, req.progress).await?;
+            let format = base::materialize(&cached, image, cancel).await?;
+            BaseRecord::Official {
+                url: url.clone(),
+                sha256: sha256.clone(),
+                format,
+            }
         }
         Base::Local { path, sha256 } => {
             if let Some(s) = sha256 {
                 base::download::verify_file(path, s)?;
             }
-            let fmt = base::materialize(path, &work, &cancel).await?;
-            json!({"kind": "local", "path": path, "sha256": sha256, "format": fmt})
+            let format = base::materialize(path, image, cancel).await?;
+            BaseRecord::Local {
+                path: path.clone(),
+                sha256: sha256.clone(),
+                format,
+            }
         }
         Base::Bootstrap {
             suite,
@@ -233,30 +373,36 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
                 packages,
                 Path::new("/etc/apt"),
             )?;
-            let composed = base::bootstrap::ensure_composed(&spec, target, &cache).await?;
-            tracing::info!("base: composed image ready at {:.1?}", step.elapsed());
-            base::materialize(&composed, &work, &cancel).await?;
-            json!({"kind": "bootstrap", "suite": spec.suite, "mirror": spec.mirror, "arch": spec.arch,
-                   "packages": spec.packages, "foreign": spec.foreign, "cache_key": spec.key()})
+            let composed =
+                base::bootstrap::ensure_composed(&spec, plan.target, &plan.cache).await?;
+            tracing::info!("base: composed image ready at {:.1?}", started.elapsed());
+            base::materialize(&composed, image, cancel).await?;
+            let cache_key = spec.key();
+            BaseRecord::Bootstrap {
+                suite: spec.suite,
+                mirror: spec.mirror,
+                arch: spec.arch,
+                packages: spec.packages,
+                foreign: spec.foreign,
+                cache_key,
+            }
         }
     };
-    if cancel.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
+    work.bail_if_cancelled()?;
+    Ok(record)
+}
 
-    tracing::info!("base: done in {:.1?}", step.elapsed());
-    timings.push(("base", step.elapsed().as_secs_f64()));
-    // The base's data is only in the page cache now; write it back while customisation and
-    // hashing run instead of all at the final sync (the kernel would wait ~30 s to start).
-    let early_writeback = {
-        let f = std::fs::File::open(&work)
-            .with_context(|| format!("opening {} for writeback", work.display()))?;
-        tokio::task::spawn_blocking(move || f.sync_data())
-    };
-    // disk: layout check, grow
-    let step = std::time::Instant::now();
-    tracing::info!("disk: starting");
-    let table = disk::read_table(&work)
+/// Starts flushing the image's data to disk in the background.
+fn start_writeback(image: &Path) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let f = std::fs::File::open(image)
+        .with_context(|| format!("opening {} for writeback", image.display()))?;
+    Ok(tokio::task::spawn_blocking(move || f.sync_data()))
+}
+
+/// Step 2, disk: checks the base's layout against the target and grows it to the configured
+/// size. Returns the grown table.
+async fn lay_out_disk(cfg: &ClusterConfig, target: Target, image: &Path) -> Result<PartitionTable> {
+    let table = disk::read_table(image)
         .await
         .context("reading the base image")?;
     let want = if target == Target::X86_64Efi {
@@ -279,132 +425,146 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
     table
         .by_label(l.boot)
         .context("finding the boot filesystem")?;
-    disk::grow(&work, table.kind, cfg.image.disk_size).await?;
-    let table = disk::read_table(&work).await?;
+    disk::grow(image, table.kind, cfg.image.disk_size).await?;
+    disk::read_table(image).await
+}
 
-    tracing::info!("disk: done in {:.1?}", step.elapsed());
-    timings.push(("disk", step.elapsed().as_secs_f64()));
-    // customize
-    let step = std::time::Instant::now();
-    tracing::info!("customize: starting");
-    let image_info = json!({
-        "builder": {"name": "rackseed imagebuilder", "version": env!("CARGO_PKG_VERSION")},
-        "target": target.as_str(),
-        "firstboot": {"version": fb.version, "arch": fb.arch, "sha256": fb.sha256},
-        "cluster": {
-            "name": cfg.cluster.name,
-            "control_plane": cfg.cluster.control_plane,
-            "expected_nodes": cfg.cluster.expected_nodes,
-            "inventory_nodes": cfg.nodes.len(),
-            "microk8s_channel": cfg.microk8s.channel,
-            "storage": cfg.addons.storage,
-            "metallb": cfg.addons.metallb.is_some(),
-            "cluster_tag": secret.cluster_tag(),
-        },
-        "base": base_record,
-    });
-    let token = secret.microk8s_token();
-    let secret_text = secret.to_file_contents();
+/// Step 3, customize: puts the config, the secret, firstboot, the overlays and `info` into
+/// the image.
+async fn customize_image(
+    req: &BuildRequest,
+    plan: &Plan,
+    info: &ImageInfo,
+    table: &PartitionTable,
+    work: &Work,
+) -> Result<Customized> {
+    let image_info = serde_json::to_value(info).context("serialising the image info")?;
+    let token = plan.secret.microk8s_token();
+    let secret_text = plan.secret.to_file_contents();
     let inputs = customize::Inputs {
-        config: cfg,
+        config: &req.config,
         config_toml: &req.config_toml,
-        target,
+        target: plan.target,
         secret: secret_text.as_bytes(),
         microk8s_token: &token,
-        firstboot: &fb,
-        overlays: &overlays,
+        firstboot: &plan.firstboot,
+        overlays: &plan.overlays,
         image_info: &image_info,
     };
-    let custom = customize::apply(&work, &table, &inputs, scratch.path()).await?;
-    tracing::info!("customize: done in {:.1?}", step.elapsed());
-    timings.push(("customize", step.elapsed().as_secs_f64()));
+    customize::apply(&work.image, table, &inputs, work.scratch.path()).await
+}
 
-    // outputs; the read-only filesystem check runs next to the hashing (both only read).
-    let step = std::time::Instant::now();
-    tracing::info!("outputs: starting");
-    let root = table.by_label(l.root)?;
-    let fsck = Tool::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(format!("{}?offset={}", work.display(), root.start))
-        .timeout(Duration::from_secs(600))
-        .run();
-    let hashing = {
-        let (w, c) = (work.clone(), Arc::clone(&cancel));
-        tokio::task::spawn_blocking(move || sparse::digest_image(&w, 4096, &c))
-    };
-    let (checked, digest) = tokio::join!(fsck, hashing);
-    checked.context("the customised root filesystem does not check clean")?;
-    let digest = digest.context("hashing task failed")??;
-    tracing::info!("outputs: image hashed in {:.1?}", step.elapsed());
-    let mut sums = vec![(img_name.clone(), digest.sha256.clone())];
+/// Step 4, outputs: checks and hashes the image, writes the bmap, the optional compressed and
+/// qcow2 images, the manifest and `SHA256SUMS`, then gives them all their final names.
+async fn write_outputs(
+    req: &BuildRequest,
+    plan: &Plan,
+    mut work: Work,
+    built: Built,
+) -> Result<BuildOutputs> {
+    let started = Instant::now();
+    let digest = check_and_hash(&work, plan.target, &built.table).await?;
+    tracing::info!("outputs: image hashed in {:.1?}", started.elapsed());
+    let name = &plan.name;
+    let mut sums = vec![(work.image_name.clone(), digest.sha256.clone())];
     let bmap_name = format!("{name}.bmap");
-    let bmap_tmp = staging.temp(&bmap_name);
+    let bmap_tmp = work.staging.temp(&bmap_name);
     outputs::write_synced(&bmap_tmp, bmap::render(&digest).as_bytes())?;
     let mut compressed = None;
     if let Some(c) = req.compression {
-        let cname = format!("{img_name}.{}", c.extension());
-        let ctmp = staging.temp(&cname);
-        let cfile =
-            std::fs::File::create(&ctmp).with_context(|| format!("creating {}", ctmp.display()))?;
-        let (w, t, cc) = (work.clone(), ctmp.clone(), Arc::clone(&cancel));
-        tokio::task::spawn_blocking(move || outputs::compress(&w, cfile, &t, c, &cc))
-            .await
-            .context("compression task failed")??;
-        sums.push((cname.clone(), sparse::sha256_file(&ctmp)?));
-        compressed = Some(staging.final_path(&cname));
-        tracing::info!("outputs: compressed at {:.1?}", step.elapsed());
+        let cname = format!("{}.{}", work.image_name, c.extension());
+        let (sha256, path) = write_compressed(&mut work, &cname, c).await?;
+        sums.push((cname, sha256));
+        compressed = Some(path);
+        tracing::info!("outputs: compressed at {:.1?}", started.elapsed());
     }
     let mut qcow = None;
     if req.qcow2 {
         let qname = format!("{name}.qcow2");
-        let qtmp = staging.temp(&qname);
-        outputs::qcow2(&work, &qtmp).await?;
+        let qtmp = work.staging.temp(&qname);
+        outputs::qcow2(&work.image, &qtmp).await?;
         sums.push((qname.clone(), sparse::sha256_file(&qtmp)?));
-        qcow = Some(staging.final_path(&qname));
-        tracing::info!("outputs: qcow2 at {:.1?}", step.elapsed());
+        qcow = Some(work.staging.final_path(&qname));
+        tracing::info!("outputs: qcow2 at {:.1?}", started.elapsed());
     }
-    let manifest = json!({
-        "image": {"file": img_name, "size": digest.size, "sha256": digest.sha256, "target": target.as_str(),
-                  "partitions": table.partitions},
-        "builder": {"version": env!("CARGO_PKG_VERSION")},
-        "base": image_info["base"],
-        "firstboot": {"version": fb.version, "arch": fb.arch, "sha256": fb.sha256, "source": fb.path},
-        "cluster": image_info["cluster"],
-        "overlays": overlays,
-        "files": custom.files,
-        "cmdline": custom.cmdline,
-        "outputs": sums.iter().map(|(n, s)| json!({"file": n, "sha256": s})).collect::<Vec<_>>(),
-        "warnings": custom.warnings,
-    });
-    let mtmp = staging.temp("manifest.json");
+    let image = ImageRecord {
+        file: work.image_name.clone(),
+        size: digest.size,
+        sha256: digest.sha256.clone(),
+        target: plan.target.as_str(),
+        partitions: built.table.partitions.clone(),
+    };
+    let manifest = Manifest::new(
+        built.info,
+        image,
+        &plan.firstboot,
+        &plan.overlays,
+        &built.custom,
+        &sums,
+    );
+    let mtmp = work.staging.temp("manifest.json");
     outputs::write_synced(&mtmp, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     sums.push(("manifest.json".into(), sparse::sha256_file(&mtmp)?));
     sums.push((bmap_name.clone(), sparse::sha256_file(&bmap_tmp)?));
-    let stmp = staging.temp("SHA256SUMS");
+    let stmp = work.staging.temp("SHA256SUMS");
     outputs::write_synced(&stmp, outputs::sha256sums(&sums).as_bytes())?;
-    if cancel.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
+    work.bail_if_cancelled()?;
     // The early writeback has flushed the base's data; this flushes what customisation wrote.
-    early_writeback
+    built
+        .writeback
         .await
         .context("writeback task failed")?
-        .with_context(|| format!("writing back {}", work.display()))?;
-    outputs::sync_file(&work)?;
-    staging.commit()?;
-    tracing::info!("outputs: done in {:.1?}", step.elapsed());
-    timings.push(("outputs", step.elapsed().as_secs_f64()));
+        .with_context(|| format!("writing back {}", work.image.display()))?;
+    outputs::sync_file(&work.image)?;
+    work.staging.commit()?;
     Ok(BuildOutputs {
-        image: req.out_dir.join(&img_name),
+        image: req.out_dir.join(&work.image_name),
         compressed,
         qcow2: qcow,
         bmap: req.out_dir.join(&bmap_name),
         sha256sums: req.out_dir.join("SHA256SUMS"),
         manifest: req.out_dir.join("manifest.json"),
         sha256: digest.sha256,
-        warnings: custom.warnings,
-        timings,
+        warnings: built.custom.warnings,
+        timings: Vec::new(),
     })
+}
+
+/// Checks the root filesystem read-only while hashing the image (both only read).
+async fn check_and_hash(
+    work: &Work,
+    target: Target,
+    table: &PartitionTable,
+) -> Result<ImageDigest> {
+    let root = table.by_label(compose::labels(target).root)?;
+    let fsck = Tool::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(format!("{}?offset={}", work.image.display(), root.start))
+        .timeout(Duration::from_secs(600))
+        .run();
+    let hashing = {
+        let (w, c) = (work.image.clone(), Arc::clone(&work.cancel));
+        tokio::task::spawn_blocking(move || sparse::digest_image(&w, 4096, &c))
+    };
+    let (checked, digest) = tokio::join!(fsck, hashing);
+    checked.context("the customised root filesystem does not check clean")?;
+    digest.context("hashing task failed")?
+}
+
+/// Stages the image compressed with `c` as `cname`; returns its SHA-256 and final path.
+async fn write_compressed(
+    work: &mut Work,
+    cname: &str,
+    c: Compression,
+) -> Result<(String, PathBuf)> {
+    let ctmp = work.staging.temp(cname);
+    let cfile =
+        std::fs::File::create(&ctmp).with_context(|| format!("creating {}", ctmp.display()))?;
+    let (w, t, cc) = (work.image.clone(), ctmp.clone(), Arc::clone(&work.cancel));
+    tokio::task::spawn_blocking(move || outputs::compress(&w, cfile, &t, c, &cc))
+        .await
+        .context("compression task failed")??;
+    Ok((sparse::sha256_file(&ctmp)?, work.staging.final_path(cname)))
 }
 
 /// Arguments of `imagebuilder build`.
