@@ -17,6 +17,7 @@
 //! [`ClusterSecret::coordinator_key`]: crate::secret::ClusterSecret::coordinator_key
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -31,8 +32,13 @@ pub const HEADER_NONCE: &str = "x-rackseed-nonce";
 pub const HEADER_AUTH: &str = "x-rackseed-auth";
 /// How long an issued nonce stays usable (server's monotonic clock).
 pub const NONCE_TTL: Duration = Duration::from_secs(30);
-/// Most outstanding nonces; issuing more evicts the oldest.
-pub const MAX_NONCES: usize = 1024;
+/// Nonces from `GET /v1/nonce` outstanding per client address; more evict that address's
+/// oldest.
+pub const PUBLIC_NONCES_PER_ADDR: usize = 8;
+/// Nonces handed to a verified peer with its answers, outstanding per address.
+pub const VERIFIED_NONCES_PER_ADDR: usize = 64;
+/// Client addresses holding nonces at once.
+pub const MAX_NONCE_ADDRS: usize = 1024;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -123,78 +129,161 @@ pub fn sign_request(
     )
 }
 
-/// Outstanding single-use nonces, bounded in number and age.
+/// Outstanding nonces, kept per client address so that a stranger asking for nonces can
+/// only ever push out its own.
+///
+/// Two pools per address: nonces handed out by `GET /v1/nonce` to anyone (at most
+/// [`PUBLIC_NONCES_PER_ADDR`], oldest evicted), and nonces handed to a peer with the answer
+/// to an authenticated request (at most [`VERIFIED_NONCES_PER_ADDR`]). The table holds at most
+/// [`MAX_NONCE_ADDRS`] addresses; when it is full, an address holding only public nonces makes
+/// room, never one holding a verified peer's nonces.
 #[derive(Debug)]
 pub struct NonceStore {
     ttl: Duration,
-    cap: usize,
-    issued: HashMap<String, Instant>,
-    order: VecDeque<String>,
+    max_addrs: usize,
+    by_addr: HashMap<IpAddr, AddrNonces>,
+}
+
+#[derive(Debug, Default)]
+struct AddrNonces {
+    public: VecDeque<(String, Instant)>,
+    verified: VecDeque<(String, Instant)>,
+}
+
+impl AddrNonces {
+    fn len(&self) -> usize {
+        self.public.len() + self.verified.len()
+    }
+
+    fn prune(&mut self, ttl: Duration, now: Instant) {
+        for pool in [&mut self.public, &mut self.verified] {
+            pool.retain(|(_, at)| now.saturating_duration_since(*at) <= ttl);
+        }
+    }
+
+    /// Issue time of its newest public nonce (the address to evict first is the one whose
+    /// newest request is oldest).
+    fn newest_public(&self) -> Option<Instant> {
+        self.public.back().map(|(_, at)| *at)
+    }
+}
+
+/// Which pool a nonce is issued from (see [`NonceStore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceKind {
+    /// `GET /v1/nonce`: anyone may ask.
+    Public,
+    /// With the answer to a request that passed authentication.
+    Verified,
 }
 
 impl Default for NonceStore {
     fn default() -> Self {
-        Self::new(NONCE_TTL, MAX_NONCES)
+        Self::new(NONCE_TTL, MAX_NONCE_ADDRS)
     }
 }
 
 impl NonceStore {
-    pub fn new(ttl: Duration, cap: usize) -> Self {
+    pub fn new(ttl: Duration, max_addrs: usize) -> Self {
         NonceStore {
             ttl,
-            cap: cap.max(1),
-            issued: HashMap::new(),
-            order: VecDeque::new(),
+            max_addrs: max_addrs.max(1),
+            by_addr: HashMap::new(),
         }
     }
 
-    /// Issues a fresh random nonce (32 bytes, hex).
-    pub fn issue(&mut self, now: Instant) -> String {
-        self.prune(now);
-        while self.issued.len() >= self.cap {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.issued.remove(&old);
-                }
-                None => break,
-            }
+    /// Issues a fresh random nonce (32 bytes, hex) for a client at `addr`; `None` when the
+    /// table is full of addresses holding verified peers' nonces.
+    pub fn issue(&mut self, addr: IpAddr, kind: NonceKind, now: Instant) -> Option<String> {
+        if !self.by_addr.contains_key(&addr) && !self.make_room(now) {
+            return None;
+        }
+        let entry = self.by_addr.entry(addr).or_default();
+        entry.prune(self.ttl, now);
+        let (pool, cap) = match kind {
+            NonceKind::Public => (&mut entry.public, PUBLIC_NONCES_PER_ADDR),
+            NonceKind::Verified => (&mut entry.verified, VERIFIED_NONCES_PER_ADDR),
+        };
+        while pool.len() >= cap {
+            pool.pop_front();
         }
         let mut b = [0u8; 32];
         rand::fill(&mut b);
         let n = hex::encode(b);
-        self.issued.insert(n.clone(), now);
-        self.order.push_back(n.clone());
-        n
+        pool.push_back((n.clone(), now));
+        Some(n)
     }
 
-    /// Removes `nonce`; true when it was outstanding and not expired.
-    pub fn consume(&mut self, nonce: &str, now: Instant) -> bool {
-        match self.issued.remove(nonce) {
-            Some(at) => {
-                self.order.retain(|n| n != nonce);
-                now.saturating_duration_since(at) <= self.ttl
+    /// True when `nonce` was issued to `addr`, is unused and not expired. Consumes nothing:
+    /// the server checks it before reading a request's body.
+    pub fn is_outstanding(&self, addr: IpAddr, nonce: &str, now: Instant) -> bool {
+        self.by_addr.get(&addr).is_some_and(|e| {
+            e.public
+                .iter()
+                .chain(e.verified.iter())
+                .any(|(n, at)| n == nonce && now.saturating_duration_since(*at) <= self.ttl)
+        })
+    }
+
+    /// Removes `nonce` from `addr`'s pools; true when it was outstanding and not expired.
+    pub fn consume(&mut self, addr: IpAddr, nonce: &str, now: Instant) -> bool {
+        let Some(entry) = self.by_addr.get_mut(&addr) else {
+            return false;
+        };
+        let mut found = None;
+        for pool in [&mut entry.public, &mut entry.verified] {
+            if let Some(i) = pool.iter().position(|(n, _)| n == nonce) {
+                found = pool.remove(i).map(|(_, at)| at);
+                break;
             }
-            None => false,
         }
+        if entry.len() == 0 {
+            self.by_addr.remove(&addr);
+        }
+        found.is_some_and(|at| now.saturating_duration_since(at) <= self.ttl)
     }
 
+    /// Outstanding nonces over all addresses (expired ones included until pruned).
     pub fn len(&self) -> usize {
-        self.issued.len()
+        self.by_addr.values().map(AddrNonces::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.issued.is_empty()
+        self.by_addr.is_empty()
     }
 
-    fn prune(&mut self, now: Instant) {
-        while let Some(front) = self.order.front() {
-            match self.issued.get(front) {
-                Some(at) if now.saturating_duration_since(*at) <= self.ttl => break,
-                _ => {
-                    let n = self.order.pop_front().expect("front exists");
-                    self.issued.remove(&n);
-                }
+    /// Addresses holding nonces.
+    pub fn addresses(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    /// Makes room for one more address: drops expired nonces, then, when still full, the
+    /// public-only address whose newest nonce is oldest. False when every address holds a
+    /// verified peer's nonces.
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.by_addr.len() < self.max_addrs {
+            return true;
+        }
+        let ttl = self.ttl;
+        self.by_addr.retain(|_, e| {
+            e.prune(ttl, now);
+            e.len() > 0
+        });
+        if self.by_addr.len() < self.max_addrs {
+            return true;
+        }
+        let victim = self
+            .by_addr
+            .iter()
+            .filter(|(_, e)| e.verified.is_empty())
+            .min_by_key(|(_, e)| e.newest_public())
+            .map(|(a, _)| *a);
+        match victim {
+            Some(a) => {
+                self.by_addr.remove(&a);
+                true
             }
+            None => false,
         }
     }
 }
@@ -203,6 +292,8 @@ impl NonceStore {
 /// or not valid UTF-8.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestParts<'a> {
+    /// The client's address, as the connection shows it: nonces are bound to it.
+    pub from: IpAddr,
     pub method: &'a str,
     pub path: &'a str,
     pub node: Option<&'a str>,
@@ -236,7 +327,7 @@ pub fn authenticate(
             format!("body larger than {MAX_BODY} bytes"),
         ));
     }
-    if !nonces.consume(nonce, now) {
+    if !nonces.consume(req.from, nonce, now) {
         return Err(Refusal::new(
             401,
             "nonce unknown, expired or already used; fetch a new one",
@@ -266,9 +357,12 @@ mod tests {
     use proptest::prelude::*;
 
     const KEY: [u8; 32] = [9; 32];
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+    const STRANGER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 66));
 
     fn parts<'a>(nonce: &'a str, auth: &'a str, body: &'a [u8]) -> RequestParts<'a> {
         RequestParts {
+            from: PEER,
             method: "POST",
             path: "/v1/message",
             node: Some("node-a"),
@@ -282,7 +376,7 @@ mod tests {
     fn signed_request_passes_once_then_replay_fails() {
         let mut store = NonceStore::default();
         let t0 = Instant::now();
-        let n = store.issue(t0);
+        let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
         let body = br#"{"message":1}"#;
         let sig = sign_request(&KEY, &n, "POST", "/v1/message", body, "node-a");
         assert_eq!(
@@ -308,7 +402,7 @@ mod tests {
         ];
         for (m, p, b, node, key) in cases {
             let mut store = NonceStore::default();
-            let n = store.issue(t0);
+            let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
             let sig = sign_request(&key, &n, m, p, b, node);
             let e = authenticate(&KEY, &mut store, t0, parts(&n, &sig, body)).unwrap_err();
             assert_eq!(e.status, 401, "{m} {p} {node}");
@@ -317,20 +411,60 @@ mod tests {
     }
 
     #[test]
-    fn nonces_expire_by_monotonic_time_and_are_bounded() {
+    fn nonces_expire_by_monotonic_time_and_are_bounded_per_address() {
         let t0 = Instant::now();
         let mut store = NonceStore::new(Duration::from_secs(30), 3);
-        let n = store.issue(t0);
-        assert!(!store.consume(&n, t0 + Duration::from_secs(31)));
-        let a = store.issue(t0);
-        for _ in 0..3 {
-            store.issue(t0);
+        let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        assert!(!store.consume(PEER, &n, t0 + Duration::from_secs(31)));
+        let a = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        for _ in 0..PUBLIC_NONCES_PER_ADDR {
+            store.issue(PEER, NonceKind::Public, t0).unwrap();
         }
-        assert_eq!(store.len(), 3);
-        assert!(!store.consume(&a, t0), "oldest nonce evicted at the cap");
+        assert_eq!(store.len(), PUBLIC_NONCES_PER_ADDR);
+        assert!(
+            !store.consume(PEER, &a, t0),
+            "oldest nonce evicted at the cap"
+        );
         // Expired nonces are pruned on issue.
-        store.issue(t0 + Duration::from_secs(60));
+        store.issue(PEER, NonceKind::Public, t0 + Duration::from_secs(60));
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_nonce_is_good_only_from_the_address_it_was_issued_to() {
+        let t0 = Instant::now();
+        let mut store = NonceStore::default();
+        let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        assert!(!store.is_outstanding(STRANGER, &n, t0));
+        assert!(!store.consume(STRANGER, &n, t0));
+        assert!(store.is_outstanding(PEER, &n, t0));
+        assert!(store.consume(PEER, &n, t0));
+        assert!(!store.is_outstanding(PEER, &n, t0));
+    }
+
+    #[test]
+    fn a_stranger_flooding_nonce_requests_evicts_no_peer_nonce() {
+        let t0 = Instant::now();
+        let mut store = NonceStore::new(NONCE_TTL, 4);
+        let public = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        let verified = store.issue(PEER, NonceKind::Verified, t0).unwrap();
+        // One stranger address asking 10,000 times only cycles its own pool.
+        for _ in 0..10_000 {
+            store.issue(STRANGER, NonceKind::Public, t0).unwrap();
+        }
+        assert!(store.is_outstanding(PEER, &public, t0));
+        // Strangers on many addresses fill the table: public-only addresses make room for
+        // each other; the peer holding a verified nonce is never pushed out.
+        for i in 0..1_000u32 {
+            let addr = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+            let _ = store.issue(
+                addr,
+                NonceKind::Public,
+                t0 + Duration::from_millis(u64::from(i)),
+            );
+        }
+        assert!(store.addresses() <= 4);
+        assert!(store.consume(PEER, &verified, t0 + Duration::from_secs(1)));
     }
 
     #[test]
@@ -366,10 +500,10 @@ mod tests {
         ) {
             let t0 = Instant::now();
             let mut store = NonceStore::default();
-            let real = store.issue(t0);
+            let real = store.issue(PEER, NonceKind::Public, t0).unwrap();
             let nonce = if use_real_nonce { Some(real.clone()) } else { nonce };
             let r = authenticate(&KEY, &mut store, t0, RequestParts {
-                method: &method, path: &path, node: node.as_deref(),
+                from: PEER, method: &method, path: &path, node: node.as_deref(),
                 nonce: nonce.as_deref(), auth: auth.as_deref(), body: &body,
             });
             prop_assert!(r.is_err());

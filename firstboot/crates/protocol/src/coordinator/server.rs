@@ -15,19 +15,29 @@
 //!   (not a member yet, or a worker: [`Coordinator::refuse_kubeconfig`]) or it fails. It is a credential: served only to holders of the cluster secret, never logged.
 //!
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
-//! 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503 (driver busy or gone).
-//! Only the presented nonce is consumed by a refused request; the driver sees nothing.
-//! Connections are bounded ([`MAX_CONNECTIONS`]) and kept alive between requests: the
-//! handshake has 10 s, a connection waiting for its next request's headers is closed after
-//! [`IDLE_TIMEOUT`], and any connection is shut down gracefully after 5 minutes. Anyone on
-//! the LAN can still exhaust them (denial of service is out of scope; safety never depends on
-//! the coordinator answering).
+//! 408 (body too slow), 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503
+//! (driver busy or gone). Only the presented nonce is consumed by a refused request; the
+//! driver sees nothing.
+//!
+//! A stranger on the LAN cannot starve the nodes of the coordinator (formation depends on
+//! it, though safety never does):
+//! - connections are capped per client address ([`MAX_CONNECTIONS_PER_STRANGER`]) and in all
+//!   ([`MAX_CONNECTIONS`]); [`RESERVED_FOR_VERIFIED`] of them only addresses that
+//!   authenticated within [`VERIFIED_FOR`] may use; a connection over a cap is closed at once
+//!   (the accept loop never waits);
+//! - the TLS handshake has 10 s, the headers [`IDLE_TIMEOUT`], the body [`BODY_TIMEOUT`], and
+//!   an authenticated route refuses a request whose nonce this address was not given before
+//!   reading its body;
+//! - nonces are bound to the address they were issued to, and a stranger's nonce requests
+//!   only ever push out its own (see [`NonceStore`]);
+//! - any connection is shut down gracefully after 5 minutes.
 //!
 //! To add a route: add a match arm in `route`; authenticate it like the others unless it only
 //! reads the status document.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,19 +48,30 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::auth::{
-    authenticate, parse_message, ErrorBody, MessageResponse, NonceResponse, NonceStore, Refusal,
-    RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY,
+    authenticate, parse_message, ErrorBody, MessageResponse, NonceKind, NonceResponse, NonceStore,
+    Refusal, RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY, MAX_NONCE_ADDRS,
 };
 use super::identity::NodeIdentity;
 use super::page;
 use crate::secret::ClusterSecret;
 
-/// Simultaneous connections served; more wait in the listen backlog.
+/// Simultaneous connections served; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Of [`MAX_CONNECTIONS`], the ones only addresses that authenticated recently may use, so
+/// strangers filling the rest cannot lock the cluster's own nodes out.
+pub const RESERVED_FOR_VERIFIED: usize = 16;
+/// Connections open at once from one address that has not authenticated recently.
+pub const MAX_CONNECTIONS_PER_STRANGER: usize = 4;
+/// Connections open at once from one address that authenticated recently.
+pub const MAX_CONNECTIONS_PER_VERIFIED: usize = 16;
+/// An address counts as verified this long after its last authenticated request.
+pub const VERIFIED_FOR: Duration = Duration::from_secs(600);
+/// How long a request's body may take to arrive (the headers have [`IDLE_TIMEOUT`]).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the driver has to answer a message.
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,12 +129,12 @@ impl<M> Inbound<M> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
-    #[error("binding coordinator to {addr}: {source}")]
+    #[error("binding coordinator to {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("building the coordinator's tls config: {0}")]
+    #[error("building the coordinator's tls config")]
     Tls(#[from] rustls::Error),
 }
 
@@ -136,6 +157,10 @@ pub struct CoordinatorStats {
     pub unavailable: u64,
     /// TLS handshakes that failed (e.g. a scanner, or a client pinning another certificate).
     pub tls_failures: u64,
+    /// Connections closed at once: over the per-address cap, or the server full.
+    pub connections_refused: u64,
+    /// Requests whose body did not arrive within [`BODY_TIMEOUT`].
+    pub body_timeouts: u64,
 }
 
 /// What [`Coordinator::start`] needs.
@@ -150,6 +175,7 @@ pub struct CoordinatorConfig {
 struct State {
     key: [u8; 32],
     nonces: Mutex<NonceStore>,
+    conns: Mutex<ConnTable>,
     stats: Mutex<CoordinatorStats>,
     status: watch::Receiver<serde_json::Value>,
     kubeconfig: Mutex<KubeconfigSource>,
@@ -218,6 +244,7 @@ where
         let state = Arc::new(State {
             key: cfg.secret.coordinator_key(),
             nonces: Mutex::new(NonceStore::default()),
+            conns: Mutex::new(ConnTable::default()),
             stats: Mutex::new(CoordinatorStats::default()),
             status: status_rx,
             kubeconfig: Mutex::new(KubeconfigSource::Unavailable(NO_KUBECONFIG_YET.into())),
@@ -288,6 +315,82 @@ impl<M> Coordinator<M> {
     }
 }
 
+/// Open connections per client address, and the addresses that authenticated recently.
+#[derive(Debug, Default)]
+struct ConnTable {
+    open: HashMap<IpAddr, usize>,
+    total: usize,
+    verified: HashMap<IpAddr, Instant>,
+}
+
+impl ConnTable {
+    fn is_verified(&self, addr: IpAddr, now: Instant) -> bool {
+        self.verified
+            .get(&addr)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= VERIFIED_FOR)
+    }
+
+    /// Admits one more connection from `addr`, or says no: strangers get
+    /// [`MAX_CONNECTIONS_PER_STRANGER`] each and share all but [`RESERVED_FOR_VERIFIED`] of
+    /// the slots; verified addresses get more and may use every slot.
+    fn admit(&mut self, addr: IpAddr, now: Instant) -> bool {
+        let verified = self.is_verified(addr, now);
+        let (per_addr, total) = if verified {
+            (MAX_CONNECTIONS_PER_VERIFIED, MAX_CONNECTIONS)
+        } else {
+            (
+                MAX_CONNECTIONS_PER_STRANGER,
+                MAX_CONNECTIONS - RESERVED_FOR_VERIFIED,
+            )
+        };
+        let mine = self.open.get(&addr).copied().unwrap_or(0);
+        if mine >= per_addr || self.total >= total {
+            return false;
+        }
+        *self.open.entry(addr).or_default() += 1;
+        self.total += 1;
+        true
+    }
+
+    fn release(&mut self, addr: IpAddr) {
+        if let Some(n) = self.open.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&addr);
+            }
+        }
+        self.total = self.total.saturating_sub(1);
+    }
+
+    /// Remembers that `addr` just authenticated (bounded: expired entries go first).
+    fn mark_verified(&mut self, addr: IpAddr, now: Instant) {
+        if self.verified.len() >= MAX_NONCE_ADDRS && !self.verified.contains_key(&addr) {
+            self.verified
+                .retain(|_, at| now.saturating_duration_since(*at) <= VERIFIED_FOR);
+            if self.verified.len() >= MAX_NONCE_ADDRS {
+                return;
+            }
+        }
+        self.verified.insert(addr, now);
+    }
+}
+
+/// Gives a connection's slot back when the connection ends.
+struct ConnGuard {
+    state: Arc<State>,
+    addr: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.state
+            .conns
+            .lock()
+            .expect("conns lock")
+            .release(self.addr);
+    }
+}
+
 async fn accept_loop<M>(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -296,12 +399,8 @@ async fn accept_loop<M>(
 ) where
     M: Serialize + DeserializeOwned + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -310,48 +409,76 @@ async fn accept_loop<M>(
                 continue;
             }
         };
+        while conns.try_join_next().is_some() {}
+        let admitted = state
+            .conns
+            .lock()
+            .expect("conns lock")
+            .admit(peer.ip(), Instant::now());
+        if !admitted {
+            state.stats.lock().expect("stats lock").connections_refused += 1;
+            tracing::debug!(%peer, "coordinator refused a connection (per-address cap or full)");
+            drop(tcp);
+            continue;
+        }
+        let guard = ConnGuard {
+            state: state.clone(),
+            addr: peer.ip(),
+        };
         // Handshake and answers are small writes: without this, Nagle's algorithm holds the
         // next one back until the client's delayed ACK (40 ms) on every fresh connection.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "coordinator could not set TCP_NODELAY");
         }
-        while conns.try_join_next().is_some() {}
-        let acceptor = acceptor.clone();
+        conns.spawn(serve_connection(
+            acceptor.clone(),
+            tcp,
+            peer,
+            state.clone(),
+            tx.clone(),
+            guard,
+        ));
+    }
+}
+
+async fn serve_connection<M>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    tx: mpsc::Sender<Inbound<M>>,
+    _guard: ConnGuard,
+) where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            state.stats.lock().expect("stats lock").tls_failures += 1;
+            tracing::debug!(%peer, error = %e, "coordinator tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            state.stats.lock().expect("stats lock").tls_failures += 1;
+            return;
+        }
+    };
+    let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let tx = tx.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    state.stats.lock().expect("stats lock").tls_failures += 1;
-                    tracing::debug!(%peer, error = %e, "coordinator tls handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    state.stats.lock().expect("stats lock").tls_failures += 1;
-                    return;
-                }
-            };
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let tx = tx.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(state, tx, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(IDLE_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(HANDLER_TIMEOUT, conn).await;
-                }
-            }
-        });
+        async move { Ok::<_, std::convert::Infallible>(route(state, tx, peer.ip(), req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HANDLER_TIMEOUT, conn).await;
+        }
     }
 }
 
@@ -439,6 +566,7 @@ fn refuse(state: &State, r: Refusal) -> Response<Body> {
     json_response(r.status, body)
 }
 
+/// Reads a request's body: at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
 async fn read_body(
     req: Request<Incoming>,
 ) -> Result<(hyper::http::request::Parts, Vec<u8>), Refusal> {
@@ -452,16 +580,47 @@ async fn read_body(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => Ok((parts, b.to_bytes().to_vec())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Refusal::new(400, format!("reading body: {e}"))),
+    let collect = http_body_util::Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Err(_) => Err(Refusal::new(
+            408,
+            format!("body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+        Ok(Ok(b)) => Ok((parts, b.to_bytes().to_vec())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(Refusal::new(400, format!("reading body: {e}"))),
     }
+}
+
+/// Refuses, before its body is read, a request that cannot pass authentication: headers
+/// missing, or a nonce this address was not given. A stranger's slow body then costs nothing.
+fn precheck(state: &State, client: IpAddr, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let (Some(_), Some(nonce), Some(_)) = (h(HEADER_NODE), h(HEADER_NONCE), h(HEADER_AUTH)) else {
+        return Err(Refusal::new(
+            401,
+            format!("missing {HEADER_NODE}, {HEADER_NONCE} or {HEADER_AUTH} header; fetch a nonce from GET /v1/nonce and sign the request"),
+        ));
+    };
+    let known =
+        state
+            .nonces
+            .lock()
+            .expect("nonce lock")
+            .is_outstanding(client, nonce, Instant::now());
+    if !known {
+        return Err(Refusal::new(
+            401,
+            "nonce unknown, expired or already used; fetch a new one",
+        ));
+    }
+    Ok(())
 }
 
 async fn route<M>(
     state: Arc<State>,
     tx: mpsc::Sender<Inbound<M>>,
+    client: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body>
 where
@@ -471,11 +630,14 @@ where
     let path = req.uri().path().to_string();
     match (method.clone(), path.as_str()) {
         (Method::GET, "/v1/nonce") => {
-            let nonce = state
-                .nonces
-                .lock()
-                .expect("nonce lock")
-                .issue(Instant::now());
+            let nonce = state.nonces.lock().expect("nonce lock").issue(
+                client,
+                NonceKind::Public,
+                Instant::now(),
+            );
+            let Some(nonce) = nonce else {
+                return refuse(&state, Refusal::new(503, "too many clients; try again"));
+            };
             state.stats.lock().expect("stats lock").nonces_issued += 1;
             json_response(
                 200,
@@ -486,82 +648,7 @@ where
         (Method::GET, "/status.json") => page_response(&state, true),
         (Method::POST, "/v1/message")
         | (Method::GET, "/v1/status")
-        | (Method::POST, "/v1/kubeconfig") => {
-            let (parts, body) = match read_body(req).await {
-                Ok(x) => x,
-                Err(r) => return refuse(&state, r),
-            };
-            let h = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            let from = {
-                let mut nonces = state.nonces.lock().expect("nonce lock");
-                authenticate(
-                    &state.key,
-                    &mut nonces,
-                    Instant::now(),
-                    RequestParts {
-                        method: method.as_str(),
-                        path: &path,
-                        node: h(HEADER_NODE),
-                        nonce: h(HEADER_NONCE),
-                        auth: h(HEADER_AUTH),
-                        body: &body,
-                    },
-                )
-            };
-            let from = match from {
-                Ok(f) => f,
-                Err(r) => return refuse(&state, r),
-            };
-            if path == "/v1/kubeconfig" {
-                tracing::info!(requester = %from, "handing out the kubeconfig");
-                return kubeconfig_response(&state).await;
-            }
-            if method == Method::GET {
-                state.stats.lock().expect("stats lock").status_reads += 1;
-                let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
-                return json_response(200, doc);
-            }
-            let message = match parse_message::<M>(&body) {
-                Ok(m) => m,
-                Err(r) => return refuse(&state, r),
-            };
-            let (reply_tx, reply_rx) = oneshot::channel();
-            let inbound = Inbound {
-                from,
-                message,
-                reply: reply_tx,
-            };
-            let busy = |why: &str| Refusal::new(503, why.to_string());
-            if tokio::time::timeout(HANDLER_TIMEOUT, tx.send(inbound))
-                .await
-                .map_or(true, |r| r.is_err())
-            {
-                return refuse(&state, busy("agent is not taking messages"));
-            }
-            match tokio::time::timeout(HANDLER_TIMEOUT, reply_rx).await {
-                Ok(Ok(replies)) => {
-                    state.stats.lock().expect("stats lock").messages += 1;
-                    let next_nonce = Some(
-                        state
-                            .nonces
-                            .lock()
-                            .expect("nonce lock")
-                            .issue(Instant::now()),
-                    );
-                    match serde_json::to_vec(&MessageResponse {
-                        replies,
-                        next_nonce,
-                    }) {
-                        Ok(b) => json_response(200, b),
-                        Err(e) => {
-                            refuse(&state, Refusal::new(500, format!("encoding replies: {e}")))
-                        }
-                    }
-                }
-                Ok(Err(_)) => refuse(&state, busy("agent dropped the message")),
-                Err(_) => refuse(&state, busy("agent did not answer in time")),
-            }
-        }
+        | (Method::POST, "/v1/kubeconfig") => authenticated_route(&state, tx, client, req).await,
         (
             _,
             "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig",
@@ -570,5 +657,116 @@ where
             Refusal::new(405, format!("{method} not allowed on {path}")),
         ),
         _ => refuse(&state, Refusal::new(404, format!("no route {path}"))),
+    }
+}
+
+/// The routes that need the cluster secret: authenticate, then answer.
+async fn authenticated_route<M>(
+    state: &State,
+    tx: mpsc::Sender<Inbound<M>>,
+    client: IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    if let Err(r) = precheck(state, client, &req) {
+        return refuse(state, r);
+    }
+    let (parts, body) = match read_body(req).await {
+        Ok(x) => x,
+        Err(r) => {
+            if r.status == 408 {
+                state.stats.lock().expect("stats lock").body_timeouts += 1;
+            }
+            return refuse(state, r);
+        }
+    };
+    let h = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let now = Instant::now();
+    let from = authenticate(
+        &state.key,
+        &mut state.nonces.lock().expect("nonce lock"),
+        now,
+        RequestParts {
+            from: client,
+            method: method.as_str(),
+            path: &path,
+            node: h(HEADER_NODE),
+            nonce: h(HEADER_NONCE),
+            auth: h(HEADER_AUTH),
+            body: &body,
+        },
+    );
+    let from = match from {
+        Ok(f) => f,
+        Err(r) => return refuse(state, r),
+    };
+    state
+        .conns
+        .lock()
+        .expect("conns lock")
+        .mark_verified(client, now);
+    if path == "/v1/kubeconfig" {
+        tracing::info!(requester = %from, "handing out the kubeconfig");
+        return kubeconfig_response(state).await;
+    }
+    if method == Method::GET {
+        state.stats.lock().expect("stats lock").status_reads += 1;
+        let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
+        return json_response(200, doc);
+    }
+    let message = match parse_message::<M>(&body) {
+        Ok(m) => m,
+        Err(r) => return refuse(state, r),
+    };
+    deliver(state, tx, client, from, message).await
+}
+
+/// Hands an authenticated message to the driver and answers with its replies and the
+/// sender's next nonce.
+async fn deliver<M>(
+    state: &State,
+    tx: mpsc::Sender<Inbound<M>>,
+    client: IpAddr,
+    from: String,
+    message: M,
+) -> Response<Body>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let inbound = Inbound {
+        from,
+        message,
+        reply: reply_tx,
+    };
+    let busy = |why: &str| Refusal::new(503, why.to_string());
+    if tokio::time::timeout(HANDLER_TIMEOUT, tx.send(inbound))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return refuse(state, busy("agent is not taking messages"));
+    }
+    match tokio::time::timeout(HANDLER_TIMEOUT, reply_rx).await {
+        Ok(Ok(replies)) => {
+            state.stats.lock().expect("stats lock").messages += 1;
+            let next_nonce = state.nonces.lock().expect("nonce lock").issue(
+                client,
+                NonceKind::Verified,
+                Instant::now(),
+            );
+            match serde_json::to_vec(&MessageResponse {
+                replies,
+                next_nonce,
+            }) {
+                Ok(b) => json_response(200, b),
+                Err(e) => refuse(state, Refusal::new(500, format!("encoding replies: {e}"))),
+            }
+        }
+        Ok(Err(_)) => refuse(state, busy("agent dropped the message")),
+        Err(_) => refuse(state, busy("agent did not answer in time")),
     }
 }
