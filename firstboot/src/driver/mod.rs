@@ -1,0 +1,499 @@
+//! The agent's tokio loop: events in, the pure formation core decides, actions out.
+//!
+//! [`run`] takes its dependencies ([`Agent`]) and a shutdown future. It starts the coordinator
+//! (HTTPS, join-slot messages, status document) and mDNS discovery, then feeds the formation
+//! core ([`rackseed_formation::Node`]) with:
+//! - verified peer announcements and losses from discovery,
+//! - authenticated messages from the coordinator (and the replies to messages it sent),
+//! - a one-second tick,
+//! - the results of the long-running actions it started (node preparation with the MicroK8s
+//!   install, `microk8s join`, addon enablement),
+//!
+//! and executes the core's actions in order: `Persist` is written atomically before anything
+//! after it; `Announce` re-publishes the signed mDNS record; `Send` goes out over the pinned
+//! coordinator client; `PrepareNode`, `Join` and `EnableAddons` run as tasks whose results come
+//! back as events. Nothing here decides anything about formation.
+//!
+//! Once the node is a control-plane member, its coordinator hands the admin kubeconfig
+//! (`microk8s config`) to authenticated requests (`imagebuilder kubeconfig`); a worker member
+//! refuses with the reason. Once the node is a member with its addons done, the loop only
+//! answers peers, re-announces on changes, refreshes the status document every few seconds and
+//! otherwise sleeps.
+//!
+//! The loop lives here; the long-running effects (preparation, join, addons, the MicroK8s
+//! poll) are in `driver/effects.rs`, and the status document and served kubeconfig in
+//! `driver/status.rs`. To add a long-running action: write it in `effects`, spawn it from
+//! `Runtime::execute_answering` and send its result back through the task channel as an
+//! [`Event`].
+
+mod effects;
+mod status;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use crate::system::microk8s::Microk8s;
+use crate::system::notify::Notifier;
+use crate::system::state::StateFile;
+use rackseed_config::{ClusterConfig, MacAddr};
+use rackseed_formation::{
+    Action, Announcement, Event, FormationParams, Message, Node, NodeId, PersistedState, Phase,
+};
+use rackseed_protocol::coordinator::{
+    Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
+};
+use rackseed_protocol::discovery::{Discovery, DiscoveryConfig, InterfaceChoice, PeerEvent};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::{AddonRow, Microk8sView, StatusDoc};
+use status::KubeconfigServing;
+
+/// How often the formation core ticks.
+const TICK: Duration = Duration::from_secs(1);
+/// How often MicroK8s' own status is read for the status document.
+const MICROK8S_POLL: Duration = Duration::from_secs(5);
+
+/// Everything the agent needs; built by `firstboot run` from the real system, or by tests.
+pub struct Agent {
+    pub config: ClusterConfig,
+    pub secret: ClusterSecret,
+    pub node_id: NodeId,
+    pub mac: Option<MacAddr>,
+    pub hostname: String,
+    /// Folder for `state.json`, `addons.json` and the coordinator's key and certificate.
+    pub state_dir: PathBuf,
+    /// Root of the host filesystem for node preparation (`/` on a node).
+    pub root: PathBuf,
+    /// Coordinator listen address (`0.0.0.0:7443` on a node).
+    pub listen: SocketAddr,
+    pub interfaces: InterfaceChoice,
+    pub microk8s: Arc<dyn Microk8s>,
+    pub notifier: Arc<dyn Notifier>,
+    /// Join timeout etc. override (tests); `None` uses [`FormationParams::from_config`].
+    pub params: Option<FormationParams>,
+}
+
+/// Where the agent keeps its formation phase.
+pub fn state_file(state_dir: &std::path::Path) -> StateFile {
+    StateFile::new(state_dir.join("state.json"))
+}
+
+fn addons_file(state_dir: &std::path::Path) -> StateFile {
+    StateFile::new(state_dir.join("addons.json"))
+}
+
+/// Results of spawned tasks.
+enum TaskResult {
+    Event(Box<Event>),
+    Replies {
+        from: NodeId,
+        msgs: Vec<Message>,
+    },
+    SendFailed {
+        to: NodeId,
+        error: String,
+    },
+    Microk8s(Option<Microk8sView>),
+    Problems {
+        problems: Vec<String>,
+        fixes: Vec<String>,
+    },
+    Addons(Vec<AddonRow>),
+}
+
+struct PeerAddr {
+    ip: IpAddr,
+    port: u16,
+    fingerprint: String,
+    phase: String,
+    role: Option<String>,
+}
+
+struct Runtime {
+    agent: Arc<Agent>,
+    started: Instant,
+    node: Node,
+    discovery: Discovery,
+    coordinator: Coordinator<Message>,
+    client: Arc<CoordinatorClient>,
+    tasks: mpsc::Sender<TaskResult>,
+    peers: BTreeMap<NodeId, PeerAddr>,
+    state: StateFile,
+    doc: StatusDoc,
+    last_status_line: String,
+    /// The last announcement, re-published as a heartbeat so peers keep seeing this node.
+    last_announcement: Option<Announcement>,
+    /// The status document as last handed to the coordinator.
+    published: Option<StatusDoc>,
+    /// Set when preparation found MicroK8s a lone node; cleared by the first join attempt.
+    /// Until then this node cannot already be a member, so that join skips the check.
+    lone: Arc<AtomicBool>,
+    /// What `POST /v1/kubeconfig` currently answers.
+    kubeconfig: KubeconfigServing,
+}
+
+/// What the loop waits on besides the clock: discovery, the coordinator and its own tasks.
+struct Inputs {
+    peer_events: mpsc::Receiver<PeerEvent>,
+    inbound: mpsc::Receiver<Inbound<Message>>,
+    task_rx: mpsc::Receiver<TaskResult>,
+    /// How often the announcement is re-published.
+    heartbeat_every: Duration,
+}
+
+/// Runs the agent until `shutdown` completes. Persisted state makes a restart resume.
+pub async fn run(agent: Agent, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let (mut rt, inputs, actions) = Runtime::start(Arc::new(agent)).await?;
+    rt.execute(actions).await?;
+    rt.agent.notifier.ready();
+    rt.spawn_microk8s_poll();
+    rt.event_loop(inputs, shutdown).await?;
+    tracing::info!("shutting down");
+    rt.agent.notifier.stopping();
+    rt.discovery.shutdown();
+    rt.coordinator.shutdown();
+    Ok(())
+}
+
+impl Runtime {
+    /// Starts the coordinator and discovery and resumes the formation core from the persisted
+    /// state; returns the core's first actions, not yet executed.
+    async fn start(agent: Arc<Agent>) -> Result<(Runtime, Inputs, Vec<Action>)> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&agent.state_dir)
+            .with_context(|| format!("creating {}", agent.state_dir.display()))?;
+        let identity = NodeIdentity::load_or_create(&agent.state_dir)
+            .with_context(|| format!("coordinator identity in {}", agent.state_dir.display()))?;
+        let fingerprint = identity.fingerprint().to_owned();
+        let (coordinator, inbound) = Coordinator::<Message>::start(CoordinatorConfig {
+            secret: agent.secret.clone(),
+            identity,
+            listen: agent.listen,
+        })
+        .await
+        .with_context(|| format!("starting the coordinator on {}", agent.listen))?;
+        let port = coordinator.local_addr().port();
+
+        let mut dcfg = DiscoveryConfig::new(
+            agent.secret.clone(),
+            agent.node_id.as_str(),
+            port,
+            &fingerprint,
+        );
+        dcfg.interfaces = agent.interfaces.clone();
+        let (discovery, peer_events) = Discovery::start(dcfg).context("starting mDNS discovery")?;
+
+        let state = state_file(&agent.state_dir);
+        let persisted: Option<PersistedState> = state.load()?;
+        let resumed = persisted.is_some();
+        let params = match &agent.params {
+            Some(p) => p.clone(),
+            None => FormationParams::from_config(&agent.config, agent.mac),
+        };
+        params.validate().context("formation parameters")?;
+        // Peers forget a node whose announcement is not refreshed within `peer_timeout`, so
+        // the announcement is re-published (with a new sequence number) well within it.
+        let heartbeat_every = (params.peer_timeout / 4).max(Duration::from_secs(1));
+        let (node, actions) = Node::new(params, agent.node_id.clone(), persisted, Duration::ZERO);
+        let (tasks, task_rx) = mpsc::channel(256);
+        let client = Arc::new(CoordinatorClient::new(
+            &agent.secret,
+            agent.node_id.as_str(),
+        ));
+        let mut rt = Runtime {
+            doc: StatusDoc {
+                version: env!("CARGO_PKG_VERSION").into(),
+                node_id: agent.node_id.to_string(),
+                hostname: agent.hostname.clone(),
+                control_plane_size: Some(u32::from(agent.config.cluster.control_plane)),
+                ..StatusDoc::default()
+            },
+            agent,
+            started,
+            node,
+            discovery,
+            coordinator,
+            client,
+            tasks,
+            peers: BTreeMap::new(),
+            state,
+            last_status_line: String::new(),
+            last_announcement: None,
+            published: None,
+            lone: Arc::new(AtomicBool::new(false)),
+            kubeconfig: KubeconfigServing::NotYet,
+        };
+        tracing::info!(
+            node = %rt.agent.node_id,
+            port,
+            resumed,
+            "agent started"
+        );
+        rt.timeline(if resumed {
+            "agent restarted; resuming from persisted state"
+        } else {
+            "agent started"
+        });
+        let inputs = Inputs {
+            peer_events,
+            inbound,
+            task_rx,
+            heartbeat_every,
+        };
+        Ok((rt, inputs, actions))
+    }
+
+    /// Feeds events to the formation core and executes its actions until `shutdown`.
+    async fn event_loop(
+        &mut self,
+        mut inputs: Inputs,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(inputs.heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(MICROK8S_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            // An inbound message is answered in its own HTTP response: what the core sends
+            // back to its sender while handling it (a promise, an accepted, a grant...).
+            let mut answering = None;
+            let event = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tick.tick() => Some(Event::Tick),
+                _ = poll.tick() => { self.spawn_microk8s_poll(); None }
+                _ = heartbeat.tick() => { self.reannounce(); None }
+                Some(ev) = inputs.peer_events.recv() => self.peer_event(ev),
+                Some(msg) = inputs.inbound.recv() => {
+                    let ev = self.inbound(&msg);
+                    answering = ev.is_some().then_some(msg);
+                    ev
+                }
+                Some(res) = inputs.task_rx.recv() => self.task_result(res),
+            };
+            if let Some(ev) = event {
+                let now = self.started.elapsed();
+                let actions = self.node.handle(now, ev);
+                self.execute_answering(actions, answering).await?;
+            }
+            self.publish_status();
+        }
+    }
+
+    fn peer_event(&mut self, ev: PeerEvent) -> Option<Event> {
+        match ev {
+            PeerEvent::Seen(p) | PeerEvent::Updated(p) => {
+                let ann = match Announcement::from_txt(&p.fields) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(peer = %p.node_id, error = %e, "ignoring announcement");
+                        return None;
+                    }
+                };
+                // Prefer IPv4: MicroK8s joins cannot use IPv6 seeds (reference A3).
+                let ip = p
+                    .addrs
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or_else(|| p.addrs.first())
+                    .copied()?;
+                if ann.id.as_str() != p.node_id {
+                    tracing::debug!(peer = %p.node_id, "announcement id differs from record id");
+                    return None;
+                }
+                let first = !self.peers.contains_key(&ann.id);
+                self.peers.insert(
+                    ann.id.clone(),
+                    PeerAddr {
+                        ip,
+                        port: p.port,
+                        fingerprint: p.fingerprint.clone(),
+                        phase: ann.phase.name().into(),
+                        role: ann.role.map(|r| r.name().to_owned()),
+                    },
+                );
+                if first {
+                    self.timeline(format!("saw {} at {ip}", ann.id));
+                }
+                Some(Event::PeerSeen { ann, ip })
+            }
+            PeerEvent::Lost { node_id } => {
+                let id = NodeId::new(node_id).ok()?;
+                // Keep the address: a lost mDNS record (expiry under load, an unsigned goodbye)
+                // does not mean the peer is gone, and the pinned coordinator client can still
+                // reach it. The formation core decides liveness.
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.phase = "lost".into();
+                }
+                self.timeline(format!("lost {id}"));
+                Some(Event::PeerLost { id })
+            }
+        }
+    }
+
+    /// The event for an inbound message (none if the sender id is malformed: the dropped
+    /// `Inbound` then answers 503).
+    fn inbound(&mut self, msg: &Inbound<Message>) -> Option<Event> {
+        tracing::trace!(peer = %msg.from, msg = msg.message.kind(), "message in");
+        Some(Event::Message {
+            from: NodeId::new(msg.from.clone()).ok()?,
+            msg: msg.message.clone(),
+        })
+    }
+
+    fn task_result(&mut self, res: TaskResult) -> Option<Event> {
+        match res {
+            TaskResult::Event(ev) => {
+                self.note_task_event(&ev);
+                Some(*ev)
+            }
+            TaskResult::Replies { from, msgs } => {
+                // Several replies: feed the first now and queue the rest in order.
+                let mut it = msgs.into_iter();
+                let first = it.next()?;
+                for m in it {
+                    let _ = self.tasks.try_send(TaskResult::Replies {
+                        from: from.clone(),
+                        msgs: vec![m],
+                    });
+                }
+                Some(Event::Message { from, msg: first })
+            }
+            TaskResult::SendFailed { to, error } => {
+                tracing::debug!(peer = %to, %error, "message not delivered");
+                None
+            }
+            TaskResult::Microk8s(view) => {
+                self.doc.microk8s = view;
+                None
+            }
+            TaskResult::Problems { problems, fixes } => {
+                self.doc.problems = problems;
+                self.doc.fixes = fixes;
+                None
+            }
+            TaskResult::Addons(rows) => {
+                self.doc.addons = rows;
+                None
+            }
+        }
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) -> Result<()> {
+        self.execute_answering(actions, None).await
+    }
+
+    /// Runs `actions` in order. Messages for the sender of `answering` are held and go back
+    /// in its HTTP response once every action ran, so after any persist that preceded them
+    /// (a promise or an accept is durable before the proposer sees it).
+    async fn execute_answering(
+        &mut self,
+        actions: Vec<Action>,
+        answering: Option<Inbound<Message>>,
+    ) -> Result<()> {
+        let mut answers = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send { to, msg }
+                    if answering.as_ref().is_some_and(|a| a.from == to.as_str()) =>
+                {
+                    tracing::trace!(peer = %to, msg = msg.kind(), "message out (answer)");
+                    answers.push(msg);
+                }
+                Action::Persist(st) => {
+                    self.state
+                        .store(&st)
+                        .context("persisting the formation state")?;
+                }
+                Action::Announce(ann) => {
+                    // Progress alone (record ballot, member count) rides on the heartbeat.
+                    let urgent = self
+                        .last_announcement
+                        .as_ref()
+                        .is_none_or(|last| !last.only_progress_differs(&ann));
+                    self.last_announcement = Some(ann);
+                    if urgent {
+                        self.reannounce();
+                    }
+                }
+                Action::Send { to, msg } => self.send(to, msg),
+                Action::SetStatus(line) => {
+                    if line != self.last_status_line {
+                        tracing::info!(status = %line);
+                        self.agent.notifier.status(&line);
+                        self.timeline(line.clone());
+                        self.last_status_line = line;
+                    }
+                }
+                Action::PrepareNode => self.spawn_prepare(),
+                Action::Join {
+                    seed_ip,
+                    worker,
+                    timeout,
+                    cluster,
+                } => {
+                    self.timeline(format!(
+                        "joining cluster {cluster} via {seed_ip} as {}",
+                        if worker { "worker" } else { "control plane" }
+                    ));
+                    self.spawn_join(seed_ip, worker, timeout);
+                }
+                Action::EnableAddons { cluster } => {
+                    self.timeline(format!("enabling addons for cluster {cluster}"));
+                    self.spawn_addons();
+                }
+            }
+        }
+        if let Some(a) = answering {
+            a.reply(answers);
+        }
+        Ok(())
+    }
+
+    fn reannounce(&mut self) {
+        let Some(ann) = &self.last_announcement else {
+            return;
+        };
+        if let Err(e) = self.discovery.announce(ann.to_txt()) {
+            tracing::warn!(error = %e, "announcing failed");
+            self.doc.last_error = Some(format!("announcing failed: {e}"));
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        tracing::trace!(peer = %to, msg = msg.kind(), "message out");
+        let Some(peer) = self.peers.get(&to) else {
+            tracing::debug!(peer = %to, "no address for peer; message dropped");
+            return;
+        };
+        let addr = SocketAddr::new(peer.ip, peer.port);
+        let fp = peer.fingerprint.clone();
+        let client = self.client.clone();
+        let tasks = self.tasks.clone();
+        tokio::spawn(async move {
+            let res = match client.send(addr, &fp, &msg).await {
+                Ok(msgs) if msgs.is_empty() => return,
+                Ok(msgs) => TaskResult::Replies { from: to, msgs },
+                Err(e) => TaskResult::SendFailed {
+                    to,
+                    error: e.to_string(),
+                },
+            };
+            let _ = tasks.send(res).await;
+        });
+    }
+}
+
+/// True once the persisted phase says this node is a member.
+pub fn is_member(st: &PersistedState) -> bool {
+    matches!(st.phase, Phase::Member { .. })
+}

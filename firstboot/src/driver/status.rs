@@ -1,0 +1,206 @@
+//! The driver's status projection: the status document the coordinator serves (phase, role,
+//! members, peers, addons, MicroK8s' own view, the timeline of what happened) and the admin
+//! kubeconfig it hands out once this node is a control-plane member.
+//!
+//! Nothing here decides anything: [`Runtime::publish_status`] copies the formation core's
+//! status and the driver's observations into the status document after every event, and hands it
+//! to the coordinator only when it changed. To show something new: add a field to
+//! `StatusDoc` (in `rackseed-protocol`) and fill it here.
+
+use std::sync::Arc;
+
+use crate::addons::progress::AddonProgress;
+use crate::system::microk8s::Status;
+use rackseed_config::Role;
+use rackseed_formation::{Event, Phase};
+use rackseed_protocol::status::{AddonRow, MemberRow, Microk8sView, PeerRow, TimelineEntry};
+
+use super::Runtime;
+
+/// Whether the coordinator hands out the admin kubeconfig (see [`Runtime::serve_kubeconfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KubeconfigServing {
+    /// Not a member yet: 503 "not a running control-plane member yet".
+    NotYet,
+    /// A control-plane member: `microk8s config` on each authenticated request.
+    Serving,
+    /// A worker member: 503 saying to ask a control-plane member.
+    Worker,
+}
+
+impl Runtime {
+    /// Notes a finished task's outcome in the timeline (and a failure as the last error).
+    pub(super) fn note_task_event(&mut self, ev: &Event) {
+        let (what, error) = match ev {
+            Event::NodePrepared(r) => (
+                match r {
+                    Ok(()) => "node prepared; microk8s installed and ready".to_owned(),
+                    Err(e) => format!("node preparation failed: {e}"),
+                },
+                r.as_ref().err(),
+            ),
+            Event::JoinFinished(r) => (
+                match r {
+                    Ok(()) => "microk8s join finished".to_owned(),
+                    Err(e) => format!("microk8s join failed: {e}"),
+                },
+                r.as_ref().err(),
+            ),
+            Event::AddonsEnabled(r) => (
+                match r {
+                    Ok(()) => "addons enabled".to_owned(),
+                    Err(e) => format!("addons failed: {e}"),
+                },
+                r.as_ref().err(),
+            ),
+            _ => return,
+        };
+        self.timeline(what);
+        if let Some(e) = error {
+            self.doc.last_error = Some(e.clone());
+        }
+    }
+
+    /// Appends `what` to the status document's timeline.
+    pub(super) fn timeline(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        // Keep the document small: the first entries tell how formation went, the last ones
+        // what happens now.
+        if self.doc.timeline.len() >= 200 {
+            self.doc.timeline.remove(50);
+        }
+        self.doc.timeline.push(TimelineEntry {
+            at: self.started.elapsed().as_secs_f64(),
+            what,
+        });
+    }
+
+    /// Serves the admin kubeconfig over the coordinator (authenticated requests only) once
+    /// this node is a control-plane member: `microk8s config` runs on each request, so the
+    /// answer follows MicroK8s (certificate refreshes, a stopped service's error). The text is
+    /// never logged or kept here. A worker member refuses with a reason naming where to ask.
+    pub(super) fn serve_kubeconfig(&mut self, phase: &Phase) {
+        let want = match phase {
+            Phase::Member {
+                role: Role::ControlPlane,
+                ..
+            } => KubeconfigServing::Serving,
+            Phase::Member {
+                role: Role::Worker, ..
+            } => KubeconfigServing::Worker,
+            _ => KubeconfigServing::NotYet,
+        };
+        if want == self.kubeconfig {
+            return;
+        }
+        match want {
+            KubeconfigServing::Serving => {
+                let mk = self.agent.microk8s.clone();
+                self.coordinator.set_kubeconfig_provider(Arc::new(move || {
+                    let mk = mk.clone();
+                    Box::pin(async move { Ok(mk.config().await?) })
+                }));
+                self.timeline("serving the admin kubeconfig to holders of the cluster secret");
+            }
+            KubeconfigServing::Worker => self.coordinator.refuse_kubeconfig(
+                "this node is a worker and has no admin kubeconfig; ask a control-plane member",
+            ),
+            KubeconfigServing::NotYet => self.coordinator.clear_kubeconfig_provider(),
+        }
+        self.kubeconfig = want;
+    }
+
+    /// Refreshes the status document served by the coordinator.
+    pub(super) fn publish_status(&mut self) {
+        let st = self.node.status();
+        self.serve_kubeconfig(&st.phase);
+        self.doc.phase = st.phase.summary().name().into();
+        self.doc.role = st.role.map(|r| r.name().to_owned());
+        self.doc.cluster = st.cluster.as_ref().map(|c| c.to_string());
+        self.doc.authority = st.authority.as_ref().map(|a| a.to_string());
+        if let Some(e) = &st.last_error {
+            self.doc.last_error = Some(e.clone());
+        }
+        self.doc.members = st
+            .members_known
+            .iter()
+            .map(|(id, role)| MemberRow {
+                node_id: id.to_string(),
+                role: role.name().to_owned(),
+            })
+            .collect();
+        self.doc.peers = self
+            .peers
+            .iter()
+            .map(|(id, p)| PeerRow {
+                node_id: id.to_string(),
+                address: p.ip.to_string(),
+                phase: p.phase.clone(),
+                role: p.role.clone(),
+            })
+            .collect();
+        // The loop calls this after every event; only a changed document is re-encoded.
+        if self.published.as_ref() != Some(&self.doc) {
+            let _ = self.coordinator.set_status_from(&self.doc);
+            self.published = Some(self.doc.clone());
+        }
+    }
+}
+
+pub(super) fn addon_rows(p: &AddonProgress) -> Vec<AddonRow> {
+    use crate::addons::progress::AddonState;
+    let mut rows: Vec<AddonRow> = p
+        .addons
+        .iter()
+        .map(|r| {
+            let (state, reason) = match &r.state {
+                AddonState::Pending => ("pending", None),
+                AddonState::Enabling => ("enabling", r.last_error.clone()),
+                AddonState::Enabled => ("enabled", None),
+                AddonState::Failed { reason } => ("failed", Some(reason.clone())),
+            };
+            AddonRow {
+                name: r.enable.name.clone(),
+                state: state.into(),
+                reason,
+            }
+        })
+        .collect();
+    rows.extend(p.manual.iter().map(|m| AddonRow {
+        name: m.name.clone(),
+        state: "manual".into(),
+        reason: Some(m.summary.clone()),
+    }));
+    rows
+}
+
+/// MicroK8s' own status as the status document shows it; `ha_size` voters make it HA.
+pub(super) fn microk8s_view(status: Status, ha_size: usize) -> Microk8sView {
+    match status {
+        Status::Stopped => Microk8sView {
+            running: false,
+            note: Some("microk8s is not running".into()),
+            ..Default::default()
+        },
+        Status::NotReady => Microk8sView {
+            running: true,
+            note: Some("not ready (starting, or quorum lost)".into()),
+            ..Default::default()
+        },
+        Status::WorkerNode => Microk8sView {
+            running: true,
+            note: Some("worker node".into()),
+            ..Default::default()
+        },
+        Status::Running(s) => {
+            let voters: Vec<String> = s.voters().into_iter().map(String::from).collect();
+            Microk8sView {
+                running: true,
+                ha: voters.len() >= ha_size,
+                standby: s.standby().into_iter().map(String::from).collect(),
+                voters,
+                note: None,
+            }
+        }
+    }
+}
