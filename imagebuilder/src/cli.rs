@@ -63,6 +63,13 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Accept a partition as the target (refused by default: images hold a whole disk).
+        #[arg(long)]
+        allow_partition: bool,
+        /// Accept a regular file as the target (refused by default: a typo in the device
+        /// path would otherwise fill a file in /dev).
+        #[arg(long)]
+        allow_file: bool,
     },
     /// Run a QEMU test cluster on this machine.
     Qemu {
@@ -160,7 +167,19 @@ pub fn run(cli: Cli) -> ExitCode {
             device,
             bmap,
             yes,
-        } => report(flash(image, device, bmap, yes)),
+            allow_partition,
+            allow_file,
+        } => report(flash(crate::flash::FlashRequest {
+            image,
+            bmap,
+            device,
+            yes,
+            progress: true,
+            allow: crate::flash::Allow {
+                partition: allow_partition,
+                file: allow_file,
+            },
+        })),
         Command::Qemu { cmd } => report(qemu::cli::run(cmd)),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -249,14 +268,7 @@ fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn flash(image: PathBuf, device: PathBuf, bmap: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
-    let req = crate::flash::FlashRequest {
-        image,
-        bmap,
-        device,
-        yes,
-        progress: true,
-    };
+fn flash(req: crate::flash::FlashRequest) -> anyhow::Result<()> {
     let r = crate::flash::flash(&req, &crate::flash::SystemBlockInfo)?;
     println!(
         "flashed {}: wrote {} bytes of {} and verified {} bytes",

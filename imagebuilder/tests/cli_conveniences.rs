@@ -72,7 +72,8 @@ fn man_pages_one_per_subcommand() {
 }
 
 #[test]
-fn flash_subcommand_writes_a_file_target_and_refuses_without_yes_off_a_terminal() {
+fn flash_subcommand_writes_a_file_target_only_with_allow_file_and_refuses_without_yes_off_a_terminal(
+) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("tiny.img");
     let mut f = std::fs::File::create(&img).unwrap();
@@ -92,7 +93,10 @@ fn flash_subcommand_writes_a_file_target_and_refuses_without_yes_off_a_terminal(
     std::fs::File::create(&target).unwrap();
     let (i, t) = (img.to_str().unwrap(), target.to_str().unwrap());
 
-    let out = imagebuilder(&["flash", i, t]);
+    let out = imagebuilder(&["flash", i, t, "--yes"]);
+    assert_eq!(out.code(), Some(1), "a regular file needs --allow-file");
+    assert!(out.stderr.contains("--allow-file"), "{}", out.stderr);
+    let out = imagebuilder(&["flash", i, t, "--allow-file"]);
     assert_eq!(
         out.code(),
         Some(1),
@@ -104,7 +108,7 @@ fn flash_subcommand_writes_a_file_target_and_refuses_without_yes_off_a_terminal(
         "nothing written"
     );
 
-    let out = imagebuilder(&["flash", i, t, "--yes"]);
+    let out = imagebuilder(&["flash", i, t, "--yes", "--allow-file"]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert!(out.stdout.contains("flashed"), "{}", out.stdout);
     let written = std::fs::read(&target).unwrap();

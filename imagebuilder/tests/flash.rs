@@ -1,11 +1,14 @@
-//! `imagebuilder flash` against a regular file and a loop device (root, as in CI), with images
-//! whose block maps come from bmaptool itself.
+//! `imagebuilder flash` against a regular file and loop devices (root, as in CI), with images
+//! whose block maps come from bmaptool itself, and the refusals attacked with real devices: a
+//! mount only another mount namespace sees, a partition node, a regular file without
+//! `--allow-file`.
 
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use imagebuilder::flash::{flash, FlashRequest, Refusal, SystemBlockInfo};
+use imagebuilder::flash::{flash, Allow, FlashRequest, Refusal, SystemBlockInfo};
 use rackseed_host::command::Cmd;
 use sha2::{Digest, Sha256};
 
@@ -42,6 +45,7 @@ fn sha256_prefix(path: &Path, len: u64) -> String {
     hex::encode(h.finalize())
 }
 
+/// A request for a block device (no flags).
 fn request(img: &Path, bmap: &Path, device: &Path) -> FlashRequest {
     FlashRequest {
         image: img.into(),
@@ -49,6 +53,18 @@ fn request(img: &Path, bmap: &Path, device: &Path) -> FlashRequest {
         device: device.into(),
         yes: true,
         progress: false,
+        allow: Allow::default(),
+    }
+}
+
+/// A request for a regular file, with `--allow-file`.
+fn file_request(img: &Path, bmap: &Path, device: &Path) -> FlashRequest {
+    FlashRequest {
+        allow: Allow {
+            partition: false,
+            file: true,
+        },
+        ..request(img, bmap, device)
     }
 }
 
@@ -59,7 +75,7 @@ fn flashes_a_regular_file_and_reproduces_the_image() {
     let target = dir.path().join("card.bin");
     // Unmapped blocks are not written (bmaptool's semantics), so start from an empty file.
     std::fs::File::create(&target).unwrap();
-    let report = flash(&request(&img, &bmap, &target), &SystemBlockInfo).unwrap();
+    let report = flash(&file_request(&img, &bmap, &target), &SystemBlockInfo).unwrap();
     assert_eq!(report.image_size, 8 * MIB);
     assert!(
         report.written_bytes < 8 * MIB,
@@ -90,7 +106,7 @@ fn flashes_compressed_images_as_streams() {
         let target = dir.path().join(format!("card-{ext}.bin"));
         std::fs::File::create(&target).unwrap();
         let compressed = dir.path().join(format!("sample.img.{ext}"));
-        flash(&request(&compressed, &bmap, &target), &SystemBlockInfo).unwrap();
+        flash(&file_request(&compressed, &bmap, &target), &SystemBlockInfo).unwrap();
         assert_eq!(
             sha256_prefix(&target, 8 * MIB),
             sha256_prefix(&img, 8 * MIB)
@@ -108,7 +124,7 @@ fn corrupt_image_fails_naming_the_blocks() {
     drop(f);
     let target = dir.path().join("card.bin");
     std::fs::File::create(&target).unwrap();
-    let err = flash(&request(&img, &bmap, &target), &SystemBlockInfo).unwrap_err();
+    let err = flash(&file_request(&img, &bmap, &target), &SystemBlockInfo).unwrap_err();
     assert!(format!("{err:#}").contains("image is corrupt"), "{err:#}");
 }
 
@@ -116,12 +132,18 @@ struct Loop(String);
 
 impl Loop {
     fn attach(file: &Path) -> Loop {
+        Loop::attach_with(file, &[])
+    }
+
+    /// `losetup -f --show [extra] FILE`, e.g. `-P` to scan its partition table.
+    fn attach_with(file: &Path, extra: &[&str]) -> Loop {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the loop-device flash test needs root (CI runs as root)"
         );
         let out = Cmd::new("losetup", Duration::from_secs(30))
             .args(["-f", "--show"])
+            .args(extra)
             .arg(file)
             .run_blocking()
             .expect("losetup must work (root, /dev/loop-control)");
@@ -204,23 +226,203 @@ fn flashes_a_loop_device_and_refuses_it_when_mounted_or_too_small() {
 
 #[test]
 fn refuses_the_disk_holding_the_running_system() {
-    // Whatever / lives on here, flashing it must be refused before anything is opened for
-    // writing. In a container / may be an overlay without a block device: then the check is
-    // done against the device of /proc/self/mounts' root entry if it is one.
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let root_source = mounts.lines().find_map(|l| {
-        let mut p = l.split_whitespace();
-        let (s, m) = (p.next()?, p.next()?);
-        (m == "/" && s.starts_with("/dev/")).then(|| s.to_owned())
-    });
-    let Some(root_dev) = root_source else {
-        panic!("cannot find the block device under / in /proc/self/mounts; this test needs a machine whose root is on a block device");
+    // The device under / as the kernel numbers it (mountinfo's MAJ:MIN), so this works
+    // whatever /dev holds. In a container / may be an overlay without a block device.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = imagebuilder::flash::parse_mountinfo(&mountinfo)
+        .into_iter()
+        .rfind(|m| m.mountpoint == "/")
+        .expect("a mount at /");
+    assert!(
+        Path::new(&format!("/sys/dev/block/{}:{}", root.dev.0, root.dev.1)).exists(),
+        "/ is on {}:{} ({}), not a block device; this test needs a machine whose root is on one",
+        root.dev.0,
+        root.dev.1,
+        root.source
+    );
+    let allow = Allow {
+        partition: true,
+        file: false,
     };
-    let err =
-        imagebuilder::flash::check_target(&SystemBlockInfo, Path::new(&root_dev), u64::MAX, 1)
-            .unwrap_err();
+    let err = imagebuilder::flash::check_target(
+        &SystemBlockInfo,
+        &root.source,
+        imagebuilder::flash::TargetKind::Block(root.dev),
+        allow,
+        u64::MAX,
+        1,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, Refusal::Mounted { .. } | Refusal::RunningSystem { .. }),
         "{err}"
     );
+}
+
+#[test]
+fn refuses_a_regular_file_without_allow_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, bmap) = sample_image(dir.path());
+    let target = dir.path().join("sdb-typo");
+    std::fs::File::create(&target).unwrap();
+    let err = flash(&request(&img, &bmap, &target), &SystemBlockInfo).unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Refusal>(),
+            Some(Refusal::RegularFile { .. })
+        ),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains("--allow-file"), "{err:#}");
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().len(),
+        0,
+        "nothing written"
+    );
+}
+
+/// Waits up to 10 s for `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn refuses_a_partition_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, bmap) = sample_image(dir.path());
+    let backing = dir.path().join("disk.bin");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    // One 16 MiB partition at 1 MiB.
+    Cmd::new("sfdisk", Duration::from_secs(30))
+        .args(["-q", "--label", "dos"])
+        .arg(&backing)
+        .stdin_bytes(b"start=2048, size=32768, type=83\n".to_vec())
+        .run_blocking()
+        .unwrap();
+    let lo = Loop::attach_with(&backing, &["-P"]);
+    let part = PathBuf::from(format!("{}p1", lo.0));
+    // Some kernels (this CI's among them) find no partitions in the scan `-P` asks for;
+    // partx adds them through BLKPG, the same kernel partitions either way.
+    std::thread::sleep(Duration::from_millis(500));
+    if !part.exists() {
+        Cmd::new("partx", Duration::from_secs(30))
+            .arg("-a")
+            .arg(&lo.0)
+            .run_blocking()
+            .unwrap();
+    }
+    wait_for(&format!("{} to appear", part.display()), || part.exists());
+
+    let before = sha256_prefix(&part, 8 * MIB);
+    let err = flash(&request(&img, &bmap, &part), &SystemBlockInfo).unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Refusal>(),
+            Some(Refusal::Partition { .. })
+        ),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains("--allow-partition"), "{err:#}");
+    assert_eq!(
+        sha256_prefix(&part, 8 * MIB),
+        before,
+        "a refused flash wrote nothing"
+    );
+
+    // With the flag, the partition takes the image.
+    let allowed = FlashRequest {
+        allow: Allow {
+            partition: true,
+            file: false,
+        },
+        ..request(&img, &bmap, &part)
+    };
+    flash(&allowed, &SystemBlockInfo).unwrap();
+    assert_eq!(sha256_prefix(&part, 8 * MIB), sha256_prefix(&img, 8 * MIB));
+}
+
+#[test]
+fn refuses_a_loop_device_mounted_only_in_another_mount_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, bmap) = sample_image(dir.path());
+    let backing = dir.path().join("disk.bin");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let lo = Loop::attach(&backing);
+    let dev = PathBuf::from(&lo.0);
+    Cmd::new("mkfs.ext4", Duration::from_secs(30))
+        .args(["-q", "-F"])
+        .arg(&dev)
+        .run_blocking()
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ready = dir.path().join("ready");
+    // A process in its own mount namespace (private propagation: this one never sees the
+    // mount) that mounts the device and stays alive; killed when the handle is dropped.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let spawned = {
+        let _in_rt = rt.enter();
+        Cmd::new("unshare", Duration::from_secs(120))
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount '{}' '{}' && touch '{}' && exec sleep 120",
+                dev.display(),
+                mnt.display(),
+                ready.display()
+            ))
+            .spawn()
+    };
+    let mut holder = spawned.unwrap();
+    wait_for("the other namespace to mount the device", || ready.exists());
+    let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !ours.contains(mnt.to_str().unwrap()),
+        "the mount must be invisible in this namespace"
+    );
+    let holder_pid = holder.id().unwrap();
+
+    let before = sha256_prefix(&dev, 8 * MIB);
+    let result = flash(&request(&img, &bmap, &dev), &SystemBlockInfo);
+    let after = sha256_prefix(&dev, 8 * MIB);
+    rt.block_on(holder.kill()).unwrap();
+    let err = result.unwrap_err();
+    match err.downcast_ref::<Refusal>() {
+        Some(Refusal::Mounted {
+            pid: Some(pid),
+            mountpoint,
+            ..
+        }) => {
+            assert_eq!(*pid, holder_pid, "{err:#}");
+            assert_eq!(Path::new(mountpoint), mnt, "{err:#}");
+        }
+        _ => panic!("expected a refusal naming the other namespace's mount: {err:#}"),
+    }
+    assert!(
+        format!("{err:#}").contains("mount namespace of process"),
+        "{err:#}"
+    );
+    assert_eq!(after, before, "a refused flash wrote nothing");
+
+    // Once that namespace is gone, the same device flashes.
+    wait_for("the namespace's mount to go away", || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(&dev)
+            .is_ok()
+    });
+    flash(&request(&img, &bmap, &dev), &SystemBlockInfo).unwrap();
 }
