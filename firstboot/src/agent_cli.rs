@@ -240,9 +240,9 @@ async fn fetch_status(config_path: &Path, state_dir: &Path, port: u16) -> Result
         rackseed_protocol::coordinator::CoordinatorClient::new(&secret, "ffffffffffffffff")
             .with_timeout(Duration::from_secs(5));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let answer = match &fingerprint {
-        Ok(fp) => client.status(addr, fp).await.map_err(anyhow::Error::from),
-        Err(e) => Err(anyhow::anyhow!("{e}")),
+    let answer = match fingerprint {
+        Ok(fp) => client.status(addr, &fp).await.map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e)),
     };
     match answer {
         Ok(v) => Ok(serde_json::from_value(v).context("reading the agent's status document")?),
@@ -254,7 +254,7 @@ async fn fetch_status(config_path: &Path, state_dir: &Path, port: u16) -> Result
             Ok(StatusDoc {
                 version: env!("CARGO_PKG_VERSION").into(),
                 phase,
-                last_error: Some(format!("the agent is not answering on {addr}: {e}")),
+                last_error: Some(format!("the agent is not answering on {addr}: {e:#}")),
                 ..StatusDoc::default()
             })
         }

@@ -124,7 +124,10 @@ async fn time_seabios(qemu: &Path, accel: Accel, timeout: Duration) -> Option<Du
         .arg(format!("file,id=dbg,path={}", log.display()))
         .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
         .spawn_with(Stdio::null(), Stdio::null())
-        .map_err(|e| tracing::debug!(error = %e, "kvm probe: qemu did not start"))
+        .map_err(|e| {
+            let e = format!("{:#}", anyhow::Error::from(e));
+            tracing::debug!(error = %e, "kvm probe: qemu did not start")
+        })
         .ok()?;
     let mut result = None;
     while start.elapsed() < timeout {

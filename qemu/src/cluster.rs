@@ -485,7 +485,10 @@ impl Cluster {
                 }
                 tracing::info!(node = %n.name, ?timeout, "no power-off after the power button; killing");
             }
-            Err(e) => tracing::warn!(node = %n.name, error = %e, "power button failed; killing"),
+            Err(e) => {
+                let e = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(node = %n.name, error = %e, "power button failed; killing")
+            }
         }
         self.kill(node).await?;
         Ok(StopOutcome::Killed)
@@ -662,6 +665,7 @@ async fn hard_kill(n: &NodeState) -> anyhow::Result<bool> {
         return Ok(false);
     }
     if let Err(e) = qmp_execute(&n.qmp_socket, "quit", None, QMP_TIMEOUT).await {
+        let e = format!("{:#}", anyhow::Error::from(e));
         tracing::debug!(node = %n.name, error = %e, "qmp quit failed; sending SIGKILL");
     }
     if wait_exit(n, Duration::from_secs(3)).await {

@@ -15,12 +15,12 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("connecting to qmp socket {path}: {source}")]
+    #[error("connecting to qmp socket {path}")]
     Connect {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("qmp socket {path}: {source}")]
+    #[error("talking to qmp socket {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -44,7 +44,7 @@ pub trait AddressProber {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("probing {addr} with arping: {source}")]
+    #[error("probing {addr} with arping")]
     Command { addr: Ipv4Addr, source: CmdError },
     #[error(
         "probing {addr}: `{cmd}` exited with {code:?} (expected 0 = free or 1 = in use): {stderr}"
@@ -146,7 +146,7 @@ pub enum AutoRangeError {
         floor: Ipv4Addr,
         in_use: usize,
     },
-    #[error("metallb auto range: {0}")]
+    #[error("metallb auto range")]
     Probe(#[from] ProbeError),
 }
 

@@ -103,7 +103,7 @@ impl Readiness {
 /// I/O failures of node preparation itself (as opposed to a node that is not ready).
 #[derive(Debug, thiserror::Error)]
 pub enum PrepError {
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -235,7 +235,7 @@ async fn enable_addons(
             .enable(&next.name, &next.args)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string());
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
         addons::progress::record_result(&mut progress, &next.name, result)?;
         file.store(&progress)?;
         let _ = tasks.send(TaskResult::Addons(addon_rows(&progress))).await;

@@ -186,7 +186,7 @@ pub async fn run(program: &str, args: &[&str]) -> String {
         .await
     {
         Ok(o) => o.stdout,
-        Err(e) => panic!("{e}"),
+        Err(e) => panic!("{:#}", anyhow::Error::from(e)),
     }
 }
 

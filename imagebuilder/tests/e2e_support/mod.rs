@@ -48,7 +48,7 @@ pub fn require_tools(tools: &[(&str, &str)]) {
         "the QEMU end-to-end tests need root (debootstrap); CI runs them as root"
     );
     if let Err(e) = imagebuilder::tool::require(tools) {
-        panic!("{e} (scripts/install-deps installs them)");
+        panic!("{e:#} (scripts/install-deps installs them)");
     }
 }
 
@@ -57,7 +57,7 @@ pub async fn run(cmd: Cmd) -> String {
     let what = cmd.display();
     match cmd.run().await {
         Ok(out) => out.stdout,
-        Err(e) => panic!("{what}: {e}"),
+        Err(e) => panic!("{what}: {:#}", anyhow::Error::from(e)),
     }
 }
 

@@ -48,7 +48,7 @@ impl Output {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
-    #[error("starting `{cmd}`: {source}")]
+    #[error("starting `{cmd}`")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("`{cmd}` did not finish within {timeout:?} and was killed")]
     Timeout { cmd: String, timeout: Duration },
@@ -58,7 +58,7 @@ pub enum CmdError {
         status: ExitStatus,
         stderr_tail: String,
     },
-    #[error("talking to `{cmd}`: {source}")]
+    #[error("talking to `{cmd}`")]
     Io { cmd: String, source: std::io::Error },
 }
 

@@ -21,12 +21,12 @@ use sha2::Sha256;
 /// Errors reading or writing a secret file. Messages name the path, never the content.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("reading cluster secret {path}: {source}")]
+    #[error("reading cluster secret {path}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("writing cluster secret {path}: {source}")]
+    #[error("writing cluster secret {path}")]
     Write {
         path: String,
         source: std::io::Error,

@@ -112,8 +112,9 @@ async fn chromium_dom(url: &str) -> String {
         .await
         .unwrap_or_else(|e| {
             panic!(
-                "headless chromium could not render {url}: {e}\n\
-                 install it with: apt-get install --no-install-recommends chromium"
+                "headless chromium could not render {url}: {:#}\n\
+                 install it with: apt-get install --no-install-recommends chromium",
+                anyhow::Error::from(e)
             )
         });
     out.stdout

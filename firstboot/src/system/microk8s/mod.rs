@@ -191,7 +191,7 @@ pub enum JoinError {
         detail: String,
     },
     /// The command could not be run or timed out.
-    #[error("running microk8s join via seed {seed}: {source}")]
+    #[error("running microk8s join via seed {seed}")]
     Command { seed: IpAddr, source: CmdError },
 }
 
@@ -226,7 +226,7 @@ pub enum Microk8sError {
     UnknownNode { node: String },
     #[error(transparent)]
     Parse(#[from] ParseError),
-    #[error("writing launch configuration {path}: {source}")]
+    #[error("writing launch configuration {path}")]
     LaunchConfig {
         path: String,
         source: std::io::Error,

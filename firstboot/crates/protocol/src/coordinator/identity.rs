@@ -19,7 +19,7 @@ pub const CERT_FILE: &str = "coordinator-cert.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
