@@ -174,8 +174,16 @@
 //! - Inventory pins are keyed by [`NodeId`]: [`FormationParams::from_config`] keys them by the
 //!   MAC-derived id, so a cluster with pinned roles should use [`NodeId::from_mac`] ids.
 //!
+//! # Code layout
+//!
+//! - `types.rs`: the plain data ([`Record`], [`Phase`], [`PersistedState`], [`FormationParams`]);
+//! - `events.rs`: the core's inputs and outputs ([`Event`], [`Action`], [`Message`]);
+//! - `announce.rs`: the [`Announcement`] and its mDNS TXT form;
+//! - `node/`: the [`Node`] state machine, one file per role (`mod.rs` lists them), the pure
+//!   record operations in `node/record.rs`.
+//!
 //! To extend: add record fields with `#[serde(default)]`, a new [`node::Op`] with its pure
-//! transition in [`node::apply`], and cover it in `tests/formation_*.rs`.
+//! transition in [`node::apply`] (`node/record.rs`), and cover it in `tests/formation_*.rs`.
 
 pub mod announce;
 pub mod events;

@@ -1,0 +1,484 @@
+//! The proposer role: runs one Paxos round at a time ([`Round`]) that reads the record from a
+//! quorum of promises, applies an [`Op`] to the newest record read ([`super::apply`]) and has
+//! the result accepted; then aligns this node's phase with the chosen record and performs the
+//! op's follow-up (sends the grant, the confirmation).
+//!
+//! A round that is refused or times out is dropped; the role that wanted it retries later with
+//! a higher ballot. Every Accept also asks for a promise of the proposer's next ballot, kept in
+//! [`Prepared`], so the next round of a busy slot authority skips phase 1.
+//!
+//! To extend: a new [`Op`]'s follow-up goes in [`Node::follow_up`]; quorum rules live in
+//! [`Node::try_write`] (reads) and [`Node::on_accepted`] (writes) and must keep the safety
+//! argument in [`crate`] true.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::{apply, Node, Op};
+use crate::events::{Action, Message};
+use crate::types::{majority, Accepted, Ballot, NodeId, Phase, Record};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Stage {
+    Reading,
+    Writing,
+}
+
+/// The round in flight.
+#[derive(Debug, Clone)]
+pub(super) struct Round {
+    op: Op,
+    ballot: Ballot,
+    started: Duration,
+    last_send: Duration,
+    stage: Stage,
+    promises: BTreeMap<NodeId, Option<Accepted>>,
+    /// The value read was "no record" (an election write needs the pre-election quorum too).
+    base_none: bool,
+    proposal: Option<Record>,
+    accepts: BTreeSet<NodeId>,
+    /// The ballot the Accepts ask to be promised next, and who promised it.
+    next: Option<Ballot>,
+    next_promises: BTreeSet<NodeId>,
+}
+
+/// Phase 1 of this proposer's next round, done ahead: acceptors that accepted `base` also
+/// promised `next` (see [`Message::Accept`]). Used by the next round only while nothing newer
+/// was heard of, so a slot authority pays one phase per change instead of two.
+#[derive(Debug, Clone)]
+pub(super) struct Prepared {
+    next: Ballot,
+    base: Accepted,
+    promises: BTreeSet<NodeId>,
+}
+
+impl Node {
+    /// The op of the round in flight, if any.
+    pub(super) fn round_op(&self) -> Option<&Op> {
+        self.round.as_ref().map(|r| &r.op)
+    }
+
+    /// One line about the Paxos round in flight (for logs and test diagnostics).
+    pub fn debug_round(&self) -> String {
+        match &self.round {
+            None => format!("no round; backoff until {:?}", self.backoff_until),
+            Some(r) => format!(
+                "round {:?} ballot {} stage {:?} started {:?} promises {} accepts {}",
+                r.op,
+                r.ballot,
+                r.stage,
+                r.started,
+                r.promises.len(),
+                r.accepts.len()
+            ),
+        }
+    }
+
+    pub(super) fn can_propose(&self, now: Duration) -> bool {
+        self.round.is_none() && now >= self.backoff_until
+    }
+
+    fn backoff(&self) -> Duration {
+        // Deterministic spread so that competing proposers do not retry in lockstep.
+        let h = self
+            .me
+            .as_str()
+            .bytes()
+            .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+        self.params.round_timeout / 4 * (1 + (h % 4) as u32)
+    }
+
+    /// Who my round's Prepares and Accepts go to. After I saw a record chosen, its electorate:
+    /// a read and a write then need only a majority of it (see [`Node::try_write`]), so the
+    /// other nodes of a large cluster stay idle. Before, everybody I see and the electorate of
+    /// the newest record I heard of (the read needs the pre-election quorum).
+    fn targets(&self) -> BTreeSet<NodeId> {
+        let mut t: BTreeSet<NodeId> = match self.chosen() {
+            Some(r) => r.electorate.clone(),
+            None => {
+                let mut t: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
+                if let Some(r) = self.known() {
+                    t.extend(r.electorate.iter().cloned());
+                }
+                t
+            }
+        };
+        t.remove(&self.me);
+        t
+    }
+
+    pub(super) fn start_round(&mut self, now: Duration, op: Op, out: &mut Vec<Action>) {
+        // Phase 1 done ahead by my last round's Accepts, if nothing was heard of since.
+        let prepared = self.prepared.take().filter(|p| {
+            self.st.known.as_ref().map(|k| &k.ballot) == Some(&p.base.ballot)
+                && self.st.chosen.as_ref().map(|c| &c.ballot) == Some(&p.base.ballot)
+                && self.st.acceptor.promised.as_ref() == Some(&p.next)
+                && self.st.max_ballot == p.next.n
+        });
+        let (ballot, promises) = match prepared {
+            Some(p) => {
+                let promises: BTreeMap<NodeId, Option<Accepted>> = p
+                    .promises
+                    .into_iter()
+                    .map(|id| (id, Some(p.base.clone())))
+                    .collect();
+                (p.next, promises)
+            }
+            None => {
+                let n = self
+                    .st
+                    .max_ballot
+                    .max(self.st.acceptor.promised.as_ref().map_or(0, |b| b.n))
+                    + 1;
+                self.st.max_ballot = n;
+                // The ballot number must be durable before it is used: never reuse one after
+                // a crash. (My own promise is persisted right after; the two writes coalesce.)
+                self.persist(out);
+                let ballot = Ballot {
+                    n,
+                    node: self.me.clone(),
+                };
+                (ballot, BTreeMap::new())
+            }
+        };
+        // Those who promised already (mine included) need no Prepare.
+        let asked: BTreeSet<NodeId> = promises.keys().cloned().collect();
+        self.round = Some(Round {
+            op,
+            ballot: ballot.clone(),
+            started: now,
+            last_send: now,
+            stage: Stage::Reading,
+            promises,
+            base_none: false,
+            proposal: None,
+            accepts: BTreeSet::new(),
+            next: None,
+            next_promises: BTreeSet::new(),
+        });
+        let own = (!asked.contains(&self.me)).then(|| self.acceptor_prepare(ballot.clone(), out));
+        for to in self.targets() {
+            if asked.contains(&to) {
+                continue;
+            }
+            out.push(Action::Send {
+                to,
+                msg: Message::Prepare {
+                    ballot: ballot.clone(),
+                },
+            });
+        }
+        match own {
+            Some(Message::Promise { ballot, accepted }) => {
+                let me = self.me.clone();
+                self.on_promise(now, me, ballot, accepted, out);
+            }
+            // My own acceptor refused (it promised higher): the round cannot win.
+            Some(_) => {}
+            None => self.try_write(now, out),
+        }
+    }
+
+    pub(super) fn on_promise(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(acc) = &accepted {
+            self.learn(acc);
+        }
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        if round.ballot != ballot || round.stage != Stage::Reading {
+            return;
+        }
+        round.promises.insert(from, accepted);
+        self.try_write(now, out);
+    }
+
+    /// Phase 2: once the promises make a read quorum, applies the round's op to the newest
+    /// record among them and asks the targets to accept the result.
+    ///
+    /// The read quorum: a majority of every electorate known (of the newest record among the
+    /// promises, of the newest heard of, of the one I saw chosen) and, unless I saw a record
+    /// chosen, the pre-election quorum `Q` in all. A proposer that saw `C` chosen starts from
+    /// the newest of the promises and `C` itself: every record chosen after `C` was accepted
+    /// by a majority of `C`'s electorate (it descends from `C`, and no change alters the
+    /// electorate), which the promises meet; so the base is the latest chosen record or a
+    /// later one, as with a `Q` read (see the safety argument in [`crate`]).
+    fn try_write(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        let chosen = self.st.chosen.as_ref();
+        if round.stage != Stage::Reading
+            || (chosen.is_none() && round.promises.len() < self.params.election_quorum())
+        {
+            return;
+        }
+        let highest = round
+            .promises
+            .values()
+            .flatten()
+            .chain(chosen)
+            .max_by(|a, b| a.ballot.cmp(&b.ballot))
+            .cloned();
+        // Every electorate we know of must be represented by a majority among the promises.
+        let mut electorates: Vec<&BTreeSet<NodeId>> = Vec::new();
+        if let Some(h) = &highest {
+            electorates.push(&h.record.electorate);
+        }
+        if let Some(k) = &self.st.known {
+            electorates.push(&k.record.electorate);
+        }
+        if let Some(c) = chosen {
+            electorates.push(&c.record.electorate);
+        }
+        for s in electorates {
+            let have = round.promises.keys().filter(|id| s.contains(*id)).count();
+            if have < majority(s.len()) {
+                return;
+            }
+        }
+        let cur = highest.as_ref().map(|h| &h.record);
+        let Some(proposal) = apply(&round.op, cur, &round.ballot, &self.me, &self.params) else {
+            // Nothing to write: there is no record.
+            let op = round.op.clone();
+            self.round = None;
+            if op == Op::Refresh {
+                self.no_record(out);
+            }
+            return;
+        };
+        round.base_none = highest.is_none();
+        round.stage = Stage::Writing;
+        round.last_send = now;
+        round.proposal = Some(proposal.clone());
+        let ballot = round.ballot.clone();
+        let next = Ballot {
+            n: ballot.n + 1,
+            node: self.me.clone(),
+        };
+        round.next = Some(next.clone());
+        // The Accepts go out before my own accept is persisted (below), so the fsync overlaps
+        // their delivery.
+        for to in self.targets() {
+            out.push(Action::Send {
+                to,
+                msg: Message::Accept {
+                    ballot: ballot.clone(),
+                    record: proposal.clone(),
+                    next: Some(next.clone()),
+                },
+            });
+        }
+        // `next` is reserved like any ballot of mine, and my own accept is durable before it
+        // counts: the persist below runs before any answer is handled. (`next` is only ever
+        // proposed with in a later round, after this persist.)
+        self.st.max_ballot = self.st.max_ballot.max(next.n);
+        let own = self.acceptor_accept(ballot.clone(), proposal.clone(), Some(next.clone()), out);
+        self.persist(out);
+        if let Message::Accepted { ballot, next } = own {
+            let me = self.me.clone();
+            self.on_accepted(now, me, ballot, next, out);
+        }
+    }
+
+    pub(super) fn on_accepted(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        ballot: Ballot,
+        next: Option<Ballot>,
+        out: &mut Vec<Action>,
+    ) {
+        // A late answer to my last completed round still counts as a promise for the next.
+        if let (Some(p), Some(n)) = (self.prepared.as_mut(), next.as_ref()) {
+            if p.base.ballot == ballot && p.next == *n {
+                p.promises.insert(from.clone());
+            }
+        }
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        if round.ballot != ballot || round.stage != Stage::Writing {
+            return;
+        }
+        if next.is_some() && next == round.next {
+            round.next_promises.insert(from.clone());
+        }
+        round.accepts.insert(from);
+        let Some(proposal) = &round.proposal else {
+            return;
+        };
+        let s = &proposal.electorate;
+        if round.accepts.iter().filter(|id| s.contains(*id)).count() < majority(s.len()) {
+            return;
+        }
+        if round.base_none && round.accepts.len() < self.params.election_quorum() {
+            return;
+        }
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        let Some(record) = round.proposal else { return };
+        let acc = Accepted {
+            ballot: round.ballot,
+            record,
+        };
+        self.prepared = round.next.map(|next| Prepared {
+            next,
+            base: acc.clone(),
+            promises: round.next_promises,
+        });
+        self.learn(&acc);
+        self.st.chosen = Some(acc.clone());
+        self.round_done(now, round.op, acc.record, out);
+    }
+
+    /// A refusal of my round at `ballot`: drop the round and back off.
+    pub(super) fn on_nack(&mut self, now: Duration, ballot: Ballot, promised: Ballot) {
+        self.st.max_ballot = self.st.max_ballot.max(promised.n);
+        if self.round.as_ref().is_some_and(|r| r.ballot == ballot) {
+            self.round = None;
+            self.backoff_until = now + self.backoff();
+            self.dirty = true;
+        }
+    }
+
+    /// A Refresh read found no record at all: any cluster we heard of never formed.
+    fn no_record(&mut self, out: &mut Vec<Action>) {
+        if matches!(self.st.phase, Phase::WaitingForSlot { .. }) {
+            self.st.known = None;
+            self.set_phase(Phase::Discovering, out);
+            self.persist(out);
+        }
+    }
+
+    /// `record` is now chosen. Align our phase with it and perform the op's follow-up.
+    fn round_done(&mut self, now: Duration, op: Op, record: Record, out: &mut Vec<Action>) {
+        self.dirty = true;
+        if record.addons_by.as_ref() == Some(&self.me) {
+            self.st.addons_claimed = true;
+        }
+        if record.authority != self.me {
+            self.requests.clear();
+            self.reports.clear();
+        }
+        // The messages that follow from the chosen record (a grant, a confirmation) go out
+        // before it is persisted here: it is durable at a majority of the electorate already,
+        // and nothing persisted below is needed for them to be right. The next joiner does not
+        // wait for this fsync.
+        self.follow_up(now, op, &record, out);
+        self.persist(out);
+        self.align_phase(&record, out);
+    }
+
+    /// The phase a chosen `record` implies: a member of it, or waiting for a slot in it when
+    /// I was discovering or my phase names another cluster (I am a deposed seed).
+    fn align_phase(&mut self, record: &Record, out: &mut Vec<Action>) {
+        if let Some(role) = record.members.get(&self.me) {
+            let phase = Phase::Member {
+                cluster: record.cluster.clone(),
+                role: *role,
+            };
+            self.set_phase(phase, out);
+            return;
+        }
+        match &self.st.phase {
+            Phase::Discovering => self.set_phase(
+                Phase::WaitingForSlot {
+                    cluster: record.cluster.clone(),
+                },
+                out,
+            ),
+            Phase::Member { cluster, .. } | Phase::WaitingForSlot { cluster }
+                if *cluster != record.cluster =>
+            {
+                self.set_phase(
+                    Phase::WaitingForSlot {
+                        cluster: record.cluster.clone(),
+                    },
+                    out,
+                )
+            }
+            _ => {}
+        }
+    }
+
+    /// What the proposer of `op` does once `record` (the result of `op`) is chosen.
+    fn follow_up(&mut self, now: Duration, op: Op, record: &Record, out: &mut Vec<Action>) {
+        match op {
+            Op::Batch(ops) => {
+                for op in ops {
+                    self.follow_up(now, op, record, out);
+                }
+            }
+            Op::Grant { to, req } => {
+                if let Some(s) = record.slot.as_ref().filter(|s| s.node == to) {
+                    self.slot_watch = Some((s.seq, now));
+                    out.push(Action::Send {
+                        to: to.clone(),
+                        msg: Message::SlotGrant {
+                            req,
+                            cluster: record.cluster.clone(),
+                            seq: s.seq,
+                            role: s.role,
+                        },
+                    });
+                    self.requests.remove(&to);
+                }
+            }
+            Op::Confirm { node, ok, .. } => {
+                self.reports.remove(&node);
+                if ok {
+                    if let Some(role) = record.members.get(&node) {
+                        out.push(Action::Send {
+                            to: node.clone(),
+                            msg: Message::JoinConfirmed {
+                                cluster: record.cluster.clone(),
+                                role: *role,
+                            },
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Abandons a round that took too long; re-sends its current message to acceptors that
+    /// have not answered yet (messages get lost).
+    pub(super) fn drive_round(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let Some(r) = self.round.as_ref() else { return };
+        if now.saturating_sub(r.started) >= self.params.round_timeout {
+            self.round = None;
+            self.backoff_until = now + self.backoff();
+            return;
+        }
+        if now.saturating_sub(r.last_send) < self.params.retry_interval {
+            return;
+        }
+        let targets = self.targets();
+        let Some(r) = self.round.as_mut() else { return };
+        r.last_send = now;
+        for to in targets {
+            let msg = match (&r.stage, &r.proposal) {
+                (Stage::Reading, _) if !r.promises.contains_key(&to) => Message::Prepare {
+                    ballot: r.ballot.clone(),
+                },
+                (Stage::Writing, Some(p)) if !r.accepts.contains(&to) => Message::Accept {
+                    ballot: r.ballot.clone(),
+                    record: p.clone(),
+                    next: r.next.clone(),
+                },
+                _ => continue,
+            };
+            out.push(Action::Send { to, msg });
+        }
+    }
+}
