@@ -5,7 +5,7 @@
 //! `rackseed-config`, the wire protocol (discovery, coordinator, status document)
 //! `rackseed-protocol`, and the command runner `rackseed-host`. This crate wires them to the
 //! host: the [`driver`] loop, the [`system`] adapters (MicroK8s, systemd, state file), the
-//! [`addons`] and the command line. Test doubles ([`system::fakes`], `addons::fakes`) are
+//! [`addons`] and the command line. Test doubles (`system::fakes`, `addons::fakes`) are
 //! compiled only with the `testing` feature, never into the released binary.
 
 pub mod addons;

@@ -15,7 +15,7 @@
 //! - [`progress`]: the persisted per-addon state (`pending` / `enabling` / `enabled` /
 //!   `failed`) that lets the driver resume after a crash mid-enable (enable is idempotent in
 //!   MicroK8s, so the addon that was `enabling` is simply run again).
-//! - [`fakes`]: behaving fakes of the two host interfaces for tests of this module and of the
+//! - `fakes`: behaving fakes of the two host interfaces for tests of this module and of the
 //!   driver.
 //!
 //! To add an addon: add its config in `config::model`, its argv in [`plan::plan_addon_enables`],

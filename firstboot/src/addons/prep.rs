@@ -7,7 +7,7 @@
 //! `lib/modules/<release>/modules.{dep,builtin}`, `sys/fs/cgroup/cgroup.controllers`,
 //! `proc/cgroups`, `var/lib/dpkg/status`. Changes to the running kernel (sysctl, modprobe) go
 //! through [`KernelControl`], whose real implementation runs `sysctl -w` / `modprobe` through
-//! [`Cmd`] and whose fake ([`super::fakes::FakeKernel`]) updates the fake root like a kernel.
+//! [`Cmd`] and whose fake (`addons::fakes::FakeKernel`) updates the fake root like a kernel.
 //!
 //! What it does:
 //! - mayastor: checks RAM (at least [`MAYASTOR_MIN_RAM_GIB`] GiB installed, i.e. `MemTotal` >=

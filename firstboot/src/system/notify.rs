@@ -1,6 +1,6 @@
 //! systemd readiness and status notifications (`sd_notify`): `READY=1` once the agent runs,
 //! `STATUS=<phase line>` on every phase change, `STOPPING=1` on shutdown. Outside systemd
-//! (no `NOTIFY_SOCKET`) the real implementation does nothing. Tests use [`RecordingNotifier`].
+//! (no `NOTIFY_SOCKET`) the real implementation does nothing. Tests use `RecordingNotifier`.
 
 pub trait Notifier: Send + Sync {
     fn ready(&self);

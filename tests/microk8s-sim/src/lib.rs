@@ -25,17 +25,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The simulator's settings, from environment variables (defaults in brackets):
-/// - `MICROK8S_SIM_STATE` [/var/snap/microk8s/current/sim]: this node's state folder;
-/// - `MICROK8S_SIM_LAUNCH_CONFIG` [/etc/microk8s.yaml]: read by `snap install` (A8);
-/// - `MICROK8S_SIM_NODE` [hostname, lowercased]: node name;
-/// - `MICROK8S_SIM_IP` [first non-loopback IPv4 of this namespace]: this node's address until a
+/// - `MICROK8S_SIM_STATE` \[/var/snap/microk8s/current/sim\]: this node's state folder;
+/// - `MICROK8S_SIM_LAUNCH_CONFIG` \[/etc/microk8s.yaml\]: read by `snap install` (A8);
+/// - `MICROK8S_SIM_NODE` \[hostname, lowercased\]: node name;
+/// - `MICROK8S_SIM_IP` \[first non-loopback IPv4 of this namespace\]: this node's address until a
 ///   join tells it which one the cluster sees;
-/// - `MICROK8S_SIM_PORT` [25000]: cluster agent port (also used by the CLI to reach it locally);
-/// - `MICROK8S_SIM_LOG` [$STATE/commands.jsonl]: the command log;
+/// - `MICROK8S_SIM_PORT` \[25000\]: cluster agent port (also used by the CLI to reach it locally);
+/// - `MICROK8S_SIM_LOG` \[$STATE/commands.jsonl\]: the command log;
 /// - `MICROK8S_SIM_INSTALL_DELAY_MS`, `MICROK8S_SIM_JOIN_DELAY_MS`,
-///   `MICROK8S_SIM_ENABLE_DELAY_MS` [0]: modelled durations;
-/// - `MICROK8S_SIM_HEARTBEAT_MS` [1000]: heartbeat interval; a peer is dead after 3 missed;
-/// - `MICROK8S_SIM_CONNECT_TIMEOUT_MS` [5000]: the joiner's connect timeout.
+///   `MICROK8S_SIM_ENABLE_DELAY_MS` \[0\]: modelled durations;
+/// - `MICROK8S_SIM_HEARTBEAT_MS` \[1000\]: heartbeat interval; a peer is dead after 3 missed;
+/// - `MICROK8S_SIM_CONNECT_TIMEOUT_MS` \[5000\]: the joiner's connect timeout.
 #[derive(Debug, Clone)]
 pub struct SimEnv {
     pub state_dir: PathBuf,

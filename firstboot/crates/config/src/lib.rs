@@ -3,17 +3,17 @@
 //!
 //! [`load`] / [`parse`] read a file into the typed [`ClusterConfig`] (see [`model`]) and report
 //! **every** problem at once, each as `file:line:col: field.path: what was expected`. The file
-//! is parsed with spans (`toml_edit`), turned into a small spanned tree ([`tree`]) and walked
-//! section by section ([`loader`]) with an error accumulator, so serde's stop-at-first-error
-//! behaviour never hides the second mistake. Keys are kebab-case; unknown keys are errors.
-//! Relative paths resolve against the config file's directory. Files the config points at
-//! (secret, Wi-Fi PSK, offline snaps, local base image) are *not* opened here: they are checked
-//! where they are used (image build, boot), so a config can be validated on a machine that
-//! does not hold the secrets.
+//! is parsed with spans (`toml_edit`), turned into a small spanned tree (the `tree` module) and
+//! walked section by section (the `loader` module, one file per section) with an error
+//! accumulator, so serde's stop-at-first-error behaviour never hides the second mistake. Keys
+//! are kebab-case; unknown keys are errors. Relative paths resolve against the config file's
+//! directory. Files the config points at (secret, Wi-Fi PSK, offline snaps, local base image)
+//! are *not* opened here: they are checked where they are used (image build, boot), so a
+//! config can be validated on a machine that does not hold the secrets.
 //!
-//! To add a setting: add the field to [`model`], read and check it in [`loader`] (value
-//! parsers with unit tests go in [`values`]), and document it in `configs/*.toml` and the
-//! README's config reference.
+//! To add a setting: add the field to [`model`], read and check it in its section's file of
+//! the `loader` module (value parsers with unit tests go in [`values`]), and document it in
+//! `configs/*.toml` and the README's config reference.
 
 mod diagnostic;
 mod loader;

@@ -1,6 +1,6 @@
 //! The MicroK8s adapter: [`Microk8s`] is everything firstboot asks of MicroK8s, with
 //! [`RealMicrok8s`] driving the real snap through its CLI (every call through
-//! [`Cmd`](rackseed_host::command::Cmd)) and `system::fakes::FakeMicrok8s` behaving the same in
+//! [`Cmd`]) and `system::fakes::FakeMicrok8s` behaving the same in
 //! memory for agent tests.
 //!
 //! Facts follow `shared/reference/microk8s-and-ubuntu-facts.md` part A:
