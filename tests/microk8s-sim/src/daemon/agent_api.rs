@@ -1,0 +1,301 @@
+//! The cluster agent's HTTP API: the replication routes (`/sim/v1/ping`, `/sim/v1/view`), the
+//! seed's side of a join, and `/local/run`, through which the `microk8s` CLI runs commands.
+//!
+//! Join checks run in the reference's order (A2, A4): token (consumed first; `500 invalid
+//! token`), `ha-cluster` lock (501), agent port (502), joiner IP equal to the seed's (503),
+//! already known to dqlite (500). The simulator adds one check, after those: while another join
+//! is in flight anywhere in the cluster, the join is refused with `500 failed to join dqlite: …`
+//! (how the concurrent-join race surfaces here; README). The first join rebinds the seed's dqlite
+//! from 127.0.0.1 to the IP the joiner dialled.
+//!
+//! To add a route, add an arm to [`Daemon::route`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{random_hex, Daemon, Persisted};
+use crate::http::{self, Request, Response};
+use crate::model::{self, InFlight, Role, View};
+use crate::now_ms;
+
+impl Daemon {
+    pub(super) async fn route(self: Arc<Self>, req: Request) -> Response {
+        let body: serde_json::Value = if req.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(_) => {
+                    http::BAD_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Response::error(400, "body is not json");
+                }
+            }
+        };
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", p) if p == "/sim/v1/ping" || p.starts_with("/sim/v1/ping?") => {
+                let st = self.lock();
+                // A member's ping is its heartbeat (a kubelet reporting to the control plane).
+                if let Some(from) = p.strip_prefix("/sim/v1/ping?from=") {
+                    let member = st.view.entries.iter().any(|e| e.name == from);
+                    if member && from != self.name() {
+                        // Lock order: state before last_seen.
+                        self.last_seen
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(from.to_owned(), Instant::now());
+                    }
+                }
+                Response::ok(json!({
+                    "name": self.name(),
+                    "cluster_id": st.view.cluster_id,
+                    "version": st.view.version,
+                    "bad_requests": http::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+                }))
+            }
+            ("GET", "/sim/v1/view") => Response::ok(json!(self.lock().view)),
+            ("POST", "/sim/v1/view") => match serde_json::from_value::<View>(body) {
+                Ok(v) => Response::ok(json!({"taken": self.offer(v)})),
+                Err(e) => Response::error(400, format!("bad view: {e}")),
+            },
+            ("GET", "/sim/v1/certificate") => {
+                Response::ok(json!({"cert": self.installed.cert_hex}))
+            }
+            ("POST", "/cluster/api/v2.0/join") => self.serve_join(&req, &body).await,
+            ("POST", "/sim/v1/join-done") => self.serve_join_done(&req, &body).await,
+            ("POST", "/sim/v1/join-abort") => {
+                let v = {
+                    let mut st = self.lock();
+                    if st.view.joining.as_ref().map(|j| j.ip) != Some(req.peer.ip()) {
+                        return Response::error(409, "no join in flight from this address");
+                    }
+                    st.view.joining = None;
+                    self.commit(&mut st)
+                };
+                self.push(v).await;
+                Response::ok(json!({}))
+            }
+            ("POST", "/local/run") => {
+                if !req.peer.ip().is_loopback() {
+                    return Response::error(403, "local commands only over loopback");
+                }
+                let argv: Vec<String> = match serde_json::from_value(body["argv"].clone()) {
+                    Ok(a) => a,
+                    Err(e) => return Response::error(400, format!("bad argv: {e}")),
+                };
+                Response::ok(json!(self.run_command(&argv).await))
+            }
+            _ => Response::error(404, format!("no route {} {}", req.method, req.path)),
+        }
+    }
+
+    /// `POST /cluster/api/v2.0/join`, checks in the reference's order (A2, A4).
+    async fn serve_join(&self, req: &Request, body: &serde_json::Value) -> Response {
+        let remote = req.peer.ip();
+        let local = req.local.ip();
+        let token = body["token"].as_str().unwrap_or_default();
+        // "as-worker" and true are workers; "as-master" (from --controlplane) is not (A3).
+        let worker = body["worker"] == json!(true) || body["worker"] == json!("as-worker");
+        let (resp, push) = {
+            let mut st = self.lock();
+            // 1. Token, consumed before anything else.
+            if let Err(refused) = self.consume_token(&mut st, token) {
+                return refused;
+            }
+            if let Err(refused) = self.check_joiner(&st, body, remote, local) {
+                return refused;
+            }
+            if !st.view.bound {
+                // MaybeUpdateDqliteBindAddress: the seed learns the IP the joiner dialled.
+                st.view.bound = true;
+                st.my_ip = Some(local);
+                let me = self.name().to_owned();
+                if let Some(e) = st.view.entry_mut(&me) {
+                    e.ip = Some(local);
+                }
+            }
+            st.view.joining = Some(InFlight {
+                ip: remote,
+                since_ms: now_ms(),
+            });
+            let v = self.commit(&mut st);
+            (join_answer(&v, remote, worker), v)
+        };
+        // Every member learns about the in-flight join before the joiner goes on.
+        self.push(push).await;
+        Response::ok(resp)
+    }
+
+    /// Accepts the persistent token or a valid issued one; a one-time token is used up even
+    /// when a later check refuses the join, as in the reference.
+    fn consume_token(&self, st: &mut Persisted, token: &str) -> Result<(), Response> {
+        if self.installed.persistent_token.as_deref() == Some(token) {
+            return Ok(());
+        }
+        let now_s = now_ms() / 1000;
+        st.tokens.retain(|t| t.expiry_s.is_none_or(|e| e > now_s));
+        match st.tokens.iter().position(|t| t.token == token) {
+            Some(i) => {
+                if st.tokens[i].expiry_s.is_none() {
+                    st.tokens.remove(i);
+                    self.persist(st);
+                }
+                Ok(())
+            }
+            None => Err(Response::error(500, "invalid token")),
+        }
+    }
+
+    /// The checks after the token, in the reference's order, then the simulator's own ones
+    /// (quorum, a join already in flight). `remote` is the joiner, `local` the address it dialled.
+    fn check_joiner(
+        &self,
+        st: &Persisted,
+        body: &serde_json::Value,
+        remote: IpAddr,
+        local: IpAddr,
+    ) -> Result<(), Response> {
+        if st.worker {
+            return Err(Response::error(
+                500,
+                "this node is a worker and cannot accept joins",
+            ));
+        }
+        // 2. HA lock.
+        if !st.view.ha_enabled {
+            return Err(Response::error(
+                501,
+                "high availability is not enabled on the node we join",
+            ));
+        }
+        // 3. Port.
+        let port = body["port"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| body["port"].as_u64().map(|p| p.to_string()))
+            .unwrap_or_default();
+        if port != self.env.port.to_string() {
+            return Err(Response::error(
+                502,
+                format!(
+                    "the port of the cluster agent has to be set to {}",
+                    self.env.port
+                ),
+            ));
+        }
+        // 4. Own IP.
+        if remote == local {
+            return Err(Response::error(
+                503,
+                "the joining node has the same IP as the node we join",
+            ));
+        }
+        // 6. Already known (5, hostname resolution, is skipped since v1.28).
+        if st.view.members().any(|(e, _)| e.ip == Some(remote)) {
+            return Err(Response::error(
+                500,
+                format!("the joining node ({remote}) is already known to dqlite"),
+            ));
+        }
+        if !st.view.quorum(&self.alive()) {
+            return Err(Response::error(
+                500,
+                "failed to get dqlite members: no available dqlite leader server found",
+            ));
+        }
+        // The concurrent-join race, as the simulator models it.
+        if let Some(j) = &st.view.joining {
+            if now_ms().saturating_sub(j.since_ms) <= self.inflight_timeout() {
+                return Err(Response::error(
+                    500,
+                    format!(
+                        "failed to join dqlite: a join from {} is still in progress",
+                        j.ip
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The joiner finished `update_dqlite`: add it to the cluster.
+    async fn serve_join_done(&self, req: &Request, body: &serde_json::Value) -> Response {
+        let ip = req.peer.ip();
+        let Some(name) = body["name"].as_str().filter(|n| !n.is_empty()) else {
+            return Response::error(400, "missing name");
+        };
+        let worker = body["worker"].as_bool().unwrap_or(false);
+        let v = {
+            let mut st = self.lock();
+            if st.view.joining.as_ref().map(|j| j.ip) != Some(ip) {
+                return Response::error(409, format!("no join in flight from {ip}"));
+            }
+            st.view.joining = None;
+            st.view
+                .entries
+                .retain(|e| e.name != name && e.ip != Some(ip));
+            let role = if worker {
+                None
+            } else {
+                Some(st.view.next_role())
+            };
+            let mut id = 0;
+            while id == 0 || id == model::BOOTSTRAP_ID {
+                id = rand::random::<u64>() >> 1;
+            }
+            st.view.entries.push(model::Entry {
+                name: name.to_owned(),
+                ip: Some(ip),
+                id,
+                role,
+                worker,
+            });
+            self.commit(&mut st)
+        };
+        // It just talked to us.
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Instant::now());
+        self.push(v.clone()).await;
+        Response::ok(json!(v))
+    }
+}
+
+/// The seed's answer to an accepted join: what a worker needs (the control plane's addresses)
+/// or what a datastore node needs (the voters, the CA key, the cluster certificate).
+fn join_answer(v: &View, remote: IpAddr, worker: bool) -> serde_json::Value {
+    let mut r = json!({
+        "ca": "-----BEGIN CERTIFICATE-----\nsimulated\n-----END CERTIFICATE-----\n",
+        "callback_token": random_hex(16),
+        "apiport": "16443",
+        "api_authz_mode": "AlwaysAllow",
+        "kubelet_args": "",
+        "hostname_override": remote.to_string(),
+        "cluster_cidr": "10.1.0.0/16",
+        "cluster_id": v.cluster_id,
+    });
+    if worker {
+        let cps: Vec<String> = v
+            .entries
+            .iter()
+            .filter(|e| e.role.is_some())
+            .filter_map(|e| e.ip.map(|ip| ip.to_string()))
+            .collect();
+        r["ca_key"] = serde_json::Value::Null;
+        r["control_plane_nodes"] = json!(cps);
+    } else {
+        let voters: Vec<String> = v
+            .members()
+            .filter(|(_, r)| *r == Role::Voter)
+            .map(|(e, _)| v.address(e))
+            .collect();
+        r["ca_key"] = json!("simulated-ca-key");
+        r["voters"] = json!(voters);
+        r["cluster_cert"] = json!("simulated");
+        r["cluster_key"] = json!("simulated");
+    }
+    r
+}

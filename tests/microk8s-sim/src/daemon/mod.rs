@@ -1,0 +1,277 @@
+//! The simulated node: its cluster agent (TCP, plain HTTP JSON) and the behaviour of every CLI
+//! command, which the `microk8s` CLI forwards here over loopback.
+//!
+//! This module holds the node's state ([`Daemon`]), what it persists and its startup ([`run`]);
+//! the behaviour lives in one module per concern:
+//! - `agent_api`: the cluster agent's HTTP routes, including the seed's side of a join;
+//! - `join`: `microk8s join`, the joiner's side, and the connection string rules;
+//! - `replication`: the replicated [`View`], heartbeats and the leader's duties;
+//! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`].
+//!
+//! To add a command, add an arm to [`Daemon::run_command`] and its behaviour to `commands`
+//! (or a module of its own when it talks to other nodes, as `join` does).
+
+mod agent_api;
+mod commands;
+mod join;
+mod replication;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::http;
+use crate::model::View;
+use crate::SimEnv;
+
+pub use commands::cmd_config;
+pub use join::{fingerprint_of, valid_connection_parts};
+
+/// Printed by `is_cluster_locked` on worker nodes (A5).
+pub const WORKER_MSG: &str =
+    "This MicroK8s deployment is acting as a node in a cluster.\nPlease use the control plane node.\n";
+/// Printed by `status` when the node is not ready.
+pub const NOT_READY_MSG: &str =
+    "microk8s is not running. Use microk8s inspect for a deeper inspection.\n";
+/// Printed when MicroK8s is stopped (A5).
+pub const STOPPED_MSG: &str = "microk8s is not running, try microk8s start\n";
+/// Printed (exit 0) by `microk8s config` on a worker (the snap's `microk8s-config.wrapper`).
+pub const CONFIG_WORKER_MSG: &str = "This MicroK8s deployment is acting as a node in a cluster. Please use the microk8s config on the master.\n";
+const TOKEN_MIN_LEN: usize = 32;
+const FINGERPRINT_MIN_LEN: usize = 12;
+
+/// An addon entry of the launch configuration (A8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchAddon {
+    pub name: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub disable: bool,
+}
+
+/// What `snap install` left behind (`$STATE/installed.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Installed {
+    pub name: String,
+    pub persistent_token: Option<String>,
+    /// Stand-in for the agent's DER certificate; its SHA-256 prefix is the join fingerprint.
+    pub cert_hex: String,
+    pub addons: Vec<LaunchAddon>,
+    pub kubelet_args: BTreeMap<String, Option<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Token {
+    token: String,
+    /// Unix seconds; `None` = one-time.
+    expiry_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Persisted {
+    view: View,
+    my_ip: Option<IpAddr>,
+    worker: bool,
+    tokens: Vec<Token>,
+    launch_applied: bool,
+}
+
+/// A command's result as the CLI prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    fn ok(stdout: impl Into<String>) -> Out {
+        Out {
+            code: 0,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+    fn fail(code: i32, stdout: impl Into<String>) -> Out {
+        Out {
+            code,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+    fn err(code: i32, stderr: impl Into<String>) -> Out {
+        Out {
+            code,
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
+    }
+}
+
+pub fn installed_path(env: &SimEnv) -> PathBuf {
+    env.state_dir.join("installed.json")
+}
+
+fn state_path(env: &SimEnv) -> PathBuf {
+    env.state_dir.join("state.json")
+}
+
+/// Writes JSON through a temporary file and a rename.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::fill(&mut b[..]);
+    hex::encode(b)
+}
+
+/// One simulated node.
+pub struct Daemon {
+    env: SimEnv,
+    installed: Installed,
+    st: Mutex<Persisted>,
+    last_seen: Mutex<BTreeMap<String, Instant>>,
+}
+
+impl Daemon {
+    fn lock(&self) -> MutexGuard<'_, Persisted> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn name(&self) -> &str {
+        &self.installed.name
+    }
+
+    fn persist(&self, st: &Persisted) {
+        if let Err(e) = write_json(&state_path(&self.env), st) {
+            eprintln!("microk8s-sim: {e:#}");
+        }
+    }
+
+    fn dead_after(&self) -> Duration {
+        self.env.heartbeat * 3
+    }
+
+    /// Names of the nodes alive in this node's view: itself plus peers heard from recently.
+    fn alive(&self) -> BTreeSet<String> {
+        let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a: BTreeSet<String> = seen
+            .iter()
+            .filter(|(_, t)| t.elapsed() < self.dead_after())
+            .map(|(n, _)| n.clone())
+            .collect();
+        a.insert(self.name().to_owned());
+        a
+    }
+
+    fn ready(&self, st: &Persisted) -> bool {
+        !st.worker && st.view.quorum(&self.alive())
+    }
+
+    fn inflight_timeout(&self) -> u64 {
+        self.env.join_delay.as_millis() as u64 + 30_000
+    }
+
+    /// Bumps the version, persists and returns the view to push.
+    fn commit(&self, st: &mut Persisted) -> View {
+        st.view.version += 1;
+        self.persist(st);
+        st.view.clone()
+    }
+}
+
+/// The cluster id a node starts with (its own one-node cluster). Derived from the random
+/// stand-in certificate written at install, so `microk8s config` shows the same CA before and
+/// after the daemon first ran, as the real install hook creates the CA once.
+fn first_cluster_id(installed: &Installed) -> String {
+    installed.cert_hex.chars().take(16).collect()
+}
+
+/// Runs the node until killed: loads `installed.json` (and `state.json` when present), serves
+/// the agent on `0.0.0.0:PORT`, heartbeats, and applies the launch config's addons once.
+pub async fn run(env: SimEnv) -> Result<()> {
+    let ipath = installed_path(&env);
+    let installed: Installed = match std::fs::read(&ipath) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("parsing {}", ipath.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "microk8s is not installed ({} is missing); run `snap install` first",
+                ipath.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", ipath.display())),
+    };
+    let spath = state_path(&env);
+    let st: Persisted = match std::fs::read(&spath) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("parsing {}", spath.display()))?
+        }
+        Err(_) => Persisted {
+            view: View::single(first_cluster_id(&installed), &installed.name, env.own_ip()),
+            my_ip: env.own_ip(),
+            worker: false,
+            tokens: vec![],
+            launch_applied: false,
+        },
+    };
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", env.port))
+        .await
+        .with_context(|| format!("binding the cluster agent to 0.0.0.0:{}", env.port))?;
+    let d = Arc::new(Daemon {
+        env,
+        installed,
+        st: Mutex::new(st),
+        last_seen: Mutex::new(BTreeMap::new()),
+    });
+    d.persist(&d.lock());
+    // Launch-config addons are applied by the running agent (A8).
+    let launch = d.clone();
+    tokio::spawn(async move {
+        if launch.lock().launch_applied {
+            return;
+        }
+        for a in launch.installed.addons.clone() {
+            let mut argv = vec![
+                if a.disable { "disable" } else { "enable" }.to_owned(),
+                a.name.clone(),
+            ];
+            argv.extend(a.args.clone());
+            let out = launch.run_command(&argv).await;
+            if out.code != 0 {
+                eprintln!(
+                    "microk8s-sim: launch config addon {}: {}{}",
+                    a.name, out.stdout, out.stderr
+                );
+            }
+        }
+        let mut st = launch.lock();
+        st.launch_applied = true;
+        launch.persist(&st);
+    });
+    let hb = d.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(hb.env.heartbeat).await;
+            hb.heartbeat_once().await;
+        }
+    });
+    let handler = {
+        let d = d.clone();
+        move |req| d.clone().route(req)
+    };
+    http::serve(listener, handler).await;
+    Ok(())
+}
