@@ -1,7 +1,10 @@
 //! `imagebuilder inspect IMAGE`: what is inside a built image, read without mounting: the
 //! partitions (found by label), the rackseed files (`/etc/rackseed/image.json`: config summary,
-//! firstboot version and arch), whether the secret is present and its mode, and the kernel
-//! command line. The secret's content is never read into the report.
+//! firstboot version and arch), whether the secret is present and its mode, the kernel
+//! command line, the image file's own mode (it holds the secret, so anything readable by
+//! group or other is warned about) and any SSH host private keys baked in (there should be
+//! none: each machine makes its own at first boot). The secret's content is never read into
+//! the report.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -30,6 +33,25 @@ pub struct Report {
     pub launch_config_present: bool,
     pub firstboot_mode: Option<String>,
     pub cmdline: Option<String>,
+    /// Permission bits of the image file itself, e.g. `0600`.
+    pub image_mode: String,
+    /// `/etc/ssh/ssh_host_*_key` files in the image (names only); empty when the machines
+    /// make their own at first boot, as they should.
+    pub ssh_host_private_keys: Vec<String>,
+}
+
+/// Whether group or other may read a file of this mode.
+pub fn readable_by_others(mode: u32) -> bool {
+    mode & 0o044 != 0
+}
+
+/// SSH host private key names in a listing of `/etc/ssh`.
+pub fn ssh_host_private_keys<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("ssh_host_") && n.ends_with("_key"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Inspects the image at `path`.
@@ -50,7 +72,12 @@ pub async fn run(path: &Path) -> Result<Report> {
         ),
         None => None,
     };
-    let dirs: BTreeSet<String> = ["/etc/rackseed", "/etc", "/usr/local/bin"]
+    let image_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        format!("{:04o}", m.permissions().mode() & 0o7777)
+    };
+    let dirs: BTreeSet<String> = ["/etc/rackseed", "/etc", "/usr/local/bin", "/etc/ssh"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -95,6 +122,16 @@ pub async fn run(path: &Path) -> Result<Report> {
         launch_config_present: mode_of(LAUNCH_PATH).is_some(),
         firstboot_mode: mode_of(FIRSTBOOT_PATH),
         cmdline,
+        image_mode,
+        ssh_host_private_keys: ssh_host_private_keys(
+            listing
+                .get("/etc/ssh")
+                .and_then(|l| l.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|e| e.mode & 0o170000 == 0o100000)
+                .map(|e| e.name.as_str()),
+        ),
         table,
     })
 }
@@ -162,6 +199,42 @@ impl fmt::Display for Report {
                 .map(|m| format!("present, mode {m}"))
                 .unwrap_or("missing".into())
         )?;
+        let mode = u32::from_str_radix(&self.image_mode, 8).unwrap_or(0o777);
+        let holds = match (self.secret_mode.is_some(), self.launch_config_present) {
+            (true, true) => "the cluster secret and the MicroK8s token",
+            (true, false) => "the cluster secret",
+            (false, true) => "the MicroK8s token",
+            (false, false) => "",
+        };
+        if holds.is_empty() {
+            writeln!(f, "image file: mode {}", self.image_mode)?;
+        } else if readable_by_others(mode) {
+            writeln!(
+                f,
+                "image file: mode {}: WARNING: group/other can read it, and it holds {holds}; \
+                 chmod 600 {}",
+                self.image_mode,
+                self.image.display()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "image file: mode {} (it holds {holds}: keep it private)",
+                self.image_mode
+            )?;
+        }
+        if self.ssh_host_private_keys.is_empty() {
+            writeln!(
+                f,
+                "ssh host keys: none baked in (each machine makes its own at first boot)"
+            )?;
+        } else {
+            writeln!(
+                f,
+                "ssh host keys: WARNING: {} baked in, shared by every machine flashed from this image",
+                self.ssh_host_private_keys.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "microk8s launch config: {}",
@@ -201,4 +274,70 @@ pub fn run_cli(args: InspectArgs) -> Result<()> {
         print!("{report}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::TableKind;
+
+    fn report(image_mode: &str, keys: &[&str]) -> Report {
+        Report {
+            image: PathBuf::from("out/lab.img"),
+            table: PartitionTable {
+                kind: TableKind::Gpt,
+                partitions: vec![],
+            },
+            root_label: "cloudimg-rootfs".into(),
+            info: None,
+            config_present: true,
+            secret_mode: Some("0600".into()),
+            launch_config_present: true,
+            firstboot_mode: Some("0755".into()),
+            cmdline: None,
+            image_mode: image_mode.into(),
+            ssh_host_private_keys: keys.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn says_the_image_holds_the_secret_and_warns_when_others_can_read_it() {
+        let shown = report("0600", &[]).to_string();
+        assert!(
+            shown.contains(
+                "image file: mode 0600 (it holds the cluster secret and the MicroK8s token: keep it private)"
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("WARNING"), "{shown}");
+        for mode in ["0644", "0640", "0604"] {
+            let shown = report(mode, &[]).to_string();
+            assert!(
+                shown.contains(&format!(
+                    "image file: mode {mode}: WARNING: group/other can read it"
+                )) && shown.contains("chmod 600 out/lab.img"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn warns_about_baked_in_ssh_host_keys() {
+        assert_eq!(
+            ssh_host_private_keys([
+                "ssh_host_ed25519_key",
+                "ssh_host_ed25519_key.pub",
+                "sshd_config",
+                "ssh_host_rsa_key"
+            ]),
+            vec!["ssh_host_ed25519_key", "ssh_host_rsa_key"]
+        );
+        let shown = report("0600", &["ssh_host_rsa_key"]).to_string();
+        assert!(
+            shown.contains("ssh host keys: WARNING: ssh_host_rsa_key baked in"),
+            "{shown}"
+        );
+        let shown = report("0600", &[]).to_string();
+        assert!(shown.contains("ssh host keys: none baked in"), "{shown}");
+    }
 }

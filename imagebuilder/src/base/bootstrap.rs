@@ -239,6 +239,7 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
             }
         }
     }
+    remove_ssh_host_keys(&root)?;
     let partial = work.path().join("tree.tar");
     Tool::new("tar")
         .args(["--numeric-owner", "--xattrs", "--acls", "-C"])
@@ -252,6 +253,27 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         .context("archiving the bootstrapped tree")?;
     std::fs::rename(&partial, &tar).with_context(|| format!("storing {}", tar.display()))?;
     Ok(tar)
+}
+
+/// Removes the SSH host keys openssh-server's installation made in `root` (when it is among
+/// the packages): every machine flashed from an image of this tree would share them. The
+/// customize step removes them from any base too; this keeps them out of the cache.
+pub fn remove_ssh_host_keys(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("etc/ssh");
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(removed);
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if crate::customize::is_ssh_host_key(&name) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Returns the cached raw image composed from `spec`'s tree in `target`'s layout
@@ -374,5 +396,39 @@ mod tests {
         assert!(
             BootstrapSpec::new("bookworm", None, "amd64", &["a b".into()], dir.path()).is_err()
         );
+    }
+
+    #[test]
+    fn ssh_host_keys_leave_the_bootstrapped_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let ssh = d.path().join("etc/ssh");
+        std::fs::create_dir_all(&ssh).unwrap();
+        for f in [
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+            "ssh_host_rsa_key",
+            "sshd_config",
+            "moduli",
+        ] {
+            std::fs::write(ssh.join(f), "x").unwrap();
+        }
+        let removed = remove_ssh_host_keys(d.path()).unwrap();
+        assert_eq!(
+            removed,
+            [
+                "ssh_host_ed25519_key",
+                "ssh_host_ed25519_key.pub",
+                "ssh_host_rsa_key"
+            ]
+        );
+        let mut left: Vec<_> = std::fs::read_dir(&ssh)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["moduli", "sshd_config"]);
+        assert!(remove_ssh_host_keys(&d.path().join("none"))
+            .unwrap()
+            .is_empty());
     }
 }

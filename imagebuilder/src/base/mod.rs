@@ -55,6 +55,9 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
     let fmt = Format::detect(&download::magic(src)?);
     match fmt {
         Format::Qcow2 => {
+            // The work image gets the secret next: 0600 before qemu-img (which keeps an
+            // existing file's mode) writes a byte.
+            drop(crate::outputs::create_private(dest)?);
             Tool::new("qemu-img")
                 .args(["convert", "-f", "qcow2", "-O", "raw"])
                 .arg(src)
@@ -67,7 +70,8 @@ pub async fn materialize(src: &Path, dest: &Path, cancel: &Arc<AtomicBool>) -> R
         Format::Raw | Format::Xz | Format::Zstd => {
             // Created here, not in the blocking task, so a dropped build cannot create it after
             // its staging removed the name.
-            let out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+            // 0600 (explicit, not the umask's): the work image gets the secret next.
+            let out = crate::outputs::create_private(dest)?;
             let (s, d) = (src.to_path_buf(), dest.to_path_buf());
             let cancel = Arc::clone(cancel);
             tokio::task::spawn_blocking(move || copy_sparse(&s, out, &d, fmt, &cancel))

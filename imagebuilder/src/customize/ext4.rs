@@ -34,14 +34,19 @@ pub enum Entry {
         path: String,
         target: String,
     },
+    /// Removed if present (a file or symlink; never a folder). Its parent is not created.
+    Absent {
+        path: String,
+    },
 }
 
 impl Entry {
     pub fn path(&self) -> &str {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => {
-                path
-            }
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::Symlink { path, .. }
+            | Entry::Absent { path } => path,
         }
     }
 }
@@ -194,8 +199,14 @@ impl Ext4 {
         for e in entries {
             check_path(e.path())?;
         }
+        // Folders to create when missing, and (with the parents of removals) to list.
         let mut dirs: BTreeSet<String> = BTreeSet::new();
+        let mut listed: BTreeSet<String> = BTreeSet::new();
         for e in entries {
+            if let Entry::Absent { path } = e {
+                listed.insert(parent(path));
+                continue;
+            }
             let mut p = parent(e.path());
             loop {
                 dirs.insert(p.clone());
@@ -208,10 +219,11 @@ impl Ext4 {
                 dirs.insert(path.clone());
             }
         }
-        let before = self.list(&dirs, scratch).await?;
+        listed.extend(dirs.iter().cloned());
+        let before = self.list(&listed, scratch).await?;
         let s = script(entries, &dirs, &before)?;
         self.debugfs_script(&s, true, scratch).await?;
-        let after = self.list(&dirs, scratch).await?;
+        let after = self.list(&listed, scratch).await?;
         verify(entries, &after).with_context(|| {
             format!(
                 "verifying edits of ext4 at byte {} of {}",
@@ -343,6 +355,14 @@ pub fn script(
                 }
                 s.push_str(&format!("symlink {path} {target}\n"));
             }
+            Entry::Absent { path } => {
+                if let Some(old) = lookup(before, path) {
+                    if old.mode & 0o170000 == 0o040000 {
+                        bail!("{path} is a folder in the image; refusing to remove it");
+                    }
+                    s.push_str(&format!("rm {path}\n"));
+                }
+            }
         }
     }
     Ok(s)
@@ -352,6 +372,15 @@ pub fn script(
 pub fn verify(entries: &[Entry], after: &BTreeMap<String, Option<Vec<DirEntry>>>) -> Result<()> {
     for e in entries {
         let path = e.path();
+        if let Entry::Absent { .. } = e {
+            if let Some(left) = lookup(after, path) {
+                bail!(
+                    "{path} is still there after its removal (mode {:o})",
+                    left.mode
+                );
+            }
+            continue;
+        }
         let got =
             lookup(after, path).with_context(|| format!("{path} is missing after the edit"))?;
         match e {
@@ -387,6 +416,7 @@ pub fn verify(entries: &[Entry], after: &BTreeMap<String, Option<Vec<DirEntry>>>
                     );
                 }
             }
+            Entry::Absent { .. } => unreachable!("handled above"),
             Entry::Symlink { .. } => {
                 if got.mode & 0o170000 != 0o120000 {
                     bail!("{path}: expected a symlink, found mode {:o}", got.mode);
@@ -499,5 +529,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("expected file 600"));
+    }
+
+    #[test]
+    fn absent_entries_remove_what_is_there_and_nothing_else() {
+        let before = BTreeMap::from([
+            ("/".to_string(), Some(parse_ls_p(LS))),
+            ("/etc/ssh".to_string(), None),
+        ]);
+        let absent = |p: &str| Entry::Absent { path: p.into() };
+        let entries = vec![
+            absent("/h.txt"),
+            absent("/l"),
+            absent("/etc/ssh/ssh_host_rsa_key"),
+        ];
+        let s = script(&entries, &BTreeSet::from(["/".to_string()]), &before).unwrap();
+        assert_eq!(
+            s, "rm /h.txt\nrm /l\n",
+            "no mkdir for a removal's missing parent"
+        );
+        assert!(script(&[absent("/lost+found")], &BTreeSet::new(), &before).is_err());
+        // Verified gone.
+        let after = BTreeMap::from([("/".to_string(), Some(parse_ls_p(LS)))]);
+        let e = verify(&[absent("/h.txt")], &after).unwrap_err();
+        assert!(e.to_string().contains("still there"), "{e}");
+        verify(&[absent("/gone")], &after).unwrap();
     }
 }

@@ -8,6 +8,9 @@
 //! (0600 root:root), `/etc/microk8s.yaml` (0600: it holds the cluster token),
 //! `/etc/rackseed/image.json` (what `inspect` reads), staged offline snaps under
 //! `/var/lib/rackseed/snaps/`, and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
+//! Removed from it: the base's SSH host keys (`/etc/ssh/ssh_host_*`), which every machine
+//! flashed from the image would otherwise share; each machine makes its own at first boot.
+//! `/etc/machine-id` is left empty for the same reason.
 //! Into `system-boot` (FAT, Raspberry Pi): the memory-cgroup flags in `cmdline.txt` and the
 //! NoCloud seed. To add a file, push an [`ext4::Entry`] in [`root_entries`] (and list it in
 //! the manifest through [`Added`]).
@@ -19,7 +22,8 @@ pub mod firstboot_bin;
 pub mod launch;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +46,16 @@ pub const INFO_PATH: &str = "/etc/rackseed/image.json";
 pub const LAUNCH_PATH: &str = "/etc/microk8s.yaml";
 pub const FIRSTBOOT_PATH: &str = "/usr/local/bin/firstboot";
 pub const SNAPS_DIR: &str = "/var/lib/rackseed/snaps";
+/// Where OpenSSH keeps its host keys.
+pub const SSH_DIR: &str = "/etc/ssh";
+/// The overlay unit that makes a machine's own SSH host keys at first boot.
+pub const SSH_KEYGEN_UNIT: &str = "rackseed-ssh-hostkeys.service";
+
+/// Whether a file name in [`SSH_DIR`] is a host key or its public half
+/// (`ssh_host_<type>_key`, `ssh_host_<type>_key.pub`).
+pub fn is_ssh_host_key(name: &str) -> bool {
+    name.starts_with("ssh_host_") && (name.ends_with("_key") || name.ends_with("_key.pub"))
+}
 
 /// Everything the customisation needs.
 pub struct Inputs<'a> {
@@ -140,8 +154,16 @@ impl Scratch<'_> {
     fn file(&mut self, data: &[u8], mode: u32) -> Result<PathBuf> {
         self.n += 1;
         let p = self.dir.join(format!("gen-{}", self.n));
-        std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        // Created with its final mode (the secret's 0600 among them), never the umask's.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&p)
+            .with_context(|| format!("creating {}", p.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(data)
+            .with_context(|| format!("writing {}", p.display()))?;
         Ok(p)
     }
 }
@@ -203,7 +225,18 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     };
     let mut entries = Vec::new();
     for o in inp.overlays {
-        entries.extend(overlay_entries(o)?);
+        let laid = overlay_entries(o)?;
+        if let Some(key) = laid.iter().map(Entry::path).find(|p| {
+            p.rsplit_once('/')
+                .is_some_and(|(dir, name)| dir == SSH_DIR && is_ssh_host_key(name))
+        }) {
+            bail!(
+                "overlay {} provides {key}: every machine flashed from the image would share \
+                 that host key; leave it out (each machine makes its own at first boot)",
+                o.display()
+            );
+        }
+        entries.extend(laid);
     }
     let unit_path = format!("/etc/systemd/system/{UNIT}");
     if !entries.iter().any(|e| e.path() == unit_path) {
@@ -358,9 +391,27 @@ pub async fn apply(
     let boot = table.by_label(l.boot)?.clone();
     let mut warnings = Vec::new();
     let seed = seed_for(inp.config)?;
-    let (entries, secret_paths) = root_entries(inp, scratch)?;
-    // The schema check (a Python start-up) runs next to the ext4 edit; neither needs the other.
+    let (mut entries, secret_paths) = root_entries(inp, scratch)?;
     let ext4 = Ext4::new(image, root.start);
+    // SSH host keys made when the base was built (debootstrap's openssh-server, or a base
+    // image that was booted) would be shared by every machine flashed from this image: they
+    // go, and each machine makes its own at first boot (cloud-init's ssh module, or
+    // overlays/common's rackseed-ssh-hostkeys.service where there is no cloud-init).
+    let ssh = ext4
+        .list(
+            &std::collections::BTreeSet::from([SSH_DIR.to_string()]),
+            scratch,
+        )
+        .await?;
+    for e in ssh.values().flatten().flatten() {
+        if is_ssh_host_key(&e.name) {
+            tracing::info!("customize: removing the base's {SSH_DIR}/{}", e.name);
+            entries.push(Entry::Absent {
+                path: format!("{SSH_DIR}/{}", e.name),
+            });
+        }
+    }
+    // The schema check (a Python start-up) runs next to the ext4 edit; neither needs the other.
     let (checked, applied) = tokio::join!(
         check_user_data(&seed.user_data, scratch),
         ext4.apply(&entries, scratch)

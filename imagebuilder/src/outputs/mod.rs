@@ -6,12 +6,20 @@
 //! Outputs: the raw `.img`, optionally `.img.xz` / `.img.zst` (multi-threaded) and `.qcow2`,
 //! a `.bmap` ([`bmap`]), `SHA256SUMS` and `manifest.json`. To add an output, create it with
 //! [`Staging::temp`], then add it to the sums in `build`.
+//!
+//! Every form of the image holds the cluster secret, the MicroK8s token and any Wi-Fi PSK, so
+//! image files are mode 0600 from the moment they exist, whatever the umask: [`Staging::temp`]
+//! creates each temporary file with an explicit mode ([`mode_for`]), the writers here
+//! ([`create_private`], [`compress`], [`qcow2`]) set 0600 on what they write, and
+//! [`Staging::commit`] sets the mode again before the rename. The block map, sums and manifest
+//! hold no secret and are 0644.
 
 pub mod bmap;
 pub mod sparse;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -49,6 +57,42 @@ impl std::str::FromStr for Compression {
     }
 }
 
+/// Mode of files that hold the image (and so the cluster secret).
+pub const PRIVATE_MODE: u32 = 0o600;
+/// Mode of outputs that hold no secret (block map, sums, manifest).
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// Whether an output name is a form of the image: raw, compressed or qcow2.
+pub fn holds_image(name: &str) -> bool {
+    [".img", ".img.xz", ".img.zst", ".qcow2", ".raw"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// The mode an output is created with: [`PRIVATE_MODE`] for image forms, else [`PUBLIC_MODE`].
+pub fn mode_for(name: &str) -> u32 {
+    if holds_image(name) {
+        PRIVATE_MODE
+    } else {
+        PUBLIC_MODE
+    }
+}
+
+/// Opens `path` for writing (created or truncated) with mode 0600: given at creation, so
+/// the umask cannot widen it, and set again on a file that already existed.
+pub fn create_private(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_MODE)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_permissions(Permissions::from_mode(PRIVATE_MODE))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok(f)
+}
+
 /// Temporary files in `dir` that become final only together.
 #[derive(Debug)]
 pub struct Staging {
@@ -68,11 +112,27 @@ impl Staging {
         })
     }
 
-    /// A fresh temporary path that [`commit`](Self::commit) will rename to `dir/name`.
+    /// A fresh temporary file that [`commit`](Self::commit) will rename to `dir/name`,
+    /// created empty here (exclusively) with the mode [`mode_for`] gives its name, so writers
+    /// that open it by path (`File::create`, `qemu-img`) keep that mode.
+    ///
+    /// Should that creation fail, the writer's own open reports the error (the folder is the
+    /// same), and [`commit`](Self::commit) sets the mode before any final name exists.
     pub fn temp(&mut self, name: &str) -> PathBuf {
         let tmp = self
             .dir
             .join(format!(".{name}.partial-{:08x}", rand::random::<u32>()));
+        let mode = mode_for(name);
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            // The umask may only have narrowed it; make it exact.
+            .and_then(|f| f.set_permissions(Permissions::from_mode(mode)));
+        if let Err(e) = created {
+            tracing::warn!("creating {} with mode {mode:04o}: {e}", tmp.display());
+        }
         self.pending.push((tmp.clone(), self.dir.join(name)));
         tmp
     }
@@ -85,12 +145,16 @@ impl Staging {
     /// Renames every temporary file to its final name and syncs the folder.
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         for (tmp, fin) in &self.pending {
-            if !tmp.exists() {
+            // Every output has content; an empty one was reserved and never written.
+            if std::fs::metadata(tmp).map(|m| m.len() == 0).unwrap_or(true) {
                 bail!("output {} was never written", fin.display());
             }
         }
         let mut out = Vec::new();
         for (tmp, fin) in &self.pending {
+            let name = fin.file_name().unwrap_or_default().to_string_lossy();
+            std::fs::set_permissions(tmp, Permissions::from_mode(mode_for(&name)))
+                .with_context(|| format!("setting the mode of {}", tmp.display()))?;
             std::fs::rename(tmp, fin)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
             out.push(fin.clone());
@@ -125,6 +189,9 @@ pub fn compress(
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
+    // The compressed image holds the secret like the raw one.
+    dest.set_permissions(Permissions::from_mode(PRIVATE_MODE))
+        .with_context(|| format!("setting mode 0600 on {dest_name}"))?;
     let out = BufWriter::with_capacity(1 << 20, dest);
     let mut input = File::open(src)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -175,6 +242,8 @@ pub fn compress(
 
 /// Converts the raw image to qcow2 with qemu-img.
 pub async fn qcow2(src: &Path, dest: &Path) -> Result<()> {
+    // qemu-img opens an existing target without changing its mode.
+    drop(create_private(dest)?);
     Tool::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(src)
@@ -183,6 +252,8 @@ pub async fn qcow2(src: &Path, dest: &Path) -> Result<()> {
         .run()
         .await
         .with_context(|| format!("converting {} to qcow2", src.display()))?;
+    std::fs::set_permissions(dest, Permissions::from_mode(PRIVATE_MODE))
+        .with_context(|| format!("setting mode 0600 on {}", dest.display()))?;
     Ok(())
 }
 
@@ -218,6 +289,10 @@ pub fn sync_file(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
     #[test]
     fn staging_renames_only_on_commit() {
         let d = tempfile::tempdir().unwrap();
@@ -244,6 +319,79 @@ mod tests {
         let mut s = Staging::new(d.path()).unwrap();
         let _ = s.temp("never");
         assert!(s.commit().is_err());
+    }
+
+    /// The image, its compressed forms and qcow2 hold the secret: 0600 from creation on,
+    /// whatever the umask (the default 022 would give 0644) and however the writer opens
+    /// them; the block map, sums and manifest stay 0644.
+    #[test]
+    fn image_outputs_are_private_from_creation_to_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Staging::new(d.path()).unwrap();
+        let names = [
+            "n.img",
+            "n.img.xz",
+            "n.img.zst",
+            "n.qcow2",
+            "n.bmap",
+            "SHA256SUMS",
+            "manifest.json",
+        ];
+        let mut temps = Vec::new();
+        for name in names {
+            let t = s.temp(name);
+            assert_eq!(mode(&t), mode_for(name), "{name} as created");
+            // Written the way build writes them: File::create keeps the mode.
+            File::create(&t).unwrap().write_all(b"data").unwrap();
+            assert_eq!(mode(&t), mode_for(name), "{name} after File::create");
+            temps.push(t);
+        }
+        // A writer that widened a temporary file's mode is corrected at commit.
+        std::fs::set_permissions(&temps[0], Permissions::from_mode(0o644)).unwrap();
+        for p in s.commit().unwrap() {
+            let name = p.file_name().unwrap().to_str().unwrap().to_owned();
+            let want = if holds_image(&name) { 0o600 } else { 0o644 };
+            assert_eq!(mode(&p), want, "{name} committed");
+        }
+    }
+
+    #[test]
+    fn private_writers_set_0600_on_existing_world_readable_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("old.img");
+        std::fs::write(&p, "old").unwrap();
+        std::fs::set_permissions(&p, Permissions::from_mode(0o644)).unwrap();
+        drop(create_private(&p).unwrap());
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "truncated");
+
+        let src = d.path().join("src");
+        std::fs::write(&src, vec![7u8; 100_000]).unwrap();
+        let no = AtomicBool::new(false);
+        for (name, how) in [
+            ("c.img.xz", Compression::Xz),
+            ("c.img.zst", Compression::Zstd),
+        ] {
+            let dest = d.path().join(name);
+            let f = File::create(&dest).unwrap();
+            std::fs::set_permissions(&dest, Permissions::from_mode(0o644)).unwrap();
+            compress(&src, f, &dest, how, &no).unwrap();
+            assert_eq!(mode(&dest), 0o600, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn qcow2_output_is_private() {
+        if !crate::tool::on_path("qemu-img") {
+            eprintln!("qemu-img not installed; skipping");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("raw.img");
+        File::create(&src).unwrap().set_len(1 << 20).unwrap();
+        let dest = d.path().join("out.qcow2");
+        qcow2(&src, &dest).await.unwrap();
+        assert_eq!(mode(&dest), 0o600);
     }
 
     #[test]
