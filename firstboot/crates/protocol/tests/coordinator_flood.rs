@@ -191,3 +191,48 @@ async fn a_slow_body_without_a_nonce_of_its_own_is_refused_before_it_is_read() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(coord.stats().unauthorized, 1);
 }
+
+/// Something answering in a peer's place (it holds the pinned key, or the pin was learnt
+/// from it) streams an endless response: the client stops at its limit with a clear error.
+#[tokio::test]
+async fn an_endless_response_is_cut_at_the_client_limit() {
+    use rackseed_protocol::coordinator::client::MAX_RESPONSE;
+    let identity = NodeIdentity::generate().unwrap();
+    let fp = identity.fingerprint().to_string();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![identity.cert_der().clone()], identity.key_der())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut head).await;
+        let _ = tls
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = vec![b' '; 64 * 1024];
+        // Bounded: twice the client's limit, then stop.
+        for _ in 0..(2 * MAX_RESPONSE / chunk.len()) {
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if tls.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let secret = ClusterSecret::generate();
+    let client = CoordinatorClient::new(&secret, "node-b").with_timeout(Duration::from_secs(10));
+    let err = client.nonce(addr, &fp).await.unwrap_err();
+    assert!(
+        err.to_string().contains("larger than"),
+        "unexpected error: {err}"
+    );
+    server.abort();
+}

@@ -33,6 +33,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// of two per message; waiting nodes that ask every few seconds still reconnect each time.
 pub const POOL_IDLE: Duration = Duration::from_secs(3);
 
+/// Largest response body the client reads (a status document of a large cluster, or a
+/// kubeconfig, is far smaller).
+pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("fingerprint {0:?} of peer is not 64 lowercase hex characters")]
@@ -231,13 +235,40 @@ impl CoordinatorClient {
         }
     }
 
+    /// Reads a response body of at most [`MAX_RESPONSE`] bytes: a peer (or whoever answers in
+    /// its place) cannot make the client buffer without bound.
+    async fn read_limited(
+        &self,
+        peer: SocketAddr,
+        mut resp: reqwest::Response,
+    ) -> Result<Vec<u8>, ClientError> {
+        let too_large = || ClientError::Decode {
+            peer,
+            reason: format!("response larger than {MAX_RESPONSE} bytes"),
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE as u64)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(peer, e))? {
+            if bytes.len() + chunk.len() > MAX_RESPONSE {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
     async fn decode<T: DeserializeOwned>(
         &self,
         peer: SocketAddr,
         resp: reqwest::Response,
     ) -> Result<T, ClientError> {
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.transport(peer, e))?;
+        let bytes = self.read_limited(peer, resp).await?;
         if !status.is_success() {
             let reason = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)

@@ -150,7 +150,9 @@ impl NodeIdentity {
         &self.cert
     }
 
-    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+    /// The private key, for a TLS server presenting this identity (the coordinator, or a test
+    /// standing in for a peer). Never log or send it.
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
 }
