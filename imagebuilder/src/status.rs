@@ -57,10 +57,10 @@ pub struct AnnouncedNode {
 
 impl AnnouncedNode {
     /// Reads the announcement with the formation core's own decoder
-    /// ([`Announcement::from_txt`]); a record it cannot read (e.g. a newer format) is still
-    /// listed, with no phase and no role.
+    /// ([`Announcement::from_txt`], with the id discovery verified); a record it cannot read
+    /// (e.g. a newer format) is still listed, with no phase and no role.
     pub fn from_peer(p: &Peer) -> Self {
-        let ann = match Announcement::from_txt(&p.fields) {
+        let ann = match Announcement::from_txt(&p.node_id, &p.fields) {
             Ok(a) => Some(a),
             Err(e) => {
                 tracing::debug!(node = %p.node_id, error = %e, "announcement not understood");

@@ -58,7 +58,12 @@ impl Runtime {
     pub(super) fn spawn_addons(&self) {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
-        let peers: Vec<IpAddr> = self.peers.values().map(|p| p.ip).collect();
+        let peers: Vec<IpAddr> = self
+            .discovery
+            .peers()
+            .iter()
+            .filter_map(|p| p.preferred_addr())
+            .collect();
         tokio::spawn(async move {
             let result = enable_addons(&agent, &tasks, &peers)
                 .await

@@ -3,7 +3,8 @@
 //! [`run`] takes its dependencies ([`Agent`]) and a shutdown future. It starts the coordinator
 //! (HTTPS, join-slot messages, status document) and mDNS discovery, then feeds the formation
 //! core ([`rackseed_formation::Node`]) with:
-//! - verified peer announcements and losses from discovery,
+//! - verified peer announcements and losses from discovery (the announcement's id is the one
+//!   discovery verified with the record; discovery also keeps each peer's addresses),
 //! - authenticated messages from the coordinator (and the replies to messages it sent),
 //! - a one-second tick,
 //! - the results of the long-running actions it started (node preparation with the MicroK8s
@@ -29,9 +30,8 @@
 mod effects;
 mod status;
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -108,14 +108,6 @@ enum TaskResult {
     Addons(Vec<AddonRow>),
 }
 
-struct PeerAddr {
-    ip: IpAddr,
-    port: u16,
-    fingerprint: String,
-    phase: String,
-    role: Option<String>,
-}
-
 struct Runtime {
     agent: Arc<Agent>,
     started: Instant,
@@ -124,7 +116,6 @@ struct Runtime {
     coordinator: Coordinator<Message>,
     client: Arc<CoordinatorClient>,
     tasks: mpsc::Sender<TaskResult>,
-    peers: BTreeMap<NodeId, PeerAddr>,
     state: StateFile,
     doc: StatusDoc,
     last_status_line: String,
@@ -222,7 +213,6 @@ impl Runtime {
             coordinator,
             client,
             tasks,
-            peers: BTreeMap::new(),
             state,
             last_status_line: String::new(),
             last_announcement: None,
@@ -289,10 +279,12 @@ impl Runtime {
         }
     }
 
+    /// The event for a discovery report. Discovery verified the record and its id, and keeps
+    /// the peer's addresses; the core gets the announcement and the preferred address.
     fn peer_event(&mut self, ev: PeerEvent) -> Option<Event> {
         match ev {
             PeerEvent::Seen(p) | PeerEvent::Updated(p) => {
-                let ann = match Announcement::from_txt(&p.fields) {
+                let ann = match Announcement::from_txt(&p.node_id, &p.fields) {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::debug!(peer = %p.node_id, error = %e, "ignoring announcement");
@@ -300,41 +292,16 @@ impl Runtime {
                     }
                 };
                 // Prefer IPv4: MicroK8s joins cannot use IPv6 seeds (reference A3).
-                let ip = p
-                    .addrs
-                    .iter()
-                    .find(|a| a.is_ipv4())
-                    .or_else(|| p.addrs.first())
-                    .copied()?;
-                if ann.id.as_str() != p.node_id {
-                    tracing::debug!(peer = %p.node_id, "announcement id differs from record id");
-                    return None;
-                }
-                let first = !self.peers.contains_key(&ann.id);
-                self.peers.insert(
-                    ann.id.clone(),
-                    PeerAddr {
-                        ip,
-                        port: p.port,
-                        fingerprint: p.fingerprint.clone(),
-                        phase: ann.phase.name().into(),
-                        role: ann.role.map(|r| r.name().to_owned()),
-                    },
-                );
-                if first {
-                    self.timeline(format!("saw {} at {ip}", ann.id));
-                }
+                let ip = p.preferred_addr()?;
+                self.note_peer_seen(&ann, ip);
                 Some(Event::PeerSeen { ann, ip })
             }
             PeerEvent::Lost { node_id } => {
                 let id = NodeId::new(node_id).ok()?;
-                // Keep the address: a lost mDNS record (expiry under load, an unsigned goodbye)
-                // does not mean the peer is gone, and the pinned coordinator client can still
-                // reach it. The formation core decides liveness.
-                if let Some(p) = self.peers.get_mut(&id) {
-                    p.phase = "lost".into();
-                }
-                self.timeline(format!("lost {id}"));
+                // Discovery keeps the address: a lost mDNS record (expiry under load, an
+                // unsigned goodbye) does not mean the peer is gone, and the pinned coordinator
+                // client can still reach it. The formation core decides liveness.
+                self.note_peer_lost(&id);
                 Some(Event::PeerLost { id })
             }
         }
@@ -471,12 +438,16 @@ impl Runtime {
 
     fn send(&mut self, to: NodeId, msg: Message) {
         tracing::trace!(peer = %to, msg = msg.kind(), "message out");
-        let Some(peer) = self.peers.get(&to) else {
+        let Some((peer, ip)) = self
+            .discovery
+            .peer(to.as_str())
+            .and_then(|p| p.preferred_addr().map(|ip| (p, ip)))
+        else {
             tracing::debug!(peer = %to, "no address for peer; message dropped");
             return;
         };
-        let addr = SocketAddr::new(peer.ip, peer.port);
-        let fp = peer.fingerprint.clone();
+        let addr = SocketAddr::new(ip, peer.port);
+        let fp = peer.fingerprint;
         let client = self.client.clone();
         let tasks = self.tasks.clone();
         tokio::spawn(async move {

@@ -7,12 +7,13 @@
 //! to the coordinator only when it changed. To show something new: add a field to
 //! `StatusDoc` (in `rackseed-protocol`) and fill it here.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::addons::progress::AddonProgress;
 use crate::system::microk8s::Status;
 use rackseed_config::Role;
-use rackseed_formation::{Event, Phase};
+use rackseed_formation::{Announcement, Event, NodeId, Phase};
 use rackseed_protocol::status::{AddonRow, MemberRow, Microk8sView, PeerRow, TimelineEntry};
 
 use super::Runtime;
@@ -29,6 +30,37 @@ pub(super) enum KubeconfigServing {
 }
 
 impl Runtime {
+    /// Shows peer `ann.id` at `ip` with its announced phase and role (a row per peer ever
+    /// seen, by id); the first sighting goes into the timeline.
+    pub(super) fn note_peer_seen(&mut self, ann: &Announcement, ip: IpAddr) {
+        let row = PeerRow {
+            node_id: ann.id.to_string(),
+            address: ip.to_string(),
+            phase: ann.phase.name().into(),
+            role: ann.role.map(|r| r.name().to_owned()),
+        };
+        let rows = &mut self.doc.peers;
+        match rows.binary_search_by(|r| r.node_id.as_str().cmp(ann.id.as_str())) {
+            Ok(i) => rows[i] = row,
+            Err(i) => {
+                rows.insert(i, row);
+                self.timeline(format!("saw {} at {ip}", ann.id));
+            }
+        }
+    }
+
+    /// Shows peer `id` as lost (its row stays, with its last address).
+    pub(super) fn note_peer_lost(&mut self, id: &NodeId) {
+        if let Ok(i) = self
+            .doc
+            .peers
+            .binary_search_by(|r| r.node_id.as_str().cmp(id.as_str()))
+        {
+            self.doc.peers[i].phase = "lost".into();
+        }
+        self.timeline(format!("lost {id}"));
+    }
+
     /// Notes a finished task's outcome in the timeline (and a failure as the last error).
     pub(super) fn note_task_event(&mut self, ev: &Event) {
         let (what, error) = match ev {
@@ -127,16 +159,6 @@ impl Runtime {
             .map(|(id, role)| MemberRow {
                 node_id: id.to_string(),
                 role: role.name().to_owned(),
-            })
-            .collect();
-        self.doc.peers = self
-            .peers
-            .iter()
-            .map(|(id, p)| PeerRow {
-                node_id: id.to_string(),
-                address: p.ip.to_string(),
-                phase: p.phase.clone(),
-                role: p.role.clone(),
             })
             .collect();
         // The loop calls this after every event; only a changed document is re-encoded.

@@ -1,6 +1,8 @@
 //! [`Announcement`]: the non-secret facts a node advertises over mDNS, and their TXT form.
 //!
-//! Discovery signs the TXT map and hands back only verified announcements. Announcements are
+//! Discovery signs the TXT map and hands back only verified announcements, each with the id of
+//! the node that signed it: the id travels once, as the signed record's own (the mDNS instance
+//! name), never inside the announcement's fields. Announcements are
 //! *hints* (who exists, who is the seed or slot authority, which cluster is visible); every
 //! decision that matters is taken by a Paxos round (see [`super`]), never by an announcement.
 //! To add a field: pick a short new key, write it in [`Announcement::to_txt`], read it
@@ -10,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Ballot, ClusterId, NodeId, PhaseSummary};
+use super::types::{Ballot, ClusterId, NodeId, NodeIdError, PhaseSummary};
 use rackseed_config::Role;
 
 /// Format version written under key `v`.
@@ -19,6 +21,7 @@ pub const ANNOUNCEMENT_VERSION: u32 = 1;
 /// What one node tells everybody about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announcement {
+    /// The announcing node: the verified record's id, not a TXT field.
     pub id: NodeId,
     /// Seed preference: higher wins.
     pub priority: u32,
@@ -46,6 +49,8 @@ pub enum AnnouncementError {
     Invalid { key: &'static str, value: String },
     #[error("announcement format version {0} is not supported (this agent speaks {ANNOUNCEMENT_VERSION})")]
     Version(String),
+    #[error("announcing node: {0}")]
+    Id(#[from] NodeIdError),
 }
 
 fn role_str(r: Role) -> &'static str {
@@ -59,11 +64,11 @@ fn role_str(r: Role) -> &'static str {
 const MAX_VALUE: usize = 190;
 
 impl Announcement {
-    /// The TXT record entries: short ASCII keys, each key+value under 200 bytes.
+    /// The TXT record entries: short ASCII keys, each key+value under 200 bytes. The id is
+    /// not among them: discovery sends it as the record's own, signed with the rest.
     pub fn to_txt(&self) -> Vec<(String, String)> {
         let mut out = vec![
             ("v".to_string(), ANNOUNCEMENT_VERSION.to_string()),
-            ("id".to_string(), self.id.to_string()),
             ("pr".to_string(), self.priority.to_string()),
             ("ph".to_string(), self.phase.as_str().to_string()),
             (
@@ -103,9 +108,13 @@ impl Announcement {
             && self.eligible == newer.eligible
     }
 
-    /// Parses a verified TXT map. Never panics; unknown keys are ignored (newer agents may add
-    /// some), missing optional keys take their default.
-    pub fn from_txt(txt: &BTreeMap<String, String>) -> Result<Announcement, AnnouncementError> {
+    /// Parses the verified TXT map of node `id` (the id of the record discovery verified).
+    /// Never panics; unknown keys are ignored (newer agents may add some; older ones sent an
+    /// `id` key of their own), missing optional keys take their default.
+    pub fn from_txt(
+        id: &str,
+        txt: &BTreeMap<String, String>,
+    ) -> Result<Announcement, AnnouncementError> {
         fn get<'a>(
             txt: &'a BTreeMap<String, String>,
             key: &'static str,
@@ -146,8 +155,7 @@ impl Announcement {
         if v != ANNOUNCEMENT_VERSION.to_string() {
             return Err(AnnouncementError::Version(v.chars().take(20).collect()));
         }
-        let id_s = need(txt, "id")?;
-        let id = NodeId::new(id_s).map_err(|_| invalid("id", id_s))?;
+        let id = NodeId::new(id)?;
         let priority = num("pr", need(txt, "pr")?)?;
         let ph = need(txt, "ph")?;
         let phase = PhaseSummary::parse(ph).ok_or_else(|| invalid("ph", ph))?;

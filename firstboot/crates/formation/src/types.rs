@@ -13,9 +13,14 @@ use serde::{Deserialize, Serialize};
 
 use rackseed_config::{ClusterConfig, MacAddr, Role};
 
-/// Stable node identity: lowercase hex, 1 to [`NodeId::MAX_LEN`] characters (from
-/// `/etc/machine-id`, 32 hex, or the primary MAC without separators). Its ordering is the
-/// election tiebreak (lower wins).
+/// Stable node identity, and the one rule for what a node id is: 1 to [`NodeId::MAX_LEN`]
+/// lowercase ASCII letters, digits or '-'. Agents use the lowercase hex of their machine id
+/// (see `firstboot`'s `identity`) or their primary MAC ([`NodeId::from_mac`]).
+///
+/// The same rule holds on the wire: discovery checks it for every announced id (the id is
+/// also the mDNS instance name, a DNS label, so lowercase only: DNS compares names
+/// case-insensitively) and the coordinator for every requester. Its ordering is the election
+/// tiebreak (lower wins).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct NodeId(String);
@@ -27,17 +32,24 @@ pub enum NodeIdError {
     Empty,
     #[error("node id is {0} characters long, at most 48 allowed")]
     TooLong(usize),
-    #[error("node id {0:?} is not lowercase hex")]
-    NotLowercaseHex(String),
+    #[error("node id {0:?} holds other characters than lowercase ASCII letters, digits and '-'")]
+    Characters(String),
 }
 
 impl NodeId {
-    /// Longest id (the discovery record's limit).
+    /// Longest id (it is also a DNS label and part of the mDNS host name).
     pub const MAX_LEN: usize = 48;
 
-    /// Validates `s` as lowercase hex of 1 to [`Self::MAX_LEN`] characters.
+    /// Validates `s` as a node id (see [`NodeId`] for the rule).
     pub fn new(s: impl Into<String>) -> Result<NodeId, NodeIdError> {
         let s = s.into();
+        Self::check(&s)?;
+        Ok(NodeId(s))
+    }
+
+    /// The node id rule itself, for callers that keep the id as text (discovery records,
+    /// coordinator requests).
+    pub fn check(s: &str) -> Result<(), NodeIdError> {
         if s.is_empty() {
             return Err(NodeIdError::Empty);
         }
@@ -46,11 +58,11 @@ impl NodeId {
         }
         if !s
             .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
         {
-            return Err(NodeIdError::NotLowercaseHex(s));
+            return Err(NodeIdError::Characters(s.to_owned()));
         }
-        Ok(NodeId(s))
+        Ok(())
     }
 
     /// The id derived from a MAC address: its 12 hex digits.

@@ -65,7 +65,8 @@ proptest! {
         }
         prop_assert!(total < 600, "TXT record of {total} bytes");
         let map: BTreeMap<String, String> = txt.into_iter().collect();
-        prop_assert_eq!(Announcement::from_txt(&map), Ok(ann));
+        prop_assert!(!map.contains_key("id"), "the id travels as the signed record's, once");
+        prop_assert_eq!(Announcement::from_txt(ann.id.as_str(), &map), Ok(ann));
     }
 
     /// Only the record ballot and the member count may wait for the heartbeat; a change of
@@ -94,6 +95,7 @@ proptest! {
     /// Arbitrary maps, biased towards our keys with near-miss values: never a panic.
     #[test]
     fn from_txt_never_panics(
+        id in prop_oneof![Just("0a".to_string()), "[0-9a-z-]{0,50}", "\\PC{0,20}"],
         entries in proptest::collection::vec(
             (
                 prop_oneof![
@@ -111,14 +113,13 @@ proptest! {
         )
     ) {
         let map: BTreeMap<String, String> = entries.into_iter().collect();
-        let _ = Announcement::from_txt(&map);
+        let _ = Announcement::from_txt(&id, &map);
     }
 }
 
 fn valid() -> BTreeMap<String, String> {
     [
         ("v", "1"),
-        ("id", "0a"),
         ("pr", "3"),
         ("ph", "memb"),
         ("ro", "cp"),
@@ -133,7 +134,8 @@ fn valid() -> BTreeMap<String, String> {
 
 #[test]
 fn from_txt_reports_what_is_wrong() {
-    let ann = Announcement::from_txt(&valid()).expect("valid");
+    let ann = Announcement::from_txt("0a", &valid()).expect("valid");
+    assert_eq!(ann.id, NodeId::new("0a").expect("id"), "the id is the record's");
     assert_eq!(
         ann.cluster,
         Some(ClusterId {
@@ -145,15 +147,26 @@ fn from_txt_reports_what_is_wrong() {
     assert!(ann.eligible);
 
     let mut m = valid();
-    m.remove("id");
+    m.remove("pr");
     assert_eq!(
-        Announcement::from_txt(&m),
-        Err(AnnouncementError::Missing("id"))
+        Announcement::from_txt("0a", &m),
+        Err(AnnouncementError::Missing("pr"))
     );
+    // An older agent's own `id` key is ignored: only the signed record's id counts.
+    let mut m = valid();
+    m.insert("id".into(), "0b".into());
+    assert_eq!(
+        Announcement::from_txt("0a", &m).map(|a| a.id),
+        Ok(NodeId::new("0a").expect("id"))
+    );
+    assert!(matches!(
+        Announcement::from_txt("0A", &valid()),
+        Err(AnnouncementError::Id(_))
+    ));
     let mut m = valid();
     m.insert("v".into(), "2".into());
     assert!(matches!(
-        Announcement::from_txt(&m),
+        Announcement::from_txt("0a", &m),
         Err(AnnouncementError::Version(_))
     ));
     for (k, bad) in [
@@ -164,13 +177,12 @@ fn from_txt_reports_what_is_wrong() {
         ("cl", "7"),
         ("cl", "x.0a"),
         ("rb", "1.XY"),
-        ("id", "0A"),
     ] {
         let mut m = valid();
         m.insert(k.into(), bad.into());
         assert!(
             matches!(
-                Announcement::from_txt(&m),
+                Announcement::from_txt("0a", &m),
                 Err(AnnouncementError::Invalid { .. })
             ),
             "{k}={bad}"
@@ -179,7 +191,7 @@ fn from_txt_reports_what_is_wrong() {
     let mut m = valid();
     m.insert("zz".into(), "from a newer agent".into());
     assert!(
-        Announcement::from_txt(&m).is_ok(),
+        Announcement::from_txt("0a", &m).is_ok(),
         "unknown keys are ignored"
     );
 }

@@ -368,7 +368,8 @@ impl Sim {
                 }
                 // Round-trip through the TXT form, as discovery would.
                 let txt: BTreeMap<String, String> = ann.to_txt().into_iter().collect();
-                let back = Announcement::from_txt(&txt).expect("own announcement parses");
+                let back = Announcement::from_txt(self.ids[i].as_str(), &txt)
+                    .expect("own announcement parses");
                 assert_eq!(back, ann, "announcement TXT round trip");
                 self.ann[i] = Some(ann.clone());
                 for j in 0..self.sc.n {

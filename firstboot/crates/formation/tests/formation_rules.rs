@@ -836,11 +836,13 @@ fn params_are_validated_and_built_from_config() {
 }
 
 #[test]
-fn node_ids_are_lowercase_hex() {
+fn node_ids_are_lowercase_letters_digits_and_dashes() {
     assert!(NodeId::new("0123abcdef").is_ok());
+    assert!(NodeId::new("node-xyz").is_ok());
     assert!(NodeId::new("").is_err());
     assert!(NodeId::new("ABCD").is_err());
-    assert!(NodeId::new("xyz").is_err());
+    assert!(NodeId::new("x_y").is_err());
+    assert!(NodeId::new("x.y").is_err());
     assert!(NodeId::new("a".repeat(49)).is_err());
     let mac: rackseed_config::MacAddr = "AA:bb:0c:00:11:22".parse().expect("mac");
     assert_eq!(NodeId::from_mac(mac).as_str(), "aabb0c001122");

@@ -21,12 +21,19 @@
 //! cannot present the pinned certificate, so the coordinator connection fails closed.
 //! Likewise `Lost` comes from unsigned goodbye packets or TTL expiry: treat it as a hint.
 //!
+//! The peer table: discovery is the one place that keeps what the network says about each
+//! verified peer (addresses, coordinator port and fingerprint, latest fields), by node id, also
+//! after its record was lost (the pinned coordinator client may still reach it). The agent asks
+//! it for addresses ([`Discovery::peer`], [`Discovery::peers`]) instead of keeping its own copy;
+//! the formation core keeps only what is its own (each peer's announcement and liveness).
+//! Node ids follow the one rule of [`rackseed_formation::NodeId`].
+//!
 //! To extend: new fixed fields go into [`record`]; new per-peer data the core needs goes into
 //! the application fields, not here.
 
 pub mod record;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +41,7 @@ use mdns_sd::{IfKind, IfPredicate, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::mpsc;
 
 use crate::secret::ClusterSecret;
+use rackseed_formation::NodeId;
 use record::{Freshness, RecordHeader, Rejection, ReplayGuard};
 
 /// Default service type.
@@ -76,7 +84,7 @@ pub fn is_virtual_interface(name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
     pub secret: ClusterSecret,
-    /// This node's stable id: 1 to 48 ASCII letters, digits or '-'. Also the instance name.
+    /// This node's stable id (the rule of [`NodeId`]). Also the instance name.
     pub node_id: String,
     /// The coordinator's TCP port.
     pub port: u16,
@@ -115,6 +123,18 @@ pub struct Peer {
     pub fingerprint: String,
     /// The peer's application fields (signed).
     pub fields: BTreeMap<String, String>,
+}
+
+impl Peer {
+    /// The address to reach the peer at: its first IPv4 address, else its first one. IPv4 is
+    /// preferred because MicroK8s joins cannot use IPv6 seeds.
+    pub fn preferred_addr(&self) -> Option<IpAddr> {
+        self.addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| self.addrs.first())
+            .copied()
+    }
 }
 
 /// What discovery tells the driver.
@@ -188,6 +208,27 @@ struct Shared {
     stats: DiscoveryStats,
     seq: u64,
     shut: bool,
+    /// The peer table, by node id.
+    peers: BTreeMap<String, KnownPeer>,
+}
+
+/// One entry of the peer table.
+struct KnownPeer {
+    /// The latest verified record, as last reported.
+    peer: Peer,
+    /// False once the record was lost (until it is seen again).
+    present: bool,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            stats: DiscoveryStats::default(),
+            seq: 0,
+            shut: false,
+            peers: BTreeMap::new(),
+        }
+    }
 }
 
 /// Handle of a running discovery. Dropping it shuts discovery down.
@@ -214,9 +255,7 @@ impl Discovery {
     pub fn start(
         cfg: DiscoveryConfig,
     ) -> Result<(Discovery, mpsc::Receiver<PeerEvent>), DiscoveryError> {
-        if !record::valid_node_id(&cfg.node_id) {
-            return Err(record::RecordError::NodeId(cfg.node_id).into());
-        }
+        NodeId::check(&cfg.node_id).map_err(record::RecordError::from)?;
         if !(cfg.service_type.ends_with("._tcp.local.")
             || cfg.service_type.ends_with("._udp.local."))
         {
@@ -260,17 +299,12 @@ impl Discovery {
                 return Err(DiscoveryError::Daemon(e.to_string()));
             }
         };
-        let shared = Arc::new(Mutex::new(Shared {
-            stats: DiscoveryStats::default(),
-            seq: 0,
-            shut: false,
-        }));
+        let shared = Arc::new(Mutex::new(Shared::new()));
         let (tx, rx) = mpsc::channel(256);
         let mut browser = Browser {
             cfg: settings.clone(),
             shared: shared.clone(),
             guard: ReplayGuard::new(),
-            peers: HashMap::new(),
             logged: HashSet::new(),
             tx,
         };
@@ -336,6 +370,18 @@ impl Discovery {
             .clone()
     }
 
+    /// The latest verified record of peer `node_id`, also after it was lost.
+    pub fn peer(&self, node_id: &str) -> Option<Peer> {
+        let s = self.shared.lock().expect("discovery state lock");
+        s.peers.get(node_id).map(|k| k.peer.clone())
+    }
+
+    /// Every peer verified so far (by node id), also those whose record was lost.
+    pub fn peers(&self) -> Vec<Peer> {
+        let s = self.shared.lock().expect("discovery state lock");
+        s.peers.values().map(|k| k.peer.clone()).collect()
+    }
+
     /// This boot's random id (as announced in `b`).
     pub fn boot_id(&self) -> &str {
         &self.cfg.boot
@@ -387,8 +433,6 @@ struct Browser {
     cfg: Arc<Settings>,
     shared: Arc<Mutex<Shared>>,
     guard: ReplayGuard,
-    /// Peers currently seen, by instance fullname.
-    peers: HashMap<String, Peer>,
     logged: HashSet<(String, Rejection)>,
     tx: mpsc::Sender<PeerEvent>,
 }
@@ -414,10 +458,9 @@ impl Browser {
                 addrs.dedup();
                 self.on_resolved(&svc.fullname, instance, &pairs, addrs)
             }
-            ServiceEvent::ServiceRemoved(_, fullname) => self
-                .peers
-                .remove(&fullname)
-                .map(|p| PeerEvent::Lost { node_id: p.node_id }),
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                self.on_removed(instance_label(&fullname, &self.cfg.service_type))
+            }
             _ => None,
         };
         match out {
@@ -467,7 +510,6 @@ impl Browser {
             }
         };
         shared.stats.accepted += 1;
-        drop(shared);
         let peer = Peer {
             node_id: rec.header.node_id,
             addrs,
@@ -475,20 +517,36 @@ impl Browser {
             fingerprint: rec.header.fingerprint,
             fields: rec.fields,
         };
-        match self.peers.get(fullname) {
-            None => {
+        let event = match shared.peers.get(&peer.node_id) {
+            None | Some(KnownPeer { present: false, .. }) => {
                 tracing::info!(peer = %peer.node_id, addrs = ?peer.addrs, "peer seen");
-                self.peers.insert(fullname.to_string(), peer.clone());
-                Some(PeerEvent::Seen(peer))
+                PeerEvent::Seen(peer.clone())
             }
             // A newer record with the same content is the peer's heartbeat: report it, so the
             // formation core keeps counting the peer as present.
-            Some(old) if *old == peer && !newer => None,
-            Some(_) => {
-                self.peers.insert(fullname.to_string(), peer.clone());
-                Some(PeerEvent::Updated(peer))
-            }
+            Some(old) if old.peer == peer && !newer => return None,
+            Some(_) => PeerEvent::Updated(peer.clone()),
+        };
+        let known = KnownPeer {
+            peer,
+            present: true,
+        };
+        shared.peers.insert(known.peer.node_id.clone(), known);
+        Some(event)
+    }
+
+    /// The service of instance `instance` went away: its peer (if one was seen) is lost. The
+    /// table keeps its record, marked lost.
+    fn on_removed(&mut self, instance: Option<&str>) -> Option<PeerEvent> {
+        let mut shared = self.shared.lock().expect("discovery state lock");
+        let known = shared.peers.get_mut(instance?)?;
+        if !known.present {
+            return None;
         }
+        known.present = false;
+        Some(PeerEvent::Lost {
+            node_id: known.peer.node_id.clone(),
+        })
     }
 
     fn log_once(&mut self, fullname: &str, r: Rejection) {
@@ -565,13 +623,8 @@ mod tests {
                 service_type: SERVICE_TYPE.into(),
                 ipv6: false,
             }),
-            shared: Arc::new(Mutex::new(Shared {
-                stats: DiscoveryStats::default(),
-                seq: 0,
-                shut: false,
-            })),
+            shared: Arc::new(Mutex::new(Shared::new())),
             guard: ReplayGuard::new(),
-            peers: HashMap::new(),
             logged: HashSet::new(),
             tx,
         };
@@ -675,6 +728,38 @@ mod tests {
             vec![],
         );
         assert!(matches!(e, Some(PeerEvent::Seen(_))), "{e:?}");
+    }
+
+    #[test]
+    fn the_peer_table_keeps_a_lost_peer_and_reports_it_seen_again() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let full = "peer._rackseed._tcp.local.";
+        let addrs: Vec<IpAddr> = vec!["fe80::1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        let rec = signed(&s, "peer", "bbbbbbbbbbbbbbbb", 1, "a");
+        let e = b.on_resolved(full, Some("peer"), &rec, addrs.clone());
+        let Some(PeerEvent::Seen(p)) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(p.preferred_addr(), Some("10.0.0.2".parse().unwrap()), "IPv4 first");
+        assert_eq!(
+            b.on_removed(Some("peer")),
+            Some(PeerEvent::Lost {
+                node_id: "peer".into()
+            })
+        );
+        assert_eq!(b.on_removed(Some("peer")), None, "lost once");
+        assert_eq!(b.on_removed(Some("stranger")), None);
+        {
+            let shared = b.shared.lock().unwrap();
+            let known = &shared.peers["peer"];
+            assert!(!known.present);
+            assert_eq!(known.peer, p, "a lost peer keeps its record (and addresses)");
+        }
+        // The same record again after the loss: seen again.
+        let e = b.on_resolved(full, Some("peer"), &rec, addrs);
+        assert!(matches!(e, Some(PeerEvent::Seen(_))), "{e:?}");
+        assert!(b.shared.lock().unwrap().peers["peer"].present);
     }
 
     #[test]

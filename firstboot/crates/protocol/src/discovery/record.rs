@@ -8,7 +8,7 @@
 //! |--------|-------------------------------------------------------------------------|
 //! | `v`    | protocol version, [`PROTOCOL_VERSION`]                                  |
 //! | `c`    | cluster tag ([`ClusterSecret::cluster_tag`], 16 hex; not the name)      |
-//! | `id`   | node id (the service instance name is the node id too)                  |
+//! | `id`   | node id; must equal the service instance name (both are signed)        |
 //! | `p`    | coordinator TCP port                                                    |
 //! | `fp`   | hex SHA-256 of the coordinator certificate (DER), 64 lowercase hex      |
 //! | `b`    | per-boot random id, 16 lowercase hex                                    |
@@ -20,6 +20,9 @@
 //! key (each length-prefixed), so no field can be changed, dropped, added or moved to another
 //! instance without breaking it. Nothing secret is in the record.
 //!
+//! The node id follows the one rule of [`NodeId`] (the formation crate's), and this record is
+//! the only place it travels: the application fields carry no id of their own.
+//!
 //! To add a fixed field: give it a short key, add it to [`FIXED_KEYS`], encode it in
 //! [`encode_record`] and validate it in [`decode_record`]; bump [`PROTOCOL_VERSION`] when old
 //! nodes would misread it.
@@ -30,6 +33,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use hmac::{Hmac, Mac};
+use rackseed_formation::{NodeId, NodeIdError};
 use sha2::Sha256;
 
 /// Version of this record format; records with another version are dropped.
@@ -39,7 +43,7 @@ pub const APP_PREFIX: &str = "a.";
 /// Keys of the fixed (non-application) fields, signature excluded.
 pub const FIXED_KEYS: [&str; 7] = ["v", "c", "id", "p", "fp", "b", "s"];
 /// Longest node id (it is also a DNS label and part of the host name).
-pub const MAX_NODE_ID_LEN: usize = 48;
+pub const MAX_NODE_ID_LEN: usize = NodeId::MAX_LEN;
 /// Longest application key (without the `a.` prefix).
 pub const MAX_APP_KEY_LEN: usize = 32;
 /// Longest `key=value` TXT string (DNS limits one string to 255 bytes).
@@ -104,8 +108,8 @@ impl Rejection {
 /// Errors building a record from local input (a caller bug, reported before anything is sent).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    #[error("node id {0:?} is not 1 to 48 ASCII letters, digits or '-'")]
-    NodeId(String),
+    #[error(transparent)]
+    NodeId(#[from] NodeIdError),
     #[error("announcement field key {0:?} is not 1 to 32 printable ASCII characters without '=' or spaces")]
     FieldKey(String),
     #[error("announcement field {0:?} appears twice")]
@@ -122,10 +126,9 @@ pub enum RecordError {
     Fingerprint(String),
 }
 
+/// Whether `id` is a node id: the one rule, [`NodeId::check`], for ids kept as text.
 pub fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_NODE_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    NodeId::check(id).is_ok()
 }
 
 fn valid_app_key(k: &str) -> bool {
@@ -163,9 +166,7 @@ pub fn encode_record(
     header: &RecordHeader,
     fields: &[(String, String)],
 ) -> Result<Vec<(String, String)>, RecordError> {
-    if !valid_node_id(&header.node_id) {
-        return Err(RecordError::NodeId(header.node_id.clone()));
-    }
+    NodeId::check(&header.node_id)?;
     if !is_lower_hex(&header.fingerprint, 64) {
         return Err(RecordError::Fingerprint(header.fingerprint.clone()));
     }
