@@ -329,7 +329,7 @@ struct NodeHistory {
 /// Orders signed records per node id by (boot, seq) without any clock.
 ///
 /// Within one boot, a lower `seq` than the last accepted is stale. A boot id is random, so two
-/// boots cannot be ordered; instead the guard remembers the last [`BOOTS_REMEMBERED`] boot ids
+/// boots cannot be ordered; instead the guard remembers the last 16 (`BOOTS_REMEMBERED`) boot ids
 /// of each node and treats a record from a boot the node already left as stale.
 ///
 /// What this prevents: replaying an older announcement of the current boot (e.g. an earlier
