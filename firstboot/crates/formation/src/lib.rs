@@ -157,6 +157,11 @@
 //! ```
 //! Within `Member`, a control-plane node may be the slot *authority* (grants, confirms,
 //! reclaims, claims addons) or take over that duty; any node in any phase answers as acceptor.
+//! Not drawn: a waiting node whose Refresh round finds no record at all goes back to
+//! `Discovering`; a waiting node follows a newer cluster it hears of. Debug builds check every
+//! phase change against this machine (`phase_change_allowed` in `node/mod.rs`, which also
+//! demands that a node joins only the cluster it was granted a slot in and that only a
+//! deposed seed leaves `Member`), so the property tests fail loudly when a change breaks it.
 //!
 //! # Driver contract
 //!

@@ -47,7 +47,14 @@ impl Node {
 
     /// Promises `ballot` unless a higher one was promised; the answer to send.
     pub(super) fn acceptor_prepare(&mut self, ballot: Ballot, out: &mut Vec<Action>) -> Message {
+        let before = self.st.acceptor.promised.clone();
         self.st.max_ballot = self.st.max_ballot.max(ballot.n);
+        let reply = self.promise_or_refuse(ballot, out);
+        self.debug_check_promise(before.as_ref());
+        reply
+    }
+
+    fn promise_or_refuse(&mut self, ballot: Ballot, out: &mut Vec<Action>) -> Message {
         match &self.st.acceptor.promised {
             Some(p) if *p > ballot => Message::Nack {
                 ballot,
@@ -76,6 +83,7 @@ impl Node {
         next: Option<Ballot>,
         out: &mut Vec<Action>,
     ) -> Message {
+        let before = self.st.acceptor.promised.clone();
         self.st.max_ballot = self.st.max_ballot.max(ballot.n);
         let acc = Accepted {
             ballot: ballot.clone(),
@@ -111,6 +119,38 @@ impl Node {
         if changed {
             self.persist(out);
         }
+        self.debug_check_promise(before.as_ref());
         Message::Accepted { ballot, next }
+    }
+
+    /// The acceptor's binding state, after every change (`before` was its promise): a promise
+    /// never moves back, is never above the highest ballot number reserved or seen (so this
+    /// node's next ballot is higher), and nothing was accepted above it.
+    fn debug_check_promise(&self, before: Option<&Ballot>) {
+        let a = &self.st.acceptor;
+        debug_assert!(
+            a.promised.as_ref() >= before,
+            "{}: promise moved back from {before:?} to {:?}",
+            self.me,
+            a.promised
+        );
+        debug_assert!(
+            a.promised
+                .as_ref()
+                .is_none_or(|p| p.n <= self.st.max_ballot),
+            "{}: promised {:?} above max ballot {}",
+            self.me,
+            a.promised,
+            self.st.max_ballot
+        );
+        debug_assert!(
+            a.accepted
+                .as_ref()
+                .is_none_or(|acc| a.promised.as_ref().is_some_and(|p| acc.ballot <= *p)),
+            "{}: accepted {:?} above promise {:?}",
+            self.me,
+            a.accepted.as_ref().map(|acc| &acc.ballot),
+            a.promised
+        );
     }
 }

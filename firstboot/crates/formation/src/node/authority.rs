@@ -142,6 +142,11 @@ impl Node {
 
     /// The authority's next record change on the chosen record `rec`, if any.
     pub(super) fn authority_op(&self, now: Duration, rec: &Record) -> Option<Op> {
+        debug_assert!(
+            self.is_authority() && self.chosen() == Some(rec),
+            "{}: authority duties without being the authority of the chosen record",
+            self.me
+        );
         // 1. join results. The round that records one also grants the slot it frees to the
         // next requester and claims the addons if HA is complete (each change is re-checked
         // by `apply` on the record read, exactly as in a round of its own), so a join costs

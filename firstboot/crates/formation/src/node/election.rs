@@ -16,6 +16,7 @@ use crate::types::{ClusterId, NodeId, Phase};
 impl Node {
     /// The decision step while `Discovering`: join a known cluster, or elect myself seed.
     pub(super) fn drive_discovering(&mut self, now: Duration, out: &mut Vec<Action>) {
+        debug_assert_eq!(self.st.phase, Phase::Discovering, "{}", self.me);
         if let Some(cluster) = self.hint().map(|h| h.cluster.clone()) {
             // Rule: an existing cluster wins; never start a second one.
             self.set_phase(
@@ -68,6 +69,12 @@ impl Node {
         members: u32,
         out: &mut Vec<Action>,
     ) -> bool {
+        debug_assert!(
+            matches!(self.st.phase, Phase::WaitingForSlot { .. }),
+            "{}: re-election in phase {:?}",
+            self.me,
+            self.st.phase
+        );
         let untouched = match self.known().filter(|r| r.cluster == cluster) {
             Some(r) => r.is_untouched(),
             None => members <= 1,

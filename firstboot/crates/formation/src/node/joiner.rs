@@ -46,6 +46,7 @@ impl Node {
 
     /// The decision step while `Preparing`: (re)issue the preparation, or move on once done.
     pub(super) fn drive_preparing(&mut self, now: Duration, out: &mut Vec<Action>) {
+        debug_assert_eq!(self.st.phase, Phase::Preparing, "{}", self.me);
         if !self.st.prepared && self.prepare_at.is_none_or(|t| now >= t) {
             self.prepare_at = Some(now + self.params.join_timeout);
             out.push(Action::PrepareNode);
@@ -64,6 +65,12 @@ impl Node {
         cluster: ClusterId,
         out: &mut Vec<Action>,
     ) {
+        debug_assert!(
+            matches!(&self.st.phase, Phase::WaitingForSlot { cluster: c } if *c == cluster),
+            "{}: waiting step in phase {:?}",
+            self.me,
+            self.st.phase
+        );
         let Some((hint_cluster, authority, members)) = self
             .hint()
             .map(|h| (h.cluster.clone(), h.authority.clone(), h.members))
@@ -151,6 +158,13 @@ impl Node {
         role: Role,
         out: &mut Vec<Action>,
     ) {
+        // Only a waiting node uses a grant (`usable_grant`).
+        debug_assert!(
+            matches!(self.st.phase, Phase::WaitingForSlot { .. }),
+            "{}: join started in phase {:?}",
+            self.me,
+            self.st.phase
+        );
         self.reqs.clear();
         // The join starts before its phase is persisted: a restart turns `Joining` back into
         // `WaitingForSlot` (see `Node::new`), so the persisted `Joining` only informs `status`,
@@ -242,6 +256,13 @@ impl Node {
         role: Role,
         out: &mut Vec<Action>,
     ) {
+        debug_assert!(
+            matches!(&self.st.phase, Phase::Confirming { cluster: c, seq: s, role: r }
+                if *c == cluster && *s == seq && *r == role),
+            "{}: confirming step in phase {:?}",
+            self.me,
+            self.st.phase
+        );
         if self
             .last_request
             .is_some_and(|t| now.saturating_sub(t) < self.params.retry_interval)

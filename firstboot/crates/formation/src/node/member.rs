@@ -11,12 +11,18 @@ use std::time::Duration;
 
 use super::{rank, Node, Op};
 use crate::events::Action;
-use crate::types::Record;
+use crate::types::{Phase, Record};
 use rackseed_config::Role;
 
 impl Node {
     /// The decision step while a `Member` with `role`.
     pub(super) fn drive_member(&mut self, now: Duration, role: Role, out: &mut Vec<Action>) {
+        debug_assert!(
+            matches!(&self.st.phase, Phase::Member { role: r, .. } if *r == role),
+            "{}: member step in phase {:?}",
+            self.me,
+            self.st.phase
+        );
         let Some(rec) = self.chosen() else {
             // Only control-plane members act on the record; they learn it with one round, but
             // only once they have a reason to act: a round of theirs would compete with the

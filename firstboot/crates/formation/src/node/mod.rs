@@ -60,6 +60,50 @@ fn coalesce_persists(out: &mut Vec<Action>) {
     }
 }
 
+/// Whether node `me` may go from phase `from` to a different phase `to`: the state machine in
+/// the crate documentation, each step keeping the cluster it must keep. Checked by
+/// `Node::set_phase` in debug builds (so the property tests fail loudly when a change breaks
+/// it); a new phase change needs its line here.
+fn phase_change_allowed(from: &Phase, to: &Phase, me: &NodeId) -> bool {
+    use Phase::*;
+    match (from, to) {
+        (Preparing, Discovering) => true,
+        // A cluster became known, or a Refresh found none.
+        (Discovering, WaitingForSlot { .. }) | (WaitingForSlot { .. }, Discovering) => true,
+        // Only my own election makes me a member without a join: I am its seed.
+        (Discovering, Member { cluster, .. }) => cluster.seed == *me,
+        // The newest cluster changed; a fresh grant; recorded as a member (the authority's
+        // confirmation, or a record of my own re-election).
+        (WaitingForSlot { .. }, WaitingForSlot { .. } | Joining { .. } | Member { .. }) => true,
+        // The join ended: it reports the slot it was granted, or asks again in its cluster.
+        (
+            Joining {
+                cluster, seq, role, ..
+            },
+            Confirming {
+                cluster: c,
+                seq: s,
+                role: r,
+            },
+        ) => cluster == c && seq == s && role == r,
+        (Joining { cluster, .. }, WaitingForSlot { cluster: c }) => cluster == c,
+        // A node joins one cluster only: the one it was granted a slot in.
+        (Joining { cluster, .. } | Confirming { cluster, .. }, Member { cluster: c, .. }) => {
+            cluster == c
+        }
+        // Only a deposed seed leaves its cluster: a re-election replaces only a cluster in
+        // which nothing happened, whose only member is its seed.
+        (
+            Member {
+                cluster,
+                role: Role::ControlPlane,
+            },
+            WaitingForSlot { cluster: c },
+        ) => cluster.seed == *me && cluster != c,
+        _ => false,
+    }
+}
+
 /// Election order: higher priority first, then lower id.
 fn rank(priority: u32, id: &NodeId) -> (Reverse<u32>, NodeId) {
     (Reverse(priority), id.clone())
@@ -333,8 +377,16 @@ impl Node {
         out.push(Action::Persist(self.st.clone()));
     }
 
+    /// Moves to `phase` (persisting it) if it differs from the current one. Debug builds
+    /// check the change against the state machine ([`phase_change_allowed`]).
     fn set_phase(&mut self, phase: Phase, out: &mut Vec<Action>) {
         if self.st.phase != phase {
+            debug_assert!(
+                phase_change_allowed(&self.st.phase, &phase, &self.me),
+                "{}: illegal phase change {:?} -> {phase:?}",
+                self.me,
+                self.st.phase
+            );
             self.st.phase = phase;
             self.persist(out);
         }

@@ -108,6 +108,19 @@ impl Node {
     }
 
     pub(super) fn start_round(&mut self, now: Duration, op: Op, out: &mut Vec<Action>) {
+        // One round at a time (callers check `can_propose`), and none before the node is
+        // prepared.
+        debug_assert!(
+            self.round.is_none(),
+            "{}: {op:?} started over {}",
+            self.me,
+            self.debug_round()
+        );
+        debug_assert!(
+            self.st.phase != Phase::Preparing,
+            "{}: {op:?} started while preparing",
+            self.me
+        );
         // Phase 1 done ahead by my last round's Accepts, if nothing was heard of since.
         let prepared = self.prepared.take().filter(|p| {
             self.st.known.as_ref().map(|k| &k.ballot) == Some(&p.base.ballot)
@@ -335,6 +348,17 @@ impl Node {
             base: acc.clone(),
             promises: round.next_promises,
         });
+        // My ballots only grow, and a node sees a record chosen only by its own rounds.
+        debug_assert!(
+            self.st
+                .chosen
+                .as_ref()
+                .is_none_or(|c| c.ballot < acc.ballot),
+            "{}: chosen at {} after {:?}",
+            self.me,
+            acc.ballot,
+            self.st.chosen.as_ref().map(|c| &c.ballot)
+        );
         self.learn(&acc);
         self.st.chosen = Some(acc.clone());
         self.round_done(now, round.op, acc.record, out);

@@ -93,6 +93,10 @@ pub fn apply(
         Op::AddonsDone => mark_addons_done(&mut r, me),
         Op::Refresh | Op::Batch(_) => {}
     }
+    debug_assert!(
+        r.electorate == cur.electorate && r.seq >= cur.seq,
+        "{op:?} changed the electorate or moved the slot sequence back"
+    );
     Some(r)
 }
 
