@@ -63,6 +63,29 @@ fn mode_owner(stat: &str) -> (String, String, String) {
     (mode, user, group)
 }
 
+fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Names of SSH host keys (`ssh_host_*_key` and `.pub`) in the image's `/etc/ssh`.
+async fn ssh_host_keys_in(image: &Path, offset: u64) -> Vec<String> {
+    let (_, text) = output(
+        "debugfs",
+        &[
+            "-R",
+            "ls -p /etc/ssh",
+            &format!("{}?offset={offset}", image.display()),
+        ],
+    )
+    .await;
+    imagebuilder::customize::ext4::parse_ls_p(&text)
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| imagebuilder::customize::is_ssh_host_key(n))
+        .collect()
+}
+
 /// Checks shared by every built image: layout, clean filesystems, rackseed files with the
 /// right owner and mode, bmap round trip, SHA256SUMS, inspect never printing the secret.
 async fn check_common(
@@ -72,6 +95,14 @@ async fn check_common(
     work: &Path,
 ) -> disk::PartitionTable {
     let img = &out.image;
+    // Every form of the image holds the secret: owner-only, whatever the umask.
+    for p in [Some(img), out.compressed.as_ref(), out.qcow2.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(file_mode(p), 0o600, "{} must be 0600", p.display());
+    }
+    assert_eq!(file_mode(&out.bmap), 0o644, "the block map holds no secret");
     let t = disk::read_table(img).await.unwrap();
     let l = compose::labels(target);
     let root = t.by_label(l.root).unwrap().clone();
@@ -165,6 +196,44 @@ async fn check_common(
         link.contains("Type: symlink")
             && link.contains("/etc/systemd/system/rackseed-firstboot.service"),
         "{link}"
+    );
+    // One image, many machines: no identity is baked in. No SSH host key (each machine makes
+    // its own at first boot: the overlay's unit, enabled, or cloud-init's ssh module), and an
+    // empty machine id.
+    assert_eq!(
+        ssh_host_keys_in(img, root.start).await,
+        Vec::<String>::new(),
+        "SSH host keys in the image"
+    );
+    let keygen = cat(
+        img,
+        root.start,
+        "/etc/systemd/system/rackseed-ssh-hostkeys.service",
+    )
+    .await;
+    assert!(
+        keygen.contains("ExecStart=/usr/bin/ssh-keygen -A")
+            && keygen.contains("ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key")
+            && keygen.contains("Before=ssh.service"),
+        "{keygen}"
+    );
+    for wants in ["multi-user.target.wants", "ssh.service.wants"] {
+        let link = stat(
+            img,
+            root.start,
+            &format!("/etc/systemd/system/{wants}/rackseed-ssh-hostkeys.service"),
+        )
+        .await;
+        assert!(link.contains("Type: symlink"), "{wants}: {link}");
+    }
+    let machine_id = stat(img, root.start, "/etc/machine-id").await;
+    assert_eq!(
+        machine_id
+            .split("Size:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next()),
+        Some("0"),
+        "/etc/machine-id must be empty: {machine_id}"
     );
     let secret = cat(img, root.start, "/etc/rackseed/cluster.secret").await;
     assert_eq!(secret, s.secret.to_file_contents());
@@ -294,6 +363,11 @@ async fn check_common(
         shown.contains("cluster secret: present, mode 0600"),
         "{shown}"
     );
+    assert!(
+        shown.contains("image file: mode 0600 (it holds the cluster secret"),
+        "{shown}"
+    );
+    assert!(shown.contains("ssh host keys: none baked in"), "{shown}");
     assert!(
         !shown.contains(s.secret.to_file_contents().trim())
             && !shown.contains(&s.secret.microk8s_token()),
@@ -630,7 +704,56 @@ fn unfinished_packages_reads_dpkg_status() {
 async fn x86_64_efi_from_an_official_shaped_qcow2() {
     require_all_tools();
     let dir = tempfile::tempdir().unwrap();
-    let raw = official_fixture(Target::X86_64Efi).await;
+    let fixture = official_fixture(Target::X86_64Efi).await;
+    // A base that was booted once carries SSH host keys, as any image made by installing
+    // openssh-server does: plant some in a copy, so the build has to take them out.
+    let raw = dir.path().join("base.raw");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            fixture.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let base_root = disk::read_table(&raw)
+        .await
+        .unwrap()
+        .by_label("cloudimg-rootfs")
+        .unwrap()
+        .start;
+    let key = dir.path().join("fake-host-key");
+    std::fs::write(
+        &key,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nshared by every machine\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let cmds = dir.path().join("plant.cmd");
+    let mut plant = String::from("mkdir /etc/ssh\n");
+    for name in [
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+        "ssh_host_rsa_key",
+    ] {
+        plant.push_str(&format!("write {} /etc/ssh/{name}\n", key.display()));
+    }
+    std::fs::write(&cmds, plant).unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-f",
+            cmds.to_str().unwrap(),
+            &format!("{}?offset={base_root}", raw.display()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ssh_host_keys_in(&raw, base_root).await.len(),
+        3,
+        "keys planted in the base"
+    );
     let q = dir.path().join("noble-server-cloudimg-amd64.img");
     run(
         "qemu-img",
