@@ -135,7 +135,11 @@ fn valid() -> BTreeMap<String, String> {
 #[test]
 fn from_txt_reports_what_is_wrong() {
     let ann = Announcement::from_txt("0a", &valid()).expect("valid");
-    assert_eq!(ann.id, NodeId::new("0a").expect("id"), "the id is the record's");
+    assert_eq!(
+        ann.id,
+        NodeId::new("0a").expect("id"),
+        "the id is the record's"
+    );
     assert_eq!(
         ann.cluster,
         Some(ClusterId {
