@@ -741,7 +741,11 @@ mod tests {
         let Some(PeerEvent::Seen(p)) = e else {
             panic!("{e:?}")
         };
-        assert_eq!(p.preferred_addr(), Some("10.0.0.2".parse().unwrap()), "IPv4 first");
+        assert_eq!(
+            p.preferred_addr(),
+            Some("10.0.0.2".parse().unwrap()),
+            "IPv4 first"
+        );
         assert_eq!(
             b.on_removed(Some("peer")),
             Some(PeerEvent::Lost {
@@ -754,7 +758,10 @@ mod tests {
             let shared = b.shared.lock().unwrap();
             let known = &shared.peers["peer"];
             assert!(!known.present);
-            assert_eq!(known.peer, p, "a lost peer keeps its record (and addresses)");
+            assert_eq!(
+                known.peer, p,
+                "a lost peer keeps its record (and addresses)"
+            );
         }
         // The same record again after the loss: seen again.
         let e = b.on_resolved(full, Some("peer"), &rec, addrs);
