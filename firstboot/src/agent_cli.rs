@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// Where to write MicroK8s' launch configuration.
     #[arg(long, default_value = crate::system::microk8s::DEFAULT_LAUNCH_CONFIG)]
     pub launch_config: PathBuf,
+    /// MicroK8s' cluster agent certificate (`$SNAP_DATA/certs/server.crt`): its fingerprint
+    /// goes into every grant this node hands out, and joiners check it.
+    #[arg(long, default_value = crate::system::microk8s::DEFAULT_CLUSTER_AGENT_CERT)]
+    pub cluster_agent_cert: PathBuf,
     /// Scale the formation timers down for simulated clusters: join timeout in seconds (slot
     /// reclaim and takeover delays follow). Not for real MicroK8s, whose joins take minutes.
     #[arg(long, hide = true)]
@@ -77,6 +81,7 @@ impl RunArgs {
             snap: self.snap_bin.clone(),
             dqlite: self.dqlite_bin.clone(),
             launch_config: self.launch_config.clone(),
+            cluster_agent_cert: self.cluster_agent_cert.clone(),
             ..RealMicrok8sConfig::default()
         })
     }

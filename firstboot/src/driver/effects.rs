@@ -19,7 +19,7 @@ use super::{addons_file, Agent, Runtime, TaskResult};
 use crate::addons::{self, progress::AddonProgress};
 use crate::system::microk8s::{InstallSource, JoinRole, JoinTarget, Microk8s, Status};
 use rackseed_config::{Metallb, Target};
-use rackseed_formation::Event;
+use rackseed_formation::{Event, JoinPoint};
 
 /// Timeout for waiting until MicroK8s is ready after install.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -29,22 +29,30 @@ impl Runtime {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let lone = self.lone.clone();
+        let peers = self.peer_addrs();
         tokio::spawn(async move {
             let result = prepare(&agent, &tasks, &lone)
                 .await
                 .map_err(|e| format!("{e:#}"));
+            // MicroK8s is installed now: the join point is known before the core hears that
+            // preparation is done, so this node may grant slots as soon as it is authority.
+            if let Some(jp) = learn_join_point(&agent, &peers).await {
+                let _ = tasks
+                    .send(TaskResult::Event(Box::new(Event::JoinPointKnown(jp))))
+                    .await;
+            }
             let _ = tasks
                 .send(TaskResult::Event(Box::new(Event::NodePrepared(result))))
                 .await;
         });
     }
 
-    pub(super) fn spawn_join(&self, seed_ip: IpAddr, worker: bool, timeout: Duration) {
+    pub(super) fn spawn_join(&self, via: JoinPoint, worker: bool, timeout: Duration) {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let lone = self.lone.swap(false, Ordering::SeqCst);
         tokio::spawn(async move {
-            let joining = join(&agent, seed_ip, worker, lone);
+            let joining = join(&agent, via, worker, lone);
             let result = match tokio::time::timeout(timeout, joining).await {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
                 Err(_) => Err(format!("join did not finish within {timeout:?}")),
@@ -55,15 +63,19 @@ impl Runtime {
         });
     }
 
-    pub(super) fn spawn_addons(&self) {
-        let agent = self.agent.clone();
-        let tasks = self.tasks.clone();
-        let peers: Vec<IpAddr> = self
-            .discovery
+    /// The verified peers' addresses (one each, IPv4 first).
+    fn peer_addrs(&self) -> Vec<IpAddr> {
+        self.discovery
             .peers()
             .iter()
             .filter_map(|p| p.preferred_addr())
-            .collect();
+            .collect()
+    }
+
+    pub(super) fn spawn_addons(&self) {
+        let agent = self.agent.clone();
+        let tasks = self.tasks.clone();
+        let peers = self.peer_addrs();
         tokio::spawn(async move {
             let result = enable_addons(&agent, &tasks, &peers)
                 .await
@@ -78,6 +90,7 @@ impl Runtime {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let ha_size = (agent.config.cluster.control_plane as usize).min(3);
+        let peers = self.peer_addrs();
         tokio::spawn(async move {
             let view = agent
                 .microk8s
@@ -86,7 +99,130 @@ impl Runtime {
                 .ok()
                 .map(|st| microk8s_view(st, ha_size));
             let _ = tasks.send(TaskResult::Microk8s(view)).await;
+            // A restarted member prepares nothing, and an address can change: re-learnt on
+            // every poll (the core acts only on a change).
+            if let Some(jp) = learn_join_point(&agent, &peers).await {
+                let _ = tasks
+                    .send(TaskResult::Event(Box::new(Event::JoinPointKnown(jp))))
+                    .await;
+            }
         });
+    }
+}
+
+/// Where other nodes join this one: its own address on the cluster network and its MicroK8s
+/// cluster agent's certificate fingerprint. `None` until MicroK8s is installed.
+async fn learn_join_point(agent: &Agent, peers: &[IpAddr]) -> Option<JoinPoint> {
+    let fingerprint = match agent.microk8s.cluster_agent_fingerprint().await {
+        Ok(fp) => fp,
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "cluster agent fingerprint not known yet");
+            return None;
+        }
+    };
+    let ip = own_address(&local_addresses(&agent.interfaces), peers)?;
+    JoinPoint::new(ip, fingerprint)
+}
+
+/// One address of this node: interface name, address, prefix length.
+type LocalAddr = (String, IpAddr, u8);
+
+/// This node's addresses on the interfaces discovery uses (no IPv6 link-local ones).
+fn local_addresses(interfaces: &rackseed_protocol::discovery::InterfaceChoice) -> Vec<LocalAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            let mask = ifa.netmask;
+            let (ip, prefix) = if let Some(v4) = addr.as_sockaddr_in() {
+                let bits = mask
+                    .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
+                    .unwrap_or(32);
+                (IpAddr::V4(v4.ip()), bits as u8)
+            } else {
+                let v6 = addr.as_sockaddr_in6()?.ip();
+                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                    return None;
+                }
+                let bits = mask
+                    .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
+                    .unwrap_or(128);
+                (IpAddr::V6(v6), bits as u8)
+            };
+            interfaces
+                .wants(&ifa.interface_name, ip.is_loopback())
+                .then(|| (ifa.interface_name.clone(), ip, prefix))
+        })
+        .collect()
+}
+
+/// The address joiners should dial: the local address whose subnet holds the most verified
+/// peers (a VM's cluster NIC rather than its management NIC, whose address every VM shares),
+/// then IPv4 before IPv6, then by interface name. The joiner dials the address the
+/// authenticated grant names, never one read from an (unsigned) mDNS address record.
+fn own_address(local: &[LocalAddr], peers: &[IpAddr]) -> Option<IpAddr> {
+    let in_subnet = |ip: IpAddr, prefix: u8, peer: IpAddr| match (ip, peer) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & m == u32::from(b) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & m == u128::from(b) & m
+        }
+        _ => false,
+    };
+    local
+        .iter()
+        .min_by_key(|(name, ip, prefix)| {
+            let near = peers
+                .iter()
+                .filter(|p| in_subnet(*ip, *prefix, **p))
+                .count();
+            (std::cmp::Reverse(near), !ip.is_ipv4(), name.clone(), *ip)
+        })
+        .map(|(_, ip, _)| *ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn la(name: &str, ip: &str, prefix: u8) -> LocalAddr {
+        (name.into(), ip.parse().unwrap(), prefix)
+    }
+
+    #[test]
+    fn the_join_address_is_the_one_on_the_peers_network() {
+        // A QEMU VM: the management NIC (same address on every VM) sorts first by name.
+        let local = [
+            la("enp0s2", "10.0.2.15", 24),
+            la("enp0s3", "192.168.76.12", 24),
+        ];
+        let peers = [
+            "192.168.76.11".parse().unwrap(),
+            "192.168.76.13".parse().unwrap(),
+        ];
+        assert_eq!(
+            own_address(&local, &peers),
+            Some("192.168.76.12".parse().unwrap())
+        );
+        // No peer seen yet: IPv4 first, then by name.
+        let local = [la("eth1", "fd00::5", 64), la("eth0", "10.0.0.5", 24)];
+        assert_eq!(own_address(&local, &[]), Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(own_address(&[], &peers), None);
+        // A peer on the IPv6 network only.
+        let peers = ["fd00::9".parse().unwrap()];
+        assert_eq!(
+            own_address(&local, &peers),
+            Some("fd00::5".parse().unwrap())
+        );
     }
 }
 
@@ -165,15 +301,19 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicB
     Ok(())
 }
 
-/// `microk8s join` through the seed, then wait until ready. A node that already is a member
-/// (a restart after a join that succeeded) reports success without joining again; that
-/// check is skipped only for the first join after preparation found a lone node (`lone`).
-async fn join(agent: &Agent, seed_ip: IpAddr, worker: bool, lone: bool) -> Result<()> {
+/// `microk8s join` through the granter's join point, then wait until ready. The join URL
+/// carries the granter's cluster agent fingerprint, so `microk8s join` refuses any other
+/// endpoint before it sends the token. A node that already is a member (a restart after a
+/// join that succeeded) reports success without joining again; that check is skipped only
+/// for the first join after preparation found a lone node (`lone`).
+async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result<()> {
+    let seed_ip = via.ip;
     if !lone && already_joined(agent.microk8s.as_ref(), seed_ip, worker).await {
         tracing::info!(%seed_ip, "already a member; not joining again");
         return Ok(());
     }
-    let target = JoinTarget::new(seed_ip, agent.secret.microk8s_token());
+    let mut target = JoinTarget::new(seed_ip, agent.secret.microk8s_token());
+    target.fingerprint = Some(via.fingerprint);
     let role = if worker {
         JoinRole::Worker
     } else {

@@ -179,6 +179,9 @@ impl Runtime {
             &fingerprint,
         );
         dcfg.interfaces = agent.interfaces.clone();
+        // Raised and persisted before anything is announced: peers order this node's boots by
+        // it, so a recording of an earlier boot cannot hide this one.
+        dcfg.boot_counter = rackseed_protocol::discovery::advance_boot_counter(&agent.state_dir)?;
         let (discovery, peer_events) = Discovery::start(dcfg).context("starting mDNS discovery")?;
 
         let state = state_file(&agent.state_dir);
@@ -224,6 +227,7 @@ impl Runtime {
             node = %rt.agent.node_id,
             port,
             resumed,
+            boot = rt.discovery.boot_counter(),
             "agent started"
         );
         rt.timeline(if resumed {
@@ -403,16 +407,17 @@ impl Runtime {
                 }
                 Action::PrepareNode => self.spawn_prepare(),
                 Action::Join {
-                    seed_ip,
+                    via,
                     worker,
                     timeout,
                     cluster,
                 } => {
                     self.timeline(format!(
-                        "joining cluster {cluster} via {seed_ip} as {}",
+                        "joining cluster {cluster} via {} as {}",
+                        via.ip,
                         if worker { "worker" } else { "control plane" }
                     ));
-                    self.spawn_join(seed_ip, worker, timeout);
+                    self.spawn_join(via, worker, timeout);
                 }
                 Action::EnableAddons { cluster } => {
                     self.timeline(format!("enabling addons for cluster {cluster}"));

@@ -307,6 +307,15 @@ impl FakeMicrok8s {
                 detail: "ConnectionRefusedError: [Errno 111] Connection refused".into(),
             });
         }
+        // join.py checks the fingerprint in the TLS handshake, before it sends the token (A3).
+        if let Some(fp) = &target.fingerprint {
+            if !fake_fingerprint(seed).starts_with(fp.as_str()) {
+                return Err(JoinError::Unverified {
+                    seed,
+                    detail: format!("Could not verify the identity of {seed}"),
+                });
+            }
+        }
         if s.worker {
             return Err(reject(500, "invalid token"));
         }
@@ -647,6 +656,27 @@ impl Microk8s for FakeMicrok8s {
             Ok(fake_kubeconfig(self.ip, n.cluster, &n.name))
         })
     }
+
+    fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        Box::pin(async move {
+            let mut w = self.world.lock();
+            self.record(&mut w, "cluster-agent-fingerprint".into());
+            if !self.node(&w).installed {
+                return Err(Microk8sError::Failed {
+                    command: "reading certs/server.crt".into(),
+                    code: None,
+                    detail: "No such file or directory (os error 2)".into(),
+                });
+            }
+            Ok(fake_fingerprint(self.ip))
+        })
+    }
+}
+
+/// The fake node at `ip`'s cluster agent certificate fingerprint: 64 hex, one per node.
+pub fn fake_fingerprint(ip: IpAddr) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(format!("fake cluster agent {ip}")))
 }
 
 /// A kubeconfig in the layout `microk8s config` prints (the snap's `client-x509.config.template`
@@ -796,6 +826,16 @@ mod tests {
         assert!(matches!(
             nodes[0].join(&own, JoinRole::ControlPlane).await,
             Err(JoinError::Rejected { status: 503, .. })
+        ));
+        // The seed's own fingerprint passes (as a 12-hex prefix too); another node's fails
+        // before anything reaches the seed.
+        let fp = nodes[0].cluster_agent_fingerprint().await.unwrap();
+        assert_eq!(fp, fake_fingerprint(ip(1)));
+        let mut wrong = JoinTarget::new(ip(1), s.microk8s_token());
+        wrong.fingerprint = Some(fake_fingerprint(ip(2))[..12].to_owned());
+        assert!(matches!(
+            nodes[1].join(&wrong, JoinRole::ControlPlane).await,
+            Err(JoinError::Unverified { .. })
         ));
         world.set_join_delay(Duration::from_millis(300));
         let (a, b) = tokio::join!(nodes[1].join(&own, JoinRole::ControlPlane), async {

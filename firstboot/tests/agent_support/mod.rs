@@ -215,6 +215,9 @@ impl AgentCluster {
             .arg(d.join("bin/dqlite"))
             .arg("--launch-config")
             .arg(d.join("etc/microk8s.yaml"))
+            // The simulator's $SNAP_DATA is its state folder's parent.
+            .arg("--cluster-agent-cert")
+            .arg(d.join("certs/server.crt"))
             .args(["--sim-join-timeout", &self.spec.join_timeout_s.to_string()])
             .env(
                 "DBUS_SYSTEM_BUS_ADDRESS",

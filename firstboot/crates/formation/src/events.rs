@@ -31,6 +31,38 @@ pub enum Event {
     AddonsEnabled(Result<(), String>),
     /// A message from an authenticated peer.
     Message { from: NodeId, msg: Message },
+    /// Where other nodes join this one: its address and its MicroK8s cluster agent's
+    /// certificate fingerprint, known once MicroK8s is installed here. A slot authority grants
+    /// nothing before it knows this, because every grant carries it.
+    JoinPointKnown(JoinPoint),
+}
+
+/// Where a joiner runs `microk8s join`: the granting node's address and the SHA-256
+/// fingerprint (lowercase hex, at least 12 characters) of its cluster agent's certificate.
+/// It travels inside the authenticated grant, so a forged mDNS address record can neither
+/// steer a join nor receive the token: `microk8s join` checks the fingerprint before it sends
+/// anything, and refuses (exit 4) any other endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinPoint {
+    pub ip: IpAddr,
+    pub fingerprint: String,
+}
+
+impl JoinPoint {
+    /// Shortest fingerprint prefix `microk8s join` accepts (`FINGERPRINT_MIN_LEN`).
+    pub const MIN_FINGERPRINT: usize = 12;
+
+    /// A join point, if `fingerprint` is lowercase hex of at least
+    /// [`JoinPoint::MIN_FINGERPRINT`] and at most 64 characters.
+    pub fn new(ip: IpAddr, fingerprint: impl Into<String>) -> Option<JoinPoint> {
+        let fingerprint = fingerprint.into();
+        let ok = (Self::MIN_FINGERPRINT..=64).contains(&fingerprint.len())
+            && fingerprint
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then_some(JoinPoint { ip, fingerprint })
+    }
 }
 
 /// Something the driver must do, in order. A [`Action::Persist`] must be durable (temp file,
@@ -49,11 +81,11 @@ pub enum Action {
     Persist(PersistedState),
     /// Prepare the host (hugepages, kernel modules, packages); report [`Event::NodePrepared`].
     PrepareNode,
-    /// Run `microk8s join <seed_ip>:25000/<persistent token>` (with `--worker` when `worker`),
-    /// then wait until this node is Ready; kill it after `timeout`; report
+    /// Run `microk8s join <via.ip>:25000/<token>/<via.fingerprint>` (with `--worker` when
+    /// `worker`), then wait until this node is Ready; kill it after `timeout`; report
     /// [`Event::JoinFinished`]. Must report success when this node already is a member.
     Join {
-        seed_ip: IpAddr,
+        via: JoinPoint,
         worker: bool,
         timeout: Duration,
         cluster: ClusterId,
@@ -95,12 +127,13 @@ pub enum Message {
     Nack { ballot: Ballot, promised: Ballot },
     /// Ask the slot authority for the join slot; `req` identifies this request.
     SlotRequest { req: u64 },
-    /// The slot is yours: join `cluster` as `role` (via the sender).
+    /// The slot is yours: join `cluster` as `role` through the sender's join point `via`.
     SlotGrant {
         req: u64,
         cluster: ClusterId,
         seq: u64,
         role: Role,
+        via: JoinPoint,
     },
     /// The receiver is not the slot authority; try `hint`.
     NotAuthority { hint: Option<NodeId> },

@@ -173,9 +173,15 @@
 //!   the peer alive; a peer unseen for `peer_timeout` counts as gone) and messages from
 //!   authenticated peers as [`Event::Message`] (they keep the sender alive too; an
 //!   [`Event::PeerLost`] is only a hint); send [`Event::Tick`] about once a second.
-//! - [`Action::Join`] runs `microk8s join <seed_ip>:25000/<token>` (plus `--worker` for
-//!   workers, never `--controlplane`) and waits for Ready, killed after its `timeout`; it must
-//!   report success if this node already is a member of that cluster.
+//! - Feed [`Event::JoinPointKnown`] once this node's MicroK8s is installed (its address and
+//!   its cluster agent's certificate fingerprint): a slot authority grants nothing before, since
+//!   every [`Message::SlotGrant`] carries the granter's [`JoinPoint`]. The joiner dials the
+//!   grant's join point, never an address from the (unsigned) mDNS records.
+//! - [`Action::Join`] runs `microk8s join <via.ip>:25000/<token>/<via.fingerprint>` (plus
+//!   `--worker` for workers, never `--controlplane`) and waits for Ready, killed after its
+//!   `timeout`; it must report success if this node already is a member of that cluster.
+//!   `microk8s join` checks the fingerprint on the TLS connection before it sends the token, so
+//!   a forged address costs at most this join, never the token.
 //! - Inventory pins are keyed by [`NodeId`]: [`FormationParams::from_config`] keys them by the
 //!   MAC-derived id, so a cluster with pinned roles should use [`NodeId::from_mac`] ids.
 //!
@@ -196,7 +202,7 @@ pub mod node;
 pub mod types;
 
 pub use announce::{Announcement, AnnouncementError, ANNOUNCEMENT_VERSION};
-pub use events::{Action, Event, Message};
+pub use events::{Action, Event, JoinPoint, Message};
 pub use node::{Node, Op, Status};
 pub use types::{
     majority, Accepted, AcceptorState, Ballot, ClusterId, FormationParams, NodeId, NodeIdError,

@@ -273,6 +273,11 @@ fn messages_round_trip_as_json() {
             },
             seq: 3,
             role: Role::Worker,
+            via: rackseed_formation::JoinPoint::new(
+                "10.0.0.1".parse().unwrap(),
+                "0123456789abcdef",
+            )
+            .unwrap(),
         },
         Message::NotAuthority {
             hint: Some(a.clone()),

@@ -14,8 +14,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rackseed_config::Role;
 use rackseed_formation::{
-    Action, Announcement, ClusterId, Event, FormationParams, Message, Node, NodeId, PersistedState,
-    Phase,
+    Action, Announcement, ClusterId, Event, FormationParams, JoinPoint, Message, Node, NodeId,
+    PersistedState, Phase,
 };
 
 /// Proptest cases of the property over small clusters (3 to 10 nodes): 1500 in release
@@ -318,6 +318,16 @@ impl Sim {
         );
         self.nodes[i] = Some(node);
         self.execute(i, actions);
+        // The driver learns the node's join point (address and cluster agent fingerprint)
+        // from its MicroK8s; here at once.
+        let inc = self.inc[i];
+        let ev = Event::JoinPointKnown(Self::join_point(i));
+        self.push(self.t, i, Payload::Result { inc, ev });
+    }
+
+    /// Node `i`'s join point: its address and a fingerprint only it has.
+    fn join_point(i: usize) -> JoinPoint {
+        JoinPoint::new(Self::ip(i), format!("{i:0>12x}")).expect("valid join point")
     }
 
     fn crash(&mut self, i: usize) {
@@ -422,11 +432,11 @@ impl Sim {
                 self.push(t + d, i, Payload::Result { inc, ev });
             }
             Action::Join {
-                seed_ip,
+                via,
                 worker,
                 timeout,
                 cluster,
-            } => self.start_join(i, seed_ip, worker, timeout, cluster),
+            } => self.start_join(i, via, worker, timeout, cluster),
             Action::EnableAddons { cluster } => {
                 self.addon_issuers.insert(i);
                 if self.addon_issuers.len() > 1 {
@@ -480,7 +490,7 @@ impl Sim {
     fn start_join(
         &mut self,
         i: usize,
-        seed_ip: IpAddr,
+        via: JoinPoint,
         worker: bool,
         timeout: Duration,
         cluster: ClusterId,
@@ -501,11 +511,17 @@ impl Sim {
             self.violations
                 .push("join timeout larger than configured".into());
         }
-        let Some(target) = Self::node_of_ip(seed_ip).filter(|j| *j < self.sc.n) else {
+        let Some(target) = Self::node_of_ip(via.ip).filter(|j| *j < self.sc.n) else {
             self.violations
-                .push(format!("join against unknown ip {seed_ip}"));
+                .push(format!("join against unknown ip {}", via.ip));
             return;
         };
+        if via != Self::join_point(target) {
+            self.violations.push(format!(
+                "join through {via:?}, which is not node {target}'s join point"
+            ));
+            return;
+        }
         let root = self.root[target];
         let inc = self.inc[i];
         // Already a member of that cluster: idempotent success.

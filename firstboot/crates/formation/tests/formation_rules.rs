@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rackseed_config::Role;
 use rackseed_formation::{
-    Action, Announcement, Ballot, ClusterId, Event, FormationParams, Message, Node, NodeId,
-    ParamsError, PersistedState, Phase, PhaseSummary,
+    Action, Announcement, Ballot, ClusterId, Event, FormationParams, JoinPoint, Message, Node,
+    NodeId, ParamsError, PersistedState, Phase, PhaseSummary,
 };
 
 fn secs(s: u64) -> Duration {
@@ -49,6 +49,8 @@ struct Net {
     /// Running joins: node -> (end tick, started tick).
     joins: BTreeMap<NodeId, (u64, u64)>,
     hold_joins: bool,
+    /// Boot nodes without telling them their join point (MicroK8s not installed yet).
+    hide_join_points: bool,
     /// Crash this node as soon as it becomes a member.
     crash_on_member: Option<NodeId>,
     join_ticks: u64,
@@ -75,6 +77,7 @@ impl Net {
             queue: VecDeque::new(),
             joins: BTreeMap::new(),
             hold_joins: false,
+            hide_join_points: false,
             crash_on_member: None,
             join_ticks: 2,
             join_log: Vec::new(),
@@ -104,6 +107,15 @@ impl Net {
         self.nodes.insert(n.clone(), node);
         self.down.insert(n.clone(), false);
         self.run(&n, actions);
+        if !self.hide_join_points {
+            let jp = self.join_point_of(&n);
+            self.queue.push_back((n, Event::JoinPointKnown(jp)));
+        }
+    }
+
+    /// A node's join point: its address and a fingerprint only it has.
+    fn join_point_of(&self, n: &NodeId) -> JoinPoint {
+        JoinPoint::new(self.ip_of(n), format!("{:0>12}", n.as_str())).expect("valid")
     }
 
     fn crash(&mut self, n: &str) {
@@ -144,12 +156,12 @@ impl Net {
                 Action::Join {
                     worker,
                     cluster,
-                    seed_ip,
+                    via,
                     ..
                 } => {
                     assert!(
-                        self.order.iter().any(|n| self.ip_of(n) == seed_ip),
-                        "join against a known ip"
+                        self.order.iter().any(|n| self.join_point_of(n) == via),
+                        "join through a known node's join point: {via:?}"
                     );
                     self.join_log.push((from.clone(), worker, self.t, cluster));
                     self.joins
@@ -748,6 +760,7 @@ fn a_stale_grant_is_ignored() {
         cluster: cluster.clone(),
         seq: 1,
         role: Role::ControlPlane,
+        via: JoinPoint::new(ip(1), "0123456789ab").unwrap(),
     };
     let mut out = node.handle(
         secs(1) + secs(5),
@@ -778,6 +791,7 @@ fn a_stale_grant_is_ignored() {
         cluster,
         seq: 2,
         role: Role::Worker,
+        via: JoinPoint::new(ip(1), "0123456789ab").unwrap(),
     };
     let before = node.persisted().clone();
     let out = node.handle(
@@ -793,7 +807,7 @@ fn a_stale_grant_is_ignored() {
     });
     let join = out
         .iter()
-        .any(|a| matches!(a, Action::Join { worker: true, seed_ip, .. } if *seed_ip == ip(1)));
+        .any(|a| matches!(a, Action::Join { worker: true, via, .. } if via.ip == ip(1) && via.fingerprint == "0123456789ab"));
     assert!(join, "{out:?}");
     let joining = joining.expect("`Joining` is persisted");
     // The join need not wait for that persist: killed before it or after it, the node resumes
@@ -904,6 +918,7 @@ fn a_grant_for_a_request_from_before_a_restart_is_ignored() {
         cluster,
         seq: 1,
         role: Role::ControlPlane,
+        via: JoinPoint::new(ip(1), "0123456789ab").unwrap(),
     };
     let out = node.handle(
         secs(2),
@@ -1090,4 +1105,28 @@ fn a_node_added_later_joins_while_only_the_electorate_is_up() {
             role: Role::Worker
         }
     );
+}
+
+#[test]
+fn no_slot_is_granted_before_the_authority_knows_its_join_point_and_joins_use_it() {
+    let mut net = Net::new(&[("0a", 0), ("0b", 0), ("0c", 0)], params(3, 3));
+    net.hide_join_points = true;
+    for n in ["0a", "0b", "0c"] {
+        net.boot(n);
+    }
+    net.steps(60);
+    assert!(
+        net.join_log.is_empty(),
+        "a grant went out without a join point: {:?}",
+        net.join_log
+    );
+    assert!(
+        matches!(net.phase("0a"), Phase::Member { .. }),
+        "the seed formed"
+    );
+    // The seed's MicroK8s is up: it learns where others join it, and grants go out.
+    let jp = net.join_point_of(&id("0a"));
+    net.queue.push_back((id("0a"), Event::JoinPointKnown(jp)));
+    net.run_until_members(200);
+    assert_eq!(net.join_log.len(), 2, "{:?}", net.join_log);
 }

@@ -45,6 +45,9 @@ pub const DEFAULT_LAUNCH_CONFIG: &str = "/etc/microk8s.yaml";
 pub const DEFAULT_DQLITE: &str = "/snap/microk8s/current/bin/dqlite";
 /// The backend directory holding `cluster.yaml`, `cluster.crt`, `cluster.key` (A5).
 pub const DEFAULT_DQLITE_BACKEND: &str = "/var/snap/microk8s/current/var/kubernetes/backend";
+/// The cluster agent's TLS certificate, `$SNAP_DATA/certs/server.crt` (A1): its fingerprint
+/// is what `microk8s join IP:PORT/TOKEN/FINGERPRINT` checks on the seed.
+pub const DEFAULT_CLUSTER_AGENT_CERT: &str = "/var/snap/microk8s/current/certs/server.crt";
 /// The cluster agent's default port (A1).
 pub const CLUSTER_AGENT_PORT: u16 = 25000;
 /// Minimum token length (A1, `TOKEN_ΜΙΝ_LEN`).
@@ -283,6 +286,9 @@ pub trait Microk8s: Send + Sync {
     /// interface address on port 16443. It reads a file, so it answers on a stopped node too;
     /// a worker has none ([`Microk8sError::WorkerNode`]). A credential: never log it.
     fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>>;
+    /// The SHA-256 fingerprint (64 lowercase hex) of this node's cluster agent certificate,
+    /// which joiners put in their join URL. Exists once MicroK8s is installed.
+    fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>>;
 }
 
 /// The launch configuration written to `/etc/microk8s.yaml` (A8). Supplying a file replaces the
@@ -310,6 +316,8 @@ pub struct RealMicrok8sConfig {
     pub dqlite_backend: PathBuf,
     /// Where to write the launch config. Default [`DEFAULT_LAUNCH_CONFIG`].
     pub launch_config: PathBuf,
+    /// The cluster agent's certificate. Default [`DEFAULT_CLUSTER_AGENT_CERT`].
+    pub cluster_agent_cert: PathBuf,
     /// Timeout of `snap install`. Default 20 min (slow SD cards).
     pub install_timeout: Duration,
     /// Timeout of `microk8s join`. Default 10 min (it sleeps and restarts services, A4).
@@ -328,6 +336,7 @@ impl Default for RealMicrok8sConfig {
             dqlite: DEFAULT_DQLITE.into(),
             dqlite_backend: DEFAULT_DQLITE_BACKEND.into(),
             launch_config: DEFAULT_LAUNCH_CONFIG.into(),
+            cluster_agent_cert: DEFAULT_CLUSTER_AGENT_CERT.into(),
             install_timeout: Duration::from_secs(20 * 60),
             join_timeout: Duration::from_secs(10 * 60),
             enable_timeout: Duration::from_secs(10 * 60),
@@ -775,6 +784,19 @@ impl Microk8s for RealMicrok8s {
                     detail: stderr_detail(&out),
                 }),
             }
+        })
+    }
+    fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        Box::pin(async move {
+            let path = &self.config.cluster_agent_cert;
+            let pem = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| Microk8sError::Failed {
+                    command: format!("reading {}", path.display()),
+                    code: None,
+                    detail: e.to_string(),
+                })?;
+            Ok(parse::parse_cert_fingerprint(&pem)?)
         })
     }
 }

@@ -506,6 +506,37 @@ pub fn parse_kubeconfig(text: &str) -> Result<String, ParseError> {
     Ok(format!("{}\n", text.trim_end()))
 }
 
+/// The cluster agent's certificate fingerprint as `microk8s join` checks it: the lowercase hex
+/// SHA-256 of the certificate in DER form (A1: `openssl x509 -in $SNAP_DATA/certs/server.crt
+/// -outform der | sha256sum`; A3: `sha256(peer DER cert).hexdigest()`), from the PEM file
+/// `server.crt`. The first certificate of the file counts.
+pub fn parse_cert_fingerprint(pem: &str) -> Result<String, ParseError> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let what = "cluster agent certificate";
+    let start = pem
+        .find(BEGIN)
+        .ok_or_else(|| perr(what, "no PEM CERTIFICATE block"))?
+        + BEGIN.len();
+    let len = pem[start..]
+        .find(END)
+        .ok_or_else(|| perr(what, "PEM CERTIFICATE block is not terminated"))?;
+    let body: String = pem[start..start + len]
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| perr(what, format!("PEM body is not base64: {e}")))?;
+    // A DER certificate is a SEQUENCE (0x30); anything else is not a certificate.
+    if der.first() != Some(&0x30) || der.len() < 64 {
+        return Err(perr(what, "PEM body is not a DER certificate"));
+    }
+    Ok(hex::encode(sha2::Sha256::digest(&der)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

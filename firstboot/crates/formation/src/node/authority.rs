@@ -163,6 +163,8 @@ impl Node {
         // 3. grant the free slot (pinned control-plane nodes first, then by rank); a request
         // from the slot holder itself means its join ended without a report reaching us.
         let next = match &rec.slot {
+            // Every grant carries my join point: none before MicroK8s here is known.
+            _ if self.join_point.is_none() => None,
             Some(s) => self
                 .requests
                 .get(&s.node)
@@ -195,7 +197,7 @@ impl Node {
             role: *role,
             ok: *ok,
         }];
-        if rec.slot.as_ref().is_some_and(|s| s.node == *node) {
+        if rec.slot.as_ref().is_some_and(|s| s.node == *node) && self.join_point.is_some() {
             if let Some((to, req)) = self.next_requester(Some(node)) {
                 ops.push(Op::Grant { to, req });
             }

@@ -10,11 +10,10 @@
 //! To extend: a new joiner message gets a handler here, called from `Node::on_message`; a new
 //! joiner phase gets a `drive_*` step here, called from `Node::drive`.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{Node, Op};
-use crate::events::{Action, Message};
+use crate::events::{Action, JoinPoint, Message};
 use crate::types::{ClusterId, NodeId, Phase};
 use rackseed_config::Role;
 
@@ -134,25 +133,24 @@ impl Node {
         pick.filter(|a| *a != self.me)
     }
 
-    /// The address to join through if a grant from `from` for request `req` may be used now:
-    /// I am waiting, the request is fresh, and I know the granter's address.
-    pub(super) fn usable_grant(&self, now: Duration, from: &NodeId, req: u64) -> Option<IpAddr> {
+    /// Whether a grant for request `req` may be used now: I am waiting and the request is
+    /// fresh. The grant names its own join point, so the granter's mDNS address (unsigned)
+    /// plays no part.
+    pub(super) fn usable_grant(&self, now: Duration, req: u64) -> bool {
         let fresh = self
             .reqs
             .get(&req)
             .is_some_and(|sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
         let waiting = matches!(self.st.phase, Phase::WaitingForSlot { .. });
-        if !(fresh && waiting) {
-            return None;
-        }
-        self.peers.get(from).map(|p| p.ip)
+        fresh && waiting
     }
 
-    /// Starts the join granted by `via` (at `ip`): slot `seq` of `cluster` as `role`.
+    /// Starts the join granted by `granter` through its join point `via`: slot `seq` of
+    /// `cluster` as `role`.
     pub(super) fn start_join(
         &mut self,
-        via: NodeId,
-        ip: IpAddr,
+        granter: NodeId,
+        via: JoinPoint,
         cluster: ClusterId,
         seq: u64,
         role: Role,
@@ -170,7 +168,7 @@ impl Node {
         // `WaitingForSlot` (see `Node::new`), so the persisted `Joining` only informs `status`,
         // and its fsync need not delay the join.
         out.push(Action::Join {
-            seed_ip: ip,
+            via,
             worker: role == Role::Worker,
             timeout: self.params.join_timeout,
             cluster: cluster.clone(),
@@ -180,7 +178,7 @@ impl Node {
                 cluster,
                 seq,
                 role,
-                via,
+                via: granter,
             },
             out,
         );

@@ -39,7 +39,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::announce::Announcement;
-use crate::events::{Action, Event, Message};
+use crate::events::{Action, Event, JoinPoint, Message};
 use crate::types::{
     Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, Record,
 };
@@ -145,6 +145,8 @@ pub struct Node {
     requests: BTreeMap<NodeId, (u64, Duration)>,
     reports: BTreeMap<NodeId, (u64, Role, bool)>,
     slot_watch: Option<(u64, Duration)>,
+    /// Where joiners join this node; no grant goes out before it is known.
+    join_point: Option<JoinPoint>,
     // failure detection: id -> since when it has been missing
     missing_since: BTreeMap<NodeId, Duration>,
     next_refresh: Duration,
@@ -194,6 +196,7 @@ impl Node {
             requests: BTreeMap::new(),
             reports: BTreeMap::new(),
             slot_watch: None,
+            join_point: None,
             missing_since: BTreeMap::new(),
             next_refresh: now,
             prepare_at: None,
@@ -249,6 +252,11 @@ impl Node {
                 true
             }
             Event::Message { from, msg } => self.on_message_event(now, from, msg, &mut out),
+            Event::JoinPointKnown(jp) => {
+                let changed = self.join_point.as_ref() != Some(&jp);
+                self.join_point = Some(jp);
+                changed
+            }
         };
         if decide {
             self.dirty = false;
@@ -340,10 +348,14 @@ impl Node {
                 cluster,
                 seq,
                 role,
-            } => match self.usable_grant(now, &from, req) {
-                Some(ip) => self.start_join(from, ip, cluster, seq, role, out),
-                None => self.ignored += 1,
-            },
+                via,
+            } => {
+                if self.usable_grant(now, req) {
+                    self.start_join(from, via, cluster, seq, role, out);
+                } else {
+                    self.ignored += 1;
+                }
+            }
             Message::NotAuthority { hint } => self.on_not_authority(hint),
             Message::JoinConfirmed { cluster, role } => self.on_join_confirmed(cluster, role, out),
         }

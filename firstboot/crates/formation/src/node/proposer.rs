@@ -443,7 +443,8 @@ impl Node {
                 }
             }
             Op::Grant { to, req } => {
-                if let Some(s) = record.slot.as_ref().filter(|s| s.node == to) {
+                let slot = record.slot.as_ref().filter(|s| s.node == to);
+                if let (Some(s), Some(via)) = (slot, self.join_point.clone()) {
                     self.slot_watch = Some((s.seq, now));
                     out.push(Action::Send {
                         to: to.clone(),
@@ -452,6 +453,7 @@ impl Node {
                             cluster: record.cluster.clone(),
                             seq: s.seq,
                             role: s.role,
+                            via,
                         },
                     });
                     self.requests.remove(&to);
