@@ -26,6 +26,7 @@ use rackseed_host::command::Cmd;
 use rackseed_protocol::coordinator::{
     ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, NodeIdentity, SignedRequest,
 };
+use rackseed_protocol::discovery::record::PROTOCOL_VERSION;
 use rackseed_protocol::discovery::{
     Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, PeerEvent,
 };
@@ -685,11 +686,12 @@ fn agents_find_each_other_and_strangers_are_shut_out() -> Result<()> {
     let mark = log.len();
     let fake_fields = |id: &str| -> Vec<String> {
         vec![
-            "v=1".into(),
+            format!("v={PROTOCOL_VERSION}"),
             format!("c={tag}"),
             format!("id={id}"),
             format!("p={PORT}"),
             format!("fp={}", "ab".repeat(32)),
+            "n=1".into(),
             format!("b={}", "12".repeat(8)),
             "s=1".into(),
             "a.phase=seed".into(),

@@ -28,12 +28,31 @@
 //! the formation core keeps only what is its own (each peer's announcement and liveness).
 //! Node ids follow the one rule of [`rackseed_formation::NodeId`].
 //!
+//! Boots are ordered by a boot counter ([`advance_boot_counter`]): the agent raises it in its
+//! state directory at each start and announces it signed, so a recording of an earlier boot
+//! never hides the live one ([`record::ReplayGuard`]).
+//!
+//! Bounded memory under a flood of fake instances: mdns-sd caches every record of our service
+//! type that reaches it and has no size limit of its own (its options bound names and packet
+//! sizes, not the cache). The browser remembers at most [`MAX_PENDING`] instances it could not
+//! verify; the next new one empties mdns-sd's cache of our type (`stop_browse` + `browse`,
+//! counted in `cache_flushes`, the forgotten instances in `unverified_forgotten`), and verified
+//! peers come back with the answers to the new query (same records: no event). mdns-sd ends a
+//! subscription whose event channel (1000 events) fills up; the browser then browses again
+//! (`browse_restarts`) instead of going deaf. The peer table holds at most [`MAX_PEERS`]
+//! verified peers: at the limit a new peer takes the place of the longest-lost one, and is
+//! refused (`peers_refused`) when every peer is present. Only holders of the cluster secret get
+//! into the table at all, so a stranger can never evict a verified peer.
+//!
 //! To extend: new fixed fields go into [`record`]; new per-peer data the core needs goes into
 //! the application fields, not here.
 
+mod boot;
 pub mod record;
 
-use std::collections::{BTreeMap, HashSet};
+pub use boot::{advance_boot_counter, BOOT_COUNTER_FILE};
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +65,10 @@ use record::{Freshness, RecordHeader, Rejection, ReplayGuard};
 
 /// Default service type.
 pub const SERVICE_TYPE: &str = "_rackseed._tcp.local.";
+/// Most instances the browser keeps that it could not verify (see the module docs).
+pub const MAX_PENDING: usize = 256;
+/// Most verified peers in the peer table (see the module docs).
+pub const MAX_PEERS: usize = 256;
 
 /// Which network interfaces discovery uses.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -95,6 +118,9 @@ pub struct DiscoveryConfig {
     pub ipv6: bool,
     /// Service type, normally [`SERVICE_TYPE`].
     pub service_type: String,
+    /// This start's boot counter, announced signed: an agent sets it from
+    /// [`advance_boot_counter`]; [`DiscoveryConfig::new`] sets 1 (a one-off process).
+    pub boot_counter: u64,
 }
 
 impl DiscoveryConfig {
@@ -107,6 +133,7 @@ impl DiscoveryConfig {
             interfaces: InterfaceChoice::Auto,
             ipv6: false,
             service_type: SERVICE_TYPE.to_string(),
+            boot_counter: 1,
         }
     }
 }
@@ -160,6 +187,14 @@ pub struct DiscoveryStats {
     pub malformed: u64,
     pub replayed: u64,
     pub own_id_conflict: u64,
+    /// Unverified instances forgotten when the pending set was full (see the module docs).
+    pub unverified_forgotten: u64,
+    /// Times mdns-sd's cache of our service type was emptied because of them.
+    pub cache_flushes: u64,
+    /// Times mdns-sd ended our subscription (its event channel full) and we browsed again.
+    pub browse_restarts: u64,
+    /// Verified peers refused because the peer table was full of present peers.
+    pub peers_refused: u64,
 }
 
 impl DiscoveryStats {
@@ -208,8 +243,10 @@ struct Shared {
     stats: DiscoveryStats,
     seq: u64,
     shut: bool,
-    /// The peer table, by node id.
+    /// The peer table, by node id; at most [`MAX_PEERS`].
     peers: BTreeMap<String, KnownPeer>,
+    /// Counts peer-table changes, to find the longest-lost peer.
+    clock: u64,
 }
 
 /// One entry of the peer table.
@@ -218,6 +255,8 @@ struct KnownPeer {
     peer: Peer,
     /// False once the record was lost (until it is seen again).
     present: bool,
+    /// `Shared::clock` when this entry last changed.
+    changed: u64,
 }
 
 impl Shared {
@@ -227,7 +266,71 @@ impl Shared {
             seq: 0,
             shut: false,
             peers: BTreeMap::new(),
+            clock: 0,
         }
+    }
+
+    /// Whether a new peer fits in the table: when it is full, the longest-lost peer makes
+    /// room; when every peer is present, there is none.
+    fn make_room(&mut self) -> bool {
+        if self.peers.len() < MAX_PEERS {
+            return true;
+        }
+        let lost = self
+            .peers
+            .iter()
+            .filter(|(_, k)| !k.present)
+            .min_by_key(|(_, k)| k.changed)
+            .map(|(id, _)| id.clone());
+        match lost {
+            Some(id) => {
+                tracing::info!(peer = %id, "peer table full; forgetting the longest-lost peer");
+                self.peers.remove(&id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Instances the browser saw but could not verify, in arrival order; at most [`MAX_PENDING`].
+#[derive(Default)]
+struct Pending {
+    order: VecDeque<String>,
+    names: HashSet<String>,
+}
+
+impl Pending {
+    /// Notes `fullname`; false when it is new and the set is full (the caller flushes).
+    fn note(&mut self, fullname: &str) -> bool {
+        if self.names.contains(fullname) {
+            return true;
+        }
+        if self.order.len() >= MAX_PENDING {
+            return false;
+        }
+        self.order.push_back(fullname.to_string());
+        self.names.insert(fullname.to_string());
+        true
+    }
+
+    fn forget(&mut self, fullname: &str) {
+        if self.names.remove(fullname) {
+            self.order.retain(|n| n != fullname);
+        }
+    }
+
+    /// Forgets every instance; returns how many.
+    fn clear(&mut self) -> usize {
+        self.names.clear();
+        let n = self.order.len();
+        self.order.clear();
+        n
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 
@@ -244,6 +347,7 @@ struct Settings {
     node_id: String,
     port: u16,
     fingerprint: String,
+    boot_counter: u64,
     boot: String,
     service_type: String,
     ipv6: bool,
@@ -272,6 +376,7 @@ impl Discovery {
             node_id: cfg.node_id.clone(),
             port: cfg.port,
             fingerprint: cfg.fingerprint.clone(),
+            boot_counter: cfg.boot_counter,
             boot: hex::encode(boot),
             service_type: cfg.service_type.clone(),
             ipv6: cfg.ipv6,
@@ -301,17 +406,45 @@ impl Discovery {
         };
         let shared = Arc::new(Mutex::new(Shared::new()));
         let (tx, rx) = mpsc::channel(256);
-        let mut browser = Browser {
-            cfg: settings.clone(),
-            shared: shared.clone(),
-            guard: ReplayGuard::new(),
-            logged: HashSet::new(),
-            tx,
-        };
+        let mut browser = Browser::new(settings.clone(), shared.clone(), tx);
+        let daemon2 = daemon.clone();
         tokio::spawn(async move {
-            while let Ok(ev) = events.recv_async().await {
-                if !browser.handle(ev).await {
+            let mut events = events;
+            loop {
+                let mut flush = false;
+                while let Ok(ev) = events.recv_async().await {
+                    if !browser.handle(ev).await {
+                        tracing::debug!("mdns browser stopped");
+                        return;
+                    }
+                    if browser.flush {
+                        browser.flush = false;
+                        flush = true;
+                        break;
+                    }
+                }
+                if browser.shared.lock().expect("discovery state lock").shut {
                     break;
+                }
+                if !flush {
+                    // mdns-sd ended the subscription: its event channel filled up (a flood).
+                    tracing::warn!("mdns subscription ended (event channel full?); browsing again");
+                    browser
+                        .shared
+                        .lock()
+                        .expect("discovery state lock")
+                        .stats
+                        .browse_restarts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                // Empties mdns-sd's cache of our service type, then asks again.
+                let _ = daemon2.stop_browse(&browser.cfg.service_type);
+                match daemon2.browse(&browser.cfg.service_type) {
+                    Ok(ev) => events = ev,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "mdns browse ended");
+                        break;
+                    }
                 }
             }
             tracing::debug!("mdns browser stopped");
@@ -387,6 +520,11 @@ impl Discovery {
         &self.cfg.boot
     }
 
+    /// This start's boot counter (as announced in `n`).
+    pub fn boot_counter(&self) -> u64 {
+        self.cfg.boot_counter
+    }
+
     /// Sends goodbye packets for our service and stops the daemon. Idempotent. Blocks for
     /// at most a few seconds while the mDNS daemon confirms (also when dropped).
     pub fn shutdown(&self) {
@@ -420,6 +558,7 @@ impl Settings {
             node_id: self.node_id.clone(),
             port: self.port,
             fingerprint: self.fingerprint.clone(),
+            boot_counter: self.boot_counter,
             boot: self.boot.clone(),
             seq,
         }
@@ -434,10 +573,47 @@ struct Browser {
     shared: Arc<Mutex<Shared>>,
     guard: ReplayGuard,
     logged: HashSet<(String, Rejection)>,
+    /// Instances seen but not verified (a flood of fakes lands here).
+    pending: Pending,
+    /// Set when mdns-sd's cache of our type should be emptied (the pending set overflowed).
+    flush: bool,
     tx: mpsc::Sender<PeerEvent>,
 }
 
 impl Browser {
+    fn new(cfg: Arc<Settings>, shared: Arc<Mutex<Shared>>, tx: mpsc::Sender<PeerEvent>) -> Self {
+        Browser {
+            cfg,
+            shared,
+            guard: ReplayGuard::new(),
+            logged: HashSet::new(),
+            pending: Pending::default(),
+            flush: false,
+            tx,
+        }
+    }
+
+    /// Notes an instance that is not (yet) a verified peer. When the pending set is full,
+    /// everything unverified is forgotten here and the mdns-sd cache flush is requested.
+    fn note_unverified(&mut self, fullname: &str) {
+        let instance = instance_label(fullname, &self.cfg.service_type);
+        let mut shared = self.shared.lock().expect("discovery state lock");
+        if instance.is_some_and(|i| i == self.cfg.node_id || shared.peers.contains_key(i)) {
+            return;
+        }
+        if !self.pending.note(fullname) {
+            let forgotten = self.pending.clear();
+            shared.stats.unverified_forgotten += forgotten as u64;
+            shared.stats.cache_flushes += 1;
+            self.flush = true;
+            tracing::warn!(
+                forgotten,
+                "too many unverifiable mdns instances; emptying the mdns cache of our service type"
+            );
+            self.pending.note(fullname);
+        }
+    }
+
     /// Handles one mdns-sd event; false when the receiver is gone.
     async fn handle(&mut self, ev: ServiceEvent) -> bool {
         let out = match ev {
@@ -458,7 +634,12 @@ impl Browser {
                 addrs.dedup();
                 self.on_resolved(&svc.fullname, instance, &pairs, addrs)
             }
+            ServiceEvent::ServiceFound(_, fullname) => {
+                self.on_found(&fullname);
+                None
+            }
             ServiceEvent::ServiceRemoved(_, fullname) => {
+                self.pending.forget(&fullname);
                 self.on_removed(instance_label(&fullname, &self.cfg.service_type))
             }
             _ => None,
@@ -467,6 +648,11 @@ impl Browser {
             Some(e) => self.tx.send(e).await.is_ok(),
             None => !self.tx.is_closed(),
         }
+    }
+
+    /// An instance of our type appeared (its records not resolved yet).
+    fn on_found(&mut self, fullname: &str) {
+        self.note_unverified(fullname);
     }
 
     fn on_resolved(
@@ -486,10 +672,8 @@ impl Browser {
                         Err(Rejection::OwnIdConflict)
                     };
                 }
-                match self
-                    .guard
-                    .check(&rec.header.node_id, &rec.header.boot, rec.header.seq)
-                {
+                let h = &rec.header;
+                match self.guard.check(&h.node_id, h.boot_counter, &h.boot, h.seq) {
                     Freshness::Stale => Err(Rejection::Replayed),
                     Freshness::Same => Ok(Some((rec, false))),
                     Freshness::Newer => Ok(Some((rec, true))),
@@ -506,9 +690,15 @@ impl Browser {
                 shared.stats.count(r);
                 drop(shared);
                 self.log_once(fullname, r);
+                self.note_unverified(fullname);
                 return None;
             }
         };
+        self.pending.forget(fullname);
+        if !shared.peers.contains_key(&rec.header.node_id) && !shared.make_room() {
+            shared.stats.peers_refused += 1;
+            return None;
+        }
         shared.stats.accepted += 1;
         let peer = Peer {
             node_id: rec.header.node_id,
@@ -527,9 +717,11 @@ impl Browser {
             Some(old) if old.peer == peer && !newer => return None,
             Some(_) => PeerEvent::Updated(peer.clone()),
         };
+        shared.clock += 1;
         let known = KnownPeer {
             peer,
             present: true,
+            changed: shared.clock,
         };
         shared.peers.insert(known.peer.node_id.clone(), known);
         Some(event)
@@ -538,12 +730,15 @@ impl Browser {
     /// The service of instance `instance` went away: its peer (if one was seen) is lost. The
     /// table keeps its record, marked lost.
     fn on_removed(&mut self, instance: Option<&str>) -> Option<PeerEvent> {
-        let mut shared = self.shared.lock().expect("discovery state lock");
+        let mut guard = self.shared.lock().expect("discovery state lock");
+        let shared = &mut *guard;
         let known = shared.peers.get_mut(instance?)?;
         if !known.present {
             return None;
         }
         known.present = false;
+        shared.clock += 1;
+        known.changed = shared.clock;
         Some(PeerEvent::Lost {
             node_id: known.peer.node_id.clone(),
         })
@@ -612,22 +807,18 @@ mod tests {
 
     fn browser(node_id: &str, secret: &ClusterSecret) -> (Browser, mpsc::Receiver<PeerEvent>) {
         let (tx, rx) = mpsc::channel(16);
-        let b = Browser {
-            cfg: Arc::new(Settings {
-                key: secret.announcement_key(),
-                tag: secret.cluster_tag(),
-                node_id: node_id.into(),
-                port: 1,
-                fingerprint: "00".repeat(32),
-                boot: "aaaaaaaaaaaaaaaa".into(),
-                service_type: SERVICE_TYPE.into(),
-                ipv6: false,
-            }),
-            shared: Arc::new(Mutex::new(Shared::new())),
-            guard: ReplayGuard::new(),
-            logged: HashSet::new(),
-            tx,
-        };
+        let cfg = Arc::new(Settings {
+            key: secret.announcement_key(),
+            tag: secret.cluster_tag(),
+            node_id: node_id.into(),
+            port: 1,
+            fingerprint: "00".repeat(32),
+            boot_counter: 1,
+            boot: "aaaaaaaaaaaaaaaa".into(),
+            service_type: SERVICE_TYPE.into(),
+            ipv6: false,
+        });
+        let b = Browser::new(cfg, Arc::new(Mutex::new(Shared::new())), tx);
         (b, rx)
     }
 
@@ -638,11 +829,24 @@ mod tests {
         seq: u64,
         phase: &str,
     ) -> Vec<(String, Option<Vec<u8>>)> {
+        signed_in_boot(secret, id, 1, boot, seq, phase)
+    }
+
+    /// A record of `id` from its boot number `boot_counter` (boot id `boot`).
+    fn signed_in_boot(
+        secret: &ClusterSecret,
+        id: &str,
+        boot_counter: u64,
+        boot: &str,
+        seq: u64,
+        phase: &str,
+    ) -> Vec<(String, Option<Vec<u8>>)> {
         let h = RecordHeader {
             cluster_tag: secret.cluster_tag(),
             node_id: id.into(),
             port: 7443,
             fingerprint: "cd".repeat(32),
+            boot_counter,
             boot: boot.into(),
             seq,
         };
@@ -835,5 +1039,191 @@ mod tests {
         assert_eq!(st.own_id_conflict, 1);
         assert_eq!(st.wrong_cluster, 1);
         assert_eq!(b.logged.len(), 3, "each (instance, reason) logged once");
+    }
+
+    /// What the browse task does when the browser asks for a flush (the daemon part aside).
+    fn flushed(b: &mut Browser) -> bool {
+        std::mem::replace(&mut b.flush, false)
+    }
+
+    fn wire(pairs: &[(String, Option<Vec<u8>>)]) -> Vec<(String, Option<Vec<u8>>)> {
+        from_wire(&txt_bytes(pairs))
+    }
+
+    /// Finding 1's attack: node X's announcement from boot 1 is recorded; X restarts (boot 2,
+    /// a higher signed counter); the recording replayed byte for byte never displaces X's boot-2
+    /// record, however high its sequence number.
+    #[test]
+    fn replaying_an_earlier_boot_never_hides_the_live_node() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let full = "x._rackseed._tcp.local.";
+        let ip: Vec<IpAddr> = vec!["10.0.0.7".parse().unwrap()];
+        let recording = txt_bytes(&signed_in_boot(&s, "x", 1, "1111111111111111", 40, "old"));
+        let e = b.on_resolved(full, Some("x"), &from_wire(&recording), ip.clone());
+        assert!(matches!(e, Some(PeerEvent::Seen(ref p)) if p.fields["phase"] == "old"));
+        // X restarts: boot 2, sequence numbers start again low.
+        let live = signed_in_boot(&s, "x", 2, "2222222222222222", 1, "new");
+        let e = b.on_resolved(full, Some("x"), &wire(&live), ip.clone());
+        assert!(matches!(e, Some(PeerEvent::Updated(ref p)) if p.fields["phase"] == "new"));
+        // The replay, again and again: refused, counted, X unchanged.
+        for _ in 0..3 {
+            assert_eq!(
+                b.on_resolved(full, Some("x"), &from_wire(&recording), ip.clone()),
+                None
+            );
+        }
+        // X's own records keep being accepted (a refresh, then its next announcement).
+        assert_eq!(
+            b.on_resolved(full, Some("x"), &wire(&live), ip.clone()),
+            None
+        );
+        let next = signed_in_boot(&s, "x", 2, "2222222222222222", 2, "newer");
+        let e = b.on_resolved(full, Some("x"), &wire(&next), ip);
+        assert!(matches!(e, Some(PeerEvent::Updated(ref p)) if p.fields["phase"] == "newer"));
+        let shared = b.shared.lock().unwrap();
+        assert_eq!(shared.stats.replayed, 3);
+        let x = &shared.peers["x"];
+        assert!(x.present);
+        assert_eq!(x.peer.fields["phase"], "newer");
+    }
+
+    /// After this observer restarts, the replay may arrive first and is shown; X's current
+    /// record then supersedes it for good.
+    #[test]
+    fn a_replay_seen_first_after_a_restart_cannot_hide_the_live_node() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let full = "x._rackseed._tcp.local.";
+        let ip: Vec<IpAddr> = vec!["10.0.0.7".parse().unwrap()];
+        let recording = txt_bytes(&signed_in_boot(&s, "x", 1, "1111111111111111", 40, "old"));
+        let e = b.on_resolved(full, Some("x"), &from_wire(&recording), ip.clone());
+        assert!(matches!(e, Some(PeerEvent::Seen(_))), "{e:?}");
+        let live = signed_in_boot(&s, "x", 2, "2222222222222222", 1, "new");
+        let e = b.on_resolved(full, Some("x"), &wire(&live), ip.clone());
+        assert!(matches!(e, Some(PeerEvent::Updated(ref p)) if p.fields["phase"] == "new"));
+        assert_eq!(
+            b.on_resolved(full, Some("x"), &from_wire(&recording), ip),
+            None
+        );
+        let shared = b.shared.lock().unwrap();
+        assert_eq!(shared.peers["x"].peer.fields["phase"], "new");
+        assert_eq!(shared.stats.replayed, 1);
+    }
+
+    /// Finding 2's attack: 10,000 fake instances (found only, unsigned, forged, another
+    /// cluster's) through the browser. Everything it keeps stays under its bound, mdns-sd's
+    /// cache is flushed every `MAX_PENDING` new ones, and a real peer is still seen, before
+    /// and after.
+    #[test]
+    fn ten_thousand_fake_instances_stay_bounded_and_a_real_peer_is_seen() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let other = ClusterSecret::from_bytes([2; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let ip: Vec<IpAddr> = vec!["10.0.0.2".parse().unwrap()];
+        let real = "real._rackseed._tcp.local.";
+        let rec = signed(&s, "real", "bbbbbbbbbbbbbbbb", 1, "a");
+        assert!(matches!(
+            b.on_resolved(real, Some("real"), &rec, ip.clone()),
+            Some(PeerEvent::Seen(_))
+        ));
+        let mut flushes = 0;
+        for i in 0..10_000u32 {
+            let id = format!("fake-{i}");
+            let full = format!("{id}._rackseed._tcp.local.");
+            match i % 4 {
+                0 => b.on_found(&full),
+                1 => {
+                    let mut unsigned = signed(&s, &id, "bbbbbbbbbbbbbbbb", 1, "seed");
+                    unsigned.retain(|(k, _)| k != "sig");
+                    assert_eq!(b.on_resolved(&full, Some(&id), &unsigned, ip.clone()), None);
+                }
+                2 => {
+                    let forged = signed(&other, &id, "bbbbbbbbbbbbbbbb", 1, "seed");
+                    assert_eq!(b.on_resolved(&full, Some(&id), &forged, ip.clone()), None);
+                }
+                _ => {
+                    // Another cluster's record moved under the real cluster's tag.
+                    let mut forged = signed(&other, &id, "bbbbbbbbbbbbbbbb", 1, "seed");
+                    for (k, v) in &mut forged {
+                        if k == "c" {
+                            *v = Some(s.cluster_tag().into_bytes());
+                        }
+                    }
+                    assert_eq!(b.on_resolved(&full, Some(&id), &forged, ip.clone()), None);
+                }
+            }
+            // Forged records under the real peer's name never make it pending nor evict it.
+            if i % 1000 == 0 {
+                let mut forged = rec.clone();
+                forged.last_mut().unwrap().1 = Some("00".repeat(32).into_bytes());
+                assert_eq!(b.on_resolved(real, Some("real"), &forged, ip.clone()), None);
+            }
+            flushes += usize::from(flushed(&mut b));
+            assert!(b.pending.len() <= MAX_PENDING);
+            assert_eq!(b.pending.names.len(), b.pending.len());
+            assert!(b.logged.len() <= LOG_ONCE_CAP);
+        }
+        assert_eq!(
+            flushes,
+            10_000 / MAX_PENDING,
+            "one flush per {MAX_PENDING} new fakes"
+        );
+        assert!(b.guard.len() <= 1, "fakes never reach the replay guard");
+        {
+            let shared = b.shared.lock().unwrap();
+            assert_eq!(shared.peers.len(), 1, "only the real peer is in the table");
+            assert!(shared.peers["real"].present);
+            assert_eq!(shared.stats.cache_flushes, flushes as u64);
+            assert_eq!(
+                shared.stats.unverified_forgotten,
+                (flushes * MAX_PENDING) as u64
+            );
+            assert_eq!(shared.stats.accepted, 1);
+        }
+        // After the flood, the real peer's next record is still accepted, and a newcomer too.
+        let next = signed(&s, "real", "bbbbbbbbbbbbbbbb", 2, "b");
+        assert!(matches!(
+            b.on_resolved(real, Some("real"), &next, ip.clone()),
+            Some(PeerEvent::Updated(_))
+        ));
+        let late = signed(&s, "late", "bbbbbbbbbbbbbbbb", 1, "a");
+        assert!(matches!(
+            b.on_resolved("late._rackseed._tcp.local.", Some("late"), &late, ip),
+            Some(PeerEvent::Seen(_))
+        ));
+    }
+
+    /// At `MAX_PEERS` verified peers, a newcomer takes the place of the longest-lost peer and
+    /// is refused (counted) while every peer is present: no present peer is ever evicted.
+    #[test]
+    fn a_full_peer_table_never_evicts_a_present_peer() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let boot = "bbbbbbbbbbbbbbbb";
+        let ip: Vec<IpAddr> = vec!["10.0.0.2".parse().unwrap()];
+        let see = |b: &mut Browser, id: &str| {
+            let full = format!("{id}._rackseed._tcp.local.");
+            b.on_resolved(&full, Some(id), &signed(&s, id, boot, 1, "a"), ip.clone())
+        };
+        for i in 0..MAX_PEERS {
+            assert!(matches!(
+                see(&mut b, &format!("p{i}")),
+                Some(PeerEvent::Seen(_))
+            ));
+        }
+        assert_eq!(see(&mut b, "newcomer"), None);
+        assert_eq!(b.shared.lock().unwrap().stats.peers_refused, 1);
+        assert!(b.on_removed(Some("p7")).is_some());
+        assert!(b.on_removed(Some("p3")).is_some());
+        assert!(matches!(see(&mut b, "newcomer"), Some(PeerEvent::Seen(_))));
+        let shared = b.shared.lock().unwrap();
+        assert_eq!(shared.peers.len(), MAX_PEERS);
+        assert!(
+            !shared.peers.contains_key("p7"),
+            "the longest-lost peer made room"
+        );
+        assert!(shared.peers.contains_key("p3"));
+        assert!(shared.peers.values().filter(|k| k.present).count() == MAX_PEERS - 1);
     }
 }

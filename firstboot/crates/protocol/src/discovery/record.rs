@@ -11,6 +11,7 @@
 //! | `id`   | node id; must equal the service instance name (both are signed)        |
 //! | `p`    | coordinator TCP port                                                    |
 //! | `fp`   | hex SHA-256 of the coordinator certificate (DER), 64 lowercase hex      |
+//! | `n`    | boot counter: persisted, one higher at each agent start (decimal `u64`) |
 //! | `b`    | per-boot random id, 16 lowercase hex                                    |
 //! | `s`    | announcement sequence number within this boot (decimal `u64`)           |
 //! | `a.K`  | application field `K` (formation core's payload), any number, in order  |
@@ -19,6 +20,14 @@
 //! The HMAC covers a canonical encoding of the instance name and every other pair sorted by
 //! key (each length-prefixed), so no field can be changed, dropped, added or moved to another
 //! instance without breaking it. Nothing secret is in the record.
+//!
+//! Order of one node's records: the boot counter `n` first (a record of an older boot never
+//! displaces the current one, whatever it arrives after), then, within one counter, the
+//! sequence number of the same boot id (see [`ReplayGuard`]).
+//!
+//! Version 2 added `n`. A version-1 agent drops version-2 records as `WrongVersion` (and a
+//! version-2 agent drops version-1 records the same way): agents of both versions on one LAN
+//! ignore each other, counted, so a cluster is built from one agent version.
 //!
 //! The node id follows the one rule of [`NodeId`] (the formation crate's), and this record is
 //! the only place it travels: the application fields carry no id of their own.
@@ -37,11 +46,11 @@ use rackseed_formation::{NodeId, NodeIdError};
 use sha2::Sha256;
 
 /// Version of this record format; records with another version are dropped.
-pub const PROTOCOL_VERSION: &str = "1";
+pub const PROTOCOL_VERSION: &str = "2";
 /// Prefix of application field keys in the TXT record.
 pub const APP_PREFIX: &str = "a.";
 /// Keys of the fixed (non-application) fields, signature excluded.
-pub const FIXED_KEYS: [&str; 7] = ["v", "c", "id", "p", "fp", "b", "s"];
+pub const FIXED_KEYS: [&str; 8] = ["v", "c", "id", "p", "fp", "n", "b", "s"];
 /// Longest node id (it is also a DNS label and part of the host name).
 pub const MAX_NODE_ID_LEN: usize = NodeId::MAX_LEN;
 /// Longest application key (without the `a.` prefix).
@@ -60,6 +69,9 @@ pub struct RecordHeader {
     pub node_id: String,
     pub port: u16,
     pub fingerprint: String,
+    /// The node's boot counter: persisted, one higher at each agent start.
+    pub boot_counter: u64,
+    /// This boot's random id.
     pub boot: String,
     pub seq: u64,
 }
@@ -85,7 +97,7 @@ pub enum Rejection {
     BadSignature,
     /// Signed correctly but a field is out of range or missing (a bug in the sender).
     Malformed,
-    /// Older (boot, seq) than one already accepted from that node: a replay.
+    /// Older (boot counter, boot, seq) than one already accepted from that node: a replay.
     Replayed,
     /// A different boot announces our own node id (cloned machine-id?).
     OwnIdConflict,
@@ -99,7 +111,7 @@ impl Rejection {
             Rejection::MissingSignature => "missing signature",
             Rejection::BadSignature => "bad signature",
             Rejection::Malformed => "malformed fields",
-            Rejection::Replayed => "replayed (older boot/seq than already accepted)",
+            Rejection::Replayed => "replayed (older boot counter/boot/seq than already accepted)",
             Rejection::OwnIdConflict => "another machine announces our node id",
         }
     }
@@ -146,7 +158,7 @@ fn canonical_bytes(instance: &str, pairs: &BTreeMap<&str, &str>) -> Vec<u8> {
         out.extend_from_slice(&(b.len() as u32).to_be_bytes());
         out.extend_from_slice(b);
     }
-    let mut out = b"rackseed/announce/v1\0".to_vec();
+    let mut out = b"rackseed/announce/v2\0".to_vec();
     lp(&mut out, instance.as_bytes());
     for (k, v) in pairs {
         lp(&mut out, k.as_bytes());
@@ -179,6 +191,7 @@ pub fn encode_record(
         ("id".into(), header.node_id.clone()),
         ("p".into(), header.port.to_string()),
         ("fp".into(), header.fingerprint.clone()),
+        ("n".into(), header.boot_counter.to_string()),
         ("b".into(), header.boot.clone()),
         ("s".into(), header.seq.to_string()),
     ];
@@ -270,14 +283,11 @@ pub fn decode_record(
     let port: u16 = field("p")?.parse().map_err(|_| Rejection::Malformed)?;
     let fingerprint = field("fp")?;
     let boot = field("b")?;
-    let seq_text = field("s")?;
     if port == 0 || !is_lower_hex(fingerprint, 64) || !is_lower_hex(boot, 16) {
         return Err(Rejection::Malformed);
     }
-    if seq_text.is_empty() || !seq_text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Rejection::Malformed);
-    }
-    let seq: u64 = seq_text.parse().map_err(|_| Rejection::Malformed)?;
+    let boot_counter = decimal_u64(field("n")?)?;
+    let seq = decimal_u64(field("s")?)?;
     let mut fields = BTreeMap::new();
     for (k, v) in &map {
         if let Some(app) = k.strip_prefix(APP_PREFIX) {
@@ -295,6 +305,7 @@ pub fn decode_record(
             node_id: node_id.to_string(),
             port,
             fingerprint: fingerprint.to_string(),
+            boot_counter,
             boot: boot.to_string(),
             seq,
         },
@@ -302,43 +313,62 @@ pub fn decode_record(
     })
 }
 
+/// A decimal `u64` as the encoder writes it: digits only (no sign, no spaces).
+fn decimal_u64(text: &str) -> Result<u64, Rejection> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Rejection::Malformed);
+    }
+    text.parse().map_err(|_| Rejection::Malformed)
+}
+
 /// Verdict of the [`ReplayGuard`] on a verified record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
-    /// Newer than anything accepted from this node (or the first record, or a new boot).
+    /// Newer than anything accepted from this node (or the first record, a higher boot
+    /// counter, or a new boot id under the same counter).
     Newer,
     /// The record already accepted last (an mDNS refresh or cache re-read).
     Same,
-    /// Older seq in the current boot, or a boot this node has already moved on from.
+    /// A lower boot counter, an older seq in the current boot, or a boot id this node has
+    /// already moved on from under the same counter.
     Stale,
 }
 
-/// Boots remembered per node to recognise replays of an earlier boot.
+/// Boot ids remembered per node under one boot counter (see [`ReplayGuard`]).
 const BOOTS_REMEMBERED: usize = 16;
 /// Nodes tracked; beyond this the least recently updated entry is forgotten.
 const NODES_TRACKED: usize = 4096;
 
 #[derive(Debug, Default)]
 struct NodeHistory {
+    boot_counter: u64,
     boot: String,
     seq: u64,
+    /// Boot ids left under `boot_counter` (emptied when the counter moves on).
     past_boots: VecDeque<String>,
     touched: u64,
 }
 
-/// Orders signed records per node id by (boot, seq) without any clock.
+/// Orders signed records per node id by (boot counter, boot, seq) without any clock.
 ///
-/// Within one boot, a lower `seq` than the last accepted is stale. A boot id is random, so two
-/// boots cannot be ordered; instead the guard remembers the last 16 (`BOOTS_REMEMBERED`) boot ids
-/// of each node and treats a record from a boot the node already left as stale.
+/// The boot counter decides which boot is current: the agent persists it and raises it at
+/// each start before it announces, and it is signed. A record with a lower counter than the
+/// highest accepted from that node is stale, whatever order records arrive in, so a recording
+/// of an earlier boot can never displace (hide) the live one, also after this observer
+/// restarted: the live node's next record carries the higher counter and wins for good.
 ///
-/// What this prevents: replaying an older announcement of the current boot (e.g. an earlier
-/// phase) and replaying any announcement of an earlier boot this observer has seen superseded.
+/// Within one counter the rule is the one from before counters: a lower `seq` of the same boot
+/// id is stale; another boot id under the same counter (only when a node lost its counter
+/// file's last write, or a clone) is newer unless the node already left it: the guard
+/// remembers the last 16 (`BOOTS_REMEMBERED`) boot ids left under the current counter.
+///
 /// What it does not prevent: replaying the *latest* record (it is simply the same record, and
-/// may resurrect a peer after it was lost until its TTL runs out), and replaying a record of a
-/// boot this observer never saw superseded (e.g. after the observer restarted) until the real
-/// node's next announcement, which then supersedes it for good. Announcements are only hints
-/// to the formation core; safety decisions go through the authenticated coordinator.
+/// may resurrect a peer after it was lost until its TTL runs out). Announcements are only
+/// hints to the formation core; safety decisions go through the authenticated coordinator.
+/// A node whose counter file is lost (a new state directory under the same node id) is held
+/// stale by an observer that saw a higher counter, until that observer restarts; node ids
+/// come from `/etc/machine-id`, which a re-flashed node generates anew, so this needs a
+/// restored machine id without its state directory.
 #[derive(Debug, Default)]
 pub struct ReplayGuard {
     nodes: HashMap<String, NodeHistory>,
@@ -350,8 +380,19 @@ impl ReplayGuard {
         Self::default()
     }
 
-    /// Judges `(boot, seq)` from `node_id` and records it when it is newer.
-    pub fn check(&mut self, node_id: &str, boot: &str, seq: u64) -> Freshness {
+    /// Number of nodes tracked (at most 4096, `NODES_TRACKED`).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True before the first record.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Judges `(boot_counter, boot, seq)` from `node_id` and records it when it is newer.
+    pub fn check(&mut self, node_id: &str, boot_counter: u64, boot: &str, seq: u64) -> Freshness {
+        use std::cmp::Ordering;
         self.clock += 1;
         let clock = self.clock;
         if !self.nodes.contains_key(node_id) && self.nodes.len() >= NODES_TRACKED {
@@ -367,22 +408,30 @@ impl ReplayGuard {
         let h = self.nodes.entry(node_id.to_string()).or_default();
         let verdict = if h.boot.is_empty() {
             Freshness::Newer
-        } else if h.boot == boot {
-            match seq.cmp(&h.seq) {
-                std::cmp::Ordering::Greater => Freshness::Newer,
-                std::cmp::Ordering::Equal => Freshness::Same,
-                std::cmp::Ordering::Less => Freshness::Stale,
-            }
-        } else if h.past_boots.iter().any(|b| b == boot) {
-            Freshness::Stale
         } else {
-            if h.past_boots.len() == BOOTS_REMEMBERED {
-                h.past_boots.pop_front();
+            match boot_counter.cmp(&h.boot_counter) {
+                Ordering::Less => Freshness::Stale,
+                Ordering::Greater => {
+                    h.past_boots.clear();
+                    Freshness::Newer
+                }
+                Ordering::Equal if h.boot == boot => match seq.cmp(&h.seq) {
+                    Ordering::Greater => Freshness::Newer,
+                    Ordering::Equal => Freshness::Same,
+                    Ordering::Less => Freshness::Stale,
+                },
+                Ordering::Equal if h.past_boots.iter().any(|b| b == boot) => Freshness::Stale,
+                Ordering::Equal => {
+                    if h.past_boots.len() == BOOTS_REMEMBERED {
+                        h.past_boots.pop_front();
+                    }
+                    h.past_boots.push_back(h.boot.clone());
+                    Freshness::Newer
+                }
             }
-            h.past_boots.push_back(h.boot.clone());
-            Freshness::Newer
         };
         if verdict == Freshness::Newer {
+            h.boot_counter = boot_counter;
             h.boot = boot.to_string();
             h.seq = seq;
         }
@@ -405,6 +454,7 @@ mod tests {
             node_id: id.into(),
             port: 7443,
             fingerprint: "ab".repeat(32),
+            boot_counter: 7,
             boot: "00112233445566ff".into(),
             seq,
         }
@@ -527,17 +577,115 @@ mod tests {
     #[test]
     fn replay_guard_orders_seq_and_remembers_left_boots() {
         let mut g = ReplayGuard::new();
-        assert_eq!(g.check("a", "b1", 3), Freshness::Newer);
-        assert_eq!(g.check("a", "b1", 3), Freshness::Same);
-        assert_eq!(g.check("a", "b1", 2), Freshness::Stale);
-        assert_eq!(g.check("a", "b1", 4), Freshness::Newer);
-        // A reboot: new boot id, seq restarts.
-        assert_eq!(g.check("a", "b2", 0), Freshness::Newer);
+        assert_eq!(g.check("a", 1, "b1", 3), Freshness::Newer);
+        assert_eq!(g.check("a", 1, "b1", 3), Freshness::Same);
+        assert_eq!(g.check("a", 1, "b1", 2), Freshness::Stale);
+        assert_eq!(g.check("a", 1, "b1", 4), Freshness::Newer);
+        // A reboot: higher counter, new boot id, seq restarts.
+        assert_eq!(g.check("a", 2, "b2", 0), Freshness::Newer);
         // The earlier boot's records are now replays, whatever their seq.
-        assert_eq!(g.check("a", "b1", 99), Freshness::Stale);
-        assert_eq!(g.check("a", "b2", 1), Freshness::Newer);
+        assert_eq!(g.check("a", 1, "b1", 99), Freshness::Stale);
+        assert_eq!(g.check("a", 2, "b2", 1), Freshness::Newer);
         // Other nodes are independent.
-        assert_eq!(g.check("b", "b1", 0), Freshness::Newer);
+        assert_eq!(g.check("b", 1, "b1", 0), Freshness::Newer);
+        assert_eq!(g.len(), 2);
+    }
+
+    /// The attack of finding 1: a recording of an earlier boot that this observer never saw
+    /// (new boot id, any seq) must not displace the current boot.
+    #[test]
+    fn a_never_seen_older_boot_never_displaces_the_current_one() {
+        let mut g = ReplayGuard::new();
+        assert_eq!(g.check("x", 5, "cur", 1), Freshness::Newer);
+        for (old_counter, seq) in [(4, 1), (4, u64::MAX), (1, 0), (0, 7)] {
+            assert_eq!(
+                g.check("x", old_counter, "old", seq),
+                Freshness::Stale,
+                "counter {old_counter} seq {seq}"
+            );
+        }
+        // The live boot goes on unhindered.
+        assert_eq!(g.check("x", 5, "cur", 1), Freshness::Same);
+        assert_eq!(g.check("x", 5, "cur", 2), Freshness::Newer);
+    }
+
+    /// After an observer restart the replay may arrive first; the live record then wins for
+    /// good and the replay stays refused.
+    #[test]
+    fn a_replay_seen_first_is_superseded_by_the_live_boot() {
+        let mut g = ReplayGuard::new();
+        assert_eq!(g.check("x", 1, "old", 9), Freshness::Newer);
+        assert_eq!(g.check("x", 2, "cur", 1), Freshness::Newer);
+        assert_eq!(g.check("x", 1, "old", 9), Freshness::Stale);
+        assert_eq!(g.check("x", 1, "old", 10), Freshness::Stale);
+        assert_eq!(g.check("x", 2, "cur", 1), Freshness::Same);
+    }
+
+    /// Within one counter the earlier rule holds: a new boot id is newer, a left one stale.
+    /// A higher counter forgets the boot ids left under the lower one.
+    #[test]
+    fn within_one_counter_boot_ids_follow_the_earlier_rule() {
+        let mut g = ReplayGuard::new();
+        assert_eq!(g.check("x", 3, "b1", 5), Freshness::Newer);
+        assert_eq!(g.check("x", 3, "b2", 0), Freshness::Newer);
+        assert_eq!(g.check("x", 3, "b1", 6), Freshness::Stale);
+        assert_eq!(
+            g.check("x", 4, "b1", 0),
+            Freshness::Newer,
+            "a higher counter"
+        );
+        assert_eq!(g.check("x", 3, "b2", 9), Freshness::Stale);
+    }
+
+    #[test]
+    fn the_boot_counter_is_signed_and_must_be_decimal() {
+        let pairs = encode_record(&KEY, &header("node-a", 1), &fields()).unwrap();
+        assert!(pairs.contains(&("n".to_string(), "7".to_string())));
+        // Changing the counter breaks the signature.
+        let mut raised = pairs.clone();
+        raised.iter_mut().find(|(k, _)| k == "n").unwrap().1 = "8".into();
+        assert_eq!(
+            decode_record(&KEY, TAG, "node-a", &to_wire(&raised)).unwrap_err(),
+            Rejection::BadSignature
+        );
+        // A signed record without a counter, or with a non-decimal one, is malformed.
+        for bad in [
+            None,
+            Some("-1"),
+            Some(" 7"),
+            Some(""),
+            Some("99999999999999999999"),
+        ] {
+            let mut p: BTreeMap<&str, String> = pairs
+                .iter()
+                .filter(|(k, _)| k != "sig" && k != "n")
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            if let Some(b) = bad {
+                p.insert("n", b.to_string());
+            }
+            let sorted: BTreeMap<&str, &str> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut m = mac(&KEY);
+            m.update(&canonical_bytes("node-a", &sorted));
+            let mut wire: Vec<(String, String)> =
+                p.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            wire.push(("sig".into(), hex::encode(m.finalize().into_bytes())));
+            assert_eq!(
+                decode_record(&KEY, TAG, "node-a", &to_wire(&wire)).unwrap_err(),
+                Rejection::Malformed,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_1_record_is_a_wrong_version() {
+        let mut pairs = encode_record(&KEY, &header("node-a", 1), &fields()).unwrap();
+        pairs.iter_mut().find(|(k, _)| k == "v").unwrap().1 = "1".into();
+        assert_eq!(
+            decode_record(&KEY, TAG, "node-a", &to_wire(&pairs)).unwrap_err(),
+            Rejection::WrongVersion
+        );
     }
 
     proptest! {
@@ -578,7 +726,8 @@ mod tests {
         ) {
             // A sender with the key but buggy fields: must never panic, and any accepted
             // record has a valid node id and fingerprint.
-            let mut pairs: Vec<(&str, String)> = vec![("v", "1".into()), ("c", TAG.into())];
+            let mut pairs: Vec<(&str, String)> =
+                vec![("v", PROTOCOL_VERSION.into()), ("c", TAG.into())];
             for (k, v) in &extra { pairs.push((k.as_str(), v.clone())); }
             let sorted: BTreeMap<&str, &str> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let mut m = mac(&KEY);
