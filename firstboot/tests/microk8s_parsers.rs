@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use firstboot::system::microk8s::parse::{
-    parse_dqlite_cluster_json, parse_join_rejection, parse_nodes_json, parse_status,
-    parse_status_pretty, parse_status_yaml,
+    parse_cert_fingerprint, parse_dqlite_cluster_json, parse_join_rejection, parse_nodes_json,
+    parse_status, parse_status_pretty, parse_status_yaml,
 };
 use firstboot::system::microk8s::{DqliteRole, NodeRole, Status};
 
@@ -143,4 +143,23 @@ fn join_rejection_lines() {
         parse_join_rejection(&fixture("join-invalid-connection.txt")),
         None
     );
+}
+
+/// The fingerprint the agent puts in grants is what MicroK8s' `server_cert_check` computes
+/// (`openssl x509 -in server.crt -outform der | sha256sum`, recorded beside the fixture by
+/// that very command), and a damaged file is a clear error.
+#[test]
+fn cluster_agent_fingerprint_matches_openssl() {
+    let pem = fixture("server.crt");
+    let want = fixture("server.crt.sha256");
+    assert_eq!(parse_cert_fingerprint(&pem).unwrap(), want.trim());
+    for bad in [
+        "",
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        let e = parse_cert_fingerprint(bad).unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
 }
