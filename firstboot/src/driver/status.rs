@@ -3,8 +3,9 @@
 //! kubeconfig it hands out once this node is a control-plane member.
 //!
 //! Nothing here decides anything: [`Runtime::publish_status`] copies the formation core's
-//! status and the driver's observations into the status document after every event, and hands it
-//! to the coordinator only when it changed. To show something new: add a field to
+//! status, the driver's observations and the counters of what discovery and the coordinator
+//! refused ([`rejections`]) into the status document after every event (so at least every tick),
+//! and hands it to the coordinator only when it changed. To show something new: add a field to
 //! `StatusDoc` (in `rackseed-protocol`) and fill it here.
 
 use std::net::IpAddr;
@@ -14,7 +15,12 @@ use crate::addons::progress::AddonProgress;
 use crate::system::microk8s::Status;
 use rackseed_config::Role;
 use rackseed_formation::{Announcement, Event, NodeId, Phase};
-use rackseed_protocol::status::{AddonRow, MemberRow, Microk8sView, PeerRow, TimelineEntry};
+use rackseed_protocol::coordinator::CoordinatorStats;
+use rackseed_protocol::discovery::DiscoveryStats;
+use rackseed_protocol::status::{
+    AddonRow, CoordinatorRejections, DiscoveryRejections, MemberRow, Microk8sView, PeerRow,
+    Rejections, TimelineEntry,
+};
 
 use super::Runtime;
 
@@ -161,11 +167,40 @@ impl Runtime {
                 role: role.name().to_owned(),
             })
             .collect();
+        self.doc.rejections = rejections(&self.discovery.stats(), &self.coordinator.stats());
         // The loop calls this after every event; only a changed document is re-encoded.
         if self.published.as_ref() != Some(&self.doc) {
             let _ = self.coordinator.set_status_from(&self.doc);
             self.published = Some(self.doc.clone());
         }
+    }
+}
+
+/// The status document's counters of what this node refused, from discovery's and the
+/// coordinator's own counters.
+pub(super) fn rejections(d: &DiscoveryStats, c: &CoordinatorStats) -> Rejections {
+    Rejections {
+        discovery: DiscoveryRejections {
+            wrong_version: d.wrong_version,
+            wrong_cluster: d.wrong_cluster,
+            missing_signature: d.missing_signature,
+            bad_signature: d.bad_signature,
+            malformed: d.malformed,
+            replayed: d.replayed,
+            own_id_conflict: d.own_id_conflict,
+            unverified_forgotten: d.unverified_forgotten,
+            cache_flushes: d.cache_flushes,
+            browse_restarts: d.browse_restarts,
+            peers_refused: d.peers_refused,
+        },
+        coordinator: CoordinatorRejections {
+            unauthorized: c.unauthorized,
+            bad_requests: c.bad_requests,
+            unavailable: c.unavailable,
+            tls_failures: c.tls_failures,
+            connections_refused: c.connections_refused,
+            body_timeouts: c.body_timeouts,
+        },
     }
 }
 
@@ -224,5 +259,58 @@ pub(super) fn microk8s_view(status: Status, ha_size: usize) -> Microk8sView {
                 note: None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every refusal counter of discovery and the coordinator lands in its own field of the
+    /// status document (distinct values, so a swapped field shows).
+    #[test]
+    fn rejections_project_every_counter() {
+        let d = DiscoveryStats {
+            accepted: 100,
+            own: 200,
+            wrong_version: 1,
+            wrong_cluster: 2,
+            missing_signature: 3,
+            bad_signature: 4,
+            malformed: 5,
+            replayed: 6,
+            own_id_conflict: 7,
+            unverified_forgotten: 8,
+            cache_flushes: 9,
+            browse_restarts: 10,
+            peers_refused: 11,
+        };
+        let c = CoordinatorStats {
+            nonces_issued: 300,
+            messages: 301,
+            status_reads: 302,
+            page_reads: 303,
+            kubeconfig_reads: 304,
+            unauthorized: 21,
+            bad_requests: 22,
+            unavailable: 23,
+            tls_failures: 24,
+            connections_refused: 25,
+            body_timeouts: 26,
+        };
+        let r = rejections(&d, &c);
+        let counts: Vec<u64> = r.rows().iter().map(|(_, _, n)| *n).collect();
+        assert_eq!(
+            counts,
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 21, 22, 23, 24, 25, 26]
+        );
+        assert_eq!(r.discovery.replayed, 6);
+        assert_eq!(r.coordinator.unauthorized, 21);
+        // Successes are not refusals.
+        assert_eq!(r.total(), (1..=11).sum::<u64>() + (21..=26).sum::<u64>());
+        assert_eq!(
+            rejections(&DiscoveryStats::default(), &CoordinatorStats::default()),
+            Rejections::default()
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! JSON (and as an HTML page), and what `imagebuilder status` aggregates across nodes.
 //!
 //! It holds no secrets and no tokens: node ids, addresses, phases, roles, MicroK8s membership,
-//! addon states, preparation problems and a timeline of this node's phase changes. Times are
+//! addon states, preparation problems, a timeline of this node's phase changes, and what it
+//! refused ([`Rejections`]: discovery's dropped announcements, the coordinator's refusals). Times are
 //! seconds since this agent started (monotonic), never wall-clock: Raspberry Pis have no RTC.
 //! To add a field, add it here with `#[serde(default)]` so older agents' documents still parse.
 
@@ -52,6 +53,95 @@ pub struct StatusDoc {
     /// `imagebuilder status` can say "2 of 3" without the config file.
     #[serde(default)]
     pub control_plane_size: Option<u32>,
+    /// What this node refused since its agent started.
+    #[serde(default)]
+    pub rejections: Rejections,
+}
+
+/// What this node refused since its agent started: announcements discovery dropped and
+/// requests or connections the coordinator refused. Each field is a counter; a document from
+/// an agent without this section reads as all zeros.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Rejections {
+    pub discovery: DiscoveryRejections,
+    pub coordinator: CoordinatorRejections,
+}
+
+/// Announcements discovery dropped, by reason, and what it forgot to stay bounded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DiscoveryRejections {
+    /// Another protocol version (an agent of another release, or a foreign service).
+    pub wrong_version: u64,
+    /// Another cluster's announcements (another secret).
+    pub wrong_cluster: u64,
+    pub missing_signature: u64,
+    /// Forged or tampered announcements.
+    pub bad_signature: u64,
+    pub malformed: u64,
+    /// Older than one already accepted from that node (a replay).
+    pub replayed: u64,
+    /// Another machine announcing this node's id.
+    pub own_id_conflict: u64,
+    /// Unverifiable instances forgotten to keep memory bounded (a flood).
+    pub unverified_forgotten: u64,
+    /// Times the mDNS cache was emptied because of them.
+    pub cache_flushes: u64,
+    /// Times mdns-sd ended the subscription (its event queue full) and discovery browsed again.
+    pub browse_restarts: u64,
+    /// Verified peers refused because the peer table was full.
+    pub peers_refused: u64,
+}
+
+/// Requests and connections the coordinator refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CoordinatorRejections {
+    /// 401: no or a wrong proof of the cluster secret, or a replayed nonce.
+    pub unauthorized: u64,
+    /// 400, 404, 405, 413 or 422.
+    pub bad_requests: u64,
+    /// 503: the agent did not answer in time.
+    pub unavailable: u64,
+    /// Failed TLS handshakes.
+    pub tls_failures: u64,
+    /// Connections closed at once (per-address cap, or the server full).
+    pub connections_refused: u64,
+    /// Request bodies that did not arrive in time.
+    pub body_timeouts: u64,
+}
+
+impl Rejections {
+    /// Every counter as (where, what, count), in a fixed order.
+    pub fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let d = &self.discovery;
+        let c = &self.coordinator;
+        vec![
+            ("discovery", "wrong version", d.wrong_version),
+            ("discovery", "another cluster", d.wrong_cluster),
+            ("discovery", "missing signature", d.missing_signature),
+            ("discovery", "bad signature", d.bad_signature),
+            ("discovery", "malformed", d.malformed),
+            ("discovery", "replayed", d.replayed),
+            ("discovery", "our id, another machine", d.own_id_conflict),
+            ("discovery", "unverified forgotten", d.unverified_forgotten),
+            ("discovery", "mdns cache flushes", d.cache_flushes),
+            ("discovery", "mdns re-browses", d.browse_restarts),
+            ("discovery", "peers refused (table full)", d.peers_refused),
+            ("coordinator", "unauthorized (401)", c.unauthorized),
+            ("coordinator", "bad requests", c.bad_requests),
+            ("coordinator", "unavailable (503)", c.unavailable),
+            ("coordinator", "tls failures", c.tls_failures),
+            ("coordinator", "connections refused", c.connections_refused),
+            ("coordinator", "body timeouts", c.body_timeouts),
+        ]
+    }
+
+    /// Every counter added up.
+    pub fn total(&self) -> u64 {
+        self.rows().iter().map(|(_, _, n)| n).sum()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +242,16 @@ impl StatusDoc {
                 let _ = writeln!(s, "{:<17} {:<10} {}", a.name, a.state, opt(&a.reason));
             }
         }
+        if self.rejections.total() == 0 {
+            let _ = writeln!(s, "\nREJECTED          none");
+        } else {
+            let _ = writeln!(s, "\nREJECTED BY       REASON                      COUNT");
+            for (by, what, n) in self.rejections.rows() {
+                if n > 0 {
+                    let _ = writeln!(s, "{by:<17} {what:<27} {n}");
+                }
+            }
+        }
         for (p, f) in self.problems.iter().zip(&self.fixes) {
             let _ = writeln!(s, "\nproblem: {p}\n    fix: {f}");
         }
@@ -172,5 +272,35 @@ mod tests {
         assert!(!doc.formed());
         let table = doc.render_table();
         assert!(table.contains("phase     member"), "{table}");
+        assert_eq!(doc.rejections, Rejections::default());
+        assert!(table.contains("REJECTED          none"), "{table}");
+    }
+
+    #[test]
+    fn rejections_survive_json_and_show_in_the_table() {
+        let mut doc = StatusDoc::default();
+        doc.rejections.discovery.bad_signature = 4;
+        doc.rejections.coordinator.unauthorized = 2;
+        let back: StatusDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        assert_eq!(doc.rejections.total(), 6);
+        let table = doc.render_table();
+        assert!(
+            table.contains("discovery         bad signature               4"),
+            "{table}"
+        );
+        assert!(
+            table.contains("coordinator       unauthorized (401)          2"),
+            "{table}"
+        );
+        assert!(
+            !table.contains("replayed"),
+            "zero counters are left out: {table}"
+        );
+        // A section from a newer agent with counters this one does not know still parses.
+        let newer: Rejections =
+            serde_json::from_str(r#"{"discovery":{"replayed":3,"future":1},"coordinator":{}}"#)
+                .unwrap();
+        assert_eq!(newer.discovery.replayed, 3);
     }
 }

@@ -5,7 +5,8 @@
 //! Why these two need no authentication: a browser cannot do the coordinator's HMAC
 //! challenge-response, and the status document holds no secrets by design (see
 //! [`crate::status`]): node ids, host names, addresses, phases, roles, MicroK8s voter addresses,
-//! addon states, preparation problems and a timeline of phase changes. No cluster secret, no
+//! addon states, preparation problems, a timeline of phase changes and counters of what the
+//! node refused (reasons are fixed texts, never received data). No cluster secret, no
 //! join token, no MicroK8s token, no kubeconfig, no certificate key is ever put in it; the
 //! driver builds it from the formation state and MicroK8s' status only. What a stranger on the
 //! LAN learns is what it could learn by watching the cluster's mDNS traffic and port-scanning
@@ -235,6 +236,19 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         s.push_str("</table>\n");
     }
 
+    s.push_str("<h2>Refused</h2>\n");
+    if d.rejections.total() == 0 {
+        s.push_str("<p class=\"muted\">Nothing refused since the agent started.</p>\n");
+    } else {
+        s.push_str("<table id=\"rejections\"><tr><th>by</th><th>reason</th><th>count</th></tr>\n");
+        for (by, what, n) in d.rejections.rows() {
+            if n > 0 {
+                let _ = writeln!(s, "<tr><td>{by}</td><td>{what}</td><td>{n}</td></tr>");
+            }
+        }
+        s.push_str("</table>\n");
+    }
+
     s.push_str("<h2>Formation timeline</h2>\n");
     if d.timeline.is_empty() {
         s.push_str("<p class=\"muted\">Nothing yet.</p>\n");
@@ -364,7 +378,18 @@ mod tests {
             }],
             ..Default::default()
         };
+        let quiet = render_page(&serde_json::to_value(&doc).unwrap());
+        assert!(quiet.contains("Nothing refused since the agent started."));
+        let mut doc = doc;
+        doc.rejections.discovery.replayed = 7;
+        doc.rejections.coordinator.tls_failures = 2;
         let page = render_page(&serde_json::to_value(&doc).unwrap());
+        assert!(
+            page.contains("<tr><td>discovery</td><td>replayed</td><td>7</td></tr>")
+                && page.contains("<tr><td>coordinator</td><td>tls failures</td><td>2</td></tr>")
+                && !page.contains("<td>body timeouts</td>"),
+            "{page}"
+        );
         for want in [
             "<span id=\"node-id\">node-a</span>",
             "<td>node-b</td><td>10.0.0.2</td><td>joining</td><td>-</td>",
