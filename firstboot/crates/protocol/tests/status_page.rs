@@ -16,7 +16,8 @@ use rackseed_protocol::coordinator::client::PinnedCert;
 use rackseed_protocol::coordinator::{Coordinator, CoordinatorConfig, NodeIdentity};
 use rackseed_protocol::secret::ClusterSecret;
 use rackseed_protocol::status::{
-    AddonRow, MemberRow, Microk8sView, PeerRow, StatusDoc, TimelineEntry,
+    AddonRow, CoordinatorRejections, MemberRow, Microk8sView, PeerRow, Rejections, StatusDoc,
+    TimelineEntry,
 };
 
 const HOSTILE: &str = "<img src=x onerror=alert(1)><script>document.title='pwned'</script>";
@@ -75,6 +76,13 @@ fn doc() -> StatusDoc {
             },
         ],
         control_plane_size: Some(3),
+        rejections: Rejections {
+            coordinator: CoordinatorRejections {
+                unauthorized: 3,
+                ..CoordinatorRejections::default()
+            },
+            ..Rejections::default()
+        },
     }
 }
 
@@ -140,6 +148,7 @@ async fn chromium_shows_the_status_page_with_hostile_values_escaped() {
         "<td>metallb</td><td>pending</td><td>waiting for HA</td>",
         "hugepages not reserved",
         "10.0.0.11:19001",
+        "<td>coordinator</td><td>unauthorized (401)</td><td>3</td>",
     ] {
         assert!(dom.contains(want), "page lacks {want:?}:\n{dom}");
     }
