@@ -341,6 +341,13 @@ fn a_node_with_the_wrong_secret_changes_nothing() {
             d.peers
         );
         assert_eq!(d.members.len(), 3);
+        // Each member shows the stranger's announcements it dropped (another cluster's tag).
+        assert!(
+            d.rejections.discovery.wrong_cluster >= 1,
+            "{} shows no dropped announcement: {:?}",
+            d.node_id,
+            d.rejections
+        );
     }
     let records = c.commands();
     assert!(
