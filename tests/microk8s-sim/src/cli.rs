@@ -98,6 +98,7 @@ async fn forward(env: &SimEnv, argv: Vec<String>) -> Option<Out> {
     let body = json!({ "argv": argv });
     match crate::http::request(
         addr,
+        None,
         "POST",
         "/local/run",
         Some(&body),
@@ -216,7 +217,8 @@ pub fn dqlite_main(argv: Vec<String>) -> i32 {
 /// What the snap's install hook does with the launch configuration (A8): the first file found
 /// (here only `MICROK8S_SIM_LAUNCH_CONFIG`, else the bundled default) is copied to
 /// `launcher/install.yaml` and pre-init takes `persistentClusterToken`; addons are applied later
-/// by the running agent.
+/// by the running agent. The cluster agent's certificate and key are generated into
+/// `$SNAP_DATA/certs` (A1).
 pub async fn install(env: &SimEnv) -> Result<()> {
     std::fs::create_dir_all(&env.state_dir)
         .with_context(|| format!("creating {}", env.state_dir.display()))?;
@@ -278,8 +280,8 @@ pub async fn install(env: &SimEnv) -> Result<()> {
     std::fs::create_dir_all(&launcher)?;
     std::fs::write(launcher.join("install.yaml"), &text)?;
     tokio::time::sleep(env.install_delay).await;
-    let mut cert = vec![0u8; 64];
-    rand::fill(&mut cert[..]);
+    // The agent's TLS certificate, before installed.json, which marks the install done.
+    let cert = crate::agent_cert::generate_and_write(&env.snap_data)?;
     daemon::write_json(
         &daemon::installed_path(env),
         &Installed {

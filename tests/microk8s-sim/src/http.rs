@@ -1,17 +1,34 @@
-//! A deliberately small HTTP/1.1 (one request per connection, JSON bodies, `Connection: close`)
-//! for the simulated cluster agent. Plain HTTP, not TLS: the simulator does not model
-//! certificates (see the README). Requests are bounded in size and time; malformed ones are
-//! answered 400 (or dropped) and counted, never a panic.
+//! The simulated cluster agent's transport: a deliberately small HTTP/1.1 (one request per
+//! connection, JSON bodies, `Connection: close`) over TLS, as the real agent serves HTTPS on
+//! 25000 with `$SNAP_DATA/certs/server.crt` ([`crate::agent_cert`]). Requests are bounded in
+//! size and time; malformed ones (including failed handshakes) are answered 400 or dropped and
+//! counted, never a panic. A connection that completes the handshake and closes without sending
+//! a byte (a joiner that rejected the certificate) is not a request and is not counted.
+//!
+//! The client ([`request`]) behaves like join.py's `HTTPSConnection` with
+//! `ssl._create_unverified_context()`: any certificate is accepted in the handshake (signatures
+//! are still checked, so the peer must hold the key of the certificate it shows), and the
+//! peer's DER certificate is hashed right after it. With a fingerprint, a mismatch ends the
+//! connection before a single byte of the request is written ([`ClientError::Unverified`]).
 //!
 //! To add a route, match on it in the daemon's `route` function.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::agent_cert::{sha256_hex, AgentCert};
 
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
@@ -63,7 +80,8 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn read_message(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
+/// Reads one message; `None` when the peer closed before sending a byte.
+async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<(String, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -73,7 +91,15 @@ async fn read_message(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
         if buf.len() > MAX_HEAD {
             bail!("header larger than {MAX_HEAD} bytes");
         }
-        let n = stream.read(&mut chunk).await?;
+        let n = match stream.read(&mut chunk).await {
+            Ok(n) => n,
+            // A TLS peer that closed without close_notify before sending anything.
+            Err(e) if buf.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 && buf.is_empty() {
+            return Ok(None);
+        }
         if n == 0 {
             bail!("connection closed before the end of the header");
         }
@@ -114,49 +140,68 @@ async fn read_message(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
             }
         },
     }
-    Ok((head, body))
+    Ok(Some((head, body)))
 }
 
-/// Serves `handler` on `listener` forever.
-pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
+/// The server side of TLS for the agent's certificate (ring provider, TLS 1.2 and 1.3).
+pub fn acceptor(cert: AgentCert) -> Result<TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert], cert.key)
+        .context("the cluster agent's certificate and key")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `handler` on `listener` over TLS forever.
+pub async fn serve<F, Fut>(listener: TcpListener, tls: TlsAcceptor, handler: F)
 where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response> + Send,
 {
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let Ok(local) = stream.local_addr() else {
+            let Ok(local) = tcp.local_addr() else {
                 return;
             };
-            let parsed = tokio::time::timeout(READ_TIMEOUT, read_message(&mut stream)).await;
-            let resp = match parsed {
-                Ok(Ok((head, body))) => {
-                    let mut first = head.lines().next().unwrap_or_default().split(' ');
-                    match (first.next(), first.next()) {
-                        (Some(m), Some(p)) if !m.is_empty() => {
-                            handler(Request {
-                                method: m.to_owned(),
-                                path: p.to_owned(),
-                                body,
-                                peer,
-                                local,
-                            })
-                            .await
-                        }
-                        _ => {
-                            BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
-                            Response::error(400, "malformed request line")
-                        }
+            let exchange = async {
+                let mut stream = tls.accept(tcp).await.context("TLS handshake")?;
+                let msg = read_message(&mut stream).await?;
+                anyhow::Ok((stream, msg))
+            };
+            let (mut stream, (head, body)) =
+                match tokio::time::timeout(READ_TIMEOUT, exchange).await {
+                    Ok(Ok((stream, Some(msg)))) => (stream, msg),
+                    // Handshake done, nothing sent: not a request.
+                    Ok(Ok((_, None))) => return,
+                    Ok(Err(_)) | Err(_) => {
+                        BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                        return;
                     }
+                };
+            let mut first = head.lines().next().unwrap_or_default().split(' ');
+            let resp = match (first.next(), first.next()) {
+                (Some(m), Some(p)) if !m.is_empty() => {
+                    handler(Request {
+                        method: m.to_owned(),
+                        path: p.to_owned(),
+                        body,
+                        peer,
+                        local,
+                    })
+                    .await
                 }
                 _ => {
                     BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    Response::error(400, "malformed request line")
                 }
             };
             let body = resp.body.to_string();
@@ -176,43 +221,144 @@ where
 /// Why a client request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// TCP connect failed or timed out: (errno-like name, text).
+    /// TCP connect failed.
     #[error("{0}")]
     Connect(std::io::Error),
     #[error("timed out connecting")]
     ConnectTimeout,
-    /// The exchange failed after connecting.
+    /// The TLS handshake failed (join.py: `ssl.SSLError`).
+    #[error("{0}")]
+    Tls(String),
+    /// The peer's certificate does not match the expected fingerprint; nothing was sent.
+    #[error("the peer's certificate (sha256 {sha256}) does not match the fingerprint")]
+    Unverified { sha256: String },
+    /// The exchange failed after the handshake.
     #[error("{0}")]
     Protocol(String),
 }
 
-/// One request; returns (status, parsed JSON body or Null).
+/// Accepts any certificate, as `ssl._create_unverified_context()` does, but still checks the
+/// handshake signatures, so the peer must hold the key of the certificate it presents.
+#[derive(Debug)]
+struct AnyCertificate {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The client side of TLS, built once per process.
+fn connector() -> Result<TlsConnector, ClientError> {
+    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let algs = provider.signature_verification_algorithms;
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS protocol versions: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate { algs }))
+                .with_no_client_auth();
+            Ok(TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
+        .map_err(ClientError::Tls)
+}
+
+/// A TLS connection to `addr` as join.py opens one: any certificate is accepted; returns the
+/// stream and the lowercase hex SHA-256 of the peer's DER certificate. Nothing is written yet.
+pub async fn connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<(TlsStream<TcpStream>, String), ClientError> {
+    let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ClientError::ConnectTimeout),
+        Ok(Err(e)) => return Err(ClientError::Connect(e)),
+        Ok(Ok(s)) => s,
+    };
+    let stream = connector()?
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let sha256 = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| sha256_hex(c))
+        .ok_or_else(|| ClientError::Tls("the peer presented no certificate".into()))?;
+    Ok((stream, sha256))
+}
+
+/// One request over TLS; returns (status, parsed JSON body or Null). With `fingerprint`, the
+/// SHA-256 hex of the peer's DER certificate must start with it, checked after the handshake
+/// and before the request is written (join.py's `join_request`); otherwise
+/// [`ClientError::Unverified`] and the peer received nothing but the handshake.
 pub async fn request(
     addr: SocketAddr,
+    fingerprint: Option<&str>,
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
     connect_timeout: Duration,
     total_timeout: Duration,
 ) -> Result<(u16, serde_json::Value), ClientError> {
-    let mut stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ClientError::ConnectTimeout),
-        Ok(Err(e)) => return Err(ClientError::Connect(e)),
-        Ok(Ok(s)) => s,
-    };
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let msg = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let exchange = async {
+        let (mut stream, sha256) = connect(addr, connect_timeout).await?;
+        if fingerprint.is_some_and(|fp| !sha256.starts_with(fp)) {
+            // Dropped without a write: no request, no close_notify.
+            return Err(ClientError::Unverified { sha256 });
+        }
         stream
             .write_all(msg.as_bytes())
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (head, body) = read_message(&mut stream)
             .await
-            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?
+            .ok_or_else(|| ClientError::Protocol("connection closed without an answer".into()))?;
         let status: u16 = head
             .lines()
             .next()

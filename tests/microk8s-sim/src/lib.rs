@@ -9,12 +9,14 @@
 //! - [`daemon`]: the node's cluster agent: join checks in the reference's order, replicated
 //!   cluster view, heartbeats, standby promotion, quorum, and every CLI command's behaviour.
 //! - [`model`]: pure data and rules (roles, quorum, rebalance) and the output renderers.
-//! - [`http`]: a small plain-HTTP/1.1 JSON transport.
+//! - [`http`]: a small HTTP/1.1 JSON transport over TLS, with join.py's fingerprint check.
+//! - [`agent_cert`]: the cluster agent's certificate and key in `$SNAP_DATA/certs`.
 //!
 //! Configuration is by environment ([`SimEnv`]); see `tests/microk8s-sim/README.md` for what is
 //! modelled from the reference and what is not. To add a command: handle it in
 //! `daemon::Daemon::run_command`, add its output format to [`model`], and test it.
 
+pub mod agent_cert;
 pub mod cli;
 pub mod daemon;
 pub mod http;
@@ -25,7 +27,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The simulator's settings, from environment variables (defaults in brackets):
-/// - `MICROK8S_SIM_STATE` \[/var/snap/microk8s/current/sim\]: this node's state folder;
+/// - `MICROK8S_SIM_STATE` \[/var/snap/microk8s/current/sim\]: this node's state folder. Its
+///   parent folder is the node's `$SNAP_DATA` \[/var/snap/microk8s/current\], which holds the
+///   cluster agent's TLS certificate and key where the real snap keeps them,
+///   `$SNAP_DATA/certs/server.crt` and `$SNAP_DATA/certs/server.key` (written at install);
 /// - `MICROK8S_SIM_LAUNCH_CONFIG` \[/etc/microk8s.yaml\]: read by `snap install` (A8);
 /// - `MICROK8S_SIM_NODE` \[hostname, lowercased\]: node name;
 /// - `MICROK8S_SIM_IP` \[first non-loopback IPv4 of this namespace\]: this node's address until a
@@ -39,6 +44,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct SimEnv {
     pub state_dir: PathBuf,
+    /// `$SNAP_DATA`: the parent of `state_dir` (`state_dir` itself if it has none).
+    pub snap_data: PathBuf,
     pub launch_config: PathBuf,
     pub node: String,
     pub ip: Option<IpAddr>,
@@ -97,6 +104,11 @@ impl SimEnv {
             launch_config: var("MICROK8S_SIM_LAUNCH_CONFIG")
                 .unwrap_or_else(|| "/etc/microk8s.yaml".into())
                 .into(),
+            snap_data: state_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(&state_dir)
+                .to_path_buf(),
             state_dir,
             node,
             ip,

@@ -11,6 +11,7 @@ use firstboot::system::microk8s::parse::{
     parse_kubeconfig, parse_status_pretty, parse_status_yaml,
 };
 use firstboot::system::microk8s::{InstallSource, Microk8s};
+use microk8s_sim::http;
 use netns_lab::Lab;
 use rackseed_host::command::Output;
 use support::*;
@@ -230,33 +231,63 @@ fn garbage_on_the_agent_port_is_counted_and_ignored() {
     n[0].install_and_start();
     let addr = std::net::SocketAddr::from((n[0].host.addr, 25000));
     let counts = n[1].host.spawn_thread(move || {
-        use std::io::{Read, Write};
-        let send = |bytes: &[u8]| -> anyhow::Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(15)))?;
-            let _ = s.write_all(bytes);
-            let _ = s.shutdown(std::net::Shutdown::Write);
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            Ok(out)
-        };
-        let ping = || -> anyhow::Result<u64> {
-            let out = send(b"GET /sim/v1/ping HTTP/1.1\r\n\r\n")?;
-            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(body)?;
-            Ok(v["bad_requests"].as_u64().unwrap_or(0))
-        };
-        let before = ping()?;
-        send(b"\x00\x01\x02garbage")?;
-        send(&vec![b'A'; 40_000])?;
-        send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 5\r\n\r\n{not}")?;
-        send(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")?;
-        let bad_json =
-            send(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]")?;
-        Ok((before, ping()?, bad_json))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let t = Duration::from_secs(5);
+            // Bytes on the bare TCP connection: the TLS handshake fails.
+            let raw = |bytes: &'static [u8]| async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await?;
+                let _ = s.write_all(bytes).await;
+                let _ = s.shutdown().await;
+                let mut out = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+                anyhow::Ok(out)
+            };
+            // Bytes inside TLS.
+            let tls = |bytes: Vec<u8>| async move {
+                let (mut s, _) = http::connect(addr, t).await?;
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+                let mut out = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+                anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
+            };
+            let ping = || async move {
+                let (_, v) = http::request(addr, None, "GET", "/sim/v1/ping", None, t, t).await?;
+                anyhow::Ok(v["bad_requests"].as_u64().unwrap_or(0))
+            };
+            let before = ping().await?;
+            let plain = raw(b"GET /sim/v1/ping HTTP/1.1\r\n\r\n").await?;
+            raw(b"\x00\x01\x02garbage").await?;
+            tls(b"\x00\x01\x02garbage".to_vec()).await?;
+            tls(vec![b'A'; 40_000]).await?;
+            tls(b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 5\r\n\r\n{not}".to_vec())
+                .await?;
+            tls(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec()).await?;
+            let bad_json = tls(
+                b"POST /cluster/api/v2.0/join HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]".to_vec(),
+            )
+            .await?;
+            let after = ping().await?;
+            // A handshake and nothing else (a joiner that rejected the certificate) is no request.
+            drop(http::connect(addr, t).await?);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let quiet = ping().await?;
+            anyhow::Ok((before, after, quiet, plain, bad_json))
+        })
     });
-    let (before, after, bad_json) = counts.join().unwrap().unwrap();
-    assert!(after >= before + 4, "before {before}, after {after}");
+    let (before, after, quiet, plain, bad_json) = counts.join().unwrap().unwrap();
+    assert!(after >= before + 6, "before {before}, after {after}");
+    assert_eq!(quiet, after, "a bare handshake is not counted");
+    assert!(
+        !String::from_utf8_lossy(&plain).contains("HTTP/1.1"),
+        "the agent does not answer plain HTTP: {plain:?}"
+    );
     assert!(
         bad_json.starts_with("HTTP/1.1 500"),
         "no token in a JSON array: {bad_json}"

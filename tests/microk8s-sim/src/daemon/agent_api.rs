@@ -1,5 +1,9 @@
-//! The cluster agent's HTTP API: the replication routes (`/sim/v1/ping`, `/sim/v1/view`), the
+//! The cluster agent's HTTPS API: the replication routes (`/sim/v1/ping`, `/sim/v1/view`), the
 //! seed's side of a join, and `/local/run`, through which the `microk8s` CLI runs commands.
+//!
+//! Every request other than the replication chatter (ping, view) is appended to the node's
+//! request log, `$STATE/requests.jsonl` (`ts_ms`, `peer`, `method`, `path`, `status`; never a
+//! body), so tests can tell which peers reached the agent at all.
 //!
 //! Join checks run in the reference's order (A2, A4): token (consumed first; `500 invalid
 //! token`), `ha-cluster` lock (501), agent port (502), joiner IP equal to the seed's (503),
@@ -22,7 +26,40 @@ use crate::model::{self, InFlight, Role, View};
 use crate::now_ms;
 
 impl Daemon {
+    /// Answers one request and logs it (see the module docs).
     pub(super) async fn route(self: Arc<Self>, req: Request) -> Response {
+        let (method, path, peer) = (req.method.clone(), req.path.clone(), req.peer);
+        let resp = self.clone().answer(req).await;
+        let chatter = path.starts_with("/sim/v1/ping") || path == "/sim/v1/view";
+        if !chatter {
+            self.log_request(peer, &method, &path, resp.status);
+        }
+        resp
+    }
+
+    fn log_request(&self, peer: std::net::SocketAddr, method: &str, path: &str, status: u16) {
+        let line = format!(
+            "{}\n",
+            json!({
+                "ts_ms": now_ms(),
+                "peer": peer.ip().to_string(),
+                "method": method,
+                "path": path,
+                "status": status,
+            })
+        );
+        let log = super::request_log_path(&self.env);
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = res {
+            eprintln!("microk8s-sim: writing request log {}: {e}", log.display());
+        }
+    }
+
+    async fn answer(self: Arc<Self>, req: Request) -> Response {
         let body: serde_json::Value = if req.body.is_empty() {
             serde_json::Value::Null
         } else {
@@ -60,9 +97,6 @@ impl Daemon {
                 Ok(v) => Response::ok(json!({"taken": self.offer(v)})),
                 Err(e) => Response::error(400, format!("bad view: {e}")),
             },
-            ("GET", "/sim/v1/certificate") => {
-                Response::ok(json!({"cert": self.installed.cert_hex}))
-            }
             ("POST", "/cluster/api/v2.0/join") => self.serve_join(&req, &body).await,
             ("POST", "/sim/v1/join-done") => self.serve_join_done(&req, &body).await,
             ("POST", "/sim/v1/join-abort") => {

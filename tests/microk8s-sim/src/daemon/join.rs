@@ -1,14 +1,19 @@
 //! `microk8s join`, the joiner's side (A3, A4): the connection string, the certificate
 //! fingerprint check, the join request, the modelled `update_dqlite` delay and the view the seed
 //! answers with. Errors print what join.py prints, with its exit codes.
+//!
+//! As join.py's `join_request`, the fingerprint is checked on the connection that carries the
+//! join request, after the TLS handshake and before the request (and so the token) is written:
+//! a peer whose certificate does not match receives nothing (exit 4). A failed handshake is
+//! join.py's `ssl.SSLError` (exit 4) whether or not a fingerprint was given.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::{Daemon, Out, FINGERPRINT_MIN_LEN, TOKEN_MIN_LEN};
+use crate::agent_cert::sha256_hex;
 use crate::http::{self, ClientError};
 use crate::model::View;
 
@@ -49,10 +54,10 @@ impl Daemon {
         fingerprint: Option<&str>,
         stdout: &mut String,
     ) -> Result<(), Out> {
-        if let (Some(fp), false) = (fingerprint, opts.skip_verify) {
-            verify_seed(seed, fp, stdout).await?;
-        }
-        let answer = self.request_join(seed, opts, token, stdout).await?;
+        let fingerprint = fingerprint.filter(|_| !opts.skip_verify);
+        let answer = self
+            .request_join(seed, opts, token, fingerprint, stdout)
+            .await?;
         if opts.controlplane {
             // join.py takes the worker path ("as-master" is truthy), sees ca_key and gives up
             // after the token was consumed (A3).
@@ -75,12 +80,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// `POST /cluster/api/v2.0/join`; returns the seed's answer.
+    /// `POST /cluster/api/v2.0/join`, sent only to a peer whose certificate matches
+    /// `fingerprint` (when given); returns the seed's answer.
     async fn request_join(
         &self,
         seed: &Seed,
         opts: &JoinOptions<'_>,
         token: &str,
+        fingerprint: Option<&str>,
         stdout: &str,
     ) -> Result<serde_json::Value, Out> {
         let worker_field = if opts.worker {
@@ -99,7 +106,7 @@ impl Daemon {
             "can_handle_custom_etcd": true,
         });
         match seed
-            .call("POST", "/cluster/api/v2.0/join", Some(&req))
+            .call_verified(fingerprint, "POST", "/cluster/api/v2.0/join", Some(&req))
             .await
         {
             Ok((200, r)) => Ok(r),
@@ -110,6 +117,13 @@ impl Daemon {
                 };
                 Err(Out::fail(6, format!("{stdout}{msg} ({status}).\n")))
             }
+            Err(ClientError::Unverified { .. }) => Err(Out::fail(
+                4,
+                format!(
+                    "{stdout}Joining cluster failed. Could not verify the identity of {}. Use '--skip-verify' to skip server certificate check.\n",
+                    seed.ip
+                ),
+            )),
             Err(e) => Err(unreachable(e, stdout.to_owned())),
         }
     }
@@ -203,39 +217,54 @@ struct Seed {
 }
 
 impl Seed {
+    /// A request to the seed's agent, over TLS without a certificate check.
     async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, serde_json::Value), ClientError> {
-        http::request(self.addr, method, path, body, self.connect, self.total).await
+        self.call_verified(None, method, path, body).await
+    }
+
+    /// A request written only after the seed's certificate matched `fingerprint` (when given).
+    async fn call_verified(
+        &self,
+        fingerprint: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), ClientError> {
+        http::request(
+            self.addr,
+            fingerprint,
+            method,
+            path,
+            body,
+            self.connect,
+            self.total,
+        )
+        .await
     }
 }
 
-/// Checks the seed's certificate against the connection string's fingerprint.
-async fn verify_seed(seed: &Seed, fingerprint: &str, stdout: &str) -> Result<(), Out> {
-    match seed.call("GET", "/sim/v1/certificate", None).await {
-        Ok((200, c)) => {
-            let cert = c["cert"].as_str().unwrap_or_default();
-            if sha256_hex(cert).starts_with(fingerprint) {
-                Ok(())
-            } else {
-                Err(Out::fail(4, format!("{stdout}Joining cluster failed. Could not verify the identity of {}. Use '--skip-verify' to skip server certificate check.\n", seed.ip)))
-            }
-        }
-        Ok((s, _)) => Err(Out::fail(
-            4,
-            format!("{stdout}Peer node verification failed ({s}).\n"),
-        )),
-        Err(e) => Err(unreachable(e, stdout.to_owned())),
-    }
-}
-
-/// The traceback join.py dies with when the seed cannot be reached (exit 1), or its message
-/// when the exchange broke after connecting (exit 5).
+/// The traceback join.py dies with when the seed cannot be reached (exit 1), its message when
+/// the TLS handshake failed (`ssl.SSLError`, exit 4), or when the exchange broke after
+/// connecting (exit 5).
 fn unreachable(e: ClientError, stdout: String) -> Out {
     let line = match e {
+        ClientError::Tls(t) => {
+            return Out::fail(
+                4,
+                format!("{stdout}Peer node verification failed with {t}.\n"),
+            )
+        }
+        ClientError::Unverified { sha256 } => {
+            return Out::fail(
+                4,
+                format!("{stdout}Peer node verification failed with certificate {sha256}.\n"),
+            )
+        }
         ClientError::ConnectTimeout => "TimeoutError: [Errno 110] Connection timed out".to_owned(),
         ClientError::Connect(e) => match e.kind() {
             std::io::ErrorKind::ConnectionRefused => {
@@ -258,14 +287,11 @@ fn unreachable(e: ClientError, stdout: String) -> Out {
     }
 }
 
-/// The first 12 hex digits of the SHA-256 of the (stand-in) certificate, as `server_cert_check`.
+/// The first 12 hex digits of the SHA-256 of the agent's DER certificate (given as hex), as
+/// `server_cert_check` prints it (A1).
 pub fn fingerprint_of(cert_hex: &str) -> String {
-    sha256_hex(cert_hex)[..FINGERPRINT_MIN_LEN].to_owned()
-}
-
-fn sha256_hex(cert_hex: &str) -> String {
     let der = hex::decode(cert_hex).unwrap_or_default();
-    hex::encode(Sha256::digest(&der))
+    sha256_hex(&der)[..FINGERPRINT_MIN_LEN].to_owned()
 }
 
 /// join.py's `get_valid_connection_parts` (A3): `IP:PORT/TOKEN[/FINGERPRINT]`, IP literal only

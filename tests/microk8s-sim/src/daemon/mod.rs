@@ -1,5 +1,6 @@
-//! The simulated node: its cluster agent (TCP, plain HTTP JSON) and the behaviour of every CLI
-//! command, which the `microk8s` CLI forwards here over loopback.
+//! The simulated node: its cluster agent (HTTPS JSON on TCP 25000, with the certificate in
+//! `$SNAP_DATA/certs/server.crt`) and the behaviour of every CLI command, which the `microk8s`
+//! CLI forwards here over loopback (also TLS, as everything that reaches the agent).
 //!
 //! This module holds the node's state ([`Daemon`]), what it persists and its startup ([`run`]);
 //! the behaviour lives in one module per concern:
@@ -25,9 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::http;
 use crate::model::View;
 use crate::SimEnv;
+use crate::{agent_cert, http};
 
 pub use commands::cmd_config;
 pub use join::{fingerprint_of, valid_connection_parts};
@@ -60,7 +61,9 @@ pub struct LaunchAddon {
 pub struct Installed {
     pub name: String,
     pub persistent_token: Option<String>,
-    /// Stand-in for the agent's DER certificate; its SHA-256 prefix is the join fingerprint.
+    /// Hex of the DER form of the agent's certificate, `$SNAP_DATA/certs/server.crt`; its
+    /// SHA-256 prefix is the join fingerprint (A1). The daemon refuses to start when the file
+    /// holds another certificate.
     pub cert_hex: String,
     pub addons: Vec<LaunchAddon>,
     pub kubelet_args: BTreeMap<String, Option<String>>,
@@ -116,6 +119,11 @@ impl Out {
 
 pub fn installed_path(env: &SimEnv) -> PathBuf {
     env.state_dir.join("installed.json")
+}
+
+/// The agent's request log (see `agent_api`).
+pub fn request_log_path(env: &SimEnv) -> PathBuf {
+    env.state_dir.join("requests.jsonl")
 }
 
 fn state_path(env: &SimEnv) -> PathBuf {
@@ -191,11 +199,15 @@ impl Daemon {
     }
 }
 
-/// The cluster id a node starts with (its own one-node cluster). Derived from the random
-/// stand-in certificate written at install, so `microk8s config` shows the same CA before and
-/// after the daemon first ran, as the real install hook creates the CA once.
+/// The cluster id a node starts with (its own one-node cluster). Derived from the certificate
+/// generated at install, so `microk8s config` shows the same CA before and after the daemon
+/// first ran, as the real install hook creates the CA once. (A hash: DER certificates all start
+/// alike.)
 fn first_cluster_id(installed: &Installed) -> String {
-    installed.cert_hex.chars().take(16).collect()
+    let der = hex::decode(&installed.cert_hex).unwrap_or_default();
+    let mut tagged = b"microk8s-sim cluster id\n".to_vec();
+    tagged.extend_from_slice(&der);
+    crate::agent_cert::sha256_hex(&tagged)[..16].to_owned()
 }
 
 /// Runs the node until killed: loads `installed.json` (and `state.json` when present), serves
@@ -227,6 +239,15 @@ pub async fn run(env: SimEnv) -> Result<()> {
             launch_applied: false,
         },
     };
+    let cert = agent_cert::load(&env.snap_data)?;
+    if hex::encode(&cert.cert) != installed.cert_hex {
+        bail!(
+            "{} holds another certificate than the one install recorded in {}; reinstall",
+            agent_cert::cert_path(&env.snap_data).display(),
+            ipath.display()
+        );
+    }
+    let tls = http::acceptor(cert)?;
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", env.port))
         .await
         .with_context(|| format!("binding the cluster agent to 0.0.0.0:{}", env.port))?;
@@ -272,6 +293,6 @@ pub async fn run(env: SimEnv) -> Result<()> {
         let d = d.clone();
         move |req| d.clone().route(req)
     };
-    http::serve(listener, handler).await;
+    http::serve(listener, tls, handler).await;
     Ok(())
 }

@@ -38,7 +38,8 @@ impl Daemon {
             let body = body.clone();
             let t = self.env.heartbeat;
             let task = tokio::spawn(async move {
-                let _ = http::request(addr, "POST", "/sim/v1/view", Some(&body), t, t * 2).await;
+                let _ =
+                    http::request(addr, None, "POST", "/sim/v1/view", Some(&body), t, t * 2).await;
             });
             if !worker {
                 tasks.push(task);
@@ -88,7 +89,8 @@ impl Daemon {
             let cid = cid.clone();
             let ping = ping.clone();
             tasks.push(tokio::spawn(async move {
-                let Ok((200, pong)) = http::request(addr, "GET", &ping, None, hb, hb).await else {
+                let Ok((200, pong)) = http::request(addr, None, "GET", &ping, None, hb, hb).await
+                else {
                     return;
                 };
                 if pong["cluster_id"] != cid.as_str() || pong["name"] != name.as_str() {
@@ -101,7 +103,7 @@ impl Daemon {
                 let theirs = pong["version"].as_u64().unwrap_or(0);
                 if theirs > version {
                     if let Ok((200, v)) =
-                        http::request(addr, "GET", "/sim/v1/view", None, hb, hb * 2).await
+                        http::request(addr, None, "GET", "/sim/v1/view", None, hb, hb * 2).await
                     {
                         if let Ok(v) = serde_json::from_value::<View>(v) {
                             d.offer(v);
@@ -110,7 +112,8 @@ impl Daemon {
                 } else if theirs < version {
                     let body = serde_json::to_value(d.lock().view.clone()).expect("serialises");
                     let _ =
-                        http::request(addr, "POST", "/sim/v1/view", Some(&body), hb, hb * 2).await;
+                        http::request(addr, None, "POST", "/sim/v1/view", Some(&body), hb, hb * 2)
+                            .await;
                 }
             }));
         }

@@ -1,0 +1,116 @@
+//! The cluster agent's TLS certificate, where the real snap keeps it: `$SNAP_DATA/certs/server.crt`
+//! and `$SNAP_DATA/certs/server.key` (PEM; the key mode 0600). Install generates a fresh
+//! self-signed pair (rcgen, ECDSA P-256); the daemon serves it and `add-node` prints the first 12
+//! hex digits of the SHA-256 of its DER form as the check hash (A1), which is what `microk8s
+//! join IP:PORT/TOKEN/FINGERPRINT` compares with the certificate the peer presents (A3).
+//!
+//! The real certificate is signed by the cluster CA and names the node's addresses; nothing in
+//! the simulator looks at either, so a self-signed certificate stands in.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+/// `$SNAP_DATA/certs/server.crt`.
+pub fn cert_path(snap_data: &Path) -> PathBuf {
+    snap_data.join("certs/server.crt")
+}
+
+/// `$SNAP_DATA/certs/server.key`.
+pub fn key_path(snap_data: &Path) -> PathBuf {
+    snap_data.join("certs/server.key")
+}
+
+/// The lowercase hex SHA-256 of a DER certificate; `join` compares its prefix (A3).
+pub fn sha256_hex(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// The agent's certificate and key, as the daemon serves them.
+#[derive(Debug)]
+pub struct AgentCert {
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Generates a new self-signed certificate and key and writes them under `snap_data` (the key
+/// with mode 0600, both through a temporary file and a rename); returns the certificate's DER.
+pub fn generate_and_write(snap_data: &Path) -> Result<Vec<u8>> {
+    let key = rcgen::KeyPair::generate().context("generating the cluster agent's key")?;
+    let mut params = rcgen::CertificateParams::new(vec![
+        "127.0.0.1".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+    ])
+    .context("cluster agent certificate parameters")?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "127.0.0.1");
+    let cert = params
+        .self_signed(&key)
+        .context("self-signing the cluster agent's certificate")?;
+    let dir = snap_data.join("certs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_file(&key_path(snap_data), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&cert_path(snap_data), cert.pem().as_bytes(), 0o644)?;
+    Ok(cert.der().to_vec())
+}
+
+/// Writes `bytes` to `path` with `mode` through a temporary file and a rename.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    // The umask may have narrowed the mode of the new file; never widened.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+/// Reads the certificate and key that install wrote under `snap_data`.
+pub fn load(snap_data: &Path) -> Result<AgentCert> {
+    let (cpath, kpath) = (cert_path(snap_data), key_path(snap_data));
+    let cert = CertificateDer::from_pem_file(&cpath)
+        .with_context(|| format!("reading the cluster agent certificate {}", cpath.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&kpath)
+        .with_context(|| format!("reading the cluster agent key {}", kpath.display()))?;
+    if cert.is_empty() {
+        bail!("{} holds an empty certificate", cpath.display());
+    }
+    Ok(AgentCert { cert, key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_writes_a_loadable_pair_with_a_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let der = generate_and_write(dir.path()).unwrap();
+        let loaded = load(dir.path()).unwrap();
+        assert_eq!(loaded.cert.as_ref(), &der[..]);
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(key_path(dir.path())), 0o600);
+        assert_eq!(mode(cert_path(dir.path())), 0o644);
+        let pem = std::fs::read_to_string(cert_path(dir.path())).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+        // A second install makes a different certificate.
+        assert_ne!(generate_and_write(dir.path()).unwrap(), der);
+        assert_eq!(sha256_hex(&der).len(), 64);
+    }
+}
