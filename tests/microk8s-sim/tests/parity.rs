@@ -100,6 +100,9 @@ impl Microk8s for InNamespace {
     fn config(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
         self.call(|a| async move { a.config().await })
     }
+    fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>> {
+        self.call(|a| async move { a.cluster_agent_fingerprint().await })
+    }
 }
 
 /// A short, comparable description of an outcome.

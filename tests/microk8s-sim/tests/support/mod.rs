@@ -82,6 +82,8 @@ impl SimNode {
             snap: dir.join("bin/snap"),
             dqlite: dir.join("bin/dqlite"),
             launch_config: dir.join("etc/microk8s.yaml"),
+            // `$SNAP_DATA` is the parent of the state folder.
+            cluster_agent_cert: dir.join("certs/server.crt"),
             install_timeout: Duration::from_secs(30),
             join_timeout: Duration::from_secs(40),
             enable_timeout: Duration::from_secs(30),
