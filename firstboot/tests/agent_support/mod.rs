@@ -95,7 +95,14 @@ pub struct AgentCluster {
 impl AgentCluster {
     /// Prepares `n` hosts (agents not started yet).
     pub fn new(n: usize, spec: ClusterSpec) -> AgentCluster {
-        let lab = Lab::new(n).expect("network lab (needs root)");
+        AgentCluster::after_spare_hosts(0, n, spec)
+    }
+
+    /// Prepares `n` agent nodes on lab hosts `spare..spare + n` of a lab of `spare + n` hosts;
+    /// hosts `0..spare` (the lowest addresses) get no node and are the test's, e.g. for an
+    /// attacker on the same bridge. Node `i` is `nodes[i]` on `lab.host(spare + i)`.
+    pub fn after_spare_hosts(spare: usize, n: usize, spec: ClusterSpec) -> AgentCluster {
+        let lab = Lab::new(spare + n).expect("network lab (needs root)");
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("commands.jsonl");
         let secret_path = dir.path().join("cluster.secret");
@@ -122,13 +129,13 @@ impl AgentCluster {
             started: Instant::now(),
         };
         for i in 0..n {
-            c.prepare_node(i);
+            c.prepare_node(i, spare + i);
         }
         c
     }
 
-    fn prepare_node(&mut self, i: usize) {
-        let host = self.lab.host(i).clone();
+    fn prepare_node(&mut self, i: usize, lab_host: usize) {
+        let host = self.lab.host(lab_host).clone();
         let dir = self.dir.path().join(format!("node-{i}"));
         for sub in ["bin", "etc", "root/etc", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
