@@ -190,42 +190,6 @@ fn own_address(local: &[LocalAddr], peers: &[IpAddr]) -> Option<IpAddr> {
         .map(|(_, ip, _)| *ip)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn la(name: &str, ip: &str, prefix: u8) -> LocalAddr {
-        (name.into(), ip.parse().unwrap(), prefix)
-    }
-
-    #[test]
-    fn the_join_address_is_the_one_on_the_peers_network() {
-        // A QEMU VM: the management NIC (same address on every VM) sorts first by name.
-        let local = [
-            la("enp0s2", "10.0.2.15", 24),
-            la("enp0s3", "192.168.76.12", 24),
-        ];
-        let peers = [
-            "192.168.76.11".parse().unwrap(),
-            "192.168.76.13".parse().unwrap(),
-        ];
-        assert_eq!(
-            own_address(&local, &peers),
-            Some("192.168.76.12".parse().unwrap())
-        );
-        // No peer seen yet: IPv4 first, then by name.
-        let local = [la("eth1", "fd00::5", 64), la("eth0", "10.0.0.5", 24)];
-        assert_eq!(own_address(&local, &[]), Some("10.0.0.5".parse().unwrap()));
-        assert_eq!(own_address(&[], &peers), None);
-        // A peer on the IPv6 network only.
-        let peers = ["fd00::9".parse().unwrap()];
-        assert_eq!(
-            own_address(&local, &peers),
-            Some("fd00::5".parse().unwrap())
-        );
-    }
-}
-
 /// A Pi booted without the memory cgroup (an image not made by rackseed, or a `cmdline.txt`
 /// edited since): add the flags and reboot once; the persisted phase resumes preparation after
 /// the reboot. Never reboots twice for this ([`addons::prep::pi_cgroup_step`]), and never when
@@ -440,4 +404,40 @@ async fn auto_metallb(
     .await?;
     tracing::info!(addresses = ?range.addresses, in_use = ?range.in_use, "metallb auto range");
     Ok(Some(range.blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn la(name: &str, ip: &str, prefix: u8) -> LocalAddr {
+        (name.into(), ip.parse().unwrap(), prefix)
+    }
+
+    #[test]
+    fn the_join_address_is_the_one_on_the_peers_network() {
+        // A QEMU VM: the management NIC (same address on every VM) sorts first by name.
+        let local = [
+            la("enp0s2", "10.0.2.15", 24),
+            la("enp0s3", "192.168.76.12", 24),
+        ];
+        let peers = [
+            "192.168.76.11".parse().unwrap(),
+            "192.168.76.13".parse().unwrap(),
+        ];
+        assert_eq!(
+            own_address(&local, &peers),
+            Some("192.168.76.12".parse().unwrap())
+        );
+        // No peer seen yet: IPv4 first, then by name.
+        let local = [la("eth1", "fd00::5", 64), la("eth0", "10.0.0.5", 24)];
+        assert_eq!(own_address(&local, &[]), Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(own_address(&[], &peers), None);
+        // A peer on the IPv6 network only.
+        let peers = ["fd00::9".parse().unwrap()];
+        assert_eq!(
+            own_address(&local, &peers),
+            Some("fd00::5".parse().unwrap())
+        );
+    }
 }
