@@ -80,6 +80,19 @@ pub struct Agent {
     pub params: Option<FormationParams>,
 }
 
+/// Creates the state directory (it holds the coordinator's private key and the phase) as
+/// 0700, and makes an existing one 0700: nobody but root reads it.
+fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))
+}
+
 /// Where the agent keeps its formation phase.
 pub fn state_file(state_dir: &std::path::Path) -> StateFile {
     StateFile::new(state_dir.join("state.json"))
@@ -158,8 +171,7 @@ impl Runtime {
     /// state; returns the core's first actions, not yet executed.
     async fn start(agent: Arc<Agent>) -> Result<(Runtime, Inputs, Vec<Action>)> {
         let started = Instant::now();
-        std::fs::create_dir_all(&agent.state_dir)
-            .with_context(|| format!("creating {}", agent.state_dir.display()))?;
+        create_private_dir(&agent.state_dir)?;
         let identity = NodeIdentity::load_or_create(&agent.state_dir)
             .with_context(|| format!("coordinator identity in {}", agent.state_dir.display()))?;
         let fingerprint = identity.fingerprint().to_owned();
@@ -472,4 +484,27 @@ impl Runtime {
 /// True once the persisted phase says this node is a member.
 pub fn is_member(st: &PersistedState) -> bool {
     matches!(st.phase, Phase::Member { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_state_directory_is_private_new_or_existing() {
+        let root = tempfile::tempdir().unwrap();
+        let fresh = root.path().join("var/lib/rackseed");
+        create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let old = root.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+    }
 }
