@@ -223,8 +223,38 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
         dir: scratch_dir,
         n: 0,
     };
+    let mut entries = overlay_trees(inp.overlays)?;
+    let unit_path = format!("/etc/systemd/system/{UNIT}");
+    if !entries.iter().any(|e| e.path() == unit_path) {
+        bail!("no overlay provides {unit_path} (expected in overlays/common)");
+    }
+    // Paths whose content is secret: the manifest records no hash for them.
+    let mut secret_paths: Vec<String> = Vec::new();
+    push_generated(inp, &mut sc, unit_path, &mut entries, &mut secret_paths)?;
+    if let Some(dir) = &inp.config.microk8s.offline_snaps {
+        entries.extend(offline_snap_entries(dir)?);
+    }
+    if inp.target == Target::X86_64Efi {
+        push_nocloud_seed(inp, &mut sc, &mut entries, &mut secret_paths)?;
+    }
+    Ok((later_wins(entries), secret_paths))
+}
+
+/// A regular file owned by root, with its content at `src`.
+fn root_file(path: &str, src: PathBuf, mode: u32) -> Entry {
+    Entry::File {
+        path: path.into(),
+        src,
+        mode,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+/// The entries of every overlay tree in order; refuses an overlay that provides SSH host keys.
+fn overlay_trees(overlays: &[PathBuf]) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
-    for o in inp.overlays {
+    for o in overlays {
         let laid = overlay_entries(o)?;
         if let Some(key) = laid.iter().map(Entry::path).find(|p| {
             p.rsplit_once('/')
@@ -238,20 +268,19 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
         }
         entries.extend(laid);
     }
-    let unit_path = format!("/etc/systemd/system/{UNIT}");
-    if !entries.iter().any(|e| e.path() == unit_path) {
-        bail!("no overlay provides {unit_path} (expected in overlays/common)");
-    }
-    // Paths whose content is secret: the manifest records no hash for them.
-    let mut secret_paths: Vec<String> = Vec::new();
-    let file = |path: &str, src: PathBuf, mode: u32| Entry::File {
-        path: path.into(),
-        src,
-        mode,
-        uid: 0,
-        gid: 0,
-    };
-    entries.push(file(FIRSTBOOT_PATH, inp.firstboot.path.clone(), 0o755));
+    Ok(entries)
+}
+
+/// Pushes the generated files (firstboot, its unit link, config, secret, launch config, image
+/// info, the empty machine id) and records which of them are secret.
+fn push_generated(
+    inp: &Inputs<'_>,
+    sc: &mut Scratch<'_>,
+    unit_path: String,
+    entries: &mut Vec<Entry>,
+    secret_paths: &mut Vec<String>,
+) -> Result<()> {
+    entries.push(root_file(FIRSTBOOT_PATH, inp.firstboot.path.clone(), 0o755));
     entries.push(Entry::Symlink {
         path: format!("/etc/systemd/system/multi-user.target.wants/{UNIT}"),
         target: unit_path,
@@ -262,22 +291,26 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
         uid: 0,
         gid: 0,
     });
-    entries.push(file(
+    entries.push(root_file(
         CONFIG_PATH,
         sc.file(in_image_config(inp.config_toml)?.as_bytes(), 0o644)?,
         0o644,
     ));
-    entries.push(file(SECRET_PATH, sc.file(inp.secret, 0o600)?, 0o600));
+    entries.push(root_file(SECRET_PATH, sc.file(inp.secret, 0o600)?, 0o600));
     secret_paths.push(SECRET_PATH.into());
     let launch = launch::render(inp.config, inp.microk8s_token)?;
-    entries.push(file(LAUNCH_PATH, sc.file(launch.as_bytes(), 0o600)?, 0o600));
+    entries.push(root_file(
+        LAUNCH_PATH,
+        sc.file(launch.as_bytes(), 0o600)?,
+        0o600,
+    ));
     secret_paths.push(LAUNCH_PATH.into());
     let info = serde_json::to_vec_pretty(inp.image_info)?;
-    entries.push(file(INFO_PATH, sc.file(&info, 0o644)?, 0o644));
+    entries.push(root_file(INFO_PATH, sc.file(&info, 0o644)?, 0o644));
     // One image, many machines: an empty machine id makes systemd generate a fresh one on each
     // machine's first boot, and with it firstboot's node id. A baked-in id would give every
     // flashed machine the same identity.
-    entries.push(file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
+    entries.push(root_file("/etc/machine-id", sc.file(b"", 0o444)?, 0o444));
     // systemd initialises an empty machine id from D-Bus' copy when one exists, and a
     // bootstrapped base carries the copy made at bootstrap time: every machine would get the
     // same id. Make it the link Ubuntu's images ship, so there is only one id, made per machine.
@@ -285,60 +318,76 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
         path: "/var/lib/dbus/machine-id".into(),
         target: "/etc/machine-id".into(),
     });
-    if let Some(dir) = &inp.config.microk8s.offline_snaps {
-        let mut found = 0;
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading offline snaps folder {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "snap" || x == "assert"))
-            .collect();
-        names.sort();
-        for p in names {
-            let name = p.file_name().expect("file").to_string_lossy().into_owned();
-            entries.push(file(&format!("{SNAPS_DIR}/{name}"), p.clone(), 0o644));
-            found += 1;
-        }
-        if found == 0 {
-            bail!(
-                "offline snaps folder {} has no .snap or .assert files",
-                dir.display()
-            );
-        }
+    Ok(())
+}
+
+/// Entries staging the `.snap` and `.assert` files of the offline snaps folder `dir` (at least one).
+fn offline_snap_entries(dir: &Path) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut found = 0;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading offline snaps folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "snap" || x == "assert"))
+        .collect();
+    names.sort();
+    for p in names {
+        let name = p.file_name().expect("file").to_string_lossy().into_owned();
+        entries.push(root_file(&format!("{SNAPS_DIR}/{name}"), p.clone(), 0o644));
+        found += 1;
     }
-    if inp.target == Target::X86_64Efi {
-        let seed = seed_for(inp.config)?;
-        let base = "/var/lib/cloud/seed/nocloud";
-        entries.push(file(
-            &format!("{base}/user-data"),
-            sc.file(seed.user_data.as_bytes(), 0o600)?,
-            0o600,
-        ));
-        entries.push(file(
-            &format!("{base}/meta-data"),
-            sc.file(seed.meta_data.as_bytes(), 0o600)?,
-            0o600,
-        ));
-        entries.push(file(
-            &format!("{base}/network-config"),
-            sc.file(seed.network_config.as_bytes(), 0o600)?,
-            0o600,
-        ));
-        if inp.config.network.wifi.is_some() {
-            secret_paths.push(format!("{base}/network-config"));
-        }
+    if found == 0 {
+        bail!(
+            "offline snaps folder {} has no .snap or .assert files",
+            dir.display()
+        );
     }
-    // Later entries win.
+    Ok(entries)
+}
+
+/// Pushes the NoCloud seed files (x86) into the root filesystem; network-config is secret when
+/// it holds a Wi-Fi passphrase.
+fn push_nocloud_seed(
+    inp: &Inputs<'_>,
+    sc: &mut Scratch<'_>,
+    entries: &mut Vec<Entry>,
+    secret_paths: &mut Vec<String>,
+) -> Result<()> {
+    let seed = seed_for(inp.config)?;
+    let base = "/var/lib/cloud/seed/nocloud";
+    entries.push(root_file(
+        &format!("{base}/user-data"),
+        sc.file(seed.user_data.as_bytes(), 0o600)?,
+        0o600,
+    ));
+    entries.push(root_file(
+        &format!("{base}/meta-data"),
+        sc.file(seed.meta_data.as_bytes(), 0o600)?,
+        0o600,
+    ));
+    entries.push(root_file(
+        &format!("{base}/network-config"),
+        sc.file(seed.network_config.as_bytes(), 0o600)?,
+        0o600,
+    ));
+    if inp.config.network.wifi.is_some() {
+        secret_paths.push(format!("{base}/network-config"));
+    }
+    Ok(())
+}
+
+/// Keeps only the last entry for each path, in the order the kept entries were pushed.
+fn later_wins(entries: Vec<Entry>) -> Vec<Entry> {
     let mut last: BTreeMap<String, usize> = BTreeMap::new();
     for (i, e) in entries.iter().enumerate() {
         last.insert(e.path().to_string(), i);
     }
-    let entries: Vec<Entry> = entries
+    entries
         .into_iter()
         .enumerate()
         .filter(|(i, e)| last[e.path()] == *i)
         .map(|(_, e)| e)
-        .collect();
-    Ok((entries, secret_paths))
+        .collect()
 }
 
 fn seed_for(config: &ClusterConfig) -> Result<cloudinit::Seed> {
@@ -393,24 +442,7 @@ pub async fn apply(
     let seed = seed_for(inp.config)?;
     let (mut entries, secret_paths) = root_entries(inp, scratch)?;
     let ext4 = Ext4::new(image, root.start);
-    // SSH host keys made when the base was built (debootstrap's openssh-server, or a base
-    // image that was booted) would be shared by every machine flashed from this image: they
-    // go, and each machine makes its own at first boot (cloud-init's ssh module, or
-    // overlays/common's rackseed-ssh-hostkeys.service where there is no cloud-init).
-    let ssh = ext4
-        .list(
-            &std::collections::BTreeSet::from([SSH_DIR.to_string()]),
-            scratch,
-        )
-        .await?;
-    for e in ssh.values().flatten().flatten() {
-        if is_ssh_host_key(&e.name) {
-            tracing::info!("customize: removing the base's {SSH_DIR}/{}", e.name);
-            entries.push(Entry::Absent {
-                path: format!("{SSH_DIR}/{}", e.name),
-            });
-        }
-    }
+    entries.extend(base_host_key_removals(&ext4, scratch).await?);
     // The schema check (a Python start-up) runs next to the ext4 edit; neither needs the other.
     let (checked, applied) = tokio::join!(
         check_user_data(&seed.user_data, scratch),
@@ -420,61 +452,15 @@ pub async fn apply(
         warnings.push(w);
     }
     applied?;
-    let mut files = Vec::new();
-    for e in &entries {
-        if let Entry::File {
-            path, src, mode, ..
-        } = e
-        {
-            let secret = secret_paths.iter().any(|p| p == path);
-            files.push(Added {
-                partition: l.root.into(),
-                path: path.clone(),
-                mode: Some(format!("{mode:04o}")),
-                size: std::fs::metadata(src)?.len(),
-                sha256: if secret { None } else { Some(sha_of(src)?) },
-            });
-        }
-    }
+    let mut files = root_manifest(&entries, &secret_paths, l.root)?;
     let cmdline;
     let fat = FatVolume::new(image, boot.start);
     match inp.target {
         Target::Rpi4 | Target::Rpi5 => {
-            let cur = fat
-                .read("cmdline.txt", scratch)
-                .await?
-                .context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
-            let (line, dropped) =
-                cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
-            if dropped {
-                warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
-            }
-            let wifi = inp.config.network.wifi.is_some();
-            let written = [
-                ("cmdline.txt", line.clone().into_bytes(), false),
-                ("user-data", seed.user_data.into_bytes(), false),
-                ("meta-data", seed.meta_data.into_bytes(), false),
-                ("network-config", seed.network_config.into_bytes(), wifi),
-            ];
-            let st = FatStage::new(scratch)?;
-            for (name, data, _) in &written {
-                st.add(name, data)?;
-            }
-            st.write_to(&fat).await?;
-            cmdline = Some(line.trim_end().to_string());
-            for (name, data, secret) in written {
-                files.push(Added {
-                    partition: l.boot.into(),
-                    path: format!("/{name}"),
-                    mode: None,
-                    size: data.len() as u64,
-                    sha256: if secret {
-                        None
-                    } else {
-                        Some(hex::encode(Sha256::digest(&data)))
-                    },
-                });
-            }
+            let (line, added) =
+                write_pi_boot(&fat, inp, seed, l.boot, scratch, &mut warnings).await?;
+            files.extend(added);
+            cmdline = Some(line);
         }
         Target::X86_64Efi => {
             cmdline = loader_options(&fat, scratch).await?;
@@ -485,6 +471,104 @@ pub async fn apply(
         cmdline,
         warnings,
     })
+}
+
+/// Removals of the SSH host keys the base image carries in its root filesystem.
+async fn base_host_key_removals(ext4: &Ext4, scratch: &Path) -> Result<Vec<Entry>> {
+    // SSH host keys made when the base was built (debootstrap's openssh-server, or a base
+    // image that was booted) would be shared by every machine flashed from this image: they
+    // go, and each machine makes its own at first boot (cloud-init's ssh module, or
+    // overlays/common's rackseed-ssh-hostkeys.service where there is no cloud-init).
+    let ssh = ext4
+        .list(
+            &std::collections::BTreeSet::from([SSH_DIR.to_string()]),
+            scratch,
+        )
+        .await?;
+    let mut removals = Vec::new();
+    for e in ssh.values().flatten().flatten() {
+        if is_ssh_host_key(&e.name) {
+            tracing::info!("customize: removing the base's {SSH_DIR}/{}", e.name);
+            removals.push(Entry::Absent {
+                path: format!("{SSH_DIR}/{}", e.name),
+            });
+        }
+    }
+    Ok(removals)
+}
+
+/// Manifest records of the files written into the root filesystem (labelled `partition`);
+/// files in `secret_paths` get no hash.
+fn root_manifest(
+    entries: &[Entry],
+    secret_paths: &[String],
+    partition: &str,
+) -> Result<Vec<Added>> {
+    let mut files = Vec::new();
+    for e in entries {
+        if let Entry::File {
+            path, src, mode, ..
+        } = e
+        {
+            let secret = secret_paths.iter().any(|p| p == path);
+            files.push(Added {
+                partition: partition.into(),
+                path: path.clone(),
+                mode: Some(format!("{mode:04o}")),
+                size: std::fs::metadata(src)?.len(),
+                sha256: if secret { None } else { Some(sha_of(src)?) },
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// Writes the memory-cgroup flags into `cmdline.txt` and the NoCloud seed into the Raspberry
+/// Pi's `system-boot` (labelled `partition`); returns the command line and manifest records.
+async fn write_pi_boot(
+    fat: &FatVolume,
+    inp: &Inputs<'_>,
+    seed: cloudinit::Seed,
+    partition: &str,
+    scratch: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<(String, Vec<Added>)> {
+    let cur = fat
+        .read("cmdline.txt", scratch)
+        .await?
+        .context("system-boot has no cmdline.txt; is this a Raspberry Pi image?")?;
+    let (line, dropped) =
+        cmdline::append_flags(&String::from_utf8_lossy(&cur), &cmdline::MEMORY_CGROUP);
+    if dropped {
+        warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
+    }
+    let wifi = inp.config.network.wifi.is_some();
+    let written = [
+        ("cmdline.txt", line.clone().into_bytes(), false),
+        ("user-data", seed.user_data.into_bytes(), false),
+        ("meta-data", seed.meta_data.into_bytes(), false),
+        ("network-config", seed.network_config.into_bytes(), wifi),
+    ];
+    let st = FatStage::new(scratch)?;
+    for (name, data, _) in &written {
+        st.add(name, data)?;
+    }
+    st.write_to(fat).await?;
+    let mut files = Vec::new();
+    for (name, data, secret) in written {
+        files.push(Added {
+            partition: partition.into(),
+            path: format!("/{name}"),
+            mode: None,
+            size: data.len() as u64,
+            sha256: if secret {
+                None
+            } else {
+                Some(hex::encode(Sha256::digest(&data)))
+            },
+        });
+    }
+    Ok((line.trim_end().to_string(), files))
 }
 
 #[cfg(test)]

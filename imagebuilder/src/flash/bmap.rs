@@ -4,8 +4,8 @@
 //! flasher will compute was computed here with checked arithmetic. A file that fails any of
 //! these gives an error starting with `bmap:` and naming the value, never a panic or a wrapped
 //! number. [`Bmap::parse_bytes`] is what `flash` calls; the property tests below feed it
-//! arbitrary bytes. To accept another field, read it in [`Bmap::parse_bytes`] and check it
-//! there, so nothing downstream does arithmetic on an unchecked value.
+//! arbitrary bytes. To accept another field, check it where [`Bmap::parse_bytes`] reads the
+//! header (`Bmap::from_header`), so nothing downstream does arithmetic on an unchecked value.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +48,125 @@ fn number(field: &str, text: &str) -> Result<u64> {
         .with_context(|| format!("bmap: {field} {t} does not fit in 64 bits"))
 }
 
+/// What the XML walk collects from a `.bmap` file, before any number is checked.
+#[derive(Default)]
+struct RawBmap {
+    /// Element path from the root to the element being read.
+    path: Vec<String>,
+    /// Text of every element other than `<Range>`, by element name.
+    fields: BTreeMap<String, String>,
+    /// (first, last, chksum) in file order.
+    ranges: Vec<(u64, u64, String)>,
+    /// The open `<Range>`'s chksum, and whether its block numbers were seen.
+    open_range: Option<(String, bool)>,
+    /// Whether `<bmap version="2.x">` was seen.
+    version_ok: bool,
+}
+
+impl RawBmap {
+    /// Walks the XML of a `.bmap` file's bytes into fields and unchecked ranges.
+    fn read(bytes: &[u8]) -> Result<RawBmap> {
+        use quick_xml::events::Event;
+        let xml = std::str::from_utf8(bytes).context("bmap: not UTF-8 text")?;
+        let mut reader = quick_xml::Reader::from_str(xml);
+        let mut raw = RawBmap::default();
+        loop {
+            match reader.read_event().context("bmap: malformed XML")? {
+                Event::Start(e) => raw.start(&e)?,
+                Event::Empty(e) => {
+                    let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                    ensure!(name != "Range", "bmap: an empty <Range/> maps no blocks");
+                    ensure!(name != "bmap", "bmap: an empty <bmap/> holds no block map");
+                }
+                Event::End(_) => raw.end()?,
+                Event::Text(t) => {
+                    let text = t.decode().context("bmap: text")?.trim().to_owned();
+                    if !text.is_empty() {
+                        raw.text(text)?;
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Opens an element: checks the `<bmap>` version and opens a `<Range>` with its chksum.
+    fn start(&mut self, e: &quick_xml::events::BytesStart<'_>) -> Result<()> {
+        let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+        ensure!(self.open_range.is_none(), "bmap: <{name}> inside a <Range>");
+        let mut sum = None;
+        for a in e.attributes() {
+            let a = a.context("bmap: malformed attribute")?;
+            let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
+            let val = a.unescape_value().context("bmap: attribute")?.into_owned();
+            if name == "bmap" && key == "version" {
+                ensure!(
+                    val.starts_with("2."),
+                    "bmap: version {val} is not supported (2.x expected)"
+                );
+                self.version_ok = true;
+            }
+            if name == "Range" && key == "chksum" {
+                sum = Some(val);
+            }
+        }
+        if name == "Range" {
+            let sum = sum.context("bmap: a Range has no chksum attribute")?;
+            self.open_range = Some((sum, false));
+        }
+        self.path.push(name);
+        Ok(())
+    }
+
+    /// Closes an element; a closed `<Range>` must have held its block numbers.
+    fn end(&mut self) -> Result<()> {
+        let closed = self.path.pop();
+        if closed.as_deref() == Some("Range") {
+            let (_, seen) = self.open_range.take().context("bmap: unbalanced Range")?;
+            ensure!(seen, "bmap: a <Range> has no block numbers");
+        }
+        Ok(())
+    }
+
+    /// Takes an element's non-empty text: a `<Range>`'s block numbers or a field's value.
+    fn text(&mut self, text: String) -> Result<()> {
+        match self.path.last().map(String::as_str) {
+            Some("Range") => {
+                let (sum, seen) = self
+                    .open_range
+                    .as_mut()
+                    .context("bmap: text outside a Range")?;
+                ensure!(!*seen, "bmap: a <Range> holds two block numbers");
+                *seen = true;
+                let (a, b) = text.split_once('-').unwrap_or((&text, &text));
+                let first = number("Range start", a)?;
+                let last = number("Range end", b)?;
+                ensure!(first <= last, "bmap: Range {text} is reversed");
+                self.ranges.push((first, last, std::mem::take(sum)));
+            }
+            Some(name) => {
+                if let Some(old) = self.fields.insert(name.to_owned(), text) {
+                    bail!("bmap: <{name}> is given twice (first {old:?})");
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The whole number in field `<k>`, or an error naming the missing or bad field.
+    fn number_field(&self, k: &str) -> Result<u64> {
+        number(
+            &format!("<{k}>"),
+            self.fields
+                .get(k)
+                .with_context(|| format!("bmap: missing <{k}>"))?,
+        )
+    }
+}
+
 impl Bmap {
     /// Parses bmaptool's XML format from text.
     pub fn parse(xml: &str) -> Result<Bmap> {
@@ -56,100 +175,24 @@ impl Bmap {
 
     /// Parses and checks a `.bmap` file's bytes.
     pub fn parse_bytes(bytes: &[u8]) -> Result<Bmap> {
-        use quick_xml::events::Event;
-        let xml = std::str::from_utf8(bytes).context("bmap: not UTF-8 text")?;
-        let mut reader = quick_xml::Reader::from_str(xml);
-        let mut path: Vec<String> = Vec::new();
-        let mut fields = BTreeMap::<String, String>::new();
-        // (first, last, chksum) in file order.
-        let mut raw_ranges: Vec<(u64, u64, String)> = Vec::new();
-        let mut open_range: Option<(String, bool)> = None;
-        let mut version_ok = false;
-        loop {
-            match reader.read_event().context("bmap: malformed XML")? {
-                Event::Start(e) => {
-                    let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                    ensure!(open_range.is_none(), "bmap: <{name}> inside a <Range>");
-                    let mut sum = None;
-                    for a in e.attributes() {
-                        let a = a.context("bmap: malformed attribute")?;
-                        let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
-                        let val = a.unescape_value().context("bmap: attribute")?.into_owned();
-                        if name == "bmap" && key == "version" {
-                            ensure!(
-                                val.starts_with("2."),
-                                "bmap: version {val} is not supported (2.x expected)"
-                            );
-                            version_ok = true;
-                        }
-                        if name == "Range" && key == "chksum" {
-                            sum = Some(val);
-                        }
-                    }
-                    if name == "Range" {
-                        let sum = sum.context("bmap: a Range has no chksum attribute")?;
-                        open_range = Some((sum, false));
-                    }
-                    path.push(name);
-                }
-                Event::Empty(e) => {
-                    let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                    ensure!(name != "Range", "bmap: an empty <Range/> maps no blocks");
-                    ensure!(name != "bmap", "bmap: an empty <bmap/> holds no block map");
-                }
-                Event::End(_) => {
-                    let closed = path.pop();
-                    if closed.as_deref() == Some("Range") {
-                        let (_, seen) = open_range.take().context("bmap: unbalanced Range")?;
-                        ensure!(seen, "bmap: a <Range> has no block numbers");
-                    }
-                }
-                Event::Text(t) => {
-                    let text = t.decode().context("bmap: text")?.trim().to_owned();
-                    if text.is_empty() {
-                        continue;
-                    }
-                    match path.last().map(String::as_str) {
-                        Some("Range") => {
-                            let (sum, seen) =
-                                open_range.as_mut().context("bmap: text outside a Range")?;
-                            ensure!(!*seen, "bmap: a <Range> holds two block numbers");
-                            *seen = true;
-                            let (a, b) = text.split_once('-').unwrap_or((&text, &text));
-                            let first = number("Range start", a)?;
-                            let last = number("Range end", b)?;
-                            ensure!(first <= last, "bmap: Range {text} is reversed");
-                            raw_ranges.push((first, last, std::mem::take(sum)));
-                        }
-                        Some(name) => {
-                            if let Some(old) = fields.insert(name.to_owned(), text) {
-                                bail!("bmap: <{name}> is given twice (first {old:?})");
-                            }
-                        }
-                        None => {}
-                    }
-                }
-                Event::Eof => break,
-                _ => {}
-            }
-        }
-        ensure!(version_ok, "bmap: missing <bmap version=\"2.x\">");
-        let field = |k: &str| -> Result<u64> {
-            number(
-                &format!("<{k}>"),
-                fields
-                    .get(k)
-                    .with_context(|| format!("bmap: missing <{k}>"))?,
-            )
-        };
-        let checksum_type = fields.get("ChecksumType").map(String::as_str);
+        let mut raw = RawBmap::read(bytes)?;
+        let mut bmap = Bmap::from_header(&raw)?;
+        bmap.push_ranges(std::mem::take(&mut raw.ranges))?;
+        Ok(bmap)
+    }
+
+    /// A [`Bmap`] with no ranges yet, from the checked header fields (version, checksum type,
+    /// image size, block size and block count).
+    fn from_header(raw: &RawBmap) -> Result<Bmap> {
+        ensure!(raw.version_ok, "bmap: missing <bmap version=\"2.x\">");
+        let checksum_type = raw.fields.get("ChecksumType").map(String::as_str);
         ensure!(
             checksum_type == Some("sha256"),
             "bmap: checksum type {checksum_type:?} is not supported (sha256 expected)"
         );
-        let image_size = field("ImageSize")?;
-        let block_size = field("BlockSize")?;
-        let blocks_count = field("BlocksCount")?;
+        let image_size = raw.number_field("ImageSize")?;
+        let block_size = raw.number_field("BlockSize")?;
+        let blocks_count = raw.number_field("BlocksCount")?;
         ensure!(block_size > 0, "bmap: BlockSize is 0");
         ensure!(
             block_size <= MAX_BLOCK_SIZE,
@@ -161,8 +204,21 @@ impl Bmap {
             "bmap: BlocksCount {blocks_count} does not match ImageSize {image_size} / BlockSize \
              {block_size} ({expected_blocks} blocks)"
         );
-        let mut ranges = Vec::with_capacity(raw_ranges.len());
-        let mut mapped_bytes = 0u64;
+        Ok(Bmap {
+            image_size,
+            block_size,
+            blocks_count,
+            ranges: Vec::new(),
+            mapped_bytes: 0,
+        })
+    }
+
+    /// Checks the ranges (in file order) against the header and each other, and adds them
+    /// with their byte spans.
+    fn push_ranges(&mut self, raw_ranges: Vec<(u64, u64, String)>) -> Result<()> {
+        let (image_size, block_size, blocks_count) =
+            (self.image_size, self.block_size, self.blocks_count);
+        self.ranges.reserve(raw_ranges.len());
         let mut prev_last: Option<u64> = None;
         for (first, last, sum) in raw_ranges {
             ensure!(
@@ -187,14 +243,15 @@ impl Bmap {
                 .checked_add(1)
                 .and_then(|n| n.checked_mul(block_size))
                 .map_or(image_size, |e| e.min(image_size));
-            mapped_bytes = mapped_bytes
+            self.mapped_bytes = self
+                .mapped_bytes
                 .checked_add(end - start)
                 .context("bmap: mapped bytes overflow")?;
             ensure!(
                 sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()),
                 "bmap: range {first}-{last}: chksum {sum:?} is not a SHA-256 (64 hex digits)"
             );
-            ranges.push(BmapRange {
+            self.ranges.push(BmapRange {
                 first,
                 last,
                 sha256: sum.to_ascii_lowercase(),
@@ -202,13 +259,7 @@ impl Bmap {
                 end,
             });
         }
-        Ok(Bmap {
-            image_size,
-            block_size,
-            blocks_count,
-            ranges,
-            mapped_bytes,
-        })
+        Ok(())
     }
 
     /// Bytes the ranges cover (at most the image size).

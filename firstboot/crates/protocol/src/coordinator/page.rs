@@ -107,7 +107,20 @@ fn opt(o: &Option<String>) -> String {
     o.as_deref().map(escape_html).unwrap_or_else(|| "-".into())
 }
 
+/// Renders the body of the page for a parsed status document, section by section.
 fn render_doc(s: &mut String, d: &StatusDoc) {
+    render_this_node(s, d);
+    render_peers(s, d);
+    render_members(s, d);
+    render_microk8s(s, d);
+    render_addons(s, d);
+    render_problems(s, d);
+    render_rejections(s, d);
+    render_timeline(s, d);
+}
+
+/// Renders the heading, the cluster verdict and the table about this node.
+fn render_this_node(s: &mut String, d: &StatusDoc) {
     let e = escape_html;
     let _ = writeln!(
         s,
@@ -140,7 +153,11 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         let _ = writeln!(s, "<tr><th>{k}</th><td{class}>{v}</td></tr>");
     }
     s.push_str("</table>\n");
+}
 
+/// Renders the "Nodes this node sees" section: the peers found through discovery.
+fn render_peers(s: &mut String, d: &StatusDoc) {
+    let e = escape_html;
     let _ = writeln!(s, "<h2>Nodes this node sees ({})</h2>", d.peers.len());
     if d.peers.is_empty() {
         s.push_str("<p class=\"muted\">No peers seen yet.</p>\n");
@@ -160,7 +177,11 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         }
         s.push_str("</table>\n");
     }
+}
 
+/// Renders the "Cluster members" section.
+fn render_members(s: &mut String, d: &StatusDoc) {
+    let e = escape_html;
     let _ = writeln!(s, "<h2>Cluster members ({})</h2>", d.members.len());
     if d.members.is_empty() {
         s.push_str("<p class=\"muted\">No members recorded yet.</p>\n");
@@ -176,7 +197,10 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         }
         s.push_str("</table>\n");
     }
+}
 
+/// Renders the "MicroK8s" section: running, high availability, voters, standby and note.
+fn render_microk8s(s: &mut String, d: &StatusDoc) {
     s.push_str("<h2>MicroK8s</h2>\n");
     match &d.microk8s {
         None => s.push_str("<p id=\"microk8s\" class=\"muted\">Not asked yet.</p>\n"),
@@ -185,7 +209,10 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
                 if v.is_empty() {
                     "-".to_string()
                 } else {
-                    v.iter().map(|x| e(x)).collect::<Vec<_>>().join(", ")
+                    v.iter()
+                        .map(|x| escape_html(x))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             };
             let _ = writeln!(
@@ -207,7 +234,11 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
             );
         }
     }
+}
 
+/// Renders the "Addons" section: each addon's state and reason.
+fn render_addons(s: &mut String, d: &StatusDoc) {
+    let e = escape_html;
     s.push_str("<h2>Addons</h2>\n");
     if d.addons.is_empty() {
         s.push_str("<p class=\"muted\">None reported by this node.</p>\n");
@@ -224,7 +255,11 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         }
         s.push_str("</table>\n");
     }
+}
 
+/// Renders the "Problems" section with each problem's fix, only when there are problems.
+fn render_problems(s: &mut String, d: &StatusDoc) {
+    let e = escape_html;
     if !d.problems.is_empty() {
         s.push_str(
             "<h2>Problems</h2>\n<table id=\"problems\"><tr><th>problem</th><th>fix</th></tr>\n",
@@ -235,7 +270,10 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         }
         s.push_str("</table>\n");
     }
+}
 
+/// Renders the "Refused" section: the non-zero rejection counters.
+fn render_rejections(s: &mut String, d: &StatusDoc) {
     s.push_str("<h2>Refused</h2>\n");
     if d.rejections.total() == 0 {
         s.push_str("<p class=\"muted\">Nothing refused since the agent started.</p>\n");
@@ -248,7 +286,10 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
         }
         s.push_str("</table>\n");
     }
+}
 
+/// Renders the "Formation timeline" section: each phase change with its time.
+fn render_timeline(s: &mut String, d: &StatusDoc) {
     s.push_str("<h2>Formation timeline</h2>\n");
     if d.timeline.is_empty() {
         s.push_str("<p class=\"muted\">Nothing yet.</p>\n");
@@ -262,7 +303,7 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
             } else {
                 "?".to_string()
             };
-            let _ = writeln!(s, "<tr><td>{at}</td><td>{}</td></tr>", e(&t.what));
+            let _ = writeln!(s, "<tr><td>{at}</td><td>{}</td></tr>", escape_html(&t.what));
         }
         s.push_str("</table>\n");
     }
