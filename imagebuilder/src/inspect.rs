@@ -138,6 +138,33 @@ pub async fn run(path: &Path) -> Result<Report> {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_partitions(f)?;
+        self.write_build_info(f)?;
+        self.write_rackseed_files(f)?;
+        self.write_image_mode(f)?;
+        self.write_ssh_host_keys(f)?;
+        writeln!(
+            f,
+            "microk8s launch config: {}",
+            if self.launch_config_present {
+                "present"
+            } else {
+                "missing"
+            }
+        )?;
+        writeln!(
+            f,
+            "cmdline: {}",
+            self.cmdline
+                .as_deref()
+                .unwrap_or("(managed by the image's own bootloader)")
+        )
+    }
+}
+
+impl Report {
+    /// Writes the image path, the partition table and the root filesystem's label.
+    fn write_partitions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "image: {}", self.image.display())?;
         writeln!(f, "partition table: {:?}", self.table.kind)?;
         for p in &self.table.partitions {
@@ -151,29 +178,38 @@ impl fmt::Display for Report {
                 p.label.as_deref().unwrap_or("-")
             )?;
         }
-        writeln!(f, "root filesystem: {}", self.root_label)?;
-        if let Some(i) = &self.info {
-            let g = |a: &str, b: &str| i[a][b].to_string().trim_matches('"').to_string();
-            writeln!(f, "target: {}", i["target"].as_str().unwrap_or("?"))?;
-            writeln!(
-                f,
-                "cluster: {} (control plane {}, expected nodes {}, inventory {}, storage {}, metallb {})",
-                g("cluster", "name"),
-                g("cluster", "control_plane"),
-                g("cluster", "expected_nodes"),
-                g("cluster", "inventory_nodes"),
-                g("cluster", "storage"),
-                g("cluster", "metallb")
-            )?;
-            writeln!(f, "microk8s channel: {}", g("cluster", "microk8s_channel"))?;
-            let ver = i["firstboot"]["version"].as_str().unwrap_or("unknown");
-            writeln!(
-                f,
-                "firstboot: version {ver}, arch {}, sha256 {}",
-                g("firstboot", "arch"),
-                g("firstboot", "sha256")
-            )?;
-        }
+        writeln!(f, "root filesystem: {}", self.root_label)
+    }
+
+    /// Writes target, cluster, channel and firstboot build lines from `image.json`, if present.
+    fn write_build_info(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(i) = &self.info else {
+            return Ok(());
+        };
+        let g = |a: &str, b: &str| i[a][b].to_string().trim_matches('"').to_string();
+        writeln!(f, "target: {}", i["target"].as_str().unwrap_or("?"))?;
+        writeln!(
+            f,
+            "cluster: {} (control plane {}, expected nodes {}, inventory {}, storage {}, metallb {})",
+            g("cluster", "name"),
+            g("cluster", "control_plane"),
+            g("cluster", "expected_nodes"),
+            g("cluster", "inventory_nodes"),
+            g("cluster", "storage"),
+            g("cluster", "metallb")
+        )?;
+        writeln!(f, "microk8s channel: {}", g("cluster", "microk8s_channel"))?;
+        let ver = i["firstboot"]["version"].as_str().unwrap_or("unknown");
+        writeln!(
+            f,
+            "firstboot: version {ver}, arch {}, sha256 {}",
+            g("firstboot", "arch"),
+            g("firstboot", "sha256")
+        )
+    }
+
+    /// Writes whether the firstboot binary, cluster config and cluster secret are present.
+    fn write_rackseed_files(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "firstboot binary: {}",
@@ -198,7 +234,11 @@ impl fmt::Display for Report {
                 .as_deref()
                 .map(|m| format!("present, mode {m}"))
                 .unwrap_or("missing".into())
-        )?;
+        )
+    }
+
+    /// Writes the image file's mode, warning when others can read the secrets it holds.
+    fn write_image_mode(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mode = u32::from_str_radix(&self.image_mode, 8).unwrap_or(0o777);
         let holds = match (self.secret_mode.is_some(), self.launch_config_present) {
             (true, true) => "the cluster secret and the MicroK8s token",
@@ -207,7 +247,7 @@ impl fmt::Display for Report {
             (false, false) => "",
         };
         if holds.is_empty() {
-            writeln!(f, "image file: mode {}", self.image_mode)?;
+            writeln!(f, "image file: mode {}", self.image_mode)
         } else if readable_by_others(mode) {
             writeln!(
                 f,
@@ -215,42 +255,30 @@ impl fmt::Display for Report {
                  chmod 600 {}",
                 self.image_mode,
                 self.image.display()
-            )?;
+            )
         } else {
             writeln!(
                 f,
                 "image file: mode {} (it holds {holds}: keep it private)",
                 self.image_mode
-            )?;
+            )
         }
+    }
+
+    /// Writes the SSH host private keys baked into the image, warning if there are any.
+    fn write_ssh_host_keys(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.ssh_host_private_keys.is_empty() {
             writeln!(
                 f,
                 "ssh host keys: none baked in (each machine makes its own at first boot)"
-            )?;
+            )
         } else {
             writeln!(
                 f,
                 "ssh host keys: WARNING: {} baked in, shared by every machine flashed from this image",
                 self.ssh_host_private_keys.join(", ")
-            )?;
+            )
         }
-        writeln!(
-            f,
-            "microk8s launch config: {}",
-            if self.launch_config_present {
-                "present"
-            } else {
-                "missing"
-            }
-        )?;
-        writeln!(
-            f,
-            "cmdline: {}",
-            self.cmdline
-                .as_deref()
-                .unwrap_or("(managed by the image's own bootloader)")
-        )
     }
 }
 

@@ -165,18 +165,7 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
         .or_else(|| docs.iter().filter_map(|d| d.control_plane_size).max())
         .unwrap_or(DEFAULT_CONTROL_PLANE) as usize;
 
-    // Members: the union of every document's member list, plus nodes that say they are one.
-    let mut members: BTreeMap<&str, &str> = BTreeMap::new();
-    for d in &docs {
-        for m in &d.members {
-            members.insert(&m.node_id, &m.role);
-        }
-        if d.phase == "member" {
-            if let Some(r) = &d.role {
-                members.entry(&d.node_id).or_insert(r);
-            }
-        }
-    }
+    let members = member_roles(&docs);
     let control_plane = members.values().filter(|r| **r == "control-plane").count();
     let workers = members.values().filter(|r| **r == "worker").count();
     let voters = docs
@@ -186,8 +175,62 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
         .max()
         .unwrap_or(0);
     let formed = docs.iter().any(|d| d.formed());
+    let waiting = waiting_for(nodes, expect);
 
-    // Who is not there yet.
+    let addons = addon_states(&docs);
+    let addons_busy = addons
+        .values()
+        .any(|s| matches!(*s, "pending" | "enabling"));
+    let addon_text = addons
+        .iter()
+        .map(|(n, s)| format!("{n} {s}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    let mut line = if formed {
+        formed_headline(voters, workers)
+    } else {
+        not_formed_headline(control_plane, cp_target, voters)
+    };
+    if !waiting.is_empty() {
+        line.push_str("; waiting for ");
+        line.push_str(&waiting.join(", "));
+    } else if !formed {
+        if control_plane < cp_target {
+            line.push_str("; waiting for more nodes to appear");
+        } else {
+            line.push_str("; waiting for MicroK8s to report HA");
+        }
+    }
+    if !addon_text.is_empty() {
+        line.push_str("; ");
+        line.push_str(&addon_text);
+    }
+    Summary {
+        formed,
+        settled: formed && waiting.is_empty() && !addons_busy,
+        line,
+    }
+}
+
+/// Maps node id to role: every document's member list, plus nodes that say they are one.
+fn member_roles<'a>(docs: &[&'a StatusDoc]) -> BTreeMap<&'a str, &'a str> {
+    let mut members: BTreeMap<&str, &str> = BTreeMap::new();
+    for d in docs {
+        for m in &d.members {
+            members.insert(&m.node_id, &m.role);
+        }
+        if d.phase == "member" {
+            if let Some(r) = &d.role {
+                members.entry(&d.node_id).or_insert(r);
+            }
+        }
+    }
+    members
+}
+
+/// Lists who is not there yet: unreachable and non-member nodes, and expected nodes not seen.
+fn waiting_for(nodes: &[NodeReport], expect: Expectations) -> Vec<String> {
     let mut waiting: Vec<String> = Vec::new();
     for n in nodes {
         let is_member = match &n.status {
@@ -211,10 +254,13 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
             want - nodes.len()
         ));
     }
+    waiting
+}
 
-    // Addons: the most advanced state any node reports.
+/// Maps each addon name to the most advanced state any node reports for it.
+fn addon_states<'a>(docs: &[&'a StatusDoc]) -> BTreeMap<&'a str, &'a str> {
     let mut addons: BTreeMap<&str, &str> = BTreeMap::new();
-    for d in &docs {
+    for d in docs {
         for a in &d.addons {
             let e = addons.entry(&a.name).or_insert(&a.state);
             if addon_rank(&a.state) > addon_rank(e) {
@@ -222,54 +268,32 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
             }
         }
     }
-    let addons_busy = addons
-        .values()
-        .any(|s| matches!(*s, "pending" | "enabling"));
-    let addon_text = addons
-        .iter()
-        .map(|(n, s)| format!("{n} {s}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    addons
+}
 
-    let mut line = if formed {
-        format!(
-            "HA formed: {}, {}",
-            plural(voters, "voter", "voters"),
-            if workers == 0 {
-                "no workers".to_string()
-            } else {
-                plural(workers, "worker", "workers")
-            }
-        )
-    } else {
-        let mut l = format!("not formed: {control_plane} of {cp_target} control-plane members");
-        if control_plane >= cp_target {
-            l.push_str(&format!(
-                ", {} of {cp_target} MicroK8s voters",
-                voters.min(cp_target)
-            ));
-        }
-        l
-    };
-    if !waiting.is_empty() {
-        line.push_str("; waiting for ");
-        line.push_str(&waiting.join(", "));
-    } else if !formed {
-        if control_plane < cp_target {
-            line.push_str("; waiting for more nodes to appear");
+/// Formats the verdict's start for a formed cluster ("HA formed: 3 voters, no workers").
+fn formed_headline(voters: usize, workers: usize) -> String {
+    format!(
+        "HA formed: {}, {}",
+        plural(voters, "voter", "voters"),
+        if workers == 0 {
+            "no workers".to_string()
         } else {
-            line.push_str("; waiting for MicroK8s to report HA");
+            plural(workers, "worker", "workers")
         }
+    )
+}
+
+/// Formats the verdict's start for a cluster not formed yet (members, then voters once enough).
+fn not_formed_headline(control_plane: usize, cp_target: usize, voters: usize) -> String {
+    let mut l = format!("not formed: {control_plane} of {cp_target} control-plane members");
+    if control_plane >= cp_target {
+        l.push_str(&format!(
+            ", {} of {cp_target} MicroK8s voters",
+            voters.min(cp_target)
+        ));
     }
-    if !addon_text.is_empty() {
-        line.push_str("; ");
-        line.push_str(&addon_text);
-    }
-    Summary {
-        formed,
-        settled: formed && waiting.is_empty() && !addons_busy,
-        line,
-    }
+    l
 }
 
 /// Everything `imagebuilder status --json` prints.

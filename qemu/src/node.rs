@@ -136,6 +136,19 @@ pub struct NodeSpec {
 pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
     let mut a: Vec<String> = vec![spec.arch.qemu_binary().into()];
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push_machine_args(spec, &mut push);
+    push_control_args(spec, &mut push);
+    push_network_args(spec, &mut push);
+    push_disk_args(spec, &mut push);
+    push_boot_args(spec, &mut push);
+    if spec.no_reboot {
+        push(&["-no-reboot"]);
+    }
+    a
+}
+
+/// Pushes the name, machine type, accelerator, CPU model, memory, CPU count and UUID.
+fn push_machine_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     push(&["-name", &spec.name]);
     match spec.arch {
         Arch::X86_64 => push(&["-machine", "q35"]),
@@ -154,6 +167,10 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
     // A machine UUID of its own per node (SMBIOS): systemd derives a VM's machine id from it
     // on first boot, so without it every node would get the same identity.
     push(&["-uuid", &node_uuid(&spec.mac)]);
+}
+
+/// Pushes the headless daemon options: pid file, QMP socket and the serial log.
+fn push_control_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     push(&["-nodefaults", "-display", "none", "-daemonize"]);
     push(&["-pidfile", &path_arg(&spec.pid_file)]);
     push(&[
@@ -169,6 +186,10 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
         "-serial",
         "chardev:serial0",
     ]);
+}
+
+/// Pushes the two NICs: the cluster network (loopback multicast) and the management network.
+fn push_network_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     // Cluster network: multicast over loopback only.
     push(&[
         "-netdev",
@@ -189,6 +210,10 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
         "-device",
         &format!("virtio-net-pci,netdev=m0,mac={}", spec.mgmt_mac),
     ]);
+}
+
+/// Pushes the node's disk and the virtio RNG device.
+fn push_disk_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     push(&[
         "-drive",
         &format!(
@@ -208,6 +233,10 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
         "-device",
         "virtio-rng-pci,rng=rng0",
     ]);
+}
+
+/// Pushes the firmware flash drives (UEFI) or the kernel, initrd and command line.
+fn push_boot_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     match &spec.boot {
         Boot::Uefi { code, vars } => push(&[
             "-drive",
@@ -230,10 +259,6 @@ pub fn qemu_argv(spec: &NodeSpec) -> Vec<String> {
             push(&["-append", append]);
         }
     }
-    if spec.no_reboot {
-        push(&["-no-reboot"]);
-    }
-    a
 }
 
 /// A path inside a QEMU `key=value,...` option: commas are doubled, QEMU's escape.

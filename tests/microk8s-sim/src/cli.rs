@@ -298,12 +298,6 @@ pub async fn install(env: &SimEnv) -> Result<()> {
 pub async fn fake_snap(env: &SimEnv, args: &[String]) -> Out {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let installed = daemon::installed_path(env).exists();
-    let acked = env.state_dir.join("snap-acked.txt");
-    let fail = |msg: String| Out {
-        code: 1,
-        stdout: String::new(),
-        stderr: msg,
-    };
     match a.as_slice() {
         ["list", "microk8s"] => {
             if installed {
@@ -313,7 +307,7 @@ pub async fn fake_snap(env: &SimEnv, args: &[String]) -> Out {
                     stderr: String::new(),
                 }
             } else {
-                fail("error: no matching snaps installed\n".into())
+                snap_fail("error: no matching snaps installed\n".into())
             }
         }
         // snapd has nothing to seed here.
@@ -322,89 +316,120 @@ pub async fn fake_snap(env: &SimEnv, args: &[String]) -> Out {
             stdout: String::new(),
             stderr: String::new(),
         },
-        ["ack", file] => match std::fs::read(file) {
-            Ok(_) => {
-                let _ = std::fs::create_dir_all(&env.state_dir);
-                let line = format!(
-                    "{}\n",
-                    std::path::Path::new(file)
-                        .file_stem()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                );
-                let _ = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&acked)
-                    .and_then(|mut f| f.write_all(line.as_bytes()));
-                Out {
-                    code: 0,
-                    stdout: String::new(),
-                    stderr: String::new(),
-                }
-            }
-            Err(e) => fail(format!(
-                "error: cannot read assertion file: open {file}: {e}\n"
-            )),
-        },
-        ["install", rest @ ..] => {
-            let Some(target) = rest.iter().find(|s| !s.starts_with('-')) else {
-                return fail("error: the required argument `<snap>` was not provided\n".into());
-            };
-            let classic = rest.contains(&"--classic");
-            let is_file = target.ends_with(".snap");
-            let is_mk = if is_file {
-                std::path::Path::new(target)
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("microk8s"))
-            } else {
-                *target == "microk8s"
-            };
-            if is_file {
-                if !std::path::Path::new(target).is_file() {
-                    return fail(format!("error: cannot open \"{target}\": no such file\n"));
-                }
-                let stem = std::path::Path::new(target)
-                    .file_stem()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                let ok =
-                    std::fs::read_to_string(&acked).is_ok_and(|t| t.lines().any(|l| l == stem));
-                if !ok && !rest.contains(&"--dangerous") {
-                    return fail(format!(
-                        "error: cannot find signatures with metadata for snap \"{target}\"\n"
-                    ));
-                }
-            }
-            if !is_mk {
-                return Out {
-                    code: 0,
-                    stdout: format!("{target} installed\n"),
-                    stderr: String::new(),
-                };
-            }
-            if !classic {
-                return fail("error: This revision of snap \"microk8s\" was published using classic confinement and thus may\n       perform arbitrary system changes outside of the security sandbox that snaps are usually\n       confined to, which may put your system at risk.\n\n       If you understand and want to proceed repeat the command including --classic.\n".into());
-            }
-            if installed {
-                return Out {
-                    code: 0,
-                    stdout: String::new(),
-                    stderr: "snap \"microk8s\" is already installed, see 'snap help refresh'\n"
-                        .into(),
-                };
-            }
-            match install(env).await {
-                Ok(()) => Out { code: 0, stdout: "microk8s (1.32/stable) v1.32.3 from Canonical✓ installed\n".into(), stderr: String::new() },
-                Err(e) => fail(format!("error: cannot perform the following tasks:\n- Run install hook of \"microk8s\" snap if present ({e:#})\n")),
-            }
-        }
-        _ => fail(format!(
+        ["ack", file] => snap_ack(env, file),
+        ["install", rest @ ..] => snap_install(env, rest, installed).await,
+        _ => snap_fail(format!(
             "error: the simulator's snap does not support: snap {}\n",
             a.join(" ")
         )),
     }
+}
+
+/// The file where the fake `snap ack` records the stems of acknowledged assertions.
+fn snap_acked_path(env: &SimEnv) -> std::path::PathBuf {
+    env.state_dir.join("snap-acked.txt")
+}
+
+/// Builds a failed `snap` result (exit 1) with `msg` on stderr.
+fn snap_fail(msg: String) -> Out {
+    Out {
+        code: 1,
+        stdout: String::new(),
+        stderr: msg,
+    }
+}
+
+/// `snap ack FILE`: records the assertion file's stem as acknowledged, if it can be read.
+fn snap_ack(env: &SimEnv, file: &str) -> Out {
+    match std::fs::read(file) {
+        Ok(_) => {
+            let _ = std::fs::create_dir_all(&env.state_dir);
+            let line = format!(
+                "{}\n",
+                std::path::Path::new(file)
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+            );
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(snap_acked_path(env))
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            Out {
+                code: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+            }
+        }
+        Err(e) => snap_fail(format!(
+            "error: cannot read assertion file: open {file}: {e}\n"
+        )),
+    }
+}
+
+/// `snap install ARGS`: installs MicroK8s (from the store or a `.snap` file) or any other snap.
+async fn snap_install(env: &SimEnv, rest: &[&str], installed: bool) -> Out {
+    let Some(target) = rest.iter().find(|s| !s.starts_with('-')) else {
+        return snap_fail("error: the required argument `<snap>` was not provided\n".into());
+    };
+    let classic = rest.contains(&"--classic");
+    let is_file = target.ends_with(".snap");
+    let is_mk = if is_file {
+        std::path::Path::new(target)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("microk8s"))
+    } else {
+        *target == "microk8s"
+    };
+    if is_file {
+        if let Some(refused) = check_snap_file(env, target, rest) {
+            return refused;
+        }
+    }
+    if !is_mk {
+        return Out {
+            code: 0,
+            stdout: format!("{target} installed\n"),
+            stderr: String::new(),
+        };
+    }
+    if !classic {
+        return snap_fail("error: This revision of snap \"microk8s\" was published using classic confinement and thus may\n       perform arbitrary system changes outside of the security sandbox that snaps are usually\n       confined to, which may put your system at risk.\n\n       If you understand and want to proceed repeat the command including --classic.\n".into());
+    }
+    if installed {
+        return Out {
+            code: 0,
+            stdout: String::new(),
+            stderr: "snap \"microk8s\" is already installed, see 'snap help refresh'\n".into(),
+        };
+    }
+    match install(env).await {
+        Ok(()) => Out { code: 0, stdout: "microk8s (1.32/stable) v1.32.3 from Canonical✓ installed\n".into(), stderr: String::new() },
+        Err(e) => snap_fail(format!("error: cannot perform the following tasks:\n- Run install hook of \"microk8s\" snap if present ({e:#})\n")),
+    }
+}
+
+/// Refuses a `.snap` file that is missing, or unacknowledged without `--dangerous`.
+fn check_snap_file(env: &SimEnv, target: &str, rest: &[&str]) -> Option<Out> {
+    if !std::path::Path::new(target).is_file() {
+        return Some(snap_fail(format!(
+            "error: cannot open \"{target}\": no such file\n"
+        )));
+    }
+    let stem = std::path::Path::new(target)
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let ok =
+        std::fs::read_to_string(snap_acked_path(env)).is_ok_and(|t| t.lines().any(|l| l == stem));
+    if !ok && !rest.contains(&"--dangerous") {
+        return Some(snap_fail(format!(
+            "error: cannot find signatures with metadata for snap \"{target}\"\n"
+        )));
+    }
+    None
 }
 
 #[cfg(test)]

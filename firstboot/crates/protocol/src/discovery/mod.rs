@@ -359,96 +359,12 @@ impl Discovery {
     pub fn start(
         cfg: DiscoveryConfig,
     ) -> Result<(Discovery, mpsc::Receiver<PeerEvent>), DiscoveryError> {
-        NodeId::check(&cfg.node_id).map_err(record::RecordError::from)?;
-        if !(cfg.service_type.ends_with("._tcp.local.")
-            || cfg.service_type.ends_with("._udp.local."))
-        {
-            return Err(DiscoveryError::ServiceType(cfg.service_type));
-        }
-        if cfg.interfaces == InterfaceChoice::Named(Vec::new()) {
-            return Err(DiscoveryError::NoInterfaces);
-        }
-        let mut boot = [0u8; 8];
-        rand::fill(&mut boot);
-        let settings = Arc::new(Settings {
-            key: cfg.secret.announcement_key(),
-            tag: cfg.secret.cluster_tag(),
-            node_id: cfg.node_id.clone(),
-            port: cfg.port,
-            fingerprint: cfg.fingerprint.clone(),
-            boot_counter: cfg.boot_counter,
-            boot: hex::encode(boot),
-            service_type: cfg.service_type.clone(),
-            ipv6: cfg.ipv6,
-        });
-        // Validate the fixed fields now rather than at the first announce.
-        record::encode_record(&settings.key, &settings.header(0), &[])?;
-
-        let daemon = ServiceDaemon::new().map_err(|e| DiscoveryError::Daemon(e.to_string()))?;
-        let choice = cfg.interfaces.clone();
-        let setup = || -> Result<_, mdns_sd::Error> {
-            // Selections are re-applied on every interface rescan (last match wins), so the
-            // predicate keeps excluding interfaces that appear later.
-            daemon.disable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
-                !choice.wants(&i.name, i.is_loopback())
-            })))?;
-            if !cfg.ipv6 {
-                daemon.disable_interface(IfKind::IPv6)?;
-            }
-            daemon.browse(&cfg.service_type)
-        };
-        let events = match setup() {
-            Ok(ev) => ev,
-            Err(e) => {
-                let _ = daemon.shutdown();
-                return Err(DiscoveryError::Daemon(e.to_string()));
-            }
-        };
+        let settings = Arc::new(Settings::from_config(&cfg)?);
+        let (daemon, events) = start_daemon(&cfg)?;
         let shared = Arc::new(Mutex::new(Shared::new()));
         let (tx, rx) = mpsc::channel(256);
-        let mut browser = Browser::new(settings.clone(), shared.clone(), tx);
-        let daemon2 = daemon.clone();
-        tokio::spawn(async move {
-            let mut events = events;
-            loop {
-                let mut flush = false;
-                while let Ok(ev) = events.recv_async().await {
-                    if !browser.handle(ev).await {
-                        tracing::debug!("mdns browser stopped");
-                        return;
-                    }
-                    if browser.flush {
-                        browser.flush = false;
-                        flush = true;
-                        break;
-                    }
-                }
-                if browser.shared.lock().expect("discovery state lock").shut {
-                    break;
-                }
-                if !flush {
-                    // mdns-sd ended the subscription: its event channel filled up (a flood).
-                    tracing::warn!("mdns subscription ended (event channel full?); browsing again");
-                    browser
-                        .shared
-                        .lock()
-                        .expect("discovery state lock")
-                        .stats
-                        .browse_restarts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                // Empties mdns-sd's cache of our service type, then asks again.
-                let _ = daemon2.stop_browse(&browser.cfg.service_type);
-                match daemon2.browse(&browser.cfg.service_type) {
-                    Ok(ev) => events = ev,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "mdns browse ended");
-                        break;
-                    }
-                }
-            }
-            tracing::debug!("mdns browser stopped");
-        });
+        let browser = Browser::new(settings.clone(), shared.clone(), tx);
+        tokio::spawn(browser.run(events, daemon.clone()));
         Ok((
             Discovery {
                 daemon,
@@ -552,6 +468,35 @@ impl Drop for Discovery {
 }
 
 impl Settings {
+    /// Checks the configuration and derives this boot's settings (keys, tag, random boot id).
+    fn from_config(cfg: &DiscoveryConfig) -> Result<Settings, DiscoveryError> {
+        NodeId::check(&cfg.node_id).map_err(record::RecordError::from)?;
+        if !(cfg.service_type.ends_with("._tcp.local.")
+            || cfg.service_type.ends_with("._udp.local."))
+        {
+            return Err(DiscoveryError::ServiceType(cfg.service_type.clone()));
+        }
+        if cfg.interfaces == InterfaceChoice::Named(Vec::new()) {
+            return Err(DiscoveryError::NoInterfaces);
+        }
+        let mut boot = [0u8; 8];
+        rand::fill(&mut boot);
+        let settings = Settings {
+            key: cfg.secret.announcement_key(),
+            tag: cfg.secret.cluster_tag(),
+            node_id: cfg.node_id.clone(),
+            port: cfg.port,
+            fingerprint: cfg.fingerprint.clone(),
+            boot_counter: cfg.boot_counter,
+            boot: hex::encode(boot),
+            service_type: cfg.service_type.clone(),
+            ipv6: cfg.ipv6,
+        };
+        // Validate the fixed fields now rather than at the first announce.
+        record::encode_record(&settings.key, &settings.header(0), &[])?;
+        Ok(settings)
+    }
+
     fn header(&self, seq: u64) -> RecordHeader {
         RecordHeader {
             cluster_tag: self.tag.clone(),
@@ -561,6 +506,32 @@ impl Settings {
             boot_counter: self.boot_counter,
             boot: self.boot.clone(),
             seq,
+        }
+    }
+}
+
+/// Starts the mdns-sd daemon on the chosen interfaces and browses our service type.
+fn start_daemon(
+    cfg: &DiscoveryConfig,
+) -> Result<(ServiceDaemon, mdns_sd::Receiver<ServiceEvent>), DiscoveryError> {
+    let daemon = ServiceDaemon::new().map_err(|e| DiscoveryError::Daemon(e.to_string()))?;
+    let choice = cfg.interfaces.clone();
+    let setup = || -> Result<_, mdns_sd::Error> {
+        // Selections are re-applied on every interface rescan (last match wins), so the
+        // predicate keeps excluding interfaces that appear later.
+        daemon.disable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
+            !choice.wants(&i.name, i.is_loopback())
+        })))?;
+        if !cfg.ipv6 {
+            daemon.disable_interface(IfKind::IPv6)?;
+        }
+        daemon.browse(&cfg.service_type)
+    };
+    match setup() {
+        Ok(events) => Ok((daemon, events)),
+        Err(e) => {
+            let _ = daemon.shutdown();
+            Err(DiscoveryError::Daemon(e.to_string()))
         }
     }
 }
@@ -591,6 +562,48 @@ impl Browser {
             flush: false,
             tx,
         }
+    }
+
+    /// Handles mdns-sd events until shutdown, browsing again after a cache flush or a
+    /// subscription mdns-sd ended.
+    async fn run(mut self, mut events: mdns_sd::Receiver<ServiceEvent>, daemon: ServiceDaemon) {
+        loop {
+            let mut flush = false;
+            while let Ok(ev) = events.recv_async().await {
+                if !self.handle(ev).await {
+                    tracing::debug!("mdns browser stopped");
+                    return;
+                }
+                if self.flush {
+                    self.flush = false;
+                    flush = true;
+                    break;
+                }
+            }
+            if self.shared.lock().expect("discovery state lock").shut {
+                break;
+            }
+            if !flush {
+                // mdns-sd ended the subscription: its event channel filled up (a flood).
+                tracing::warn!("mdns subscription ended (event channel full?); browsing again");
+                self.shared
+                    .lock()
+                    .expect("discovery state lock")
+                    .stats
+                    .browse_restarts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            // Empties mdns-sd's cache of our service type, then asks again.
+            let _ = daemon.stop_browse(&self.cfg.service_type);
+            match daemon.browse(&self.cfg.service_type) {
+                Ok(ev) => events = ev,
+                Err(e) => {
+                    tracing::debug!(error = %e, "mdns browse ended");
+                    break;
+                }
+            }
+        }
+        tracing::debug!("mdns browser stopped");
     }
 
     /// Notes an instance that is not (yet) a verified peer. When the pending set is full,
