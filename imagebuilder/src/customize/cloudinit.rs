@@ -19,8 +19,18 @@ use sha2::{Digest, Sha256};
 pub struct Seed {
     pub user_data: String,
     pub meta_data: String,
+    /// Wired networking only: on a Raspberry Pi this file sits on the FAT boot partition,
+    /// which Ubuntu mounts readable by every user, so it never holds the Wi-Fi PSK.
     pub network_config: String,
+    /// The Wi-Fi netplan file ([`WIFI_NETPLAN_PATH`], mode 0600 in the root filesystem), when
+    /// Wi-Fi is configured: the only place the PSK is written.
+    pub wifi_netplan: Option<String>,
 }
+
+/// Where the Wi-Fi settings go: a netplan file of the root filesystem, 0600 (netplan itself
+/// warns about PSKs in files others can read). netplan merges it with cloud-init's
+/// `50-cloud-init.yaml` made from `network-config`.
+pub const WIFI_NETPLAN_PATH: &str = "/etc/netplan/60-rackseed-wifi.yaml";
 
 /// Reads a Wi-Fi PSK file: one line, 8-63 printable ASCII characters or 64 hex digits.
 pub fn read_psk(path: &Path) -> Result<String> {
@@ -74,8 +84,8 @@ pub fn user_data(config: &ClusterConfig) -> Result<String> {
     Ok(format!("#cloud-config\n{}", yaml(&doc)?))
 }
 
-/// `network-config` (netplan v2). `psk` is the Wi-Fi PSK when Wi-Fi is configured.
-pub fn network_config(config: &ClusterConfig, psk: Option<&str>) -> Result<String> {
+/// `network-config` (netplan v2): the wired interfaces; Wi-Fi is in [`wifi_netplan`].
+pub fn network_config(config: &ClusterConfig) -> Result<String> {
     let net = &config.network;
     let mut ethernets = Map::new();
     match &net.addressing {
@@ -114,23 +124,27 @@ pub fn network_config(config: &ClusterConfig, psk: Option<&str>) -> Result<Strin
     let mut network = Map::new();
     network.insert("version".into(), json!(2));
     network.insert("ethernets".into(), Value::Object(ethernets));
-    if let Some(w) = &net.wifi {
-        let psk = psk.context("Wi-Fi is configured but no PSK was read")?;
-        let mut aps = Map::new();
-        aps.insert(w.ssid.clone(), json!({"password": psk}));
-        network.insert(
-            "wifis".into(),
-            json!({"wlan0": {"dhcp4": true, "optional": true, "regulatory-domain": w.country, "access-points": aps}}),
-        );
-    }
     yaml(&json!({"network": network}))
+}
+
+/// The Wi-Fi netplan file (v2) when Wi-Fi is configured; `psk` is its PSK.
+pub fn wifi_netplan(config: &ClusterConfig, psk: Option<&str>) -> Result<Option<String>> {
+    let Some(w) = &config.network.wifi else {
+        return Ok(None);
+    };
+    let psk = psk.context("Wi-Fi is configured but no PSK was read")?;
+    let mut aps = Map::new();
+    aps.insert(w.ssid.clone(), json!({"password": psk}));
+    let wifis = json!({"wlan0": {"dhcp4": true, "optional": true, "regulatory-domain": w.country, "access-points": aps}});
+    yaml(&json!({"network": {"version": 2, "wifis": wifis}})).map(Some)
 }
 
 /// All three files; the instance id changes whenever the seed's content changes, so cloud-init
 /// applies a changed seed on a re-flashed machine.
 pub fn seed(config: &ClusterConfig, psk: Option<&str>) -> Result<Seed> {
     let user_data = user_data(config)?;
-    let network_config = network_config(config, psk)?;
+    let network_config = network_config(config)?;
+    let wifi_netplan = wifi_netplan(config, psk)?;
     let mut h = Sha256::new();
     h.update(user_data.as_bytes());
     h.update(network_config.as_bytes());
@@ -144,5 +158,70 @@ pub fn seed(config: &ClusterConfig, psk: Option<&str>) -> Result<Seed> {
         user_data,
         meta_data,
         network_config,
+        wifi_netplan,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> ClusterConfig {
+        let text = format!(
+            "[cluster]\nname = \"lab\"\n[image]\ntarget = \"rpi4\"\n\
+             base = {{ kind = \"local\", path = \"b.img\" }}\n{extra}"
+        );
+        rackseed_config::parse(&text, Path::new("/cfg/lab.toml"))
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .config
+    }
+
+    /// What netplan itself makes of the files (Debian package netplan.io): both files
+    /// together, as cloud-init leaves them on the node.
+    fn netplan_generate(files: &[(&str, &str)]) {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("etc/netplan");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let out = rackseed_host::command::Cmd::new("netplan", std::time::Duration::from_secs(60))
+            .args(["generate", "--root-dir"])
+            .arg(root.path())
+            .output_blocking()
+            .expect("netplan is installed (scripts/install-deps: netplan.io)");
+        assert_eq!(out.code(), Some(0), "netplan generate: {}", out.stderr);
+    }
+
+    #[test]
+    fn the_psk_is_only_in_the_wifi_file_and_netplan_accepts_both() {
+        let cfg = config(
+            "[network.wifi]\nssid = \"homelab\"\npsk-file = \"/cfg/w.psk\"\ncountry = \"GB\"\n",
+        );
+        let psk = "correct horse battery";
+        let seed = seed(&cfg, Some(psk)).unwrap();
+        assert!(
+            !seed.network_config.contains(psk),
+            "{}",
+            seed.network_config
+        );
+        assert!(!seed.user_data.contains(psk) && !seed.meta_data.contains(psk));
+        let wifi = seed.wifi_netplan.expect("wifi file");
+        assert!(wifi.contains("homelab") && wifi.contains(psk), "{wifi}");
+        netplan_generate(&[
+            ("50-cloud-init.yaml", &seed.network_config),
+            ("60-rackseed-wifi.yaml", &wifi),
+        ]);
+        // Without Wi-Fi there is no such file, and the wired config stands alone.
+        let wired = seed_without_wifi();
+        assert!(wired.wifi_netplan.is_none());
+        netplan_generate(&[("50-cloud-init.yaml", &wired.network_config)]);
+    }
+
+    fn seed_without_wifi() -> Seed {
+        seed(&config(""), None).unwrap()
+    }
 }

@@ -137,7 +137,7 @@ pub fn in_image_config(toml_text: &str) -> Result<String> {
         }
         text.push_str(&format!(
             "\n# [network.wifi]{} was applied at build time: the SSID and passphrase are in\n\
-             # cloud-init's network-config. Its psk-file named a file on the build machine, so the\n\
+             # /etc/netplan/60-rackseed-wifi.yaml (0600). Its psk-file named a file on the build machine, so the\n\
              # table is left out of this copy.\n",
             ssid.replace('\n', " ")
         ));
@@ -236,6 +236,14 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     }
     if inp.target == Target::X86_64Efi {
         push_nocloud_seed(inp, &mut sc, &mut entries, &mut secret_paths)?;
+    } else {
+        // A Pi's seed is on system-boot (see `write_pi_boot`), its Wi-Fi in the root.
+        push_wifi_netplan(
+            seed_for(inp.config)?,
+            &mut sc,
+            &mut entries,
+            &mut secret_paths,
+        )?;
     }
     Ok((later_wins(entries), secret_paths))
 }
@@ -370,8 +378,21 @@ fn push_nocloud_seed(
         sc.file(seed.network_config.as_bytes(), 0o600)?,
         0o600,
     ));
-    if inp.config.network.wifi.is_some() {
-        secret_paths.push(format!("{base}/network-config"));
+    push_wifi_netplan(seed, sc, entries, secret_paths)
+}
+
+/// The Wi-Fi netplan file (0600, no hash in the manifest: it holds the PSK), when Wi-Fi is
+/// configured; for every target, so the PSK is never on a Raspberry Pi's FAT boot partition.
+fn push_wifi_netplan(
+    seed: cloudinit::Seed,
+    sc: &mut Scratch<'_>,
+    entries: &mut Vec<Entry>,
+    secret_paths: &mut Vec<String>,
+) -> Result<()> {
+    if let Some(wifi) = seed.wifi_netplan {
+        let path = cloudinit::WIFI_NETPLAN_PATH;
+        entries.push(root_file(path, sc.file(wifi.as_bytes(), 0o600)?, 0o600));
+        secret_paths.push(path.into());
     }
     Ok(())
 }
@@ -457,8 +478,7 @@ pub async fn apply(
     let fat = FatVolume::new(image, boot.start);
     match inp.target {
         Target::Rpi4 | Target::Rpi5 => {
-            let (line, added) =
-                write_pi_boot(&fat, inp, seed, l.boot, scratch, &mut warnings).await?;
+            let (line, added) = write_pi_boot(&fat, seed, l.boot, scratch, &mut warnings).await?;
             files.extend(added);
             cmdline = Some(line);
         }
@@ -527,7 +547,6 @@ fn root_manifest(
 /// Pi's `system-boot` (labelled `partition`); returns the command line and manifest records.
 async fn write_pi_boot(
     fat: &FatVolume,
-    inp: &Inputs<'_>,
     seed: cloudinit::Seed,
     partition: &str,
     scratch: &Path,
@@ -542,12 +561,12 @@ async fn write_pi_boot(
     if dropped {
         warnings.push("cmdline.txt had more than one line; only the first is kept (the firmware ignores the rest)".into());
     }
-    let wifi = inp.config.network.wifi.is_some();
+    // The PSK is not among these: the Wi-Fi settings are in the root filesystem, 0600.
     let written = [
         ("cmdline.txt", line.clone().into_bytes(), false),
         ("user-data", seed.user_data.into_bytes(), false),
         ("meta-data", seed.meta_data.into_bytes(), false),
-        ("network-config", seed.network_config.into_bytes(), wifi),
+        ("network-config", seed.network_config.into_bytes(), false),
     ];
     let st = FatStage::new(scratch)?;
     for (name, data, _) in &written {
