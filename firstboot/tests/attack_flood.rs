@@ -189,19 +189,10 @@ async fn flood_node(to: SocketAddr, stop: Arc<AtomicBool>, counts: Arc<Counts>) 
     }
 }
 
-/// Forms a cluster of three without an attacker; returns the seconds to HA.
-fn formation_without_attack() -> f64 {
-    let mut c = AgentCluster::new(NODES, ClusterSpec::default());
-    let t = Instant::now();
-    c.start_all();
-    c.wait_formed(&[0, 1, 2], 3, FORMATION_BOUND);
-    t.elapsed().as_secs_f64()
-}
-
 #[test]
 fn formation_completes_while_a_stranger_floods_every_coordinator() {
     netns_lab::require_root("the coordinator flood").unwrap();
-    let plain_s = formation_without_attack();
+    let plain_s = AgentCluster::formation_seconds(NODES, FORMATION_BOUND);
 
     let mut c = AgentCluster::after_spare_hosts(1, NODES, ClusterSpec::default());
     let targets: Vec<SocketAddr> = c

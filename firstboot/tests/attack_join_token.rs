@@ -411,19 +411,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Forms a cluster of three without an attacker; returns the seconds to HA.
-fn formation_without_attack() -> f64 {
-    let mut c = AgentCluster::new(NODES, ClusterSpec::default());
-    let t = Instant::now();
-    c.start_all();
-    c.wait_formed(&[0, 1, 2], 3, FORMATION_BOUND);
-    t.elapsed().as_secs_f64()
-}
-
 #[test]
 fn a_lan_host_without_the_secret_never_captures_the_join_token() {
     netns_lab::require_root("the join-token attack").unwrap();
-    let plain_s = formation_without_attack();
+    let plain_s = AgentCluster::formation_seconds(NODES, FORMATION_BOUND);
 
     let spec = ClusterSpec::default();
     let token = spec.secret.microk8s_token();

@@ -338,6 +338,16 @@ impl AgentCluster {
         (!doc.node_id.is_empty()).then_some(doc)
     }
 
+    /// Forms an ordinary cluster of `n` control-plane nodes (no attacker, no faults): the
+    /// seconds from starting the agents to HA, the reference an attack test compares with.
+    pub fn formation_seconds(n: usize, timeout: Duration) -> f64 {
+        let mut c = AgentCluster::new(n, ClusterSpec::default());
+        let t = Instant::now();
+        c.start_all();
+        c.wait_formed(&(0..n).collect::<Vec<_>>(), n.min(3), timeout);
+        t.elapsed().as_secs_f64()
+    }
+
     /// Waits until every node in `which` is a member and reports HA with `voters` voters.
     pub fn wait_formed(&self, which: &[usize], voters: usize, timeout: Duration) -> Vec<StatusDoc> {
         let deadline = Instant::now() + timeout;
