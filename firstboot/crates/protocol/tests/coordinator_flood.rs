@@ -2,8 +2,8 @@
 //! (127.0.0.2 and up): idle TCP connections, nonce requests, and request bodies sent a byte
 //! at a time. A node that authenticated before the flood keeps being served throughout, the
 //! stranger's nonce requests evict none of its nonces, and the flood is counted.
-//! Bounded: 12 stranger addresses, 4 connections and 40 nonce requests each, 8 s: together
-//! exactly the capacity strangers may use.
+//! Bounded: 12 stranger addresses, 4 connections (each one's cap) and 40 nonce requests each,
+//! 8 s.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -115,8 +115,8 @@ async fn a_verified_node_is_served_through_a_flood_from_many_addresses() {
         .map(|i| tokio::spawn(flood_from(stranger(i), addr, fp.clone(), until)))
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    // One more address opens 10 connections: over its own cap of 4 and over the strangers'
-    // share, so at least 6 are closed at once.
+    // One more address opens 10 connections: over its own cap of 4, so at least 6 are closed
+    // at once.
     let mut extra = Vec::new();
     for _ in 0..10 {
         extra.push(connect_from(stranger(STRANGERS), addr).await.unwrap());

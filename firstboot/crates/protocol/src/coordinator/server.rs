@@ -59,11 +59,13 @@ use super::identity::NodeIdentity;
 use super::page;
 use crate::secret::ClusterSecret;
 
-/// Simultaneous connections served; more are closed at once.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Simultaneous connections served; more are closed at once. A rack's nodes each keep one or
+/// two kept-alive connections to the slot authority (a 50-node rack needs about 100), so the
+/// cap sits well above that.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Of [`MAX_CONNECTIONS`], the ones only addresses that authenticated recently may use, so
 /// strangers filling the rest cannot lock the cluster's own nodes out.
-pub const RESERVED_FOR_VERIFIED: usize = 16;
+pub const RESERVED_FOR_VERIFIED: usize = 128;
 /// Connections open at once from one address that has not authenticated recently.
 pub const MAX_CONNECTIONS_PER_STRANGER: usize = 4;
 /// Connections open at once from one address that authenticated recently.
