@@ -80,6 +80,12 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// An error that only says the peer went away (no bytes of a request were malformed).
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe)
+}
+
 /// Reads one message; `None` when the peer closed before sending a byte.
 async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<(String, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(1024);
@@ -93,8 +99,9 @@ async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<(St
         }
         let n = match stream.read(&mut chunk).await {
             Ok(n) => n,
-            // A TLS peer that closed without close_notify before sending anything.
-            Err(e) if buf.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            // A TLS peer that closed without close_notify before sending anything (a reset when
+            // it closed with our session tickets still unread).
+            Err(e) if buf.is_empty() && closed_by_peer(&e) => 0,
             Err(e) => return Err(e.into()),
         };
         if n == 0 && buf.is_empty() {
@@ -173,15 +180,21 @@ where
                 return;
             };
             let exchange = async {
-                let mut stream = tls.accept(tcp).await.context("TLS handshake")?;
+                let mut stream = match tls.accept(tcp).await {
+                    Ok(s) => s,
+                    // The client finished its handshake and left (a joiner that rejected the
+                    // certificate): the tickets we sent after it met a closed socket.
+                    Err(e) if closed_by_peer(&e) => return anyhow::Ok(None),
+                    Err(e) => return Err(anyhow::Error::new(e).context("TLS handshake")),
+                };
                 let msg = read_message(&mut stream).await?;
-                anyhow::Ok((stream, msg))
+                anyhow::Ok(Some((stream, msg)))
             };
             let (mut stream, (head, body)) =
                 match tokio::time::timeout(READ_TIMEOUT, exchange).await {
-                    Ok(Ok((stream, Some(msg)))) => (stream, msg),
+                    Ok(Ok(Some((stream, Some(msg))))) => (stream, msg),
                     // Handshake done, nothing sent: not a request.
-                    Ok(Ok((_, None))) => return,
+                    Ok(Ok(None | Some((_, None)))) => return,
                     Ok(Err(_)) | Err(_) => {
                         BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
                         return;
