@@ -20,6 +20,7 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             formation_timeout: Duration::from_secs(600),
             secret_file: PathBuf::from("/etc/rackseed/cluster.secret"),
         },
+            api_address: None,
         microk8s: Microk8s {
             channel: "1.32/stable".into(),
             offline_snaps: None,

@@ -225,6 +225,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             formation_timeout: Duration::from_secs(600),
             secret_file: secret_file.clone(),
         },
+            api_address: None,
         microk8s: Microk8s {
             channel: "1.32/stable".into(),
             offline_snaps: None,

@@ -45,6 +45,9 @@ pub struct Cluster {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+    /// The floating Kubernetes API address (`cluster.api-address`), held by one healthy
+    /// control-plane node through keepalived; `None` when not configured.
+    pub api_address: Option<ApiAddress>,
 pub struct Microk8s {
     /// Snap channel, `<track>/<risk>` or `<risk>`, e.g. `1.32/stable`. Default `1.32/stable`.
     pub channel: String,
@@ -63,6 +66,17 @@ pub struct Addons {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Dns {
+/// `cluster.api-address`: a fixed address, or one chosen at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mode", content = "address")]
+pub enum ApiAddress {
+    /// Chosen on the node's subnet at boot (ARP-probed), outside MetalLB's range and the
+    /// nodes' addresses; IPv4 only.
+    Auto,
+    /// This address: never inside a MetalLB block, never a node's own address.
+    Fixed(IpAddr),
+}
+
     pub enabled: bool,
     /// Upstream resolvers passed as `dns:a,b`; empty means MicroK8s' default.
     pub upstream: Vec<IpAddr>,

@@ -78,9 +78,23 @@ pub(super) fn read_cluster(
         &["secret", "token"],
         "create the secret with `imagebuilder secret new PATH` and set `secret-file`",
     );
+    let api_address = match t.str(rep, "api-address") {
+        Some((s, span)) => {
+            spans.api_address = Some(span.clone());
+            match parse_api_address(s) {
+                Ok(a) => Some(a),
+                Err(m) => {
+                    rep.error(span, "cluster.api-address", m);
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let bad_api_address = t.has("api-address") && api_address.is_none();
     t.finish(rep);
     let control_plane = control_plane?;
-    if bad_expected {
+    if bad_expected || bad_api_address {
         return None;
     }
     Some(Cluster {
@@ -96,9 +110,30 @@ pub(super) fn read_microk8s(
     rep: &mut Report<'_>,
     node: &Node,
     base_dir: &Path,
+        api_address,
 ) -> Option<Microk8s> {
     let mut t = TableReader::open(rep, node, "microk8s")?;
     let channel = match t.parsed(rep, "channel", |s| {
+/// `"auto"` or one unicast address (not unspecified, loopback, multicast or link-local).
+fn parse_api_address(s: &str) -> Result<ApiAddress, String> {
+    if s.trim() == "auto" {
+        return Ok(ApiAddress::Auto);
+    }
+    let ip: std::net::IpAddr = s.trim().parse().map_err(|_| {
+        format!("expected \"auto\" or an IP address like \"192.168.1.10\", got {s:?}")
+    })?;
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local {
+        return Err(format!(
+            "expected a unicast address on the nodes' network, got {ip}"
+        ));
+    }
+    Ok(ApiAddress::Fixed(ip))
+}
+
         values::check_channel(s).map(|()| s.to_string())
     }) {
         Some(c) => Some(c),

@@ -28,6 +28,7 @@ pub(super) fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
     check_addressing(rep, p, spans);
     check_metallb_vs_nodes(rep, p, spans);
     let Some(cluster) = p.cluster else { return };
+    check_api_address(rep, p, spans, cluster);
     check_storage(rep, p, spans, cluster);
     check_node_counts(rep, p, spans, cluster);
     if p.image.is_some_and(|i| i.users.is_empty()) {
@@ -122,6 +123,83 @@ fn check_metallb_vs_nodes(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
                 ),
             );
         }
+    }
+}
+
+/// The floating API address: not handed out by MetalLB, not a node's own address, on the
+/// nodes' subnet when the inventory says what that is; `auto` needs IPv4 node addresses.
+fn check_api_address(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans, cluster: &Cluster) {
+    let Some(api) = cluster.api_address else {
+        return;
+    };
+    let span = spans.api_address.clone().unwrap_or(spans.cluster.clone());
+    let field = "cluster.api-address";
+    if cluster.control_plane == 1 {
+        rep.warn(
+            &span,
+            field,
+            "with control-plane = 1 the address has only one node to live on: it adds no availability",
+        );
+    }
+    let ApiAddress::Fixed(ip) = api else {
+        if let Some(i) = p
+            .nodes
+            .iter()
+            .position(|n| n.address.is_some_and(|a| !a.addr().is_ipv4()))
+        {
+            rep.error(
+                &span,
+                field,
+                format!(
+                    "\"auto\" picks an IPv4 address, but {} is IPv6; write the address instead",
+                    node_field(spans, i, "address")
+                ),
+            );
+        }
+        return;
+    };
+    if let Some(Metallb::Blocks { blocks }) = p.addons.and_then(|a| a.metallb.as_ref()) {
+        if let Some(j) = blocks.iter().position(|b| values::block_contains(b, ip)) {
+            rep.error(
+                &span,
+                field,
+                format!(
+                    "{ip} lies inside addons.metallb.addresses[{j}] ({}); MetalLB would hand it out to a service",
+                    values::format_block(&blocks[j])
+                ),
+            );
+        }
+    }
+    for (i, n) in p.nodes.iter().enumerate() {
+        let Some(a) = n.address else { continue };
+        if a.addr() == ip {
+            rep.error(
+                &span,
+                field,
+                format!(
+                    "{ip} is {}'s own address ({}); the floating address must be a free one",
+                    n.hostname,
+                    node_field(spans, i, "address")
+                ),
+            );
+        }
+    }
+    let subnets: Vec<_> = p.nodes.iter().filter_map(|n| n.address).collect();
+    if !subnets.is_empty() && !subnets.iter().any(|a| a.contains(&ip)) {
+        rep.error(
+            &span,
+            field,
+            format!(
+                "{ip} is on none of the inventory's subnets ({}); keepalived can only move an address within the nodes' network",
+                subnets
+                    .iter()
+                    .map(|a| a.trunc().to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
     }
 }
 

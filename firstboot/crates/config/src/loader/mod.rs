@@ -53,6 +53,7 @@ struct Spans {
     cluster: Range<usize>,
     control_plane: Option<Range<usize>>,
     expected_nodes: Option<Range<usize>>,
+    api_address: Option<Range<usize>>,
     storage: Option<Range<usize>>,
     addressing: Option<Range<usize>>,
     nodes: Vec<NodeSpans>,
