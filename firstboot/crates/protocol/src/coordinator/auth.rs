@@ -309,6 +309,17 @@ pub fn authenticate(
     now: Instant,
     req: RequestParts<'_>,
 ) -> Result<String, Refusal> {
+    authenticate_any(&[*key], nonces, now, req)
+}
+
+/// [`authenticate`] against several keys (a node accepting an old or a staged secret during a
+/// rotation): the nonce is consumed once, and the signature must verify under one of `keys`.
+pub fn authenticate_any(
+    keys: &[[u8; 32]],
+    nonces: &mut NonceStore,
+    now: Instant,
+    req: RequestParts<'_>,
+) -> Result<String, Refusal> {
     let (Some(node), Some(nonce), Some(auth)) = (req.node, req.nonce, req.auth) else {
         return Err(Refusal::new(
             401,
@@ -336,9 +347,17 @@ pub fn authenticate(
     let Ok(sig) = hex::decode(auth) else {
         return Err(Refusal::new(401, format!("{HEADER_AUTH} is not hex")));
     };
-    request_mac(key, nonce, req.method, req.path, req.body, node)
-        .verify_slice(&sig)
-        .map_err(|_| Refusal::new(401, "bad request signature (wrong cluster secret?)"))?;
+    let verified = keys.iter().any(|key| {
+        request_mac(key, nonce, req.method, req.path, req.body, node)
+            .verify_slice(&sig)
+            .is_ok()
+    });
+    if !verified {
+        return Err(Refusal::new(
+            401,
+            "bad request signature (wrong cluster secret?)",
+        ));
+    }
     Ok(node.to_string())
 }
 
@@ -408,6 +427,25 @@ mod tests {
             assert_eq!(e.status, 401, "{m} {p} {node}");
             assert!(e.reason.contains("signature"));
         }
+    }
+
+    #[test]
+    fn any_of_several_keys_passes_and_a_stranger_key_consumes_the_nonce() {
+        let t0 = Instant::now();
+        let body = br#"{"message":1}"#;
+        let other = [3u8; 32];
+        let mut store = NonceStore::default();
+        let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        let sig = sign_request(&other, &n, "POST", "/v1/message", body, "node-a");
+        assert_eq!(
+            authenticate_any(&[KEY, other], &mut store, t0, parts(&n, &sig, body)).unwrap(),
+            "node-a"
+        );
+        let n = store.issue(PEER, NonceKind::Public, t0).unwrap();
+        let sig = sign_request(&[4; 32], &n, "POST", "/v1/message", body, "node-a");
+        let e = authenticate_any(&[KEY, other], &mut store, t0, parts(&n, &sig, body)).unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(!store.is_outstanding(PEER, &n, t0), "the nonce is gone");
     }
 
     #[test]

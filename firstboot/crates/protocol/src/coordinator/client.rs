@@ -22,8 +22,9 @@ use super::auth::{
     HEADER_NODE, HEADER_NONCE, NONCE_TTL,
 };
 use super::identity::fingerprint_of;
+use super::rotation::{RotationAck, RotationStep};
 use super::server::KubeconfigResponse;
-use crate::secret::ClusterSecret;
+use crate::secret::{ClusterSecret, Keyring};
 
 /// Default timeout of one request (connect + TLS + response).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,7 +149,8 @@ pub struct SignedRequest {
 
 /// Talks to peers' coordinators. Cheap to share (`Arc`); keeps one HTTP client per pin.
 pub struct CoordinatorClient {
-    key: [u8; 32],
+    /// Requests are signed with the ring's current secret.
+    keyring: Arc<Keyring>,
     node_id: String,
     timeout: Duration,
     clients: Mutex<HashMap<String, reqwest::Client>>,
@@ -181,8 +183,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 impl CoordinatorClient {
     /// A client that signs as `node_id` with the cluster's coordinator key.
     pub fn new(secret: &ClusterSecret, node_id: &str) -> Self {
+        Self::with_keyring(Arc::new(Keyring::new(secret.clone())), node_id)
+    }
+
+    /// A client that signs as `node_id` with `keyring`'s current secret at each request (a
+    /// rotation switches it without a new client).
+    pub fn with_keyring(keyring: Arc<Keyring>, node_id: &str) -> Self {
         CoordinatorClient {
-            key: secret.coordinator_key(),
+            keyring,
             node_id: node_id.to_string(),
             timeout: DEFAULT_TIMEOUT,
             clients: Mutex::new(HashMap::new()),
@@ -317,7 +325,14 @@ impl CoordinatorClient {
             path: path.to_string(),
             node: self.node_id.clone(),
             nonce: nonce.to_string(),
-            auth: sign_request(&self.key, nonce, method, path, &body, &self.node_id),
+            auth: sign_request(
+                self.keyring.current().coordinator_key(),
+                nonce,
+                method,
+                path,
+                &body,
+                &self.node_id,
+            ),
             body,
         }
     }
@@ -435,5 +450,23 @@ impl CoordinatorClient {
         let req = self.sign("POST", "/v1/kubeconfig", &nonce, Vec::new());
         let resp: KubeconfigResponse = self.send_signed(peer, fingerprint, &req).await?;
         Ok(resp.kubeconfig)
+    }
+
+    /// Sends one secret rotation step to the node at `peer` (`POST /v1/rotate`); returns
+    /// where the node's keys stand afterwards. The step may carry a secret: it travels only
+    /// inside the pinned TLS connection.
+    pub async fn rotate(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        step: &RotationStep,
+    ) -> Result<RotationAck, ClientError> {
+        let body = serde_json::to_vec(step).map_err(|e| ClientError::Encode {
+            peer,
+            reason: e.to_string(),
+        })?;
+        let nonce = self.nonce(peer, fingerprint).await?;
+        let req = self.sign("POST", "/v1/rotate", &nonce, body);
+        self.send_signed(peer, fingerprint, &req).await
     }
 }

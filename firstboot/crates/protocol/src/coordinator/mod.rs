@@ -10,6 +10,10 @@
 //! without the secret gets no reply and a captured request cannot be replayed. No rule needs
 //! the nodes' clocks to agree.
 //!
+//! Secret rotation (`POST /v1/rotate`, [`rotation`]): the coordinator authenticates against
+//! every secret its [`crate::secret::Keyring`] accepts, and the client signs with the ring's
+//! current one, so a node switches secrets without a restart.
+//!
 //! The layer is generic over the message type `M` (any `Serialize + DeserializeOwned`):
 //! the driver gets each authenticated message as a [`server::Inbound`] and answers with
 //! `Vec<M>`. To add a kind of message, add a variant to the core's message enum; nothing here
@@ -19,10 +23,12 @@ pub mod auth;
 pub mod client;
 pub mod identity;
 pub mod page;
+pub mod rotation;
 pub mod server;
 
 pub use client::{ClientError, CoordinatorClient, SignedRequest};
 pub use identity::{fingerprint_of, IdentityError, NodeIdentity};
+pub use rotation::{RotationAck, RotationHandler, RotationRequest, RotationStep};
 pub use server::{
     Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorStats, Inbound, KubeconfigProvider,
 };

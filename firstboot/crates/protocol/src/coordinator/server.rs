@@ -13,6 +13,12 @@
 //!   from the provider the driver installed with [`Coordinator::set_kubeconfig_provider`]
 //!   (`microk8s config` on a control-plane member); 503 with the reason when there is none
 //!   (not a member yet, or a worker: [`Coordinator::refuse_kubeconfig`]) or it fails. It is a credential: served only to holders of the cluster secret, never logged.
+//! - `POST /v1/rotate` (auth): a secret rotation step ([`super::rotation::RotationStep`]),
+//!   carried out by the handler the agent installed ([`Coordinator::set_rotation_handler`]);
+//!   answers a [`super::rotation::RotationAck`], or 503 with the reason.
+//!
+//! Authentication accepts every secret of the node's [`Keyring`] ([`Coordinator::keyring`]),
+//! so a rotation swaps keys without a restart.
 //!
 //! Refusals are `{"error": "<reason>"}` with 400 (malformed), 401 (authentication), 404, 405,
 //! 408 (body too slow), 413 (body over [`MAX_BODY`]), 422 (JSON of the wrong shape) or 503
@@ -52,12 +58,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::auth::{
-    authenticate, parse_message, ErrorBody, MessageResponse, NonceKind, NonceResponse, NonceStore,
-    Refusal, RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY, MAX_NONCE_ADDRS,
+    authenticate_any, parse_message, ErrorBody, MessageResponse, NonceKind, NonceResponse,
+    NonceStore, Refusal, RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY,
+    MAX_NONCE_ADDRS,
 };
 use super::identity::NodeIdentity;
 use super::page;
-use crate::secret::ClusterSecret;
+use super::rotation::{
+    RotationAck, RotationHandler, RotationRequest, RotationStep, NO_ROTATION_HANDLER,
+    ROTATION_TIMEOUT,
+};
+use crate::secret::{ClusterSecret, Keyring};
 
 /// Simultaneous connections served; more are closed at once. A rack's nodes each keep one or
 /// two kept-alive connections to the slot authority (a 50-node rack needs about 100), so the
@@ -175,7 +186,8 @@ pub struct CoordinatorConfig {
 }
 
 struct State {
-    key: [u8; 32],
+    keyring: Arc<Keyring>,
+    rotation: Mutex<Option<RotationHandler>>,
     nonces: Mutex<NonceStore>,
     conns: Mutex<ConnTable>,
     stats: Mutex<CoordinatorStats>,
@@ -219,6 +231,17 @@ where
     pub async fn start(
         cfg: CoordinatorConfig,
     ) -> Result<(Coordinator<M>, mpsc::Receiver<Inbound<M>>), CoordinatorError> {
+        let keyring = Arc::new(Keyring::new(cfg.secret.clone()));
+        Self::start_with_keyring(cfg, keyring).await
+    }
+
+    /// [`Coordinator::start`] authenticating against `keyring` (shared with the node's
+    /// discovery and client, so a rotation moves all three at once); `cfg.secret` is then
+    /// only kept off the public page.
+    pub async fn start_with_keyring(
+        cfg: CoordinatorConfig,
+        keyring: Arc<Keyring>,
+    ) -> Result<(Coordinator<M>, mpsc::Receiver<Inbound<M>>), CoordinatorError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -244,7 +267,8 @@ where
             })?;
         let (status_tx, status_rx) = watch::channel(serde_json::json!({}));
         let state = Arc::new(State {
-            key: cfg.secret.coordinator_key(),
+            keyring,
+            rotation: Mutex::new(None),
             nonces: Mutex::new(NonceStore::default()),
             conns: Mutex::new(ConnTable::default()),
             stats: Mutex::new(CoordinatorStats::default()),
@@ -285,6 +309,17 @@ impl<M> Coordinator<M> {
     pub fn set_status_from<T: Serialize>(&self, doc: &T) -> Result<(), serde_json::Error> {
         self.set_status(serde_json::to_value(doc)?);
         Ok(())
+    }
+
+    /// The secrets this coordinator authenticates against.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.state.keyring.clone()
+    }
+
+    /// Serves `POST /v1/rotate` with `handler` (called once per authenticated request, with
+    /// [`ROTATION_TIMEOUT`]). Until this is called, the route answers 503.
+    pub fn set_rotation_handler(&self, handler: RotationHandler) {
+        *self.state.rotation.lock().expect("rotation lock") = Some(handler);
     }
 
     pub fn stats(&self) -> CoordinatorStats {
@@ -498,7 +533,18 @@ fn json_response(status: u16, body: Vec<u8>) -> Response<Body> {
 fn page_response(state: &State, json: bool) -> Response<Body> {
     state.stats.lock().expect("stats lock").page_reads += 1;
     let mut text = serde_json::to_string(&*state.status.borrow()).expect("json value");
-    for secret in &state.never_public {
+    let live: Vec<String> = state
+        .keyring
+        .accepted(Instant::now())
+        .iter()
+        .flat_map(|k| {
+            [
+                k.secret().microk8s_token(),
+                k.secret().to_file_contents().trim().to_string(),
+            ]
+        })
+        .collect();
+    for secret in state.never_public.iter().chain(&live) {
         if text.contains(secret.as_str()) {
             tracing::warn!("the status document contains a secret; cut from the public page (a bug: report it)");
             text = text.replace(secret.as_str(), "<redacted>");
@@ -650,10 +696,12 @@ where
         (Method::GET, "/status.json") => page_response(&state, true),
         (Method::POST, "/v1/message")
         | (Method::GET, "/v1/status")
-        | (Method::POST, "/v1/kubeconfig") => authenticated_route(&state, tx, client, req).await,
+        | (Method::POST, "/v1/kubeconfig")
+        | (Method::POST, "/v1/rotate") => authenticated_route(&state, tx, client, req).await,
         (
             _,
-            "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig",
+            "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig"
+            | "/v1/rotate",
         ) => refuse(
             &state,
             Refusal::new(405, format!("{method} not allowed on {path}")),
@@ -688,8 +736,14 @@ where
     };
     let h = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let now = Instant::now();
-    let from = authenticate(
-        &state.key,
+    let keys: Vec<[u8; 32]> = state
+        .keyring
+        .accepted(now)
+        .iter()
+        .map(|k| *k.coordinator_key())
+        .collect();
+    let from = authenticate_any(
+        &keys,
         &mut state.nonces.lock().expect("nonce lock"),
         now,
         RequestParts {
@@ -715,6 +769,9 @@ where
         tracing::info!(requester = %from, "handing out the kubeconfig");
         return kubeconfig_response(state).await;
     }
+    if path == "/v1/rotate" {
+        return rotation_response(state, from, &body).await;
+    }
     if method == Method::GET {
         state.stats.lock().expect("stats lock").status_reads += 1;
         let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
@@ -725,6 +782,49 @@ where
         Err(r) => return refuse(state, r),
     };
     deliver(state, tx, client, from, message).await
+}
+
+/// Carries out an authenticated rotation step through the installed handler.
+async fn rotation_response(state: &State, from: String, body: &[u8]) -> Response<Body> {
+    let step = match parse_rotation_step(body) {
+        Ok(s) => s,
+        Err(r) => return refuse(state, r),
+    };
+    let handler = state.rotation.lock().expect("rotation lock").clone();
+    let Some(handler) = handler else {
+        return refuse(state, Refusal::new(503, NO_ROTATION_HANDLER));
+    };
+    tracing::info!(requester = %from, step = step.name(), "secret rotation step");
+    let answer =
+        tokio::time::timeout(ROTATION_TIMEOUT, handler(RotationRequest { from, step })).await;
+    let ack: RotationAck = match answer {
+        Ok(Ok(ack)) => ack,
+        Ok(Err(reason)) => return refuse(state, Refusal::new(503, reason)),
+        Err(_) => {
+            return refuse(
+                state,
+                Refusal::new(
+                    503,
+                    format!("the rotation step took over {ROTATION_TIMEOUT:?}"),
+                ),
+            )
+        }
+    };
+    json_response(200, serde_json::to_vec(&ack).expect("ack serialises"))
+}
+
+/// Parses a `POST /v1/rotate` body; the error never quotes the body (it may hold a secret).
+fn parse_rotation_step(body: &[u8]) -> Result<RotationStep, Refusal> {
+    serde_json::from_slice::<RotationStep>(body).map_err(|e| {
+        Refusal::new(
+            422,
+            format!(
+                "invalid rotation step (line {}, column {}): expected {{\"step\": \"stage\"|\"commit\", \"secret\": HEX}} or {{\"step\": \"finish\", \"tag\": TAG}}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
 }
 
 /// Hands an authenticated message to the driver and answers with its replies and the

@@ -44,6 +44,12 @@
 //! refused (`peers_refused`) when every peer is present. Only holders of the cluster secret get
 //! into the table at all, so a stranger can never evict a verified peer.
 //!
+//! Rotation: the keys come from a [`Keyring`] ([`DiscoveryConfig::keyring`], shared with the
+//! coordinator). Announcements are signed with its current secret; a received record is
+//! verified with the accepted secret whose cluster tag it carries, so during a rotation peers on
+//! the old and on the new secret see each other, and afterwards a node left on the old secret
+//! is dropped as `wrong_cluster`.
+//!
 //! To extend: new fixed fields go into [`record`]; new per-peer data the core needs goes into
 //! the application fields, not here.
 
@@ -59,7 +65,7 @@ use std::sync::{Arc, Mutex};
 use mdns_sd::{IfKind, IfPredicate, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::mpsc;
 
-use crate::secret::ClusterSecret;
+use crate::secret::{ClusterSecret, Keyring};
 use rackseed_formation::NodeId;
 use record::{Freshness, RecordHeader, Rejection, ReplayGuard};
 
@@ -121,6 +127,9 @@ pub struct DiscoveryConfig {
     /// This start's boot counter, announced signed: an agent sets it from
     /// [`advance_boot_counter`]; [`DiscoveryConfig::new`] sets 1 (a one-off process).
     pub boot_counter: u64,
+    /// The keys to sign and verify with, shared with the coordinator so a secret rotation
+    /// switches them at run time; `None` ([`DiscoveryConfig::new`]) means `secret` alone.
+    pub keyring: Option<Arc<Keyring>>,
 }
 
 impl DiscoveryConfig {
@@ -134,6 +143,7 @@ impl DiscoveryConfig {
             ipv6: false,
             service_type: SERVICE_TYPE.to_string(),
             boot_counter: 1,
+            keyring: None,
         }
     }
 }
@@ -342,8 +352,7 @@ pub struct Discovery {
 }
 
 struct Settings {
-    key: [u8; 32],
-    tag: String,
+    keyring: Arc<Keyring>,
     node_id: String,
     port: u16,
     fingerprint: String,
@@ -387,7 +396,8 @@ impl Discovery {
             s.seq
         };
         let c = &self.cfg;
-        let pairs = record::encode_record(&c.key, &c.header(seq), &fields)?;
+        let keys = c.keyring.current();
+        let pairs = record::encode_record(keys.announcement_key(), &c.header(seq), &fields)?;
         let host = format!("rackseed-{}.local.", c.node_id);
         let props: Vec<(&str, &str)> = pairs
             .iter()
@@ -482,8 +492,10 @@ impl Settings {
         let mut boot = [0u8; 8];
         rand::fill(&mut boot);
         let settings = Settings {
-            key: cfg.secret.announcement_key(),
-            tag: cfg.secret.cluster_tag(),
+            keyring: cfg
+                .keyring
+                .clone()
+                .unwrap_or_else(|| Arc::new(Keyring::new(cfg.secret.clone()))),
             node_id: cfg.node_id.clone(),
             port: cfg.port,
             fingerprint: cfg.fingerprint.clone(),
@@ -493,13 +505,17 @@ impl Settings {
             ipv6: cfg.ipv6,
         };
         // Validate the fixed fields now rather than at the first announce.
-        record::encode_record(&settings.key, &settings.header(0), &[])?;
+        record::encode_record(
+            settings.keyring.current().announcement_key(),
+            &settings.header(0),
+            &[],
+        )?;
         Ok(settings)
     }
 
     fn header(&self, seq: u64) -> RecordHeader {
         RecordHeader {
-            cluster_tag: self.tag.clone(),
+            cluster_tag: self.keyring.current().tag().to_string(),
             node_id: self.node_id.clone(),
             port: self.port,
             fingerprint: self.fingerprint.clone(),
@@ -676,22 +692,37 @@ impl Browser {
         addrs: Vec<IpAddr>,
     ) -> Option<PeerEvent> {
         let c = self.cfg.clone();
-        let verdict = record::decode_record(&c.key, &c.tag, instance.unwrap_or(""), pairs)
-            .and_then(|rec| {
-                if rec.header.node_id == c.node_id {
-                    return if rec.header.boot == c.boot {
-                        Ok(None)
-                    } else {
-                        Err(Rejection::OwnIdConflict)
-                    };
-                }
-                let h = &rec.header;
-                match self.guard.check(&h.node_id, h.boot_counter, &h.boot, h.seq) {
-                    Freshness::Stale => Err(Rejection::Replayed),
-                    Freshness::Same => Ok(Some((rec, false))),
-                    Freshness::Newer => Ok(Some((rec, true))),
-                }
-            });
+        // The accepted secret whose tag the record names (else the current one, which then
+        // refuses it as another cluster's).
+        let named_tag = pairs
+            .iter()
+            .find(|(k, _)| k == "c")
+            .and_then(|(_, v)| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok());
+        let keys = named_tag
+            .and_then(|t| c.keyring.for_tag(t, std::time::Instant::now()))
+            .unwrap_or_else(|| c.keyring.current());
+        let verdict = record::decode_record(
+            keys.announcement_key(),
+            keys.tag(),
+            instance.unwrap_or(""),
+            pairs,
+        )
+        .and_then(|rec| {
+            if rec.header.node_id == c.node_id {
+                return if rec.header.boot == c.boot {
+                    Ok(None)
+                } else {
+                    Err(Rejection::OwnIdConflict)
+                };
+            }
+            let h = &rec.header;
+            match self.guard.check(&h.node_id, h.boot_counter, &h.boot, h.seq) {
+                Freshness::Stale => Err(Rejection::Replayed),
+                Freshness::Same => Ok(Some((rec, false))),
+                Freshness::Newer => Ok(Some((rec, true))),
+            }
+        });
         let mut shared = self.shared.lock().expect("discovery state lock");
         let (rec, newer) = match verdict {
             Ok(Some(found)) => found,
@@ -821,8 +852,7 @@ mod tests {
     fn browser(node_id: &str, secret: &ClusterSecret) -> (Browser, mpsc::Receiver<PeerEvent>) {
         let (tx, rx) = mpsc::channel(16);
         let cfg = Arc::new(Settings {
-            key: secret.announcement_key(),
-            tag: secret.cluster_tag(),
+            keyring: Arc::new(Keyring::new(secret.clone())),
             node_id: node_id.into(),
             port: 1,
             fingerprint: "00".repeat(32),
@@ -1066,6 +1096,43 @@ mod tests {
     /// Finding 1's attack: node X's announcement from boot 1 is recorded; X restarts (boot 2,
     /// a higher signed counter); the recording replayed byte for byte never displaces X's boot-2
     /// record, however high its sequence number.
+    #[test]
+    fn a_rotation_accepts_both_secrets_then_drops_the_old_one_as_another_cluster() {
+        let (old, new) = (
+            ClusterSecret::from_bytes([1; 32]),
+            ClusterSecret::from_bytes([2; 32]),
+        );
+        let (mut b, _rx) = browser("me", &old);
+        let ring = b.cfg.keyring.clone();
+        let ip = vec![IpAddr::from([10, 0, 0, 2])];
+        let full = |id: &str| format!("{id}._rackseed._tcp.local.");
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        // Before staging, the new secret is another cluster's.
+        let moved = signed(&new, "moved", "bbbbbbbbbbbbbbbb", 1, "a");
+        assert!(b
+            .on_resolved(&full("moved"), Some("moved"), &moved, ip.clone())
+            .is_none());
+        ring.accept_also(new.clone(), later);
+        let moved = signed(&new, "moved", "bbbbbbbbbbbbbbbb", 2, "a");
+        assert!(b
+            .on_resolved(&full("moved"), Some("moved"), &moved, ip.clone())
+            .is_some());
+        ring.switch_to(new.clone(), later);
+        let laggard = signed(&old, "laggard", "cccccccccccccccc", 1, "a");
+        assert!(
+            b.on_resolved(&full("laggard"), Some("laggard"), &laggard, ip.clone())
+                .is_some(),
+            "the old secret is accepted during the grace period"
+        );
+        ring.forget_others();
+        let left = signed(&old, "left", "dddddddddddddddd", 1, "a");
+        assert!(b
+            .on_resolved(&full("left"), Some("left"), &left, ip)
+            .is_none());
+        let st = b.shared.lock().unwrap().stats.clone();
+        assert_eq!((st.accepted, st.wrong_cluster), (2, 2));
+    }
+
     #[test]
     fn replaying_an_earlier_boot_never_hides_the_live_node() {
         let s = ClusterSecret::from_bytes([1; 32]);
