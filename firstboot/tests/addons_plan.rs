@@ -18,9 +18,10 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             control_plane: 3,
             expected_nodes,
             formation_timeout: Duration::from_secs(600),
+            join_parallelism: 8,
             secret_file: PathBuf::from("/etc/rackseed/cluster.secret"),
-        },
             api_address: None,
+        },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),
             offline_snaps: None,

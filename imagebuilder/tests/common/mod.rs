@@ -223,9 +223,10 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             control_plane: 3,
             expected_nodes: 3,
             formation_timeout: Duration::from_secs(600),
+            join_parallelism: 8,
             secret_file: secret_file.clone(),
-        },
             api_address: None,
+        },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),
             offline_snaps: None,

@@ -39,20 +39,42 @@ pub struct Cluster {
     /// control-plane count. Default 10 minutes.
     #[serde(with = "humantime_serde_shim")]
     pub formation_timeout: Duration,
+    /// Most worker joins in flight at once (`cluster.join-parallelism`, 1 to 64, default
+    /// [`DEFAULT_JOIN_PARALLELISM`]). Control-plane joins always run one at a time.
+    pub join_parallelism: u32,
     /// Path of the cluster secret file on the machine running the tool (build time) or on the
     /// node (`/etc/rackseed/cluster.secret` inside images). Never read into logs.
     pub secret_file: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
     /// The floating Kubernetes API address (`cluster.api-address`), held by one healthy
     /// control-plane node through keepalived; `None` when not configured.
     pub api_address: Option<ApiAddress>,
+}
+
+/// Default of `cluster.join-parallelism`: 8 worker joins at once. A worker join changes no
+/// dqlite membership, but each one makes the node it joins through sign two certificates
+/// (with no lock, so simultaneous signings can fail and are retried) and then brings a kubelet,
+/// kube-proxy and a calico pod up, pulling their images over the rack's shared uplink. Eight at
+/// a time keeps that burst small for a Raspberry Pi control plane while a 50-node rack still
+/// forms in 2 control-plane joins + 6 worker rounds instead of 49 serial joins.
+pub const DEFAULT_JOIN_PARALLELISM: u32 = 8;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Microk8s {
     /// Snap channel, `<track>/<risk>` or `<risk>`, e.g. `1.32/stable`. Default `1.32/stable`.
     pub channel: String,
     /// Folder with staged `microk8s*.snap` + `.assert` (and `core2x`) for offline installs.
     pub offline_snaps: Option<PathBuf>,
+}
+
+/// `cluster.api-address`: a fixed address, or one chosen at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mode", content = "address")]
+pub enum ApiAddress {
+    /// Chosen on the node's subnet at boot (ARP-probed), outside MetalLB's range and the
+    /// nodes' addresses; IPv4 only.
+    Auto,
+    /// This address: never inside a MetalLB block, never a node's own address.
+    Fixed(IpAddr),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,17 +88,6 @@ pub struct Addons {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Dns {
-/// `cluster.api-address`: a fixed address, or one chosen at boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "mode", content = "address")]
-pub enum ApiAddress {
-    /// Chosen on the node's subnet at boot (ARP-probed), outside MetalLB's range and the
-    /// nodes' addresses; IPv4 only.
-    Auto,
-    /// This address: never inside a MetalLB block, never a node's own address.
-    Fixed(IpAddr),
-}
-
     pub enabled: bool,
     /// Upstream resolvers passed as `dns:a,b`; empty means MicroK8s' default.
     pub upstream: Vec<IpAddr>,

@@ -1,4 +1,5 @@
-//! Cluster formation: safe seed election and serial joins, as a pure state machine.
+//! Cluster formation: safe seed election, serial control-plane joins and parallel worker
+//! joins, as a pure state machine.
 //!
 //! No I/O, no async, no clock reads: [`Node::handle`] takes `now` (a monotonic
 //! [`std::time::Duration`] since this process started; it restarts from zero after a reboot, and
@@ -10,7 +11,7 @@
 //!
 //! Every node is a Paxos *acceptor* (it persists a binding promise and the last accepted value
 //! before answering). All cluster-wide decisions are changes to one value, the [`Record`]
-//! (cluster identity, electorate, slot authority, members, the join slot, addon claim), made by
+//! (cluster identity, electorate, slot authority, members, the join slots, addon claim), made by
 //! a *round*: the proposer picks a ballot `(n, its id)` higher than any it has seen (persisting
 //! `n` first, so a ballot is never reused), collects promises (each carrying the acceptor's last
 //! accepted record), takes the record with the highest ballot among them, applies a pure
@@ -38,14 +39,34 @@
 //!   ballot n }`, authority and only member. If the round reads an existing record, it rewrites
 //!   that one instead and the proposer becomes a joiner: competing claims collapse to one seed.
 //! - **Grant / Confirm / Reclaim**: joiners send `SlotRequest` to the slot authority; the
-//!   authority grants the slot (`slot = Some{node, role, seq}`) only while it is free, as one
-//!   round; the joiner runs `microk8s join <authority ip>` and reports; the authority records
-//!   the member and frees the slot (Confirm). A slot unconfirmed for `slot_timeout` is reclaimed;
-//!   its holder stays counted as *tentative* (it may have joined) until it confirms or asks again.
-//!   The authority keeps the requests it hears (for three retry intervals), also those that
-//!   arrive while its own election round is still running, so a freed slot is granted at once.
-//! - **Batch**: the round that records a join result (Confirm) also grants the slot it frees to
-//!   the next waiting requester (Grant) and claims the addons (ClaimAddons): [`node::apply`]
+//!   authority grants a slot (`slots` gets `{node, role, seq}`) as one round, only when
+//!   [`Record::may_grant`] allows it: a **control-plane** join only while no slot is in use, a
+//!   **worker** join only while no control-plane slot is in use and fewer than
+//!   `join_parallelism` slots are. The joiner runs `microk8s join <authority ip>` and reports;
+//!   the authority records the member and frees its slot (Confirm). A slot unconfirmed for
+//!   `slot_timeout` is reclaimed; its holder stays counted as *tentative* (it may have joined)
+//!   until it confirms or asks again. The authority keeps the requests it hears (for
+//!   `max(3 retry intervals, 2 × the requester's longest backoff)`), also those that arrive
+//!   while its own election round is still running, so a freed slot is granted at once; a
+//!   waiting node therefore repeats its request with a doubling interval (up to
+//!   `grant_max_age / 3`) instead of every retry interval.
+//! - **Why workers may join together** (canonical/microk8s-cluster-agent, read at commit
+//!   33e4ad06): `pkg/api/v2/join.go` `Join` changes dqlite membership only for control-plane
+//!   joiners (the joiner's `update_dqlite` then joins dqlite and restarts it); for a worker
+//!   (`worker: true`) it consumes the token (`ConsumeClusterToken`, under `clusterTokensMu` in
+//!   `pkg/snap/snap.go`; a persistent token is never removed), updates the dqlite bind address
+//!   under `dqliteMu`, patches calico under `calicoMu`, appends the `<token>-kubelet` and
+//!   `<token>-proxy` certificate-request tokens (`AddCertificateRequestToken`, under
+//!   `certTokensMu`) and lists the control-plane IPs read-only. The joiner then asks for two
+//!   certificate signings (`pkg/api/v1/sign_cert.go`), and `SignCertificate` in
+//!   `pkg/snap/snap.go` runs the snap's `actions/common/utils.sh sign_certificate` with no lock
+//!   held; the snap signs with `openssl x509 … -CAcreateserial` (as `gen_server_cert` in
+//!   canonical/microk8s `microk8s-resources/actions/common/utils.sh` does), whose serial file
+//!   two simultaneous signings can both touch, so a worker join can rarely fail and must be
+//!   retried (the driver does, with backoff). Every node joins with the one persistent token
+//!   (no `add-node` while joins are in flight).
+//! - **Batch**: the round that records join results (Confirms) also grants the slots they free
+//!   to the next waiting requesters (Grants) and claims the addons (ClaimAddons): [`node::apply`]
 //!   applies them in order to the record read, each checking its own precondition on the
 //!   result of the one before, so a join costs one round instead of two and its effect is
 //!   exactly that of the separate rounds chosen back to back with nothing in between.
@@ -117,9 +138,12 @@
 //!    the earlier changes of the batch produced, so every intermediate record satisfies them
 //!    as if it had been chosen by a round of its own.
 //! 3. *A minority never forms*: an election write needs `Q` acceptances.
-//! 4. *One join at a time.* The slot is a field of the record; a grant needs it free. It is
-//!    freed by the holder's confirmed report or reclaimed after `slot_timeout`, measured by the
-//!    authority from when it saw the grant. The joiner starts only on a grant answering a
+//! 4. *Joins never overlap unsafely.* The slots are a field of the record; a grant is a round
+//!    that checks [`Record::may_grant`] on the record it read: a control-plane slot only when no
+//!    slot is held (so no two control-plane joins, and no worker join beside one), a worker slot
+//!    only beside worker slots and below `join_parallelism`. A slot is freed by its holder's
+//!    confirmed report or reclaimed after `slot_timeout`, measured by the authority from when it
+//!    saw the grant. The joiner starts only on a grant answering a
 //!    request it sent at most `grant_max_age` ago (the grant was chosen after that send), and
 //!    the driver kills the join after `join_timeout`; `validate` demands
 //!    `slot_timeout > 5/4 (join_timeout + grant_max_age)`, so the join has ended before any
@@ -149,7 +173,7 @@
 //!           join failed /   |   |  |    | deposed seed (record replaced    ^
 //!           restart while   |   |  |    |  by a re-election)               |
 //!           Joining         |   |  |    +----------------------------------+
-//!                           |   | SlotGrant (fresh request, free slot)
+//!                           |   | SlotGrant (fresh request, a slot free for its role)
 //!                           |   v
 //!                         Joining{slot} --JoinFinished(ok)--> Confirming --JoinConfirmed--> Member{role}
 //!                           |                                    (repeats JoinReport)

@@ -129,12 +129,27 @@ impl fmt::Display for ClusterId {
     }
 }
 
-/// The one join slot: `node` may run `microk8s join` as `role`. `seq` is unique per grant.
+/// A join slot: `node` may run `microk8s join` as `role`. `seq` is unique per grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
     pub node: NodeId,
     pub role: Role,
     pub seq: u64,
+}
+
+/// The slots field as records hold it: a list; records written before parallel worker joins
+/// hold one slot or none under the name `slot`, and read as a list of zero or one.
+fn slots_from_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Slot>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<Slot>),
+        One(Option<Slot>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(o) => o.into_iter().collect(),
+    })
 }
 
 /// The replicated cluster record: the single value every CAS (compare-and-set over Paxos)
@@ -150,8 +165,10 @@ pub struct Record {
     pub authority: NodeId,
     /// Confirmed members with their role; the seed is the first.
     pub members: BTreeMap<NodeId, Role>,
-    /// The join slot in use, if any.
-    pub slot: Option<Slot>,
+    /// The join slots in use: at most one control-plane slot and nothing else, or up to
+    /// [`FormationParams::join_parallelism`] worker slots (see [`Record::may_grant`]).
+    #[serde(default, alias = "slot", deserialize_with = "slots_from_any")]
+    pub slots: Vec<Slot>,
     /// Holders of slots that timed out: they may have joined, so their role stays counted
     /// until they confirm (then they move to `members`) or ask for a slot again.
     #[serde(default)]
@@ -166,7 +183,26 @@ pub struct Record {
 }
 
 impl Record {
-    /// Control-plane nodes counted against `control_plane`: members, tentative, and the slot.
+    /// The slot `node` holds, if any.
+    pub fn slot_of(&self, node: &NodeId) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.node == *node)
+    }
+
+    /// Whether a slot for `role` may be granted to `to` (who holds no slot) with a limit of
+    /// `parallelism` concurrent joins: a control-plane join only while no slot is in use (they
+    /// change dqlite's membership, one at a time); a worker join only while no control-plane
+    /// join is in flight and fewer than `parallelism` slots are in use.
+    pub fn may_grant(&self, role: Role, parallelism: usize) -> bool {
+        match role {
+            Role::ControlPlane => self.slots.is_empty(),
+            Role::Worker => {
+                self.slots.iter().all(|s| s.role == Role::Worker)
+                    && self.slots.len() < parallelism.max(1)
+            }
+        }
+    }
+
+    /// Control-plane nodes counted against `control_plane`: members, tentative, and the slots.
     pub fn control_plane_count(&self) -> usize {
         let members = self
             .members
@@ -178,16 +214,16 @@ impl Record {
             .iter()
             .filter(|(id, r)| **r == Role::ControlPlane && !self.members.contains_key(*id))
             .count();
-        let slot = self
-            .slot
-            .as_ref()
+        let slots = self
+            .slots
+            .iter()
             .filter(|s| {
                 s.role == Role::ControlPlane
                     && !self.members.contains_key(&s.node)
                     && !self.tentative.contains_key(&s.node)
             })
-            .map_or(0, |_| 1);
-        members + tentative + slot
+            .count();
+        members + tentative + slots
     }
 
     /// Confirmed control-plane members.
@@ -204,7 +240,7 @@ impl Record {
         self.seq == 0
             && self.members.len() == 1
             && self.members.contains_key(&self.cluster.seed)
-            && self.slot.is_none()
+            && self.slots.is_empty()
             && self.tentative.is_empty()
             && self.addons_by.is_none()
     }
@@ -406,6 +442,14 @@ pub struct FormationParams {
     pub pinned_roles: BTreeMap<NodeId, Role>,
     /// Enable the addons once HA has formed.
     pub addons_wanted: bool,
+    /// Most joins in flight at once (`cluster.join-parallelism`); control-plane joins are
+    /// always alone, so this limits concurrent worker joins.
+    #[serde(default = "default_join_parallelism")]
+    pub join_parallelism: u32,
+}
+
+fn default_join_parallelism() -> u32 {
+    rackseed_config::DEFAULT_JOIN_PARALLELISM
 }
 
 /// Why a [`FormationParams`] is unusable.
@@ -444,6 +488,7 @@ impl FormationParams {
             priority: 0,
             pinned_roles: BTreeMap::new(),
             addons_wanted: true,
+            join_parallelism: default_join_parallelism(),
         }
     }
 
@@ -463,6 +508,7 @@ impl FormationParams {
                 p.priority = entry.priority;
             }
         }
+        p.join_parallelism = cfg.cluster.join_parallelism;
         let a = &cfg.addons;
         p.addons_wanted =
             a.dns.enabled || a.metallb.is_some() || a.storage != rackseed_config::Storage::None;
@@ -476,6 +522,9 @@ impl FormationParams {
         }
         if self.expected_nodes == 0 {
             return Err(ParamsError::ExpectedNodes);
+        }
+        if self.join_parallelism == 0 {
+            return Err(ParamsError::Zero("join parallelism"));
         }
         for (name, d) in [
             ("slot timeout", self.slot_timeout),

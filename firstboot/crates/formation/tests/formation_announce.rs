@@ -211,11 +211,11 @@ fn messages_round_trip_as_json() {
         electorate: [a.clone()].into_iter().collect(),
         authority: a.clone(),
         members: [(a.clone(), Role::ControlPlane)].into_iter().collect(),
-        slot: Some(Slot {
+        slots: vec![Slot {
             node: NodeId::new("0b").expect("id"),
             role: Role::Worker,
             seq: 3,
-        }),
+        }],
         tentative: BTreeMap::new(),
         seq: 3,
         addons_by: None,

@@ -66,6 +66,8 @@ struct Scenario {
     pins: bool,
     join_fail: u64,
     addons: bool,
+    /// `join_parallelism`: most joins at once (workers only; control-plane joins alone).
+    parallel: u32,
 }
 
 fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> {
@@ -86,12 +88,13 @@ fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> 
             any::<bool>(),
             0u64..=150,
             any::<bool>(),
+            prop_oneof![Just(1u32), 2u32..=8],
         ),
     )
         .prop_map(
             |(
                 (n, control_plane, seed, loss, dup, max_delay),
-                (partitions, crashes, late, priorities, pins, join_fail, addons),
+                (partitions, crashes, late, priorities, pins, join_fail, addons, parallel),
             )| Scenario {
                 n,
                 control_plane,
@@ -106,6 +109,7 @@ fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> 
                 pins,
                 join_fail,
                 addons,
+                parallel,
             },
         )
 }
@@ -125,6 +129,7 @@ fn sim_params(sc: &Scenario) -> FormationParams {
     p.retry_interval = secs(3);
     p.takeover_after = secs(20);
     p.addons_wanted = sc.addons;
+    p.join_parallelism = sc.parallel;
     p
 }
 
@@ -187,6 +192,11 @@ struct Sim {
     addons_done_persisted: bool,
     violations: Vec<String>,
     events: u64,
+    /// Most joins seen running at once against one cluster.
+    max_parallel: usize,
+    /// Nodes whose join succeeded (a node joins once: a second successful join of a member is
+    /// a violation).
+    joined: BTreeSet<usize>,
 }
 
 impl Sim {
@@ -258,6 +268,8 @@ impl Sim {
             addons_done_persisted: false,
             violations: Vec::new(),
             events: 0,
+            max_parallel: 0,
+            joined: BTreeSet::new(),
             ids,
             sc,
         }
@@ -544,11 +556,29 @@ impl Sim {
                 self.root[i]
             ));
         }
-        if let Some((other, _)) = self.joins.iter().find(|(_, j)| j.root == root) {
+        // The join rules: a control-plane join overlaps no other join, a worker join no
+        // control-plane join, and never more than `join_parallelism` at once.
+        let running: Vec<(usize, bool)> = self
+            .joins
+            .iter()
+            .filter(|(_, j)| j.root == root)
+            .map(|(k, j)| (*k, j.worker))
+            .collect();
+        if let Some((other, w)) = running.iter().find(|(_, w)| !*w || !worker) {
             self.violations.push(format!(
-                "joins of node {other} and node {i} overlap against cluster root {root}"
+                "join of node {i} ({}) overlaps the join of node {other} ({}) against cluster root {root}",
+                if worker { "worker" } else { "control plane" },
+                if *w { "worker" } else { "control plane" },
             ));
         }
+        if running.len() + 1 > self.sc.parallel as usize {
+            self.violations.push(format!(
+                "{} joins at once against cluster root {root}, limit {}",
+                running.len() + 1,
+                self.sc.parallel
+            ));
+        }
+        self.max_parallel = self.max_parallel.max(running.len() + 1);
         let dur = self.rng.range(2, JOIN_MAX);
         let ok = !self.rng.chance(self.sc.join_fail);
         self.joins.insert(
@@ -581,6 +611,9 @@ impl Sim {
             }
             let target_ok = self.alive(j.target) && self.root[j.target] == j.root;
             let res = if j.ok && target_ok {
+                if !self.joined.insert(i) {
+                    self.violations.push(format!("node {i} joined twice"));
+                }
                 self.root[i] = j.root;
                 if !j.worker {
                     let set = self.cp_nodes.entry(j.root).or_default();
@@ -767,7 +800,7 @@ fn describe(sim: &Sim) -> String {
             st.map(|s| (
                 s.phase,
                 s.authority,
-                s.slot,
+                s.slots,
                 s.members_known.len(),
                 s.last_error
             ))
@@ -842,6 +875,7 @@ fn fifty_nodes_with_all_faults_converge_safely() {
         pins: true,
         join_fail: 100,
         addons: true,
+        parallel: 4,
     };
     let (violations, converged, t, sim) = run(sc);
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
@@ -874,6 +908,7 @@ fn measure_run_cost() {
                 pins: false,
                 join_fail: 50,
                 addons: true,
+                parallel: 8,
             };
             let (v, c, t, _) = run(sc);
             assert!(v.is_empty() && c);
@@ -907,8 +942,35 @@ fn lossy_large_cluster_with_piggybacked_promises_converges() {
         pins: false,
         join_fail: 128,
         addons: false,
+        parallel: 1,
     };
     if let Err(e) = check(sc) {
         panic!("{e}");
     }
+}
+
+/// Without faults, 30 nodes with a limit of 6 reach 6 worker joins at once (and the safety
+/// checks above hold: no join beside a control-plane join, never more than 6).
+#[test]
+fn thirty_nodes_join_six_workers_at_once() {
+    let sc = Scenario {
+        n: 30,
+        control_plane: 3,
+        seed: 7,
+        loss: 0,
+        dup: 0,
+        max_delay: 1,
+        partitions: false,
+        crashes: false,
+        late: false,
+        priorities: false,
+        pins: false,
+        join_fail: 0,
+        addons: true,
+        parallel: 6,
+    };
+    let (violations, converged, t, sim) = run(sc);
+    assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
+    assert!(converged, "not converged by tick {t}\n{}", describe(&sim));
+    assert_eq!(sim.max_parallel, 6, "most joins at once");
 }

@@ -402,12 +402,11 @@ fn a_node_that_sees_a_formed_cluster_joins_it_instead_of_electing() {
 }
 
 #[test]
-fn joins_are_serial_and_roles_follow_the_order() {
+fn with_a_parallelism_of_one_joins_are_serial_and_roles_follow_the_order() {
     let names = ["0a", "0b", "0c", "0d", "0e", "0f"];
-    let mut net = Net::new(
-        &names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(),
-        params(3, 6),
-    );
+    let mut p = params(3, 6);
+    p.join_parallelism = 1;
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), p);
     net.join_ticks = 4;
     for n in names {
         net.boot(n);
@@ -431,6 +430,149 @@ fn joins_are_serial_and_roles_follow_the_order() {
     assert_eq!(workers, vec![false, false, true, true, true]);
     let cluster = &log[0].3;
     assert!(log.iter().all(|j| j.3 == *cluster));
+}
+
+#[test]
+fn worker_joins_run_in_parallel_up_to_the_limit_and_never_beside_a_control_plane_join() {
+    let names = ["0a", "0b", "0c", "0d", "0e", "0f", "1a", "1b", "1c"];
+    let mut p = params(3, 9);
+    p.join_parallelism = 3;
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), p);
+    net.join_ticks = 4;
+    for n in names {
+        net.boot(n);
+    }
+    net.run_until_members(400);
+    let worker_of: BTreeMap<NodeId, bool> =
+        net.join_log.iter().map(|j| (j.0.clone(), j.1)).collect();
+    let spans = net.join_spans.clone();
+    assert_eq!(
+        spans.len(),
+        8,
+        "every node but the seed joined once: {spans:?}"
+    );
+    let mut most = 0;
+    for a in &spans {
+        // Joins running while `a` started (a span is [start, end)).
+        let beside: Vec<_> = spans
+            .iter()
+            .filter(|b| b.0 != a.0 && b.1 <= a.1 && a.1 < b.2)
+            .collect();
+        most = most.max(beside.len() + 1);
+        if !worker_of[&a.0] {
+            assert!(
+                beside.is_empty(),
+                "control-plane join {a:?} overlaps {beside:?}"
+            );
+        }
+        for b in &beside {
+            assert!(
+                worker_of[&a.0] && worker_of[&b.0],
+                "{a:?} overlaps the control-plane join {b:?}"
+            );
+        }
+    }
+    assert_eq!(
+        most, 3,
+        "up to join_parallelism = 3 worker joins at once: {spans:?}"
+    );
+    let roles = net.roles();
+    assert_eq!(
+        roles.values().filter(|r| **r == Role::ControlPlane).count(),
+        3
+    );
+    // The two control-plane joins come first, one at a time; the six workers then take 2
+    // rounds of 3, not 6 rounds.
+    let last_end = spans.iter().map(|s| s.2).max().unwrap();
+    let first_worker = spans
+        .iter()
+        .filter(|s| worker_of[&s.0])
+        .map(|s| s.1)
+        .min()
+        .unwrap();
+    assert!(
+        last_end - first_worker < 4 * 4,
+        "6 workers with 3 at a time took {} ticks",
+        last_end - first_worker
+    );
+}
+
+#[test]
+fn a_worker_slot_is_not_granted_beside_a_control_plane_slot_nor_one_over_the_limit() {
+    use rackseed_formation::{Op, Record, Slot};
+    let me = id("0a");
+    let mut p = params(3, 6);
+    p.join_parallelism = 2;
+    let base = Record {
+        cluster: ClusterId {
+            seed: me.clone(),
+            term: 1,
+        },
+        electorate: [me.clone(), id("0b"), id("0c")].into_iter().collect(),
+        authority: me.clone(),
+        members: [(me.clone(), Role::ControlPlane)].into_iter().collect(),
+        slots: vec![],
+        tentative: BTreeMap::new(),
+        seq: 0,
+        addons_by: None,
+        addons_done: false,
+    };
+    let ballot = Ballot {
+        n: 3,
+        node: me.clone(),
+    };
+    let grant = |r: &Record, to: &str| {
+        rackseed_formation::node::apply(
+            &Op::Grant { to: id(to), req: 1 },
+            Some(r),
+            &ballot,
+            &me,
+            &p,
+        )
+        .expect("a record")
+    };
+    // 0b gets a control-plane slot; nobody else gets one beside it.
+    let r = grant(&base, "0b");
+    assert_eq!(r.slots.len(), 1);
+    assert_eq!(r.slots[0].role, Role::ControlPlane);
+    assert_eq!(
+        grant(&r, "0c"),
+        r,
+        "a second join beside a control-plane join"
+    );
+    // With the control plane complete (0b, 0c members), workers get slots up to the limit.
+    let mut full = base.clone();
+    full.members.insert(id("0b"), Role::ControlPlane);
+    full.members.insert(id("0c"), Role::ControlPlane);
+    let r = grant(&grant(&full, "0d"), "0e");
+    assert_eq!(r.slots.len(), 2);
+    assert!(r.slots.iter().all(|s| s.role == Role::Worker));
+    assert_eq!(
+        grant(&r, "0f"),
+        r,
+        "a third worker join over the limit of 2"
+    );
+    // A control-plane join waits for worker joins to drain.
+    let mut cp_wanted = base.clone();
+    cp_wanted.slots.push(Slot {
+        node: id("0d"),
+        role: Role::Worker,
+        seq: 1,
+    });
+    cp_wanted.seq = 1;
+    assert_eq!(grant(&cp_wanted, "0b"), cp_wanted);
+    // Records written before this change hold one slot under `slot` and still load.
+    let mut json = serde_json::to_value(&r).unwrap();
+    let obj = json.as_object_mut().unwrap();
+    let one = obj.remove("slots").unwrap()[0].clone();
+    obj.insert("slot".into(), one);
+    let old: Record = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(old.slots, vec![r.slots[0].clone()]);
+    json.as_object_mut()
+        .unwrap()
+        .insert("slot".into(), serde_json::Value::Null);
+    let none: Record = serde_json::from_value(json).unwrap();
+    assert!(none.slots.is_empty());
 }
 
 #[test]
@@ -969,7 +1111,7 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
         electorate: [me.clone(), id("0b"), id("0c")].into_iter().collect(),
         authority: me.clone(),
         members: [(me.clone(), Role::ControlPlane)].into_iter().collect(),
-        slot: None,
+        slots: vec![],
         tentative: BTreeMap::new(),
         seq: 0,
         addons_by: None,
@@ -977,14 +1119,14 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
     };
     assert!(r.is_untouched());
     r.seq = 1;
-    r.slot = Some(Slot {
+    r.slots = vec![Slot {
         node: id("0b"),
         role: Role::ControlPlane,
         seq: 1,
-    });
+    }];
     assert!(!r.is_untouched());
     // Even after the (failed) join gave the slot back.
-    r.slot = None;
+    r.slots.clear();
     assert!(!r.is_untouched());
     let p = params(3, 3);
     let op = rackseed_formation::Op::Elect {

@@ -1,4 +1,5 @@
-//! `[cluster]` (name, control-plane count, expected nodes, formation timeout, secret file) and
+//! `[cluster]` (name, control-plane count, expected nodes, formation timeout, join parallelism,
+//! secret file) and
 //! `[microk8s]` (snap channel, offline snaps).
 
 use std::path::Path;
@@ -67,17 +68,16 @@ pub(super) fn read_cluster(
         None if t.has("formation-timeout") => None,
         None => Some(DEFAULT_FORMATION_TIMEOUT),
     };
+    let join_parallelism = match t.int(rep, "join-parallelism", 1, 64) {
+        Some((n, _)) => Some(n as u32),
+        None if t.has("join-parallelism") => None,
+        None => Some(DEFAULT_JOIN_PARALLELISM),
+    };
     let secret_file = match t.parsed(rep, "secret-file", |s| resolve(base_dir, s)) {
         Some(p) => Some(p),
         None if t.has("secret-file") => None,
         None => Some(base_dir.join(DEFAULT_SECRET_FILE)),
     };
-    refuse_inline_secret(
-        rep,
-        &mut t,
-        &["secret", "token"],
-        "create the secret with `imagebuilder secret new PATH` and set `secret-file`",
-    );
     let api_address = match t.str(rep, "api-address") {
         Some((s, span)) => {
             spans.api_address = Some(span.clone());
@@ -92,6 +92,12 @@ pub(super) fn read_cluster(
         None => None,
     };
     let bad_api_address = t.has("api-address") && api_address.is_none();
+    refuse_inline_secret(
+        rep,
+        &mut t,
+        &["secret", "token"],
+        "create the secret with `imagebuilder secret new PATH` and set `secret-file`",
+    );
     t.finish(rep);
     let control_plane = control_plane?;
     if bad_expected || bad_api_address {
@@ -102,18 +108,12 @@ pub(super) fn read_cluster(
         control_plane,
         expected_nodes: expected_nodes.unwrap_or(u32::from(control_plane)),
         formation_timeout: formation_timeout?,
+        join_parallelism: join_parallelism?,
         secret_file: secret_file?,
+        api_address,
     })
 }
 
-pub(super) fn read_microk8s(
-    rep: &mut Report<'_>,
-    node: &Node,
-    base_dir: &Path,
-        api_address,
-) -> Option<Microk8s> {
-    let mut t = TableReader::open(rep, node, "microk8s")?;
-    let channel = match t.parsed(rep, "channel", |s| {
 /// `"auto"` or one unicast address (not unspecified, loopback, multicast or link-local).
 fn parse_api_address(s: &str) -> Result<ApiAddress, String> {
     if s.trim() == "auto" {
@@ -134,6 +134,13 @@ fn parse_api_address(s: &str) -> Result<ApiAddress, String> {
     Ok(ApiAddress::Fixed(ip))
 }
 
+pub(super) fn read_microk8s(
+    rep: &mut Report<'_>,
+    node: &Node,
+    base_dir: &Path,
+) -> Option<Microk8s> {
+    let mut t = TableReader::open(rep, node, "microk8s")?;
+    let channel = match t.parsed(rep, "channel", |s| {
         values::check_channel(s).map(|()| s.to_string())
     }) {
         Some(c) => Some(c),

@@ -1,8 +1,15 @@
 //! The slot authority role: the control-plane member the chosen record names `authority`. It
 //! collects slot requests and join reports, and turns them into rounds on the record: confirm
-//! a join (batched with the next grant and the addon claim), reclaim a timed-out slot, grant
-//! the free slot, claim the addons once HA formed. Any other node answers requests and reports
-//! with `NotAuthority` and a hint.
+//! the joins reported (batched with the grants of the slots they free and the addon claim),
+//! reclaim a timed-out slot, grant free slots, claim the addons once HA formed. Any other node
+//! answers requests and reports with `NotAuthority` and a hint.
+//!
+//! Slots: a control-plane join runs alone; worker joins run up to
+//! [`crate::FormationParams::join_parallelism`] at once, never beside a control-plane join
+//! ([`crate::Record::may_grant`], checked again by `apply` on the record each round reads).
+//! Grants go to the waiting nodes in order (pinned control-plane nodes first, then by rank);
+//! the first one that cannot be granted stops the round's grants, so a control-plane joiner
+//! that waits for worker joins to drain is not overtaken by later workers.
 //!
 //! To extend: a new authority duty is one more step in [`Node::authority_op`] (in priority
 //! order), an [`super::Op`] with its pure change in `record.rs`, and its follow-up in
@@ -10,9 +17,9 @@
 
 use std::time::Duration;
 
-use super::{rank, Node, Op};
+use super::{apply, rank, Node, Op};
 use crate::events::{Action, Message};
-use crate::types::{ClusterId, NodeId, Phase, Record};
+use crate::types::{Ballot, ClusterId, NodeId, Phase, Record};
 use rackseed_config::Role;
 
 impl Node {
@@ -112,32 +119,74 @@ impl Node {
         }
     }
 
-    /// Keeps the slot timer running (even while a round is in flight) and forgets requests
-    /// not repeated for three retry intervals.
+    /// Keeps the slot timers running (even while a round is in flight: each slot's from when
+    /// I first saw it) and forgets requests not repeated for [`Node::request_ttl`].
     pub(super) fn watch_slot(&mut self, now: Duration) {
-        let slot_seq = self.chosen().and_then(|r| r.slot.as_ref().map(|s| s.seq));
-        match (slot_seq, self.slot_watch) {
-            (Some(seq), Some((w, _))) if w == seq => {}
-            (Some(seq), _) => self.slot_watch = Some((seq, now)),
-            (None, _) => self.slot_watch = None,
+        let seqs: Vec<u64> = self
+            .chosen()
+            .map(|r| r.slots.iter().map(|s| s.seq).collect())
+            .unwrap_or_default();
+        self.slot_watch.retain(|seq, _| seqs.contains(seq));
+        for seq in seqs {
+            self.slot_watch.entry(seq).or_insert(now);
         }
-        let fresh = self.params.retry_interval * 3;
+        let fresh = self.request_ttl();
         self.requests
             .retain(|_, (_, at)| now.saturating_sub(*at) <= fresh);
     }
 
-    /// The waiting node that gets the free slot next (pinned control-plane nodes first, then
-    /// by rank), other than `except`.
-    fn next_requester(&self, except: Option<&NodeId>) -> Option<(NodeId, u64)> {
-        self.requests
+    /// How long the authority keeps a slot request that is not repeated: three retry
+    /// intervals, or two of a waiting node's longest backoff ([`Node::request_backoff_cap`]),
+    /// whichever is longer (with the agent's timings 20 s, under `grant_max_age`, so a grant
+    /// for a kept request is still fresh at its joiner).
+    pub(super) fn request_ttl(&self) -> Duration {
+        (self.params.retry_interval * 3).max(self.request_backoff_cap() * 2)
+    }
+
+    /// The waiting nodes in the order they get free slots (pinned control-plane nodes first,
+    /// then by rank), other than `except`.
+    fn requesters_in_order(&self, except: &[&NodeId]) -> Vec<(NodeId, u64)> {
+        let mut v: Vec<_> = self
+            .requests
             .iter()
-            .filter(|(id, _)| Some(*id) != except)
-            .min_by_key(|(id, _)| {
-                let pinned_cp = self.params.pinned_roles.get(*id) == Some(&Role::ControlPlane);
-                let pr = self.peers.get(*id).map_or(0, |p| p.ann.priority);
-                (!pinned_cp, rank(pr, id))
+            .filter(|(id, _)| !except.contains(id))
+            .map(|(id, (req, _))| {
+                let pinned_cp = self.params.pinned_roles.get(id) == Some(&Role::ControlPlane);
+                let pr = self.peers.get(id).map_or(0, |p| p.ann.priority);
+                ((!pinned_cp, rank(pr, id)), id.clone(), *req)
             })
-            .map(|(id, (req, _))| (id.clone(), *req))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id, req)| (id, req)).collect()
+    }
+
+    /// The grants for the free slots of `rec` (the record as the round's earlier changes leave
+    /// it), in order, other than to `except`: each is tried on a scratch copy with [`apply`],
+    /// the very rule the round applies, and the first refused one ends the list.
+    fn grants_for(&self, rec: &Record, except: &[&NodeId]) -> Vec<Op> {
+        let mut scratch = rec.clone();
+        let ballot = Ballot {
+            n: 0,
+            node: self.me.clone(),
+        };
+        let mut ops = Vec::new();
+        for (to, req) in self.requesters_in_order(except) {
+            if scratch.slot_of(&to).is_some() {
+                continue;
+            }
+            let op = Op::Grant {
+                to: to.clone(),
+                req,
+            };
+            match apply(&op, Some(&scratch), &ballot, &self.me, &self.params) {
+                Some(next) if next.slot_of(&to).is_some() => {
+                    scratch = next;
+                    ops.push(op);
+                }
+                _ => break,
+            }
+        }
+        ops
     }
 
     /// The authority's next record change on the chosen record `rec`, if any.
@@ -147,32 +196,42 @@ impl Node {
             "{}: authority duties without being the authority of the chosen record",
             self.me
         );
-        // 1. join results. The round that records one also grants the slot it frees to the
-        // next requester and claims the addons if HA is complete (each change is re-checked
+        // 1. join results. The round that records them also grants the slots they free to the
+        // next requesters and claims the addons if HA is complete (each change is re-checked
         // by `apply` on the record read, exactly as in a round of its own), so a join costs
         // one round rather than two.
         if let Some(op) = self.confirm_op(rec) {
             return Some(op);
         }
         // 2. reclaim a timed-out slot
-        if let (Some(s), Some((seq, since))) = (&rec.slot, self.slot_watch) {
-            if s.seq == seq && now.saturating_sub(since) >= self.params.slot_timeout {
-                return Some(Op::Reclaim { seq });
+        for s in &rec.slots {
+            let since = self.slot_watch.get(&s.seq);
+            if since.is_some_and(|t| now.saturating_sub(*t) >= self.params.slot_timeout) {
+                return Some(Op::Reclaim { seq: s.seq });
             }
         }
-        // 3. grant the free slot (pinned control-plane nodes first, then by rank); a request
-        // from the slot holder itself means its join ended without a report reaching us.
-        let next = match &rec.slot {
-            // Every grant carries my join point: none before MicroK8s here is known.
-            _ if self.join_point.is_none() => None,
-            Some(s) => self
-                .requests
-                .get(&s.node)
-                .map(|(req, _)| (s.node.clone(), *req)),
-            None => self.next_requester(None),
-        };
-        if let Some((to, req)) = next {
-            return Some(Op::Grant { to, req });
+        // 3. grant free slots (pinned control-plane nodes first, then by rank); a request
+        // from a slot holder itself means its join ended without a report reaching us, and
+        // it is granted again. Every grant carries my join point: none before MicroK8s here
+        // is known.
+        if self.join_point.is_some() {
+            let mut ops: Vec<Op> = rec
+                .slots
+                .iter()
+                .filter_map(|s| {
+                    let (req, _) = self.requests.get(&s.node)?;
+                    Some(Op::Grant {
+                        to: s.node.clone(),
+                        req: *req,
+                    })
+                })
+                .collect();
+            ops.extend(self.grants_for(rec, &[]));
+            match ops.len() {
+                0 => {}
+                1 => return ops.pop(),
+                _ => return Some(Op::Batch(ops)),
+            }
         }
         // 4. addons once HA formed
         if self.params.addons_wanted
@@ -187,20 +246,33 @@ impl Node {
         None
     }
 
-    /// The round recording the first join report kept: the Confirm, batched with the grant of
-    /// the slot it frees and the addon claim.
+    /// The round recording every join report kept: the Confirms, batched with the grants of
+    /// the slots they free and the addon claim.
     fn confirm_op(&self, rec: &Record) -> Option<Op> {
-        let (node, (seq, role, ok)) = self.reports.iter().next()?;
-        let mut ops = vec![Op::Confirm {
-            node: node.clone(),
-            seq: *seq,
-            role: *role,
-            ok: *ok,
-        }];
-        if rec.slot.as_ref().is_some_and(|s| s.node == *node) && self.join_point.is_some() {
-            if let Some((to, req)) = self.next_requester(Some(node)) {
-                ops.push(Op::Grant { to, req });
+        if self.reports.is_empty() {
+            return None;
+        }
+        let ballot = Ballot {
+            n: 0,
+            node: self.me.clone(),
+        };
+        let mut ops = Vec::new();
+        let mut after = rec.clone();
+        for (node, (seq, role, ok)) in &self.reports {
+            let op = Op::Confirm {
+                node: node.clone(),
+                seq: *seq,
+                role: *role,
+                ok: *ok,
+            };
+            if let Some(next) = apply(&op, Some(&after), &ballot, &self.me, &self.params) {
+                after = next;
             }
+            ops.push(op);
+        }
+        if after.slots.len() < rec.slots.len() && self.join_point.is_some() {
+            let reporters: Vec<&NodeId> = self.reports.keys().collect();
+            ops.extend(self.grants_for(&after, &reporters));
         }
         if self.params.addons_wanted && rec.addons_by.is_none() {
             ops.push(Op::ClaimAddons);

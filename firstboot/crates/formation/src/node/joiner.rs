@@ -99,17 +99,39 @@ impl Node {
         self.request_slot(now, out);
     }
 
-    /// Sends a new slot request to the authority, at most once per `retry_interval`.
+    /// The longest a waiting node goes between slot requests: a third of `grant_max_age`
+    /// (10 s with the agent's timings), at least `retry_interval`.
+    pub(super) fn request_backoff_cap(&self) -> Duration {
+        (self.params.grant_max_age / 3).max(self.params.retry_interval)
+    }
+
+    /// Sends a new slot request to the authority: the first after `retry_interval`, then each
+    /// interval twice the one before, up to [`Node::request_backoff_cap`]. The authority keeps
+    /// a request longer than that ([`Node::request_ttl`]) and grants a freed slot from the
+    /// requests it keeps, so the backoff delays no grant; it only spares the authority the
+    /// chatter of a long queue (48 waiting nodes once a second before). The backoff starts
+    /// again with a new authority, a new cluster, or after a join.
     fn request_slot(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let interval = self
+            .params
+            .retry_interval
+            .saturating_mul(1 << self.request_backoff.min(16))
+            .min(self.request_backoff_cap());
         if self
             .last_request
-            .is_some_and(|t| now < t || now.saturating_sub(t) < self.params.retry_interval)
+            .is_some_and(|t| now < t || now.saturating_sub(t) < interval)
         {
             return;
         }
         let Some(to) = self.authority_target() else {
             return;
         };
+        if self.last_request_to.as_ref() != Some(&to) {
+            self.request_backoff = 0;
+            self.last_request_to = Some(to.clone());
+        } else {
+            self.request_backoff = self.request_backoff.saturating_add(1);
+        }
         self.last_request = Some(now);
         self.reqs
             .retain(|_, sent| now.saturating_sub(*sent) <= self.params.grant_max_age);
@@ -164,6 +186,7 @@ impl Node {
             self.st.phase
         );
         self.reqs.clear();
+        self.request_backoff = 0;
         // The join starts before its phase is persisted: a restart turns `Joining` back into
         // `WaitingForSlot` (see `Node::new`), so the persisted `Joining` only informs `status`,
         // and its fsync need not delay the join.

@@ -140,11 +140,15 @@ pub struct Node {
     reqs: BTreeMap<u64, Duration>,
     next_req: u64,
     last_request: Option<Duration>,
+    /// How many slot requests went to `last_request_to` in a row (their interval doubles).
+    request_backoff: u32,
+    last_request_to: Option<NodeId>,
     authority_override: Option<NodeId>,
     // authority
     requests: BTreeMap<NodeId, (u64, Duration)>,
     reports: BTreeMap<NodeId, (u64, Role, bool)>,
-    slot_watch: Option<(u64, Duration)>,
+    /// Slot sequence number -> when I first saw it granted (for the reclaim timer).
+    slot_watch: BTreeMap<u64, Duration>,
     /// Where joiners join this node; no grant goes out before it is known.
     join_point: Option<JoinPoint>,
     // failure detection: id -> since when it has been missing
@@ -192,10 +196,12 @@ impl Node {
             reqs: BTreeMap::new(),
             next_req: 0,
             last_request: None,
+            request_backoff: 0,
+            last_request_to: None,
             authority_override: None,
             requests: BTreeMap::new(),
             reports: BTreeMap::new(),
-            slot_watch: None,
+            slot_watch: BTreeMap::new(),
             join_point: None,
             missing_since: BTreeMap::new(),
             next_refresh: now,

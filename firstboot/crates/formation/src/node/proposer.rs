@@ -443,9 +443,9 @@ impl Node {
                 }
             }
             Op::Grant { to, req } => {
-                let slot = record.slot.as_ref().filter(|s| s.node == to);
+                let slot = record.slot_of(&to);
                 if let (Some(s), Some(via)) = (slot, self.join_point.clone()) {
-                    self.slot_watch = Some((s.seq, now));
+                    self.slot_watch.insert(s.seq, now);
                     out.push(Action::Send {
                         to: to.clone(),
                         msg: Message::SlotGrant {

@@ -25,7 +25,7 @@ pub enum Op {
         electorate: BTreeSet<NodeId>,
         replace: Option<ClusterId>,
     },
-    /// Give the join slot to `to` (answering its request `req`).
+    /// Give a join slot to `to` (answering its request `req`).
     Grant { to: NodeId, req: u64 },
     /// Record the result of `node`'s join in slot `seq`.
     Confirm {
@@ -110,7 +110,7 @@ fn founding_record(electorate: BTreeSet<NodeId>, seq: u64, ballot: &Ballot, me: 
         electorate,
         authority: me.clone(),
         members: BTreeMap::from([(me.clone(), Role::ControlPlane)]),
-        slot: None,
+        slots: Vec::new(),
         tentative: BTreeMap::new(),
         seq,
         addons_by: None,
@@ -127,22 +127,29 @@ fn replace_untouched(r: &mut Record, replace: Option<&ClusterId>, ballot: &Ballo
     }
 }
 
-/// Give the slot to `to`, if I am the authority, `to` is not a member and the slot is free
-/// (or already `to`'s: it gets a new sequence number, keeping its role).
+/// Give `to` a slot, if I am the authority, `to` is not a member and a slot for its role is
+/// free ([`Record::may_grant`]: a control-plane join alone, worker joins up to
+/// `join_parallelism` and never beside a control-plane join). A slot `to` already holds gets
+/// a new sequence number, keeping its role.
 fn grant_slot(r: &mut Record, to: &NodeId, me: &NodeId, params: &FormationParams) {
     if r.authority != *me || r.members.contains_key(to) {
         return;
     }
-    let role = match &r.slot {
-        Some(s) if s.node == *to => s.role,
-        Some(_) => return,
-        None => match r.tentative.remove(to) {
-            Some(role) => role,
-            None => role_for(r, to, params),
-        },
+    if let Some(i) = r.slots.iter().position(|s| s.node == *to) {
+        r.seq += 1;
+        r.slots[i].seq = r.seq;
+        return;
+    }
+    let role = match r.tentative.get(to) {
+        Some(role) => *role,
+        None => role_for(r, to, params),
     };
+    if !r.may_grant(role, params.join_parallelism as usize) {
+        return;
+    }
+    r.tentative.remove(to);
     r.seq += 1;
-    r.slot = Some(Slot {
+    r.slots.push(Slot {
         node: to.clone(),
         role,
         seq: r.seq,
@@ -152,36 +159,27 @@ fn grant_slot(r: &mut Record, to: &NodeId, me: &NodeId, params: &FormationParams
 /// A successful join makes `node` a member (with the role it was granted, if known) and
 /// frees its slot; a failed one frees slot `seq` if `node` still holds it.
 fn record_join_result(r: &mut Record, node: &NodeId, seq: u64, role: Role, ok: bool) {
-    let slot_is_node = r.slot.as_ref().is_some_and(|s| s.node == *node);
     if ok {
         if !r.members.contains_key(node) {
             let recorded = r
-                .slot
-                .as_ref()
-                .filter(|s| s.node == *node)
+                .slot_of(node)
                 .map(|s| s.role)
                 .or_else(|| r.tentative.get(node).copied())
                 .unwrap_or(role);
             r.members.insert(node.clone(), recorded);
         }
         r.tentative.remove(node);
-        if slot_is_node {
-            r.slot = None;
-        }
-    } else if r
-        .slot
-        .as_ref()
-        .is_some_and(|s| s.node == *node && s.seq == seq)
-    {
-        r.slot = None;
+        r.slots.retain(|s| s.node != *node);
+    } else {
+        r.slots.retain(|s| !(s.node == *node && s.seq == seq));
     }
 }
 
 /// Free slot `seq`; its holder stays counted as tentative (it may have joined).
 fn reclaim_slot(r: &mut Record, seq: u64) {
-    if let Some(s) = r.slot.clone().filter(|s| s.seq == seq) {
+    if let Some(i) = r.slots.iter().position(|s| s.seq == seq) {
+        let s = r.slots.remove(i);
         r.tentative.insert(s.node, s.role);
-        r.slot = None;
     }
 }
 
@@ -229,7 +227,7 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
                         && *id != to
                         && !r.members.contains_key(*id)
                         && !r.tentative.contains_key(*id)
-                        && r.slot.as_ref().is_none_or(|s| s.node != **id)
+                        && r.slot_of(id).is_none()
                 })
                 .count();
             if counted + reserved < cp {

@@ -28,7 +28,8 @@ pub struct Status {
     pub is_authority: bool,
     pub peers_seen: Vec<NodeId>,
     pub members_known: BTreeMap<NodeId, Role>,
-    pub slot: Option<Slot>,
+    /// The join slots in use per the newest known record.
+    pub slots: Vec<Slot>,
     pub addons_done: bool,
     pub last_error: Option<String>,
     /// Messages and events ignored as malformed, forged or stale.
@@ -48,7 +49,7 @@ impl Node {
             is_authority: self.is_authority(),
             peers_seen: self.peers.keys().cloned().collect(),
             members_known: rec.map(|r| r.members.clone()).unwrap_or_default(),
-            slot: rec.and_then(|r| r.slot.clone()),
+            slots: rec.map(|r| r.slots.clone()).unwrap_or_default(),
             addons_done: rec.is_some_and(|r| r.addons_done) || self.st.addons_done,
             last_error: self.last_error.clone(),
             ignored: self.ignored,
