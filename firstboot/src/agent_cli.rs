@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::driver::{self, Agent};
 use crate::system::hostname::{HostnameSetter, SystemHostname};
 use crate::system::identity;
+use crate::system::keepalived::KeepalivedControl;
 use crate::system::microk8s::{Microk8s, RealMicrok8s, RealMicrok8sConfig};
 use crate::system::notify::SystemdNotifier;
 use rackseed_config as config;
@@ -68,6 +69,11 @@ pub struct RunArgs {
     /// goes into every grant this node hands out, and joiners check it.
     #[arg(long, default_value = crate::system::microk8s::DEFAULT_CLUSTER_AGENT_CERT)]
     pub cluster_agent_cert: PathBuf,
+    /// Run this keepalived binary for the floating API address directly (VRRP only, its log
+    /// and pid files in the state folder) instead of the packaged `keepalived.service` through
+    /// systemctl (tests: one keepalived per network namespace).
+    #[arg(long, hide = true)]
+    pub keepalived_bin: Option<PathBuf>,
     /// Scale the formation timers down for simulated clusters: join timeout in seconds (slot
     /// reclaim and takeover delays follow). Not for real MicroK8s, whose joins take minutes.
     #[arg(long, hide = true)]
@@ -75,6 +81,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    fn keepalived(&self) -> KeepalivedControl {
+        match &self.keepalived_bin {
+            Some(binary) => KeepalivedControl::Direct {
+                binary: binary.clone(),
+                run_dir: self.state_dir.join("keepalived"),
+            },
+            None => KeepalivedControl::Systemd,
+        }
+    }
+
     fn microk8s(&self) -> RealMicrok8s {
         RealMicrok8s::new(RealMicrok8sConfig {
             binary: self.microk8s_bin.clone(),
@@ -176,7 +192,16 @@ async fn run_async(args: RunArgs) -> Result<()> {
         InterfaceChoice::Auto
     };
     let params = args.sim_join_timeout.map(|s| sim_params(&cfg, mac, s));
+    let rotation_files = crate::rotate::RotationFiles {
+        secret_file: cfg.cluster.secret_file.clone(),
+        launch_config: args.launch_config.clone(),
+        persistent_tokens: crate::system::microk8s::persistent_tokens_file(
+            &crate::system::microk8s::snap_data_of(&args.cluster_agent_cert),
+        ),
+    };
     let agent = Agent {
+        keyring: Arc::new(rackseed_protocol::secret::Keyring::new(secret.clone())),
+        rotation_files,
         secret,
         node_id,
         mac,
@@ -188,6 +213,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         microk8s: Arc::new(args.microk8s()),
         notifier: Arc::new(SystemdNotifier),
         params,
+        keepalived: args.keepalived(),
         config: cfg,
     };
     driver::run(agent, shutdown_signal()).await

@@ -91,14 +91,17 @@ impl Runtime {
         let tasks = self.tasks.clone();
         let ha_size = (agent.config.cluster.control_plane as usize).min(3);
         let peers = self.peer_addrs();
+        let api = self.api_address_job();
         tokio::spawn(async move {
-            let view = agent
-                .microk8s
-                .status()
-                .await
-                .ok()
-                .map(|st| microk8s_view(st, ha_size));
+            let status = agent.microk8s.status().await.ok();
+            let view = status.clone().map(|st| microk8s_view(st, ha_size));
             let _ = tasks.send(TaskResult::Microk8s(view)).await;
+            if let Some((keeper, cp_member, docs)) = api {
+                let view = keeper
+                    .maintain(&agent, cp_member, status.as_ref(), &peers, &docs)
+                    .await;
+                let _ = tasks.send(TaskResult::ApiAddress(view)).await;
+            }
             // A restarted member prepares nothing, and an address can change: re-learnt on
             // every poll (the core acts only on a change).
             if let Some(jp) = learn_join_point(&agent, &peers).await {
@@ -128,7 +131,7 @@ async fn learn_join_point(agent: &Agent, peers: &[IpAddr]) -> Option<JoinPoint> 
 type LocalAddr = (String, IpAddr, u8);
 
 /// This node's addresses on the interfaces discovery uses (no IPv6 link-local ones).
-fn local_addresses(interfaces: &rackseed_protocol::discovery::InterfaceChoice) -> Vec<LocalAddr> {
+pub(super) fn local_addresses(interfaces: &rackseed_protocol::discovery::InterfaceChoice) -> Vec<LocalAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -246,7 +249,7 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicB
     };
     let outcome = agent
         .microk8s
-        .install(&source, &agent.secret)
+        .install(&source, agent.keyring.current().secret())
         .await
         .context("installing microk8s")?;
     tracing::info!(?outcome, "microk8s installed");
@@ -276,7 +279,7 @@ async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result
         tracing::info!(%seed_ip, "already a member; not joining again");
         return Ok(());
     }
-    let mut target = JoinTarget::new(seed_ip, agent.secret.microk8s_token());
+    let mut target = JoinTarget::new(seed_ip, agent.keyring.current().secret().microk8s_token());
     target.fingerprint = Some(via.fingerprint);
     let role = if worker {
         JoinRole::Worker
@@ -382,7 +385,7 @@ async fn auto_metallb(
         })
         .collect();
     nodes.push(net.addr());
-    let reserved = match &agent.config.network.addressing {
+    let mut reserved: Vec<std::net::Ipv4Addr> = match &agent.config.network.addressing {
         rackseed_config::Addressing::Static { gateway, dns } => std::iter::once(gateway)
             .chain(dns.iter())
             .filter_map(|ip| match ip {
@@ -392,6 +395,8 @@ async fn auto_metallb(
             .collect(),
         rackseed_config::Addressing::Dhcp => Vec::new(),
     };
+    // The floating API address is never handed to MetalLB (it answers ARP only while held).
+    reserved.extend(super::api_auto::known(agent));
     let range = addons::autorange::choose_auto_range(
         &addons::autorange::ArpingProber::new(iface),
         &addons::autorange::AutoRangeRequest {

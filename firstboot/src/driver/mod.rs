@@ -27,6 +27,8 @@
 //! `Runtime::execute_answering` and send its result back through the task channel as an
 //! [`Event`].
 
+mod api_address;
+mod api_auto;
 mod effects;
 mod status;
 
@@ -40,6 +42,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
+use crate::rotate::{RotationFiles, Rotator};
 use crate::system::microk8s::Microk8s;
 use crate::system::notify::Notifier;
 use crate::system::state::StateFile;
@@ -51,7 +54,7 @@ use rackseed_protocol::coordinator::{
     Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
 };
 use rackseed_protocol::discovery::{Discovery, DiscoveryConfig, InterfaceChoice, PeerEvent};
-use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::secret::{ClusterSecret, Keyring};
 use rackseed_protocol::status::{AddonRow, Microk8sView, StatusDoc};
 use status::KubeconfigServing;
 
@@ -63,7 +66,13 @@ const MICROK8S_POLL: Duration = Duration::from_secs(5);
 /// Everything the agent needs; built by `firstboot run` from the real system, or by tests.
 pub struct Agent {
     pub config: ClusterConfig,
+    /// The secret the agent started with; the live one is `keyring`'s current secret.
     pub secret: ClusterSecret,
+    /// The node's secrets, shared by discovery, the coordinator and its client; a secret
+    /// rotation ([`crate::rotate`]) switches them at run time.
+    pub keyring: Arc<Keyring>,
+    /// Where the secret and the MicroK8s token derived from it live (rotation rewrites them).
+    pub rotation_files: RotationFiles,
     pub node_id: NodeId,
     pub mac: Option<MacAddr>,
     pub hostname: String,
@@ -78,6 +87,8 @@ pub struct Agent {
     pub notifier: Arc<dyn Notifier>,
     /// Join timeout etc. override (tests); `None` uses [`FormationParams::from_config`].
     pub params: Option<FormationParams>,
+    /// How keepalived (the floating API address) is started and reloaded.
+    pub keepalived: crate::system::keepalived::KeepalivedControl,
 }
 
 /// Creates the state directory (it holds the coordinator's private key and the phase) as
@@ -119,6 +130,7 @@ enum TaskResult {
         fixes: Vec<String>,
     },
     Addons(Vec<AddonRow>),
+    ApiAddress(rackseed_protocol::status::ApiAddressView),
 }
 
 struct Runtime {
@@ -141,6 +153,8 @@ struct Runtime {
     lone: Arc<AtomicBool>,
     /// What `POST /v1/kubeconfig` currently answers.
     kubeconfig: KubeconfigServing,
+    /// The floating API address's keepalived, when the cluster has one.
+    api_address: Option<Arc<api_address::ApiAddressKeeper>>,
 }
 
 /// What the loop waits on besides the clock: discovery, the coordinator and its own tasks.
@@ -175,13 +189,22 @@ impl Runtime {
         let identity = NodeIdentity::load_or_create(&agent.state_dir)
             .with_context(|| format!("coordinator identity in {}", agent.state_dir.display()))?;
         let fingerprint = identity.fingerprint().to_owned();
-        let (coordinator, inbound) = Coordinator::<Message>::start(CoordinatorConfig {
-            secret: agent.secret.clone(),
-            identity,
-            listen: agent.listen,
-        })
+        let (coordinator, inbound) = Coordinator::<Message>::start_with_keyring(
+            CoordinatorConfig {
+                secret: agent.secret.clone(),
+                identity,
+                listen: agent.listen,
+            },
+            agent.keyring.clone(),
+        )
         .await
         .with_context(|| format!("starting the coordinator on {}", agent.listen))?;
+        let rotator = Rotator::new(
+            agent.node_id.as_str(),
+            agent.keyring.clone(),
+            agent.rotation_files.clone(),
+        );
+        coordinator.set_rotation_handler(Arc::new(rotator).handler());
         let port = coordinator.local_addr().port();
 
         let mut dcfg = DiscoveryConfig::new(
@@ -191,6 +214,7 @@ impl Runtime {
             &fingerprint,
         );
         dcfg.interfaces = agent.interfaces.clone();
+        dcfg.keyring = Some(agent.keyring.clone());
         // Raised and persisted before anything is announced: peers order this node's boots by
         // it, so a recording of an earlier boot cannot hide this one.
         dcfg.boot_counter = rackseed_protocol::discovery::advance_boot_counter(&agent.state_dir)?;
@@ -209,8 +233,8 @@ impl Runtime {
         let heartbeat_every = (params.peer_timeout / 4).max(Duration::from_secs(1));
         let (node, actions) = Node::new(params, agent.node_id.clone(), persisted, Duration::ZERO);
         let (tasks, task_rx) = mpsc::channel(256);
-        let client = Arc::new(CoordinatorClient::new(
-            &agent.secret,
+        let client = Arc::new(CoordinatorClient::with_keyring(
+            agent.keyring.clone(),
             agent.node_id.as_str(),
         ));
         let mut rt = Runtime {
@@ -234,7 +258,9 @@ impl Runtime {
             published: None,
             lone: Arc::new(AtomicBool::new(false)),
             kubeconfig: KubeconfigServing::NotYet,
+            api_address: None,
         };
+        rt.api_address = api_address::ApiAddressKeeper::new(&rt.agent).map(Arc::new);
         tracing::info!(
             node = %rt.agent.node_id,
             port,
@@ -366,6 +392,10 @@ impl Runtime {
             }
             TaskResult::Addons(rows) => {
                 self.doc.addons = rows;
+                None
+            }
+            TaskResult::ApiAddress(view) => {
+                self.doc.api_address = Some(view);
                 None
             }
         }

@@ -18,6 +18,22 @@
 //!   cluster. Please use the microk8s config on the master." with exit 0, which maps to
 //!   [`Microk8sError::WorkerNode`]. Its output is a credential and never goes into an error.
 //!
+//! - rotation ([`replace_persistent_token`]) edits `$SNAP_DATA/credentials/persistent-cluster-tokens.txt`
+//!   directly, because MicroK8s has no command for persistent tokens (`add-node` writes only
+//!   `cluster-tokens.txt`, A1). What it relies on, from canonical/microk8s-cluster-agent:
+//!   `pkg/k8sinit/apply.go` (`applyPart`) puts the launch config's `persistentClusterToken`
+//!   into that file through `AddPersistentClusterToken` (`pkg/snap/snap.go`, one token per
+//!   line, appended); `ConsumeClusterToken` (`pkg/snap/snap.go`) checks that file first on
+//!   every join and never consumes from it; `IsValidToken` (`pkg/util/token.go`) reads the
+//!   file afresh on each call, trims each line and compares the part before an optional
+//!   `|<unix-expiry>`. So a line added is accepted at the next join and a line removed is
+//!   refused at once ("invalid token", 500, A4), with no restart of the cluster agent. The
+//!   file is rewritten atomically with mode 0600 (MicroK8s' own writes use 0660 and the
+//!   `microk8s` group; the cluster agent runs as root, so 0600 only narrows who reads the
+//!   token). The `credentials` folder exists once the snap is installed; before that there is
+//!   nothing to edit (the launch config, rewritten with the new token, carries it into the
+//!   install) and `/var/snap/microk8s` is never created by us (snapd owns it).
+//!
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 
@@ -301,6 +317,88 @@ pub fn render_launch_config(token: &str) -> String {
          addons:\n  - name: dns\n\
          extraKubeletArgs:\n  --cluster-domain: cluster.local\n  --cluster-dns: 10.152.183.10\n"
     )
+}
+
+/// `$SNAP_DATA/credentials/persistent-cluster-tokens.txt`: the persistent join tokens the
+/// cluster agent accepts (see the module docs).
+pub fn persistent_tokens_file(snap_data: &Path) -> PathBuf {
+    snap_data.join("credentials/persistent-cluster-tokens.txt")
+}
+
+/// `$SNAP_DATA` from the cluster agent certificate's path (`$SNAP_DATA/certs/server.crt`).
+pub fn snap_data_of(cluster_agent_cert: &Path) -> PathBuf {
+    cluster_agent_cert
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// What [`replace_persistent_token`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenReplacement {
+    /// The file now holds `new` and none of the revoked tokens; `changed` when it was rewritten.
+    Replaced { changed: bool },
+    /// MicroK8s is not installed (no `credentials` folder): nothing to edit.
+    NotInstalled,
+}
+
+/// Makes the persistent token file `file` accept `new` and refuse every token in `revoke`:
+/// `new` is appended when missing, each line whose token (the part before `|`) is revoked is
+/// dropped, other lines are kept as they are. Atomic, mode 0600; idempotent. Tokens never
+/// appear in the error. See the module docs for the MicroK8s behaviour this relies on.
+pub fn replace_persistent_token(
+    file: &Path,
+    new: &str,
+    revoke: &[String],
+) -> std::io::Result<TokenReplacement> {
+    if file.parent().is_none_or(|d| !d.is_dir()) {
+        return Ok(TokenReplacement::NotInstalled);
+    }
+    if new.len() < TOKEN_MIN_LEN || new.contains(['\n', '|']) {
+        return Err(std::io::Error::other(format!(
+            "the new persistent token for {} is malformed (at least {TOKEN_MIN_LEN} characters, one line, no '|')",
+            file.display()
+        )));
+    }
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let token_of = |line: &str| line.trim().split('|').next().unwrap_or("").to_string();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut has_new = false;
+    for line in text.lines() {
+        let t = token_of(line);
+        if t.is_empty() || (revoke.contains(&t) && t != new) {
+            continue;
+        }
+        has_new |= t == new;
+        kept.push(line);
+    }
+    if !has_new {
+        kept.push(new);
+    }
+    let mut out = kept.join("\n");
+    out.push('\n');
+    if out == text {
+        return Ok(TokenReplacement::Replaced { changed: false });
+    }
+    rackseed_host::fs::write_atomic(file, out.as_bytes(), 0o600)
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    Ok(TokenReplacement::Replaced { changed: true })
+}
+
+/// Rewrites the launch config at `path` (when it exists) with `token` as its
+/// `persistentClusterToken`, atomically with mode 0600, so a later (re)install of the snap
+/// does not bring a revoked token back. Returns whether the file exists.
+pub fn rewrite_launch_config_token(path: &Path, token: &str) -> std::io::Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    write_private_file(path, render_launch_config(token).as_bytes())?;
+    Ok(true)
 }
 
 /// Paths and timeouts of [`RealMicrok8s`].
