@@ -282,6 +282,10 @@ pub async fn install(env: &SimEnv) -> Result<()> {
     tokio::time::sleep(env.install_delay).await;
     // The agent's TLS certificate, before installed.json, which marks the install done.
     let cert = crate::agent_cert::generate_and_write(&env.snap_data)?;
+    // Pre-init puts the launch config's token where the agent reads it (AddPersistentClusterToken).
+    if let Some(t) = &token {
+        crate::credentials::add_persistent_token(&env.snap_data, t)?;
+    }
     daemon::write_json(
         &daemon::installed_path(env),
         &Installed {

@@ -11,6 +11,7 @@
 //! - [`model`]: pure data and rules (roles, quorum, rebalance) and the output renderers.
 //! - [`http`]: a small HTTP/1.1 JSON transport over TLS, with join.py's fingerprint check.
 //! - [`agent_cert`]: the cluster agent's certificate and key in `$SNAP_DATA/certs`.
+//! - [`credentials`]: the persistent join tokens in `$SNAP_DATA/credentials` (revocable).
 //!
 //! Configuration is by environment ([`SimEnv`]); see `tests/microk8s-sim/README.md` for what is
 //! modelled from the reference and what is not. To add a command: handle it in
@@ -18,6 +19,7 @@
 
 pub mod agent_cert;
 pub mod cli;
+pub mod credentials;
 pub mod daemon;
 pub mod http;
 pub mod model;

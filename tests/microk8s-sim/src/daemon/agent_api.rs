@@ -162,10 +162,15 @@ impl Daemon {
         Response::ok(resp)
     }
 
-    /// Accepts the persistent token or a valid issued one; a one-time token is used up even
-    /// when a later check refuses the join, as in the reference.
+    /// Accepts a persistent token (read afresh from `$SNAP_DATA/credentials`, so a revoked one
+    /// is refused at once; [`crate::credentials`]) or a valid issued one; a one-time token is
+    /// used up even when a later check refuses the join, as in the reference.
     fn consume_token(&self, st: &mut Persisted, token: &str) -> Result<(), Response> {
-        if self.installed.persistent_token.as_deref() == Some(token) {
+        if crate::credentials::is_valid_persistent_token(
+            &self.env.snap_data,
+            token,
+            now_ms() / 1000,
+        ) {
             return Ok(());
         }
         let now_s = now_ms() / 1000;
