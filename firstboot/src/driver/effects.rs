@@ -131,7 +131,9 @@ async fn learn_join_point(agent: &Agent, peers: &[IpAddr]) -> Option<JoinPoint> 
 type LocalAddr = (String, IpAddr, u8);
 
 /// This node's addresses on the interfaces discovery uses (no IPv6 link-local ones).
-pub(super) fn local_addresses(interfaces: &rackseed_protocol::discovery::InterfaceChoice) -> Vec<LocalAddr> {
+pub(super) fn local_addresses(
+    interfaces: &rackseed_protocol::discovery::InterfaceChoice,
+) -> Vec<LocalAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -286,11 +288,7 @@ async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result
     } else {
         JoinRole::ControlPlane
     };
-    agent
-        .microk8s
-        .join(&target, role)
-        .await
-        .with_context(|| format!("microk8s join via {seed_ip}"))?;
+    join_with_retries(agent.microk8s.as_ref(), &target, role).await?;
     if !worker
         && !agent
             .microk8s
@@ -301,6 +299,39 @@ async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result
         anyhow::bail!("microk8s was not ready within {READY_TIMEOUT:?} after joining");
     }
     Ok(())
+}
+
+/// Most attempts of one granted join when it fails transiently.
+const JOIN_ATTEMPTS: u32 = 6;
+/// The first retry's delay; each next one doubles, up to [`JOIN_RETRY_MAX`].
+const JOIN_RETRY_FIRST: Duration = Duration::from_millis(100);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// `microk8s join`, run again (up to [`JOIN_ATTEMPTS`] times in all) while it fails
+/// transiently ([`crate::system::microk8s::JoinError::is_transient`]: two workers' certificate
+/// signings collided on the seed). Each retry waits a random delay of up to the current backoff
+/// (100 ms doubling, at most 3 s), so workers that collided spread out. The whole join stays
+/// bounded by the caller's join timeout; any other failure ends it at once (it needs a new
+/// grant).
+async fn join_with_retries(mk: &dyn Microk8s, target: &JoinTarget, role: JoinRole) -> Result<()> {
+    let mut backoff = JOIN_RETRY_FIRST;
+    for attempt in 1.. {
+        match mk.join(target, role).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && attempt < JOIN_ATTEMPTS => {
+                let wait = backoff.mul_f64(rand::random::<f64>());
+                tracing::info!(seed = %target.seed, attempt, ?wait, "join failed transiently, retrying: {e}");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(JOIN_RETRY_MAX);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("microk8s join via {} (attempt {attempt})", target.seed)
+                })
+            }
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
 }
 
 async fn already_joined(mk: &dyn Microk8s, seed_ip: IpAddr, worker: bool) -> bool {

@@ -42,7 +42,10 @@ use std::time::Duration;
 /// - `MICROK8S_SIM_INSTALL_DELAY_MS`, `MICROK8S_SIM_JOIN_DELAY_MS`,
 ///   `MICROK8S_SIM_ENABLE_DELAY_MS` \[0\]: modelled durations;
 /// - `MICROK8S_SIM_HEARTBEAT_MS` \[1000\]: heartbeat interval; a peer is dead after 3 missed;
-/// - `MICROK8S_SIM_CONNECT_TIMEOUT_MS` \[5000\]: the joiner's connect timeout.
+/// - `MICROK8S_SIM_CONNECT_TIMEOUT_MS` \[5000\]: the joiner's connect timeout;
+/// - `MICROK8S_SIM_SIGN_RACE_MS` \[2\]: how long a certificate signing runs; one that starts
+///   while another runs on the same node fails, as two simultaneous `openssl x509
+///   -CAcreateserial` runs can (0: never).
 #[derive(Debug, Clone)]
 pub struct SimEnv {
     pub state_dir: PathBuf,
@@ -58,6 +61,7 @@ pub struct SimEnv {
     pub enable_delay: Duration,
     pub heartbeat: Duration,
     pub connect_timeout: Duration,
+    pub sign_race: Duration,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -120,6 +124,7 @@ impl SimEnv {
             enable_delay: ms("MICROK8S_SIM_ENABLE_DELAY_MS", 0)?,
             heartbeat: ms("MICROK8S_SIM_HEARTBEAT_MS", 1000)?,
             connect_timeout: ms("MICROK8S_SIM_CONNECT_TIMEOUT_MS", 5000)?,
+            sign_race: ms("MICROK8S_SIM_SIGN_RACE_MS", 2)?,
         })
     }
 

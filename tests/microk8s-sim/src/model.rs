@@ -63,6 +63,9 @@ pub struct AddonRecord {
 pub struct InFlight {
     pub ip: IpAddr,
     pub since_ms: u64,
+    /// A worker join (`--worker`): no dqlite membership change.
+    #[serde(default)]
+    pub worker: bool,
 }
 
 /// What every member of one cluster holds; the highest `version` wins on sync.
@@ -75,7 +78,9 @@ pub struct View {
     pub ha_enabled: bool,
     pub entries: Vec<Entry>,
     pub addons: BTreeMap<String, AddonRecord>,
-    pub joining: Option<InFlight>,
+    /// The joins in flight: one control-plane join alone, or any number of worker joins.
+    #[serde(default)]
+    pub joining: Vec<InFlight>,
 }
 
 /// The core addons the simulator knows: (name, description).
@@ -147,7 +152,7 @@ impl View {
                 worker: false,
             }],
             addons,
-            joining: None,
+            joining: Vec::new(),
         }
     }
 

@@ -12,6 +12,13 @@
 //!   refused before running anything), `--worker` for workers, never `--controlplane`; the URL
 //!   is a secret argument and never logged;
 //! - exit codes of `join` map to [`JoinError`] (A3), status edge cases to [`Status`] (A5);
+//! - worker joins may run at once (the formation core allows it; see `rackseed_formation`'s
+//!   docs for what canonical/microk8s-cluster-agent `pkg/api/v2/join.go` does for a worker).
+//!   Their certificate signings can collide on the seed (`SignCertificate` in
+//!   `pkg/snap/snap.go` runs `openssl x509 … -CAcreateserial` with no lock): join.py then exits
+//!   1 with `Failed to sign <name> certificate (<status>). <error>` (`get_client_cert` in
+//!   `scripts/wrappers/join.py`), classified as the transient [`JoinError::CertificateSigning`],
+//!   which the driver retries with backoff;
 //! - membership comes from the dqlite `.cluster` query and `kubectl get nodes -o json` (A5);
 //! - `microk8s config` (not in the reference; from the snap's `microk8s-config.wrapper`) prints
 //!   the admin kubeconfig, or on a worker "This MicroK8s deployment is acting as a node in a
@@ -202,6 +209,18 @@ pub enum JoinError {
         status: u16,
         message: String,
     },
+    /// A worker's certificate signing on the seed failed (exit 1, `Failed to sign <name>
+    /// certificate (<status>). <error>`, join.py `get_client_cert`). Transient: the seed's
+    /// cluster agent signs with `openssl x509 … -CAcreateserial` and no lock
+    /// (canonical/microk8s-cluster-agent `pkg/snap/snap.go` `SignCertificate`), so two
+    /// workers joining at once can rarely collide on its serial file; the join is retried
+    /// (with the persistent token, which a join never consumes).
+    #[error("seed {seed} failed to sign the {certificate} certificate: {detail}")]
+    CertificateSigning {
+        seed: IpAddr,
+        certificate: String,
+        detail: String,
+    },
     /// Any other non-zero exit (e.g. low-memory guard, exit 1 after the join request).
     #[error("`microk8s join` via seed {seed} failed (exit {code:?}): {detail}")]
     Failed {
@@ -212,6 +231,15 @@ pub enum JoinError {
     /// The command could not be run or timed out.
     #[error("running microk8s join via seed {seed}")]
     Command { seed: IpAddr, source: CmdError },
+}
+
+impl JoinError {
+    /// Whether the same join may succeed when simply run again: a worker's certificate
+    /// signing that collided with another one on the seed. Everything else needs a new
+    /// grant (or is final).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, JoinError::CertificateSigning { .. })
+    }
 }
 
 impl JoinError {
@@ -596,6 +624,19 @@ pub fn classify_join(seed: IpAddr, out: &Output) -> Result<(), JoinError> {
         Some(0) => Ok(()),
         Some(1) if text.contains("Invalid connection") => {
             Err(JoinError::InvalidConnection { seed, reason: d })
+        }
+        Some(1) if text.contains("Failed to sign ") => {
+            let certificate = text
+                .split("Failed to sign ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or("a")
+                .to_owned();
+            Err(JoinError::CertificateSigning {
+                seed,
+                certificate,
+                detail: d,
+            })
         }
         Some(1)
             if text.contains("[Errno")

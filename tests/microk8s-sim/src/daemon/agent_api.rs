@@ -7,15 +7,30 @@
 //!
 //! Join checks run in the reference's order (A2, A4): token (consumed first; `500 invalid
 //! token`), `ha-cluster` lock (501), agent port (502), joiner IP equal to the seed's (503),
-//! already known to dqlite (500). The simulator adds one check, after those: while another join
-//! is in flight anywhere in the cluster, the join is refused with `500 failed to join dqlite: …`
-//! (how the concurrent-join race surfaces here; README). The first join rebinds the seed's dqlite
-//! from 127.0.0.1 to the IP the joiner dialled.
+//! already known to dqlite (500). The simulator adds one check, after those, on the joins in
+//! flight anywhere in the cluster (a retry from the same address replaces its own): a
+//! control-plane join beside any other join is refused with `500 failed to join dqlite: …`
+//! (how the concurrent-join race surfaces here; README), a worker join beside a control-plane
+//! join with `500 failed to retrieve list of control plane nodes: …`. Worker joins beside worker
+//! joins are accepted: in canonical/microk8s-cluster-agent `pkg/api/v2/join.go` a worker join
+//! changes no dqlite membership and every shared file it touches is under a mutex. The first
+//! join rebinds the seed's dqlite from 127.0.0.1 to the IP the joiner dialled.
+//!
+//! Certificate signing (`POST /cluster/api/v1.0/sign-cert`, `pkg/api/v1/sign_cert.go`): a worker
+//! join issues the request tokens `<token>-kubelet` and `<token>-proxy`; each signing consumes
+//! its token, then signs. The real agent's `SignCertificate` (`pkg/snap/snap.go`) runs the
+//! snap's `sign_certificate` (`openssl x509 … -CAcreateserial`) with no lock, so two signings at
+//! the same instant can fail on the shared serial file ("unable to load number"). Modelled
+//! deterministically: a signing runs for `MICROK8S_SIM_SIGN_RACE_MS`, and one that starts while
+//! another runs on this node fails with `500 failed to sign certificate: sign_certificate
+//! failed: exit status 1` (the one already running succeeds); the joiner's join is then over
+//! (join.py exits 1). One joiner's two signings run one after the other and never race.
 //!
 //! To add a route, add an arm to [`Daemon::route`].
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
@@ -100,17 +115,12 @@ impl Daemon {
             ("POST", "/cluster/api/v2.0/join") => self.serve_join(&req, &body).await,
             ("POST", "/sim/v1/join-done") => self.serve_join_done(&req, &body).await,
             ("POST", "/sim/v1/join-abort") => {
-                let v = {
-                    let mut st = self.lock();
-                    if st.view.joining.as_ref().map(|j| j.ip) != Some(req.peer.ip()) {
-                        return Response::error(409, "no join in flight from this address");
-                    }
-                    st.view.joining = None;
-                    self.commit(&mut st)
-                };
-                self.push(v).await;
+                if !self.end_inflight(req.peer.ip()).await {
+                    return Response::error(409, "no join in flight from this address");
+                }
                 Response::ok(json!({}))
             }
+            ("POST", "/cluster/api/v1.0/sign-cert") => self.serve_sign_cert(&req, &body).await,
             ("POST", "/local/run") => {
                 if !req.peer.ip().is_loopback() {
                     return Response::error(403, "local commands only over loopback");
@@ -138,7 +148,7 @@ impl Daemon {
             if let Err(refused) = self.consume_token(&mut st, token) {
                 return refused;
             }
-            if let Err(refused) = self.check_joiner(&st, body, remote, local) {
+            if let Err(refused) = self.check_joiner(&st, body, remote, local, worker) {
                 return refused;
             }
             if !st.view.bound {
@@ -150,10 +160,19 @@ impl Daemon {
                     e.ip = Some(local);
                 }
             }
-            st.view.joining = Some(InFlight {
+            st.view.joining.retain(|j| j.ip != remote);
+            st.view.joining.push(InFlight {
                 ip: remote,
                 since_ms: now_ms(),
+                worker,
             });
+            if worker {
+                // AddCertificateRequestToken (join.go), one per certificate to sign.
+                let mut tokens = cert_tokens();
+                for name in ["kubelet", "proxy"] {
+                    *tokens.entry(format!("{token}-{name}")).or_default() += 1;
+                }
+            }
             let v = self.commit(&mut st);
             (join_answer(&v, remote, worker), v)
         };
@@ -195,6 +214,7 @@ impl Daemon {
         body: &serde_json::Value,
         remote: IpAddr,
         local: IpAddr,
+        worker: bool,
     ) -> Result<(), Response> {
         if st.worker {
             return Err(Response::error(
@@ -244,17 +264,32 @@ impl Daemon {
                 "failed to get dqlite members: no available dqlite leader server found",
             ));
         }
-        // The concurrent-join race, as the simulator models it.
-        if let Some(j) = &st.view.joining {
-            if now_ms().saturating_sub(j.since_ms) <= self.inflight_timeout() {
+        // The concurrent-join race, as the simulator models it: a control-plane join changes
+        // dqlite's membership, so it runs alone; worker joins run beside each other.
+        let timeout = self.inflight_timeout();
+        let mut others = st
+            .view
+            .joining
+            .iter()
+            .filter(|j| j.ip != remote && now_ms().saturating_sub(j.since_ms) <= timeout);
+        if worker {
+            if let Some(j) = others.find(|j| !j.worker) {
                 return Err(Response::error(
                     500,
                     format!(
-                        "failed to join dqlite: a join from {} is still in progress",
+                        "failed to retrieve list of control plane nodes: a control-plane join from {} is still in progress",
                         j.ip
                     ),
                 ));
             }
+        } else if let Some(j) = others.next() {
+            return Err(Response::error(
+                500,
+                format!(
+                    "failed to join dqlite: a join from {} is still in progress",
+                    j.ip
+                ),
+            ));
         }
         Ok(())
     }
@@ -268,10 +303,10 @@ impl Daemon {
         let worker = body["worker"].as_bool().unwrap_or(false);
         let v = {
             let mut st = self.lock();
-            if st.view.joining.as_ref().map(|j| j.ip) != Some(ip) {
+            if !st.view.joining.iter().any(|j| j.ip == ip) {
                 return Response::error(409, format!("no join in flight from {ip}"));
             }
-            st.view.joining = None;
+            st.view.joining.retain(|j| j.ip != ip);
             st.view
                 .entries
                 .retain(|e| e.name != name && e.ip != Some(ip));
@@ -302,6 +337,92 @@ impl Daemon {
         Response::ok(json!(v))
     }
 }
+
+impl Daemon {
+    /// Drops the join in flight from `ip`, if any, and tells the members. Returns whether
+    /// there was one.
+    async fn end_inflight(&self, ip: IpAddr) -> bool {
+        let v = {
+            let mut st = self.lock();
+            if !st.view.joining.iter().any(|j| j.ip == ip) {
+                return false;
+            }
+            st.view.joining.retain(|j| j.ip != ip);
+            self.commit(&mut st)
+        };
+        self.push(v).await;
+        true
+    }
+
+    /// `POST /cluster/api/v1.0/sign-cert` (`pkg/api/v1/sign_cert.go`): consume the request
+    /// token, then sign, failing when another signing started within the race window (see the
+    /// module docs). A failed signing ends the requester's join in flight.
+    async fn serve_sign_cert(&self, req: &Request, body: &serde_json::Value) -> Response {
+        let token = body["token"].as_str().unwrap_or_default();
+        if body["request"].as_str().is_none_or(str::is_empty) {
+            return Response::error(400, "missing certificate signing request");
+        }
+        if !consume_cert_token(token) {
+            return Response::error(500, "invalid token");
+        }
+        // openssl fails at once when it cannot read the serial file another run is rewriting;
+        // otherwise it runs for the modelled time.
+        let raced = {
+            let mut running = SIGNINGS.lock().unwrap_or_else(|p| p.into_inner());
+            let raced = *running > 0 && !self.env.sign_race.is_zero();
+            if !raced {
+                *running += 1;
+            }
+            raced
+        };
+        if !raced {
+            tokio::time::sleep(self.env.sign_race).await;
+            *SIGNINGS.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        }
+        if raced {
+            eprintln!(
+                "microk8s-sim: sign_certificate for {}: unable to load number from ca.srl (a concurrent signing rewrote the serial file)",
+                req.peer.ip()
+            );
+            self.end_inflight(req.peer.ip()).await;
+            return Response::error(
+                500,
+                "failed to sign certificate: sign_certificate failed: exit status 1",
+            );
+        }
+        Response::ok(json!({
+            "certificate": "-----BEGIN CERTIFICATE-----\nsimulated\n-----END CERTIFICATE-----\n"
+        }))
+    }
+}
+
+/// Certificate-request tokens issued by worker joins, with their count: the reference appends
+/// a line to `certs-request-tokens.txt` per join (`AppendToken`) and a signing removes the
+/// first matching line only (`RemoveToken` in `pkg/util/token.go`), so workers joining with
+/// the same persistent token each have their own. One agent per process, so process-wide.
+fn cert_tokens() -> std::sync::MutexGuard<'static, BTreeMap<String, u32>> {
+    static TOKENS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+    TOKENS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes one line of `token` (`ConsumeCertificateRequestToken`); false if there is none.
+fn consume_cert_token(token: &str) -> bool {
+    let mut tokens = cert_tokens();
+    match tokens.get_mut(token) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            tokens.remove(token);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Signings running on this agent.
+static SIGNINGS: Mutex<u32> = Mutex::new(0);
 
 /// The seed's answer to an accepted join: what a worker needs (the control plane's addresses)
 /// or what a datastore node needs (the voters, the CA key, the cluster certificate).

@@ -1,6 +1,12 @@
 //! `microk8s join`, the joiner's side (A3, A4): the connection string, the certificate
-//! fingerprint check, the join request, the modelled `update_dqlite` delay and the view the seed
-//! answers with. Errors print what join.py prints, with its exit codes.
+//! fingerprint check, the join request, a worker's two certificate signings, the modelled
+//! `update_dqlite` delay and the view the seed answers with. Errors print what join.py prints,
+//! with its exit codes.
+//!
+//! A worker (join.py `join_dqlite_worker_node`) has the seed sign its kubelet and kube-proxy
+//! certificates (`get_client_cert`: `POST /cluster/api/v1.0/sign-cert` with the token
+//! `<token>-kubelet` or `<token>-proxy`); a refusal prints `Failed to sign <name> certificate
+//! (<status>). <error>` and exits 1, as join.py does.
 //!
 //! As join.py's `join_request`, the fingerprint is checked on the connection that carries the
 //! join request, after the TLS handshake and before the request (and so the token) is written:
@@ -67,6 +73,11 @@ impl Daemon {
             stdout
                 .push_str("Make sure the cluster you connect to supports joining worker nodes.\n");
             return Err(Out::fail(1, stdout.clone()));
+        }
+        if opts.worker {
+            for name in ["kubelet", "proxy"] {
+                sign_certificate(seed, token, name, stdout).await?;
+            }
         }
         // update_dqlite / worker configuration (A4), modelled as a delay.
         tokio::time::sleep(self.env.join_delay).await;
@@ -170,6 +181,36 @@ impl Daemon {
         if let Some(n) = seed_name {
             seen.insert(n, Instant::now());
         }
+    }
+}
+
+/// join.py's `get_client_cert` for certificate `name`: the seed signs a request with the token
+/// the join issued for it.
+async fn sign_certificate(
+    seed: &Seed,
+    token: &str,
+    name: &str,
+    stdout: &mut String,
+) -> Result<(), Out> {
+    let req = json!({
+        "token": format!("{token}-{name}"),
+        "request": format!("-----BEGIN CERTIFICATE REQUEST-----\nsimulated {name}\n-----END CERTIFICATE REQUEST-----\n"),
+    });
+    match seed
+        .call("POST", "/cluster/api/v1.0/sign-cert", Some(&req))
+        .await
+    {
+        Ok((200, _)) => Ok(()),
+        Ok((status, r)) => {
+            let mut line = format!("Failed to sign {name} certificate ({status}).");
+            if let Some(e) = r["error"].as_str() {
+                line = format!("{line} {e}");
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+            Err(Out::fail(1, stdout.clone()))
+        }
+        Err(e) => Err(unreachable(e, stdout.clone())),
     }
 }
 

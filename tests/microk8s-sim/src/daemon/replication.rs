@@ -123,7 +123,7 @@ impl Daemon {
         self.maintain().await;
     }
 
-    /// Leader duties: role adjustment and expiring a stale in-flight join.
+    /// Leader duties: role adjustment and expiring stale in-flight joins.
     async fn maintain(&self) {
         let alive = self.alive();
         let pushed = {
@@ -141,12 +141,14 @@ impl Daemon {
                 return;
             }
             let mut changed = st.view.rebalance(&alive);
-            if let Some(j) = &st.view.joining {
-                if now_ms().saturating_sub(j.since_ms) > self.inflight_timeout() {
-                    st.view.joining = None;
-                    st.view.version += 1;
-                    changed = true;
-                }
+            let timeout = self.inflight_timeout();
+            let before = st.view.joining.len();
+            st.view
+                .joining
+                .retain(|j| now_ms().saturating_sub(j.since_ms) <= timeout);
+            if st.view.joining.len() != before {
+                st.view.version += 1;
+                changed = true;
             }
             if !changed {
                 return;
