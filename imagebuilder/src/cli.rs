@@ -1,6 +1,7 @@
 //! The `imagebuilder` command line (clap derive).
 //!
 //! Commands: `validate CONFIG` (the same check as `firstboot check-config`), `secret new PATH`,
+//! `secret rotate` (move the cluster to a new secret; [`crate::secret`]),
 //! `build` and `inspect IMAGE` (logic in [`crate::build`] / [`crate::inspect`]),
 //! `status` (watch the cluster form), `kubeconfig` (fetch the admin kubeconfig),
 //! `flash IMAGE DEVICE`, `qemu ...` (test clusters), `completions SHELL` and `manpages DIR`.
@@ -150,6 +151,29 @@ pub enum SecretCommand {
         /// Where to write it, e.g. configs/homelab.secret (the config's `secret-file`).
         path: PathBuf,
     },
+    /// Move every live node to a new secret and MicroK8s join token over the authenticated
+    /// coordinator, so old images and lost cards can no longer join or sway the election.
+    /// Resumable: run it again until it reports every node moved.
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Where the new secret waits until every node moved (default: the secret file + `.new`);
+    /// an existing file there is resumed, never replaced.
+    #[arg(long, value_name = "FILE")]
+    pub new_secret_file: Option<PathBuf>,
+    /// Leave this node behind on the old secret (a lost or retired node; repeatable).
+    #[arg(long, value_name = "NODE_ID")]
+    pub revoke: Vec<String>,
+    /// How long to listen for the nodes' announcements, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub discover: Duration,
+    /// Timeout of one request to one node, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Runs a parsed command line.
@@ -158,6 +182,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Validate { config } => rackseed_config::check_config(&config),
         Command::Secret(SecretCommand::New { path }) => report(new_secret(&path)),
+        Command::Secret(SecretCommand::Rotate(args)) => report(rotate_secret(&args)),
         Command::Build(args) => report(crate::build::run_cli(args)),
         Command::Inspect(args) => report(crate::inspect::run_cli(args)),
         Command::Status(args) => status(&args),
@@ -289,6 +314,30 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `secret rotate`: the secret file from `--secret` or the config's `secret-file`.
+fn rotate_secret(args: &RotateArgs) -> anyhow::Result<()> {
+    let secret_file = match (&args.cluster.secret, &args.cluster.config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => {
+            rackseed_config::load(c)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .config
+                .cluster
+                .secret_file
+        }
+        (None, None) => anyhow::bail!("name the cluster with --config CONFIG or --secret FILE"),
+    };
+    let mut opts = crate::secret::RotateOptions::new(secret_file);
+    if let Some(p) = &args.new_secret_file {
+        opts.pending_file = p.clone();
+    }
+    opts.revoke = args.revoke.clone();
+    opts.interfaces = args.cluster.interface_choice();
+    opts.discover = args.discover;
+    opts.timeout = args.timeout;
+    crate::secret::run_cli(&opts)
 }
 
 /// Writes a fresh cluster secret to `path` (mode 0600, create-new).

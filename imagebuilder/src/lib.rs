@@ -12,5 +12,6 @@ pub mod inspect;
 pub mod kubeconfig;
 pub mod os_list;
 pub mod outputs;
+pub mod secret;
 pub mod status;
 pub mod tool;
