@@ -56,6 +56,8 @@ fn addons(dns: &[&str], metallb: Option<Metallb>, storage: Storage) -> Addons {
         },
         metallb,
         storage,
+        longhorn: Default::default(),
+        offline: None,
     }
 }
 

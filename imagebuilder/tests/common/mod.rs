@@ -238,6 +238,8 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             },
             metallb: None,
             storage: Storage::None,
+            longhorn: Default::default(),
+            offline: None,
         },
         network: Network {
             interface: None,

@@ -84,6 +84,35 @@ pub struct Addons {
     /// MetalLB load balancer; `None` when not configured.
     pub metallb: Option<Metallb>,
     pub storage: Storage,
+    /// `[addons.longhorn]`: settings used when `storage = "longhorn"`.
+    pub longhorn: Longhorn,
+    /// `addons.offline`: a folder of staged `.deb` packages the storage needs (and, for
+    /// Longhorn, its chart archive), copied into the image and installed at first boot.
+    pub offline: Option<PathBuf>,
+}
+
+/// Longhorn's settings (`[addons.longhorn]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Longhorn {
+    /// Where Longhorn keeps replica data on every node (`defaultSettings.defaultDataPath`).
+    pub data_path: PathBuf,
+    /// Free space each node needs under `data_path` before Longhorn is installed.
+    pub min_free_space: u64,
+}
+
+/// Longhorn's own default data path.
+pub const DEFAULT_LONGHORN_DATA_PATH: &str = "/var/lib/longhorn";
+/// Default of `addons.longhorn.min-free-space`: 10 GiB.
+pub const DEFAULT_LONGHORN_MIN_FREE: u64 = 10 << 30;
+
+impl Default for Longhorn {
+    fn default() -> Self {
+        Longhorn {
+            data_path: PathBuf::from(DEFAULT_LONGHORN_DATA_PATH),
+            min_free_space: DEFAULT_LONGHORN_MIN_FREE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -121,7 +150,8 @@ pub enum Storage {
     Mayastor,
     /// Rook-Ceph operator: needs internet at enable time (helm repo).
     RookCeph,
-    /// Longhorn: manual helm install; needs open-iscsi + NFS client on every node, and internet.
+    /// Longhorn: installed by the agent with MicroK8s' helm; needs open-iscsi (iscsid) and the
+    /// NFS client on every node.
     Longhorn,
 }
 

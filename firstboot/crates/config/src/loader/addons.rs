@@ -1,15 +1,23 @@
 //! `[addons]`: DNS (a bool or a table with upstream servers), MetalLB (`"auto"` or address
-//! blocks that must not overlap) and the storage addon.
+//! blocks that must not overlap), the storage addon, Longhorn's settings
+//! (`[addons.longhorn]`: `data-path`, `min-free-space`, only with `storage = "longhorn"`) and
+//! `offline` (a folder of staged packages and charts for the storage).
 
 use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
 
-use super::{parse_ip, Spans, DEFAULT_METALLB_AUTO_COUNT};
+use super::{parse_ip, resolve, Spans, DEFAULT_METALLB_AUTO_COUNT};
 use crate::diagnostic::Report;
 use crate::model::*;
 use crate::tree::{node_str, Kind, Node, TableReader};
 use crate::values;
 
-pub(super) fn read_addons(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) -> Option<Addons> {
+pub(super) fn read_addons(
+    rep: &mut Report<'_>,
+    node: &Node,
+    spans: &mut Spans,
+    base_dir: &Path,
+) -> Option<Addons> {
     let mut t = TableReader::open(rep, node, "addons")?;
     let mut ok = true;
     let dns = match t.get("dns") {
@@ -69,6 +77,22 @@ pub(super) fn read_addons(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) 
             v
         }
     };
+    let longhorn = match t.get("longhorn") {
+        None => Some(Longhorn::default()),
+        Some(e) => {
+            if storage.is_some_and(|s| s != Storage::Longhorn) {
+                rep.error(
+                    &e.key_span,
+                    "addons.longhorn",
+                    "only used with storage = \"longhorn\"",
+                );
+                ok = false;
+            }
+            read_longhorn(rep, &e.value)
+        }
+    };
+    let offline = t.parsed(rep, "offline", |s| resolve(base_dir, s));
+    ok &= !t.has("offline") || offline.is_some();
     t.finish(rep);
     if !ok {
         return None;
@@ -77,6 +101,79 @@ pub(super) fn read_addons(rep: &mut Report<'_>, node: &Node, spans: &mut Spans) 
         dns: dns?,
         metallb,
         storage: storage?,
+        longhorn: longhorn?,
+        offline,
+    })
+}
+
+/// Folders Longhorn's data must not live in: virtual or volatile filesystems, and the boot
+/// partition.
+const BAD_DATA_ROOTS: [&str; 6] = ["/proc", "/sys", "/dev", "/run", "/tmp", "/boot"];
+
+/// Checks `addons.longhorn.data-path`: an absolute, normalised folder path that is not `/`
+/// and not on a virtual, volatile or boot filesystem.
+pub fn check_data_path(s: &str) -> Result<PathBuf, String> {
+    let p = Path::new(s);
+    if !p.is_absolute() {
+        return Err(format!(
+            "expected an absolute folder path like \"/var/lib/longhorn\", got {s:?}"
+        ));
+    }
+    if p.components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || s.contains("//")
+    {
+        return Err(format!(
+            "expected a normalised path without `.`, `..` or `//`, got {s:?}"
+        ));
+    }
+    if s.chars().any(|c| c.is_control() || c == ',') {
+        return Err(format!(
+            "{s:?} holds a control character or a comma (the chart passes it in a list)"
+        ));
+    }
+    if p == Path::new("/") {
+        return Err("the root folder cannot be longhorn's data path; use a folder like \"/var/lib/longhorn\"".into());
+    }
+    if let Some(bad) = BAD_DATA_ROOTS.iter().find(|b| p.starts_with(b)) {
+        return Err(format!(
+            "{s:?} is under {bad}, which is not persistent disk storage"
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn read_longhorn(rep: &mut Report<'_>, node: &Node) -> Option<Longhorn> {
+    let mut t = TableReader::open(rep, node, "addons.longhorn")?;
+    let d = Longhorn::default();
+    let data_path = match t.parsed(rep, "data-path", check_data_path) {
+        Some(p) => Some(p),
+        None if t.has("data-path") => None,
+        None => Some(d.data_path),
+    };
+    let min_free = match t.str(rep, "min-free-space") {
+        None if t.has("min-free-space") => None,
+        None => Some(d.min_free_space),
+        Some((s, span)) => match values::parse_size(s) {
+            Ok(n) if n >= 1 << 30 => Some(n),
+            Ok(_) => {
+                rep.error(
+                    span,
+                    "addons.longhorn.min-free-space",
+                    format!("{s:?} is below 1GiB; longhorn needs room for at least one replica"),
+                );
+                None
+            }
+            Err(m) => {
+                rep.error(span, "addons.longhorn.min-free-space", m);
+                None
+            }
+        },
+    };
+    t.finish(rep);
+    Some(Longhorn {
+        data_path: data_path?,
+        min_free_space: min_free?,
     })
 }
 

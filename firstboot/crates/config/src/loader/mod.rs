@@ -99,7 +99,7 @@ pub(crate) fn read_config(
         }),
     };
     let addons = match top.get("addons") {
-        Some(e) => read_addons(rep, &e.value, &mut spans),
+        Some(e) => read_addons(rep, &e.value, &mut spans, base_dir),
         None => Some(Addons {
             dns: Dns {
                 enabled: true,
@@ -107,6 +107,8 @@ pub(crate) fn read_config(
             },
             metallb: None,
             storage: Storage::None,
+            longhorn: Longhorn::default(),
+            offline: None,
         }),
     };
     let network = match top.get("network") {
