@@ -7,6 +7,7 @@
 pub mod fakes;
 pub mod hostname;
 pub mod identity;
+pub mod keepalived;
 pub mod microk8s;
 pub mod notify;
 pub mod state;

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod keepalived;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -56,6 +56,27 @@ pub struct StatusDoc {
     /// What this node refused since its agent started.
     #[serde(default)]
     pub rejections: Rejections,
+    /// The floating API address (`cluster.api-address`) as this node sees it; `None` when
+    /// the cluster has none.
+    #[serde(default)]
+    pub api_address: Option<ApiAddressView>,
+}
+
+/// The floating API address on one node: whether this node holds it, and keepalived's state.
+/// Which node holds it is the one whose document says `held_here`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiAddressView {
+    /// The address, once known (`"auto"` is chosen at boot).
+    pub address: Option<String>,
+    /// This node's interfaces carry the address now.
+    pub held_here: bool,
+    /// In words: holding, standing by, not a control-plane member, waiting for ...
+    pub state: String,
+    /// The other control-plane members keepalived exchanges adverts with.
+    pub peers: Vec<String>,
+    /// Why this node cannot hold the address (keepalived missing, no interface on its subnet).
+    pub problem: Option<String>,
 }
 
 /// What this node refused since its agent started: announcements discovery dropped and
@@ -218,6 +239,23 @@ impl StatusDoc {
                     .as_ref()
                     .map(|n| format!(" ({n})"))
                     .unwrap_or_default()
+            );
+        }
+        if let Some(a) = &self.api_address {
+            let _ = writeln!(
+                s,
+                "api addr  {} {}{}",
+                opt(&a.address),
+                if a.held_here {
+                    "held by this node"
+                } else {
+                    "not held here"
+                },
+                format!(" ({})", a.state)
+                    + &a.problem
+                        .as_ref()
+                        .map(|p| format!("; PROBLEM: {p}"))
+                        .unwrap_or_default()
             );
         }
         let _ = writeln!(s, "last err  {}", opt(&self.last_error));

@@ -7,12 +7,14 @@
 //! - `agent_api`: the cluster agent's HTTP routes, including the seed's side of a join;
 //! - `join`: `microk8s join`, the joiner's side, and the connection string rules;
 //! - `replication`: the replicated [`View`], heartbeats and the leader's duties;
+//! - `api_server`: the Kubernetes API endpoint on 16443 (readiness with the quorum rule);
 //! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`].
 //!
 //! To add a command, add an arm to [`Daemon::run_command`] and its behaviour to `commands`
 //! (or a module of its own when it talks to other nodes, as `join` does).
 
 mod agent_api;
+mod api_server;
 mod commands;
 mod join;
 mod replication;
@@ -258,6 +260,7 @@ pub async fn run(env: SimEnv) -> Result<()> {
         last_seen: Mutex::new(BTreeMap::new()),
     });
     d.persist(&d.lock());
+    api_server::start(d.clone(), tls.clone());
     // Launch-config addons are applied by the running agent (A8).
     let launch = d.clone();
     tokio::spawn(async move {

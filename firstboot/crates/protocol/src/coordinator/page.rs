@@ -113,6 +113,7 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
     render_peers(s, d);
     render_members(s, d);
     render_microk8s(s, d);
+    render_api_address(s, d);
     render_addons(s, d);
     render_problems(s, d);
     render_rejections(s, d);
@@ -236,6 +237,36 @@ fn render_microk8s(s: &mut String, d: &StatusDoc) {
     }
 }
 
+/// Renders the "API address" section (only when the cluster has a floating API address):
+/// the address, whether this node holds it, keepalived's state and any problem.
+fn render_api_address(s: &mut String, d: &StatusDoc) {
+    let Some(a) = &d.api_address else { return };
+    let _ = writeln!(
+        s,
+        "<h2>API address</h2>\n<table id=\"api-address\">\
+         <tr><th>address</th><td>{}</td></tr>\
+         <tr><th>held by this node</th><td class=\"{}\">{}</td></tr>\
+         <tr><th>state</th><td>{}</td></tr>\
+         <tr><th>peers</th><td>{}</td></tr>\
+         <tr><th>problem</th><td class=\"{}\">{}</td></tr></table>",
+        opt(&a.address),
+        if a.held_here { "ok" } else { "muted" },
+        if a.held_here { "yes" } else { "no" },
+        escape_html(&a.state),
+        if a.peers.is_empty() {
+            "-".to_string()
+        } else {
+            a.peers
+                .iter()
+                .map(|p| escape_html(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        if a.problem.is_some() { "bad" } else { "ok" },
+        opt(&a.problem)
+    );
+}
+
 /// Renders the "Addons" section: each addon's state and reason.
 fn render_addons(s: &mut String, d: &StatusDoc) {
     let e = escape_html;
@@ -312,7 +343,9 @@ fn render_timeline(s: &mut String, d: &StatusDoc) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{AddonRow, MemberRow, Microk8sView, PeerRow, TimelineEntry};
+    use crate::status::{
+        AddonRow, ApiAddressView, MemberRow, Microk8sView, PeerRow, TimelineEntry,
+    };
 
     const EVIL: &str = "<script>alert(1)</script>\"'&";
 
@@ -356,6 +389,13 @@ mod tests {
                 at: 1.0,
                 what: evil(),
             }],
+            api_address: Some(ApiAddressView {
+                address: Some(evil()),
+                held_here: true,
+                state: evil(),
+                peers: vec![evil()],
+                problem: Some(evil()),
+            }),
             ..Default::default()
         }
     }
