@@ -13,6 +13,13 @@
 //! reached the node on (`https://<ip>:16443`, keeping the port MicroK8s wrote if there was
 //! one), and checks the result still parses as a kubeconfig whose clusters all use it.
 //!
+//! When the cluster has a floating API address (`cluster.api-address`, held through keepalived
+//! by one healthy control-plane node), the member's status document names it, and `server:`
+//! is that address instead, so the kubeconfig keeps working when that member dies. An
+//! `"auto"` address is not in the API certificate (it is chosen after the certificate is
+//! made), so such a kubeconfig also names the certificate's `kubernetes` SAN as
+//! `tls-server-name` ([`name_tls_server`]).
+//!
 //! To change which node is asked first: change the ordering in [`fetch`].
 
 use std::collections::BTreeMap;
@@ -136,6 +143,49 @@ pub fn point_at(kubeconfig: &str, ip: IpAddr) -> Result<String> {
     Ok(out)
 }
 
+/// A DNS name every MicroK8s API certificate holds (`csr.conf.template`'s `DNS.1`).
+pub const CERTIFICATE_NAME: &str = "kubernetes";
+
+/// The floating API address a status document (JSON) names, and whether the API certificate
+/// holds it. Pure.
+pub fn floating_address(doc: &serde_json::Value) -> Option<(IpAddr, bool)> {
+    let view = doc.get("api_address")?;
+    let ip = view.get("address")?.as_str()?.parse().ok()?;
+    let in_certificate = view
+        .get("in_certificate")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    Some((ip, in_certificate))
+}
+
+/// Adds `tls-server-name: <name>` under every `server:` line (same indentation), so clients
+/// check the API certificate against `name` instead of the address. Pure.
+pub fn name_tls_server(kubeconfig: &str, name: &str) -> Result<String> {
+    let mut out = String::with_capacity(kubeconfig.len() + 64);
+    let mut added = 0;
+    for line in kubeconfig.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        if body.trim_start().starts_with("tls-server-name:") {
+            continue;
+        }
+        out.push_str(line);
+        let indent_len = body.len() - body.trim_start_matches([' ', '-']).len();
+        if body[indent_len..].starts_with("server:") {
+            if !line.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&" ".repeat(indent_len));
+            out.push_str(&format!("tls-server-name: {name}\n"));
+            added += 1;
+        }
+    }
+    if added == 0 {
+        bail!("the kubeconfig names no API server (no `server:` line)");
+    }
+    serde_yaml::from_str::<serde_yaml::Value>(&out).context("the kubeconfig is not valid YAML")?;
+    Ok(out)
+}
+
 fn url_host(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
@@ -177,14 +227,25 @@ pub async fn fetch(opts: &KubeconfigOptions) -> Result<Fetched> {
                 let peer = SocketAddr::new(*ip, node.port);
                 match client.kubeconfig(peer, &node.fingerprint).await {
                     Ok(k) => {
-                        let kubeconfig = point_at(&k, *ip).with_context(|| {
-                            format!("kubeconfig from {} ({peer})", node.node_id)
-                        })?;
-                        tracing::info!(node = %node.node_id, %peer, "fetched the kubeconfig");
+                        let floating = match client.status(peer, &node.fingerprint).await {
+                            Ok(doc) => floating_address(&doc),
+                            Err(e) => {
+                                tracing::debug!(node = %node.node_id, error = %e, "no status");
+                                None
+                            }
+                        };
+                        let server = floating.map_or(*ip, |(vip, _)| vip);
+                        let context = || format!("kubeconfig from {} ({peer})", node.node_id);
+                        let mut kubeconfig = point_at(&k, server).with_context(context)?;
+                        if floating.is_some_and(|(_, in_certificate)| !in_certificate) {
+                            kubeconfig = name_tls_server(&kubeconfig, CERTIFICATE_NAME)
+                                .with_context(context)?;
+                        }
+                        tracing::info!(node = %node.node_id, %peer, %server, "fetched the kubeconfig");
                         return Ok(Fetched {
                             kubeconfig,
                             node_id: node.node_id.clone(),
-                            address: *ip,
+                            address: server,
                         });
                     }
                     Err(e) => {
@@ -307,6 +368,46 @@ users:
         let none = MICROK8S_CONFIG.replace("https://10.1.2.3:16443", "\"https://node-a\"");
         let out = point_at(&none, "192.0.2.7".parse().unwrap()).unwrap();
         assert!(out.contains("server: https://192.0.2.7:16443\n"), "{out}");
+    }
+
+    #[test]
+    fn the_floating_address_from_a_status_document_becomes_the_server() {
+        let doc = serde_json::json!({
+            "node_id": "a",
+            "api_address": {"address": "192.0.2.100", "held_here": false, "in_certificate": true}
+        });
+        let (vip, in_cert) = floating_address(&doc).unwrap();
+        assert_eq!(vip, "192.0.2.100".parse::<IpAddr>().unwrap());
+        assert!(in_cert);
+        let out = point_at(MICROK8S_CONFIG, vip).unwrap();
+        assert!(
+            out.contains("    server: https://192.0.2.100:16443\n"),
+            "{out}"
+        );
+        // No floating address (none configured, or "auto" not chosen yet): the node's own.
+        assert_eq!(floating_address(&serde_json::json!({"node_id": "a"})), None);
+        let none = serde_json::json!({"api_address": {"address": null, "state": "no address yet"}});
+        assert_eq!(floating_address(&none), None);
+    }
+
+    #[test]
+    fn an_address_outside_the_certificate_names_the_certificates_dns_name() {
+        let out = point_at(MICROK8S_CONFIG, "192.0.2.100".parse().unwrap()).unwrap();
+        let named = name_tls_server(&out, CERTIFICATE_NAME).unwrap();
+        assert!(
+            named.contains(
+                "    server: https://192.0.2.100:16443\n    tls-server-name: kubernetes\n"
+            ),
+            "{named}"
+        );
+        let doc: serde_yaml::Value = serde_yaml::from_str(&named).unwrap();
+        assert_eq!(
+            doc["clusters"][0]["cluster"]["tls-server-name"].as_str(),
+            Some("kubernetes")
+        );
+        // Idempotent: a second pass does not add a second line.
+        assert_eq!(name_tls_server(&named, CERTIFICATE_NAME).unwrap(), named);
+        assert!(name_tls_server("kind: Config\n", CERTIFICATE_NAME).is_err());
     }
 
     #[test]

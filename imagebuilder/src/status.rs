@@ -206,11 +206,52 @@ pub fn summarize(nodes: &[NodeReport], expect: Expectations) -> Summary {
         line.push_str("; ");
         line.push_str(&addon_text);
     }
+    if let Some(api) = api_address_text(nodes) {
+        line.push_str("; ");
+        line.push_str(&api);
+    }
     Summary {
         formed,
         settled: formed && waiting.is_empty() && !addons_busy,
         line,
     }
+}
+
+/// Who holds the floating API address, from the documents that report one: "API address
+/// A held by n1", "held by nobody", "held by n1 and n2" (never normal), and the nodes that
+/// cannot hold it and why. `None` when no document mentions one.
+fn api_address_text(nodes: &[NodeReport]) -> Option<String> {
+    let views: Vec<(&str, &rackseed_protocol::status::ApiAddressView)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.node_id.as_str(), n.status.as_ref()?.api_address.as_ref()?)))
+        .collect();
+    if views.is_empty() {
+        return None;
+    }
+    let address = views
+        .iter()
+        .find_map(|(_, v)| v.address.clone())
+        .unwrap_or_else(|| "(not chosen yet)".into());
+    let holders: Vec<&str> = views
+        .iter()
+        .filter(|(_, v)| v.held_here)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut text = match holders.as_slice() {
+        [] => format!("API address {address} held by nobody"),
+        [one] => format!("API address {address} held by {one}"),
+        many => format!(
+            "API address {address} held by {} nodes at once ({})",
+            many.len(),
+            many.join(", ")
+        ),
+    };
+    for (id, v) in &views {
+        if let Some(p) = &v.problem {
+            text.push_str(&format!("; {id} cannot hold it: {p}"));
+        }
+    }
+    Some(text)
 }
 
 /// Maps node id to role: every document's member list, plus nodes that say they are one.
@@ -800,6 +841,56 @@ mod tests {
             "HA formed: 3 voters, no workers; waiting for d (joining)"
         );
         assert!(s.formed && !s.settled);
+    }
+
+    #[test]
+    fn the_summary_names_the_api_address_holder_and_who_cannot_hold_it() {
+        use rackseed_protocol::status::ApiAddressView;
+        let members = [
+            ("a", "control-plane"),
+            ("b", "control-plane"),
+            ("c", "control-plane"),
+        ];
+        let view = |held: bool, problem: Option<&str>| ApiAddressView {
+            address: Some("10.0.0.100".into()),
+            held_here: held,
+            state: "x".into(),
+            problem: problem.map(String::from),
+            ..Default::default()
+        };
+        let with = |id: &str, v: Option<ApiAddressView>| {
+            let mut d = member_doc(id, "control-plane", &members, 3);
+            d.api_address = v;
+            node(d)
+        };
+        let nodes = [
+            with("a", Some(view(false, None))),
+            with("b", Some(view(true, None))),
+            with("c", Some(view(false, Some("keepalived is not installed")))),
+        ];
+        let line = summarize(&nodes, Expectations::default()).line;
+        assert!(
+            line.ends_with(
+                "; API address 10.0.0.100 held by b; c cannot hold it: keepalived is not installed"
+            ),
+            "{line}"
+        );
+        let nobody = [with("a", Some(view(false, None))), with("b", None)];
+        let line = summarize(&nobody, Expectations::default()).line;
+        assert!(
+            line.ends_with("; API address 10.0.0.100 held by nobody"),
+            "{line}"
+        );
+        let two = [
+            with("a", Some(view(true, None))),
+            with("b", Some(view(true, None))),
+        ];
+        let line = summarize(&two, Expectations::default()).line;
+        assert!(line.contains("held by 2 nodes at once (a, b)"), "{line}");
+        let none = [with("a", None)];
+        assert!(!summarize(&none, Expectations::default())
+            .line
+            .contains("API"));
     }
 
     #[test]

@@ -68,6 +68,8 @@ impl ApiAddressKeeper {
             }
         };
         view.address = Some(ip.to_string());
+        view.in_certificate =
+            matches!(agent.config.cluster.api_address, Some(ApiAddress::Fixed(_)));
         view.held_here = keepalived::holds(ip);
         if !control_plane_member {
             view.state = "not a control-plane member: never holds the address".into();

@@ -37,9 +37,19 @@ pub struct BootstrapSpec {
     pub foreign: bool,
 }
 
-/// The packages every bootstrapped base gets on `arch` besides the configured ones.
+/// The packages every bootstrapped base gets on `arch` besides the configured ones:
+/// booting (systemd, dbus, udev, a kernel, systemd-boot on x86), and the floating API
+/// address's keepalived with curl for its health check (`firstboot`'s `system::keepalived`),
+/// so a cluster with `cluster.api-address` needs nothing fetched at first boot.
 pub fn default_packages(arch: &str) -> Vec<&'static str> {
-    let mut p = vec!["systemd", "systemd-sysv", "dbus", "udev"];
+    let mut p = vec![
+        "systemd",
+        "systemd-sysv",
+        "dbus",
+        "udev",
+        "keepalived",
+        "curl",
+    ];
     match arch {
         "amd64" => p.extend(["linux-image-amd64", "systemd-boot-efi"]),
         "arm64" => p.push("linux-image-arm64"),
@@ -381,6 +391,13 @@ mod tests {
             a.packages.contains(&"systemd-boot-efi".to_string())
                 && a.packages.contains(&"curl".to_string())
         );
+        for arch in ["amd64", "arm64"] {
+            let p = default_packages(arch);
+            assert!(
+                p.contains(&"keepalived") && p.contains(&"curl"),
+                "{arch}: {p:?}"
+            );
+        }
         let b = BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path()).unwrap();
         assert_ne!(a.key(), b.key());
         assert_eq!(

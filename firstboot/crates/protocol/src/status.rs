@@ -77,6 +77,9 @@ pub struct ApiAddressView {
     pub peers: Vec<String>,
     /// Why this node cannot hold the address (keepalived missing, no interface on its subnet).
     pub problem: Option<String>,
+    /// The API server's certificate names the address (a fixed address, written into the
+    /// launch configuration's `extraSANs` at build); an `"auto"` one is not in it.
+    pub in_certificate: bool,
 }
 
 /// What this node refused since its agent started: announcements discovery dropped and
