@@ -91,8 +91,9 @@ impl RunArgs {
         }
     }
 
-    fn microk8s(&self) -> RealMicrok8s {
+    fn microk8s(&self, cfg: &config::ClusterConfig) -> RealMicrok8s {
         RealMicrok8s::new(RealMicrok8sConfig {
+            launch_addons: crate::system::microk8s::LaunchAddons::from_config(cfg),
             binary: self.microk8s_bin.clone(),
             snap: self.snap_bin.clone(),
             dqlite: self.dqlite_bin.clone(),
@@ -210,7 +211,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         root: args.root.clone(),
         listen: args.listen,
         interfaces,
-        microk8s: Arc::new(args.microk8s()),
+        microk8s: Arc::new(args.microk8s(&cfg)),
         notifier: Arc::new(SystemdNotifier),
         params,
         keepalived: args.keepalived(),

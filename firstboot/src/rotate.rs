@@ -198,7 +198,7 @@ mod tests {
         old.write_new(&files.secret_file).unwrap();
         std::fs::write(
             &files.launch_config,
-            render_launch_config(&old.microk8s_token()),
+            render_launch_config(&old.microk8s_token(), &Default::default()),
         )
         .unwrap();
         if installed {

@@ -271,8 +271,28 @@ pub fn render_status_yaml(v: &View) -> String {
             "  - name: {name}\n    repository: core\n    description: {desc}\n    version: {ADDON_VERSION}\n    status: {}\n",
             if v.addon_enabled(name) { "enabled" } else { "disabled" }
         ));
+        s.push_str(&addon_args_line(v, name));
     }
     s
+}
+
+/// Not in MicroK8s' output: the arguments an enabled addon was enabled with (from the launch
+/// configuration or `microk8s enable`), as one flow-sequence line `    args: ["…"]` that
+/// MicroK8s-format parsers skip. Real MicroK8s shows them only inside the addon's objects (dns:
+/// the `forward . <nameservers>` line of the `coredns` ConfigMap's Corefile). Empty when the
+/// addon is disabled or had no arguments.
+pub fn addon_args_line(v: &View, name: &str) -> String {
+    match v.addons.get(name) {
+        Some(a) if a.enabled && !a.args.is_empty() => {
+            let list: Vec<String> = a
+                .args
+                .iter()
+                .map(|x| serde_json::Value::String(x.clone()).to_string())
+                .collect();
+            format!("    args: [{}]\n", list.join(", "))
+        }
+        _ => String::new(),
+    }
 }
 
 /// `status --format yaml` of a node that is not ready.

@@ -44,6 +44,7 @@
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 
+pub mod launch;
 pub mod parse;
 
 use std::net::IpAddr;
@@ -55,6 +56,7 @@ use futures_util::future::BoxFuture;
 use rackseed_host::command::{Cmd, CmdError, Output};
 use rackseed_protocol::secret::ClusterSecret;
 
+pub use launch::{render_launch_config, rewrite_launch_config_token, LaunchAddons};
 pub use parse::{
     AddonState, DatastoreNode, DqliteMember, DqliteRole, K8sNode, NodeRole, ParseError,
     RunningStatus, Status,
@@ -335,18 +337,6 @@ pub trait Microk8s: Send + Sync {
     fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>>;
 }
 
-/// The launch configuration written to `/etc/microk8s.yaml` (A8). Supplying a file replaces the
-/// bundled default, so the DNS addon and kubelet DNS arguments are copied in.
-pub fn render_launch_config(token: &str) -> String {
-    format!(
-        "---\n\
-         version: 0.2.0\n\
-         persistentClusterToken: \"{token}\"\n\
-         addons:\n  - name: dns\n\
-         extraKubeletArgs:\n  --cluster-domain: cluster.local\n  --cluster-dns: 10.152.183.10\n"
-    )
-}
-
 /// `$SNAP_DATA/credentials/persistent-cluster-tokens.txt`: the persistent join tokens the
 /// cluster agent accepts (see the module docs).
 pub fn persistent_tokens_file(snap_data: &Path) -> PathBuf {
@@ -418,17 +408,6 @@ pub fn replace_persistent_token(
     Ok(TokenReplacement::Replaced { changed: true })
 }
 
-/// Rewrites the launch config at `path` (when it exists) with `token` as its
-/// `persistentClusterToken`, atomically with mode 0600, so a later (re)install of the snap
-/// does not bring a revoked token back. Returns whether the file exists.
-pub fn rewrite_launch_config_token(path: &Path, token: &str) -> std::io::Result<bool> {
-    if !path.exists() {
-        return Ok(false);
-    }
-    write_private_file(path, render_launch_config(token).as_bytes())?;
-    Ok(true)
-}
-
 /// Paths and timeouts of [`RealMicrok8s`].
 #[derive(Debug, Clone)]
 pub struct RealMicrok8sConfig {
@@ -442,6 +421,8 @@ pub struct RealMicrok8sConfig {
     pub dqlite_backend: PathBuf,
     /// Where to write the launch config. Default [`DEFAULT_LAUNCH_CONFIG`].
     pub launch_config: PathBuf,
+    /// What the launch config enables (dns and its upstreams). Default: dns, no arguments.
+    pub launch_addons: LaunchAddons,
     /// The cluster agent's certificate. Default [`DEFAULT_CLUSTER_AGENT_CERT`].
     pub cluster_agent_cert: PathBuf,
     /// Timeout of `snap install`. Default 20 min (slow SD cards).
@@ -462,6 +443,7 @@ impl Default for RealMicrok8sConfig {
             dqlite: DEFAULT_DQLITE.into(),
             dqlite_backend: DEFAULT_DQLITE_BACKEND.into(),
             launch_config: DEFAULT_LAUNCH_CONFIG.into(),
+            launch_addons: LaunchAddons::default(),
             cluster_agent_cert: DEFAULT_CLUSTER_AGENT_CERT.into(),
             install_timeout: Duration::from_secs(20 * 60),
             join_timeout: Duration::from_secs(10 * 60),
@@ -515,7 +497,8 @@ impl RealMicrok8s {
         };
         write_private_file(
             path,
-            render_launch_config(&secret.microk8s_token()).as_bytes(),
+            render_launch_config(&secret.microk8s_token(), &self.config.launch_addons)
+                .as_bytes(),
         )
         .map_err(err)
     }
@@ -978,22 +961,6 @@ mod tests {
     fn debug_hides_the_token() {
         let t = JoinTarget::new(v4(1), "s3cr3t".repeat(8));
         assert!(!format!("{t:?}").contains("s3cr3t"));
-    }
-
-    #[test]
-    fn launch_config_has_token_dns_and_kubelet_args() {
-        let text = render_launch_config(&"f".repeat(64));
-        let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-        assert_eq!(v["persistentClusterToken"].as_str(), Some(&*"f".repeat(64)));
-        assert_eq!(v["addons"][0]["name"].as_str(), Some("dns"));
-        assert_eq!(
-            v["extraKubeletArgs"]["--cluster-dns"].as_str(),
-            Some("10.152.183.10")
-        );
-        assert_eq!(
-            v["extraKubeletArgs"]["--cluster-domain"].as_str(),
-            Some("cluster.local")
-        );
     }
 
     #[test]
