@@ -231,7 +231,13 @@ fn a_rotated_cluster_refuses_the_old_secret_and_admits_the_new_one() {
     assert_ne!(new, old);
 
     // 2. --revoke the lost node: the same pending secret goes to the others.
+    let t = std::time::Instant::now();
     let second = rotate(&c, &["--revoke", &ids[lost]]);
+    eprintln!(
+        "rotation of {} nodes (4 s of discovery included): {:.2} s",
+        kept.len(),
+        t.elapsed().as_secs_f64()
+    );
     assert_eq!(
         second.code(),
         Some(0),
@@ -374,9 +380,14 @@ fn a_rotated_cluster_refuses_the_old_secret_and_admits_the_new_one() {
     // The moved nodes keep working: a new image with the new secret joins.
     c.stop_agent(lost);
     c.stop_agent(4);
+    let t = std::time::Instant::now();
     c.start_with_config(5, &ws_cfg);
     let with_new: Vec<usize> = kept.iter().copied().chain([5]).collect();
     let docs = c.wait_formed(&with_new, 3, BOUND);
+    eprintln!(
+        "a new image with the new secret joined in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     assert_eq!(docs[3].phase, "member");
     assert_eq!(docs[3].role.as_deref(), Some("worker"), "{:?}", docs[3]);
 
