@@ -93,7 +93,7 @@ impl RunArgs {
 
     fn microk8s(&self, cfg: &config::ClusterConfig) -> RealMicrok8s {
         RealMicrok8s::new(RealMicrok8sConfig {
-            launch_addons: crate::system::microk8s::LaunchAddons::from_config(cfg),
+            launch_settings: crate::system::microk8s::LaunchSettings::from_config(cfg),
             binary: self.microk8s_bin.clone(),
             snap: self.snap_bin.clone(),
             dqlite: self.dqlite_bin.clone(),

@@ -12,7 +12,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use firstboot::system::microk8s::{EnableOutcome, LaunchAddons, Microk8s, Status};
+use firstboot::system::microk8s::{EnableOutcome, LaunchSettings, Microk8s, Status};
 use netns_lab::Lab;
 use rackseed_host::command::Cmd;
 use support::*;
@@ -72,7 +72,7 @@ fn the_dns_upstream_from_the_config_is_what_microk8s_runs_with() {
         .config;
     let mut n = SimNode::new(&lab, 0, root.path(), &log, &[]);
     // What `firstboot run` configures its adapter with.
-    n.adapter.config.launch_addons = LaunchAddons::from_config(&cfg);
+    n.adapter.config.launch_settings = LaunchSettings::from_config(&cfg);
     n.install_and_start();
 
     let want = vec!["192.0.2.53,2001:db8::53".to_owned()];

@@ -13,42 +13,52 @@
 //! places agree, and dns off means no dns entry at all.
 //!
 //! Supplying a file replaces the bundled default, so the default's kubelet DNS arguments are
-//! copied in. Every node gets the same `persistentClusterToken` (derived from the cluster
+//! copied in. A fixed `cluster.api-address` goes into `extraSANs` (as in the image builder's
+//! copy, `imagebuilder/src/customize/launch.rs`; the agent's write replaces that copy). Every node gets the same `persistentClusterToken` (derived from the cluster
 //! secret). Joins are not listed (they would race; the agent serialises them).
 //!
-//! To add something to the launch configuration: add a field to [`LaunchAddons`] (or a sibling
-//! settings struct), fill it in [`LaunchAddons::from_config`], render it in
+//! To add something to the launch configuration: add a field to [`LaunchSettings`] (or a sibling
+//! settings struct), fill it in [`LaunchSettings::from_config`], render it in
 //! [`render_launch_config`] and test the rendered YAML.
 
+use std::net::IpAddr;
 use std::path::Path;
 
-use rackseed_config::ClusterConfig;
+use rackseed_config::{ApiAddress, ClusterConfig};
 
 use super::TOKEN_MIN_LEN;
 
-/// What the launch configuration enables.
+/// What goes into the launch configuration besides the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LaunchAddons {
+pub struct LaunchSettings {
     /// The `dns` addon's arguments (one comma-separated list of upstream resolvers, or none),
     /// or `None` when dns is off.
     pub dns: Option<Vec<String>>,
+    /// `extraSANs`: a fixed `cluster.api-address`, so the API server's certificate (made at
+    /// install) holds it, as the image builder's copy of this file says.
+    pub extra_sans: Vec<IpAddr>,
 }
 
-impl Default for LaunchAddons {
+impl Default for LaunchSettings {
     /// What MicroK8s' bundled default gives: dns with no arguments.
     fn default() -> Self {
-        LaunchAddons {
+        LaunchSettings {
             dns: Some(Vec::new()),
+            extra_sans: Vec::new(),
         }
     }
 }
 
-impl LaunchAddons {
-    /// The launch configuration's addons for `cfg`: the same `dns` arguments the addon plan
-    /// passes to `microk8s enable dns`.
+impl LaunchSettings {
+    /// The launch configuration's settings for `cfg`: the same `dns` arguments the addon plan
+    /// passes to `microk8s enable dns`, and a fixed API address as a SAN.
     pub fn from_config(cfg: &ClusterConfig) -> Self {
-        LaunchAddons {
+        LaunchSettings {
             dns: crate::addons::plan::dns_enable(&cfg.addons.dns).map(|e| e.args),
+            extra_sans: match cfg.cluster.api_address {
+                Some(ApiAddress::Fixed(ip)) => vec![ip],
+                _ => Vec::new(),
+            },
         }
     }
 }
@@ -60,12 +70,12 @@ fn quoted(s: &str) -> String {
 
 /// The launch configuration written to `/etc/microk8s.yaml` (A8) with `token` as its
 /// `persistentClusterToken`.
-pub fn render_launch_config(token: &str, addons: &LaunchAddons) -> String {
+pub fn render_launch_config(token: &str, settings: &LaunchSettings) -> String {
     let mut s = format!(
         "---\nversion: 0.2.0\npersistentClusterToken: {}\n",
         quoted(token)
     );
-    match &addons.dns {
+    match &settings.dns {
         None => s.push_str("addons: []\n"),
         Some(args) => {
             s.push_str("addons:\n  - name: dns\n");
@@ -78,6 +88,14 @@ pub fn render_launch_config(token: &str, addons: &LaunchAddons) -> String {
     s.push_str(
         "extraKubeletArgs:\n  --cluster-domain: cluster.local\n  --cluster-dns: 10.152.183.10\n",
     );
+    if !settings.extra_sans.is_empty() {
+        let list: Vec<String> = settings
+            .extra_sans
+            .iter()
+            .map(|ip| quoted(&ip.to_string()))
+            .collect();
+        s.push_str(&format!("extraSANs: [{}]\n", list.join(", ")));
+    }
     s
 }
 
@@ -134,7 +152,7 @@ mod tests {
     fn launch_config_has_token_dns_and_kubelet_args() {
         let v = yaml(&render_launch_config(
             &"f".repeat(64),
-            &LaunchAddons::default(),
+            &LaunchSettings::default(),
         ));
         assert_eq!(v["persistentClusterToken"].as_str(), Some(&*"f".repeat(64)));
         assert_eq!(v["addons"][0]["name"].as_str(), Some("dns"));
@@ -151,8 +169,9 @@ mod tests {
 
     #[test]
     fn dns_upstreams_go_into_the_addon_args_ipv4_and_ipv6() {
-        let addons = LaunchAddons {
+        let addons = LaunchSettings {
             dns: Some(vec!["1.1.1.1,2606:4700::1111".into()]),
+            extra_sans: vec![],
         };
         let v = yaml(&render_launch_config(&"f".repeat(64), &addons));
         assert_eq!(v["addons"][0]["name"].as_str(), Some("dns"));
@@ -162,9 +181,25 @@ mod tests {
         );
         let off = yaml(&render_launch_config(
             &"f".repeat(64),
-            &LaunchAddons { dns: None },
+            &LaunchSettings {
+                dns: None,
+                extra_sans: vec![],
+            },
         ));
         assert_eq!(off["addons"].as_sequence().map(Vec::len), Some(0));
+    }
+
+    #[test]
+    fn a_fixed_api_address_is_a_san() {
+        let settings = LaunchSettings {
+            extra_sans: vec!["192.0.2.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+            ..LaunchSettings::default()
+        };
+        let v = yaml(&render_launch_config(&"f".repeat(64), &settings));
+        assert_eq!(v["extraSANs"][0].as_str(), Some("192.0.2.10"));
+        assert_eq!(v["extraSANs"][1].as_str(), Some("fd00::10"));
+        let none = render_launch_config(&"f".repeat(64), &LaunchSettings::default());
+        assert!(!none.contains("extraSANs"), "{none}");
     }
 
     #[test]
@@ -172,8 +207,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("microk8s.yaml");
         assert!(!rewrite_launch_config_token(&p, &"b".repeat(64)).unwrap());
-        let addons = LaunchAddons {
+        let addons = LaunchSettings {
             dns: Some(vec!["9.9.9.9".into()]),
+            extra_sans: vec!["192.0.2.10".parse().unwrap()],
         };
         std::fs::write(&p, render_launch_config(&"a".repeat(64), &addons)).unwrap();
         assert!(rewrite_launch_config_token(&p, &"b".repeat(64)).unwrap());

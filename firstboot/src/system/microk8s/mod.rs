@@ -56,7 +56,7 @@ use futures_util::future::BoxFuture;
 use rackseed_host::command::{Cmd, CmdError, Output};
 use rackseed_protocol::secret::ClusterSecret;
 
-pub use launch::{render_launch_config, rewrite_launch_config_token, LaunchAddons};
+pub use launch::{render_launch_config, rewrite_launch_config_token, LaunchSettings};
 pub use parse::{
     AddonState, DatastoreNode, DqliteMember, DqliteRole, K8sNode, NodeRole, ParseError,
     RunningStatus, Status,
@@ -421,8 +421,8 @@ pub struct RealMicrok8sConfig {
     pub dqlite_backend: PathBuf,
     /// Where to write the launch config. Default [`DEFAULT_LAUNCH_CONFIG`].
     pub launch_config: PathBuf,
-    /// What the launch config enables (dns and its upstreams). Default: dns, no arguments.
-    pub launch_addons: LaunchAddons,
+    /// What the launch config holds besides the token (dns upstreams, SANs). Default: dns.
+    pub launch_settings: LaunchSettings,
     /// The cluster agent's certificate. Default [`DEFAULT_CLUSTER_AGENT_CERT`].
     pub cluster_agent_cert: PathBuf,
     /// Timeout of `snap install`. Default 20 min (slow SD cards).
@@ -443,7 +443,7 @@ impl Default for RealMicrok8sConfig {
             dqlite: DEFAULT_DQLITE.into(),
             dqlite_backend: DEFAULT_DQLITE_BACKEND.into(),
             launch_config: DEFAULT_LAUNCH_CONFIG.into(),
-            launch_addons: LaunchAddons::default(),
+            launch_settings: LaunchSettings::default(),
             cluster_agent_cert: DEFAULT_CLUSTER_AGENT_CERT.into(),
             install_timeout: Duration::from_secs(20 * 60),
             join_timeout: Duration::from_secs(10 * 60),
@@ -497,7 +497,7 @@ impl RealMicrok8s {
         };
         write_private_file(
             path,
-            render_launch_config(&secret.microk8s_token(), &self.config.launch_addons)
+            render_launch_config(&secret.microk8s_token(), &self.config.launch_settings)
                 .as_bytes(),
         )
         .map_err(err)
