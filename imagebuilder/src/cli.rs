@@ -296,11 +296,13 @@ fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<()> {
 fn flash(req: crate::flash::FlashRequest) -> anyhow::Result<()> {
     let r = crate::flash::flash(&req, &crate::flash::SystemBlockInfo)?;
     println!(
-        "flashed {}: wrote {} bytes of {} and verified {} bytes",
+        "flashed {}: wrote {} bytes of {} in {:.2} s and verified {} bytes in {:.2} s",
         req.device.display(),
         r.written_bytes,
         r.image_size,
-        r.verified_bytes
+        r.write_time.as_secs_f64(),
+        r.verified_bytes,
+        r.verify_time.as_secs_f64()
     );
     Ok(())
 }

@@ -3,30 +3,37 @@
 //! - Only the blocks listed in the image's `.bmap` ([`bmap`]: bmaptool's format, version 2.x,
 //!   every number checked) are written, and each range is checked against the bmap's SHA-256
 //!   while it is read from the image, so a corrupt image is caught before the device is
-//!   trusted with it.
+//!   trusted with it. A raw image is read only at its mapped ranges (its holes are skipped);
+//!   reading, hashing and writing run on three threads ([`copy`]), so the write pass goes at
+//!   the pace of the slowest of them, which for a card is the card.
 //! - After writing, the device's page cache is flushed and dropped and every mapped range is read
-//!   back and compared with the bmap checksum.
+//!   back and compared with the bmap checksum (the same engine, without the writer): this
+//!   catches a card that claims more room than it has, which wraps writes around and keeps
+//!   only the last.
 //! - The device is opened exclusively and checked through that descriptor ([`target`]):
 //!   refused when mounted in any mount namespace, swap, held by LVM/RAID/dm, under the running
 //!   system, smaller than the image, a partition (unless `--allow-partition`) or a regular
 //!   file (unless `--allow-file`). The checks run again after the confirmation prompt, right
 //!   before the first write.
 //! - It asks for confirmation unless `--yes`; without a terminal and without `--yes` it refuses.
+//! - A write pass that stops part-way (a device error, a truncated or corrupt image) says that
+//!   the device holds part of the image and must be flashed again.
 //!
 //! The image may be a raw `.img`, or `.img.xz` / `.img.zst` (decompressed as a stream: bmap
 //! ranges are in ascending order, so no temporary file is needed). To support another
 //! compression, add a reader in [`open_image`].
 
 pub mod bmap;
+pub mod copy;
 pub mod target;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 
 pub use bmap::{Bmap, BmapRange};
 pub use target::{
@@ -55,6 +62,10 @@ pub struct FlashReport {
     pub written_bytes: u64,
     pub verified_bytes: u64,
     pub image_size: u64,
+    /// The write pass, from the first read of the image to the end of the device's `fsync`.
+    pub write_time: Duration,
+    /// The read-back, from dropping the device's cached pages to the last range checked.
+    pub verify_time: Duration,
 }
 
 /// The bmap path next to an image: `x.img`, `x.img.xz`, `x.img.zst` -> `x.img.bmap`... as
@@ -69,18 +80,36 @@ pub fn default_bmap_path(image: &Path) -> PathBuf {
     PathBuf::from(format!("{base}.bmap"))
 }
 
-/// Opens an image for sequential reading, decompressing `.xz` / `.zst` on the fly.
-pub fn open_image(path: &Path) -> Result<Box<dyn Read>> {
+/// An opened image: a raw one is read at each range's offset, so its holes are skipped; a
+/// compressed one is a stream, decompressed through its holes.
+pub enum ImageReader {
+    Raw(File),
+    Stream(Box<dyn Read + Send>),
+}
+
+/// Opens an image by its name: `.xz` and `.zst` are decompressed on the fly, anything else
+/// is raw.
+pub fn open_image(path: &Path) -> Result<ImageReader> {
     let f = File::open(path).with_context(|| format!("opening image {}", path.display()))?;
-    let f = std::io::BufReader::with_capacity(1 << 20, f);
     let name = path.to_string_lossy();
-    Ok(if name.ends_with(".xz") {
+    let compressed = name.ends_with(".xz") || name.ends_with(".zst");
+    if !compressed {
+        // Ranges are read in ascending order: let the kernel read ahead generously.
+        nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        )
+        .with_context(|| format!("advising the kernel on {}", path.display()))?;
+        return Ok(ImageReader::Raw(f));
+    }
+    let f = std::io::BufReader::with_capacity(1 << 20, f);
+    Ok(ImageReader::Stream(if name.ends_with(".xz") {
         Box::new(liblzma::read::XzDecoder::new_multi_decoder(f))
-    } else if name.ends_with(".zst") {
-        Box::new(zstd::stream::read::Decoder::with_buffer(f).context("reading zstd header")?)
     } else {
-        Box::new(f)
-    })
+        Box::new(zstd::stream::read::Decoder::with_buffer(f).context("reading zstd header")?)
+    }))
 }
 
 fn progress_bar(enabled: bool, total: u64, msg: &'static str) -> ProgressBar {
@@ -131,14 +160,27 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
     // the first write.
     target.check(info, bmap.image_size)?;
     let is_file = matches!(target.kind, TargetKind::File(_));
-    let mut dev = target.file;
+    let dev = target.file;
     if is_file && target.size < bmap.image_size {
         dev.set_len(bmap.image_size)?;
     }
 
-    let written = write_ranges(&bmap, &req.image, &mut dev, req.progress)?;
-    dev.sync_all()
-        .with_context(|| format!("flushing {}", req.device.display()))?;
+    let started = Instant::now();
+    let written = write_ranges(&bmap, &req.image, &req.device, &dev, req.progress)
+        .and_then(|n| {
+            dev.sync_all()
+                .with_context(|| format!("flushing {}", req.device.display()))?;
+            Ok(n)
+        })
+        .with_context(|| {
+            format!(
+                "flashing stopped part-way: {} may hold part of the image and will not boot \
+                 until it is flashed completely",
+                req.device.display()
+            )
+        })?;
+    let write_time = started.elapsed();
+    let started = Instant::now();
     // Drop the cached pages so the read-back comes from the device, not from memory.
     nix::fcntl::posix_fadvise(
         &dev,
@@ -147,89 +189,54 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     )
     .with_context(|| format!("dropping cached pages of {}", req.device.display()))?;
-    let verified = verify_ranges(&bmap, &mut dev, req.progress)
+    let verified = verify_ranges(&bmap, &req.device, &dev, req.progress)
         .with_context(|| format!("verifying {}", req.device.display()))?;
     Ok(FlashReport {
         written_bytes: written,
         verified_bytes: verified,
         image_size: bmap.image_size,
+        write_time,
+        verify_time: started.elapsed(),
     })
 }
 
-fn write_ranges(bmap: &Bmap, image: &Path, dev: &mut File, progress: bool) -> Result<u64> {
-    let mut src = open_image(image)?;
-    let pb = progress_bar(progress, bmap.mapped_bytes(), "writing");
-    let mut pos = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for r in &bmap.ranges {
-        let (start, end) = (r.start, r.end);
-        // Skip the unmapped gap in the (possibly compressed) stream.
-        let skipped = std::io::copy(&mut (&mut src).take(start - pos), &mut std::io::sink())?;
-        ensure!(
-            skipped == start - pos,
-            "image {} ends at byte {} but the block map expects {} bytes",
-            image.display(),
-            pos + skipped,
-            bmap.image_size
-        );
-        dev.seek(SeekFrom::Start(start))?;
-        let mut hasher = Sha256::new();
-        let mut left = end - start;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n]).with_context(|| {
-                format!(
-                    "image {} is shorter than its block map says ({} bytes)",
-                    image.display(),
-                    bmap.image_size
-                )
-            })?;
-            hasher.update(&buf[..n]);
-            dev.write_all(&buf[..n])?;
-            left -= n as u64;
-            pb.inc(n as u64);
+/// Reads the image's mapped ranges, checks their checksums and writes them to `dev`.
+fn write_ranges(
+    bmap: &Bmap,
+    image: &Path,
+    device: &Path,
+    dev: &File,
+    progress: bool,
+) -> Result<u64> {
+    let raw;
+    let source = match open_image(image)? {
+        ImageReader::Raw(f) => {
+            let len = f.metadata()?.len();
+            ensure!(
+                len >= bmap.image_size,
+                "image {} is shorter than its block map says ({} bytes, the file has {len})",
+                image.display(),
+                bmap.image_size
+            );
+            raw = f;
+            copy::Source::At(&raw)
         }
-        let got = hex::encode(hasher.finalize());
-        ensure!(
-            got == r.sha256,
-            "image {} blocks {}-{}: checksum {got} does not match the block map's {}; the image is corrupt",
-            image.display(),
-            r.first,
-            r.last,
-            r.sha256
-        );
-        pos = end;
-    }
+        ImageReader::Stream(s) => copy::Source::Stream(s),
+    };
+    let pb = progress_bar(progress, bmap.mapped_bytes(), "writing");
+    let pass = copy::Pass::Write { image, device };
+    let written = copy::run(bmap, source, Some(dev), pass, &pb)?;
     pb.finish_and_clear();
-    Ok(bmap.mapped_bytes())
+    Ok(written)
 }
 
-fn verify_ranges(bmap: &Bmap, dev: &mut File, progress: bool) -> Result<u64> {
+/// Reads every mapped range back from `dev` and checks its checksum.
+fn verify_ranges(bmap: &Bmap, device: &Path, dev: &File, progress: bool) -> Result<u64> {
     let pb = progress_bar(progress, bmap.mapped_bytes(), "verifying");
-    let mut buf = vec![0u8; 1 << 20];
-    for r in &bmap.ranges {
-        let (start, end) = (r.start, r.end);
-        dev.seek(SeekFrom::Start(start))?;
-        let mut hasher = Sha256::new();
-        let mut left = end - start;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            dev.read_exact(&mut buf[..n])?;
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-            pb.inc(n as u64);
-        }
-        let got = hex::encode(hasher.finalize());
-        ensure!(
-            got == r.sha256,
-            "read-back of blocks {}-{} gives {got}, expected {}; the device did not keep what was written",
-            r.first,
-            r.last,
-            r.sha256
-        );
-    }
+    let pass = copy::Pass::ReadBack { device };
+    let verified = copy::run(bmap, copy::Source::At(dev), None, pass, &pb)?;
     pb.finish_and_clear();
-    Ok(bmap.mapped_bytes())
+    Ok(verified)
 }
 
 #[cfg(test)]
