@@ -136,8 +136,9 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
-/// A request signed for one nonce; sending it twice fails the second time.
-#[derive(Debug, Clone)]
+/// A request signed for one nonce; sending it twice fails the second time. `Debug` leaves
+/// the body out (a rotation step carries a secret).
+#[derive(Clone)]
 pub struct SignedRequest {
     pub method: String,
     pub path: String,
@@ -145,6 +146,17 @@ pub struct SignedRequest {
     pub nonce: String,
     pub auth: String,
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for SignedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("node", &self.node)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Talks to peers' coordinators. Cheap to share (`Arc`); keeps one HTTP client per pin.
