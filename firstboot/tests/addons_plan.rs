@@ -21,6 +21,7 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             join_parallelism: 8,
             secret_file: PathBuf::from("/etc/rackseed/cluster.secret"),
             api_address: None,
+            standbys: 3,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),
@@ -264,7 +265,7 @@ fn storage_addons_in_order_after_dns_and_metallb() {
 }
 
 #[test]
-fn longhorn_is_a_manual_helm_step_that_needs_internet() {
+fn longhorn_is_the_agents_own_step_after_dns() {
     let cfg = config(addons(&[], None, Storage::Longhorn), Target::Rpi5, 3);
     let plan = plan_addon_enables(&cfg, &PlanContext::default()).unwrap();
     assert_eq!(
@@ -272,32 +273,29 @@ fn longhorn_is_a_manual_helm_step_that_needs_internet() {
             .iter()
             .map(|e| e.name.as_str())
             .collect::<Vec<_>>(),
-        ["dns"]
+        ["dns", "longhorn"]
     );
-    assert_eq!(plan.manual.len(), 1);
-    let step = &plan.manual[0];
-    assert_eq!(step.name, "longhorn");
-    assert!(step.needs_internet);
-    let install = step.commands.last().unwrap();
-    assert!(install.contains("helm3 install longhorn longhorn/longhorn"));
-    assert!(install.contains(&format!("csi.kubeletRootDir={MICROK8S_KUBELET_DIR}")));
+    assert!(plan.manual.is_empty());
     assert_eq!(
         MICROK8S_KUBELET_DIR,
         "/var/snap/microk8s/common/var/lib/kubelet"
     );
-    // The manual step shows in status and is never returned as something to run.
+    // It runs like any other step, once, after dns.
     let mut p = AddonProgress::new(plan);
-    assert_eq!(next_addon_to_enable(&p).unwrap().name, "dns");
-    p.mark_enabling("dns").unwrap();
-    record_result(&mut p, "dns", Ok(())).unwrap();
+    for name in ["dns", "longhorn"] {
+        assert_eq!(next_addon_to_enable(&p).unwrap().name, name);
+        p.mark_enabling(name).unwrap();
+        record_result(&mut p, name, Ok(())).unwrap();
+    }
     assert!(next_addon_to_enable(&p).is_none());
-    let status = p.status_lines();
-    assert_eq!(status[0], "dns: enabled");
-    assert!(status[1].starts_with("longhorn: manual step (needs internet): "));
+    assert_eq!(p.status_lines(), ["dns: enabled", "longhorn: enabled"]);
     let notes = prerequisite_notes(&cfg);
     assert!(notes
         .iter()
-        .any(|n| n.starts_with("longhorn:") && n.contains("internet")));
+        .any(|n| n.starts_with("longhorn: installed by firstboot")
+            && n.contains("chart 1.7.2")
+            && n.contains("iscsid running")
+            && n.contains("not staged")));
     assert!(notes
         .iter()
         .any(|n| n.contains("add open-iscsi and nfs-common to image.base.packages")));

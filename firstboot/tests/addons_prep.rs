@@ -159,60 +159,7 @@ fn mayastor_reports_fragmented_memory_and_a_kernel_without_nvme_tcp() {
     assert_eq!(kernel.calls(), ["sysctl -w vm.nr_hugepages=1024"]);
 }
 
-#[test]
-fn longhorn_reports_missing_packages_and_the_fix() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    FakeRoot {
-        dpkg_installed: Some(vec!["nfs-common".into()]),
-        ..Default::default()
-    }
-    .write(root)
-    .unwrap();
-    let kernel = FakeKernel::new(root);
-    let r = prepare(root, Storage::Longhorn, Target::X86_64Efi, &kernel);
-    assert!(!r.ok);
-    assert_eq!(
-        r.problems,
-        ["longhorn: open-iscsi not installed on this node (every longhorn node needs them)"]
-    );
-    assert!(r.fixes[0].starts_with("apt-get install -y open-iscsi"));
-    assert!(r.notes[0].contains("needs internet"), "{r:?}");
-    assert!(kernel.calls().is_empty());
-
-    FakeRoot {
-        dpkg_installed: Some(vec!["open-iscsi".into(), "nfs-common".into()]),
-        ..Default::default()
-    }
-    .write(root)
-    .unwrap();
-    let r = prepare(root, Storage::Longhorn, Target::X86_64Efi, &kernel);
-    assert!(r.ok, "{r:?}");
-}
-
-#[test]
-fn longhorn_without_dpkg_looks_for_the_binaries() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    FakeRoot {
-        dpkg_installed: None,
-        ..Default::default()
-    }
-    .write(root)
-    .unwrap();
-    std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
-    std::fs::write(root.join("usr/sbin/iscsiadm"), "").unwrap();
-    let r = prepare(
-        root,
-        Storage::Longhorn,
-        Target::X86_64Efi,
-        &FakeKernel::new(root),
-    );
-    assert_eq!(
-        r.problems,
-        ["longhorn: nfs-common not installed on this node (every longhorn node needs them)"]
-    );
-}
+// Longhorn's preparation is tested in addons_longhorn.rs.
 
 #[test]
 fn rook_ceph_names_its_prerequisites() {

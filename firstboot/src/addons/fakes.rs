@@ -4,6 +4,12 @@
 //! - [`FakeKernel`]: a kernel whose state is a fake root directory: `sysctl vm.nr_hugepages`
 //!   updates `proc/meminfo` (up to an optional limit, to act out fragmented memory), `modprobe`
 //!   succeeds only for modules in `modules.dep` and then lists them in `proc/modules`.
+//!   systemd: a unit starts only when its unit file is installed (`lib/systemd/system/`) and it
+//!   is not made to fail ([`FakeKernel::with_failing_unit`]); active units are marked in
+//!   `run/fake-systemd/`. `dpkg -i` installs a staged file named `NAME_VERSION_ARCH.deb` into
+//!   `var/lib/dpkg/status` with the files [`package_files`] lists, and fails like dpkg for a
+//!   file whose content is not a package (anything but `fake-deb`). Free space is a set figure
+//!   (100 GiB unless [`FakeKernel::with_free_space`]).
 //! - [`FakeRoot`]: writes such a root directory (kernel release, modules, meminfo, cgroups,
 //!   dpkg status).
 //!
@@ -67,7 +73,42 @@ pub struct FakeKernel {
     root: PathBuf,
     /// At most this many hugepages can be reserved at run time.
     hugepages_limit: Option<u64>,
+    failing_units: Vec<String>,
+    free_bytes: u64,
     calls: Mutex<Vec<String>>,
+}
+
+/// What a fake package puts on the root: binaries and systemd units.
+pub fn package_files(pkg: &str) -> &'static [&'static str] {
+    match pkg {
+        "open-iscsi" => &["usr/sbin/iscsiadm", "lib/systemd/system/iscsid.service"],
+        "nfs-common" => &["usr/sbin/mount.nfs"],
+        "lvm2" => &["usr/sbin/lvm"],
+        "multipath-tools" => &[
+            "usr/sbin/multipathd",
+            "lib/systemd/system/multipathd.service",
+        ],
+        _ => &[],
+    }
+}
+
+/// The content of a staged fake `.deb` that `dpkg -i` accepts.
+pub const FAKE_DEB: &[u8] = b"fake-deb";
+
+fn install_package(root: &Path, pkg: &str) -> anyhow::Result<()> {
+    for f in package_files(pkg) {
+        let p = root.join(f);
+        std::fs::create_dir_all(p.parent().expect("package files have parents"))?;
+        std::fs::write(&p, "")?;
+    }
+    let status = root.join("var/lib/dpkg/status");
+    std::fs::create_dir_all(status.parent().expect("has a parent"))?;
+    let mut text = std::fs::read_to_string(&status).unwrap_or_default();
+    text.push_str(&format!(
+        "Package: {pkg}\nStatus: install ok installed\nVersion: 1.0\n\n"
+    ));
+    std::fs::write(&status, text)?;
+    Ok(())
 }
 
 impl FakeKernel {
@@ -75,8 +116,32 @@ impl FakeKernel {
         FakeKernel {
             root: root.to_owned(),
             hugepages_limit: None,
+            failing_units: Vec::new(),
+            free_bytes: 100 << 30,
             calls: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Starting `unit` fails (as a daemon that exits at once would).
+    pub fn with_failing_unit(mut self, unit: &str) -> Self {
+        self.failing_units.push(unit.to_owned());
+        self
+    }
+
+    /// Every filesystem has `bytes` available.
+    pub fn with_free_space(mut self, bytes: u64) -> Self {
+        self.free_bytes = bytes;
+        self
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().expect("call log lock").push(call);
+    }
+
+    fn active_marker(&self, unit: &str) -> PathBuf {
+        self.root
+            .join("run/fake-systemd")
+            .join(format!("{unit}.active"))
     }
 
     /// Acts out fragmented memory: no more than `limit` hugepages can be reserved.
@@ -147,6 +212,73 @@ impl KernelControl for FakeKernel {
         std::fs::write(&path, text)?;
         Ok(())
     }
+
+    async fn service_active(&self, unit: &str) -> anyhow::Result<bool> {
+        Ok(self.active_marker(unit).exists())
+    }
+
+    async fn start_service(&self, unit: &str) -> anyhow::Result<()> {
+        self.log(format!("systemctl enable --now {unit}"));
+        let file = format!("{unit}.service");
+        if ![
+            "lib/systemd/system",
+            "usr/lib/systemd/system",
+            "etc/systemd/system",
+        ]
+        .iter()
+        .any(|d| self.root.join(d).join(&file).exists())
+        {
+            bail!("Failed to enable unit: Unit file {file} does not exist.");
+        }
+        if self.failing_units.iter().any(|u| u == unit) {
+            bail!("Job for {file} failed because the control process exited with error code.");
+        }
+        let m = self.active_marker(unit);
+        std::fs::create_dir_all(m.parent().expect("has a parent"))?;
+        std::fs::write(m, "")?;
+        Ok(())
+    }
+
+    async fn reload_service(&self, unit: &str) -> anyhow::Result<()> {
+        self.log(format!("systemctl reload-or-restart {unit}"));
+        if !self.active_marker(unit).exists() {
+            bail!("Failed to reload-or-restart {unit}.service: Unit not active.");
+        }
+        Ok(())
+    }
+
+    async fn install_debs(&self, debs: &[PathBuf]) -> anyhow::Result<()> {
+        let names: Vec<String> = debs
+            .iter()
+            .map(|d| {
+                d.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        self.log(format!("dpkg -i {}", names.join(" ")));
+        for d in debs {
+            if std::fs::read(d)? != FAKE_DEB {
+                bail!(
+                    "dpkg-deb: error: '{}' is not a Debian format archive",
+                    d.display()
+                );
+            }
+        }
+        for d in debs {
+            let pkg = super::prep::deb_package_name(d).context("deb file name")?;
+            install_package(&self.root, pkg)?;
+        }
+        Ok(())
+    }
+
+    fn free_bytes(&self, path: &Path) -> anyhow::Result<u64> {
+        if !path.exists() {
+            bail!("statvfs {}: no such file or directory", path.display());
+        }
+        Ok(self.free_bytes)
+    }
 }
 
 /// Builds a fake root filesystem for node-preparation tests.
@@ -174,6 +306,7 @@ impl Default for FakeRoot {
                 "kernel/drivers/nvme/host/nvme-tcp.ko.zst".into(),
                 "kernel/drivers/net/vxlan/vxlan.ko.zst".into(),
                 "kernel/drivers/block/rbd.ko.zst".into(),
+                "kernel/drivers/scsi/iscsi_tcp.ko.zst".into(),
             ],
             builtin: vec!["kernel/fs/ext4/ext4.ko".into()],
             loaded: vec!["overlay".into()],
@@ -221,6 +354,11 @@ impl FakeRoot {
                 .map(|p| format!("Package: {p}\nStatus: install ok installed\nVersion: 1.0\n\n"))
                 .collect();
             put("var/lib/dpkg/status", status)?;
+            for p in pkgs {
+                for f in package_files(p) {
+                    put(f, String::new())?;
+                }
+            }
         }
         Ok(())
     }

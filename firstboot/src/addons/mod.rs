@@ -10,8 +10,11 @@
 //! - [`autorange`]: for `metallb.addresses = "auto"`, picks free IPv4 addresses at the top of the
 //!   node's subnet and ARP-probes each one through an [`autorange::AddressProber`].
 //! - [`plan`]: turns the configuration (plus the resolved auto range) into the exact
-//!   `microk8s enable` argument lists, in order, and the manual steps MicroK8s has no addon for
-//!   (Longhorn). Also [`plan::prerequisite_notes`] for `imagebuilder validate`.
+//!   `microk8s enable` argument lists, in order, and the `longhorn` step MicroK8s has no addon
+//!   for. Also [`plan::prerequisite_notes`] for `imagebuilder validate`.
+//! - [`longhorn`]: that step (Longhorn with MicroK8s' helm, CSI snapshots) and its health;
+//!   [`run_addon`] runs one planned step, `longhorn` through it and the rest through
+//!   `microk8s enable`.
 //! - [`progress`]: the persisted per-addon state (`pending` / `enabling` / `enabled` /
 //!   `failed`) that lets the driver resume after a crash mid-enable (enable is idempotent in
 //!   MicroK8s, so the addon that was `enabling` is simply run again).
@@ -24,6 +27,7 @@
 pub mod autorange;
 #[cfg(any(test, feature = "testing"))]
 pub mod fakes;
+pub mod longhorn;
 pub mod plan;
 pub mod prep;
 pub mod progress;
@@ -37,3 +41,45 @@ pub use plan::{
 };
 pub use prep::{prepare_node, KernelControl, Readiness};
 pub use progress::{next_addon_to_enable, record_result, AddonProgress, AddonState};
+
+use std::path::Path;
+
+use rackseed_config::ClusterConfig;
+
+use crate::system::microk8s::Microk8s;
+
+/// Runs one planned step on this (control-plane) node: [`plan::LONGHORN`] re-checks this
+/// node's Longhorn prerequisites through `kernel` (preparing what it can) and then runs
+/// [`longhorn::install`] with MicroK8s' helm and kubectl; every other step is `microk8s enable`.
+/// `root` is the host's root (`/` on a node); the staged folder `addons.offline` is found under
+/// it. The error is the reason shown in status.
+pub async fn run_addon<K: KernelControl>(
+    mk: &dyn Microk8s,
+    cfg: &ClusterConfig,
+    root: &Path,
+    state_dir: &Path,
+    kernel: &K,
+    step: &AddonEnable,
+) -> Result<String, String> {
+    if step.name != plan::LONGHORN {
+        return mk
+            .enable(&step.name, &step.args)
+            .await
+            .map(|o| format!("{o:?}"))
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+    }
+    let tools = mk
+        .cluster_tools()
+        .ok_or("longhorn: this microk8s adapter has no helm or kubectl")?;
+    let offline = cfg
+        .addons
+        .offline
+        .as_deref()
+        .map(|o| prep::under_root(root, o));
+    let local = prep::prepare_longhorn(root, &cfg.addons.longhorn, offline.as_deref(), kernel)
+        .await
+        .map_err(|e| format!("longhorn: checking this node: {:#}", anyhow::Error::from(e)))?;
+    let mut cfg = cfg.clone();
+    cfg.addons.offline = offline;
+    longhorn::install(mk, tools.as_ref(), &cfg, state_dir, &local).await
+}

@@ -1,5 +1,6 @@
 //! The addon plan: the exact `microk8s enable` argument lists, in order, for a configuration,
-//! plus the steps MicroK8s has no addon for (Longhorn), and the prerequisite notes that
+//! plus [`LONGHORN`], the one step MicroK8s has no addon for (the agent installs it with
+//! MicroK8s' helm, see [`super::longhorn`]), and the prerequisite notes that
 //! `imagebuilder validate` prints.
 //!
 //! Syntax choices (see the MicroK8s facts, A7):
@@ -36,8 +37,11 @@ pub const MAYASTOR_POOL_SIZE: &str = "20G";
 /// MicroK8s' kubelet root directory, which Longhorn's CSI driver must be told about.
 pub const MICROK8S_KUBELET_DIR: &str = "/var/snap/microk8s/common/var/lib/kubelet";
 
-/// Longhorn's public Helm chart repository (the install needs internet access to reach it).
+/// Longhorn's public Helm chart repository (used when the image staged no chart).
 pub const LONGHORN_CHART_REPO: &str = "https://charts.longhorn.io";
+
+/// The plan step that installs Longhorn ([`super::longhorn::install`], not `microk8s enable`).
+pub const LONGHORN: &str = "longhorn";
 
 /// One `microk8s enable` call: `microk8s enable <name> <args...>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,32 +159,10 @@ pub fn plan_addon_enables(cfg: &ClusterConfig, ctx: &PlanContext) -> Result<Addo
             vec!["--default-pool-size".into(), MAYASTOR_POOL_SIZE.into()],
         )),
         Storage::RookCeph => plan.enables.push(AddonEnable::new("rook-ceph", Vec::new())),
-        Storage::Longhorn => plan.manual.push(longhorn_step()),
+        // Not a MicroK8s addon (not in core, not in `community`): the agent's own step.
+        Storage::Longhorn => plan.enables.push(AddonEnable::new(LONGHORN, Vec::new())),
     }
     Ok(plan)
-}
-
-/// Longhorn is not a MicroK8s addon (not in core, not in `community`): a Helm install with the
-/// kubelet root dir pointed at MicroK8s' path.
-pub fn longhorn_step() -> ManualStep {
-    ManualStep {
-        name: "longhorn".into(),
-        summary: format!(
-            "longhorn is not a microk8s addon: install it with helm from {LONGHORN_CHART_REPO} \
-             (needs internet access); every node needs open-iscsi and nfs-common, and the csi \
-             kubelet root dir must be {MICROK8S_KUBELET_DIR}"
-        ),
-        commands: vec![
-            "microk8s enable helm3".into(),
-            format!("microk8s helm3 repo add longhorn {LONGHORN_CHART_REPO}"),
-            "microk8s helm3 repo update".into(),
-            format!(
-                "microk8s helm3 install longhorn longhorn/longhorn --namespace longhorn-system \
-                 --create-namespace --set csi.kubeletRootDir={MICROK8S_KUBELET_DIR}"
-            ),
-        ],
-        needs_internet: true,
-    }
 }
 
 /// Human-readable prerequisites of the configured addons, for `imagebuilder validate` and the
@@ -252,8 +234,19 @@ pub fn prerequisite_notes(cfg: &ClusterConfig) -> Vec<String> {
                 .into(),
         ),
         Storage::Longhorn => {
-            let step = longhorn_step();
-            notes.push(format!("{}: {}", step.name, step.summary));
+            notes.push(format!(
+                "longhorn: installed by firstboot with microk8s' helm (chart {}, {} replicas per \
+                 volume at most, the default StorageClass, data in {}, a VolumeSnapshotClass \
+                 {}); every node needs open-iscsi with iscsid running, nfs-common, the iscsi_tcp \
+                 module and {} GiB free there; the chart comes from addons.offline when staged, \
+                 else from {LONGHORN_CHART_REPO}, and the container images are pulled from their \
+                 registries (not staged)",
+                super::longhorn::CHART_VERSION,
+                super::longhorn::replica_count(usize::MAX),
+                cfg.addons.longhorn.data_path.display(),
+                super::longhorn::SNAPSHOT_CLASS,
+                cfg.addons.longhorn.min_free_space >> 30,
+            ));
             if let Base::Bootstrap { packages, .. } = &cfg.image.base {
                 let missing: Vec<&str> = ["open-iscsi", "nfs-common"]
                     .into_iter()

@@ -5,9 +5,11 @@
 //! Every path is relative to a `root` directory (`/` in production), so tests use a fake root
 //! filesystem: `proc/meminfo`, `proc/modules`, `proc/sys/kernel/osrelease`,
 //! `lib/modules/<release>/modules.{dep,builtin}`, `sys/fs/cgroup/cgroup.controllers`,
-//! `proc/cgroups`, `var/lib/dpkg/status`. Changes to the running kernel (sysctl, modprobe) go
-//! through [`KernelControl`], whose real implementation runs `sysctl -w` / `modprobe` through
-//! [`Cmd`] and whose fake (`addons::fakes::FakeKernel`) updates the fake root like a kernel.
+//! `proc/cgroups`, `var/lib/dpkg/status`. Changes to the running system (sysctl, modprobe,
+//! systemd units, staged packages) and the free-space query go through [`KernelControl`],
+//! whose real implementation runs `sysctl -w` / `modprobe` / `systemctl` / `dpkg -i` through
+//! [`Cmd`] (and `statvfs`) and whose fake (`addons::fakes::FakeKernel`) updates the fake root
+//! like the real system would.
 //!
 //! What it does:
 //! - mayastor: checks RAM (at least [`MAYASTOR_MIN_RAM_GIB`] GiB installed, i.e. `MemTotal` >=
@@ -15,9 +17,18 @@
 //!   `etc/sysctl.d/20-microk8s-hugepages.conf` and applies it with `sysctl -w` when fewer are
 //!   reserved, then re-reads `HugePages_Total`; checks the kernel has `nvme-tcp`, persists it in
 //!   `etc/modules-load.d/microk8s-mayastor.conf` and loads it with `modprobe`.
-//! - longhorn: checks `open-iscsi` and `nfs-common` are installed (dpkg status, else their
-//!   binaries); says it is a manual helm install that needs internet.
-//! - rook-ceph: checks `lvm2` and the `rbd` module; notes the raw disks and internet it needs.
+//! - longhorn ([`prepare_longhorn`]): `open-iscsi` and `nfs-common` installed (dpkg status,
+//!   else their binaries), installed first from the image's staged `.deb` files
+//!   (`addons.offline`, one `dpkg -i` of every staged package so their dependencies resolve
+//!   offline) when missing; `iscsid` active (`systemctl enable --now iscsid` when not); the
+//!   `iscsi_tcp` module loaded and persisted in [`LONGHORN_MODULES_CONF`]; multipathd, when
+//!   installed, told to leave Longhorn's `sd*` devices alone ([`MULTIPATH_BLACKLIST_CONF`],
+//!   the blacklist Longhorn's docs ask for, then `systemctl reload-or-restart multipathd` if it
+//!   runs); and at least `addons.longhorn.min-free-space` free on the filesystem that will
+//!   hold `addons.longhorn.data-path` (its nearest existing folder). Volume encryption (which
+//!   would need `dm_crypt`) is not configurable, so `dm_crypt` is not checked.
+//! - rook-ceph: `lvm2` (installed from the staged packages when missing) and the `rbd`
+//!   module; notes the raw disks and internet it needs.
 //! - rpi4/rpi5: memory cgroup enabled, `vxlan` module available, RAM above MicroK8s'
 //!   low-memory guard.
 //!
@@ -34,7 +45,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use rackseed_config::{Storage, Target};
+use rackseed_config::{Longhorn, Storage, Target};
 use rackseed_host::command::Cmd;
 
 /// The sysctl.d file MicroK8s' docs name for Mayastor's hugepages.
@@ -55,7 +66,17 @@ pub const PI_CGROUP_FLAGS: [&str; 2] = ["cgroup_enable=memory", "cgroup_memory=1
 /// Where the Pi's kernel command line lives (relative to root).
 pub const PI_CMDLINE: &str = "boot/firmware/cmdline.txt";
 
+/// The modules-load.d file for Longhorn's `iscsi_tcp`.
+pub const LONGHORN_MODULES_CONF: &str = "etc/modules-load.d/rackseed-longhorn.conf";
+/// The multipath drop-in (multipath.conf's default `config_dir` is `/etc/multipath/conf.d`).
+pub const MULTIPATH_BLACKLIST_CONF: &str = "etc/multipath/conf.d/rackseed-longhorn.conf";
+/// Its content: Longhorn's documented blacklist, so multipathd does not claim the `sd*`
+/// devices Longhorn's iSCSI volumes appear as.
+pub const MULTIPATH_BLACKLIST: &str = "# written by firstboot (rackseed): longhorn's volumes are \
+iSCSI disks named sd*; multipathd must not claim them\nblacklist {\n    devnode \"^sd[a-z0-9]+\"\n}\n";
+
 const KERNEL_CMD_TIMEOUT: Duration = Duration::from_secs(60);
+const DPKG_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Whether this node can host what the configuration asks for. `ok` is true exactly when
 /// `problems` is empty; every problem has a matching entry in `fixes` (same index) when a fix is
@@ -114,13 +135,23 @@ pub enum PrepError {
     Malformed { path: PathBuf, reason: String },
 }
 
-/// Changes to the running kernel.
+/// Changes to the running system, and what only it can tell (see the module docs).
 #[allow(async_fn_in_trait)] // used through generics only
 pub trait KernelControl {
     /// Sets a sysctl now (the persistent setting is a file written separately).
     async fn set_sysctl(&self, key: &str, value: &str) -> anyhow::Result<()>;
     /// Loads a kernel module now.
     async fn load_module(&self, module: &str) -> anyhow::Result<()>;
+    /// Whether a systemd unit is active (`systemctl is-active --quiet UNIT`).
+    async fn service_active(&self, unit: &str) -> anyhow::Result<bool>;
+    /// Enables and starts a unit (`systemctl enable --now UNIT`).
+    async fn start_service(&self, unit: &str) -> anyhow::Result<()>;
+    /// Makes a running unit read its configuration again (`systemctl reload-or-restart UNIT`).
+    async fn reload_service(&self, unit: &str) -> anyhow::Result<()>;
+    /// Installs local package files (`dpkg -i FILE…`), never from the network.
+    async fn install_debs(&self, debs: &[PathBuf]) -> anyhow::Result<()>;
+    /// Bytes available to root on the filesystem holding `path` (`statvfs`).
+    fn free_bytes(&self, path: &Path) -> anyhow::Result<u64>;
 }
 
 /// The real kernel: `sysctl -w key=value` and `modprobe <module>` through [`Cmd`].
@@ -143,13 +174,67 @@ impl KernelControl for HostKernel {
             .await?;
         Ok(())
     }
+
+    async fn service_active(&self, unit: &str) -> anyhow::Result<bool> {
+        let out = Cmd::new("systemctl", KERNEL_CMD_TIMEOUT)
+            .args(["is-active", "--quiet", unit])
+            .output()
+            .await?;
+        Ok(out.code() == Some(0))
+    }
+
+    async fn start_service(&self, unit: &str) -> anyhow::Result<()> {
+        Cmd::new("systemctl", KERNEL_CMD_TIMEOUT)
+            .args(["enable", "--now", unit])
+            .run()
+            .await?;
+        Ok(())
+    }
+
+    async fn reload_service(&self, unit: &str) -> anyhow::Result<()> {
+        Cmd::new("systemctl", KERNEL_CMD_TIMEOUT)
+            .args(["reload-or-restart", unit])
+            .run()
+            .await?;
+        Ok(())
+    }
+
+    async fn install_debs(&self, debs: &[PathBuf]) -> anyhow::Result<()> {
+        Cmd::new("dpkg", DPKG_TIMEOUT)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["--force-confold", "-i"])
+            .args(debs)
+            .run()
+            .await?;
+        Ok(())
+    }
+
+    fn free_bytes(&self, path: &Path) -> anyhow::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(path)?;
+        Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
+    }
 }
 
-/// Prepares this node for `storage` and runs the boot checks for `target`. `Err` only when a
-/// file could not be read or written; everything else ends up in the [`Readiness`].
+/// Prepares this node for `storage` with Longhorn's default settings and no staged packages,
+/// and runs the boot checks for `target`. See [`prepare_node_for`].
 pub async fn prepare_node<K: KernelControl>(
     root: &Path,
     storage: Storage,
+    target: Target,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    prepare_node_for(root, storage, &Longhorn::default(), None, target, kernel).await
+}
+
+/// Prepares this node for `storage` (Longhorn with `longhorn`'s settings; missing packages
+/// from the staged folder `offline`, an absolute path on the node, re-rooted under `root` like
+/// every other path) and runs the boot checks for `target`. `Err` only when a file could not
+/// be read or written; everything else ends up in the [`Readiness`].
+pub async fn prepare_node_for<K: KernelControl>(
+    root: &Path,
+    storage: Storage,
+    longhorn: &Longhorn,
+    offline: Option<&Path>,
     target: Target,
     kernel: &K,
 ) -> Result<Readiness, PrepError> {
@@ -157,13 +242,21 @@ pub async fn prepare_node<K: KernelControl>(
     if matches!(target, Target::Rpi4 | Target::Rpi5) {
         r.merge(check_raspberry_pi(root)?);
     }
+    let offline = offline.map(|o| under_root(root, o));
     match storage {
         Storage::None | Storage::Hostpath => {}
         Storage::Mayastor => r.merge(prepare_mayastor(root, kernel).await?),
-        Storage::Longhorn => r.merge(check_longhorn(root)?),
-        Storage::RookCeph => r.merge(check_rook_ceph(root)?),
+        Storage::Longhorn => {
+            r.merge(prepare_longhorn(root, longhorn, offline.as_deref(), kernel).await?)
+        }
+        Storage::RookCeph => r.merge(prepare_rook_ceph(root, offline.as_deref(), kernel).await?),
     }
     Ok(r)
+}
+
+/// `path` (absolute on the node) under `root`.
+pub fn under_root(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,59 +399,294 @@ fn sysctl_value(line: &str) -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 // longhorn, rook-ceph
 
-/// Longhorn's node prerequisites (see the module docs).
-pub fn check_longhorn(root: &Path) -> Result<Readiness, PrepError> {
-    let mut r = Readiness::default();
+/// A package and the binaries that show it is there when the root has no dpkg database.
+type PackageProbe = (&'static str, [&'static str; 2]);
+
+const LONGHORN_PACKAGES: [PackageProbe; 2] = [
+    ("open-iscsi", ["usr/sbin/iscsiadm", "sbin/iscsiadm"]),
+    ("nfs-common", ["usr/sbin/mount.nfs", "sbin/mount.nfs"]),
+];
+const ROOK_CEPH_PACKAGES: [PackageProbe; 1] = [("lvm2", ["usr/sbin/lvm", "sbin/lvm"])];
+
+/// Which of `needs` are not installed under `root`.
+fn missing_packages(root: &Path, needs: &[PackageProbe]) -> Result<Vec<&'static str>, PrepError> {
     let installed = installed_packages(root)?;
-    let needs = [
-        ("open-iscsi", ["usr/sbin/iscsiadm", "sbin/iscsiadm"]),
-        ("nfs-common", ["usr/sbin/mount.nfs", "sbin/mount.nfs"]),
-    ];
-    let missing: Vec<&str> = needs
+    Ok(needs
         .iter()
         .filter(|(pkg, bins)| match &installed {
             Some(set) => !set.contains(*pkg),
             None => !bins.iter().any(|b| root.join(b).exists()),
         })
         .map(|(pkg, _)| *pkg)
+        .collect())
+}
+
+/// The staged `.deb` files in `dir` (sorted), or none when the folder does not exist.
+pub fn staged_debs(dir: &Path) -> Result<Vec<PathBuf>, PrepError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PrepError::Read {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut debs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb") && p.is_file())
         .collect();
-    if !missing.is_empty() {
-        r.problem(
-            format!(
-                "longhorn: {} not installed on this node (every longhorn node needs them)",
-                missing.join(" and ")
-            ),
-            format!(
-                "apt-get install -y {} && systemctl enable --now iscsid (needs a package \
-                 source), or add them to image.base.packages",
-                missing.join(" ")
-            ),
-        );
+    debs.sort();
+    Ok(debs)
+}
+
+/// The package name of a `.deb` file named the Debian way (`NAME_VERSION_ARCH.deb`).
+pub fn deb_package_name(path: &Path) -> Option<&str> {
+    path.file_name()?.to_str()?.split('_').next()
+}
+
+/// Makes sure `needs` are installed: when some are missing and `offline` holds a staged `.deb`
+/// for each of them, installs every staged package in one `dpkg -i` (so their dependencies,
+/// staged beside them, resolve without a network) and checks again. What is still missing is
+/// a problem for `addon`.
+async fn ensure_packages<K: KernelControl>(
+    root: &Path,
+    addon: &str,
+    needs: &[PackageProbe],
+    offline: Option<&Path>,
+    kernel: &K,
+    r: &mut Readiness,
+) -> Result<(), PrepError> {
+    let missing = missing_packages(root, needs)?;
+    if missing.is_empty() {
+        return Ok(());
     }
-    let step = super::plan::longhorn_step();
-    r.note(format!(
-        "longhorn: manual step (needs internet): {}",
-        step.commands.join(" && ")
-    ));
+    let staged = match offline {
+        Some(dir) => staged_debs(dir)?,
+        None => Vec::new(),
+    };
+    let have_all = missing
+        .iter()
+        .all(|m| staged.iter().any(|d| deb_package_name(d) == Some(m)));
+    let mut install_error = None;
+    if have_all {
+        tracing::info!(packages = ?missing, debs = staged.len(), "installing staged packages");
+        if let Err(e) = kernel.install_debs(&staged).await {
+            install_error = Some(format!("{e:#}"));
+        }
+    }
+    let missing = missing_packages(root, needs)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" and ");
+    let problem = match (&install_error, offline) {
+        (Some(e), _) => format!("{addon}: installing the staged packages for {list} failed: {e}"),
+        (None, Some(dir)) if !have_all => format!(
+            "{addon}: {list} not installed on this node and not staged in {}",
+            dir.display()
+        ),
+        _ => format!("{addon}: {list} not installed on this node (every {addon} node needs them)"),
+    };
+    r.problem(
+        problem,
+        format!(
+            "apt-get install -y {} (needs a package source), or rebuild the image so it stages \
+             them (addons.offline, or image.base.packages for a bootstrapped base)",
+            missing.join(" ")
+        ),
+    );
+    Ok(())
+}
+
+/// Longhorn's node prerequisites, prepared where this node can (see the module docs).
+pub async fn prepare_longhorn<K: KernelControl>(
+    root: &Path,
+    settings: &Longhorn,
+    offline: Option<&Path>,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    ensure_packages(
+        root,
+        "longhorn",
+        &LONGHORN_PACKAGES,
+        offline,
+        kernel,
+        &mut r,
+    )
+    .await?;
+    if missing_packages(root, &LONGHORN_PACKAGES[..1])?.is_empty() {
+        ensure_iscsid(kernel, &mut r).await;
+    }
+    ensure_module(
+        root,
+        kernel,
+        "longhorn",
+        "iscsi_tcp",
+        LONGHORN_MODULES_CONF,
+        &mut r,
+    )
+    .await?;
+    blacklist_for_multipath(root, kernel, &mut r).await?;
+    check_free_space(root, settings, kernel, &mut r);
     Ok(r)
 }
 
-/// Rook-Ceph's node prerequisites (see the module docs).
-pub fn check_rook_ceph(root: &Path) -> Result<Readiness, PrepError> {
-    let mut r = Readiness::default();
-    if let Some(set) = installed_packages(root)? {
-        if !set.contains("lvm2") {
+async fn ensure_iscsid<K: KernelControl>(kernel: &K, r: &mut Readiness) {
+    if kernel.service_active("iscsid").await.unwrap_or(false) {
+        return;
+    }
+    let started = kernel.start_service("iscsid").await;
+    if kernel.service_active("iscsid").await.unwrap_or(false) {
+        return;
+    }
+    let why = match started {
+        Err(e) => format!(": {e:#}"),
+        Ok(()) => " (it was started but is not active)".into(),
+    };
+    r.problem(
+        format!("longhorn: iscsid is not running on this node{why}"),
+        "systemctl enable --now iscsid, then read journalctl -u iscsid",
+    );
+}
+
+/// Loads `module` (persisting it in `conf`) when the kernel has it; a problem for `addon` when
+/// it does not.
+async fn ensure_module<K: KernelControl>(
+    root: &Path,
+    kernel: &K,
+    addon: &str,
+    module: &str,
+    conf: &str,
+    r: &mut Readiness,
+) -> Result<(), PrepError> {
+    let release = kernel_release(root)?;
+    match module_status(root, &release, module)? {
+        ModuleStatus::Builtin => {}
+        ModuleStatus::Loaded | ModuleStatus::Available => {
+            let want = module_name(module);
+            ensure_setting_line(
+                &root.join(conf),
+                module,
+                |l| module_name(l.trim()) == want,
+                |_| true,
+            )?;
+            if module_status(root, &release, module)? == ModuleStatus::Loaded {
+                return Ok(());
+            }
+            let loaded = kernel.load_module(module).await;
+            if module_status(root, &release, module)? != ModuleStatus::Loaded {
+                r.problem(
+                    format!(
+                        "{addon}: the {module} kernel module could not be loaded{}",
+                        loaded.err().map(|e| format!(": {e:#}")).unwrap_or_default()
+                    ),
+                    format!("run `modprobe {module}` and read the kernel log (journalctl -k)"),
+                );
+            }
+        }
+        ModuleStatus::Missing => r.problem(
+            format!("{addon}: kernel {release} has no {module} module"),
+            format!("{} and reboot", modules_extra_install(&release)),
+        ),
+    }
+    Ok(())
+}
+
+/// Writes the multipath blacklist drop-in when multipathd is installed, and makes a running
+/// multipathd read it.
+async fn blacklist_for_multipath<K: KernelControl>(
+    root: &Path,
+    kernel: &K,
+    r: &mut Readiness,
+) -> Result<(), PrepError> {
+    let installed = match installed_packages(root)? {
+        Some(set) => set.contains("multipath-tools"),
+        None => ["usr/sbin/multipathd", "sbin/multipathd"]
+            .iter()
+            .any(|b| root.join(b).exists()),
+    };
+    if !installed {
+        return Ok(());
+    }
+    let path = root.join(MULTIPATH_BLACKLIST_CONF);
+    if read_optional(&path)?.as_deref() == Some(MULTIPATH_BLACKLIST) {
+        return Ok(());
+    }
+    write_atomic(&path, MULTIPATH_BLACKLIST.as_bytes())?;
+    if kernel.service_active("multipathd").await.unwrap_or(false) {
+        if let Err(e) = kernel.reload_service("multipathd").await {
             r.problem(
-                "rook-ceph: lvm2 is not installed on this node (ceph OSDs need it)",
-                "apt-get install -y lvm2, or add it to image.base.packages",
+                format!("longhorn: multipathd did not reload its blacklist: {e:#}"),
+                "systemctl restart multipathd",
             );
         }
-    } else if !root.join("usr/sbin/lvm").exists() && !root.join("sbin/lvm").exists() {
-        r.problem(
-            "rook-ceph: lvm2 is not installed on this node (ceph OSDs need it)",
-            "apt-get install -y lvm2, or add it to image.base.packages",
-        );
     }
+    Ok(())
+}
+
+/// The nearest folder of `path` (under `root`) that exists.
+fn nearest_existing(root: &Path, path: &Path) -> PathBuf {
+    let mut p = under_root(root, path);
+    while !p.exists() {
+        match p.parent() {
+            Some(parent) if parent.starts_with(root) => p = parent.to_owned(),
+            _ => return root.to_owned(),
+        }
+    }
+    p
+}
+
+fn check_free_space<K: KernelControl>(
+    root: &Path,
+    settings: &Longhorn,
+    kernel: &K,
+    r: &mut Readiness,
+) {
+    let at = nearest_existing(root, &settings.data_path);
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    match kernel.free_bytes(&at) {
+        Ok(free) if free >= settings.min_free_space => {}
+        Ok(free) => r.problem(
+            format!(
+                "longhorn: only {} free for {} (on the filesystem of {}); \
+                 addons.longhorn.min-free-space asks for {}",
+                gib(free),
+                settings.data_path.display(),
+                at.display(),
+                gib(settings.min_free_space)
+            ),
+            "free space there, put addons.longhorn.data-path on a larger disk, or lower \
+             addons.longhorn.min-free-space",
+        ),
+        Err(e) => r.problem(
+            format!(
+                "longhorn: cannot read the free space at {}: {e:#}",
+                at.display()
+            ),
+            "check that the data path's filesystem is mounted",
+        ),
+    }
+}
+
+/// Rook-Ceph's node prerequisites (see the module docs).
+pub async fn prepare_rook_ceph<K: KernelControl>(
+    root: &Path,
+    offline: Option<&Path>,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    ensure_packages(
+        root,
+        "rook-ceph",
+        &ROOK_CEPH_PACKAGES,
+        offline,
+        kernel,
+        &mut r,
+    )
+    .await?;
     let release = kernel_release(root)?;
     if module_status(root, &release, "rbd")? == ModuleStatus::Missing {
         r.problem(

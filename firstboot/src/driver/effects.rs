@@ -225,9 +225,11 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
 
 /// Node preparation: storage/hardware checks, then install MicroK8s and wait until it is ready.
 async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicBool) -> Result<()> {
-    let readiness = addons::prep::prepare_node(
+    let readiness = addons::prep::prepare_node_for(
         &agent.root,
         agent.config.addons.storage,
+        &agent.config.addons.longhorn,
+        agent.config.addons.offline.as_deref(),
         agent.config.image.target,
         &addons::prep::HostKernel,
     )
@@ -373,12 +375,16 @@ async fn enable_addons(
         progress.mark_enabling(&next.name)?;
         file.store(&progress)?;
         let _ = tasks.send(TaskResult::Addons(addon_rows(&progress))).await;
-        let result = agent
-            .microk8s
-            .enable(&next.name, &next.args)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+        let result = addons::run_addon(
+            agent.microk8s.as_ref(),
+            &agent.config,
+            &agent.root,
+            &agent.state_dir,
+            &addons::prep::HostKernel,
+            &next,
+        )
+        .await
+        .map(|done| tracing::info!(addon = %next.name, %done, "addon enabled"));
         addons::progress::record_result(&mut progress, &next.name, result)?;
         file.store(&progress)?;
         let _ = tasks.send(TaskResult::Addons(addon_rows(&progress))).await;

@@ -60,6 +60,70 @@ pub struct StatusDoc {
     /// the cluster has none.
     #[serde(default)]
     pub api_address: Option<ApiAddressView>,
+    /// The replicated storage's health as this control-plane node reads it (Longhorn); `None`
+    /// where it is not read (workers, other storage, before the install).
+    #[serde(default)]
+    pub storage: Option<StorageHealthView>,
+}
+
+/// Replicated storage health: whether it is installed and how its volumes stand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageHealthView {
+    /// The storage addon, e.g. `longhorn`.
+    pub storage: String,
+    /// Its helm release is `deployed`.
+    pub installed: bool,
+    /// `<chart>-<version>` of the release.
+    pub chart: Option<String>,
+    /// Volumes in all, and those whose replicas are all healthy.
+    pub volumes: u32,
+    pub healthy: u32,
+    /// Volumes running with fewer healthy replicas than wanted (name and wanted count).
+    pub degraded: Vec<String>,
+    /// Volumes with no healthy replica.
+    pub faulted: Vec<String>,
+    /// Detached volumes (their robustness is not known while detached).
+    pub detached: u32,
+    /// What could not be read, or why it is not installed.
+    pub problem: Option<String>,
+}
+
+impl StorageHealthView {
+    /// One line for tables and the page.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {}",
+            self.storage,
+            if self.installed {
+                "installed"
+            } else {
+                "not installed"
+            }
+        );
+        if let Some(c) = &self.chart {
+            s.push_str(&format!(" ({c})"));
+        }
+        if self.installed {
+            s.push_str(&format!(
+                ", {} volumes: {} healthy, {} degraded, {} faulted, {} detached",
+                self.volumes,
+                self.healthy,
+                self.degraded.len(),
+                self.faulted.len(),
+                self.detached
+            ));
+            for (what, names) in [("degraded", &self.degraded), ("faulted", &self.faulted)] {
+                if !names.is_empty() {
+                    s.push_str(&format!("; {what}: {}", names.join(", ")));
+                }
+            }
+        }
+        if let Some(p) = &self.problem {
+            s.push_str(&format!("; {p}"));
+        }
+        s
+    }
 }
 
 /// The floating API address on one node: whether this node holds it, and keepalived's state.

@@ -44,6 +44,7 @@
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 
+pub mod helm;
 pub mod launch;
 pub mod parse;
 
@@ -335,6 +336,11 @@ pub trait Microk8s: Send + Sync {
     /// The SHA-256 fingerprint (64 lowercase hex) of this node's cluster agent certificate,
     /// which joiners put in their join URL. Exists once MicroK8s is installed.
     fn cluster_agent_fingerprint(&self) -> BoxFuture<'_, Result<String, Microk8sError>>;
+    /// MicroK8s' bundled helm and kubectl ([`helm::ClusterTools`]); `None` where there are
+    /// none (the in-memory fake), and then nothing that needs them is attempted.
+    fn cluster_tools(&self) -> Option<std::sync::Arc<dyn helm::ClusterTools>> {
+        None
+    }
 }
 
 /// `$SNAP_DATA/credentials/persistent-cluster-tokens.txt`: the persistent join tokens the
@@ -660,6 +666,13 @@ fn refused_on_worker(out: &Output) -> bool {
 }
 
 impl Microk8s for RealMicrok8s {
+    fn cluster_tools(&self) -> Option<std::sync::Arc<dyn helm::ClusterTools>> {
+        Some(std::sync::Arc::new(helm::RealClusterTools::new(
+            &self.config.binary,
+            self.config.query_timeout,
+        )))
+    }
+
     fn is_installed(&self) -> BoxFuture<'_, Result<bool, Microk8sError>> {
         Box::pin(async move {
             // `snap list NAME` exits 0 when installed, 1 ("error: no matching snaps installed").

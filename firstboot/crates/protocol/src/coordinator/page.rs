@@ -115,6 +115,7 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
     render_microk8s(s, d);
     render_api_address(s, d);
     render_addons(s, d);
+    render_storage(s, d);
     render_problems(s, d);
     render_rejections(s, d);
     render_timeline(s, d);
@@ -267,6 +268,46 @@ fn render_api_address(s: &mut String, d: &StatusDoc) {
     );
 }
 
+/// Renders the "Storage" section (only where the node reads the storage's health): installed
+/// or not, the chart, volume counts and the degraded and faulted volumes by name.
+fn render_storage(s: &mut String, d: &StatusDoc) {
+    let Some(h) = &d.storage else { return };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.iter()
+                .map(|n| escape_html(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let _ = writeln!(
+        s,
+        "<h2>Storage</h2>\n<table id=\"storage\">\
+         <tr><th>storage</th><td>{}</td></tr>\
+         <tr><th>installed</th><td class=\"{}\">{}</td></tr>\
+         <tr><th>chart</th><td>{}</td></tr>\
+         <tr><th>volumes</th><td>{} ({} healthy, {} detached)</td></tr>\
+         <tr><th>degraded</th><td class=\"{}\">{}</td></tr>\
+         <tr><th>faulted</th><td class=\"{}\">{}</td></tr>\
+         <tr><th>problem</th><td class=\"{}\">{}</td></tr></table>",
+        escape_html(&h.storage),
+        if h.installed { "ok" } else { "bad" },
+        if h.installed { "yes" } else { "no" },
+        opt(&h.chart),
+        h.volumes,
+        h.healthy,
+        h.detached,
+        if h.degraded.is_empty() { "ok" } else { "bad" },
+        list(&h.degraded),
+        if h.faulted.is_empty() { "ok" } else { "bad" },
+        list(&h.faulted),
+        if h.problem.is_some() { "bad" } else { "ok" },
+        opt(&h.problem)
+    );
+}
+
 /// Renders the "Addons" section: each addon's state and reason.
 fn render_addons(s: &mut String, d: &StatusDoc) {
     let e = escape_html;
@@ -344,7 +385,8 @@ fn render_timeline(s: &mut String, d: &StatusDoc) {
 mod tests {
     use super::*;
     use crate::status::{
-        AddonRow, ApiAddressView, MemberRow, Microk8sView, PeerRow, TimelineEntry,
+        AddonRow, ApiAddressView, MemberRow, Microk8sView, PeerRow, StorageHealthView,
+        TimelineEntry,
     };
 
     const EVIL: &str = "<script>alert(1)</script>\"'&";
@@ -396,8 +438,50 @@ mod tests {
                 peers: vec![evil()],
                 problem: Some(evil()),
             }),
+            storage: Some(StorageHealthView {
+                storage: evil(),
+                chart: Some(evil()),
+                degraded: vec![evil()],
+                faulted: vec![evil()],
+                problem: Some(evil()),
+                ..Default::default()
+            }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn storage_health_shows_degraded_volumes() {
+        let doc = StatusDoc {
+            node_id: "node-a".into(),
+            storage: Some(StorageHealthView {
+                storage: "longhorn".into(),
+                installed: true,
+                chart: Some("longhorn-1.7.2".into()),
+                volumes: 3,
+                healthy: 1,
+                degraded: vec!["pvc-1 (3 replicas wanted)".into()],
+                detached: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let page = render_page(&serde_json::to_value(&doc).unwrap());
+        for want in [
+            "<table id=\"storage\">",
+            "<td>longhorn-1.7.2</td>",
+            "<td>3 (1 healthy, 1 detached)</td>",
+            "class=\"bad\">pvc-1 (3 replicas wanted)</td>",
+        ] {
+            assert!(page.contains(want), "{want} missing:\n{page}");
+        }
+        assert_eq!(
+            doc.storage.unwrap().summary(),
+            "longhorn: installed (longhorn-1.7.2), 3 volumes: 1 healthy, 1 degraded, 0 faulted, \
+             1 detached; degraded: pvc-1 (3 replicas wanted)"
+        );
+        let none = render_page(&serde_json::json!({"node_id": "n"}));
+        assert!(!none.contains("id=\"storage\""));
     }
 
     #[test]

@@ -1,0 +1,582 @@
+//! Longhorn, installed by the agent (once, on the control-plane node that enables the addons,
+//! after HA) with MicroK8s' own helm, and the CSI snapshot support that makes `kubectl`
+//! snapshots of its volumes work. Also the storage health shown in status.
+//!
+//! The install ([`install`]), each step safe to run again after a crash:
+//! 1. **Gate**: this node's own prerequisites ([`super::prep`], re-checked now) must be met, and
+//!    Kubernetes must list at least one Ready node; otherwise nothing is applied and the step
+//!    fails with the reason (the addon row in status shows it; the progress retries it).
+//! 2. The CSI snapshot CRDs (`snapshot.storage.k8s.io/v1`: VolumeSnapshotClass,
+//!    VolumeSnapshotContent, VolumeSnapshot), then `kubectl wait` until they are Established,
+//!    then the snapshot controller (RBAC + Deployment in `kube-system`). Longhorn's chart ships
+//!    the CSI snapshotter sidecar but neither the CRDs nor the controller; its docs ask for
+//!    them before snapshots work. Manifests are written by this module (atomically, under the
+//!    state folder) and applied with `microk8s kubectl apply -f`.
+//! 3. `microk8s helm3 upgrade --install longhorn … --version` [`CHART_VERSION`] in
+//!    `longhorn-system` (the chart's README: install in that namespace only) with a values file:
+//!    `persistence.defaultClass: true` (Longhorn's StorageClass becomes the default),
+//!    `persistence.defaultClassReplicaCount` = min(3, Ready nodes) ([`replica_count`]; the
+//!    chart's questions.yaml allows 1-10), `defaultSettings.defaultDataPath` =
+//!    `addons.longhorn.data-path`, and `csi.kubeletRootDir` = MicroK8s' kubelet folder (its
+//!    kubelet does not use `/var/lib/kubelet`). `--wait` makes helm fail when Longhorn's pods do
+//!    not come up, so a release that cannot run is reported, not assumed.
+//! 4. A VolumeSnapshotClass `longhorn-snapshot` for `driver.longhorn.io` with
+//!    `parameters.type: snap` (a Longhorn in-cluster snapshot; `bak` would be a backup, which
+//!    needs a backup target), applied once the CRDs exist.
+//!
+//! The chart comes from `addons.offline` when the image staged one
+//! (`longhorn-<CHART_VERSION>.tgz`, see `imagebuilder`'s customize step), else from
+//! Longhorn's chart repository (internet). **Container images are not staged**: the nodes
+//! still pull Longhorn's and the snapshot controller's images from their registries (or a
+//! mirror configured in containerd), so a fully offline install is not possible yet.
+//!
+//! Health ([`health`]): `helm list` says whether the release is deployed and which chart, and
+//! `kubectl get volumes.longhorn.io -n longhorn-system -o json` gives each volume's
+//! `status.robustness` (`healthy`, `degraded`, `faulted`, `unknown`) and its
+//! `spec.numberOfReplicas`.
+//!
+//! To change a value: edit [`render_values`] (and the simulator's `daemon/helm.rs`, which checks
+//! what the chart would refuse).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use rackseed_config::{ClusterConfig, Longhorn};
+use rackseed_protocol::status::StorageHealthView;
+
+use super::plan::{LONGHORN_CHART_REPO, MICROK8S_KUBELET_DIR};
+use super::prep::Readiness;
+use crate::system::microk8s::helm::{ChartSource, ClusterTools, HelmInstall};
+use crate::system::microk8s::Microk8s;
+
+/// The pinned chart version.
+pub const CHART_VERSION: &str = "1.7.2";
+pub const RELEASE: &str = "longhorn";
+pub const NAMESPACE: &str = "longhorn-system";
+/// Longhorn's CSI driver name.
+pub const CSI_DRIVER: &str = "driver.longhorn.io";
+/// The VolumeSnapshotClass this module creates.
+pub const SNAPSHOT_CLASS: &str = "longhorn-snapshot";
+/// How long helm waits for Longhorn's pods (`--wait --timeout`).
+pub const HELM_WAIT: Duration = Duration::from_secs(15 * 60);
+/// How long `kubectl wait` waits for the snapshot CRDs to be Established.
+pub const CRD_WAIT: Duration = Duration::from_secs(60);
+/// The snapshot controller's image (a mirror of the Kubernetes CSI project's
+/// `snapshot-controller` that needs no registry host in its name).
+pub const SNAPSHOT_CONTROLLER_IMAGE: &str =
+    "rancher/mirrored-sig-storage-snapshot-controller:v8.2.0";
+/// The three CRDs of `snapshot.storage.k8s.io`.
+pub const SNAPSHOT_CRDS: [&str; 3] = [
+    "volumesnapshotclasses.snapshot.storage.k8s.io",
+    "volumesnapshotcontents.snapshot.storage.k8s.io",
+    "volumesnapshots.snapshot.storage.k8s.io",
+];
+
+/// The staged chart's file name.
+pub fn chart_archive_name() -> String {
+    format!("longhorn-{CHART_VERSION}.tgz")
+}
+
+/// Replicas per volume: one per node that can hold one, at most 3.
+pub fn replica_count(nodes: usize) -> u32 {
+    nodes.clamp(1, 3) as u32
+}
+
+/// The chart: the staged archive when `offline` is set (and then it must be there: an image
+/// built for offline use never falls back to the internet), else the public repository.
+pub fn chart_source(offline: Option<&Path>) -> Result<ChartSource, String> {
+    match offline {
+        None => Ok(ChartSource::Repo {
+            url: LONGHORN_CHART_REPO.into(),
+            name: "longhorn".into(),
+        }),
+        Some(dir) => {
+            let path = dir.join(chart_archive_name());
+            if path.is_file() {
+                Ok(ChartSource::Archive { path })
+            } else {
+                Err(format!(
+                    "longhorn: the staged chart {} is missing (addons.offline is {}); rebuild \
+                     the image with the chart in that folder",
+                    path.display(),
+                    dir.display()
+                ))
+            }
+        }
+    }
+}
+
+/// The values file (YAML) for `settings` and `replicas` (see the module docs).
+pub fn render_values(settings: &Longhorn, replicas: u32) -> String {
+    let v = json!({
+        "persistence": {
+            "defaultClass": true,
+            "defaultClassReplicaCount": replicas,
+        },
+        "defaultSettings": {
+            "defaultDataPath": settings.data_path.display().to_string(),
+        },
+        "csi": { "kubeletRootDir": MICROK8S_KUBELET_DIR },
+    });
+    let body = serde_yaml::to_string(&v).expect("a JSON value always renders as YAML");
+    format!("# written by firstboot (rackseed): longhorn {CHART_VERSION}\n{body}")
+}
+
+/// The snapshot CRDs (structural schemas for the fields Kubernetes' CSI snapshot API defines).
+pub fn snapshot_crds_manifest() -> String {
+    let status = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    let policy = json!({"type": "string", "enum": ["Delete", "Retain"]});
+    let class_schema = json!({
+        "type": "object",
+        "required": ["driver", "deletionPolicy"],
+        "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "driver": {"type": "string"},
+            "deletionPolicy": policy,
+            "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
+        }
+    });
+    let content_schema = json!({
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": {
+                "type": "object",
+                "required": ["deletionPolicy", "driver", "source", "volumeSnapshotRef"],
+                "properties": {
+                    "deletionPolicy": policy,
+                    "driver": {"type": "string"},
+                    "volumeSnapshotClassName": {"type": "string"},
+                    "sourceVolumeMode": {"type": "string"},
+                    "source": {"type": "object", "properties": {
+                        "volumeHandle": {"type": "string"},
+                        "snapshotHandle": {"type": "string"}}},
+                    "volumeSnapshotRef": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                }
+            },
+            "status": status,
+        }
+    });
+    let snapshot_schema = json!({
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": {
+                "type": "object",
+                "required": ["source"],
+                "properties": {
+                    "volumeSnapshotClassName": {"type": "string"},
+                    "source": {"type": "object", "properties": {
+                        "persistentVolumeClaimName": {"type": "string"},
+                        "volumeSnapshotContentName": {"type": "string"}}},
+                }
+            },
+            "status": status,
+        }
+    });
+    let crd = |plural: &str, kind: &str, scope: &str, schema: &serde_json::Value, sub: bool| {
+        let mut version = json!({
+            "name": "v1", "served": true, "storage": true,
+            "schema": {"openAPIV3Schema": schema},
+        });
+        if sub {
+            version["subresources"] = json!({"status": {}});
+        }
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.snapshot.storage.k8s.io")},
+            "spec": {
+                "group": "snapshot.storage.k8s.io",
+                "scope": scope,
+                "names": {
+                    "plural": plural, "singular": kind.to_lowercase(), "kind": kind,
+                    "listKind": format!("{kind}List"),
+                },
+                "versions": [version],
+            }
+        })
+    };
+    yaml_docs(&[
+        crd(
+            "volumesnapshotclasses",
+            "VolumeSnapshotClass",
+            "Cluster",
+            &class_schema,
+            false,
+        ),
+        crd(
+            "volumesnapshotcontents",
+            "VolumeSnapshotContent",
+            "Cluster",
+            &content_schema,
+            true,
+        ),
+        crd(
+            "volumesnapshots",
+            "VolumeSnapshot",
+            "Namespaced",
+            &snapshot_schema,
+            true,
+        ),
+    ])
+}
+
+/// The snapshot controller: its service account, the permissions it needs on volumes, claims,
+/// snapshots and its leader-election lease, and a Deployment of one replica in `kube-system`.
+pub fn snapshot_controller_manifest() -> String {
+    let ns = "kube-system";
+    let name = "snapshot-controller";
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| json!({"apiGroups": groups, "resources": resources, "verbs": verbs});
+    let read = ["get", "list", "watch"];
+    let all = [
+        "create", "get", "list", "watch", "update", "patch", "delete",
+    ];
+    yaml_docs(&[
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": name, "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [
+            rule(&[""], &["persistentvolumes"], &read),
+            rule(&[""], &["persistentvolumeclaims"], &["get", "list", "watch", "update"]),
+            rule(&["storage.k8s.io"], &["storageclasses"], &read),
+            rule(&[""], &["events"], &["list", "watch", "create", "update", "patch"]),
+            rule(&["snapshot.storage.k8s.io"], &["volumesnapshotclasses"], &read),
+            rule(&["snapshot.storage.k8s.io"], &["volumesnapshotcontents", "volumesnapshots"], &all),
+            rule(&["snapshot.storage.k8s.io"],
+                 &["volumesnapshotcontents/status", "volumesnapshots/status"],
+                 &["update", "patch"]),
+        ]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": name},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+               "roleRef": {"kind": "ClusterRole", "name": name,
+                           "apiGroup": "rbac.authorization.k8s.io"}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": format!("{name}-leaderelection"), "namespace": ns},
+               "rules": [rule(&["coordination.k8s.io"], &["leases"], &all)]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-leaderelection"), "namespace": ns},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+               "roleRef": {"kind": "Role", "name": format!("{name}-leaderelection"),
+                           "apiGroup": "rbac.authorization.k8s.io"}}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "serviceAccountName": name,
+                    "containers": [{
+                        "name": name,
+                        "image": SNAPSHOT_CONTROLLER_IMAGE,
+                        "args": ["--v=2", "--leader-election=true",
+                                 format!("--leader-election-namespace={ns}")],
+                    }]
+                }
+            }
+        }}),
+    ])
+}
+
+/// The VolumeSnapshotClass for Longhorn.
+pub fn snapshot_class_manifest() -> String {
+    yaml_docs(&[json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotClass",
+        "metadata": {
+            "name": SNAPSHOT_CLASS,
+            "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
+        },
+        "driver": CSI_DRIVER,
+        "deletionPolicy": "Delete",
+        "parameters": {"type": "snap"},
+    })])
+}
+
+fn yaml_docs(docs: &[serde_json::Value]) -> String {
+    let mut out = String::from("# written by firstboot (rackseed)\n");
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(d).expect("a JSON value always renders as YAML"));
+    }
+    out
+}
+
+/// Where the install's files go: `<state>/storage/`.
+pub fn files_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("storage")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join(name);
+    rackseed_host::fs::write_atomic(&path, text.as_bytes(), 0o644)
+        .map_err(|e| format!("writing {}: {e:#}", path.display()))?;
+    Ok(path)
+}
+
+/// Installs Longhorn and snapshot support (see the module docs). `local` is this node's
+/// prerequisite verdict, checked just before. Returns a one-line summary, or why nothing (or
+/// not everything) was applied.
+pub async fn install(
+    mk: &dyn Microk8s,
+    tools: &dyn ClusterTools,
+    cfg: &ClusterConfig,
+    state_dir: &Path,
+    local: &Readiness,
+) -> Result<String, String> {
+    if !local.ok {
+        return Err(format!(
+            "waiting: this node does not meet longhorn's prerequisites, nothing was installed: {}",
+            local.problems.join("; ")
+        ));
+    }
+    let chart = chart_source(cfg.addons.offline.as_deref())?;
+    let nodes = mk
+        .nodes()
+        .await
+        .map_err(|e| format!("listing kubernetes nodes: {e}"))?;
+    let ready = nodes.iter().filter(|n| n.ready).count();
+    if ready == 0 {
+        return Err("waiting: kubernetes lists no Ready node; nothing was installed".into());
+    }
+    let replicas = replica_count(ready);
+    let dir = files_dir(state_dir);
+    let crds = write(&dir, "snapshot-crds.yaml", &snapshot_crds_manifest())?;
+    let controller = write(
+        &dir,
+        "snapshot-controller.yaml",
+        &snapshot_controller_manifest(),
+    )?;
+    let class = write(&dir, "snapshot-class.yaml", &snapshot_class_manifest())?;
+    let values = write(
+        &dir,
+        "longhorn-values.yaml",
+        &render_values(&cfg.addons.longhorn, replicas),
+    )?;
+    let step = |what: &'static str| move |e| format!("{what}: {e}");
+    tools
+        .kubectl_apply(&crds)
+        .await
+        .map_err(step("applying the snapshot CRDs"))?;
+    tools
+        .kubectl_wait_crds(&SNAPSHOT_CRDS, CRD_WAIT)
+        .await
+        .map_err(step("waiting for the snapshot CRDs"))?;
+    tools
+        .kubectl_apply(&controller)
+        .await
+        .map_err(step("applying the snapshot controller"))?;
+    tools
+        .helm_install(&HelmInstall {
+            release: RELEASE.into(),
+            namespace: NAMESPACE.into(),
+            chart,
+            version: CHART_VERSION.into(),
+            values_file: values,
+            wait: HELM_WAIT,
+        })
+        .await
+        .map_err(step("helm install of longhorn"))?;
+    tools
+        .kubectl_apply(&class)
+        .await
+        .map_err(step("applying the longhorn VolumeSnapshotClass"))?;
+    Ok(format!(
+        "longhorn {CHART_VERSION} installed: {replicas} replicas per volume on {ready} ready \
+         nodes, default StorageClass, snapshot class {SNAPSHOT_CLASS}"
+    ))
+}
+
+#[derive(Deserialize)]
+struct VolumeList {
+    items: Vec<RawVolume>,
+}
+
+#[derive(Deserialize)]
+struct RawVolume {
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: RawSpec,
+    #[serde(default)]
+    status: RawStatus,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawSpec {
+    number_of_replicas: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawStatus {
+    #[serde(default)]
+    robustness: String,
+    #[serde(default)]
+    state: String,
+}
+
+/// Folds `kubectl get volumes.longhorn.io -o json` into `view` (volume counts by robustness).
+/// A detached volume reports `unknown` robustness: it counts as neither healthy nor degraded.
+pub fn fold_volumes(json: &str, view: &mut StorageHealthView) -> Result<(), String> {
+    let list: VolumeList =
+        serde_json::from_str(json).map_err(|e| format!("longhorn volume list: {e}"))?;
+    view.volumes = list.items.len() as u32;
+    view.healthy = 0;
+    view.degraded.clear();
+    view.faulted.clear();
+    for v in list.items {
+        let replicas = v
+            .spec
+            .number_of_replicas
+            .map(|n| format!(" ({n} replicas wanted)"))
+            .unwrap_or_default();
+        match v.status.robustness.as_str() {
+            "healthy" => view.healthy += 1,
+            "degraded" => view.degraded.push(format!("{}{replicas}", v.metadata.name)),
+            "faulted" => view.faulted.push(format!("{}{replicas}", v.metadata.name)),
+            _ => view.detached += u32::from(v.status.state != "attached"),
+        }
+    }
+    Ok(())
+}
+
+/// Longhorn's health as this control-plane node sees it (see the module docs). Never fails:
+/// what could not be read is in `problem`.
+pub async fn health(tools: &dyn ClusterTools) -> StorageHealthView {
+    let mut view = StorageHealthView {
+        storage: "longhorn".into(),
+        ..Default::default()
+    };
+    match tools.helm_list(NAMESPACE).await {
+        Err(e) => {
+            view.problem = Some(format!("helm list: {e}"));
+            return view;
+        }
+        Ok(releases) => match releases.iter().find(|r| r.name == RELEASE) {
+            None => {
+                view.problem = Some("longhorn is not installed (no helm release)".into());
+                return view;
+            }
+            Some(r) => {
+                view.installed = r.status == "deployed";
+                view.chart = Some(r.chart.clone());
+                if !view.installed {
+                    view.problem = Some(format!("helm release longhorn is {}", r.status));
+                }
+            }
+        },
+    }
+    match tools
+        .kubectl_get_json("volumes.longhorn.io", Some(NAMESPACE))
+        .await
+    {
+        Ok(json) => {
+            if let Err(e) = fold_volumes(&json, &mut view) {
+                view.problem = Some(e);
+            }
+        }
+        Err(e) => view.problem = Some(format!("reading longhorn volumes: {e}")),
+    }
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_one_per_node_up_to_three() {
+        assert_eq!([0, 1, 2, 3, 4, 50].map(replica_count), [1, 1, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn values_set_the_default_class_replicas_data_path_and_kubelet_dir() {
+        let s = Longhorn {
+            data_path: "/srv/longhorn data".into(),
+            min_free_space: 1 << 30,
+        };
+        let v: serde_yaml::Value = serde_yaml::from_str(&render_values(&s, 2)).unwrap();
+        assert_eq!(
+            v["persistence"]["defaultClass"],
+            serde_yaml::Value::Bool(true)
+        );
+        assert_eq!(
+            v["persistence"]["defaultClassReplicaCount"].as_u64(),
+            Some(2)
+        );
+        assert_eq!(
+            v["defaultSettings"]["defaultDataPath"].as_str(),
+            Some("/srv/longhorn data")
+        );
+        assert_eq!(
+            v["csi"]["kubeletRootDir"].as_str(),
+            Some(MICROK8S_KUBELET_DIR)
+        );
+    }
+
+    #[test]
+    fn manifests_are_yaml_documents_with_kinds() {
+        for (m, n) in [
+            (snapshot_crds_manifest(), 3),
+            (snapshot_controller_manifest(), 6),
+            (snapshot_class_manifest(), 1),
+        ] {
+            let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&m)
+                .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+                .filter(|d| !d.is_null())
+                .collect();
+            assert_eq!(docs.len(), n, "{m}");
+            assert!(docs.iter().all(|d| d["kind"].is_string()));
+        }
+    }
+
+    #[test]
+    fn volumes_fold_into_counts() {
+        let json = r#"{"items":[
+            {"metadata":{"name":"a"},"spec":{"numberOfReplicas":3},"status":{"state":"attached","robustness":"healthy"}},
+            {"metadata":{"name":"b"},"spec":{"numberOfReplicas":3},"status":{"state":"attached","robustness":"degraded"}},
+            {"metadata":{"name":"c"},"spec":{},"status":{"state":"detached","robustness":"unknown"}},
+            {"metadata":{"name":"d"},"status":{"state":"attached","robustness":"faulted"}}]}"#;
+        let mut v = StorageHealthView::default();
+        fold_volumes(json, &mut v).unwrap();
+        assert_eq!((v.volumes, v.healthy, v.detached), (4, 1, 1));
+        assert_eq!(v.degraded, ["b (3 replicas wanted)"]);
+        assert_eq!(v.faulted, ["d"]);
+        assert!(fold_volumes("nope", &mut v).is_err());
+    }
+
+    #[test]
+    fn an_offline_image_never_falls_back_to_the_internet() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(chart_source(Some(dir.path()))
+            .unwrap_err()
+            .contains("missing"));
+        std::fs::write(dir.path().join(chart_archive_name()), b"x").unwrap();
+        assert!(matches!(
+            chart_source(Some(dir.path())).unwrap(),
+            ChartSource::Archive { .. }
+        ));
+        assert!(matches!(
+            chart_source(None).unwrap(),
+            ChartSource::Repo { .. }
+        ));
+    }
+}
