@@ -110,7 +110,7 @@ impl AgentCluster {
         let secret_path = dir.path().join("cluster.secret");
         spec.secret.write_new(&secret_path).unwrap();
         let config = format!(
-            "[cluster]\nname = \"agents\"\ncontrol-plane = {cp}\nexpected-nodes = {en}\nformation-timeout = \"{ft}\"\nsecret-file = \"cluster.secret\"\n\n{addons}\n[network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\nkind = \"local\"\npath = \"base.img\"\n",
+            "[cluster]\nname = \"agents\"\ncontrol-plane = {cp}\nexpected-nodes = {en}\nformation-timeout = \"{ft}\"\nstandbys = 0\nsecret-file = \"cluster.secret\"\n\n{addons}\n[network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\nkind = \"local\"\npath = \"base.img\"\n",
             cp = spec.control_plane,
             en = spec.expected_nodes,
             ft = spec.formation_timeout,

@@ -226,6 +226,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             join_parallelism: 8,
             secret_file: secret_file.clone(),
             api_address: None,
+            standbys: 3,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),

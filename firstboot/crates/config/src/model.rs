@@ -48,6 +48,22 @@ pub struct Cluster {
     /// The floating Kubernetes API address (`cluster.api-address`), held by one healthy
     /// control-plane node through keepalived; `None` when not configured.
     pub api_address: Option<ApiAddress>,
+    /// Nodes beyond `control_plane` that join as full MicroK8s members (no `--worker`) so
+    /// MicroK8s keeps them as dqlite standbys and promotes one when a voter is lost
+    /// (`cluster.standbys`, 0 to 6). Default: [`default_standbys`].
+    pub standbys: u8,
+}
+
+/// MicroK8s keeps 3 dqlite voters and 3 standbys (reference A5); full members beyond those six
+/// are spares.
+pub const MICROK8S_FULL_MEMBERS: u8 = 6;
+
+/// Default of `cluster.standbys`: enough for `control_plane` plus the standbys to fill
+/// MicroK8s' six full members (3 with the default 3 control-plane nodes). A cluster of 4 to 6
+/// machines then has every machine a full member, as plain `microk8s join` makes it, and
+/// MicroK8s replaces a lost voter by itself; machines beyond the sixth join as workers.
+pub fn default_standbys(control_plane: u8) -> u8 {
+    MICROK8S_FULL_MEMBERS.saturating_sub(control_plane)
 }
 
 /// Default of `cluster.join-parallelism`: 8 worker joins at once. A worker join changes no

@@ -446,6 +446,11 @@ pub struct FormationParams {
     /// always alone, so this limits concurrent worker joins.
     #[serde(default = "default_join_parallelism")]
     pub join_parallelism: u32,
+    /// Joiners beyond `control_plane` that still join as full members (`cluster.standbys`):
+    /// MicroK8s makes them dqlite standbys and promotes one when a voter is lost. They join
+    /// one at a time, like every full member. Default 0 (older parameters).
+    #[serde(default)]
+    pub standbys: u8,
 }
 
 fn default_join_parallelism() -> u32 {
@@ -489,6 +494,7 @@ impl FormationParams {
             pinned_roles: BTreeMap::new(),
             addons_wanted: true,
             join_parallelism: default_join_parallelism(),
+            standbys: 0,
         }
     }
 
@@ -509,6 +515,7 @@ impl FormationParams {
             }
         }
         p.join_parallelism = cfg.cluster.join_parallelism;
+        p.standbys = cfg.cluster.standbys;
         let a = &cfg.addons;
         p.addons_wanted =
             a.dns.enabled || a.metallb.is_some() || a.storage != rackseed_config::Storage::None;

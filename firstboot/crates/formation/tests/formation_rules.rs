@@ -1272,3 +1272,35 @@ fn no_slot_is_granted_before_the_authority_knows_its_join_point_and_joins_use_it
     net.run_until_members(200);
     assert_eq!(net.join_log.len(), 2, "{:?}", net.join_log);
 }
+
+#[test]
+fn standbys_join_as_full_members_one_at_a_time_and_the_rest_as_workers() {
+    let names = ["0a", "0b", "0c", "0d", "0e", "0f", "1a"];
+    let mut p = params(3, 7);
+    p.standbys = 2;
+    p.join_parallelism = 4;
+    let mut net = Net::new(&names.iter().map(|n| (*n, 0)).collect::<Vec<_>>(), p);
+    net.join_ticks = 4;
+    for n in names {
+        net.boot(n);
+    }
+    net.run_until_members(400);
+    let roles = net.roles();
+    let full = roles.values().filter(|r| **r == Role::ControlPlane).count();
+    assert_eq!(full, 5, "3 control-plane nodes + 2 standbys: {roles:?}");
+    let worker_of: BTreeMap<NodeId, bool> =
+        net.join_log.iter().map(|j| (j.0.clone(), j.1)).collect();
+    assert_eq!(worker_of.values().filter(|w| **w).count(), 2);
+    // A full member's join changes dqlite's membership: it never runs beside another join.
+    let spans = net.join_spans.clone();
+    for a in spans.iter().filter(|a| !worker_of[&a.0]) {
+        let beside: Vec<_> = spans
+            .iter()
+            .filter(|b| b.0 != a.0 && b.1 < a.2 && a.1 < b.2)
+            .collect();
+        assert!(
+            beside.is_empty(),
+            "full-member join {a:?} overlaps {beside:?}"
+        );
+    }
+}

@@ -92,6 +92,11 @@ pub(super) fn read_cluster(
         None => None,
     };
     let bad_api_address = t.has("api-address") && api_address.is_none();
+    let standbys = t.int(rep, "standbys", 0, 6).map(|(n, span)| {
+        spans.standbys = Some(span.clone());
+        n as u8
+    });
+    let bad_standbys = t.has("standbys") && standbys.is_none();
     refuse_inline_secret(
         rep,
         &mut t,
@@ -100,7 +105,7 @@ pub(super) fn read_cluster(
     );
     t.finish(rep);
     let control_plane = control_plane?;
-    if bad_expected || bad_api_address {
+    if bad_expected || bad_api_address || bad_standbys {
         return None;
     }
     Some(Cluster {
@@ -111,6 +116,7 @@ pub(super) fn read_cluster(
         join_parallelism: join_parallelism?,
         secret_file: secret_file?,
         api_address,
+        standbys: standbys.unwrap_or_else(|| default_standbys(control_plane)),
     })
 }
 

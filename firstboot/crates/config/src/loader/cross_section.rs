@@ -29,6 +29,7 @@ pub(super) fn cross_checks(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans) {
     check_metallb_vs_nodes(rep, p, spans);
     let Some(cluster) = p.cluster else { return };
     check_api_address(rep, p, spans, cluster);
+    check_standbys(rep, spans, cluster);
     check_storage(rep, p, spans, cluster);
     check_node_counts(rep, p, spans, cluster);
     if p.image.is_some_and(|i| i.users.is_empty()) {
@@ -198,6 +199,23 @@ fn check_api_address(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans, cluster
                     .into_iter()
                     .collect::<Vec<_>>()
                     .join(", ")
+            ),
+        );
+    }
+}
+
+/// Full members beyond MicroK8s' 3 voters and 3 standbys are spares: warned.
+fn check_standbys(rep: &mut Report<'_>, spans: &Spans, cluster: &Cluster) {
+    let full = u32::from(cluster.control_plane) + u32::from(cluster.standbys);
+    if full > u32::from(MICROK8S_FULL_MEMBERS) {
+        rep.warn(
+            spans.standbys.as_ref().unwrap_or(&spans.cluster),
+            "cluster.standbys",
+            format!(
+                "control-plane ({}) + standbys ({}) = {full} full members, but MicroK8s keeps 3 voters and 3 standbys: the other {} are spares, replicating the datastore without standing in",
+                cluster.control_plane,
+                cluster.standbys,
+                full - u32::from(MICROK8S_FULL_MEMBERS)
             ),
         );
     }

@@ -54,6 +54,7 @@ struct Spans {
     control_plane: Option<Range<usize>>,
     expected_nodes: Option<Range<usize>>,
     api_address: Option<Range<usize>>,
+    standbys: Option<Range<usize>>,
     storage: Option<Range<usize>>,
     addressing: Option<Range<usize>>,
     nodes: Vec<NodeSpans>,

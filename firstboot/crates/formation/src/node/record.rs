@@ -208,10 +208,12 @@ fn mark_addons_done(r: &mut Record, me: &NodeId) {
     }
 }
 
-/// Role for the next joiner: pinned roles first; otherwise control plane while fewer than
-/// `control_plane` are counted, keeping places for pinned control-plane nodes not yet in.
+/// Role for the next joiner: pinned roles first; otherwise control plane (a full MicroK8s
+/// member) while fewer than `control_plane + standbys` are counted, keeping places for pinned
+/// control-plane nodes not yet in. MicroK8s itself makes the first three voters and the next
+/// ones standbys.
 fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
-    let cp = params.control_plane as usize;
+    let cp = params.control_plane as usize + params.standbys as usize;
     let counted = r.control_plane_count();
     let pinned = params.pinned_roles.get(to).copied();
     match pinned {
