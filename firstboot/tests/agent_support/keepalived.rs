@@ -67,6 +67,14 @@ impl AgentCluster {
         std::fs::write(&path, text).unwrap();
     }
 
+    /// Drops the harness's `standbys = 0`, so the config's default standbys apply.
+    pub fn use_default_standbys(&self) {
+        let path = self.dir.path().join("cluster.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("standbys = 0\n"), "{text}");
+        std::fs::write(&path, text.replacen("standbys = 0\n", "", 1)).unwrap();
+    }
+
     /// Node `i`'s keepalived folder (pid files, log).
     pub fn keepalived_dir(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("state/keepalived")
