@@ -64,7 +64,7 @@ impl Runtime {
     }
 
     /// The verified peers' addresses (one each, IPv4 first).
-    fn peer_addrs(&self) -> Vec<IpAddr> {
+    pub(super) fn peer_addrs(&self) -> Vec<IpAddr> {
         self.discovery
             .peers()
             .iter()
@@ -167,7 +167,7 @@ pub(super) fn local_addresses(
 /// peers (a VM's cluster NIC rather than its management NIC, whose address every VM shares),
 /// then IPv4 before IPv6, then by interface name. The joiner dials the address the
 /// authenticated grant names, never one read from an (unsigned) mDNS address record.
-fn own_address(local: &[LocalAddr], peers: &[IpAddr]) -> Option<IpAddr> {
+pub(super) fn own_address(local: &[LocalAddr], peers: &[IpAddr]) -> Option<IpAddr> {
     let in_subnet = |ip: IpAddr, prefix: u8, peer: IpAddr| match (ip, peer) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
             let m = u32::MAX

@@ -302,7 +302,7 @@ impl Runtime {
             let event = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tick.tick() => Some(Event::Tick),
-                _ = poll.tick() => { self.spawn_microk8s_poll(); None }
+                _ = poll.tick() => { self.spawn_microk8s_poll(); self.note_own_address(); None }
                 _ = heartbeat.tick() => { self.reannounce(); None }
                 Some(ev) = inputs.peer_events.recv() => self.peer_event(ev),
                 Some(msg) = inputs.inbound.recv() => {

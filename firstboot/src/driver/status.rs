@@ -148,6 +148,16 @@ impl Runtime {
         self.kubeconfig = want;
     }
 
+    /// Fills the document's `address`: this node's address on the cluster network, chosen as
+    /// for its join point (the local address whose subnet holds the most peers; see
+    /// `effects::own_address`). Re-read on every MicroK8s poll: addresses and peers change.
+    pub(super) fn note_own_address(&mut self) {
+        let local = super::effects::local_addresses(&self.agent.interfaces);
+        if let Some(ip) = super::effects::own_address(&local, &self.peer_addrs()) {
+            self.doc.address = Some(ip.to_string());
+        }
+    }
+
     /// Refreshes the status document served by the coordinator.
     pub(super) fn publish_status(&mut self) {
         let st = self.node.status();
