@@ -28,6 +28,10 @@ impl Daemon {
             ["disable", rest @ ..] => self.cmd_enable(rest, false).await,
             ["leave", ..] => self.cmd_leave().await,
             ["remove-node", rest @ ..] => self.cmd_remove_node(rest).await,
+            ["helm3", rest @ ..] => self.cmd_helm(rest).await,
+            ["kubectl", rest @ ..] if super::helm::handles_kubectl(rest) => {
+                self.cmd_kubectl_tools(rest).await
+            }
             ["kubectl", rest @ ..] => self.cmd_kubectl(rest),
             ["__dqlite", rest @ ..] => self.cmd_dqlite(rest),
             [other, ..] => Out::fail(

@@ -8,7 +8,9 @@
 //! - `join`: `microk8s join`, the joiner's side, and the connection string rules;
 //! - `replication`: the replicated [`View`], heartbeats and the leader's duties;
 //! - `api_server`: the Kubernetes API endpoint on 16443 (readiness with the quorum rule);
-//! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`].
+//! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`];
+//! - `helm`: `helm3` and the `kubectl` apply/wait/get calls for Longhorn and CSI snapshots,
+//!   recorded and checked.
 //!
 //! To add a command, add an arm to [`Daemon::run_command`] and its behaviour to `commands`
 //! (or a module of its own when it talks to other nodes, as `join` does).
@@ -16,6 +18,7 @@
 mod agent_api;
 mod api_server;
 mod commands;
+mod helm;
 mod join;
 mod replication;
 
@@ -33,6 +36,7 @@ use crate::SimEnv;
 use crate::{agent_cert, http};
 
 pub use commands::cmd_config;
+pub use helm::{calls_path as cluster_tools_log, read_calls as cluster_tools_calls};
 pub use join::{fingerprint_of, valid_connection_parts};
 
 /// Printed by `is_cluster_locked` on worker nodes (A5).
