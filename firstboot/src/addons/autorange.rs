@@ -57,24 +57,46 @@ pub enum ProbeError {
     },
     #[error("probing {addr}: {reason}")]
     Other { addr: Ipv4Addr, reason: String },
+    /// The probe program is not on this node (an official Ubuntu image without iputils'
+    /// arping): no address can be checked, so none is chosen.
+    #[error(
+        "`{program}` is not installed on this node: metallb addresses = \"auto\" checks each \
+         candidate with iputils' arping (duplicate-address detection); install the \
+         `{ARPING_PACKAGE}` package (bootstrapped rackseed bases have it) or list explicit \
+         metallb address blocks in the config"
+    )]
+    Missing { program: String },
 }
+
+/// The Debian/Ubuntu package with iputils' `arping` (whose `-D` duplicate-address detection
+/// and exit codes the prober relies on; the other `arping` package has different options).
+pub const ARPING_PACKAGE: &str = "iputils-arping";
 
 /// ARP duplicate-address detection with iputils `arping -D -c 2 -w 2 -I <iface> <addr>`:
 /// exit 0 means nobody answered (free), exit 1 means a host answered (in use).
 #[derive(Debug, Clone)]
 pub struct ArpingProber {
     pub interface: String,
+    /// The program, `arping` (found on `PATH`) unless set with [`ArpingProber::with_program`].
+    pub program: std::path::PathBuf,
 }
 
 impl ArpingProber {
     pub fn new(interface: impl Into<String>) -> Self {
         ArpingProber {
             interface: interface.into(),
+            program: "arping".into(),
         }
     }
 
+    /// Runs `program` instead of `arping` from `PATH`.
+    pub fn with_program(mut self, program: impl Into<std::path::PathBuf>) -> Self {
+        self.program = program.into();
+        self
+    }
+
     fn command(&self, addr: Ipv4Addr) -> Cmd {
-        Cmd::new("arping", ARPING_TIMEOUT).args([
+        Cmd::new(&self.program, ARPING_TIMEOUT).args([
             "-D",
             "-c",
             "2",
@@ -91,10 +113,14 @@ impl AddressProber for ArpingProber {
     async fn in_use(&self, addr: Ipv4Addr) -> Result<bool, ProbeError> {
         let cmd = self.command(addr);
         let display = cmd.display();
-        let out = cmd
-            .output()
-            .await
-            .map_err(|source| ProbeError::Command { addr, source })?;
+        let out = cmd.output().await.map_err(|source| match &source {
+            CmdError::Spawn { source: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
+                ProbeError::Missing {
+                    program: self.program.display().to_string(),
+                }
+            }
+            _ => ProbeError::Command { addr, source },
+        })?;
         match out.code() {
             Some(0) => Ok(false),
             Some(1) => Ok(true),
@@ -466,5 +492,27 @@ mod tests {
         );
         assert!(parse_ip_addr_json("not json").is_err());
         assert_eq!(parse_ip_addr_json("[]").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_missing_arping_is_a_clear_verdict_naming_the_package() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let prober = ArpingProber::new("eth0").with_program("/nonexistent/rackseed/arping");
+        let e = rt.block_on(prober.in_use(v4("192.168.1.200"))).unwrap_err();
+        assert!(matches!(e, ProbeError::Missing { .. }), "{e:?}");
+        let e = rt
+            .block_on(choose_auto_range(&prober, &req("192.168.1.10/24", &[], 2)))
+            .unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            text.contains("metallb auto range")
+                && text.contains("is not installed on this node")
+                && text.contains("`iputils-arping`")
+                && text.contains("explicit metallb address blocks"),
+            "{text}"
+        );
     }
 }

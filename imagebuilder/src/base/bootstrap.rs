@@ -40,7 +40,9 @@ pub struct BootstrapSpec {
 /// The packages every bootstrapped base gets on `arch` besides the configured ones:
 /// booting (systemd, dbus, udev, a kernel, systemd-boot on x86), and the floating API
 /// address's keepalived with curl for its health check (`firstboot`'s `system::keepalived`),
-/// so a cluster with `cluster.api-address` needs nothing fetched at first boot.
+/// so a cluster with `cluster.api-address` needs nothing fetched at first boot; and iputils'
+/// arping, which MetalLB's `addresses = "auto"` probes candidates with (`firstboot`'s
+/// `addons::autorange`; the `arping` package is another program with other options).
 pub fn default_packages(arch: &str) -> Vec<&'static str> {
     let mut p = vec![
         "systemd",
@@ -49,6 +51,7 @@ pub fn default_packages(arch: &str) -> Vec<&'static str> {
         "udev",
         "keepalived",
         "curl",
+        "iputils-arping",
     ];
     match arch {
         "amd64" => p.extend(["linux-image-amd64", "systemd-boot-efi"]),
@@ -385,11 +388,12 @@ mod tests {
         )
         .unwrap();
         let a =
-            BootstrapSpec::new("bookworm", None, "amd64", &["curl".into()], dir.path()).unwrap();
+            BootstrapSpec::new("bookworm", None, "amd64", &["htop".into()], dir.path()).unwrap();
         assert_eq!(a.mirror, "http://m.example/debian");
         assert!(
             a.packages.contains(&"systemd-boot-efi".to_string())
-                && a.packages.contains(&"curl".to_string())
+                && a.packages.contains(&"htop".to_string())
+                && a.packages.contains(&"iputils-arping".to_string())
         );
         for arch in ["amd64", "arm64"] {
             let p = default_packages(arch);
@@ -397,6 +401,7 @@ mod tests {
                 p.contains(&"keepalived") && p.contains(&"curl"),
                 "{arch}: {p:?}"
             );
+            assert!(p.contains(&"iputils-arping"), "{arch}: {p:?}");
         }
         let b = BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path()).unwrap();
         assert_ne!(a.key(), b.key());
