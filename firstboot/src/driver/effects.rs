@@ -18,7 +18,7 @@ use super::status::{addon_rows, microk8s_view};
 use super::{addons_file, Agent, Runtime, TaskResult};
 use crate::addons::{self, progress::AddonProgress};
 use crate::system::microk8s::{InstallSource, JoinRole, JoinTarget, Microk8s, Status};
-use rackseed_config::{Metallb, Target};
+use rackseed_config::{Metallb, Storage, Target};
 use rackseed_formation::{Event, JoinPoint};
 
 /// Timeout for waiting until MicroK8s is ready after install.
@@ -96,6 +96,15 @@ impl Runtime {
             let status = agent.microk8s.status().await.ok();
             let view = status.clone().map(|st| microk8s_view(st, ha_size));
             let _ = tasks.send(TaskResult::Microk8s(view)).await;
+            // Longhorn's health, where helm and kubectl answer: a running control-plane node.
+            if let (Storage::Longhorn, Some(Status::Running(_)), Some(tools)) = (
+                agent.config.addons.storage,
+                status.as_ref(),
+                agent.microk8s.cluster_tools(),
+            ) {
+                let health = addons::longhorn::health(tools.as_ref()).await;
+                let _ = tasks.send(TaskResult::Storage(health)).await;
+            }
             if let Some((keeper, cp_member, docs)) = api {
                 let view = keeper
                     .maintain(&agent, cp_member, status.as_ref(), &peers, &docs)

@@ -131,6 +131,8 @@ enum TaskResult {
     },
     Addons(Vec<AddonRow>),
     ApiAddress(rackseed_protocol::status::ApiAddressView),
+    /// The replicated storage's health (Longhorn), read on control-plane members.
+    Storage(rackseed_protocol::status::StorageHealthView),
 }
 
 struct Runtime {
@@ -396,6 +398,10 @@ impl Runtime {
             }
             TaskResult::ApiAddress(view) => {
                 self.doc.api_address = Some(view);
+                None
+            }
+            TaskResult::Storage(view) => {
+                self.doc.storage = Some(view);
                 None
             }
         }

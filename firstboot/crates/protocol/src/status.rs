@@ -325,6 +325,9 @@ impl StatusDoc {
                         .unwrap_or_default()
             );
         }
+        if let Some(h) = &self.storage {
+            let _ = writeln!(s, "storage   {}", h.summary());
+        }
         let _ = writeln!(s, "last err  {}", opt(&self.last_error));
         let _ = writeln!(s, "\nPEER              ADDRESS          PHASE       ROLE");
         for p in &self.peers {
