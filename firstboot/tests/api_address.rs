@@ -182,3 +182,48 @@ fn a_partitioned_minority_never_holds_the_address_while_the_majority_does() {
     }
     assert!(c.api_ready_via(CLIENT, ADDRESS));
 }
+
+#[test]
+fn an_auto_address_is_chosen_outside_metallb_and_agreed_on_by_every_node() {
+    let mut c = AgentCluster::after_spare_hosts(1, 3, ClusterSpec::default());
+    c.set_api_address("auto");
+    for i in 0..3 {
+        c.start_with_keepalived(i);
+    }
+    let _keepalived = c.keepalived_guard();
+    c.wait_formed(&[0, 1, 2], 3, Duration::from_secs(120));
+    // The lab is 10.231.0.0/24 with MetalLB on .240-.250 (the harness's config): the first
+    // free address from the top, above every node, outside MetalLB's block is .254.
+    let chosen = Ipv4Addr::new(10, 231, 0, 254);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let addrs: Vec<Option<String>> = (0..3)
+            .map(|i| {
+                c.status(i)
+                    .and_then(|d| d.api_address)
+                    .and_then(|a| a.address)
+            })
+            .collect();
+        let holders = c.address_holders(chosen);
+        if addrs.iter().all(|a| a.as_deref() == Some("10.231.0.254"))
+            && holders.len() == 1
+            && c.api_ready_via(CLIENT, chosen)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "auto address not agreed on and held: {addrs:?}, holders {holders:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every node persisted the same choice: made there (nodes that became members at the
+    // same moment each choose, deterministically the same) or adopted from a peer's document.
+    for i in 0..3 {
+        let text = std::fs::read_to_string(c.nodes[i].dir.join("state/api-address.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["address"], "10.231.0.254");
+        let how = v["how"].as_str().unwrap();
+        assert!(how == "chosen" || how.starts_with("adopted from "), "{how}");
+    }
+}

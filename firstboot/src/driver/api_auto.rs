@@ -12,9 +12,12 @@
 //!    configured MetalLB block, each ARP-probed; the first that nobody answers for is taken
 //!    and persisted. Workers never choose (they only adopt).
 //!
-//! Control-plane nodes join one at a time, so the first member (the seed) chooses while it is
-//! alone and the next ones adopt its choice from its document. MetalLB's own auto range is
-//! chosen later (after HA) and skips the address: it is reserved there and answers ARP.
+//! A node that becomes a member after the address is held adopts it from a document (it cannot
+//! probe for it: the held address answers ARP). Members that become members within the same
+//! few seconds (fast joins) may each choose; they see the same subnet, nodes and probe answers
+//! (nobody holds the address yet: keepalived claims it 6 s after starting), so they choose the
+//! same address. MetalLB's own auto range is chosen later (after HA) and skips the address: it
+//! is reserved there and answers ARP.
 //!
 //! To choose another way, change [`choose`]; the persisted file keeps existing choices.
 
