@@ -437,6 +437,7 @@ mod tests {
                 state: evil(),
                 peers: vec![evil()],
                 problem: Some(evil()),
+                in_certificate: false,
             }),
             storage: Some(StorageHealthView {
                 storage: evil(),
