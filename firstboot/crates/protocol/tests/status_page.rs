@@ -83,6 +83,8 @@ fn doc() -> StatusDoc {
             },
             ..Rejections::default()
         },
+        // Sections this page test does not cover (the API address, storage health).
+        ..StatusDoc::default()
     }
 }
 
