@@ -296,9 +296,18 @@ fn longhorn_is_the_agents_own_step_after_dns() {
             && n.contains("chart 1.7.2")
             && n.contains("iscsid running")
             && n.contains("not staged")));
-    assert!(notes
-        .iter()
-        .any(|n| n.contains("add open-iscsi and nfs-common to image.base.packages")));
+    assert!(notes.iter().any(|n| n
+        == "packages: open-iscsi and nfs-common are added to the bootstrapped base, so every \
+            node has them"));
+    let mut official = cfg.clone();
+    official.image.base = Base::Official {
+        url: "https://example.invalid/ubuntu.img.xz".into(),
+        sha256: "0".repeat(64),
+    };
+    assert!(prerequisite_notes(&official).iter().any(|n| n
+        == "packages: open-iscsi and nfs-common are not in an official base and nothing stages \
+            them: set addons.offline to a folder of their .deb files, or every node needs a \
+            package source at first boot"));
     assert!(notes.iter().any(|n| n.starts_with("rpi:")));
 }
 

@@ -370,7 +370,7 @@ async fn fetch_base(req: &BuildRequest, plan: &Plan, work: &Work) -> Result<Base
                 suite,
                 mirror.as_deref(),
                 arch,
-                packages,
+                &crate::customize::storage::bootstrap_packages(packages, req.config.addons.storage),
                 Path::new("/etc/apt"),
             )?;
             let composed =

@@ -53,7 +53,7 @@ use crate::system::microk8s::helm::{ChartSource, ClusterTools, HelmInstall};
 use crate::system::microk8s::Microk8s;
 
 /// The pinned chart version.
-pub const CHART_VERSION: &str = "1.7.2";
+pub const CHART_VERSION: &str = rackseed_config::LONGHORN_CHART_VERSION;
 pub const RELEASE: &str = "longhorn";
 pub const NAMESPACE: &str = "longhorn-system";
 /// Longhorn's CSI driver name.

@@ -247,19 +247,27 @@ pub fn prerequisite_notes(cfg: &ClusterConfig) -> Vec<String> {
                 super::longhorn::SNAPSHOT_CLASS,
                 cfg.addons.longhorn.min_free_space >> 30,
             ));
-            if let Base::Bootstrap { packages, .. } = &cfg.image.base {
-                let missing: Vec<&str> = ["open-iscsi", "nfs-common"]
-                    .into_iter()
-                    .filter(|p| !packages.iter().any(|q| q == p))
-                    .collect();
-                if !missing.is_empty() {
-                    notes.push(format!(
-                        "longhorn: add {} to image.base.packages so every node has them",
-                        missing.join(" and ")
-                    ));
-                }
-            }
         }
+    }
+    let pkgs = cfg.addons.storage.node_packages();
+    if !pkgs.is_empty() {
+        let list = pkgs.join(" and ");
+        notes.push(match (&cfg.image.base, &cfg.addons.offline) {
+            (Base::Bootstrap { .. }, _) => format!(
+                "packages: {list} are added to the bootstrapped base, so every node has them"
+            ),
+            (_, Some(dir)) => format!(
+                "packages: {list} (with their dependencies, for the nodes' architecture) must be \
+                 staged as .deb files in {}; the image carries them and firstboot installs them \
+                 offline",
+                dir.display()
+            ),
+            (_, None) => format!(
+                "packages: {list} are not in an official base and nothing stages them: set \
+                 addons.offline to a folder of their .deb files, or every node needs a package \
+                 source at first boot"
+            ),
+        });
     }
     if matches!(cfg.image.target, Target::Rpi4 | Target::Rpi5) {
         notes.push(

@@ -7,7 +7,8 @@
 //! `multi-user.target.wants` link, `/etc/rackseed/cluster.toml`, `/etc/rackseed/cluster.secret`
 //! (0600 root:root), `/etc/microk8s.yaml` (0600: it holds the cluster token),
 //! `/etc/rackseed/image.json` (what `inspect` reads), staged offline snaps under
-//! `/var/lib/rackseed/snaps/`, and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
+//! `/var/lib/rackseed/snaps/`, the storage's staged packages and chart under
+//! `/var/lib/rackseed/storage/` ([`storage`]), and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
 //! Removed from it: the base's SSH host keys (`/etc/ssh/ssh_host_*`), which every machine
 //! flashed from the image would otherwise share; each machine makes its own at first boot.
 //! `/etc/machine-id` is left empty for the same reason.
@@ -20,6 +21,7 @@ pub mod cmdline;
 pub mod ext4;
 pub mod firstboot_bin;
 pub mod launch;
+pub mod storage;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -100,6 +102,7 @@ pub struct Customized {
 ///
 /// - `cluster.secret-file` -> the in-image secret ([`SECRET_PATH`]).
 /// - `microk8s.offline-snaps` -> the staged snaps ([`SNAPS_DIR`]).
+/// - `addons.offline` -> the staged storage files ([`storage::STORAGE_DIR`]).
 /// - `[network.wifi]` is removed (its `psk-file` is a host file and `firstboot` never uses
 ///   Wi-Fi: cloud-init's network-config got the SSID and PSK at build time); a closing comment
 ///   says so, naming the SSID but never the PSK.
@@ -118,6 +121,11 @@ pub fn in_image_config(toml_text: &str) -> Result<String> {
     if let Some(m) = doc.get_mut("microk8s").and_then(|m| m.as_table_like_mut()) {
         if m.contains_key("offline-snaps") {
             m.insert("offline-snaps", toml_edit::value(SNAPS_DIR));
+        }
+    }
+    if let Some(a) = doc.get_mut("addons").and_then(|a| a.as_table_like_mut()) {
+        if a.contains_key("offline") {
+            a.insert("offline", toml_edit::value(storage::STORAGE_DIR));
         }
     }
     let wifi = doc
@@ -234,6 +242,7 @@ pub fn root_entries(inp: &Inputs<'_>, scratch_dir: &Path) -> Result<(Vec<Entry>,
     if let Some(dir) = &inp.config.microk8s.offline_snaps {
         entries.extend(offline_snap_entries(dir)?);
     }
+    entries.extend(storage::storage_entries(inp.config, inp.target)?);
     if inp.target == Target::X86_64Efi {
         push_nocloud_seed(inp, &mut sc, &mut entries, &mut secret_paths)?;
     } else {

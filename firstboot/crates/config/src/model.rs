@@ -117,6 +117,22 @@ pub struct Longhorn {
     pub min_free_space: u64,
 }
 
+/// The Longhorn chart version the agent installs (pinned; the image stages this archive as
+/// `longhorn-<version>.tgz`).
+pub const LONGHORN_CHART_VERSION: &str = "1.7.2";
+
+impl Storage {
+    /// The Debian/Ubuntu packages every node needs for this storage (staged in the image for
+    /// official bases, added to a bootstrapped base's package list).
+    pub fn node_packages(self) -> &'static [&'static str] {
+        match self {
+            Storage::Longhorn => &["open-iscsi", "nfs-common"],
+            Storage::RookCeph => &["lvm2"],
+            Storage::None | Storage::Hostpath | Storage::Mayastor => &[],
+        }
+    }
+}
+
 /// Longhorn's own default data path.
 pub const DEFAULT_LONGHORN_DATA_PATH: &str = "/var/lib/longhorn";
 /// Default of `addons.longhorn.min-free-space`: 10 GiB.
