@@ -18,6 +18,7 @@
 mod diagnostic;
 mod loader;
 pub mod model;
+pub mod node_labels;
 mod tree;
 pub mod values;
 

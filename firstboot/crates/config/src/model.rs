@@ -226,6 +226,9 @@ pub struct NodeEntry {
     pub priority: u32,
     /// Static address with prefix, required when `network.addressing` is static.
     pub address: Option<IpNet>,
+    /// Kubernetes labels put on this node once it has joined (`labels = { key = "value" }`),
+    /// checked by [`crate::node_labels`]. Empty when none.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(

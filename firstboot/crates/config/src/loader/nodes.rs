@@ -1,7 +1,9 @@
 //! `[[nodes]]`, the inventory: one entry per machine (MAC, hostname, role, priority, static
-//! address), with MACs, hostnames and addresses unique across entries.
+//! address, Kubernetes labels), with MACs, hostnames and addresses unique across entries.
+//! Labels follow Kubernetes' syntax ([`crate::node_labels`]); each bad key or value is
+//! reported at its own position.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::ops::Range;
 
@@ -10,7 +12,8 @@ use ipnet::IpNet;
 use super::{NodeSpans, Spans};
 use crate::diagnostic::Report;
 use crate::model::*;
-use crate::tree::{Kind, Node, TableReader};
+use crate::node_labels::{check_label_key, check_label_value};
+use crate::tree::{node_str, Kind, Node, TableReader};
 use crate::values;
 
 /// Reads the inventory: the entries that read cleanly, and whether the whole list did.
@@ -167,15 +170,22 @@ fn read_node(rep: &mut Report<'_>, node: &Node, i: usize) -> Option<PartialNode>
         ns.address = Some(e.value.span.clone());
     }
     let bad_address = t.has("address") && address.is_none();
+    let labels = match t.get("labels") {
+        None => Some(BTreeMap::new()),
+        Some(e) => read_labels(rep, &e.value, &t.field("labels")),
+    };
     t.finish(rep);
-    let entry = match (mac, &hostname, role, priority) {
-        (Some(mac), Some(hostname), Ok(role), Ok(priority)) if !bad_address => Some(NodeEntry {
-            mac,
-            hostname: hostname.clone(),
-            role,
-            priority,
-            address,
-        }),
+    let entry = match (mac, &hostname, role, priority, labels) {
+        (Some(mac), Some(hostname), Ok(role), Ok(priority), Some(labels)) if !bad_address => {
+            Some(NodeEntry {
+                mac,
+                hostname: hostname.clone(),
+                role,
+                priority,
+                address,
+                labels,
+            })
+        }
         _ => None,
     };
     Some(PartialNode {
@@ -185,4 +195,42 @@ fn read_node(rep: &mut Report<'_>, node: &Node, i: usize) -> Option<PartialNode>
         address,
         entry,
     })
+}
+
+/// Reads `labels = { key = "value", ... }`: every bad key (at the key) and value (at the value)
+/// is reported; `None` when any was.
+fn read_labels(rep: &mut Report<'_>, node: &Node, field: &str) -> Option<BTreeMap<String, String>> {
+    let Kind::Table(entries) = &node.kind else {
+        rep.error(
+            &node.span,
+            field,
+            format!(
+                "expected a table of labels like {{ \"example.com/rack\" = \"r1\" }}, found {}",
+                node.type_name()
+            ),
+        );
+        return None;
+    };
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for e in entries {
+        let f = format!("{field}.{:?}", e.key);
+        if let Err(m) = check_label_key(&e.key) {
+            rep.error(&e.key_span, &f, m);
+            ok = false;
+        }
+        match node_str(rep, &e.value, &f) {
+            Some(v) => match check_label_value(v) {
+                Ok(()) => {
+                    out.insert(e.key.clone(), v.to_owned());
+                }
+                Err(m) => {
+                    rep.error(&e.value.span, &f, m);
+                    ok = false;
+                }
+            },
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }
