@@ -426,3 +426,110 @@ fn refuses_a_loop_device_mounted_only_in_another_mount_namespace() {
     });
     flash(&request(&img, &bmap, &dev), &SystemBlockInfo).unwrap();
 }
+
+/// An image of `size` bytes with data in every block, and its bmap from `bmaptool create`.
+fn dense_image(dir: &Path, size: u64) -> (PathBuf, PathBuf) {
+    let img = dir.join("dense.img");
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+        .collect();
+    std::fs::write(&img, data).unwrap();
+    let bmap = dir.join("dense.bmap");
+    Cmd::new("bmaptool", Duration::from_secs(60))
+        .args(["create", "-o"])
+        .arg(&bmap)
+        .arg(&img)
+        .run_blocking()
+        .expect("bmaptool create (Debian package bmap-tools) must be installed");
+    (img, bmap)
+}
+
+/// A tmpfs of `size` mounted at `dir/name`, unmounted on drop.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &Path, name: &str, size: &str) -> SmallTmpfs {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this flash test mounts a tmpfs and needs root (CI runs as root)"
+        );
+        let at = dir.join(name);
+        std::fs::create_dir(&at).unwrap();
+        Cmd::new("mount", Duration::from_secs(30))
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .run_blocking()
+            .expect("mounting a tmpfs");
+        SmallTmpfs(at)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Cmd::new("umount", Duration::from_secs(30))
+            .arg(&self.0)
+            .run_blocking();
+    }
+}
+
+#[test]
+fn a_write_that_stops_part_way_says_the_target_holds_part_of_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, bmap) = dense_image(dir.path(), 8 * MIB);
+    // A target with room for 2 MiB of the 8: the write pass fails with ENOSPC part-way.
+    let fs = SmallTmpfs::mount(dir.path(), "small", "2m");
+    let target = fs.0.join("card.bin");
+    std::fs::File::create(&target).unwrap();
+    let err = flash(&file_request(&img, &bmap, &target), &SystemBlockInfo).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.starts_with(&format!(
+            "flashing stopped part-way: {} may hold part of the image",
+            target.display()
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("writing {} at byte", target.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("No space left on device"), "{msg}");
+}
+
+#[test]
+fn a_truncated_compressed_image_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, bmap) = dense_image(dir.path(), 8 * MIB);
+    Cmd::new("xz", Duration::from_secs(60))
+        .args(["-k", "-T0"])
+        .arg(&img)
+        .run_blocking()
+        .unwrap();
+    let xz = dir.path().join("dense.img.xz");
+    let len = std::fs::metadata(&xz).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&xz)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let target = dir.path().join("card.bin");
+    std::fs::File::create(&target).unwrap();
+    let err = flash(&file_request(&xz, &bmap, &target), &SystemBlockInfo).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.starts_with("flashing stopped part-way"), "{msg}");
+    assert!(
+        msg.contains(&format!("reading image {} at byte", xz.display()))
+            || msg.contains(&format!("image {} is shorter", xz.display())),
+        "{msg}"
+    );
+
+    // A raw image shorter than its block map is refused before anything is written.
+    let short = dir.path().join("short.img");
+    std::fs::write(&short, &std::fs::read(&img).unwrap()[..(5 * MIB) as usize]).unwrap();
+    let err = flash(&file_request(&short, &bmap, &target), &SystemBlockInfo).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("is shorter than its block map says"),
+        "{err:#}"
+    );
+}
