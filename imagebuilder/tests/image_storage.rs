@@ -1,0 +1,199 @@
+//! The storage's prerequisite packages in an image built from an official-shaped base (whose
+//! package list the builder cannot change): `addons.offline` holds real `.deb` files (made
+//! with `dpkg-deb --build`) and Longhorn's chart; the image carries them under
+//! `/var/lib/rackseed/storage` (0644, byte for byte, still packages dpkg reads), and the
+//! in-image config points there. A folder missing a package the storage needs fails the build
+//! before any output exists. Needs root and the image tools (`common::require_all_tools`);
+//! the official-shaped fixture is cached across runs.
+//!
+//! Run: `cargo test -p imagebuilder --test image_storage` (as root).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use imagebuilder::customize::storage::STORAGE_DIR;
+use imagebuilder::disk;
+use rackseed_config::{Base, Storage, Target};
+
+/// A real Debian package `name_1.0-test_amd64.deb` in `dir`.
+async fn make_deb(dir: &Path, name: &str) -> PathBuf {
+    let tree = dir.join(format!("{name}-tree"));
+    std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+    std::fs::write(
+        tree.join("DEBIAN/control"),
+        format!(
+            "Package: {name}\nVersion: 1.0-test\nArchitecture: amd64\nMaintainer: rackseed tests <tests@example.invalid>\nDescription: stand-in for {name}\n"
+        ),
+    )
+    .unwrap();
+    let deb = dir.join(format!("{name}_1.0-test_amd64.deb"));
+    run(
+        "dpkg-deb",
+        &["--build", tree.to_str().unwrap(), deb.to_str().unwrap()],
+    )
+    .await;
+    deb
+}
+
+async fn staged_folder(dir: &Path, packages: &[&str]) -> PathBuf {
+    let work = dir.join("debs");
+    let staged = dir.join("storage-offline");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&staged).unwrap();
+    for p in packages {
+        let deb = make_deb(&work, p).await;
+        std::fs::copy(&deb, staged.join(deb.file_name().unwrap())).unwrap();
+    }
+    // A stand-in chart archive (gzip data).
+    let chart = staged.join("longhorn-1.7.2.tgz");
+    std::fs::write(dir.join("Chart.yaml"), "name: longhorn\nversion: 1.7.2\n").unwrap();
+    run(
+        "tar",
+        &[
+            "-czf",
+            chart.to_str().unwrap(),
+            "-C",
+            dir.to_str().unwrap(),
+            "Chart.yaml",
+        ],
+    )
+    .await;
+    staged
+}
+
+fn sample_with_storage(dir: &Path, staged: &Path) -> Sample {
+    let fixture_copy = dir.join("base.img");
+    let mut s = sample(
+        dir,
+        Target::X86_64Efi,
+        Base::Local {
+            path: fixture_copy,
+            sha256: None,
+        },
+    );
+    s.config.addons.storage = Storage::Longhorn;
+    s.config.addons.offline = Some(staged.to_owned());
+    s.toml.push_str(&format!(
+        "\n[addons]\nstorage = \"longhorn\"\noffline = \"{}\"\n",
+        staged.display()
+    ));
+    s
+}
+
+async fn debugfs(image: &Path, offset: u64, request: &str) -> String {
+    run(
+        "debugfs",
+        &[
+            "-R",
+            request,
+            &format!("{}?offset={offset}", image.display()),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_official_shaped_base_carries_the_staged_storage_packages() {
+    require_all_tools();
+    require_tools(&[("dpkg-deb", "dpkg")]);
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = official_fixture(Target::X86_64Efi).await;
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            fixture.to_str().unwrap(),
+            dir.path().join("base.img").to_str().unwrap(),
+        ],
+    )
+    .await;
+    let staged = staged_folder(dir.path(), &["open-iscsi", "nfs-common", "libisns0"]).await;
+    let s = sample_with_storage(dir.path(), &staged);
+    let out = imagebuilder::build::run(request(&s, &dir.path().join("out"), x86_firstboot()))
+        .await
+        .expect("build with staged storage packages");
+    let t = disk::read_table(&out.image).await.unwrap();
+    let root = t.by_label("cloudimg-rootfs").unwrap().start;
+
+    let listing = debugfs(&out.image, root, &format!("ls -l {STORAGE_DIR}")).await;
+    let extract = dir.path().join("extracted");
+    std::fs::create_dir_all(&extract).unwrap();
+    for f in std::fs::read_dir(&staged).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(listing.contains(&name), "{name} not staged:\n{listing}");
+        let st = debugfs(&out.image, root, &format!("stat {STORAGE_DIR}/{name}")).await;
+        assert!(
+            st.contains("Mode:  0644") && st.contains("User:     0"),
+            "{st}"
+        );
+        let got = extract.join(&name);
+        debugfs(
+            &out.image,
+            root,
+            &format!("dump {STORAGE_DIR}/{name} {}", got.display()),
+        )
+        .await;
+        assert_eq!(
+            std::fs::read(&got).unwrap(),
+            std::fs::read(&f).unwrap(),
+            "{name} byte for byte"
+        );
+        if name.ends_with(".deb") {
+            let pkg = run("dpkg-deb", &["-f", got.to_str().unwrap(), "Package"]).await;
+            assert!(
+                name.starts_with(&format!("{}_", pkg.trim())),
+                "{name}: {pkg}"
+            );
+        }
+    }
+    let cfg = debugfs(&out.image, root, "cat /etc/rackseed/cluster.toml").await;
+    assert!(
+        cfg.contains(&format!("offline = \"{STORAGE_DIR}\"")),
+        "the in-image config points at the staged folder:\n{cfg}"
+    );
+    assert!(!cfg.contains(staged.to_str().unwrap()), "{cfg}");
+    // The manifest lists the staged files.
+    let manifest = std::fs::read_to_string(&out.manifest).unwrap();
+    assert!(
+        manifest.contains(&format!("{STORAGE_DIR}/open-iscsi_1.0-test_amd64.deb")),
+        "{manifest}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_without_a_needed_package_fails_before_any_output() {
+    require_all_tools();
+    require_tools(&[("dpkg-deb", "dpkg")]);
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = official_fixture(Target::X86_64Efi).await;
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            fixture.to_str().unwrap(),
+            dir.path().join("base.img").to_str().unwrap(),
+        ],
+    )
+    .await;
+    let staged = staged_folder(dir.path(), &["open-iscsi"]).await;
+    let s = sample_with_storage(dir.path(), &staged);
+    let outdir = dir.path().join("out");
+    let err = imagebuilder::build::run(request(&s, &outdir, x86_firstboot()))
+        .await
+        .expect_err("nfs-common is missing");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("has no amd64 package for nfs-common") && msg.contains("apt-get download"),
+        "{msg}"
+    );
+    assert!(
+        listing(&outdir)
+            .iter()
+            .all(|n| !n.ends_with(".img") && !n.ends_with(".bmap")),
+        "{:?}",
+        listing(&outdir)
+    );
+}
