@@ -211,7 +211,7 @@ impl KernelControl for HostKernel {
 
     fn free_bytes(&self, path: &Path) -> anyhow::Result<u64> {
         let st = nix::sys::statvfs::statvfs(path)?;
-        Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 }
 
