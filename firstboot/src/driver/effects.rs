@@ -92,10 +92,18 @@ impl Runtime {
         let ha_size = (agent.config.cluster.control_plane as usize).min(3);
         let peers = self.peer_addrs();
         let api = self.api_address_job();
+        // Node labels go on once this node is a control-plane member (see `labels`).
+        let labeller = self.doc.phase == "member"
+            && self.doc.role.as_deref() == Some("control-plane")
+            && !super::labels::wanted(&agent).is_empty();
         tokio::spawn(async move {
             let status = agent.microk8s.status().await.ok();
             let view = status.clone().map(|st| microk8s_view(st, ha_size));
             let _ = tasks.send(TaskResult::Microk8s(view)).await;
+            if labeller && matches!(status, Some(Status::Running(_))) {
+                let rows = super::labels::apply_node_labels(&agent).await;
+                let _ = tasks.send(TaskResult::NodeLabels(rows)).await;
+            }
             // Longhorn's health, where helm and kubectl answer: a running control-plane node.
             if let (Storage::Longhorn, Some(Status::Running(_)), Some(tools)) = (
                 agent.config.addons.storage,

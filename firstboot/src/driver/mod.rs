@@ -30,6 +30,7 @@
 mod api_address;
 mod api_auto;
 mod effects;
+mod labels;
 mod status;
 
 use std::future::Future;
@@ -131,6 +132,8 @@ enum TaskResult {
     },
     Addons(Vec<AddonRow>),
     ApiAddress(rackseed_protocol::status::ApiAddressView),
+    /// The inventory's node labels, as a control-plane member put them on.
+    NodeLabels(Vec<rackseed_protocol::status::NodeLabelsView>),
     /// The replicated storage's health (Longhorn), read on control-plane members.
     Storage(rackseed_protocol::status::StorageHealthView),
 }
@@ -398,6 +401,10 @@ impl Runtime {
             }
             TaskResult::ApiAddress(view) => {
                 self.doc.api_address = Some(view);
+                None
+            }
+            TaskResult::NodeLabels(rows) => {
+                self.doc.node_labels = rows;
                 None
             }
             TaskResult::Storage(view) => {

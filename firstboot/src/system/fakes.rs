@@ -49,6 +49,8 @@ struct Cluster {
     joining: Option<IpAddr>,
     /// The first node's dqlite address is still 127.0.0.1 until the first join (A4).
     bound: bool,
+    /// Labels set with `kubectl label node`, by node name.
+    labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug)]
@@ -528,6 +530,11 @@ impl Microk8s for FakeMicrok8s {
                     } else {
                         NodeRole::ControlPlane
                     },
+                    labels: w.clusters[&cid]
+                        .labels
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_default(),
                 })
                 .collect())
         })
@@ -561,6 +568,31 @@ impl Microk8s for FakeMicrok8s {
             } else {
                 Ok(EnableOutcome::AlreadyEnabled)
             }
+        })
+    }
+
+    fn label_node<'a>(
+        &'a self,
+        node: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(async move {
+            let mut w = self.world.lock();
+            let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            self.record(
+                &mut w,
+                format!("kubectl label node {node} {}", pairs.join(" ")),
+            );
+            let cid = self.ready_cp(&w, "microk8s kubectl label node")?;
+            let c = w.clusters.get_mut(&cid).expect("cluster exists");
+            if !c.k8s.iter().any(|(n, _, _)| n == node) {
+                return Err(Microk8sError::UnknownNode {
+                    node: node.to_owned(),
+                });
+            }
+            let have = c.labels.entry(node.to_owned()).or_default();
+            have.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Ok(())
         })
     }
 

@@ -81,6 +81,9 @@ pub struct View {
     /// The joins in flight: one control-plane join alone, or any number of worker joins.
     #[serde(default)]
     pub joining: Vec<InFlight>,
+    /// Labels set with `kubectl label node` (besides the ones every node carries), by node name.
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The core addons the simulator knows: (name, description).
@@ -153,6 +156,7 @@ impl View {
             }],
             addons,
             joining: Vec::new(),
+            node_labels: BTreeMap::new(),
         }
     }
 
@@ -384,16 +388,19 @@ pub fn render_nodes_json(v: &View, alive: &BTreeSet<String>) -> String {
             } else {
                 serde_json::json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"})
             };
+            let mut labels = serde_json::Map::new();
+            for (k, v) in v.node_labels.get(&e.name).into_iter().flatten() {
+                labels.insert(k.clone(), serde_json::json!(v));
+            }
+            labels.insert("kubernetes.io/hostname".into(), serde_json::json!(e.name));
+            labels.insert("microk8s.io/cluster".into(), serde_json::json!("true"));
+            labels.insert(label.into(), serde_json::json!(value));
             serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {
                     "name": e.name,
-                    "labels": {
-                        "kubernetes.io/hostname": e.name,
-                        "microk8s.io/cluster": "true",
-                        label: value,
-                    }
+                    "labels": labels
                 },
                 "status": {"addresses": addresses, "conditions": [ready]}
             })

@@ -86,6 +86,14 @@ impl Microk8s for InNamespace {
         let (addon, args) = (addon.to_owned(), args.to_vec());
         self.call(move |a| async move { a.enable(&addon, &args).await })
     }
+    fn label_node<'a>(
+        &'a self,
+        node: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        let (node, labels) = (node.to_owned(), labels.clone());
+        self.call(move |a| async move { a.label_node(&node, &labels).await })
+    }
     fn leave(&self) -> BoxFuture<'_, Result<(), Microk8sError>> {
         self.call(|a| async move { a.leave().await })
     }
@@ -245,6 +253,32 @@ async fn scenario(n: &[Arc<dyn Microk8s>], ips: &[IpAddr]) -> Vec<String> {
         ));
     }
     t.push(format!("config worker: {}", kind(&n[3].config().await)));
+    // Node labels: put on by a control-plane node, any node by name; not by a worker, not on
+    // an unknown node.
+    let want: std::collections::BTreeMap<String, String> =
+        [("example.com/rack".to_owned(), "r1".to_owned())].into();
+    let target = k[2].name.clone();
+    t.push(format!(
+        "label: {}",
+        kind(&n[0].label_node(&target, &want).await)
+    ));
+    let mut labelled = n[1].nodes().await.unwrap();
+    labelled.sort_by_key(|x| x.internal_ip);
+    t.push(format!(
+        "labels: {:?}",
+        labelled
+            .iter()
+            .map(|x| x.labels.get("example.com/rack").cloned())
+            .collect::<Vec<_>>()
+    ));
+    t.push(format!(
+        "label unknown: {}",
+        kind(&n[0].label_node("ghost", &want).await)
+    ));
+    t.push(format!(
+        "label from worker: {}",
+        kind(&n[3].label_node(&target, &want).await)
+    ));
     let ip1 = ips[1].to_string();
     t.push(format!(
         "remove member: {}",

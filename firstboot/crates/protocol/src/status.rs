@@ -60,6 +60,10 @@ pub struct StatusDoc {
     /// the cluster has none.
     #[serde(default)]
     pub api_address: Option<ApiAddressView>,
+    /// The inventory's Kubernetes labels (`[[nodes]] labels`) as a control-plane member
+    /// found and put them on each node; empty on workers and when no node has labels.
+    #[serde(default)]
+    pub node_labels: Vec<NodeLabelsView>,
     /// The replicated storage's health as this control-plane node reads it (Longhorn); `None`
     /// where it is not read (workers, other storage, before the install).
     #[serde(default)]
@@ -123,6 +127,36 @@ impl StorageHealthView {
             s.push_str(&format!("; {p}"));
         }
         s
+    }
+}
+
+/// One inventory node's Kubernetes labels: wanted, and whether the Node carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeLabelsView {
+    /// The Kubernetes node name (the inventory hostname).
+    pub node: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The Node carries every one of them.
+    pub applied: bool,
+    /// Why not (not joined yet, the label command failed).
+    pub problem: Option<String>,
+}
+
+impl NodeLabelsView {
+    /// One line for tables: `node k=v,k2=v2 (applied)`.
+    pub fn summary(&self) -> String {
+        let pairs: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let state = match (&self.problem, self.applied) {
+            (_, true) => "applied".to_owned(),
+            (Some(p), false) => format!("not applied: {p}"),
+            (None, false) => "not applied".to_owned(),
+        };
+        format!("{} {} ({state})", self.node, pairs.join(","))
     }
 }
 
@@ -327,6 +361,9 @@ impl StatusDoc {
         }
         if let Some(h) = &self.storage {
             let _ = writeln!(s, "storage   {}", h.summary());
+        }
+        for l in &self.node_labels {
+            let _ = writeln!(s, "labels    {}", l.summary());
         }
         let _ = writeln!(s, "last err  {}", opt(&self.last_error));
         let _ = writeln!(s, "\nPEER              ADDRESS          PHASE       ROLE");

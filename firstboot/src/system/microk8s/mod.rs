@@ -45,6 +45,7 @@
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 
 pub mod helm;
+pub mod labels;
 pub mod launch;
 pub mod parse;
 
@@ -321,6 +322,15 @@ pub trait Microk8s: Send + Sync {
         addon: &'a str,
         args: &'a [String],
     ) -> BoxFuture<'a, Result<EnableOutcome, Microk8sError>>;
+    /// `microk8s kubectl label node NODE KEY=VALUE... --overwrite`: puts `labels` on the
+    /// Kubernetes node `node` ([`labels`]). Control-plane nodes only: on a worker the kubectl
+    /// wrapper refuses ([`Microk8sError::WorkerNode`]); an unknown node is
+    /// [`Microk8sError::UnknownNode`].
+    fn label_node<'a>(
+        &'a self,
+        node: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>>;
     /// `microk8s leave`.
     fn leave(&self) -> BoxFuture<'_, Result<(), Microk8sError>>;
     /// `microk8s remove-node NAME_OR_IP [--force]`.
@@ -503,8 +513,7 @@ impl RealMicrok8s {
         };
         write_private_file(
             path,
-            render_launch_config(&secret.microk8s_token(), &self.config.launch_settings)
-                .as_bytes(),
+            render_launch_config(&secret.microk8s_token(), &self.config.launch_settings).as_bytes(),
         )
         .map_err(err)
     }
@@ -853,6 +862,14 @@ impl Microk8s for RealMicrok8s {
                 }),
             }
         })
+    }
+
+    fn label_node<'a>(
+        &'a self,
+        node: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(labels::label_node(self, node, labels))
     }
 
     fn leave(&self) -> BoxFuture<'_, Result<(), Microk8sError>> {

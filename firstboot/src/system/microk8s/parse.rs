@@ -327,6 +327,8 @@ pub struct K8sNode {
     /// The `Ready` condition is `"True"`.
     pub ready: bool,
     pub role: NodeRole,
+    /// Every label the Node carries (`metadata.labels`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +396,7 @@ pub fn parse_nodes_json(text: &str) -> Result<Vec<K8sNode>, ParseError> {
                     .any(|c| c.kind == "Ready" && c.status == "True"),
                 name: n.metadata.name,
                 role,
+                labels: n.metadata.labels,
             }
         })
         .collect())

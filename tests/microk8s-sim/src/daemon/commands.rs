@@ -32,6 +32,7 @@ impl Daemon {
             ["kubectl", rest @ ..] if super::helm::handles_kubectl(rest) => {
                 self.cmd_kubectl_tools(rest).await
             }
+            ["kubectl", "label", rest @ ..] => self.cmd_kubectl_label(rest).await,
             ["kubectl", rest @ ..] => self.cmd_kubectl(rest),
             ["__dqlite", rest @ ..] => self.cmd_dqlite(rest),
             [other, ..] => Out::fail(

@@ -20,6 +20,7 @@ mod api_server;
 mod commands;
 mod helm;
 mod join;
+mod kubectl_label;
 mod replication;
 
 use std::collections::{BTreeMap, BTreeSet};
