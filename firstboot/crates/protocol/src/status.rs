@@ -422,6 +422,45 @@ mod tests {
     }
 
     #[test]
+    fn the_api_address_survives_json_and_shows_in_the_table() {
+        let doc = StatusDoc {
+            node_id: "a".into(),
+            api_address: Some(ApiAddressView {
+                address: Some("10.0.0.100".into()),
+                held_here: true,
+                state: "holding (keepalived master)".into(),
+                peers: vec!["10.0.0.12".into()],
+                problem: None,
+                in_certificate: true,
+            }),
+            ..StatusDoc::default()
+        };
+        let back: StatusDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        let table = doc.render_table();
+        assert!(
+            table.contains("api addr  10.0.0.100 held by this node (holding (keepalived master))"),
+            "{table}"
+        );
+        let mut missing = doc.clone();
+        let view = missing.api_address.as_mut().unwrap();
+        view.held_here = false;
+        view.problem = Some("keepalived is not installed".into());
+        let table = missing.render_table();
+        assert!(
+            table.contains("not held here")
+                && table.contains("PROBLEM: keepalived is not installed"),
+            "{table}"
+        );
+        // Documents of agents without the field parse as no API address.
+        let old: StatusDoc = serde_json::from_str(
+            r#"{"version":"1","node_id":"a","hostname":"h","phase":"member"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.api_address, None);
+    }
+
+    #[test]
     fn rejections_survive_json_and_show_in_the_table() {
         let mut doc = StatusDoc::default();
         doc.rejections.discovery.bad_signature = 4;
