@@ -125,19 +125,19 @@ async fn choose(agent: &Agent, node_addrs: &[IpAddr]) -> Result<IpAddr, String> 
         reserved: reserved(agent),
         count: 1,
     };
-    pick(&ArpingProber::new(iface), &request, agent).await
-}
-
-/// The first candidate outside MetalLB's blocks that nobody answers for.
-async fn pick<P: AddressProber>(
-    prober: &P,
-    request: &AutoRangeRequest,
-    agent: &Agent,
-) -> Result<IpAddr, String> {
     let blocks = match &agent.config.addons.metallb {
         Some(Metallb::Blocks { blocks }) => blocks.clone(),
         _ => Vec::new(),
     };
+    pick(&ArpingProber::new(iface), &request, &blocks).await
+}
+
+/// The first candidate outside MetalLB's `blocks` that nobody answers for.
+async fn pick<P: AddressProber>(
+    prober: &P,
+    request: &AutoRangeRequest,
+    blocks: &[rackseed_config::AddressBlock],
+) -> Result<IpAddr, String> {
     for candidate in autorange::candidate_addresses(request) {
         let ip = IpAddr::V4(candidate);
         if blocks
@@ -184,5 +184,44 @@ pub(super) fn known(agent: &Agent) -> Option<Ipv4Addr> {
             })) => Some(v4),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addons::fakes::FakeProber;
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn request() -> AutoRangeRequest {
+        AutoRangeRequest {
+            interface: "192.168.1.11/24".parse().unwrap(),
+            nodes: vec![v4("192.168.1.11"), v4("192.168.1.12")],
+            reserved: vec![v4("192.168.1.254")],
+            count: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_free_address_from_the_top_outside_metallb_is_picked() {
+        let metallb = vec![rackseed_config::AddressBlock::Range {
+            start: "192.168.1.240".parse().unwrap(),
+            end: "192.168.1.252".parse().unwrap(),
+        }];
+        // .254 is reserved (gateway), .253 answers ARP, .240-.252 are MetalLB's.
+        let prober = FakeProber::with_in_use([v4("192.168.1.253")]);
+        let ip = pick(&prober, &request(), &metallb).await.unwrap();
+        assert_eq!(ip, "192.168.1.239".parse::<IpAddr>().unwrap());
+        assert_eq!(prober.probed(), [v4("192.168.1.253"), v4("192.168.1.239")]);
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_fails_fails_the_choice() {
+        let prober = FakeProber::default().failing_on(v4("192.168.1.253"));
+        let e = pick(&prober, &request(), &[]).await.unwrap_err();
+        assert!(e.contains("192.168.1.253"), "{e}");
     }
 }
