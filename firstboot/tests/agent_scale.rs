@@ -1,14 +1,43 @@
-//! Scale: N agents (default 20 in the test suite; `RACKSEED_SCALE_NODES=50` for the full rack) in network namespaces form one
-//! cluster with the MicroK8s simulator. Prints the formation time next to the lower bound the
-//! simulated delays allow, and every agent's peak RSS. `scripts/bench-formation` runs it for
-//! N = 3, 10 and 50.
+//! Scale: N agents (default 20 in the test suite; `RACKSEED_SCALE_NODES=50` for the full rack)
+//! in network namespaces form one cluster with the MicroK8s simulator. Prints the formation
+//! time next to the lower bound the simulated delays allow ([`formation_bound`]: control-plane
+//! joins one at a time, worker joins `RACKSEED_SCALE_PARALLELISM` at once, default 8), every
+//! agent's peak RSS and, with `RACKSEED_SCALE_IDLE_S=<seconds>`, the formed agents' CPU use
+//! and RSS over that window. `scripts/bench-formation` runs it for N = 3, 10, 50 and 100.
 
 mod agent_support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use agent_support::{check_command_log, AgentCluster, ClusterSpec};
+use agent_support::{check_command_log_with, AgentCluster, ClusterSpec};
+
+/// The lower bound of formation with `n` nodes, `cp` of them control plane, worker joins
+/// `parallelism` at once, `join_s` per join and `enable_s` per addon enable (two addons):
+/// mDNS discovery (~1 s) + (cp − 1) serial control-plane joins + ⌈workers / parallelism⌉
+/// worker rounds + the addon enables.
+fn formation_bound(n: usize, cp: usize, parallelism: usize, join_s: f64, enable_s: f64) -> f64 {
+    let cp = cp.min(n);
+    let workers = n - cp;
+    let rounds = workers.div_ceil(parallelism.max(1));
+    1.0 + (cp as f64 - 1.0) * join_s + rounds as f64 * join_s + 2.0 * enable_s
+}
+
+#[test]
+fn the_bound_counts_serial_control_plane_joins_and_parallel_worker_rounds() {
+    assert_eq!(formation_bound(3, 3, 8, 0.5, 0.5), 1.0 + 1.0 + 0.0 + 1.0);
+    assert_eq!(formation_bound(10, 3, 8, 0.5, 0.5), 1.0 + 1.0 + 0.5 + 1.0);
+    assert_eq!(formation_bound(50, 3, 8, 0.5, 0.5), 1.0 + 1.0 + 3.0 + 1.0);
+    assert_eq!(formation_bound(100, 3, 8, 0.5, 0.5), 1.0 + 1.0 + 6.5 + 1.0);
+    // With one join at a time it is the old serial bound.
+    assert_eq!(formation_bound(50, 3, 1, 0.5, 0.5), 1.0 + 49.0 * 0.5 + 1.0);
+    // A real rack: 50 machines, 60 s per join.
+    assert_eq!(formation_bound(50, 3, 1, 60.0, 0.0), 1.0 + 49.0 * 60.0);
+    assert_eq!(
+        formation_bound(50, 3, 8, 60.0, 0.0),
+        1.0 + 2.0 * 60.0 + 6.0 * 60.0
+    );
+}
 
 #[test]
 fn many_agents_form_one_cluster() {
@@ -21,11 +50,21 @@ fn many_agents_form_one_cluster() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(500);
     let enable_ms = 500;
+    let parallelism: u32 = std::env::var("RACKSEED_SCALE_PARALLELISM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(rackseed_config::DEFAULT_JOIN_PARALLELISM);
+    let idle_s: u64 = std::env::var("RACKSEED_SCALE_IDLE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let spec = ClusterSpec {
         expected_nodes: n as u32,
         join_delay_ms: join_ms,
         enable_delay_ms: enable_ms,
         join_timeout_s: 20,
+        join_parallelism: parallelism,
+        heartbeat_ms: 1000,
         // Fixed metallb range only: no ARP probing in the scale run.
         ..ClusterSpec::default()
     };
@@ -66,7 +105,7 @@ fn many_agents_form_one_cluster() {
         .filter(|d| d.role.as_deref() == Some("control-plane"))
         .count();
     assert_eq!(cp, 3.min(n));
-    check_command_log(&c.commands()).unwrap();
+    check_command_log_with(&c.commands(), parallelism as usize).unwrap();
     let rss: Vec<u64> = all
         .iter()
         .filter_map(|&i| c.agent_peak_rss_kib(i))
@@ -74,8 +113,13 @@ fn many_agents_form_one_cluster() {
     assert_eq!(rss.len(), n, "peak RSS of some agents could not be read");
     let max_rss = rss.iter().copied().max().unwrap_or(0);
     let mean_rss = rss.iter().sum::<u64>() / rss.len().max(1) as u64;
-    // Lower bound: mDNS discovery (~1 s) + (N-1) serial joins + the addon enables (2 addons).
-    let bound = 1.0 + (n as f64 - 1.0) * join_ms as f64 / 1000.0 + 2.0 * enable_ms as f64 / 1000.0;
+    let bound = formation_bound(
+        n,
+        3,
+        parallelism as usize,
+        join_ms as f64 / 1000.0,
+        enable_ms as f64 / 1000.0,
+    );
     let overhead = formed.as_secs_f64() - bound;
     let allowed = bound * 0.10 + 2.0;
     let verdict = |ok: bool| if ok { "pass" } else { "FAIL" };
@@ -96,9 +140,24 @@ fn many_agents_form_one_cluster() {
         mean_rss as f64 / 1024.0,
         verdict(max_rss < 20 * 1024),
     );
+    // A formed agent's steady load: CPU seconds per minute (its own, and with the children
+    // it waited for) and its RSS, over `idle_s` seconds once formation is complete.
+    let idle = (idle_s > 0).then(|| idle_load(&c, n, idle_s));
+    if let Some(l) = &idle {
+        println!(
+            "formed agent idle load N={n} over {idle_s} s: CPU max {:.3} s/min (with children {:.3}), mean {:.3} s/min; RSS max {:.1} MiB (target < 0.5 s/min, < 20 MiB): {}",
+            l.cpu_max, l.cpu_children_max, l.cpu_mean, l.rss_max_mib, verdict(l.ok()),
+        );
+    }
+    let idle_fields = idle.as_ref().map_or(String::new(), |l| {
+        format!(
+            " idle_cpu_max_s_per_min={:.3} idle_cpu_children_max_s_per_min={:.3} idle_cpu_mean_s_per_min={:.3} idle_rss_max_mib={:.1} idle_ok={}",
+            l.cpu_max, l.cpu_children_max, l.cpu_mean, l.rss_max_mib, l.ok()
+        )
+    });
     // One machine-readable line for scripts/bench-formation.
     println!(
-        "bench n={n} formation_s={:.2} bound_s={:.2} overhead_s={:.2} allowed_s={:.2} time_ok={} rss_max_mib={:.1} rss_mean_mib={:.1} rss_ok={}",
+        "bench n={n} formation_s={:.2} bound_s={:.2} overhead_s={:.2} allowed_s={:.2} time_ok={} rss_max_mib={:.1} rss_mean_mib={:.1} rss_ok={}{idle_fields}",
         formed.as_secs_f64(),
         bound,
         overhead,
@@ -108,4 +167,42 @@ fn many_agents_form_one_cluster() {
         mean_rss as f64 / 1024.0,
         max_rss < 20 * 1024,
     );
+}
+
+/// What formed agents cost while nothing happens.
+struct IdleLoad {
+    /// CPU seconds per minute: the busiest agent's own, the busiest with its children, the mean.
+    cpu_max: f64,
+    cpu_children_max: f64,
+    cpu_mean: f64,
+    rss_max_mib: f64,
+}
+
+impl IdleLoad {
+    fn ok(&self) -> bool {
+        self.cpu_max < 0.5 && self.rss_max_mib < 20.0
+    }
+}
+
+/// Samples every agent's CPU time, waits `secs` seconds, samples again.
+fn idle_load(c: &AgentCluster, n: usize, secs: u64) -> IdleLoad {
+    let before: Vec<(f64, f64)> = (0..n)
+        .map(|i| c.agent_cpu_seconds(i).expect("agent CPU time"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    let per_min = 60.0 / secs as f64;
+    let mut own = Vec::new();
+    let mut with_children = Vec::new();
+    for (i, b) in before.iter().enumerate() {
+        let a = c.agent_cpu_seconds(i).expect("agent CPU time");
+        own.push((a.0 - b.0) * per_min);
+        with_children.push((a.1 - b.1) * per_min);
+    }
+    let rss_max = (0..n).filter_map(|i| c.agent_rss_kib(i)).max().unwrap_or(0);
+    IdleLoad {
+        cpu_max: own.iter().copied().fold(0.0, f64::max),
+        cpu_children_max: with_children.iter().copied().fold(0.0, f64::max),
+        cpu_mean: own.iter().sum::<f64>() / n.max(1) as f64,
+        rss_max_mib: rss_max as f64 / 1024.0,
+    }
 }

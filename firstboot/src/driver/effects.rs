@@ -334,7 +334,8 @@ const JOIN_RETRY_MAX: Duration = Duration::from_secs(3);
 /// grant).
 async fn join_with_retries(mk: &dyn Microk8s, target: &JoinTarget, role: JoinRole) -> Result<()> {
     let mut backoff = JOIN_RETRY_FIRST;
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match mk.join(target, role).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && attempt < JOIN_ATTEMPTS => {
@@ -342,6 +343,7 @@ async fn join_with_retries(mk: &dyn Microk8s, target: &JoinTarget, role: JoinRol
                 tracing::info!(seed = %target.seed, attempt, ?wait, "join failed transiently, retrying: {e}");
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(JOIN_RETRY_MAX);
+                attempt += 1;
             }
             Err(e) => {
                 return Err(e).with_context(|| {
@@ -350,7 +352,6 @@ async fn join_with_retries(mk: &dyn Microk8s, target: &JoinTarget, role: JoinRol
             }
         }
     }
-    unreachable!("the loop returns on its last attempt")
 }
 
 async fn already_joined(mk: &dyn Microk8s, seed_ip: IpAddr, worker: bool) -> bool {

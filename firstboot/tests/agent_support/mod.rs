@@ -56,6 +56,12 @@ pub struct ClusterSpec {
     pub enable_delay_ms: u64,
     /// `--sim-join-timeout` for the agents (slot reclaim and takeover scale with it).
     pub join_timeout_s: u64,
+    /// `cluster.join-parallelism`: worker joins at once.
+    pub join_parallelism: u32,
+    /// The simulator's heartbeat interval (a node is dead after 3 missed): short for the
+    /// failure tests, the simulator's default 1 s for the scale runs, where every worker's
+    /// heartbeat to every control-plane node is a TLS handshake on the one test machine.
+    pub heartbeat_ms: u64,
     pub secret: ClusterSecret,
 }
 
@@ -69,6 +75,8 @@ impl Default for ClusterSpec {
             join_delay_ms: 300,
             enable_delay_ms: 0,
             join_timeout_s: 20,
+            join_parallelism: rackseed_config::DEFAULT_JOIN_PARALLELISM,
+            heartbeat_ms: 300,
             secret: ClusterSecret::from_bytes([7; 32]),
         }
     }
@@ -110,10 +118,11 @@ impl AgentCluster {
         let secret_path = dir.path().join("cluster.secret");
         spec.secret.write_new(&secret_path).unwrap();
         let config = format!(
-            "[cluster]\nname = \"agents\"\ncontrol-plane = {cp}\nexpected-nodes = {en}\nformation-timeout = \"{ft}\"\nstandbys = 0\nsecret-file = \"cluster.secret\"\n\n{addons}\n[network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\nkind = \"local\"\npath = \"base.img\"\n",
+            "[cluster]\nname = \"agents\"\ncontrol-plane = {cp}\nexpected-nodes = {en}\nformation-timeout = \"{ft}\"\njoin-parallelism = {jp}\nstandbys = 0\nsecret-file = \"cluster.secret\"\n\n{addons}\n[network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\nkind = \"local\"\npath = \"base.img\"\n",
             cp = spec.control_plane,
             en = spec.expected_nodes,
             ft = spec.formation_timeout,
+            jp = spec.join_parallelism,
             addons = spec.addons_toml,
         );
         std::fs::write(dir.path().join("cluster.toml"), config).unwrap();
@@ -151,12 +160,13 @@ impl AgentCluster {
         let dqlite = sim_bin("dqlite");
         let env = format!(
             "export MICROK8S_SIM_STATE='{state}' MICROK8S_SIM_NODE='node-{i}' MICROK8S_SIM_LOG='{log}' \
-             MICROK8S_SIM_LAUNCH_CONFIG='{lc}' MICROK8S_SIM_HEARTBEAT_MS=300 \
+             MICROK8S_SIM_LAUNCH_CONFIG='{lc}' MICROK8S_SIM_HEARTBEAT_MS={hb} \
              MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_ENABLE_DELAY_MS={ed} MICROK8S_SIM_IP={ip}\n",
             state = dir.join("sim").display(),
             log = self.log.display(),
             lc = dir.join("etc/microk8s.yaml").display(),
             jd = self.spec.join_delay_ms,
+            hb = self.spec.heartbeat_ms,
             ed = self.spec.enable_delay_ms,
             ip = host.addr,
         );
@@ -319,6 +329,35 @@ impl AgentCluster {
             .ok()
     }
 
+    /// CPU time node `i`'s agent used so far, in seconds: (its own, with the children it
+    /// waited for, e.g. `microk8s status` polls). From `/proc/PID/stat` (USER_HZ = 100).
+    pub fn agent_cpu_seconds(&self, i: usize) -> Option<(f64, f64)> {
+        let pid = self.nodes[i].agent.as_ref()?.id()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let rest = text.rsplit_once(')')?.1;
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after ')'.
+        let own = (f.get(11)? + f.get(12)?) as f64 / 100.0;
+        let children = (f.get(13)? + f.get(14)?) as f64 / 100.0;
+        Some((own, own + children))
+    }
+
+    /// Node `i`'s agent's resident set now (VmRSS), in KiB.
+    pub fn agent_rss_kib(&self, i: usize) -> Option<u64> {
+        let pid = self.nodes[i].agent.as_ref()?.id()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// The status document of node `i` (`firstboot status --json` run in its namespace).
     pub fn status(&self, i: usize) -> Option<StatusDoc> {
         let node = &self.nodes[i];
@@ -451,10 +490,21 @@ pub fn argv(r: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Checks the simulator's command log: joins never overlapped, never by hostname, never with
-/// `--controlplane`, and every successful enable ran on a node that was control plane.
+/// Checks the simulator's command log with the default join parallelism: see
+/// [`check_command_log_with`].
 pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
-    let mut open: Option<(String, i64)> = None;
+    check_command_log_with(records, rackseed_config::DEFAULT_JOIN_PARALLELISM as usize)
+}
+
+/// Checks the simulator's command log: a control-plane join never overlapped another join, a
+/// worker join never overlapped a control-plane join, never more than `parallelism` joins at
+/// once; never by hostname, never with `--controlplane`.
+pub fn check_command_log_with(
+    records: &[serde_json::Value],
+    parallelism: usize,
+) -> Result<(), String> {
+    // key (node/pid) -> is a worker join
+    let mut open: std::collections::BTreeMap<String, bool> = Default::default();
     for r in records {
         let argv = argv(r);
         if r["program"] != "microk8s" || argv.first().map(String::as_str) != Some("join") {
@@ -469,14 +519,26 @@ pub fn check_command_log(records: &[serde_json::Value]) -> Result<(), String> {
             return Err(format!("a join did not use an IP literal: {url}"));
         }
         let key = format!("{}/{}", r["node"], r["pid"]);
+        let worker = argv.iter().any(|a| a == "--worker");
         match r["event"].as_str() {
             Some("start") => {
-                if let Some((other, _)) = &open {
-                    return Err(format!("join {key} started while join {other} was running"));
+                let clash = open.iter().find(|(_, w)| !worker || !**w);
+                if let Some((other, w)) = clash {
+                    return Err(format!(
+                        "join {key} (worker: {worker}) started while join {other} (worker: {w}) was running"
+                    ));
                 }
-                open = Some((key, r["ts_ms"].as_i64().unwrap_or(0)));
+                if open.len() + 1 > parallelism {
+                    return Err(format!(
+                        "join {key} made {} joins at once, limit {parallelism}",
+                        open.len() + 1
+                    ));
+                }
+                open.insert(key, worker);
             }
-            Some("end") if open.as_ref().is_some_and(|(k, _)| *k == key) => open = None,
+            Some("end") => {
+                open.remove(&key);
+            }
             _ => {}
         }
     }

@@ -28,22 +28,24 @@ impl Daemon {
             .collect()
     }
 
-    /// Sends `view` to every peer; waits (bounded) for the datastore nodes to take it. Workers
-    /// run no dqlite, so a datastore change does not wait for them (in MicroK8s they learn the
-    /// control plane through their API server proxy): they are sent the view in the background.
+    /// Sends `view` to the datastore (non-worker) peers and waits (bounded) for them to take
+    /// it. Workers are not sent it: they run no dqlite (in MicroK8s they learn the control
+    /// plane through their API server proxy), and here they fetch a newer view at their next
+    /// heartbeat to the control plane, so a push to every worker on every change (twice per
+    /// join, a TLS handshake each) would only load the machine running a large test rack.
     pub(super) async fn push(&self, view: View) {
         let body = serde_json::to_value(&view).expect("views serialise");
         let mut tasks = Vec::new();
         for (_, addr, worker) in self.peers(&view) {
+            if worker {
+                continue;
+            }
             let body = body.clone();
             let t = self.env.heartbeat;
-            let task = tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 let _ =
                     http::request(addr, None, "POST", "/sim/v1/view", Some(&body), t, t * 2).await;
-            });
-            if !worker {
-                tasks.push(task);
-            }
+            }));
         }
         for t in tasks {
             let _ = t.await;
