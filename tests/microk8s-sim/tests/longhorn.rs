@@ -12,12 +12,13 @@
 
 mod support;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use firstboot::addons::fakes::{FakeKernel, FakeRoot};
 use firstboot::addons::{longhorn, run_addon, AddonEnable};
-use firstboot::system::microk8s::Microk8s;
+use firstboot::system::microk8s::{JoinRole, JoinTarget, Microk8s, Microk8sError};
 use microk8s_sim::daemon::cluster_tools_calls;
 use netns_lab::Lab;
 use rackseed_host::command::Cmd;
@@ -482,4 +483,73 @@ fn the_simulator_refuses_what_helm_and_the_api_server_refuse() {
     // Nothing was installed by the refused calls.
     let (_, out, _) = helm(&n, &["list", "-n", "longhorn-system", "-o", "json"]);
     assert_eq!(out.trim(), "[]");
+}
+
+/// Joins `node` to `seed` as a worker and waits until the seed lists it Ready.
+fn join_worker(seed: &SimNode, node: &SimNode) {
+    let t = JoinTarget::new(IpAddr::V4(seed.host.addr), secret().microk8s_token());
+    node.run(move |a| async move { a.join(&t, JoinRole::Worker).await })
+        .unwrap_or_else(|e| panic!("{} joining: {e}", node.name));
+    let ip = IpAddr::V4(node.host.addr);
+    eventually(Duration::from_secs(10), "the worker to be Ready", || {
+        let nodes = seed.run(|a| async move { a.nodes().await }).ok()?;
+        nodes
+            .iter()
+            .find(|n| n.internal_ip == Some(ip))?
+            .ready
+            .then_some(())
+    });
+}
+
+#[test]
+fn replicas_follow_the_ready_nodes_up_to_three_and_workers_have_no_helm() {
+    let lab = Lab::new(4).expect("creating the network lab (this test must run as root)");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("commands.jsonl");
+    let rt = runtime();
+    let _g = rt.enter();
+    let mut nodes: Vec<SimNode> = (0..4)
+        .map(|i| SimNode::new(&lab, i, dir.path(), &log, &[]))
+        .collect();
+    for n in &mut nodes {
+        n.install_and_start();
+    }
+    join_worker(&nodes[0], &nodes[1]);
+    let root = ready_root(dir.path());
+    let cfg = config(None);
+    let done = run_step(&nodes[0], &cfg, &root, FakeKernel::new(&root)).expect("2 nodes");
+    assert!(
+        done.contains("2 replicas per volume on 2 ready nodes"),
+        "{done}"
+    );
+    for n in &nodes[2..] {
+        join_worker(&nodes[0], n);
+    }
+    let done = run_step(&nodes[0], &cfg, &root, FakeKernel::new(&root)).expect("4 nodes");
+    assert!(
+        done.contains("3 replicas per volume on 4 ready nodes"),
+        "{done}"
+    );
+    let helm_values: Vec<Value> = calls(&nodes[0])
+        .into_iter()
+        .filter(|c| c["tool"] == "helm")
+        .map(|c| c["values"]["persistence"]["defaultClassReplicaCount"].clone())
+        .collect();
+    assert_eq!(helm_values, [2, 3]);
+
+    // A worker's helm and kubectl are the wrappers' refusal (exit 0), which the adapter reports
+    // as such; nothing is installed there.
+    let tools = nodes[1].adapter.cluster_tools().unwrap();
+    let err = nodes[1]
+        .run(move |_| async move { tools.helm_list("longhorn-system").await })
+        .unwrap_err();
+    assert!(matches!(err, Microk8sError::WorkerNode { .. }), "{err}");
+    let err = run_step(&nodes[1], &cfg, &root, FakeKernel::new(&root)).unwrap_err();
+    assert!(err.contains("refused: this node is a worker"), "{err}");
+    let c = calls(&nodes[1]);
+    assert_eq!(summary(&c), ["helm list", "kubectl apply"], "{c:#?}");
+    assert!(
+        c.iter().all(|c| c["worker"] == true && c["code"] == 0),
+        "{c:#?}"
+    );
 }

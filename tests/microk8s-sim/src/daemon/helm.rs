@@ -11,8 +11,10 @@
 //! control-plane node does not see a release the first one installed).
 //!
 //! What is **checked**, and where the rule comes from:
-//! - helm on a worker prints the wrapper's sentence and exits 0
-//!   (canonical/microk8s `microk8s-resources/wrappers/microk8s-helm3.wrapper`); without a
+//! - helm and kubectl on a worker print the wrappers' sentence and exit 0 (canonical/microk8s
+//!   `microk8s-resources/wrappers/microk8s-helm3.wrapper` and `microk8s-kubectl.wrapper`;
+//!   recorded with `worker: true`; `kubectl get nodes`, answered by `commands`, does not model
+//!   this); without a
 //!   Kubernetes API (no dqlite quorum) helm and kubectl fail as they do when the API is down.
 //! - `upgrade --install`: a release name and a chart; only the flags firstboot uses (others
 //!   are refused as `unknown flag`, as helm does for flags that do not exist, and strictly for
@@ -66,6 +68,9 @@ use crate::now_ms;
 pub const LONGHORN_VERSIONS: [&str; 6] = ["1.6.0", "1.6.2", "1.7.0", "1.7.1", "1.7.2", "1.8.0"];
 /// The chart repository Longhorn publishes.
 pub const LONGHORN_REPO: &str = "https://charts.longhorn.io";
+/// What the kubectl wrapper prints on a worker (exit 0;
+/// `microk8s-resources/wrappers/microk8s-kubectl.wrapper`).
+pub const KUBECTL_WORKER_MSG: &str = "This MicroK8s deployment is acting as a node in a cluster. Please use the microk8s.kubectl on the master.\n";
 /// What the helm wrapper prints on a worker (exit 0).
 pub const HELM_WORKER_MSG: &str = "This MicroK8s deployment is acting as a node in a cluster. Please use the microk8s helm on the master.\n";
 /// How long a new CRD takes to become Established.
@@ -180,7 +185,9 @@ impl Daemon {
         {
             let st = self.lock();
             if st.worker {
-                return Out::ok(HELM_WORKER_MSG);
+                let out = Out::ok(HELM_WORKER_MSG);
+                record(self, json!({"tool": "helm", "worker": true}), &argv, &out);
+                return out;
             }
             if !st.view.quorum(&self.alive()) {
                 let out = Out::err(1, "Error: Kubernetes cluster unreachable: Get \"https://127.0.0.1:16443/version\": dial tcp 127.0.0.1:16443: connect: connection refused\n");
@@ -494,11 +501,13 @@ impl Daemon {
     pub(super) async fn cmd_kubectl_tools(&self, args: &[&str]) -> Out {
         let mut argv = vec!["kubectl"];
         argv.extend_from_slice(args);
-        let up = {
+        let (worker, up) = {
             let st = self.lock();
-            !st.worker && st.view.quorum(&self.alive())
+            (st.worker, st.view.quorum(&self.alive()))
         };
-        let (out, rec) = if !up {
+        let (out, rec) = if worker {
+            (Out::ok(KUBECTL_WORKER_MSG), json!({"worker": true}))
+        } else if !up {
             (api_down(), json!({}))
         } else {
             match args {
