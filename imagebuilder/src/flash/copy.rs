@@ -210,18 +210,8 @@ pub fn run(
                 failure.set(e);
             }
         });
-        for chunk in sink_rx {
-            if failure.stopped() {
-                break;
-            }
-            if let Some(dev) = sink {
-                if let Err(e) = dev.write_all_at(chunk.data(), chunk.offset) {
-                    failure.set(pass.write_error(e, chunk.offset));
-                    break;
-                }
-                dev.written(chunk.offset, chunk.len as u64);
-            }
-            pb.inc(chunk.len as u64);
+        if let Err(e) = write_chunks(sink_rx, sink, pass, failure, pb) {
+            failure.set(e);
         }
     });
     match failure
@@ -284,6 +274,28 @@ fn read_chunks(
                 return Ok(());
             }
         }
+    }
+    Ok(())
+}
+
+/// The writer (the calling thread): writes each chunk to `sink`, if any, and counts it.
+fn write_chunks(
+    chunks: mpsc::Receiver<Arc<Chunk>>,
+    sink: Option<&dyn Medium>,
+    pass: Pass<'_>,
+    failure: &Failure,
+    pb: &ProgressBar,
+) -> Result<()> {
+    for chunk in chunks {
+        if failure.stopped() {
+            break;
+        }
+        if let Some(dev) = sink {
+            dev.write_all_at(chunk.data(), chunk.offset)
+                .map_err(|e| pass.write_error(e, chunk.offset))?;
+            dev.written(chunk.offset, chunk.len as u64);
+        }
+        pb.inc(chunk.len as u64);
     }
     Ok(())
 }

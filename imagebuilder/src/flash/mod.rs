@@ -165,8 +165,13 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
         dev.set_len(bmap.image_size)?;
     }
 
+    write_and_read_back(&bmap, req, &dev)
+}
+
+/// The write pass (ending with the device's `fsync`), then the read-back, timed.
+fn write_and_read_back(bmap: &Bmap, req: &FlashRequest, dev: &File) -> Result<FlashReport> {
     let started = Instant::now();
-    let written = write_ranges(&bmap, &req.image, &req.device, &dev, req.progress)
+    let written = write_ranges(bmap, &req.image, &req.device, dev, req.progress)
         .and_then(|n| {
             dev.sync_all()
                 .with_context(|| format!("flushing {}", req.device.display()))?;
@@ -183,13 +188,13 @@ pub fn flash(req: &FlashRequest, info: &dyn BlockInfo) -> Result<FlashReport> {
     let started = Instant::now();
     // Drop the cached pages so the read-back comes from the device, not from memory.
     nix::fcntl::posix_fadvise(
-        &dev,
+        dev,
         0,
         0,
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     )
     .with_context(|| format!("dropping cached pages of {}", req.device.display()))?;
-    let verified = verify_ranges(&bmap, &req.device, &dev, req.progress)
+    let verified = verify_ranges(bmap, &req.device, dev, req.progress)
         .with_context(|| format!("verifying {}", req.device.display()))?;
     Ok(FlashReport {
         written_bytes: written,
