@@ -116,6 +116,7 @@ fn render_doc(s: &mut String, d: &StatusDoc) {
     render_api_address(s, d);
     render_addons(s, d);
     render_storage(s, d);
+    render_node_labels(s, d);
     render_problems(s, d);
     render_rejections(s, d);
     render_timeline(s, d);
@@ -308,6 +309,37 @@ fn render_storage(s: &mut String, d: &StatusDoc) {
     );
 }
 
+/// Renders the "Node labels" section (only where the inventory has labels and this node is a
+/// control-plane member that puts them on): each node's labels and whether it carries them.
+fn render_node_labels(s: &mut String, d: &StatusDoc) {
+    if d.node_labels.is_empty() {
+        return;
+    }
+    s.push_str(
+        "<h2>Node labels</h2>\n<table id=\"node-labels\"><tr><th>node</th><th>labels</th><th>state</th></tr>\n",
+    );
+    for l in &d.node_labels {
+        let pairs: Vec<String> = l
+            .labels
+            .iter()
+            .map(|(k, v)| escape_html(&format!("{k}={v}")))
+            .collect();
+        let state = match (&l.problem, l.applied) {
+            (_, true) => "applied".to_owned(),
+            (Some(p), false) => format!("not applied: {}", escape_html(p)),
+            (None, false) => "not applied".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td class=\"{}\">{state}</td></tr>",
+            escape_html(&l.node),
+            pairs.join(", "),
+            if l.applied { "ok" } else { "bad" },
+        );
+    }
+    s.push_str("</table>\n");
+}
+
 /// Renders the "Addons" section: each addon's state and reason.
 fn render_addons(s: &mut String, d: &StatusDoc) {
     let e = escape_html;
@@ -385,8 +417,8 @@ fn render_timeline(s: &mut String, d: &StatusDoc) {
 mod tests {
     use super::*;
     use crate::status::{
-        AddonRow, ApiAddressView, MemberRow, Microk8sView, PeerRow, StorageHealthView,
-        TimelineEntry,
+        AddonRow, ApiAddressView, MemberRow, Microk8sView, NodeLabelsView, PeerRow,
+        StorageHealthView, TimelineEntry,
     };
 
     const EVIL: &str = "<script>alert(1)</script>\"'&";
@@ -447,8 +479,46 @@ mod tests {
                 problem: Some(evil()),
                 ..Default::default()
             }),
+            node_labels: vec![NodeLabelsView {
+                node: evil(),
+                labels: [(evil(), evil())].into(),
+                applied: false,
+                problem: Some(evil()),
+            }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn node_labels_show_per_node() {
+        let doc = StatusDoc {
+            node_id: "node-a".into(),
+            node_labels: vec![
+                NodeLabelsView {
+                    node: "node-0".into(),
+                    labels: [("example.com/rack".to_owned(), "r1".to_owned())].into(),
+                    applied: true,
+                    problem: None,
+                },
+                NodeLabelsView {
+                    node: "node-9".into(),
+                    labels: [("zone".to_owned(), String::new())].into(),
+                    applied: false,
+                    problem: Some("not in the cluster yet".into()),
+                },
+            ],
+            ..Default::default()
+        };
+        let page = render_page(&serde_json::to_value(&doc).unwrap());
+        for want in [
+            "<table id=\"node-labels\">",
+            "<tr><td>node-0</td><td>example.com/rack=r1</td><td class=\"ok\">applied</td></tr>",
+            "<td>node-9</td><td>zone=</td><td class=\"bad\">not applied: not in the cluster yet</td>",
+        ] {
+            assert!(page.contains(want), "{want} missing:\n{page}");
+        }
+        let none = render_page(&serde_json::json!({"node_id": "n"}));
+        assert!(!none.contains("id=\"node-labels\""));
     }
 
     #[test]
