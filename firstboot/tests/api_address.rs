@@ -1,7 +1,8 @@
 //! The floating API address with real keepalived processes (one per node's network
 //! namespace, started by the agents) and the MicroK8s simulator's API endpoint: held by exactly
 //! one control-plane node, answered through from another lab host, moved when its holder dies,
-//! and never held by a partitioned minority while the majority holds it. Needs root.
+//! never held by a partitioned minority while the majority holds it, and kept by one VRRP group
+//! through a secret rotation and a member's restart. Needs root.
 
 mod agent_support;
 
@@ -9,6 +10,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use agent_support::{AgentCluster, ClusterSpec};
+use rackseed_protocol::coordinator::{CoordinatorClient, RotationStep};
+use rackseed_protocol::secret::ClusterSecret;
 
 const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 100);
 /// Lab host 0 is the client (a workstation); node `i` is on lab host `i + 1`.
@@ -226,4 +229,111 @@ fn an_auto_address_is_chosen_outside_metallb_and_agreed_on_by_every_node() {
         let how = v["how"].as_str().unwrap();
         assert!(how == "chosen" || how.starts_with("adopted from "), "{how}");
     }
+}
+
+/// Node `i`'s keepalived `virtual_router_id` and `auth_pass` lines (what one VRRP group shares).
+fn vrrp_group(c: &AgentCluster, i: usize) -> Option<(String, String)> {
+    let text =
+        std::fs::read_to_string(c.nodes[i].dir.join("root/etc/keepalived/keepalived.conf")).ok()?;
+    let line = |key: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(key))
+            .map(str::to_string)
+    };
+    Some((line("virtual_router_id ")?, line("auth_pass ")?))
+}
+
+/// Rotates the three nodes from `old` to `new` as `imagebuilder secret rotate` does (stage,
+/// commit, finish, each step on every node before the next), from the client's lab host.
+fn rotate_all(c: &AgentCluster, old: &ClusterSecret, new: &ClusterSecret) {
+    let targets: Vec<(std::net::SocketAddr, String)> = (0..3)
+        .map(|i| {
+            let fp = rackseed_protocol::coordinator::identity::read_fingerprint(
+                &c.nodes[i].dir.join("state"),
+            )
+            .unwrap();
+            (std::net::SocketAddr::from((c.nodes[i].addr, 7443)), fp)
+        })
+        .collect();
+    let (old, new) = (old.clone(), new.clone());
+    c.lab
+        .host(CLIENT)
+        .spawn_thread(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let with_old = CoordinatorClient::new(&old, "imagebuilder")
+                    .with_timeout(Duration::from_secs(10));
+                let with_new = CoordinatorClient::new(&new, "imagebuilder")
+                    .with_timeout(Duration::from_secs(10));
+                let hex = new.to_file_contents().trim().to_string();
+                let steps = [
+                    (
+                        RotationStep::Stage {
+                            secret: hex.clone(),
+                        },
+                        &with_old,
+                    ),
+                    (RotationStep::Commit { secret: hex }, &with_new),
+                    (
+                        RotationStep::Finish {
+                            tag: new.cluster_tag(),
+                        },
+                        &with_new,
+                    ),
+                ];
+                for (step, client) in &steps {
+                    for (addr, fp) in &targets {
+                        client
+                            .rotate(*addr, fp, step)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{} on {addr}: {e}", step.name()))?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .join()
+        .expect("rotation thread")
+        .expect("rotating the secret");
+}
+
+#[test]
+fn after_a_secret_rotation_and_a_restart_the_members_stay_one_vrrp_group() {
+    let (mut c, holder) = formed_cluster();
+    let _keepalived = c.keepalived_guard();
+    let before = vrrp_group(&c, holder).expect("the holder's keepalived.conf");
+    let old = c.spec.secret.clone();
+    let new = ClusterSecret::from_bytes([8; 32]);
+    rotate_all(&c, &old, &new);
+    // A member reboots: its agent starts on the new secret (its secret file), its keepalived
+    // keeps running as under systemd.
+    let restarted = (0..3).find(|&i| i != holder).unwrap();
+    c.stop_agent(restarted);
+    c.start_with_keepalived(restarted);
+    // Every member's keepalived follows the secret it signs with now: one group, the new one.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let groups: Vec<_> = (0..3).map(|i| vrrp_group(&c, i)).collect();
+        if groups.iter().all(|g| g.is_some() && *g == groups[0])
+            && groups[0] != Some(before.clone())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the members' VRRP router ids and passwords differ after the rotation (two groups \
+             would each claim the address): before {before:?}, now {groups:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Settled: one holder, answering, and nobody else claims it meanwhile.
+    let next = wait_for_one_holder(&c, &[0, 1, 2], Duration::from_secs(30));
+    for _ in 0..20 {
+        assert_eq!(c.address_holders(ADDRESS), vec![next], "after the rotation");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(c.api_ready_via(CLIENT, ADDRESS));
 }

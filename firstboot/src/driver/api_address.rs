@@ -7,6 +7,8 @@
 //! spares run an API server). While MicroK8s is not ready (quorum lost) the last list is kept:
 //! keepalived keeps running with it, and its health check, not the agent, releases the address.
 //! With `"auto"`, the address is chosen once ([`super::api_auto`]) and kept in the state folder.
+//! The VRRP router id and password come from the keyring's current secret ([`vrrp_key`]), so a
+//! secret rotation moves keepalived along at the next poll.
 //!
 //! To change what the status shows, change [`ApiAddressKeeper::maintain`].
 
@@ -81,8 +83,7 @@ impl ApiAddressKeeper {
             return view;
         }
         let local = super::effects::local_addresses(&agent.interfaces);
-        let settings = match VrrpSettings::new(&agent.secret.keepalived_key(), ip, &local, &members)
-        {
+        let settings = match VrrpSettings::new(&vrrp_key(&agent.keyring), ip, &local, &members) {
             Ok(s) => s,
             Err(why) => {
                 view.state = "cannot hold the address".into();
@@ -138,6 +139,16 @@ impl ApiAddressKeeper {
         }
         last.clone()
     }
+}
+
+/// The VRRP key of the secret this node signs with *now*: the keyring's current one, not the
+/// one the agent started with, so that after a secret rotation every member (restarted or not,
+/// and a node flashed with the new secret) derives the same router id and password. A member
+/// deriving them from another secret would form a VRRP group of its own and claim the address
+/// beside the holder. While a rotation's commit reaches the members one by one, their
+/// instances differ for at most a MicroK8s poll or two (the address may move once then).
+pub(super) fn vrrp_key(keyring: &rackseed_protocol::secret::Keyring) -> [u8; 32] {
+    keyring.current().secret().keepalived_key()
 }
 
 impl super::Runtime {
