@@ -68,6 +68,10 @@ fn malformed_and_unusable_addresses_are_refused_at_their_line() {
         ("\"224.0.0.18\"", "unicast address"),
         ("\"169.254.1.1\"", "unicast address"),
         ("\"fe80::1\"", "unicast address"),
+        (
+            "\"fd00::10\"",
+            "is IPv6: the floating address is held through keepalived",
+        ),
         ("5", "expected a string"),
     ] {
         let diags = parse(&config(bad, "")).expect_err(bad);

@@ -120,7 +120,8 @@ pub(super) fn read_cluster(
     })
 }
 
-/// `"auto"` or one unicast address (not unspecified, loopback, multicast or link-local).
+/// `"auto"` or one unicast IPv4 address (not unspecified, loopback, multicast, link-local or
+/// broadcast).
 fn parse_api_address(s: &str) -> Result<ApiAddress, String> {
     if s.trim() == "auto" {
         return Ok(ApiAddress::Auto);
@@ -135,6 +136,13 @@ fn parse_api_address(s: &str) -> Result<ApiAddress, String> {
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local {
         return Err(format!(
             "expected a unicast address on the nodes' network, got {ip}"
+        ));
+    }
+    if ip.is_ipv6() {
+        // The agent's keepalived instance refuses it too (VRRPv3 has no authentication): say
+        // so here rather than let every node report that it cannot hold the address.
+        return Err(format!(
+            "{ip} is IPv6: the floating address is held through keepalived with VRRPv2 authentication, which is IPv4 only; use an IPv4 address"
         ));
     }
     Ok(ApiAddress::Fixed(ip))
