@@ -273,3 +273,165 @@ fn rook_ceph_installs_lvm2_from_the_staged_packages() {
         ["rook-ceph: lvm2 not installed on this node (every rook-ceph node needs them)"]
     );
 }
+
+// --- The install's gate on every Ready member's prerequisites -------------------------------
+
+mod cluster_gate {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+
+    use firstboot::addons::fakes::{member_doc, FakeClusterTools, FakeReports};
+    use firstboot::addons::longhorn;
+    use firstboot::addons::prep::Readiness;
+    use firstboot::system::fakes::{FakeMicrok8s, FakeWorld};
+    use firstboot::system::microk8s::{InstallSource, JoinRole, JoinTarget, Microk8s};
+    use rackseed_protocol::secret::ClusterSecret;
+
+    const ISCSID_DOWN: &str =
+        "longhorn: iscsid is not running on this node (it was started but is not active)";
+
+    fn ip(d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, d))
+    }
+
+    fn config() -> rackseed_config::ClusterConfig {
+        let text = "[cluster]\nname = \"lh\"\n\n[addons]\nstorage = \"longhorn\"\n\n\
+             [addons.longhorn]\ndata-path = \"/srv/longhorn\"\nmin-free-space = \"20GiB\"\n\n\
+             [image]\ntarget = \"x86_64-efi\"\nbase = { kind = \"bootstrap\", suite = \"noble\" }\n";
+        rackseed_config::parse(text, Path::new("/cfg/lh.toml"))
+            .expect("the test config is valid")
+            .config
+    }
+
+    /// cp-a (installs), cp-b (control plane) and wk-c (worker), all Ready.
+    async fn cluster() -> (FakeWorld, Vec<FakeMicrok8s>) {
+        let secret = ClusterSecret::from_bytes([9; 32]);
+        let world = FakeWorld::new();
+        let mut nodes = Vec::new();
+        for (i, name) in ["cp-a", "cp-b", "wk-c"].iter().enumerate() {
+            let n = world.node(name, ip(i as u8 + 1));
+            n.install(&InstallSource::Channel("1.32/stable".into()), &secret)
+                .await
+                .unwrap();
+            nodes.push(n);
+        }
+        let to = JoinTarget::new(ip(1), secret.microk8s_token());
+        nodes[1].join(&to, JoinRole::ControlPlane).await.unwrap();
+        nodes[2].join(&to, JoinRole::Worker).await.unwrap();
+        let ready: Vec<_> = nodes[0].nodes().await.unwrap();
+        assert_eq!(ready.iter().filter(|n| n.ready).count(), 3, "{ready:?}");
+        (world, nodes)
+    }
+
+    async fn install(
+        mk: &FakeMicrok8s,
+        tools: &FakeClusterTools,
+        state: &Path,
+        local: &Readiness,
+        reports: &FakeReports,
+    ) -> Result<String, String> {
+        longhorn::install(mk, tools, &config(), state, local, reports).await
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_iscsid_blocks_the_install_until_it_is_fixed() {
+        let (_world, nodes) = cluster().await;
+        let dir = tempfile::tempdir().unwrap();
+        let tools = FakeClusterTools::new();
+        let reports = FakeReports::new("cp-a");
+        reports.set_doc("cp-b", Some(member_doc("cp-b", "member", &[])));
+        // A Raspberry Pi problem is not Longhorn's: it does not block.
+        let pi = "vxlan: kernel module missing";
+        reports.set_doc(
+            "wk-c",
+            Some(member_doc("wk-c", "member", &[pi, ISCSID_DOWN])),
+        );
+        let local = Readiness::default();
+
+        let err = install(&nodes[0], &tools, dir.path(), &local, &reports)
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("waiting: "), "{err}");
+        assert!(err.contains("nothing was installed"), "{err}");
+        assert!(err.contains(&format!("wk-c: {ISCSID_DOWN}")), "{err}");
+        assert!(!err.contains("cp-b") && !err.contains(pi), "{err}");
+        assert!(tools.calls().is_empty(), "{:?}", tools.calls());
+        assert!(!longhorn::files_dir(dir.path()).exists());
+
+        // Unreadable, and still preparing: not reported, still nothing applied.
+        reports.set_doc("wk-c", None);
+        reports.set_doc("cp-b", Some(member_doc("cp-b", "preparing", &[])));
+        let err = install(&nodes[0], &tools, dir.path(), &local, &reports)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("wk-c: has not reported its prerequisites (its status document: connection refused)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cp-b: has not reported its prerequisites (it is still preparing)"),
+            "{err}"
+        );
+        assert!(tools.calls().is_empty(), "{:?}", tools.calls());
+
+        // This node's own problem names it too.
+        reports.set_doc("cp-b", Some(member_doc("cp-b", "member", &[])));
+        reports.set_doc("wk-c", Some(member_doc("wk-c", "member", &[])));
+        let mut bad = Readiness::default();
+        bad.problem(ISCSID_DOWN, "systemctl enable --now iscsid");
+        let err = install(&nodes[0], &tools, dir.path(), &bad, &reports)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(ISCSID_DOWN) && err.contains("nothing was installed"),
+            "{err}"
+        );
+        assert!(tools.calls().is_empty(), "{:?}", tools.calls());
+
+        // Fixed everywhere: it installs, with a replica per Ready node (3).
+        let done = install(&nodes[0], &tools, dir.path(), &local, &reports)
+            .await
+            .unwrap();
+        assert!(
+            done.contains("3 replicas per volume on 3 ready nodes"),
+            "{done}"
+        );
+        let calls = tools.calls();
+        assert_eq!(calls.len(), 5, "{calls:?}");
+        assert!(calls[0].starts_with("kubectl apply -f "), "{calls:?}");
+        assert!(calls[1].starts_with("kubectl wait --for=condition=Established"));
+        assert!(calls[3].starts_with("helm3 upgrade --install longhorn longhorn --repo"));
+        let values =
+            std::fs::read_to_string(longhorn::files_dir(dir.path()).join("longhorn-values.yaml"))
+                .unwrap();
+        assert!(values.contains("defaultClassReplicaCount: 3"), "{values}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reported_blocks_and_a_not_ready_one_is_not_asked() {
+        let (world, nodes) = cluster().await;
+        let dir = tempfile::tempdir().unwrap();
+        let tools = FakeClusterTools::new();
+        let reports = FakeReports::new("cp-a");
+        reports.set_doc("cp-b", Some(member_doc("cp-b", "member", &[])));
+        let local = Readiness::default();
+        let err = install(&nodes[0], &tools, dir.path(), &local, &reports)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("wk-c: has not reported its prerequisites (no status document names it)"),
+            "{err}"
+        );
+        assert!(tools.calls().is_empty());
+
+        // wk-c's host is down: Kubernetes lists it NotReady, it holds no replica now.
+        world.set_up(ip(3), false);
+        let done = install(&nodes[0], &tools, dir.path(), &local, &reports)
+            .await
+            .unwrap();
+        assert!(
+            done.contains("2 replicas per volume on 2 ready nodes"),
+            "{done}"
+        );
+    }
+}

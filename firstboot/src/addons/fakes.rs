@@ -12,6 +12,12 @@
 //!   (100 GiB unless [`FakeKernel::with_free_space`]).
 //! - [`FakeRoot`]: writes such a root directory (kernel release, modules, meminfo, cgroups,
 //!   dpkg status).
+//! - [`FakeClusterTools`]: MicroK8s' helm and kubectl as seen by the Longhorn install: records
+//!   every call (argv after `microk8s`), refuses `kubectl apply` of a missing or non-YAML file,
+//!   `kubectl wait` for CRDs it was never given, and a helm install whose values file is
+//!   missing; an installed release is then listed as `deployed`.
+//! - [`FakeReports`]: the other members' status documents (JSON, as the coordinator serves
+//!   them), changeable while a test runs; a document can be made unreadable.
 //!
 //! To fake another kernel effect, extend [`FakeKernel`] so it changes the same files the real
 //! kernel would.
@@ -23,8 +29,13 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 
+use futures_util::future::BoxFuture;
+
 use super::autorange::{AddressProber, ProbeError};
+use super::longhorn::{verdict_from_doc, MemberReports, MemberVerdict, Verdict};
 use super::prep::{module_name, KernelControl};
+use crate::system::microk8s::helm::{ClusterTools, HelmInstall, HelmRelease};
+use crate::system::microk8s::Microk8sError;
 
 /// A LAN in which `in_use` addresses answer ARP.
 #[derive(Debug, Default)]
@@ -361,5 +372,214 @@ impl FakeRoot {
             }
         }
         Ok(())
+    }
+}
+
+/// Behaving helm and kubectl (see the module docs).
+#[derive(Debug, Default)]
+pub struct FakeClusterTools {
+    state: Mutex<ToolsState>,
+}
+
+#[derive(Debug, Default)]
+struct ToolsState {
+    calls: Vec<String>,
+    crds: HashSet<String>,
+    releases: Vec<HelmRelease>,
+}
+
+impl FakeClusterTools {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every call so far, argv after `microk8s`, joined by spaces.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ToolsState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refuse(command: String, detail: String) -> Microk8sError {
+        Microk8sError::Failed {
+            command,
+            code: Some(1),
+            detail,
+        }
+    }
+}
+
+impl ClusterTools for FakeClusterTools {
+    fn helm_install<'a>(
+        &'a self,
+        req: &'a HelmInstall,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(async move {
+            let argv = req.argv().join(" ");
+            let mut st = self.lock();
+            st.calls.push(argv.clone());
+            if !req.values_file.is_file() {
+                return Err(Self::refuse(
+                    argv,
+                    format!("Error: open {}: no such file", req.values_file.display()),
+                ));
+            }
+            st.releases.retain(|r| r.name != req.release);
+            st.releases.push(HelmRelease {
+                name: req.release.clone(),
+                namespace: req.namespace.clone(),
+                status: "deployed".into(),
+                chart: format!("{}-{}", req.release, req.version),
+                app_version: format!("v{}", req.version),
+            });
+            Ok(())
+        })
+    }
+
+    fn helm_list<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<HelmRelease>, Microk8sError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            st.calls
+                .push(format!("helm3 list --namespace {namespace} -o json"));
+            Ok(st
+                .releases
+                .iter()
+                .filter(|r| r.namespace == namespace)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn kubectl_apply<'a>(&'a self, file: &'a Path) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(async move {
+            let argv = format!("kubectl apply -f {}", file.display());
+            let mut st = self.lock();
+            st.calls.push(argv.clone());
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Self::refuse(argv.clone(), format!("error: {e}")))?;
+            let mut names = Vec::new();
+            for doc in text.split("\n---\n") {
+                let v: serde_yaml::Value = serde_yaml::from_str(doc)
+                    .map_err(|e| Self::refuse(argv.clone(), format!("error: {e}")))?;
+                if v["kind"].as_str() == Some("CustomResourceDefinition") {
+                    if let Some(n) = v["metadata"]["name"].as_str() {
+                        names.push(n.to_owned());
+                    }
+                }
+            }
+            st.crds.extend(names);
+            Ok(())
+        })
+    }
+
+    fn kubectl_wait_crds<'a>(
+        &'a self,
+        crds: &'a [&'a str],
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(async move {
+            let argv = format!(
+                "kubectl wait --for=condition=Established --timeout={}s {}",
+                timeout.as_secs(),
+                crds.iter()
+                    .map(|c| format!("crd/{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let mut st = self.lock();
+            st.calls.push(argv.clone());
+            match crds.iter().find(|c| !st.crds.contains(**c)) {
+                Some(c) => Err(Self::refuse(
+                    argv,
+                    format!(
+                        "Error from server (NotFound): customresourcedefinitions \"{c}\" not found"
+                    ),
+                )),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn kubectl_get_json<'a>(
+        &'a self,
+        resource: &'a str,
+        namespace: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, Microk8sError>> {
+        Box::pin(async move {
+            let ns = namespace.map(|n| format!(" -n {n}")).unwrap_or_default();
+            self.lock()
+                .calls
+                .push(format!("kubectl get {resource}{ns} -o json"));
+            Ok(r#"{"items":[]}"#.into())
+        })
+    }
+}
+
+/// The status document (JSON) of a member `hostname` in phase `phase` whose node preparation
+/// reported `problems` (each with a placeholder fix).
+pub fn member_doc(hostname: &str, phase: &str, problems: &[&str]) -> serde_json::Value {
+    let doc = rackseed_protocol::status::StatusDoc {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node_id: format!("id-{hostname}"),
+        hostname: hostname.into(),
+        phase: phase.into(),
+        problems: problems.iter().map(|p| p.to_string()).collect(),
+        fixes: problems
+            .iter()
+            .map(|_| "see the problem".to_string())
+            .collect(),
+        ..Default::default()
+    };
+    serde_json::to_value(doc).expect("a status document serializes")
+}
+
+/// The other members' status documents (see the module docs).
+#[derive(Debug)]
+pub struct FakeReports {
+    this_node: String,
+    docs: Mutex<Vec<(String, Option<serde_json::Value>)>>,
+}
+
+impl FakeReports {
+    /// Reports for the installing node `this_node`, with no peer yet.
+    pub fn new(this_node: &str) -> Self {
+        FakeReports {
+            this_node: this_node.to_owned(),
+            docs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sets (or replaces) the status document of peer `node_id`; `None`: unreadable.
+    pub fn set_doc(&self, node_id: &str, doc: Option<serde_json::Value>) {
+        let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        docs.retain(|(id, _)| id != node_id);
+        docs.push((node_id.to_owned(), doc));
+    }
+}
+
+impl MemberReports for FakeReports {
+    fn this_node(&self) -> &str {
+        &self.this_node
+    }
+
+    fn verdicts(&self) -> BoxFuture<'_, Vec<MemberVerdict>> {
+        let docs = self.docs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Box::pin(async move {
+            docs.into_iter()
+                .map(|(id, doc)| {
+                    doc.ok_or_else(|| "connection refused".to_owned())
+                        .and_then(|d| verdict_from_doc(&d))
+                        .unwrap_or_else(|e| MemberVerdict {
+                            node: id,
+                            verdict: Verdict::NotReported(format!("its status document: {e}")),
+                        })
+                })
+                .collect()
+        })
     }
 }

@@ -3,9 +3,20 @@
 //! snapshots of its volumes work. Also the storage health shown in status.
 //!
 //! The install ([`install`]), each step safe to run again after a crash:
-//! 1. **Gate**: this node's own prerequisites ([`super::prep`], re-checked now) must be met, and
-//!    Kubernetes must list at least one Ready node; otherwise nothing is applied and the step
-//!    fails with the reason (the addon row in status shows it; the progress retries it).
+//! 1. **Gate**: this node's own prerequisites ([`super::prep`], re-checked now) must be met,
+//!    Kubernetes must list at least one Ready node, and **every Ready node** must report its
+//!    prerequisites met ([`cluster_gate`]). The other members' verdicts come from their status
+//!    documents, read just before over the pinned, authenticated coordinator client
+//!    ([`CoordinatorReports`]): a document's `problems` that start with `longhorn:` are that
+//!    node's unmet prerequisites ([`verdict_from_doc`]; [`super::prep`] writes them so), and a
+//!    node still `preparing`, or whose document cannot be read, has not reported. What counts:
+//!    all Ready Kubernetes nodes, workers included (Longhorn's default puts replicas and its
+//!    engine on every node, so there is no node that may lack iSCSI); a NotReady node is not
+//!    asked (it holds no replica until it is back). Otherwise nothing is applied and the step
+//!    fails with the reason, naming each node and its problems (the addon row in status shows
+//!    it; the progress retries it, spaced out: [`super::progress::retry_delay`]).
+//!    Known limit: a member's verdict is the one from its node preparation at its agent's
+//!    start; a restarted member does not prepare again, so it reports none (counted as met).
 //! 2. The CSI snapshot CRDs (`snapshot.storage.k8s.io/v1`: VolumeSnapshotClass,
 //!    VolumeSnapshotContent, VolumeSnapshot), then `kubectl wait` until they are Established,
 //!    then the snapshot controller (RBAC + Deployment in `kube-system`). Longhorn's chart ships
@@ -38,14 +49,18 @@
 //! To change a value: edit [`render_values`] (and the simulator's `daemon/helm.rs`, which checks
 //! what the chart would refuse).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
 use rackseed_config::{ClusterConfig, Longhorn};
-use rackseed_protocol::status::StorageHealthView;
+use rackseed_protocol::coordinator::CoordinatorClient;
+use rackseed_protocol::status::{StatusDoc, StorageHealthView};
 
 use super::plan::{LONGHORN_CHART_REPO, MICROK8S_KUBELET_DIR};
 use super::prep::Readiness;
@@ -314,6 +329,149 @@ fn yaml_docs(docs: &[serde_json::Value]) -> String {
     out
 }
 
+/// One member's Longhorn prerequisites, as its status document reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Met,
+    /// Its unmet prerequisites (the `longhorn:` lines of its `problems`).
+    Unmet(Vec<String>),
+    /// No verdict yet, and why (still preparing, document unreadable).
+    NotReported(String),
+}
+
+/// A member's verdict; `node` is its hostname (= its Kubernetes node name), or, when its
+/// document could not be read, its node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberVerdict {
+    pub node: String,
+    pub verdict: Verdict,
+}
+
+/// The verdict in a peer's status document (JSON, as the coordinator serves it).
+pub fn verdict_from_doc(doc: &serde_json::Value) -> Result<MemberVerdict, String> {
+    let doc: StatusDoc =
+        serde_json::from_value(doc.clone()).map_err(|e| format!("not a status document: {e}"))?;
+    let verdict = if doc.phase == "preparing" || doc.phase.is_empty() {
+        Verdict::NotReported("it is still preparing".into())
+    } else {
+        let unmet: Vec<String> = doc
+            .problems
+            .iter()
+            .filter(|p| p.starts_with("longhorn:"))
+            .cloned()
+            .collect();
+        if unmet.is_empty() {
+            Verdict::Met
+        } else {
+            Verdict::Unmet(unmet)
+        }
+    };
+    Ok(MemberVerdict {
+        node: doc.hostname,
+        verdict,
+    })
+}
+
+/// Where the installing node gets the other members' verdicts.
+pub trait MemberReports: Send + Sync {
+    /// This node's Kubernetes node name (its hostname); its own verdict is checked locally.
+    fn this_node(&self) -> &str;
+    /// The other members' verdicts, read now.
+    fn verdicts(&self) -> BoxFuture<'_, Vec<MemberVerdict>>;
+}
+
+/// [`MemberReports`] from the peers' status documents over the coordinator client.
+pub struct CoordinatorReports {
+    pub this_node: String,
+    pub client: Arc<CoordinatorClient>,
+    /// (node id, coordinator address, pinned fingerprint) of each verified peer.
+    pub peers: Vec<(String, SocketAddr, String)>,
+}
+
+impl MemberReports for CoordinatorReports {
+    fn this_node(&self) -> &str {
+        &self.this_node
+    }
+
+    fn verdicts(&self) -> BoxFuture<'_, Vec<MemberVerdict>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (id, addr, fp) in &self.peers {
+                let read = self
+                    .client
+                    .status(*addr, fp)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|doc| verdict_from_doc(&doc));
+                out.push(read.unwrap_or_else(|e| MemberVerdict {
+                    node: id.clone(),
+                    verdict: Verdict::NotReported(format!("its status document: {e}")),
+                }));
+            }
+            out
+        })
+    }
+}
+
+/// Whether every node in `ready` (the Ready Kubernetes nodes) meets the prerequisites: this
+/// node by `local`, the others by their reported verdicts (see the module docs). The error
+/// names each node that blocks the install and why.
+pub fn cluster_gate(
+    ready: &[String],
+    this_node: &str,
+    local: &Readiness,
+    peers: &[MemberVerdict],
+) -> Result<(), String> {
+    let mut blockers = Vec::new();
+    for name in ready {
+        if name.eq_ignore_ascii_case(this_node) {
+            if !local.ok {
+                blockers.push(format!("{name} (this node): {}", local.problems.join("; ")));
+            }
+            continue;
+        }
+        match peers.iter().find(|p| p.node.eq_ignore_ascii_case(name)) {
+            Some(MemberVerdict {
+                verdict: Verdict::Met,
+                ..
+            }) => {}
+            Some(MemberVerdict {
+                verdict: Verdict::Unmet(problems),
+                ..
+            }) => blockers.push(format!("{name}: {}", problems.join("; "))),
+            Some(MemberVerdict {
+                verdict: Verdict::NotReported(why),
+                ..
+            }) => blockers.push(format!(
+                "{name}: has not reported its prerequisites ({why})"
+            )),
+            None => blockers.push(format!(
+                "{name}: has not reported its prerequisites (no status document names it)"
+            )),
+        }
+    }
+    if blockers.is_empty() {
+        return Ok(());
+    }
+    let unreadable: Vec<String> = peers
+        .iter()
+        .filter(|p| !ready.iter().any(|n| n.eq_ignore_ascii_case(&p.node)))
+        .filter_map(|p| match &p.verdict {
+            Verdict::NotReported(why) => Some(format!("{}: {why}", p.node)),
+            _ => None,
+        })
+        .collect();
+    let mut msg = format!(
+        "waiting: longhorn's prerequisites are not met on every Ready node, nothing was \
+         installed: {}",
+        blockers.join(" | ")
+    );
+    if !unreadable.is_empty() {
+        msg.push_str(&format!(" (peers not read: {})", unreadable.join(" | ")));
+    }
+    Err(msg)
+}
+
 /// Where the install's files go: `<state>/storage/`.
 pub fn files_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("storage")
@@ -328,14 +486,15 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
 }
 
 /// Installs Longhorn and snapshot support (see the module docs). `local` is this node's
-/// prerequisite verdict, checked just before. Returns a one-line summary, or why nothing (or
-/// not everything) was applied.
+/// prerequisite verdict, checked just before; `members` gives the other members' verdicts.
+/// Returns a one-line summary, or why nothing (or not everything) was applied.
 pub async fn install(
     mk: &dyn Microk8s,
     tools: &dyn ClusterTools,
     cfg: &ClusterConfig,
     state_dir: &Path,
     local: &Readiness,
+    members: &dyn MemberReports,
 ) -> Result<String, String> {
     if !local.ok {
         return Err(format!(
@@ -348,10 +507,17 @@ pub async fn install(
         .nodes()
         .await
         .map_err(|e| format!("listing kubernetes nodes: {e}"))?;
-    let ready = nodes.iter().filter(|n| n.ready).count();
+    let ready_names: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.ready)
+        .map(|n| n.name.clone())
+        .collect();
+    let ready = ready_names.len();
     if ready == 0 {
         return Err("waiting: kubernetes lists no Ready node; nothing was installed".into());
     }
+    let verdicts = members.verdicts().await;
+    cluster_gate(&ready_names, members.this_node(), local, &verdicts)?;
     let replicas = replica_count(ready);
     let dir = files_dir(state_dir);
     let crds = write(&dir, "snapshot-crds.yaml", &snapshot_crds_manifest())?;
@@ -561,6 +727,54 @@ mod tests {
         assert_eq!(v.degraded, ["b (3 replicas wanted)"]);
         assert_eq!(v.faulted, ["d"]);
         assert!(fold_volumes("nope", &mut v).is_err());
+    }
+
+    #[test]
+    fn verdicts_come_from_the_longhorn_problems_of_a_prepared_member() {
+        let doc = |phase: &str, problems: &[&str]| {
+            serde_json::to_value(StatusDoc {
+                hostname: "n2".into(),
+                phase: phase.into(),
+                problems: problems.iter().map(|p| p.to_string()).collect(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let v = |d| verdict_from_doc(&d).unwrap().verdict;
+        assert_eq!(v(doc("member", &["rpi: no vxlan"])), Verdict::Met);
+        assert_eq!(
+            v(doc("joining", &["longhorn: no iscsi_tcp", "rpi: x"])),
+            Verdict::Unmet(vec!["longhorn: no iscsi_tcp".into()])
+        );
+        assert!(matches!(v(doc("preparing", &[])), Verdict::NotReported(_)));
+        assert!(verdict_from_doc(&json!({"phase": 3})).is_err());
+    }
+
+    #[test]
+    fn the_gate_asks_every_ready_node_and_names_the_blockers() {
+        let ready = ["a".to_string(), "B".into(), "c".into()];
+        let met = |n: &str| MemberVerdict {
+            node: n.into(),
+            verdict: Verdict::Met,
+        };
+        let ok = Readiness::default();
+        assert!(cluster_gate(&ready, "a", &ok, &[met("b"), met("c")]).is_ok());
+        let err = cluster_gate(
+            &ready,
+            "a",
+            &ok,
+            &[
+                met("b"),
+                MemberVerdict {
+                    node: "id-9".into(),
+                    verdict: Verdict::NotReported("refused".into()),
+                },
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("c: has not reported"), "{err}");
+        assert!(err.contains("(peers not read: id-9: refused)"), "{err}");
+        assert!(!err.contains("B:"), "{err}");
     }
 
     #[test]

@@ -52,7 +52,8 @@ use crate::system::microk8s::Microk8s;
 /// node's Longhorn prerequisites through `kernel` (preparing what it can) and then runs
 /// [`longhorn::install`] with MicroK8s' helm and kubectl; every other step is `microk8s enable`.
 /// `root` is the host's root (`/` on a node); the staged folder `addons.offline` is found under
-/// it. The error is the reason shown in status.
+/// it. `members` gives the other members' prerequisite verdicts (read only for `longhorn`).
+/// The error is the reason shown in status.
 pub async fn run_addon<K: KernelControl>(
     mk: &dyn Microk8s,
     cfg: &ClusterConfig,
@@ -60,6 +61,7 @@ pub async fn run_addon<K: KernelControl>(
     state_dir: &Path,
     kernel: &K,
     step: &AddonEnable,
+    members: &dyn longhorn::MemberReports,
 ) -> Result<String, String> {
     if step.name != plan::LONGHORN {
         return mk
@@ -81,5 +83,5 @@ pub async fn run_addon<K: KernelControl>(
         .map_err(|e| format!("longhorn: checking this node: {:#}", anyhow::Error::from(e)))?;
     let mut cfg = cfg.clone();
     cfg.addons.offline = offline;
-    longhorn::install(mk, tools.as_ref(), &cfg, state_dir, &local).await
+    longhorn::install(mk, tools.as_ref(), &cfg, state_dir, &local, members).await
 }

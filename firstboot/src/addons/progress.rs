@@ -10,17 +10,59 @@
 //! A crash between `mark_enabling` and `record_result` leaves the addon `enabling`; it is the
 //! next one returned and is simply run again (MicroK8s' enable is idempotent: "already enabled"
 //! exits 0). Each start counts as an attempt, so an addon whose enable keeps killing the agent
-//! (or keeps failing) ends `failed` after [`MAX_ATTEMPTS`] instead of looping forever. One failed
+//! (or keeps failing) ends `failed` after [`max_attempts`] instead of looping forever. One failed
 //! addon does not block the others.
 //!
-//! To change the retry policy, change [`MAX_ATTEMPTS`] or [`record_result`].
+//! Spacing: a failed `microk8s enable` is run again at once ([`MAX_ATTEMPTS`] starts). The
+//! `longhorn` step mostly fails by *waiting* (a member's prerequisites are not met yet, or it
+//! has not reported): it gets [`LONGHORN_MAX_ATTEMPTS`] starts, and the driver sleeps
+//! [`wait_before_retry`] between them: 15 s, doubling, at most 5 min (about 18 min in all).
+//!
+//! To change the retry policy, change [`max_attempts`], [`retry_delay`] or [`record_result`].
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{AddonEnable, AddonPlan, ManualStep};
+use super::plan::{AddonEnable, AddonPlan, ManualStep, LONGHORN};
 
 /// Starts of one addon's enable before it is given up as failed.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// Starts of the `longhorn` step (it waits for every member's prerequisites).
+pub const LONGHORN_MAX_ATTEMPTS: u32 = 8;
+/// The `longhorn` step's first wait before a retry; it doubles up to [`LONGHORN_MAX_DELAY`].
+pub const LONGHORN_FIRST_DELAY: Duration = Duration::from_secs(15);
+pub const LONGHORN_MAX_DELAY: Duration = Duration::from_secs(5 * 60);
+
+/// Starts of step `name` before it is given up as failed.
+pub fn max_attempts(name: &str) -> u32 {
+    if name == LONGHORN {
+        LONGHORN_MAX_ATTEMPTS
+    } else {
+        MAX_ATTEMPTS
+    }
+}
+
+/// How long to wait before starting step `name` again after its `attempts`-th start failed:
+/// nothing for `microk8s enable`, 15 s * 2^(attempts-1) (at most 5 min) for `longhorn`.
+pub fn retry_delay(name: &str, attempts: u32) -> Duration {
+    if name != LONGHORN || attempts == 0 {
+        return Duration::ZERO;
+    }
+    let doubled = LONGHORN_FIRST_DELAY.saturating_mul(1u32 << (attempts - 1).min(16));
+    doubled.min(LONGHORN_MAX_DELAY)
+}
+
+/// For the driver, after [`record_result`]: how long to sleep before the next start of
+/// `name` ([`retry_delay`] when it failed and will be retried, else nothing).
+pub fn wait_before_retry(progress: &AddonProgress, name: &str) -> Duration {
+    match progress.addons.iter().find(|r| r.enable.name == name) {
+        Some(r) if r.state == AddonState::Pending && r.last_error.is_some() => {
+            retry_delay(name, r.attempts)
+        }
+        _ => Duration::ZERO,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
@@ -84,7 +126,7 @@ impl AddonProgress {
     /// `enabling` and are run again.
     pub fn resume(&mut self) {
         for r in &mut self.addons {
-            if r.state == AddonState::Enabling && r.attempts >= MAX_ATTEMPTS {
+            if r.state == AddonState::Enabling && r.attempts >= max_attempts(&r.enable.name) {
                 r.state = AddonState::Failed {
                     reason: format!(
                         "enable was interrupted or failed {} times{}",
@@ -146,8 +188,9 @@ impl AddonProgress {
                 match &r.state {
                     AddonState::Pending => match &r.last_error {
                         Some(e) => format!(
-                            "{n}: pending (attempt {} of {MAX_ATTEMPTS} failed: {e})",
-                            r.attempts
+                            "{n}: pending (attempt {} of {} failed: {e})",
+                            r.attempts,
+                            max_attempts(n)
                         ),
                         None => format!("{n}: pending"),
                     },
@@ -190,7 +233,7 @@ pub fn next_addon_to_enable(progress: &AddonProgress) -> Option<&AddonEnable> {
 }
 
 /// Records how `microk8s enable <name>` ended. `Ok` -> `enabled`. `Err(reason)` -> back to
-/// `pending` for another attempt, or `failed` once [`MAX_ATTEMPTS`] starts are used up.
+/// `pending` for another attempt, or `failed` once [`max_attempts`] starts are used up.
 /// Only an `enabling` addon accepts a result.
 pub fn record_result(
     progress: &mut AddonProgress,
@@ -210,7 +253,7 @@ pub fn record_result(
             r.state = AddonState::Enabled;
             r.last_error = None;
         }
-        Err(reason) if r.attempts >= MAX_ATTEMPTS => {
+        Err(reason) if r.attempts >= max_attempts(name) => {
             r.state = AddonState::Failed {
                 reason: format!("{reason} (after {} attempts)", r.attempts),
             };
@@ -317,6 +360,39 @@ mod tests {
         p.resume();
         assert!(matches!(p.state_of("dns"), Some(AddonState::Failed { .. })));
         assert_eq!(next_addon_to_enable(&p).unwrap().name, "metallb");
+    }
+
+    #[test]
+    fn only_longhorn_retries_are_spaced_and_it_gets_more_starts() {
+        assert_eq!(retry_delay("dns", 1), Duration::ZERO);
+        let delays: Vec<u64> = (1..LONGHORN_MAX_ATTEMPTS)
+            .map(|a| retry_delay(LONGHORN, a).as_secs())
+            .collect();
+        assert_eq!(delays, [15, 30, 60, 120, 240, 300, 300]);
+        assert_eq!(retry_delay(LONGHORN, 40), LONGHORN_MAX_DELAY);
+        let mut p = AddonProgress::new(AddonPlan {
+            enables: vec![AddonEnable {
+                name: LONGHORN.into(),
+                args: vec![],
+            }],
+            manual: vec![],
+        });
+        assert_eq!(wait_before_retry(&p, LONGHORN), Duration::ZERO);
+        for attempt in 1..LONGHORN_MAX_ATTEMPTS {
+            step(&mut p, Err("waiting: node-b".into()));
+            assert_eq!(p.state_of(LONGHORN), Some(&AddonState::Pending));
+            assert_eq!(
+                wait_before_retry(&p, LONGHORN),
+                retry_delay(LONGHORN, attempt)
+            );
+        }
+        assert!(p.status_lines()[0].contains("attempt 7 of 8 failed: waiting: node-b"));
+        step(&mut p, Err("waiting: node-b".into()));
+        assert!(matches!(
+            p.state_of(LONGHORN),
+            Some(AddonState::Failed { .. })
+        ));
+        assert_eq!(wait_before_retry(&p, LONGHORN), Duration::ZERO);
     }
 
     #[test]

@@ -76,8 +76,19 @@ impl Runtime {
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let peers = self.peer_addrs();
+        // Longhorn's install reads the members' prerequisite verdicts from their documents.
+        let members = addons::longhorn::CoordinatorReports {
+            this_node: agent.hostname.clone(),
+            client: self.client.clone(),
+            peers: (self.discovery.peers().iter())
+                .filter_map(|p| {
+                    let addr = std::net::SocketAddr::new(p.preferred_addr()?, p.port);
+                    Some((p.node_id.clone(), addr, p.fingerprint.clone()))
+                })
+                .collect(),
+        };
         tokio::spawn(async move {
-            let result = enable_addons(&agent, &tasks, &peers)
+            let result = enable_addons(&agent, &tasks, &peers, &members)
                 .await
                 .map_err(|e| format!("{e:#}"));
             let _ = tasks
@@ -370,6 +381,7 @@ async fn enable_addons(
     agent: &Agent,
     tasks: &mpsc::Sender<TaskResult>,
     peers: &[IpAddr],
+    members: &addons::longhorn::CoordinatorReports,
 ) -> Result<()> {
     let file = addons_file(&agent.state_dir);
     let mut progress: AddonProgress = match file.load()? {
@@ -400,12 +412,14 @@ async fn enable_addons(
             &agent.state_dir,
             &addons::prep::HostKernel,
             &next,
+            members,
         )
         .await
         .map(|done| tracing::info!(addon = %next.name, %done, "addon enabled"));
         addons::progress::record_result(&mut progress, &next.name, result)?;
         file.store(&progress)?;
         let _ = tasks.send(TaskResult::Addons(addon_rows(&progress))).await;
+        tokio::time::sleep(addons::progress::wait_before_retry(&progress, &next.name)).await;
     }
     let failed: Vec<String> = progress
         .addons

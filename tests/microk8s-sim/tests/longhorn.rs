@@ -70,7 +70,14 @@ fn run_step(
             name: "longhorn".into(),
             args: vec![],
         };
-        run_addon(&a, &cfg, &root, &state, &kernel, &step).await
+        // Every other Ready node reports its prerequisites met (the gate on the members'
+        // verdicts is tested in firstboot's addons_longhorn).
+        let members = firstboot::addons::fakes::FakeReports::new("");
+        for node in a.nodes().await.unwrap_or_default() {
+            let doc = firstboot::addons::fakes::member_doc(&node.name, "member", &[]);
+            members.set_doc(&node.name, Some(doc));
+        }
+        run_addon(&a, &cfg, &root, &state, &kernel, &step, &members).await
     })
 }
 
