@@ -18,15 +18,21 @@
 //! The VRRP instance: every node starts `BACKUP` with `nopreempt` (a recovered node does not
 //! take the address back, so it moves only when its holder fails), distinct priorities by the
 //! members' address order (the highest backup claims first, so two never claim at once), and
-//! `advert_int 2`: a dead holder is noticed after 3 missed adverts plus the priority skew,
-//! 6.2–6.5 s. The health check ([`HEALTH_CHECK`]) asks the local kube-apiserver's `/readyz`
-//! every second; two failures in a row put the instance in `FAULT`, which releases the address.
-//! Readiness includes the datastore (kine over dqlite), so a node that lost dqlite quorum (a
-//! partitioned minority) gives the address up. The two timings are chosen together: a
-//! minority's holder must let go (quorum loss noticed + 2 s of failed checks) before the
-//! majority's backups claim (6.2 s without adverts), so a partition never shows the address
-//! on both sides. `advert_int 1` would claim in 3.2 s, too close to that; the price of 2 s is
-//! a failover of about 7 s instead of 4 s (target: 10 s).
+//! `advert_int 2`: a backup claims when no advert came for the master-down interval, 3 adverts
+//! plus the priority skew ((256 - priority) / 256 of an advert), 6.44 s at priority 200 and
+//! 6.52 s at 190. That interval runs from the *last advert received*, which left the holder
+//! 0-2 s before it died, so the claim comes 4.4-6.5 s after the death (what
+//! `scripts/bench-failover` measures). The health check ([`HEALTH_CHECK`]) asks the local
+//! kube-apiserver's `/readyz` every second; two failures in a row put the instance in `FAULT`,
+//! which releases the address. Readiness includes the datastore (kine over dqlite), so a node
+//! that lost dqlite quorum (a partitioned minority) gives the address up. The two timings are
+//! chosen together: a minority's holder must let go (quorum loss noticed + 2 s of failed
+//! checks) before the majority's backups claim, which can be as early as 4.4 s after the cut,
+//! so a partition never shows the address on both sides. `advert_int 1` would claim 2.2-3.2 s
+//! after the cut, too close to that; the price of 2 s is a failover of 4.4-6.5 s instead of
+//! 2.2-3.2 s (target: 10 s). The simulator's `/readyz` fails within a second of losing
+//! quorum; how fast a real kube-apiserver's readiness fails when dqlite loses its leader is
+//! not measured here (the QEMU test is where it shows).
 //!
 //! Authentication: the virtual router id (1–255) and the 8-character VRRP password are
 //! derived from the cluster secret ([`rackseed_protocol::secret::ClusterSecret::keepalived_key`]),
@@ -119,6 +125,11 @@ impl VrrpSettings {
             .min_by_key(|(name, ip, _)| (name.clone(), *ip))
             .cloned()
             .ok_or_else(|| format!("no interface of this node is on {address}'s subnet"))?;
+        if !keepalived_safe_name(&interface) {
+            return Err(format!(
+                "interface {interface:?} holds characters keepalived.conf would read as syntax (only letters, digits, '.', '_' and '-' are written there)"
+            ));
+        }
         let mut all: Vec<IpAddr> = members.iter().copied().filter(|ip| ip.is_ipv4()).collect();
         all.push(own);
         all.sort();
@@ -137,6 +148,16 @@ impl VrrpSettings {
             priority: 200u8.saturating_sub(10u8.saturating_mul(rank.min(19) as u8)),
         })
     }
+}
+
+/// Whether an interface name can be written into `keepalived.conf` as one plain word: Linux
+/// allows any bytes but `/`, `:` and white space, and keepalived's parser treats `{`, `}`, `"`,
+/// `#` and `!` as syntax, so only `[A-Za-z0-9._-]` (every name Linux and udev make) passes.
+fn keepalived_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// 8 characters of `[A-Za-z0-9]` from the key (keepalived's `auth_pass` holds 8).
@@ -465,6 +486,19 @@ mod tests {
         assert!(e.contains("no interface"), "{e}");
         let e = VrrpSettings::new(&[1; 32], ip("fd00::5"), &local(), &[]).unwrap_err();
         assert!(e.contains("IPv6"), "{e}");
+        // An interface name keepalived would parse as syntax is never written.
+        for name in ["br}x", "eth0#", "a\"b", "x{", "v!1", ""] {
+            let l = vec![(name.to_string(), ip("10.0.2.15"), 24)];
+            let e = VrrpSettings::new(&[1; 32], ip("10.0.2.100"), &l, &[]).unwrap_err();
+            assert!(
+                e.contains("keepalived.conf would read as syntax"),
+                "{name:?}: {e}"
+            );
+        }
+        for name in ["enp0s31f6", "eth0.100", "br_lan", "wlan-0"] {
+            let l = vec![(name.to_string(), ip("10.0.2.15"), 24)];
+            VrrpSettings::new(&[1; 32], ip("10.0.2.100"), &l, &[]).unwrap();
+        }
         // A lone member has no peers and no empty unicast_peer block.
         let s = VrrpSettings::new(&[1; 32], ip("10.0.2.100"), &local(), &[]).unwrap();
         assert!(!render(&s, HEALTH_CHECK).contains("unicast_peer"));
