@@ -203,12 +203,23 @@ pub async fn rotate(opts: &RotateOptions) -> Result<RotateReport> {
             opts.pending_file.display()
         );
     }
-    let result = rotate_with(opts, &old, &new, created_pending).await;
-    if created_pending && result.is_err() {
-        // Nothing was staged anywhere: leave the workstation as it was.
+    let found = match find_nodes(opts, &old, &new).await {
+        Ok(found) => found,
+        Err(e) => {
+            discard_unsent(opts, created_pending);
+            return Err(e);
+        }
+    };
+    rotate_found(opts, &old, &new, created_pending, found).await
+}
+
+/// A pending secret this run made and sent to no node: removed, so the workstation is left as
+/// it was. Once a step was sent, the pending file is never removed here: the nodes may hold
+/// that secret (a failure after the switch would otherwise lose the only copy).
+fn discard_unsent(opts: &RotateOptions, created_pending: bool) {
+    if created_pending {
         let _ = std::fs::remove_file(&opts.pending_file);
     }
-    result
 }
 
 /// The pending new secret: the one an earlier run left, or a fresh one written now.
@@ -245,13 +256,17 @@ fn remove_pending(opts: &RotateOptions) -> Result<()> {
     }
 }
 
-async fn rotate_with(
+/// The nodes to reach, by node id, and the members that announced nothing.
+type Found = (BTreeMap<String, Target>, Vec<String>);
+
+/// Moves the nodes `find_nodes` found (see the module docs).
+async fn rotate_found(
     opts: &RotateOptions,
     old: &ClusterSecret,
     new: &ClusterSecret,
     created_pending: bool,
+    (mut targets, unseen_members): Found,
 ) -> Result<RotateReport> {
-    let (mut targets, unseen_members) = find_nodes(opts, old, new).await?;
     let mut reports: BTreeMap<String, NodeReport> = BTreeMap::new();
     for id in unseen_members {
         reports.insert(
@@ -281,6 +296,7 @@ async fn rotate_with(
         );
     }
     if targets.is_empty() {
+        discard_unsent(opts, created_pending);
         bail!(
             "no node of this cluster answered within {:?} (checked announcements under the current and the pending secret); nothing changed",
             opts.discover
@@ -347,7 +363,13 @@ async fn rotate_with(
         }
     }
     if complete {
-        promote_files(opts, old, new)?;
+        promote_files(opts, old, new).with_context(|| {
+            format!(
+                "every node moved to the new secret, which stays in {}: keep that file and run the same command again once {} can be written",
+                opts.pending_file.display(),
+                opts.secret_file.display()
+            )
+        })?;
     }
     Ok(RotateReport {
         nodes: reports.into_values().collect(),
@@ -398,7 +420,7 @@ async fn find_nodes(
     opts: &RotateOptions,
     old: &ClusterSecret,
     new: &ClusterSecret,
-) -> Result<(BTreeMap<String, Target>, Vec<String>)> {
+) -> Result<Found> {
     let ring = Arc::new(Keyring::new(old.clone()));
     ring.accept_also(new.clone(), Instant::now() + ROTATION_GRACE);
     let mut id = [0u8; 4];
@@ -507,6 +529,98 @@ mod tests {
             suffixed(Path::new("configs/lab.secret"), "new"),
             PathBuf::from("configs/lab.secret.new")
         );
+    }
+
+    /// A node on loopback that carries out the steps on a keyring, as the agent's rotator does.
+    async fn stand_in_node(
+        old: &ClusterSecret,
+    ) -> (
+        rackseed_protocol::coordinator::Coordinator<serde_json::Value>,
+        Target,
+    ) {
+        use rackseed_protocol::coordinator::{
+            Coordinator, CoordinatorConfig, NodeIdentity, RotationRequest,
+        };
+        let identity = NodeIdentity::generate().unwrap();
+        let fingerprint = identity.fingerprint().to_string();
+        let ring = Arc::new(Keyring::new(old.clone()));
+        let (coord, _rx) = Coordinator::<serde_json::Value>::start_with_keyring(
+            CoordinatorConfig {
+                secret: old.clone(),
+                identity,
+                listen: "127.0.0.1:0".parse().unwrap(),
+            },
+            ring.clone(),
+        )
+        .await
+        .unwrap();
+        coord.set_rotation_handler(Arc::new(move |req: RotationRequest| {
+            let ring = ring.clone();
+            Box::pin(async move {
+                let later = Instant::now() + ROTATION_GRACE;
+                match req.step {
+                    RotationStep::Stage { secret } => {
+                        ring.accept_also(ClusterSecret::from_hex(&secret).ok_or("hex")?, later)
+                    }
+                    RotationStep::Commit { secret } => {
+                        ring.switch_to(ClusterSecret::from_hex(&secret).ok_or("hex")?, later);
+                    }
+                    RotationStep::Finish { .. } => ring.forget_others(),
+                }
+                let keys = ring.accepted(Instant::now());
+                Ok(RotationAck {
+                    node_id: "node-a".into(),
+                    current_tag: keys[0].tag().into(),
+                    accepted_tags: keys.iter().map(|k| k.tag().to_string()).collect(),
+                    token: None,
+                })
+            })
+        }));
+        let target = Target {
+            node_id: "node-a".into(),
+            addrs: vec![coord.local_addr()],
+            fingerprint,
+        };
+        (coord, target)
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_nodes_moved_keeps_the_pending_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = RotateOptions::new(dir.path().join("lab.secret"));
+        opts.timeout = Duration::from_secs(5);
+        let old = ClusterSecret::generate();
+        old.write_new(&opts.secret_file).unwrap();
+        let (new, created) = pending_secret(&opts, &old).unwrap();
+        assert!(created);
+        // The workstation cannot keep the old secret (`.old` is in the way): promotion fails
+        // after every node moved.
+        std::fs::create_dir(suffixed(&opts.secret_file, "old")).unwrap();
+        let (_node, target) = stand_in_node(&old).await;
+        let found = (BTreeMap::from([("node-a".to_string(), target)]), Vec::new());
+        let e = rotate_found(&opts, &old, &new, created, found)
+            .await
+            .unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("every node moved"), "{text}");
+        assert_eq!(
+            ClusterSecret::load(&opts.pending_file).unwrap(),
+            new,
+            "the only copy of the secret the nodes now hold"
+        );
+        assert!(!text.contains(new.to_file_contents().trim()), "{text}");
+        // Fixed, the same command finishes.
+        std::fs::remove_dir(suffixed(&opts.secret_file, "old")).unwrap();
+        let (again, created) = pending_secret(&opts, &old).unwrap();
+        assert!(!created);
+        let (_node, target) = stand_in_node(&new).await;
+        let found = (BTreeMap::from([("node-a".to_string(), target)]), Vec::new());
+        let report = rotate_found(&opts, &old, &again, created, found)
+            .await
+            .unwrap();
+        assert!(report.complete);
+        assert_eq!(ClusterSecret::load(&opts.secret_file).unwrap(), new);
+        assert!(!opts.pending_file.exists());
     }
 
     #[tokio::test]
