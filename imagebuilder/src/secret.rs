@@ -19,7 +19,10 @@
 //!    `--revoke`d ones) is unreachable, stop here: nothing was switched, the staged key expires
 //!    on its own, and the report says to bring the node back or to revoke it;
 //! 3. **commit** on every node: it stores the new secret, replaces its MicroK8s token (the old
-//!    one revoked) and signs with the new secret, still accepting the old one for a grace period;
+//!    one revoked) and signs with the new secret, still accepting the old one for a grace period.
+//!    If a node fails its commit, the run stops after this step: the switched nodes and the
+//!    others understand each other only for `ROTATION_GRACE` (10 min; neither the staged nor the
+//!    old key outlives an agent restart), so the report says to run again before then;
 //! 4. **finish** on every node: only the new secret is accepted. A `--revoke`d node, or any
 //!    node holding only the old secret, is now refused by all: it cannot join, its
 //!    announcements are dropped, its coordinator messages (election, join slots) are refused.
@@ -171,6 +174,20 @@ impl RotateReport {
                 s,
                 "a node that is gone for good: run again with --revoke NODE_ID to leave it behind"
             );
+            let switched = self
+                .nodes
+                .iter()
+                .filter(|n| n.outcome == NodeOutcome::Switched)
+                .count();
+            if switched > 0 {
+                // Switched nodes accept the old secret, and the others the staged new one,
+                // only for the grace period: after it they no longer understand each other.
+                let _ = writeln!(
+                    s,
+                    "{switched} node(s) already sign with the new secret and the others accept it only for {} min after this run: run again before then",
+                    ROTATION_GRACE.as_secs() / 60
+                );
+            }
         }
         s
     }
@@ -621,6 +638,37 @@ mod tests {
         assert!(report.complete);
         assert_eq!(ClusterSecret::load(&opts.secret_file).unwrap(), new);
         assert!(!opts.pending_file.exists());
+    }
+
+    #[test]
+    fn a_run_stopped_after_some_switched_says_how_long_the_cluster_has() {
+        let opts = RotateOptions::new(PathBuf::from("lab.secret"));
+        let node = |id: &str, outcome| NodeReport {
+            node_id: id.into(),
+            address: None,
+            fingerprint: None,
+            outcome,
+            token: None,
+        };
+        let mut report = RotateReport {
+            nodes: vec![
+                node("node-a", NodeOutcome::Switched),
+                node(
+                    "node-b",
+                    NodeOutcome::Unreachable("commit: timed out".into()),
+                ),
+            ],
+            complete: false,
+            created_pending: false,
+        };
+        let text = report.render(&opts);
+        assert!(
+            text.contains("1 node(s) already sign with the new secret")
+                && text.contains("only for 10 min"),
+            "{text}"
+        );
+        report.nodes[0].outcome = NodeOutcome::Staged;
+        assert!(!report.render(&opts).contains("already sign"));
     }
 
     #[tokio::test]
