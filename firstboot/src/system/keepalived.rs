@@ -68,6 +68,8 @@ use rackseed_host::command::Cmd;
 pub const CONFIG_PATH: &str = "etc/keepalived/keepalived.conf";
 /// The health check: the local API server's readiness, without credentials (see the module docs).
 pub const HEALTH_CHECK: &str = "/usr/bin/curl --fail --silent --insecure --max-time 1 --output /dev/null https://127.0.0.1:16443/readyz";
+/// The program [`HEALTH_CHECK`] runs (Debian and Ubuntu's `curl` package).
+pub const HEALTH_CHECK_PROGRAM: &str = "/usr/bin/curl";
 /// Where Debian and Ubuntu's `keepalived` package puts the daemon, under `--root`.
 pub const PACKAGED_BINARY: &str = "usr/sbin/keepalived";
 /// The systemd unit of that package.
@@ -275,16 +277,34 @@ impl Keepalived {
         self.root.join(CONFIG_PATH)
     }
 
-    /// Why keepalived cannot run here (not installed), if so.
+    /// Why keepalived cannot run here (not installed, or its health check's program missing),
+    /// if so.
+    ///
+    /// keepalived 2.2 starts without a `vrrp_script` whose program it cannot find ("Disabling
+    /// track script … since not found/accessible") and then runs the instance with no health
+    /// check at all: the node would hold the address without the API being ready, a cut-off
+    /// minority included. So a missing program keeps keepalived from being configured.
     pub fn missing(&self) -> Option<String> {
-        let binary = match &self.control {
-            KeepalivedControl::Systemd => self.root.join(PACKAGED_BINARY),
-            KeepalivedControl::Direct { binary, .. } => binary.clone(),
+        let (binary, check) = match &self.control {
+            KeepalivedControl::Systemd => (
+                self.root.join(PACKAGED_BINARY),
+                self.root.join(HEALTH_CHECK_PROGRAM.trim_start_matches('/')),
+            ),
+            // Tests: keepalived runs on this machine's file system.
+            KeepalivedControl::Direct { binary, .. } => {
+                (binary.clone(), PathBuf::from(HEALTH_CHECK_PROGRAM))
+            }
         };
-        (!binary.exists()).then(|| {
-            format!(
+        if !binary.exists() {
+            return Some(format!(
                 "keepalived is not installed ({} is missing): this node cannot hold the API address; install the keepalived package (bootstrapped rackseed bases include it)",
                 binary.display()
+            ));
+        }
+        (!check.exists()).then(|| {
+            format!(
+                "the API health check's program {} is missing: keepalived would drop the check and hold the address without the API being ready, so this node does not hold it; install the curl package (bootstrapped rackseed bases include it)",
+                check.display()
             )
         })
     }
@@ -515,6 +535,15 @@ mod tests {
             !k.config_path().exists(),
             "nothing written without keepalived"
         );
+        // keepalived without the health check's program: refused, nothing written (keepalived
+        // would run the instance with no check at all).
+        let sbin = root.path().join("usr/sbin");
+        std::fs::create_dir_all(&sbin).unwrap();
+        std::fs::write(sbin.join("keepalived"), "").unwrap();
+        let e = k.apply("x").await.unwrap_err().to_string();
+        assert!(e.contains("/usr/bin/curl is missing"), "{e}");
+        assert!(HEALTH_CHECK.starts_with(&format!("{HEALTH_CHECK_PROGRAM} ")));
+        assert!(!k.config_path().exists());
         // A fake keepalived that records its arguments and stays up until killed.
         let bin = root.path().join("keepalived");
         let args = root.path().join("args");
