@@ -88,8 +88,8 @@ pub enum KeepalivedControl {
     Direct { binary: PathBuf, run_dir: PathBuf },
 }
 
-/// One node's VRRP instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One node's VRRP instance. `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct VrrpSettings {
     pub address: IpAddr,
     /// The prefix length of the interface's subnet (the address is added with it).
@@ -103,6 +103,21 @@ pub struct VrrpSettings {
     /// 8 characters, `[A-Za-z0-9]`, derived from the cluster secret. Never logged.
     password: String,
     pub priority: u8,
+}
+
+impl std::fmt::Debug for VrrpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VrrpSettings")
+            .field("address", &self.address)
+            .field("prefix", &self.prefix)
+            .field("interface", &self.interface)
+            .field("own", &self.own)
+            .field("peers", &self.peers)
+            .field("router_id", &self.router_id)
+            .field("password", &"<redacted>")
+            .field("priority", &self.priority)
+            .finish()
+    }
 }
 
 impl VrrpSettings {
@@ -469,6 +484,11 @@ mod tests {
             .unwrap();
         assert_eq!(pass.len(), 8);
         assert!(pass.chars().all(|c| c.is_ascii_alphanumeric()));
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains(pass) && debug.contains("<redacted>"),
+            "{debug}"
+        );
     }
 
     #[test]
