@@ -267,8 +267,8 @@ pub enum Applied {
     Reloaded,
 }
 
-/// keepalived on this node: its configuration file and how it runs.
-#[derive(Debug)]
+/// keepalived on this node: its configuration file and how it runs. `Debug` shows whether a
+/// configuration was applied, not its text (it holds the VRRP password).
 pub struct Keepalived {
     control: KeepalivedControl,
     root: PathBuf,
@@ -276,6 +276,17 @@ pub struct Keepalived {
     applied: Option<String>,
     /// The keepalived process (Direct only).
     child: Option<tokio::process::Child>,
+}
+
+impl std::fmt::Debug for Keepalived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keepalived")
+            .field("control", &self.control)
+            .field("root", &self.root)
+            .field("applied", &self.applied.is_some())
+            .field("child", &self.child.as_ref().and_then(|c| c.id()))
+            .finish()
+    }
 }
 
 impl Keepalived {
@@ -595,6 +606,12 @@ mod tests {
         std::fs::write(run_dir.join("keepalived.pid"), format!("{pid}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(k.apply("one\n").await.unwrap(), Applied::Unchanged);
+        assert_eq!(k.apply("two\n").await.unwrap(), Applied::Reloaded);
+        assert_eq!(
+            k.apply("auth_pass Zq8Xw3Lp\n").await.unwrap(),
+            Applied::Reloaded
+        );
+        assert!(!format!("{k:?}").contains("Zq8Xw3Lp"), "{k:?}");
         assert_eq!(k.apply("two\n").await.unwrap(), Applied::Reloaded);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let recorded = std::fs::read_to_string(&args).unwrap();
