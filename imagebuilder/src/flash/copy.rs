@@ -10,9 +10,16 @@
 //!   ([`Medium::written`]), so the device is busy while the next chunks are read, rather than
 //!   idle until the final `fsync`, and the page cache does not fill with the image.
 //!
-//! At most [`IN_FLIGHT`] chunks exist at once (a pool of buffers, reused), so memory stays
-//! bounded whatever the image size. The first failure (a read, a checksum, a write) stops all
-//! three and is the error returned; a pass that ends without one has hashed every range.
+//! The read-back has no writer, and SHA-256 on one core is slower than a fast card reads
+//! (SHA-256 of one range cannot be split). When more than one core is available it runs
+//! [`LANES`] such pipelines (reader and hasher) at once, each over its own contiguous share of
+//! the ranges, about equal in bytes ([`split`]), so hashing keeps up with the device; every
+//! range is still read once and checked against its own checksum.
+//!
+//! At most [`IN_FLIGHT`] chunks exist at once (pools of buffers, reused; the lanes share
+//! them out), so memory stays bounded whatever the image size. The first failure (a read, a
+//! checksum, a write) stops every party of every lane and is the error returned; a pass that
+//! ends without one has hashed every range.
 //! bmaptool's `copy` has the same shape (a reader thread that hashes, a writer), which is
 //! what the write pass is measured against (`scripts/bench-flash`). To add a kind of source,
 //! add a [`Source`] variant and read it in [`read_chunks`].
@@ -34,8 +41,11 @@ use super::bmap::{Bmap, BmapRange};
 /// 4 KiB range does not hold a large buffer for long.
 pub const CHUNK: usize = 4 << 20;
 
-/// Chunks allocated for a pass (24 MiB): enough for the reader to stay ahead of the writer.
+/// Chunks allocated for a pass (24 MiB, split among the read-back's lanes): enough for the reader to stay ahead of the writer.
 pub const IN_FLIGHT: usize = 6;
+
+/// Pipelines of the read-back when the machine has more than one core.
+pub const LANES: usize = 2;
 
 /// Something written and read at byte offsets: a block device or a file, or, in tests, a
 /// fake card.
@@ -183,37 +193,48 @@ pub fn run(
     pass: Pass<'_>,
     pb: &ProgressBar,
 ) -> Result<u64> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run_lanes(bmap, source, sink, pass, pb, cores.min(LANES))
+}
+
+/// [`run`] with at most `lanes` pipelines; more than one only for a read-back at offsets
+/// (a stream is read in order, and the write pass keeps the device's writes in order).
+fn run_lanes(
+    bmap: &Bmap,
+    source: Source<'_>,
+    sink: Option<&dyn Medium>,
+    pass: Pass<'_>,
+    pb: &ProgressBar,
+    lanes: usize,
+) -> Result<u64> {
     let failure = Failure::default();
-    let (pool_tx, pool_rx) = mpsc::channel();
-    for _ in 0..IN_FLIGHT {
-        pool_tx.send(vec![0u8; CHUNK])?;
-    }
-    let (hash_tx, hash_rx) = mpsc::channel::<Arc<Chunk>>();
-    let (sink_tx, sink_rx) = mpsc::channel::<Arc<Chunk>>();
-    std::thread::scope(|s| {
-        let failure = &failure;
-        s.spawn(move || {
-            let out = Outputs {
-                pool_tx,
-                pool_rx,
-                hash_tx,
-                sink_tx,
-            };
-            if let Err(e) = read_chunks(bmap, source, &out, pass, failure) {
-                failure.set(e);
-            }
-            // Only now, with any failure recorded, the consumers see the end of the chunks.
-            drop(out);
-        });
-        s.spawn(move || {
-            if let Err(e) = hash_chunks(bmap, hash_rx, pass, failure) {
-                failure.set(e);
-            }
-        });
-        if let Err(e) = write_chunks(sink_rx, sink, pass, failure, pb) {
-            failure.set(e);
+    match (source, sink) {
+        (Source::At(medium), None) if lanes > 1 => {
+            let shares = split(bmap, lanes);
+            let per_lane = (IN_FLIGHT / shares.len()).max(2);
+            std::thread::scope(|s| {
+                for share in &shares {
+                    let failure = &failure;
+                    s.spawn(move || {
+                        let lane = Lane {
+                            bmap,
+                            ranges: share.clone(),
+                            buffers: per_lane,
+                        };
+                        lane.run(Source::At(medium), None, pass, failure, pb);
+                    });
+                }
+            });
         }
-    });
+        (source, sink) => {
+            let lane = Lane {
+                bmap,
+                ranges: 0..bmap.ranges.len(),
+                buffers: IN_FLIGHT,
+            };
+            lane.run(source, sink, pass, &failure, pb);
+        }
+    }
     match failure
         .first
         .into_inner()
@@ -221,6 +242,77 @@ pub fn run(
     {
         Some(e) => Err(e),
         None => Ok(bmap.mapped_bytes()),
+    }
+}
+
+/// Splits the ranges of `bmap` into at most `lanes` contiguous shares of about equal bytes,
+/// none empty, together every range once and in order.
+fn split(bmap: &Bmap, lanes: usize) -> Vec<std::ops::Range<usize>> {
+    let total = bmap.mapped_bytes();
+    let mut shares = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, r) in bmap.ranges.iter().enumerate() {
+        bytes += r.end - r.start;
+        // Share k ends once the bytes so far reach k/lanes of the total.
+        let k = shares.len() as u64 + 1;
+        if k < lanes as u64 && bytes * lanes as u64 >= total * k {
+            shares.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < bmap.ranges.len() {
+        shares.push(start..bmap.ranges.len());
+    }
+    shares
+}
+
+/// One pipeline: a reader, a hasher and the writer over a contiguous share of the ranges.
+struct Lane<'a> {
+    bmap: &'a Bmap,
+    ranges: std::ops::Range<usize>,
+    buffers: usize,
+}
+
+impl Lane<'_> {
+    /// Runs the pipeline; its failure, if any, is recorded in `failure`.
+    fn run(
+        &self,
+        source: Source<'_>,
+        sink: Option<&dyn Medium>,
+        pass: Pass<'_>,
+        failure: &Failure,
+        pb: &ProgressBar,
+    ) {
+        let (pool_tx, pool_rx) = mpsc::channel();
+        for _ in 0..self.buffers {
+            // The receiver is alive: it is right here.
+            let _ = pool_tx.send(vec![0u8; CHUNK]);
+        }
+        let (hash_tx, hash_rx) = mpsc::channel::<Arc<Chunk>>();
+        let (sink_tx, sink_rx) = mpsc::channel::<Arc<Chunk>>();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let out = Outputs {
+                    pool_tx,
+                    pool_rx,
+                    hash_tx,
+                    sink_tx,
+                };
+                if let Err(e) = read_chunks(self, source, &out, pass, failure) {
+                    failure.set(e);
+                }
+                // Only now, with any failure recorded, the consumers see the end of the chunks.
+                drop(out);
+            });
+            s.spawn(move || {
+                if let Err(e) = hash_chunks(self, hash_rx, pass, failure) {
+                    failure.set(e);
+                }
+            });
+            if let Err(e) = write_chunks(sink_rx, sink, pass, failure, pb) {
+                failure.set(e);
+            }
+        });
     }
 }
 
@@ -235,14 +327,16 @@ struct Outputs {
 /// The reader: fills chunks from `source` in range order. Returns early, without an error,
 /// when another party failed (it recorded why).
 fn read_chunks(
-    bmap: &Bmap,
+    lane: &Lane<'_>,
     mut source: Source<'_>,
     out: &Outputs,
     pass: Pass<'_>,
     failure: &Failure,
 ) -> Result<()> {
+    let bmap = lane.bmap;
     let mut pos = 0u64;
-    for (i, r) in bmap.ranges.iter().enumerate() {
+    for i in lane.ranges.clone() {
+        let r = &bmap.ranges[i];
         let mut offset = r.start;
         while offset < r.end {
             // The pool holds a buffer again once the consumers dropped a chunk; its sender
@@ -321,11 +415,12 @@ fn skip_to(
 
 /// The hasher: checks every range's SHA-256 as its chunks arrive.
 fn hash_chunks(
-    bmap: &Bmap,
+    lane: &Lane<'_>,
     chunks: mpsc::Receiver<Arc<Chunk>>,
     pass: Pass<'_>,
     failure: &Failure,
 ) -> Result<()> {
+    let bmap = lane.bmap;
     let mut hasher = Sha256::new();
     let mut checked = 0usize;
     for chunk in chunks {
@@ -344,9 +439,9 @@ fn hash_chunks(
     }
     // The reader stops early only after a failure, which is then the error of the pass.
     ensure!(
-        failure.stopped() || checked == bmap.ranges.len(),
+        failure.stopped() || checked == lane.ranges.len(),
         "internal error: {checked} of {} ranges were checked",
-        bmap.ranges.len()
+        lane.ranges.len()
     );
     Ok(())
 }
@@ -623,6 +718,74 @@ mod tests {
         let msg = format!("{e:#}");
         assert!(msg.contains("did not keep what was written"), "{msg}");
         let r = &bmap.ranges[1];
+        assert!(
+            msg.contains(&format!("blocks {}-{}", r.first, r.last)),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn lanes_share_the_ranges_in_order_about_equally() {
+        let (_, bmap) = image_and_bmap(SIZE, &ranges());
+        assert_eq!(split(&bmap, 1), vec![0..3]);
+        // The large range is about all the bytes: it ends the first share.
+        assert_eq!(split(&bmap, 2), vec![0..2, 2..3]);
+        // Eight equal ranges in four shares of two.
+        let eight: Vec<(u64, u64)> = (0..8).map(|i| (i * 10, i * 10 + 3)).collect();
+        let (_, bmap) = image_and_bmap(SIZE, &eight);
+        assert_eq!(split(&bmap, 4), vec![0..2, 2..4, 4..6, 6..8]);
+        // Never more shares than ranges, none empty.
+        assert_eq!(split(&bmap, 16).len(), 8);
+    }
+
+    #[test]
+    fn a_read_back_in_two_lanes_reads_every_range_once_and_catches_a_lying_card() {
+        let eight: Vec<(u64, u64)> = (0..8).map(|i| (i * 700, i * 700 + 600)).collect();
+        let (image, bmap) = image_and_bmap(SIZE, &eight);
+        let dev = MemDevice::new(expected(&image, &bmap));
+        let (_, device) = paths();
+        let pb = ProgressBar::hidden();
+        let pass = Pass::ReadBack { device: &device };
+        let n = run_lanes(&bmap, Source::At(&dev), None, pass, &pb, 2).unwrap();
+        assert_eq!(n, bmap.mapped_bytes());
+        assert_eq!(pb.position(), bmap.mapped_bytes());
+        let mut reads = dev.reads.lock().unwrap().clone();
+        reads.sort();
+        let total: u64 = reads.iter().map(|(_, n)| *n as u64).sum();
+        assert_eq!(total, bmap.mapped_bytes());
+        assert!(reads.windows(2).all(|w| w[0].0 + w[0].1 as u64 <= w[1].0));
+        // A card that keeps 16 MiB: the ranges past it (the second lane's) wrap onto the
+        // first lane's, so whichever lane reads a clobbered range first reports it.
+        let card = WrappingCard {
+            inner: MemDevice::new(vec![0u8; 16 << 20]),
+            real: 16 << 20,
+        };
+        let (img, _) = paths();
+        run(
+            &bmap,
+            Source::At(&MemDevice::new(image)),
+            Some(&card),
+            write_pass(&img, &device),
+            &pb,
+        )
+        .unwrap();
+        let e = run_lanes(&bmap, Source::At(&card), None, pass, &pb, 2).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("did not keep what was written"), "{msg}");
+        // A bad byte in the last range alone (the second lane's) is caught and named.
+        let mut bytes = dev.bytes();
+        let r = &bmap.ranges[7];
+        bytes[r.end as usize - 1] ^= 0xff;
+        let e = run_lanes(
+            &bmap,
+            Source::At(&MemDevice::new(bytes)),
+            None,
+            pass,
+            &pb,
+            2,
+        )
+        .unwrap_err();
+        let msg = format!("{e:#}");
         assert!(
             msg.contains(&format!("blocks {}-{}", r.first, r.last)),
             "{msg}"
