@@ -13,7 +13,7 @@
 //! The read-back has no writer, and SHA-256 on one core is slower than a fast card reads
 //! (SHA-256 of one range cannot be split). When more than one core is available it runs
 //! [`LANES`] such pipelines (reader and hasher) at once, each over its own contiguous share of
-//! the ranges, about equal in bytes ([`split`]), so hashing keeps up with the device; every
+//! the ranges, about equal in bytes (`split`), so hashing keeps up with the device; every
 //! range is still read once and checked against its own checksum.
 //!
 //! At most [`IN_FLIGHT`] chunks exist at once (pools of buffers, reused; the lanes share
@@ -22,7 +22,7 @@
 //! ends without one has hashed every range.
 //! bmaptool's `copy` has the same shape (a reader thread that hashes, a writer), which is
 //! what the write pass is measured against (`scripts/bench-flash`). To add a kind of source,
-//! add a [`Source`] variant and read it in [`read_chunks`].
+//! add a [`Source`] variant and read it in `read_chunks`.
 
 use std::fs::File;
 use std::io::{self, Read};
