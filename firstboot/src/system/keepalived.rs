@@ -581,7 +581,7 @@ mod tests {
         std::fs::write(
             &bin,
             format!(
-                "#!/bin/sh\necho \"$@\" >> '{}'\ntrap 'echo HUP >> {}' HUP\nwhile :; do sleep 0.05; done\n",
+                "#!/bin/sh\ntrap 'echo HUP >> {1}' HUP\necho \"$@\" >> '{0}'\nwhile :; do sleep 0.05; done\n",
                 args.display(),
                 args.display()
             ),
@@ -604,7 +604,9 @@ mod tests {
         // The fake writes no pid file; keepalived does. Give it one, as keepalived would.
         let pid = k.child.as_ref().unwrap().id().unwrap();
         std::fs::write(run_dir.join("keepalived.pid"), format!("{pid}\n")).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A reload before the fake has set its trap would kill it: wait until it has started
+        // (it sets the trap before it records its arguments), however loaded the machine.
+        wait_for_text(&args, "--use-file").await;
         assert_eq!(k.apply("one\n").await.unwrap(), Applied::Unchanged);
         assert_eq!(k.apply("two\n").await.unwrap(), Applied::Reloaded);
         assert_eq!(
@@ -613,10 +615,27 @@ mod tests {
         );
         assert!(!format!("{k:?}").contains("Zq8Xw3Lp"), "{k:?}");
         assert_eq!(k.apply("two\n").await.unwrap(), Applied::Reloaded);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_for_text(&args, "HUP").await;
         let recorded = std::fs::read_to_string(&args).unwrap();
         assert!(recorded.contains("--use-file"), "{recorded}");
         assert!(recorded.contains("HUP"), "{recorded}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
+    }
+
+    /// Waits (up to 20 s) until `path` contains `text`; panics with what it holds otherwise.
+    async fn wait_for_text(path: &std::path::Path, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = std::fs::read_to_string(path).unwrap_or_default();
+            if got.contains(text) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never contained {text:?}: {got:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
