@@ -32,6 +32,7 @@ const CONFIG: &str = r#"
 name = "e2e"
 control-plane = 3
 expected-nodes = 3
+standbys = 0          # the 4th VM must join as a worker
 formation-timeout = "30m"
 secret-file = "e2e.secret"
 

@@ -25,6 +25,7 @@ const CONFIG: &str = r#"
 [cluster]
 name = "e2e-arm"
 control-plane = 1
+standbys = 0          # the second node must join as a worker
 expected-nodes = 2
 formation-timeout = "30m"
 secret-file = "e2e.secret"
