@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use crate::accel::AccelChoice;
 use crate::cluster::{BootSource, Cluster, ClusterSpec, NodeRunState, StopOutcome};
 use crate::node::{Arch, DEFAULT_GUEST_MGMT_PORT};
+use crate::seed::{Subnet, DEFAULT_SUBNET};
 
 /// Where the cluster's state lives.
 #[derive(Debug, Clone, Args)]
@@ -61,6 +62,21 @@ pub enum QemuCommand {
         /// Exit QEMU when the guest reboots.
         #[arg(long)]
         no_reboot: bool,
+        /// Cluster-network subnet: node N gets host number 10+N, given by its cloud-init
+        /// NoCloud seed (a CIDATA volume with meta-data, network-config, user-data).
+        #[arg(long, default_value = DEFAULT_SUBNET)]
+        subnet: Subnet,
+        /// user-data (cloud-config) for every node's seed; the seed replaces the image's own
+        /// user-data, so pass the image's (`imagebuilder qemu up` does).
+        #[arg(long, conflicts_with = "no_seed")]
+        user_data: Option<PathBuf>,
+        /// Attach no NoCloud seed (the image must configure its own network).
+        #[arg(long)]
+        no_seed: bool,
+        /// Let the management NICs reach beyond this machine through QEMU's NAT (e.g. for
+        /// the nodes to install the MicroK8s snap); by default nothing leaves it.
+        #[arg(long)]
+        uplink: bool,
     },
     /// Show every node: state, pid, management address, serial log.
     Status {
@@ -126,6 +142,10 @@ pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
             append,
             disk_size,
             no_reboot,
+            subnet,
+            user_data,
+            no_seed,
+            uplink,
         } => {
             let mut spec = ClusterSpec::new(image, dir.dir);
             spec.nodes = nodes;
@@ -137,6 +157,15 @@ pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
             spec.guest_mgmt_port = guest_mgmt_port;
             spec.disk_size = disk_size;
             spec.no_reboot = no_reboot;
+            spec.subnet = (!no_seed).then_some(subnet);
+            spec.uplink = uplink;
+            spec.user_data = match user_data {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| anyhow::anyhow!("reading user-data {}: {e}", p.display()))?,
+                ),
+                None => None,
+            };
             if let Some(kernel) = kernel {
                 spec.boot = BootSource::Kernel {
                     kernel,
@@ -191,14 +220,14 @@ pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_status(c: &Cluster) {
+pub fn print_status(c: &Cluster) {
     println!(
-        "{:<8} {:<8} {:>8}  {:<17}  {:<15}  SERIAL LOG",
-        "NODE", "STATE", "PID", "MAC", "MGMT"
+        "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  SERIAL LOG",
+        "NODE", "STATE", "PID", "MAC", "ADDRESS", "MGMT", "API", "SSH"
     );
     for s in c.status() {
         println!(
-            "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {}",
+            "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  {}",
             s.name,
             match s.state {
                 NodeRunState::Running => "running",
@@ -206,7 +235,16 @@ fn print_status(c: &Cluster) {
             },
             s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             s.mac,
+            s.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             s.mgmt_addr,
+            s.api_addr
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s.ssh_addr
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             s.serial_log.display()
         );
     }

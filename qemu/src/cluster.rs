@@ -22,6 +22,7 @@ use rackseed_host::command::Cmd;
 use crate::accel::{choose_accel, AccelChoice};
 use crate::node::{fnv1a, node_macs, qemu_argv, Arch, Boot, NodeSpec, DEFAULT_GUEST_MGMT_PORT};
 use crate::qmp::qmp_execute;
+use crate::seed::{SeedFiles, Subnet, DEFAULT_SUBNET};
 use crate::state::{BootConfig, ClusterState, NodeState, STATE_VERSION};
 
 /// Limit for `qemu-img` calls.
@@ -89,10 +90,19 @@ pub struct ClusterSpec {
     /// Virtual size of each overlay (`qemu-img` syntax, e.g. `8G`); `None` keeps the image's.
     pub disk_size: Option<String>,
     pub no_reboot: bool,
+    /// The cluster network's subnet for each node's NoCloud seed ([`crate::seed`]); `None`
+    /// attaches no seed.
+    pub subnet: Option<Subnet>,
+    /// The user-data the seeds carry (normally the image's own); `None`: an empty
+    /// `#cloud-config`.
+    pub user_data: Option<String>,
+    /// Let the management NICs reach beyond the host (see [`NodeSpec::uplink`]).
+    pub uplink: bool,
 }
 
 impl ClusterSpec {
-    /// Defaults: 3 x86_64 nodes, UEFI, 1024 MiB, 1 CPU, probed accelerator, mgmt port 7443.
+    /// Defaults: 3 x86_64 nodes, UEFI, 1024 MiB, 1 CPU, probed accelerator, mgmt port 7443,
+    /// seeds on [`DEFAULT_SUBNET`] with an empty user-data.
     pub fn new(image: impl Into<PathBuf>, dir: impl Into<PathBuf>) -> ClusterSpec {
         ClusterSpec {
             image: image.into(),
@@ -107,6 +117,9 @@ impl ClusterSpec {
             boot: BootSource::Uefi,
             disk_size: None,
             no_reboot: false,
+            subnet: Some(DEFAULT_SUBNET.parse().expect("the default subnet parses")),
+            user_data: None,
+            uplink: false,
         }
     }
 }
@@ -127,6 +140,12 @@ pub struct NodeStatus {
     pub mac: String,
     /// `127.0.0.1:<port>` reaching the guest's management port.
     pub mgmt_addr: SocketAddr,
+    /// `127.0.0.1:<port>` reaching the guest's MicroK8s API (16443).
+    pub api_addr: Option<SocketAddr>,
+    /// `127.0.0.1:<port>` reaching the guest's SSH server (22).
+    pub ssh_addr: Option<SocketAddr>,
+    /// The cluster-network address its seed gives it (`None` without seeds).
+    pub address: Option<Ipv4Addr>,
     pub serial_log: PathBuf,
 }
 
@@ -158,6 +177,10 @@ impl Cluster {
         anyhow::ensure!(spec.nodes <= 256, ClusterError::TooManyNodes);
         anyhow::ensure!(spec.memory_mib >= 64, "memory must be at least 64 MiB");
         anyhow::ensure!(spec.cpus >= 1, "cpus must be at least 1");
+        if let Some(subnet) = spec.subnet {
+            // Every node must get an address before any is started.
+            subnet.node_address((spec.nodes - 1) as u8)?;
+        }
         std::fs::create_dir_all(&spec.dir)
             .with_context(|| format!("creating state directory {}", spec.dir.display()))?;
         let dir = std::fs::canonicalize(&spec.dir)
@@ -201,6 +224,15 @@ impl Cluster {
             }
             None => free_mcast_port(&id)?,
         };
+        let user_data = match &spec.user_data {
+            Some(text) => {
+                let p = dir.join("user-data");
+                rackseed_host::fs::write_atomic(&p, text.as_bytes(), 0o600)
+                    .with_context(|| format!("writing {}", p.display()))?;
+                Some(p)
+            }
+            None => None,
+        };
         let mut cluster = Cluster {
             dir,
             state: ClusterState {
@@ -218,6 +250,9 @@ impl Cluster {
                 guest_mgmt_port: spec.guest_mgmt_port,
                 boot,
                 no_reboot: spec.no_reboot,
+                subnet: spec.subnet,
+                user_data,
+                uplink: spec.uplink,
                 nodes: Vec::new(),
             },
             kill_on_drop: false,
@@ -310,6 +345,13 @@ impl Cluster {
                     pid: if alive { n.pid } else { None },
                     mac: n.mac.clone(),
                     mgmt_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, n.mgmt_port)),
+                    address: n.address,
+                    api_addr: n
+                        .api_port
+                        .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
+                    ssh_addr: n
+                        .ssh_port
+                        .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
                     serial_log: n.serial_log.clone(),
                 }
             })
@@ -324,6 +366,9 @@ impl Cluster {
             Some(i) => i + 1,
         };
         let name = format!("node{index}");
+        if let Some(subnet) = self.state.subnet {
+            subnet.node_address(index)?;
+        }
         let (mac, mgmt_mac) = node_macs(&self.state.id, index);
         let sockets = socket_dir(&self.dir)?;
         let overlay = self.dir.join(format!("{name}.qcow2"));
@@ -360,6 +405,31 @@ impl Cluster {
             }
             BootConfig::Kernel { .. } => None,
         };
+        let (seed, address) = match self.state.subnet {
+            Some(subnet) => {
+                let user_data = match &self.state.user_data {
+                    Some(p) => Some(std::fs::read_to_string(p).with_context(|| {
+                        format!("reading the seeds' user-data {}", p.display())
+                    })?),
+                    None => None,
+                };
+                let files = SeedFiles::for_node(
+                    &self.state.id,
+                    index,
+                    &mac,
+                    &mgmt_mac,
+                    subnet,
+                    user_data.as_deref(),
+                    self.state.uplink,
+                )?;
+                let volume = self.dir.join(format!("{name}.seed.img"));
+                crate::seed::write_volume(&files, &volume)
+                    .await
+                    .with_context(|| format!("writing {name}'s NoCloud seed"))?;
+                (Some(volume), Some(subnet.node_address(index)?))
+            }
+            None => (None, None),
+        };
         self.state.nodes.push(NodeState {
             name: name.clone(),
             index,
@@ -373,6 +443,10 @@ impl Cluster {
             pid_file: self.dir.join(format!("{name}.pid")),
             pid: None,
             accel: None,
+            seed,
+            address,
+            api_port: Some(free_tcp_port()?),
+            ssh_port: Some(free_tcp_port()?),
         });
         self.save()?;
         self.start(&name).await?;
@@ -401,6 +475,12 @@ impl Cluster {
         let n = &mut self.state.nodes[i];
         if !tcp_port_free(n.mgmt_port) {
             n.mgmt_port = free_tcp_port()?;
+        }
+        if n.api_port.is_some_and(|p| !tcp_port_free(p)) {
+            n.api_port = Some(free_tcp_port()?);
+        }
+        if n.ssh_port.is_some_and(|p| !tcp_port_free(p)) {
+            n.ssh_port = Some(free_tcp_port()?);
         }
         for stale in [&n.qmp_socket, &n.pid_file] {
             match std::fs::remove_file(stale) {
@@ -436,12 +516,16 @@ impl Cluster {
             memory_mib: self.state.memory_mib,
             cpus: self.state.cpus,
             disk: n.overlay.clone(),
+            seed: n.seed.clone(),
             boot,
             mac: n.mac.clone(),
             mgmt_mac: n.mgmt_mac.clone(),
             mcast_port: self.state.mcast_port,
             mgmt_host_port: n.mgmt_port,
             guest_mgmt_port: self.state.guest_mgmt_port,
+            api_host_port: n.api_port,
+            ssh_host_port: n.ssh_port,
+            uplink: self.state.uplink,
             serial_log: n.serial_log.clone(),
             qmp_socket: n.qmp_socket.clone(),
             pid_file: n.pid_file.clone(),
@@ -522,7 +606,9 @@ impl Cluster {
                 n.pid_file.as_path(),
             ]);
             files.extend(n.vars.as_deref());
+            files.extend(n.seed.as_deref());
         }
+        files.extend(self.state.user_data.as_deref());
         for f in files {
             match std::fs::remove_file(f) {
                 Ok(()) => {}
@@ -824,6 +910,10 @@ mod tests {
             pid_file: "/x".into(),
             pid: None,
             accel: None,
+            seed: None,
+            address: None,
+            api_port: None,
+            ssh_port: None,
         };
         assert!(!node_alive(&n));
         // This test process is alive but is not a QEMU serving that socket.

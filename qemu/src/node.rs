@@ -24,6 +24,10 @@ pub const MCAST_GROUP: &str = "230.0.0.1";
 pub const LOOPBACK: &str = "127.0.0.1";
 /// The guest port the management forward reaches by default (the firstboot status service).
 pub const DEFAULT_GUEST_MGMT_PORT: u16 = 7443;
+/// MicroK8s' API server port, the second management forward's guest port.
+pub const GUEST_API_PORT: u16 = 16443;
+/// SSH, the third management forward's guest port.
+pub const GUEST_SSH_PORT: u16 = 22;
 
 /// Guest architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +119,8 @@ pub struct NodeSpec {
     pub cpus: u32,
     /// The node's qcow2 overlay.
     pub disk: PathBuf,
+    /// The node's cloud-init NoCloud seed volume (see [`crate::seed`]), attached read-only.
+    pub seed: Option<PathBuf>,
     pub boot: Boot,
     /// MAC of the cluster NIC (the first NIC).
     pub mac: String,
@@ -125,6 +131,13 @@ pub struct NodeSpec {
     /// Host port on 127.0.0.1 forwarded to `guest_mgmt_port`.
     pub mgmt_host_port: u16,
     pub guest_mgmt_port: u16,
+    /// Host port on 127.0.0.1 forwarded to the guest's MicroK8s API ([`GUEST_API_PORT`]).
+    pub api_host_port: Option<u16>,
+    /// Host port on 127.0.0.1 forwarded to the guest's SSH server ([`GUEST_SSH_PORT`]).
+    pub ssh_host_port: Option<u16>,
+    /// The management NIC may reach beyond the host (QEMU's NAT; `restrict=off`), e.g. for
+    /// the nodes to install the MicroK8s snap. Off by default: nothing leaves the machine.
+    pub uplink: bool,
     pub serial_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub pid_file: PathBuf,
@@ -200,13 +213,22 @@ fn push_network_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
         "-device",
         &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac),
     ]);
-    // Management network: no route out, one forward from 127.0.0.1.
+    // Management network: no route out (unless asked for), forwards from 127.0.0.1 only.
+    let mut user = format!(
+        "user,id=m0,{}hostfwd=tcp:{LOOPBACK}:{}-:{}",
+        if spec.uplink { "" } else { "restrict=on," },
+        spec.mgmt_host_port,
+        spec.guest_mgmt_port
+    );
+    if let Some(api) = spec.api_host_port {
+        user.push_str(&format!(",hostfwd=tcp:{LOOPBACK}:{api}-:{GUEST_API_PORT}"));
+    }
+    if let Some(ssh) = spec.ssh_host_port {
+        user.push_str(&format!(",hostfwd=tcp:{LOOPBACK}:{ssh}-:{GUEST_SSH_PORT}"));
+    }
     push(&[
         "-netdev",
-        &format!(
-            "user,id=m0,restrict=on,hostfwd=tcp:{LOOPBACK}:{}-:{}",
-            spec.mgmt_host_port, spec.guest_mgmt_port
-        ),
+        &user,
         "-device",
         &format!("virtio-net-pci,netdev=m0,mac={}", spec.mgmt_mac),
     ]);
@@ -227,6 +249,17 @@ fn push_disk_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
             Boot::Kernel { .. } => "virtio-blk-pci,drive=disk0",
         },
     ]);
+    if let Some(seed) = &spec.seed {
+        push(&[
+            "-drive",
+            &format!(
+                "if=none,id=seed0,format=raw,readonly=on,file={}",
+                path_arg(seed)
+            ),
+            "-device",
+            "virtio-blk-pci,drive=seed0",
+        ]);
+    }
     push(&[
         "-object",
         "rng-random,id=rng0,filename=/dev/urandom",
@@ -316,6 +349,7 @@ mod tests {
             memory_mib: 512,
             cpus: 1,
             disk: format!("/s/node{i}.qcow2").into(),
+            seed: Some(format!("/s/node{i}.seed.img").into()),
             boot: Boot::Uefi {
                 code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
                 vars: format!("/s/node{i}.vars.fd").into(),
@@ -325,6 +359,9 @@ mod tests {
             mcast_port: 41000,
             mgmt_host_port: 45000 + u16::from(i),
             guest_mgmt_port: DEFAULT_GUEST_MGMT_PORT,
+            api_host_port: Some(46000 + u16::from(i)),
+            ssh_host_port: Some(47000 + u16::from(i)),
+            uplink: false,
             serial_log: format!("/s/node{i}.serial.log").into(),
             qmp_socket: format!("/s/node{i}.qmp").into(),
             pid_file: format!("/s/node{i}.pid").into(),
@@ -350,7 +387,8 @@ mod tests {
         );
         assert_eq!(
             netdevs[1],
-            "user,id=m0,restrict=on,hostfwd=tcp:127.0.0.1:45000-:7443"
+            "user,id=m0,restrict=on,hostfwd=tcp:127.0.0.1:45000-:7443,\
+             hostfwd=tcp:127.0.0.1:46000-:16443,hostfwd=tcp:127.0.0.1:47000-:22"
         );
         // No other address appears anywhere on the command line.
         for a in &argv {
@@ -364,6 +402,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn argv_uplink_lifts_the_restriction_only_when_asked() {
+        let mut s = spec(0);
+        s.uplink = true;
+        s.api_host_port = None;
+        s.ssh_host_port = None;
+        let argv = qemu_argv(&s);
+        assert_eq!(
+            values_after(&argv, "-netdev")[1],
+            "user,id=m0,hostfwd=tcp:127.0.0.1:45000-:7443"
+        );
     }
 
     #[test]
@@ -395,6 +446,26 @@ mod tests {
         ));
         assert!(drives.contains(&"if=pflash,format=raw,unit=1,file=/s/node2.vars.fd"));
         assert!(drives.contains(&"if=none,id=disk0,format=qcow2,file=/s/node2.qcow2"));
+    }
+
+    #[test]
+    fn argv_attaches_the_seed_read_only_and_never_boots_from_it() {
+        let argv = qemu_argv(&spec(2));
+        let drives = values_after(&argv, "-drive");
+        assert!(
+            drives.contains(&"if=none,id=seed0,format=raw,readonly=on,file=/s/node2.seed.img"),
+            "{argv:?}"
+        );
+        let devices = values_after(&argv, "-device");
+        assert!(devices.contains(&"virtio-blk-pci,drive=seed0"), "{argv:?}");
+        assert_eq!(
+            devices.iter().filter(|d| d.contains("bootindex")).count(),
+            1,
+            "only the disk boots: {argv:?}"
+        );
+        let mut s = spec(2);
+        s.seed = None;
+        assert!(!qemu_argv(&s).iter().any(|a| a.contains("seed0")));
     }
 
     #[test]

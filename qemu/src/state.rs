@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::AccelChoice;
 use crate::node::{Accel, Arch};
+use crate::seed::Subnet;
 
 pub const STATE_FILE: &str = "cluster.json";
 pub const STATE_VERSION: u32 = 1;
@@ -39,6 +40,16 @@ pub struct ClusterState {
     pub guest_mgmt_port: u16,
     pub boot: BootConfig,
     pub no_reboot: bool,
+    /// The cluster network's subnet for the per-node NoCloud seeds; `None`: no seeds.
+    #[serde(default)]
+    pub subnet: Option<Subnet>,
+    /// The user-data every node's seed carries (a copy in the state directory, 0600); `None`:
+    /// an empty `#cloud-config`.
+    #[serde(default)]
+    pub user_data: Option<PathBuf>,
+    /// The management NICs reach beyond the host (`--uplink`).
+    #[serde(default)]
+    pub uplink: bool,
     pub nodes: Vec<NodeState>,
 }
 
@@ -78,6 +89,18 @@ pub struct NodeState {
     pub pid: Option<u32>,
     /// Accelerator of the last start.
     pub accel: Option<Accel>,
+    /// This node's NoCloud seed volume, if the cluster has seeds.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
+    /// The cluster-network address its seed gives it.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Host port on 127.0.0.1 forwarded to the guest's MicroK8s API (16443).
+    #[serde(default)]
+    pub api_port: Option<u16>,
+    /// Host port on 127.0.0.1 forwarded to the guest's SSH server (22).
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
 }
 
 impl ClusterState {
@@ -141,6 +164,9 @@ mod tests {
                 append: "console=ttyS0".into(),
             },
             no_reboot: false,
+            subnet: Some("192.168.76.0/24".parse().unwrap()),
+            user_data: None,
+            uplink: false,
             nodes: vec![NodeState {
                 name: "node0".into(),
                 index: 0,
@@ -154,6 +180,10 @@ mod tests {
                 pid_file: "/tmp/c/node0.pid".into(),
                 pid: Some(42),
                 accel: Some(Accel::Tcg),
+                seed: Some("/tmp/c/node0.seed.img".into()),
+                address: Some(std::net::Ipv4Addr::new(192, 168, 76, 10)),
+                api_port: Some(45100),
+                ssh_port: Some(45200),
             }],
         }
     }
