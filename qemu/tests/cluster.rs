@@ -179,7 +179,13 @@ async fn cluster_life_cycle_with_a_tiny_guest() {
         let marker = format!("RACKSEED-GUEST up mac={mac} ip=");
         check(&c, "boot", c.wait_for_serial(n, &marker, BOOT_WAIT).await).await;
         let log = std::fs::read_to_string(&c.node(n).unwrap().serial_log).unwrap();
-        assert!(log.contains("disks=1"), "{n} has no virtio disk:\n{log}");
+        // Its overlay and its NoCloud seed volume.
+        assert!(
+            log.contains("disks=2"),
+            "{n} does not see its disk and its seed:\n{log}"
+        );
+        let seed = c.node(n).unwrap().seed.clone().expect("a seed volume");
+        assert!(seed.is_file(), "{}", seed.display());
         let other = macs.iter().find(|m| *m != mac).unwrap();
         assert!(
             !log.contains(&format!("mac={other}")),
@@ -401,6 +407,10 @@ async fn cli_commands_share_the_state_directory() {
         append: "console=ttyS0 quiet panic=-1".into(),
         disk_size: Some("32M".into()),
         no_reboot: true,
+        subnet: qemu::seed::DEFAULT_SUBNET.parse().unwrap(),
+        user_data: None,
+        no_seed: false,
+        uplink: false,
     })
     .await
     .expect("qemu up");
