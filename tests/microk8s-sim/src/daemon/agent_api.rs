@@ -45,7 +45,9 @@ impl Daemon {
     pub(super) async fn route(self: Arc<Self>, req: Request) -> Response {
         let (method, path, peer) = (req.method.clone(), req.path.clone(), req.peer);
         let resp = self.clone().answer(req).await;
-        let chatter = path.starts_with("/sim/v1/ping") || path == "/sim/v1/view";
+        let chatter = path.starts_with("/sim/v1/ping")
+            || path == "/sim/v1/view"
+            || path.starts_with("/sim/v1/datastore/");
         if !chatter {
             self.log_request(peer, &method, &path, resp.status);
         }
@@ -119,6 +121,9 @@ impl Daemon {
                     return Response::error(409, "no join in flight from this address");
                 }
                 Response::ok(json!({}))
+            }
+            (m, p) if p.starts_with("/sim/v1/datastore/") => {
+                self.datastore_route(m, p, &req.body).await
             }
             ("POST", "/cluster/api/v1.0/sign-cert") => self.serve_sign_cert(&req, &body).await,
             ("POST", "/local/run") => {

@@ -7,7 +7,8 @@
 //! - `agent_api`: the cluster agent's HTTP routes, including the seed's side of a join;
 //! - `join`: `microk8s join`, the joiner's side, and the connection string rules;
 //! - `replication`: the replicated [`View`], heartbeats and the leader's duties;
-//! - `api_server`: the Kubernetes API endpoint on 16443 (readiness with the quorum rule);
+//! - `api_server`: the Kubernetes API endpoint on 16443 (readiness with the quorum rule, and
+//!   ConfigMaps kept in `datastore`, with dqlite's quorum rules);
 //! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`];
 //! - `helm`: `helm3` and the `kubectl` apply/wait/get calls for Longhorn and CSI snapshots,
 //!   recorded and checked.
@@ -18,6 +19,7 @@
 mod agent_api;
 mod api_server;
 mod commands;
+mod datastore;
 mod helm;
 mod join;
 mod kubectl_label;
@@ -157,6 +159,7 @@ pub struct Daemon {
     installed: Installed,
     st: Mutex<Persisted>,
     last_seen: Mutex<BTreeMap<String, Instant>>,
+    store: datastore::Store,
 }
 
 impl Daemon {
@@ -258,7 +261,9 @@ pub async fn run(env: SimEnv) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", env.port))
         .await
         .with_context(|| format!("binding the cluster agent to 0.0.0.0:{}", env.port))?;
+    let store = datastore::Store::load(&env.state_dir);
     let d = Arc::new(Daemon {
+        store,
         env,
         installed,
         st: Mutex::new(st),
