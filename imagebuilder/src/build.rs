@@ -30,6 +30,7 @@ use serde::Serialize;
 use self::manifest::{BaseRecord, ImageInfo, ImageRecord, Manifest};
 use crate::base::{self, bootstrap::BootstrapSpec};
 use crate::customize::firstboot_bin::{self, FirstbootBin};
+use crate::customize::simulator::{self, Microk8sRecord, Microk8sSource};
 use crate::customize::{self, Customized};
 use crate::disk::{self, compose, PartitionTable, TableKind};
 use crate::outputs::sparse::ImageDigest;
@@ -49,8 +50,13 @@ pub struct BuildRequest {
     pub firstboot_bin: Option<PathBuf>,
     /// The repository's `overlays/` (holding `common/`, `x86_64/`, `rpi/`).
     pub overlays_dir: PathBuf,
-    /// Test-only overlays laid after the target's (e.g. the MicroK8s simulator). Never implied.
+    /// Test-only overlays laid after the target's. Never implied.
     pub extra_overlays: Vec<PathBuf>,
+    /// Where MicroK8s comes from: the snap (default) or, for QEMU test-cluster images only,
+    /// the simulator (see [`crate::customize::simulator`]).
+    pub microk8s: Microk8sSource,
+    /// Folder with the simulator's `microk8s` and `dqlite` (default: next to imagebuilder).
+    pub simulator_bin: Option<PathBuf>,
     /// Download and bootstrap cache; default `~/.cache/rackseed`.
     pub cache_dir: Option<PathBuf>,
     pub compression: Option<Compression>,
@@ -77,6 +83,8 @@ impl BuildRequest {
             firstboot_bin: None,
             overlays_dir,
             extra_overlays: Vec::new(),
+            microk8s: Microk8sSource::Snap,
+            simulator_bin: None,
             cache_dir: None,
             compression: None,
             qcow2: false,
@@ -155,13 +163,14 @@ pub async fn run(req: BuildRequest) -> Result<BuildOutputs> {
         lay_out_disk(&req.config, plan.target, &work.image),
     )
     .await?;
-    let info = ImageInfo::new(
+    let mut info = ImageInfo::new(
         &req.config,
         plan.target,
         &plan.firstboot,
         &plan.secret,
         base,
     );
+    info.microk8s = plan.microk8s.clone();
     let custom = timed(
         &mut timings,
         "customize",
@@ -191,6 +200,10 @@ struct Plan {
     firstboot: FirstbootBin,
     /// Overlay roots in the order they are laid.
     overlays: Vec<PathBuf>,
+    /// Where MicroK8s comes from, for image.json and the manifest.
+    microk8s: Microk8sRecord,
+    /// The simulator's generated overlay (binaries, settings, marker), kept until the build ends.
+    simulator_tree: Option<tempfile::TempDir>,
     cache: PathBuf,
     /// Output base name.
     name: String,
@@ -301,11 +314,39 @@ async fn check_inputs(req: &BuildRequest) -> Result<Plan> {
             );
         }
     }
+    let mut overlays = check_overlays(req, target)?;
+    let (microk8s, simulator_tree) = match req.microk8s {
+        Microk8sSource::Snap => (Microk8sRecord::default(), None),
+        Microk8sSource::Simulated => {
+            simulator::check_allowed(cfg, target)?;
+            let (m, d) = simulator::binaries(req.simulator_bin.as_deref(), target)?;
+            let fixed = req.overlays_dir.join(simulator::OVERLAY_DIR);
+            if !fixed.is_dir() {
+                bail!(
+                    "overlay folder {} does not exist; pass the repository's overlays/ folder",
+                    fixed.display()
+                );
+            }
+            let tree = tempfile::Builder::new()
+                .prefix(".rackseed-sim-")
+                .tempdir()
+                .context("creating the simulator's overlay")?;
+            let record = simulator::overlay(tree.path(), &m, &d)?;
+            // After the target's overlay, before any --overlay: the fixed files, then the
+            // generated ones.
+            let at = 2.min(overlays.len());
+            overlays.insert(at, tree.path().to_path_buf());
+            overlays.insert(at, fixed);
+            (record, Some(tree))
+        }
+    };
     Ok(Plan {
         target,
         secret,
         firstboot,
-        overlays: check_overlays(req, target)?,
+        overlays,
+        microk8s,
+        simulator_tree,
         cache: req.cache_dir.clone().unwrap_or_else(default_cache_dir),
         name: req
             .name
@@ -494,11 +535,20 @@ async fn write_outputs(
         target: plan.target.as_str(),
         partitions: built.table.partitions.clone(),
     };
+    // The simulator's generated tree is a temporary folder: the manifest records the
+    // simulator under `microk8s` instead.
+    let generated = plan.simulator_tree.as_ref().map(|t| t.path().to_path_buf());
+    let overlays: Vec<PathBuf> = plan
+        .overlays
+        .iter()
+        .filter(|o| Some(*o) != generated.as_ref())
+        .cloned()
+        .collect();
     let manifest = Manifest::new(
         built.info,
         image,
         &plan.firstboot,
-        &plan.overlays,
+        &overlays,
         &built.custom,
         &sums,
     );
@@ -589,6 +639,15 @@ pub struct BuildArgs {
     /// An extra overlay tree laid after the target's (test images only). Repeatable.
     #[arg(long = "overlay")]
     pub extra_overlays: Vec<PathBuf>,
+    /// Where the nodes get MicroK8s: `snap` (installed at first boot), or `simulated`: rackseed's
+    /// MicroK8s simulator, for QEMU test-cluster images where the snap cannot be had (refused
+    /// for boards and non-bootstrapped bases; shown as "MicroK8s simulated").
+    #[arg(long, value_enum, default_value = "snap")]
+    pub microk8s: Microk8sSource,
+    /// Folder with the simulator's `microk8s` and `dqlite` for the target (default: next to
+    /// imagebuilder; `cargo build --release -p microk8s-sim`).
+    #[arg(long)]
+    pub simulator_bin: Option<PathBuf>,
     /// Also write a compressed image: xz or zstd.
     #[arg(long)]
     pub compress: Option<Compression>,
@@ -618,6 +677,8 @@ pub fn run_cli(args: BuildArgs) -> Result<()> {
     req.target = args.target;
     req.firstboot_bin = args.firstboot_bin;
     req.extra_overlays = args.extra_overlays;
+    req.microk8s = args.microk8s;
+    req.simulator_bin = args.simulator_bin;
     req.compression = args.compress;
     req.qcow2 = args.qcow2;
     req.cache_dir = args.cache_dir;

@@ -75,7 +75,7 @@ pub enum Command {
     /// Run a QEMU test cluster on this machine.
     Qemu {
         #[command(subcommand)]
-        cmd: qemu::cli::QemuCommand,
+        cmd: crate::qemu_cluster::QemuCli,
     },
     /// Print a shell completion script, e.g. `imagebuilder completions bash > /etc/bash_completion.d/imagebuilder`.
     Completions { shell: clap_complete::Shell },
@@ -205,7 +205,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 file: allow_file,
             },
         })),
-        Command::Qemu { cmd } => report(qemu::cli::run(cmd)),
+        Command::Qemu { cmd } => report(crate::qemu_cluster::run(cmd)),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

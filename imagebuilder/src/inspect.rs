@@ -162,6 +162,21 @@ impl fmt::Display for Report {
     }
 }
 
+/// The `microk8s:` line from image.json's `microk8s` record (absent in images built before
+/// it was recorded: those install the snap).
+pub fn microk8s_line(record: &serde_json::Value) -> String {
+    match record["source"].as_str() {
+        Some("simulated") => format!(
+            "{} (QEMU test-cluster image: `microk8s` is rackseed's MicroK8s simulator, sha256 {}; \
+             never flash it onto a machine)",
+            crate::customize::simulator::SHOWN_AS,
+            record["simulator_sha256"].as_str().unwrap_or("unknown")
+        ),
+        Some("snap") | None => "the MicroK8s snap, installed at first boot".to_string(),
+        Some(other) => format!("unknown source {other:?}"),
+    }
+}
+
 impl Report {
     /// Writes the image path, the partition table and the root filesystem's label.
     fn write_partitions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -199,6 +214,7 @@ impl Report {
             g("cluster", "metallb")
         )?;
         writeln!(f, "microk8s channel: {}", g("cluster", "microk8s_channel"))?;
+        writeln!(f, "microk8s: {}", microk8s_line(&i["microk8s"]))?;
         let ver = i["firstboot"]["version"].as_str().unwrap_or("unknown");
         writeln!(
             f,
@@ -347,6 +363,16 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    #[test]
+    fn says_microk8s_simulated_for_simulator_images() {
+        let sim = serde_json::json!({"source": "simulated", "simulator_sha256": "ab"});
+        assert!(microk8s_line(&sim).starts_with("MicroK8s simulated (QEMU test-cluster image"));
+        assert!(microk8s_line(&sim).contains("sha256 ab"));
+        let snap = serde_json::json!({"source": "snap"});
+        assert!(microk8s_line(&snap).contains("snap"));
+        assert!(microk8s_line(&serde_json::Value::Null).contains("snap"));
     }
 
     #[test]

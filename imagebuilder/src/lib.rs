@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod kubeconfig;
 pub mod os_list;
 pub mod outputs;
+pub mod qemu_cluster;
 pub mod secret;
 pub mod status;
 pub mod tool;

@@ -248,6 +248,7 @@ impl Runtime {
                 node_id: agent.node_id.to_string(),
                 hostname: agent.hostname.clone(),
                 control_plane_size: Some(u32::from(agent.config.cluster.control_plane)),
+                microk8s_simulated: rackseed_protocol::status::microk8s_is_simulated(),
                 ..StatusDoc::default()
             },
             agent,

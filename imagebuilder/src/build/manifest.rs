@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::base::Format;
 use crate::customize::firstboot_bin::{ElfArch, FirstbootBin};
+use crate::customize::simulator::Microk8sRecord;
 use crate::customize::{Added, Customized};
 use crate::disk::Partition;
 
@@ -25,6 +26,9 @@ pub struct ImageInfo {
     pub firstboot: FirstbootRecord,
     pub cluster: ClusterRecord,
     pub base: BaseRecord,
+    /// Where MicroK8s comes from: `{"source": "snap"}`, or the simulator (QEMU test-cluster
+    /// images only) with its binary's SHA-256.
+    pub microk8s: Microk8sRecord,
 }
 
 impl ImageInfo {
@@ -44,6 +48,7 @@ impl ImageInfo {
             firstboot: FirstbootRecord::of(firstboot),
             cluster: ClusterRecord::new(cfg, secret),
             base,
+            microk8s: Microk8sRecord::default(),
         }
     }
 }
@@ -139,6 +144,7 @@ pub struct Manifest {
     pub base: BaseRecord,
     pub firstboot: FirstbootSource,
     pub cluster: ClusterRecord,
+    pub microk8s: Microk8sRecord,
     pub overlays: Vec<PathBuf>,
     pub files: Vec<Added>,
     pub cmdline: Option<String>,
@@ -167,6 +173,7 @@ impl Manifest {
                 source: firstboot.path.clone(),
             },
             cluster: info.cluster,
+            microk8s: info.microk8s,
             overlays: overlays.to_vec(),
             files: custom.files.clone(),
             cmdline: custom.cmdline.clone(),
@@ -276,6 +283,7 @@ mod tests {
                 "cluster_tag": secret.cluster_tag(),
             },
             "base": base,
+            "microk8s": {"source": "snap"},
         });
         let overlays = vec![
             PathBuf::from("overlays/common"),
@@ -289,6 +297,7 @@ mod tests {
             "base": image_info["base"],
             "firstboot": {"version": fb.version, "arch": fb.arch, "sha256": fb.sha256, "source": fb.path},
             "cluster": image_info["cluster"],
+            "microk8s": image_info["microk8s"],
             "overlays": overlays,
             "files": custom.files,
             "cmdline": custom.cmdline,
@@ -391,7 +400,14 @@ mod tests {
         };
         assert_eq!(
             keys(&info),
-            ["base", "builder", "cluster", "firstboot", "target"]
+            [
+                "base",
+                "builder",
+                "cluster",
+                "firstboot",
+                "microk8s",
+                "target"
+            ]
         );
         assert_eq!(
             keys(&manifest),
@@ -403,6 +419,7 @@ mod tests {
                 "files",
                 "firstboot",
                 "image",
+                "microk8s",
                 "outputs",
                 "overlays",
                 "warnings"

@@ -21,6 +21,7 @@ pub mod cmdline;
 pub mod ext4;
 pub mod firstboot_bin;
 pub mod launch;
+pub mod simulator;
 pub mod storage;
 
 use std::collections::BTreeMap;

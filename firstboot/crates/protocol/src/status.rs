@@ -68,6 +68,20 @@ pub struct StatusDoc {
     /// where it is not read (workers, other storage, before the install).
     #[serde(default)]
     pub storage: Option<StorageHealthView>,
+    /// This node's `microk8s` is the MicroK8s simulator (a QEMU test-cluster image built with
+    /// `--microk8s simulated`; the image carries the marker [`SIMULATED_MARKER`]). Shown as
+    /// "MicroK8s simulated" wherever the status is.
+    #[serde(default)]
+    pub microk8s_simulated: bool,
+}
+
+/// The file a QEMU test-cluster image built with the MicroK8s simulator carries (written by
+/// `imagebuilder build --microk8s simulated`, never in an image for hardware).
+pub const SIMULATED_MARKER: &str = "/etc/rackseed/microk8s-simulated";
+
+/// Whether this machine's MicroK8s is the simulator (the marker file exists).
+pub fn microk8s_is_simulated() -> bool {
+    std::path::Path::new(SIMULATED_MARKER).exists()
 }
 
 /// Replicated storage health: whether it is installed and how its volumes stand.

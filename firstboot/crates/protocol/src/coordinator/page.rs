@@ -205,6 +205,12 @@ fn render_members(s: &mut String, d: &StatusDoc) {
 /// Renders the "MicroK8s" section: running, high availability, voters, standby and note.
 fn render_microk8s(s: &mut String, d: &StatusDoc) {
     s.push_str("<h2>MicroK8s</h2>\n");
+    if d.microk8s_simulated {
+        s.push_str(
+            "<p id=\"microk8s-simulated\" class=\"bad\">MicroK8s simulated: this QEMU \
+             test-cluster image runs rackseed's MicroK8s simulator, not MicroK8s.</p>\n",
+        );
+    }
     match &d.microk8s {
         None => s.push_str("<p id=\"microk8s\" class=\"muted\">Not asked yet.</p>\n"),
         Some(m) => {
@@ -422,6 +428,20 @@ mod tests {
     };
 
     const EVIL: &str = "<script>alert(1)</script>\"'&";
+
+    #[test]
+    fn a_simulated_microk8s_is_said_plainly() {
+        let mut doc = StatusDoc {
+            node_id: "n1".into(),
+            phase: "member".into(),
+            ..Default::default()
+        };
+        let page = render_page(&serde_json::to_value(&doc).unwrap());
+        assert!(!page.contains("MicroK8s simulated"), "{page}");
+        doc.microk8s_simulated = true;
+        let page = render_page(&serde_json::to_value(&doc).unwrap());
+        assert!(page.contains("MicroK8s simulated"), "{page}");
+    }
 
     fn hostile_doc() -> StatusDoc {
         let evil = || EVIL.to_string();
