@@ -11,6 +11,8 @@
 //!
 //! Needs root and iproute2; [`Lab::new`] fails loudly (never skips) when either is missing.
 
+pub mod faults;
+
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
