@@ -412,6 +412,7 @@ async fn x86_64_efi_from_a_bootstrapped_base() {
     let out = imagebuilder::build::run(req).await.expect("x86 build");
     let t = check_common(&out, &s, Target::X86_64Efi, dir.path()).await;
     let root = t.by_label("cloudimg-rootfs").unwrap();
+    check_ubuntu_server_behaviour(&out.image, root.start).await;
 
     // The bootstrapped base got systemd-boot with an entry for the tree's kernel and p1.
     let esp = t.by_label("UEFI").unwrap();
@@ -570,6 +571,157 @@ async fn rpi4_from_an_official_image_downloaded_over_a_broken_link() {
     assert_eq!(cmdline2, cmdline, "the flags are not added twice");
 }
 
+/// Where a symlink in the image points (debugfs' `Fast link dest:`), `None` when `path` is
+/// missing or not a symlink.
+async fn link_target(image: &Path, offset: u64, path: &str) -> Option<String> {
+    let text = stat(image, offset, path).await;
+    if !text.contains("Type: symlink") {
+        return None;
+    }
+    let rest = text.split("link dest: \"").nth(1)?;
+    Some(rest.split('"').next()?.to_string())
+}
+
+/// A bootstrapped base behaves like Ubuntu Server on first boot: cloud-init with the NoCloud
+/// datasource and its growpart/resizefs modules, netplan, networkd (enabled, with the wired
+/// DHCP fallback), resolved, openssh-server (no host keys: checked by `check_common`), snapd,
+/// growpart, sudo; no documentation (dpkg excludes). The empty machine id and the absent
+/// host keys are checked by `check_common`.
+async fn check_ubuntu_server_behaviour(image: &Path, offset: u64) {
+    use imagebuilder::base::{bootstrap, server};
+    let status = cat(image, offset, "/var/lib/dpkg/status").await;
+    let installed = |name: &str| {
+        status.split("\n\n").any(|para| {
+            para.lines().any(|l| l == format!("Package: {name}"))
+                && para.lines().any(|l| l == "Status: install ok installed")
+        })
+    };
+    for p in [
+        "cloud-init",
+        "netplan.io",
+        "openssh-server",
+        "snapd",
+        "cloud-guest-utils",
+        "systemd-resolved",
+        "systemd-timesyncd",
+        "sudo",
+        "ca-certificates",
+    ] {
+        assert!(
+            installed(p),
+            "{p} is not installed in the bootstrapped base"
+        );
+    }
+    for f in [
+        "/usr/bin/cloud-init",
+        "/usr/sbin/netplan",
+        "/usr/sbin/sshd",
+        "/usr/bin/ssh-keygen",
+        "/usr/bin/snap",
+        "/usr/bin/growpart",
+        "/usr/sbin/resize2fs",
+        "/usr/bin/sudo",
+    ] {
+        assert!(stat_exists(image, offset, f).await, "{f} missing");
+    }
+    // Enabled units: the links systemd follows at boot.
+    let wants = "/etc/systemd/system";
+    for (link, unit) in [
+        (
+            "multi-user.target.wants/systemd-networkd.service",
+            "systemd-networkd.service",
+        ),
+        (
+            "sockets.target.wants/systemd-networkd.socket",
+            "systemd-networkd.socket",
+        ),
+        (
+            "multi-user.target.wants/systemd-resolved.service",
+            "systemd-resolved.service",
+        ),
+        ("multi-user.target.wants/ssh.service", "ssh.service"),
+        ("multi-user.target.wants/snapd.service", "snapd.service"),
+        ("sockets.target.wants/snapd.socket", "snapd.socket"),
+        (
+            "cloud-init.target.wants/cloud-init.service",
+            "cloud-init.service",
+        ),
+        (
+            "cloud-init.target.wants/cloud-init-local.service",
+            "cloud-init-local.service",
+        ),
+        (
+            "cloud-init.target.wants/cloud-config.service",
+            "cloud-config.service",
+        ),
+        (
+            "cloud-init.target.wants/cloud-final.service",
+            "cloud-final.service",
+        ),
+        (
+            "multi-user.target.wants/cloud-init.target",
+            "cloud-init.target",
+        ),
+    ] {
+        let path = format!("{wants}/{link}");
+        let target = link_target(image, offset, &path)
+            .await
+            .unwrap_or_else(|| panic!("{path}: not enabled (no link)"));
+        assert!(target.ends_with(&format!("/{unit}")), "{path} -> {target}");
+        assert!(
+            stat_exists(image, offset, &target).await,
+            "{path} -> {target}, which is missing"
+        );
+    }
+    // Wired DHCP when no seed configures the network; netplan's files sort first.
+    assert_eq!(
+        cat(image, offset, &format!("/{}", server::WIRED_DHCP_PATH)).await,
+        server::WIRED_DHCP
+    );
+    assert_eq!(
+        link_target(image, offset, "/etc/resolv.conf")
+            .await
+            .as_deref(),
+        Some(server::RESOLV_CONF_TARGET)
+    );
+    // cloud-init reads a NoCloud seed only, and grows the root partition and filesystem.
+    let ds = cat(
+        image,
+        offset,
+        "/etc/cloud/cloud.cfg.d/90-rackseed-nocloud.cfg",
+    )
+    .await;
+    assert!(ds.contains("datasource_list: [ NoCloud, None ]"), "{ds}");
+    let cfg = cat(image, offset, "/etc/cloud/cloud.cfg").await;
+    let init_modules: Vec<&str> = cfg
+        .split("cloud_init_modules:")
+        .nth(1)
+        .expect("cloud.cfg lists cloud_init_modules")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('-'))
+        .map(|l| l.trim_start().trim_start_matches('-').trim())
+        .collect();
+    for m in ["growpart", "resizefs", "users-groups", "ssh"] {
+        assert!(
+            init_modules.contains(&m),
+            "cloud-init's init stage lacks {m}: {init_modules:?}"
+        );
+    }
+    // dpkg left documentation out (copyright files kept).
+    assert_eq!(
+        cat(
+            image,
+            offset,
+            &format!("/{}", bootstrap::DPKG_EXCLUDES_PATH)
+        )
+        .await,
+        bootstrap::DPKG_EXCLUDES
+    );
+    assert!(!stat_exists(image, offset, "/usr/share/man/man8").await);
+    assert!(stat_exists(image, offset, "/usr/share/doc/openssh-server/copyright").await);
+}
+
 /// Status lines in a dpkg status file that are not "install ok installed" (unpacked,
 /// half-installed, half-configured, trigger states...), with their package names.
 fn unfinished_packages(status: &str) -> Vec<String> {
@@ -601,6 +753,8 @@ async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
         serde_json::from_slice(&std::fs::read(&out.manifest).unwrap()).unwrap();
     assert_eq!(m["base"]["kind"], "bootstrap");
     assert_eq!(m["base"]["foreign"], false, "a full, configured bootstrap");
+    let writable = t.by_label("writable").unwrap();
+    check_ubuntu_server_behaviour(&out.image, writable.start).await;
 
     // system-boot like Ubuntu's Pi images: kernel, initrd, config.txt, one-line cmdline.txt.
     let boot = t.by_label("system-boot").unwrap();
@@ -656,7 +810,20 @@ async fn rpi5_from_a_full_arm64_bootstrap_carries_its_kernel_on_system_boot() {
         ],
     )
     .await;
-    for want in ["/virtio_blk.ko", "/ext4.ko", "/udevadm", "scripts/local"] {
+    // MODULES=list with the Pi's boot media (base::initramfs): SD, USB disks, NVMe, virtio.
+    for want in [
+        "/virtio_blk.ko",
+        "/ext4.ko",
+        "/udevadm",
+        "scripts/local",
+        "/sdhci-iproc.ko",
+        "/xhci-pci.ko",
+        "/usb-storage.ko",
+        "/uas.ko",
+        "/nvme.ko",
+        "/reset-raspberrypi.ko",
+        "/sd_mod.ko",
+    ] {
         assert!(
             files
                 .lines()

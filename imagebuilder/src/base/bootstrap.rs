@@ -1,17 +1,34 @@
 //! Base (c): a root filesystem bootstrapped from packages with `debootstrap --variant=minbase`
-//! plus what a bootable node needs (systemd, dbus, udev, a kernel and, on x86, systemd-boot),
-//! cached as a tarball under `<cache>/bootstrap/<key>.tar`, the key being a hash of every input
-//! (suite, mirror, arch, packages, mode), so a suite pays the ~2 minutes once.
+//! plus what a bootable node needs (systemd, dbus, udev, a kernel and, on x86, systemd-boot)
+//! and what makes it behave like Ubuntu Server on first boot ([`default_packages`],
+//! [`super::server`]), cached as a tarball under `<cache>/bootstrap/<key>.tar`, the key being a
+//! hash of every input (distribution, suite, mirror, arch, packages, mode and
+//! [`TREE_VERSION`], the version of what this module does to the tree), so a suite pays the
+//! bootstrap once. Debian and Ubuntu suites go the same way; [`super::suite`] picks
+//! debootstrap's script and the archive keyring.
+//!
+//! The bootstrap runs in two stages, as debootstrap's `--foreign`/`--second-stage` do: the
+//! first unpacks the packages with the build machine's own tools; between the stages
+//! [`prepare_second_stage`] tells dpkg to leave out documentation, manual pages and
+//! translations (`path-exclude`, as Ubuntu's minimal images do) and removes those the first
+//! stage unpacked; for a foreign architecture it stores the packages uncompressed
+//! ([`super::deb`]) and, on arm64, limits the initramfs to the Raspberry Pi's boot media
+//! ([`super::initramfs`]), the two slowest parts under emulation; the second stage runs the
+//! packages' maintainer scripts inside the tree (`chroot`). The tree is built under the
+//! temporary folder (`TMPDIR`; in memory in the tests) when a chroot works there
+//! ([`work_parent`]), so dpkg's many `fsync`s cost nothing; only the finished tarball goes to
+//! the cache.
 //!
 //! A foreign architecture (arm64 on an x86 build machine) is bootstrapped fully, packages
 //! configured and an initramfs built, when the kernel can run its binaries: an enabled
 //! binfmt_misc handler matching its ELF header with the `F` (fix-binary) flag, so the
 //! interpreter works inside the chroot ([`can_run_arch`]; `scripts/install-deps` registers
-//! qemu-user-static's). Without one it gets the first stage only (`--foreign`, with a warning):
+//! qemu-user-static's). Without one it gets the first stage only (with a warning):
 //! packages are unpacked but not configured, which is right for image-layout tests and not for
-//! booting. `foreign` is part of the cache key, so the two never share a tarball. The mirror defaults to the build machine's own
-//! apt sources ([`super::apt_sources`]). debootstrap needs root. The image composed from a
-//! tarball for a target is cached next to it ([`ensure_composed`]).
+//! booting. `foreign` is part of the cache key, so the two never share a tarball. The mirror
+//! defaults to the build machine's own apt sources ([`super::apt_sources`]). debootstrap needs
+//! root. The image composed from a tarball for a target is cached next to it
+//! ([`ensure_composed`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,42 +38,74 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::apt_sources;
+use super::suite::{self, Distro};
 use crate::disk::compose::{self, Shape};
 use crate::tool::Tool;
 use rackseed_config::Target;
 
-/// What to bootstrap, after defaults are filled in.
+/// The version of what this module does to a bootstrapped tree besides debootstrap (the
+/// stages' preparation, [`super::server`]'s defaults). Part of the cache key: raise it with
+/// every change to that code, so no cache holds a tree made the old way.
+pub const TREE_VERSION: u32 = 2;
+
+/// What to bootstrap, after defaults are filled in. Everything serialised is part of the
+/// cache key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootstrapSpec {
+    pub distro: Distro,
     pub suite: String,
     pub mirror: String,
     pub arch: String,
-    /// Sorted, de-duplicated, including the defaults for the arch.
+    /// Sorted, de-duplicated, including the defaults for the distribution and arch.
     pub packages: Vec<String>,
     /// First stage only (arch not runnable on this machine).
     pub foreign: bool,
+    pub tree_version: u32,
+    /// The keyring verifying the mirror ([`BootstrapSpec::with_keyring`]); `None`: the
+    /// distribution's ([`suite::keyring`]).
+    /// It checks the download and changes nothing in the tree, so it is not in the key.
+    #[serde(skip)]
+    pub keyring: Option<PathBuf>,
 }
 
 /// The packages every bootstrapped base gets on `arch` besides the configured ones:
-/// booting (systemd, dbus, udev, a kernel, systemd-boot on x86), and the floating API
-/// address's keepalived with curl for its health check (`firstboot`'s `system::keepalived`),
-/// so a cluster with `cluster.api-address` needs nothing fetched at first boot; and iputils'
-/// arping, which MetalLB's `addresses = "auto"` probes candidates with (`firstboot`'s
-/// `addons::autorange`; the `arping` package is another program with other options).
-pub fn default_packages(arch: &str) -> Vec<&'static str> {
+///
+/// - booting: systemd, dbus, udev, the distribution's kernel, systemd-boot on x86;
+/// - behaving like Ubuntu Server on first boot: cloud-init (the NoCloud seed's users, SSH keys
+///   and network-config), netplan.io (cloud-init's network renderer here: with no ifupdown its
+///   `eni` renderer is unavailable, cloud-init 22.4 `cloudinit/net/renderers.py`), systemd's
+///   networkd (enabled by [`super::server`]), resolved and timesyncd (a Raspberry Pi has no
+///   clock, and TLS to the snap store needs the time), openssh-server (host keys made at first
+///   boot), snapd (real MicroK8s installs on a connected machine), cloud-guest-utils' growpart
+///   (cloud-init's growpart module grows the root partition, resizefs the filesystem), sudo
+///   (cloud-init's `sudo:` for users), ca-certificates, libpam-systemd (logind sessions for SSH);
+/// - the floating API address's keepalived with curl for its health check (`firstboot`'s
+///   `system::keepalived`), so a cluster with `cluster.api-address` needs nothing fetched at
+///   first boot; and iputils' arping, which MetalLB's `addresses = "auto"` probes candidates
+///   with (`firstboot`'s `addons::autorange`; the `arping` package is another program).
+pub fn default_packages(distro: Distro, arch: &str) -> Vec<&'static str> {
     let mut p = vec![
         "systemd",
         "systemd-sysv",
         "dbus",
         "udev",
+        "cloud-init",
+        "netplan.io",
+        "systemd-resolved",
+        "systemd-timesyncd",
+        "openssh-server",
+        "snapd",
+        "cloud-guest-utils",
+        "sudo",
+        "ca-certificates",
+        "libpam-systemd",
         "keepalived",
         "curl",
         "iputils-arping",
     ];
-    match arch {
-        "amd64" => p.extend(["linux-image-amd64", "systemd-boot-efi"]),
-        "arm64" => p.push("linux-image-arm64"),
-        _ => {}
+    p.extend(distro.kernel_package(arch));
+    if arch == "amd64" {
+        p.push("systemd-boot-efi");
     }
     p
 }
@@ -71,7 +120,8 @@ pub fn host_arch() -> &'static str {
 }
 
 impl BootstrapSpec {
-    /// Fills defaults: the mirror from `/etc/apt` when `mirror` is `None`.
+    /// Fills defaults: the mirror from `/etc/apt` when `mirror` is `None`, the distribution
+    /// from debootstrap's scripts ([`suite::select`]).
     pub fn new(
         suite: &str,
         mirror: Option<&str>,
@@ -79,6 +129,31 @@ impl BootstrapSpec {
         packages: &[String],
         etc_apt: &Path,
     ) -> Result<Self> {
+        Self::new_with_scripts(
+            suite,
+            mirror,
+            arch,
+            packages,
+            etc_apt,
+            Path::new(suite::SCRIPTS_DIR),
+        )
+    }
+
+    /// [`BootstrapSpec::new`] with debootstrap's scripts in `scripts_dir`. Without a script
+    /// (debootstrap not installed: a cached tarball may still serve) the distribution comes
+    /// from the suites rackseed knows.
+    pub fn new_with_scripts(
+        suite: &str,
+        mirror: Option<&str>,
+        arch: &str,
+        packages: &[String],
+        etc_apt: &Path,
+        scripts_dir: &Path,
+    ) -> Result<Self> {
+        let distro = match suite::select(suite, scripts_dir) {
+            Ok(sel) => sel.distro,
+            Err(e) => suite::known_distro(suite).ok_or(e)?,
+        };
         let mirror = match mirror {
             Some(m) => m.to_string(),
             None => apt_sources::mirror_for(&apt_sources::read_sources(etc_apt), suite)
@@ -89,7 +164,10 @@ impl BootstrapSpec {
                     )
                 })?,
         };
-        let mut pk: Vec<String> = default_packages(arch)
+        if distro.kernel_package(arch).is_none() {
+            bail!("bootstrapping {distro:?} for arch {arch:?} is not supported (amd64, arm64)");
+        }
+        let mut pk: Vec<String> = default_packages(distro, arch)
             .into_iter()
             .map(str::to_string)
             .collect();
@@ -106,12 +184,21 @@ impl BootstrapSpec {
             }
         }
         Ok(BootstrapSpec {
+            distro,
             suite: suite.into(),
             mirror,
             arch: arch.into(),
             packages: pk,
             foreign: arch != host_arch() && !can_run_arch(arch, BINFMT_DIR),
+            tree_version: TREE_VERSION,
+            keyring: None,
         })
+    }
+
+    /// Verifies the mirror with `keyring` instead of the distribution's keyring.
+    pub fn with_keyring(mut self, keyring: Option<PathBuf>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// Cache key: hex SHA-256 of the spec (first 24 digits).
@@ -206,43 +293,97 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
     if !nix::unistd::geteuid().is_root() {
         bail!("bootstrapping a base with debootstrap needs root (or use a cached tarball / an image base)");
     }
-    crate::tool::require(&[("debootstrap", "debootstrap"), ("tar", "tar")])?;
+    crate::tool::require(&[
+        ("debootstrap", "debootstrap"),
+        ("tar", "tar"),
+        ("chroot", "coreutils"),
+        ("systemctl", "systemd"),
+    ])?;
+    let sel = suite::select(&spec.suite, Path::new(suite::SCRIPTS_DIR))?;
+    if sel.distro != spec.distro {
+        bail!(
+            "debootstrap's script for {} is for {:?}, the spec says {:?}",
+            spec.suite,
+            sel.distro,
+            spec.distro
+        );
+    }
+    let keyring = suite::keyring(spec.distro, spec.keyring.as_deref())?;
+    // The tree is built in the temporary folder (in memory in the tests: dpkg's fsyncs are
+    // free there) when a chroot works there; only the finished tarball goes to the cache.
     let work = tempfile::Builder::new()
-        .prefix("bootstrap-")
-        .tempdir_in(&dir)?;
+        .prefix("rackseed-bootstrap-")
+        .tempdir_in(work_parent(&std::env::temp_dir(), &dir))?;
     let root = work.path().join("root");
-    let mut t = Tool::new("debootstrap")
-        .arg("--variant=minbase")
-        .arg(format!("--arch={}", spec.arch));
+    let native = spec.arch == host_arch();
+    let started = std::time::Instant::now();
     if spec.foreign {
         tracing::warn!(
-            "no binfmt_misc handler (flag F) runs {} binaries here: bootstrapping with --foreign, \
-             so packages stay unconfigured and the image will not boot; run scripts/install-deps \
-             as root to register qemu-user-static",
+            "no binfmt_misc handler (flag F) runs {} binaries here: bootstrapping the first \
+             stage only, so packages stay unconfigured and the image will not boot; run \
+             scripts/install-deps as root to register qemu-user-static",
             spec.arch
         );
-        t = t.arg("--foreign");
     }
-    t.arg(format!("--include={}", spec.packages.join(",")))
+    Tool::new("debootstrap")
+        .arg("--variant=minbase")
+        .arg("--foreign")
+        .arg(format!("--arch={}", spec.arch))
+        .arg(format!("--keyring={}", keyring.display()))
+        .arg(format!("--include={}", spec.packages.join(",")))
         .arg(&spec.suite)
         .arg(&root)
         .arg(&spec.mirror)
-        // A full foreign bootstrap runs every maintainer script under emulation (mkinitramfs
-        // alone took ~25 min on a loaded 2-core machine).
-        .timeout(Duration::from_secs(if spec.arch == host_arch() {
-            1800
-        } else {
-            7200
-        }))
+        .arg(&sel.script)
+        .timeout(Duration::from_secs(1800))
         .run()
         .await
         .with_context(|| {
             format!(
-                "bootstrapping {} {} from {}",
+                "bootstrapping {} {} from {} (first stage)",
                 spec.suite, spec.arch, spec.mirror
             )
         })?;
+    tracing::info!(
+        "bootstrap {} {}: first stage done at {:.0?}",
+        spec.suite,
+        spec.arch,
+        started.elapsed()
+    );
     if !spec.foreign {
+        prepare_second_stage(&root)?;
+        if super::initramfs::applies_to(&spec.arch) {
+            super::initramfs::write(&root)?;
+        }
+        if !native {
+            let n = store_archives_uncompressed(&root).await?;
+            tracing::info!(
+                "bootstrap {} {}: {n} packages stored uncompressed for the emulated dpkg at {:.0?}",
+                spec.suite,
+                spec.arch,
+                started.elapsed()
+            );
+        }
+        Tool::new("chroot")
+            .arg(&root)
+            .args(["/debootstrap/debootstrap", "--second-stage"])
+            // Under emulation every maintainer script runs through qemu-user.
+            .timeout(Duration::from_secs(if native { 1800 } else { 5400 }))
+            .run()
+            .await
+            .with_context(|| {
+                format!(
+                    "bootstrapping {} {} (second stage, in the tree; its log is \
+                     debootstrap/debootstrap.log there)",
+                    spec.suite, spec.arch
+                )
+            })?;
+        tracing::info!(
+            "bootstrap {} {}: second stage done at {:.0?}",
+            spec.suite,
+            spec.arch,
+            started.elapsed()
+        );
         // Downloaded packages are not part of the system.
         if let Ok(rd) = std::fs::read_dir(root.join("var/cache/apt/archives")) {
             for e in rd.flatten() {
@@ -251,21 +392,135 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
                 }
             }
         }
+        super::server::apply(&root).await?;
     }
     remove_ssh_host_keys(&root)?;
-    let partial = work.path().join("tree.tar");
+    let partial = tempfile::Builder::new()
+        .prefix(".partial-")
+        .suffix(".tar")
+        .tempfile_in(&dir)?
+        .into_temp_path();
     Tool::new("tar")
         .args(["--numeric-owner", "--xattrs", "--acls", "-C"])
         .arg(&root)
         .arg("-cf")
-        .arg(&partial)
+        .arg(&*partial)
         .arg(".")
         .timeout(Duration::from_secs(600))
         .run()
         .await
         .context("archiving the bootstrapped tree")?;
-    std::fs::rename(&partial, &tar).with_context(|| format!("storing {}", tar.display()))?;
+    partial
+        .persist(&tar)
+        .with_context(|| format!("storing {}", tar.display()))?;
     Ok(tar)
+}
+
+/// Where to build a tree: `tmp` when its filesystem allows device nodes and running programs
+/// (the second stage runs in a chroot that needs `/dev/null`; Debian mounts `/dev/shm` without
+/// `nodev` but many systems do not), else `fallback` (the cache folder).
+pub fn work_parent(tmp: &Path, fallback: &Path) -> PathBuf {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    match statvfs(tmp) {
+        Ok(v) if !v.flags().intersects(FsFlags::ST_NODEV | FsFlags::ST_NOEXEC) => tmp.into(),
+        _ => fallback.into(),
+    }
+}
+
+/// What dpkg leaves out of the tree (`/etc/dpkg/dpkg.cfg.d/`, kept in the image so later
+/// installs on the node leave them out too): documentation but its copyright files, manual
+/// and info pages, translations but `locale.alias`. Nothing a program reads at run time.
+pub const DPKG_EXCLUDES: &str = "\
+# rackseed: no documentation, manual pages or translations (as in Ubuntu's minimal images).
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+path-exclude=/usr/share/lintian/*
+";
+
+/// Where [`DPKG_EXCLUDES`] goes in the tree.
+pub const DPKG_EXCLUDES_PATH: &str = "etc/dpkg/dpkg.cfg.d/rackseed-excludes";
+
+/// Between debootstrap's stages: writes [`DPKG_EXCLUDES`] and removes what the first stage
+/// unpacked into the excluded folders (the second stage's dpkg would not).
+pub fn prepare_second_stage(root: &Path) -> Result<()> {
+    let cfg = root.join(DPKG_EXCLUDES_PATH);
+    std::fs::create_dir_all(cfg.parent().expect("has a parent"))?;
+    std::fs::write(&cfg, DPKG_EXCLUDES).with_context(|| format!("writing {}", cfg.display()))?;
+    for (dir, keep) in [
+        ("usr/share/doc", Some("copyright")),
+        ("usr/share/man", None),
+        ("usr/share/info", None),
+        ("usr/share/locale", Some("locale.alias")),
+        ("usr/share/lintian", None),
+    ] {
+        prune(&root.join(dir), keep)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the packages the first stage downloaded (`var/cache/apt/archives/*.deb`) with
+/// uncompressed data ([`super::deb`]), two at a time, so the emulated dpkg of the second stage
+/// does not decompress them. Returns how many were rewritten.
+pub async fn store_archives_uncompressed(root: &Path) -> Result<usize> {
+    let dir = root.join("var/cache/apt/archives");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    // Largest first, so the two workers finish together.
+    debs.sort_by_key(|p| std::cmp::Reverse(p.metadata().map(|m| m.len()).unwrap_or(0)));
+    tokio::task::spawn_blocking(move || {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(deb) = debs.get(i) else {
+                                return Ok(());
+                            };
+                            if super::deb::store_data_uncompressed(deb)? {
+                                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().expect("worker does not panic")?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(done.into_inner())
+    })
+    .await
+    .context("package rewrite task failed")?
+}
+
+/// Removes everything under `dir` but files named `keep` (at any depth).
+fn prune(dir: &Path, keep: Option<&str>) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            prune(&p, keep)?;
+            // Still holding a kept file: stays.
+            let _ = std::fs::remove_dir(&p);
+        } else if keep.is_none_or(|k| e.file_name() != k) {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the SSH host keys openssh-server's installation made in `root` (when it is among
@@ -395,14 +650,28 @@ mod tests {
                 && a.packages.contains(&"htop".to_string())
                 && a.packages.contains(&"iputils-arping".to_string())
         );
-        for arch in ["amd64", "arm64"] {
-            let p = default_packages(arch);
-            assert!(
-                p.contains(&"keepalived") && p.contains(&"curl"),
-                "{arch}: {p:?}"
-            );
-            assert!(p.contains(&"iputils-arping"), "{arch}: {p:?}");
+        for distro in [Distro::Debian, Distro::Ubuntu] {
+            for arch in ["amd64", "arm64"] {
+                let p = default_packages(distro, arch);
+                for want in [
+                    "keepalived",
+                    "curl",
+                    "iputils-arping",
+                    "cloud-init",
+                    "openssh-server",
+                    "snapd",
+                    "netplan.io",
+                    "cloud-guest-utils",
+                    "systemd-resolved",
+                    distro.kernel_package(arch).unwrap(),
+                ] {
+                    assert!(p.contains(&want), "{distro:?} {arch}: no {want} in {p:?}");
+                }
+                assert_eq!(p.contains(&"systemd-boot-efi"), arch == "amd64");
+            }
         }
+        assert_eq!(a.distro, Distro::Debian);
+        assert_eq!(a.tree_version, TREE_VERSION);
         let b = BootstrapSpec::new("bookworm", None, "amd64", &[], dir.path()).unwrap();
         assert_ne!(a.key(), b.key());
         assert_eq!(
@@ -418,6 +687,114 @@ mod tests {
         assert!(
             BootstrapSpec::new("bookworm", None, "amd64", &["a b".into()], dir.path()).is_err()
         );
+        // The keyring verifies the download only: not part of the key.
+        let k = b.clone().with_keyring(Some("/k.gpg".into()));
+        assert_eq!(k.key(), b.key());
+    }
+
+    #[test]
+    fn an_ubuntu_suite_gets_ubuntus_script_kernel_and_its_mirror() {
+        let apt = tempfile::tempdir().unwrap();
+        // The build machine serves Debian only: an Ubuntu suite needs image.base.mirror.
+        std::fs::create_dir_all(apt.path().join("sources.list.d")).unwrap();
+        std::fs::write(
+            apt.path().join("sources.list.d/x.sources"),
+            "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm\nComponents: main\n",
+        )
+        .unwrap();
+        let e = BootstrapSpec::new("noble", None, "amd64", &[], apt.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("noble") && e.contains("image.base.mirror"),
+            "{e}"
+        );
+        let scripts = tempfile::tempdir().unwrap();
+        std::fs::write(scripts.path().join("gutsy"), "# script\n").unwrap();
+        let s = BootstrapSpec::new_with_scripts(
+            "noble",
+            Some("http://m.example/ubuntu"),
+            "arm64",
+            &[],
+            apt.path(),
+            scripts.path(),
+        )
+        .unwrap();
+        assert_eq!(s.distro, Distro::Ubuntu);
+        assert_eq!(s.mirror, "http://m.example/ubuntu");
+        assert!(s.packages.contains(&"linux-image-raspi".to_string()));
+        assert!(!s.packages.iter().any(|p| p == "linux-image-arm64"));
+        // Without debootstrap's scripts the distribution comes from the known suites.
+        let none = BootstrapSpec::new_with_scripts(
+            "noble",
+            Some("http://m.example/ubuntu"),
+            "arm64",
+            &[],
+            apt.path(),
+            &scripts.path().join("missing"),
+        )
+        .unwrap();
+        assert_eq!(none.key(), s.key());
+        assert!(BootstrapSpec::new_with_scripts(
+            "mystery",
+            Some("http://m.example/x"),
+            "amd64",
+            &[],
+            apt.path(),
+            scripts.path(),
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn trees_are_built_where_a_chroot_works() {
+        let fallback = Path::new("/var/cache/x");
+        assert_eq!(work_parent(Path::new("/nonexistent"), fallback), fallback);
+        let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert_eq!(work_parent(d.path(), fallback), d.path());
+    }
+
+    #[test]
+    fn the_second_stage_leaves_docs_out_but_keeps_copyrights() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for f in [
+            "usr/share/doc/bash/copyright",
+            "usr/share/doc/bash/README.gz",
+            "usr/share/man/man1/bash.1.gz",
+            "usr/share/locale/de/LC_MESSAGES/bash.mo",
+            "usr/share/locale/locale.alias",
+            "usr/share/i18n/SUPPORTED",
+            "usr/bin/bash",
+        ] {
+            std::fs::create_dir_all(r.join(f).parent().unwrap()).unwrap();
+            std::fs::write(r.join(f), "x").unwrap();
+        }
+        prepare_second_stage(r).unwrap();
+        for kept in [
+            "usr/share/doc/bash/copyright",
+            "usr/share/locale/locale.alias",
+            "usr/share/i18n/SUPPORTED",
+            "usr/bin/bash",
+        ] {
+            assert!(r.join(kept).is_file(), "{kept} removed");
+        }
+        for gone in [
+            "usr/share/doc/bash/README.gz",
+            "usr/share/man/man1",
+            "usr/share/locale/de",
+        ] {
+            assert!(!r.join(gone).exists(), "{gone} kept");
+        }
+        assert_eq!(
+            std::fs::read_to_string(r.join(DPKG_EXCLUDES_PATH)).unwrap(),
+            DPKG_EXCLUDES
+        );
+        // dpkg's syntax: every line a comment or a path-exclude/path-include of an absolute glob.
+        for l in DPKG_EXCLUDES.lines().filter(|l| !l.starts_with('#')) {
+            let (k, v) = l.split_once('=').unwrap();
+            assert!(matches!(k, "path-exclude" | "path-include") && v.starts_with("/usr/share/"));
+        }
     }
 
     #[test]

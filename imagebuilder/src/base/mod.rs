@@ -12,7 +12,11 @@
 
 pub mod apt_sources;
 pub mod bootstrap;
+pub mod deb;
 pub mod download;
+pub mod initramfs;
+pub mod server;
+pub mod suite;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
