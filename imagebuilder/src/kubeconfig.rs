@@ -328,33 +328,15 @@ fn humantime_secs(d: Duration) -> String {
 mod tests {
     use super::*;
 
-    const MICROK8S_CONFIG: &str = "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==
-    server: https://10.1.2.3:16443
-  name: microk8s-cluster
-contexts:
-- context:
-    cluster: microk8s-cluster
-    user: admin
-  name: microk8s
-current-context: microk8s
-kind: Config
-preferences: {}
-users:
-- name: admin
-  user:
-    client-certificate-data: LS0tLS1CRUdJTg==
-    client-key-data: LS0tLS1CRUdJTg==
-";
+    /// `microk8s config`'s shape (the one fixture the kubeconfig tests share).
+    const MICROK8S_CONFIG: &str = include_str!("../tests/fixtures/microk8s-config.yaml");
 
     #[test]
     fn server_is_pointed_at_the_reached_address_and_the_rest_is_kept() {
         let out = point_at(MICROK8S_CONFIG, "192.0.2.7".parse().unwrap()).unwrap();
         assert_eq!(
             out,
-            MICROK8S_CONFIG.replace("https://10.1.2.3:16443", "https://192.0.2.7:16443")
+            MICROK8S_CONFIG.replace("https://127.0.0.1:16443", "https://192.0.2.7:16443")
         );
         let v6 = point_at(MICROK8S_CONFIG, "fd00::7".parse().unwrap()).unwrap();
         assert!(v6.contains("    server: https://[fd00::7]:16443\n"), "{v6}");
@@ -362,10 +344,10 @@ users:
 
     #[test]
     fn a_written_port_is_kept_and_a_missing_one_defaults() {
-        let custom = MICROK8S_CONFIG.replace("https://10.1.2.3:16443", "https://[fe80::1]:6443/");
+        let custom = MICROK8S_CONFIG.replace("https://127.0.0.1:16443", "https://[fe80::1]:6443/");
         let out = point_at(&custom, "192.0.2.7".parse().unwrap()).unwrap();
         assert!(out.contains("server: https://192.0.2.7:6443\n"), "{out}");
-        let none = MICROK8S_CONFIG.replace("https://10.1.2.3:16443", "\"https://node-a\"");
+        let none = MICROK8S_CONFIG.replace("https://127.0.0.1:16443", "\"https://node-a\"");
         let out = point_at(&none, "192.0.2.7".parse().unwrap()).unwrap();
         assert!(out.contains("server: https://192.0.2.7:16443\n"), "{out}");
     }

@@ -551,26 +551,14 @@ mod tests {
     /// A node on loopback that carries out the steps on a keyring, as the agent's rotator does.
     async fn stand_in_node(
         old: &ClusterSecret,
-    ) -> (
-        rackseed_protocol::coordinator::Coordinator<serde_json::Value>,
-        Target,
-    ) {
-        use rackseed_protocol::coordinator::{
-            Coordinator, CoordinatorConfig, NodeIdentity, RotationRequest,
-        };
-        let identity = NodeIdentity::generate().unwrap();
-        let fingerprint = identity.fingerprint().to_string();
-        let ring = Arc::new(Keyring::new(old.clone()));
-        let (coord, _rx) = Coordinator::<serde_json::Value>::start_with_keyring(
-            CoordinatorConfig {
-                secret: old.clone(),
-                identity,
-                listen: "127.0.0.1:0".parse().unwrap(),
-            },
-            ring.clone(),
-        )
-        .await
-        .unwrap();
+    ) -> (rackseed_protocol::testing::LoopbackCoordinator, Target) {
+        use rackseed_protocol::coordinator::RotationRequest;
+        let node = rackseed_protocol::testing::loopback_coordinator(old).await;
+        let (coord, fingerprint, ring) = (
+            &node.coordinator,
+            node.fingerprint.clone(),
+            node.keyring.clone(),
+        );
         coord.set_rotation_handler(Arc::new(move |req: RotationRequest| {
             let ring = ring.clone();
             Box::pin(async move {
@@ -598,7 +586,7 @@ mod tests {
             addrs: vec![coord.local_addr()],
             fingerprint,
         };
-        (coord, target)
+        (node, target)
     }
 
     #[tokio::test]

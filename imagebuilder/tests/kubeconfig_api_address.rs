@@ -16,25 +16,8 @@ use status_support::{member_doc, spawn, Kubeconfig, CP};
 
 const RUN: Duration = Duration::from_secs(90);
 
-const FAKE: &str = "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: Q0EK
-    server: https://127.0.0.1:16443
-  name: microk8s-cluster
-contexts:
-- context:
-    cluster: microk8s-cluster
-    user: admin
-  name: microk8s
-current-context: microk8s
-kind: Config
-preferences: {}
-users:
-- name: admin
-  user:
-    token: not-a-real-token
-";
+/// What the stand-in's `microk8s config` answers (the kubeconfig tests' one fixture).
+const FAKE: &str = include_str!("fixtures/microk8s-config.yaml");
 
 #[test]
 fn the_kubeconfig_names_the_floating_api_address() {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{AgentCluster, FIRSTBOOT};
+use super::AgentCluster;
 use rackseed_host::command::Cmd;
 
 /// The packaged keepalived (Debian/Ubuntu): a missing one is a loud failure.
@@ -92,51 +92,11 @@ impl AgentCluster {
     /// Starts (or restarts) node `i`'s agent with a real keepalived of its own.
     pub fn start_with_keepalived(&mut self, i: usize) {
         let cfg = self.dir.path().join("cluster.toml");
-        let keepalived = keepalived_bin();
-        let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join("agent.log"))
-            .unwrap();
-        let d = &node.dir;
-        let _guard = self.rt.enter();
-        let child = Cmd::new("ip", Duration::from_secs(1))
-            .args(["netns", "exec", &node.ns])
-            .arg(FIRSTBOOT)
-            .args(["-v", "run", "--no-hostname", "--listen", "0.0.0.0:7443"])
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--state-dir")
-            .arg(d.join("state"))
-            .arg("--root")
-            .arg(d.join("root"))
-            .arg("--microk8s-bin")
-            .arg(d.join("bin/microk8s"))
-            .arg("--snap-bin")
-            .arg(d.join("bin/snap"))
-            .arg("--dqlite-bin")
-            .arg(d.join("bin/dqlite"))
-            .arg("--launch-config")
-            .arg(d.join("etc/microk8s.yaml"))
-            .arg("--cluster-agent-cert")
-            .arg(d.join("certs/server.crt"))
+        let cmd = self
+            .agent_command(i, &cfg)
             .arg("--keepalived-bin")
-            .arg(&keepalived)
-            .args(["--sim-join-timeout", &self.spec.join_timeout_s.to_string()])
-            .env(
-                "DBUS_SYSTEM_BUS_ADDRESS",
-                "unix:path=/nonexistent/rackseed-test-bus",
-            )
-            .env(
-                "RUST_LOG",
-                std::env::var("RACKSEED_AGENT_LOG")
-                    .unwrap_or_else(|_| "info,firstboot=debug,rackseed_host::command=info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .spawn_with(log.try_clone().unwrap(), log)
-            .expect("starting firstboot");
-        node.agent = Some(child);
+            .arg(keepalived_bin());
+        self.spawn_agent(i, cmd);
     }
 
     /// Whether node `i`'s interface carries `address` now.

@@ -208,15 +208,17 @@ impl AgentCluster {
 
     /// Starts node `i`'s agent with another config file (e.g. another secret).
     pub fn start_with_config(&mut self, i: usize, cfg: &Path) {
-        let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join("agent.log"))
-            .unwrap();
+        let cmd = self.agent_command(i, cfg);
+        self.spawn_agent(i, cmd);
+    }
+
+    /// Node `i`'s `firstboot run` command line with the config `cfg`, run in its namespace
+    /// against its own simulated MicroK8s, state and root folders. Callers add arguments
+    /// (e.g. `--keepalived-bin`) and start it with [`AgentCluster::spawn_agent`].
+    pub fn agent_command(&self, i: usize, cfg: &Path) -> Cmd {
+        let node = &self.nodes[i];
         let d = &node.dir;
-        let _guard = self.rt.enter();
-        let child = Cmd::new("ip", Duration::from_secs(1))
+        Cmd::new("ip", Duration::from_secs(1))
             .args(["netns", "exec", &node.ns])
             .arg(FIRSTBOOT)
             .args(["-v", "run", "--no-hostname", "--listen", "0.0.0.0:7443"])
@@ -248,6 +250,19 @@ impl AgentCluster {
                     .unwrap_or_else(|_| "info,firstboot=debug,rackseed_host::command=info".into()),
             )
             .env("NO_COLOR", "1")
+    }
+
+    /// Starts `cmd` (from [`AgentCluster::agent_command`]) as node `i`'s agent, its output
+    /// appended to the node's `agent.log`.
+    pub fn spawn_agent(&mut self, i: usize, cmd: Cmd) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("agent.log"))
+            .unwrap();
+        let _guard = self.rt.enter();
+        let child = cmd
             .spawn_with(log.try_clone().unwrap(), log)
             .expect("starting firstboot");
         node.agent = Some(child);

@@ -9,27 +9,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rackseed_protocol::coordinator::rotation::NO_ROTATION_HANDLER;
-use rackseed_protocol::coordinator::{
-    Coordinator, CoordinatorClient, CoordinatorConfig, NodeIdentity, RotationAck, RotationStep,
-};
-use rackseed_protocol::secret::{ClusterSecret, Keyring};
+use rackseed_protocol::coordinator::{CoordinatorClient, RotationAck, RotationStep};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::testing::loopback_coordinator;
 
 #[tokio::test]
 async fn rotate_route_authenticates_against_the_changing_keyring() {
     let (old, new) = (ClusterSecret::generate(), ClusterSecret::generate());
-    let identity = NodeIdentity::generate().unwrap();
-    let fp = identity.fingerprint().to_string();
-    let ring = Arc::new(Keyring::new(old.clone()));
-    let (coord, _rx) = Coordinator::<serde_json::Value>::start_with_keyring(
-        CoordinatorConfig {
-            secret: old.clone(),
-            identity,
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        ring.clone(),
-    )
-    .await
-    .unwrap();
+    let node = loopback_coordinator(&old).await;
+    let (coord, fp, ring) = (
+        &node.coordinator,
+        node.fingerprint.clone(),
+        node.keyring.clone(),
+    );
     coord.set_status(serde_json::json!({"phase": "member"}));
     let addr = coord.local_addr();
     let with_old = CoordinatorClient::new(&old, "imagebuilder");
