@@ -665,12 +665,16 @@ pub async fn watch(args: &WatchArgs, out: &mut dyn Write) -> Result<Option<Strin
                     ),
                     None => errors.get(&name).cloned().unwrap_or_default(),
                 };
-                writeln!(out, "---- {name}: {why}; serial log tail:")?;
                 writeln!(
                     out,
-                    "{}",
-                    cluster.serial_tail(&name, 40).unwrap_or_default()
+                    "---- {name}: {why}; serial log tail ({}):",
+                    cluster
+                        .node(&name)
+                        .map(|n| n.serial_log.display().to_string())
+                        .unwrap_or_default()
                 )?;
+                let tail = cluster.serial_tail(&name, 200).unwrap_or_default();
+                writeln!(out, "{}", last_lines(&plain_text(&tail), 40))?;
             }
             out.flush()?;
             return Ok(None);
@@ -764,6 +768,58 @@ pub fn with_server_port(kubeconfig: &str, port: u16) -> String {
             )
         })
         .collect()
+}
+
+/// A console log as plain text: ANSI escape sequences (systemd's colours and progress
+/// spinner) and other control characters removed, carriage-return redraws reduced to their
+/// last state. Pure.
+pub fn plain_text(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters intermediates final (0x40..=0x7e); OSC: ESC ] ... BEL.
+                match chars.peek() {
+                    Some('[') => {
+                        chars.next();
+                        for c in chars.by_ref() {
+                            if ('\x40'..='\x7e').contains(&c) {
+                                break;
+                            }
+                        }
+                    }
+                    Some(']') => {
+                        for c in chars.by_ref() {
+                            if c == '\x07' {
+                                break;
+                            }
+                        }
+                    }
+                    _ => {
+                        chars.next();
+                    }
+                }
+            }
+            '\r' => {
+                // A redraw: keep only what follows on this line.
+                if chars.peek() != Some(&'\n') {
+                    let start = out.rfind('\n').map_or(0, |i| i + 1);
+                    out.truncate(start);
+                }
+            }
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The last `n` non-empty lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Path of a VM's serial log, for messages.
@@ -917,6 +973,19 @@ mod tests {
             Top::try_parse_from(["x", "status"]).unwrap().cmd,
             QemuCli::Launcher(QemuCommand::Status { .. })
         ));
+    }
+
+    #[test]
+    fn console_logs_are_shown_as_plain_text() {
+        let log = "\x1b[0;32m  OK  \x1b[0m] Started udev.\r\n\x1b[0;31m*\x1b[0m] (1 of 2) Job \
+                   running\r\x1b[K[  OK  ] Reached target.\n\x1b]0;title\x07login: \x07\n";
+        let plain = plain_text(log);
+        assert_eq!(
+            plain,
+            "  OK  ] Started udev.\n[  OK  ] Reached target.\nlogin: \n"
+        );
+        assert!(plain.chars().all(|c| c == '\n' || !c.is_control()));
+        assert_eq!(last_lines("a\n\nb\nc\n", 2), "b\nc");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Shared by the QEMU end-to-end tests (`e2e_qemu.rs` for x86_64, `e2e_qemu_arm64.rs`): the
-//! test-only image overlay (simulator + fixed test network), building an image with the
-//! `imagebuilder` binary, and watching nodes' status over their management ports, with every
-//! serial log's tail printed when a stage is not reached in time.
+//! test-only image overlay (simulator + fixed test network, used by the arm64 test; the x86
+//! test uses the product's `--microk8s simulated` and the launcher's per-VM NoCloud seeds),
+//! building an image with the `imagebuilder` binary, and watching nodes' status over their
+//! management ports, with every serial log's tail printed when a stage is not reached in time.
 
 #![allow(dead_code)]
 
@@ -162,6 +163,32 @@ pub fn workdir() -> (tempfile::TempDir, PathBuf, PathBuf, String) {
 /// Builds an image with the `imagebuilder` binary, as a user would, plus the test overlay;
 /// returns the raw image.
 pub async fn build_image(work: &Path, config: &Path, firstboot: &Path, overlay: &Path) -> PathBuf {
+    build_image_with(
+        work,
+        config,
+        firstboot,
+        &["--overlay".into(), overlay.as_os_str().to_owned()],
+    )
+    .await
+}
+
+/// The simulator's binaries (`microk8s`, `dqlite` of this workspace's host build), stripped,
+/// in `dir`: what `imagebuilder build --microk8s simulated --simulator-bin DIR` takes.
+pub async fn simulator_bins(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["microk8s", "dqlite"] {
+        stripped(&bin(name), &dir.join(name)).await;
+    }
+    dir.to_path_buf()
+}
+
+/// Builds an image with the `imagebuilder` binary and `extra` arguments; returns the raw image.
+pub async fn build_image_with(
+    work: &Path,
+    config: &Path,
+    firstboot: &Path,
+    extra: &[std::ffi::OsString],
+) -> PathBuf {
     let ib = bin("imagebuilder");
     let secret = work.join("e2e.secret");
     if !secret.exists() {
@@ -182,8 +209,7 @@ pub async fn build_image(work: &Path, config: &Path, firstboot: &Path, overlay: 
         .arg(firstboot)
         .arg("--overlays")
         .arg(repo().join("overlays"))
-        .arg("--overlay")
-        .arg(overlay))
+        .args(extra))
     .await;
     println!("image built in {:.1} s\n{log}", t.elapsed().as_secs_f64());
     std::fs::read_dir(&out)
