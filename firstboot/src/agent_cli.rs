@@ -215,6 +215,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
         notifier: Arc::new(SystemdNotifier),
         params,
         keepalived: args.keepalived(),
+        cut_off: driver::drill::CutOffControl {
+            microk8s: args.microk8s_bin.clone(),
+            ..Default::default()
+        },
         config: cfg,
     };
     driver::run(agent, shutdown_signal()).await

@@ -29,6 +29,7 @@
 
 mod api_address;
 mod api_auto;
+pub mod drill;
 mod effects;
 mod labels;
 mod status;
@@ -90,6 +91,8 @@ pub struct Agent {
     pub params: Option<FormationParams>,
     /// How keepalived (the floating API address) is started and reloaded.
     pub keepalived: crate::system::keepalived::KeepalivedControl,
+    /// The programs a failover drill's cut-off runs ([`drill`]).
+    pub cut_off: drill::CutOffControl,
 }
 
 /// Creates the state directory (it holds the coordinator's private key and the phase) as
@@ -210,6 +213,12 @@ impl Runtime {
             agent.rotation_files.clone(),
         );
         coordinator.set_rotation_handler(Arc::new(rotator).handler());
+        let cutter = drill::Cutter::new(
+            agent.node_id.as_str(),
+            agent.interfaces.clone(),
+            agent.cut_off.clone(),
+        );
+        coordinator.set_drill_handler(Arc::new(cutter).handler());
         let port = coordinator.local_addr().port();
 
         let mut dcfg = DiscoveryConfig::new(

@@ -10,6 +10,9 @@
 //! without the secret gets no reply and a captured request cannot be replayed. No rule needs
 //! the nodes' clocks to agree.
 //!
+//! Failover drills (`POST /v1/drill`, [`drill`]): a holder of the secret asks a node to cut
+//! itself off.
+//!
 //! Secret rotation (`POST /v1/rotate`, [`rotation`]): the coordinator authenticates against
 //! every secret its [`crate::secret::Keyring`] accepts, and the client signs with the ring's
 //! current one, so a node switches secrets without a restart.
@@ -21,12 +24,14 @@
 
 pub mod auth;
 pub mod client;
+pub mod drill;
 pub mod identity;
 pub mod page;
 pub mod rotation;
 pub mod server;
 
 pub use client::{ClientError, CoordinatorClient, SignedRequest};
+pub use drill::{CutOff, DrillAck, DrillHandler, DrillRequest};
 pub use identity::{fingerprint_of, IdentityError, NodeIdentity};
 pub use rotation::{RotationAck, RotationHandler, RotationRequest, RotationStep};
 pub use server::{

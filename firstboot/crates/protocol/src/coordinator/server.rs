@@ -16,6 +16,10 @@
 //! - `POST /v1/rotate` (auth): a secret rotation step ([`super::rotation::RotationStep`]),
 //!   carried out by the handler the agent installed ([`Coordinator::set_rotation_handler`]);
 //!   answers a [`super::rotation::RotationAck`], or 503 with the reason.
+//! - `POST /v1/drill` (auth): a failover drill's request that this node cut itself off
+//!   ([`super::drill::CutOff`]), accepted by the handler the agent installed
+//!   ([`Coordinator::set_drill_handler`]), which answers a [`super::drill::DrillAck`] and
+//!   acts [`super::drill::DRILL_GRACE`] later; 503 with the reason otherwise.
 //!
 //! Authentication accepts every secret of the node's [`Keyring`] ([`Coordinator::keyring`]),
 //! so a rotation swaps keys without a restart.
@@ -62,6 +66,7 @@ use super::auth::{
     NonceStore, Refusal, RequestParts, HEADER_AUTH, HEADER_NODE, HEADER_NONCE, MAX_BODY,
     MAX_NONCE_ADDRS,
 };
+use super::drill::{CutOff, DrillHandler, DrillRequest, DRILL_TIMEOUT, NO_DRILL_HANDLER};
 use super::identity::NodeIdentity;
 use super::page;
 use super::rotation::{
@@ -188,6 +193,7 @@ pub struct CoordinatorConfig {
 struct State {
     keyring: Arc<Keyring>,
     rotation: Mutex<Option<RotationHandler>>,
+    drill: Mutex<Option<DrillHandler>>,
     nonces: Mutex<NonceStore>,
     conns: Mutex<ConnTable>,
     stats: Mutex<CoordinatorStats>,
@@ -269,6 +275,7 @@ where
         let state = Arc::new(State {
             keyring,
             rotation: Mutex::new(None),
+            drill: Mutex::new(None),
             nonces: Mutex::new(NonceStore::default()),
             conns: Mutex::new(ConnTable::default()),
             stats: Mutex::new(CoordinatorStats::default()),
@@ -320,6 +327,12 @@ impl<M> Coordinator<M> {
     /// [`ROTATION_TIMEOUT`]). Until this is called, the route answers 503.
     pub fn set_rotation_handler(&self, handler: RotationHandler) {
         *self.state.rotation.lock().expect("rotation lock") = Some(handler);
+    }
+
+    /// Serves `POST /v1/drill` with `handler` (called once per authenticated request, with
+    /// [`DRILL_TIMEOUT`]). Until this is called, the route answers 503.
+    pub fn set_drill_handler(&self, handler: DrillHandler) {
+        *self.state.drill.lock().expect("drill lock") = Some(handler);
     }
 
     pub fn stats(&self) -> CoordinatorStats {
@@ -697,11 +710,12 @@ where
         (Method::POST, "/v1/message")
         | (Method::GET, "/v1/status")
         | (Method::POST, "/v1/kubeconfig")
-        | (Method::POST, "/v1/rotate") => authenticated_route(&state, tx, client, req).await,
+        | (Method::POST, "/v1/rotate")
+        | (Method::POST, "/v1/drill") => authenticated_route(&state, tx, client, req).await,
         (
             _,
             "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig"
-            | "/v1/rotate",
+            | "/v1/rotate" | "/v1/drill",
         ) => refuse(
             &state,
             Refusal::new(405, format!("{method} not allowed on {path}")),
@@ -772,6 +786,9 @@ where
     if path == "/v1/rotate" {
         return rotation_response(state, from, &body).await;
     }
+    if path == "/v1/drill" {
+        return drill_response(state, from, &body).await;
+    }
     if method == Method::GET {
         state.stats.lock().expect("stats lock").status_reads += 1;
         let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
@@ -782,6 +799,45 @@ where
         Err(r) => return refuse(state, r),
     };
     deliver(state, tx, client, from, message).await
+}
+
+/// Hands an authenticated drill request to the installed handler.
+async fn drill_response(state: &State, from: String, body: &[u8]) -> Response<Body> {
+    let cut = match serde_json::from_slice::<CutOff>(body) {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(
+                state,
+                Refusal::new(
+                    422,
+                    format!(
+                        "invalid drill request (line {}, column {}): expected {{\"cut\": \"isolate\", \"node_id\": ID, \"restore_after_s\": N}} or {{\"cut\": \"power-off\", \"node_id\": ID}}",
+                        e.line(),
+                        e.column()
+                    ),
+                ),
+            )
+        }
+    };
+    if let Err(reason) = cut.validate() {
+        return refuse(state, Refusal::new(422, reason));
+    }
+    let handler = state.drill.lock().expect("drill lock").clone();
+    let Some(handler) = handler else {
+        return refuse(state, Refusal::new(503, NO_DRILL_HANDLER));
+    };
+    tracing::warn!(requester = %from, cut = cut.name(), "failover drill: asked to cut this node off");
+    match tokio::time::timeout(DRILL_TIMEOUT, handler(DrillRequest { from, cut })).await {
+        Ok(Ok(ack)) => json_response(200, serde_json::to_vec(&ack).expect("ack serialises")),
+        Ok(Err(reason)) => refuse(state, Refusal::new(503, reason)),
+        Err(_) => refuse(
+            state,
+            Refusal::new(
+                503,
+                format!("the drill handler took over {DRILL_TIMEOUT:?}"),
+            ),
+        ),
+    }
 }
 
 /// Carries out an authenticated rotation step through the installed handler.
