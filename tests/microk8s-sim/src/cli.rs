@@ -164,6 +164,12 @@ pub fn microk8s_main(argv: Vec<String>) -> i32 {
         _ => {}
     }
     log_event(&env, "microk8s", &argv, "start", None);
+    if argv.first().map(String::as_str) == Some("dbctl") {
+        let fwd = |a: Vec<String>| runtime().block_on(forward(&env, a));
+        let out = daemon::dbctl_main(&env, &argv[1..], &fwd);
+        log_event(&env, "microk8s", &argv, "end", Some(out.code));
+        return print(&out);
+    }
     if argv.first().map(String::as_str) == Some("config") {
         let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
         let out = daemon::cmd_config(&env, &args);

@@ -35,6 +35,7 @@ impl Daemon {
             ["kubectl", "label", rest @ ..] => self.cmd_kubectl_label(rest).await,
             ["kubectl", rest @ ..] => self.cmd_kubectl(rest),
             ["__dqlite", rest @ ..] => self.cmd_dqlite(rest),
+            ["__dbctl", rest @ ..] => self.cmd_dbctl(rest).await,
             [other, ..] => Out::fail(
                 1,
                 format!("'{other}' is not a command the microk8s simulator knows\n"),
@@ -301,46 +302,71 @@ impl Daemon {
         Out::ok("Generating new cluster certificates.\nWaiting for node to start.\n")
     }
 
+    /// `remove-node NODE [--force]`, as canonical/microk8s `scripts/wrappers/remove_node.py`
+    /// (read at d099c907) does it: an IP is looked up to the Kubernetes node with that
+    /// `InternalIP`; a node Kubernetes does not know (or any node while the API is down) is
+    /// "does not exist in Kubernetes", exit 1, after `--force` removed a dqlite endpoint at
+    /// that address; a node still in dqlite is refused without `--force` ("run first
+    /// 'microk8s leave'"), whether or not it is reachable; with `--force` its endpoint is
+    /// removed and its Node deleted, exit 0. This node's own endpoint is never removed (the
+    /// script skips the local addresses): exit 0 with dqlite unchanged. Every call is in the
+    /// command log.
     async fn cmd_remove_node(&self, args: &[&str]) -> Out {
         let force = args.contains(&"--force");
         let Some(node) = args.iter().find(|a| !a.starts_with('-')).copied() else {
             return Out::err(2, "Error: Missing argument 'NODE'.\n");
         };
+        let as_ip: Option<IpAddr> = node.parse().ok();
         let (out, v) = {
             let mut st = self.lock();
             if st.worker {
                 return Out::fail(1, WORKER_MSG);
             }
-            if !self.ready(&st) {
-                return Out::fail(1, NOT_READY_MSG);
-            }
-            let by_name = st.view.entries.iter().position(|e| e.name == node);
-            let ip: Option<IpAddr> = match by_name {
-                Some(i) => st.view.entries[i].ip,
-                None => node.parse().ok(),
+            let api_up = self.ready(&st);
+            let found = api_up
+                .then(|| {
+                    st.view.entries.iter().position(|e| e.name == node).or_else(|| {
+                        as_ip.and_then(|ip| st.view.entries.iter().position(|e| e.ip == Some(ip)))
+                    })
+                })
+                .flatten();
+            let me = self.name().to_owned();
+            let Some(i) = found else {
+                // Not in Kubernetes: with --force a dqlite endpoint at that address goes.
+                let mut text = format!("Node {node} does not exist in Kubernetes.\n");
+                let mut changed = false;
+                if force {
+                    text.push_str(&format!("Attempting to remove {node} from dqlite.\n"));
+                    if let Some(e) = st.view.entries.iter_mut().find(|e| {
+                        e.role.is_some() && e.name != me && as_ip.is_some() && e.ip == as_ip
+                    }) {
+                        text.push_str("Removing node entry found in dqlite.\n");
+                        e.role = None;
+                        changed = true;
+                    }
+                }
+                let out = Out::fail(1, text);
+                if !changed {
+                    return out;
+                }
+                (out, self.commit(&mut st))
             };
-            let in_dqlite = st
-                .view
-                .entries
-                .iter()
-                .position(|e| e.role.is_some() && ip.is_some() && e.ip == ip);
-            if in_dqlite.is_some() && !force {
-                return Out::fail(1, format!("Node {node} is part of the cluster datastore. Please, run first 'microk8s leave' on the departing node.\nIf the node is not available anymore and will never attempt to join the cluster in the future use the '--force' flag.\n"));
+            let name = st.view.entries[i].name.clone();
+            let in_dqlite = st.view.entries[i].role.is_some() && name != me;
+            if in_dqlite && !force {
+                return Out::fail(1, format!("Removal failed. Node {name} is registered with dqlite. Please, run first 'microk8s leave' on the departing node. \nIf the node is not available anymore and will never attempt to join the cluster in the future use the '--force' flag \nto unregister the node while removing it.\n"));
             }
-            if let Some(i) = in_dqlite {
+            if in_dqlite {
                 st.view.entries[i].role = None;
             }
-            let out = match by_name {
-                Some(i) => {
-                    st.view.entries.remove(i);
-                    Out::ok("")
-                }
-                None => Out::fail(1, format!("Node {node} does not exist in Kubernetes.\n")),
-            };
-            if in_dqlite.is_none() && by_name.is_none() {
-                return out;
+            if name == me {
+                // The script deletes only this node's Node object; it stays in dqlite. The
+                // simulator holds one entry per node for both, so it keeps the entry (a guess
+                // at the visible outcome: the kubelet registers the Node again).
+                return Out::ok("");
             }
-            (out, self.commit(&mut st))
+            st.view.entries.remove(i);
+            (Out::ok(""), self.commit(&mut st))
         };
         self.push(v).await;
         out

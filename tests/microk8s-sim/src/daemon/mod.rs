@@ -10,6 +10,7 @@
 //! - `api_server`: the Kubernetes API endpoint on 16443 (readiness with the quorum rule, and
 //!   ConfigMaps kept in `datastore`, with dqlite's quorum rules);
 //! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`];
+//! - `dbctl`: `microk8s dbctl backup|restore` of the datastore (kine keys);
 //! - `helm`: `helm3` and the `kubectl` apply/wait/get calls for Longhorn and CSI snapshots,
 //!   recorded and checked.
 //!
@@ -20,6 +21,7 @@ mod agent_api;
 mod api_server;
 mod commands;
 mod datastore;
+mod dbctl;
 mod helm;
 mod join;
 mod kubectl_label;
@@ -39,6 +41,7 @@ use crate::SimEnv;
 use crate::{agent_cert, http};
 
 pub use commands::cmd_config;
+pub use dbctl::dbctl_main;
 pub use helm::{calls_path as cluster_tools_log, read_calls as cluster_tools_calls};
 pub use join::{fingerprint_of, valid_connection_parts};
 
