@@ -78,6 +78,11 @@ pub struct RunArgs {
     /// reclaim and takeover delays follow). Not for real MicroK8s, whose joins take minutes.
     #[arg(long, hide = true)]
     pub sim_join_timeout: Option<u64>,
+    /// Longest wait, in seconds after the agent starts, for systemd-timesyncd to synchronise
+    /// the clock before MicroK8s is installed or joined (0: do not wait). Nodes without
+    /// systemd-timesyncd never wait.
+    #[arg(long, default_value_t = crate::system::timesync::DEFAULT_WAIT.as_secs())]
+    pub time_sync_wait: u64,
 }
 
 impl RunArgs {
@@ -219,6 +224,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
             microk8s: args.microk8s_bin.clone(),
             ..Default::default()
         },
+        time_sync: crate::system::timesync::TimeSyncWait::new(
+            &args.root,
+            Duration::from_secs(args.time_sync_wait),
+        ),
         config: cfg,
     };
     driver::run(agent, shutdown_signal()).await

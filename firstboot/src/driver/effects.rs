@@ -52,7 +52,7 @@ impl Runtime {
         let tasks = self.tasks.clone();
         let lone = self.lone.swap(false, Ordering::SeqCst);
         tokio::spawn(async move {
-            let joining = join(&agent, via, worker, lone);
+            let joining = join(&agent, &tasks, via, worker, lone);
             let result = match tokio::time::timeout(timeout, joining).await {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
                 Err(_) => Err(format!("join did not finish within {timeout:?}")),
@@ -275,6 +275,7 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicB
         }
         pi_memory_cgroup(agent).await?;
     }
+    wait_for_clock(agent, tasks, "installing MicroK8s").await;
     let source = match &agent.config.microk8s.offline_snaps {
         Some(dir) => InstallSource::Staged(dir.clone()),
         None => InstallSource::Channel(agent.config.microk8s.channel.clone()),
@@ -305,12 +306,19 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicB
 /// endpoint before it sends the token. A node that already is a member (a restart after a
 /// join that succeeded) reports success without joining again; that check is skipped only
 /// for the first join after preparation found a lone node (`lone`).
-async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result<()> {
+async fn join(
+    agent: &Agent,
+    tasks: &mpsc::Sender<TaskResult>,
+    via: JoinPoint,
+    worker: bool,
+    lone: bool,
+) -> Result<()> {
     let seed_ip = via.ip;
     if !lone && already_joined(agent.microk8s.as_ref(), seed_ip, worker).await {
         tracing::info!(%seed_ip, "already a member; not joining again");
         return Ok(());
     }
+    wait_for_clock(agent, tasks, "joining MicroK8s").await;
     let mut target = JoinTarget::new(seed_ip, agent.keyring.current().secret().microk8s_token());
     target.fingerprint = Some(via.fingerprint);
     let role = if worker {
@@ -329,6 +337,31 @@ async fn join(agent: &Agent, via: JoinPoint, worker: bool, lone: bool) -> Result
         anyhow::bail!("microk8s was not ready within {READY_TIMEOUT:?} after joining");
     }
     Ok(())
+}
+
+/// Waits (bounded, [`crate::system::timesync`]) until the clock is synchronised before
+/// MicroK8s work; the wait shows in the status line and the status document's problems.
+async fn wait_for_clock(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, before: &str) {
+    let mut waited = false;
+    let outcome = agent
+        .time_sync
+        .wait(before, |line| {
+            waited = true;
+            tracing::info!(status = %line);
+            agent.notifier.status(&line);
+            let _ = tasks.try_send(TaskResult::TimeSync(Some(line)));
+        })
+        .await;
+    if let Some(line) = crate::system::timesync::describe(outcome, before) {
+        match outcome {
+            crate::system::timesync::Outcome::GaveUp { .. } => tracing::warn!("{line}"),
+            _ => tracing::info!("{line}"),
+        }
+        agent.notifier.status(&line);
+    }
+    if waited {
+        let _ = tasks.send(TaskResult::TimeSync(None)).await;
+    }
 }
 
 /// Most attempts of one granted join when it fails transiently.

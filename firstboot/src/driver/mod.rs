@@ -62,6 +62,9 @@ use status::KubeconfigServing;
 
 /// How often the formation core ticks.
 const TICK: Duration = Duration::from_secs(1);
+/// How a time-synchronisation wait's status line starts (it is listed among the problems
+/// while it lasts).
+const TIME_SYNC_WAITING: &str = "waiting for time synchronisation";
 /// How often MicroK8s' own status is read for the status document.
 const MICROK8S_POLL: Duration = Duration::from_secs(5);
 
@@ -93,6 +96,8 @@ pub struct Agent {
     pub keepalived: crate::system::keepalived::KeepalivedControl,
     /// The programs a failover drill's cut-off runs ([`drill`]).
     pub cut_off: drill::CutOffControl,
+    /// The bounded wait for time synchronisation before the MicroK8s install and join.
+    pub time_sync: crate::system::timesync::TimeSyncWait,
 }
 
 /// Creates the state directory (it holds the coordinator's private key and the phase) as
@@ -139,6 +144,8 @@ enum TaskResult {
     NodeLabels(Vec<rackseed_protocol::status::NodeLabelsView>),
     /// The replicated storage's health (Longhorn), read on control-plane members.
     Storage(rackseed_protocol::status::StorageHealthView),
+    /// Waiting for time synchronisation (the status line), or done waiting (`None`).
+    TimeSync(Option<String>),
 }
 
 struct Runtime {
@@ -419,6 +426,16 @@ impl Runtime {
             }
             TaskResult::Storage(view) => {
                 self.doc.storage = Some(view);
+                None
+            }
+            TaskResult::TimeSync(line) => {
+                self.doc
+                    .problems
+                    .retain(|p| !p.starts_with(TIME_SYNC_WAITING));
+                if let Some(line) = line {
+                    self.timeline(line.clone());
+                    self.doc.problems.push(line);
+                }
                 None
             }
         }

@@ -11,3 +11,4 @@ pub mod keepalived;
 pub mod microk8s;
 pub mod notify;
 pub mod state;
+pub mod timesync;
