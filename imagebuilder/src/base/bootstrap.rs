@@ -46,7 +46,7 @@ use rackseed_config::Target;
 /// The version of what this module does to a bootstrapped tree besides debootstrap (the
 /// stages' preparation, [`super::server`]'s defaults). Part of the cache key: raise it with
 /// every change to that code, so no cache holds a tree made the old way.
-pub const TREE_VERSION: u32 = 2;
+pub const TREE_VERSION: u32 = 3;
 
 /// What to bootstrap, after defaults are filled in. Everything serialised is part of the
 /// cache key.
@@ -102,6 +102,12 @@ pub fn default_packages(distro: Distro, arch: &str) -> Vec<&'static str> {
         "keepalived",
         "curl",
         "iputils-arping",
+        // debootstrap resolves plain dependencies only, not virtual packages or alternatives:
+        // snapd's `default-dbus-session-bus | dbus-session-bus` and python3-cryptography's
+        // `python3-cffi-backend-api-min` (cloud-init through python3-oauthlib) are named here,
+        // else the second stage leaves those packages unconfigured and fails.
+        "dbus-user-session",
+        "python3-cffi-backend",
     ];
     p.extend(distro.kernel_package(arch));
     if arch == "amd64" {
@@ -364,20 +370,27 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
                 started.elapsed()
             );
         }
-        Tool::new("chroot")
+        let second = Tool::new("chroot")
             .arg(&root)
             .args(["/debootstrap/debootstrap", "--second-stage"])
             // Under emulation every maintainer script runs through qemu-user.
             .timeout(Duration::from_secs(if native { 1800 } else { 5400 }))
             .run()
-            .await
-            .with_context(|| {
-                format!(
-                    "bootstrapping {} {} (second stage, in the tree; its log is \
-                     debootstrap/debootstrap.log there)",
-                    spec.suite, spec.arch
-                )
-            })?;
+            .await;
+        if let Err(e) = second {
+            // The tree (and its log) goes with the temporary folder: keep the log's end.
+            let log = std::fs::read_to_string(root.join("debootstrap/debootstrap.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(e.context(format!(
+                "bootstrapping {} {} (second stage, in the tree); the end of its \
+                 debootstrap.log:\n{}",
+                spec.suite,
+                spec.arch,
+                tail.join("\n")
+            )));
+        }
         tracing::info!(
             "bootstrap {} {}: second stage done at {:.0?}",
             spec.suite,
