@@ -4,6 +4,7 @@
 //! `secret rotate` (move the cluster to a new secret; [`crate::secret`]),
 //! `build` and `inspect IMAGE` (logic in [`crate::build`] / [`crate::inspect`]),
 //! `status` (watch the cluster form), `kubeconfig` (fetch the admin kubeconfig),
+//! `drill` (kill a node, measure RTO and RPO; [`crate::drill`]),
 //! `flash IMAGE DEVICE`, `qemu ...` (test clusters), `completions SHELL` and `manpages DIR`.
 //! To add a subcommand: add a variant to [`Command`] (with its arguments)
 //! and one arm in [`run`] calling a function that does the work and returns an
@@ -52,6 +53,9 @@ pub enum Command {
     /// Print the cluster's admin kubeconfig, fetched from a control-plane member over its
     /// authenticated coordinator and pointed at that member's address.
     Kubeconfig(KubeconfigArgs),
+    /// Kill one node on purpose and measure what it cost: RTO (API, quorum, LoadBalancer) and
+    /// RPO (probe writes lost, newest backup's age), with a table of single points of failure.
+    Drill(crate::drill::DrillArgs),
     /// Write an image to an SD card, USB stick or disk (only the blocks in its .bmap, verified).
     Flash {
         /// The image: .img, .img.xz or .img.zst.
@@ -187,6 +191,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Inspect(args) => report(crate::inspect::run_cli(args)),
         Command::Status(args) => status(&args),
         Command::Kubeconfig(args) => report(kubeconfig(&args)),
+        Command::Drill(args) => crate::drill::run_cli(args),
         Command::Flash {
             image,
             device,

@@ -7,6 +7,7 @@ pub mod build;
 pub mod cli;
 pub mod customize;
 pub mod disk;
+pub mod drill;
 pub mod flash;
 pub mod inspect;
 pub mod kubeconfig;

@@ -1,0 +1,327 @@
+//! The drill's probe: one round a second (a round that takes longer delays the next), each
+//! round at once
+//! - a write: create ConfigMap `rackseed-drill-<run>-<counter>` (the counter goes up every
+//!   round) on the first of [`ProbePlan::write_to`] that acknowledges it (`201`);
+//! - quorum: `GET /readyz` on every control-plane node; up when any answers 200;
+//! - the LoadBalancer: `GET` of `--lb-url`; up on any HTTP answer.
+//!
+//! The kill happens after `baseline` (at least one acknowledged write first: without a
+//! working API there is nothing to measure). The probe then runs until every probe has been
+//! up for [`SETTLE`] rounds running and `min_observe` has passed, or `timeout`. Finally it
+//! lists the ConfigMaps to find acknowledged counters that are gone (RPO) and deletes its own.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use super::api::ApiClient;
+use super::killer::{Killer, Victim};
+use super::report::{self, Measure, Report, Rpo, Sample};
+
+/// Rounds every probe must be up, running, before the drill ends.
+pub const SETTLE: usize = 3;
+const ROUND: Duration = Duration::from_secs(1);
+
+/// What to probe.
+#[derive(Debug, Clone)]
+pub struct ProbePlan {
+    pub run_id: String,
+    /// Where writes go, in order of preference.
+    pub write_to: Vec<SocketAddr>,
+    /// Control-plane API endpoints whose `/readyz` tells quorum.
+    pub readyz: Vec<SocketAddr>,
+    pub lb_url: Option<String>,
+    pub baseline: Duration,
+    pub min_observe: Duration,
+    pub timeout: Duration,
+}
+
+fn probe_name(run: &str, n: u64) -> String {
+    format!("rackseed-drill-{run}-{n:06}")
+}
+
+/// One round's write: the first endpoint that acknowledges.
+async fn write_once(api: &ApiClient, to: &[SocketAddr], run: &str, n: u64) -> bool {
+    let data = serde_json::json!({ "counter": n.to_string() });
+    for at in to {
+        if let Ok((201, _)) = api.create_configmap(*at, &probe_name(run, n), &data).await {
+            return true;
+        }
+    }
+    false
+}
+
+async fn quorum_once(api: &ApiClient, nodes: &[SocketAddr]) -> bool {
+    let mut set = tokio::task::JoinSet::new();
+    for at in nodes {
+        let (api, at) = (api.clone(), *at);
+        set.spawn(async move { matches!(api.readyz(at).await, Ok(200)) });
+    }
+    let mut any = false;
+    while let Some(r) = set.join_next().await {
+        any |= r.unwrap_or(false);
+    }
+    any
+}
+
+async fn lb_once(http: &reqwest::Client, url: &str) -> bool {
+    http.get(url).send().await.is_ok()
+}
+
+fn lb_client() -> Result<reqwest::Client> {
+    // Any answer counts, so the LoadBalancer's certificate (if https) is not checked: no
+    // credential is sent there.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_millis(2000))
+        .pool_max_idle_per_host(0)
+        .build()?)
+}
+
+/// Runs the probe around the kill and returns the report's measured part (the caller fills
+/// in the target, the SPOF table and the backup age).
+pub async fn run(
+    plan: &ProbePlan,
+    api: Arc<ApiClient>,
+    killer: &dyn Killer,
+    victim: &Victim,
+) -> Result<Report> {
+    let start = Instant::now();
+    let lb_http = match &plan.lb_url {
+        Some(_) => Some(lb_client()?),
+        None => None,
+    };
+    let go = tokio::sync::Notify::new();
+    let cancel = tokio::sync::Notify::new();
+    let result: std::sync::Mutex<Option<Result<super::killer::Killed>>> =
+        std::sync::Mutex::new(None);
+    // The kill runs beside the rounds, started by them once the baseline is in.
+    let kill_side = async {
+        tokio::select! {
+            _ = go.notified() => {
+                let r = killer.kill(victim).await;
+                *result.lock().expect("kill result") = Some(r);
+            }
+            _ = cancel.notified() => {}
+        }
+    };
+    let probe_side = async {
+        let r = rounds(plan, &api, lb_http.as_ref(), start, &go, &result).await;
+        cancel.notify_one();
+        r
+    };
+    let ((), rounds_out) = tokio::join!(kill_side, probe_side);
+    let Rounds {
+        samples,
+        acked,
+        kill: (kill_at, kill_detail),
+        lb_seen_before,
+    } = rounds_out?;
+    let mut notes = Vec::new();
+    let rto_api = report::measure(&samples, kill_at, |s| Some(s.api_ok));
+    let rto_quorum = report::measure(&samples, kill_at, |s| Some(s.quorum_ok));
+    let rto_lb = match &plan.lb_url {
+        None => Measure::NotMeasured {
+            why: "no --lb-url given".into(),
+        },
+        Some(u) if !lb_seen_before => Measure::NotMeasured {
+            why: format!("nothing answered at {u} before the kill"),
+        },
+        Some(_) => report::measure(&samples, kill_at, |s| s.lb_ok),
+    };
+    let rpo = check_rpo(&api, plan, &acked, kill_at).await;
+    if let Some(e) = &rpo.check_error {
+        notes.push(format!("RPO not checked: {e}"));
+    }
+    let timeline = report::timeline(kill_at, &samples, &rto_api, &rto_quorum, &rto_lb);
+    Ok(Report {
+        run_id: plan.run_id.clone(),
+        target: report::Holdings::default(),
+        chosen_because: String::new(),
+        killer: killer.name(),
+        kill_detail,
+        kill_at,
+        probe_target: String::new(),
+        tls_verified: api.verified,
+        timeline,
+        rto_api,
+        rto_quorum,
+        rto_loadbalancer: rto_lb,
+        rpo,
+        spof: vec![],
+        samples,
+        notes,
+    })
+}
+
+/// What the rounds saw.
+struct Rounds {
+    samples: Vec<Sample>,
+    /// Acknowledged counters and when (seconds since the start).
+    acked: BTreeMap<u64, f64>,
+    /// When the node died and how.
+    kill: (f64, String),
+    lb_seen_before: bool,
+}
+
+/// The probe rounds: baseline, the kill (through `go`, its outcome in `result`), recovery.
+async fn rounds(
+    plan: &ProbePlan,
+    api: &ApiClient,
+    lb_http: Option<&reqwest::Client>,
+    start: Instant,
+    go: &tokio::sync::Notify,
+    result: &std::sync::Mutex<Option<Result<super::killer::Killed>>>,
+) -> Result<Rounds> {
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut acked: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut counter = 0u64;
+    let mut kill: Option<(f64, String)> = None;
+    let mut asked = false;
+    let mut lb_seen_before = false;
+    let mut interval = tokio::time::interval(ROUND);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if kill.is_none() {
+            match result.lock().expect("kill result").take() {
+                Some(Ok(k)) => {
+                    let at = k.at.saturating_duration_since(start).as_secs_f64();
+                    kill = Some((at, k.detail));
+                }
+                Some(Err(e)) => {
+                    return Err(e.context("the kill failed; the cluster was left as it was"))
+                }
+                None => {}
+            }
+        }
+        let t = start.elapsed().as_secs_f64();
+        counter += 1;
+        let n = counter;
+        let (api_ok, quorum_ok, lb_ok) = tokio::join!(
+            write_once(api, &plan.write_to, &plan.run_id, n),
+            quorum_once(api, &plan.readyz),
+            async {
+                match (lb_http, &plan.lb_url) {
+                    (Some(c), Some(u)) => Some(lb_once(c, u).await),
+                    _ => None,
+                }
+            }
+        );
+        if api_ok {
+            acked.insert(n, t);
+        }
+        samples.push(Sample {
+            t,
+            api_ok,
+            quorum_ok,
+            lb_ok,
+        });
+        let elapsed = start.elapsed();
+        match &kill {
+            None if !asked => {
+                if elapsed >= plan.baseline {
+                    if acked.is_empty() {
+                        bail!(
+                            "no probe write was acknowledged in the {:?} before the kill ({counter} tried): nothing to measure; the cluster was left as it was",
+                            plan.baseline
+                        );
+                    }
+                    lb_seen_before = samples.iter().any(|s| s.lb_ok == Some(true));
+                    go.notify_one();
+                    asked = true;
+                }
+            }
+            None => {
+                if elapsed >= plan.baseline + plan.timeout {
+                    bail!("the kill did not finish within {:?}", plan.timeout);
+                }
+            }
+            Some((at, _)) => {
+                let since = t - at;
+                let tail = &samples[samples.len().saturating_sub(SETTLE)..];
+                let settled = samples.iter().filter(|s| s.t >= *at).count() >= SETTLE
+                    && tail.iter().all(|s| {
+                        s.api_ok && s.quorum_ok && (!lb_seen_before || s.lb_ok != Some(false))
+                    });
+                if (settled && since >= plan.min_observe.as_secs_f64())
+                    || since >= plan.timeout.as_secs_f64()
+                {
+                    let kill = kill.expect("matched");
+                    return Ok(Rounds {
+                        samples,
+                        acked,
+                        kill,
+                        lb_seen_before,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Lists the probe's objects, finds the acknowledged counters that are gone, and deletes the
+/// probe's objects (best effort).
+async fn check_rpo(
+    api: &ApiClient,
+    plan: &ProbePlan,
+    acked: &BTreeMap<u64, f64>,
+    kill_at: f64,
+) -> Rpo {
+    let before = acked.values().filter(|t| **t < kill_at).count() as u64;
+    let after = acked.len() as u64 - before;
+    let mut rpo = Rpo {
+        acked_before_kill: before,
+        missing_before_kill: vec![],
+        acked_after_kill: after,
+        missing_after_kill: vec![],
+        checked: false,
+        check_error: None,
+        newest_backup_age_s: None,
+        backup_note: String::new(),
+    };
+    let mut errors = Vec::new();
+    let mut listed = None;
+    for at in &plan.write_to {
+        match api.list_configmaps(*at).await {
+            Ok(names) => {
+                listed = Some((*at, names));
+                break;
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let Some((at, names)) = listed else {
+        rpo.check_error = Some(errors.join("; "));
+        return rpo;
+    };
+    let prefix = format!("rackseed-drill-{}-", plan.run_id);
+    let present: std::collections::BTreeSet<u64> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
+        .collect();
+    for (n, t) in acked {
+        if !present.contains(n) {
+            if *t < kill_at {
+                rpo.missing_before_kill.push(*n);
+            } else {
+                rpo.missing_after_kill.push(*n);
+            }
+        }
+    }
+    rpo.checked = true;
+    for n in &present {
+        let _ = api
+            .delete_configmap(at, &probe_name(&plan.run_id, *n))
+            .await;
+    }
+    rpo
+}
