@@ -427,7 +427,7 @@ impl SoakCluster {
         // A secret of distinct bytes, so its encodings are findable in logs.
         let mut bytes = [0u8; 32];
         for (i, b) in bytes.iter_mut().enumerate() {
-            *b = 0x5a ^ (i as u8 * 37);
+            *b = 0x5a ^ (i as u8).wrapping_mul(37);
         }
         let secret = ClusterSecret::from_bytes(bytes);
         secret
