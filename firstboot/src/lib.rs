@@ -10,6 +10,7 @@
 
 pub mod addons;
 pub mod agent_cli;
+pub mod backup;
 pub mod cli;
 pub mod driver;
 pub mod rotate;

@@ -46,6 +46,7 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             users: Vec::new(),
             hostname_pattern: "{cluster}-{id}".into(),
         },
+        backup: Default::default(),
     }
 }
 

@@ -53,6 +53,12 @@ pub enum Command {
     /// Print the cluster's admin kubeconfig, fetched from a control-plane member over its
     /// authenticated coordinator and pointed at that member's address.
     Kubeconfig(KubeconfigArgs),
+    /// The cluster's datastore backups: `backup pull --config C -o DIR`.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCli),
+    /// Restore a datastore backup onto the cluster (one control-plane node runs `microk8s
+    /// dbctl restore`); refuses a damaged or foreign archive before contacting any node.
+    Restore(crate::backup::RestoreArgs),
     /// Kill one node on purpose and measure what it cost: RTO (API, quorum, LoadBalancer) and
     /// RPO (probe writes lost, newest backup's age), with a table of single points of failure.
     Drill(crate::drill::DrillArgs),
@@ -192,6 +198,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => status(&args),
         Command::Kubeconfig(args) => report(kubeconfig(&args)),
         Command::Drill(args) => crate::drill::run_cli(args),
+        Command::Backup(cmd) => report(crate::backup::run_cli(cmd)),
+        Command::Restore(args) => report(crate::backup::run_restore_cli(args)),
         Command::Flash {
             image,
             device,

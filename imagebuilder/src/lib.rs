@@ -2,6 +2,7 @@
 //! inspects and flashes appliance images. Logic lives in the modules below; `main.rs` only
 //! parses arguments and calls [`cli::run`].
 
+pub mod backup;
 pub mod base;
 pub mod build;
 pub mod cli;

@@ -29,6 +29,7 @@
 
 mod api_address;
 mod api_auto;
+mod backup;
 pub mod drill;
 mod effects;
 mod labels;
@@ -144,6 +145,8 @@ enum TaskResult {
     NodeLabels(Vec<rackseed_protocol::status::NodeLabelsView>),
     /// The replicated storage's health (Longhorn), read on control-plane members.
     Storage(rackseed_protocol::status::StorageHealthView),
+    /// A datastore backup run ended (`driver/backup.rs`).
+    Backup(Box<crate::backup::Outcome>),
     /// Waiting for time synchronisation (the status line), or done waiting (`None`).
     TimeSync(Option<String>),
 }
@@ -170,6 +173,8 @@ struct Runtime {
     kubeconfig: KubeconfigServing,
     /// The floating API address's keepalived, when the cluster has one.
     api_address: Option<Arc<api_address::ApiAddressKeeper>>,
+    /// Datastore backups: the store and the schedule (`driver/backup.rs`).
+    backup: backup::BackupDuty,
 }
 
 /// What the loop waits on besides the clock: discovery, the coordinator and its own tasks.
@@ -281,6 +286,7 @@ impl Runtime {
             lone: Arc::new(AtomicBool::new(false)),
             kubeconfig: KubeconfigServing::NotYet,
             api_address: None,
+            backup: Default::default(),
         };
         rt.api_address = api_address::ApiAddressKeeper::new(&rt.agent).map(Arc::new);
         tracing::info!(
@@ -324,7 +330,12 @@ impl Runtime {
             let event = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tick.tick() => Some(Event::Tick),
-                _ = poll.tick() => { self.spawn_microk8s_poll(); self.note_own_address(); None }
+                _ = poll.tick() => {
+                    self.spawn_microk8s_poll();
+                    self.note_own_address();
+                    self.backup_tick();
+                    None
+                }
                 _ = heartbeat.tick() => { self.reannounce(); None }
                 Some(ev) = inputs.peer_events.recv() => self.peer_event(ev),
                 Some(msg) = inputs.inbound.recv() => {
@@ -426,6 +437,10 @@ impl Runtime {
             }
             TaskResult::Storage(view) => {
                 self.doc.storage = Some(view);
+                None
+            }
+            TaskResult::Backup(outcome) => {
+                self.backup_finished(*outcome);
                 None
             }
             TaskResult::TimeSync(line) => {

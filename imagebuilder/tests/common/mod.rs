@@ -263,6 +263,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             }],
             hostname_pattern: "{cluster}-{id}".into(),
         },
+        backup: Default::default(),
     };
     let toml = format!(
         "# test cluster\n[cluster]\nname = \"lab\"\ncontrol-plane = 3\nsecret-file = \"{}\"\n\n[network.wifi]\nssid = \"homelab\"\npsk-file = \"{}\"\ncountry = \"GB\"\n\n[image]\ntarget = \"{}\"\n# Builds take the base from `config`; this line only makes the text a valid config.\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n",

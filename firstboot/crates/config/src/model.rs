@@ -24,7 +24,42 @@ pub struct ClusterConfig {
     /// The optional inventory (`[[nodes]]`): MACs unique, hostnames unique.
     pub nodes: Vec<NodeEntry>,
     pub image: Image,
+    /// `[backup]`: scheduled datastore backups.
+    pub backup: Backup,
 }
+
+/// `[backup]`: one control-plane node runs `microk8s dbctl backup` every `interval` and every
+/// control-plane node keeps the newest `keep` archives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Backup {
+    /// `backup.interval`, 5 s to 30 days. Default [`DEFAULT_BACKUP_INTERVAL`].
+    #[serde(with = "humantime_serde_shim")]
+    pub interval: Duration,
+    /// `backup.keep`, 1 to 1000 archives. Default [`DEFAULT_BACKUP_KEEP`].
+    pub keep: u32,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            interval: DEFAULT_BACKUP_INTERVAL,
+            keep: DEFAULT_BACKUP_KEEP,
+        }
+    }
+}
+
+/// Default `backup.interval`: 6 hours. A backup lists every key of the datastore and the
+/// archive is copied to every other control-plane node, which is cheap for a homelab's few
+/// MiB but not free on an SD card; four a day bound what a lost datastore costs to the last
+/// 6 hours of changes (most of a small cluster's state lives in Git or Helm values and is
+/// re-applied anyway). Clusters that change often set it lower.
+pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+/// Default `backup.keep`: 8 archives, two days at the default interval.
+pub const DEFAULT_BACKUP_KEEP: u32 = 8;
+/// Shortest `backup.interval` (tests use seconds).
+pub const MIN_BACKUP_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest `backup.interval`.
+pub const MAX_BACKUP_INTERVAL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cluster {

@@ -68,6 +68,10 @@ pub struct StatusDoc {
     /// where it is not read (workers, other storage, before the install).
     #[serde(default)]
     pub storage: Option<StorageHealthView>,
+    /// Datastore backups: the newest archive's age and where its copies are; `None` on
+    /// workers and before this node is a control-plane member.
+    #[serde(default)]
+    pub backup: Option<BackupView>,
     /// This node's `microk8s` is the MicroK8s simulator (a QEMU test-cluster image built with
     /// `--microk8s simulated`; the image carries the marker [`SIMULATED_MARKER`]). Shown as
     /// "MicroK8s simulated" wherever the status is.
@@ -82,6 +86,49 @@ pub const SIMULATED_MARKER: &str = "/etc/rackseed/microk8s-simulated";
 /// Whether this machine's MicroK8s is the simulator (the marker file exists).
 pub fn microk8s_is_simulated() -> bool {
     std::path::Path::new(SIMULATED_MARKER).exists()
+}
+
+/// Datastore backups as one node sees them (`firstboot::backup`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupView {
+    /// This node takes the cluster's backups (it is the record's slot authority).
+    pub scheduler: bool,
+    /// `backup.interval` in seconds.
+    pub interval_s: u64,
+    /// The newest archive this node holds.
+    pub newest: Option<BackupArchiveView>,
+    /// Nodes known to hold a copy of the newest archive: this node, plus, on the node that
+    /// took it, every control-plane node that acknowledged its copy.
+    pub copies: Vec<String>,
+    /// Control-plane nodes the newest archive could not be copied to, with the reason.
+    pub copy_failures: Vec<String>,
+    /// Archives this node holds.
+    pub held: u32,
+    /// Set while the newest backup is suspect (near-empty compared with the one before it,
+    /// MicroK8s #4259/#4308) or the last attempt failed: an alarm, not a success.
+    pub alarm: Option<String>,
+    /// Seconds (this agent's clock) since the last attempt, and its error if it failed.
+    pub last_attempt_s: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// One archive in [`BackupView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupArchiveView {
+    pub name: String,
+    /// The node that took it.
+    pub origin: String,
+    /// Unix seconds by the origin's clock (the one wall-clock value here: backups are dated).
+    pub created_unix: u64,
+    /// Age by this node's clock when the document was made (0 if that clock is behind).
+    pub age_s: u64,
+    pub size: u64,
+    pub keys: u64,
+    pub sha256: String,
+    /// Why it looks near-empty, if it does.
+    pub suspect: Option<String>,
 }
 
 /// Replicated storage health: whether it is installed and how its volumes stand.

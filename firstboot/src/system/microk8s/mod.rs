@@ -44,6 +44,7 @@
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 
+pub mod dbctl;
 pub mod helm;
 pub mod labels;
 pub mod launch;
@@ -349,6 +350,11 @@ pub trait Microk8s: Send + Sync {
     /// MicroK8s' bundled helm and kubectl ([`helm::ClusterTools`]); `None` where there are
     /// none (the in-memory fake), and then nothing that needs them is attempted.
     fn cluster_tools(&self) -> Option<std::sync::Arc<dyn helm::ClusterTools>> {
+        None
+    }
+    /// MicroK8s' datastore backup and restore (`microk8s dbctl`, [`dbctl`]); `None` where there
+    /// is none (the in-memory fake), and then no backup is scheduled.
+    fn datastore(&self) -> Option<std::sync::Arc<dyn dbctl::Datastore>> {
         None
     }
 }
@@ -675,6 +681,12 @@ fn refused_on_worker(out: &Output) -> bool {
 }
 
 impl Microk8s for RealMicrok8s {
+    fn datastore(&self) -> Option<std::sync::Arc<dyn dbctl::Datastore>> {
+        Some(std::sync::Arc::new(dbctl::RealDatastore::new(
+            &self.config.binary,
+        )))
+    }
+
     fn cluster_tools(&self) -> Option<std::sync::Arc<dyn helm::ClusterTools>> {
         Some(std::sync::Arc::new(helm::RealClusterTools::new(
             &self.config.binary,

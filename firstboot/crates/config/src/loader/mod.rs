@@ -10,6 +10,7 @@
 //! README's config reference.
 
 mod addons;
+mod backup;
 mod cluster;
 mod cross_section;
 mod image;
@@ -26,6 +27,7 @@ use super::model::*;
 use super::tree::{Kind, Node, TableReader};
 use super::values;
 use addons::read_addons;
+use backup::read_backup;
 use cluster::{read_cluster, read_microk8s};
 use cross_section::{cross_checks, Parts};
 use image::read_image;
@@ -120,6 +122,10 @@ pub(crate) fn read_config(
             wifi: None,
         }),
     };
+    let backup = match top.get("backup") {
+        Some(e) => read_backup(rep, &e.value),
+        None => Some(Backup::default()),
+    };
     let mut has_inventory = false;
     let nodes = match top.get("nodes") {
         Some(e) => {
@@ -162,6 +168,7 @@ pub(crate) fn read_config(
         network: network?,
         nodes: if nodes_ok { nodes } else { return None },
         image: image?,
+        backup: backup?,
     };
     rep.errors.is_empty().then_some(config)
 }

@@ -331,7 +331,13 @@ impl CoordinatorClient {
         Ok(self.sign("POST", "/v1/message", nonce, body))
     }
 
-    fn sign(&self, method: &str, path: &str, nonce: &str, body: Vec<u8>) -> SignedRequest {
+    pub(super) fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        nonce: &str,
+        body: Vec<u8>,
+    ) -> SignedRequest {
         SignedRequest {
             method: method.to_string(),
             path: path.to_string(),
@@ -374,6 +380,85 @@ impl CoordinatorClient {
             .await
             .map_err(|e| self.transport(peer, e))?;
         self.decode(peer, resp).await
+    }
+
+    /// [`CoordinatorClient::send_signed`] with a longer timeout for this request (archive
+    /// transfers, restores).
+    pub(super) async fn send_signed_within<T: DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        req: &SignedRequest,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let mut quiet = |_: u64, _: Option<u64>| {};
+        let bytes = self
+            .send_signed_raw(peer, fingerprint, req, timeout, MAX_RESPONSE, &mut quiet)
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            peer,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Sends a signed request and returns the successful answer's raw body (at most `max`
+    /// bytes), reporting `(received, announced length)` to `progress` as chunks arrive.
+    pub(super) async fn send_signed_raw(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        req: &SignedRequest,
+        timeout: Duration,
+        max: usize,
+        progress: &mut (dyn FnMut(u64, Option<u64>) + Send),
+    ) -> Result<Vec<u8>, ClientError> {
+        let method = reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| {
+            ClientError::Encode {
+                peer,
+                reason: e.to_string(),
+            }
+        })?;
+        let mut resp = self
+            .http(fingerprint)?
+            .request(method, format!("https://{peer}{}", req.path))
+            .timeout(timeout)
+            .header(HEADER_NODE, &req.node)
+            .header(HEADER_NONCE, &req.nonce)
+            .header(HEADER_AUTH, &req.auth)
+            .header("content-type", "application/octet-stream")
+            .body(req.body.clone())
+            .send()
+            .await
+            .map_err(|e| self.transport(peer, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = self.read_limited(peer, resp).await?;
+            let reason = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+            return Err(ClientError::Refused {
+                peer,
+                status: status.as_u16(),
+                reason,
+            });
+        }
+        let total = resp.content_length();
+        let too_large = || ClientError::Decode {
+            peer,
+            reason: format!("response larger than {max} bytes"),
+        };
+        if total.is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::with_capacity(total.unwrap_or(0).min(max as u64) as usize);
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(peer, e))? {
+            if bytes.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+            progress(bytes.len() as u64, total);
+        }
+        Ok(bytes)
     }
 
     /// Sends one message to the coordinator at `peer`, whose certificate must have

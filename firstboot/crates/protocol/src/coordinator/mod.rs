@@ -23,6 +23,7 @@
 //! changes.
 
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod drill;
 pub mod identity;

@@ -21,6 +21,13 @@
 //!   ([`Coordinator::set_drill_handler`]), which answers a [`super::drill::DrillAck`] and
 //!   acts [`super::drill::DRILL_GRACE`] later; 503 with the reason otherwise.
 //!
+//! - `POST /v1/backup/push|list|fetch|restore` (auth): datastore backup archives, see
+//!   [`super::backup`]; bodies up to [`super::backup::MAX_FRAME`] within
+//!   [`super::backup::TRANSFER_TIMEOUT`], but only from an address that authenticated
+//!   within [`VERIFIED_FOR`] (others get [`MAX_BODY`]; the client authenticates with a
+//!   status read first). Served once the agent installed a store
+//!   ([`Coordinator::set_backup_store`]) or a restore handler; 503 before.
+//!
 //! Authentication accepts every secret of the node's [`Keyring`] ([`Coordinator::keyring`]),
 //! so a rotation swaps keys without a restart.
 //!
@@ -201,6 +208,7 @@ struct State {
     kubeconfig: Mutex<KubeconfigSource>,
     /// Values that must never appear on the public page (see [`page_response`]).
     never_public: Vec<String>,
+    backup: Mutex<super::backup::BackupServing>,
 }
 
 /// Where `POST /v1/kubeconfig` gets its answer.
@@ -285,6 +293,7 @@ where
                 cfg.secret.microk8s_token(),
                 cfg.secret.to_file_contents().trim().to_string(),
             ],
+            backup: Mutex::new(Default::default()),
         });
         let (tx, rx) = mpsc::channel::<Inbound<M>>(64);
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), tx));
@@ -357,6 +366,16 @@ impl<M> Coordinator<M> {
     pub fn refuse_kubeconfig(&self, reason: impl Into<String>) {
         *self.state.kubeconfig.lock().expect("kubeconfig lock") =
             KubeconfigSource::Unavailable(reason.into());
+    }
+
+    /// Serves `POST /v1/backup/push|list|fetch` from `store` (see [`super::backup`]).
+    pub fn set_backup_store(&self, store: Arc<dyn super::backup::BackupStore>) {
+        self.state.backup.lock().expect("backup lock").store = Some(store);
+    }
+
+    /// Serves `POST /v1/backup/restore` with `handler`.
+    pub fn set_restore_handler(&self, handler: super::backup::RestoreHandler) {
+        self.state.backup.lock().expect("backup lock").restore = Some(handler);
     }
 
     /// Stops accepting and closes open connections.
@@ -627,9 +646,12 @@ fn refuse(state: &State, r: Refusal) -> Response<Body> {
     json_response(r.status, body)
 }
 
-/// Reads a request's body: at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
+/// Reads a request's body: at most `max_body` bytes, within `body_timeout` ([`MAX_BODY`] and
+/// [`BODY_TIMEOUT`] except for the backup routes).
 async fn read_body(
     req: Request<Incoming>,
+    max_body: usize,
+    body_timeout: Duration,
 ) -> Result<(hyper::http::request::Parts, Vec<u8>), Refusal> {
     let (parts, body) = req.into_parts();
     let declared = parts
@@ -637,15 +659,15 @@ async fn read_body(
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let too_large = || Refusal::new(413, format!("body larger than {MAX_BODY} bytes"));
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    let too_large = || Refusal::new(413, format!("body larger than {max_body} bytes"));
+    if declared.is_some_and(|n| n > max_body as u64) {
         return Err(too_large());
     }
-    let collect = http_body_util::Limited::new(body, MAX_BODY).collect();
-    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+    let collect = http_body_util::Limited::new(body, max_body).collect();
+    match tokio::time::timeout(body_timeout, collect).await {
         Err(_) => Err(Refusal::new(
             408,
-            format!("body did not arrive within {BODY_TIMEOUT:?}"),
+            format!("body did not arrive within {body_timeout:?}"),
         )),
         Ok(Ok(b)) => Ok((parts, b.to_bytes().to_vec())),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
@@ -712,6 +734,13 @@ where
         | (Method::POST, "/v1/kubeconfig")
         | (Method::POST, "/v1/rotate")
         | (Method::POST, "/v1/drill") => authenticated_route(&state, tx, client, req).await,
+        (Method::POST, p) if super::backup::is_backup_path(p) => {
+            authenticated_route(&state, tx, client, req).await
+        }
+        (_, p) if super::backup::is_backup_path(p) => refuse(
+            &state,
+            Refusal::new(405, format!("{method} not allowed on {path}")),
+        ),
         (
             _,
             "/" | "/status.json" | "/v1/nonce" | "/v1/message" | "/v1/status" | "/v1/kubeconfig"
@@ -739,7 +768,19 @@ where
     if let Err(r) = precheck(state, client, &req) {
         return refuse(state, r);
     }
-    let (parts, body) = match read_body(req).await {
+    // Archive-sized bodies only from an address that authenticated before (a stranger
+    // holding a public nonce gets the usual small limit, so it cannot make the node buffer).
+    let verified = state
+        .conns
+        .lock()
+        .expect("conns lock")
+        .is_verified(client, Instant::now());
+    let (max_body, body_timeout) = if super::backup::is_backup_path(&path) && verified {
+        (super::backup::MAX_FRAME, super::backup::TRANSFER_TIMEOUT)
+    } else {
+        (MAX_BODY, BODY_TIMEOUT)
+    };
+    let (parts, body) = match read_body(req, max_body, body_timeout).await {
         Ok(x) => x,
         Err(r) => {
             if r.status == 408 {
@@ -789,6 +830,9 @@ where
     if path == "/v1/drill" {
         return drill_response(state, from, &body).await;
     }
+    if super::backup::is_backup_path(&path) {
+        return backup_response(state, from, &path, body).await;
+    }
     if method == Method::GET {
         state.stats.lock().expect("stats lock").status_reads += 1;
         let doc = serde_json::to_vec(&*state.status.borrow()).expect("json value");
@@ -799,6 +843,28 @@ where
         Err(r) => return refuse(state, r),
     };
     deliver(state, tx, client, from, message).await
+}
+
+/// Answers an authenticated backup route (see [`super::backup`]).
+async fn backup_response(state: &State, from: String, path: &str, body: Vec<u8>) -> Response<Body> {
+    let serving = {
+        let b = state.backup.lock().expect("backup lock");
+        (b.store.clone(), b.restore.clone())
+    };
+    let secrets: Vec<ClusterSecret> = state
+        .keyring
+        .accepted(Instant::now())
+        .iter()
+        .map(|k| k.secret().clone())
+        .collect();
+    match super::backup::answer(serving, secrets, from, path, body).await {
+        Ok(a) => Response::builder()
+            .status(StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK))
+            .header("content-type", a.content_type)
+            .body(full(a.body))
+            .expect("static response parts are valid"),
+        Err((status, reason)) => refuse(state, Refusal::new(status, reason)),
+    }
 }
 
 /// Hands an authenticated drill request to the installed handler.
