@@ -323,9 +323,9 @@ impl Schedule {
                 FaultKind::KillMicrok8s => f.lasts = Duration::from_millis(rng.range(1_000, 3_000)),
                 FaultKind::PowerCut => f.lasts = Duration::from_millis(rng.range(1_000, 6_000)),
                 FaultKind::Reflash => {
-                    // Workers only: a re-flashed control-plane member is MicroK8s' "already
-                    // known to dqlite" case, which dead-member replacement (#19) handles.
-                    f.nodes = vec![spec.control_plane + rng.below(spec.workers.max(1))];
+                    // Workers only (picked at run time, from this node on): a re-flashed
+                    // control-plane member is MicroK8s' "already known to dqlite" case, which
+                    // dead-member replacement (#19) handles.
                     f.lasts = Duration::from_millis(rng.range(1_000, 4_000));
                 }
                 FaultKind::DiskFull | FaultKind::ReadOnly => {
@@ -380,6 +380,8 @@ pub struct SoakNode {
     /// Down (power cut, re-flash) until the harness boots it again.
     pub down: bool,
     pub link: HostFaults,
+    /// When the agent exited on its own (restarted 1 s later).
+    exited_at: Option<Instant>,
 }
 
 impl SoakNode {
@@ -549,6 +551,7 @@ impl SoakCluster {
             faketime,
             down: false,
             link: HostFaults::default(),
+            exited_at: None,
         });
     }
 
@@ -621,6 +624,7 @@ impl SoakCluster {
             .expect("starting firstboot");
         node.agent = Some(child);
         node.down = false;
+        node.exited_at = None;
     }
 
     /// kill -9 of node `i`'s agent. Returns whether one was running.
@@ -758,7 +762,22 @@ impl SoakCluster {
         (!doc.node_id.is_empty()).then_some(doc)
     }
 
-    /// Restarts agents that exited on their own (systemd's `Restart=on-failure`), noting why.
+    /// The first node from `i` on (cyclically) that is up and a worker member.
+    pub fn worker_from(&self, i: usize) -> Option<usize> {
+        let n = self.nodes.len();
+        (0..n).map(|k| (i + k) % n).find(|&j| {
+            !self.nodes[j].down
+                && std::fs::read_to_string(self.nodes[j].state().join("state.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| {
+                        v["phase"]["phase"] == "member" && v["phase"]["role"] == "worker"
+                    })
+        })
+    }
+
+    /// Restarts agents that exited on their own 1 s later (systemd's `Restart=on-failure`,
+    /// with a shorter `RestartSec`), noting why they exited.
     pub fn reap_exited(&mut self, time_sync_wait_s: u64) {
         let rt = self.rt.handle().clone();
         let _guard = rt.enter();
@@ -769,11 +788,20 @@ impl SoakCluster {
             };
             if let Some(status) = exited {
                 self.nodes[i].agent = None;
-                let tail = last_line_with(&self.nodes[i].dir.join("agent.log"), "Error")
+                self.nodes[i].exited_at = Some(Instant::now());
+                let tail = last_line_with(&self.nodes[i].dir.join("agent.log"), "rror")
                     .unwrap_or_default();
                 self.agent_exits
                     .push(format!("node-{i}: agent exited ({status}): {tail}"));
-                self.start_agent(i, time_sync_wait_s);
+            }
+            if self.nodes[i]
+                .exited_at
+                .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.nodes[i].exited_at = None;
+                if self.nodes[i].agent.is_none() && !self.nodes[i].down {
+                    self.start_agent(i, time_sync_wait_s);
+                }
             }
         }
     }
@@ -1354,7 +1382,14 @@ pub fn run_soak(spec: &SoakSpec) -> Report {
                     }
                     was
                 }
+                FaultKind::Reflash if c.worker_from(i).is_none() => false,
                 FaultKind::PowerCut | FaultKind::Reflash if !c.nodes[i].down => {
+                    // Roles are decided at run time (the first joiners become the control
+                    // plane): a re-flash hits the first up worker from the drawn node on.
+                    let i = match f.kind {
+                        FaultKind::Reflash => c.worker_from(i).expect("checked above"),
+                        _ => i,
+                    };
                     inv.check(&c);
                     let pids = c.power_cut(i);
                     inv.killed(&pids);
