@@ -1,9 +1,11 @@
-//! The storage's prerequisite packages in an image built from an official-shaped base (whose
-//! package list the builder cannot change): `addons.offline` holds real `.deb` files (made
-//! with `dpkg-deb --build`) and Longhorn's chart; the image carries them under
-//! `/var/lib/rackseed/storage` (0644, byte for byte, still packages dpkg reads), and the
-//! in-image config points there. A folder missing a package the storage needs fails the build
-//! before any output exists. Needs root and the image tools (`common::require_all_tools`);
+//! The nodes' offline packages in an image built from an official-shaped base (whose package
+//! list the builder cannot change): the config asks for Longhorn, a floating API address and
+//! MetalLB's automatic range, so `addons.offline` holds real `.deb` files (made with
+//! `dpkg-deb --build`) of Longhorn's prerequisites, keepalived, curl and iputils-arping, and
+//! Longhorn's chart; the image carries them under `/var/lib/rackseed/storage` (0644, byte for
+//! byte, still packages dpkg reads), the in-image config points there, and the build says that
+//! container images are not staged. A folder missing a package the nodes need fails the build
+//! before any output exists, naming the package and the setting that needs it. Needs root and the image tools (`common::require_all_tools`);
 //! the official-shaped fixture is cached across runs.
 //!
 //! Run: `cargo test -p imagebuilder --test image_storage` (as root).
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use imagebuilder::customize::storage::STORAGE_DIR;
 use imagebuilder::disk;
-use rackseed_config::{Base, Storage, Target};
+use rackseed_config::{ApiAddress, Base, Metallb, Storage, Target};
 
 /// A real Debian package `name_1.0-test_amd64.deb` in `dir`.
 async fn make_deb(dir: &Path, name: &str) -> PathBuf {
@@ -75,8 +77,15 @@ fn sample_with_storage(dir: &Path, staged: &Path) -> Sample {
     );
     s.config.addons.storage = Storage::Longhorn;
     s.config.addons.offline = Some(staged.to_owned());
+    s.config.cluster.api_address = Some(ApiAddress::Fixed("192.168.50.10".parse().unwrap()));
+    s.config.addons.metallb = Some(Metallb::Auto { count: 8 });
+    s.toml = s.toml.replacen(
+        "[cluster]\n",
+        "[cluster]\napi-address = \"192.168.50.10\"\n",
+        1,
+    );
     s.toml.push_str(&format!(
-        "\n[addons]\nstorage = \"longhorn\"\noffline = \"{}\"\n",
+        "\n[addons]\nstorage = \"longhorn\"\noffline = \"{}\"\n\n[addons.metallb]\naddresses = \"auto\"\n",
         staged.display()
     ));
     s
@@ -109,11 +118,30 @@ async fn an_official_shaped_base_carries_the_staged_storage_packages() {
         ],
     )
     .await;
-    let staged = staged_folder(dir.path(), &["open-iscsi", "nfs-common", "libisns0"]).await;
+    let staged = staged_folder(
+        dir.path(),
+        &[
+            "open-iscsi",
+            "nfs-common",
+            "libisns0",
+            "keepalived",
+            "curl",
+            "iputils-arping",
+        ],
+    )
+    .await;
     let s = sample_with_storage(dir.path(), &staged);
     let out = imagebuilder::build::run(request(&s, &dir.path().join("out"), x86_firstboot()))
         .await
         .expect("build with staged storage packages");
+    // The build says what offline staging does not cover.
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.contains("stages longhorn's chart") && w.contains("not container images")),
+        "{:?}",
+        out.warnings
+    );
     let t = disk::read_table(&out.image).await.unwrap();
     let root = t.by_label("cloudimg-rootfs").unwrap().start;
 
@@ -186,7 +214,9 @@ async fn a_folder_without_a_needed_package_fails_before_any_output() {
         .expect_err("nfs-common is missing");
     let msg = format!("{err:#}");
     assert!(
-        msg.contains("has no amd64 package for nfs-common") && msg.contains("apt-get download"),
+        msg.contains("has no amd64 package for nfs-common, keepalived, curl, iputils-arping")
+            && msg.contains("keepalived for cluster.api-address")
+            && msg.contains("apt-get download"),
         "{msg}"
     );
     assert!(

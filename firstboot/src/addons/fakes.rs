@@ -95,6 +95,12 @@ pub fn package_files(pkg: &str) -> &'static [&'static str] {
         "open-iscsi" => &["usr/sbin/iscsiadm", "lib/systemd/system/iscsid.service"],
         "nfs-common" => &["usr/sbin/mount.nfs"],
         "lvm2" => &["usr/sbin/lvm"],
+        "keepalived" => &[
+            "usr/sbin/keepalived",
+            "lib/systemd/system/keepalived.service",
+        ],
+        "curl" => &["usr/bin/curl"],
+        "iputils-arping" => &["usr/bin/arping"],
         "multipath-tools" => &[
             "usr/sbin/multipathd",
             "lib/systemd/system/multipathd.service",

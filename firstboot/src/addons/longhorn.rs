@@ -15,8 +15,9 @@
 //!    asked (it holds no replica until it is back). Otherwise nothing is applied and the step
 //!    fails with the reason, naming each node and its problems (the addon row in status shows
 //!    it; the progress retries it, spaced out: [`super::progress::retry_delay`]).
-//!    Known limit: a member's verdict is the one from its node preparation at its agent's
-//!    start; a restarted member does not prepare again, so it reports none (counted as met).
+//!    A member's verdict survives its agent's restarts: node preparation keeps it in the
+//!    state folder ([`super::prep::VERDICT_FILE`]), a restarted agent reports it at once and
+//!    a restarted member checks again in the background (`driver`).
 //! 2. The CSI snapshot CRDs (`snapshot.storage.k8s.io/v1`: VolumeSnapshotClass,
 //!    VolumeSnapshotContent, VolumeSnapshot), then `kubectl wait` until they are Established,
 //!    then the snapshot controller (RBAC + Deployment in `kube-system`). Longhorn's chart ships

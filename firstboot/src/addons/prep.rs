@@ -31,6 +31,14 @@
 //!   module; notes the raw disks and internet it needs.
 //! - rpi4/rpi5: memory cgroup enabled, `vxlan` module available, RAM above MicroK8s'
 //!   low-memory guard.
+//! - the other features' packages ([`prepare_feature_packages`]): `keepalived` and `curl` for
+//!   `cluster.api-address`, `iputils-arping` for MetalLB's `"auto"` range; installed from the
+//!   staged folder when missing (official bases), else a problem named after the setting that
+//!   says what the node then lacks (it still forms).
+//!
+//! The verdict is kept in the agent's state folder ([`VERDICT_FILE`], written atomically by
+//! [`prepare_and_record`]): a restarted agent shows it at once and checks again, so a
+//! member's unmet prerequisite never disappears from its status while its agent restarts.
 //!
 //! Files are written atomically (temp file, fsync, rename, fsync of the directory), only when
 //! their content changes, and setting lines are never duplicated. Problems the node cannot fix
@@ -259,6 +267,117 @@ pub fn under_root(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
+/// Node preparation for everything `config` turns on: [`prepare_node_for`] with its storage,
+/// Longhorn settings, staged folder and target, and, when `feature_packages` is set, the
+/// packages of its other features ([`prepare_feature_packages`]). `feature_packages` is false
+/// only where the agent runs those programs from elsewhere than `root` (tests that give it
+/// its own keepalived).
+pub async fn prepare_for_config<K: KernelControl>(
+    root: &Path,
+    config: &rackseed_config::ClusterConfig,
+    feature_packages: bool,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let offline = config.addons.offline.as_deref();
+    let mut r = prepare_node_for(
+        root,
+        config.addons.storage,
+        &config.addons.longhorn,
+        offline,
+        config.image.target,
+        kernel,
+    )
+    .await?;
+    if feature_packages {
+        r.merge(prepare_feature_packages(root, config, offline, kernel).await?);
+    }
+    Ok(r)
+}
+
+/// The packages of the features `config` turns on besides storage
+/// ([`rackseed_config::ClusterConfig::feature_packages`]: keepalived and curl for the floating
+/// API address, iputils' arping for MetalLB's automatic range). A bootstrapped base has them;
+/// an official base gets them from the staged folder `offline` (absolute on the node,
+/// re-rooted under `root`) in one offline `dpkg -i`. When they cannot be had, the problem is
+/// named after the setting (`api-address: keepalived and curl not installed on this node and
+/// not staged in ...: the node cannot hold the floating API address (it forms without it)`);
+/// nothing else waits for them.
+pub async fn prepare_feature_packages<K: KernelControl>(
+    root: &Path,
+    config: &rackseed_config::ClusterConfig,
+    offline: Option<&Path>,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let offline = offline.map(|o| under_root(root, o));
+    let mut r = Readiness::default();
+    for f in config.feature_packages() {
+        let needs: Vec<PackageProbe> = f.packages.iter().map(|p| feature_probe(*p)).collect();
+        let name = f
+            .setting
+            .strip_prefix("cluster.")
+            .or_else(|| f.setting.strip_prefix("addons."))
+            .and_then(|s| s.split(['.', ' ']).next())
+            .unwrap_or(f.setting);
+        ensure_packages(
+            root,
+            name,
+            f.without,
+            &needs,
+            offline.as_deref(),
+            kernel,
+            &mut r,
+        )
+        .await?;
+    }
+    Ok(r)
+}
+
+/// The file in the agent's state folder that keeps its last preparation verdict.
+pub const VERDICT_FILE: &str = "prerequisites.json";
+
+/// Keeps `verdict` in `state_dir` (atomically, mode 0600), so that a restarted agent reports
+/// the same problems until it has checked again: a member's unmet Longhorn prerequisite must
+/// not vanish from its status (the installing node reads it there) when its agent restarts.
+pub fn store_verdict(state_dir: &Path, verdict: &Readiness) -> Result<(), PrepError> {
+    let path = state_dir.join(VERDICT_FILE);
+    let json = serde_json::to_vec_pretty(verdict).map_err(|e| PrepError::Write {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    rackseed_host::fs::write_atomic(&path, &json, 0o600).map_err(|e| PrepError::Write {
+        path,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// The verdict [`store_verdict`] kept, `None` when there is none yet; a file that is not a
+/// verdict is an error naming it (nothing is overwritten until the next check).
+pub fn load_verdict(state_dir: &Path) -> Result<Option<Readiness>, PrepError> {
+    let path = state_dir.join(VERDICT_FILE);
+    let Some(text) = read_optional(&path)? else {
+        return Ok(None);
+    };
+    let v: Readiness = serde_json::from_str(&text).map_err(|e| PrepError::Malformed {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Some(v))
+}
+
+/// [`prepare_for_config`], then [`store_verdict`]: what the agent runs before it joins, and
+/// again when it restarts as a member (idempotent: only what is missing is done).
+pub async fn prepare_and_record<K: KernelControl>(
+    root: &Path,
+    config: &rackseed_config::ClusterConfig,
+    feature_packages: bool,
+    state_dir: &Path,
+    kernel: &K,
+) -> Result<Readiness, PrepError> {
+    let r = prepare_for_config(root, config, feature_packages, kernel).await?;
+    store_verdict(state_dir, &r)?;
+    Ok(r)
+}
+
 // ---------------------------------------------------------------------------------------------
 // mayastor
 
@@ -400,13 +519,25 @@ fn sysctl_value(line: &str) -> Option<u64> {
 // longhorn, rook-ceph
 
 /// A package and the binaries that show it is there when the root has no dpkg database.
-type PackageProbe = (&'static str, [&'static str; 2]);
+type PackageProbe = (&'static str, &'static [&'static str]);
 
 const LONGHORN_PACKAGES: [PackageProbe; 2] = [
-    ("open-iscsi", ["usr/sbin/iscsiadm", "sbin/iscsiadm"]),
-    ("nfs-common", ["usr/sbin/mount.nfs", "sbin/mount.nfs"]),
+    ("open-iscsi", &["usr/sbin/iscsiadm", "sbin/iscsiadm"]),
+    ("nfs-common", &["usr/sbin/mount.nfs", "sbin/mount.nfs"]),
 ];
-const ROOK_CEPH_PACKAGES: [PackageProbe; 1] = [("lvm2", ["usr/sbin/lvm", "sbin/lvm"])];
+const ROOK_CEPH_PACKAGES: [PackageProbe; 1] = [("lvm2", &["usr/sbin/lvm", "sbin/lvm"])];
+
+/// The probe for a package of [`rackseed_config::ClusterConfig::feature_packages`]: the
+/// binaries the agent runs from it (keepalived's daemon, the health check's curl, iputils'
+/// arping). A package without known binaries counts as installed only by dpkg's database.
+fn feature_probe(package: &'static str) -> PackageProbe {
+    match package {
+        "keepalived" => (package, &["usr/sbin/keepalived", "sbin/keepalived"]),
+        "curl" => (package, &["usr/bin/curl", "bin/curl"]),
+        "iputils-arping" => (package, &["usr/bin/arping", "bin/arping"]),
+        _ => (package, &[]),
+    }
+}
 
 /// Which of `needs` are not installed under `root`.
 fn missing_packages(root: &Path, needs: &[PackageProbe]) -> Result<Vec<&'static str>, PrepError> {
@@ -449,10 +580,11 @@ pub fn deb_package_name(path: &Path) -> Option<&str> {
 /// Makes sure `needs` are installed: when some are missing and `offline` holds a staged `.deb`
 /// for each of them, installs every staged package in one `dpkg -i` (so their dependencies,
 /// staged beside them, resolve without a network) and checks again. What is still missing is
-/// a problem for `addon`.
+/// a problem for `addon`, followed by `without` (what the node lacks then) when it is not empty.
 async fn ensure_packages<K: KernelControl>(
     root: &Path,
     addon: &str,
+    without: &str,
     needs: &[PackageProbe],
     offline: Option<&Path>,
     kernel: &K,
@@ -481,7 +613,7 @@ async fn ensure_packages<K: KernelControl>(
         return Ok(());
     }
     let list = missing.join(" and ");
-    let problem = match (&install_error, offline) {
+    let mut problem = match (&install_error, offline) {
         (Some(e), _) => format!("{addon}: installing the staged packages for {list} failed: {e}"),
         (None, Some(dir)) if !have_all => format!(
             "{addon}: {list} not installed on this node and not staged in {}",
@@ -489,6 +621,9 @@ async fn ensure_packages<K: KernelControl>(
         ),
         _ => format!("{addon}: {list} not installed on this node (every {addon} node needs them)"),
     };
+    if !without.is_empty() {
+        problem.push_str(&format!(": {without}"));
+    }
     r.problem(
         problem,
         format!(
@@ -511,6 +646,7 @@ pub async fn prepare_longhorn<K: KernelControl>(
     ensure_packages(
         root,
         "longhorn",
+        "",
         &LONGHORN_PACKAGES,
         offline,
         kernel,
@@ -681,6 +817,7 @@ pub async fn prepare_rook_ceph<K: KernelControl>(
     ensure_packages(
         root,
         "rook-ceph",
+        "",
         &ROOK_CEPH_PACKAGES,
         offline,
         kernel,

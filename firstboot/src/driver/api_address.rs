@@ -77,6 +77,13 @@ impl ApiAddressKeeper {
             view.state = "not a control-plane member: never holds the address".into();
             return view;
         }
+        // keepalived (or its health check's curl) missing is said at once, not only once
+        // MicroK8s lists members: the node forms without holding the address.
+        if let Some(why) = self.keepalived.lock().await.missing() {
+            view.state = "cannot hold the address".into();
+            view.problem = Some(why);
+            return view;
+        }
         let members = self.members(status);
         if members.is_empty() {
             view.state = "waiting for MicroK8s' member list".into();

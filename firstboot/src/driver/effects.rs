@@ -251,18 +251,25 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
     }
 }
 
-/// Node preparation: storage/hardware checks, then install MicroK8s and wait until it is ready.
-async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicBool) -> Result<()> {
-    let readiness = addons::prep::prepare_node_for(
+/// The node's prerequisites prepared and checked ([`addons::prep::prepare_and_record`]: the
+/// storage's, the Pi's, and the packages of the API address and MetalLB's auto range, the last
+/// only on a node whose keepalived is the packaged one), the verdict kept in the state folder.
+pub(super) async fn check_prerequisites(agent: &Agent) -> Result<addons::Readiness> {
+    let on_node = agent.keepalived == crate::system::keepalived::KeepalivedControl::Systemd;
+    addons::prep::prepare_and_record(
         &agent.root,
-        agent.config.addons.storage,
-        &agent.config.addons.longhorn,
-        agent.config.addons.offline.as_deref(),
-        agent.config.image.target,
+        &agent.config,
+        on_node,
+        &agent.state_dir,
         &addons::prep::HostKernel,
     )
     .await
-    .context("preparing the node")?;
+    .context("preparing the node")
+}
+
+/// Node preparation: storage/hardware checks, then install MicroK8s and wait until it is ready.
+async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicBool) -> Result<()> {
+    let readiness = check_prerequisites(agent).await?;
     let _ = tasks
         .send(TaskResult::Problems {
             problems: readiness.problems.clone(),

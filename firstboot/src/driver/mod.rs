@@ -249,6 +249,7 @@ impl Runtime {
         let state = state_file(&agent.state_dir);
         let persisted: Option<PersistedState> = state.load()?;
         let resumed = persisted.is_some();
+        let resumed_member = persisted.as_ref().is_some_and(is_member);
         let params = match &agent.params {
             Some(p) => p.clone(),
             None => FormationParams::from_config(&agent.config, agent.mac),
@@ -289,6 +290,7 @@ impl Runtime {
             backup: Default::default(),
         };
         rt.api_address = api_address::ApiAddressKeeper::new(&rt.agent).map(Arc::new);
+        rt.resume_prerequisites(resumed_member);
         tracing::info!(
             node = %rt.agent.node_id,
             port,
@@ -526,6 +528,42 @@ impl Runtime {
             a.reply(answers);
         }
         Ok(())
+    }
+
+    /// Shows the node's last prerequisite verdict (kept in the state folder) at once, and, on
+    /// a member (which does not prepare again), checks it again in the background: a
+    /// restarted member neither forgets an unmet prerequisite nor keeps one that was fixed.
+    fn resume_prerequisites(&mut self, member: bool) {
+        match crate::addons::prep::load_verdict(&self.agent.state_dir) {
+            Ok(Some(v)) => {
+                self.doc.problems = v.problems;
+                self.doc.fixes = v.fixes;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let why = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(error = %why, "the kept prerequisite verdict");
+                self.doc.last_error = Some(format!("the kept prerequisite verdict: {why}"));
+            }
+        }
+        if !member {
+            return;
+        }
+        let agent = self.agent.clone();
+        let tasks = self.tasks.clone();
+        tokio::spawn(async move {
+            match effects::check_prerequisites(&agent).await {
+                Ok(r) => {
+                    let _ = tasks
+                        .send(TaskResult::Problems {
+                            problems: r.problems,
+                            fixes: r.fixes,
+                        })
+                        .await;
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "re-checking prerequisites"),
+            }
+        });
     }
 
     fn reannounce(&mut self) {

@@ -323,13 +323,13 @@ impl Keepalived {
         };
         if !binary.exists() {
             return Some(format!(
-                "keepalived is not installed ({} is missing): this node cannot hold the API address; install the keepalived package (bootstrapped rackseed bases include it)",
+                "keepalived is not installed ({} is missing): this node cannot hold the API address; install the keepalived package (bootstrapped rackseed bases include it; for an official base, stage its .deb with addons.offline so the agent installs it at first boot)",
                 binary.display()
             ));
         }
         (!check.exists()).then(|| {
             format!(
-                "the API health check's program {} is missing: keepalived would drop the check and hold the address without the API being ready, so this node does not hold it; install the curl package (bootstrapped rackseed bases include it)",
+                "the API health check's program {} is missing: keepalived would drop the check and hold the address without the API being ready, so this node does not hold it; install the curl package (bootstrapped rackseed bases include it; for an official base, stage its .deb with addons.offline)",
                 check.display()
             )
         })

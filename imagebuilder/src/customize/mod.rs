@@ -8,7 +8,8 @@
 //! (0600 root:root), `/etc/microk8s.yaml` (0600: it holds the cluster token),
 //! `/etc/rackseed/image.json` (what `inspect` reads), staged offline snaps under
 //! `/var/lib/rackseed/snaps/`, the storage's staged packages and chart under
-//! `/var/lib/rackseed/storage/` ([`storage`]), and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
+//! `/var/lib/rackseed/storage/` ([`storage`]: the offline folder, also keepalived, curl and arping
+//! for official bases), and on x86 the NoCloud seed in `/var/lib/cloud/seed/nocloud/`.
 //! Removed from it: the base's SSH host keys (`/etc/ssh/ssh_host_*`), which every machine
 //! flashed from the image would otherwise share; each machine makes its own at first boot.
 //! `/etc/machine-id` is left empty for the same reason.
@@ -469,7 +470,9 @@ pub async fn apply(
     let l = labels(inp.target);
     let root = table.by_label(l.root)?.clone();
     let boot = table.by_label(l.boot)?.clone();
-    let mut warnings = Vec::new();
+    // What offline staging does and does not cover (container images, an official base's
+    // missing packages).
+    let mut warnings = storage::staging_notes(inp.config);
     let seed = seed_for(inp.config)?;
     let (mut entries, secret_paths) = root_entries(inp, scratch)?;
     let ext4 = Ext4::new(image, root.start);

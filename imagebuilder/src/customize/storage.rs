@@ -1,25 +1,35 @@
-//! The storage's offline files: `addons.offline` names a folder on the build machine holding
-//! the `.deb` packages the chosen storage needs on every node (with their dependencies) and,
+//! The offline folder (`addons.offline`): a folder on the build machine holding the `.deb`
+//! packages the nodes need and cannot fetch without a network (with their dependencies) and,
 //! for Longhorn, its chart archive. They are copied into [`STORAGE_DIR`] in the image, the
 //! in-image config points `addons.offline` there, and `firstboot` installs the packages at
 //! first boot with `dpkg -i` (no network) and helm installs the chart from there. This is how an
 //! official Ubuntu base, whose package list the builder cannot change, gets them; a
-//! bootstrapped base gets the packages in its package list instead (`build`).
+//! bootstrapped base gets them in its package list instead (`build`, `base::bootstrap`).
 //!
-//! Checked at build time, before anything is written: every package
-//! [`rackseed_config::Storage::node_packages`] names has a `NAME_VERSION_ARCH.deb` for the
-//! target's architecture (or `all`), every staged `.deb` is an `ar` archive (what a Debian
-//! package is) for that architecture, and for Longhorn the chart `longhorn-<version>.tgz` of
-//! the pinned version is there and is gzip data. The folder's packages are not resolved
-//! against each other (the dependencies of `open-iscsi` differ between releases): a missing
-//! dependency shows at first boot as dpkg's error in the node's status.
+//! What the folder must hold ([`StagingNeeds::for_config`]):
+//! - the storage's packages ([`rackseed_config::Storage::node_packages`]: `open-iscsi` and
+//!   `nfs-common` for Longhorn, `lvm2` for Rook-Ceph), for every base;
+//! - for an official (not bootstrapped) base, the packages of the other features the config
+//!   turns on ([`rackseed_config::ClusterConfig::feature_packages`]): `keepalived` and `curl`
+//!   for `cluster.api-address`, `iputils-arping` for MetalLB's `"auto"` range (bootstrapped
+//!   bases always carry these);
+//! - for Longhorn, the chart `longhorn-<version>.tgz` of the pinned version.
+//!
+//! Checked at build time, before anything is written: every needed package has a
+//! `NAME_VERSION_ARCH.deb` for the target's architecture (or `all`), every staged `.deb` is an
+//! `ar` archive (what a Debian package is) for that architecture, and the chart is gzip data.
+//! The folder's packages are not resolved against each other (dependencies differ between
+//! releases): a missing dependency shows at first boot as dpkg's error in the node's status.
 //!
 //! To fill the folder on an Ubuntu machine of the nodes' release and architecture:
-//! `apt-get download open-iscsi nfs-common` plus what `apt-get install --simulate` says is
-//! missing on a fresh node, and Longhorn's chart archive from its chart repository.
+//! `apt-get download open-iscsi nfs-common keepalived curl` (the packages the error names) plus
+//! what `apt-get install --simulate` says is missing on a fresh node, and Longhorn's chart
+//! archive from its chart repository.
 //!
 //! Container images are **not** staged: Longhorn's and the snapshot controller's images are
-//! still pulled by the nodes.
+//! still pulled by the nodes when the agent installs Longhorn. The build says so
+//! ([`staging_notes`], printed as warnings), as it says which features an official base without
+//! the folder leaves to the nodes' own packages.
 
 use std::path::{Path, PathBuf};
 
@@ -50,8 +60,45 @@ fn starts_with(path: &Path, magic: &[u8]) -> Result<bool> {
     Ok(f.read_exact(&mut head).is_ok() && head == magic)
 }
 
-/// The files of `dir` to stage for `storage` on `target`, checked (see the module docs).
-pub fn staged_files(dir: &Path, storage: Storage, target: Target) -> Result<Vec<PathBuf>> {
+/// What an offline folder must hold for a config (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StagingNeeds {
+    /// `(package, the setting that needs it)`, in the config's order.
+    pub packages: Vec<(&'static str, String)>,
+    /// Longhorn's chart archive ([`longhorn_chart_name`]).
+    pub longhorn_chart: bool,
+}
+
+impl StagingNeeds {
+    /// The needs of `config`'s storage, plus those of its other features when the base is not
+    /// bootstrapped (a bootstrapped base has those packages already).
+    pub fn for_config(config: &ClusterConfig) -> StagingNeeds {
+        let storage = config.addons.storage;
+        let mut packages: Vec<(&'static str, String)> = storage
+            .node_packages()
+            .iter()
+            .map(|p| (*p, format!("storage {}", storage_name(storage))))
+            .collect();
+        if !is_bootstrapped(config) {
+            for f in config.feature_packages() {
+                packages.extend(f.packages.iter().map(|p| (*p, f.setting.to_string())));
+            }
+        }
+        StagingNeeds {
+            packages,
+            longhorn_chart: storage == Storage::Longhorn,
+        }
+    }
+}
+
+/// Whether the image's base is bootstrapped from packages (which then include the features'
+/// packages) rather than an official or local image.
+pub fn is_bootstrapped(config: &ClusterConfig) -> bool {
+    matches!(config.image.base, rackseed_config::Base::Bootstrap { .. })
+}
+
+/// The files of `dir` to stage for `needs` on `target`, checked (see the module docs).
+pub fn staged_files(dir: &Path, needs: &StagingNeeds, target: Target) -> Result<Vec<PathBuf>> {
     let arch = target.deb_arch();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading addons.offline folder {}", dir.display()))?
@@ -93,24 +140,28 @@ pub fn staged_files(dir: &Path, storage: Storage, target: Target) -> Result<Vec<
             keep.push(f);
         }
     }
-    let missing: Vec<&str> = storage
-        .node_packages()
+    let missing: Vec<&(&str, String)> = needs
+        .packages
         .iter()
-        .copied()
-        .filter(|p| !packages.iter().any(|q| q == p))
+        .filter(|(p, _)| !packages.iter().any(|q| q == p))
         .collect();
     if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+        let why: Vec<String> = missing
+            .iter()
+            .map(|(p, setting)| format!("{p} for {setting}"))
+            .collect();
         bail!(
-            "addons.offline folder {} has no {arch} package for {} (storage {} needs it on \
-             every node); add it with its dependencies (apt-get download {} on a machine of \
-             the nodes' release)",
+            "addons.offline folder {} has no {arch} package for {} (every node needs it: {}); \
+             add it with its dependencies (apt-get download {} on a machine of the nodes' \
+             release)",
             dir.display(),
-            missing.join(", "),
-            storage_name(storage),
-            missing.join(" ")
+            names.join(", "),
+            why.join(", "),
+            names.join(" ")
         );
     }
-    if storage == Storage::Longhorn && !keep.iter().any(|f| f.ends_with(longhorn_chart_name())) {
+    if needs.longhorn_chart && !keep.iter().any(|f| f.ends_with(longhorn_chart_name())) {
         bail!(
             "addons.offline folder {} has no {} (the longhorn chart the agent installs)",
             dir.display(),
@@ -135,7 +186,7 @@ pub fn storage_entries(config: &ClusterConfig, target: Target) -> Result<Vec<Ent
     let Some(dir) = &config.addons.offline else {
         return Ok(Vec::new());
     };
-    let files = staged_files(dir, config.addons.storage, target)?;
+    let files = staged_files(dir, &StagingNeeds::for_config(config), target)?;
     let mut entries = vec![Entry::Dir {
         path: STORAGE_DIR.into(),
         mode: 0o755,
@@ -159,6 +210,51 @@ pub fn storage_entries(config: &ClusterConfig, target: Target) -> Result<Vec<Ent
     Ok(entries)
 }
 
+/// What the build says about offline staging (printed as warnings, kept in the build output):
+/// with Longhorn, that its chart and packages are staged but its container images are not; and
+/// for an official base without `addons.offline`, which packages the nodes must already have
+/// and what a node without them lacks (its status then says so).
+pub fn staging_notes(config: &ClusterConfig) -> Vec<String> {
+    let mut notes = Vec::new();
+    let storage = config.addons.storage;
+    if config.addons.offline.is_some() && storage == Storage::Longhorn {
+        notes.push(format!(
+            "addons.offline stages longhorn's chart ({}) and the nodes' packages, not container \
+             images: the nodes pull Longhorn's and the CSI snapshot controller's images when the \
+             agent installs it, so that needs access to their registries (or a registry mirror \
+             configured in containerd)",
+            longhorn_chart_name()
+        ));
+    }
+    if config.addons.offline.is_none() && !is_bootstrapped(config) {
+        let mut wants: Vec<String> = Vec::new();
+        if !storage.node_packages().is_empty() {
+            wants.push(format!(
+                "{} (storage {}: the node reports its prerequisites unmet)",
+                storage.node_packages().join(", "),
+                storage_name(storage)
+            ));
+        }
+        for f in config.feature_packages() {
+            wants.push(format!(
+                "{} ({}: without them {})",
+                f.packages.join(", "),
+                f.setting,
+                f.without
+            ));
+        }
+        if !wants.is_empty() {
+            notes.push(format!(
+                "the base is not bootstrapped and addons.offline is not set: the nodes install \
+                 nothing at first boot, so they need {} in the base already; stage the .deb \
+                 files with addons.offline (or bootstrap the base) to have them without a person",
+                wants.join("; ")
+            ));
+        }
+    }
+    notes
+}
+
 /// The packages a bootstrapped base adds for the storage: the configured ones plus
 /// [`Storage::node_packages`].
 pub fn bootstrap_packages(configured: &[String], storage: Storage) -> Vec<String> {
@@ -175,36 +271,139 @@ mod tests {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
 
+    /// A config with `extra` TOML after `[cluster]` and the base of `base` (TOML lines).
+    fn config(cluster: &str, addons: &str, base: &str) -> ClusterConfig {
+        let text = format!(
+            "[cluster]\nname = \"lab\"\n{cluster}\n[addons]\n{addons}\n[image]\ntarget = \"x86_64-efi\"\n\n[image.base]\n{base}\n"
+        );
+        rackseed_config::parse(&text, Path::new("/tmp/lab/cluster.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config
+    }
+
+    const OFFICIAL: &str = "kind = \"local\"\npath = \"base.img\"";
+    const BOOTSTRAP: &str = "kind = \"bootstrap\"\nsuite = \"noble\"\narch = \"amd64\"";
+
+    fn longhorn() -> StagingNeeds {
+        StagingNeeds::for_config(&config("", "storage = \"longhorn\"", OFFICIAL))
+    }
+
     #[test]
     fn longhorn_needs_its_packages_for_the_arch_and_the_chart() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path();
         put(dir, "open-iscsi_2.1.9_amd64.deb", b"!<arch>\nx");
-        let err = staged_files(dir, Storage::Longhorn, Target::X86_64Efi).unwrap_err();
+        let err = staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap_err();
         assert!(
             format!("{err:#}").contains("no amd64 package for nfs-common"),
             "{err:#}"
         );
         put(dir, "nfs-common_2.6.4_amd64.deb", b"!<arch>\nx");
-        let err = staged_files(dir, Storage::Longhorn, Target::X86_64Efi).unwrap_err();
+        let err = staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap_err();
         assert!(
             format!("{err:#}").contains("has no longhorn-1.7.2.tgz"),
             "{err:#}"
         );
         put(dir, &longhorn_chart_name(), &[0x1f, 0x8b, 0]);
         put(dir, "notes.txt", b"ignored");
-        let files = staged_files(dir, Storage::Longhorn, Target::X86_64Efi).unwrap();
+        let files = staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap();
         assert_eq!(files.len(), 3);
         // The same folder is wrong for a Pi.
-        let err = staged_files(dir, Storage::Longhorn, Target::Rpi5).unwrap_err();
+        let err = staged_files(dir, &longhorn(), Target::Rpi5).unwrap_err();
         assert!(format!("{err:#}").contains("built for amd64, but rpi5 nodes run arm64"));
         // A file that is not a package.
         put(dir, "lvm2_2.03_all.deb", b"<html>");
-        let err = staged_files(dir, Storage::Longhorn, Target::X86_64Efi).unwrap_err();
+        let err = staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap_err();
         assert!(
             format!("{err:#}").contains("not a Debian package"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn an_official_base_stages_keepalived_curl_and_arping_for_the_features_that_need_them() {
+        let features = (
+            "api-address = \"10.0.0.100\"",
+            "storage = \"none\"\n\n[addons.metallb]\naddresses = \"auto\"",
+        );
+        let official = StagingNeeds::for_config(&config(features.0, features.1, OFFICIAL));
+        assert_eq!(
+            official.packages,
+            [
+                ("keepalived", "cluster.api-address".to_string()),
+                ("curl", "cluster.api-address".to_string()),
+                (
+                    "iputils-arping",
+                    "addons.metallb.addresses = \"auto\"".to_string()
+                ),
+            ]
+        );
+        assert!(!official.longhorn_chart);
+        // A bootstrapped base has them as packages: nothing to stage for them.
+        let boot = StagingNeeds::for_config(&config(features.0, features.1, BOOTSTRAP));
+        assert_eq!(boot, StagingNeeds::default());
+        // Without the features, nothing either.
+        assert_eq!(
+            StagingNeeds::for_config(&config("", "storage = \"none\"", OFFICIAL)),
+            StagingNeeds::default()
+        );
+
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        put(dir, "keepalived_2.2.8-1_amd64.deb", b"!<arch>\nx");
+        let err = staged_files(dir, &official, Target::X86_64Efi).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("no amd64 package for curl, iputils-arping")
+                && msg.contains("curl for cluster.api-address")
+                && msg.contains("apt-get download curl iputils-arping"),
+            "{msg}"
+        );
+        put(dir, "curl_8.5.0-2_amd64.deb", b"!<arch>\nx");
+        put(dir, "iputils-arping_20240117-1_amd64.deb", b"!<arch>\nx");
+        put(dir, "libcurl4t64_8.5.0-2_amd64.deb", b"!<arch>\nx");
+        assert_eq!(
+            staged_files(dir, &official, Target::X86_64Efi)
+                .unwrap()
+                .len(),
+            4
+        );
+    }
+
+    #[test]
+    fn the_build_says_what_is_and_is_not_staged() {
+        let lh = config(
+            "",
+            "storage = \"longhorn\"\noffline = \"/srv/offline\"",
+            OFFICIAL,
+        );
+        let notes = staging_notes(&lh);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("stages longhorn's chart (longhorn-1.7.2.tgz)")
+                && notes[0].contains("not container images"),
+            "{notes:?}"
+        );
+        // An official base without the folder: what the nodes must have already.
+        let bare = config(
+            "api-address = \"10.0.0.100\"",
+            "storage = \"longhorn\"",
+            OFFICIAL,
+        );
+        let notes = staging_notes(&bare);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("open-iscsi, nfs-common (storage longhorn")
+                && notes[0].contains("keepalived, curl (cluster.api-address: without them the node cannot hold the floating API address"),
+            "{notes:?}"
+        );
+        // A bootstrapped base carries them: nothing to say.
+        let boot = config(
+            "api-address = \"10.0.0.100\"",
+            "storage = \"none\"",
+            BOOTSTRAP,
+        );
+        assert!(staging_notes(&boot).is_empty());
     }
 
     #[test]

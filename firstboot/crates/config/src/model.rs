@@ -168,6 +168,42 @@ impl Storage {
     }
 }
 
+/// Packages a node needs for one configured feature other than storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeaturePackages {
+    /// The setting that asks for them, as written in the config.
+    pub setting: &'static str,
+    /// What becomes of a node without them.
+    pub without: &'static str,
+    pub packages: &'static [&'static str],
+}
+
+impl ClusterConfig {
+    /// The packages every node needs for what this config turns on besides its storage
+    /// ([`Storage::node_packages`]): keepalived and curl (its health check's program) for
+    /// `cluster.api-address`, iputils' arping for `addons.metallb.addresses = "auto"`.
+    /// Bootstrapped bases always carry them; official bases get them staged with
+    /// `addons.offline` and installed at first boot.
+    pub fn feature_packages(&self) -> Vec<FeaturePackages> {
+        let mut out = Vec::new();
+        if self.cluster.api_address.is_some() {
+            out.push(FeaturePackages {
+                setting: "cluster.api-address",
+                without: "the node cannot hold the floating API address (it forms without it)",
+                packages: &["keepalived", "curl"],
+            });
+        }
+        if matches!(self.addons.metallb, Some(Metallb::Auto { .. })) {
+            out.push(FeaturePackages {
+                setting: "addons.metallb.addresses = \"auto\"",
+                without: "the node cannot probe MetalLB's automatic range",
+                packages: &["iputils-arping"],
+            });
+        }
+        out
+    }
+}
+
 /// Longhorn's own default data path.
 pub const DEFAULT_LONGHORN_DATA_PATH: &str = "/var/lib/longhorn";
 /// Default of `addons.longhorn.min-free-space`: 10 GiB.
