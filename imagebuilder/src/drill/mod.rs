@@ -339,13 +339,22 @@ fn run(args: &DrillArgs) -> Result<ExitCode> {
         let mut browser = ClusterBrowser::start(&secret, interfaces.clone())?;
         let want = expect.nodes.unwrap_or(1).max(1);
         browser.collect_until(args.discover, |n| n >= want).await;
-        let announced = browser.nodes();
-        if announced.is_empty() {
-            bail!("no node of this cluster announced itself within {:?}", args.discover);
-        }
-        let nodes = read_nodes(&client, announced).await;
-        let pic = picture(&nodes);
-        let (i, why) = choose(&pic, args.kill, |n| rand::random_range(0..n))?;
+        // The documents may lag (e.g. the address just moved): read again for a while.
+        let deadline = Instant::now() + args.discover;
+        let (nodes, pic, i, why) = loop {
+            browser.drain();
+            let announced = browser.nodes();
+            if announced.is_empty() {
+                bail!("no node of this cluster announced itself within {:?}", args.discover);
+            }
+            let nodes = read_nodes(&client, announced).await;
+            let pic = picture(&nodes);
+            match choose(&pic, args.kill, |n| rand::random_range(0..n)) {
+                Ok((i, why)) => break (nodes, pic, i, why),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        };
         let target = pic.holdings[i].clone();
         let node = &nodes[i];
         let victim = Victim {
