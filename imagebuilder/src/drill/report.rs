@@ -392,10 +392,11 @@ pub fn render_svg(r: &Report) -> String {
     let end = r.samples.last().map(|s| s.t).unwrap_or(1.0).max(1.0) + 1.0;
     let (left, width, lane_h) = (140.0, 760.0, 26.0);
     let x = |t: f64| left + t / end * width;
-    let lanes: [(&str, Box<dyn Fn(&Sample) -> Option<bool>>); 3] = [
-        ("API", Box::new(|s: &Sample| Some(s.api_ok))),
-        ("quorum", Box::new(|s: &Sample| Some(s.quorum_ok))),
-        ("LoadBalancer", Box::new(|s: &Sample| s.lb_ok)),
+    type Lane = fn(&Sample) -> Option<bool>;
+    let lanes: [(&str, Lane); 3] = [
+        ("API", |s| Some(s.api_ok)),
+        ("quorum", |s| Some(s.quorum_ok)),
+        ("LoadBalancer", |s| s.lb_ok),
     ];
     let top = 40.0;
     let height = top + lanes.len() as f64 * (lane_h + 10.0) + 30.0 + r.timeline.len() as f64 * 14.0;
