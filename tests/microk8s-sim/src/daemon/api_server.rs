@@ -235,13 +235,15 @@ impl Daemon {
                 };
                 let given = obj["metadata"]["name"].as_str().map(str::to_owned);
                 let name = match (name, given) {
-                    (Some(n), Some(g)) if n != g => return status(
-                        400,
-                        "BadRequest",
-                        format!(
+                    (Some(n), Some(g)) if n != g => {
+                        return status(
+                            400,
+                            "BadRequest",
+                            format!(
                             "the name of the object ({g}) does not match the name on the URL ({n})"
                         ),
-                    ),
+                        )
+                    }
                     (Some(n), _) => n.to_owned(),
                     (None, Some(g)) => g,
                     (None, None) => return status(422, "Invalid", "metadata.name: Required value"),
