@@ -33,6 +33,7 @@ mod backup;
 pub mod drill;
 mod effects;
 mod labels;
+mod replace;
 mod status;
 
 use std::future::Future;
@@ -521,6 +522,12 @@ impl Runtime {
                 Action::EnableAddons { cluster } => {
                     self.timeline(format!("enabling addons for cluster {cluster}"));
                     self.spawn_addons();
+                }
+                Action::RemoveNode { node, ip, cluster } => {
+                    self.timeline(format!(
+                        "removing dead member {node} ({ip}) from cluster {cluster}"
+                    ));
+                    self.spawn_remove_node(node, ip);
                 }
             }
         }

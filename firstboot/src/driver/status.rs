@@ -177,12 +177,36 @@ impl Runtime {
                 role: role.name().to_owned(),
             })
             .collect();
+        self.doc.healing = (!st.electorate.is_empty()).then(|| healing_view(&st));
         self.doc.rejections = rejections(&self.discovery.stats(), &self.coordinator.stats());
         // The loop calls this after every event; only a changed document is re-encoded.
         if self.published.as_ref() != Some(&self.doc) {
             let _ = self.coordinator.set_status_from(&self.doc);
             self.published = Some(self.doc.clone());
         }
+    }
+}
+
+/// The record's electorate and removed members, for the status document.
+pub(super) fn healing_view(
+    st: &rackseed_formation::Status,
+) -> rackseed_protocol::status::HealingView {
+    let ids = |v: &[rackseed_formation::NodeId]| v.iter().map(|i| i.to_string()).collect();
+    rackseed_protocol::status::HealingView {
+        electorate: ids(&st.electorate),
+        electorate_old: st.electorate_old.as_deref().map(ids),
+        replace_after_s: st.replace_after.as_secs(),
+        removed: st
+            .removed
+            .iter()
+            .map(|x| rackseed_protocol::status::RemovedRow {
+                node_id: x.node.to_string(),
+                role: x.role.name().to_owned(),
+                reason: x.reason.clone(),
+                address: x.ip.map(|ip| ip.to_string()),
+                done: x.done,
+            })
+            .collect(),
     }
 }
 

@@ -227,6 +227,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             secret_file: secret_file.clone(),
             api_address: None,
             standbys: 3,
+            replace_after: rackseed_config::DEFAULT_REPLACE_AFTER,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),

@@ -87,7 +87,26 @@ pub struct Cluster {
     /// MicroK8s keeps them as dqlite standbys and promotes one when a voter is lost
     /// (`cluster.standbys`, 0 to 6). Default: [`default_standbys`].
     pub standbys: u8,
+    /// A member unseen this long is removed from the cluster (`microk8s remove-node
+    /// --force`, decided once through the cluster record) and replaced
+    /// (`cluster.replace-after`, 1 minute to 30 days). Default [`DEFAULT_REPLACE_AFTER`].
+    #[serde(with = "humantime_serde_shim")]
+    pub replace_after: Duration,
 }
+
+/// Default of `cluster.replace-after`: 15 minutes. Long enough that a planned reboot, a
+/// MicroK8s snap refresh or a switch restart (a Raspberry Pi with MicroK8s is back in 2 to 5
+/// minutes) never costs a node its membership (a removed node must leave and join again);
+/// short enough that the cluster is back at full strength, and a dead member of the
+/// electorate handed over, long before a second failure is likely: the electorate can only
+/// be handed over while a majority of it lives, so deaths further apart than this (plus one
+/// join) are survived one by one.
+pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// Shortest accepted `cluster.replace-after`.
+pub const MIN_REPLACE_AFTER: Duration = Duration::from_secs(60);
+/// Longest accepted `cluster.replace-after`.
+pub const MAX_REPLACE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// MicroK8s keeps 3 dqlite voters and 3 standbys (reference A5); full members beyond those six
 /// are spares.

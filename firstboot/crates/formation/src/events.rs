@@ -29,6 +29,11 @@ pub enum Event {
     JoinFinished(Result<(), String>),
     /// Result of [`Action::EnableAddons`].
     AddonsEnabled(Result<(), String>),
+    /// Result of [`Action::RemoveNode`] for `node`.
+    NodeRemoved {
+        node: NodeId,
+        result: Result<(), String>,
+    },
     /// A message from an authenticated peer.
     Message { from: NodeId, msg: Message },
     /// Where other nodes join this one: its address and its MicroK8s cluster agent's
@@ -92,6 +97,14 @@ pub enum Action {
     },
     /// Enable the configured addons on this control-plane node; report [`Event::AddonsEnabled`].
     EnableAddons { cluster: ClusterId },
+    /// Run `microk8s remove-node <ip> --force` here for the dead member `node` (the record
+    /// removed it; only the slot authority issues this); report [`Event::NodeRemoved`]. A
+    /// node MicroK8s no longer knows counts as removed.
+    RemoveNode {
+        node: NodeId,
+        ip: IpAddr,
+        cluster: ClusterId,
+    },
     /// A human status line (sd_notify `STATUS=`).
     SetStatus(String),
 }

@@ -23,7 +23,8 @@
 //!   promises, and an election write needs `Q` acceptances (2 of 3, 3 of 5);
 //! - the election fixes the record's *electorate* `S`: the seed and the best-ranked candidates
 //!   it saw, at most [`FormationParams::electorate_cap`] (`2 × control_plane + 1`, at least 5:
-//!   7 of a rack of 50 with 3 control-plane nodes); never changed. Every later round needs,
+//!   7 of a rack of 50 with 3 control-plane nodes); changed only by a handover (below). Every
+//!   later round needs,
 //!   among its promises and among its acceptances, a strict majority of `S`; a read also needs
 //!   `Q` promises in total, unless its proposer saw a record chosen (then it reads from a
 //!   majority of `S` and takes the newest of the promises and that record). Such a proposer
@@ -88,6 +89,22 @@
 //! - **ClaimAddons / AddonsDone**: once `min(3, control_plane)` control-plane members are
 //!   recorded, the authority claims the addon enablement for itself; only the claimer ever
 //!   issues `EnableAddons`.
+//!
+//! - **Remove / RemovalDone** (healing, `node/healing.rs`): the authority removes a member it
+//!   has not seen (no announcement, no message) for `replace_after` by its own monotonic
+//!   clock: the round takes it out of `members` and notes a [`types::Removal`] (who, why, its
+//!   address); then the authority alone runs `microk8s remove-node <ip> --force`
+//!   ([`Action::RemoveNode`]) and records it done. A control-plane slot is granted only once
+//!   every removal is done (both change dqlite's membership). A removed control-plane place
+//!   is counted free, so the next joiner (a new machine, or the dead one re-flashed, which
+//!   has a new id) joins as control plane, and MicroK8s promotes standbys by itself.
+//! - **Handover / FinishHandover**: a dead member of the electorate `S` (unseen for
+//!   `replace_after` and no longer a member) is replaced by the best live node outside it (a
+//!   control-plane member first, then another member, then a waiting node): one round writes
+//!   the *joint* record with `electorate = S'` (`S` minus the dead, plus the live one) and
+//!   `electorate_old = S`; while it stands every read and every write needs a majority of
+//!   both. The authority's next round, *on that very record seen chosen by itself*, drops
+//!   `electorate_old`. One member per handover, one handover at a time.
 //!
 //! In the steady state only the slot authority proposes: a control-plane member that never
 //! saw a record chosen runs its learning round (Refresh) only when it needs one (the newest
@@ -154,6 +171,39 @@
 //!    `control_plane`.
 //! 6. *Addons once.* The claim is a round that succeeds only when no claim exists; only the
 //!    claimer enables (again after a crash, because `microk8s enable` is idempotent).
+//!
+//! 7. *Handover keeps the record linearizable.* Write the quorum sets of a record `R` as
+//!    `Q(R)`: `{S}`, or `{S', S}` while a joint step stands. (a) Every proposal `P` built on a
+//!    base `B` has `B.electorate ∈ Q(P)`: a handover keeps `S` as `electorate_old`, other
+//!    changes keep both fields, and a finish keeps `S'`. (b) A joint step ends only in a round
+//!    whose base is the joint record its proposer saw chosen (`Node::try_write` restores
+//!    `electorate_old` otherwise), so before any record drops `S` from its quorum sets, a
+//!    record with `electorate_old = S` was *chosen*, i.e. accepted by a majority of `S`.
+//!    (c) A read holds a majority of every set of `Q(H)`, `H` the newest of its promises and
+//!    the record it saw chosen; a write needs a majority of every set of `Q(P)`. Claim: the
+//!    read misses no chosen record `L` newer than `H`. Let `R` be the newest chosen record
+//!    not newer than `H` (it exists: the reader's own chosen record, or, for a reader that saw
+//!    none, the election's, which the `Q` read meets). `H` and `L` both descend from `R`
+//!    (Paxos: every proposal above a chosen ballot builds on it), and `S = R.electorate` is
+//!    still in `Q(H)`, since otherwise by (b) a record with `electorate_old = S` was chosen
+//!    between `R` and `H`, newer than `R`. If `S ∈ Q(L)`, `L`'s acceptors include a majority
+//!    of `S` and meet the read. Otherwise by (b) a record `J` with `electorate_old = S` was
+//!    chosen between `R` and `L`; it is newer than `H` (by the choice of `R`), accepted by a
+//!    majority of `S`, and an acceptor's accepted ballot only grows, so the read sees `J` or
+//!    later: newer than `H`, a contradiction. So every read starts from the latest chosen
+//!    record (or a later partial one), through any number of handovers; points 2 to 6 are
+//!    unchanged (a handover changes no slot, member or claim).
+//!    *Why a majority of the old electorate must still live:* the joint write needs it, so a
+//!    handover happens only while a majority of `S` is live, proactively, as each member is
+//!    found dead (`replace_after`), never after the fact. Were a majority of `S` gone for good
+//!    at once, no round could ever be chosen again (nothing can tell it from a partition that
+//!    heals later with the old majority holding newer records), and the cluster's record stays
+//!    as it is: MicroK8s itself keeps running while dqlite has its own quorum, but nothing new
+//!    joins until a person acts. Losses further apart than `replace_after` plus one round are
+//!    survived one by one, down to the last live majority.
+//!    *Who decides a removal:* only the slot authority proposes it, by a round needing a
+//!    majority of the electorate, so a minority partition (even one holding the authority)
+//!    removes nobody, and `apply` re-checks membership, so a member is removed once.
 //!
 //! Assumptions: acceptor state survives crashes (`Persist` is durable before later actions);
 //! at most `E` nodes take part in the election (a node that sees any cluster announcement never
@@ -230,5 +280,5 @@ pub use events::{Action, Event, JoinPoint, Message};
 pub use node::{Node, Op, Status};
 pub use types::{
     majority, Accepted, AcceptorState, Ballot, ClusterId, FormationParams, NodeId, NodeIdError,
-    ParamsError, PersistedState, Phase, PhaseSummary, Record, Slot,
+    ParamsError, PersistedState, Phase, PhaseSummary, Record, Removal, Slot,
 };

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -158,9 +159,15 @@ fn slots_from_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Slot>, D
 pub struct Record {
     pub cluster: ClusterId,
     /// The nodes whose votes count once the cluster exists: the seed and the best-ranked
-    /// candidates it saw (at most [`FormationParams::electorate_cap`]), fixed at the election,
-    /// never changed. Every write needs a majority of it.
+    /// candidates it saw (at most [`FormationParams::electorate_cap`]), fixed at the election.
+    /// Changed only by a handover (one member replaced, through a joint step, see
+    /// [`Record::electorate_old`]). Every write needs a majority of it.
     pub electorate: BTreeSet<NodeId>,
+    /// While a handover is under way (joint step): the electorate before it. Every write and
+    /// every read then needs a majority of both sets; only a proposer that saw this joint
+    /// record chosen may drop it. See the safety argument in [`crate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub electorate_old: Option<BTreeSet<NodeId>>,
     /// The node that grants join slots (always a control-plane member).
     pub authority: NodeId,
     /// Confirmed members with their role; the seed is the first.
@@ -180,9 +187,49 @@ pub struct Record {
     pub addons_by: Option<NodeId>,
     #[serde(default)]
     pub addons_done: bool,
+    /// Members removed because they were unseen for `replace_after` (newest last, at most
+    /// [`Record::REMOVED_KEPT`] kept): who, why, and whether `microk8s remove-node --force`
+    /// has run for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Removal>,
+    /// The members' addresses as the slot authority saw them (what `remove-node` is given
+    /// once a member is dead and no longer announces itself).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<NodeId, IpAddr>,
+}
+
+/// A member the record removed: the slot authority saw it unseen for `replace_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    pub node: NodeId,
+    /// The role it had.
+    pub role: Role,
+    /// Why, in words (for status pages): e.g. "unseen for 15m by node-a".
+    pub reason: String,
+    /// The address `microk8s remove-node <ip> --force` is given (the record's last known).
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    /// `microk8s remove-node --force` succeeded (or found nothing left to remove).
+    #[serde(default)]
+    pub done: bool,
 }
 
 impl Record {
+    /// How many removals the record keeps (the oldest finished ones are dropped first).
+    pub const REMOVED_KEPT: usize = 16;
+
+    /// The sets of which every read and every write needs a strict majority: the electorate,
+    /// and during a handover also the one before it.
+    pub fn quorum_sets(&self) -> impl Iterator<Item = &BTreeSet<NodeId>> {
+        std::iter::once(&self.electorate).chain(self.electorate_old.as_ref())
+    }
+
+    /// Whether the acceptors in `have` hold a strict majority of every quorum set.
+    pub fn has_quorum<'a>(&self, have: impl Iterator<Item = &'a NodeId> + Clone) -> bool {
+        self.quorum_sets()
+            .all(|s| have.clone().filter(|id| s.contains(*id)).count() >= majority(s.len()))
+    }
+
     /// The slot `node` holds, if any.
     pub fn slot_of(&self, node: &NodeId) -> Option<&Slot> {
         self.slots.iter().find(|s| s.node == *node)
@@ -192,9 +239,11 @@ impl Record {
     /// `parallelism` concurrent joins: a control-plane join only while no slot is in use (they
     /// change dqlite's membership, one at a time); a worker join only while no control-plane
     /// join is in flight and fewer than `parallelism` slots are in use.
+    /// A control-plane join also waits for every decided removal to be carried out
+    /// (`remove-node --force` changes dqlite's membership too).
     pub fn may_grant(&self, role: Role, parallelism: usize) -> bool {
         match role {
-            Role::ControlPlane => self.slots.is_empty(),
+            Role::ControlPlane => self.slots.is_empty() && self.removed.iter().all(|x| x.done),
             Role::Worker => {
                 self.slots.iter().all(|s| s.role == Role::Worker)
                     && self.slots.len() < parallelism.max(1)
@@ -243,6 +292,8 @@ impl Record {
             && self.slots.is_empty()
             && self.tentative.is_empty()
             && self.addons_by.is_none()
+            && self.electorate_old.is_none()
+            && self.removed.is_empty()
     }
 }
 
@@ -451,6 +502,16 @@ pub struct FormationParams {
     /// one at a time, like every full member. Default 0 (older parameters).
     #[serde(default)]
     pub standbys: u8,
+    /// A member unseen (no announcement, no message) for this long, by the slot authority's
+    /// own clock, is removed (`microk8s remove-node --force`) and, if it was in the
+    /// electorate, handed over to a live node (`cluster.replace-after`). Must exceed
+    /// `peer_timeout`.
+    #[serde(default = "default_replace_after")]
+    pub replace_after: Duration,
+}
+
+fn default_replace_after() -> Duration {
+    rackseed_config::DEFAULT_REPLACE_AFTER
 }
 
 fn default_join_parallelism() -> u32 {
@@ -474,6 +535,8 @@ pub enum ParamsError {
     },
     #[error("{0} must be non-zero")]
     Zero(&'static str),
+    #[error("replace-after {replace:?} must exceed the peer timeout {peer:?}")]
+    ReplaceAfter { replace: Duration, peer: Duration },
 }
 
 impl FormationParams {
@@ -495,6 +558,7 @@ impl FormationParams {
             addons_wanted: true,
             join_parallelism: default_join_parallelism(),
             standbys: 0,
+            replace_after: default_replace_after(),
         }
     }
 
@@ -516,6 +580,10 @@ impl FormationParams {
         }
         p.join_parallelism = cfg.cluster.join_parallelism;
         p.standbys = cfg.cluster.standbys;
+        p.replace_after = cfg.cluster.replace_after;
+        // A peer counts as gone after `peer_timeout`; a short replace-after (tests, small
+        // labs) shortens it so that "unseen for replace-after" stays meaningful.
+        p.peer_timeout = p.peer_timeout.min(p.replace_after / 2);
         let a = &cfg.addons;
         p.addons_wanted =
             a.dns.enabled || a.metallb.is_some() || a.storage != rackseed_config::Storage::None;
@@ -544,6 +612,12 @@ impl FormationParams {
             if d.is_zero() {
                 return Err(ParamsError::Zero(name));
             }
+        }
+        if self.replace_after <= self.peer_timeout {
+            return Err(ParamsError::ReplaceAfter {
+                replace: self.replace_after,
+                peer: self.peer_timeout,
+            });
         }
         let need = (self.join_timeout + self.grant_max_age) * 5 / 4;
         if self.slot_timeout <= need {

@@ -220,6 +220,9 @@ fn messages_round_trip_as_json() {
         seq: 3,
         addons_by: None,
         addons_done: false,
+        electorate_old: None,
+        removed: Vec::new(),
+        addresses: BTreeMap::new(),
     };
     let ballot = Ballot {
         n: 2,

@@ -14,8 +14,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rackseed_config::Role;
 use rackseed_formation::{
-    Action, Announcement, ClusterId, Event, FormationParams, JoinPoint, Message, Node, NodeId,
-    PersistedState, Phase,
+    Action, Announcement, Ballot, ClusterId, Event, FormationParams, JoinPoint, Message, Node,
+    NodeId, PersistedState, Phase, Record,
 };
 
 /// Proptest cases of the property over small clusters (3 to 10 nodes): 1500 in release
@@ -68,6 +68,10 @@ struct Scenario {
     addons: bool,
     /// `join_parallelism`: most joins at once (workers only; control-plane joins alone).
     parallel: u32,
+    /// Nodes lost for good after formation, one every [`LOSS_GAP`] ticks from [`LOSS_START`]
+    /// (with `replace_after` = [`REPLACE_AFTER`]): dead members are removed and the
+    /// electorate handed over.
+    losses: u8,
 }
 
 fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> {
@@ -110,6 +114,7 @@ fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> 
                 join_fail,
                 addons,
                 parallel,
+                losses: 0,
             },
         )
 }
@@ -130,8 +135,18 @@ fn sim_params(sc: &Scenario) -> FormationParams {
     p.takeover_after = secs(20);
     p.addons_wanted = sc.addons;
     p.join_parallelism = sc.parallel;
+    if sc.losses > 0 {
+        p.replace_after = secs(REPLACE_AFTER);
+    }
     p
 }
+
+/// `replace_after` in scenarios with permanent losses: longer than any partition (60) plus a
+/// crash (30) of a live node, so only the dead are removed.
+const REPLACE_AFTER: u64 = 120;
+/// When the first permanent loss happens, and the ticks between two.
+const LOSS_START: u64 = 160;
+const LOSS_GAP: u64 = 320;
 
 const JOIN_MAX: u64 = 6;
 const FAULT_END: u64 = 150;
@@ -197,6 +212,15 @@ struct Sim {
     /// Nodes whose join succeeded (a node joins once: a second successful join of a member is
     /// a violation).
     joined: BTreeSet<usize>,
+    /// Nodes lost for good (never boot again).
+    dead: BTreeSet<usize>,
+    /// A loss took a majority of the electorate, or the last live control-plane member (no
+    /// node may then decide anything): liveness is not demanded after it.
+    electorate_lost: bool,
+    /// Every record some node saw chosen, by ballot (one record per ballot, else a violation).
+    chosen: BTreeMap<Ballot, Record>,
+    /// `remove-node` runs: (by, removed node, tick).
+    removals: Vec<(usize, usize, u64)>,
 }
 
 impl Sim {
@@ -270,6 +294,10 @@ impl Sim {
             events: 0,
             max_parallel: 0,
             joined: BTreeSet::new(),
+            dead: BTreeSet::new(),
+            electorate_lost: false,
+            chosen: BTreeMap::new(),
+            removals: Vec::new(),
             ids,
             sc,
         }
@@ -362,7 +390,163 @@ impl Sim {
         };
         self.events += 1;
         let actions = node.handle(now, ev);
+        let chosen = node.persisted().chosen.clone();
+        self.note_chosen(chosen);
         self.execute(i, actions);
+    }
+
+    /// Every record chosen is the only one chosen at its ballot.
+    fn note_chosen(&mut self, chosen: Option<rackseed_formation::Accepted>) {
+        let Some(c) = chosen else { return };
+        match self.chosen.get(&c.ballot) {
+            Some(r) if *r != c.record => self.violations.push(format!(
+                "two records chosen at ballot {}: {r:?} and {:?}",
+                c.ballot, c.record
+            )),
+            Some(_) => {}
+            None => {
+                self.chosen.insert(c.ballot, c.record);
+            }
+        }
+    }
+
+    /// The chosen records, in ballot order, form one history: one cluster (a re-election only
+    /// replaces an untouched one), the slot sequence never goes back, the addon claim never
+    /// changes, a member only leaves by a recorded removal, and a handover changes one member
+    /// of the electorate through a joint step.
+    fn check_history(&mut self) {
+        let recs: Vec<&Record> = self.chosen.values().collect();
+        let mut bad = Vec::new();
+        for w in recs.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if a.cluster != b.cluster {
+                if !a.is_untouched() {
+                    bad.push(format!(
+                        "cluster {} replaced by {} after it was touched",
+                        a.cluster, b.cluster
+                    ));
+                }
+                continue;
+            }
+            if b.seq < a.seq {
+                bad.push(format!("slot sequence went back {} -> {}", a.seq, b.seq));
+            }
+            if a.addons_by.is_some() && a.addons_by != b.addons_by {
+                bad.push(format!(
+                    "addon claim changed {:?} -> {:?}",
+                    a.addons_by, b.addons_by
+                ));
+            }
+            for m in a.members.keys() {
+                if !b.members.contains_key(m) && !b.removed.iter().any(|x| x.node == *m) {
+                    bad.push(format!("member {m} lost without a removal"));
+                }
+            }
+            if a.electorate != b.electorate {
+                let joint_start = b.electorate_old.as_ref() == Some(&a.electorate)
+                    && a.electorate_old.is_none()
+                    && a.electorate.difference(&b.electorate).count() == 1
+                    && b.electorate.difference(&a.electorate).count() == 1;
+                // A later chosen record may already have ended the joint step it started.
+                let joint_done = b.electorate_old.is_none()
+                    && a.electorate.difference(&b.electorate).count() <= 1
+                    && b.electorate.difference(&a.electorate).count() <= 1;
+                if !joint_start && !joint_done {
+                    bad.push(format!(
+                        "electorate changed {:?} -> {:?} (old {:?}) outside one joint step",
+                        a.electorate, b.electorate, b.electorate_old
+                    ));
+                }
+            }
+        }
+        self.violations.extend(bad);
+    }
+
+    /// `remove-node` run by node `i` for `node` at `ip`.
+    fn remove_node(&mut self, i: usize, node: NodeId, ip: IpAddr) {
+        let t = self.t;
+        let Some(&j) = self.index.get(&node) else {
+            self.violations
+                .push(format!("node {i} removes unknown node {node}"));
+            return;
+        };
+        if j == i {
+            self.violations.push(format!("node {i} removes itself"));
+        }
+        if ip != Self::ip(j) {
+            self.violations
+                .push(format!("node {i} removes {node} by the wrong address {ip}"));
+        }
+        // Faults have stopped long enough ago that every live node is seen: only the dead
+        // may be removed.
+        if !self.dead.contains(&j) && t > FAULT_END + REPLACE_AFTER + 40 {
+            self.violations
+                .push(format!("node {i} removes live node {j} at tick {t}"));
+        }
+        self.removals.push((i, j, t));
+        let root = self.root[j];
+        if let Some(set) = self.cp_nodes.get_mut(&root) {
+            set.remove(&j);
+        }
+        let inc = self.inc[i];
+        self.push(
+            t + 1,
+            i,
+            Payload::Result {
+                inc,
+                ev: Event::NodeRemoved {
+                    node,
+                    result: Ok(()),
+                },
+            },
+        );
+    }
+
+    /// The newest record anybody saw chosen.
+    fn latest(&self) -> Option<&Record> {
+        self.chosen.values().next_back()
+    }
+
+    /// Permanent losses: one node every `LOSS_GAP` ticks from `LOSS_START`.
+    fn lose_nodes(&mut self) {
+        let t = self.t;
+        if t < LOSS_START || (t - LOSS_START) % LOSS_GAP != 0 {
+            return;
+        }
+        if (t - LOSS_START) / LOSS_GAP >= self.sc.losses as u64 {
+            return;
+        }
+        let live: Vec<usize> = (0..self.sc.n)
+            .filter(|i| !self.dead.contains(i) && self.alive(*i))
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let i = live[self.rng.below(live.len() as u64) as usize];
+        self.dead.insert(i);
+        self.crash(i);
+        self.down_until[i] = None;
+        if let Some(r) = self.latest().cloned() {
+            let id = &self.ids[i];
+            let dead_in: usize = r
+                .electorate
+                .iter()
+                .filter(|e| self.index.get(*e).is_some_and(|k| self.dead.contains(k)))
+                .count();
+            if r.electorate.contains(id)
+                && r.electorate.len() - dead_in < r.electorate.len() / 2 + 1
+            {
+                self.electorate_lost = true;
+            }
+            // Only a live control-plane member can take the authority over and heal.
+            let cp_live = r.members.iter().any(|(m, role)| {
+                *role == Role::ControlPlane
+                    && self.index.get(m).is_some_and(|k| !self.dead.contains(k))
+            });
+            if !cp_live {
+                self.electorate_lost = true;
+            }
+        }
     }
 
     fn execute(&mut self, i: usize, actions: Vec<Action>) {
@@ -490,6 +674,7 @@ impl Sim {
                     },
                 );
             }
+            Action::RemoveNode { node, ip, .. } => self.remove_node(i, node, ip),
             Action::SetStatus(s) => {
                 if s.is_empty() {
                     self.violations
@@ -666,12 +851,13 @@ impl Sim {
         for i in 0..self.sc.n {
             let boot_now =
                 (self.boot_at[i] == t && self.inc[i] == 0) || self.down_until[i] == Some(t);
-            if boot_now && !self.alive(i) {
+            if boot_now && !self.alive(i) && !self.dead.contains(&i) {
                 self.down_until[i] = None;
                 self.boot(i);
             }
         }
         self.schedule_faults();
+        self.lose_nodes();
         self.finish_joins();
         self.addons_running.retain(|_, end| *end > t);
         while let Some((&key, _)) = self.queue.iter().next() {
@@ -744,14 +930,21 @@ impl Sim {
     }
 
     fn converged(&self) -> bool {
-        let all_members = (0..self.sc.n).all(|i| {
+        if self.sc.losses > 0 && !self.healed() {
+            return false;
+        }
+        let all_members = (0..self.sc.n).filter(|i| !self.dead.contains(i)).all(|i| {
             self.alive(i)
                 && matches!(
                     self.nodes[i].as_ref().map(|n| n.phase()),
                     Some(Phase::Member { .. })
                 )
         });
-        let one_root = self.root.iter().all(|r| *r == self.root[0]) || self.sc.n == 1;
+        let live_roots: Vec<usize> = (0..self.sc.n)
+            .filter(|k| !self.dead.contains(k))
+            .map(|k| self.root[k])
+            .collect();
+        let one_root = live_roots.windows(2).all(|w| w[0] == w[1]);
         // HA (and so the addons) needs enough nodes that may be control plane.
         let workers = self.params[0]
             .pinned_roles
@@ -762,6 +955,24 @@ impl Sim {
         let addons_ok = !self.sc.addons || !ha_possible || self.addons_completed >= 1;
         all_members && one_root && addons_ok
     }
+
+    /// After permanent losses: the newest chosen record holds no dead member, every removal
+    /// is carried out, and no dead node keeps a vote while a live node outside the
+    /// electorate could take it.
+    fn healed(&self) -> bool {
+        if self.t < LOSS_START + LOSS_GAP * (self.sc.losses as u64 - 1) + 1 {
+            return false;
+        }
+        let Some(r) = self.latest() else { return false };
+        let dead = |id: &NodeId| self.index.get(id).is_some_and(|k| self.dead.contains(k));
+        let members_live = !r.members.keys().any(dead);
+        let removals_done = r.removed.iter().all(|x| x.done);
+        let spare = (0..self.sc.n)
+            .filter(|k| !self.dead.contains(k))
+            .any(|k| !r.electorate.contains(&self.ids[k]));
+        let votes_live = !spare || !r.electorate.iter().any(dead);
+        members_live && removals_done && votes_live && r.electorate_old.is_none()
+    }
 }
 
 /// Runs one scenario; returns the violations (safety) and whether it converged (liveness).
@@ -771,21 +982,47 @@ fn run(sc: Scenario) -> (Vec<String>, bool, u64, Sim) {
         *s.boot_at.iter().max().unwrap_or(&0)
     };
     let mut sim = Sim::new(sc.clone());
-    let bound = FAULT_END.max(last_boot) + 200 + 80 * sc.n as u64;
+    let losses_end = if sc.losses > 0 {
+        LOSS_START + LOSS_GAP * sc.losses as u64
+    } else {
+        0
+    };
+    let bound = FAULT_END.max(last_boot).max(losses_end) + 200 + 80 * sc.n as u64;
     while sim.t < bound {
         sim.step();
         if !sim.violations.is_empty() {
             break;
         }
         if sim.t > FAULT_END.max(last_boot) && sim.converged() {
+            sim.check_history();
             return (sim.violations.clone(), true, sim.t, sim);
         }
     }
-    (sim.violations.clone(), sim.converged(), sim.t, sim)
+    sim.check_history();
+    // After a loss of a majority of the electorate nothing can be decided any more (the
+    // safety checks still hold): liveness is not demanded.
+    // Nor when fewer than the pre-election quorum `Q` of the expected nodes live and no live
+    // node ever saw a record chosen: their reads need `Q` promises (formation point 1 of the
+    // safety argument), a limit the README states.
+    let live = (0..sim.sc.n).filter(|k| !sim.dead.contains(k)).count();
+    let unreadable = live < sim.params[0].election_quorum()
+        && (0..sim.sc.n).all(|k| {
+            sim.nodes[k]
+                .as_ref()
+                .is_none_or(|n| n.persisted().chosen.is_none())
+        });
+    let converged = sim.converged() || sim.electorate_lost || unreadable;
+    (sim.violations.clone(), converged, sim.t, sim)
 }
 
 fn describe(sim: &Sim) -> String {
     let mut s = String::new();
+    if let Some(r) = sim.latest() {
+        s.push_str(&format!(
+            "dead {:?}; newest chosen: authority {} members {:?} electorate {:?} old {:?} removed {:?} slots {:?} tentative {:?}\n",
+            sim.dead, r.authority, r.members, r.electorate, r.electorate_old, r.removed, r.slots, r.tentative
+        ));
+    }
     for i in 0..sim.sc.n {
         let st = sim.nodes[i].as_ref().map(|n| n.status());
         let round = sim.nodes[i]
@@ -835,6 +1072,32 @@ proptest! {
     }
 }
 
+/// Cases of the handover property (permanent losses on top of every other fault): 40 in
+/// release builds, 12 in debug builds; override with `HANDOVER_CASES`.
+const HANDOVER_CASES: u32 = if cfg!(debug_assertions) { 12 } else { 40 };
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases("HANDOVER_CASES", HANDOVER_CASES),
+        max_shrink_iters: 50,
+        ..ProptestConfig::default()
+    })]
+
+    /// Nodes lost for good after formation (one, or two far apart), with partitions,
+    /// crashes, late nodes and lossy delivery until tick 150: one cluster, no overlapping
+    /// joins, one history of chosen records, only the dead removed (each by `remove-node`
+    /// of its own address, never by itself), and the dead's votes handed to live nodes.
+    #[test]
+    fn permanent_losses_are_removed_and_the_electorate_handed_over(
+        sc in scenario(4usize..=9),
+        losses in 1u8..=2,
+    ) {
+        let mut sc = sc;
+        sc.losses = losses;
+        check(sc)?;
+    }
+}
+
 /// Case count from the environment variable `var`, else `default`.
 fn cases(var: &str, default: u32) -> u32 {
     std::env::var(var)
@@ -876,6 +1139,7 @@ fn fifty_nodes_with_all_faults_converge_safely() {
         join_fail: 100,
         addons: true,
         parallel: 4,
+        losses: 0,
     };
     let (violations, converged, t, sim) = run(sc);
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
@@ -909,6 +1173,7 @@ fn measure_run_cost() {
                 join_fail: 50,
                 addons: true,
                 parallel: 8,
+                losses: 0,
             };
             let (v, c, t, _) = run(sc);
             assert!(v.is_empty() && c);
@@ -943,6 +1208,7 @@ fn lossy_large_cluster_with_piggybacked_promises_converges() {
         join_fail: 128,
         addons: false,
         parallel: 1,
+        losses: 0,
     };
     if let Err(e) = check(sc) {
         panic!("{e}");
@@ -968,6 +1234,7 @@ fn thirty_nodes_join_six_workers_at_once() {
         join_fail: 0,
         addons: true,
         parallel: 6,
+        losses: 0,
     };
     let (violations, converged, t, sim) = run(sc);
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));

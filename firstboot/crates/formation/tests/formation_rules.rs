@@ -62,6 +62,10 @@ struct Net {
     prepares: Vec<(NodeId, Ballot, u64)>,
     /// Every Prepare and Accept sent: (from, to, tick).
     paxos_sends: Vec<(NodeId, NodeId, u64)>,
+    /// Every `remove-node` issued: (by, node, address, tick).
+    removals: Vec<(NodeId, NodeId, IpAddr, u64)>,
+    /// Partition: nodes in different groups hear nothing of each other (default group 0).
+    group: BTreeMap<NodeId, u8>,
 }
 
 impl Net {
@@ -85,6 +89,8 @@ impl Net {
             addons: Vec::new(),
             prepares: Vec::new(),
             paxos_sends: Vec::new(),
+            removals: Vec::new(),
+            group: BTreeMap::new(),
         };
         for (name, prio) in ids {
             let mut p = base.clone();
@@ -172,12 +178,34 @@ impl Net {
                     self.queue
                         .push_back((from.clone(), Event::AddonsEnabled(Ok(()))));
                 }
+                Action::RemoveNode { node, ip, .. } => {
+                    self.removals.push((from.clone(), node.clone(), ip, self.t));
+                    self.queue.push_back((
+                        from.clone(),
+                        Event::NodeRemoved {
+                            node,
+                            result: Ok(()),
+                        },
+                    ));
+                }
                 Action::SetStatus(_) => {}
             }
         }
     }
 
+    fn same_side(&self, a: &NodeId, b: &NodeId) -> bool {
+        self.group.get(a).copied().unwrap_or(0) == self.group.get(b).copied().unwrap_or(0)
+    }
+
     fn deliver(&mut self, to: &NodeId, ev: Event) {
+        let cut = match &ev {
+            Event::Message { from, .. } => !self.same_side(from, to),
+            Event::PeerSeen { ann, .. } => !self.same_side(&ann.id, to),
+            _ => false,
+        };
+        if cut {
+            return;
+        }
         let now = secs(self.t);
         if let Some(node) = self.nodes.get_mut(to) {
             let actions = node.handle(now, ev);
@@ -516,6 +544,9 @@ fn a_worker_slot_is_not_granted_beside_a_control_plane_slot_nor_one_over_the_lim
         seq: 0,
         addons_by: None,
         addons_done: false,
+        electorate_old: None,
+        removed: Vec::new(),
+        addresses: BTreeMap::new(),
     };
     let ballot = Ballot {
         n: 3,
@@ -1116,6 +1147,9 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
         seq: 0,
         addons_by: None,
         addons_done: false,
+        electorate_old: None,
+        removed: Vec::new(),
+        addresses: BTreeMap::new(),
     };
     assert!(r.is_untouched());
     r.seq = 1;
@@ -1303,4 +1337,165 @@ fn standbys_join_as_full_members_one_at_a_time_and_the_rest_as_workers() {
             "full-member join {a:?} overlaps {beside:?}"
         );
     }
+}
+
+// ----- healing: dead members removed, the electorate handed over -----
+
+/// Healing parameters: a member unseen for 40 s is removed.
+fn healing_params(cp: u8, expected: u32) -> FormationParams {
+    let mut p = params(cp, expected);
+    p.replace_after = secs(40);
+    p.validate().expect("test params are valid");
+    p
+}
+
+/// The newest record any live node saw chosen.
+fn newest_chosen(net: &Net) -> rackseed_formation::Record {
+    net.nodes
+        .values()
+        .filter_map(|n| n.persisted().chosen.clone())
+        .max_by(|a, b| a.ballot.cmp(&b.ballot))
+        .expect("a chosen record")
+        .record
+}
+
+fn authority_of(net: &Net) -> NodeId {
+    newest_chosen(net).authority
+}
+
+#[test]
+fn replace_after_must_exceed_the_peer_timeout() {
+    let mut p = params(3, 3);
+    p.replace_after = p.peer_timeout;
+    assert!(matches!(
+        p.validate(),
+        Err(ParamsError::ReplaceAfter { .. })
+    ));
+}
+
+#[test]
+fn a_dead_member_is_removed_once_by_the_authority_and_its_vote_handed_over() {
+    // Five nodes form (all five in the electorate); a sixth comes later (outside it).
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0), ("f", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for n in ["a", "b", "c", "d", "e"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    net.boot("f");
+    net.run_until_members(200);
+    let rec = newest_chosen(&net);
+    assert!(!rec.electorate.contains(&id("f")), "{:?}", rec.electorate);
+    let authority = rec.authority.clone();
+    // A member that is neither the authority nor the seed dies for good.
+    let victim = ["b", "c", "d", "e"]
+        .into_iter()
+        .map(id)
+        .find(|n| *n != authority && *n != rec.cluster.seed && rec.electorate.contains(n))
+        .expect("a victim");
+    let victim_ip = net.ip_of(&victim);
+    net.crash(victim.as_str());
+    // Not before replace-after: nothing removed at 30 s.
+    net.steps(30);
+    assert!(net.removals.is_empty(), "{:?}", net.removals);
+    net.steps(60);
+    assert_eq!(
+        net.removals
+            .iter()
+            .map(|r| (&r.0, &r.1, r.2))
+            .collect::<Vec<_>>(),
+        vec![(&authority, &victim, victim_ip)],
+        "exactly one remove-node, by the authority, of the dead member's address"
+    );
+    let rec = newest_chosen(&net);
+    assert!(!rec.members.contains_key(&victim));
+    let removal = rec
+        .removed
+        .iter()
+        .find(|x| x.node == victim)
+        .expect("removal noted");
+    assert!(removal.done, "{removal:?}");
+    assert_eq!(removal.role, Role::ControlPlane);
+    assert!(removal.reason.contains("unseen for"), "{}", removal.reason);
+    // The vote went to the live node outside the electorate, and the joint step ended.
+    assert!(!rec.electorate.contains(&victim), "{:?}", rec.electorate);
+    assert!(rec.electorate.contains(&id("f")), "{:?}", rec.electorate);
+    assert_eq!(rec.electorate.len(), 5);
+    assert_eq!(rec.electorate_old, None);
+    // The status shows it.
+    let st = net.nodes[&authority].status();
+    assert!(st.removed.iter().any(|x| x.node == victim));
+    assert!(st.electorate.contains(&id("f")));
+    // Nothing more happens.
+    net.steps(60);
+    assert_eq!(net.removals.len(), 1, "{:?}", net.removals);
+}
+
+#[test]
+fn a_minority_holding_the_authority_removes_nobody_and_the_majority_heals() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for n in ["a", "b", "c", "d", "e"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    let authority = authority_of(&net);
+    let other = names
+        .iter()
+        .map(|(n, _)| id(n))
+        .find(|n| *n != authority)
+        .expect("another node");
+    // The authority and one other node are cut off from the other three for 3 minutes.
+    net.group.insert(authority.clone(), 1);
+    net.group.insert(other.clone(), 1);
+    net.steps(180);
+    let minority: Vec<&(NodeId, NodeId, IpAddr, u64)> = net
+        .removals
+        .iter()
+        .filter(|r| r.0 == authority || r.0 == other)
+        .collect();
+    assert!(minority.is_empty(), "the minority removed {minority:?}");
+    // The majority took over and removed the two it cannot see, once each.
+    let removed: BTreeSet<&NodeId> = net.removals.iter().map(|r| &r.1).collect();
+    assert_eq!(
+        removed,
+        BTreeSet::from([&authority, &other]),
+        "{:?}",
+        net.removals
+    );
+    assert_eq!(net.removals.len(), 2, "{:?}", net.removals);
+    let by: BTreeSet<&NodeId> = net.removals.iter().map(|r| &r.0).collect();
+    assert_eq!(by.len(), 1, "one node ran remove-node: {:?}", net.removals);
+    // The partition heals: one history, the minority's stale authority decides nothing.
+    net.group.clear();
+    net.steps(60);
+    assert_eq!(net.removals.len(), 2, "{:?}", net.removals);
+    let rec = newest_chosen(&net);
+    assert!(!rec.members.contains_key(&authority) && !rec.members.contains_key(&other));
+    assert!(rec.removed.iter().all(|x| x.done));
+}
+
+#[test]
+fn a_control_plane_slot_waits_for_the_removal_to_be_carried_out() {
+    let names = [("a", 0), ("b", 0), ("c", 0)];
+    let p = healing_params(3, 3);
+    let mut net = Net::new(&names, p.clone());
+    for n in ["a", "b", "c"] {
+        net.boot(n);
+    }
+    net.run_until_members(200);
+    let rec = newest_chosen(&net);
+    // Record with a removal not yet carried out: no control-plane grant, a worker grant is fine.
+    let mut pending = rec.clone();
+    pending.removed.push(rackseed_formation::Removal {
+        node: id("zz"),
+        role: Role::ControlPlane,
+        reason: "test".into(),
+        ip: None,
+        done: false,
+    });
+    assert!(!pending.may_grant(Role::ControlPlane, 8));
+    assert!(pending.may_grant(Role::Worker, 8));
+    pending.removed[0].done = true;
+    assert!(pending.may_grant(Role::ControlPlane, 8));
 }

@@ -77,6 +77,42 @@ pub struct StatusDoc {
     /// "MicroK8s simulated" wherever the status is.
     #[serde(default)]
     pub microk8s_simulated: bool,
+    /// Healing, as the cluster record this node knows says it: the electorate (whose
+    /// majority every decision needs; the old one too during a handover) and the members
+    /// removed because they were unseen for `cluster.replace-after`, with why. `None` before
+    /// the node knows a record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healing: Option<HealingView>,
+}
+
+/// The record's electorate and removed members (`firstboot`'s formation core).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealingView {
+    /// Node ids whose majority every record change needs.
+    pub electorate: Vec<String>,
+    /// During a handover: the electorate before it (its majority is needed too).
+    #[serde(default)]
+    pub electorate_old: Option<Vec<String>>,
+    /// `cluster.replace-after` in seconds.
+    pub replace_after_s: u64,
+    /// Members removed, oldest first.
+    #[serde(default)]
+    pub removed: Vec<RemovedRow>,
+}
+
+/// One member the cluster removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedRow {
+    pub node_id: String,
+    /// `control-plane` or `worker`.
+    pub role: String,
+    /// Why (e.g. "unseen for 15m00s (replace-after 900s), removed by ...").
+    pub reason: String,
+    /// The address `microk8s remove-node --force` was given.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// `microk8s remove-node --force` has run.
+    pub done: bool,
 }
 
 /// The file a QEMU test-cluster image built with the MicroK8s simulator carries (written by

@@ -41,6 +41,34 @@
 //!   nothing to edit (the launch config, rewritten with the new token, carries it into the
 //!   install) and `/var/snap/microk8s` is never created by us (snapd owns it).
 //!
+//! - datastore backup and restore (`microk8s dbctl`): see [`dbctl`] for what is relied on.
+//!
+//! - removing a dead member ([`Microk8s::remove_node`] with `force`, run by the slot
+//!   authority when the cluster record decided it) relies on canonical/microk8s
+//!   `scripts/wrappers/remove_node.py` (read at d099c907): on a node running dqlite, an IP
+//!   argument is first looked up to the Kubernetes node whose `InternalIP` it is (`kubectl get
+//!   no -o json`); the node must then exist in Kubernetes (`kubectl get no NAME`), else it
+//!   prints "Node X does not exist in Kubernetes.", with `--force` removes a dqlite endpoint
+//!   starting with `X:` (`dqlite … ".remove <ep>"`), and exits 1 ([`Microk8sError::UnknownNode`]:
+//!   nothing is left that MicroK8s knows by that address, or the API was down). For a known
+//!   node still in dqlite it refuses without `--force` ("Removal failed. Node X is registered
+//!   with dqlite. Please, run first 'microk8s leave' on the departing node", exit 1,
+//!   [`Microk8sError::StillInDqlite`]) whether or not the node is reachable; with `--force` it
+//!   removes the endpoint, then the node's kubelet and callback tokens, and runs `kubectl
+//!   delete no NAME` (exit 0). The local addresses are never removed from dqlite (the script
+//!   only looks among the other endpoints), so naming this node itself only deletes its Node
+//!   object: the agent never does (the formation core never removes the proposer). On a
+//!   worker (no dqlite) only the Node is deleted; the adapter refuses there, as the agent only
+//!   removes from control-plane members.
+//! - [`Microk8s::leave`] relies on `scripts/wrappers/leave.py` (same commit): on a dqlite node
+//!   it exits 3 when this node holds the only copy of the database
+//!   (`is_leader_without_successor`, [`Microk8sError::OnlyCopy`]); otherwise it stops the API
+//!   server and k8s-dqlite, removes its own endpoint through another member
+//!   (`delete_dqlite_node(my_ep, other_ep)`), regenerates the cluster certificates and starts
+//!   as a fresh single node. Its Kubernetes Node object stays until a member runs
+//!   `remove-node` for it. A worker resets to a standalone node ("Not in clustering mode",
+//!   exit 2, when it never joined).
+//!
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
 

@@ -317,7 +317,7 @@ impl Daemon {
             return Out::err(2, "Error: Missing argument 'NODE'.\n");
         };
         let as_ip: Option<IpAddr> = node.parse().ok();
-        let (out, v) = {
+        let (out, v) = 'removal: {
             let mut st = self.lock();
             if st.worker {
                 return Out::fail(1, WORKER_MSG);
@@ -325,31 +325,42 @@ impl Daemon {
             let api_up = self.ready(&st);
             let found = api_up
                 .then(|| {
-                    st.view.entries.iter().position(|e| e.name == node).or_else(|| {
-                        as_ip.and_then(|ip| st.view.entries.iter().position(|e| e.ip == Some(ip)))
-                    })
+                    st.view
+                        .entries
+                        .iter()
+                        .position(|e| e.name == node)
+                        .or_else(|| {
+                            as_ip.and_then(|ip| {
+                                st.view.entries.iter().position(|e| e.ip == Some(ip))
+                            })
+                        })
                 })
                 .flatten();
             let me = self.name().to_owned();
-            let Some(i) = found else {
-                // Not in Kubernetes: with --force a dqlite endpoint at that address goes.
-                let mut text = format!("Node {node} does not exist in Kubernetes.\n");
-                let mut changed = false;
-                if force {
-                    text.push_str(&format!("Attempting to remove {node} from dqlite.\n"));
-                    if let Some(e) = st.view.entries.iter_mut().find(|e| {
-                        e.role.is_some() && e.name != me && as_ip.is_some() && e.ip == as_ip
-                    }) {
-                        text.push_str("Removing node entry found in dqlite.\n");
-                        e.role = None;
-                        changed = true;
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    // Not in Kubernetes: with --force a dqlite endpoint at that address goes.
+                    let mut text = format!("Node {node} does not exist in Kubernetes.\n");
+                    let mut changed = false;
+                    if force {
+                        text.push_str(&format!("Attempting to remove {node} from dqlite.\n"));
+                        if let Some(e) = st.view.entries.iter_mut().find(|e| {
+                            e.role.is_some() && e.name != me && as_ip.is_some() && e.ip == as_ip
+                        }) {
+                            text.push_str("Removing node entry found in dqlite.\n");
+                            e.role = None;
+                            changed = true;
+                        }
                     }
+                    let out = Out::fail(1, text);
+                    if !changed {
+                        return out;
+                    }
+                    // An early value for the block: the view to push and the answer.
+                    let v = self.commit(&mut st);
+                    break 'removal (out, v);
                 }
-                let out = Out::fail(1, text);
-                if !changed {
-                    return out;
-                }
-                (out, self.commit(&mut st))
             };
             let name = st.view.entries[i].name.clone();
             let in_dqlite = st.view.entries[i].role.is_some() && name != me;

@@ -1,5 +1,5 @@
 //! `[cluster]` (name, control-plane count, expected nodes, formation timeout, join parallelism,
-//! secret file) and
+//! secret file, api address, standbys, replace-after) and
 //! `[microk8s]` (snap channel, offline snaps).
 
 use std::path::Path;
@@ -97,6 +97,28 @@ pub(super) fn read_cluster(
         n as u8
     });
     let bad_standbys = t.has("standbys") && standbys.is_none();
+    let replace_after = match t.str(rep, "replace-after") {
+        Some((s, span)) => match values::parse_duration(s) {
+            Ok(d) if (MIN_REPLACE_AFTER..=MAX_REPLACE_AFTER).contains(&d) => Some(d),
+            Ok(d) => {
+                rep.error(
+                    span,
+                    "cluster.replace-after",
+                    format!(
+                        "expected a duration from 1m to 30 days (a member unseen this long is removed), got {}s",
+                        d.as_secs()
+                    ),
+                );
+                None
+            }
+            Err(m) => {
+                rep.error(span, "cluster.replace-after", m);
+                None
+            }
+        },
+        None if t.has("replace-after") => None,
+        None => Some(DEFAULT_REPLACE_AFTER),
+    };
     refuse_inline_secret(
         rep,
         &mut t,
@@ -117,6 +139,7 @@ pub(super) fn read_cluster(
         secret_file: secret_file?,
         api_address,
         standbys: standbys.unwrap_or_else(|| default_standbys(control_plane)),
+        replace_after: replace_after?,
     })
 }
 

@@ -210,6 +210,11 @@ impl Node {
                 return Some(Op::Reclaim { seq: s.seq });
             }
         }
+        // 2b. heal: record finished removals, end a handover, remove dead members, hand a
+        // dead electorate member's vote over (`healing.rs`).
+        if let Some(op) = self.healing_op(now, rec) {
+            return Some(op);
+        }
         // 3. grant free slots (pinned control-plane nodes first, then by rank); a request
         // from a slot holder itself means its join ended without a report reaching us, and
         // it is granted again. Every grant carries my join point: none before MicroK8s here
@@ -243,7 +248,8 @@ impl Node {
         if rec.addons_by.as_ref() == Some(&self.me) && self.st.addons_done && !rec.addons_done {
             return Some(Op::AddonsDone);
         }
-        None
+        // 5. keep the members' addresses (for `remove-node` once one dies)
+        self.addresses_op(rec)
     }
 
     /// The round recording every join report kept: the Confirms, batched with the grants of

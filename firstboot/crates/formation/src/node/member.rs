@@ -44,9 +44,12 @@ impl Node {
             self.addons_issued = true;
             out.push(Action::EnableAddons { cluster });
         }
-        // Keep the slot timer of the authority running even while a round is in flight.
+        // Keep the slot timer of the authority running even while a round is in flight;
+        // carry out the removals the record decided.
         if self.is_authority() {
             self.watch_slot(now);
+            self.forget_recorded_removals();
+            self.drive_removals(now, out);
         }
         if !self.can_propose(now) {
             return;

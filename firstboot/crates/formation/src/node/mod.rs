@@ -14,6 +14,7 @@
 //! - `joiner.rs`: preparing, asking for the slot, joining, confirming;
 //! - `member.rs`: what a recorded member does (addons, Refresh, takeover);
 //! - `authority.rs`: the slot authority's requests, reports and rounds;
+//! - `healing.rs`: the authority's removals of dead members and electorate handovers;
 //! - `status.rs`: the announcement, the status line and [`Status`].
 //!
 //! To add a record-changing operation: add an [`Op`] variant and its pure transition in
@@ -24,6 +25,7 @@
 mod acceptor;
 mod authority;
 mod election;
+mod healing;
 mod joiner;
 mod member;
 mod proposer;
@@ -153,6 +155,12 @@ pub struct Node {
     join_point: Option<JoinPoint>,
     // failure detection: id -> since when it has been missing
     missing_since: BTreeMap<NodeId, Duration>,
+    /// The last address each peer was seen at (this process's view).
+    last_ip: BTreeMap<NodeId, IpAddr>,
+    // removals (authority): `remove-node` in flight, finished (to be recorded), retry times
+    removing: BTreeSet<NodeId>,
+    removals_done: BTreeSet<NodeId>,
+    removal_retry_at: BTreeMap<NodeId, Duration>,
     next_refresh: Duration,
     prepare_at: Option<Duration>,
     addons_issued: bool,
@@ -204,6 +212,10 @@ impl Node {
             slot_watch: BTreeMap::new(),
             join_point: None,
             missing_since: BTreeMap::new(),
+            last_ip: BTreeMap::new(),
+            removing: BTreeSet::new(),
+            removals_done: BTreeSet::new(),
+            removal_retry_at: BTreeMap::new(),
             next_refresh: now,
             prepare_at: None,
             addons_issued: false,
@@ -257,6 +269,10 @@ impl Node {
                 self.on_addons(res, &mut out);
                 true
             }
+            Event::NodeRemoved { node, result } => {
+                self.on_node_removed(now, node, result);
+                true
+            }
             Event::Message { from, msg } => self.on_message_event(now, from, msg, &mut out),
             Event::JoinPointKnown(jp) => {
                 let changed = self.join_point.as_ref() != Some(&jp);
@@ -285,6 +301,7 @@ impl Node {
                 self.st.max_ballot = self.st.max_ballot.max(b.n);
             }
             self.missing_since.remove(&ann.id);
+            self.last_ip.insert(ann.id.clone(), ip);
             self.peers
                 .insert(ann.id.clone(), Peer { ann, ip, seen: now });
         }
@@ -475,6 +492,12 @@ impl Node {
         if let Some(h) = self.hint() {
             watch.insert(h.cluster.seed.clone());
             watch.insert(h.authority.clone());
+        }
+        // The slot authority watches every member and every member of the electorate: it
+        // removes and replaces those unseen for `replace_after` (by its own clock only).
+        if let Some(r) = self.chosen().filter(|r| r.authority == self.me) {
+            watch.extend(r.members.keys().cloned());
+            watch.extend(r.quorum_sets().flatten().cloned());
         }
         watch.remove(&self.me);
         self.missing_since.retain(|id, _| watch.contains(id));

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::{apply, Node, Op};
 use crate::events::{Action, Message};
-use crate::types::{majority, Accepted, Ballot, NodeId, Phase, Record};
+use crate::types::{Accepted, Ballot, NodeId, Phase, Record};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Stage {
@@ -92,17 +92,21 @@ impl Node {
     /// a read and a write then need only a majority of it (see [`Node::try_write`]), so the
     /// other nodes of a large cluster stay idle. Before, everybody I see and the electorate of
     /// the newest record I heard of (the read needs the pre-election quorum).
+    ///
+    /// During a handover (a joint step) both electorates count, and a record newer than the
+    /// one I saw chosen may name another electorate: the targets are every quorum set of the
+    /// chosen and of the newest known record, and of the round's own proposal.
     fn targets(&self) -> BTreeSet<NodeId> {
         let mut t: BTreeSet<NodeId> = match self.chosen() {
-            Some(r) => r.electorate.clone(),
-            None => {
-                let mut t: BTreeSet<NodeId> = self.peers.keys().cloned().collect();
-                if let Some(r) = self.known() {
-                    t.extend(r.electorate.iter().cloned());
-                }
-                t
-            }
+            Some(r) => r.quorum_sets().flatten().cloned().collect(),
+            None => self.peers.keys().cloned().collect(),
         };
+        if let Some(r) = self.known() {
+            t.extend(r.quorum_sets().flatten().cloned());
+        }
+        if let Some(p) = self.round.as_ref().and_then(|r| r.proposal.as_ref()) {
+            t.extend(p.quorum_sets().flatten().cloned());
+        }
         t.remove(&self.me);
         t
     }
@@ -200,15 +204,31 @@ impl Node {
         accepted: Option<Accepted>,
         out: &mut Vec<Action>,
     ) {
+        let before = self.targets();
         if let Some(acc) = &accepted {
             self.learn(acc);
         }
-        let Some(round) = self.round.as_mut() else {
+        let Some(round) = self.round.as_ref() else {
             return;
         };
         if round.ballot != ballot || round.stage != Stage::Reading {
             return;
         }
+        // The promise named a record with another electorate (a handover): ask its members
+        // at once, the read needs a majority of them too.
+        for to in self.targets().difference(&before) {
+            if !round.promises.contains_key(to) {
+                out.push(Action::Send {
+                    to: to.clone(),
+                    msg: Message::Prepare {
+                        ballot: round.ballot.clone(),
+                    },
+                });
+            }
+        }
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         round.promises.insert(from, accepted);
         self.try_write(now, out);
     }
@@ -216,13 +236,13 @@ impl Node {
     /// Phase 2: once the promises make a read quorum, applies the round's op to the newest
     /// record among them and asks the targets to accept the result.
     ///
-    /// The read quorum: a majority of every electorate known (of the newest record among the
-    /// promises, of the newest heard of, of the one I saw chosen) and, unless I saw a record
-    /// chosen, the pre-election quorum `Q` in all. A proposer that saw `C` chosen starts from
-    /// the newest of the promises and `C` itself: every record chosen after `C` was accepted
-    /// by a majority of `C`'s electorate (it descends from `C`, and no change alters the
-    /// electorate), which the promises meet; so the base is the latest chosen record or a
-    /// later one, as with a `Q` read (see the safety argument in [`crate`]).
+    /// The read quorum: a majority of every quorum set ([`Record::quorum_sets`]: the
+    /// electorate, and the old one during a handover) of the newest record among the promises
+    /// and `C` (the record I saw chosen), and of the newest heard of; and, unless I saw a
+    /// record chosen, the pre-election quorum `Q` in all. A proposer that saw `C` chosen
+    /// starts from the newest of the promises and `C` itself; the safety argument in [`crate`]
+    /// ("Handover") shows that this base is the latest chosen record or a later one, as with
+    /// a `Q` read, also across handovers.
     fn try_write(&mut self, now: Duration, out: &mut Vec<Action>) {
         let Some(round) = self.round.as_mut() else {
             return;
@@ -240,25 +260,19 @@ impl Node {
             .chain(chosen)
             .max_by(|a, b| a.ballot.cmp(&b.ballot))
             .cloned();
-        // Every electorate we know of must be represented by a majority among the promises.
-        let mut electorates: Vec<&BTreeSet<NodeId>> = Vec::new();
-        if let Some(h) = &highest {
-            electorates.push(&h.record.electorate);
-        }
-        if let Some(k) = &self.st.known {
-            electorates.push(&k.record.electorate);
-        }
-        if let Some(c) = chosen {
-            electorates.push(&c.record.electorate);
-        }
-        for s in electorates {
-            let have = round.promises.keys().filter(|id| s.contains(*id)).count();
-            if have < majority(s.len()) {
+        // Every quorum set of the newest record read (and of the newest heard of) must be
+        // represented by a majority among the promises: both electorates during a handover.
+        // (The record I saw chosen is among the candidates for the newest: when nothing newer
+        // came back, its sets are the ones checked.)
+        let newest = [highest.as_ref(), self.st.known.as_ref()];
+        for rec in newest.into_iter().flatten() {
+            if !rec.record.has_quorum(round.promises.keys()) {
                 return;
             }
         }
         let cur = highest.as_ref().map(|h| &h.record);
-        let Some(proposal) = apply(&round.op, cur, &round.ballot, &self.me, &self.params) else {
+        let Some(mut proposal) = apply(&round.op, cur, &round.ballot, &self.me, &self.params)
+        else {
             // Nothing to write: there is no record.
             let op = round.op.clone();
             self.round = None;
@@ -267,6 +281,18 @@ impl Node {
             }
             return;
         };
+        // A joint step ends only on the record I saw chosen: then a majority of the old
+        // electorate holds it (or a later record), so every reader that still knows only the
+        // old electorate finds the new one (see the safety argument in [`crate`]).
+        if let Some(h) = &highest {
+            let seen_chosen = chosen.is_some_and(|c| c.ballot == h.ballot);
+            if h.record.electorate_old.is_some()
+                && proposal.electorate_old.is_none()
+                && !seen_chosen
+            {
+                proposal.electorate_old = h.record.electorate_old.clone();
+            }
+        }
         round.base_none = highest.is_none();
         round.stage = Stage::Writing;
         round.last_send = now;
@@ -328,8 +354,9 @@ impl Node {
         let Some(proposal) = &round.proposal else {
             return;
         };
-        let s = &proposal.electorate;
-        if round.accepts.iter().filter(|id| s.contains(*id)).count() < majority(s.len()) {
+        // A majority of every quorum set of the value written (both electorates during a
+        // handover).
+        if !proposal.has_quorum(round.accepts.iter()) {
             return;
         }
         if round.base_none && round.accepts.len() < self.params.election_quorum() {

@@ -3,8 +3,11 @@
 //!
 //! Every change re-checks its own precondition on the record it is applied to, so a round that
 //! read a newer record than its proposer expected writes nothing wrong, and a [`Op::Batch`] is
-//! exactly its changes chosen back to back. No change alters the electorate (the safety
-//! argument in [`crate`] relies on it).
+//! exactly its changes chosen back to back. Only [`Op::Handover`] (which starts a joint step:
+//! the old electorate is kept beside the new one) and [`Op::FinishHandover`] (which ends it)
+//! alter the electorate; the safety argument in [`crate`] says why that is safe, and the
+//! proposer (`Node::try_write`) keeps a joint step from ending on a record it did not see
+//! chosen.
 //!
 //! To add an operation: add an [`Op`] variant, a `fn` here that applies it to a `&mut Record`
 //! (checking its precondition first), and its arm in [`apply`]; its trigger and follow-up live
@@ -12,8 +15,9 @@
 //! `Node::follow_up` (`proposer.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use crate::types::{Ballot, ClusterId, FormationParams, NodeId, Record, Slot};
+use crate::types::{Ballot, ClusterId, FormationParams, NodeId, Record, Removal, Slot};
 use rackseed_config::Role;
 
 /// A record-changing operation, run as one Paxos round (read the record, apply, write back).
@@ -42,6 +46,24 @@ pub enum Op {
     ClaimAddons,
     /// Record that the addons are enabled.
     AddonsDone,
+    /// Remove the dead member `node` (unseen for `replace_after` by the authority, `me`):
+    /// out of the members, its slot and tentative place freed, a [`Removal`] noted for
+    /// `microk8s remove-node <ip> --force`. Never the proposer itself.
+    Remove {
+        node: NodeId,
+        reason: String,
+        ip: Option<IpAddr>,
+    },
+    /// `microk8s remove-node --force` ran for the removed `node`.
+    RemovalDone { node: NodeId },
+    /// Start handing the electorate over: `out` (dead) is replaced by `into` (live), as a
+    /// joint step that keeps the old electorate beside the new one. Only when no handover is
+    /// under way.
+    Handover { out: NodeId, into: NodeId },
+    /// End the joint step: the old electorate no longer counts.
+    FinishHandover,
+    /// Note the members' current addresses (what `remove-node` is given once they die).
+    NoteAddresses(BTreeMap<NodeId, IpAddr>),
     /// Learn (and complete) the current record without changing it.
     Refresh,
     /// Several changes in one round, applied in order (the slot authority confirms a join,
@@ -91,11 +113,24 @@ pub fn apply(
         Op::Takeover { old } => take_over_authority(&mut r, old, me),
         Op::ClaimAddons => claim_addons(&mut r, me, params),
         Op::AddonsDone => mark_addons_done(&mut r, me),
+        Op::Remove { node, reason, ip } => remove_member(&mut r, node, reason, *ip, me),
+        Op::RemovalDone { node } => mark_removal_done(&mut r, node, me),
+        Op::Handover { out, into } => start_handover(&mut r, out, into, me),
+        Op::FinishHandover => finish_handover(&mut r, me),
+        Op::NoteAddresses(addrs) => note_addresses(&mut r, addrs, me),
         Op::Refresh | Op::Batch(_) => {}
     }
+    debug_assert!(r.seq >= cur.seq, "{op:?} moved the slot sequence back");
     debug_assert!(
-        r.electorate == cur.electorate && r.seq >= cur.seq,
-        "{op:?} changed the electorate or moved the slot sequence back"
+        r.electorate == cur.electorate
+            || matches!(op, Op::Handover { .. })
+                && r.electorate_old.as_ref() == Some(&cur.electorate),
+        "{op:?} changed the electorate outside a joint handover step"
+    );
+    debug_assert!(
+        r.electorate_old == cur.electorate_old
+            || matches!(op, Op::Handover { .. } | Op::FinishHandover),
+        "{op:?} changed the joint step"
     );
     Some(r)
 }
@@ -115,6 +150,9 @@ fn founding_record(electorate: BTreeSet<NodeId>, seq: u64, ballot: &Ballot, me: 
         seq,
         addons_by: None,
         addons_done: false,
+        electorate_old: None,
+        removed: Vec::new(),
+        addresses: BTreeMap::new(),
     }
 }
 
@@ -237,6 +275,81 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
             } else {
                 Role::Worker
             }
+        }
+    }
+}
+
+/// Remove the dead member `node`, if I am the authority and it is a member other than me.
+fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>, me: &NodeId) {
+    if r.authority != *me || node == me {
+        return;
+    }
+    let Some(role) = r.members.remove(node) else {
+        return;
+    };
+    r.tentative.remove(node);
+    r.slots.retain(|s| s.node != *node);
+    let ip = ip.or_else(|| r.addresses.get(node).copied());
+    r.addresses.remove(node);
+    r.removed.retain(|x| x.node != *node);
+    r.removed.push(Removal {
+        node: node.clone(),
+        role,
+        reason: reason.to_owned(),
+        ip,
+        done: false,
+    });
+    // Keep the newest; drop the oldest finished ones first.
+    while r.removed.len() > Record::REMOVED_KEPT {
+        let i = r.removed.iter().position(|x| x.done).unwrap_or(0);
+        r.removed.remove(i);
+    }
+}
+
+/// Mark `node`'s removal as carried out, if I am the authority.
+fn mark_removal_done(r: &mut Record, node: &NodeId, me: &NodeId) {
+    if r.authority != *me {
+        return;
+    }
+    if let Some(x) = r.removed.iter_mut().find(|x| x.node == *node) {
+        x.done = true;
+    }
+}
+
+/// Replace `out` by `into` in the electorate as a joint step (the old electorate is kept in
+/// `electorate_old`), if I am the authority, no joint step is under way, `out` is in the
+/// electorate and `into` is not.
+fn start_handover(r: &mut Record, out: &NodeId, into: &NodeId, me: &NodeId) {
+    if r.authority != *me
+        || r.electorate_old.is_some()
+        || !r.electorate.contains(out)
+        || r.electorate.contains(into)
+        || out == into
+    {
+        return;
+    }
+    let old = r.electorate.clone();
+    r.electorate.remove(out);
+    r.electorate.insert(into.clone());
+    r.electorate_old = Some(old);
+}
+
+/// End the joint step, if I am the authority. The proposer keeps the joint step when the
+/// record it read is not the one it saw chosen (`Node::try_write`).
+fn finish_handover(r: &mut Record, me: &NodeId) {
+    if r.authority == *me {
+        r.electorate_old = None;
+    }
+}
+
+/// Note the addresses of members, if I am the authority.
+fn note_addresses(r: &mut Record, addrs: &BTreeMap<NodeId, IpAddr>, me: &NodeId) {
+    if r.authority != *me {
+        return;
+    }
+    for (id, ip) in addrs {
+        if r.members.contains_key(id) {
+            r.addresses.insert(id.clone(), *ip);
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Node, Op};
 use crate::announce::Announcement;
 use crate::events::Action;
-use crate::types::{ClusterId, NodeId, Phase, Slot};
+use crate::types::{ClusterId, NodeId, Phase, Removal, Slot};
 use rackseed_config::Role;
 
 /// A point-in-time view for `firstboot status`.
@@ -34,6 +34,13 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Messages and events ignored as malformed, forged or stale.
     pub ignored: u64,
+    /// The electorate per the newest known record (and the old one during a handover).
+    pub electorate: Vec<NodeId>,
+    pub electorate_old: Option<Vec<NodeId>>,
+    /// Members the newest known record removed, oldest first.
+    pub removed: Vec<Removal>,
+    /// `replace_after` of this node's parameters.
+    pub replace_after: std::time::Duration,
 }
 
 impl Node {
@@ -53,6 +60,14 @@ impl Node {
             addons_done: rec.is_some_and(|r| r.addons_done) || self.st.addons_done,
             last_error: self.last_error.clone(),
             ignored: self.ignored,
+            electorate: rec
+                .map(|r| r.electorate.iter().cloned().collect())
+                .unwrap_or_default(),
+            electorate_old: rec
+                .and_then(|r| r.electorate_old.as_ref())
+                .map(|s| s.iter().cloned().collect()),
+            removed: rec.map(|r| r.removed.clone()).unwrap_or_default(),
+            replace_after: self.params.replace_after,
         }
     }
 
