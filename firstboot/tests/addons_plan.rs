@@ -22,6 +22,7 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             secret_file: PathBuf::from("/etc/rackseed/cluster.secret"),
             api_address: None,
             standbys: 3,
+            replace_after: DEFAULT_REPLACE_AFTER,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),

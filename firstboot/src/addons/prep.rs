@@ -311,7 +311,7 @@ pub async fn prepare_feature_packages<K: KernelControl>(
     let offline = offline.map(|o| under_root(root, o));
     let mut r = Readiness::default();
     for f in config.feature_packages() {
-        let needs: Vec<PackageProbe> = f.packages.iter().map(|p| feature_probe(*p)).collect();
+        let needs: Vec<PackageProbe> = f.packages.iter().map(|p| feature_probe(p)).collect();
         let name = f
             .setting
             .strip_prefix("cluster.")

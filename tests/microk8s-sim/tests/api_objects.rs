@@ -82,6 +82,7 @@ fn objects_need_the_credential_and_follow_quorum() {
     }
     // Four control-plane members: three voters and a standby.
     let seed = IpAddr::V4(nodes[0].host.addr);
+    #[allow(clippy::needless_range_loop)] // `i` names the node in messages too
     for i in 1..4 {
         let t = JoinTarget::new(seed, secret().microk8s_token());
         nodes[i]
@@ -192,6 +193,7 @@ fn objects_need_the_credential_and_follow_quorum() {
         "writes after the leader's death",
         || (api(&lab, 0, ip[1], "POST", CM, c, Some(&cm("after", "y"))).0 == 201).then_some(()),
     );
+    #[allow(clippy::needless_range_loop)] // `i` names the node in messages too
     for i in 1..4 {
         let (s, b) = api(&lab, 0, ip[i], "GET", &format!("{CM}/before"), c, None);
         assert_eq!(

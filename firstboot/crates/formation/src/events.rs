@@ -14,6 +14,9 @@ use super::types::{Accepted, Ballot, ClusterId, NodeId, PersistedState, Record};
 use rackseed_config::Role;
 
 /// Something that happened, fed to [`super::Node::handle`].
+// Events are moved once into `handle` and dropped; boxing the record-carrying messages would
+// cost an allocation per message for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A verified announcement (first sight or update) and the address it came from.
