@@ -7,7 +7,7 @@
 //! (`copy_modules_dir` of whole driver trees: every network, graphics, bus, PHY, pinctrl...
 //! driver; `hook-functions` in initramfs-tools 0.142): more than 15 minutes on a loaded 2-core
 //! machine, most of a cold arm64 bootstrap. arm64 bases only serve the Raspberry Pi targets,
-//! whose boot media are known, so [`HOOK`] copies the driver trees those boot from (MMC/SD,
+//! whose boot media are known, so `HOOK` copies the driver trees those boot from (MMC/SD,
 //! USB host and storage, NVMe, the Pi 4's VL805 reset controller, virtio) and the root
 //! filesystem's module, and [`CONF`] sets `MODULES=list` (mkinitramfs then adds the modules of
 //! `/usr/share/initramfs-tools/modules.d/*`, `/etc/initramfs-tools/modules` and the hooks, and

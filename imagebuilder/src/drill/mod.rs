@@ -88,7 +88,7 @@ pub struct DrillArgs {
     /// the node's agent.
     #[arg(long, value_name = "DIR")]
     pub qemu_dir: Option<PathBuf>,
-    /// The VM running the chosen node (default: found through the config's [[nodes]] MACs).
+    /// The VM running the chosen node (default: found through the config's `[[nodes]]` MACs).
     #[arg(long, requires = "qemu_dir")]
     pub vm: Option<String>,
     /// Kill the node by running `PROGRAM NODE_ID ADDRESS` (exit 0 = dead), e.g. a PDU script.
@@ -106,7 +106,7 @@ pub struct DrillArgs {
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,
-    /// Also write drill-<run>.md, .json and .svg into DIR.
+    /// Also write `drill-<run>.md`, `.json` and `.svg` into DIR.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Exit 1 when the API's recovery took longer than this many seconds (or never came).
