@@ -33,7 +33,9 @@ use rackseed_host::command::Cmd;
 use rackseed_protocol::status::StatusDoc;
 
 /// Software-emulated VMs sharing 2 cores boot slowly; these bound each stage.
-const FORM_TIMEOUT: Duration = Duration::from_secs(900);
+// Boot under TCG with cloud-init and snapd, then up to 120 s waiting for time synchronisation
+// (no NTP on the test network), then formation: 900 s was missed once on a loaded machine.
+const FORM_TIMEOUT: Duration = Duration::from_secs(1500);
 const STAGE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The floating API address, on the launcher's default cluster subnet (192.168.76.0/24).
 const API_ADDRESS: &str = "192.168.76.100";

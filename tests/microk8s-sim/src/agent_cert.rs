@@ -62,9 +62,15 @@ pub fn generate_and_write(snap_data: &Path) -> Result<Vec<u8>> {
     Ok(cert.der().to_vec())
 }
 
-/// Writes `bytes` to `path` with `mode` through a temporary file and a rename.
+/// Writes `bytes` to `path` with `mode` through a temporary file and a rename. The temporary
+/// name carries the file's own name and this process's id, so two writers (the key and the
+/// certificate, or two installs that overlap on a slow machine) never rename each other's file.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
