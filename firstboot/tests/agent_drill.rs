@@ -57,14 +57,20 @@ fn a_drill_kills_the_address_holder_and_measures_rto_and_rpo() {
         .map(|d| d.node_id.clone())
         .unwrap_or_else(|| panic!("no status document for node {holder}"));
 
-    // The killer: every process of the node's namespace, then the address it held.
+    // The killer: every process of the node's namespace (again while short-lived ones such as
+    // keepalived's health-check curl come and go: one gone before its kill failed a run), then
+    // the address it held.
     let mut script = String::from("#!/bin/sh\nset -e\ncase \"$2\" in\n");
     for n in &c.nodes {
         script.push_str(&format!("{addr}) ns={ns} ;;\n", addr = n.addr, ns = n.ns));
     }
     script.push_str(&format!(
         "*) echo \"unknown node $1 $2\" >&2; exit 1 ;;\nesac\n\
-         ip netns pids \"$ns\" | xargs -r kill -9\n\
+         for _ in 1 2 3 4 5 6 7 8 9 10; do\n\
+           pids=$(ip netns pids \"$ns\"); [ -z \"$pids\" ] && break\n\
+           kill -9 $pids 2>/dev/null || true; sleep 0.2\n\
+         done\n\
+         [ -z \"$(ip netns pids \"$ns\")\" ] || {{ echo \"$ns still has processes\" >&2; exit 1; }}\n\
          ip -n \"$ns\" addr del {ADDRESS}/24 dev eth0 2>/dev/null || true\n\
          echo \"$1 $2\" >> '{log}'\n",
         log = c.dir.path().join("killed.log").display()
