@@ -35,9 +35,7 @@ use qemu::Cluster;
 use rackseed_protocol::coordinator::fingerprint_of;
 use rackseed_protocol::secret::ClusterSecret;
 use rackseed_protocol::status::StatusDoc;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rackseed_protocol::tls::PeerCertVerifier;
 
 use crate::customize::ext4::Ext4;
 use crate::disk::fat::FatVolume;
@@ -114,30 +112,11 @@ pub fn run(cmd: QemuCli) -> Result<()> {
 
 async fn run_async(cmd: QemuCli) -> Result<()> {
     match cmd {
-        QemuCli::Launcher(QemuCommand::Up {
-            image,
-            nodes,
-            arch,
-            memory,
-            cpus,
-            dir,
-            port,
-            accel,
-            guest_mgmt_port,
-            kernel,
-            initrd,
-            append,
-            disk_size,
-            no_reboot,
-            subnet,
-            user_data,
-            no_seed,
-            uplink,
-        }) => {
-            let user_data = match (user_data, no_seed) {
+        QemuCli::Launcher(QemuCommand::Up(mut up)) => {
+            up.user_data = match (up.user_data.take(), up.no_seed) {
                 (Some(p), _) => Some(p),
                 (None, true) => None,
-                (None, false) => match image_user_data(&image).await? {
+                (None, false) => match image_user_data(&up.image).await? {
                     Some(text) => {
                         println!("seeds carry the image's user-data ({ROOT_SEED_USER_DATA})");
                         let tmp = tempfile::Builder::new()
@@ -154,28 +133,8 @@ async fn run_async(cmd: QemuCli) -> Result<()> {
                     }
                 },
             };
-            let cleanup = user_data.clone();
-            let r = qemu::cli::run_async(QemuCommand::Up {
-                image,
-                nodes,
-                arch,
-                memory,
-                cpus,
-                dir,
-                port,
-                accel,
-                guest_mgmt_port,
-                kernel,
-                initrd,
-                append,
-                disk_size,
-                no_reboot,
-                subnet,
-                user_data,
-                no_seed,
-                uplink,
-            })
-            .await;
+            let cleanup = up.user_data.clone();
+            let r = qemu::cli::run_async(QemuCommand::Up(up)).await;
             if let Some(p) = cleanup.filter(|p| p.starts_with(std::env::temp_dir())) {
                 let _ = std::fs::remove_file(p);
             }
@@ -262,51 +221,6 @@ pub async fn image_user_data(image: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Accepts the VM's self-signed certificate (see the module docs) but still checks that the
-/// handshake is signed by it.
-#[derive(Debug)]
-struct LoopbackForward {
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-    /// The fingerprint of the certificate shown ([`fingerprint_of`]).
-    seen: Arc<Mutex<Option<String>>>,
-}
-
-impl ServerCertVerifier for LoopbackForward {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().expect("fingerprint lock") = Some(fingerprint_of(end_entity));
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 /// A client for `https://127.0.0.1:<forwarded port>/status.json`.
 pub fn loopback_client() -> Result<reqwest::Client> {
     loopback_client_seeing(Arc::new(Mutex::new(None)))
@@ -314,16 +228,13 @@ pub fn loopback_client() -> Result<reqwest::Client> {
 
 /// [`loopback_client`] that also records the fingerprint of the last certificate it was shown.
 fn loopback_client_seeing(seen: Arc<Mutex<Option<String>>>) -> Result<reqwest::Client> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(LoopbackForward {
-        algs: provider.signature_verification_algorithms,
-        seen,
-    });
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    // The VM's self-signed certificate is accepted (module docs) and its fingerprint noted;
+    // the handshake must still be signed by it.
+    let tls = PeerCertVerifier::new(move |cert| {
+        *seen.lock().expect("fingerprint lock") = Some(fingerprint_of(cert));
+        Ok(())
+    })
+    .client_config()?;
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .no_proxy()
@@ -939,11 +850,9 @@ mod tests {
         use clap::Parser;
         let t = Top::try_parse_from(["x", "up", "--subnet", "10.9.0.0/24", "out/a.img"]).unwrap();
         match t.cmd {
-            QemuCli::Launcher(QemuCommand::Up {
-                subnet, no_seed, ..
-            }) => {
-                assert_eq!(subnet.to_string(), "10.9.0.0/24");
-                assert!(!no_seed);
+            QemuCli::Launcher(QemuCommand::Up(up)) => {
+                assert_eq!(up.subnet.to_string(), "10.9.0.0/24");
+                assert!(!up.no_seed);
             }
             other => panic!("{other:?}"),
         }

@@ -23,61 +23,99 @@ pub struct DirArg {
     pub dir: PathBuf,
 }
 
+/// `qemu up`'s options: parsed once here, turned into a [`ClusterSpec`] by
+/// [`UpArgs::into_spec`] (the image builder's `qemu up` fills in `user_data` first).
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Disk image the nodes boot from (raw or qcow2); it is never written.
+    pub image: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[arg(long, default_value = "x86_64")]
+    pub arch: Arch,
+    /// Guest memory per node, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Multicast port of the cluster network (default: a free port derived from --dir).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// auto probes KVM and falls back to TCG.
+    #[arg(long, default_value = "auto")]
+    pub accel: AccelChoice,
+    /// Guest port that each node's 127.0.0.1 management port forwards to.
+    #[arg(long, default_value_t = DEFAULT_GUEST_MGMT_PORT)]
+    pub guest_mgmt_port: u16,
+    /// Boot this kernel directly instead of UEFI (e.g. a Pi image's, from system-boot).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    #[arg(long, requires = "kernel", default_value = "")]
+    pub append: String,
+    /// Virtual disk size per node (e.g. 8G), if larger than the image.
+    #[arg(long)]
+    pub disk_size: Option<String>,
+    /// Exit QEMU when the guest reboots.
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Cluster-network subnet: node N gets host number 10+N, given by its cloud-init
+    /// NoCloud seed (a CIDATA volume with meta-data, network-config, user-data).
+    #[arg(long, default_value = DEFAULT_SUBNET)]
+    pub subnet: Subnet,
+    /// user-data (cloud-config) for every node's seed; the seed replaces the image's own
+    /// user-data, so pass the image's (`imagebuilder qemu up` does).
+    #[arg(long, conflicts_with = "no_seed")]
+    pub user_data: Option<PathBuf>,
+    /// Attach no NoCloud seed (the image must configure its own network).
+    #[arg(long)]
+    pub no_seed: bool,
+    /// Let the management NICs reach beyond this machine through QEMU's NAT (e.g. for
+    /// the nodes to install the MicroK8s snap); by default nothing leaves it.
+    #[arg(long)]
+    pub uplink: bool,
+}
+
+impl UpArgs {
+    /// The cluster these options describe; reads the `--user-data` file.
+    pub fn into_spec(self) -> anyhow::Result<ClusterSpec> {
+        let mut spec = ClusterSpec::new(self.image, self.dir.dir);
+        spec.nodes = self.nodes;
+        spec.arch = self.arch;
+        spec.memory_mib = self.memory;
+        spec.cpus = self.cpus;
+        spec.mcast_port = self.port;
+        spec.accel = self.accel;
+        spec.guest_mgmt_port = self.guest_mgmt_port;
+        spec.disk_size = self.disk_size;
+        spec.no_reboot = self.no_reboot;
+        spec.subnet = (!self.no_seed).then_some(self.subnet);
+        spec.uplink = self.uplink;
+        spec.user_data = match self.user_data {
+            Some(p) => Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("reading user-data {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        if let Some(kernel) = self.kernel {
+            spec.boot = BootSource::Kernel {
+                kernel,
+                initrd: self.initrd,
+                append: self.append,
+            };
+        }
+        Ok(spec)
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum QemuCommand {
     /// Boot a test cluster: one copy-on-write overlay of IMAGE per node.
-    Up {
-        /// Disk image the nodes boot from (raw or qcow2); it is never written.
-        image: PathBuf,
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        #[arg(long, default_value = "x86_64")]
-        arch: Arch,
-        /// Guest memory per node, MiB.
-        #[arg(long, default_value_t = 1024)]
-        memory: u32,
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        #[command(flatten)]
-        dir: DirArg,
-        /// Multicast port of the cluster network (default: a free port derived from --dir).
-        #[arg(long)]
-        port: Option<u16>,
-        /// auto probes KVM and falls back to TCG.
-        #[arg(long, default_value = "auto")]
-        accel: AccelChoice,
-        /// Guest port that each node's 127.0.0.1 management port forwards to.
-        #[arg(long, default_value_t = DEFAULT_GUEST_MGMT_PORT)]
-        guest_mgmt_port: u16,
-        /// Boot this kernel directly instead of UEFI (e.g. a Pi image's, from system-boot).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        #[arg(long, requires = "kernel")]
-        initrd: Option<PathBuf>,
-        #[arg(long, requires = "kernel", default_value = "")]
-        append: String,
-        /// Virtual disk size per node (e.g. 8G), if larger than the image.
-        #[arg(long)]
-        disk_size: Option<String>,
-        /// Exit QEMU when the guest reboots.
-        #[arg(long)]
-        no_reboot: bool,
-        /// Cluster-network subnet: node N gets host number 10+N, given by its cloud-init
-        /// NoCloud seed (a CIDATA volume with meta-data, network-config, user-data).
-        #[arg(long, default_value = DEFAULT_SUBNET)]
-        subnet: Subnet,
-        /// user-data (cloud-config) for every node's seed; the seed replaces the image's own
-        /// user-data, so pass the image's (`imagebuilder qemu up` does).
-        #[arg(long, conflicts_with = "no_seed")]
-        user_data: Option<PathBuf>,
-        /// Attach no NoCloud seed (the image must configure its own network).
-        #[arg(long)]
-        no_seed: bool,
-        /// Let the management NICs reach beyond this machine through QEMU's NAT (e.g. for
-        /// the nodes to install the MicroK8s snap); by default nothing leaves it.
-        #[arg(long)]
-        uplink: bool,
-    },
+    Up(UpArgs),
     /// Show every node: state, pid, management address, serial log.
     Status {
         #[command(flatten)]
@@ -127,53 +165,8 @@ pub fn run(cmd: QemuCommand) -> anyhow::Result<()> {
 /// [`run`] for callers already inside a tokio runtime.
 pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
     match cmd {
-        QemuCommand::Up {
-            image,
-            nodes,
-            arch,
-            memory,
-            cpus,
-            dir,
-            port,
-            accel,
-            guest_mgmt_port,
-            kernel,
-            initrd,
-            append,
-            disk_size,
-            no_reboot,
-            subnet,
-            user_data,
-            no_seed,
-            uplink,
-        } => {
-            let mut spec = ClusterSpec::new(image, dir.dir);
-            spec.nodes = nodes;
-            spec.arch = arch;
-            spec.memory_mib = memory;
-            spec.cpus = cpus;
-            spec.mcast_port = port;
-            spec.accel = accel;
-            spec.guest_mgmt_port = guest_mgmt_port;
-            spec.disk_size = disk_size;
-            spec.no_reboot = no_reboot;
-            spec.subnet = (!no_seed).then_some(subnet);
-            spec.uplink = uplink;
-            spec.user_data = match user_data {
-                Some(p) => Some(
-                    std::fs::read_to_string(&p)
-                        .map_err(|e| anyhow::anyhow!("reading user-data {}: {e}", p.display()))?,
-                ),
-                None => None,
-            };
-            if let Some(kernel) = kernel {
-                spec.boot = BootSource::Kernel {
-                    kernel,
-                    initrd,
-                    append,
-                };
-            }
-            let cluster = Cluster::up(spec).await?;
+        QemuCommand::Up(args) => {
+            let cluster = Cluster::up(args.into_spec()?).await?;
             println!(
                 "cluster up in {} (multicast port {})",
                 cluster.dir().display(),
@@ -282,19 +275,27 @@ mod tests {
         ])
         .unwrap();
         match t.cmd {
-            QemuCommand::Up {
-                nodes,
-                arch,
-                kernel,
-                dir,
-                image,
-                ..
-            } => {
-                assert_eq!(nodes, 2);
-                assert_eq!(arch, Arch::Aarch64);
-                assert_eq!(kernel, Some("/k".into()));
-                assert_eq!(dir.dir, PathBuf::from("/tmp/c"));
-                assert_eq!(image, PathBuf::from("img.raw"));
+            QemuCommand::Up(up) => {
+                assert_eq!(up.nodes, 2);
+                assert_eq!(up.arch, Arch::Aarch64);
+                assert_eq!(up.kernel, Some("/k".into()));
+                assert_eq!(up.dir.dir, PathBuf::from("/tmp/c"));
+                assert_eq!(up.image, PathBuf::from("img.raw"));
+                let spec = up.into_spec().unwrap();
+                assert_eq!((spec.nodes, spec.arch), (2, Arch::Aarch64));
+                assert_eq!(spec.dir, PathBuf::from("/tmp/c"));
+                match spec.boot {
+                    BootSource::Kernel {
+                        kernel,
+                        initrd,
+                        append,
+                    } => {
+                        assert_eq!(kernel, PathBuf::from("/k"));
+                        assert_eq!(initrd, Some("/i".into()));
+                        assert_eq!(append, "console=ttyAMA0");
+                    }
+                    other => panic!("{other:?}"),
+                }
             }
             _ => panic!("not up"),
         }
@@ -304,21 +305,15 @@ mod tests {
     fn bare_up_means_three_uefi_nodes_with_defaults() {
         let t = Top::try_parse_from(["x", "up", "out/qemu.img"]).unwrap();
         match t.cmd {
-            QemuCommand::Up {
-                nodes,
-                arch,
-                kernel,
-                memory,
-                accel,
-                guest_mgmt_port,
-                dir,
-                ..
-            } => {
-                assert_eq!((nodes, arch, memory), (3, Arch::X86_64, 1024));
-                assert_eq!(kernel, None);
-                assert_eq!(accel, AccelChoice::Auto);
-                assert_eq!(guest_mgmt_port, 7443);
-                assert_eq!(dir.dir, PathBuf::from("qemu-cluster"));
+            QemuCommand::Up(up) => {
+                assert_eq!((up.nodes, up.arch, up.memory), (3, Arch::X86_64, 1024));
+                assert_eq!(up.kernel, None);
+                assert_eq!(up.accel, AccelChoice::Auto);
+                assert_eq!(up.guest_mgmt_port, 7443);
+                assert_eq!(up.dir.dir, PathBuf::from("qemu-cluster"));
+                let spec = up.into_spec().unwrap();
+                let defaults = ClusterSpec::new("out/qemu.img", "qemu-cluster");
+                assert_eq!(format!("{spec:?}"), format!("{defaults:?}"));
             }
             _ => panic!("not up"),
         }

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qemu::cli::{run_async, DirArg, QemuCommand};
+use qemu::cli::{run_async, DirArg, QemuCommand, UpArgs};
 use qemu::{
     AccelChoice, Arch, BootSource, Cluster, ClusterError, ClusterSpec, NodeRunState, StopOutcome,
 };
@@ -392,7 +392,7 @@ async fn cli_commands_share_the_state_directory() {
     let image = blank_image(tmp.path()).await;
     let dir = tmp.path().join("cli-cluster");
     let dir_arg = || DirArg { dir: dir.clone() };
-    run_async(QemuCommand::Up {
+    run_async(QemuCommand::Up(UpArgs {
         image,
         nodes: 1,
         arch: Arch::X86_64,
@@ -411,7 +411,7 @@ async fn cli_commands_share_the_state_directory() {
         user_data: None,
         no_seed: false,
         uplink: false,
-    })
+    }))
     .await
     .expect("qemu up");
     let mut guard = Cluster::open(&dir).unwrap();

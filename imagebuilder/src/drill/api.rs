@@ -21,10 +21,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rackseed_protocol::tls::PeerCertVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Namespace of the probe's objects.
 pub const PROBE_NAMESPACE: &str = "default";
@@ -111,10 +110,11 @@ pub type Answer = (u16, serde_json::Value);
 impl ApiClient {
     /// A client for `creds`, each request bounded by `timeout`.
     pub fn new(creds: &Credentials, timeout: Duration) -> Result<ApiClient> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?;
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
         let ca: Vec<CertificateDer<'static>> = creds
             .ca_pem
             .as_deref()
@@ -133,11 +133,11 @@ impl ApiClient {
         let builder = if verified {
             builder.with_root_certificates(roots)
         } else {
+            // Any server certificate, its handshake signature still checked: only for the
+            // simulator's placeholder CA (module docs).
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unchecked {
-                    algs: provider.signature_verification_algorithms,
-                }))
+                .with_custom_certificate_verifier(Arc::new(PeerCertVerifier::accepting_any()))
         };
         let client_chain: Vec<CertificateDer<'static>> = creds
             .client_cert_pem
@@ -293,48 +293,6 @@ impl ApiClient {
             )
             .await?
             .0)
-    }
-}
-
-/// Accepts any server certificate (its handshake signature is still checked): only for the
-/// simulator's placeholder CA (module docs).
-#[derive(Debug)]
-struct Unchecked {
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 

@@ -19,10 +19,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rackseed_protocol::tls::PeerCertVerifier;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -250,61 +248,17 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// Accepts any certificate, as `ssl._create_unverified_context()` does, but still checks the
-/// handshake signatures, so the peer must hold the key of the certificate it presents.
-#[derive(Debug)]
-struct AnyCertificate {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 /// The client side of TLS, built once per process.
 fn connector() -> Result<TlsConnector, ClientError> {
     static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
     CONNECTOR
         .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let algs = provider.signature_verification_algorithms;
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS protocol versions: {e}"))?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate { algs }))
-                .with_no_client_auth();
+            // Any certificate, as `ssl._create_unverified_context()` accepts (module docs); the
+            // handshake signatures are still checked, so the peer must hold the key of the
+            // certificate it presents.
+            let config = PeerCertVerifier::accepting_any()
+                .client_config()
+                .map_err(|e| format!("TLS protocol versions: {e}"))?;
             Ok(TlsConnector::from(Arc::new(config)))
         })
         .clone()

@@ -9,11 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rackseed_protocol::coordinator::client::PinnedCert;
 use rackseed_protocol::coordinator::{
     Coordinator, CoordinatorClient, CoordinatorConfig, Inbound, NodeIdentity,
 };
 use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::tls::PeerCertVerifier;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -31,12 +31,10 @@ async fn connect_from(local: IpAddr, to: SocketAddr) -> std::io::Result<TcpStrea
 }
 
 fn tls_config(fingerprint: &str) -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+    PeerCertVerifier::pinned(fingerprint)
         .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCert::new(fingerprint).unwrap()))
-        .with_no_client_auth()
+        .client_config()
+        .unwrap()
 }
 
 /// One stranger address: holds idle connections, asks for nonces, and sends a slow body

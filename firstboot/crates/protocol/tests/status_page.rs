@@ -8,17 +8,16 @@
 //! authentication, and that `/v1/status` still refuses an unauthenticated reader.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rackseed_host::command::Cmd;
-use rackseed_protocol::coordinator::client::PinnedCert;
 use rackseed_protocol::coordinator::{Coordinator, CoordinatorConfig, NodeIdentity};
 use rackseed_protocol::secret::ClusterSecret;
 use rackseed_protocol::status::{
     AddonRow, CoordinatorRejections, MemberRow, Microk8sView, PeerRow, Rejections, StatusDoc,
     TimelineEntry,
 };
+use rackseed_protocol::tls::PeerCertVerifier;
 
 const HOSTILE: &str = "<img src=x onerror=alert(1)><script>document.title='pwned'</script>";
 
@@ -188,14 +187,10 @@ async fn chromium_shows_a_notice_before_the_first_status() {
 async fn json_is_public_but_the_authenticated_routes_stay_closed() {
     let (coord, id) = start().await;
     coord.set_status_from(&doc()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(PinnedCert::new(id.fingerprint()).unwrap()))
-    .with_no_client_auth();
+    let tls = PeerCertVerifier::pinned(id.fingerprint())
+        .unwrap()
+        .client_config()
+        .unwrap();
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .no_proxy()

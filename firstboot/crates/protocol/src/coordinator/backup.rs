@@ -46,7 +46,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::client::{ClientError, CoordinatorClient};
+use super::client::{json, ClientError, CoordinatorClient, Delivery};
 use crate::secret::ClusterSecret;
 
 /// Largest archive accepted anywhere (push, fetch, restore). A homelab datastore's dump is a
@@ -602,11 +602,15 @@ impl CoordinatorClient {
         manifest: &BackupManifest,
         archive: &[u8],
     ) -> Result<PushAck, ClientError> {
-        self.introduce(peer, fingerprint).await?;
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("POST", PUSH_PATH, &nonce, encode_frame(manifest, archive));
-        self.send_signed_within(peer, fingerprint, &req, TRANSFER_TIMEOUT)
-            .await
+        self.transfer(
+            peer,
+            fingerprint,
+            PUSH_PATH,
+            manifest,
+            archive,
+            TRANSFER_TIMEOUT,
+        )
+        .await
     }
 
     /// The manifests of the archives the node at `peer` holds.
@@ -615,9 +619,9 @@ impl CoordinatorClient {
         peer: SocketAddr,
         fingerprint: &str,
     ) -> Result<Vec<BackupManifest>, ClientError> {
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("POST", LIST_PATH, &nonce, b"{}".to_vec());
-        let list: BackupList = self.send_signed(peer, fingerprint, &req).await?;
+        let list: BackupList = self
+            .call(peer, fingerprint, ("POST", LIST_PATH), b"{}".to_vec())
+            .await?;
         Ok(list.backups)
     }
 
@@ -637,17 +641,13 @@ impl CoordinatorClient {
                 reason: e.to_string(),
             }
         })?;
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("POST", FETCH_PATH, &nonce, body);
+        let mut delivery = Delivery {
+            max: MAX_FRAME,
+            progress: Some(progress),
+            ..Delivery::transfer(TRANSFER_TIMEOUT)
+        };
         let frame = self
-            .send_signed_raw(
-                peer,
-                fingerprint,
-                &req,
-                TRANSFER_TIMEOUT,
-                MAX_FRAME,
-                progress,
-            )
+            .call_with(peer, fingerprint, ("POST", FETCH_PATH), body, &mut delivery)
             .await?;
         let (manifest, archive) = decode_frame(&frame).map_err(|e| ClientError::Decode {
             peer,
@@ -664,16 +664,34 @@ impl CoordinatorClient {
         manifest: &BackupManifest,
         archive: &[u8],
     ) -> Result<RestoreReport, ClientError> {
-        self.introduce(peer, fingerprint).await?;
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign(
-            "POST",
-            RESTORE_PATH,
-            &nonce,
-            encode_frame(manifest, archive),
-        );
-        self.send_signed_within(peer, fingerprint, &req, RESTORE_TIMEOUT + TRANSFER_TIMEOUT)
+        let timeout = RESTORE_TIMEOUT + TRANSFER_TIMEOUT;
+        self.transfer(peer, fingerprint, RESTORE_PATH, manifest, archive, timeout)
             .await
+    }
+
+    /// Sends `manifest` and `archive` as one frame to `path` on the node at `peer`, after
+    /// [`Self::introduce`], within `timeout`.
+    async fn transfer<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        path: &str,
+        manifest: &BackupManifest,
+        archive: &[u8],
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        self.introduce(peer, fingerprint).await?;
+        let frame = encode_frame(manifest, archive);
+        let bytes = self
+            .call_with(
+                peer,
+                fingerprint,
+                ("POST", path),
+                frame,
+                &mut Delivery::transfer(timeout),
+            )
+            .await?;
+        json(peer, &bytes)
     }
 }
 

@@ -1,19 +1,16 @@
 //! The coordinator client: pins the peer's certificate fingerprint (taken from its signed
 //! announcement) and signs every request with the challenge-response of [`super::auth`].
 //!
-//! [`PinnedCert`] accepts exactly the certificate whose DER SHA-256 equals the pin, ignores
-//! names, CAs and validity dates (no wall-clock dependency), and still verifies the handshake
-//! signature, so only the holder of that certificate's key can complete the handshake.
+//! [`PeerCertVerifier::pinned`] accepts exactly the certificate whose DER SHA-256 equals the
+//! pin, ignores names, CAs and validity dates (no wall-clock dependency), and still verifies
+//! the handshake signature, so only the holder of that certificate's key can complete the
+//! handshake.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,10 +18,10 @@ use super::auth::{
     sign_request, ErrorBody, MessageRequest, MessageResponse, NonceResponse, HEADER_AUTH,
     HEADER_NODE, HEADER_NONCE, NONCE_TTL,
 };
-use super::identity::fingerprint_of;
 use super::rotation::{RotationAck, RotationStep};
 use super::server::KubeconfigResponse;
 use crate::secret::{ClusterSecret, Keyring};
+use crate::tls::PeerCertVerifier;
 
 /// Default timeout of one request (connect + TLS + response).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,72 +64,6 @@ impl ClientError {
             ClientError::Refused { status, .. } => Some(*status),
             _ => None,
         }
-    }
-}
-
-/// Accepts only the certificate with this SHA-256 fingerprint. See the module docs.
-#[derive(Debug)]
-pub struct PinnedCert {
-    pin: String,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl PinnedCert {
-    pub fn new(fingerprint: &str) -> Result<Self, ClientError> {
-        if fingerprint.len() != 64
-            || !fingerprint
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(ClientError::BadPin(fingerprint.to_string()));
-        }
-        Ok(PinnedCert {
-            pin: fingerprint.to_string(),
-            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        })
-    }
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = fingerprint_of(end_entity);
-        if got == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "certificate fingerprint {got} does not match the announced {}",
-                self.pin
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
@@ -192,6 +123,45 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How a signed request travels: its body's content type, the time it may take (the
+/// client's own timeout when `None`), the largest answer read and who hears how much of it
+/// has arrived.
+pub(super) struct Delivery<'p> {
+    pub content_type: &'static str,
+    pub timeout: Option<Duration>,
+    pub max: usize,
+    pub progress: Option<&'p mut (dyn FnMut(u64, Option<u64>) + Send)>,
+}
+
+impl Delivery<'_> {
+    /// A JSON body within the client's timeout; answers up to [`MAX_RESPONSE`].
+    pub(super) fn json() -> Self {
+        Delivery {
+            content_type: "application/json",
+            timeout: None,
+            max: MAX_RESPONSE,
+            progress: None,
+        }
+    }
+
+    /// A binary body (an archive frame) within `timeout`; answers up to [`MAX_RESPONSE`].
+    pub(super) fn transfer(timeout: Duration) -> Self {
+        Delivery {
+            content_type: "application/octet-stream",
+            timeout: Some(timeout),
+            ..Delivery::json()
+        }
+    }
+}
+
+/// Decodes a JSON answer from `peer`.
+pub(super) fn json<T: DeserializeOwned>(peer: SocketAddr, bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
+        peer,
+        reason: e.to_string(),
+    })
+}
+
 impl CoordinatorClient {
     /// A client that signs as `node_id` with the cluster's coordinator key.
     pub fn new(secret: &ClusterSecret, node_id: &str) -> Self {
@@ -220,14 +190,10 @@ impl CoordinatorClient {
         if let Some(c) = clients.get(pin) {
             return Ok(c.clone());
         }
-        let verifier = Arc::new(PinnedCert::new(pin)?);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+        let tls = PeerCertVerifier::pinned(pin)
+            .ok_or_else(|| ClientError::BadPin(pin.to_string()))?
+            .client_config()
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .no_proxy()
@@ -255,53 +221,57 @@ impl CoordinatorClient {
         }
     }
 
-    /// Reads a response body of at most [`MAX_RESPONSE`] bytes: a peer (or whoever answers in
-    /// its place) cannot make the client buffer without bound.
+    /// Reads a response body of at most `delivery.max` bytes, reporting `(received, announced
+    /// length)` to its progress as chunks arrive: a peer (or whoever answers in its place)
+    /// cannot make the client buffer without bound.
     async fn read_limited(
         &self,
         peer: SocketAddr,
         mut resp: reqwest::Response,
+        delivery: &mut Delivery<'_>,
     ) -> Result<Vec<u8>, ClientError> {
+        let max = delivery.max;
         let too_large = || ClientError::Decode {
             peer,
-            reason: format!("response larger than {MAX_RESPONSE} bytes"),
+            reason: format!("response larger than {max} bytes"),
         };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_RESPONSE as u64)
-        {
+        let total = resp.content_length();
+        if total.is_some_and(|n| n > max as u64) {
             return Err(too_large());
         }
-        let mut bytes = Vec::new();
+        let mut bytes = Vec::with_capacity(total.unwrap_or(0).min(max as u64) as usize);
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(peer, e))? {
-            if bytes.len() + chunk.len() > MAX_RESPONSE {
+            if bytes.len() + chunk.len() > max {
                 return Err(too_large());
             }
             bytes.extend_from_slice(&chunk);
+            if let Some(progress) = delivery.progress.as_mut() {
+                progress(bytes.len() as u64, total);
+            }
         }
         Ok(bytes)
     }
 
-    async fn decode<T: DeserializeOwned>(
+    /// The body of a successful answer (read as `delivery` says), or the refusal with the
+    /// peer's reason (its error body, at most [`MAX_RESPONSE`] bytes read).
+    async fn read_answer(
         &self,
         peer: SocketAddr,
         resp: reqwest::Response,
-    ) -> Result<T, ClientError> {
+        delivery: &mut Delivery<'_>,
+    ) -> Result<Vec<u8>, ClientError> {
         let status = resp.status();
-        let bytes = self.read_limited(peer, resp).await?;
-        if !status.is_success() {
-            let reason = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
-            return Err(ClientError::Refused {
-                peer,
-                status: status.as_u16(),
-                reason,
-            });
+        if status.is_success() {
+            return self.read_limited(peer, resp, delivery).await;
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+        let bytes = self.read_limited(peer, resp, &mut Delivery::json()).await?;
+        let reason = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+        Err(ClientError::Refused {
             peer,
-            reason: e.to_string(),
+            status: status.as_u16(),
+            reason,
         })
     }
 
@@ -313,7 +283,8 @@ impl CoordinatorClient {
             .send()
             .await
             .map_err(|e| self.transport(peer, e))?;
-        Ok(self.decode::<NonceResponse>(peer, resp).await?.nonce)
+        let bytes = self.read_answer(peer, resp, &mut Delivery::json()).await?;
+        Ok(json::<NonceResponse>(peer, &bytes)?.nonce)
     }
 
     /// Signs a `POST /v1/message` carrying `message` for `nonce`.
@@ -362,55 +333,21 @@ impl CoordinatorClient {
         fingerprint: &str,
         req: &SignedRequest,
     ) -> Result<T, ClientError> {
-        let method = reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| {
-            ClientError::Encode {
-                peer,
-                reason: e.to_string(),
-            }
-        })?;
-        let resp = self
-            .http(fingerprint)?
-            .request(method, format!("https://{peer}{}", req.path))
-            .header(HEADER_NODE, &req.node)
-            .header(HEADER_NONCE, &req.nonce)
-            .header(HEADER_AUTH, &req.auth)
-            .header("content-type", "application/json")
-            .body(req.body.clone())
-            .send()
-            .await
-            .map_err(|e| self.transport(peer, e))?;
-        self.decode(peer, resp).await
-    }
-
-    /// [`CoordinatorClient::send_signed`] with a longer timeout for this request (archive
-    /// transfers, restores).
-    pub(super) async fn send_signed_within<T: DeserializeOwned>(
-        &self,
-        peer: SocketAddr,
-        fingerprint: &str,
-        req: &SignedRequest,
-        timeout: Duration,
-    ) -> Result<T, ClientError> {
-        let mut quiet = |_: u64, _: Option<u64>| {};
         let bytes = self
-            .send_signed_raw(peer, fingerprint, req, timeout, MAX_RESPONSE, &mut quiet)
+            .send_signed_with(peer, fingerprint, req, &mut Delivery::json())
             .await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            peer,
-            reason: e.to_string(),
-        })
+        json(peer, &bytes)
     }
 
-    /// Sends a signed request and returns the successful answer's raw body (at most `max`
-    /// bytes), reporting `(received, announced length)` to `progress` as chunks arrive.
-    pub(super) async fn send_signed_raw(
+    /// The one way a signed request goes out (every `send_signed*` and [`Self::call`] end
+    /// here): the signature headers, the body as `delivery` labels it, within its timeout;
+    /// returns the successful answer's raw body.
+    pub(super) async fn send_signed_with(
         &self,
         peer: SocketAddr,
         fingerprint: &str,
         req: &SignedRequest,
-        timeout: Duration,
-        max: usize,
-        progress: &mut (dyn FnMut(u64, Option<u64>) + Send),
+        delivery: &mut Delivery<'_>,
     ) -> Result<Vec<u8>, ClientError> {
         let method = reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| {
             ClientError::Encode {
@@ -418,47 +355,58 @@ impl CoordinatorClient {
                 reason: e.to_string(),
             }
         })?;
-        let mut resp = self
+        let mut builder = self
             .http(fingerprint)?
-            .request(method, format!("https://{peer}{}", req.path))
-            .timeout(timeout)
+            .request(method, format!("https://{peer}{}", req.path));
+        if let Some(timeout) = delivery.timeout {
+            builder = builder.timeout(timeout);
+        }
+        let resp = builder
             .header(HEADER_NODE, &req.node)
             .header(HEADER_NONCE, &req.nonce)
             .header(HEADER_AUTH, &req.auth)
-            .header("content-type", "application/octet-stream")
+            .header("content-type", delivery.content_type)
             .body(req.body.clone())
             .send()
             .await
             .map_err(|e| self.transport(peer, e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = self.read_limited(peer, resp).await?;
-            let reason = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
-            return Err(ClientError::Refused {
+        self.read_answer(peer, resp, delivery).await
+    }
+
+    /// One authenticated round trip: a fresh nonce from `peer`, `method path body` signed for
+    /// it and sent as `delivery` says; returns the successful answer's raw body.
+    pub(super) async fn call_with(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        (method, path): (&str, &str),
+        body: Vec<u8>,
+        delivery: &mut Delivery<'_>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let nonce = self.nonce(peer, fingerprint).await?;
+        let req = self.sign(method, path, &nonce, body);
+        self.send_signed_with(peer, fingerprint, &req, delivery)
+            .await
+    }
+
+    /// [`Self::call_with`] with a JSON body and answer.
+    pub(super) async fn call<T: DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        fingerprint: &str,
+        (method, path): (&str, &str),
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let bytes = self
+            .call_with(
                 peer,
-                status: status.as_u16(),
-                reason,
-            });
-        }
-        let total = resp.content_length();
-        let too_large = || ClientError::Decode {
-            peer,
-            reason: format!("response larger than {max} bytes"),
-        };
-        if total.is_some_and(|n| n > max as u64) {
-            return Err(too_large());
-        }
-        let mut bytes = Vec::with_capacity(total.unwrap_or(0).min(max as u64) as usize);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(peer, e))? {
-            if bytes.len() + chunk.len() > max {
-                return Err(too_large());
-            }
-            bytes.extend_from_slice(&chunk);
-            progress(bytes.len() as u64, total);
-        }
-        Ok(bytes)
+                fingerprint,
+                (method, path),
+                body,
+                &mut Delivery::json(),
+            )
+            .await?;
+        json(peer, &bytes)
     }
 
     /// Sends one message to the coordinator at `peer`, whose certificate must have
@@ -530,9 +478,8 @@ impl CoordinatorClient {
         peer: SocketAddr,
         fingerprint: &str,
     ) -> Result<serde_json::Value, ClientError> {
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("GET", "/v1/status", &nonce, Vec::new());
-        self.send_signed(peer, fingerprint, &req).await
+        self.call(peer, fingerprint, ("GET", "/v1/status"), Vec::new())
+            .await
     }
 
     /// Fetches the cluster's admin kubeconfig from the control-plane member at `peer`
@@ -543,9 +490,9 @@ impl CoordinatorClient {
         peer: SocketAddr,
         fingerprint: &str,
     ) -> Result<String, ClientError> {
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("POST", "/v1/kubeconfig", &nonce, Vec::new());
-        let resp: KubeconfigResponse = self.send_signed(peer, fingerprint, &req).await?;
+        let resp: KubeconfigResponse = self
+            .call(peer, fingerprint, ("POST", "/v1/kubeconfig"), Vec::new())
+            .await?;
         Ok(resp.kubeconfig)
     }
 
@@ -562,8 +509,7 @@ impl CoordinatorClient {
             peer,
             reason: e.to_string(),
         })?;
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign("POST", "/v1/rotate", &nonce, body);
-        self.send_signed(peer, fingerprint, &req).await
+        self.call(peer, fingerprint, ("POST", "/v1/rotate"), body)
+            .await
     }
 }

@@ -121,9 +121,9 @@ impl super::CoordinatorClient {
         fingerprint: &str,
         cut: &CutOff,
     ) -> Result<DrillAck, super::ClientError> {
-        let nonce = self.nonce(peer, fingerprint).await?;
-        let req = self.sign_drill(peer, &nonce, cut)?;
-        self.send_signed(peer, fingerprint, &req).await
+        let body = drill_body(peer, cut)?;
+        self.call(peer, fingerprint, ("POST", DRILL_PATH), body)
+            .await
     }
 
     /// Signs a `POST /v1/drill` carrying `cut` for `nonce` (send it with
@@ -134,12 +134,18 @@ impl super::CoordinatorClient {
         nonce: &str,
         cut: &CutOff,
     ) -> Result<super::SignedRequest, super::ClientError> {
-        let body = serde_json::to_vec(cut).map_err(|e| super::ClientError::Encode {
-            peer,
-            reason: e.to_string(),
-        })?;
-        Ok(self.sign("POST", "/v1/drill", nonce, body))
+        Ok(self.sign("POST", DRILL_PATH, nonce, drill_body(peer, cut)?))
     }
+}
+
+/// The route of a drill request.
+const DRILL_PATH: &str = "/v1/drill";
+
+fn drill_body(peer: std::net::SocketAddr, cut: &CutOff) -> Result<Vec<u8>, super::ClientError> {
+    serde_json::to_vec(cut).map_err(|e| super::ClientError::Encode {
+        peer,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!
 //! Trust (DESIGN.md rule 1): the server presents a self-signed certificate ([`identity`])
 //! whose fingerprint the node announces in its signed mDNS record; clients pin it
-//! ([`client::PinnedCert`]). Every request carries a challenge-response HMAC under the
+//! ([`crate::tls::PeerCertVerifier::pinned`]). Every request carries a challenge-response HMAC under the
 //! cluster's coordinator key bound to a single-use server nonce ([`auth`]), so a machine
 //! without the secret gets no reply and a captured request cannot be replayed. No rule needs
 //! the nodes' clocks to agree.
