@@ -98,6 +98,28 @@
 //!   every removal is done (both change dqlite's membership). A removed control-plane place
 //!   is counted free, so the next joiner (a new machine, or the dead one re-flashed, which
 //!   has a new id) joins as control plane, and MicroK8s promotes standbys by itself.
+//! - **Rejoin** (a machine re-flashed with the same id, `node/healing.rs`): its state is gone
+//!   (and its MicroK8s is a fresh single node), but the record still lists it as a member.
+//!   It comes back as any new node does (`Preparing`, `Discovering`, `WaitingForSlot`) and
+//!   asks for a slot; a `JoinConfirmed` reaching a node that waits for a slot is ignored (a
+//!   waiting node never joined: `Confirming` is persisted before the report that makes a
+//!   member), and a chosen record listing a waiting node is not taken as its membership once
+//!   anything happened in it (only a seed whose election it never saw chosen finds an
+//!   untouched record). The authority, asked for a slot by a recorded member that *announces*
+//!   that it is no member (preparing, discovering or waiting; for `peer_timeout / 2`, so a
+//!   late copy of an older announcement, replaced by the next one, does not count),
+//!   readmits it: one round takes it
+//!   out of `members` with a [`types::Removal`] ("asked to join again … re-flashed"). For a
+//!   control-plane member the stale dqlite entry is then removed first, `microk8s
+//!   remove-node <ip> --force` by the authority alone ([`Action::RemoveNode`], as for a dead
+//!   member; MicroK8s refuses a join of an address dqlite still knows, "the joining node (IP)
+//!   is already known to dqlite", reference A4 and MicroK8s #3694/#2348), and no
+//!   control-plane slot is granted before it is done; a worker is no dqlite member and
+//!   needs nothing removed. Its request is then granted like any other (the role counted
+//!   afresh: it was the dead place). A late duplicate of a slot request sent before an
+//!   earlier join readmits nobody: its sender announces `Member` by then. A re-flashed slot
+//!   authority announces that it is no member: the best live control-plane member takes
+//!   over without waiting `takeover_after`, and it is readmitted like the others.
 //! - **Handover / FinishHandover**: a dead member of the electorate `S` (unseen for
 //!   `replace_after` and no longer a member) is replaced by the best live node outside it (a
 //!   control-plane member first, then another member, then a waiting node): one round writes
@@ -205,7 +227,14 @@
 //!    majority of the electorate, so a minority partition (even one holding the authority)
 //!    removes nobody, and `apply` re-checks membership, so a member is removed once.
 //!
-//! Assumptions: acceptor state survives crashes (`Persist` is durable before later actions);
+//! Assumptions: acceptor state survives crashes (`Persist` is durable before later actions;
+//! a machine re-flashed with the same id breaks this for itself, a known limit: if it is in
+//! the electorate, its lost promise and accepted record let a read quorum that includes it
+//! miss the latest record when that record's other acceptors are all outside the read, e.g.
+//! chosen by {A, B, X} of five, read from {X, C, D}. The slot authority sends every round
+//! to the whole electorate, so in practice all live members hold the latest record, but
+//! nothing here proves it. Machine-id based ids make a re-flashed machine a new node, never
+//! an amnesic acceptor);
 //! at most `E` nodes take part in the election (a node that sees any cluster announcement never
 //! proposes one; a re-imaged node has a new id and comes in as a late node); clock *rates*
 //! agree within 25 % (nothing depends on clock values).

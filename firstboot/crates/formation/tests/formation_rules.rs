@@ -1499,3 +1499,147 @@ fn a_control_plane_slot_waits_for_the_removal_to_be_carried_out() {
     pending.removed[0].done = true;
     assert!(pending.may_grant(Role::ControlPlane, 8));
 }
+
+// ----- a machine re-flashed with the same id joins again -----
+
+/// Re-flash `n`: power off, state gone (same id, same address), boot again.
+fn reflash(net: &mut Net, n: &str) {
+    net.crash(n);
+    net.persisted.remove(&id(n));
+    net.steps(2);
+    net.boot(n);
+}
+
+/// Joins `n` started from tick `since` on: (worker, tick).
+fn joins_since(net: &Net, n: &NodeId, since: u64) -> Vec<(bool, u64)> {
+    net.join_log
+        .iter()
+        .filter(|j| j.0 == *n && j.2 >= since)
+        .map(|j| (j.1, j.2))
+        .collect()
+}
+
+#[test]
+fn a_reflashed_worker_with_the_same_id_joins_again_and_nothing_is_removed_from_dqlite() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    let worker = rec
+        .members
+        .iter()
+        .find(|(_, r)| **r == Role::Worker)
+        .map(|(n, _)| n.clone())
+        .expect("a worker");
+    let t0 = net.t;
+    reflash(&mut net, worker.as_str());
+    // Before the fix it was confirmed a member at once, without a join.
+    net.run_until_members(200);
+    net.steps(10);
+    assert_eq!(
+        joins_since(&net, &worker, t0)
+            .iter()
+            .map(|j| j.0)
+            .collect::<Vec<_>>(),
+        vec![true],
+        "the re-flashed worker ran exactly one worker join: {:?}",
+        net.join_log
+    );
+    let rec = newest_chosen(&net);
+    assert_eq!(rec.members.get(&worker), Some(&Role::Worker));
+    let x = rec
+        .removed
+        .iter()
+        .find(|x| x.node == worker)
+        .expect("the readmission is noted");
+    assert!(x.done && x.reason.contains("re-flashed"), "{x:?}");
+    assert!(
+        net.removals.is_empty(),
+        "a worker is no dqlite member: nothing to remove-node: {:?}",
+        net.removals
+    );
+    assert_eq!(rec.control_plane_count(), 3);
+}
+
+#[test]
+fn a_reflashed_control_plane_member_is_removed_from_dqlite_once_then_joins_again() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0)];
+    let mut net = Net::new(&names, healing_params(3, 4));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    let authority = rec.authority.clone();
+    let victim = rec
+        .control_plane_members()
+        .find(|n| **n != authority)
+        .cloned()
+        .expect("a control-plane member besides the authority");
+    let victim_ip = net.ip_of(&victim);
+    let t0 = net.t;
+    reflash(&mut net, victim.as_str());
+    net.run_until_members(200);
+    net.steps(10);
+    // Exactly one remove-node, by the authority, of its address, before its join.
+    assert_eq!(
+        net.removals
+            .iter()
+            .map(|r| (&r.0, &r.1, r.2))
+            .collect::<Vec<_>>(),
+        vec![(&authority, &victim, victim_ip)],
+        "{:?}",
+        net.removals
+    );
+    let joins = joins_since(&net, &victim, t0);
+    assert_eq!(joins.len(), 1, "{:?}", net.join_log);
+    assert!(!joins[0].0, "joins again as control plane");
+    assert!(
+        net.removals[0].3 <= joins[0].1,
+        "remove-node ({}) ran before the join ({})",
+        net.removals[0].3,
+        joins[0].1
+    );
+    let rec = newest_chosen(&net);
+    assert_eq!(rec.members.get(&victim), Some(&Role::ControlPlane));
+    assert_eq!(rec.control_plane_count(), 3);
+    assert!(rec.removed.iter().all(|x| x.done), "{:?}", rec.removed);
+    // Nothing more happens.
+    net.steps(60);
+    assert_eq!(net.removals.len(), 1, "{:?}", net.removals);
+    assert_eq!(joins_since(&net, &victim, t0).len(), 1);
+}
+
+#[test]
+fn a_reflashed_slot_authority_is_taken_over_from_and_joins_again() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0)];
+    let mut net = Net::new(&names, healing_params(3, 4));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let old = authority_of(&net);
+    let old_ip = net.ip_of(&old);
+    let t0 = net.t;
+    reflash(&mut net, old.as_str());
+    // Well before takeover-after (15 s): the others see it announce that it is no member.
+    net.run_until_members(200);
+    net.steps(10);
+    let rec = newest_chosen(&net);
+    assert_ne!(rec.authority, old, "another member took over");
+    assert_eq!(rec.members.get(&old), Some(&Role::ControlPlane));
+    assert_eq!(rec.control_plane_count(), 3);
+    let joins = joins_since(&net, &old, t0);
+    assert_eq!(joins.len(), 1, "{:?}", net.join_log);
+    assert!(!joins[0].0);
+    assert_eq!(
+        net.removals.iter().map(|r| (&r.1, r.2)).collect::<Vec<_>>(),
+        vec![(&old, old_ip)],
+        "{:?}",
+        net.removals
+    );
+    assert!(net.removals[0].3 <= joins[0].1);
+}

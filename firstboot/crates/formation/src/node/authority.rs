@@ -71,6 +71,12 @@ impl Node {
                 .chosen()
                 .and_then(|r| Some((r.cluster.clone(), *r.members.get(&from)?)));
             match member {
+                // A recorded member that asks for a slot and announces that it is not a
+                // member lost its state (re-flashed with the same id): kept, and readmitted
+                // by the next round (`rejoin_op`).
+                Some(_) if self.announces_not_member(now, &from) => {
+                    self.requests.insert(from, (req, now));
+                }
                 Some((cluster, role)) => out.push(Action::Send {
                     to: from,
                     msg: Message::JoinConfirmed { cluster, role },
@@ -171,7 +177,9 @@ impl Node {
         };
         let mut ops = Vec::new();
         for (to, req) in self.requesters_in_order(except) {
-            if scratch.slot_of(&to).is_some() {
+            // A member is readmitted first (`rejoin_op`); until then it waits its turn
+            // without holding up the others.
+            if scratch.slot_of(&to).is_some() || scratch.members.contains_key(&to) {
                 continue;
             }
             let op = Op::Grant {
@@ -209,6 +217,10 @@ impl Node {
             if since.is_some_and(|t| now.saturating_sub(*t) >= self.params.slot_timeout) {
                 return Some(Op::Reclaim { seq: s.seq });
             }
+        }
+        // 2a. readmit members whose state is gone (they ask for a slot again).
+        if let Some(op) = self.rejoin_op(now, rec) {
+            return Some(op);
         }
         // 2b. heal: record finished removals, end a handover, remove dead members, hand a
         // dead electorate member's vote over (`healing.rs`).

@@ -95,6 +95,41 @@ impl Node {
         None
     }
 
+    /// Whether `id` has announced for a while (`peer_timeout / 2`, several of its
+    /// re-announcements) that it is not a member of anything (preparing, discovering or
+    /// waiting for a slot): a recorded member that announces so lost its state. A member
+    /// keeps announcing `Member` across restarts (the phase is persisted), so only a node
+    /// whose state is gone announces this; a slot request that is merely late (sent before
+    /// its join) finds its sender announcing `Member` by then, and a late copy of an older
+    /// announcement stands only until the sender's next one.
+    pub(super) fn announces_not_member(&self, now: Duration, id: &NodeId) -> bool {
+        self.peers.get(id).is_some_and(|p| {
+            super::not_member(p.ann.phase)
+                && now.saturating_sub(p.phase_since) >= self.params.peer_timeout / 2
+        })
+    }
+
+    /// Readmission of the recorded members that asked for a slot while announcing that they
+    /// are not members (re-flashed with the same id, see [`Op::Rejoin`]).
+    pub(super) fn rejoin_op(&self, now: Duration, rec: &Record) -> Option<Op> {
+        let ops: Vec<Op> = self
+            .requests
+            .keys()
+            .filter(|id| **id != self.me && rec.members.contains_key(*id))
+            .filter(|id| self.announces_not_member(now, id))
+            .map(|id| Op::Rejoin {
+                node: id.clone(),
+                reason: format!(
+                    "asked to join again while recorded a member (its state is gone: \
+                     re-flashed), readmitted by {}",
+                    self.me
+                ),
+                ip: self.last_ip.get(id).copied(),
+            })
+            .collect();
+        (!ops.is_empty()).then(|| batch(ops))
+    }
+
     /// One dead member of the electorate replaced by the best live node outside it: a live
     /// control-plane member first, then another live member, then a live node waiting to join
     /// this cluster (every node is an acceptor). None while nobody can take its place.

@@ -84,8 +84,14 @@ impl Node {
                 out,
             );
         }
-        // The record may name me (my own unfinished election): finish or refute it.
+        // The record may name me (my own unfinished election): finish or refute it. Not once
+        // I know that record as one in which things happened: then it names an earlier life
+        // of this node (re-flashed), which the others take over from and readmit.
+        let finished_elsewhere = self
+            .known()
+            .is_some_and(|r| r.cluster == hint_cluster && !r.is_untouched());
         if (authority == self.me || hint_cluster.seed == self.me)
+            && !finished_elsewhere
             && self.can_propose(now)
             && now >= self.next_refresh
         {
@@ -311,7 +317,12 @@ impl Node {
         }
     }
 
-    /// The authority recorded me as a member of `cluster` with `role`.
+    /// The authority recorded me as a member of `cluster` with `role`. Taken only while
+    /// confirming my own join: a node waiting for a slot has not joined (a restart while
+    /// `Joining` asks for a fresh grant, and `Confirming` is persisted before the report that
+    /// makes the authority record a member), so a confirmation then means the record still
+    /// lists an earlier life of this node (re-flashed with the same id, its MicroK8s fresh):
+    /// it keeps asking for a slot, and the authority readmits it ([`super::Op::Rejoin`]).
     pub(super) fn on_join_confirmed(
         &mut self,
         cluster: ClusterId,
@@ -319,10 +330,15 @@ impl Node {
         out: &mut Vec<Action>,
     ) {
         match &self.st.phase {
-            Phase::Confirming { cluster: c, .. } | Phase::WaitingForSlot { cluster: c }
-                if *c == cluster =>
-            {
+            Phase::Confirming { cluster: c, .. } if *c == cluster => {
                 self.set_phase(Phase::Member { cluster, role }, out);
+            }
+            Phase::WaitingForSlot { cluster: c } if *c == cluster => {
+                self.ignored += 1;
+                self.last_error = Some(format!(
+                    "cluster {cluster} still lists this node as a {role} member, but this node's \
+                     state is gone (re-flashed?): asking to join again"
+                ));
             }
             _ => self.ignored += 1,
         }

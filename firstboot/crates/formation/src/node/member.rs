@@ -28,7 +28,7 @@ impl Node {
             // only once they have a reason to act: a round of theirs would compete with the
             // authority's grant rounds (and make them retry after a back-off).
             if role == Role::ControlPlane
-                && self.needs_chosen()
+                && self.needs_chosen(now)
                 && self.can_propose(now)
                 && now >= self.next_refresh
             {
@@ -80,7 +80,7 @@ impl Node {
     /// the newest record it heard of names it as slot authority or addon enabler, when its
     /// phase names another cluster, or when the authority is missing (it may have to take
     /// over).
-    fn needs_chosen(&self) -> bool {
+    fn needs_chosen(&self, now: Duration) -> bool {
         let Some(h) = self.hint() else { return true };
         let names_me = *h.authority == self.me
             || self
@@ -89,6 +89,7 @@ impl Node {
         names_me
             || self.st.phase.cluster() != Some(h.cluster)
             || self.missing_since.contains_key(h.authority)
+            || self.announces_not_member(now, h.authority)
     }
 
     /// The next record change this member should propose, if any.
@@ -143,10 +144,13 @@ impl Node {
     /// Takeover: the authority (per the newest record known, `hint`) has been gone for a
     /// while and I am the best live control-plane member. The round re-checks all of it.
     fn takeover_op(&self, now: Duration, hint: &Record) -> Option<Op> {
+        // Gone for `takeover_after`, or announcing that it is no member at all (its state is
+        // gone: re-flashed with the same id; it cannot grant until it has joined again).
         let gone = self
             .missing_since
             .get(&hint.authority)
-            .is_some_and(|t| now.saturating_sub(*t) >= self.params.takeover_after);
+            .is_some_and(|t| now.saturating_sub(*t) >= self.params.takeover_after)
+            || self.announces_not_member(now, &hint.authority);
         if !gone {
             return None;
         }

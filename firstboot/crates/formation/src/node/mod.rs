@@ -43,7 +43,8 @@ use std::time::Duration;
 use crate::announce::Announcement;
 use crate::events::{Action, Event, JoinPoint, Message};
 use crate::types::{
-    Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, Record,
+    Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, PhaseSummary,
+    Record,
 };
 use proposer::{Prepared, Round};
 use rackseed_config::Role;
@@ -125,6 +126,17 @@ struct Peer {
     ann: Announcement,
     ip: IpAddr,
     seen: Duration,
+    /// Since when the peer announces that it is (or is not, [`not_member`]) a member (a late
+    /// copy of an older announcement restarts it, and the next fresh one restarts it again).
+    phase_since: Duration,
+}
+
+/// Whether an announced phase says its node is no member of anything (yet).
+fn not_member(phase: PhaseSummary) -> bool {
+    matches!(
+        phase,
+        PhaseSummary::Preparing | PhaseSummary::Discovering | PhaseSummary::Waiting
+    )
 }
 
 /// One node's formation state machine. See [`crate`].
@@ -302,8 +314,19 @@ impl Node {
             }
             self.missing_since.remove(&ann.id);
             self.last_ip.insert(ann.id.clone(), ip);
-            self.peers
-                .insert(ann.id.clone(), Peer { ann, ip, seen: now });
+            let phase_since = match self.peers.get(&ann.id) {
+                Some(p) if not_member(p.ann.phase) == not_member(ann.phase) => p.phase_since,
+                _ => now,
+            };
+            self.peers.insert(
+                ann.id.clone(),
+                Peer {
+                    ann,
+                    ip,
+                    seen: now,
+                    phase_since,
+                },
+            );
         }
         true
     }

@@ -432,7 +432,16 @@ impl Node {
     /// The phase a chosen `record` implies: a member of it, or waiting for a slot in it when
     /// I was discovering or my phase names another cluster (I am a deposed seed).
     fn align_phase(&mut self, record: &Record, out: &mut Vec<Action>) {
-        if let Some(role) = record.members.get(&self.me) {
+        // A node that is not a member by its own state, listed in a record in which things
+        // happened since its election, is an earlier life of this node (re-flashed with the
+        // same id, its MicroK8s fresh): it must join again, never take the place as it is.
+        // (A seed that crashed before it saw its own election chosen finds the record
+        // untouched: nobody can have joined it yet.)
+        let lost_state = !matches!(
+            self.st.phase,
+            Phase::Member { .. } | Phase::Joining { .. } | Phase::Confirming { .. }
+        ) && !record.is_untouched();
+        if let Some(role) = record.members.get(&self.me).filter(|_| !lost_state) {
             let phase = Phase::Member {
                 cluster: record.cluster.clone(),
                 role: *role,
@@ -488,6 +497,10 @@ impl Node {
             }
             Op::Confirm { node, ok, .. } => {
                 self.reports.remove(&node);
+                // A request of its kept from before its join asks for nothing any more.
+                if ok {
+                    self.requests.remove(&node);
+                }
                 if ok {
                     if let Some(role) = record.members.get(&node) {
                         out.push(Action::Send {

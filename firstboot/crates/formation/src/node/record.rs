@@ -56,6 +56,17 @@ pub enum Op {
     },
     /// `microk8s remove-node --force` ran for the removed `node`.
     RemovalDone { node: NodeId },
+    /// Readmit the recorded member `node`, which asked for a join slot while announcing that
+    /// it is not a member (its state is gone: a machine re-flashed with the same id). Out of
+    /// the members like [`Op::Remove`]; a control-plane member's stale dqlite entry is then
+    /// removed (`microk8s remove-node <ip> --force`, by the authority) before any
+    /// control-plane slot is granted, a worker (no dqlite entry) needs nothing removed. Its
+    /// request is then granted like any other. Never the proposer itself.
+    Rejoin {
+        node: NodeId,
+        reason: String,
+        ip: Option<IpAddr>,
+    },
     /// Start handing the electorate over: `out` (dead) is replaced by `into` (live), as a
     /// joint step that keeps the old electorate beside the new one. Only when no handover is
     /// under way.
@@ -114,6 +125,7 @@ pub fn apply(
         Op::ClaimAddons => claim_addons(&mut r, me, params),
         Op::AddonsDone => mark_addons_done(&mut r, me),
         Op::Remove { node, reason, ip } => remove_member(&mut r, node, reason, *ip, me),
+        Op::Rejoin { node, reason, ip } => readmit_member(&mut r, node, reason, *ip, me),
         Op::RemovalDone { node } => mark_removal_done(&mut r, node, me),
         Op::Handover { out, into } => start_handover(&mut r, out, into, me),
         Op::FinishHandover => finish_handover(&mut r, me),
@@ -303,6 +315,21 @@ fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>
     while r.removed.len() > Record::REMOVED_KEPT {
         let i = r.removed.iter().position(|x| x.done).unwrap_or(0);
         r.removed.remove(i);
+    }
+}
+
+/// Readmit the member `node` whose state is gone: removed from the record as
+/// [`remove_member`] does; a worker's removal is done at once (a worker is no dqlite member,
+/// so nothing of it blocks its join), a control-plane member's waits for `remove-node`.
+fn readmit_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>, me: &NodeId) {
+    let Some(role) = r.members.get(node).copied() else {
+        return;
+    };
+    remove_member(r, node, reason, ip, me);
+    if role == Role::Worker {
+        if let Some(x) = r.removed.iter_mut().rev().find(|x| x.node == *node) {
+            x.done = true;
+        }
     }
 }
 
