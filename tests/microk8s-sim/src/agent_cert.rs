@@ -7,8 +7,6 @@
 //! The real certificate is signed by the cluster CA and names the node's addresses; nothing in
 //! the simulator looks at either, so a self-signed certificate stands in.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -62,29 +60,11 @@ pub fn generate_and_write(snap_data: &Path) -> Result<Vec<u8>> {
     Ok(cert.der().to_vec())
 }
 
-/// Writes `bytes` to `path` with `mode` through a temporary file and a rename. The temporary
-/// name carries the file's own name and this process's id, so two writers (the key and the
-/// certificate, or two installs that overlap on a slow machine) never rename each other's file.
+/// Writes `bytes` to `path` with `mode` through [`crate::state_file::write_atomic`] (its
+/// temporary name is unique per file, process and write: the key and the certificate, or two
+/// installs that overlap on a slow machine, never rename each other's file).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    // The umask may have narrowed the mode of the new file; never widened.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+    crate::state_file::write_atomic(path, bytes, mode)
 }
 
 /// Reads the certificate and key that install wrote under `snap_data`.
@@ -103,6 +83,7 @@ pub fn load(snap_data: &Path) -> Result<AgentCert> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn install_writes_a_loadable_pair_with_a_private_key() {

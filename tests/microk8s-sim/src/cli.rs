@@ -284,7 +284,7 @@ pub async fn install(env: &SimEnv) -> Result<()> {
     }
     let launcher = env.state_dir.join("launcher");
     std::fs::create_dir_all(&launcher)?;
-    std::fs::write(launcher.join("install.yaml"), &text)?;
+    crate::state_file::write_atomic(&launcher.join("install.yaml"), text.as_bytes(), 0o600)?;
     tokio::time::sleep(env.install_delay).await;
     // The agent's TLS certificate, before installed.json, which marks the install done.
     let cert = crate::agent_cert::generate_and_write(&env.snap_data)?;
@@ -414,9 +414,48 @@ async fn snap_install(env: &SimEnv, rest: &[&str], installed: bool) -> Out {
             stderr: "snap \"microk8s\" is already installed, see 'snap help refresh'\n".into(),
         };
     }
+    // One change per snap at a time, as snapd refuses a second (below); held until the
+    // install ends (the lock goes with this process, also when it is killed).
+    let _change = match snap_change_lock(env) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return snap_fail(SNAP_INSTALL_IN_PROGRESS.into()),
+        Err(e) => return snap_fail(format!("error: {e:#}\n")),
+    };
     match install(env).await {
         Ok(()) => Out { code: 0, stdout: "microk8s (1.32/stable) v1.32.3 from Canonical✓ installed\n".into(), stderr: String::new() },
         Err(e) => snap_fail(format!("error: cannot perform the following tasks:\n- Run install hook of \"microk8s\" snap if present ({e:#})\n")),
+    }
+}
+
+/// What snapd answers a second `snap install microk8s` while the first one's change is not
+/// done: `ChangeConflictError` with `Snap: "microk8s"`, `ChangeKind: "install-snap"` (its
+/// `Error()` is `snap %q has %q change in progress`; canonical/snapd
+/// `overlord/snapstate/conflict.go` at 07b80258), printed by the `snap` client after
+/// `error: `, exit 1.
+pub const SNAP_INSTALL_IN_PROGRESS: &str =
+    "error: snap \"microk8s\" has \"install-snap\" change in progress\n";
+
+/// The file whose lock marks a `snap install microk8s` in progress on this node.
+pub fn snap_change_lock_path(env: &SimEnv) -> std::path::PathBuf {
+    env.state_dir.join("snap-change.lock")
+}
+
+/// Takes the node's snap change lock (an exclusive `flock`, released when the returned value
+/// is dropped or the process dies): `None` while another `snap install` holds it.
+fn snap_change_lock(env: &SimEnv) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    std::fs::create_dir_all(&env.state_dir)
+        .with_context(|| format!("creating {}", env.state_dir.display()))?;
+    let path = snap_change_lock_path(env);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", path.display())),
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`http`]: a small HTTP/1.1 JSON transport over TLS, with join.py's fingerprint check.
 //! - [`agent_cert`]: the cluster agent's certificate and key in `$SNAP_DATA/certs`.
 //! - [`credentials`]: the persistent join tokens in `$SNAP_DATA/credentials` (revocable).
+//! - [`state_file`]: the one atomic write every state file goes through (unique temporary
+//!   names per file, process and write).
 //!
 //! Configuration is by environment ([`SimEnv`]); see `tests/microk8s-sim/README.md` for what is
 //! modelled from the reference and what is not. To add a command: handle it in
@@ -23,6 +25,7 @@ pub mod credentials;
 pub mod daemon;
 pub mod http;
 pub mod model;
+pub mod state_file;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -142,12 +142,10 @@ fn state_path(env: &SimEnv) -> PathBuf {
     env.state_dir.join("state.json")
 }
 
-/// Writes JSON through a temporary file and a rename.
+/// Writes JSON atomically ([`crate::state_file::write_json`]: a temporary name unique per
+/// file, process and write, then a rename; mode 0600).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+    crate::state_file::write_json(path, value)
 }
 
 fn random_hex(bytes: usize) -> String {
