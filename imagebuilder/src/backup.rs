@@ -25,6 +25,18 @@
 //! the backup are **not** deleted; the agents' cluster record (membership, join slots) is not
 //! in the datastore and stays as it is. Keys MicroK8s failed to write are listed and make the
 //! command fail.
+//!
+//! **Backups signed before a secret rotation.** Manifests are signed with the secret the node
+//! held when it took the backup. `imagebuilder secret rotate` keeps the workstation's previous
+//! secret as `S.old` (and a rotation under way keeps the new one as `S.new`) beside the
+//! config's `secret-file` `S`; the nodes keep only the secret they sign with once a rotation
+//! finished (`firstboot`'s `rotate` module), plus, during one, the other secret for a grace
+//! period. So both commands check a manifest with the current secret, then the pending one,
+//! then the previous one ([`workstation_keys`]), and say which verified it when it was not the
+//! current one. `pull` writes the manifest as the node sent it. `restore`, given a manifest
+//! verified here with a secret other than the current one, signs a copy with the current
+//! secret before sending it (the workstation holds every one of these secrets; after a
+//! finished rotation the node would refuse the old signature), and the confirmation says so.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +44,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rackseed_protocol::coordinator::backup::{verify_archive, BackupManifest, RestoreReport};
+use rackseed_protocol::coordinator::backup::{
+    verify_archive, ArchiveError, ArchiveFacts, BackupManifest, RestoreReport,
+};
 use rackseed_protocol::coordinator::CoordinatorClient;
 use rackseed_protocol::discovery::InterfaceChoice;
 use rackseed_protocol::secret::ClusterSecret;
@@ -42,7 +56,10 @@ use crate::status::{workstation_client, AnnouncedNode, ClusterBrowser};
 /// What both commands need.
 #[derive(Debug, Clone)]
 pub struct BackupAccess {
+    /// The current secret: requests are signed with it.
     pub secret: ClusterSecret,
+    /// Every secret manifests are checked with, the current one first ([`workstation_keys`]).
+    pub keys: Vec<WorkstationKey>,
     pub cluster_name: String,
     /// Control-plane members expected (stop browsing once this many are seen).
     pub control_plane: usize,
@@ -58,14 +75,141 @@ impl BackupAccess {
         let c = &loaded.config.cluster;
         let secret = ClusterSecret::load(&c.secret_file)
             .context("reading the cluster secret (the file that went into the images)")?;
+        let keys = workstation_keys(&c.secret_file, &secret)?;
         Ok(BackupAccess {
             secret,
+            keys,
             cluster_name: c.name.clone(),
             control_plane: usize::from(c.control_plane),
             interfaces,
             timeout: Duration::from_secs(20),
         })
     }
+}
+
+/// Which of the workstation's secrets a key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRole {
+    /// The config's `secret-file`.
+    Current,
+    /// The new secret of a rotation not finished yet (`S.new`).
+    Pending,
+    /// The secret before the last finished rotation (`S.old`).
+    Previous,
+}
+
+/// A secret the workstation holds, and the file it came from.
+#[derive(Debug, Clone)]
+pub struct WorkstationKey {
+    pub role: KeyRole,
+    pub file: PathBuf,
+    pub secret: ClusterSecret,
+}
+
+impl WorkstationKey {
+    /// "the previous cluster secret (PATH)" and the like; never the secret itself.
+    pub fn describe(&self) -> String {
+        let what = match self.role {
+            KeyRole::Current => "the current cluster secret",
+            KeyRole::Pending => "the new secret of an unfinished rotation",
+            KeyRole::Previous => "the previous cluster secret (kept by `secret rotate`)",
+        };
+        format!("{what} ({})", self.file.display())
+    }
+}
+
+/// The secrets manifests are checked with: the current one (`secret_file`, already loaded as
+/// `current`), then `S.new` and `S.old` beside it when they exist (see the module docs). A
+/// file that exists but cannot be used (unreadable, readable by others, malformed) is an
+/// error naming it; a copy of a secret already listed is left out.
+pub fn workstation_keys(
+    secret_file: &Path,
+    current: &ClusterSecret,
+) -> Result<Vec<WorkstationKey>> {
+    let mut keys = vec![WorkstationKey {
+        role: KeyRole::Current,
+        file: secret_file.to_path_buf(),
+        secret: current.clone(),
+    }];
+    for (role, suffix) in [(KeyRole::Pending, "new"), (KeyRole::Previous, "old")] {
+        let file = crate::secret::suffixed(secret_file, suffix);
+        if !file.exists() {
+            continue;
+        }
+        let key = WorkstationKey {
+            role,
+            file: file.clone(),
+            secret: ClusterSecret::load(&file).with_context(|| {
+                format!(
+                    "reading {} (kept to check backups signed before a rotation): fix or remove it",
+                    file.display()
+                )
+            })?,
+        };
+        if !keys.iter().any(|k| k.secret == key.secret) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
+/// [`verify_archive`] with each of `keys` in turn: the first whose secret signed the manifest
+/// decides, and is returned with the archive's facts. A manifest none of them signed is
+/// refused with every key tried named.
+pub fn verify_with_keys<'k>(
+    manifest: &BackupManifest,
+    archive: &[u8],
+    keys: &'k [WorkstationKey],
+    cluster_name: &str,
+) -> Result<(ArchiveFacts, &'k WorkstationKey)> {
+    for key in keys {
+        if manifest.signed_by_any(std::slice::from_ref(&key.secret)) {
+            let facts = verify_archive(
+                manifest,
+                archive,
+                std::slice::from_ref(&key.secret),
+                Some(cluster_name),
+            )?;
+            return Ok((facts, key));
+        }
+    }
+    let secrets: Vec<ClusterSecret> = keys.iter().map(|k| k.secret.clone()).collect();
+    let err = match verify_archive(manifest, archive, &secrets, Some(cluster_name)) {
+        Err(e) => e,
+        Ok(_) => ArchiveError::Foreign {
+            name: manifest.name.clone(),
+        },
+    };
+    Err(anyhow::Error::new(err).context(format!(
+        "checked with {}",
+        keys.iter()
+            .map(WorkstationKey::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+/// The manifest to send with a restore: as it is when `key` is the current secret, else a copy
+/// signed with `current` (see the module docs), with a line saying so.
+pub fn manifest_for_node(
+    manifest: &BackupManifest,
+    key: &WorkstationKey,
+    current: &ClusterSecret,
+) -> (BackupManifest, Option<String>) {
+    if key.role == KeyRole::Current {
+        return (manifest.clone(), None);
+    }
+    let mut copy = manifest.clone();
+    copy.sign(current);
+    (
+        copy,
+        Some(format!(
+            "its manifest is signed with {}: verified with it here, and sent signed with the \
+             current secret (a node accepts only the secret it signs with once a rotation \
+             finished)",
+            key.describe()
+        )),
+    )
 }
 
 /// Browses until `expected` control-plane members are seen or `timeout` passes; returns them
@@ -124,6 +268,9 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 pub struct Pulled {
     /// Archives written.
     pub written: Vec<String>,
+    /// Archives written whose manifest a secret other than the current one signed, with it
+    /// described ([`WorkstationKey::describe`]).
+    pub older_key: BTreeMap<String, String>,
     /// Archives already in the folder with the same checksum.
     pub present: Vec<String>,
     /// Archives that could not be fetched or failed the checks, with the reason.
@@ -185,7 +332,10 @@ pub async fn pull(access: &BackupAccess, out_dir: &Path, progress: bool) -> Resu
             }
         }
         match fetch_one(&client, access, &name, listed.size, &sources, progress).await {
-            Ok((manifest, archive)) => {
+            Ok((manifest, archive, key)) => {
+                if key.role != KeyRole::Current {
+                    pulled.older_key.insert(name.clone(), key.describe());
+                }
                 write_private(&apath, &archive)?;
                 write_private(
                     &out_dir.join(manifest.manifest_file()),
@@ -207,7 +357,7 @@ async fn fetch_one(
     size: u64,
     sources: &[(SocketAddr, String)],
     progress: bool,
-) -> Result<(BackupManifest, Vec<u8>), FetchError> {
+) -> Result<(BackupManifest, Vec<u8>, WorkstationKey), FetchError> {
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(size);
         b.set_style(
@@ -236,21 +386,17 @@ async fn fetch_one(
                     last = Some(anyhow::anyhow!("{peer} answered with {}", manifest.name));
                     continue;
                 }
-                match verify_archive(
-                    &manifest,
-                    &archive,
-                    std::slice::from_ref(&access.secret),
-                    Some(&access.cluster_name),
-                ) {
-                    Ok(_) => {
+                match verify_with_keys(&manifest, &archive, &access.keys, &access.cluster_name) {
+                    Ok((_, key)) => {
                         if let Some(b) = &bar {
                             b.finish_with_message(format!("{name} (checksum verified)"));
                         }
-                        return Ok((manifest, archive));
+                        let key = key.clone();
+                        return Ok((manifest, archive, key));
                     }
                     Err(e) => {
                         all_404 = false;
-                        last = Some(anyhow::anyhow!("from {peer}: {e}"))
+                        last = Some(anyhow::anyhow!("from {peer}: {e:#}"))
                     }
                 }
             }
@@ -292,13 +438,14 @@ pub fn manifest_path(archive: &Path) -> Result<PathBuf> {
 }
 
 /// Reads an archive and the manifest beside it and runs every check
-/// ([`verify_archive`]): this cluster's secret and name, size, checksum, layout, key count, and
-/// that the file still has its original name (restore finds the folder inside by it).
-pub fn verify_local(
+/// ([`verify_with_keys`]): signed with one of `keys`, this cluster's name, size, checksum,
+/// layout, key count, and that the file still has its original name (restore finds the folder
+/// inside by it). Returns the key that verified the manifest too.
+pub fn verify_local<'k>(
     archive_path: &Path,
-    secret: &ClusterSecret,
+    keys: &'k [WorkstationKey],
     cluster_name: &str,
-) -> Result<(BackupManifest, Vec<u8>)> {
+) -> Result<(BackupManifest, Vec<u8>, &'k WorkstationKey)> {
     let mpath = manifest_path(archive_path)?;
     let manifest: BackupManifest =
         serde_json::from_slice(&std::fs::read(&mpath).with_context(|| {
@@ -321,14 +468,9 @@ pub fn verify_local(
     }
     let archive = std::fs::read(archive_path)
         .with_context(|| format!("reading {}", archive_path.display()))?;
-    verify_archive(
-        &manifest,
-        &archive,
-        std::slice::from_ref(secret),
-        Some(cluster_name),
-    )
-    .with_context(|| format!("refusing to restore {}", archive_path.display()))?;
-    Ok((manifest, archive))
+    let (_, key) = verify_with_keys(&manifest, &archive, keys, cluster_name)
+        .with_context(|| format!("refusing to restore {}", archive_path.display()))?;
+    Ok((manifest, archive, key))
 }
 
 /// What the person confirms before a restore.
@@ -349,6 +491,27 @@ pub fn restore_plan(m: &BackupManifest, node: &str) -> String {
     s
 }
 
+/// An archive checked on the workstation, with the manifest to send for it.
+#[derive(Debug)]
+pub struct PreparedRestore {
+    /// Signed with the current secret ([`manifest_for_node`]).
+    pub manifest: BackupManifest,
+    pub archive: Vec<u8>,
+    /// Said in the confirmation when the manifest was re-signed.
+    pub signed_note: Option<String>,
+}
+
+/// [`verify_local`] with every secret the workstation holds, then [`manifest_for_node`].
+pub fn prepare_restore(archive_path: &Path, access: &BackupAccess) -> Result<PreparedRestore> {
+    let (manifest, archive, key) = verify_local(archive_path, &access.keys, &access.cluster_name)?;
+    let (manifest, signed_note) = manifest_for_node(&manifest, key, &access.secret);
+    Ok(PreparedRestore {
+        manifest,
+        archive,
+        signed_note,
+    })
+}
+
 /// `imagebuilder restore`: see the module docs. `confirm` is asked with the plan and must say
 /// yes.
 pub async fn restore(
@@ -357,7 +520,11 @@ pub async fn restore(
     node: Option<&str>,
     confirm: &mut dyn FnMut(&str) -> Result<bool>,
 ) -> Result<RestoreReport> {
-    let (manifest, archive) = verify_local(archive_path, &access.secret, &access.cluster_name)?;
+    let PreparedRestore {
+        manifest,
+        archive,
+        signed_note,
+    } = prepare_restore(archive_path, access)?;
     let members = control_plane_members(access).await?;
     let client = workstation_client(&access.secret, Duration::from_secs(30));
     let chosen = match node {
@@ -393,7 +560,11 @@ pub async fn restore(
             scheduler.unwrap_or_else(|| members[0].clone())
         }
     };
-    if !confirm(&restore_plan(&manifest, &chosen.node_id))? {
+    let mut plan = restore_plan(&manifest, &chosen.node_id);
+    if let Some(note) = &signed_note {
+        plan.push_str(&format!("\nNOTE: {note}."));
+    }
+    if !confirm(&plan)? {
         bail!("not confirmed; nothing was changed");
     }
     let mut last = None;
@@ -444,6 +615,263 @@ mod tests {
             PathBuf::from("/x/backup-1.manifest.json")
         );
         assert!(manifest_path(Path::new("/x/backup-1.zip")).is_err());
+    }
+
+    /// A `dbctl backup`-shaped archive (folder `NAME/`, pairs 0 and 1), made with GNU tar.
+    const ARCHIVE: &[u8] = include_bytes!("../tests/fixtures/backup-2026-12-01-00-00-00.tar.gz");
+    const NAME: &str = "backup-2026-12-01-00-00-00";
+
+    fn manifest(secret: &ClusterSecret) -> BackupManifest {
+        let mut m = BackupManifest {
+            format: rackseed_protocol::coordinator::backup::MANIFEST_FORMAT,
+            name: NAME.into(),
+            cluster_name: "homelab".into(),
+            cluster_id: "1.n1".into(),
+            origin: "n1".into(),
+            created_unix: 1_796_083_200,
+            size: ARCHIVE.len() as u64,
+            sha256: rackseed_protocol::coordinator::backup::sha256_hex(ARCHIVE),
+            keys: 2,
+            data_bytes: 3,
+            suspect: None,
+            tag: String::new(),
+        };
+        m.sign(secret);
+        m
+    }
+
+    /// A workstation folder after `secret rotate`: `S` (new), `S.old` (previous), and
+    /// optionally `S.new` (a rotation under way).
+    struct Workstation {
+        dir: tempfile::TempDir,
+        current: ClusterSecret,
+        previous: ClusterSecret,
+    }
+
+    impl Workstation {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (current, previous) = (ClusterSecret::generate(), ClusterSecret::generate());
+            current.write_new(&dir.path().join("c.secret")).unwrap();
+            previous
+                .write_new(&dir.path().join("c.secret.old"))
+                .unwrap();
+            Workstation {
+                dir,
+                current,
+                previous,
+            }
+        }
+
+        fn secret_file(&self) -> PathBuf {
+            self.dir.path().join("c.secret")
+        }
+
+        fn keys(&self) -> Vec<WorkstationKey> {
+            workstation_keys(&self.secret_file(), &self.current).unwrap()
+        }
+
+        /// The archive and its manifest (signed with `secret`) in a folder, as pulled.
+        fn pulled(&self, secret: &ClusterSecret) -> PathBuf {
+            let d = self.dir.path().join("pulled");
+            std::fs::create_dir_all(&d).unwrap();
+            let archive = d.join(format!("{NAME}.tar.gz"));
+            std::fs::write(&archive, ARCHIVE).unwrap();
+            std::fs::write(
+                d.join(format!("{NAME}.manifest.json")),
+                serde_json::to_vec(&manifest(secret)).unwrap(),
+            )
+            .unwrap();
+            archive
+        }
+    }
+
+    #[test]
+    fn the_workstation_checks_with_the_current_then_the_pending_then_the_previous_secret() {
+        let w = Workstation::new();
+        let keys = w.keys();
+        let roles: Vec<KeyRole> = keys.iter().map(|k| k.role).collect();
+        assert_eq!(roles, [KeyRole::Current, KeyRole::Previous]);
+        let pending = ClusterSecret::generate();
+        pending
+            .write_new(&w.dir.path().join("c.secret.new"))
+            .unwrap();
+        let keys = w.keys();
+        let roles: Vec<KeyRole> = keys.iter().map(|k| k.role).collect();
+        assert_eq!(
+            roles,
+            [KeyRole::Current, KeyRole::Pending, KeyRole::Previous]
+        );
+        assert_eq!(keys[1].secret, pending);
+        assert!(keys[2].describe().contains("c.secret.old"));
+        // A previous secret readable by others is refused with its name, not skipped.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            w.dir.path().join("c.secret.old"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e = format!(
+            "{:#}",
+            workstation_keys(&w.secret_file(), &w.current).unwrap_err()
+        );
+        assert!(e.contains("c.secret.old"), "{e}");
+        // No rotation ever: the current secret only.
+        let fresh = tempfile::tempdir().unwrap();
+        let s = ClusterSecret::generate();
+        s.write_new(&fresh.path().join("x.secret")).unwrap();
+        assert_eq!(
+            workstation_keys(&fresh.path().join("x.secret"), &s)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_backup_signed_before_the_rotation_verifies_with_the_previous_secret() {
+        let w = Workstation::new();
+        let keys = w.keys();
+        // Signed with the current secret: verified, nothing to re-sign.
+        let (m, _, key) = verify_local(&w.pulled(&w.current), &keys, "homelab").unwrap();
+        assert_eq!(key.role, KeyRole::Current);
+        let (sent, note) = manifest_for_node(&m, key, &w.current);
+        assert_eq!(sent, m);
+        assert!(note.is_none());
+        // Signed before the rotation: verified with S.old, and said so.
+        let (m, archive, key) = verify_local(&w.pulled(&w.previous), &keys, "homelab").unwrap();
+        assert_eq!(key.role, KeyRole::Previous);
+        assert_eq!(archive, ARCHIVE);
+        let (sent, note) = manifest_for_node(&m, key, &w.current);
+        let note = note.unwrap();
+        assert!(note.contains("previous cluster secret"), "{note}");
+        assert!(note.contains("c.secret.old"), "{note}");
+        // What the node gets verifies with the secret it signs with after the rotation, and
+        // differs from the original only in its signature.
+        verify_archive(
+            &sent,
+            ARCHIVE,
+            std::slice::from_ref(&w.current),
+            Some("homelab"),
+        )
+        .unwrap();
+        assert!(!m.signed_by_any(std::slice::from_ref(&w.current)));
+        assert_eq!(
+            BackupManifest {
+                tag: String::new(),
+                ..sent
+            },
+            BackupManifest {
+                tag: String::new(),
+                ..m
+            }
+        );
+    }
+
+    /// A node that finished a rotation (it accepts only the new secret) restores a backup
+    /// signed before it, as `restore` prepares it; the original manifest alone is refused.
+    #[tokio::test]
+    async fn a_node_after_the_rotation_restores_a_backup_signed_before_it() {
+        use rackseed_protocol::coordinator::backup::{RestoreHandler, RestoreRequest};
+        use std::sync::{Arc, Mutex};
+        let w = Workstation::new();
+        let node = rackseed_protocol::testing::loopback_coordinator(&w.previous).await;
+        node.keyring.switch_to(
+            w.current.clone(),
+            std::time::Instant::now() + Duration::from_secs(600),
+        );
+        node.keyring.forget_others();
+        let got: Arc<Mutex<Vec<RestoreRequest>>> = Arc::default();
+        let seen = got.clone();
+        let handler: RestoreHandler = Arc::new(move |req: RestoreRequest| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let report = RestoreReport {
+                    node: "n1".into(),
+                    name: req.manifest.name.clone(),
+                    restored: req.manifest.keys,
+                    failed: Vec::new(),
+                };
+                seen.lock().unwrap().push(req);
+                Ok(report)
+            })
+        });
+        node.coordinator.set_restore_handler(handler);
+        let peer = node.coordinator.local_addr();
+        let access = BackupAccess {
+            secret: w.current.clone(),
+            keys: w.keys(),
+            cluster_name: "homelab".into(),
+            control_plane: 1,
+            interfaces: InterfaceChoice::Auto,
+            timeout: Duration::from_secs(1),
+        };
+        let client = workstation_client(&access.secret, Duration::from_secs(10));
+        let archive_path = w.pulled(&w.previous);
+        // As pulled: signed with the previous secret, which the node no longer accepts.
+        let (original, _, _) = verify_local(&archive_path, &access.keys, "homelab").unwrap();
+        let refused = client
+            .backup_restore(peer, &node.fingerprint, &original, ARCHIVE)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status(), Some(422), "{refused}");
+        assert!(got.lock().unwrap().is_empty());
+        // As `restore` sends it.
+        let prepared = prepare_restore(&archive_path, &access).unwrap();
+        assert!(prepared.signed_note.is_some());
+        let report = client
+            .backup_restore(
+                peer,
+                &node.fingerprint,
+                &prepared.manifest,
+                &prepared.archive,
+            )
+            .await
+            .unwrap();
+        assert_eq!((report.name.as_str(), report.restored), (NAME, 2));
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].archive, ARCHIVE);
+        assert_eq!(got[0].manifest.sha256, original.sha256);
+        node.coordinator.shutdown();
+    }
+
+    #[test]
+    fn a_foreign_or_altered_backup_is_refused_naming_every_secret_tried() {
+        let w = Workstation::new();
+        let keys = w.keys();
+        let stranger = ClusterSecret::generate();
+        let e = format!(
+            "{:#}",
+            verify_local(&w.pulled(&stranger), &keys, "homelab").unwrap_err()
+        );
+        assert!(e.contains("not signed with this cluster's secret"), "{e}");
+        assert!(
+            e.contains("c.secret)") && e.contains("c.secret.old)"),
+            "every secret tried is named: {e}"
+        );
+        // Signed with the previous secret, then edited: refused, not re-signed.
+        let archive = w.pulled(&w.previous);
+        let mpath = manifest_path(&archive).unwrap();
+        let mut m: BackupManifest =
+            serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+        m.keys = 7;
+        std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(verify_local(&archive, &keys, "homelab").is_err());
+        // Signed with the previous secret but the archive damaged: the checksum says so.
+        let archive = w.pulled(&w.previous);
+        let mut bytes = ARCHIVE.to_vec();
+        bytes[40] ^= 0x55;
+        std::fs::write(&archive, bytes).unwrap();
+        let e = format!(
+            "{:#}",
+            verify_local(&archive, &keys, "homelab").unwrap_err()
+        );
+        assert!(e.contains("SHA-256"), "{e}");
+        // Another cluster's name under the previous secret.
+        let archive = w.pulled(&w.previous);
+        let e = format!("{:#}", verify_local(&archive, &keys, "other").unwrap_err());
+        assert!(e.contains("not of \"other\""), "{e}");
     }
 }
 
@@ -517,7 +945,10 @@ pub fn run_cli(cmd: BackupCli) -> Result<()> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let pulled = runtime()?.block_on(pull(&access, &args.output, progress))?;
     for n in &pulled.written {
-        println!("pulled {n} (checksum verified)");
+        match pulled.older_key.get(n) {
+            Some(key) => println!("pulled {n} (checksum verified; manifest signed with {key})"),
+            None => println!("pulled {n} (checksum verified)"),
+        }
     }
     for n in &pulled.present {
         println!("already here: {n}");
