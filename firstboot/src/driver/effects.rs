@@ -25,7 +25,17 @@ use rackseed_formation::{Event, JoinPoint};
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Runtime {
-    pub(super) fn spawn_prepare(&self) {
+    /// Starts node preparation, unless one is still running: then the running one's result
+    /// answers this request too (never two MicroK8s installs at once).
+    pub(super) fn spawn_prepare(&mut self) {
+        let Some(running) = OneAtATime::start(&self.preparing) else {
+            tracing::info!(
+                "node preparation (the MicroK8s install) is still running; not started again, \
+                 its result will answer"
+            );
+            self.timeline("node preparation still running; waiting for it (not started twice)");
+            return;
+        };
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let lone = self.lone.clone();
@@ -34,6 +44,9 @@ impl Runtime {
             let result = prepare(&agent, &tasks, &lone)
                 .await
                 .map_err(|e| format!("{e:#}"));
+            // Done: a later request may start a new preparation (before the result is seen,
+            // so a failure's retry is never refused).
+            drop(running);
             // MicroK8s is installed now: the join point is known before the core hears that
             // preparation is done, so this node may grant slots as soon as it is authority.
             if let Some(jp) = learn_join_point(&agent, &peers).await {
@@ -138,6 +151,24 @@ impl Runtime {
                     .await;
             }
         });
+    }
+}
+
+/// A task of which at most one runs at a time: [`OneAtATime::start`] claims the flag (or
+/// finds it claimed), and dropping the returned value (also when the task panics or is
+/// cancelled) frees it.
+pub(super) struct OneAtATime(std::sync::Arc<AtomicBool>);
+
+impl OneAtATime {
+    /// Claims `flag`; `None` while another holder runs.
+    pub(super) fn start(flag: &std::sync::Arc<AtomicBool>) -> Option<OneAtATime> {
+        (!flag.swap(true, Ordering::SeqCst)).then(|| OneAtATime(flag.clone()))
+    }
+}
+
+impl Drop for OneAtATime {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -526,6 +557,28 @@ mod tests {
 
     fn la(name: &str, ip: &str, prefix: u8) -> LocalAddr {
         (name.into(), ip.parse().unwrap(), prefix)
+    }
+
+    #[test]
+    fn one_preparation_at_a_time_and_the_next_once_it_ended_or_panicked() {
+        let flag = std::sync::Arc::new(AtomicBool::new(false));
+        let first = OneAtATime::start(&flag).expect("nothing runs yet");
+        assert!(
+            OneAtATime::start(&flag).is_none(),
+            "a second while the first runs"
+        );
+        drop(first);
+        let again = OneAtATime::start(&flag).expect("the first ended");
+        // A panicking task frees it too (the guard drops while unwinding).
+        let f = flag.clone();
+        let res = std::thread::spawn(move || {
+            let _held = again;
+            assert!(OneAtATime::start(&f).is_none());
+            panic!("the preparation task panicked");
+        })
+        .join();
+        assert!(res.is_err());
+        assert!(OneAtATime::start(&flag).is_some());
     }
 
     #[test]

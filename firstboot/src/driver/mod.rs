@@ -208,6 +208,11 @@ struct Runtime {
     /// Set when preparation found MicroK8s a lone node; cleared by the first join attempt.
     /// Until then this node cannot already be a member, so that join skips the check.
     lone: Arc<AtomicBool>,
+    /// Set while node preparation (with the MicroK8s install) runs: the core re-issues
+    /// `PrepareNode` when no result came within its join timeout, and a slow install must not
+    /// get a second one beside it (snapd refuses it, and two installs would write the same
+    /// files); the running one's result answers both.
+    preparing: Arc<AtomicBool>,
     /// What `POST /v1/kubeconfig` currently answers.
     kubeconfig: KubeconfigServing,
     /// The floating API address's keepalived, when the cluster has one.
@@ -324,6 +329,7 @@ impl Runtime {
             last_announcement: None,
             published: None,
             lone: Arc::new(AtomicBool::new(false)),
+            preparing: Arc::new(AtomicBool::new(false)),
             kubeconfig: KubeconfigServing::NotYet,
             api_address: None,
             backup: Default::default(),

@@ -54,6 +54,8 @@ pub struct ClusterSpec {
     pub join_delay_ms: u64,
     /// Simulated `microk8s enable` duration.
     pub enable_delay_ms: u64,
+    /// Simulated `snap install microk8s` duration.
+    pub install_delay_ms: u64,
     /// `--sim-join-timeout` for the agents (slot reclaim and takeover scale with it).
     pub join_timeout_s: u64,
     /// `cluster.join-parallelism`: worker joins at once.
@@ -74,6 +76,7 @@ impl Default for ClusterSpec {
             addons_toml: "[addons]\nstorage = \"none\"\n\n[addons.metallb]\naddresses = [\"10.231.0.240-10.231.0.250\", \"fd00::10-fd00::20\"]\n".into(),
             join_delay_ms: 300,
             enable_delay_ms: 0,
+            install_delay_ms: 0,
             join_timeout_s: 20,
             join_parallelism: rackseed_config::DEFAULT_JOIN_PARALLELISM,
             heartbeat_ms: 300,
@@ -161,13 +164,14 @@ impl AgentCluster {
         let env = format!(
             "export MICROK8S_SIM_STATE='{state}' MICROK8S_SIM_NODE='node-{i}' MICROK8S_SIM_LOG='{log}' \
              MICROK8S_SIM_LAUNCH_CONFIG='{lc}' MICROK8S_SIM_HEARTBEAT_MS={hb} \
-             MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_ENABLE_DELAY_MS={ed} MICROK8S_SIM_IP={ip}\n",
+             MICROK8S_SIM_CONNECT_TIMEOUT_MS=1500 MICROK8S_SIM_JOIN_DELAY_MS={jd} MICROK8S_SIM_ENABLE_DELAY_MS={ed} MICROK8S_SIM_INSTALL_DELAY_MS={id} MICROK8S_SIM_IP={ip}\n",
             state = dir.join("sim").display(),
             log = self.log.display(),
             lc = dir.join("etc/microk8s.yaml").display(),
             jd = self.spec.join_delay_ms,
             hb = self.spec.heartbeat_ms,
             ed = self.spec.enable_delay_ms,
+            id = self.spec.install_delay_ms,
             ip = host.addr,
         );
         write_exec(
