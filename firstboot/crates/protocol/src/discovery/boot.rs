@@ -4,9 +4,15 @@
 //! earlier boot can never pass for the current one.
 //!
 //! The file ([`BOOT_COUNTER_FILE`]) holds one decimal number and a newline, mode 0600, written
-//! with `write_atomic`. A missing file starts at 1. An unreadable or damaged file stops the
-//! agent instead of restarting at 1: peers that saw a higher counter would hold every
-//! announcement of this node stale until they restart. `firstboot reset` keeps the file.
+//! with `write_atomic`. A missing file starts at the wall clock's Unix seconds (at least 1):
+//! a machine re-flashed with the same node id (an inventory MAC id, or a kept machine id)
+//! lost its counter with its state, and peers that saw its earlier life's counter would hold
+//! every announcement of the new one stale until they restart; its earlier life started
+//! from the clock too, and raised it once per agent start, far fewer times than seconds
+//! passed since. (A clock still years behind at that first start, a Pi without RTC before
+//! NTP, gives a low counter again: such a node is heard once its peers restart.) An
+//! unreadable or damaged file stops the agent instead of restarting: the same staleness.
+//! `firstboot reset` keeps the file.
 
 use std::path::Path;
 
@@ -16,7 +22,7 @@ use anyhow::{bail, Context, Result};
 pub const BOOT_COUNTER_FILE: &str = "boot-counter";
 
 /// Raises the boot counter in `state_dir` by one, persists it, and returns the new value
-/// (1 on the first start).
+/// (the clock's Unix seconds on the first start, at least 1).
 pub fn advance_boot_counter(state_dir: &Path) -> Result<u64> {
     let path = state_dir.join(BOOT_COUNTER_FILE);
     let last = match std::fs::read_to_string(&path) {
@@ -32,7 +38,11 @@ pub fn advance_boot_counter(state_dir: &Path) -> Result<u64> {
             t.parse::<u64>()
                 .with_context(|| format!("reading the boot counter in {}", path.display()))?
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        // `next` below is one higher: the clock's seconds, at least 1.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(1),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let next = last
@@ -49,15 +59,39 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn counts_up_from_one_persisted_with_mode_0600() {
+    fn counts_up_from_the_clock_persisted_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(advance_boot_counter(dir.path()).unwrap(), 1);
-        assert_eq!(advance_boot_counter(dir.path()).unwrap(), 2);
-        assert_eq!(advance_boot_counter(dir.path()).unwrap(), 3);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let first = advance_boot_counter(dir.path()).unwrap();
+        assert!((now..now + 60).contains(&first), "{first} vs clock {now}");
+        assert_eq!(advance_boot_counter(dir.path()).unwrap(), first + 1);
+        assert_eq!(advance_boot_counter(dir.path()).unwrap(), first + 2);
         let path = dir.path().join(BOOT_COUNTER_FILE);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "3\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", first + 2)
+        );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_state_directory_lost_with_a_reflash_starts_above_the_earlier_life() {
+        // The earlier life: started a minute ago from the clock, restarted 30 times since.
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let path = dir.path().join(BOOT_COUNTER_FILE);
+        std::fs::write(&path, format!("{}\n", now - 60 + 30)).unwrap();
+        let earlier = advance_boot_counter(dir.path()).unwrap();
+        // Re-flashed: the file is gone with the state.
+        std::fs::remove_file(&path).unwrap();
+        assert!(advance_boot_counter(dir.path()).unwrap() > earlier);
     }
 
     #[test]
