@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod deb;
 pub mod download;
 pub mod initramfs;
+pub mod locale;
 pub mod server;
 pub mod suite;
 
