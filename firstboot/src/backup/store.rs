@@ -25,7 +25,9 @@ pub struct ArchiveStore {
 }
 
 impl ArchiveStore {
-    /// Opens (creating it 0700 when missing) the store in `dir`.
+    /// Opens (creating it 0700 when missing) the store in `dir`. An existing folder that is
+    /// already 0700 is not chmod-ed (a read-only filesystem refuses even that); one with
+    /// another mode is made 0700.
     pub fn open(dir: &Path, keep: u32, cluster_name: &str) -> Result<ArchiveStore> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
@@ -33,8 +35,21 @@ impl ArchiveStore {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making {} private (0700)", dir.display()))?;
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode != 0o700 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+                || {
+                    format!(
+                        "{} is mode {mode:04o}; making it private (0700)",
+                        dir.display()
+                    )
+                },
+            )?;
+        }
         Ok(ArchiveStore {
             dir: dir.to_path_buf(),
             keep: keep.max(1) as usize,
@@ -173,5 +188,34 @@ impl BackupStore for ArchiveStore {
             .map_err(|e| format!("{e:#}"))?;
         tracing::info!(from, backup = %manifest.name, size = manifest.size, "kept a backup copy");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_store_folder_is_made_private_and_an_existing_private_one_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("state/backups");
+        ArchiveStore::open(&fresh, 3, "homelab").unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ArchiveStore::open(&open, 3, "homelab").unwrap();
+        assert_eq!(mode(&open), 0o700);
+        // Opened again (0700 already): nothing to change, and it still lists.
+        let store = ArchiveStore::open(&open, 3, "homelab").unwrap();
+        assert!(store.manifests().unwrap().is_empty());
+        let file = d.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(ArchiveStore::open(&file, 3, "homelab").is_err());
     }
 }
