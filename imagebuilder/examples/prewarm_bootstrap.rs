@@ -8,7 +8,16 @@
 //! (`$XDG_CACHE_HOME/rackseed`, `~/.cache/rackseed`), the folders the tests read. A cached
 //! base is reused, so a warm run costs nothing. Needs root (debootstrap).
 //!
-//! Usage: `cargo run -p imagebuilder --example prewarm_bootstrap -- rpi4 x86_64-efi`
+//! With `--fixtures` it then makes the image suites' own cached inputs, through the very
+//! functions those suites call (`tests/common`): the official-shaped x86_64-efi and rpi4 images
+//! and the rpi4 one as `.img.xz` (composing them and compressing ~1.9 GB with xz costs minutes
+//! on 2 cores, which would otherwise fall inside the first test that asks).
+//!
+//! Usage: `cargo run -p imagebuilder --example prewarm_bootstrap -- rpi4 rpi5 x86_64-efi --fixtures`
+
+// The image suites' helpers, so the fixtures are made by the same code with the same names.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,13 +33,21 @@ async fn main() -> Result<()> {
         .with_max_level(tracing::Level::INFO)
         .with_writer(std::io::stderr)
         .init();
-    let targets: Vec<Target> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().map_err(|e: String| anyhow::anyhow!(e)))
-        .collect::<Result<_>>()?;
+    let mut fixtures = false;
+    let mut targets = Vec::new();
+    for a in std::env::args().skip(1) {
+        if a == "--fixtures" {
+            fixtures = true;
+        } else {
+            targets.push(
+                a.parse::<Target>()
+                    .map_err(|e: String| anyhow::anyhow!(e))?,
+            );
+        }
+    }
     anyhow::ensure!(
         !targets.is_empty(),
-        "usage: prewarm_bootstrap TARGET... (x86_64-efi, rpi4, rpi5)"
+        "usage: prewarm_bootstrap TARGET... [--fixtures] (targets: x86_64-efi, rpi4, rpi5)"
     );
     let cache = std::env::var_os("RACKSEED_TEST_CACHE")
         .map(PathBuf::from)
@@ -52,6 +69,26 @@ async fn main() -> Result<()> {
             target.as_str(),
             t.elapsed().as_secs_f64(),
             img.display()
+        );
+    }
+    if fixtures {
+        // The suites read RACKSEED_TEST_CACHE (or the default cache) like this program.
+        for target in [Target::X86_64Efi, Target::Rpi4] {
+            let t = Instant::now();
+            let img = common::official_fixture(target).await;
+            println!(
+                "official-shaped {} fixture ready in {:.1} s: {}",
+                target.as_str(),
+                t.elapsed().as_secs_f64(),
+                img.display()
+            );
+        }
+        let t = Instant::now();
+        let xz = common::official_rpi_xz().await;
+        println!(
+            "rpi4 fixture as .img.xz ready in {:.1} s: {}",
+            t.elapsed().as_secs_f64(),
+            xz.display()
         );
     }
     Ok(())

@@ -6,8 +6,9 @@
 //!
 //! Needs what `e2e_qemu.rs` needs plus qemu-system-arm, an aarch64 binfmt handler for the full
 //! arm64 bootstrap (scripts/install-deps registers it), and the aarch64 builds
-//! (`scripts/build-firstboot-aarch64 --with-simulator`; scripts/test runs it first). Fails,
-//! never skips, when any is missing.
+//! (`scripts/build-firstboot-aarch64 --with-simulator`; scripts/test runs it first with
+//! `RACKSEED_CROSS_PROFILE=cross-test`, which this test reads too). Fails, never skips, when any
+//! is missing.
 
 mod e2e_support;
 
@@ -44,17 +45,29 @@ disk-size = "3GiB"
 kind = "bootstrap"
 "#;
 
-/// The aarch64 release builds of firstboot and the simulator.
+/// The aarch64 builds of firstboot and the simulator, where `scripts/build-firstboot-aarch64`
+/// puts them: `$RACKSEED_CROSS_TARGET_DIR` (default `target/cross`), then the triple, then the
+/// cargo profile `$RACKSEED_CROSS_PROFILE` (default `release`; scripts/test builds and runs
+/// with `cross-test`, a test-only profile that compiles several times faster).
 fn cross_dir() -> PathBuf {
-    let dir = repo().join("target/cross").join(TRIPLE).join("release");
+    let target_dir = std::env::var_os("RACKSEED_CROSS_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/cross"));
+    let profile = std::env::var("RACKSEED_CROSS_PROFILE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "release".into());
+    let dir = target_dir.join(TRIPLE).join(&profile);
     for b in ["firstboot", "microk8s", "dqlite"] {
         assert!(
             dir.join(b).is_file(),
-            "{} is missing: run `scripts/build-firstboot-aarch64 --with-simulator` first \
-             (scripts/test does)",
+            "{} is missing: run `scripts/build-firstboot-aarch64 --with-simulator --profile \
+             {profile}` first (scripts/test does), with the same RACKSEED_CROSS_TARGET_DIR",
             dir.join(b).display()
         );
     }
+    println!("aarch64 binaries from {}", dir.display());
     dir
 }
 
