@@ -82,33 +82,39 @@ pub struct UpArgs {
 impl UpArgs {
     /// The cluster these options describe; reads the `--user-data` file.
     pub fn into_spec(self) -> anyhow::Result<ClusterSpec> {
-        let mut spec = ClusterSpec::new(self.image, self.dir.dir);
-        spec.nodes = self.nodes;
-        spec.arch = self.arch;
-        spec.memory_mib = self.memory;
-        spec.cpus = self.cpus;
-        spec.mcast_port = self.port;
-        spec.accel = self.accel;
-        spec.guest_mgmt_port = self.guest_mgmt_port;
-        spec.disk_size = self.disk_size;
-        spec.no_reboot = self.no_reboot;
-        spec.subnet = (!self.no_seed).then_some(self.subnet);
-        spec.uplink = self.uplink;
-        spec.user_data = match self.user_data {
+        let user_data = match &self.user_data {
             Some(p) => Some(
-                std::fs::read_to_string(&p)
+                std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("reading user-data {}: {e}", p.display()))?,
             ),
             None => None,
         };
-        if let Some(kernel) = self.kernel {
-            spec.boot = BootSource::Kernel {
+        let boot = match self.kernel {
+            Some(kernel) => BootSource::Kernel {
                 kernel,
                 initrd: self.initrd,
                 append: self.append,
-            };
-        }
-        Ok(spec)
+            },
+            None => BootSource::Uefi,
+        };
+        // Every field named: a new one in ClusterSpec must be decided on here.
+        Ok(ClusterSpec {
+            image: self.image,
+            dir: self.dir.dir,
+            nodes: self.nodes,
+            arch: self.arch,
+            accel: self.accel,
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            mcast_port: self.port,
+            guest_mgmt_port: self.guest_mgmt_port,
+            boot,
+            disk_size: self.disk_size,
+            no_reboot: self.no_reboot,
+            subnet: (!self.no_seed).then_some(self.subnet),
+            user_data,
+            uplink: self.uplink,
+        })
     }
 }
 
@@ -317,6 +323,66 @@ mod tests {
             }
             _ => panic!("not up"),
         }
+    }
+
+    #[test]
+    fn up_options_become_the_cluster_spec() {
+        let up = |args: &[&str]| match Top::try_parse_from(["x", "up"].iter().chain(args))
+            .unwrap()
+            .cmd
+        {
+            QemuCommand::Up(up) => up,
+            _ => panic!("not up"),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let ud = tmp.path().join("user-data");
+        std::fs::write(&ud, "#cloud-config\nusers: []\n").unwrap();
+        let ud_arg = ud.to_str().unwrap();
+        let spec = up(&[
+            "--memory",
+            "512",
+            "--cpus",
+            "2",
+            "--port",
+            "5000",
+            "--accel",
+            "tcg",
+            "--disk-size",
+            "8G",
+            "--no-reboot",
+            "--uplink",
+            "--subnet",
+            "10.9.0.0/24",
+            "--guest-mgmt-port",
+            "8443",
+            "--user-data",
+            ud_arg,
+            "i.img",
+        ])
+        .into_spec()
+        .unwrap();
+        assert_eq!((spec.memory_mib, spec.cpus), (512, 2));
+        assert_eq!(spec.mcast_port, Some(5000));
+        assert_eq!(spec.accel, AccelChoice::Tcg);
+        assert_eq!(spec.disk_size.as_deref(), Some("8G"));
+        assert!(spec.no_reboot && spec.uplink);
+        assert_eq!(spec.subnet.unwrap().to_string(), "10.9.0.0/24");
+        assert_eq!(spec.guest_mgmt_port, 8443);
+        assert_eq!(
+            spec.user_data.as_deref(),
+            Some("#cloud-config\nusers: []\n")
+        );
+        assert!(matches!(spec.boot, BootSource::Uefi));
+        assert_eq!(
+            up(&["--no-seed", "i.img"]).into_spec().unwrap().subnet,
+            None
+        );
+        let missing = tmp.path().join("gone");
+        let e = up(&["--user-data", missing.to_str().unwrap(), "i.img"])
+            .into_spec()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reading user-data") && e.contains("gone"), "{e}");
     }
 
     #[test]

@@ -115,15 +115,7 @@ impl ApiClient {
         ))
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
-        let ca: Vec<CertificateDer<'static>> = creds
-            .ca_pem
-            .as_deref()
-            .map(|pem| {
-                CertificateDer::pem_slice_iter(pem)
-                    .filter_map(Result::ok)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ca = pem_certificates(creds.ca_pem.as_deref());
         // A placeholder (the simulator's) decodes to bytes that are no certificate.
         let mut roots = rustls::RootCertStore::empty();
         for c in ca {
@@ -139,15 +131,7 @@ impl ApiClient {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PeerCertVerifier::accepting_any()))
         };
-        let client_chain: Vec<CertificateDer<'static>> = creds
-            .client_cert_pem
-            .as_deref()
-            .map(|pem| {
-                CertificateDer::pem_slice_iter(pem)
-                    .filter_map(Result::ok)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let client_chain = pem_certificates(creds.client_cert_pem.as_deref());
         let key = creds
             .client_key_pem
             .as_deref()
@@ -294,6 +278,16 @@ impl ApiClient {
             .await?
             .0)
     }
+}
+
+/// The certificates in a kubeconfig's PEM field (none when it is absent or holds none).
+fn pem_certificates(pem: Option<&[u8]>) -> Vec<CertificateDer<'static>> {
+    pem.map(|pem| {
+        CertificateDer::pem_slice_iter(pem)
+            .filter_map(Result::ok)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
