@@ -199,15 +199,7 @@ mod tests {
 
     /// One handshake on loopback against a server showing `server`'s certificate.
     async fn handshake(server: &NodeIdentity, verifier: PeerCertVerifier) -> Result<(), String> {
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![server.cert_der().clone()], server.key_der())
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.server_config().unwrap()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serve = tokio::spawn(async move {

@@ -197,15 +197,7 @@ async fn an_endless_response_is_cut_at_the_client_limit() {
     use rackseed_protocol::coordinator::client::MAX_RESPONSE;
     let identity = NodeIdentity::generate().unwrap();
     let fp = identity.fingerprint().to_string();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![identity.cert_der().clone()], identity.key_der())
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(identity.server_config().unwrap()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {

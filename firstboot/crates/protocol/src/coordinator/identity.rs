@@ -155,6 +155,17 @@ impl NodeIdentity {
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
+
+    /// A TLS server configuration presenting this identity: the ring provider, rustls' safe
+    /// default protocol versions, no client certificates.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, rustls::Error> {
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![self.cert.clone()], self.key_der())
+    }
 }
 
 /// The shared atomic writer (temp file unique per process, fsync, rename), with this module's

@@ -256,14 +256,7 @@ where
         cfg: CoordinatorConfig,
         keyring: Arc<Keyring>,
     ) -> Result<(Coordinator<M>, mpsc::Receiver<Inbound<M>>), CoordinatorError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cfg.identity.cert_der().clone()],
-                cfg.identity.key_der(),
-            )?;
+        let mut tls = cfg.identity.server_config()?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener =
