@@ -323,9 +323,10 @@ impl Schedule {
                 FaultKind::KillMicrok8s => f.lasts = Duration::from_millis(rng.range(1_000, 3_000)),
                 FaultKind::PowerCut => f.lasts = Duration::from_millis(rng.range(1_000, 6_000)),
                 FaultKind::Reflash => {
-                    // Workers only (picked at run time, from this node on): a re-flashed
-                    // control-plane member is MicroK8s' "already known to dqlite" case, which
-                    // dead-member replacement (#19) handles.
+                    // Workers only (picked at run time, from this node on), so CI's seed
+                    // keeps its schedule: a re-flashed control-plane member (MicroK8s'
+                    // "already known to dqlite" case: remove-node first, then its join) is
+                    // covered by `agent_reflash` and the formation core's rules tests.
                     f.lasts = Duration::from_millis(rng.range(1_000, 4_000));
                 }
                 FaultKind::DiskFull | FaultKind::ReadOnly => {
