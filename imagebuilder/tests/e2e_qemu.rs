@@ -131,7 +131,7 @@ impl Ssh {
                 "-o",
                 "UserKnownHostsFile=/dev/null",
                 "-o",
-                "ConnectTimeout=10",
+                "ConnectTimeout=30",
                 "-o",
                 "LogLevel=ERROR",
             ])
@@ -386,9 +386,13 @@ async fn e2e() {
                 .is_some_and(|m| m.note.as_deref() == Some("worker node"))
     };
     let worker_at = watch
-        .until(&cluster, &all, "4th node is a worker", FORM_TIMEOUT, |docs| {
-            docs.get(&fourth).is_some_and(is_worker)
-        })
+        .until(
+            &cluster,
+            &all,
+            "4th node is a worker",
+            FORM_TIMEOUT,
+            |docs| docs.get(&fourth).is_some_and(is_worker),
+        )
         .await;
     let fourth_row = cluster
         .status()

@@ -9,7 +9,8 @@
 //!    server); [`render`] turns them into `keepalived.conf`.
 //! 2. [`Keepalived::apply`] writes it atomically to `<root>/etc/keepalived/keepalived.conf`
 //!    (mode 0600: it holds the VRRP password) when it changed, and starts or reloads
-//!    keepalived: `systemctl enable` + `systemctl reload-or-restart keepalived.service` on a
+//!    keepalived: `systemctl reload-or-restart keepalived.service`, then once `systemctl enable
+//!    --no-reload` (see `apply_systemd` for why in that order and without a reload) on a
 //!    node ([`KeepalivedControl::Systemd`]), or, in tests, a `keepalived` process of its own in
 //!    the node's network namespace ([`KeepalivedControl::Direct`], `firstboot run
 //!    --keepalived-bin`), reloaded with SIGHUP as systemd's unit does.
@@ -274,6 +275,10 @@ pub struct Keepalived {
     root: PathBuf,
     /// The configuration this agent process last applied.
     applied: Option<String>,
+    /// `keepalived.service` enabled for the next boots (Systemd only).
+    enabled: bool,
+    /// The `systemctl enable` running in the background, if any (Systemd only).
+    enabling: Option<tokio::task::JoinHandle<Result<()>>>,
     /// The keepalived process (Direct only).
     child: Option<tokio::process::Child>,
 }
@@ -295,6 +300,8 @@ impl Keepalived {
             control,
             root: root.to_owned(),
             applied: None,
+            enabled: false,
+            enabling: None,
             child: None,
         }
     }
@@ -360,20 +367,42 @@ impl Keepalived {
     }
 
     async fn apply_systemd(&mut self, first: bool, changed: bool) -> Result<Applied> {
-        if !first && !changed {
-            return Ok(Applied::Unchanged);
-        }
-        if first {
-            systemctl(&["enable", UNIT]).await?;
-        }
-        // Running: SIGHUP (the unit's ExecReload); stopped: start. A first call after a
-        // restart of the agent with an unchanged file makes sure it runs.
-        systemctl(&["reload-or-restart", UNIT]).await?;
-        Ok(if changed {
-            Applied::Reloaded
+        let outcome = if first || changed {
+            // Running: SIGHUP (the unit's ExecReload); stopped: start. A first call after a
+            // restart of the agent with an unchanged file makes sure it runs.
+            systemctl(&["reload-or-restart", UNIT], RELOAD_TIMEOUT).await?;
+            if changed {
+                Applied::Reloaded
+            } else {
+                Applied::Started
+            }
         } else {
-            Applied::Started
-        })
+            Applied::Unchanged
+        };
+        // Enabled for the boots to come only after it runs: the address must not wait for it.
+        // `--no-reload`: enabling only adds the [Install] links, read at the next boot; the
+        // unit is loaded already. The implicit daemon-reload re-runs every generator, and with
+        // Debian's SysV compatibility (`systemd-sysv-install`, update-rc.d in Perl) one
+        // `systemctl enable` took over 60 s on a loaded emulated VM, every try (QEMU
+        // end-to-end test). A failure is said and tried again at the next apply.
+        // It runs in the background: the address and the status never wait for it.
+        if let Some(task) = self.enabling.take_if(|t| t.is_finished()) {
+            match task.await {
+                Ok(Ok(())) => self.enabled = true,
+                Ok(Err(e)) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "keepalived runs but is not enabled for the next boot; trying again"
+                ),
+                Err(e) => tracing::warn!(error = %e, "enabling keepalived: task failed"),
+            }
+        }
+        if !self.enabled && self.enabling.is_none() {
+            self.enabling = Some(tokio::spawn(systemctl(
+                &["enable", "--no-reload", UNIT],
+                ENABLE_TIMEOUT,
+            )));
+        }
+        Ok(outcome)
     }
 
     async fn apply_direct(
@@ -424,13 +453,18 @@ fn running_pid(pid_file: &Path) -> Option<nix::unistd::Pid> {
     nix::sys::signal::kill(pid, None).ok().map(|()| pid)
 }
 
-async fn systemctl(args: &[&str]) -> Result<()> {
-    Cmd::new("systemctl", Duration::from_secs(60))
-        .args(args)
-        .run()
-        .await
-        .map(|_| ())
-        .with_context(|| format!("systemctl {}", args.join(" ")))
+/// Bound on `systemctl reload-or-restart` (a start job of keepalived).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on `systemctl enable --no-reload` (SysV compatibility runs update-rc.d).
+const ENABLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn systemctl(
+    args: &[&str],
+    timeout: Duration,
+) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+    let what = format!("systemctl {}", args.join(" "));
+    let cmd = Cmd::new("systemctl", timeout).args(args);
+    async move { cmd.run().await.map(|_| ()).context(what) }
 }
 
 /// Whether one of this node's interfaces carries `address` now.
