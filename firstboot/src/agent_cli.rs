@@ -80,7 +80,8 @@ pub struct RunArgs {
     pub sim_join_timeout: Option<u64>,
     /// Longest wait, in seconds after the agent starts, for systemd-timesyncd to synchronise
     /// the clock before MicroK8s is installed or joined (0: do not wait). Nodes without
-    /// systemd-timesyncd never wait.
+    /// systemd-timesyncd, and nodes whose clock was set at boot from a real-time clock that
+    /// reads no earlier than the image's build, never wait.
     #[arg(long, default_value_t = crate::system::timesync::DEFAULT_WAIT.as_secs())]
     pub time_sync_wait: u64,
 }
