@@ -567,11 +567,25 @@ impl Runtime {
                     self.timeline(format!("enabling addons for cluster {cluster}"));
                     self.spawn_addons();
                 }
-                Action::RemoveNode { node, ip, cluster } => {
+                Action::RemoveNode {
+                    node,
+                    ip,
+                    cluster,
+                    force,
+                } => {
+                    self.timeline(if force {
+                        format!("removing member {node} ({ip}) from cluster {cluster} (--force)")
+                    } else {
+                        format!("removing member {node} ({ip}), which left, from cluster {cluster}")
+                    });
+                    self.spawn_remove_node(node, ip, force);
+                }
+                Action::Leave { cluster, reason } => {
                     self.timeline(format!(
-                        "removing dead member {node} ({ip}) from cluster {cluster}"
+                        "changing role: leaving cluster {cluster} as a worker (microk8s leave) \
+                         to join it again as control plane; why: {reason}"
                     ));
-                    self.spawn_remove_node(node, ip);
+                    self.spawn_leave();
                 }
             }
         }

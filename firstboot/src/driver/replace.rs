@@ -1,6 +1,9 @@
-//! Carrying out the record's removal of a dead member: `microk8s remove-node <ip> --force` on
+//! Carrying out the record's removal of a member: `microk8s remove-node <ip> [--force]` on
 //! this node (the slot authority; the formation core decided the removal by a round of the
-//! cluster record and issues [`rackseed_formation::Action::RemoveNode`] on one node only).
+//! cluster record and issues [`rackseed_formation::Action::RemoveNode`] on one node only),
+//! with `--force` for a dead or re-flashed member, without it for a worker that left to be
+//! converted to control plane; and that worker's own `microk8s leave`
+//! ([`rackseed_formation::Action::Leave`]).
 //!
 //! What the command does, read in canonical/microk8s `scripts/wrappers/remove_node.py` (at
 //! d099c907): given an IP, it looks the Kubernetes node up by its `InternalIP`
@@ -22,26 +25,45 @@ use super::{Runtime, TaskResult};
 use crate::system::microk8s::Microk8sError;
 
 impl Runtime {
-    /// Runs `microk8s remove-node <ip> --force` for the dead member `node`; the result comes
-    /// back as [`Event::NodeRemoved`].
-    pub(super) fn spawn_remove_node(&self, node: NodeId, ip: IpAddr) {
+    /// Runs `microk8s remove-node <ip>` (with `--force` when `force`) for the removed member
+    /// `node`; the result comes back as [`Event::NodeRemoved`].
+    pub(super) fn spawn_remove_node(&self, node: NodeId, ip: IpAddr, force: bool) {
         let microk8s = self.agent.microk8s.clone();
         let tasks = self.tasks.clone();
         tokio::spawn(async move {
             let target = ip.to_string();
-            let result = match microk8s.remove_node(&target, true).await {
+            let result = match microk8s.remove_node(&target, force).await {
                 Ok(()) | Err(Microk8sError::UnknownNode { .. }) => Ok(()),
                 Err(e) => Err(e.to_string()),
             };
             match &result {
-                Ok(()) => tracing::info!(%node, %ip, "dead member removed from microk8s"),
-                Err(e) => tracing::warn!(%node, %ip, error = %e, "removing dead member failed"),
+                Ok(()) => tracing::info!(%node, %ip, force, "member removed from microk8s"),
+                Err(e) => tracing::warn!(%node, %ip, error = %e, "removing a member failed"),
             }
             let _ = tasks
                 .send(TaskResult::Event(Box::new(Event::NodeRemoved {
                     node,
                     result,
                 })))
+                .await;
+        });
+    }
+}
+
+impl Runtime {
+    /// Runs `microk8s leave` on this worker (it is being converted to a control-plane
+    /// member); the result comes back as [`Event::Left`]. A node no longer in a cluster
+    /// ([`Microk8sError::NotInCluster`]) left already (a restart after its leave).
+    pub(super) fn spawn_leave(&self) {
+        let microk8s = self.agent.microk8s.clone();
+        let tasks = self.tasks.clone();
+        tokio::spawn(async move {
+            let result = match microk8s.leave().await {
+                Ok(()) | Err(Microk8sError::NotInCluster) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tasks
+                .send(TaskResult::Event(Box::new(Event::Left(result))))
                 .await;
         });
     }

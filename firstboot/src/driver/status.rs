@@ -91,6 +91,15 @@ impl Runtime {
                 },
                 r.as_ref().err(),
             ),
+            Event::Left(r) => (
+                match r {
+                    Ok(()) => {
+                        "left the cluster as a worker; asking for a control-plane slot".to_owned()
+                    }
+                    Err(e) => format!("microk8s leave failed: {e}"),
+                },
+                r.as_ref().err(),
+            ),
             _ => return,
         };
         self.timeline(what);

@@ -459,9 +459,9 @@ fn leave_and_remove_node_follow_the_reference() {
     for n in &mut nodes {
         n.install_and_start();
     }
-    // A lone node holds the only copy (exit 3).
+    // A lone node is not in a cluster (exit 1, microk8s-leave.wrapper).
     let e = nodes[0].run(|a| async move { a.leave().await });
-    assert!(matches!(e, Err(Microk8sError::OnlyCopy)), "{e:?}");
+    assert!(matches!(e, Err(Microk8sError::NotInCluster)), "{e:?}");
     join_and_settle(&nodes[0], &nodes[1], JoinRole::ControlPlane);
     join_and_settle(&nodes[0], &nodes[2], JoinRole::Worker);
 
@@ -475,6 +475,9 @@ fn leave_and_remove_node_follow_the_reference() {
     nodes[1]
         .run(|a| async move { a.leave().await })
         .expect("leave");
+    // Once left it is a lone node: a second leave is refused (exit 1).
+    let e = nodes[1].run(|a| async move { a.leave().await });
+    assert!(matches!(e, Err(Microk8sError::NotInCluster)), "{e:?}");
     let still = nodes[0].run(|a| async move { a.nodes().await }).unwrap();
     assert!(still.iter().any(|n| n.name == "node-1"));
     nodes[0]

@@ -37,6 +37,8 @@ pub enum Event {
         node: NodeId,
         result: Result<(), String>,
     },
+    /// Result of [`Action::Leave`].
+    Left(Result<(), String>),
     /// A message from an authenticated peer.
     Message { from: NodeId, msg: Message },
     /// Where other nodes join this one: its address and its MicroK8s cluster agent's
@@ -100,14 +102,20 @@ pub enum Action {
     },
     /// Enable the configured addons on this control-plane node; report [`Event::AddonsEnabled`].
     EnableAddons { cluster: ClusterId },
-    /// Run `microk8s remove-node <ip> --force` here for the dead member `node` (the record
-    /// removed it; only the slot authority issues this); report [`Event::NodeRemoved`]. A
-    /// node MicroK8s no longer knows counts as removed.
+    /// Run `microk8s remove-node <ip>` here (with `--force` when `force`) for the member
+    /// `node` the record removed (dead, re-flashed, or a worker that left to be converted;
+    /// only the slot authority issues this); report [`Event::NodeRemoved`]. A node MicroK8s
+    /// no longer knows counts as removed.
     RemoveNode {
         node: NodeId,
         ip: IpAddr,
         cluster: ClusterId,
+        force: bool,
     },
+    /// Run `microk8s leave` on this worker (it becomes a standalone node, to join `cluster`
+    /// again as a control-plane member, for `reason`); report [`Event::Left`]. A node that is
+    /// standalone already counts as having left.
+    Leave { cluster: ClusterId, reason: String },
     /// A human status line (sd_notify `STATUS=`).
     SetStatus(String),
 }
@@ -162,6 +170,9 @@ pub enum Message {
     },
     /// The membership is recorded: the joiner is a member with `role`.
     JoinConfirmed { cluster: ClusterId, role: Role },
+    /// From the slot authority to the worker a chosen record names in `converting`: leave
+    /// and join `cluster` again as a control-plane member (`reason` in words).
+    Convert { cluster: ClusterId, reason: String },
 }
 
 impl Message {
@@ -178,6 +189,7 @@ impl Message {
             Message::NotAuthority { .. } => "not-authority",
             Message::JoinReport { .. } => "join-report",
             Message::JoinConfirmed { .. } => "join-confirmed",
+            Message::Convert { .. } => "convert",
         }
     }
 }

@@ -308,6 +308,6 @@ pub use announce::{Announcement, AnnouncementError, ANNOUNCEMENT_VERSION};
 pub use events::{Action, Event, JoinPoint, Message};
 pub use node::{Node, Op, Status};
 pub use types::{
-    majority, Accepted, AcceptorState, Ballot, ClusterId, FormationParams, NodeId, NodeIdError,
-    ParamsError, PersistedState, Phase, PhaseSummary, Record, Removal, Slot,
+    majority, Accepted, AcceptorState, Ballot, ClusterId, Conversion, FormationParams, NodeId,
+    NodeIdError, ParamsError, PersistedState, Phase, PhaseSummary, Record, Removal, Slot,
 };

@@ -196,6 +196,21 @@ pub struct Record {
     /// once a member is dead and no longer announces itself).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub addresses: BTreeMap<NodeId, IpAddr>,
+    /// The one worker being converted to a control-plane member (the control plane fell
+    /// below `control_plane` and nothing else can fill it), until it is recorded a member
+    /// again: at most one at a time (see `Op::Convert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converting: Option<Conversion>,
+}
+
+/// A worker chosen to become a control-plane member: it runs `microk8s leave`, is removed
+/// from the record and from MicroK8s (`remove-node <ip>`, no `--force`: it left dqlite-free),
+/// then asks for a control-plane slot and joins without `--worker`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub node: NodeId,
+    /// Why, in words (for status pages and the node's own timeline).
+    pub reason: String,
 }
 
 /// A member the record removed: the slot authority saw it unseen for `replace_after`.
@@ -212,6 +227,10 @@ pub struct Removal {
     /// `microk8s remove-node --force` succeeded (or found nothing left to remove).
     #[serde(default)]
     pub done: bool,
+    /// The member left by itself (`microk8s leave`, a worker being converted): it holds no
+    /// dqlite entry, so `remove-node` runs without `--force`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
 }
 
 impl Record {
@@ -294,6 +313,7 @@ impl Record {
             && self.addons_by.is_none()
             && self.electorate_old.is_none()
             && self.removed.is_empty()
+            && self.converting.is_none()
     }
 }
 

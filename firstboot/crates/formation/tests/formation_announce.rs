@@ -223,6 +223,7 @@ fn messages_round_trip_as_json() {
         electorate_old: None,
         removed: Vec::new(),
         addresses: BTreeMap::new(),
+        converting: None,
     };
     let ballot = Ballot {
         n: 2,

@@ -199,6 +199,9 @@ struct Sim {
     // fake microk8s
     root: Vec<usize>,
     cp_nodes: BTreeMap<usize, BTreeSet<usize>>,
+    /// Cluster roots (seeds) removed from their cluster (`remove-node`): no longer counted
+    /// among its control-plane nodes.
+    roots_removed: BTreeSet<usize>,
     joins: BTreeMap<usize, JoinRun>,
     join_clusters: BTreeSet<ClusterId>,
     addon_issuers: BTreeSet<usize>,
@@ -221,6 +224,11 @@ struct Sim {
     chosen: BTreeMap<Ballot, Record>,
     /// `remove-node` runs: (by, removed node, tick).
     removals: Vec<(usize, usize, u64)>,
+    /// Workers that left (`microk8s leave`, being converted to control plane) and have not
+    /// joined again: never more than one at a time.
+    converting: BTreeSet<usize>,
+    /// `microk8s leave` runs: (node, tick).
+    leaves: Vec<(usize, u64)>,
 }
 
 impl Sim {
@@ -284,6 +292,7 @@ impl Sim {
             partition_until: 0,
             root: (0..n).collect(),
             cp_nodes: BTreeMap::new(),
+            roots_removed: BTreeSet::new(),
             joins: BTreeMap::new(),
             join_clusters: BTreeSet::new(),
             addon_issuers: BTreeSet::new(),
@@ -298,6 +307,8 @@ impl Sim {
             electorate_lost: false,
             chosen: BTreeMap::new(),
             removals: Vec::new(),
+            converting: BTreeSet::new(),
+            leaves: Vec::new(),
             ids,
             sc,
         }
@@ -463,13 +474,56 @@ impl Sim {
     }
 
     /// `remove-node` run by node `i` for `node` at `ip`.
-    fn remove_node(&mut self, i: usize, node: NodeId, ip: IpAddr) {
+    /// `microk8s leave` on node `i` (a worker being converted): it must be a worker member;
+    /// it becomes a lone node again. At most one worker is between its leave and its next
+    /// join.
+    fn leave(&mut self, i: usize) {
+        let t = self.t;
+        let root = self.root[i];
+        let cp = root == i || self.cp_nodes.get(&root).is_some_and(|s| s.contains(&i));
+        let again = self.converting.contains(&i);
+        if (!self.joined.contains(&i) && !again) || cp {
+            self.violations.push(format!(
+                "node {i} leaves without being a worker member (joined: {}, control plane: {cp})",
+                self.joined.contains(&i)
+            ));
+        }
+        self.leaves.push((i, t));
+        self.converting.insert(i);
+        let dead = &self.dead;
+        self.converting.retain(|k| !dead.contains(k));
+        if self.converting.len() > 1 {
+            self.violations.push(format!(
+                "several workers converted at once: {:?}",
+                self.converting
+            ));
+        }
+        self.joined.remove(&i);
+        self.root[i] = i;
+        let inc = self.inc[i];
+        self.push(
+            t + 1,
+            i,
+            Payload::Result {
+                inc,
+                ev: Event::Left(Ok(())),
+            },
+        );
+    }
+
+    fn remove_node(&mut self, i: usize, node: NodeId, ip: IpAddr, force: bool) {
         let t = self.t;
         let Some(&j) = self.index.get(&node) else {
             self.violations
                 .push(format!("node {i} removes unknown node {node}"));
             return;
         };
+        let left = self.converting.contains(&j);
+        if left == force {
+            self.violations.push(format!(
+                "node {i} removes {node} with force={force}, but it left: {left}"
+            ));
+        }
         if j == i {
             self.violations.push(format!("node {i} removes itself"));
         }
@@ -479,7 +533,7 @@ impl Sim {
         }
         // Faults have stopped long enough ago that every live node is seen: only the dead
         // may be removed.
-        if !self.dead.contains(&j) && t > FAULT_END + REPLACE_AFTER + 40 {
+        if !left && !self.dead.contains(&j) && t > FAULT_END + REPLACE_AFTER + 40 {
             self.violations
                 .push(format!("node {i} removes live node {j} at tick {t}"));
         }
@@ -487,6 +541,9 @@ impl Sim {
         let root = self.root[j];
         if let Some(set) = self.cp_nodes.get_mut(&root) {
             set.remove(&j);
+        }
+        if root == j {
+            self.roots_removed.insert(j);
         }
         let inc = self.inc[i];
         self.push(
@@ -674,7 +731,10 @@ impl Sim {
                     },
                 );
             }
-            Action::RemoveNode { node, ip, .. } => self.remove_node(i, node, ip),
+            Action::RemoveNode {
+                node, ip, force, ..
+            } => self.remove_node(i, node, ip, force),
+            Action::Leave { .. } => self.leave(i),
             Action::SetStatus(s) => {
                 if s.is_empty() {
                     self.violations
@@ -800,14 +860,16 @@ impl Sim {
                     self.violations.push(format!("node {i} joined twice"));
                 }
                 self.root[i] = j.root;
+                self.converting.remove(&i);
                 if !j.worker {
+                    let seed = usize::from(!self.roots_removed.contains(&j.root));
                     let set = self.cp_nodes.entry(j.root).or_default();
                     set.insert(i);
-                    if set.len() + 1 > self.sc.control_plane as usize {
+                    if set.len() + seed > self.sc.control_plane as usize {
                         self.violations.push(format!(
                             "cluster root {} has {} control-plane nodes, configured {}",
                             j.root,
-                            set.len() + 1,
+                            set.len() + seed,
                             self.sc.control_plane
                         ));
                     }

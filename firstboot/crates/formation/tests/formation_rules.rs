@@ -64,6 +64,10 @@ struct Net {
     paxos_sends: Vec<(NodeId, NodeId, u64)>,
     /// Every `remove-node` issued: (by, node, address, tick).
     removals: Vec<(NodeId, NodeId, IpAddr, u64)>,
+    /// Whether each of `removals` had `--force`.
+    removal_force: Vec<bool>,
+    /// Every `microk8s leave`: (node, tick).
+    leaves: Vec<(NodeId, u64)>,
     /// Partition: nodes in different groups hear nothing of each other (default group 0).
     group: BTreeMap<NodeId, u8>,
 }
@@ -90,6 +94,8 @@ impl Net {
             prepares: Vec::new(),
             paxos_sends: Vec::new(),
             removals: Vec::new(),
+            removal_force: Vec::new(),
+            leaves: Vec::new(),
             group: BTreeMap::new(),
         };
         for (name, prio) in ids {
@@ -178,8 +184,15 @@ impl Net {
                     self.queue
                         .push_back((from.clone(), Event::AddonsEnabled(Ok(()))));
                 }
-                Action::RemoveNode { node, ip, .. } => {
+                Action::Leave { .. } => {
+                    self.leaves.push((from.clone(), self.t));
+                    self.queue.push_back((from.clone(), Event::Left(Ok(()))));
+                }
+                Action::RemoveNode {
+                    node, ip, force, ..
+                } => {
                     self.removals.push((from.clone(), node.clone(), ip, self.t));
+                    self.removal_force.push(force);
                     self.queue.push_back((
                         from.clone(),
                         Event::NodeRemoved {
@@ -547,6 +560,7 @@ fn a_worker_slot_is_not_granted_beside_a_control_plane_slot_nor_one_over_the_lim
         electorate_old: None,
         removed: Vec::new(),
         addresses: BTreeMap::new(),
+        converting: None,
     };
     let ballot = Ballot {
         n: 3,
@@ -1150,6 +1164,7 @@ fn a_cluster_that_ever_granted_a_slot_can_never_be_replaced() {
         electorate_old: None,
         removed: Vec::new(),
         addresses: BTreeMap::new(),
+        converting: None,
     };
     assert!(r.is_untouched());
     r.seq = 1;
@@ -1400,13 +1415,18 @@ fn a_dead_member_is_removed_once_by_the_authority_and_its_vote_handed_over() {
     assert!(net.removals.is_empty(), "{:?}", net.removals);
     net.steps(60);
     assert_eq!(
-        net.removals
+        forced_removals(&net)
             .iter()
             .map(|r| (&r.0, &r.1, r.2))
             .collect::<Vec<_>>(),
         vec![(&authority, &victim, victim_ip)],
-        "exactly one remove-node, by the authority, of the dead member's address"
+        "exactly one remove-node --force, by the authority, of the dead member's address"
     );
+    // A control-plane victim leaves 2 of 3: one worker is converted (its remove-node, after
+    // it left, has no --force); a worker victim converts nobody.
+    let conversions = net.removals.len() - 1;
+    assert_eq!(net.leaves.len(), conversions, "{:?}", net.leaves);
+    assert!(conversions <= 1, "{:?}", net.removals);
     let rec = newest_chosen(&net);
     assert!(!rec.members.contains_key(&victim));
     let removal = rec
@@ -1428,7 +1448,19 @@ fn a_dead_member_is_removed_once_by_the_authority_and_its_vote_handed_over() {
     assert!(st.electorate.contains(&id("f")));
     // Nothing more happens.
     net.steps(60);
-    assert_eq!(net.removals.len(), 1, "{:?}", net.removals);
+    assert_eq!(forced_removals(&net).len(), 1, "{:?}", net.removals);
+    assert_eq!(net.removals.len(), 1 + conversions, "{:?}", net.removals);
+}
+
+/// The `remove-node --force` runs (dead or re-flashed members), without the removals of
+/// workers that left to be converted.
+fn forced_removals(net: &Net) -> Vec<(NodeId, NodeId, IpAddr, u64)> {
+    net.removals
+        .iter()
+        .zip(&net.removal_force)
+        .filter(|(_, f)| **f)
+        .map(|(r, _)| r.clone())
+        .collect()
 }
 
 #[test]
@@ -1455,21 +1487,37 @@ fn a_minority_holding_the_authority_removes_nobody_and_the_majority_heals() {
         .filter(|r| r.0 == authority || r.0 == other)
         .collect();
     assert!(minority.is_empty(), "the minority removed {minority:?}");
-    // The majority took over and removed the two it cannot see, once each.
-    let removed: BTreeSet<&NodeId> = net.removals.iter().map(|r| &r.1).collect();
+    // The majority took over and removed the two it cannot see, once each (with --force;
+    // the workers it then converted, one at a time, were removed without, after they left).
+    let forced = forced_removals(&net);
+    let removed: BTreeSet<&NodeId> = forced.iter().map(|r| &r.1).collect();
     assert_eq!(
         removed,
         BTreeSet::from([&authority, &other]),
         "{:?}",
         net.removals
     );
-    assert_eq!(net.removals.len(), 2, "{:?}", net.removals);
+    assert_eq!(forced.len(), 2, "{:?}", net.removals);
     let by: BTreeSet<&NodeId> = net.removals.iter().map(|r| &r.0).collect();
     assert_eq!(by.len(), 1, "one node ran remove-node: {:?}", net.removals);
+    let leaves: Vec<&NodeId> = net.leaves.iter().map(|l| &l.0).collect();
+    let unforced: Vec<&NodeId> = net
+        .removals
+        .iter()
+        .zip(&net.removal_force)
+        .filter(|(_, f)| !**f)
+        .map(|(r, _)| &r.1)
+        .collect();
+    assert_eq!(
+        leaves, unforced,
+        "each converted worker left, then was removed"
+    );
     // The partition heals: one history, the minority's stale authority decides nothing.
     net.group.clear();
+    let before = net.removals.len();
     net.steps(60);
-    assert_eq!(net.removals.len(), 2, "{:?}", net.removals);
+    assert_eq!(forced_removals(&net).len(), 2, "{:?}", net.removals);
+    assert_eq!(net.removals.len(), before, "{:?}", net.removals);
     let rec = newest_chosen(&net);
     assert!(!rec.members.contains_key(&authority) && !rec.members.contains_key(&other));
     assert!(rec.removed.iter().all(|x| x.done));
@@ -1493,6 +1541,7 @@ fn a_control_plane_slot_waits_for_the_removal_to_be_carried_out() {
         reason: "test".into(),
         ip: None,
         done: false,
+        left: false,
     });
     assert!(!pending.may_grant(Role::ControlPlane, 8));
     assert!(pending.may_grant(Role::Worker, 8));
@@ -1642,4 +1691,315 @@ fn a_reflashed_slot_authority_is_taken_over_from_and_joins_again() {
         net.removals
     );
     assert!(net.removals[0].3 <= joins[0].1);
+}
+
+// ----- a worker converted to control plane when the voters fall below target -----
+
+/// The live members' roles by their own phase.
+fn live_control_plane(net: &Net) -> BTreeSet<NodeId> {
+    net.roles()
+        .into_iter()
+        .filter(|(_, r)| *r == Role::ControlPlane)
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn a_lost_voter_is_removed_once_and_exactly_one_worker_becomes_control_plane() {
+    // 3 control-plane nodes and 2 workers, no standbys: MicroK8s has nobody to promote.
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    let workers: Vec<NodeId> = rec
+        .members
+        .iter()
+        .filter(|(_, r)| **r == Role::Worker)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(workers.len(), 2, "{:?}", rec.members);
+    let authority = rec.authority.clone();
+    let victim = rec
+        .control_plane_members()
+        .find(|n| **n != authority)
+        .cloned()
+        .expect("a voter that is not the authority");
+    let victim_ip = net.ip_of(&victim);
+    let t0 = net.t;
+    net.crash(victim.as_str());
+    // Before replace-after (40 s): nothing removed, nobody converted.
+    net.steps(30);
+    assert!(net.removals.is_empty() && net.leaves.is_empty());
+    // Watch the record while it heals: never two conversions, never a worker converted
+    // while another one is still on its way.
+    let mut converted_seen = BTreeSet::new();
+    for _ in 0..150 {
+        net.step();
+        let rec = newest_chosen(&net);
+        if let Some(c) = &rec.converting {
+            converted_seen.insert(c.node.clone());
+        }
+        let waiting: Vec<_> = net
+            .nodes
+            .iter()
+            .filter(|(n, node)| {
+                workers.contains(n) && !matches!(node.phase(), Phase::Member { .. })
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert!(waiting.len() <= 1, "two workers left at once: {waiting:?}");
+    }
+    // The dead voter was removed once, with --force, by the authority.
+    let forced: Vec<_> = net
+        .removals
+        .iter()
+        .zip(&net.removal_force)
+        .filter(|(_, f)| **f)
+        .map(|(r, _)| (r.0.clone(), r.1.clone(), r.2))
+        .collect();
+    assert_eq!(forced, vec![(authority.clone(), victim.clone(), victim_ip)]);
+    // Exactly one worker converted: one leave, then remove-node without --force, then a
+    // control-plane join (no --worker), in that order.
+    assert_eq!(net.leaves.len(), 1, "{:?}", net.leaves);
+    let (converted, left_at) = net.leaves[0].clone();
+    assert!(workers.contains(&converted), "{converted} was a worker");
+    assert_eq!(converted_seen, BTreeSet::from([converted.clone()]));
+    let unforced: Vec<_> = net
+        .removals
+        .iter()
+        .zip(&net.removal_force)
+        .filter(|(_, f)| !**f)
+        .map(|(r, _)| r.clone())
+        .collect();
+    assert_eq!(unforced.len(), 1, "{:?}", net.removals);
+    assert_eq!(unforced[0].1, converted);
+    assert_eq!(unforced[0].2, net.ip_of(&converted));
+    assert!(unforced[0].3 >= left_at, "remove-node after the leave");
+    let joins = joins_since(&net, &converted, t0);
+    assert_eq!(joins.len(), 1, "{:?}", net.join_log);
+    assert!(!joins[0].0, "joined without --worker");
+    assert!(joins[0].1 >= unforced[0].3, "the join after remove-node");
+    // Back at 3 control-plane members; the other worker stays a worker.
+    let rec = newest_chosen(&net);
+    assert_eq!(rec.control_plane_members().count(), 3, "{:?}", rec.members);
+    assert_eq!(rec.members.get(&converted), Some(&Role::ControlPlane));
+    assert_eq!(rec.converting, None);
+    assert_eq!(live_control_plane(&net).len(), 3);
+    let other = workers.iter().find(|w| **w != converted).expect("other");
+    assert_eq!(net.roles().get(other), Some(&Role::Worker));
+    // Why it changed role stays in the record (status shows it).
+    let x = rec
+        .removed
+        .iter()
+        .find(|x| x.node == converted)
+        .expect("the conversion is noted");
+    assert!(x.left && x.done, "{x:?}");
+    assert!(
+        x.reason.contains("control-plane member") && x.reason.contains(victim.as_str()),
+        "{}",
+        x.reason
+    );
+    let st = net.nodes[&converted].status();
+    assert!(st.removed.iter().any(|x| x.node == converted) || st.converting.is_none());
+    // Nothing more happens.
+    net.steps(60);
+    assert_eq!(net.leaves.len(), 1);
+    assert_eq!(net.removals.len(), 2, "{:?}", net.removals);
+}
+
+#[test]
+fn a_second_conversion_is_refused_while_one_is_under_way() {
+    use rackseed_formation::{Op, Record};
+    let me = id("0a");
+    let p = healing_params(3, 5);
+    let rec = Record {
+        cluster: ClusterId {
+            seed: me.clone(),
+            term: 1,
+        },
+        electorate: [me.clone(), id("0b"), id("0c"), id("0d"), id("0e")]
+            .into_iter()
+            .collect(),
+        authority: me.clone(),
+        members: [
+            (me.clone(), Role::ControlPlane),
+            (id("0b"), Role::ControlPlane),
+            (id("0d"), Role::Worker),
+            (id("0e"), Role::Worker),
+        ]
+        .into_iter()
+        .collect(),
+        slots: vec![],
+        tentative: BTreeMap::new(),
+        seq: 4,
+        addons_by: None,
+        addons_done: false,
+        electorate_old: None,
+        removed: Vec::new(),
+        addresses: BTreeMap::new(),
+        converting: None,
+    };
+    let ballot = Ballot {
+        n: 9,
+        node: me.clone(),
+    };
+    let apply = |r: &Record, op: Op, by: &NodeId| {
+        rackseed_formation::node::apply(&op, Some(r), &ballot, by, &p).expect("a record")
+    };
+    let convert = |n: &str| Op::Convert {
+        node: id(n),
+        reason: "test".into(),
+    };
+    let one = apply(&rec, convert("0d"), &me);
+    assert_eq!(
+        one.converting.as_ref().map(|c| c.node.clone()),
+        Some(id("0d"))
+    );
+    // A second one, even in the same round, changes nothing.
+    let two = apply(&one, convert("0e"), &me);
+    assert_eq!(two, one);
+    let batch = apply(&rec, Op::Batch(vec![convert("0d"), convert("0e")]), &me);
+    assert_eq!(batch, one);
+    // Only the authority converts; never a control-plane member; never at full strength.
+    assert_eq!(apply(&rec, convert("0d"), &id("0b")), rec);
+    assert_eq!(apply(&rec, convert("0b"), &me), rec);
+    let mut full = rec.clone();
+    full.members.insert(id("0c"), Role::ControlPlane);
+    assert_eq!(apply(&full, convert("0d"), &me), full);
+    // Nor while a removal is not carried out.
+    let mut pending = rec.clone();
+    pending.removed.push(rackseed_formation::Removal {
+        node: id("0z"),
+        role: Role::ControlPlane,
+        reason: "test".into(),
+        ip: None,
+        done: false,
+        left: false,
+    });
+    assert_eq!(apply(&pending, convert("0d"), &me), pending);
+    // The worker left: out of the members, its removal without --force; the conversion ends
+    // when it is recorded a control-plane member.
+    let left = apply(
+        &one,
+        Op::ConvertLeft {
+            node: id("0d"),
+            ip: Some(ip(4)),
+        },
+        &me,
+    );
+    assert!(!left.members.contains_key(&id("0d")));
+    assert!(left.converting.is_some());
+    let x = left.removed.last().expect("removal");
+    assert!(x.left && !x.done && x.ip == Some(ip(4)), "{x:?}");
+    assert!(!left.may_grant(Role::ControlPlane, 4));
+    let done = apply(&left, Op::RemovalDone { node: id("0d") }, &me);
+    assert!(done.may_grant(Role::ControlPlane, 4));
+    let granted = apply(
+        &done,
+        Op::Grant {
+            to: id("0d"),
+            req: 1,
+        },
+        &me,
+    );
+    let slot = granted.slot_of(&id("0d")).expect("a slot").clone();
+    assert_eq!(slot.role, Role::ControlPlane);
+    let member = apply(
+        &granted,
+        Op::Confirm {
+            node: id("0d"),
+            seq: slot.seq,
+            role: Role::ControlPlane,
+            ok: true,
+        },
+        &me,
+    );
+    assert_eq!(member.members.get(&id("0d")), Some(&Role::ControlPlane));
+    assert_eq!(member.converting, None);
+    assert_eq!(member.control_plane_members().count(), 3);
+}
+
+#[test]
+fn a_minority_partition_converts_nobody_and_the_majority_converts_one_of_its_workers() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    let authority = rec.authority.clone();
+    let workers: Vec<NodeId> = rec
+        .members
+        .iter()
+        .filter(|(_, r)| **r == Role::Worker)
+        .map(|(n, _)| n.clone())
+        .collect();
+    // The authority and one worker are cut off from the other two voters and the other
+    // worker, for good.
+    let (w_minority, w_majority) = (workers[0].clone(), workers[1].clone());
+    net.group.insert(authority.clone(), 1);
+    net.group.insert(w_minority.clone(), 1);
+    net.steps(240);
+    let minority = [authority.clone(), w_minority.clone()];
+    assert!(
+        net.leaves.iter().all(|(n, _)| !minority.contains(n)),
+        "the minority converted: {:?}",
+        net.leaves
+    );
+    assert!(
+        net.removals.iter().all(|r| !minority.contains(&r.0)),
+        "the minority removed: {:?}",
+        net.removals
+    );
+    // The majority (two voters, one worker) removed the two it cannot see and converted its
+    // worker: three control-plane members again.
+    assert_eq!(
+        net.leaves.iter().map(|l| l.0.clone()).collect::<Vec<_>>(),
+        vec![w_majority.clone()]
+    );
+    let majority_rec = net
+        .nodes
+        .iter()
+        .filter(|(n, _)| !minority.contains(n))
+        .filter_map(|(_, n)| n.persisted().chosen.clone())
+        .max_by(|a, b| a.ballot.cmp(&b.ballot))
+        .expect("a chosen record")
+        .record;
+    assert_eq!(
+        majority_rec.members.get(&w_majority),
+        Some(&Role::ControlPlane),
+        "{:?}",
+        majority_rec.members
+    );
+    assert_eq!(majority_rec.control_plane_members().count(), 3);
+    assert!(!majority_rec.members.contains_key(&authority));
+}
+
+#[test]
+fn no_worker_is_converted_while_a_standby_fills_the_place() {
+    // 3 voters + 1 standby + 1 worker: MicroK8s promotes the standby itself.
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut p = healing_params(3, 5);
+    p.standbys = 1;
+    let mut net = Net::new(&names, p);
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    assert_eq!(rec.control_plane_members().count(), 4, "{:?}", rec.members);
+    let victim = rec
+        .control_plane_members()
+        .find(|n| **n != rec.authority)
+        .cloned()
+        .expect("victim");
+    net.crash(victim.as_str());
+    net.steps(150);
+    assert_eq!(net.removals.len(), 1, "{:?}", net.removals);
+    assert!(net.leaves.is_empty(), "{:?}", net.leaves);
+    assert_eq!(newest_chosen(&net).control_plane_members().count(), 3);
 }

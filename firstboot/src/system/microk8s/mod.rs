@@ -66,8 +66,23 @@
 //!   server and k8s-dqlite, removes its own endpoint through another member
 //!   (`delete_dqlite_node(my_ep, other_ep)`), regenerates the cluster certificates and starts
 //!   as a fresh single node. Its Kubernetes Node object stays until a member runs
-//!   `remove-node` for it. A worker resets to a standalone node ("Not in clustering mode",
-//!   exit 2, when it never joined).
+//!   `remove-node` for it. A worker (`is_node_dqlite_worker`,
+//!   `reset_current_dqlite_worker_installation`) contacts nobody: it stops its API server
+//!   proxy, re-initialises a fresh dqlite and its kubelet/kube-proxy arguments, removes its
+//!   `clustered.lock` and `no-k8s-dqlite` locks ("Not in clustering mode", exit 2, when they
+//!   are missing) and restarts as a standalone node; its Node object stays in the cluster
+//!   (NotReady). Before any of it, `microk8s-resources/wrappers/microk8s-leave.wrapper`
+//!   (read at 0a02b022) refuses a node that is not in a cluster (no `no-cert-reissue` lock,
+//!   which `leave` itself removes: a second `leave` is refused): "This MicroK8s deployment
+//!   is not acting as a node in a cluster.", exit 1, [`Microk8sError::NotInCluster`].
+//!   A worker being converted to control plane (`rackseed_formation`'s `Op::Convert`) runs
+//!   `leave`; `NotInCluster` then means it left already (a restart after the leave).
+//! - `remove-node` for a node that *left* needs no `--force`: remove_node.py (read at
+//!   3f595537) refuses without it only while the node's address is among the other dqlite
+//!   endpoints; a left worker (never in dqlite) or a left control-plane node (`leave` deleted
+//!   its endpoint) just has its tokens and Node object deleted, exit 0. A name Kubernetes
+//!   does not know is "does not exist in Kubernetes", exit 1, with or without `--force`
+//!   ([`Microk8sError::UnknownNode`]).
 //!
 //! Parsing lives in [`parse`] and is tested on fixtures. To add an operation: add a method to
 //! the trait, implement it here (invoke + a parser in `parse`) and in the fake.
@@ -297,12 +312,16 @@ pub enum Microk8sError {
     /// `leave` refused: this node holds the only copy of the database (exit 3, A6).
     #[error("`microk8s leave` refused: this node holds the only copy of the kubernetes database")]
     OnlyCopy,
+    /// `leave` refused: this node is not in a cluster (never joined, or left already; exit 1
+    /// from `microk8s-leave.wrapper`).
+    #[error("`microk8s leave` refused: this node is not acting as a node in a cluster")]
+    NotInCluster,
     /// `remove-node` without `--force` on a node still in dqlite (A6).
     #[error("`microk8s remove-node {node}` refused: the node is still in dqlite; run `microk8s leave` on it first or use force")]
     StillInDqlite { node: String },
-    /// `remove-node --force` removed the dqlite entry but Kubernetes did not know the name
-    /// (exit 1, A6).
-    #[error("`microk8s remove-node {node} --force`: kubernetes does not know this node (its dqlite entry, if any, was removed)")]
+    /// Kubernetes did not know the name (exit 1, A6); with `--force` a dqlite entry at that
+    /// address was removed first.
+    #[error("`microk8s remove-node {node}`: kubernetes does not know this node (with --force, its dqlite entry, if any, was removed)")]
     UnknownNode { node: String },
     #[error(transparent)]
     Parse(#[from] ParseError),
@@ -918,6 +937,9 @@ impl Microk8s for RealMicrok8s {
             match out.code() {
                 Some(0) => Ok(()),
                 Some(3) => Err(Microk8sError::OnlyCopy),
+                Some(1) if detail(&out).contains("not acting as a node in a cluster") => {
+                    Err(Microk8sError::NotInCluster)
+                }
                 code => Err(Microk8sError::Failed {
                     command: "microk8s leave".into(),
                     code,
@@ -949,7 +971,7 @@ impl Microk8s for RealMicrok8s {
                 Some(_) if !force && detail(&out).contains("microk8s leave") => {
                     Err(Microk8sError::StillInDqlite { node })
                 }
-                Some(1) if force && detail(&out).contains("does not exist") => {
+                Some(1) if detail(&out).contains("does not exist") => {
                     Err(Microk8sError::UnknownNode { node })
                 }
                 code => Err(Microk8sError::Failed {

@@ -266,16 +266,33 @@ impl Daemon {
         Out::ok(stdout)
     }
 
+    /// `leave`, as canonical/microk8s `microk8s-resources/wrappers/microk8s-leave.wrapper`
+    /// and `scripts/wrappers/leave.py` (read at 0b9852c0) do it: a node not in a cluster (the
+    /// wrapper finds no `no-cert-reissue` lock; here: no other node in its view and not a
+    /// worker) is refused with exit 1; the only voter refuses with exit 3 while other dqlite
+    /// members depend on it; otherwise the node leaves dqlite (a worker holds no entry), its
+    /// Node object stays in the old cluster until `remove-node`, and it starts over as a fresh
+    /// single node (no longer "in a cluster": a second `leave` is refused with exit 1).
     async fn cmd_leave(&self) -> Out {
         let old = {
             let mut st = self.lock();
+            if !st.worker && st.view.entries.len() <= 1 {
+                return Out::fail(
+                    1,
+                    "This MicroK8s deployment is not acting as a node in a cluster.\n",
+                );
+            }
             let voters: Vec<String> = st
                 .view
                 .members()
                 .filter(|(_, r)| *r == Role::Voter)
                 .map(|(e, _)| e.name.clone())
                 .collect();
-            if !st.worker && voters == [self.name().to_owned()] {
+            // `is_leader_without_successor` in canonical/microk8s `scripts/wrappers/leave.py`
+            // (read at 0b9852c0): the only voter refuses only while other dqlite members
+            // depend on it; a lone node (never joined, or left before) re-initialises, exit 0.
+            let others = st.view.members().count() > 1;
+            if !st.worker && voters == [self.name().to_owned()] && others {
                 return Out::fail(
                     3,
                     "This node holds the only copy of the Kubernetes database. Refusing to leave.\n",

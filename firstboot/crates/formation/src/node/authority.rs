@@ -77,6 +77,11 @@ impl Node {
                 Some(_) if self.announces_not_member(now, &from) => {
                     self.requests.insert(from, (req, now));
                 }
+                // The worker being converted left and asks for its control-plane slot: kept,
+                // and taken out of the members by the next round (`converted_left_op`).
+                Some(_) if self.is_converting(&from) => {
+                    self.requests.insert(from, (req, now));
+                }
                 Some((cluster, role)) => out.push(Action::Send {
                     to: from,
                     msg: Message::JoinConfirmed { cluster, role },
@@ -218,7 +223,11 @@ impl Node {
                 return Some(Op::Reclaim { seq: s.seq });
             }
         }
-        // 2a. readmit members whose state is gone (they ask for a slot again).
+        // 2a. the worker being converted left (`convert.rs`); readmit members whose state is
+        // gone (they ask for a slot again).
+        if let Some(op) = self.converted_left_op(rec) {
+            return Some(op);
+        }
         if let Some(op) = self.rejoin_op(now, rec) {
             return Some(op);
         }

@@ -19,6 +19,9 @@
 //! again, which MicroK8s tolerates (a node it no longer knows is reported, and counted here,
 //! as removed).
 //!
+//! A control plane left below target by a removal, that no standby or new machine fills, gets
+//! one worker converted (`convert.rs`), one at a time.
+//!
 //! To extend: a new healing step is one more case in [`Node::healing_op`], in priority order.
 
 use std::collections::BTreeMap;
@@ -92,7 +95,8 @@ impl Node {
         if let Some(op) = self.handover_op(now, rec) {
             return Some(op);
         }
-        None
+        // 5. a control plane below target that nothing else fills: convert one worker.
+        self.conversion_op(now, rec)
     }
 
     /// Whether `id` has announced for a while (`peer_timeout / 2`, several of its
@@ -116,6 +120,7 @@ impl Node {
             .requests
             .keys()
             .filter(|id| **id != self.me && rec.members.contains_key(*id))
+            .filter(|id| rec.converting.as_ref().is_none_or(|c| c.node != **id))
             .filter(|id| self.announces_not_member(now, id))
             .map(|id| Op::Rejoin {
                 node: id.clone(),
@@ -221,15 +226,16 @@ impl Node {
                 settled.push(x.node.clone());
                 continue;
             }
-            run.push((x.node.clone(), ip));
+            run.push((x.node.clone(), ip, !x.left));
         }
         self.removals_done.extend(settled);
-        for (node, ip) in run {
+        for (node, ip, force) in run {
             self.removing.insert(node.clone());
             out.push(Action::RemoveNode {
                 node,
                 ip,
                 cluster: cluster.clone(),
+                force,
             });
         }
     }

@@ -50,6 +50,7 @@ impl Node {
             self.watch_slot(now);
             self.forget_recorded_removals();
             self.drive_removals(now, out);
+            self.drive_conversion(now, out);
         }
         if !self.can_propose(now) {
             return;

@@ -15,6 +15,7 @@
 //! - `member.rs`: what a recorded member does (addons, Refresh, takeover);
 //! - `authority.rs`: the slot authority's requests, reports and rounds;
 //! - `healing.rs`: the authority's removals of dead members and electorate handovers;
+//! - `convert.rs`: a worker converted to a control-plane member (authority and worker side);
 //! - `status.rs`: the announcement, the status line and [`Status`].
 //!
 //! To add a record-changing operation: add an [`Op`] variant and its pure transition in
@@ -24,6 +25,7 @@
 
 mod acceptor;
 mod authority;
+mod convert;
 mod election;
 mod healing;
 mod joiner;
@@ -94,6 +96,15 @@ fn phase_change_allowed(from: &Phase, to: &Phase, me: &NodeId) -> bool {
         (Joining { cluster, .. } | Confirming { cluster, .. }, Member { cluster: c, .. }) => {
             cluster == c
         }
+        // A worker being converted left its cluster (`microk8s leave`) to join it again as
+        // a control-plane member.
+        (
+            Member {
+                cluster,
+                role: Role::Worker,
+            },
+            WaitingForSlot { cluster: c },
+        ) => cluster == c,
         // Only a deposed seed leaves its cluster: a re-election replaces only a cluster in
         // which nothing happened, whose only member is its seed.
         (
@@ -173,6 +184,10 @@ pub struct Node {
     removing: BTreeSet<NodeId>,
     removals_done: BTreeSet<NodeId>,
     removal_retry_at: BTreeMap<NodeId, Duration>,
+    // conversion: when the authority last asked the converted worker to leave; whether this
+    // worker's `microk8s leave` is running
+    convert_sent: Option<Duration>,
+    leaving: bool,
     next_refresh: Duration,
     prepare_at: Option<Duration>,
     addons_issued: bool,
@@ -228,6 +243,8 @@ impl Node {
             removing: BTreeSet::new(),
             removals_done: BTreeSet::new(),
             removal_retry_at: BTreeMap::new(),
+            convert_sent: None,
+            leaving: false,
             next_refresh: now,
             prepare_at: None,
             addons_issued: false,
@@ -283,6 +300,10 @@ impl Node {
             }
             Event::NodeRemoved { node, result } => {
                 self.on_node_removed(now, node, result);
+                true
+            }
+            Event::Left(res) => {
+                self.on_left(res, &mut out);
                 true
             }
             Event::Message { from, msg } => self.on_message_event(now, from, msg, &mut out),
@@ -404,6 +425,8 @@ impl Node {
             }
             Message::NotAuthority { hint } => self.on_not_authority(hint),
             Message::JoinConfirmed { cluster, role } => self.on_join_confirmed(cluster, role, out),
+            // converted worker
+            Message::Convert { cluster, reason } => self.on_convert(from, cluster, reason, out),
         }
     }
 
@@ -521,6 +544,7 @@ impl Node {
         if let Some(r) = self.chosen().filter(|r| r.authority == self.me) {
             watch.extend(r.members.keys().cloned());
             watch.extend(r.quorum_sets().flatten().cloned());
+            watch.extend(r.converting.iter().map(|c| c.node.clone()));
         }
         watch.remove(&self.me);
         self.missing_since.retain(|id, _| watch.contains(id));

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::types::{Ballot, ClusterId, FormationParams, NodeId, Record, Removal, Slot};
+use crate::types::{Ballot, ClusterId, Conversion, FormationParams, NodeId, Record, Removal, Slot};
 use rackseed_config::Role;
 
 /// A record-changing operation, run as one Paxos round (read the record, apply, write back).
@@ -67,6 +67,20 @@ pub enum Op {
         reason: String,
         ip: Option<IpAddr>,
     },
+    /// Convert the live worker member `node` to a control-plane member: the control plane is
+    /// below `control_plane` (members, tentative places and slots counted, standbys among
+    /// them) and nothing else fills it. Only when no conversion is under way (one at a time,
+    /// a field of the record, so two rounds never convert two workers) and every removal is
+    /// carried out. The authority then asks `node` to leave ([`crate::Message::Convert`]).
+    Convert { node: NodeId, reason: String },
+    /// The worker being converted left (it asks for a slot and announces that it is no
+    /// member): out of the members like [`Op::Remove`], its removal marked `left`
+    /// (`microk8s remove-node <ip>` without `--force`, by the authority); the conversion
+    /// stays until it is recorded a member again.
+    ConvertLeft { node: NodeId, ip: Option<IpAddr> },
+    /// End the conversion of `node`: it left and then stayed unseen for `replace_after`, or
+    /// it has not left and the control plane is full again (a new machine joined).
+    EndConversion { node: NodeId },
     /// Start handing the electorate over: `out` (dead) is replaced by `into` (live), as a
     /// joint step that keeps the old electorate beside the new one. Only when no handover is
     /// under way.
@@ -127,6 +141,9 @@ pub fn apply(
         Op::Remove { node, reason, ip } => remove_member(&mut r, node, reason, *ip, me),
         Op::Rejoin { node, reason, ip } => readmit_member(&mut r, node, reason, *ip, me),
         Op::RemovalDone { node } => mark_removal_done(&mut r, node, me),
+        Op::Convert { node, reason } => start_conversion(&mut r, node, reason, me, params),
+        Op::ConvertLeft { node, ip } => converted_left(&mut r, node, *ip, me),
+        Op::EndConversion { node } => end_conversion(&mut r, node, me, params),
         Op::Handover { out, into } => start_handover(&mut r, out, into, me),
         Op::FinishHandover => finish_handover(&mut r, me),
         Op::NoteAddresses(addrs) => note_addresses(&mut r, addrs, me),
@@ -165,6 +182,7 @@ fn founding_record(electorate: BTreeSet<NodeId>, seq: u64, ballot: &Ballot, me: 
         electorate_old: None,
         removed: Vec::new(),
         addresses: BTreeMap::new(),
+        converting: None,
     }
 }
 
@@ -217,6 +235,10 @@ fn record_join_result(r: &mut Record, node: &NodeId, seq: u64, role: Role, ok: b
                 .or_else(|| r.tentative.get(node).copied())
                 .unwrap_or(role);
             r.members.insert(node.clone(), recorded);
+        }
+        // A converted worker is a member again: the conversion is over.
+        if r.converting.as_ref().is_some_and(|c| c.node == *node) {
+            r.converting = None;
         }
         r.tentative.remove(node);
         r.slots.retain(|s| s.node != *node);
@@ -299,6 +321,10 @@ fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>
     let Some(role) = r.members.remove(node) else {
         return;
     };
+    // A worker removed before it left (dead, re-flashed) is converted no more.
+    if r.converting.as_ref().is_some_and(|c| c.node == *node) {
+        r.converting = None;
+    }
     r.tentative.remove(node);
     r.slots.retain(|s| s.node != *node);
     let ip = ip.or_else(|| r.addresses.get(node).copied());
@@ -310,6 +336,7 @@ fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>
         reason: reason.to_owned(),
         ip,
         done: false,
+        left: false,
     });
     // Keep the newest; drop the oldest finished ones first.
     while r.removed.len() > Record::REMOVED_KEPT {
@@ -330,6 +357,65 @@ fn readmit_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr
         if let Some(x) = r.removed.iter_mut().rev().find(|x| x.node == *node) {
             x.done = true;
         }
+    }
+}
+
+/// Start converting the worker member `node`, if I am the authority, no conversion is under
+/// way, every removal is carried out, no slot is in use and the control plane (as
+/// [`Record::control_plane_count`] counts it) is below `control_plane`.
+fn start_conversion(
+    r: &mut Record,
+    node: &NodeId,
+    reason: &str,
+    me: &NodeId,
+    params: &FormationParams,
+) {
+    if r.authority != *me
+        || r.converting.is_some()
+        || r.members.get(node) != Some(&Role::Worker)
+        || params.pinned_roles.get(node) == Some(&Role::Worker)
+        || !r.slots.is_empty()
+        || !r.removed.iter().all(|x| x.done)
+        || r.control_plane_count() >= params.control_plane as usize
+    {
+        return;
+    }
+    r.converting = Some(Conversion {
+        node: node.clone(),
+        reason: reason.to_owned(),
+    });
+}
+
+/// End the conversion of `node`, if I am the authority and it is no longer needed (the
+/// worker has not left and the control plane is full again) or its node is gone (it left and
+/// is no member).
+fn end_conversion(r: &mut Record, node: &NodeId, me: &NodeId, params: &FormationParams) {
+    if r.authority != *me || r.converting.as_ref().is_none_or(|c| c.node != *node) {
+        return;
+    }
+    let full = r.control_plane_count() >= params.control_plane as usize;
+    if !r.members.contains_key(node) || full {
+        r.converting = None;
+    }
+}
+
+/// The worker being converted left: removed from the members (as [`remove_member`], which
+/// would end the conversion, so it is kept), its removal marked `left` (no `--force`).
+fn converted_left(r: &mut Record, node: &NodeId, ip: Option<IpAddr>, me: &NodeId) {
+    let Some(conv) = r.converting.clone().filter(|c| c.node == *node) else {
+        return;
+    };
+    if r.members.get(node) != Some(&Role::Worker) {
+        return;
+    }
+    let reason = format!("left to become a control-plane member: {}", conv.reason);
+    remove_member(r, node, &reason, ip, me);
+    if r.members.contains_key(node) {
+        return;
+    }
+    r.converting = Some(conv);
+    if let Some(x) = r.removed.iter_mut().rev().find(|x| x.node == *node) {
+        x.left = true;
     }
 }
 

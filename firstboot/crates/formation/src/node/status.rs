@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Node, Op};
 use crate::announce::Announcement;
 use crate::events::Action;
-use crate::types::{ClusterId, NodeId, Phase, Removal, Slot};
+use crate::types::{ClusterId, Conversion, NodeId, Phase, Removal, Slot};
 use rackseed_config::Role;
 
 /// A point-in-time view for `firstboot status`.
@@ -41,6 +41,9 @@ pub struct Status {
     pub removed: Vec<Removal>,
     /// `replace_after` of this node's parameters.
     pub replace_after: std::time::Duration,
+    /// The worker being converted to control plane per the newest known record, and why.
+    #[serde(default)]
+    pub converting: Option<Conversion>,
 }
 
 impl Node {
@@ -68,6 +71,7 @@ impl Node {
                 .map(|s| s.iter().cloned().collect()),
             removed: rec.map(|r| r.removed.clone()).unwrap_or_default(),
             replace_after: self.params.replace_after,
+            converting: rec.and_then(|r| r.converting.clone()),
         }
     }
 
