@@ -7,7 +7,7 @@
 
 mod agent_support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use agent_support::{check_command_log_with, AgentCluster, ClusterSpec};
@@ -148,6 +148,16 @@ fn many_agents_form_one_cluster() {
             "formed agent idle load N={n} over {idle_s} s: CPU max {:.3} s/min (with children {:.3}), mean {:.3} s/min; RSS max {:.1} MiB (target < 0.5 s/min, < 20 MiB): {}",
             l.cpu_max, l.cpu_children_max, l.cpu_mean, l.rss_max_mib, verdict(l.ok()),
         );
+        let threads: Vec<String> = l
+            .by_thread
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.3}"))
+            .collect();
+        println!(
+            "formed agent idle load N={n} by thread (mean s/min over the agents): {}; children waited for {:.3} s/min (mean)",
+            threads.join(", "),
+            l.children_mean,
+        );
     }
     let idle_fields = idle.as_ref().map_or(String::new(), |l| {
         format!(
@@ -176,6 +186,11 @@ struct IdleLoad {
     cpu_children_max: f64,
     cpu_mean: f64,
     rss_max_mib: f64,
+    /// Mean CPU seconds per minute of the agents' threads, by thread name (`mDNS_daemon` is
+    /// mdns-sd's thread, `tokio-runtime-w` the driver, coordinator and discovery browser).
+    by_thread: BTreeMap<String, f64>,
+    /// Mean CPU seconds per minute of the children the agents waited for (`microk8s status`).
+    children_mean: f64,
 }
 
 impl IdleLoad {
@@ -184,8 +199,16 @@ impl IdleLoad {
     }
 }
 
-/// Samples every agent's CPU time, waits `secs` seconds, samples again.
+/// Samples every agent's CPU time (in all, and per thread), waits `secs` seconds, samples
+/// again.
 fn idle_load(c: &AgentCluster, n: usize, secs: u64) -> IdleLoad {
+    let pids: Vec<u32> = c
+        .nodes
+        .iter()
+        .map(|node| agent_pid(&node.dir).expect("the agent's process"))
+        .collect();
+    let threads_before: Vec<BTreeMap<u32, (String, f64)>> =
+        pids.iter().map(|&p| thread_cpu_seconds(p)).collect();
     let before: Vec<(f64, f64)> = (0..n)
         .map(|i| c.agent_cpu_seconds(i).expect("agent CPU time"))
         .collect();
@@ -198,11 +221,83 @@ fn idle_load(c: &AgentCluster, n: usize, secs: u64) -> IdleLoad {
         own.push((a.0 - b.0) * per_min);
         with_children.push((a.1 - b.1) * per_min);
     }
+    let mut by_thread: BTreeMap<String, f64> = BTreeMap::new();
+    for (p, b) in pids.iter().zip(&threads_before) {
+        for (tid, (name, after)) in thread_cpu_seconds(*p) {
+            let was = b.get(&tid).map_or(0.0, |(_, s)| *s);
+            *by_thread.entry(name).or_default() += (after - was) * per_min / n.max(1) as f64;
+        }
+    }
     let rss_max = (0..n).filter_map(|i| c.agent_rss_kib(i)).max().unwrap_or(0);
+    let children: f64 = own.iter().zip(&with_children).map(|(o, w)| w - o).sum();
     IdleLoad {
         cpu_max: own.iter().copied().fold(0.0, f64::max),
         cpu_children_max: with_children.iter().copied().fold(0.0, f64::max),
         cpu_mean: own.iter().sum::<f64>() / n.max(1) as f64,
         rss_max_mib: rss_max as f64 / 1024.0,
+        by_thread,
+        children_mean: children / n.max(1) as f64,
     }
+}
+
+/// The pid of the agent whose state folder is `<dir>/state` (`ip netns exec` execs the
+/// agent, so it is the process running `firstboot ... --state-dir <dir>/state`).
+fn agent_pid(dir: &std::path::Path) -> Option<u32> {
+    let state = dir.join("state");
+    let want = state.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with(b"firstboot"));
+        if is_agent
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--state-dir" && w[1] == want)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Each thread of process `pid`: its name and the CPU seconds it used so far, by thread id.
+fn thread_cpu_seconds(pid: u32) -> BTreeMap<u32, (String, f64)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `tid (comm) state ...`: utime and stime are fields 14 and 15, 11 and 12 after ')'.
+        let Some((head, rest)) = text.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("?", |(_, n)| n).to_string();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+            out.insert(tid, (name, (u + s) as f64 / 100.0));
+        }
+    }
+    out
 }

@@ -76,6 +76,16 @@ impl Runtime {
         });
     }
 
+    /// What the MicroK8s poll depends on, for its cadence (`driver/cadence.rs`).
+    fn poll_key(&self) -> super::cadence::PollKey {
+        super::cadence::PollKey {
+            phase: self.doc.phase.clone(),
+            role: self.doc.role.clone(),
+            microk8s: self.doc.microk8s.clone(),
+            peers: self.discovery.peers().len(),
+        }
+    }
+
     /// The verified peers' addresses (one each, IPv4 first).
     pub(super) fn peer_addrs(&self) -> Vec<IpAddr> {
         self.discovery
@@ -111,6 +121,9 @@ impl Runtime {
     }
 
     pub(super) fn spawn_microk8s_poll(&self) {
+        if !self.poll_cadence.due(self.poll_key()) {
+            return;
+        }
         let agent = self.agent.clone();
         let tasks = self.tasks.clone();
         let ha_size = (agent.config.cluster.control_plane as usize).min(3);

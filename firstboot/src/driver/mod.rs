@@ -30,6 +30,7 @@
 mod api_address;
 mod api_auto;
 mod backup;
+mod cadence;
 pub mod drill;
 mod effects;
 mod labels;
@@ -219,6 +220,10 @@ struct Runtime {
     api_address: Option<Arc<api_address::ApiAddressKeeper>>,
     /// Datastore backups: the store and the schedule (`driver/backup.rs`).
     backup: backup::BackupDuty,
+    /// When the MicroK8s poll runs (`driver/cadence.rs`).
+    poll_cadence: cadence::PollCadence,
+    /// When the announcement is re-published (`driver/cadence.rs`).
+    heartbeat: cadence::Heartbeat,
 }
 
 /// What the loop waits on besides the clock: discovery, the coordinator and its own tasks.
@@ -301,7 +306,8 @@ impl Runtime {
         params.validate().context("formation parameters")?;
         // Peers forget a node whose announcement is not refreshed within `peer_timeout`, so
         // the announcement is re-published (with a new sequence number) well within it.
-        let heartbeat_every = (params.peer_timeout / 4).max(Duration::from_secs(1));
+        let heartbeat = cadence::Heartbeat::new(params.peer_timeout);
+        let heartbeat_every = heartbeat.tick();
         let (node, actions) = Node::new(params, agent.node_id.clone(), persisted, Duration::ZERO);
         let (tasks, task_rx) = mpsc::channel(256);
         let client = Arc::new(CoordinatorClient::with_keyring(
@@ -333,6 +339,8 @@ impl Runtime {
             kubeconfig: KubeconfigServing::NotYet,
             api_address: None,
             backup: Default::default(),
+            poll_cadence: Default::default(),
+            heartbeat,
         };
         rt.api_address = api_address::ApiAddressKeeper::new(&rt.agent).map(Arc::new);
         rt.resume_prerequisites(resumed_member);
@@ -383,7 +391,12 @@ impl Runtime {
                     self.backup_tick();
                     None
                 }
-                _ = heartbeat.tick() => { self.reannounce(); None }
+                _ = heartbeat.tick() => {
+                    if self.heartbeat.due(Instant::now(), self.doc.phase == "member") {
+                        self.reannounce();
+                    }
+                    None
+                }
                 Some(ev) = inputs.peer_events.recv() => self.peer_event(ev),
                 Some(msg) = inputs.inbound.recv() => {
                     let ev = self.inbound(&msg);
@@ -635,9 +648,13 @@ impl Runtime {
         let Some(ann) = &self.last_announcement else {
             return;
         };
-        if let Err(e) = self.discovery.announce(ann.to_txt()) {
-            tracing::warn!(error = %e, "announcing failed");
-            self.doc.last_error = Some(format!("announcing failed: {e}"));
+        match self.discovery.announce(ann.to_txt()) {
+            // Any announcement refreshes this node at its peers: the heartbeat counts from it.
+            Ok(()) => self.heartbeat.announced(Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, "announcing failed");
+                self.doc.last_error = Some(format!("announcing failed: {e}"));
+            }
         }
     }
 
