@@ -384,7 +384,9 @@ impl Keepalived {
         // unit is loaded already. The implicit daemon-reload re-runs every generator, and with
         // Debian's SysV compatibility (`systemd-sysv-install`, update-rc.d in Perl) one
         // `systemctl enable` took over 60 s on a loaded emulated VM, every try (QEMU
-        // end-to-end test). A failure is said and tried again at the next apply.
+        // end-to-end test; with --no-reload still over 300 s). Installing the package
+        // enables it already (its postinst), so normally nothing is asked. A failure is said
+        // and tried again at the next apply.
         // It runs in the background: the address and the status never wait for it.
         if let Some(task) = self.enabling.take_if(|t| t.is_finished()) {
             match task.await {
@@ -395,6 +397,10 @@ impl Keepalived {
                 ),
                 Err(e) => tracing::warn!(error = %e, "enabling keepalived: task failed"),
             }
+        }
+        // The package's own postinst (deb-systemd-helper) enables it: nothing to ask systemd.
+        if !self.enabled && std::fs::symlink_metadata(self.root.join(ENABLED_LINK)).is_ok() {
+            self.enabled = true;
         }
         if !self.enabled && self.enabling.is_none() {
             self.enabling = Some(tokio::spawn(systemctl(
@@ -453,6 +459,9 @@ fn running_pid(pid_file: &Path) -> Option<nix::unistd::Pid> {
     nix::sys::signal::kill(pid, None).ok().map(|()| pid)
 }
 
+/// The link `systemctl enable` (or the package's postinst, through deb-systemd-helper)
+/// makes from the unit's `WantedBy=multi-user.target`, relative to the root.
+const ENABLED_LINK: &str = "etc/systemd/system/multi-user.target.wants/keepalived.service";
 /// Bound on `systemctl reload-or-restart` (a start job of keepalived).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on `systemctl enable --no-reload` (SysV compatibility runs update-rc.d).
