@@ -120,6 +120,23 @@
 //!   earlier join readmits nobody: its sender announces `Member` by then. A re-flashed slot
 //!   authority announces that it is no member: the best live control-plane member takes
 //!   over without waiting `takeover_after`, and it is readmitted like the others.
+//! - **Convert / ConvertLeft / EndConversion** (`node/convert.rs`): when the control plane is
+//!   below `control_plane` once every removal is carried out (members, tentative places and
+//!   slots counted, standbys among them: MicroK8s promotes those itself), no slot is in use
+//!   and no new machine waits for one, the authority converts the best live worker member
+//!   (not one pinned to worker): one round writes `converting = {node, reason}`; `apply`
+//!   refuses a second while it stands, so two workers are never converted at once, and as
+//!   every round it needs a majority of the electorate, so a minority converts nobody. The
+//!   authority sends it [`Message::Convert`] (every retry interval) until it left; the worker
+//!   runs `microk8s leave` ([`Action::Leave`]) and, once it left, waits for a slot like a new
+//!   node (`Member` → `WaitingForSlot` of the same cluster). Its slot request while it
+//!   announces that it is no member makes the authority take it out of the members with a
+//!   removal marked `left` (ConvertLeft): `microk8s remove-node <ip>` *without* `--force`
+//!   ([`Action::RemoveNode`]; a node that left holds no dqlite entry). The control-plane slot
+//!   waits for that removal like for any other; the Confirm of its join (without `--worker`)
+//!   ends the conversion. EndConversion drops a conversion that is no longer needed (the
+//!   worker has not left and the control plane is full again) or whose node left and then
+//!   stayed unseen for `replace_after`.
 //! - **Handover / FinishHandover**: a dead member of the electorate `S` (unseen for
 //!   `replace_after` and no longer a member) is replaced by the best live node outside it (a
 //!   control-plane member first, then another member, then a waiting node): one round writes
