@@ -39,6 +39,14 @@
 //! The timer ticks every `peer_timeout / 12` (at least 1 s) and [`Heartbeat::due`] says when
 //! a period has passed (within half a tick). A restarted peer is found as before: it
 //! announces itself when it starts, and its peers browse continuously.
+//!
+//! Measured (`agent_scale`, N = 50, 60 s idle, December 2026): mDNS datagrams received per
+//! node fell from 20 to 14 a second, but mdns-sd's thread still used ~0.35 s CPU a minute,
+//! most of a formed agent's own 0.45-0.52 s: its loop scans its whole cache after every
+//! wakeup (`refresh_active_services`, `DnsRecord::refresh_maybe` in perf), and it wakes ~40
+//! times a second (the packets, the 1-second expiry of each flushed TXT record, refresh
+//! timers), so fewer packets alone hardly change it. The MicroK8s poll's cadence cut the
+//! children's CPU (`microk8s status`) from 0.049 to 0.016-0.019 s a minute.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
