@@ -23,6 +23,7 @@ fn config(addons: Addons, target: Target, expected_nodes: u32) -> ClusterConfig 
             api_address: None,
             standbys: 3,
             replace_after: DEFAULT_REPLACE_AFTER,
+            api_check_interval: rackseed_config::DEFAULT_API_CHECK_INTERVAL,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),

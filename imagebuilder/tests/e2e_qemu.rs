@@ -52,6 +52,7 @@ standbys = 0          # the 4th VM must join as a worker
 formation-timeout = "30m"
 secret-file = "e2e.secret"
 api-address = "192.168.76.100"
+api-check-interval = "5s"   # under TCG one curl of /readyz takes over a second
 
 [addons]
 storage = "none"

@@ -91,7 +91,12 @@ impl ApiAddressKeeper {
         }
         let local = super::effects::local_addresses(&agent.interfaces);
         let settings = match VrrpSettings::new(&vrrp_key(&agent.keyring), ip, &local, &members) {
-            Ok(s) => s,
+            Ok(mut s) => {
+                s.check_interval_s =
+                    u32::try_from(agent.config.cluster.api_check_interval.as_secs().max(1))
+                        .unwrap_or(1);
+                s
+            }
             Err(why) => {
                 view.state = "cannot hold the address".into();
                 view.problem = Some(why);

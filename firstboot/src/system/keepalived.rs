@@ -35,6 +35,13 @@
 //! quorum; how fast a real kube-apiserver's readiness fails when dqlite loses its leader is
 //! not measured here (the QEMU test is where it shows).
 //!
+//! `cluster.api-check-interval` (default 1 s) scales all of it: check interval I, check
+//! timeout 2I, `advert_int` 2I, so the release (quorum loss + 2 failed checks) still comes
+//! before the earliest claim (3 adverts + skew) and failover takes I × 4.4-6.5 s. Emulated
+//! QEMU test clusters need it: under TCG one `curl` of `/readyz` takes over a second, so a
+//! check every second never passed (keepalived stayed in FAULT, nobody held the address) and
+//! starting `curl` every second used most of the VM's CPU (the end-to-end test sets 5 s).
+//!
 //! Authentication: the virtual router id (1–255) and the 8-character VRRP password are
 //! derived from the cluster secret ([`rackseed_protocol::secret::ClusterSecret::keepalived_key`]),
 //! so another cluster's or a stranger's adverts (without the secret) are ignored. VRRPv2's
@@ -104,6 +111,10 @@ pub struct VrrpSettings {
     /// 8 characters, `[A-Za-z0-9]`, derived from the cluster secret. Never logged.
     password: String,
     pub priority: u8,
+    /// The health check's interval in seconds (`cluster.api-check-interval`, default 1).
+    /// Every timing scales with it: check timeout 2×, advert interval 2×, so the partition
+    /// argument in the module docs holds at any setting.
+    pub check_interval_s: u32,
 }
 
 impl std::fmt::Debug for VrrpSettings {
@@ -117,6 +128,7 @@ impl std::fmt::Debug for VrrpSettings {
             .field("router_id", &self.router_id)
             .field("password", &"<redacted>")
             .field("priority", &self.priority)
+            .field("check_interval_s", &self.check_interval_s)
             .finish()
     }
 }
@@ -164,6 +176,7 @@ impl VrrpSettings {
             password: password(key),
             // Distinct per member (address order), so backups never claim at the same moment.
             priority: 200u8.saturating_sub(10u8.saturating_mul(rank.min(19) as u8)),
+            check_interval_s: 1,
         })
     }
 }
@@ -225,8 +238,8 @@ pub fn render(s: &VrrpSettings, health_check: &str) -> String {
          }}\n\n\
          vrrp_script {SCRIPT} {{\n    \
              script \"{health_check}\"\n    \
-             interval 1\n    \
-             timeout 2\n    \
+             interval {check}\n    \
+             timeout {check_timeout}\n    \
              fall 2\n    \
              rise 2\n\
          }}\n\n\
@@ -236,7 +249,7 @@ pub fn render(s: &VrrpSettings, health_check: &str) -> String {
              interface {iface}\n    \
              virtual_router_id {vrid}\n    \
              priority {prio}\n    \
-             advert_int 2\n    \
+             advert_int {advert}\n    \
              unicast_src_ip {own}\n\
          {peers}    \
              authentication {{\n        \
@@ -257,6 +270,9 @@ pub fn render(s: &VrrpSettings, health_check: &str) -> String {
         pass = s.password,
         vip = s.address,
         prefix = s.prefix,
+        check = s.check_interval_s.max(1),
+        check_timeout = 2 * s.check_interval_s.max(1),
+        advert = 2 * s.check_interval_s.max(1),
     )
 }
 
@@ -529,8 +545,23 @@ mod tests {
             "script \"/usr/bin/curl --fail",
             "https://127.0.0.1:16443/readyz",
             "fall 2",
+            "interval 1\n",
+            "timeout 2\n",
+            "advert_int 2\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        // A slower check scales the timeout and the adverts with it.
+        let slow = VrrpSettings {
+            check_interval_s: 5,
+            ..s.clone()
+        };
+        let slow_text = render(&slow, HEALTH_CHECK);
+        for line in ["interval 5\n", "timeout 10\n", "advert_int 10\n", "fall 2"] {
+            assert!(
+                slow_text.contains(line),
+                "{line:?} missing from:\n{slow_text}"
+            );
         }
         let pass = text
             .lines()

@@ -228,6 +228,7 @@ pub fn sample(dir: &Path, target: Target, base: Base) -> Sample {
             api_address: None,
             standbys: 3,
             replace_after: rackseed_config::DEFAULT_REPLACE_AFTER,
+            api_check_interval: rackseed_config::DEFAULT_API_CHECK_INTERVAL,
         },
         microk8s: Microk8s {
             channel: "1.32/stable".into(),

@@ -92,6 +92,14 @@ pub struct Cluster {
     /// (`cluster.replace-after`, 1 minute to 30 days). Default [`DEFAULT_REPLACE_AFTER`].
     #[serde(with = "humantime_serde_shim")]
     pub replace_after: Duration,
+    /// How often keepalived asks the local API server whether it is ready
+    /// (`cluster.api-check-interval`, whole seconds from 1 to 10; default
+    /// [`DEFAULT_API_CHECK_INTERVAL`]). The VRRP advert interval is twice this, so a
+    /// partitioned minority's holder lets the address go before the majority claims it at
+    /// any setting. Raise it only where starting `curl` every second is costly (emulated QEMU
+    /// test clusters); failover takes proportionally longer.
+    #[serde(with = "humantime_serde_shim")]
+    pub api_check_interval: Duration,
 }
 
 /// Default of `cluster.replace-after`: 15 minutes. Long enough that a planned reboot, a
@@ -102,6 +110,12 @@ pub struct Cluster {
 /// be handed over while a majority of it lives, so deaths further apart than this (plus one
 /// join) are survived one by one.
 pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// Default of `cluster.api-check-interval`: 1 s (failover 4.4-6.5 s, see the agent's
+/// keepalived module).
+pub const DEFAULT_API_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest accepted `cluster.api-check-interval`.
+pub const MAX_API_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Shortest accepted `cluster.replace-after`.
 pub const MIN_REPLACE_AFTER: Duration = Duration::from_secs(60);

@@ -119,6 +119,33 @@ pub(super) fn read_cluster(
         None if t.has("replace-after") => None,
         None => Some(DEFAULT_REPLACE_AFTER),
     };
+    let api_check_interval = match t.str(rep, "api-check-interval") {
+        Some((s, span)) => match values::parse_duration(s) {
+            Ok(d)
+                if (DEFAULT_API_CHECK_INTERVAL..=MAX_API_CHECK_INTERVAL).contains(&d)
+                    && d.subsec_nanos() == 0 =>
+            {
+                Some(d)
+            }
+            Ok(d) => {
+                rep.error(
+                    span,
+                    "cluster.api-check-interval",
+                    format!(
+                        "expected whole seconds from 1s to 10s (keepalived's check interval), got {:?}",
+                        d
+                    ),
+                );
+                None
+            }
+            Err(m) => {
+                rep.error(span, "cluster.api-check-interval", m);
+                None
+            }
+        },
+        None if t.has("api-check-interval") => None,
+        None => Some(DEFAULT_API_CHECK_INTERVAL),
+    };
     refuse_inline_secret(
         rep,
         &mut t,
@@ -140,6 +167,7 @@ pub(super) fn read_cluster(
         api_address,
         standbys: standbys.unwrap_or_else(|| default_standbys(control_plane)),
         replace_after: replace_after?,
+        api_check_interval: api_check_interval?,
     })
 }
 
