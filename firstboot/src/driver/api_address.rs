@@ -104,7 +104,10 @@ impl ApiAddressKeeper {
             }
         };
         view.peers = settings.peers.iter().map(IpAddr::to_string).collect();
-        let config = keepalived::render(&settings, keepalived::HEALTH_CHECK);
+        let config = keepalived::render(
+            &settings,
+            &keepalived::health_check(settings.check_interval_s),
+        );
         let mut k = self.keepalived.lock().await;
         match k.apply(&config).await {
             Ok(applied) => {

@@ -76,6 +76,15 @@ use rackseed_host::command::Cmd;
 pub const CONFIG_PATH: &str = "etc/keepalived/keepalived.conf";
 /// The health check: the local API server's readiness, without credentials (see the module docs).
 pub const HEALTH_CHECK: &str = "/usr/bin/curl --fail --silent --insecure --max-time 1 --output /dev/null https://127.0.0.1:16443/readyz";
+/// The readiness check for a check interval of `interval_s` seconds: [`HEALTH_CHECK`] with
+/// curl's own bound at the interval (a slower check is for slower machines).
+pub fn health_check(interval_s: u32) -> String {
+    HEALTH_CHECK.replace(
+        "--max-time 1 ",
+        &format!("--max-time {} ", interval_s.max(1)),
+    )
+}
+
 /// The program [`HEALTH_CHECK`] runs (Debian and Ubuntu's `curl` package).
 pub const HEALTH_CHECK_PROGRAM: &str = "/usr/bin/curl";
 /// Where Debian and Ubuntu's `keepalived` package puts the daemon, under `--root`.
@@ -556,8 +565,20 @@ mod tests {
             check_interval_s: 5,
             ..s.clone()
         };
-        let slow_text = render(&slow, HEALTH_CHECK);
-        for line in ["interval 5\n", "timeout 10\n", "advert_int 10\n", "fall 2"] {
+        assert_eq!(health_check(1), HEALTH_CHECK);
+        assert!(
+            health_check(5).contains("--max-time 5 "),
+            "{}",
+            health_check(5)
+        );
+        let slow_text = render(&slow, &health_check(5));
+        for line in [
+            "interval 5\n",
+            "timeout 10\n",
+            "advert_int 10\n",
+            "fall 2",
+            "--max-time 5 ",
+        ] {
             assert!(
                 slow_text.contains(line),
                 "{line:?} missing from:\n{slow_text}"
