@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::state_file::write_atomic;
 use anyhow::{bail, Context, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -55,16 +56,11 @@ pub fn generate_and_write(snap_data: &Path) -> Result<Vec<u8>> {
         .context("self-signing the cluster agent's certificate")?;
     let dir = snap_data.join("certs");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_file(&key_path(snap_data), key.serialize_pem().as_bytes(), 0o600)?;
-    write_file(&cert_path(snap_data), cert.pem().as_bytes(), 0o644)?;
+    // Each through its own unpredictable temporary name: the key and the certificate, or two
+    // installs that overlap on a slow machine, never rename each other's file.
+    write_atomic(&key_path(snap_data), key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&cert_path(snap_data), cert.pem().as_bytes(), 0o644)?;
     Ok(cert.der().to_vec())
-}
-
-/// Writes `bytes` to `path` with `mode` through [`crate::state_file::write_atomic`] (its
-/// temporary name is unique per file, process and write: the key and the certificate, or two
-/// installs that overlap on a slow machine, never rename each other's file).
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    crate::state_file::write_atomic(path, bytes, mode)
 }
 
 /// Reads the certificate and key that install wrote under `snap_data`.

@@ -142,8 +142,8 @@ fn state_path(env: &SimEnv) -> PathBuf {
     env.state_dir.join("state.json")
 }
 
-/// Writes JSON atomically ([`crate::state_file::write_json`]: a temporary name unique per
-/// file, process and write, then a rename; mode 0600).
+/// Writes JSON atomically ([`crate::state_file::write_json`]: an unpredictable temporary
+/// name per write, then a rename; mode 0600).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     crate::state_file::write_json(path, value)
 }
