@@ -365,10 +365,16 @@ struct NodeHistory {
 /// What it does not prevent: replaying the *latest* record (it is simply the same record, and
 /// may resurrect a peer after it was lost until its TTL runs out). Announcements are only
 /// hints to the formation core; safety decisions go through the authenticated coordinator.
-/// A node whose counter file is lost (a new state directory under the same node id) is held
-/// stale by an observer that saw a higher counter, until that observer restarts; node ids
-/// come from `/etc/machine-id`, which a re-flashed node generates anew, so this needs a
-/// restored machine id without its state directory.
+///
+/// A node whose counter file is lost (re-flashed under the same node id: an inventory MAC id
+/// or a kept machine id, its state directory gone) starts again at the clock's Unix seconds
+/// ([`advance_boot_counter`]): its earlier life started from the clock too and rose once per
+/// agent start, far fewer times than seconds passed since, so the new counter is higher and
+/// observers take its records as newer at once. Only a clock still behind at that first
+/// start (a Pi without RTC before NTP) gives a lower counter; such a node is held stale by an
+/// observer that saw a higher counter, until that observer restarts.
+///
+/// [`advance_boot_counter`]: crate::discovery::advance_boot_counter
 #[derive(Debug, Default)]
 pub struct ReplayGuard {
     nodes: HashMap<String, NodeHistory>,
