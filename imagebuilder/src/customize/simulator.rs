@@ -15,6 +15,11 @@
 //!   (`/etc/issue.d/`) and in the SSH login message (`/etc/update-motd.d/`) as
 //!   "MicroK8s simulated".
 //!
+//! snapd is masked in these images (`/etc/systemd/system/snapd*.{service,socket,timer}` ->
+//! `/dev/null`, in the overlay): the simulator's fake `snap` stands in for it, and an unmasked
+//! snapd makes `multi-user.target`, which the agent starts after, wait for snapd's seeding
+//! (`snapd.seeded.service`) on a software-emulated CPU. Images for hardware keep snapd.
+//!
 //! What goes in: the overlay tree `overlays/microk8s-sim` (wrappers at the paths the agent uses
 //! for the snap: `/usr/local/bin/microk8s`, `/usr/local/bin/snap` (the simulator's fake snapd:
 //! install, wait, ack, list), `/snap/microk8s/current/bin/dqlite`; `microk8s-sim.path` and
@@ -214,6 +219,16 @@ mod tests {
             let p = root.join(path);
             let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert_eq!(m.permissions().mode() & 0o111 != 0, exec, "{path}");
+        }
+        // snapd is masked: the fake `snap` stands in for it, and multi-user.target (which the
+        // agent starts after) would otherwise wait for snapd's seeding on an emulated CPU.
+        for unit in ["snapd.service", "snapd.socket", "snapd.seeded.service"] {
+            let link = root.join("etc/systemd/system").join(unit);
+            assert_eq!(
+                std::fs::read_link(&link).unwrap_or_else(|e| panic!("{unit}: {e}")),
+                Path::new("/dev/null"),
+                "{unit} must be masked in simulated images"
+            );
         }
         let wants = root.join("etc/systemd/system/multi-user.target.wants/microk8s-sim.path");
         assert_eq!(
