@@ -1,9 +1,8 @@
 //! How the drill kills the node it chose. Three ways, one trait ([`Killer`]):
 //! - [`QemuKiller`]: a VM of a QEMU test cluster (`imagebuilder qemu up`), hard-killed as
 //!   `imagebuilder qemu kill` does (QMP `quit`, SIGKILL if that does not end it). The VM is
-//!   named with `--vm`, or found through the config's inventory: the `[[nodes]]` entry whose
-//!   hostname is the node's names a MAC, and the launcher's state names the VM with that MAC
-//!   on its cluster network;
+//!   the one whose management forward served the chosen node's status document
+//!   ([`super::on_qemu`]);
 //! - [`AgentKiller`]: a real node, asked over its authenticated coordinator (pinned TLS,
 //!   the cluster secret's challenge-response, a single-use nonce) to cut itself off
 //!   (`POST /v1/drill`: stop MicroK8s and take its network down for a while, or power off;
@@ -59,36 +58,6 @@ pub trait Killer: Send + Sync {
 pub struct QemuKiller {
     pub dir: PathBuf,
     pub vm: String,
-}
-
-impl QemuKiller {
-    /// The VM running the node with `hostname`: the inventory entry with that hostname names
-    /// the MAC, the launcher's state names the VM with that MAC.
-    pub fn find_vm(
-        dir: &std::path::Path,
-        inventory: &[(String, String)],
-        hostname: &str,
-    ) -> Result<String> {
-        let state = qemu::ClusterState::load(dir)
-            .with_context(|| format!("reading the QEMU test cluster in {}", dir.display()))?;
-        let Some((mac, _)) = inventory.iter().find(|(_, h)| h == hostname) else {
-            bail!(
-                "no [[nodes]] entry of the config names hostname {hostname:?}, so its VM is unknown; name it with --vm (one of: {})",
-                state.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
-            );
-        };
-        state
-            .nodes
-            .iter()
-            .find(|n| n.mac.eq_ignore_ascii_case(mac))
-            .map(|n| n.name.clone())
-            .with_context(|| {
-                format!(
-                    "no VM in {} has MAC {mac} (hostname {hostname}); name it with --vm",
-                    dir.display()
-                )
-            })
-    }
 }
 
 impl Killer for QemuKiller {

@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod killer;
+pub mod on_qemu;
 pub mod probe;
 pub mod report;
 
@@ -45,7 +46,7 @@ use rackseed_protocol::status::StatusDoc;
 
 use crate::kubeconfig::API_SERVER_PORT;
 use crate::status::{workstation_client, AnnouncedNode, ClusterBrowser};
-use killer::{AgentKiller, CommandKiller, Killer, QemuKiller, Victim};
+use killer::{AgentKiller, CommandKiller, Killer, Victim};
 use report::{Holdings, Report};
 
 /// Least time the probe watches after the kill (keepalived needs up to 6.5 s to move the
@@ -304,137 +305,185 @@ pub fn run_cli(args: DrillArgs) -> ExitCode {
     }
 }
 
+/// What the drill knows once it has read the cluster and chosen its victim: the same for a
+/// cluster found over mDNS and for a QEMU test cluster ([`on_qemu`]).
+pub struct Prepared {
+    pub pic: Picture,
+    /// The chosen node's index in `pic.holdings`.
+    pub index: usize,
+    pub why: String,
+    pub victim: Victim,
+    pub killer: Box<dyn Killer>,
+    /// The admin kubeconfig (its credentials; the probe's endpoints are `write_to`/`readyz`).
+    pub kubeconfig: String,
+    /// Where probe writes go, in order of preference.
+    pub write_to: Vec<SocketAddr>,
+    /// Control-plane API endpoints asked for `/readyz`.
+    pub readyz: Vec<SocketAddr>,
+    pub probe_target: String,
+    /// Why a LoadBalancer address cannot be probed from here (without `--lb-url`).
+    pub lb_unreachable: Option<String>,
+    pub notes: Vec<String>,
+}
+
 fn run(args: &DrillArgs) -> Result<ExitCode> {
     let (secret, expect) = crate::status::load_access(
         args.cluster.config.as_deref(),
         args.cluster.secret.as_deref(),
     )?;
-    let inventory: Vec<(String, String)> = match &args.cluster.config {
-        Some(c) => rackseed_config::load(c)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .config
-            .nodes
-            .iter()
-            .map(|n| (n.mac.to_string(), n.hostname.clone()))
-            .collect(),
-        None => vec![],
-    };
     if let Some(u) = &args.lb_url {
         if !(u.starts_with("http://") || u.starts_with("https://")) {
             bail!("--lb-url {u:?}: give an http:// or https:// URL");
         }
     }
-    let interfaces = if args.cluster.interfaces.is_empty() {
-        InterfaceChoice::Auto
-    } else {
-        InterfaceChoice::Named(args.cluster.interfaces.clone())
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let client = workstation_client(&secret, Duration::from_secs(10));
-        let mut browser = ClusterBrowser::start(&secret, interfaces.clone())?;
-        let want = expect.nodes.unwrap_or(1).max(1);
-        browser.collect_until(args.discover, |n| n >= want).await;
-        // The documents may lag (e.g. the address just moved): read again for a while.
-        let deadline = Instant::now() + args.discover;
-        let (nodes, pic, i, why) = loop {
-            browser.drain();
-            let announced = browser.nodes();
-            if announced.is_empty() {
-                bail!("no node of this cluster announced itself within {:?}", args.discover);
-            }
-            let nodes = read_nodes(&client, announced).await;
-            let pic = picture(&nodes);
-            match choose(&pic, args.kill, |n| rand::random_range(0..n)) {
-                Ok((i, why)) => break (nodes, pic, i, why),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
+        let prepared = match &args.qemu_dir {
+            Some(dir) => on_qemu::prepare(args, dir, &secret).await?,
+            None => prepare_announced(args, &secret, expect.nodes).await?,
         };
-        let target = pic.holdings[i].clone();
-        let node = &nodes[i];
-        let victim = Victim {
-            node_id: target.node_id.clone(),
-            hostname: target.hostname.clone(),
-            address: target.address.as_deref().and_then(|a| a.parse().ok()),
-            coordinator: node
-                .address
-                .map(|a| (SocketAddr::new(a, node.announced.port), node.announced.fingerprint.clone())),
-        };
-        let killer: Box<dyn Killer> = if let Some(dir) = &args.qemu_dir {
-            let vm = match &args.vm {
-                Some(vm) => vm.clone(),
-                None => QemuKiller::find_vm(dir, &inventory, &victim.hostname)?,
-            };
-            Box::new(QemuKiller {
-                dir: dir.clone(),
-                vm,
-            })
-        } else if let Some(p) = &args.kill_with {
-            Box::new(CommandKiller { program: p.clone() })
-        } else {
-            Box::new(AgentKiller {
-                client: workstation_client(&secret, Duration::from_secs(10)),
-                isolate_for: match args.cut {
-                    Cut::Isolate => Some(args.restore_after),
-                    Cut::PowerOff => None,
-                },
-            })
-        };
+        let Prepared {
+            pic,
+            index,
+            why,
+            victim,
+            killer,
+            kubeconfig,
+            write_to,
+            readyz,
+            probe_target,
+            lb_unreachable,
+            mut notes,
+        } = prepared;
         if killer.needs_confirmation() && !args.yes {
-            let q = format!(
-                "The drill will {} ({why}).",
-                killer.describe(&victim)
-            );
+            let q = format!("The drill will {} ({why}).", killer.describe(&victim));
             let yes = tokio::task::block_in_place(|| rackseed_host::terminal::confirm(&q))?;
             if !yes {
                 bail!("not confirmed; nothing was done");
             }
         }
-        let mut kopts = crate::kubeconfig::KubeconfigOptions::new(secret.clone());
-        kopts.interfaces = interfaces;
-        kopts.timeout = Duration::from_secs(60);
-        let fetched = crate::kubeconfig::fetch(&kopts).await?;
-        let creds = api::Credentials::from_kubeconfig(&fetched.kubeconfig)?;
+        let creds = api::Credentials::from_kubeconfig(&kubeconfig)?;
         let api = api::ApiClient::new(&creds, Duration::from_millis(2500))?;
-        let cp: Vec<SocketAddr> = pic
-            .holdings
-            .iter()
-            .filter(|h| h.role != "worker")
-            .filter_map(|h| h.address.as_deref()?.parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, API_SERVER_PORT))
-            .collect();
-        let (write_to, probe_target) = match pic.api_address {
-            Some(a) => (
-                vec![SocketAddr::new(a, API_SERVER_PORT)],
-                format!("the API address {a}:{API_SERVER_PORT}"),
-            ),
-            None => (cp.clone(), "any control-plane node".to_owned()),
-        };
         let plan = probe::ProbePlan {
             run_id: run_id(),
             write_to,
-            readyz: cp,
+            readyz,
             lb_url: args.lb_url.clone(),
             baseline: args.baseline,
             min_observe: MIN_OBSERVE,
             timeout: args.timeout,
         };
         let mut report = probe::run(&plan, Arc::new(api), killer.as_ref(), &victim).await?;
-        report.target = target;
+        report.target = pic.holdings[index].clone();
         report.chosen_because = why;
         report.probe_target = probe_target;
         report.rpo.newest_backup_age_s = pic.newest_backup_age_s;
         report.rpo.backup_note = pic.backup_note.clone();
         report.spof = report::spof_table(&pic.holdings, pic.api_address.is_some(), pic.metallb);
-        if !report.tls_verified {
-            report.notes.push("the API server's certificate was not checked: the kubeconfig's CA is no certificate (the MicroK8s simulator)".into());
+        if let (None, Some(why)) = (&args.lb_url, lb_unreachable) {
+            report.rto_loadbalancer = report::Measure::NotMeasured { why };
         }
+        if !report.tls_verified {
+            notes.push("the API server's certificate was not checked: the kubeconfig's CA is no certificate (the MicroK8s simulator)".into());
+        }
+        report.notes.append(&mut notes);
         finish(args, &report)
+    })
+}
+
+/// Finds the cluster over mDNS, reads every node's status over its coordinator, chooses the
+/// victim and the way to kill it (a `--kill-with` program or the node's own agent).
+async fn prepare_announced(
+    args: &DrillArgs,
+    secret: &rackseed_protocol::secret::ClusterSecret,
+    expected_nodes: Option<usize>,
+) -> Result<Prepared> {
+    let interfaces = if args.cluster.interfaces.is_empty() {
+        InterfaceChoice::Auto
+    } else {
+        InterfaceChoice::Named(args.cluster.interfaces.clone())
+    };
+    let client = workstation_client(secret, Duration::from_secs(10));
+    let mut browser = ClusterBrowser::start(secret, interfaces.clone())?;
+    let want = expected_nodes.unwrap_or(1).max(1);
+    browser.collect_until(args.discover, |n| n >= want).await;
+    // The documents may lag (e.g. the address just moved): read again for a while.
+    let deadline = Instant::now() + args.discover;
+    let (nodes, pic, index, why) = loop {
+        browser.drain();
+        let announced = browser.nodes();
+        if announced.is_empty() {
+            bail!(
+                "no node of this cluster announced itself within {:?}",
+                args.discover
+            );
+        }
+        let nodes = read_nodes(&client, announced).await;
+        let pic = picture(&nodes);
+        match choose(&pic, args.kill, |n| rand::random_range(0..n)) {
+            Ok((i, why)) => break (nodes, pic, i, why),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let target = &pic.holdings[index];
+    let node = &nodes[index];
+    let victim = Victim {
+        node_id: target.node_id.clone(),
+        hostname: target.hostname.clone(),
+        address: target.address.as_deref().and_then(|a| a.parse().ok()),
+        coordinator: node.address.map(|a| {
+            (
+                SocketAddr::new(a, node.announced.port),
+                node.announced.fingerprint.clone(),
+            )
+        }),
+    };
+    let killer: Box<dyn Killer> = if let Some(p) = &args.kill_with {
+        Box::new(CommandKiller { program: p.clone() })
+    } else {
+        Box::new(AgentKiller {
+            client: workstation_client(secret, Duration::from_secs(10)),
+            isolate_for: match args.cut {
+                Cut::Isolate => Some(args.restore_after),
+                Cut::PowerOff => None,
+            },
+        })
+    };
+    let mut kopts = crate::kubeconfig::KubeconfigOptions::new(secret.clone());
+    kopts.interfaces = interfaces;
+    kopts.timeout = Duration::from_secs(60);
+    let fetched = crate::kubeconfig::fetch(&kopts).await?;
+    let cp: Vec<SocketAddr> = pic
+        .holdings
+        .iter()
+        .filter(|h| h.role != "worker")
+        .filter_map(|h| h.address.as_deref()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, API_SERVER_PORT))
+        .collect();
+    let (write_to, probe_target) = match pic.api_address {
+        Some(a) => (
+            vec![SocketAddr::new(a, API_SERVER_PORT)],
+            format!("the API address {a}:{API_SERVER_PORT}"),
+        ),
+        None => (cp.clone(), "any control-plane node".to_owned()),
+    };
+    Ok(Prepared {
+        pic,
+        index,
+        why,
+        victim,
+        killer,
+        kubeconfig: fetched.kubeconfig,
+        write_to,
+        readyz: cp,
+        probe_target,
+        lb_unreachable: None,
+        notes: vec![],
     })
 }
 

@@ -1,0 +1,321 @@
+//! The drill on a QEMU test cluster (`--qemu-dir DIR`, made by `imagebuilder qemu up`).
+//!
+//! The VMs talk to each other on a QEMU socket network (UDP multicast on 127.0.0.1 carrying
+//! their Ethernet frames). The workstation is not on that network: their mDNS announcements,
+//! their cluster addresses (192.168.76.x), the floating API address and MetalLB's addresses
+//! never reach it. What reaches it are the ports the launcher has QEMU forward from 127.0.0.1
+//! to each VM (`qemu status` lists them): the agent's coordinator (management port) and
+//! MicroK8s' API (16443). So here the drill
+//! - reads every running VM's public `/status.json` through its management forward (as
+//!   `qemu status` and `qemu watch` do), which also tells which VM runs which node;
+//! - fetches the admin kubeconfig over a control-plane VM's forwarded coordinator, signed with
+//!   the cluster secret ([`crate::qemu_cluster::kubeconfig_via_forward`]);
+//! - probes the API through every control-plane VM's forwarded API port: a write goes to the
+//!   first that acknowledges it (a client knowing every control-plane node), and quorum is
+//!   `/readyz` = 200 on any of them. The floating address cannot be probed from here; the
+//!   report says so in its probe target;
+//! - kills the chosen node's VM ([`QemuKiller`]: QMP `quit`, SIGKILL if that does not end it).
+//!
+//! The LoadBalancer RTO is "not measured" unless `--lb-url` names something the workstation
+//! reaches: MetalLB's L2 addresses live on the VMs' network only. Measuring it would take a
+//! path onto that network (a bridge/tap network with the workstation on it instead of the
+//! socket network, or a port forward to the address through a node, which would measure
+//! the forwarding node rather than MetalLB's failover).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use qemu::{Cluster, NodeRunState};
+use rackseed_protocol::secret::ClusterSecret;
+use rackseed_protocol::status::StatusDoc;
+
+use super::killer::{QemuKiller, Victim};
+use super::{choose, picture, DrillArgs, NodeView, Prepared};
+use crate::status::AnnouncedNode;
+
+/// How long the drill keeps reading the documents until the `--kill` target shows (the
+/// address holder or the voters can lag behind a restart).
+const READ_FOR_AT_LEAST: Duration = Duration::from_secs(30);
+
+/// One VM's status document, as JSON, through its management forward (loopback only).
+async fn fetch_raw(client: &reqwest::Client, addr: SocketAddr) -> Result<serde_json::Value> {
+    anyhow::ensure!(addr.ip().is_loopback(), "{addr} is not a loopback forward");
+    let url = format!("https://{addr}/status.json");
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no answer from {url}"))?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}",
+        resp.status()
+    );
+    let bytes = resp.bytes().await.context("reading the status document")?;
+    anyhow::ensure!(bytes.len() <= 4 << 20, "{url}: status document over 4 MiB");
+    serde_json::from_slice(&bytes).with_context(|| format!("{url}: unreadable status document"))
+}
+
+/// A VM and the node its agent says it runs.
+#[derive(Debug, Clone)]
+pub struct VmNode {
+    pub vm: String,
+    /// Its MicroK8s API, forwarded to 127.0.0.1.
+    pub api: Option<SocketAddr>,
+    pub view: NodeView,
+}
+
+/// A node as the drill sees it from its document (pure): the agent's own address and role;
+/// no announcement reached the workstation, so no fingerprint.
+pub fn view_of(raw: serde_json::Value) -> Result<NodeView> {
+    let doc: StatusDoc =
+        serde_json::from_value(raw.clone()).context("the status document does not parse")?;
+    let address: Option<IpAddr> = doc.address.as_deref().and_then(|a| a.parse().ok());
+    Ok(NodeView {
+        announced: AnnouncedNode {
+            node_id: doc.node_id.clone(),
+            addresses: address.into_iter().collect(),
+            port: 7443,
+            fingerprint: String::new(),
+            phase: Some(doc.phase.clone()),
+            role: doc.role.clone(),
+        },
+        address,
+        doc: Some(doc),
+        raw,
+    })
+}
+
+/// Every running VM's node; VMs whose agent does not answer are listed in the error text
+/// when none answers.
+async fn read_vms(client: &reqwest::Client, cluster: &Cluster) -> Result<Vec<VmNode>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for s in cluster.status() {
+        if s.state != NodeRunState::Running {
+            errors.push(format!("{}: VM not running", s.name));
+            continue;
+        }
+        match fetch_raw(client, s.mgmt_addr).await.and_then(view_of) {
+            Ok(view) => out.push(VmNode {
+                vm: s.name.clone(),
+                api: s.api_addr,
+                view,
+            }),
+            Err(e) => errors.push(format!("{}: {e:#}", s.name)),
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no VM of the QEMU test cluster in {} answers on its management forward:\n  {}",
+            cluster.dir().display(),
+            errors.join("\n  ")
+        );
+    }
+    Ok(out)
+}
+
+/// The node to kill among `vms` (pure apart from `pick`): `--kill`'s rule over every node,
+/// or, with `--vm`, that VM's node if it fits the rule.
+pub fn choose_vm(
+    vms: &[VmNode],
+    kill: super::Target,
+    only_vm: Option<&str>,
+    pick: impl Fn(usize) -> usize,
+) -> Result<(super::Picture, usize, String)> {
+    let views: Vec<NodeView> = vms.iter().map(|v| v.view.clone()).collect();
+    let pic = picture(&views);
+    let Some(vm) = only_vm else {
+        let (i, why) = choose(&pic, kill, pick)?;
+        return Ok((pic, i, why));
+    };
+    let Some(i) = vms.iter().position(|v| v.vm == vm) else {
+        bail!(
+            "--vm {vm}: no running VM of that name answers (running and answering: {})",
+            vms.iter()
+                .map(|v| v.vm.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let only = super::Picture {
+        holdings: vec![pic.holdings[i].clone()],
+        ..pic.clone()
+    };
+    let (_, why) = choose(&only, kill, |_| 0)
+        .with_context(|| format!("--vm {vm} runs node {}", pic.holdings[i].node_id))?;
+    Ok((pic, i, format!("{why} (--vm {vm})")))
+}
+
+/// Reads the QEMU test cluster in `dir`, chooses the victim and prepares the probe.
+pub async fn prepare(args: &DrillArgs, dir: &Path, secret: &ClusterSecret) -> Result<Prepared> {
+    let mut cluster = Cluster::open(dir)
+        .with_context(|| format!("reading the QEMU test cluster in {}", dir.display()))?;
+    let client = crate::qemu_cluster::loopback_client()?;
+    let deadline = Instant::now() + args.discover.max(READ_FOR_AT_LEAST);
+    let (vms, pic, index, why) = loop {
+        cluster.reload()?;
+        let vms = read_vms(&client, &cluster).await?;
+        match choose_vm(&vms, args.kill, args.vm.as_deref(), |n| {
+            rand::random_range(0..n)
+        }) {
+            Ok((pic, i, why)) => break (vms, pic, i, why),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    };
+    let target = &pic.holdings[index];
+    let vm = vms[index].vm.clone();
+    let victim = Victim {
+        node_id: target.node_id.clone(),
+        hostname: target.hostname.clone(),
+        address: target.address.as_deref().and_then(|a| a.parse().ok()),
+        coordinator: None,
+    };
+    let (kubeconfig, _, _) = crate::qemu_cluster::kubeconfig_via_forward(&cluster, secret)
+        .await
+        .context("fetching the admin kubeconfig through a forwarded coordinator")?;
+    let control_plane: Vec<(String, SocketAddr)> = vms
+        .iter()
+        .zip(&pic.holdings)
+        .filter(|(_, h)| h.role != "worker")
+        .filter_map(|(v, _)| Some((v.vm.clone(), v.api?)))
+        .collect();
+    if control_plane.is_empty() {
+        bail!("no control-plane VM has its API port forwarded (qemu up forwards 16443)");
+    }
+    let endpoints: Vec<SocketAddr> = control_plane.iter().map(|(_, a)| *a).collect();
+    let listed = control_plane
+        .iter()
+        .map(|(vm, a)| format!("{vm} {a}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let probe_target = match pic.api_address {
+        Some(a) => format!(
+            "any control-plane node through its forwarded API port ({listed}); the floating address {a} is on the VMs' network, which the workstation is not on"
+        ),
+        None => format!("any control-plane node through its forwarded API port ({listed})"),
+    };
+    let lb_unreachable = Some(
+        "QEMU test cluster: MetalLB's addresses are on the VMs' socket network, which the workstation is not on (QEMU forwards only each VM's own ports to 127.0.0.1); give --lb-url for an address reachable from here"
+            .to_owned(),
+    );
+    let notes = vec![format!(
+        "QEMU test cluster {}: node {} runs in VM {vm}",
+        dir.display(),
+        target.node_id
+    )];
+    Ok(Prepared {
+        pic,
+        index,
+        why,
+        victim,
+        killer: Box::new(QemuKiller {
+            dir: dir.to_path_buf(),
+            vm,
+        }),
+        kubeconfig,
+        write_to: endpoints.clone(),
+        readyz: endpoints,
+        probe_target,
+        lb_unreachable,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drill::Target;
+    use rackseed_protocol::status::{ApiAddressView, Microk8sView};
+
+    fn vm(name: &str, id: &str, ip: &str, role: &str, holder: bool) -> VmNode {
+        let doc = StatusDoc {
+            node_id: id.into(),
+            hostname: format!("h-{id}"),
+            phase: "member".into(),
+            address: Some(ip.into()),
+            role: Some(role.into()),
+            authority: Some("a".into()),
+            microk8s: Some(Microk8sView {
+                running: true,
+                voters: vec![
+                    "192.168.76.10:19001".into(),
+                    "192.168.76.11:19001".into(),
+                    "192.168.76.12:19001".into(),
+                ],
+                ha: true,
+                ..Default::default()
+            }),
+            api_address: Some(ApiAddressView {
+                address: Some("192.168.76.100".into()),
+                held_here: holder,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        VmNode {
+            vm: name.into(),
+            api: Some("127.0.0.1:40000".parse().unwrap()),
+            view: view_of(serde_json::to_value(&doc).unwrap()).unwrap(),
+        }
+    }
+
+    fn three() -> Vec<VmNode> {
+        vec![
+            vm("node0", "a", "192.168.76.10", "control-plane", false),
+            vm("node1", "b", "192.168.76.11", "control-plane", true),
+            vm("node2", "c", "192.168.76.12", "control-plane", false),
+        ]
+    }
+
+    #[test]
+    fn documents_give_each_vm_its_node_and_role() {
+        let vms = three();
+        let (pic, i, why) = choose_vm(&vms, Target::ApiHolder, None, |_| 0).unwrap();
+        assert_eq!(
+            (vms[i].vm.as_str(), pic.holdings[i].node_id.as_str()),
+            ("node1", "b")
+        );
+        assert!(why.contains("floating API address"), "{why}");
+        assert!(pic.holdings.iter().all(|h| h.role == "voter"));
+        // A voter not holding the address: node0 or node2, never node1.
+        for k in 0..4 {
+            let (_, i, _) = choose_vm(&vms, Target::Voter, None, |_| k).unwrap();
+            assert_ne!(vms[i].vm, "node1");
+        }
+        assert!(vms[0].view.announced.fingerprint.is_empty());
+        assert_eq!(
+            vms[2].view.address,
+            Some("192.168.76.12".parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_named_vm_must_fit_the_kill_rule() {
+        let vms = three();
+        let (_, i, why) = choose_vm(&vms, Target::Voter, Some("node2"), |_| 0).unwrap();
+        assert_eq!(vms[i].vm, "node2");
+        assert!(why.ends_with("(--vm node2)"), "{why}");
+        let e = choose_vm(&vms, Target::Worker, Some("node2"), |_| 0).unwrap_err();
+        assert!(format!("{e:#}").contains("--vm node2 runs node c"), "{e:#}");
+        let e = choose_vm(&vms, Target::Voter, Some("node9"), |_| 0).unwrap_err();
+        assert!(e.to_string().contains("node0, node1, node2"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_document_is_an_error() {
+        assert!(view_of(serde_json::json!({"phase": 3})).is_err());
+    }
+
+    #[tokio::test]
+    async fn documents_are_read_only_through_loopback_forwards() {
+        let c = crate::qemu_cluster::loopback_client().unwrap();
+        let e = fetch_raw(&c, "192.0.2.1:7443".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not a loopback"), "{e}");
+    }
+}
