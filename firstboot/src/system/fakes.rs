@@ -11,7 +11,13 @@
 //! control-plane node reports not ready. Enable is idempotent and refused on workers. `config`
 //! prints an admin kubeconfig in `microk8s config`'s layout (server `https://<node IP>:16443`,
 //! one stand-in CA per cluster) on installed control-plane nodes, also stopped ones (the real
-//! command only reads a file), and is refused on workers. Every operation is recorded
+//! command only reads a file), and is refused on workers. `leave` follows the simulator and
+//! canonical/microk8s (`microk8s-leave.wrapper`, `scripts/wrappers/leave.py`): a control-plane
+//! node alone in its cluster (never joined, or left already) is refused as not in a cluster
+//! ([`Microk8sError::NotInCluster`], exit 1); the only voter is refused
+//! ([`Microk8sError::OnlyCopy`], exit 3) only while other dqlite members depend on it, so the
+//! last control-plane node with only workers left leaves; a node that leaves starts over as a
+//! fresh single node and its Node object stays in the old cluster. Every operation is recorded
 //! ([`FakeWorld::log`]) so tests can assert what the agent did.
 //!
 //! To fake another system, add a struct here implementing that system's trait on shared state.
@@ -602,14 +608,22 @@ impl Microk8s for FakeMicrok8s {
             self.record(&mut w, "leave".into());
             let cid = self.running(&w, "microk8s leave")?;
             let ip = self.ip;
+            let worker = self.node(&w).worker;
             let c = w.clusters.get_mut(&cid).expect("cluster exists");
+            // `microk8s-leave.wrapper`: a control-plane node alone in its cluster (never
+            // joined, or left before) is not acting as a node in a cluster, exit 1.
+            if !worker && c.k8s.len() <= 1 {
+                return Err(Microk8sError::NotInCluster);
+            }
             let voters: Vec<IpAddr> = c
                 .members
                 .iter()
                 .filter(|m| m.2 == DqliteRole::Voter)
                 .map(|m| m.0)
                 .collect();
-            if voters == [ip] {
+            // leave.py's `is_leader_without_successor`: the only voter refuses (exit 3) only
+            // while other dqlite members depend on it; with workers alone left it leaves.
+            if voters == [ip] && c.members.len() > 1 {
                 return Err(Microk8sError::OnlyCopy);
             }
             c.members.retain(|m| m.0 != ip);
@@ -836,7 +850,44 @@ mod tests {
             m.dqlite_members().await.unwrap()[0].address,
             "127.0.0.1:19001"
         );
-        assert!(matches!(m.leave().await, Err(Microk8sError::OnlyCopy)));
+        assert!(matches!(m.leave().await, Err(Microk8sError::NotInCluster)));
+    }
+
+    /// `leave` as the simulator and MicroK8s do it: only the voter others depend on is refused
+    /// as the only copy; a node alone (never joined, or left already) is not in a cluster.
+    #[tokio::test]
+    async fn leave_refuses_the_only_copy_and_a_node_not_in_a_cluster() {
+        let s = ClusterSecret::from_bytes([5; 32]);
+        let (world, nodes) = cluster(5, &s).await;
+        let t = JoinTarget::new(ip(1), s.microk8s_token());
+        for (i, n) in nodes.iter().enumerate().skip(1) {
+            let role = if i < 4 {
+                JoinRole::ControlPlane
+            } else {
+                JoinRole::Worker
+            };
+            n.join(&t, role).await.unwrap();
+        }
+        // Voters n0..n2, standby n3, worker n4. Two voters leave: n0 is the only voter
+        // left while n3 still depends on it.
+        nodes[1].leave().await.unwrap();
+        nodes[2].leave().await.unwrap();
+        assert!(matches!(
+            nodes[0].leave().await,
+            Err(Microk8sError::OnlyCopy)
+        ));
+        // Once the standby left too, only the worker is left: the last voter may go.
+        nodes[3].leave().await.unwrap();
+        nodes[0].leave().await.unwrap();
+        // Now alone, and a second leave is refused like one on a node that never joined.
+        assert!(matches!(
+            nodes[0].leave().await,
+            Err(Microk8sError::NotInCluster)
+        ));
+        // A worker is in a cluster whatever its view holds: it leaves.
+        nodes[4].leave().await.unwrap();
+        // Refused leaves are recorded too.
+        assert_eq!(world.log().iter().filter(|c| c.what == "leave").count(), 7);
     }
 
     #[tokio::test]
