@@ -5,7 +5,9 @@
 //! Steps:
 //! 1. Find the cluster (signed mDNS announcements, as `imagebuilder status`) and read every
 //!    node's status document over its authenticated coordinator: roles, dqlite voters and
-//!    standbys, who holds the API address, backups.
+//!    standbys, who holds the API address, backups. A QEMU test cluster (`--qemu-dir`) is
+//!    read through the launcher's 127.0.0.1 forwards instead ([`on_qemu`]: no announcement
+//!    and no cluster address reaches the workstation there).
 //! 2. Choose the node (`--kill seed|voter|api-holder|worker|random`, [`choose`]) and the way to
 //!    kill it ([`killer`]: a QEMU VM, the node's own agent, or `--kill-with PROGRAM`); ask for
 //!    confirmation on a terminal unless `--yes` (never for a QEMU test cluster).
@@ -85,11 +87,11 @@ pub struct DrillArgs {
     /// Which node to kill.
     #[arg(long, value_enum)]
     pub kill: Target,
-    /// Kill a VM of this QEMU test cluster (`imagebuilder qemu up --dir`) instead of asking
-    /// the node's agent.
+    /// A QEMU test cluster (`imagebuilder qemu up --dir`): read through the launcher's
+    /// 127.0.0.1 forwards instead of mDNS, and kill the chosen node's VM.
     #[arg(long, value_name = "DIR")]
     pub qemu_dir: Option<PathBuf>,
-    /// The VM running the chosen node (default: found through the config's `[[nodes]]` MACs).
+    /// With --qemu-dir: kill this VM's node (it must fit --kill); default: chosen by --kill.
     #[arg(long, requires = "qemu_dir")]
     pub vm: Option<String>,
     /// Kill the node by running `PROGRAM NODE_ID ADDRESS` (exit 0 = dead), e.g. a PDU script.
