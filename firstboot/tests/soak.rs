@@ -210,4 +210,55 @@ fn clocks_years_apart_form_one_cluster_and_the_install_waits_for_time_sync() {
         "invariants broken: {:#?}",
         inv.violations
     );
+    // Every faked process is killed now (a power cut of each node, as at the end of a soak):
+    // libfaketime's files went with their private /dev/shm, none is left on the host.
+    let before = c.shm_before.clone();
+    drop(c);
+    let left = faketime_left(&before);
+    assert!(
+        left.is_empty(),
+        "libfaketime left files in /dev/shm: {left:?}"
+    );
+}
+
+/// The dump names what a failing join said: the failure in the status timeline (the
+/// `JoinError` text, which carries the command's exit and stderr), the last error, and the
+/// simulator's records of the node's commands that exited non-zero (and only that node's).
+#[test]
+fn the_dump_shows_why_a_join_failed() {
+    let doc = rackseed_protocol::status::StatusDoc {
+        node_id: "n0".into(),
+        last_error: Some("microk8s join via 10.231.0.2 (attempt 1): seed 10.231.0.2 rejected the join (500): the node is already known to dqlite".into()),
+        timeline: vec![
+            rackseed_protocol::status::TimelineEntry { at: 1.0, what: "joining cluster c via 10.231.0.2 as control plane".into() },
+            rackseed_protocol::status::TimelineEntry { at: 1.2, what: "microk8s join failed: seed 10.231.0.2 rejected the join (500): the node is already known to dqlite".into() },
+        ],
+        ..Default::default()
+    };
+    let records = [
+        r#"{"ts_ms":1,"node":"node-0","pid":7,"program":"microk8s","event":"start","argv":["join","10.231.0.2:25000/<redacted>"]}"#,
+        r#"{"ts_ms":2,"node":"node-0","pid":7,"program":"microk8s","event":"end","argv":["join","10.231.0.2:25000/<redacted>"],"exit":6}"#,
+        r#"{"ts_ms":3,"node":"node-1","pid":8,"program":"microk8s","event":"end","argv":["status"],"exit":1}"#,
+        r#"{"ts_ms":4,"node":"node-0","pid":9,"program":"microk8s","event":"end","argv":["status"],"exit":0}"#,
+        "not json",
+    ]
+    .join("\n");
+    let lines = failure_lines(0, Some(&doc), &records).join("\n");
+    assert!(
+        lines.contains("1.2s microk8s join failed: seed 10.231.0.2 rejected the join (500)"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("last error: Some(\"microk8s join via 10.231.0.2"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("microk8s join 10.231.0.2:25000/<redacted> -> exit 6"),
+        "{lines}"
+    );
+    assert!(!lines.contains("-> exit 0"), "{lines}");
+    assert!(!lines.contains("pid 8"), "another node's record: {lines}");
+    assert!(!lines.contains("joining cluster"), "{lines}");
+    let none = failure_lines(2, None, &records).join("\n");
+    assert!(none.contains("the agent does not answer"), "{none}");
 }

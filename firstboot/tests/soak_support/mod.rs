@@ -64,6 +64,23 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub const JOIN_TIMEOUT_S: u64 = 20;
 /// The agents' `--time-sync-wait`.
 pub const TIME_SYNC_WAIT_S: u64 = 20;
+/// The cluster's floating API address (`cluster.api-address`), on the lab's subnet
+/// (`10.231.0.0/24`: nodes from `.1`, MetalLB `.240-.250`).
+pub const API_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 231, 0, 100);
+/// The packaged keepalived the agents run (`--keepalived-bin`), as `api_address.rs` does.
+pub const KEEPALIVED: &str = "/usr/sbin/keepalived";
+/// Where the soak's folder is made (a tmpfs is mounted on it). Not under `/dev/shm`: the
+/// processes under libfaketime get a private `/dev/shm` (see [`SHM_PRIVATE`]), which would
+/// hide it from them.
+pub const SOAK_PARENT: &str = "/var/tmp";
+/// Mounts a private tmpfs on `/dev/shm` in the mount namespace `ip netns exec` made: a
+/// process under libfaketime creates `/dev/shm/faketime_shm_<pid>` and
+/// `sem.faketime_sem_<pid>` and removes them only when it exits normally, so every agent or
+/// MicroK8s the soak kills would leave two files behind on the host. In a namespace of its own
+/// they go away with the namespace's last process (`ip netns exec` makes `/` a slave mount,
+/// so nothing propagates back). libfaketime 0.9.10 has no switch that avoids the shared
+/// memory (its README, "Cleaning up shared memory", says to delete the files by hand).
+pub const SHM_PRIVATE: &str = "mount -t tmpfs -o size=1m,mode=1777 rsoak-shm /dev/shm";
 
 /// The bound for convergence after the faults stop, derived from the agents' timers with the
 /// simulated join timeout J = 20 s (`firstboot::agent_cli::sim_params`): a slot granted just
@@ -412,6 +429,8 @@ pub struct SoakCluster {
     pub rt: tokio::runtime::Runtime,
     /// Agents that exited on their own (restarted, as systemd would).
     pub agent_exits: Vec<String>,
+    /// libfaketime's files in /dev/shm before the soak started (others' files, left alone).
+    pub shm_before: BTreeSet<String>,
 }
 
 impl SoakCluster {
@@ -424,8 +443,21 @@ impl SoakCluster {
                 "{LIBFAKETIME} is missing: install the libfaketime package (scripts/install-deps)"
             );
         }
+        assert!(
+            Path::new(KEEPALIVED).exists(),
+            "{KEEPALIVED} is missing: install keepalived (scripts/install-deps installs it)"
+        );
         let lab = Lab::new(n).expect("network lab (needs root)");
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("rackseed-soak-")
+            .tempdir_in(SOAK_PARENT)
+            .unwrap();
+        // The soak's files on a tmpfs of their own (fast, and gone with the soak).
+        must(
+            Cmd::new("mount", Duration::from_secs(10))
+                .args(["-t", "tmpfs", "-o", "mode=0700", "rsoak-root"])
+                .arg(dir.path()),
+        );
         let log = dir.path().join("commands.jsonl");
         // A secret of distinct bytes, so its encodings are findable in logs.
         let mut bytes = [0u8; 32];
@@ -440,7 +472,7 @@ impl SoakCluster {
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nname = \"soak\"\ncontrol-plane = {control_plane}\nexpected-nodes = {n}\n\
+                "[cluster]\nname = \"soak\"\napi-address = \"{API_ADDRESS}\"\ncontrol-plane = {control_plane}\nexpected-nodes = {n}\n\
                  formation-timeout = \"10m\"\nstandbys = 0\nsecret-file = \"cluster.secret\"\n\n\
                  [addons]\nstorage = \"none\"\n\n[addons.metallb]\naddresses = [\"10.231.0.240-10.231.0.250\"]\n\n\
                  [network]\naddressing = \"dhcp\"\n\n[image]\ntarget = \"x86_64-efi\"\n\n\
@@ -463,6 +495,7 @@ impl SoakCluster {
                 .build()
                 .unwrap(),
             agent_exits: Vec::new(),
+            shm_before: faketime_files(),
         };
         for i in 0..n {
             c.prepare_node(i, clocks.contains(&i));
@@ -537,10 +570,17 @@ impl SoakCluster {
                 pid = dir.join("daemon.pid").display(),
             ),
         );
-        // What systemd does at boot or after the service crashed: start the snap's services.
+        // What systemd does at boot or after the service crashed: start the snap's services
+        // (run through `ip netns exec`, so in a mount namespace of its own: a faked clock's
+        // libfaketime files go to a private /dev/shm there).
+        let shm = if faketime.is_some() {
+            format!("{SHM_PRIVATE} || exit 1\n")
+        } else {
+            String::new()
+        };
         write_exec(
             &dir.join("bin/start-microk8s"),
-            &format!("#!/bin/sh\n{env}{start_daemon}"),
+            &format!("#!/bin/sh\n{shm}{env}{start_daemon}"),
         );
         let mac = faults::mac(&host).unwrap();
         self.nodes.push(SoakNode {
@@ -582,8 +622,20 @@ impl SoakCluster {
             .unwrap();
         let d = &node.dir;
         let _guard = self.rt.enter();
-        let mut cmd = Cmd::new("ip", Duration::from_secs(1))
-            .args(["netns", "exec", &node.host.ns])
+        let mut cmd = Cmd::new("ip", Duration::from_secs(1)).args(["netns", "exec", &node.host.ns]);
+        if node.faketime.is_some() {
+            // A private /dev/shm for libfaketime's files (see SHM_PRIVATE); the agent's
+            // children (MicroK8s commands, keepalived) share it. libfaketime is preloaded
+            // into the agent only: `ip` and `sh` exec, so a libfaketime loaded into them
+            // would never remove its files.
+            cmd = cmd.args([
+                "sh",
+                "-c",
+                &format!("{SHM_PRIVATE} && export LD_PRELOAD='{LIBFAKETIME}' && exec \"$@\""),
+                "sh",
+            ]);
+        }
+        let mut cmd = cmd
             .arg(FIRSTBOOT)
             .args(["-v", "run", "--no-hostname", "--listen", "0.0.0.0:7443"])
             .arg("--config")
@@ -604,6 +656,8 @@ impl SoakCluster {
             .arg(d.join("certs/server.crt"))
             .args(["--sim-join-timeout", &JOIN_TIMEOUT_S.to_string()])
             .args(["--time-sync-wait", &time_sync_wait_s.to_string()])
+            .arg("--keepalived-bin")
+            .arg(KEEPALIVED)
             .env(
                 "DBUS_SYSTEM_BUS_ADDRESS",
                 "unix:path=/nonexistent/rackseed-test-bus",
@@ -615,7 +669,6 @@ impl SoakCluster {
             .env("NO_COLOR", "1");
         if let Some(f) = &node.faketime {
             cmd = cmd
-                .env("LD_PRELOAD", LIBFAKETIME)
                 .env("FAKETIME_TIMESTAMP_FILE", f)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
                 .env("FAKETIME_CACHE_DURATION", "1");
@@ -695,7 +748,65 @@ impl SoakCluster {
         }
         self.kill_agent(i);
         self.nodes[i].down = true;
+        // keepalived died with the rest; a machine without power holds no address (a killed
+        // keepalived leaves it on the interface, and the soak's cable stays plugged in).
+        if self.address_holders(API_ADDRESS).contains(&i) {
+            must(self.nodes[i].host.cmd("ip", Duration::from_secs(10)).args([
+                "addr",
+                "del",
+                &format!("{API_ADDRESS}/24"),
+                "dev",
+                "eth0",
+            ]));
+        }
         pids
+    }
+
+    /// The nodes whose interfaces carry `address` now: one thread enters each node's network
+    /// namespace in turn and reads its addresses over netlink (`getifaddrs`), so a check every
+    /// 200 ms starts no process.
+    pub fn address_holders(&self, address: std::net::Ipv4Addr) -> Vec<usize> {
+        let namespaces: Vec<&str> = self.nodes.iter().map(|n| n.host.ns.as_str()).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut holders = Vec::new();
+                for (i, ns) in namespaces.iter().enumerate() {
+                    netns_lab::enter_netns(ns).unwrap_or_else(|e| panic!("entering {ns}: {e:#}"));
+                    let addrs = nix::ifaddrs::getifaddrs()
+                        .unwrap_or_else(|e| panic!("reading the addresses in {ns}: {e}"));
+                    if addrs
+                        .filter_map(|a| a.address)
+                        .any(|a| a.as_sockaddr_in().map(|v4| v4.ip()) == Some(address))
+                    {
+                        holders.push(i);
+                    }
+                }
+                holders
+            })
+            .join()
+            .expect("the address reader panicked")
+        })
+    }
+
+    /// Whether `GET https://<address>:16443/readyz` answers 200 from node `from`'s namespace.
+    pub fn api_ready_via(&self, from: usize, address: std::net::Ipv4Addr) -> bool {
+        self.nodes[from]
+            .host
+            .cmd("curl", Duration::from_secs(5))
+            .args(["--fail", "--silent", "--insecure", "--max-time", "2"])
+            .args(["--output", "/dev/null"])
+            .arg(format!("https://{address}:16443/readyz"))
+            .output_blocking()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Node `i`'s role if its agent's state says it is a member.
+    pub fn member_role(&self, i: usize) -> Option<String> {
+        let t = std::fs::read_to_string(self.nodes[i].state().join("state.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&t).ok()?;
+        (v["phase"]["phase"] == "member")
+            .then(|| v["phase"]["role"].as_str().map(String::from))
+            .flatten()
     }
 
     /// A re-flash after a power cut: the agent's state, MicroK8s and its files wiped; the
@@ -819,10 +930,16 @@ impl SoakCluster {
             .ok()
     }
 
-    /// Prints the tail of every agent and daemon log.
+    /// Prints the tail of every agent, daemon and keepalived log, and for each node what
+    /// its failed tasks said: the failures in its status document's timeline (a failed
+    /// join's error carries the command's exit and stderr: `JoinError`), its last error,
+    /// the agent log's join lines and the simulator's records of its failed commands (argv
+    /// and exit), so a node whose joins keep failing shows why even when the log's tail has
+    /// scrolled past it.
     pub fn dump(&self, lines: usize) {
+        let records = std::fs::read_to_string(&self.log).unwrap_or_default();
         for n in &self.nodes {
-            for f in ["agent.log", "daemon.log"] {
+            for f in ["agent.log", "daemon.log", "state/keepalived/keepalived.log"] {
                 let text = std::fs::read_to_string(n.dir.join(f)).unwrap_or_default();
                 let all: Vec<&str> = text.lines().collect();
                 let tail = &all[all.len().saturating_sub(lines)..];
@@ -830,6 +947,18 @@ impl SoakCluster {
                 for l in tail {
                     eprintln!("{l}");
                 }
+            }
+            for l in failure_lines(n.index, self.status(n.index).as_ref(), &records) {
+                eprintln!("{l}");
+            }
+            let text = std::fs::read_to_string(n.dir.join("agent.log")).unwrap_or_default();
+            let joins: Vec<&str> = text.lines().filter(|l| l.contains("join")).collect();
+            eprintln!(
+                "---- node-{} agent.log lines about joins (last 10)",
+                n.index
+            );
+            for l in &joins[joins.len().saturating_sub(10)..] {
+                eprintln!("{l}");
             }
         }
     }
@@ -860,7 +989,77 @@ impl Drop for SoakCluster {
                 .arg(n.state())
                 .run_blocking();
         }
+        let _ = Cmd::new("umount", Duration::from_secs(10))
+            .arg("-l")
+            .arg(self.dir.path())
+            .run_blocking();
     }
+}
+
+/// What node `i`'s failures said, for the dump: the failed steps in its status document's
+/// timeline and its last error, then the simulator's records of its commands that exited
+/// non-zero (`records`: the command log, JSON lines), at most 10 of each.
+pub fn failure_lines(i: usize, doc: Option<&StatusDoc>, records: &str) -> Vec<String> {
+    let mut out = vec![format!("---- node-{i} failures in its status document")];
+    match doc {
+        Some(d) => {
+            let failed: Vec<String> = d
+                .timeline
+                .iter()
+                .filter(|e| e.what.contains("failed"))
+                .map(|e| format!("{:>8.1}s {}", e.at, e.what))
+                .collect();
+            out.extend(failed[failed.len().saturating_sub(10)..].iter().cloned());
+            out.push(format!("last error: {:?}", d.last_error));
+        }
+        None => out.push("(no status document: the agent does not answer)".into()),
+    }
+    out.push(format!(
+        "---- node-{i} commands that failed (the simulator's records)"
+    ));
+    let node = format!("node-{i}");
+    let failed: Vec<String> = records
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| {
+            r["node"] == node.as_str()
+                && r["event"] == "end"
+                && r["exit"].as_i64().is_some_and(|x| x != 0)
+        })
+        .map(|r| {
+            let argv: Vec<&str> = r["argv"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            format!(
+                "ts {} pid {} {} {} -> exit {}",
+                r["ts_ms"],
+                r["pid"],
+                r["program"].as_str().unwrap_or("?"),
+                argv.join(" "),
+                r["exit"]
+            )
+        })
+        .collect();
+    out.extend(failed[failed.len().saturating_sub(10)..].iter().cloned());
+    out
+}
+
+/// libfaketime's shared-memory files and semaphores in the host's /dev/shm.
+pub fn faketime_files() -> BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("faketime_shm_") || n.starts_with("sem.faketime_sem_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// libfaketime's files in /dev/shm that were not there `before`.
+pub fn faketime_left(before: &BTreeSet<String>) -> Vec<String> {
+    faketime_files().difference(before).cloned().collect()
 }
 
 fn faketime_exports(file: &Path) -> String {
@@ -951,6 +1150,15 @@ pub struct Invariants {
     started: Instant,
     /// Each violation message once.
     seen: BTreeSet<String>,
+    /// The partition now (empty: none); the soak sets it as it cuts and heals.
+    pub groups: Vec<Vec<usize>>,
+    /// Checks by how many nodes of the majority side held the API address.
+    pub majority_holders: BTreeMap<usize, u64>,
+    /// Checks in which a node outside the majority side held it too (allowed: a cut-off
+    /// holder lets go once its API server's readiness fails).
+    pub minority_held: u64,
+    /// Checks during a partition with no side holding a majority of the control plane.
+    pub no_majority: u64,
 }
 
 impl Invariants {
@@ -977,6 +1185,10 @@ impl Invariants {
             checks: 0,
             started,
             seen: BTreeSet::new(),
+            groups: Vec::new(),
+            majority_holders: BTreeMap::new(),
+            minority_held: 0,
+            no_majority: 0,
         }
     }
 
@@ -1001,6 +1213,7 @@ impl Invariants {
         self.check_commands(c);
         self.check_files(c);
         self.check_logs(c);
+        self.check_api_address(c);
         for i in 0..c.nodes.len() {
             if let Some(rss) = c.agent_rss_kib(i) {
                 self.max_rss_kib = self.max_rss_kib.max(rss);
@@ -1139,6 +1352,48 @@ impl Invariants {
         }
     }
 
+    /// At most one holder of the API address among the nodes of the majority: the side of a
+    /// partition with more than half of the configured control plane among its members (the
+    /// whole cluster when there is no partition). A cut-off minority may hold it until its
+    /// health check fails; a partition with no majority side constrains nothing.
+    fn check_api_address(&mut self, c: &SoakCluster) {
+        let holders = c.address_holders(API_ADDRESS);
+        let n = c.nodes.len();
+        let majority: Vec<usize> = if self.groups.is_empty() {
+            (0..n).collect()
+        } else {
+            let cp: Vec<usize> = (0..n)
+                .filter(|&i| c.member_role(i).as_deref() == Some("control-plane"))
+                .collect();
+            match self
+                .groups
+                .iter()
+                .find(|g| 2 * g.iter().filter(|i| cp.contains(i)).count() > self.control_plane)
+            {
+                Some(g) => g.clone(),
+                None => {
+                    self.no_majority += 1;
+                    return;
+                }
+            }
+        };
+        let inside: Vec<usize> = holders
+            .iter()
+            .copied()
+            .filter(|h| majority.contains(h))
+            .collect();
+        *self.majority_holders.entry(inside.len()).or_default() += 1;
+        if inside.len() < holders.len() {
+            self.minority_held += 1;
+        }
+        if inside.len() > 1 {
+            self.violation(format!(
+                "{} nodes of the majority side {majority:?} hold the API address {API_ADDRESS} at once: {inside:?}",
+                inside.len()
+            ));
+        }
+    }
+
     fn check_logs(&mut self, c: &SoakCluster) {
         for n in &c.nodes {
             for f in ["agent.log", "daemon.log"] {
@@ -1186,6 +1441,14 @@ pub struct Report {
     pub checks: u64,
     pub clock_behind: Option<(usize, f64)>,
     pub total_s: f64,
+    /// Invariant checks by how many nodes of the majority side held the API address.
+    pub majority_holders: BTreeMap<usize, u64>,
+    pub minority_held: u64,
+    pub no_majority: u64,
+    /// The API address's one holder after the heal, and when it answered through it.
+    pub api_holder: Option<(usize, f64)>,
+    /// libfaketime's files the soak left in /dev/shm (must be none).
+    pub shm_left: Vec<String>,
 }
 
 impl Report {
@@ -1242,6 +1505,27 @@ impl Report {
         s.push_str(&format!(
             "  agent RSS max {} KiB (bound {} KiB)\n",
             self.max_rss_kib, RSS_BOUND_KIB
+        ));
+        let counts: Vec<String> = self
+            .majority_holders
+            .iter()
+            .map(|(k, v)| format!("{k} holder(s): {v}"))
+            .collect();
+        s.push_str(&format!(
+            "  API address {API_ADDRESS}, checks by holders on the majority side: {}; a minority holder beside them: {}; partitioned with no majority side: {}\n",
+            if counts.is_empty() { "none".into() } else { counts.join(", ") },
+            self.minority_held,
+            self.no_majority
+        ));
+        match self.api_holder {
+            Some((h, at)) => s.push_str(&format!(
+                "  after the heal: node-{h} the one holder, /readyz answered through the address {at:.1} s after the heal\n"
+            )),
+            None => s.push_str("  after the heal: no single holder answering /readyz\n"),
+        }
+        s.push_str(&format!(
+            "  libfaketime files left in /dev/shm: {}\n",
+            self.shm_left.len()
         ));
         s
     }
@@ -1358,6 +1642,7 @@ pub fn run_soak(spec: &SoakSpec) -> Report {
                 FaultKind::Partition if !partitioned => {
                     partitioned = true;
                     groups_now = f.groups.clone();
+                    inv.groups = groups_now.clone();
                     let mut links: Vec<HostFaults> =
                         c.nodes.iter().map(|x| x.link.clone()).collect();
                     faults::partition(&hosts, &macs, &groups_now, &mut links)
@@ -1443,6 +1728,7 @@ pub fn run_soak(spec: &SoakSpec) -> Report {
                     End::Partition => {
                         partitioned = false;
                         groups_now.clear();
+                        inv.groups.clear();
                         let mut links: Vec<HostFaults> =
                             c.nodes.iter().map(|x| x.link.clone()).collect();
                         faults::partition(&hosts, &macs, &[], &mut links)
@@ -1514,11 +1800,24 @@ pub fn run_soak(spec: &SoakSpec) -> Report {
     let mut done: Vec<Option<f64>> = vec![None; n];
     let mut last_poll = Instant::now() - Duration::from_secs(5);
     let mut last_docs: Vec<Option<StatusDoc>> = vec![None; n];
-    while healed.elapsed() < CONVERGENCE_BOUND && done.iter().any(Option::is_none) {
+    // After the heal the address has exactly one holder, and the API answers through it.
+    let mut api: Option<(usize, f64)> = None;
+    let mut last_holders = Vec::new();
+    while healed.elapsed() < CONVERGENCE_BOUND
+        && (done.iter().any(Option::is_none) || api.is_none())
+    {
         c.reap_exited(TIME_SYNC_WAIT_S);
         inv.check(&c);
         if last_poll.elapsed() >= Duration::from_secs(1) {
             last_poll = Instant::now();
+            if api.is_none() {
+                last_holders = c.address_holders(API_ADDRESS);
+                if let [h] = last_holders[..] {
+                    if c.api_ready_via((h + 1) % n, API_ADDRESS) {
+                        api = Some((h, healed.elapsed().as_secs_f64()));
+                    }
+                }
+            }
             for i in 0..n {
                 if done[i].is_some() {
                     continue;
@@ -1557,13 +1856,31 @@ pub fn run_soak(spec: &SoakSpec) -> Report {
             )),
         }
     }
+    match api {
+        Some(h) => report.api_holder = Some(h),
+        None => report.unconverged.push(format!(
+            "API address {API_ADDRESS}: holders {last_holders:?}, not one answering /readyz"
+        )),
+    }
     if !report.unconverged.is_empty() {
         c.dump(30);
     }
     report.violations = inv.violations.clone();
+    report.majority_holders = inv.majority_holders.clone();
+    report.minority_held = inv.minority_held;
+    report.no_majority = inv.no_majority;
     report.max_rss_kib = inv.max_rss_kib;
     report.checks = inv.checks;
     report.agent_exits = c.agent_exits.clone();
     report.total_s = started.elapsed().as_secs_f64();
+    // Everything the soak started is gone now: libfaketime must have left nothing behind.
+    let before = c.shm_before.clone();
+    drop(c);
+    report.shm_left = faketime_left(&before);
+    for f in &report.shm_left {
+        report
+            .violations
+            .push(format!("libfaketime left /dev/shm/{f} behind"));
+    }
     report
 }
