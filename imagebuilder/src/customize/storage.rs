@@ -17,7 +17,8 @@
 //!
 //! Checked at build time, before anything is written: every needed package has a
 //! `NAME_VERSION_ARCH.deb` for the target's architecture (or `all`), every staged `.deb` is an
-//! `ar` archive (what a Debian package is) for that architecture, and the chart is gzip data.
+//! `ar` archive (what a Debian package is) for that architecture, and the chart is gzip data
+//! (and, when image archives are staged, a chart whose `values.yaml` names its images).
 //! The folder's packages are not resolved against each other (dependencies differ between
 //! releases): a missing dependency shows at first boot as dpkg's error in the node's status.
 //!
@@ -26,17 +27,34 @@
 //! what `apt-get install --simulate` says is missing on a fresh node, and Longhorn's chart
 //! archive from its chart repository.
 //!
-//! Container images are **not** staged: Longhorn's and the snapshot controller's images are
-//! still pulled by the nodes when the agent installs Longhorn. The build says so
-//! ([`staging_notes`], printed as warnings), as it says which features an official base without
-//! the folder leaves to the nodes' own packages.
+//! **Container images** (Longhorn only): the folder may also hold image archives (`*.tar`, as
+//! `docker save` or `ctr image export` write them; [`images`] reads both formats). When it
+//! holds any, every image Longhorn needs must be in one of them: the images the staged chart's
+//! own `values.yaml` names ([`images::chart_images`]) plus the CSI snapshot controller's
+//! ([`rackseed_config::LONGHORN_SNAPSHOT_CONTROLLER_IMAGE`]), compared by their normalised
+//! names (`longhornio/x:v1` = `docker.io/longhornio/x:v1`, as containerd names them); the
+//! error names the missing ones. Every archive is read to its end at build time, so a truncated
+//! or foreign file fails the build naming the file and why. They are staged beside the chart,
+//! and every node imports them at first boot with `microk8s ctr image import` before it reports
+//! Longhorn's prerequisites met (`firstboot`'s `addons::prep`), so the install needs no
+//! registry. When the folder holds no archive, the build warns that the nodes will pull the
+//! images from their registries ([`staging_notes`], printed as warnings), as it says which
+//! features an official base without the folder leaves to the nodes' own packages.
+//!
+//! To fill it on a machine with access to the registries (the nodes' architecture):
+//! `docker pull` each image the error names, then `docker save -o longhorn-images.tar IMAGE…`
+//! (or `ctr image pull` + `ctr image export`).
+
+pub mod images;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use super::ext4::Entry;
-use rackseed_config::{ClusterConfig, Storage, Target, LONGHORN_CHART_VERSION};
+use rackseed_config::{
+    ClusterConfig, Storage, Target, LONGHORN_CHART_VERSION, LONGHORN_SNAPSHOT_CONTROLLER_IMAGE,
+};
 
 /// Where the staged storage files go in the image.
 pub const STORAGE_DIR: &str = "/var/lib/rackseed/storage";
@@ -108,6 +126,7 @@ pub fn staged_files(dir: &Path, needs: &StagingNeeds, target: Target) -> Result<
     files.sort();
     let mut keep = Vec::new();
     let mut packages = Vec::new();
+    let mut archives: Vec<(PathBuf, Vec<String>)> = Vec::new();
     for f in files {
         let name = f
             .file_name()
@@ -137,6 +156,9 @@ pub fn staged_files(dir: &Path, needs: &StagingNeeds, target: Target) -> Result<
             if !starts_with(&f, &[0x1f, 0x8b])? {
                 bail!("{}: not a gzip-compressed chart archive", f.display());
             }
+            keep.push(f);
+        } else if needs.longhorn_chart && is_image_archive_name(&name) {
+            archives.push((f.clone(), images::archive_refs(&f)?));
             keep.push(f);
         }
     }
@@ -168,7 +190,70 @@ pub fn staged_files(dir: &Path, needs: &StagingNeeds, target: Target) -> Result<
             longhorn_chart_name()
         );
     }
+    if !archives.is_empty() {
+        check_longhorn_images(dir, &archives)?;
+    }
     Ok(keep)
+}
+
+/// Whether a file of the offline folder is taken as a container image archive.
+pub fn is_image_archive_name(name: &str) -> bool {
+    name.ends_with(".tar")
+}
+
+/// The images Longhorn needs (its chart's and the snapshot controller's), normalised.
+pub fn longhorn_images(chart: &Path) -> Result<Vec<String>> {
+    let mut need = images::chart_images(chart)?;
+    need.push(images::normalize_ref(LONGHORN_SNAPSHOT_CONTROLLER_IMAGE)?);
+    need.sort();
+    need.dedup();
+    Ok(need)
+}
+
+/// Every image Longhorn needs is in one of `archives` (see the module docs).
+fn check_longhorn_images(dir: &Path, archives: &[(PathBuf, Vec<String>)]) -> Result<()> {
+    let need = longhorn_images(&dir.join(longhorn_chart_name()))?;
+    let missing: Vec<&String> = need
+        .iter()
+        .filter(|n| !archives.iter().any(|(_, refs)| refs.contains(n)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = archives
+        .iter()
+        .map(|(f, _)| {
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    bail!(
+        "addons.offline folder {} stages container images ({}), but {} of the {} images \
+         longhorn needs ({}'s and the CSI snapshot controller's) are in none of them: {}; add \
+         them to an archive (docker save -o longhorn-images.tar IMAGE...), or remove every .tar \
+         to let the nodes pull the images from their registries",
+        dir.display(),
+        names.join(", "),
+        missing.len(),
+        need.len(),
+        longhorn_chart_name(),
+        missing
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Whether the folder `dir` holds container image archives (unreadable counts as none: the
+/// staging step reports the folder's errors).
+fn has_image_archives(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|it| {
+        it.filter_map(|e| e.ok())
+            .any(|e| is_image_archive_name(&e.file_name().to_string_lossy()))
+    })
 }
 
 fn storage_name(s: Storage) -> &'static str {
@@ -211,18 +296,24 @@ pub fn storage_entries(config: &ClusterConfig, target: Target) -> Result<Vec<Ent
 }
 
 /// What the build says about offline staging (printed as warnings, kept in the build output):
-/// with Longhorn, that its chart and packages are staged but its container images are not; and
+/// with Longhorn and no image archive in the folder, that its chart and packages are staged but
+/// its container images are not; and
 /// for an official base without `addons.offline`, which packages the nodes must already have
 /// and what a node without them lacks (its status then says so).
 pub fn staging_notes(config: &ClusterConfig) -> Vec<String> {
     let mut notes = Vec::new();
     let storage = config.addons.storage;
-    if config.addons.offline.is_some() && storage == Storage::Longhorn {
+    let images_staged = config
+        .addons
+        .offline
+        .as_deref()
+        .is_some_and(has_image_archives);
+    if config.addons.offline.is_some() && storage == Storage::Longhorn && !images_staged {
         notes.push(format!(
             "addons.offline stages longhorn's chart ({}) and the nodes' packages, not container \
-             images: the nodes pull Longhorn's and the CSI snapshot controller's images when the \
-             agent installs it, so that needs access to their registries (or a registry mirror \
-             configured in containerd)",
+             images: the folder holds no image archive (*.tar), so the nodes pull Longhorn's and \
+             the CSI snapshot controller's images when the agent installs it, which needs access \
+             to their registries (or a registry mirror configured in containerd)",
             longhorn_chart_name()
         ));
     }
@@ -318,6 +409,84 @@ mod tests {
             format!("{err:#}").contains("not a Debian package"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn image_archives_must_hold_every_image_longhorn_needs() {
+        use images::testing::*;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        put(dir, "open-iscsi_2.1.9_amd64.deb", b"!<arch>\nx");
+        put(dir, "nfs-common_2.6.4_amd64.deb", b"!<arch>\nx");
+        chart_archive(&dir.join(longhorn_chart_name()), VALUES_1_7_2);
+        // No archive: staged without images (the nodes pull them).
+        assert_eq!(
+            staged_files(dir, &longhorn(), Target::X86_64Efi)
+                .unwrap()
+                .len(),
+            3
+        );
+        let need = longhorn_images(&dir.join(longhorn_chart_name())).unwrap();
+        assert_eq!(need.len(), 14, "{need:?}");
+        assert!(need.contains(
+            &"docker.io/rancher/mirrored-sig-storage-snapshot-controller:v8.2.0".to_string()
+        ));
+        // Some images in a docker archive (short names, as docker save writes them), the rest
+        // but two in an OCI archive: the two are named.
+        let short: Vec<String> = need[..5]
+            .iter()
+            .map(|n| n.trim_start_matches("docker.io/").to_owned())
+            .collect();
+        docker_archive(
+            &dir.join("a.tar"),
+            &short.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        oci_archive(
+            &dir.join("b.tar"),
+            &need[5..12].iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let err = format!(
+            "{:#}",
+            staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap_err()
+        );
+        assert!(
+            err.contains("stages container images (a.tar, b.tar), but 2 of the 14 images")
+                && err.contains(&need[12])
+                && err.contains(&need[13])
+                && !err.contains(&need[11]),
+            "{err}"
+        );
+        // With the last two, everything is staged.
+        oci_archive(
+            &dir.join("c.tar"),
+            &need[12..].iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let files = staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap();
+        assert_eq!(files.len(), 6, "{files:?}");
+        // The build no longer says images are not staged.
+        let cfg = config(
+            "",
+            &format!("storage = \"longhorn\"\noffline = \"{}\"", dir.display()),
+            OFFICIAL,
+        );
+        assert!(staging_notes(&cfg).is_empty(), "{:?}", staging_notes(&cfg));
+        // A truncated archive fails the build naming it.
+        let bytes = std::fs::read(dir.join("c.tar")).unwrap();
+        std::fs::write(dir.join("c.tar"), &bytes[..700]).unwrap();
+        let err = format!(
+            "{:#}",
+            staged_files(dir, &longhorn(), Target::X86_64Efi).unwrap_err()
+        );
+        assert!(
+            err.contains("c.tar: not a container image archive ctr can import"),
+            "{err}"
+        );
+        // Archives are only taken for longhorn.
+        let none = StagingNeeds::default();
+        assert!(staged_files(dir, &none, Target::X86_64Efi)
+            .unwrap()
+            .iter()
+            .all(|f| !f.to_string_lossy().ends_with(".tar")));
     }
 
     #[test]

@@ -189,6 +189,12 @@ pub struct Longhorn {
 /// `longhorn-<version>.tgz`).
 pub const LONGHORN_CHART_VERSION: &str = "1.7.2";
 
+/// The CSI snapshot controller's image the agent deploys beside Longhorn (a mirror of the
+/// Kubernetes CSI project's `snapshot-controller` that needs no registry host in its name). The
+/// image builder also asks for it among the staged container images (`addons.offline`).
+pub const LONGHORN_SNAPSHOT_CONTROLLER_IMAGE: &str =
+    "rancher/mirrored-sig-storage-snapshot-controller:v8.2.0";
+
 impl Storage {
     /// The Debian/Ubuntu packages every node needs for this storage (staged in the image for
     /// official bases, added to a bootstrapped base's package list).
