@@ -325,6 +325,8 @@ pub struct Prepared {
     pub probe_target: String,
     /// Why a LoadBalancer address cannot be probed from here (without `--lb-url`).
     pub lb_unreachable: Option<String>,
+    /// Ask the agents who holds the API address (where it cannot be probed directly).
+    pub holder: Option<probe::HolderProbe>,
     pub notes: Vec<String>,
 }
 
@@ -359,6 +361,7 @@ fn run(args: &DrillArgs) -> Result<ExitCode> {
             readyz,
             probe_target,
             lb_unreachable,
+            holder,
             mut notes,
         } = prepared;
         if killer.needs_confirmation() && !args.yes {
@@ -375,6 +378,7 @@ fn run(args: &DrillArgs) -> Result<ExitCode> {
             write_to,
             readyz,
             lb_url: args.lb_url.clone(),
+            holder,
             baseline: args.baseline,
             min_observe: MIN_OBSERVE,
             timeout: args.timeout,
@@ -485,6 +489,7 @@ async fn prepare_announced(
         readyz: cp,
         probe_target,
         lb_unreachable: None,
+        holder: None,
         notes: vec![],
     })
 }

@@ -14,6 +14,9 @@
 //!   first that acknowledges it (a client knowing every control-plane node), and quorum is
 //!   `/readyz` = 200 on any of them. The floating address cannot be probed from here; the
 //!   report says so in its probe target;
+//! - with an API address configured, asks every agent each round whether it holds it (the
+//!   address is keepalived's; the agent reports whether it is on one of its interfaces), so
+//!   the report has when a live node held it again;
 //! - kills the chosen node's VM ([`QemuKiller`]: QMP `quit`, SIGKILL if that does not end it).
 //!
 //! The LoadBalancer RTO is "not measured" unless `--lb-url` names something the workstation
@@ -32,6 +35,7 @@ use rackseed_protocol::secret::ClusterSecret;
 use rackseed_protocol::status::StatusDoc;
 
 use super::killer::{QemuKiller, Victim};
+use super::probe::HolderProbe;
 use super::{choose, picture, DrillArgs, NodeView, Prepared};
 use crate::status::AnnouncedNode;
 
@@ -56,6 +60,15 @@ async fn fetch_raw(client: &reqwest::Client, addr: SocketAddr) -> Result<serde_j
     let bytes = resp.bytes().await.context("reading the status document")?;
     anyhow::ensure!(bytes.len() <= 4 << 20, "{url}: status document over 4 MiB");
     serde_json::from_slice(&bytes).with_context(|| format!("{url}: unreadable status document"))
+}
+
+/// Whether the agent behind management forward `at` reports holding the floating API address
+/// (no answer: no).
+pub async fn holds_api_address(client: &reqwest::Client, at: SocketAddr) -> bool {
+    match fetch_raw(client, at).await {
+        Ok(v) => v["api_address"]["held_here"].as_bool() == Some(true),
+        Err(_) => false,
+    }
 }
 
 /// A VM and the node its agent says it runs.
@@ -202,6 +215,11 @@ pub async fn prepare(args: &DrillArgs, dir: &Path, secret: &ClusterSecret) -> Re
         "QEMU test cluster: MetalLB's addresses are on the VMs' socket network, which the workstation is not on (QEMU forwards only each VM's own ports to 127.0.0.1); give --lb-url for an address reachable from here"
             .to_owned(),
     );
+    // Keepalived's address is only seen from the agents here: ask them each round.
+    let holder = pic.api_address.map(|_| HolderProbe {
+        client: client.clone(),
+        mgmt: cluster.status().iter().map(|s| s.mgmt_addr).collect(),
+    });
     let notes = vec![format!(
         "QEMU test cluster {}: node {} runs in VM {vm}",
         dir.display(),
@@ -221,6 +239,7 @@ pub async fn prepare(args: &DrillArgs, dir: &Path, secret: &ClusterSecret) -> Re
         readyz: endpoints,
         probe_target,
         lb_unreachable,
+        holder,
         notes,
     })
 }

@@ -3,7 +3,10 @@
 //! - a write: create ConfigMap `rackseed-drill-<run>-<counter>` (the counter goes up every
 //!   round) on the first of [`ProbePlan::write_to`] that acknowledges it (`201`);
 //! - quorum: `GET /readyz` on every control-plane node; up when any answers 200;
-//! - the LoadBalancer: `GET` of `--lb-url`; up on any HTTP answer.
+//! - the LoadBalancer: `GET` of `--lb-url`; up on any HTTP answer;
+//! - on a QEMU test cluster ([`HolderProbe`]), the floating API address: up when some live
+//!   node's agent reports holding it (its `/status.json` through the management forward),
+//!   since the address itself cannot be reached from the workstation there.
 //!
 //! The kill happens after `baseline` (at least one acknowledged write first: without a
 //! working API there is nothing to measure). The probe then runs until every probe has been
@@ -34,9 +37,32 @@ pub struct ProbePlan {
     /// Control-plane API endpoints whose `/readyz` tells quorum.
     pub readyz: Vec<SocketAddr>,
     pub lb_url: Option<String>,
+    /// Ask the agents who holds the floating API address (QEMU test clusters).
+    pub holder: Option<HolderProbe>,
     pub baseline: Duration,
     pub min_observe: Duration,
     pub timeout: Duration,
+}
+
+/// Where to ask the agents whether one of them holds the floating API address: their
+/// management forwards on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct HolderProbe {
+    pub client: reqwest::Client,
+    pub mgmt: Vec<SocketAddr>,
+}
+
+async fn holder_once(h: &HolderProbe) -> bool {
+    let mut set = tokio::task::JoinSet::new();
+    for at in &h.mgmt {
+        let (client, at) = (h.client.clone(), *at);
+        set.spawn(async move { super::on_qemu::holds_api_address(&client, at).await });
+    }
+    let mut any = false;
+    while let Some(r) = set.join_next().await {
+        any |= r.unwrap_or(false);
+    }
+    any
 }
 
 fn probe_name(run: &str, n: u64) -> String {
@@ -124,6 +150,7 @@ pub async fn run(
         acked,
         kill: (kill_at, kill_detail),
         lb_seen_before,
+        held_before,
     } = rounds_out?;
     let mut notes = Vec::new();
     let rto_api = report::measure(&samples, kill_at, |s| Some(s.api_ok));
@@ -137,11 +164,27 @@ pub async fn run(
         },
         Some(_) => report::measure(&samples, kill_at, |s| s.lb_ok),
     };
+    let rto_address = match &plan.holder {
+        None => Measure::NotMeasured {
+            why: "not probed apart from the API".into(),
+        },
+        Some(_) if !held_before => Measure::NotMeasured {
+            why: "no node reported holding the API address before the kill".into(),
+        },
+        Some(_) => report::measure(&samples, kill_at, |s| s.address_held),
+    };
     let rpo = check_rpo(&api, plan, &acked, kill_at).await;
     if let Some(e) = &rpo.check_error {
         notes.push(format!("RPO not checked: {e}"));
     }
-    let timeline = report::timeline(kill_at, &samples, &rto_api, &rto_quorum, &rto_lb);
+    let timeline = report::timeline(
+        kill_at,
+        &samples,
+        &rto_api,
+        &rto_quorum,
+        &rto_lb,
+        &rto_address,
+    );
     Ok(Report {
         run_id: plan.run_id.clone(),
         target: report::Holdings::default(),
@@ -155,6 +198,7 @@ pub async fn run(
         rto_api,
         rto_quorum,
         rto_loadbalancer: rto_lb,
+        rto_api_address: rto_address,
         rpo,
         spof: vec![],
         samples,
@@ -170,6 +214,7 @@ struct Rounds {
     /// When the node died and how.
     kill: (f64, String),
     lb_seen_before: bool,
+    held_before: bool,
 }
 
 /// The probe rounds: baseline, the kill (through `go`, its outcome in `result`), recovery.
@@ -187,6 +232,7 @@ async fn rounds(
     let mut kill: Option<(f64, String)> = None;
     let mut asked = false;
     let mut lb_seen_before = false;
+    let mut held_before = false;
     let mut interval = tokio::time::interval(ROUND);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -206,13 +252,19 @@ async fn rounds(
         let t = start.elapsed().as_secs_f64();
         counter += 1;
         let n = counter;
-        let (api_ok, quorum_ok, lb_ok) = tokio::join!(
+        let (api_ok, quorum_ok, lb_ok, address_held) = tokio::join!(
             write_once(api, &plan.write_to, &plan.run_id, n),
             quorum_once(api, &plan.readyz),
             async {
                 match (lb_http, &plan.lb_url) {
                     (Some(c), Some(u)) => Some(lb_once(c, u).await),
                     _ => None,
+                }
+            },
+            async {
+                match &plan.holder {
+                    Some(h) => Some(holder_once(h).await),
+                    None => None,
                 }
             }
         );
@@ -224,6 +276,7 @@ async fn rounds(
             api_ok,
             quorum_ok,
             lb_ok,
+            address_held,
         });
         let elapsed = start.elapsed();
         match &kill {
@@ -236,6 +289,7 @@ async fn rounds(
                         );
                     }
                     lb_seen_before = samples.iter().any(|s| s.lb_ok == Some(true));
+                    held_before = samples.iter().any(|s| s.address_held == Some(true));
                     go.notify_one();
                     asked = true;
                 }
@@ -250,7 +304,10 @@ async fn rounds(
                 let tail = &samples[samples.len().saturating_sub(SETTLE)..];
                 let settled = samples.iter().filter(|s| s.t >= *at).count() >= SETTLE
                     && tail.iter().all(|s| {
-                        s.api_ok && s.quorum_ok && (!lb_seen_before || s.lb_ok != Some(false))
+                        s.api_ok
+                            && s.quorum_ok
+                            && (!lb_seen_before || s.lb_ok != Some(false))
+                            && (!held_before || s.address_held != Some(false))
                     });
                 if (settled && since >= plan.min_observe.as_secs_f64())
                     || since >= plan.timeout.as_secs_f64()
@@ -261,6 +318,7 @@ async fn rounds(
                         acked,
                         kill,
                         lb_seen_before,
+                        held_before,
                     });
                 }
             }

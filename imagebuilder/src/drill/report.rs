@@ -19,6 +19,10 @@ pub struct Sample {
     pub quorum_ok: bool,
     /// The LoadBalancer address answered (`None`: not probed).
     pub lb_ok: Option<bool>,
+    /// Some live node's agent reports holding the floating API address (`None`: not probed;
+    /// a QEMU test cluster, where the address itself cannot be reached from the workstation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_held: Option<bool>,
 }
 
 /// A recovery time, or why there is none.
@@ -220,6 +224,9 @@ pub struct Report {
     pub rto_api: Measure,
     pub rto_quorum: Measure,
     pub rto_loadbalancer: Measure,
+    /// Until a live node's agent reports holding the floating API address again (measured
+    /// where the address cannot be probed directly: a QEMU test cluster).
+    pub rto_api_address: Measure,
     pub rpo: Rpo,
     pub spof: Vec<SpofRow>,
     pub samples: Vec<Sample>,
@@ -257,15 +264,15 @@ pub fn timeline(
     api: &Measure,
     quorum: &Measure,
     lb: &Measure,
+    address: &Measure,
 ) -> Vec<Event> {
     let mut ev = vec![Event {
         t: kill,
         what: "kill".into(),
     }];
-    let detected = samples
-        .iter()
-        .filter(|s| s.t >= kill)
-        .find(|s| !s.api_ok || !s.quorum_ok || s.lb_ok == Some(false));
+    let detected = samples.iter().filter(|s| s.t >= kill).find(|s| {
+        !s.api_ok || !s.quorum_ok || s.lb_ok == Some(false) || s.address_held == Some(false)
+    });
     if let Some(d) = detected {
         ev.push(Event {
             t: d.t,
@@ -276,6 +283,7 @@ pub fn timeline(
         ("API back", api),
         ("quorum back", quorum),
         ("LoadBalancer back", lb),
+        ("API address held again", address),
     ] {
         if let Measure::Recovered { back_at, .. } = m {
             ev.push(Event {
@@ -317,6 +325,12 @@ pub fn render_markdown(r: &Report) -> String {
         "| RTO, LoadBalancer | {} |\n",
         r.rto_loadbalancer.words()
     ));
+    if !matches!(r.rto_api_address, Measure::NotMeasured { .. }) {
+        s.push_str(&format!(
+            "| API address held by a live node again (the agents' status) | {} |\n",
+            r.rto_api_address.words()
+        ));
+    }
     let rpo = &r.rpo;
     if rpo.checked {
         s.push_str(&format!(
@@ -393,10 +407,11 @@ pub fn render_svg(r: &Report) -> String {
     let (left, width, lane_h) = (140.0, 760.0, 26.0);
     let x = |t: f64| left + t / end * width;
     type Lane = fn(&Sample) -> Option<bool>;
-    let lanes: [(&str, Lane); 3] = [
+    let lanes: [(&str, Lane); 4] = [
         ("API", |s| Some(s.api_ok)),
         ("quorum", |s| Some(s.quorum_ok)),
         ("LoadBalancer", |s| s.lb_ok),
+        ("API address held", |s| s.address_held),
     ];
     let top = 40.0;
     let height = top + lanes.len() as f64 * (lane_h + 10.0) + 30.0 + r.timeline.len() as f64 * 14.0;
@@ -455,6 +470,7 @@ mod tests {
                 api_ok: c == '1',
                 quorum_ok: true,
                 lb_ok: None,
+                address_held: None,
             })
             .collect()
     }
@@ -485,6 +501,33 @@ mod tests {
             Measure::NotMeasured { why: "x".into() }.seconds_for_bound(),
             None
         );
+    }
+
+    #[test]
+    fn the_address_holder_lane_is_measured_shown_and_left_out_when_not_probed() {
+        let mut s = samples("1111111111");
+        for (smp, held) in s.iter_mut().zip("1111000011".chars()) {
+            smp.address_held = Some(held == '1');
+        }
+        let addr = measure(&s, 3.5, |s| s.address_held);
+        assert_eq!(
+            addr,
+            Measure::Recovered {
+                seconds: 4.5,
+                down_at: 4.0,
+                back_at: 8.0
+            }
+        );
+        let ok = measure(&s, 3.5, |s| Some(s.api_ok));
+        let lb = measure(&s, 3.5, |s| s.lb_ok);
+        let t = timeline(3.5, &s, &ok, &ok, &lb, &addr);
+        let what: Vec<&str> = t.iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(what, ["kill", "detection", "API address held again"]);
+        assert_eq!(t[1].t, 4.0);
+        let json = serde_json::to_value(&s[0]).unwrap();
+        assert_eq!(json["address_held"], true);
+        let json = serde_json::to_value(&samples("1")[0]).unwrap();
+        assert!(json.get("address_held").is_none(), "{json}");
     }
 
     fn h(id: &str, role: &str, api: bool, copies: Option<u32>) -> Holdings {
@@ -537,6 +580,9 @@ mod tests {
         let lb = Measure::NotMeasured {
             why: "no --lb-url".into(),
         };
+        let not_probed = Measure::NotMeasured {
+            why: "probed through the address".into(),
+        };
         let r = Report {
             run_id: "r1".into(),
             target: h("a|<b>", "voter", true, None),
@@ -546,10 +592,11 @@ mod tests {
             kill_at: 4.2,
             probe_target: "10.0.0.100:16443".into(),
             tls_verified: false,
-            timeline: timeline(4.2, &s, &api, &q, &lb),
+            timeline: timeline(4.2, &s, &api, &q, &lb, &not_probed),
             rto_api: api,
             rto_quorum: q,
             rto_loadbalancer: lb,
+            rto_api_address: not_probed,
             rpo: Rpo {
                 acked_before_kill: 5,
                 missing_before_kill: vec![],
@@ -571,6 +618,7 @@ mod tests {
         );
         assert!(md.contains("0 s (no outage"), "{md}");
         assert!(md.contains("not measured (no --lb-url)"), "{md}");
+        assert!(!md.contains("API address held"), "{md}");
         assert!(
             md.contains("0 of 5 acknowledged before the kill missing"),
             "{md}"
