@@ -38,7 +38,7 @@
 
 pub mod store;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -219,7 +219,7 @@ impl BackupJob {
         }
         let work = self.store.dir().join(".work");
         let _ = std::fs::remove_dir_all(&work);
-        create_private_dir(&work)?;
+        rackseed_host::fs::create_private_dir(&work)?;
         let path = self
             .datastore
             .backup(&work, &name)
@@ -251,15 +251,6 @@ impl BackupJob {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
-}
-
 /// The node's side of `POST /v1/backup/restore`: the archive (verified by the coordinator)
 /// is written as `NAME.tar.gz` into a private folder under `work_root` and restored with
 /// `microk8s dbctl restore`; the count of restored entries must equal the manifest's key
@@ -286,7 +277,7 @@ pub fn restore_handler(
             }
             let dir = work_root.join(format!(".restore-{}", rand::random::<u64>()));
             let res = async {
-                create_private_dir(&dir)?;
+                rackseed_host::fs::create_private_dir(&dir)?;
                 let path = dir.join(m.archive_file());
                 rackseed_host::fs::write_atomic(&path, &req.archive, 0o600)?;
                 let out = datastore

@@ -25,31 +25,12 @@ pub struct ArchiveStore {
 }
 
 impl ArchiveStore {
-    /// Opens (creating it 0700 when missing) the store in `dir`. An existing folder that is
-    /// already 0700 is not chmod-ed (a read-only filesystem refuses even that); one with
-    /// another mode is made 0700.
+    /// Opens (creating it 0700 when missing) the store in `dir`, through
+    /// [`rackseed_host::fs::create_private_dir`]: an existing folder that is already 0700 and
+    /// ours is not chmod-ed (a read-only filesystem refuses even that); one with another mode
+    /// is made 0700; a file or another user's folder is refused.
     pub fn open(dir: &Path, keep: u32, cluster_name: &str) -> Result<ArchiveStore> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let mode = std::fs::metadata(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode != 0o700 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
-                || {
-                    format!(
-                        "{} is mode {mode:04o}; making it private (0700)",
-                        dir.display()
-                    )
-                },
-            )?;
-        }
+        rackseed_host::fs::create_private_dir(dir)?;
         Ok(ArchiveStore {
             dir: dir.to_path_buf(),
             keep: keep.max(1) as usize,

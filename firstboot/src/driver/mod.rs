@@ -103,57 +103,6 @@ pub struct Agent {
     pub time_sync: crate::system::timesync::TimeSyncWait,
 }
 
-/// Makes sure the state directory (it holds the coordinator's private key and the phase)
-/// exists and is private: nobody but its owner, this agent's user, reads it.
-///
-/// A missing folder is created 0700. An existing one that is already 0700 and owned by this
-/// agent's user is taken as it is, without a chmod: the folder may sit on a filesystem mounted
-/// read-only, where even a chmod to the mode it already has fails (`EROFS`). An existing one
-/// with another mode is made 0700; if that fails, the error names the folder, its mode and why.
-/// Something else at the path, or a folder owned by another user, is refused.
-fn create_private_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let meta = match std::fs::metadata(dir) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-            std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    if !meta.is_dir() {
-        anyhow::bail!(
-            "{} exists but is not a folder: the agent keeps its state there",
-            dir.display()
-        );
-    }
-    let me = nix::unistd::Uid::effective().as_raw();
-    if meta.uid() != me {
-        anyhow::bail!(
-            "{} is owned by uid {}, not by this agent's user (uid {me}): it would hold the \
-             coordinator's private key where another user can reach it; give it to uid {me} \
-             or point --state-dir elsewhere",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    let mode = meta.mode() & 0o777;
-    if mode == 0o700 {
-        return Ok(());
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "{} is mode {mode:04o}, and making it private (0700) failed; make it 0700 \
-             (or mount its filesystem writable) and start the agent again",
-            dir.display()
-        )
-    })
-}
-
 /// Where the agent keeps its formation phase.
 pub fn state_file(state_dir: &std::path::Path) -> StateFile {
     StateFile::new(state_dir.join("state.json"))
@@ -254,7 +203,9 @@ impl Runtime {
     /// state; returns the core's first actions, not yet executed.
     async fn start(agent: Arc<Agent>) -> Result<(Runtime, Inputs, Vec<Action>)> {
         let started = Instant::now();
-        create_private_dir(&agent.state_dir)?;
+        // It holds the coordinator's private key, the phase and the boot counter.
+        rackseed_host::fs::create_private_dir(&agent.state_dir)
+            .context("the agent's state folder (--state-dir) holds its private key")?;
         let identity = NodeIdentity::load_or_create(&agent.state_dir)
             .with_context(|| format!("coordinator identity in {}", agent.state_dir.display()))?;
         let fingerprint = identity.fingerprint().to_owned();
@@ -689,103 +640,4 @@ impl Runtime {
 /// True once the persisted phase says this node is a member.
 pub fn is_member(st: &PersistedState) -> bool {
     matches!(st.phase, Phase::Member { .. })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn mode(p: &std::path::Path) -> u32 {
-        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn the_state_directory_is_private_new_or_existing() {
-        let root = tempfile::tempdir().unwrap();
-        let fresh = root.path().join("var/lib/rackseed");
-        create_private_dir(&fresh).unwrap();
-        assert_eq!(mode(&fresh), 0o700);
-        let old = root.path().join("old");
-        std::fs::create_dir(&old).unwrap();
-        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
-        create_private_dir(&old).unwrap();
-        assert_eq!(mode(&old), 0o700);
-        // Something else at the path, and a folder of another user, are refused.
-        let file = root.path().join("file");
-        std::fs::write(&file, b"").unwrap();
-        let e = format!("{:#}", create_private_dir(&file).unwrap_err());
-        assert!(e.contains("is not a folder"), "{e}");
-        let theirs = root.path().join("theirs");
-        std::fs::create_dir(&theirs).unwrap();
-        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let other = nix::unistd::Uid::from_raw(nix::unistd::Uid::effective().as_raw() + 4242);
-        nix::unistd::chown(&theirs, Some(other), None)
-            .expect("this test changes a folder's owner: run it as root");
-        let e = format!("{:#}", create_private_dir(&theirs).unwrap_err());
-        assert!(e.contains("is owned by uid"), "{e}");
-    }
-
-    /// The state folder on a filesystem mounted read-only (a tmpfs in a mount namespace of
-    /// this test's own thread): an existing 0700 folder is used as it is, one with another
-    /// mode is an error naming its mode. Needs root (mounts); fails loudly without it.
-    #[test]
-    fn an_existing_private_state_directory_on_a_read_only_filesystem_is_accepted() {
-        use nix::mount::{mount, MsFlags};
-        let root = tempfile::tempdir().unwrap();
-        let mnt = root.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let result = std::thread::spawn(move || -> Result<(String, String)> {
-            // unshare(CLONE_NEWNS) on this thread only: its mounts vanish with it.
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-                .context("unshare(CLONE_NEWNS): this test needs root")?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .context("making mounts private")?;
-            mount(
-                Some("tmpfs"),
-                &mnt,
-                Some("tmpfs"),
-                MsFlags::empty(),
-                Some("size=1m"),
-            )
-            .context("mounting a tmpfs")?;
-            let private = mnt.join("state");
-            let open = mnt.join("open");
-            create_private_dir(&private)?;
-            std::fs::create_dir(&open)?;
-            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755))?;
-            mount(
-                None::<&str>,
-                &mnt,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .context("remounting read-only")?;
-            // Read-only indeed: the old code's chmod to the same mode fails here.
-            let chmod = std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
-                .expect_err("chmod on a read-only filesystem must fail");
-            anyhow::ensure!(
-                chmod.raw_os_error() == Some(nix::libc::EROFS),
-                "chmod failed with {chmod}, not EROFS"
-            );
-            create_private_dir(&private).context("the existing 0700 folder")?;
-            let err = format!("{:#}", create_private_dir(&open).unwrap_err());
-            let again = format!("{:#}", create_private_dir(&mnt.join("new")).unwrap_err());
-            Ok((err, again))
-        })
-        .join()
-        .unwrap();
-        let (err, missing) = result.unwrap();
-        assert!(err.contains("is mode 0755"), "{err}");
-        assert!(err.contains("making it private (0700) failed"), "{err}");
-        assert!(err.contains("Read-only file system"), "{err}");
-        assert!(missing.starts_with("creating "), "{missing}");
-    }
 }
