@@ -802,6 +802,7 @@ where
             nonce: h(HEADER_NONCE),
             auth: h(HEADER_AUTH),
             body: &body,
+            max_body,
         },
     );
     let from = match from {
