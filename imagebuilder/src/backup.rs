@@ -10,9 +10,11 @@
 //! does not hold yet from a member that has it, with a progress bar. Each is verified against
 //! its signed manifest (this cluster's secret and name, size, SHA-256, the tar.gz layout
 //! `microk8s dbctl backup` writes) before it is written: archive then manifest, each through a
-//! temporary file renamed into place (mode 0600, in a 0700 folder), so nothing is ever
-//! half-written under a final name. An archive that fails the checks is reported and not
-//! written.
+//! temporary file renamed into place (mode 0600), so nothing is ever half-written under a
+//! final name. An archive that fails the checks is reported and not written. The folder is
+//! made private first ([`rackseed_host::fs::create_private_dir`]): created 0700, or an
+//! existing one of the user's made 0700; a file there, or another user's folder, is refused
+//! before any node is contacted.
 //!
 //! **restore** first checks the archive on the workstation (manifest beside it,
 //! `NAME.manifest.json`): a damaged, truncated, renamed or foreign archive (another cluster's
@@ -254,15 +256,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     rackseed_host::fs::write_atomic(path, bytes, 0o600)
 }
 
-fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
-}
-
 /// What `pull` did.
 #[derive(Debug, Default)]
 pub struct Pulled {
@@ -282,7 +275,7 @@ pub struct Pulled {
 
 /// `imagebuilder backup pull`: see the module docs.
 pub async fn pull(access: &BackupAccess, out_dir: &Path, progress: bool) -> Result<Pulled> {
-    create_private_dir(out_dir)?;
+    rackseed_host::fs::create_private_dir(out_dir)?;
     let members = control_plane_members(access).await?;
     let client = workstation_client(&access.secret, Duration::from_secs(30));
     // Which node holds which archive.
@@ -888,7 +881,7 @@ pub struct PullArgs {
     /// The cluster config (name, secret file, control-plane size).
     #[arg(long)]
     pub config: PathBuf,
-    /// The folder to copy the archives into (created 0700).
+    /// The folder to copy the archives into: yours, made 0700 (created when missing).
     #[arg(long, short = 'o')]
     pub output: PathBuf,
     /// Browse mDNS only on this interface (repeatable; default: every physical interface).
