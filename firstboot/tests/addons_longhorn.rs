@@ -435,3 +435,275 @@ mod cluster_gate {
         );
     }
 }
+
+// --- Offline: the staged container images imported on every node -----------------------------
+
+mod offline_images {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use firstboot::addons::fakes::{
+        member_doc, write_image_archive, FakeClusterTools, FakeImages, FakeKernel, FakeReports,
+    };
+    use firstboot::addons::longhorn;
+    use firstboot::addons::prep::{
+        load_imported, load_verdict, prepare_and_record_with, Readiness, IMAGES_IMPORTED_FILE,
+    };
+    use firstboot::system::fakes::{FakeMicrok8s, FakeWorld};
+    use firstboot::system::microk8s::helm::ClusterTools;
+    use firstboot::system::microk8s::{InstallSource, JoinRole, JoinTarget, Microk8s};
+    use rackseed_protocol::secret::ClusterSecret;
+
+    const NODES: [&str; 3] = ["cp-a", "cp-b", "wk-c"];
+    /// What the chart's pods and the snapshot controller run (a part of longhorn 1.7.2's).
+    const NEEDED: [&str; 4] = [
+        "longhornio/longhorn-manager:v1.7.2",
+        "longhornio/longhorn-engine:v1.7.2",
+        "longhornio/csi-attacher:v4.7.0",
+        "rancher/mirrored-sig-storage-snapshot-controller:v8.2.0",
+    ];
+    const ARCHIVE: &str = "longhorn-images.tar";
+
+    fn config() -> rackseed_config::ClusterConfig {
+        let text = "[cluster]\nname = \"lh\"\n\n[addons]\nstorage = \"longhorn\"\n\
+             offline = \"/var/lib/rackseed/storage\"\n\n\
+             [addons.longhorn]\ndata-path = \"/srv/longhorn\"\nmin-free-space = \"20GiB\"\n\n\
+             [image]\ntarget = \"x86_64-efi\"\nbase = { kind = \"bootstrap\", suite = \"noble\" }\n";
+        rackseed_config::parse(text, Path::new("/cfg/lh.toml"))
+            .expect("the test config is valid")
+            .config
+    }
+
+    struct Node {
+        name: &'static str,
+        root: PathBuf,
+        state: PathBuf,
+        kernel: FakeKernel,
+        tools: FakeClusterTools,
+        mk: FakeMicrok8s,
+    }
+
+    impl Node {
+        fn staged(&self) -> PathBuf {
+            self.root.join("var/lib/rackseed/storage")
+        }
+
+        /// The agent's node preparation with MicroK8s' tools (`None`: not installed yet).
+        async fn prepare(&self, with_tools: bool) -> Readiness {
+            let tools = with_tools.then_some(&self.tools as &dyn ClusterTools);
+            prepare_and_record_with(
+                &self.root,
+                &config(),
+                false,
+                &self.state,
+                &self.kernel,
+                tools,
+            )
+            .await
+            .unwrap()
+        }
+
+        /// This node's status document as its peers read it: its kept verdict.
+        fn doc(&self) -> serde_json::Value {
+            let v = load_verdict(&self.state).unwrap().unwrap_or_default();
+            let problems: Vec<&str> = v.problems.iter().map(String::as_str).collect();
+            member_doc(self.name, "member", &problems)
+        }
+    }
+
+    /// Three Ready fake nodes (two control plane, one worker) of an offline cluster, each with
+    /// Longhorn's packages, the chart and an image archive of `NEEDED` staged.
+    async fn cluster(dir: &Path, images: &Arc<FakeImages>) -> (FakeWorld, Vec<Node>) {
+        let secret = ClusterSecret::from_bytes([7; 32]);
+        let world = FakeWorld::new();
+        let mut nodes = Vec::new();
+        for (i, name) in NODES.iter().enumerate() {
+            let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8 + 1));
+            let mk = world.node(name, ip);
+            mk.install(&InstallSource::Channel("1.32/stable".into()), &secret)
+                .await
+                .unwrap();
+            let root = super::root_with(&dir.join(name), &["systemd", "open-iscsi", "nfs-common"]);
+            super::stage(&root, &[(&longhorn::chart_archive_name(), b"chart")]);
+            let node = Node {
+                name,
+                kernel: FakeKernel::new(&root),
+                state: dir.join(name).join("state"),
+                root,
+                tools: FakeClusterTools::on_node(name, images.clone()),
+                mk,
+            };
+            std::fs::create_dir_all(&node.state).unwrap();
+            write_image_archive(&node.staged().join(ARCHIVE), &NEEDED).unwrap();
+            nodes.push(node);
+        }
+        let to = JoinTarget::new(
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+            secret.microk8s_token(),
+        );
+        nodes[1].mk.join(&to, JoinRole::ControlPlane).await.unwrap();
+        nodes[2].mk.join(&to, JoinRole::Worker).await.unwrap();
+        (world, nodes)
+    }
+
+    /// Longhorn's install from cp-a, with the members' kept verdicts as their documents.
+    async fn install(nodes: &[Node], local: &Readiness) -> Result<String, String> {
+        let reports = FakeReports::new("cp-a");
+        for n in &nodes[1..] {
+            reports.set_doc(n.name, Some(n.doc()));
+        }
+        let mut cfg = config();
+        cfg.addons.offline = Some(nodes[0].staged());
+        longhorn::install(
+            &nodes[0].mk,
+            &nodes[0].tools,
+            &cfg,
+            &nodes[0].state,
+            local,
+            &reports,
+        )
+        .await
+    }
+
+    fn helm_calls(n: &Node) -> usize {
+        n.tools
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("helm3 upgrade"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn an_offline_cluster_installs_longhorn_only_once_every_node_imported_its_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = FakeImages::offline(&NEEDED, &NODES);
+        let (_world, nodes) = cluster(dir.path(), &images).await;
+
+        // Before MicroK8s is installed nothing can be imported: each node says so, and the
+        // gate waits without running anything.
+        for n in &nodes {
+            let r = n.prepare(false).await;
+            assert_eq!(
+                r.problems,
+                [format!(
+                    "longhorn: the staged container images ({ARCHIVE}) are not imported yet \
+                     (MicroK8s is not installed yet)"
+                )]
+            );
+        }
+        let local = nodes[0].prepare(false).await;
+        let err = install(&nodes, &local).await.unwrap_err();
+        assert!(
+            err.contains("nothing was installed") && err.contains("not imported yet"),
+            "{err}"
+        );
+        assert!(nodes[0].tools.calls().is_empty());
+
+        // Were the gate passed without the imports (every member claiming it is ready), helm's
+        // --wait would time out: the pods cannot pull their images offline.
+        // (This node alone being ready changes nothing: the members' kept verdicts block.)
+        let gated = install(&nodes, &Readiness::default()).await;
+        let reports_ok = FakeReports::new("cp-a");
+        for n in NODES[1..].iter() {
+            reports_ok.set_doc(n, Some(member_doc(n, "member", &[])));
+        }
+        let mut cfg = config();
+        cfg.addons.offline = Some(nodes[0].staged());
+        let err2 = longhorn::install(
+            &nodes[0].mk,
+            &nodes[0].tools,
+            &cfg,
+            &nodes[0].state,
+            &Readiness::default(),
+            &reports_ok,
+        )
+        .await
+        .unwrap_err();
+        assert!(gated
+            .unwrap_err()
+            .contains("cp-b: longhorn: the staged container images"));
+        assert!(
+            err2.contains("Error: context deadline exceeded")
+                && err2.contains("ImagePullBackOff")
+                && err2.contains("must have imported the staged image archives"),
+            "{err2}"
+        );
+        let listed = nodes[0].tools.helm_list("longhorn-system").await.unwrap();
+        assert_eq!(listed[0].status, "failed", "{listed:?}");
+
+        // With MicroK8s running, every node imports its staged archive once.
+        for n in &nodes {
+            assert_eq!(n.prepare(true).await, Readiness::default());
+            assert_eq!(
+                images.imported(n.name).len(),
+                NEEDED.len(),
+                "{:?}",
+                images.imported(n.name)
+            );
+            assert!(load_imported(&n.state).archives.contains_key(ARCHIVE));
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(n.state.join(IMAGES_IMPORTED_FILE))
+                    .unwrap()
+                    .permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600);
+            // A second check imports nothing again.
+            assert_eq!(n.prepare(true).await, Readiness::default());
+            let imports = n
+                .tools
+                .calls()
+                .iter()
+                .filter(|c| c.starts_with("ctr image import"))
+                .count();
+            assert_eq!(imports, 1, "{:?}", n.tools.calls());
+        }
+        let before = helm_calls(&nodes[0]);
+        let done = install(&nodes, &Readiness::default()).await.unwrap();
+        assert!(done.contains("longhorn 1.7.2 installed"), "{done}");
+        assert_eq!(helm_calls(&nodes[0]), before + 1);
+        let listed = nodes[0].tools.helm_list("longhorn-system").await.unwrap();
+        assert_eq!(listed[0].status, "deployed", "{listed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_import_fails_says_so_in_its_status_and_the_install_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = FakeImages::offline(&NEEDED, &NODES);
+        let (_world, nodes) = cluster(dir.path(), &images).await;
+        // wk-c's copy of the archive is cut short (a damaged card, say).
+        let archive = nodes[2].staged().join(ARCHIVE);
+        let good = std::fs::read(&archive).unwrap();
+        std::fs::write(&archive, &good[..2000]).unwrap();
+
+        for n in &nodes[..2] {
+            assert_eq!(n.prepare(true).await, Readiness::default());
+        }
+        let r = nodes[2].prepare(true).await;
+        assert_eq!(r.problems.len(), 1, "{r:?}");
+        assert!(
+            r.problems[0].starts_with(&format!("longhorn: image import failed: {ARCHIVE}: "))
+                && r.problems[0].contains("ctr: failed to ingest \"layer.tar\": unexpected EOF"),
+            "{r:?}"
+        );
+        assert!(r.fixes[0].contains("microk8s ctr image import"), "{r:?}");
+        assert!(images.imported("wk-c").is_empty());
+        assert!(!load_imported(&nodes[2].state)
+            .archives
+            .contains_key(ARCHIVE));
+        // The verdict is in wk-c's status document; the gate names it and installs nothing.
+        let local = nodes[0].prepare(true).await;
+        let err = install(&nodes, &local).await.unwrap_err();
+        assert!(
+            err.contains(&format!("wk-c: longhorn: image import failed: {ARCHIVE}")),
+            "{err}"
+        );
+        assert_eq!(helm_calls(&nodes[0]), 0);
+
+        // A good copy (the image rebuilt) is imported at the next check, then it installs.
+        std::fs::write(&archive, &good).unwrap();
+        assert_eq!(nodes[2].prepare(true).await, Readiness::default());
+        assert_eq!(images.imported("wk-c").len(), NEEDED.len());
+        install(&nodes, &local).await.unwrap();
+    }
+}

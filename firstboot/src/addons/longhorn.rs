@@ -38,9 +38,18 @@
 //!
 //! The chart comes from `addons.offline` when the image staged one
 //! (`longhorn-<CHART_VERSION>.tgz`, see `imagebuilder`'s customize step), else from
-//! Longhorn's chart repository (internet). **Container images are not staged**: the nodes
-//! still pull Longhorn's and the snapshot controller's images from their registries (or a
-//! mirror configured in containerd), so a fully offline install is not possible yet.
+//! Longhorn's chart repository (internet). **Container images**: when the image also staged
+//! image archives there (the build checks they hold every image the chart's `values.yaml`
+//! names and the snapshot controller's, [`SNAPSHOT_CONTROLLER_IMAGE`]), every node imports
+//! them into its containerd with `microk8s ctr image import` before it reports its
+//! prerequisites met ([`super::prep::import_staged_images`]; the installing node retries its
+//! own failed import at every attempt), so the gate above waits until every Ready node has
+//! them and the install needs no registry: the chart's `image.pullPolicy` is `IfNotPresent`
+//! (longhorn/longhorn `chart/values.yaml` at v1.7.2), and the snapshot controller's Deployment
+//! names a tagged image, whose default policy is the same. Without archives the nodes pull
+//! the images from their registries (or a mirror configured in containerd). When pods cannot
+//! pull their images, helm's `--wait` ends with `context deadline exceeded`; the error then
+//! says so ([`explain_helm_error`]).
 //!
 //! Health ([`health`]): `helm list` says whether the release is deployed and which chart, and
 //! `kubectl get volumes.longhorn.io -n longhorn-system -o json` gives each volume's
@@ -81,9 +90,9 @@ pub const HELM_WAIT: Duration = Duration::from_secs(15 * 60);
 /// How long `kubectl wait` waits for the snapshot CRDs to be Established.
 pub const CRD_WAIT: Duration = Duration::from_secs(60);
 /// The snapshot controller's image (a mirror of the Kubernetes CSI project's
-/// `snapshot-controller` that needs no registry host in its name).
-pub const SNAPSHOT_CONTROLLER_IMAGE: &str =
-    "rancher/mirrored-sig-storage-snapshot-controller:v8.2.0";
+/// `snapshot-controller` that needs no registry host in its name); the image builder asks for
+/// the same one among the staged images.
+pub const SNAPSHOT_CONTROLLER_IMAGE: &str = rackseed_config::LONGHORN_SNAPSHOT_CONTROLLER_IMAGE;
 /// The three CRDs of `snapshot.storage.k8s.io`.
 pub const SNAPSHOT_CRDS: [&str; 3] = [
     "volumesnapshotclasses.snapshot.storage.k8s.io",
@@ -473,6 +482,30 @@ pub fn cluster_gate(
     Err(msg)
 }
 
+/// The reason shown for a failed `helm upgrade --install`: helm's own error, and, when its
+/// `--wait` timed out (`context deadline exceeded`: Longhorn's pods did not become ready), the
+/// likely cause: images that could not be pulled.
+pub fn explain_helm_error(error: &str, offline: Option<&Path>) -> String {
+    let mut msg = format!("helm install of longhorn: {error}");
+    if error.contains("context deadline exceeded") || error.contains("timed out waiting") {
+        let staged = offline
+            .map(|d| super::prep::staged_image_archives(d).is_ok_and(|a| !a.is_empty()))
+            .unwrap_or(false);
+        msg.push_str(&format!(
+            " (longhorn's pods did not become ready in time, often because a node cannot pull \
+             their images (ImagePullBackOff) without registry access: {}; see microk8s kubectl \
+             get pods -n longhorn-system)",
+            if staged {
+                "every Ready node must have imported the staged image archives (a node whose \
+                 import failed says so in its status)"
+            } else {
+                "stage them in the image as *.tar archives in addons.offline"
+            }
+        ));
+    }
+    msg
+}
+
 /// Where the install's files go: `<state>/storage/`.
 pub fn files_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("storage")
@@ -556,7 +589,7 @@ pub async fn install(
             wait: HELM_WAIT,
         })
         .await
-        .map_err(step("helm install of longhorn"))?;
+        .map_err(|e| explain_helm_error(&e.to_string(), cfg.addons.offline.as_deref()))?;
     tools
         .kubectl_apply(&class)
         .await

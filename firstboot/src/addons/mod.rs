@@ -49,7 +49,8 @@ use rackseed_config::ClusterConfig;
 use crate::system::microk8s::Microk8s;
 
 /// Runs one planned step on this (control-plane) node: [`plan::LONGHORN`] re-checks this
-/// node's Longhorn prerequisites through `kernel` (preparing what it can) and then runs
+/// node's Longhorn prerequisites through `kernel` (preparing what it can, and importing its
+/// staged container images not imported yet, [`prep::import_staged_images`]) and then runs
 /// [`longhorn::install`] with MicroK8s' helm and kubectl; every other step is `microk8s enable`.
 /// `root` is the host's root (`/` on a node); the staged folder `addons.offline` is found under
 /// it. `members` gives the other members' prerequisite verdicts (read only for `longhorn`).
@@ -78,9 +79,22 @@ pub async fn run_addon<K: KernelControl>(
         .offline
         .as_deref()
         .map(|o| prep::under_root(root, o));
-    let local = prep::prepare_longhorn(root, &cfg.addons.longhorn, offline.as_deref(), kernel)
+    let mut local = prep::prepare_longhorn(root, &cfg.addons.longhorn, offline.as_deref(), kernel)
         .await
         .map_err(|e| format!("longhorn: checking this node: {:#}", anyhow::Error::from(e)))?;
+    // This node's staged container images, imported now if an earlier import failed.
+    if let Some(dir) = &offline {
+        local.merge(
+            prep::import_staged_images(dir, state_dir, Some(tools.as_ref()))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "longhorn: importing this node's images: {:#}",
+                        anyhow::Error::from(e)
+                    )
+                })?,
+        );
+    }
     let mut cfg = cfg.clone();
     cfg.addons.offline = offline;
     longhorn::install(mk, tools.as_ref(), &cfg, state_dir, &local, members).await

@@ -36,6 +36,26 @@
 //!   staged folder when missing (official bases), else a problem named after the setting that
 //!   says what the node then lacks (it still forms).
 //!
+//! - longhorn's container images ([`import_staged_images`]): when the staged folder holds image
+//!   archives (`*.tar`, checked at build time to hold every image Longhorn needs), each is
+//!   imported into this node's containerd with `microk8s ctr image import FILE` once MicroK8s
+//!   runs, so Longhorn's pods start without a registry. Done once per archive: each import
+//!   that succeeded is recorded in the state folder ([`IMAGES_IMPORTED_FILE`], with the
+//!   archive's size and modification time), a failed one is not and is tried again at the next
+//!   check (a restart; on the installing node, every install attempt). Until every archive is
+//!   imported, the node's verdict has a `longhorn:` problem (`longhorn: image import failed:
+//!   FILE: REASON`, or not imported yet while MicroK8s is not installed), so the install's
+//!   gate waits for it like for any other unmet prerequisite.
+//!
+//!   Why `microk8s ctr image import` and not `microk8s images import` (canonical/microk8s
+//!   `scripts/wrappers/images.py` and `distributed_op.py`, `do_image_import`): the latter
+//!   reads the whole archive into memory and POSTs it to the cluster agent of every node it
+//!   knows, printing "Failed to import images on …" but still exiting 0 when a node fails, so
+//!   a failure could not be seen, and it works only once the node has joined. `ctr` (the snap's
+//!   `microk8s-ctr.wrapper` with `$SNAP_DATA/args/ctr`: `--namespace k8s.io`, kubelet's) streams
+//!   the file on this node, exits non-zero with containerd's reason, and works before the join
+//!   and on workers; every node imports its own staged copy.
+//!
 //! The verdict is kept in the agent's state folder ([`VERDICT_FILE`], written atomically by
 //! [`prepare_and_record`]): a restarted agent shows it at once and checks again, so a
 //! member's unmet prerequisite never disappears from its status while its agent restarts.
@@ -55,6 +75,8 @@ use serde::{Deserialize, Serialize};
 
 use rackseed_config::{Longhorn, Storage, Target};
 use rackseed_host::command::Cmd;
+
+use crate::system::microk8s::helm::ClusterTools;
 
 /// The sysctl.d file MicroK8s' docs name for Mayastor's hugepages.
 pub const HUGEPAGES_CONF: &str = "etc/sysctl.d/20-microk8s-hugepages.conf";
@@ -365,7 +387,9 @@ pub fn load_verdict(state_dir: &Path) -> Result<Option<Readiness>, PrepError> {
 }
 
 /// [`prepare_for_config`], then [`store_verdict`]: what the agent runs before it joins, and
-/// again when it restarts as a member (idempotent: only what is missing is done).
+/// again when it restarts as a member (idempotent: only what is missing is done). The same as
+/// [`prepare_and_record_with`] without MicroK8s' tools (staged images not yet imported are
+/// then a problem).
 pub async fn prepare_and_record<K: KernelControl>(
     root: &Path,
     config: &rackseed_config::ClusterConfig,
@@ -373,8 +397,179 @@ pub async fn prepare_and_record<K: KernelControl>(
     state_dir: &Path,
     kernel: &K,
 ) -> Result<Readiness, PrepError> {
-    let r = prepare_for_config(root, config, feature_packages, kernel).await?;
+    prepare_and_record_with(root, config, feature_packages, state_dir, kernel, None).await
+}
+
+/// [`prepare_for_config`], plus, for Longhorn with a staged folder, the import of its staged
+/// container images with `tools` (MicroK8s' own, `None` while MicroK8s is not installed;
+/// [`import_staged_images`]), then [`store_verdict`].
+pub async fn prepare_and_record_with<K: KernelControl>(
+    root: &Path,
+    config: &rackseed_config::ClusterConfig,
+    feature_packages: bool,
+    state_dir: &Path,
+    kernel: &K,
+    tools: Option<&dyn ClusterTools>,
+) -> Result<Readiness, PrepError> {
+    let mut r = prepare_for_config(root, config, feature_packages, kernel).await?;
+    if let (Storage::Longhorn, Some(offline)) = (config.addons.storage, &config.addons.offline) {
+        r.merge(import_staged_images(&under_root(root, offline), state_dir, tools).await?);
+    }
     store_verdict(state_dir, &r)?;
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// longhorn's container images
+
+/// The file in the agent's state folder that records the staged image archives imported.
+pub const IMAGES_IMPORTED_FILE: &str = "images-imported.json";
+
+/// What [`IMAGES_IMPORTED_FILE`] holds: each imported archive's file name and what it was.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedImages {
+    pub archives: std::collections::BTreeMap<String, ArchiveStamp>,
+}
+
+/// An archive as it was when it was imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStamp {
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub modified_ns: u128,
+}
+
+fn stamp(path: &Path) -> Result<ArchiveStamp, PrepError> {
+    let md = std::fs::metadata(path).map_err(|source| PrepError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let modified_ns = md
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(ArchiveStamp {
+        size: md.len(),
+        modified_ns,
+    })
+}
+
+/// The container image archives (`*.tar`) staged in `dir`, sorted; none when the folder does
+/// not exist.
+pub fn staged_image_archives(dir: &Path) -> Result<Vec<PathBuf>, PrepError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PrepError::Read {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "tar") && p.is_file())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The imports recorded in `state_dir` (none when there is no record; a record that cannot be
+/// read counts as none, so the archives are imported again, which changes nothing).
+pub fn load_imported(state_dir: &Path) -> ImportedImages {
+    let path = state_dir.join(IMAGES_IMPORTED_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable image import record; importing again");
+            ImportedImages::default()
+        }),
+        Err(_) => ImportedImages::default(),
+    }
+}
+
+fn store_imported(state_dir: &Path, rec: &ImportedImages) -> Result<(), PrepError> {
+    let path = state_dir.join(IMAGES_IMPORTED_FILE);
+    let json = serde_json::to_vec_pretty(rec).map_err(|e| PrepError::Write {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    rackseed_host::fs::write_atomic(&path, &json, 0o600).map_err(|e| PrepError::Write {
+        path,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// Whether `config` stages container images for Longhorn on this node (under `root`).
+pub fn has_staged_images(root: &Path, config: &rackseed_config::ClusterConfig) -> bool {
+    match (config.addons.storage, &config.addons.offline) {
+        (Storage::Longhorn, Some(o)) => {
+            staged_image_archives(&under_root(root, o)).is_ok_and(|a| !a.is_empty())
+        }
+        _ => false,
+    }
+}
+
+/// Imports the archives staged in `dir` (on this node's filesystem) that are not recorded as
+/// imported in `state_dir`, with `tools` (see the module docs). Every archive is tried even
+/// when one fails; each failure is a problem naming the file and containerd's reason.
+pub async fn import_staged_images(
+    dir: &Path,
+    state_dir: &Path,
+    tools: Option<&dyn ClusterTools>,
+) -> Result<Readiness, PrepError> {
+    let mut r = Readiness::default();
+    let archives = staged_image_archives(dir)?;
+    if archives.is_empty() {
+        return Ok(r);
+    }
+    let mut record = load_imported(state_dir);
+    let mut pending = Vec::new();
+    for a in archives {
+        let name = a
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let now = stamp(&a)?;
+        if record.archives.get(&name) != Some(&now) {
+            pending.push((a, name, now));
+        }
+    }
+    if pending.is_empty() {
+        return Ok(r);
+    }
+    let Some(tools) = tools else {
+        let names: Vec<&str> = pending.iter().map(|(_, n, _)| n.as_str()).collect();
+        r.problem(
+            format!(
+                "longhorn: the staged container images ({}) are not imported yet (MicroK8s is \
+                 not installed yet)",
+                names.join(", ")
+            ),
+            "wait: the agent imports them with `microk8s ctr image import` once MicroK8s runs",
+        );
+        return Ok(r);
+    };
+    for (path, name, now) in pending {
+        tracing::info!(archive = %path.display(), "importing staged container images");
+        match tools.ctr_image_import(&path).await {
+            Ok(()) => {
+                record.archives.insert(name, now);
+                store_imported(state_dir, &record)?;
+            }
+            Err(e) => r.problem(
+                format!("longhorn: image import failed: {name}: {e}"),
+                format!(
+                    "run `microk8s ctr image import {}` to see containerd's error; if the \
+                     archive is damaged, rebuild the image with a good copy in addons.offline \
+                     (the agent tries again when it restarts)",
+                    path.display()
+                ),
+            ),
+        }
+    }
     Ok(r)
 }
 

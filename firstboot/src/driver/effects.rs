@@ -295,17 +295,23 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
     }
 }
 
-/// The node's prerequisites prepared and checked ([`addons::prep::prepare_and_record`]: the
-/// storage's, the Pi's, and the packages of the API address and MetalLB's auto range, the last
-/// only on a node whose keepalived is the packaged one), the verdict kept in the state folder.
+/// The node's prerequisites prepared and checked ([`addons::prep::prepare_and_record_with`]:
+/// the storage's, the Pi's, and the packages of the API address and MetalLB's auto range, the
+/// last only on a node whose keepalived is the packaged one; Longhorn's staged container
+/// images imported once MicroK8s is installed), the verdict kept in the state folder.
 pub(super) async fn check_prerequisites(agent: &Agent) -> Result<addons::Readiness> {
     let on_node = agent.keepalived == crate::system::keepalived::KeepalivedControl::Systemd;
-    addons::prep::prepare_and_record(
+    let tools = match agent.microk8s.is_installed().await {
+        Ok(true) => agent.microk8s.cluster_tools(),
+        _ => None,
+    };
+    addons::prep::prepare_and_record_with(
         &agent.root,
         &agent.config,
         on_node,
         &agent.state_dir,
         &addons::prep::HostKernel,
+        tools.as_deref(),
     )
     .await
     .context("preparing the node")
@@ -344,6 +350,16 @@ async fn prepare(agent: &Agent, tasks: &mpsc::Sender<TaskResult>, lone: &AtomicB
         .context("waiting for microk8s to be ready")?
     {
         anyhow::bail!("microk8s did not become ready within {READY_TIMEOUT:?}");
+    }
+    // Longhorn's staged container images go into containerd now that MicroK8s runs.
+    if addons::prep::has_staged_images(&agent.root, &agent.config) {
+        let readiness = check_prerequisites(agent).await?;
+        let _ = tasks
+            .send(TaskResult::Problems {
+                problems: readiness.problems,
+                fixes: readiness.fixes,
+            })
+            .await;
     }
     // A lone node now is not a member of anything until this agent joins it somewhere.
     let alone =

@@ -21,6 +21,12 @@
 //! release that cannot start is reported, not assumed; `helm list -o json` prints the releases
 //! as a JSON array of `{name, namespace, revision, status, chart, app_version}`.
 //!
+//! `microk8s ctr image import FILE` (the snap's `microk8s-ctr.wrapper` runs its own `ctr` with
+//! `$SNAP_DATA/args/ctr`: `--address=${SNAP_COMMON}/run/containerd.sock --namespace k8s.io`, the
+//! namespace kubelet's images live in; no worker check, so it works on every node) imports a
+//! container image archive into this node's containerd; see `addons::prep` for why this and
+//! not `microk8s images import`.
+//!
 //! Values always go in a file (`--values FILE`, written atomically by the caller), never as
 //! `--set` strings, whose escaping rules (commas, dots, brackets) would bend paths.
 //!
@@ -127,7 +133,16 @@ pub trait ClusterTools: Send + Sync {
         resource: &'a str,
         namespace: Option<&'a str>,
     ) -> BoxFuture<'a, Result<String, Microk8sError>>;
+    /// `microk8s ctr image import FILE`: a container image archive into this node's containerd.
+    fn ctr_image_import<'a>(
+        &'a self,
+        archive: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>>;
 }
+
+/// How long one `ctr image import` may take (Longhorn's images are about a gigabyte; a
+/// Raspberry Pi's SD card writes a few MB/s).
+pub const IMAGE_IMPORT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// [`ClusterTools`] through the `microk8s` CLI.
 #[derive(Debug, Clone)]
@@ -238,6 +253,21 @@ impl ClusterTools for RealClusterTools {
             }
             args.extend(strings(&["-o", "json"]));
             Ok(self.run(&args, self.query_timeout).await?.stdout)
+        })
+    }
+
+    fn ctr_image_import<'a>(
+        &'a self,
+        archive: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Microk8sError>> {
+        Box::pin(async move {
+            let file = archive.display().to_string();
+            self.run(
+                &strings(&["ctr", "image", "import", &file]),
+                IMAGE_IMPORT_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
         })
     }
 }
