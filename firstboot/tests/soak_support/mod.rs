@@ -528,6 +528,16 @@ impl SoakCluster {
                 .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "rsoak-state"])
                 .arg(dir.join("state")),
         );
+        // keepalived's pid files and log (`--keepalived-bin`: `<state>/keepalived`) on a
+        // tmpfs of their own, as on a node, where systemd's keepalived keeps them in /run and
+        // the journal: the state folder's faults do not reach them, and keepalived's open log
+        // would make remounting the state folder read-only fail ("mount point is busy").
+        std::fs::create_dir_all(dir.join("state/keepalived")).unwrap();
+        must(
+            Cmd::new("mount", Duration::from_secs(10))
+                .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "rsoak-keepalived"])
+                .arg(dir.join("state/keepalived")),
+        );
         let faketime = faked_clock.then(|| dir.join("faketime"));
         if let Some(f) = &faketime {
             std::fs::write(f, "+0\n").unwrap();
@@ -971,6 +981,10 @@ impl SoakCluster {
             for f in ["agent.log", "daemon.log"] {
                 let _ = std::fs::copy(n.dir.join(f), keep.join(format!("node-{}-{f}", n.index)));
             }
+            let _ = std::fs::copy(
+                n.dir.join("state/keepalived/keepalived.log"),
+                keep.join(format!("node-{}-keepalived.log", n.index)),
+            );
         }
     }
 }
