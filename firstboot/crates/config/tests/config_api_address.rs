@@ -2,31 +2,19 @@
 //! would hand it out, where a node already has it, off the inventory's subnets, and malformed;
 //! every error at the value's line.
 
-use std::path::Path;
+mod common;
 
-use rackseed_config::{self as config, ApiAddress, ConfigError, Diagnostic};
-
-fn parse(text: &str) -> Result<config::Loaded, Vec<Diagnostic>> {
-    config::parse(text, Path::new("/cfg/lab.toml")).map_err(|e| e.diagnostics)
-}
+use common::{assert_diag, cluster, parse};
+use rackseed_config::{ApiAddress, Diagnostic};
 
 #[track_caller]
 fn assert_error(diags: &[Diagnostic], line: usize, needle: &str) {
-    assert!(
-        diags.iter().any(|d| d.line == line
-            && d.field == "cluster.api-address"
-            && d.message.contains(needle)),
-        "no cluster.api-address error at line {line} containing {needle:?}; got:\n{}",
-        ConfigError {
-            diagnostics: diags.to_vec()
-        }
-    );
+    assert_diag(diags, line, None, "cluster.api-address", needle);
 }
 
+/// A valid config with `api-address = api` on line 3, `rest` after `[image]`.
 fn config(api: &str, rest: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\napi-address = {api}\n\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n{rest}"
-    )
+    cluster(&format!("api-address = {api}\n")) + rest
 }
 
 const INVENTORY: &str = r#"
@@ -75,13 +63,7 @@ fn malformed_and_unusable_addresses_are_refused_at_their_line() {
         ("5", "expected a string"),
     ] {
         let diags = parse(&config(bad, "")).expect_err(bad);
-        assert!(
-            diags.iter().any(|d| d.line == 3
-                && d.field == "cluster.api-address"
-                && d.message.contains(needle)),
-            "{bad}: {:?}",
-            diags
-        );
+        assert_error(&diags, 3, needle);
     }
 }
 

@@ -2,20 +2,12 @@
 //! ready (the VRRP timings scale with it). Default 1 s; whole seconds from 1 s to 10 s;
 //! anything else is refused at its file:line:col.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use rackseed_config::{self as config, DEFAULT_API_CHECK_INTERVAL};
-
-fn cluster(extra: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n{extra}\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n"
-    )
-}
-
-fn load(text: &str) -> Result<config::Loaded, config::ConfigError> {
-    config::parse(text, Path::new("/cfg/lab.toml"))
-}
+use common::{assert_refused_at, cluster, load};
+use rackseed_config::DEFAULT_API_CHECK_INTERVAL;
 
 #[test]
 fn the_default_is_one_second_and_a_value_is_read() {
@@ -37,15 +29,7 @@ fn out_of_range_fractional_or_malformed_is_refused_at_its_position() {
         ("\"often\"", "expected a duration"),
         ("5", "cluster.api-check-interval"),
     ] {
-        let e = load(&cluster(&format!("api-check-interval = {value}"))).unwrap_err();
-        let d = e
-            .diagnostics
-            .iter()
-            .find(|d| d.field == "cluster.api-check-interval")
-            .unwrap_or_else(|| panic!("{value}: {e}"));
-        assert_eq!(d.line, 3, "{value}: {e}");
-        assert_eq!(d.col, 22, "{value}: {e}");
-        assert!(e.to_string().contains(needle), "{value}: {e}");
-        assert!(e.to_string().contains("/cfg/lab.toml:3:22"), "{value}: {e}");
+        let text = cluster(&format!("api-check-interval = {value}"));
+        assert_refused_at(&text, "cluster.api-check-interval", 3, 22, needle);
     }
 }

@@ -1,19 +1,16 @@
 //! `[backup]`: `interval` (5 s to 30 days, default 6 h) and `keep` (1 to 1000, default 8);
 //! anything else is refused at its file:line:col.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use rackseed_config::{self as config, DEFAULT_BACKUP_INTERVAL, DEFAULT_BACKUP_KEEP};
+use common::{assert_refused_at, cluster, load};
+use rackseed_config::{DEFAULT_BACKUP_INTERVAL, DEFAULT_BACKUP_KEEP};
 
+/// A valid config with `section` from line 4 (its first value on line 5).
 fn with_backup(section: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n\n{section}\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n"
-    )
-}
-
-fn load(text: &str) -> Result<config::Loaded, config::ConfigError> {
-    config::parse(text, Path::new("/cfg/lab.toml"))
+    cluster(&format!("\n{section}"))
 }
 
 #[test]
@@ -50,17 +47,7 @@ fn bad_values_and_unknown_keys_are_refused_at_their_position() {
         ("keep = \"all\"", "backup.keep", 8, "backup.keep"),
         ("copies = 3", "backup.copies", 1, "backup.copies"),
     ] {
-        let e = load(&with_backup(&format!("[backup]\n{line}\n"))).unwrap_err();
-        let d = e
-            .diagnostics
-            .iter()
-            .find(|d| d.field == field)
-            .unwrap_or_else(|| panic!("{line}: {e}"));
-        assert_eq!((d.line, d.col), (5, col), "{line}: {e}");
-        assert!(e.to_string().contains(needle), "{line}: {e}");
-        assert!(
-            e.to_string().contains(&format!("/cfg/lab.toml:5:{col}")),
-            "{line}: {e}"
-        );
+        let text = with_backup(&format!("[backup]\n{line}\n"));
+        assert_refused_at(&text, field, 5, col, needle);
     }
 }

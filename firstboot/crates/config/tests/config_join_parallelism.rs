@@ -1,16 +1,15 @@
 //! `cluster.join-parallelism`: how many worker joins run at once. Default 8, 1 to 64, an
 //! integer; every error at the value's line.
 
-use std::path::Path;
+mod common;
 
+use common::{assert_diag, cluster};
 use rackseed_config::{self as config, Diagnostic, DEFAULT_JOIN_PARALLELISM};
 
+/// A valid config with `join-parallelism = value` on line 3 when given.
 fn parse(value: Option<&str>) -> Result<config::Loaded, Vec<Diagnostic>> {
     let line = value.map_or(String::new(), |v| format!("join-parallelism = {v}\n"));
-    let text = format!(
-        "[cluster]\nname = \"lab\"\n{line}\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n"
-    );
-    config::parse(&text, Path::new("/cfg/lab.toml")).map_err(|e| e.diagnostics)
+    common::parse(&cluster(&line))
 }
 
 #[test]
@@ -34,11 +33,6 @@ fn join_parallelism_out_of_range_or_not_an_integer_is_refused_at_its_line() {
         ("2.5", "expected an integer"),
     ] {
         let diags = parse(Some(v)).expect_err(v);
-        assert!(
-            diags.iter().any(|d| d.line == 3
-                && d.field == "cluster.join-parallelism"
-                && d.message.contains(needle)),
-            "{v}: no cluster.join-parallelism error at line 3 containing {needle:?}: {diags:?}"
-        );
+        assert_diag(&diags, 3, None, "cluster.join-parallelism", needle);
     }
 }

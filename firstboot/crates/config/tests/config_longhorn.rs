@@ -1,31 +1,21 @@
 //! `[addons.longhorn]` and `addons.offline`: defaults, a configurable data path, and every
 //! refusal reported at the value's line and column with its field path.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use rackseed_config::{self as config, ConfigError, Diagnostic, Storage};
+use std::path::PathBuf;
 
-fn parse(text: &str) -> Result<config::Loaded, Vec<Diagnostic>> {
-    config::parse(text, Path::new("/cfg/lab.toml")).map_err(|e| e.diagnostics)
-}
+use common::{assert_diag, cluster, parse};
+use rackseed_config::{Diagnostic, Storage};
 
+/// A valid config whose `[addons]` section (line 8) holds `addons` from line 9.
 fn config(addons: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n\n[addons]\n{addons}"
-    )
+    cluster("") + "\n[addons]\n" + addons
 }
 
 #[track_caller]
 fn assert_error(diags: &[Diagnostic], line: usize, field: &str, needle: &str) {
-    assert!(
-        diags
-            .iter()
-            .any(|d| d.line == line && d.col > 0 && d.field == field && d.message.contains(needle)),
-        "no {field} error at line {line} containing {needle:?}; got:\n{}",
-        ConfigError {
-            diagnostics: diags.to_vec()
-        }
-    );
+    assert_diag(diags, line, None, field, needle);
 }
 
 #[test]

@@ -1,35 +1,23 @@
 //! `[[nodes]] labels = { ... }`: Kubernetes label syntax, reserved prefixes, and every bad key
 //! or value reported at its own line and column with its field path.
 
-use std::path::Path;
+mod common;
 
-use rackseed_config::{self as config, ConfigError, Diagnostic};
-
-fn parse(text: &str) -> Result<config::Loaded, Vec<Diagnostic>> {
-    config::parse(text, Path::new("/cfg/lab.toml")).map_err(|e| e.diagnostics)
-}
+use common::{assert_diag, cluster, parse};
+use rackseed_config::Diagnostic;
 
 /// A config whose second `[[nodes]]` entry has `labels` on line 13.
 fn config(labels: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n\n\
-         [[nodes]]\nmac = \"dc:a6:32:00:00:01\"\nhostname = \"n1\"\n\n\
-         [[nodes]]\nlabels = {labels}\nmac = \"dc:a6:32:00:00:02\"\nhostname = \"n2\"\n"
-    )
+    cluster("")
+        + &format!(
+            "\n[[nodes]]\nmac = \"dc:a6:32:00:00:01\"\nhostname = \"n1\"\n\n\
+             [[nodes]]\nlabels = {labels}\nmac = \"dc:a6:32:00:00:02\"\nhostname = \"n2\"\n"
+        )
 }
 
 #[track_caller]
 fn assert_error(diags: &[Diagnostic], line: usize, col: usize, field: &str, needle: &str) {
-    assert!(
-        diags.iter().any(|d| d.line == line
-            && d.col == col
-            && d.field == field
-            && d.message.contains(needle)),
-        "no {field} error at {line}:{col} containing {needle:?}; got:\n{}",
-        ConfigError {
-            diagnostics: diags.to_vec()
-        }
-    );
+    assert_diag(diags, line, Some(col), field, needle);
 }
 
 #[test]

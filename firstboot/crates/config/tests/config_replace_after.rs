@@ -2,20 +2,12 @@
 //! replaces it. Default 15 minutes; a duration from 1 minute to 30 days; anything else is
 //! refused at its file:line:col.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use rackseed_config::{self as config, DEFAULT_REPLACE_AFTER};
-
-fn cluster(extra: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n{extra}\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n"
-    )
-}
-
-fn load(text: &str) -> Result<config::Loaded, config::ConfigError> {
-    config::parse(text, Path::new("/cfg/lab.toml"))
-}
+use common::{assert_refused_at, cluster, load};
+use rackseed_config::DEFAULT_REPLACE_AFTER;
 
 #[test]
 fn the_default_is_fifteen_minutes_and_a_value_is_read() {
@@ -34,15 +26,7 @@ fn too_short_too_long_or_malformed_is_refused_at_its_position() {
         ("\"soon\"", "expected a duration"),
         ("15", "cluster.replace-after"),
     ] {
-        let e = load(&cluster(&format!("replace-after = {value}"))).unwrap_err();
-        let d = e
-            .diagnostics
-            .iter()
-            .find(|d| d.field == "cluster.replace-after")
-            .unwrap_or_else(|| panic!("{value}: {e}"));
-        assert_eq!(d.line, 3, "{value}: {e}");
-        assert_eq!(d.col, 17, "{value}: {e}");
-        assert!(e.to_string().contains(needle), "{value}: {e}");
-        assert!(e.to_string().contains("/cfg/lab.toml:3:17"), "{value}: {e}");
+        let text = cluster(&format!("replace-after = {value}"));
+        assert_refused_at(&text, "cluster.replace-after", 3, 17, needle);
     }
 }

@@ -2,19 +2,10 @@
 //! MicroK8s' six full members (3 voters + 3 standbys); values outside 0–6 are refused at their
 //! line; more full members than MicroK8s keeps are warned.
 
-use std::path::Path;
+mod common;
 
-use rackseed_config::{self as config, default_standbys};
-
-fn cluster(extra: &str) -> String {
-    format!(
-        "[cluster]\nname = \"lab\"\n{extra}\n[image]\ntarget = \"x86_64-efi\"\nbase = {{ kind = \"bootstrap\", suite = \"bookworm\" }}\n"
-    )
-}
-
-fn load(text: &str) -> Result<config::Loaded, config::ConfigError> {
-    config::parse(text, Path::new("/cfg/lab.toml"))
-}
+use common::{cluster, load};
+use rackseed_config::default_standbys;
 
 #[test]
 fn the_default_fills_microk8s_six_full_members() {
