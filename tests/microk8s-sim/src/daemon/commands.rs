@@ -29,6 +29,7 @@ impl Daemon {
             ["leave", ..] => self.cmd_leave().await,
             ["remove-node", rest @ ..] => self.cmd_remove_node(rest).await,
             ["helm3", rest @ ..] => self.cmd_helm(rest).await,
+            ["ctr", rest @ ..] => self.cmd_ctr(rest).await,
             ["kubectl", rest @ ..] if super::helm::handles_kubectl(rest) => {
                 self.cmd_kubectl_tools(rest).await
             }
@@ -293,9 +294,14 @@ impl Daemon {
             // depend on it; a lone node (never joined, or left before) re-initialises, exit 0.
             let others = st.view.members().count() > 1;
             if !st.worker && voters == [self.name().to_owned()] && others {
+                // leave.py's three lines, on stdout (`print`).
                 return Out::fail(
                     3,
-                    "This node holds the only copy of the Kubernetes database. Refusing to leave.\n",
+                    "This node currently holds the only copy of the Kubernetes database so it \
+                     cannot leave the cluster.\n\
+                     To remove this node you can either first remove all other nodes with \
+                     'microk8s remove-node' or\n\
+                     form a highly available cluster by adding at least three nodes.\n",
                 );
             }
             // The old cluster's view without this node in dqlite; its Node object stays (A6).
