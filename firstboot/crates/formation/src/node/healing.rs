@@ -68,17 +68,28 @@ impl Node {
         if rec.electorate_old.is_some() {
             return Some(Op::FinishHandover);
         }
-        // 3. remove the dead members.
+        // 3. remove the dead members, and release the dead holders of tentative places (a
+        // reclaimed slot whose join may have gone through: `remove-node --force` as well).
+        let tentative = rec
+            .tentative
+            .keys()
+            .filter(|id| !rec.members.contains_key(*id));
         let remove: Vec<Op> = rec
             .members
             .keys()
+            .chain(tentative)
             .filter(|id| self.is_dead(now, id))
             .map(|id| {
                 let secs = self.unseen_for(now, id).unwrap_or_default().as_secs();
+                let what = if rec.members.contains_key(id) {
+                    "removed"
+                } else {
+                    "its join unconfirmed (slot reclaimed), released"
+                };
                 Op::Remove {
                     node: id.clone(),
                     reason: format!(
-                        "unseen for {}m{:02}s (replace-after {}s), removed by {}",
+                        "unseen for {}m{:02}s (replace-after {}s), {what} by {}",
                         secs / 60,
                         secs % 60,
                         self.params.replace_after.as_secs(),

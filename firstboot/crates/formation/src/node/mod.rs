@@ -539,10 +539,13 @@ impl Node {
             watch.insert(h.cluster.seed.clone());
             watch.insert(h.authority.clone());
         }
-        // The slot authority watches every member and every member of the electorate: it
-        // removes and replaces those unseen for `replace_after` (by its own clock only).
+        // The slot authority watches every member, every holder of a slot or a tentative
+        // place and every member of the electorate: it removes (releases) and replaces those
+        // unseen for `replace_after` (by its own clock only).
         if let Some(r) = self.chosen().filter(|r| r.authority == self.me) {
             watch.extend(r.members.keys().cloned());
+            watch.extend(r.tentative.keys().cloned());
+            watch.extend(r.slots.iter().map(|s| s.node.clone()));
             watch.extend(r.quorum_sets().flatten().cloned());
             watch.extend(r.converting.iter().map(|c| c.node.clone()));
         }

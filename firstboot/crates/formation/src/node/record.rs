@@ -48,7 +48,9 @@ pub enum Op {
     AddonsDone,
     /// Remove the dead member `node` (unseen for `replace_after` by the authority, `me`):
     /// out of the members, its slot and tentative place freed, a [`Removal`] noted for
-    /// `microk8s remove-node <ip> --force`. Never the proposer itself.
+    /// `microk8s remove-node <ip> --force`. Never the proposer itself. A dead node that is
+    /// no member but holds a tentative place (its slot was reclaimed: it may have joined) is
+    /// released the same way, with the role of that place; a conversion of `node` ends.
     Remove {
         node: NodeId,
         reason: String,
@@ -282,8 +284,10 @@ fn mark_addons_done(r: &mut Record, me: &NodeId) {
 
 /// Role for the next joiner: pinned roles first; otherwise control plane (a full MicroK8s
 /// member) while fewer than `control_plane + standbys` are counted, keeping places for pinned
-/// control-plane nodes not yet in. MicroK8s itself makes the first three voters and the next
-/// ones standbys.
+/// control-plane nodes not yet in (not for one the record removed: it is gone, and its place
+/// is free again). The worker being converted gets a free place without that reservation: it
+/// left to fill it, and a worker join would only start the next conversion. MicroK8s itself
+/// makes the first three voters and the next ones standbys.
 fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
     let cp = params.control_plane as usize + params.standbys as usize;
     let counted = r.control_plane_count();
@@ -293,15 +297,18 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
         Some(Role::ControlPlane) if counted < cp => Role::ControlPlane,
         Some(Role::ControlPlane) => Role::Worker,
         None => {
+            let converting = r.converting.as_ref().is_some_and(|c| c.node == *to);
             let reserved = params
                 .pinned_roles
                 .iter()
                 .filter(|(id, role)| {
                     **role == Role::ControlPlane
+                        && !converting
                         && *id != to
                         && !r.members.contains_key(*id)
                         && !r.tentative.contains_key(*id)
                         && r.slot_of(id).is_none()
+                        && !r.removed.iter().any(|x| x.node == **id)
                 })
                 .count();
             if counted + reserved < cp {
@@ -313,12 +320,18 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
     }
 }
 
-/// Remove the dead member `node`, if I am the authority and it is a member other than me.
+/// Remove the dead member `node`, if I am the authority and it is a member other than me;
+/// or release the tentative place of `node` (a reclaimed slot: it may have joined) if it is
+/// no member but holds one. Either way `microk8s remove-node --force` is to follow.
 fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>, me: &NodeId) {
     if r.authority != *me || node == me {
         return;
     }
-    let Some(role) = r.members.remove(node) else {
+    let Some(role) = r
+        .members
+        .remove(node)
+        .or_else(|| r.tentative.get(node).copied())
+    else {
         return;
     };
     // A worker removed before it left (dead, re-flashed) is converted no more.
