@@ -775,19 +775,30 @@ mod tests {
         (world, nodes)
     }
 
-    #[tokio::test]
-    async fn three_control_planes_and_workers_form_ha() {
-        let s = ClusterSecret::from_bytes([7; 32]);
-        let (world, nodes) = cluster(5, &s).await;
-        let t = JoinTarget::new(ip(1), s.microk8s_token());
-        for (i, n) in nodes.iter().enumerate().skip(1) {
-            let role = if i < 3 {
+    /// [`cluster`] of `n` nodes joined through the first: nodes `1..control_planes` as
+    /// control plane, the rest as workers.
+    async fn joined(
+        n: usize,
+        control_planes: usize,
+        secret: &ClusterSecret,
+    ) -> (FakeWorld, Vec<FakeMicrok8s>) {
+        let (world, nodes) = cluster(n, secret).await;
+        let t = JoinTarget::new(ip(1), secret.microk8s_token());
+        for (i, node) in nodes.iter().enumerate().skip(1) {
+            let role = if i < control_planes {
                 JoinRole::ControlPlane
             } else {
                 JoinRole::Worker
             };
-            n.join(&t, role).await.unwrap();
+            node.join(&t, role).await.unwrap();
         }
+        (world, nodes)
+    }
+
+    #[tokio::test]
+    async fn three_control_planes_and_workers_form_ha() {
+        let s = ClusterSecret::from_bytes([7; 32]);
+        let (world, nodes) = joined(5, 3, &s).await;
         let Status::Running(st) = nodes[0].status().await.unwrap() else {
             panic!("seed not running")
         };
@@ -858,16 +869,7 @@ mod tests {
     #[tokio::test]
     async fn leave_refuses_the_only_copy_and_a_node_not_in_a_cluster() {
         let s = ClusterSecret::from_bytes([5; 32]);
-        let (world, nodes) = cluster(5, &s).await;
-        let t = JoinTarget::new(ip(1), s.microk8s_token());
-        for (i, n) in nodes.iter().enumerate().skip(1) {
-            let role = if i < 4 {
-                JoinRole::ControlPlane
-            } else {
-                JoinRole::Worker
-            };
-            n.join(&t, role).await.unwrap();
-        }
+        let (world, nodes) = joined(5, 4, &s).await;
         // Voters n0..n2, standby n3, worker n4. Two voters leave: n0 is the only voter
         // left while n3 still depends on it.
         nodes[1].leave().await.unwrap();
@@ -935,11 +937,7 @@ mod tests {
     #[tokio::test]
     async fn losing_voters_keeps_then_loses_quorum_and_promotes_standby() {
         let s = ClusterSecret::from_bytes([2; 32]);
-        let (world, nodes) = cluster(4, &s).await;
-        let t = JoinTarget::new(ip(1), s.microk8s_token());
-        for n in &nodes[1..] {
-            n.join(&t, JoinRole::ControlPlane).await.unwrap();
-        }
+        let (world, nodes) = joined(4, 4, &s).await;
         world.set_up(ip(3), false);
         let Status::Running(st) = nodes[0].status().await.unwrap() else {
             panic!("quorum should hold")
