@@ -1,18 +1,14 @@
 //! The CLI conveniences, run as a user would: shell completions and man pages, `imagebuilder
 //! flash` onto a regular file (needs `bmaptool`, Debian package bmap-tools), and `imagebuilder qemu` mounted as a subcommand.
 
+mod cli_support;
+
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use rackseed_host::command::{Cmd, Output};
-
-fn imagebuilder(args: &[&str]) -> Output {
-    Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
-}
+use cli_support::imagebuilder;
+use rackseed_host::command::Cmd;
 
 #[test]
 fn completions_name_every_subcommand_in_each_shell() {

@@ -1,18 +1,12 @@
 //! `imagebuilder secret new`: a fresh 256-bit secret, mode 0600, never overwritten, never
 //! printed.
 
+mod cli_support;
+
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
-use rackseed_host::command::{Cmd, Output};
+use cli_support::imagebuilder;
 use rackseed_protocol::secret::ClusterSecret;
-
-fn imagebuilder(args: &[&str]) -> Output {
-    Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
-}
 
 #[test]
 fn writes_a_new_secret_with_mode_0600_and_never_prints_it() {

@@ -1,21 +1,19 @@
 //! `imagebuilder validate` as a user runs it: the real binary, exit codes, and where the
 //! messages go (warnings and errors on stderr, the `ok:` summary on stdout).
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+mod cli_support;
 
-use rackseed_host::command::{Cmd, Output};
+use std::path::{Path, PathBuf};
+
+use rackseed_host::command::Output;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `imagebuilder args` from the repository's root, where the example configs are.
 fn imagebuilder(args: &[&str]) -> Output {
-    Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))
-        .args(args)
-        .current_dir(repo())
-        .output_blocking()
-        .expect("running imagebuilder")
+    cli_support::imagebuilder_in(&repo(), args)
 }
 
 #[test]

@@ -4,22 +4,14 @@
 //! The "no node answers" case runs in a network namespace of its own (root; iproute2), so no
 //! cluster on this machine can answer.
 
+mod cli_support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
 
+use cli_support::{imagebuilder, BIN, RUN_BOUND};
 use netns_lab::Lab;
-use rackseed_host::command::{Cmd, Output};
 use rackseed_protocol::secret::ClusterSecret;
-
-const BIN: &str = env!("CARGO_BIN_EXE_imagebuilder");
-
-fn imagebuilder(args: &[&str]) -> Output {
-    Cmd::new(BIN, Duration::from_secs(60))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
-}
 
 /// The folder's file names, sorted.
 fn names(dir: &Path) -> Vec<String> {
@@ -90,7 +82,7 @@ fn with_no_node_answering_nothing_is_switched_or_left_behind() {
     old.write_new(&secret).unwrap();
     let out = lab
         .host(0)
-        .cmd(BIN, Duration::from_secs(60))
+        .cmd(BIN, RUN_BOUND)
         .args(["secret", "rotate", "--secret"])
         .arg(&secret)
         .args(["--discover", "2s", "--timeout", "2s"])

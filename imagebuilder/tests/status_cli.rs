@@ -1,17 +1,11 @@
 //! `imagebuilder status` / `kubeconfig` refuse bad input before touching the network, with
 //! messages that name the file.
 
+mod cli_support;
+
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
-use rackseed_host::command::{Cmd, Output};
-
-fn imagebuilder(args: &[&str]) -> Output {
-    Cmd::new(env!("CARGO_BIN_EXE_imagebuilder"), Duration::from_secs(60))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
-}
+use cli_support::imagebuilder;
 
 #[test]
 fn bad_config_or_secret_is_refused_naming_the_file() {
