@@ -491,6 +491,10 @@ pub fn load_imported(state_dir: &Path) -> ImportedImages {
 
 fn store_imported(state_dir: &Path, rec: &ImportedImages) -> Result<(), PrepError> {
     let path = state_dir.join(IMAGES_IMPORTED_FILE);
+    std::fs::create_dir_all(state_dir).map_err(|e| PrepError::Write {
+        path: path.clone(),
+        reason: format!("creating {}: {e}", state_dir.display()),
+    })?;
     let json = serde_json::to_vec_pretty(rec).map_err(|e| PrepError::Write {
         path: path.clone(),
         reason: e.to_string(),

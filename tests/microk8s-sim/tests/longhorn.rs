@@ -126,13 +126,58 @@ fn helm(n: &SimNode, args: &[&str]) -> (i32, String, String) {
     })
 }
 
+/// The images the test chart runs (a part of longhorn 1.7.2's `values.yaml`, same layout).
+const CHART_IMAGES: [&str; 3] = [
+    "longhornio/longhorn-manager:v1.7.2",
+    "longhornio/longhorn-engine:v1.7.2",
+    "longhornio/csi-attacher:v4.7.0",
+];
+/// The staged image archive's name.
+const IMAGES_TAR: &str = "longhorn-images.tar";
+
+/// A chart archive as `helm package` writes it: `longhorn/Chart.yaml` and `longhorn/values.yaml`
+/// naming [`CHART_IMAGES`] (plus OpenShift's empty entry, which runs nothing).
+fn write_chart(path: &Path) {
+    let values = "image:\n  longhorn:\n    manager:\n      repository: longhornio/longhorn-manager\n      tag: v1.7.2\n    engine:\n      repository: longhornio/longhorn-engine\n      tag: v1.7.2\n  csi:\n    attacher:\n      repository: longhornio/csi-attacher\n      tag: v4.7.0\n  openshift:\n    oauthProxy:\n      repository: \"\"\n      tag: \"\"\n  pullPolicy: IfNotPresent\n";
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("longhorn/Chart.yaml", "name: longhorn\nversion: 1.7.2\n"),
+        ("longhorn/values.yaml", values),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_bytes()).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+    std::fs::write(path, gz.finish().unwrap()).unwrap();
+}
+
+/// The staged folder: with the chart, also an image archive holding every image it runs.
 fn staged(dir: &Path, with_chart: bool) -> PathBuf {
     let s = dir.join("staged");
     std::fs::create_dir_all(&s).unwrap();
     if with_chart {
-        std::fs::write(s.join(longhorn::chart_archive_name()), b"chart").unwrap();
+        write_chart(&s.join(longhorn::chart_archive_name()));
+        firstboot::addons::fakes::write_image_archive(&s.join(IMAGES_TAR), &CHART_IMAGES).unwrap();
     }
     s
+}
+
+fn ctr(n: &SimNode, args: &[&str]) -> (i32, String, String) {
+    let bin = n.dir.join("bin/microk8s");
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    n.run(move |_| async move {
+        let o = Cmd::new(&bin, Duration::from_secs(20))
+            .arg("ctr")
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        (o.code().unwrap_or(-1), o.stdout, o.stderr)
+    })
 }
 
 #[test]
@@ -157,6 +202,15 @@ fn longhorn_installs_from_the_staged_chart_with_the_values_and_snapshots() {
         done.contains("1 replicas per volume on 1 ready nodes"),
         "{done}"
     );
+    // Offline, it could only because the step imported the staged images first.
+    let (code, out, _) = ctr(&n, &["image", "ls", "-q"]);
+    assert_eq!(code, 0);
+    let mut want: Vec<String> = CHART_IMAGES
+        .iter()
+        .map(|i| format!("docker.io/{i}"))
+        .collect();
+    want.sort();
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
     let c = calls(&n);
     assert_eq!(
         summary(&c),
@@ -559,4 +613,110 @@ fn replicas_follow_the_ready_nodes_up_to_three_and_workers_have_no_helm() {
         c.iter().all(|c| c["worker"] == true && c["code"] == 0),
         "{c:#?}"
     );
+}
+
+#[test]
+fn offline_helm_waits_for_the_images_on_every_ready_node_and_ctr_is_strict() {
+    let lab = Lab::new(2).expect("creating the network lab (this test must run as root)");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("commands.jsonl");
+    let rt = runtime();
+    let _g = rt.enter();
+    let env = [
+        ("MICROK8S_SIM_OFFLINE", "1"),
+        ("MICROK8S_SIM_HELM_WAIT_MS", "1500"),
+    ];
+    let mut nodes: Vec<SimNode> = (0..2)
+        .map(|i| SimNode::new(&lab, i, dir.path(), &log, &env))
+        .collect();
+    for n in &mut nodes {
+        n.install_and_start();
+    }
+    join_worker(&nodes[0], &nodes[1]);
+    let staged_dir = staged(dir.path(), true);
+    let archive = staged_dir.join(IMAGES_TAR);
+
+    // ctr refuses what containerd's importer refuses, with its words; nothing is imported.
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, "<html>".repeat(200)).unwrap();
+    let (code, _, err) = ctr(&nodes[0], &["image", "import", junk.to_str().unwrap()]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "ctr: archive/tar: invalid tar header\n")
+    );
+    let good = std::fs::read(&archive).unwrap();
+    let cut = dir.path().join("cut.tar");
+    std::fs::write(&cut, &good[..2000]).unwrap();
+    let (code, _, err) = ctr(&nodes[0], &["image", "import", cut.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err, "ctr: failed to ingest \"layer.tar\": unexpected EOF\n");
+    let (code, _, err) = ctr(&nodes[0], &["image", "import", "/nonexistent.tar"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "ctr: open /nonexistent.tar: no such file or directory\n")
+    );
+    assert_eq!(ctr(&nodes[0], &["image", "ls", "-q"]).1, "");
+
+    // The control-plane node imports; the worker has not: helm's --wait times out.
+    let (code, out, err) = ctr(&nodes[0], &["image", "import", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.starts_with("unpacking docker.io/longhornio/"), "{out}");
+    let imported = microk8s_sim::daemon::imported_images(&nodes[0].dir.join("state"));
+    assert_eq!(imported.len(), 3, "{imported:?}");
+    let chart = staged_dir.join(longhorn::chart_archive_name());
+    let values = dir.path().join("v.yaml");
+    std::fs::write(&values, "persistence:\n  defaultClassReplicaCount: 2\n").unwrap();
+    let install = || {
+        helm(
+            &nodes[0],
+            &[
+                "upgrade",
+                "--install",
+                "longhorn",
+                chart.to_str().unwrap(),
+                "--version",
+                "1.7.2",
+                "--namespace",
+                "longhorn-system",
+                "--create-namespace",
+                "--values",
+                values.to_str().unwrap(),
+                "--wait",
+                "--timeout",
+                "900s",
+            ],
+        )
+    };
+    let (code, _, err) = install();
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "Error: context deadline exceeded\n")
+    );
+    let last = calls(&nodes[0]).pop().unwrap();
+    let stuck = &last["image_pull_backoff"];
+    assert_eq!(
+        stuck.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["node-1"],
+        "{last:#}"
+    );
+    assert_eq!(stuck["node-1"].as_array().unwrap().len(), 3, "{last:#}");
+    let (_, out, _) = helm(&nodes[0], &["list", "-n", "longhorn-system", "-o", "json"]);
+    let rel: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rel[0]["status"], "failed", "{rel}");
+
+    // Once the worker imported them too, the release comes up (an upgrade of the failed one).
+    let (code, _, err) = ctr(&nodes[1], &["images", "import", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = install();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("has been upgraded"), "{out}");
+    let (_, out, _) = helm(&nodes[0], &["list", "-n", "longhorn-system", "-o", "json"]);
+    let rel: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rel[0]["status"], "deployed", "{rel}");
+
+    // `ctr image ls` without -q is ctr's table.
+    let (code, out, _) = ctr(&nodes[1], &["image", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("REF\tTYPE"), "{out}");
 }

@@ -110,6 +110,8 @@ impl Daemon {
                 }))
             }
             ("GET", "/sim/v1/view") => Response::ok(json!(self.lock().view)),
+            // This node's containerd images (`images`), for a peer's helm --wait.
+            ("GET", "/sim/v1/images") => Response::ok(json!(self.image_names())),
             ("POST", "/sim/v1/view") => match serde_json::from_value::<View>(body) {
                 Ok(v) => Response::ok(json!({"taken": self.offer(v)})),
                 Err(e) => Response::error(400, format!("bad view: {e}")),

@@ -45,10 +45,23 @@
 //! - `kubectl wait --for=condition=Established`: waits up to `--timeout` for each named CRD;
 //!   an unknown CRD fails NotFound.
 //!
+//! - `--wait` with `MICROK8S_SIM_OFFLINE=1` (a node without registry access) and a chart
+//!   archive: the chart's pods start only where their images are in containerd, so helm waits
+//!   (polling, up to `MICROK8S_SIM_HELM_WAIT_MS`, default 200 ms, standing for `--timeout`)
+//!   until every Ready node (alive in the view, workers included, each asked over its agent)
+//!   holds every image the chart runs (`images::chart_images`: the archive's `values.yaml`
+//!   merged with the release's values); otherwise it fails as helm does when `--wait` times
+//!   out: `Error: context deadline exceeded` (`Error: UPGRADE FAILED: …` for an existing
+//!   release), exit 1, the release recorded `failed` (its objects applied), and the call
+//!   record names each stuck node's missing images under `image_pull_backoff` (what `kubectl
+//!   get pods` would show as ImagePullBackOff). A chart archive whose images cannot be read
+//!   then is refused with a simulator message.
+//!
 //! What it **cannot** check: the chart's templates and every value outside the list above
-//! (recorded as `unchecked`), whether images can be pulled or pods start (`--wait` sleeps
-//! `MICROK8S_SIM_HELM_WAIT_MS`, default 200 ms, and succeeds), RBAC semantics, and whether a
-//! real chart archive is valid. Volumes are not created by anything: tests put Longhorn
+//! (recorded as `unchecked`), whether pods start for other reasons (online, `--wait` sleeps
+//! `MICROK8S_SIM_HELM_WAIT_MS` and succeeds), the images of objects applied with `kubectl
+//! apply` (the snapshot controller's Deployment is not waited for), RBAC semantics, and, except
+//! offline with `--wait`, whether a real chart archive is valid. Volumes are not created by anything: tests put Longhorn
 //! volumes in with `kubectl apply` (the simulator keeps their `status`, which the real API
 //! server would ignore on apply).
 
@@ -77,7 +90,7 @@ pub const HELM_WORKER_MSG: &str = "This MicroK8s deployment is acting as a node 
 pub const ESTABLISH_DELAY: Duration = Duration::from_millis(300);
 
 /// Serialises read-modify-write of `k8s.json` and the call log within the daemon.
-static STATE_LOCK: Mutex<()> = Mutex::new(());
+pub(super) static STATE_LOCK: Mutex<()> = Mutex::new(());
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct K8s {
@@ -385,12 +398,51 @@ impl Daemon {
             );
         }
         rec["unchecked"] = json!(unchecked);
+        // Offline, the pods start only on nodes that imported every image the chart runs.
+        let offline = std::env::var("MICROK8S_SIM_OFFLINE").as_deref() == Ok("1");
+        let needed = if offline && wait && source == "archive" {
+            match super::images::chart_images(Path::new(chart.as_str()), &values) {
+                Ok(n) => Some(n),
+                Err(e) => return (Out::err(1, format!("microk8s simulator: cannot read the images of chart {chart} (with MICROK8S_SIM_OFFLINE=1 they must have been imported): {e}\n")), rec),
+            }
+        } else {
+            None
+        };
+        let mut timed_out = false;
         if wait {
             let ms = std::env::var("MICROK8S_SIM_HELM_WAIT_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(200);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+            match &needed {
+                None => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Some(needed) => loop {
+                    let stuck: BTreeMap<String, Vec<String>> = self
+                        .ready_nodes_images()
+                        .await
+                        .into_iter()
+                        .filter_map(|(node, have)| {
+                            let lack: Vec<String> = needed
+                                .iter()
+                                .filter(|i| !have.as_ref().is_some_and(|h| h.contains(*i)))
+                                .cloned()
+                                .collect();
+                            (!lack.is_empty()).then_some((node, lack))
+                        })
+                        .collect();
+                    if stuck.is_empty() {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        // What `kubectl get pods` would show: ImagePullBackOff on these nodes.
+                        rec["image_pull_backoff"] = json!(stuck);
+                        timed_out = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                },
+            }
         }
         let _g = STATE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let mut k = load(self);
@@ -414,7 +466,7 @@ impl Daemon {
                 chart: "longhorn".into(),
                 version: chart_version.clone(),
                 revision,
-                status: "deployed".into(),
+                status: if timed_out { "failed" } else { "deployed" }.into(),
             },
         );
         register_longhorn(&mut k, &values);
@@ -424,7 +476,25 @@ impl Daemon {
             stdout.push_str(&format!(
                 "Release \"{release}\" does not exist. Installing it now.\n"
             ));
-        } else {
+        }
+        if timed_out {
+            // helm's --wait polls until its context's deadline; a first install returns the
+            // bare error, an upgrade wraps it (helm cmd/helm/upgrade.go, pkg/kube/wait.go).
+            let err = if first {
+                "Error: context deadline exceeded\n"
+            } else {
+                "Error: UPGRADE FAILED: context deadline exceeded\n"
+            };
+            return (
+                Out {
+                    code: 1,
+                    stdout,
+                    stderr: err.into(),
+                },
+                rec,
+            );
+        }
+        if !first {
             stdout.push_str(&format!(
                 "Release \"{release}\" has been upgraded. Happy Helming!\n"
             ));
@@ -977,7 +1047,7 @@ fn join(path: &str, key: &str) -> String {
 }
 
 /// Deep merge of helm values files (later files win).
-fn merge(into: &mut Value, from: &Value) {
+pub(super) fn merge(into: &mut Value, from: &Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {

@@ -12,7 +12,9 @@
 //! - `commands`: the other CLI commands, dispatched by [`Daemon::run_command`];
 //! - `dbctl`: `microk8s dbctl backup|restore` of the datastore (kine keys);
 //! - `helm`: `helm3` and the `kubectl` apply/wait/get calls for Longhorn and CSI snapshots,
-//!   recorded and checked.
+//!   recorded and checked;
+//! - `images`: `ctr image import|ls`, the node's containerd images (what an offline helm
+//!   install's pods need on every Ready node).
 //!
 //! To add a command, add an arm to [`Daemon::run_command`] and its behaviour to `commands`
 //! (or a module of its own when it talks to other nodes, as `join` does).
@@ -23,6 +25,7 @@ mod commands;
 mod datastore;
 mod dbctl;
 mod helm;
+mod images;
 mod join;
 mod kubectl_label;
 mod replication;
@@ -43,6 +46,7 @@ use crate::{agent_cert, http};
 pub use commands::cmd_config;
 pub use dbctl::dbctl_main;
 pub use helm::{calls_path as cluster_tools_log, read_calls as cluster_tools_calls};
+pub use images::{read_images as imported_images, ImportedImage};
 pub use join::{fingerprint_of, valid_connection_parts};
 
 /// Printed by `is_cluster_locked` on worker nodes (A5).
