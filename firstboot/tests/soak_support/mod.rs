@@ -2,14 +2,24 @@
 //! namespaces, a fault scheduler driven by one seed, invariants checked every 200 ms while the
 //! faults run, and convergence measured once they stop.
 //!
-//! Each node has (under the soak's temporary folder) `bin/` wrappers for the simulator as in
+//! The soak's folder is a tmpfs mounted on a temporary folder under [`SOAK_PARENT`]. Each node
+//! has there `bin/` wrappers for the simulator as in
 //! `agent_support`, `root/` (its machine id and the time-synchronisation files the agent reads,
 //! `usr/lib/systemd/systemd-timesyncd` and `run/systemd/timesync/synchronized`), `state/` (the
 //! agent's state folder, a 1 MiB tmpfs so it can be filled and made read-only), `sim/` (the
 //! simulated MicroK8s), `agent.log`, `daemon.log` and, for nodes with a clock fault,
 //! `faketime` (libfaketime's offset file: the agent and its MicroK8s run with libfaketime
 //! preloaded and only their wall clock moves; `FAKETIME_DONT_FAKE_MONOTONIC=1`, as an NTP step
-//! leaves CLOCK_MONOTONIC alone).
+//! leaves CLOCK_MONOTONIC alone). Those processes see a private `/dev/shm` ([`SHM_PRIVATE`]),
+//! so the files libfaketime leaves when a process is killed go with it; the soak's end and
+//! the clocks test check that none appeared on the host.
+//!
+//! The cluster has an `api-address` ([`API_ADDRESS`]) and the agents run real keepalived
+//! (`--keepalived-bin`, as `api_address.rs` does), its pid files and log on a tmpfs of their
+//! own at `state/keepalived`; the simulator serves `/readyz` on 16443, which keepalived's
+//! health check asks. keepalived outlives a killed agent (as under systemd) and dies in a power
+//! cut, which also takes the address off the interface (a machine without power holds
+//! nothing).
 //!
 //! The schedule is a pure function of the seed ([`Schedule::new`]): which node's clock starts
 //! years behind, when NTP answers it, and every fault (kind, node(s), start, duration). The
@@ -34,7 +44,12 @@
 //! worker join during one; a join process the soak killed ends with its kill); control plane
 //! (dqlite members) never above its configured size; every addon enabled at most once (no
 //! `enable X` starts after one succeeded); no secret or token in any agent or MicroK8s log; no
-//! panic; `state.json`/`addons.json` always parse; agent RSS below [`RSS_BOUND_KIB`]. An agent
+//! panic; `state.json`/`addons.json` always parse; agent RSS below [`RSS_BOUND_KIB`]; at most one
+//! holder of the API address among the nodes of the majority side (read in every node's
+//! namespace over netlink; during a partition the side with more than half of the configured
+//! control plane among its members, else the whole cluster; a cut-off minority may hold it
+//! until its API server's readiness fails, and is only counted). After the heal the address
+//! must have exactly one holder, answering `/readyz` through the address. An agent
 //! that exits on its own is restarted (systemd's `Restart=on-failure`) and counted, not a
 //! violation: exiting on an error it cannot handle (a state file it cannot write) is the
 //! service's contract.
@@ -90,7 +105,10 @@ pub const SHM_PRIVATE: &str = "mount -t tmpfs -o size=1m,mode=1777 rsoak-shm /de
 /// heartbeat (peer timeout 20 s / 4 = 5 s), and a node restarted at the heal may wait for time
 /// synchronisation ([`TIME_SYNC_WAIT_S`] = 20 s) before it installs. 35.5 + 5 + 2 + 5 + 20 =
 /// 67.5 s, plus a join timeout's worth of slack for a join that hangs on a peer cut at the
-/// last moment: 90 s.
+/// last moment: 90 s. The API address's one holder answering through it is part of it: once
+/// the control plane is formed, keepalived on a member whose API is ready claims within its
+/// master-down interval (3 adverts of 2 s plus skew, 6.5 s at most) after the agent's next
+/// MicroK8s poll, well inside the slack.
 pub const CONVERGENCE_BOUND: Duration = Duration::from_secs(90);
 
 /// A small, fully specified generator (SplitMix64), so a seed means the same schedule on every
