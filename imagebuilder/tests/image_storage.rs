@@ -2,9 +2,11 @@
 //! list the builder cannot change): the config asks for Longhorn, a floating API address and
 //! MetalLB's automatic range, so `addons.offline` holds real `.deb` files (made with
 //! `dpkg-deb --build`) of Longhorn's prerequisites, keepalived, curl and iputils-arping, and
-//! Longhorn's chart; the image carries them under `/var/lib/rackseed/storage` (0644, byte for
-//! byte, still packages dpkg reads), the in-image config points there, and the build says that
-//! container images are not staged. A folder missing a package the nodes need fails the build
+//! Longhorn's chart with an archive of the container images it runs (made with `tar` in
+//! `docker save`'s layout); the image carries them under `/var/lib/rackseed/storage` (0644,
+//! byte for byte, still packages dpkg reads), the in-image config points there, and the build
+//! no longer warns that the nodes will pull the images (the refusals of an archive missing an
+//! image or cut short are unit tests in `customize::storage`). A folder missing a package the nodes need fails the build
 //! before any output exists, naming the package and the setting that needs it. Needs root and the image tools (`common::require_all_tools`);
 //! the official-shaped fixture is cached across runs.
 //!
@@ -48,22 +50,77 @@ async fn staged_folder(dir: &Path, packages: &[&str]) -> PathBuf {
         let deb = make_deb(&work, p).await;
         std::fs::copy(&deb, staged.join(deb.file_name().unwrap())).unwrap();
     }
-    // A stand-in chart archive (gzip data).
+    // A chart archive as `helm package` lays it out, whose values name two images (the
+    // layout of longhorn's `chart/values.yaml`).
     let chart = staged.join("longhorn-1.7.2.tgz");
-    std::fs::write(dir.join("Chart.yaml"), "name: longhorn\nversion: 1.7.2\n").unwrap();
+    let chart_dir = dir.join("chart/longhorn");
+    std::fs::create_dir_all(&chart_dir).unwrap();
+    std::fs::write(
+        chart_dir.join("Chart.yaml"),
+        "name: longhorn\nversion: 1.7.2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        chart_dir.join("values.yaml"),
+        "image:\n  longhorn:\n    manager:\n      repository: longhornio/longhorn-manager\n      \
+         tag: v1.7.2\n  csi:\n    attacher:\n      repository: longhornio/csi-attacher\n      \
+         tag: v4.7.0\n",
+    )
+    .unwrap();
+    let chart_root = dir.join("chart");
     run(
         "tar",
         &[
             "-czf",
             chart.to_str().unwrap(),
             "-C",
-            dir.to_str().unwrap(),
-            "Chart.yaml",
+            chart_root.to_str().unwrap(),
+            "longhorn",
+        ],
+    )
+    .await;
+    // Their container images (and the snapshot controller's) in a Docker archive made with
+    // tar, as `docker save` lays it out.
+    let img = dir.join("image-archive");
+    std::fs::create_dir_all(img.join("layer1")).unwrap();
+    std::fs::write(
+        img.join("config.json"),
+        r#"{"architecture":"amd64","os":"linux"}"#,
+    )
+    .unwrap();
+    std::fs::write(img.join("layer1/layer.tar"), vec![0u8; 4096]).unwrap();
+    std::fs::write(
+        img.join("manifest.json"),
+        serde_json::json!([{
+            "Config": "config.json",
+            "RepoTags": IMAGES,
+            "Layers": ["layer1/layer.tar"],
+        }])
+        .to_string(),
+    )
+    .unwrap();
+    run(
+        "tar",
+        &[
+            "-cf",
+            staged.join("longhorn-images.tar").to_str().unwrap(),
+            "-C",
+            img.to_str().unwrap(),
+            "config.json",
+            "layer1/layer.tar",
+            "manifest.json",
         ],
     )
     .await;
     staged
 }
+
+/// What the stand-in chart and the agent's snapshot controller run.
+const IMAGES: [&str; 3] = [
+    "longhornio/longhorn-manager:v1.7.2",
+    "longhornio/csi-attacher:v4.7.0",
+    rackseed_config::LONGHORN_SNAPSHOT_CONTROLLER_IMAGE,
+];
 
 fn sample_with_storage(dir: &Path, staged: &Path) -> Sample {
     let fixture_copy = dir.join("base.img");
@@ -134,11 +191,11 @@ async fn an_official_shaped_base_carries_the_staged_storage_packages() {
     let out = imagebuilder::build::run(request(&s, &dir.path().join("out"), x86_firstboot()))
         .await
         .expect("build with staged storage packages");
-    // The build says what offline staging does not cover.
+    // Container images are staged too: no warning that the nodes will pull them.
     assert!(
-        out.warnings
+        !out.warnings
             .iter()
-            .any(|w| w.contains("stages longhorn's chart") && w.contains("not container images")),
+            .any(|w| w.contains("not container images")),
         "{:?}",
         out.warnings
     );
@@ -186,7 +243,8 @@ async fn an_official_shaped_base_carries_the_staged_storage_packages() {
     // The manifest lists the staged files.
     let manifest = std::fs::read_to_string(&out.manifest).unwrap();
     assert!(
-        manifest.contains(&format!("{STORAGE_DIR}/open-iscsi_1.0-test_amd64.deb")),
+        manifest.contains(&format!("{STORAGE_DIR}/open-iscsi_1.0-test_amd64.deb"))
+            && manifest.contains(&format!("{STORAGE_DIR}/longhorn-images.tar")),
         "{manifest}"
     );
 }
