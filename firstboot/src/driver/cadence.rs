@@ -40,6 +40,19 @@
 //! a period has passed (within half a tick). A restarted peer is found as before: it
 //! announces itself when it starts, and its peers browse continuously.
 //!
+//! [`Heartbeat::direct`]: what a due heartbeat is. A member whose announcement has not
+//! changed since it last went out over mDNS sends a direct heartbeat (one signed UDP datagram
+//! to each peer, `rackseed_protocol::discovery::heartbeat`, whose module docs say why: every
+//! mDNS packet costs each peer's mdns-sd several wakeups that scan its whole cache) and
+//! re-publishes its mDNS record only every [`MDNS_REFRESH`] (60 s, before mdns-sd's queriers
+//! would ask again for its 120-second records). Everything else goes over mDNS as before: a
+//! node that is not a member, any changed announcement (progress included), the first
+//! heartbeat after a restart, and any heartbeat the direct path cannot send (a peer without
+//! IPv4, the UDP port not bound). Liveness is unchanged for the formation core: a heartbeat
+//! of either kind arrives as a refresh of the peer's latest verified record, so `peer_timeout`,
+//! `takeover_after` and `replace-after` keep their meaning; newcomers find members over mDNS
+//! as before (their records stay published and fresh).
+//!
 //! Measured (`agent_scale`, N = 50, 60 s idle, December 2026): mDNS datagrams received per
 //! node fell from 20 to 14 a second, but mdns-sd's thread still used ~0.35 s CPU a minute,
 //! most of a formed agent's own 0.45-0.52 s: its loop scans its whole cache after every
@@ -51,6 +64,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rackseed_protocol::discovery::MDNS_REFRESH;
 use rackseed_protocol::status::Microk8sView;
 
 /// Most ticks between two polls once nothing changes (6 × 5 s = 30 s).
@@ -116,8 +130,10 @@ impl PollCadence {
 #[derive(Debug)]
 pub(super) struct Heartbeat {
     peer_timeout: Duration,
-    /// When the last announcement went out.
+    /// When the last heartbeat (of either kind) went out.
     last: Option<Instant>,
+    /// When the announcement last went out over mDNS.
+    last_mdns: Option<Instant>,
 }
 
 impl Heartbeat {
@@ -125,6 +141,7 @@ impl Heartbeat {
         Heartbeat {
             peer_timeout,
             last: None,
+            last_mdns: None,
         }
     }
 
@@ -146,8 +163,25 @@ impl Heartbeat {
             .is_none_or(|last| now + self.tick() / 2 >= last + self.period(member))
     }
 
-    /// An announcement went out at `now`.
+    /// An announcement went out over mDNS at `now`.
     pub(super) fn announced(&mut self, now: Instant) {
+        self.last = Some(now);
+        self.last_mdns = Some(now);
+    }
+
+    /// Whether the heartbeat due at `now` may be a direct one: a member whose announcement is
+    /// `unchanged` since it last went out over mDNS, less than [`MDNS_REFRESH`] ago (within
+    /// half a tick).
+    pub(super) fn direct(&self, now: Instant, member: bool, unchanged: bool) -> bool {
+        member
+            && unchanged
+            && self
+                .last_mdns
+                .is_some_and(|at| now + self.tick() / 2 < at + MDNS_REFRESH)
+    }
+
+    /// A direct heartbeat went out at `now`.
+    pub(super) fn beat(&mut self, now: Instant) {
         self.last = Some(now);
     }
 }
@@ -258,6 +292,72 @@ mod tests {
         let h = Heartbeat::new(Duration::from_secs(90));
         assert_eq!(h.period(true), Duration::from_secs(30));
         assert_eq!(h.period(false), Duration::from_millis(22_500));
+    }
+
+    /// The kinds of a member's heartbeats over `secs` seconds (`true`: direct), its
+    /// announcement changing at the ticks `changes` says.
+    fn kinds(
+        h: &mut Heartbeat,
+        t0: Instant,
+        secs: u64,
+        changed: impl Fn(f64) -> bool,
+    ) -> Vec<(f64, bool)> {
+        let mut out = Vec::new();
+        let mut at = Duration::ZERO;
+        while at <= Duration::from_secs(secs) {
+            let now = t0 + at;
+            if h.due(now, true) {
+                let direct = h.direct(now, true, !changed(at.as_secs_f64()));
+                if direct {
+                    h.beat(now);
+                } else {
+                    h.announced(now);
+                }
+                out.push(((at.as_secs_f64() * 100.0).round() / 100.0, direct));
+            }
+            at += h.tick();
+        }
+        out
+    }
+
+    #[test]
+    fn a_settled_member_beats_directly_and_refreshes_its_mdns_record_every_minute() {
+        let t0 = Instant::now();
+        let mut h = Heartbeat::new(Duration::from_secs(20));
+        let v = kinds(&mut h, t0, 130, |_| false);
+        // Every 6.67 s as before; over mDNS at 0 s, then once a minute.
+        assert!(
+            v.windows(2)
+                .all(|w| ((w[1].0 - w[0].0) - 6.67).abs() < 0.02),
+            "{v:?}"
+        );
+        let mdns: Vec<f64> = v.iter().filter(|(_, d)| !d).map(|(t, _)| *t).collect();
+        assert_eq!(mdns.len(), 3, "{mdns:?}");
+        assert!(mdns.windows(2).all(|w| w[1] - w[0] <= 60.0), "{mdns:?}");
+        assert!(mdns.windows(2).all(|w| w[1] - w[0] > 50.0), "{mdns:?}");
+        // A changed announcement goes over mDNS at the next heartbeat.
+        let mut h = Heartbeat::new(Duration::from_secs(20));
+        let v = kinds(&mut h, t0, 40, |t| (19.0..22.0).contains(&t));
+        assert_eq!(
+            v.iter().find(|(t, _)| *t > 19.0),
+            Some(&(20.0, false)),
+            "{v:?}"
+        );
+        // Not a member, or nothing over mDNS yet: never direct.
+        let h = Heartbeat::new(Duration::from_secs(20));
+        assert!(!h.direct(t0, true, true), "nothing announced yet");
+        let mut h = Heartbeat::new(Duration::from_secs(20));
+        h.announced(t0);
+        assert!(!h.direct(t0 + Duration::from_secs(7), false, true));
+        assert!(h.direct(t0 + Duration::from_secs(7), true, true));
+        // The default 90 s timeout: a member beats every 30 s, every other one over mDNS.
+        let mut h = Heartbeat::new(Duration::from_secs(90));
+        let v = kinds(&mut h, t0, 240, |_| false);
+        let kinds_only: Vec<bool> = v.iter().map(|(_, d)| *d).collect();
+        assert_eq!(
+            kinds_only,
+            vec![false, true, false, true, false, true, false, true, false]
+        );
     }
 
     #[test]

@@ -153,6 +153,9 @@ struct Runtime {
     last_status_line: String,
     /// The last announcement, re-published as a heartbeat so peers keep seeing this node.
     last_announcement: Option<Announcement>,
+    /// The announcement as it last went out over mDNS (a member beats directly while the
+    /// last one equals it: `driver/cadence.rs`).
+    mdns_announcement: Option<Announcement>,
     /// The status document as last handed to the coordinator.
     published: Option<StatusDoc>,
     /// Set when preparation found MicroK8s a lone node; cleared by the first join attempt.
@@ -241,6 +244,8 @@ impl Runtime {
         );
         dcfg.interfaces = agent.interfaces.clone();
         dcfg.keyring = Some(agent.keyring.clone());
+        // Members' heartbeats go directly to each peer over UDP (see `driver/cadence.rs`).
+        dcfg.heartbeats = true;
         // Raised and persisted before anything is announced: peers order this node's boots by
         // it, so a recording of an earlier boot cannot hide this one.
         dcfg.boot_counter = rackseed_protocol::discovery::advance_boot_counter(&agent.state_dir)?;
@@ -284,6 +289,7 @@ impl Runtime {
             state,
             last_status_line: String::new(),
             last_announcement: None,
+            mdns_announcement: None,
             published: None,
             lone: Arc::new(AtomicBool::new(false)),
             preparing: Arc::new(AtomicBool::new(false)),
@@ -343,8 +349,9 @@ impl Runtime {
                     None
                 }
                 _ = heartbeat.tick() => {
-                    if self.heartbeat.due(Instant::now(), self.doc.phase == "member") {
-                        self.reannounce();
+                    let (now, member) = (Instant::now(), self.doc.phase == "member");
+                    if self.heartbeat.due(now, member) {
+                        self.beat(now, member);
                     }
                     None
                 }
@@ -595,13 +602,32 @@ impl Runtime {
         });
     }
 
+    /// A due heartbeat: direct while the cadence allows it, else over mDNS.
+    fn beat(&mut self, now: Instant, member: bool) {
+        let unchanged =
+            self.last_announcement.is_some() && self.last_announcement == self.mdns_announcement;
+        if self.heartbeat.direct(now, member, unchanged) {
+            match self.discovery.heartbeat() {
+                Ok(_) => {
+                    self.heartbeat.beat(now);
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "direct heartbeat not sent; announcing"),
+            }
+        }
+        self.reannounce();
+    }
+
     fn reannounce(&mut self) {
         let Some(ann) = &self.last_announcement else {
             return;
         };
         match self.discovery.announce(ann.to_txt()) {
             // Any announcement refreshes this node at its peers: the heartbeat counts from it.
-            Ok(()) => self.heartbeat.announced(Instant::now()),
+            Ok(()) => {
+                self.heartbeat.announced(Instant::now());
+                self.mdns_announcement = Some(ann.clone());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "announcing failed");
                 self.doc.last_error = Some(format!("announcing failed: {e}"));

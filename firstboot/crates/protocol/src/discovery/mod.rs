@@ -54,9 +54,11 @@
 //! the application fields, not here.
 
 mod boot;
+pub mod heartbeat;
 pub mod record;
 
 pub use boot::{advance_boot_counter, BOOT_COUNTER_FILE};
+pub use heartbeat::{HeartbeatStats, MDNS_REFRESH};
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -130,6 +132,9 @@ pub struct DiscoveryConfig {
     /// The keys to sign and verify with, shared with the coordinator so a secret rotation
     /// switches them at run time; `None` ([`DiscoveryConfig::new`]) means `secret` alone.
     pub keyring: Option<Arc<Keyring>>,
+    /// Send and receive direct heartbeats ([`heartbeat`]) on UDP `port`; off in
+    /// [`DiscoveryConfig::new`] (a workstation browsing the LAN needs none).
+    pub heartbeats: bool,
 }
 
 impl DiscoveryConfig {
@@ -144,6 +149,7 @@ impl DiscoveryConfig {
             service_type: SERVICE_TYPE.to_string(),
             boot_counter: 1,
             keyring: None,
+            heartbeats: false,
         }
     }
 }
@@ -247,6 +253,8 @@ pub enum DiscoveryError {
     Register { node_id: String, reason: String },
     #[error("discovery is shut down")]
     Shutdown,
+    #[error("direct heartbeats unavailable: {0}")]
+    Heartbeat(String),
 }
 
 struct Shared {
@@ -257,6 +265,9 @@ struct Shared {
     peers: BTreeMap<String, KnownPeer>,
     /// Counts peer-table changes, to find the longest-lost peer.
     clock: u64,
+    /// Direct heartbeats sent so far in this boot (their sequence numbers).
+    hb_seq: u64,
+    hb: HeartbeatStats,
 }
 
 /// One entry of the peer table.
@@ -267,6 +278,9 @@ struct KnownPeer {
     present: bool,
     /// `Shared::clock` when this entry last changed.
     changed: u64,
+    /// The boot of the latest record (a heartbeat must come from the same one).
+    boot_counter: u64,
+    boot: String,
 }
 
 impl Shared {
@@ -277,6 +291,8 @@ impl Shared {
             shut: false,
             peers: BTreeMap::new(),
             clock: 0,
+            hb_seq: 0,
+            hb: HeartbeatStats::default(),
         }
     }
 
@@ -349,6 +365,10 @@ pub struct Discovery {
     daemon: ServiceDaemon,
     cfg: Arc<Settings>,
     shared: Arc<Mutex<Shared>>,
+    /// The direct heartbeat socket (sending side), when heartbeats are on and it bound.
+    hb_sock: Option<std::net::UdpSocket>,
+    /// Stops the heartbeat receiver.
+    hb_stop: Arc<tokio::sync::Notify>,
 }
 
 struct Settings {
@@ -372,6 +392,24 @@ impl Discovery {
         let (daemon, events) = start_daemon(&cfg)?;
         let shared = Arc::new(Mutex::new(Shared::new()));
         let (tx, rx) = mpsc::channel(256);
+        let hb_stop = Arc::new(tokio::sync::Notify::new());
+        let hb_sock = if cfg.heartbeats {
+            match bind_heartbeats(cfg.port) {
+                Ok((send, recv)) => {
+                    let receiver =
+                        heartbeat::Receiver::new(settings.clone(), shared.clone(), tx.clone());
+                    tokio::spawn(receiver.run(recv, hb_stop.clone()));
+                    Some(send)
+                }
+                Err(e) => {
+                    // The agent then keeps announcing over mDNS (`heartbeat` fails).
+                    tracing::warn!(port = cfg.port, error = %e, "no direct heartbeats: binding UDP failed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let browser = Browser::new(settings.clone(), shared.clone(), tx);
         tokio::spawn(browser.run(events, daemon.clone()));
         Ok((
@@ -379,9 +417,56 @@ impl Discovery {
                 daemon,
                 cfg: settings,
                 shared,
+                hb_sock,
+                hb_stop,
             },
             rx,
         ))
+    }
+
+    /// Sends one direct heartbeat ([`heartbeat`]) to every present peer; returns how many
+    /// went out. Fails, sending nothing, when heartbeats are off, the socket did not bind, or a
+    /// present peer has no IPv4 address: then announce instead.
+    pub fn heartbeat(&self) -> Result<usize, DiscoveryError> {
+        let Some(sock) = &self.hb_sock else {
+            return Err(DiscoveryError::Heartbeat("not enabled".into()));
+        };
+        let (datagram, targets) = {
+            let mut s = self.shared.lock().expect("discovery state lock");
+            if s.shut {
+                return Err(DiscoveryError::Shutdown);
+            }
+            let Some(targets) = heartbeat::targets(&s.peers) else {
+                return Err(DiscoveryError::Heartbeat(
+                    "a present peer has no IPv4 address".into(),
+                ));
+            };
+            s.hb_seq += 1;
+            let keys = self.cfg.keyring.current();
+            (
+                heartbeat::encode(keys.announcement_key(), &self.cfg.header(s.hb_seq))?,
+                targets,
+            )
+        };
+        let (mut sent, mut errors) = (0u64, 0u64);
+        for to in &targets {
+            match sock.send_to(&datagram, to) {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    errors += 1;
+                    tracing::debug!(%to, error = %e, "heartbeat not sent");
+                }
+            }
+        }
+        let mut s = self.shared.lock().expect("discovery state lock");
+        s.hb.sent += sent;
+        s.hb.send_errors += errors;
+        Ok(sent as usize)
+    }
+
+    /// Counters of direct heartbeats so far.
+    pub fn heartbeat_stats(&self) -> HeartbeatStats {
+        self.shared.lock().expect("discovery state lock").hb.clone()
     }
 
     /// Publishes (or re-publishes) this node's announcement with these application fields,
@@ -461,6 +546,7 @@ impl Discovery {
             }
             s.shut = true;
         }
+        self.hb_stop.notify_one();
         let fullname = format!("{}.{}", self.cfg.node_id, self.cfg.service_type);
         if let Ok(rx) = self.daemon.unregister(&fullname) {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
@@ -524,6 +610,15 @@ impl Settings {
             seq,
         }
     }
+}
+
+/// The heartbeat socket on UDP `port` (all IPv4 addresses): a non-blocking sending handle and
+/// the tokio socket the receiver reads.
+fn bind_heartbeats(port: u16) -> std::io::Result<(std::net::UdpSocket, tokio::net::UdpSocket)> {
+    let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port))?;
+    sock.set_nonblocking(true)?;
+    let send = sock.try_clone()?;
+    Ok((send, tokio::net::UdpSocket::from_std(sock)?))
 }
 
 /// Starts the mdns-sd daemon on the chosen interfaces and browses our service type.
@@ -766,6 +861,8 @@ impl Browser {
             peer,
             present: true,
             changed: shared.clock,
+            boot_counter: rec.header.boot_counter,
+            boot: rec.header.boot,
         };
         shared.peers.insert(known.peer.node_id.clone(), known);
         Some(event)
@@ -1272,6 +1369,101 @@ mod tests {
             b.on_resolved("late._rackseed._tcp.local.", Some("late"), &late, ip),
             Some(PeerEvent::Seen(_))
         ));
+    }
+
+    /// Direct heartbeats refresh a peer known from its record, for that record's boot only:
+    /// newer ones count, a replay or a duplicate does not, one from a stranger or from another
+    /// boot changes nothing, and one from a peer whose record was lost brings it back.
+    #[test]
+    fn heartbeats_refresh_known_peers_of_the_same_boot_only() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let (tx, _hb_rx) = mpsc::channel(16);
+        let mut r = heartbeat::Receiver::new(b.cfg.clone(), b.shared.clone(), tx);
+        let from: std::net::SocketAddr = "10.0.0.2:7443".parse().unwrap();
+        let key = s.announcement_key();
+        let hb = |id: &str, boot: &str, seq: u64| {
+            let h = RecordHeader {
+                cluster_tag: s.cluster_tag(),
+                node_id: id.into(),
+                port: 7443,
+                fingerprint: "cd".repeat(32),
+                boot_counter: 1,
+                boot: boot.into(),
+                seq,
+            };
+            heartbeat::encode(&key, &h).unwrap()
+        };
+        let boot = "bbbbbbbbbbbbbbbb";
+        // Before its record: unmatched.
+        assert_eq!(r.on_datagram(from, &hb("peer", boot, 1)), None);
+        let ip = vec![IpAddr::from([10, 0, 0, 2])];
+        let rec = signed(&s, "peer", boot, 1, "member");
+        let full = "peer._rackseed._tcp.local.";
+        let Some(PeerEvent::Seen(p)) = b.on_resolved(full, Some("peer"), &rec, ip.clone()) else {
+            panic!("record not seen");
+        };
+        assert_eq!(
+            r.on_datagram(from, &hb("peer", boot, 2)),
+            Some(PeerEvent::Updated(p.clone()))
+        );
+        assert_eq!(r.on_datagram(from, &hb("peer", boot, 2)), None, "duplicate");
+        assert_eq!(r.on_datagram(from, &hb("peer", boot, 1)), None, "replay");
+        // Another boot of the same id (its record not seen yet): unmatched.
+        assert_eq!(
+            r.on_datagram(from, &hb("peer", "cccccccccccccccc", 1)),
+            None
+        );
+        // Our own: ignored.
+        assert_eq!(r.on_datagram(from, &hb("me", "aaaaaaaaaaaaaaaa", 1)), None);
+        // Its record lost (expiry), then a heartbeat: seen again, same fields.
+        assert!(b.on_removed(Some("peer")).is_some());
+        assert_eq!(
+            r.on_datagram(from, &hb("peer", boot, 3)),
+            Some(PeerEvent::Seen(p.clone()))
+        );
+        assert!(b.shared.lock().unwrap().peers["peer"].present);
+        // Garbage: counted, nothing else.
+        assert_eq!(r.on_datagram(from, b"hello"), None);
+        let st = b.shared.lock().unwrap().hb.clone();
+        assert_eq!(
+            (st.accepted, st.replayed, st.unmatched, st.rejected),
+            (2, 2, 2, 1),
+            "{st:?}"
+        );
+        // The table's fields never changed.
+        assert_eq!(b.shared.lock().unwrap().peers["peer"].peer, p);
+    }
+
+    /// Where heartbeats go: every present peer's first IPv4 address at its signed port; none
+    /// at all when a present peer has only IPv6 addresses.
+    #[test]
+    fn heartbeat_targets_are_present_peers_ipv4_only() {
+        let s = ClusterSecret::from_bytes([1; 32]);
+        let (mut b, _rx) = browser("me", &s);
+        let boot = "bbbbbbbbbbbbbbbb";
+        let see = |b: &mut Browser, id: &str, addrs: Vec<IpAddr>| {
+            let full = format!("{id}._rackseed._tcp.local.");
+            b.on_resolved(&full, Some(id), &signed(&s, id, boot, 1, "a"), addrs)
+        };
+        see(
+            &mut b,
+            "a",
+            vec!["fe80::1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+        );
+        see(&mut b, "b", vec!["10.0.0.3".parse().unwrap()]);
+        see(&mut b, "c", vec!["10.0.0.4".parse().unwrap()]);
+        b.on_removed(Some("c"));
+        let t = heartbeat::targets(&b.shared.lock().unwrap().peers).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                "10.0.0.2:7443".parse().unwrap(),
+                "10.0.0.3:7443".parse().unwrap()
+            ]
+        );
+        see(&mut b, "d", vec!["fe80::2".parse().unwrap()]);
+        assert_eq!(heartbeat::targets(&b.shared.lock().unwrap().peers), None);
     }
 
     /// At `MAX_PEERS` verified peers, a newcomer takes the place of the longest-lost peer and
