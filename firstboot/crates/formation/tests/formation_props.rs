@@ -207,7 +207,8 @@ struct Sim {
     addon_issuers: BTreeSet<usize>,
     addons_running: BTreeMap<usize, u64>,
     addons_completed: u32,
-    addons_done_persisted: bool,
+    /// Nodes that persisted their addons as enabled.
+    addons_done_persisted: BTreeSet<usize>,
     violations: Vec<String>,
     events: u64,
     /// Most joins seen running at once against one cluster.
@@ -298,7 +299,7 @@ impl Sim {
             addon_issuers: BTreeSet::new(),
             addons_running: BTreeMap::new(),
             addons_completed: 0,
-            addons_done_persisted: false,
+            addons_done_persisted: BTreeSet::new(),
             violations: Vec::new(),
             events: 0,
             max_parallel: 0,
@@ -442,7 +443,14 @@ impl Sim {
             if b.seq < a.seq {
                 bad.push(format!("slot sequence went back {} -> {}", a.seq, b.seq));
             }
-            if a.addons_by.is_some() && a.addons_by != b.addons_by {
+            // A claim changes only by the removal of a claimer that never finished (it
+            // is dead: its enable cannot run again).
+            let released = a.addons_by.as_ref().is_some_and(|c| {
+                !a.addons_done
+                    && !b.members.contains_key(c)
+                    && b.removed.iter().any(|x| x.node == *c)
+            });
+            if a.addons_by.is_some() && a.addons_by != b.addons_by && !released {
                 bad.push(format!(
                     "addon claim changed {:?} -> {:?}",
                     a.addons_by, b.addons_by
@@ -678,7 +686,7 @@ impl Sim {
             }
             Action::Persist(st) => {
                 if st.addons_done {
-                    self.addons_done_persisted = true;
+                    self.addons_done_persisted.insert(i);
                 }
                 self.persisted[i] = Some(st);
             }
@@ -700,14 +708,24 @@ impl Sim {
                 cluster,
             } => self.start_join(i, via, worker, timeout, cluster),
             Action::EnableAddons { cluster } => {
+                // A claimer lost for good before it finished is replaced by the next claim:
+                // only issuers that may still run count.
                 self.addon_issuers.insert(i);
+                let dead = &self.dead;
+                self.addon_issuers.retain(|k| !dead.contains(k));
                 if self.addon_issuers.len() > 1 {
                     self.violations.push(format!(
                         "addons issued by several nodes: {:?}",
                         self.addon_issuers
                     ));
                 }
-                if self.addons_done_persisted {
+                // Enabled and persisted by a node still there (one lost for good before the
+                // record said so took that knowledge with it: enabling again is idempotent).
+                if self
+                    .addons_done_persisted
+                    .iter()
+                    .any(|k| !self.dead.contains(k))
+                {
                     self.violations.push(format!(
                         "node {i} enables addons again after they were done"
                     ));
@@ -1016,13 +1034,15 @@ impl Sim {
             .map(|k| self.root[k])
             .collect();
         let one_root = live_roots.windows(2).all(|w| w[0] == w[1]);
-        // HA (and so the addons) needs enough nodes that may be control plane.
-        let workers = self.params[0]
-            .pinned_roles
-            .values()
-            .filter(|r| **r == Role::Worker)
+        // HA (and so the addons) needs enough live nodes that may be control plane (a node
+        // pinned to control plane and lost for good before it joined fills no place).
+        let may_cp = (0..self.sc.n)
+            .filter(|k| {
+                !self.dead.contains(k)
+                    && self.params[0].pinned_roles.get(&self.ids[*k]) != Some(&Role::Worker)
+            })
             .count();
-        let ha_possible = self.sc.n - workers >= (self.sc.control_plane as usize).min(3);
+        let ha_possible = may_cp >= (self.sc.control_plane as usize).min(3);
         let addons_ok = !self.sc.addons || !ha_possible || self.addons_completed >= 1;
         all_members && one_root && addons_ok
     }
@@ -1090,15 +1110,26 @@ fn describe(sim: &Sim) -> String {
     let mut s = String::new();
     if let Some(r) = sim.latest() {
         s.push_str(&format!(
-            "dead {:?}; newest chosen: authority {} members {:?} electorate {:?} old {:?} removed {:?} slots {:?} tentative {:?}\n",
-            sim.dead, r.authority, r.members, r.electorate, r.electorate_old, r.removed, r.slots, r.tentative
+            "dead {:?}; newest chosen: authority {} members {:?} electorate {:?} old {:?} removed {:?} slots {:?} tentative {:?} converting {:?} addons by {:?} done {}; addons completed {}\n",
+            sim.dead, r.authority, r.members, r.electorate, r.electorate_old, r.removed, r.slots, r.tentative,
+            r.converting, r.addons_by, r.addons_done, sim.addons_completed
         ));
     }
+    s.push_str(&format!("pinned {:?}\n", sim.params[0].pinned_roles));
     for i in 0..sim.sc.n {
         let st = sim.nodes[i].as_ref().map(|n| n.status());
         let round = sim.nodes[i]
             .as_ref()
-            .map(|n| n.debug_round())
+            .map(|n| {
+                let p = n.persisted();
+                format!(
+                    "{}; chosen {:?} known {:?} promised {:?}",
+                    n.debug_round(),
+                    p.chosen.as_ref().map(|a| a.ballot.to_string()),
+                    p.known.as_ref().map(|a| a.ballot.to_string()),
+                    p.acceptor.promised.as_ref().map(|b| b.to_string())
+                )
+            })
             .unwrap_or_default();
         s.push_str(&format!(
             "node {i} {} root {} boot {} : {:?}\n    {round}\n",

@@ -186,14 +186,18 @@ impl Node {
         })
     }
 
-    /// The live members whose address the record lacks or has wrong, if any.
+    /// The live members whose address the record lacks or has wrong, if any; the
+    /// authority's own too (its join point's address): a later authority that never saw it
+    /// announce (a restart) can then still name it to `remove-node`.
     pub(super) fn addresses_op(&self, rec: &Record) -> Option<Op> {
+        let mine = self.join_point.as_ref().map(|jp| (self.me.clone(), jp.ip));
         let changed: BTreeMap<NodeId, IpAddr> = rec
             .members
             .keys()
             .filter(|id| self.peers.contains_key(*id))
             .filter_map(|id| Some((id.clone(), *self.last_ip.get(id)?)))
-            .filter(|(id, ip)| rec.addresses.get(id) != Some(ip))
+            .chain(mine)
+            .filter(|(id, ip)| rec.members.contains_key(id) && rec.addresses.get(id) != Some(ip))
             .collect();
         (!changed.is_empty()).then_some(Op::NoteAddresses(changed))
     }

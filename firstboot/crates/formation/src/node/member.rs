@@ -143,32 +143,44 @@ impl Node {
     }
 
     /// Takeover: the authority (per the newest record known, `hint`) has been gone for a
-    /// while and I am the best live control-plane member. The round re-checks all of it.
+    /// while and I am the best live control-plane member, or the best has had as long as
+    /// each one ranked before me to take over and has not: the `k`-th best (from 0) takes
+    /// over once the authority is gone for `(k + 1) × takeover_after`. A member that never
+    /// saw a record chosen reads only with the pre-election quorum `Q`, which fewer live
+    /// nodes than `Q` never give; the next one may have seen one chosen. Two rounds that
+    /// both take over are settled by Paxos: `apply` makes a takeover only of the authority
+    /// the record still names. The round re-checks all of it.
     fn takeover_op(&self, now: Duration, hint: &Record) -> Option<Op> {
-        // Gone for `takeover_after`, or announcing that it is no member at all (its state is
-        // gone: re-flashed with the same id; it cannot grant until it has joined again).
-        let gone = self
+        // How long the authority has been gone: unseen, or announcing that it is no member
+        // at all (its state is gone: re-flashed with the same id; it cannot grant until it
+        // has joined again; that counts as gone for `takeover_after` at once).
+        let unseen = self
             .missing_since
             .get(&hint.authority)
-            .is_some_and(|t| now.saturating_sub(*t) >= self.params.takeover_after)
-            || self.announces_not_member(now, &hint.authority);
-        if !gone {
-            return None;
-        }
-        let best = hint
+            .map(|t| now.saturating_sub(*t));
+        let reflashed = self
+            .announces_not_member(now, &hint.authority)
+            .then(|| self.peers.get(&hint.authority))
+            .flatten()
+            .map(|p| now.saturating_sub(p.phase_since) + self.params.takeover_after);
+        let gone_for = unseen.max(reflashed)?;
+        let mut ranked: Vec<_> = hint
             .control_plane_members()
             .filter(|id| {
                 **id != hint.authority && (**id == self.me || self.peers.contains_key(*id))
             })
-            .min_by_key(|id| {
-                let pr = if **id == self.me {
+            .map(|id| {
+                let pr = if *id == self.me {
                     self.params.priority
                 } else {
-                    self.peers.get(*id).map_or(0, |p| p.ann.priority)
+                    self.peers.get(id).map_or(0, |p| p.ann.priority)
                 };
-                rank(pr, id)
-            })?;
-        (*best == self.me).then(|| Op::Takeover {
+                (rank(pr, id), id)
+            })
+            .collect();
+        ranked.sort();
+        let k = ranked.iter().position(|(_, id)| **id == self.me)?;
+        (gone_for >= self.params.takeover_after * (k as u32 + 1)).then(|| Op::Takeover {
             old: hint.authority.clone(),
         })
     }

@@ -322,7 +322,8 @@ fn role_for(r: &Record, to: &NodeId, params: &FormationParams) -> Role {
 
 /// Remove the dead member `node`, if I am the authority and it is a member other than me;
 /// or release the tentative place of `node` (a reclaimed slot: it may have joined) if it is
-/// no member but holds one. Either way `microk8s remove-node --force` is to follow.
+/// no member but holds one. Either way `microk8s remove-node --force` is to follow, a
+/// conversion of `node` ends and an addon claim of `node` not yet done is released.
 fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>, me: &NodeId) {
     if r.authority != *me || node == me {
         return;
@@ -337,6 +338,12 @@ fn remove_member(r: &mut Record, node: &NodeId, reason: &str, ip: Option<IpAddr>
     // A worker removed before it left (dead, re-flashed) is converted no more.
     if r.converting.as_ref().is_some_and(|c| c.node == *node) {
         r.converting = None;
+    }
+    // An addon claim its holder never carried out goes with it: the next claim (by the
+    // authority, once HA stands) enables them. `microk8s enable` is idempotent, and a
+    // removed member is out of dqlite, so a late enable of its own cannot reach the cluster.
+    if r.addons_by.as_ref() == Some(node) && !r.addons_done {
+        r.addons_by = None;
     }
     r.tentative.remove(node);
     r.slots.retain(|s| s.node != *node);
