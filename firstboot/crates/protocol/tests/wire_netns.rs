@@ -28,7 +28,7 @@ use rackseed_protocol::coordinator::{
 };
 use rackseed_protocol::discovery::record::PROTOCOL_VERSION;
 use rackseed_protocol::discovery::{
-    Discovery, DiscoveryConfig, DiscoveryStats, InterfaceChoice, PeerEvent,
+    Discovery, DiscoveryConfig, DiscoveryStats, HeartbeatStats, InterfaceChoice, PeerEvent,
 };
 use rackseed_protocol::secret::ClusterSecret;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,9 @@ enum Command {
         reply: std_mpsc::Sender<Result<serde_json::Value, ClientError>>,
     },
     Stats(std_mpsc::Sender<DiscoveryStats>),
+    /// One direct heartbeat; hands back how many peers it went to.
+    Heartbeat(std_mpsc::Sender<Result<usize, String>>),
+    HeartbeatStats(std_mpsc::Sender<HeartbeatStats>),
     Stop,
 }
 
@@ -152,6 +155,7 @@ fn spawn_agent(
             });
             let mut cfg = DiscoveryConfig::new(secret.clone(), &node_id, PORT, &fp);
             cfg.interfaces = InterfaceChoice::Named(vec!["eth0".into()]);
+            cfg.heartbeats = true;
             let (disc, mut peers) = Discovery::start(cfg)?;
             let client = CoordinatorClient::new(&secret, &node_id);
             disc.announce(vec![
@@ -172,6 +176,12 @@ fn spawn_agent(
                         None | Some(Command::Stop) => break,
                         Some(Command::Announce(fields)) => disc.announce(fields)?,
                         Some(Command::Stats(reply)) => { let _ = reply.send(disc.stats()); }
+                        Some(Command::Heartbeat(reply)) => {
+                            let _ = reply.send(disc.heartbeat().map_err(|e| e.to_string()));
+                        }
+                        Some(Command::HeartbeatStats(reply)) => {
+                            let _ = reply.send(disc.heartbeat_stats());
+                        }
                         Some(Command::Send { peer, fp, reply }) => {
                             let r = client.send(peer, &fp, &Msg::RequestSlot { from: node_id.clone() }).await;
                             let _ = reply.send(r);
@@ -824,5 +834,79 @@ fn rapid_reannouncements_converge_on_the_latest() -> Result<()> {
     a.stop()?;
     println!("rapid re-announce: node-b stats {sb:?}");
     ensure!(sb.bad_signature == 0 && sb.malformed == 0, "{sb:?}");
+    Ok(())
+}
+
+/// Direct heartbeats between two namespaces: once node-b has verified node-a's record, each
+/// heartbeat node-a sends reaches node-b as a refresh of that record (same fields), counted,
+/// with no mDNS announcement in between.
+#[test]
+fn direct_heartbeats_refresh_a_verified_peer() -> Result<()> {
+    let lab = Lab::new(2)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let secret = ClusterSecret::generate();
+    let (notes_tx, notes) = std_mpsc::channel();
+    let mut a = spawn_agent(
+        lab.host(0),
+        0,
+        "node-a".into(),
+        secret.clone(),
+        notes_tx.clone(),
+    );
+    let mut b = spawn_agent(lab.host(1), 1, "node-b".into(), secret, notes_tx);
+    ensure!(!a.fp.is_empty() && !b.fp.is_empty(), "agents did not start");
+    let mut log = Vec::new();
+    let seen = |log: &[(usize, Instant, PeerEvent)], o: usize, id: &str| {
+        log.iter()
+            .any(|(i, _, e)| *i == o && matches!(e, PeerEvent::Seen(p) if p.node_id == id))
+    };
+    ensure!(
+        pump(&notes, &mut log, |l| seen(l, 0, "node-b")
+            && seen(l, 1, "node-a")),
+        "the agents did not see each other"
+    );
+    // Let the second copy of each announcement (a second later) pass first.
+    std::thread::sleep(Duration::from_millis(1500));
+    while notes.try_recv().is_ok() {}
+    let mdns_before = b.request(Command::Stats)?.accepted;
+    let mut refreshes = Vec::new();
+    for _ in 0..3 {
+        let sent = a.request(Command::Heartbeat)?.map_err(anyhow::Error::msg)?;
+        ensure!(sent == 1, "heartbeat went to {sent} peers, not 1");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "no refresh of node-a at node-b");
+            if let Ok(Note::Peer { idx: 1, ev, .. }) = notes.recv_timeout(left) {
+                refreshes.push(ev);
+                break;
+            }
+        }
+    }
+    for ev in &refreshes {
+        ensure!(
+            matches!(ev, PeerEvent::Updated(p) if p.node_id == "node-a" && p.fields["phase"] == "electing"),
+            "unexpected event {ev:?}"
+        );
+    }
+    let hb = b.request(Command::HeartbeatStats)?;
+    ensure!(
+        hb.accepted == 3 && hb.rejected == 0 && hb.replayed == 0 && hb.unmatched == 0,
+        "node-b heartbeat stats {hb:?}"
+    );
+    ensure!(
+        b.request(Command::Stats)?.accepted == mdns_before,
+        "an mDNS record arrived: the refreshes were not the heartbeats"
+    );
+    let ha = a.request(Command::HeartbeatStats)?;
+    ensure!(
+        ha.sent == 3 && ha.send_errors == 0,
+        "node-a heartbeat stats {ha:?}"
+    );
+    b.stop()?;
+    a.stop()?;
     Ok(())
 }
