@@ -243,7 +243,7 @@ fn archive_refs_inner(path: &Path) -> Result<Vec<String>> {
             "manifest.json" => {
                 manifest = Some(
                     serde_json::from_slice(&buf)
-                        .with_context(|| format!("manifest.json is not Docker's manifest list"))?,
+                        .context("manifest.json is not Docker's manifest list")?,
                 )
             }
             "oci-layout" => {
