@@ -301,9 +301,15 @@ async fn pi_memory_cgroup(agent: &Agent) -> Result<()> {
 /// images imported once MicroK8s is installed), the verdict kept in the state folder.
 pub(super) async fn check_prerequisites(agent: &Agent) -> Result<addons::Readiness> {
     let on_node = agent.keepalived == crate::system::keepalived::KeepalivedControl::Systemd;
-    let tools = match agent.microk8s.is_installed().await {
-        Ok(true) => agent.microk8s.cluster_tools(),
-        _ => None,
+    // MicroK8s' tools import Longhorn's staged images, once MicroK8s is installed; asked only
+    // on a node that stages some.
+    let tools = if addons::prep::has_staged_images(&agent.root, &agent.config) {
+        match agent.microk8s.is_installed().await {
+            Ok(true) => agent.microk8s.cluster_tools(),
+            _ => None,
+        }
+    } else {
+        None
     };
     addons::prep::prepare_and_record_with(
         &agent.root,
