@@ -83,6 +83,9 @@
 //!   stale repeat, not competition.
 //! - **Takeover**: when the authority has been unseen for `takeover_after`, the best visible
 //!   control-plane member makes itself authority (only if the record still names the old one).
+//!   The `k`-th best (from 0) does so once it has been unseen for `(k + 1) × takeover_after`:
+//!   a best member that never saw a record chosen reads only with the pre-election quorum
+//!   `Q`, which fewer than `Q` live nodes never give, and must not hold up the others.
 //! - **Elect with replace**: while nothing happened in a cluster (only the seed, no slot ever
 //!   pending, no addon claim) and its seed has been unseen for `takeover_after`, the best
 //!   waiting candidate replaces it (re-election). The deposed seed learns it at its next round.
@@ -97,7 +100,23 @@
 //!   ([`Action::RemoveNode`]) and records it done. A control-plane slot is granted only once
 //!   every removal is done (both change dqlite's membership). A removed control-plane place
 //!   is counted free, so the next joiner (a new machine, or the dead one re-flashed, which
-//!   has a new id) joins as control plane, and MicroK8s promotes standbys by itself.
+//!   has a new id) joins as control plane, and MicroK8s promotes standbys by itself. The
+//!   authority notes the members' addresses in the record (its own too), so a later
+//!   authority can name a dead one.
+//!   *Dead holders of tentative places* are released the same way: a node whose slot was
+//!   reclaimed stays counted (tentative) because its join may have gone through; unseen for
+//!   `replace_after` (the authority watches slot and tentative holders as it watches
+//!   members), one Remove round takes its place out of `tentative` and notes a removal
+//!   with `--force`. Without it a dead tentative control-plane place counted against
+//!   `control_plane` forever: no conversion, no HA, no addons. `--force` because nobody can
+//!   tell whether that join went through, also for a worker that left to be converted and
+//!   then held a reclaimed slot: canonical/microk8s `scripts/wrappers/remove_node.py`
+//!   deletes a dqlite endpoint only when one is registered at the address, so `--force` is
+//!   needed if it joined and changes nothing if it did not (the node is dead, so no later
+//!   join of its own can be cut). The removal also ends a conversion of that node and
+//!   releases an addon claim of it not yet carried out (the next claim enables them;
+//!   `microk8s enable` is idempotent). A place kept for a pinned control-plane node is
+//!   no longer kept once the record removed that node.
 //! - **Rejoin** (a machine re-flashed with the same id, `node/healing.rs`): its state is gone
 //!   (and its MicroK8s is a fresh single node), but the record still lists it as a member.
 //!   It comes back as any new node does (`Preparing`, `Discovering`, `WaitingForSlot`) and
@@ -134,7 +153,11 @@
 //!   removal marked `left` (ConvertLeft): `microk8s remove-node <ip>` *without* `--force`
 //!   ([`Action::RemoveNode`]; a node that left holds no dqlite entry). The control-plane slot
 //!   waits for that removal like for any other; the Confirm of its join (without `--worker`)
-//!   ends the conversion. EndConversion drops a conversion that is no longer needed (the
+//!   ends the conversion. Its grant takes a free control-plane place even if one is kept
+//!   for a pinned control-plane node not yet in (else it rejoined as a worker, and the next
+//!   conversion began). If its slot is reclaimed and it then stays unseen for
+//!   `replace_after`, it is released as a dead tentative holder (above), which ends the
+//!   conversion with it. EndConversion drops a conversion that is no longer needed (the
 //!   worker has not left and the control plane is full again) or whose node left and then
 //!   stayed unseen for `replace_after`.
 //! - **Handover / FinishHandover**: a dead member of the electorate `S` (unseen for
@@ -242,7 +265,18 @@
 //!    survived one by one, down to the last live majority.
 //!    *Who decides a removal:* only the slot authority proposes it, by a round needing a
 //!    majority of the electorate, so a minority partition (even one holding the authority)
-//!    removes nobody, and `apply` re-checks membership, so a member is removed once.
+//!    removes nobody, and `apply` re-checks membership, so a member is removed once. The
+//!    same holds for releasing a dead tentative holder: `apply` releases only a node that
+//!    is no member and still holds the place in the record read, so of two rounds deciding
+//!    it the second changes nothing, and `remove-node` runs only on the authority named by
+//!    a record it saw chosen (point 5 is unchanged: releasing a place only lowers the
+//!    count, and the next control-plane grant still waits for the removal to be done).
+//!    *Addons after a removal:* a claim is released only together with the removal of its
+//!    holder before it recorded them done; the removed node is out of dqlite, so an enable
+//!    of its own no longer reaches the cluster, and the new claimer's enable is the only one
+//!    that does (point 6 holds for the live cluster; enabling again is idempotent).
+//!    *Takeover escalation* changes only who proposes: a takeover is a round like any
+//!    other, and `apply` takes over only from the authority the record still names.
 //!
 //! Assumptions: acceptor state survives crashes (`Persist` is durable before later actions;
 //! a machine re-flashed with the same id breaks this for itself, a known limit: if it is in

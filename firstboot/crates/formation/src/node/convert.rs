@@ -24,7 +24,10 @@
 //!
 //! The conversion ends early ([`Op::EndConversion`]) when the worker has not left yet and
 //! the control plane is full again, or when it left and then stayed unseen for
-//! `replace_after`; a worker removed as dead or re-flashed before it left ends it too.
+//! `replace_after`; a worker removed as dead or re-flashed before it left ends it too, and
+//! so does one released as a dead holder of a tentative place after it left (its
+//! control-plane slot was reclaimed: that removal runs with `--force`, since its join may
+//! have gone through; see the crate docs).
 
 use std::time::Duration;
 

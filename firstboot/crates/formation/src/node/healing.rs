@@ -1,6 +1,8 @@
 //! Healing, a duty of the slot authority: members unseen for `replace_after` are removed from
 //! the record ([`Op::Remove`]) and then from MicroK8s ([`Action::RemoveNode`], `microk8s
-//! remove-node <ip> --force`, recorded done by [`Op::RemovalDone`]); a dead member of the
+//! remove-node <ip> --force`, recorded done by [`Op::RemovalDone`]); so are the holders of
+//! tentative places (a reclaimed slot: their join may have gone through) unseen that long,
+//! which otherwise count against `control_plane` forever; a dead member of the
 //! electorate is replaced by a live node through a joint step ([`Op::Handover`], then
 //! [`Op::FinishHandover`]); the members' addresses are kept in the record
 //! ([`Op::NoteAddresses`]) so a dead member can still be named to `remove-node`.
