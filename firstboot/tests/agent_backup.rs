@@ -43,19 +43,9 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// Runs `imagebuilder ARGS…` on the workstation host.
 fn imagebuilder(c: &AgentCluster, args: &[&std::ffi::OsStr]) -> Output {
-    let bin = Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p imagebuilder)",
-        bin.display()
-    );
-    c.lab
-        .host(WS)
-        .cmd(&bin.to_string_lossy(), Duration::from_secs(120))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
+    agent_support::imagebuilder_on(c.lab.host(WS), args)
 }
 
 fn kill_node(c: &mut AgentCluster, i: usize) {

@@ -17,7 +17,6 @@ mod agent_support;
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_support::{AgentCluster, ClusterSpec};
@@ -80,12 +79,7 @@ fn a_drill_kills_the_address_holder_and_measures_rto_and_rpo() {
     std::fs::set_permissions(&killer, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let out_dir = c.dir.path().join("reports");
-    let bin = Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p imagebuilder)",
-        bin.display()
-    );
+    let bin = agent_support::imagebuilder_bin();
     let config = c.dir.path().join("cluster.toml");
     let started = Instant::now();
     let out = c

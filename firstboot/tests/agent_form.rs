@@ -9,8 +9,8 @@ mod agent_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use agent_support::{argv, check_command_log, AgentCluster, ClusterSpec};
-use rackseed_host::command::Output;
+use agent_support::{argv, check_command_log, imagebuilder_on, AgentCluster, ClusterSpec};
+
 use rackseed_protocol::coordinator::{ClientError, CoordinatorClient};
 use rackseed_protocol::status::StatusDoc;
 
@@ -40,21 +40,6 @@ fn enables(records: &[serde_json::Value]) -> Vec<(String, String, i64)> {
         }
     }
     out
-}
-
-/// Runs `imagebuilder ARGS…` on lab host `host`: the binary next to ours in the target
-/// directory.
-fn imagebuilder_on(host: &netns_lab::Host, args: &[&std::ffi::OsStr]) -> Output {
-    let bin = std::path::Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p imagebuilder, or run the whole workspace's tests)",
-        bin.display()
-    );
-    host.cmd(&bin.to_string_lossy(), Duration::from_secs(90))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
 }
 
 /// Issue #10 against a formed cluster of 3 control-plane nodes and 2 workers, from host `ws`

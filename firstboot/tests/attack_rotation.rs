@@ -49,20 +49,9 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-/// Runs `imagebuilder ARGS…` on lab host `WS`: the binary next to ours in the target directory.
+/// Runs `imagebuilder ARGS…` on the workstation host.
 fn imagebuilder(c: &AgentCluster, args: &[&std::ffi::OsStr]) -> Output {
-    let bin = Path::new(agent_support::FIRSTBOOT).with_file_name("imagebuilder");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p imagebuilder, or run the whole workspace's tests)",
-        bin.display()
-    );
-    c.lab
-        .host(WS)
-        .cmd(&bin.to_string_lossy(), Duration::from_secs(120))
-        .args(args)
-        .output_blocking()
-        .expect("running imagebuilder")
+    agent_support::imagebuilder_on(c.lab.host(WS), args)
 }
 
 /// A copy of the cluster's config whose `secret-file` is a copy of `secret`, in `dir`.

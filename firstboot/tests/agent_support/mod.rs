@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use netns_lab::Lab;
-use rackseed_host::command::Cmd;
+use rackseed_host::command::{Cmd, Output};
 use rackseed_protocol::secret::ClusterSecret;
 use rackseed_protocol::status::StatusDoc;
 
@@ -35,6 +35,30 @@ pub fn sim_bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The `imagebuilder` binary next to ours in the target directory; a missing one fails the
+/// test naming how to build it.
+pub fn imagebuilder_bin() -> PathBuf {
+    let p = Path::new(FIRSTBOOT).with_file_name("imagebuilder");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p imagebuilder, or run the whole workspace's tests)",
+        p.display()
+    );
+    p
+}
+
+/// How long one `imagebuilder` run of a test may take before it is killed.
+pub const IMAGEBUILDER_BOUND: Duration = Duration::from_secs(120);
+
+/// Runs `imagebuilder ARGS…` on lab host `host` ([`imagebuilder_bin`], at most
+/// [`IMAGEBUILDER_BOUND`]).
+pub fn imagebuilder_on(host: &netns_lab::Host, args: &[&std::ffi::OsStr]) -> Output {
+    host.cmd(&imagebuilder_bin().to_string_lossy(), IMAGEBUILDER_BOUND)
+        .args(args)
+        .output_blocking()
+        .expect("running imagebuilder")
 }
 
 fn write_exec(path: &Path, text: &str) {
