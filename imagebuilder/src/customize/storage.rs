@@ -158,7 +158,9 @@ pub fn staged_files(dir: &Path, needs: &StagingNeeds, target: Target) -> Result<
             }
             keep.push(f);
         } else if needs.longhorn_chart && is_image_archive_name(&name) {
-            archives.push((f.clone(), images::archive_refs(&f)?));
+            let refs = images::archive_refs(&f)?;
+            tracing::info!(archive = %f.display(), images = ?refs, "staging container images");
+            archives.push((f.clone(), refs));
             keep.push(f);
         }
     }
