@@ -2003,3 +2003,89 @@ fn no_worker_is_converted_while_a_standby_fills_the_place() {
     assert!(net.leaves.is_empty(), "{:?}", net.leaves);
     assert_eq!(newest_chosen(&net).control_plane_members().count(), 3);
 }
+
+#[test]
+fn a_dead_holder_of_a_tentative_control_plane_place_is_released_once_and_a_worker_converted() {
+    // 3 control-plane places, 5 nodes: the second control-plane joiner vanishes for good in
+    // the middle of its join, so its slot is reclaimed and it stays counted (tentative).
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    net.hold_joins = true;
+    for (n, _) in names {
+        net.boot(n);
+    }
+    for _ in 0..200 {
+        if !net.joins.is_empty() {
+            break;
+        }
+        net.step();
+    }
+    let stuck = net.joins.keys().next().expect("a join started").clone();
+    assert!(
+        matches!(
+            net.phase(stuck.as_str()),
+            Phase::Joining {
+                role: Role::ControlPlane,
+                ..
+            }
+        ),
+        "{:?}",
+        net.phase(stuck.as_str())
+    );
+    let stuck_ip = net.ip_of(&stuck);
+    net.crash(stuck.as_str());
+    net.hold_joins = false;
+    // The slot is reclaimed (20 s) and the others join: one more control-plane member
+    // beside the seed, two workers, the dead holder counted as the third.
+    for _ in 0..300 {
+        net.step();
+        if newest_chosen(&net).tentative.contains_key(&stuck)
+            && net
+                .nodes
+                .values()
+                .all(|n| matches!(n.phase(), Phase::Member { .. }))
+        {
+            break;
+        }
+    }
+    let rec = newest_chosen(&net);
+    assert_eq!(
+        rec.tentative.get(&stuck),
+        Some(&Role::ControlPlane),
+        "{rec:?}"
+    );
+    assert_eq!(rec.control_plane_members().count(), 2, "{rec:?}");
+    assert!(net.removals.is_empty(), "{:?}", net.removals);
+    // Unseen for replace-after (40 s): the authority alone releases the place, once, with
+    // `remove-node --force` (its join may have gone through); the control plane is then at
+    // 2 of 3 and exactly one worker is converted.
+    let authority = rec.authority.clone();
+    net.steps(200);
+    assert_eq!(
+        forced_removals(&net)
+            .iter()
+            .map(|r| (&r.0, &r.1, r.2))
+            .collect::<Vec<_>>(),
+        vec![(&authority, &stuck, stuck_ip)],
+        "exactly one remove-node --force, by the authority, of the dead holder's address"
+    );
+    let rec = newest_chosen(&net);
+    assert!(rec.tentative.is_empty(), "{rec:?}");
+    let removal = rec
+        .removed
+        .iter()
+        .find(|x| x.node == stuck)
+        .expect("release noted");
+    assert!(removal.done && !removal.left, "{removal:?}");
+    assert_eq!(removal.role, Role::ControlPlane);
+    assert!(removal.reason.contains("released"), "{}", removal.reason);
+    assert_eq!(
+        net.leaves.len(),
+        1,
+        "one worker converted: {:?}",
+        net.leaves
+    );
+    assert_eq!(live_control_plane(&net).len(), 3, "{:?}", net.roles());
+    assert_eq!(rec.control_plane_members().count(), 3, "{rec:?}");
+    assert!(rec.converting.is_none(), "{:?}", rec.converting);
+}
