@@ -298,7 +298,7 @@ fn longhorn_is_the_agents_own_step_after_dns() {
         .any(|n| n.starts_with("longhorn: installed by firstboot")
             && n.contains("chart 1.7.2")
             && n.contains("iscsid running")
-            && n.contains("not staged")));
+            && n.contains("image archives (*.tar) staged there too")));
     assert!(notes.iter().any(|n| n
         == "packages: open-iscsi and nfs-common are added to the bootstrapped base, so every \
             node has them"));

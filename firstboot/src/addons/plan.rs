@@ -239,8 +239,9 @@ pub fn prerequisite_notes(cfg: &ClusterConfig) -> Vec<String> {
                  volume at most, the default StorageClass, data in {}, a VolumeSnapshotClass \
                  {}); every node needs open-iscsi with iscsid running, nfs-common, the iscsi_tcp \
                  module and {} GiB free there; the chart comes from addons.offline when staged, \
-                 else from {LONGHORN_CHART_REPO}, and the container images are pulled from their \
-                 registries (not staged)",
+                 else from {LONGHORN_CHART_REPO}; its container images are imported on every \
+                 node from the image archives (*.tar) staged there too, else pulled from their \
+                 registries",
                 super::longhorn::CHART_VERSION,
                 super::longhorn::replica_count(usize::MAX),
                 cfg.addons.longhorn.data_path.display(),

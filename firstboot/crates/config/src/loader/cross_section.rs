@@ -240,7 +240,7 @@ fn check_storage(rep: &mut Report<'_>, p: &Parts<'_>, spans: &Spans, cluster: &C
         Some(Storage::Longhorn) => rep.warn(
             &storage_span,
             "addons.storage",
-            "longhorn is not a MicroK8s addon: it is installed with helm, which needs internet access at enable time, and every node needs open-iscsi and an NFS client",
+            "longhorn is not a MicroK8s addon: it is installed with helm, which needs internet access at enable time unless addons.offline stages its chart and container images, and every node needs open-iscsi and an NFS client",
         ),
         Some(Storage::Mayastor) if matches!(target, Some(Target::Rpi4 | Target::Rpi5)) => rep.warn(
             &storage_span,
