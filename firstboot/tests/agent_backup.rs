@@ -48,13 +48,10 @@ fn imagebuilder(c: &AgentCluster, args: &[&std::ffi::OsStr]) -> Output {
     agent_support::imagebuilder_on(c.lab.host(WS), args)
 }
 
+/// Power cut of node `i`: its agent and its simulated MicroK8s killed.
 fn kill_node(c: &mut AgentCluster, i: usize) {
     c.kill_agent(i);
-    let pid = std::fs::read_to_string(c.nodes[i].dir.join("daemon.pid")).unwrap();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    assert!(c.kill_microk8s(i), "node {i}'s MicroK8s was running");
 }
 
 fn backups_dir(c: &AgentCluster, i: usize) -> PathBuf {

@@ -16,14 +16,7 @@ use agent_support::*;
 /// Power cut of node `i` for good: its agent and its simulated MicroK8s killed.
 fn kill_for_good(c: &mut AgentCluster, i: usize) {
     assert!(c.kill_agent(i), "node {i}'s agent was running");
-    let pid = std::fs::read_to_string(c.nodes[i].dir.join("daemon.pid"))
-        .expect("the simulated MicroK8s was started");
-    let pid: i32 = pid.trim().parse().expect("a pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the simulated MicroK8s");
+    assert!(c.kill_microk8s(i), "node {i}'s MicroK8s was running");
 }
 
 /// The simulator commands run from record `from` on (by `node`, or anybody if empty) whose

@@ -16,15 +16,8 @@ use agent_support::*;
 /// simulated MicroK8s and its files wiped; machine id, name and address kept.
 fn reflash(c: &mut AgentCluster, i: usize) {
     c.kill_agent(i);
+    c.kill_microk8s(i);
     let d = c.nodes[i].dir.clone();
-    if let Ok(pid) = std::fs::read_to_string(d.join("daemon.pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
     std::thread::sleep(Duration::from_millis(300));
     for sub in ["state", "sim", "certs", "etc"] {
         let _ = std::fs::remove_dir_all(d.join(sub));
@@ -32,7 +25,6 @@ fn reflash(c: &mut AgentCluster, i: usize) {
     for sub in ["state", "etc"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    let _ = std::fs::remove_file(d.join("daemon.pid"));
 }
 
 /// The simulator commands node `i` ran from record `from` on whose argv starts with `what`.

@@ -63,17 +63,6 @@ fn config_copy(c: &AgentCluster, dir: &Path, secret: &ClusterSecret) -> PathBuf 
     dir.join("cluster.toml")
 }
 
-/// Kills node `i`'s simulated MicroK8s (the machine is off).
-fn kill_microk8s(c: &AgentCluster, i: usize) {
-    let pid = std::fs::read_to_string(c.nodes[i].dir.join("daemon.pid")).unwrap();
-    let pid: i32 = pid.trim().parse().unwrap();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    std::fs::remove_file(c.nodes[i].dir.join("daemon.pid")).unwrap();
-}
-
 /// The rogue (old secret) on the workstation host: per node, a status read, a rotation offer and
 /// a formation-shaped message, each answered 401. Returns the refusals' statuses.
 fn rogue_requests(c: &AgentCluster, old: &ClusterSecret, nodes: &[usize]) -> Vec<Option<u16>> {
@@ -171,7 +160,10 @@ fn a_rotated_cluster_refuses_the_old_secret_and_admits_the_new_one() {
         .expect("one worker among 4 nodes with control-plane = 3");
     let kept: Vec<usize> = (0..4).filter(|&i| i != lost).collect();
     c.stop_agent(lost);
-    kill_microk8s(&c, lost);
+    assert!(
+        c.kill_microk8s(lost),
+        "the lost node's MicroK8s was running"
+    );
 
     // 1. Without --revoke: stops before any switch, names the lost node, loses nothing.
     let rotate = |c: &AgentCluster, extra: &[&str]| {

@@ -322,6 +322,24 @@ impl AgentCluster {
         true
     }
 
+    /// kill -9 of node `i`'s simulated MicroK8s (the machine is off); its pid file is removed,
+    /// so a later start writes a new one. Returns whether one was running.
+    pub fn kill_microk8s(&self, i: usize) -> bool {
+        let pid_file = self.nodes[i].dir.join("daemon.pid");
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        else {
+            return false;
+        };
+        let killed = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_file(&pid_file);
+        killed.is_ok()
+    }
+
     /// SIGTERM and wait (clean stop).
     pub fn stop_agent(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         let mut child = self.nodes[i].agent.take()?;
