@@ -13,19 +13,7 @@ use firstboot::system::microk8s::parse::{
 use firstboot::system::microk8s::{InstallSource, Microk8s};
 use microk8s_sim::http;
 use netns_lab::Lab;
-use rackseed_host::command::Output;
 use support::*;
-
-fn mk(node: &SimNode, args: &[&str]) -> Output {
-    node.host
-        .cmd(
-            &node.dir.join("bin/microk8s").to_string_lossy(),
-            Duration::from_secs(20),
-        )
-        .args(args)
-        .output_blocking()
-        .expect("running the simulator")
-}
 
 fn join_url(seed: &SimNode, token: &str) -> String {
     format!("{}:25000/{token}", seed.host.addr)

@@ -14,17 +14,6 @@ use netns_lab::Lab;
 use rackseed_host::command::Output;
 use support::*;
 
-fn mk(node: &SimNode, args: &[&str]) -> Output {
-    node.host
-        .cmd(
-            &node.dir.join("bin/microk8s").to_string_lossy(),
-            Duration::from_secs(30),
-        )
-        .args(args)
-        .output_blocking()
-        .expect("running the simulator")
-}
-
 fn url(seed: &SimNode) -> String {
     format!("{}:25000/{}", seed.host.addr, secret().microk8s_token())
 }

@@ -14,19 +14,8 @@ use std::time::Duration;
 use microk8s_sim::agent_cert::{self, sha256_hex};
 use microk8s_sim::http;
 use netns_lab::{Host, Lab};
-use rackseed_host::command::{Cmd, Output};
+use rackseed_host::command::Cmd;
 use support::*;
-
-fn mk(node: &SimNode, args: &[&str]) -> Output {
-    node.host
-        .cmd(
-            &node.dir.join("bin/microk8s").to_string_lossy(),
-            Duration::from_secs(60),
-        )
-        .args(args)
-        .output_blocking()
-        .expect("running the simulator")
-}
 
 fn lab_of(n: usize, extra: &[(&str, &str)]) -> (Lab, tempfile::TempDir, Vec<SimNode>) {
     let lab = Lab::new(n).expect("creating the network lab (run as root)");

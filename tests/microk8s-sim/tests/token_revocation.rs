@@ -7,26 +7,12 @@
 
 mod support;
 
-use std::time::Duration;
-
 use firstboot::system::microk8s::{
     persistent_tokens_file, replace_persistent_token, TokenReplacement,
 };
 use netns_lab::Lab;
-use rackseed_host::command::Output;
 use rackseed_protocol::secret::ClusterSecret;
 use support::*;
-
-fn mk(node: &SimNode, args: &[&str]) -> Output {
-    node.host
-        .cmd(
-            &node.dir.join("bin/microk8s").to_string_lossy(),
-            Duration::from_secs(30),
-        )
-        .args(args)
-        .output_blocking()
-        .expect("running the simulator")
-}
 
 #[test]
 fn a_revoked_persistent_token_is_refused_and_the_new_one_joins() {

@@ -21,11 +21,24 @@ use firstboot::system::microk8s::{
     InstallSource, Microk8s, RealMicrok8s, RealMicrok8sConfig, Status,
 };
 use netns_lab::{Host, Lab};
+use rackseed_host::command::Output;
 use rackseed_protocol::secret::ClusterSecret;
 
 pub const SIM: &str = env!("CARGO_BIN_EXE_microk8s");
 pub const DQLITE: &str = env!("CARGO_BIN_EXE_dqlite");
 pub const HEARTBEAT_MS: u64 = 200;
+
+/// How long one CLI run of [`mk`] may take before it is killed (the test then fails).
+pub const CLI_BOUND: Duration = Duration::from_secs(60);
+
+/// Runs `microk8s ARGS…` (the node's wrapper) in `node`'s namespace, at most [`CLI_BOUND`].
+pub fn mk(node: &SimNode, args: &[&str]) -> Output {
+    node.host
+        .cmd(&node.dir.join("bin/microk8s").to_string_lossy(), CLI_BOUND)
+        .args(args)
+        .output_blocking()
+        .expect("running the simulator")
+}
 
 /// A fixed cluster secret for the tests.
 pub fn secret() -> ClusterSecret {
