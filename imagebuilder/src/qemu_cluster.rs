@@ -603,9 +603,7 @@ pub async fn kubeconfig_via_forward(
     cluster: &Cluster,
     secret: &ClusterSecret,
 ) -> Result<(String, String, SocketAddr)> {
-    let seen = Arc::new(Mutex::new(None));
-    let probe = loopback_client_seeing(seen.clone())?;
-    let (docs, errors) = fetch_docs(&probe, cluster).await;
+    let (docs, errors) = fetch_docs(&loopback_client()?, cluster).await;
     let client = crate::status::workstation_client(secret, Duration::from_secs(30));
     let mut failures = Vec::new();
     for s in cluster.status() {
@@ -628,7 +626,10 @@ pub async fn kubeconfig_via_forward(
             failures.push(format!("{}: no API port forwarded", s.name));
             continue;
         };
-        *seen.lock().expect("fingerprint lock") = None;
+        // A new client (its own connections and TLS session cache) per VM: a pooled
+        // connection or a resumed TLS session would show no certificate.
+        let seen = Arc::new(Mutex::new(None));
+        let probe = loopback_client_seeing(seen.clone())?;
         if let Err(e) = fetch_doc(&probe, s.mgmt_addr).await {
             failures.push(format!("{}: {e:#}", s.name));
             continue;
