@@ -153,6 +153,12 @@ pub async fn run(
         held_before,
     } = rounds_out?;
     let mut notes = Vec::new();
+    if let Some(gap) = widest_gap(&samples, kill_at) {
+        notes.push(format!(
+            "probe rounds around the kill were up to {gap:.1} s apart (a round waits for its slowest request, each bounded by {:.1} s): the figures have that resolution, not 1 s",
+            api.timeout().as_secs_f64()
+        ));
+    }
     let rto_api = report::measure(&samples, kill_at, |s| Some(s.api_ok));
     let rto_quorum = report::measure(&samples, kill_at, |s| Some(s.quorum_ok));
     let rto_lb = match &plan.lb_url {
@@ -204,6 +210,17 @@ pub async fn run(
         samples,
         notes,
     })
+}
+
+/// The widest spacing of probe rounds from the last round before the kill on, when wider
+/// than 1.5 rounds (a loaded machine, slow answers); pure.
+pub fn widest_gap(samples: &[Sample], kill_at: f64) -> Option<f64> {
+    let from = samples.iter().rposition(|s| s.t < kill_at).unwrap_or(0);
+    samples[from..]
+        .windows(2)
+        .map(|w| w[1].t - w[0].t)
+        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))))
+        .filter(|g| *g > ROUND.as_secs_f64() * 1.5)
 }
 
 /// What the rounds saw.
@@ -382,4 +399,30 @@ async fn check_rpo(
             .await;
     }
     rpo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ts: &[f64]) -> Vec<Sample> {
+        ts.iter()
+            .map(|t| Sample {
+                t: *t,
+                api_ok: true,
+                quorum_ok: true,
+                lb_ok: None,
+                address_held: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slow_rounds_around_the_kill_are_reported_and_steady_ones_are_not() {
+        // The 6 s gap lies before the last round before the kill: not counted.
+        let s = at(&[0.0, 6.0, 7.0, 11.0, 12.0, 13.0]);
+        assert_eq!(widest_gap(&s, 8.0), Some(4.0));
+        assert_eq!(widest_gap(&at(&[0.0, 1.0, 2.0, 3.1, 4.0]), 2.5), None);
+        assert_eq!(widest_gap(&at(&[0.0]), 0.5), None);
+    }
 }
