@@ -112,9 +112,10 @@ pub enum Action {
         cluster: ClusterId,
         force: bool,
     },
-    /// Run `microk8s leave` on this worker (it becomes a standalone node, to join `cluster`
-    /// again as a control-plane member, for `reason`); report [`Event::Left`]. A node that is
-    /// standalone already counts as having left.
+    /// Run `microk8s leave` on this node (it becomes a standalone node, to join `cluster`
+    /// again: a worker being converted to control plane, or a node the record removed while
+    /// it was away; `reason` says which); report [`Event::Left`]. A node that is standalone
+    /// already counts as having left.
     Leave { cluster: ClusterId, reason: String },
     /// A human status line (sd_notify `STATUS=`).
     SetStatus(String),
@@ -173,6 +174,11 @@ pub enum Message {
     /// From the slot authority to the worker a chosen record names in `converting`: leave
     /// and join `cluster` again as a control-plane member (`reason` in words).
     Convert { cluster: ClusterId, reason: String },
+    /// From the slot authority to a node that acts as a member of `cluster` (announces
+    /// `Member`, or reports a join) although the record it saw chosen removed or released
+    /// it. Only a hint: the receiver runs a round of its own and leaves (`microk8s leave`) to
+    /// join again only if the record that round chooses says so.
+    Removed { cluster: ClusterId },
 }
 
 impl Message {
@@ -190,6 +196,7 @@ impl Message {
             Message::JoinReport { .. } => "join-report",
             Message::JoinConfirmed { .. } => "join-confirmed",
             Message::Convert { .. } => "convert",
+            Message::Removed { .. } => "removed",
         }
     }
 }

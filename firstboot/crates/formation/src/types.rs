@@ -270,6 +270,22 @@ impl Record {
         }
     }
 
+    /// Whether `node` was removed (or released) and its `remove-node` is not carried out yet:
+    /// it gets no slot before (a forced removal after its new join would take the new
+    /// membership out of dqlite, or delete a new worker's Node object).
+    pub fn removal_pending(&self, node: &NodeId) -> bool {
+        self.removed.iter().any(|x| x.node == *node && !x.done)
+    }
+
+    /// Whether the record took `node` out (a removal of it is noted) and it holds nothing
+    /// since: no membership, no slot, no tentative place.
+    pub fn was_removed(&self, node: &NodeId) -> bool {
+        self.removed.iter().any(|x| x.node == *node)
+            && !self.members.contains_key(node)
+            && self.slot_of(node).is_none()
+            && !self.tentative.contains_key(node)
+    }
+
     /// Control-plane nodes counted against `control_plane`: members, tentative, and the slots.
     pub fn control_plane_count(&self) -> usize {
         let members = self

@@ -1513,14 +1513,41 @@ fn a_minority_holding_the_authority_removes_nobody_and_the_majority_heals() {
         "each converted worker left, then was removed"
     );
     // The partition heals: one history, the minority's stale authority decides nothing.
+    // The two removed nodes (dqlite no longer has them) are no members until they left and
+    // joined again through a slot, once each, with no further removal.
     net.group.clear();
+    let healed_at = net.t;
+    let leaves_before = net.leaves.len();
     let before = net.removals.len();
-    net.steps(60);
+    for n in [&authority, &other] {
+        steps_checking_not_member_before_rejoin(&mut net, n, healed_at, 150, |net| {
+            net.all_members()
+                && newest_chosen(net).members.contains_key(&authority)
+                && newest_chosen(net).members.contains_key(&other)
+        });
+    }
     assert_eq!(forced_removals(&net).len(), 2, "{:?}", net.removals);
     assert_eq!(net.removals.len(), before, "{:?}", net.removals);
     let rec = newest_chosen(&net);
-    assert!(!rec.members.contains_key(&authority) && !rec.members.contains_key(&other));
+    assert!(
+        rec.members.contains_key(&authority) && rec.members.contains_key(&other),
+        "{rec:?}"
+    );
+    let mut left: Vec<&NodeId> = net.leaves[leaves_before..].iter().map(|l| &l.0).collect();
+    left.sort();
+    let mut expect = vec![&authority, &other];
+    expect.sort();
+    assert_eq!(left, expect, "each removed node left once");
+    for n in [&authority, &other] {
+        let joins = net
+            .join_log
+            .iter()
+            .filter(|(j, _, t, _)| j == n && *t >= healed_at)
+            .count();
+        assert_eq!(joins, 1, "{n} joined again once");
+    }
     assert!(rec.removed.iter().all(|x| x.done));
+    assert!(net.all_members());
 }
 
 #[test]
@@ -2088,4 +2115,152 @@ fn a_dead_holder_of_a_tentative_control_plane_place_is_released_once_and_a_worke
     assert_eq!(live_control_plane(&net).len(), 3, "{:?}", net.roles());
     assert_eq!(rec.control_plane_members().count(), 3, "{rec:?}");
     assert!(rec.converting.is_none(), "{:?}", rec.converting);
+}
+
+/// Steps `net` up to `k` times, until `done`; checks at every step that the newest chosen
+/// record never lists `n` as a member while its latest join started before `since` (a node
+/// removed from dqlite is no member until it joined again).
+fn steps_checking_not_member_before_rejoin(
+    net: &mut Net,
+    n: &NodeId,
+    since: u64,
+    k: u64,
+    done: impl Fn(&Net) -> bool,
+) {
+    for _ in 0..k {
+        net.step();
+        let rejoined = net
+            .join_log
+            .iter()
+            .any(|(j, _, t, _)| j == n && *t >= since);
+        let listed = newest_chosen(net).members.contains_key(n);
+        assert!(
+            rejoined || !listed,
+            "{n} recorded a member again at tick {} without a new join: {:?}",
+            net.t,
+            newest_chosen(net)
+        );
+        if done(net) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_member_removed_while_powered_off_leaves_and_joins_again_once() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    for _ in 0..300 {
+        net.step();
+        if net.all_members() && newest_chosen(&net).members.len() == 5 {
+            break;
+        }
+    }
+    let w = net
+        .roles()
+        .into_iter()
+        .find(|(_, r)| *r == Role::Worker)
+        .expect("a worker")
+        .0;
+    // Powered off longer than replace-after (40 s): removed, `remove-node --force` done.
+    net.crash(w.as_str());
+    for _ in 0..300 {
+        net.step();
+        if newest_chosen(&net)
+            .removed
+            .iter()
+            .any(|x| x.node == w && x.done)
+        {
+            break;
+        }
+    }
+    let removed_at = net.t;
+    assert!(!newest_chosen(&net).members.contains_key(&w));
+    assert_eq!(forced_removals(&net).iter().filter(|r| r.1 == w).count(), 1);
+    // It comes back still believing it is a member: told so, it checks the record by a
+    // round of its own, leaves once, and joins again through a slot.
+    net.boot(w.as_str());
+    assert!(matches!(net.phase(w.as_str()), Phase::Member { .. }));
+    steps_checking_not_member_before_rejoin(&mut net, &w, removed_at, 300, |net| {
+        net.all_members() && newest_chosen(net).members.contains_key(&w)
+    });
+    assert!(
+        newest_chosen(&net).members.contains_key(&w),
+        "{:?}",
+        newest_chosen(&net)
+    );
+    let leaves: Vec<_> = net.leaves.iter().filter(|(n, _)| *n == w).collect();
+    assert_eq!(leaves.len(), 1, "one leave: {:?}", net.leaves);
+    let rejoins: Vec<_> = net
+        .join_log
+        .iter()
+        .filter(|(n, _, t, _)| *n == w && *t >= removed_at)
+        .collect();
+    assert_eq!(rejoins.len(), 1, "one join again: {rejoins:?}");
+    assert!(rejoins[0].2 >= leaves[0].1, "joins after it left");
+    assert_eq!(
+        forced_removals(&net).iter().filter(|r| r.1 == w).count(),
+        1,
+        "no second removal of the node that came back"
+    );
+    assert!(net.all_members());
+}
+
+#[test]
+fn a_late_join_report_after_the_place_was_released_records_no_member_and_the_node_joins_again() {
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    net.hold_joins = true;
+    for (n, _) in names {
+        net.boot(n);
+    }
+    for _ in 0..200 {
+        if !net.joins.is_empty() {
+            break;
+        }
+        net.step();
+    }
+    let x = net.joins.keys().next().expect("a join started").clone();
+    // Its join goes through, but it is cut off before its report arrives, for longer than
+    // the slot timeout plus replace-after: its place is reclaimed, then released with
+    // `remove-node --force` (dqlite no longer has it).
+    net.group.insert(x.clone(), 1);
+    net.finish_join(&x, Ok(()));
+    assert!(matches!(net.phase(x.as_str()), Phase::Confirming { .. }));
+    net.hold_joins = false;
+    for _ in 0..400 {
+        net.step();
+        if newest_chosen(&net)
+            .removed
+            .iter()
+            .any(|r| r.node == x && r.done)
+            && newest_chosen(&net).converting.is_none()
+        {
+            break;
+        }
+    }
+    let released_at = net.t;
+    assert!(
+        forced_removals(&net).iter().any(|r| r.1 == x),
+        "{:?}",
+        net.removals
+    );
+    assert!(matches!(net.phase(x.as_str()), Phase::Confirming { .. }));
+    // The partition heals: its repeated report records nothing; it leaves and joins again.
+    net.group.remove(&x);
+    steps_checking_not_member_before_rejoin(&mut net, &x, released_at, 300, |net| {
+        net.all_members() && newest_chosen(net).members.contains_key(&x)
+    });
+    let rec = newest_chosen(&net);
+    assert!(rec.members.contains_key(&x), "{rec:?}");
+    assert!(
+        net.leaves.iter().filter(|(n, _)| *n == x).count() == 1,
+        "{:?}",
+        net.leaves
+    );
+    assert_eq!(rec.control_plane_members().count(), 3, "{rec:?}");
+    assert!(net.all_members());
 }

@@ -118,6 +118,13 @@ impl Node {
             self.ignored += 1;
             return;
         }
+        // A report of a node the record removed or released (no member, no slot, no
+        // tentative place): it is told so, and records nothing (`removed.rs`).
+        if let Some(rec) = self.chosen().filter(|r| r.was_removed(&from)) {
+            let cluster = rec.cluster.clone();
+            self.tell_removed(from, cluster, out);
+            return;
+        }
         let member = self.chosen().and_then(|r| r.members.get(&from)).copied();
         match member {
             Some(role) if ok => out.push(Action::Send {
@@ -182,9 +189,13 @@ impl Node {
         };
         let mut ops = Vec::new();
         for (to, req) in self.requesters_in_order(except) {
-            // A member is readmitted first (`rejoin_op`); until then it waits its turn
-            // without holding up the others.
-            if scratch.slot_of(&to).is_some() || scratch.members.contains_key(&to) {
+            // A member is readmitted first (`rejoin_op`), and a removed node rejoining waits
+            // for its own `remove-node`; until then they wait their turn without holding up
+            // the others.
+            if scratch.slot_of(&to).is_some()
+                || scratch.members.contains_key(&to)
+                || scratch.removal_pending(&to)
+            {
                 continue;
             }
             let op = Op::Grant {

@@ -166,17 +166,17 @@ impl Node {
         out.push(Action::Leave { cluster, reason });
     }
 
-    /// Result of [`Action::Leave`]: once left, wait for a (control-plane) slot in the same
-    /// cluster; a failure is retried at the authority's next request.
+    /// Result of [`Action::Leave`] (a worker being converted, or a node the record removed,
+    /// `removed.rs`): once left, wait for a slot in the same cluster; a failure is retried at
+    /// the authority's next request (or its next hint of the removal).
     pub(super) fn on_left(&mut self, res: Result<(), String>, out: &mut Vec<Action>) {
         self.leaving = false;
-        let Phase::Member {
-            cluster,
-            role: Role::Worker,
-        } = self.st.phase.clone()
-        else {
-            self.ignored += 1;
-            return;
+        let cluster = match &self.st.phase {
+            Phase::Member { cluster, .. } | Phase::Confirming { cluster, .. } => cluster.clone(),
+            _ => {
+                self.ignored += 1;
+                return;
+            }
         };
         match res {
             Ok(()) => {
@@ -187,7 +187,7 @@ impl Node {
             }
             Err(e) => {
                 self.last_error = Some(format!(
-                    "leaving cluster {cluster} to join it again as control plane failed: {e}"
+                    "leaving cluster {cluster} to join it again failed: {e}"
                 ));
             }
         }

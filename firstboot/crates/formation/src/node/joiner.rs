@@ -290,6 +290,11 @@ impl Node {
             self.me,
             self.st.phase
         );
+        // Told that the record released my place: learn it by a round of my own.
+        self.drive_removal_check(now, out);
+        if self.leaving {
+            return;
+        }
         if self
             .last_request
             .is_some_and(|t| now.saturating_sub(t) < self.params.retry_interval)

@@ -23,6 +23,8 @@ impl Node {
             self.me,
             self.st.phase
         );
+        // Told that the record removed me: learn it by a round of my own (any role).
+        self.drive_removal_check(now, out);
         let Some(rec) = self.chosen() else {
             // Only control-plane members act on the record; they learn it with one round, but
             // only once they have a reason to act: a round of theirs would compete with the
@@ -51,6 +53,7 @@ impl Node {
             self.forget_recorded_removals();
             self.drive_removals(now, out);
             self.drive_conversion(now, out);
+            self.drive_removed_peers(now, out);
         }
         if !self.can_propose(now) {
             return;

@@ -16,6 +16,8 @@
 //! - `authority.rs`: the slot authority's requests, reports and rounds;
 //! - `healing.rs`: the authority's removals of dead members and electorate handovers;
 //! - `convert.rs`: a worker converted to a control-plane member (authority and worker side);
+//! - `removed.rs`: a node the record removed while it was away comes back, leaves and joins
+//!   again (authority and node side);
 //! - `status.rs`: the announcement, the status line and [`Status`].
 //!
 //! To add a record-changing operation: add an [`Op`] variant and its pure transition in
@@ -32,6 +34,7 @@ mod joiner;
 mod member;
 mod proposer;
 mod record;
+mod removed;
 mod status;
 
 pub use record::{apply, Op};
@@ -97,14 +100,23 @@ fn phase_change_allowed(from: &Phase, to: &Phase, me: &NodeId) -> bool {
             cluster == c
         }
         // A worker being converted left its cluster (`microk8s leave`) to join it again as
-        // a control-plane member.
+        // a control-plane member; a member or a confirming joiner the record removed while
+        // it was away left it to join again (`removed.rs`).
         (
             Member {
                 cluster,
                 role: Role::Worker,
-            },
+            }
+            | Confirming { cluster, .. },
             WaitingForSlot { cluster: c },
         ) => cluster == c,
+        (
+            Member {
+                cluster,
+                role: Role::ControlPlane,
+            },
+            WaitingForSlot { cluster: c },
+        ) if cluster == c => true,
         // Only a deposed seed leaves its cluster: a re-election replaces only a cluster in
         // which nothing happened, whose only member is its seed.
         (
@@ -188,6 +200,10 @@ pub struct Node {
     // worker's `microk8s leave` is running
     convert_sent: Option<Duration>,
     leaving: bool,
+    /// Authority: when each node acting as a member although removed was last told so.
+    removed_told: BTreeMap<NodeId, Duration>,
+    /// Told that the record removed me: learn the record by a round of my own.
+    check_removal: bool,
     next_refresh: Duration,
     prepare_at: Option<Duration>,
     addons_issued: bool,
@@ -245,6 +261,8 @@ impl Node {
             removal_retry_at: BTreeMap::new(),
             convert_sent: None,
             leaving: false,
+            removed_told: BTreeMap::new(),
+            check_removal: false,
             next_refresh: now,
             prepare_at: None,
             addons_issued: false,
@@ -427,6 +445,8 @@ impl Node {
             Message::JoinConfirmed { cluster, role } => self.on_join_confirmed(cluster, role, out),
             // converted worker
             Message::Convert { cluster, reason } => self.on_convert(from, cluster, reason, out),
+            // a node the record removed while it was away
+            Message::Removed { cluster } => self.on_removed_notice(cluster),
         }
     }
 

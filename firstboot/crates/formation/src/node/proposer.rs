@@ -432,6 +432,11 @@ impl Node {
     /// The phase a chosen `record` implies: a member of it, or waiting for a slot in it when
     /// I was discovering or my phase names another cluster (I am a deposed seed).
     fn align_phase(&mut self, record: &Record, out: &mut Vec<Action>) {
+        // A member (or a confirming joiner) the record removed while it was away leaves and
+        // joins again (`removed.rs`).
+        if self.leave_if_removed(record, out) {
+            return;
+        }
         // A node that is not a member by its own state, listed in a record in which things
         // happened since its election, is an earlier life of this node (re-flashed with the
         // same id, its MicroK8s fresh): it must join again, never take the place as it is.

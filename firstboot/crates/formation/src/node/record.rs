@@ -202,7 +202,7 @@ fn replace_untouched(r: &mut Record, replace: Option<&ClusterId>, ballot: &Ballo
 /// `join_parallelism` and never beside a control-plane join). A slot `to` already holds gets
 /// a new sequence number, keeping its role.
 fn grant_slot(r: &mut Record, to: &NodeId, me: &NodeId, params: &FormationParams) {
-    if r.authority != *me || r.members.contains_key(to) {
+    if r.authority != *me || r.members.contains_key(to) || r.removal_pending(to) {
         return;
     }
     if let Some(i) = r.slots.iter().position(|s| s.node == *to) {
@@ -227,9 +227,16 @@ fn grant_slot(r: &mut Record, to: &NodeId, me: &NodeId, params: &FormationParams
 }
 
 /// A successful join makes `node` a member (with the role it was granted, if known) and
-/// frees its slot; a failed one frees slot `seq` if `node` still holds it.
+/// frees its slot; a failed one frees slot `seq` if `node` still holds it. Only a node that
+/// holds a slot or a tentative place is made a member: one the record released or removed
+/// meanwhile (its `remove-node --force` took, or will take, it out of dqlite) is no member
+/// of MicroK8s whatever its late report says; it must leave and join again.
 fn record_join_result(r: &mut Record, node: &NodeId, seq: u64, role: Role, ok: bool) {
     if ok {
+        let holder = r.slot_of(node).is_some() || r.tentative.contains_key(node);
+        if !r.members.contains_key(node) && !holder {
+            return;
+        }
         if !r.members.contains_key(node) {
             let recorded = r
                 .slot_of(node)
