@@ -69,12 +69,18 @@ fn probe_name(run: &str, n: u64) -> String {
     format!("rackseed-drill-{run}-{n:06}")
 }
 
-/// One round's write: the first endpoint that acknowledges.
+/// One round's write: the first endpoint that acknowledges. An attempt that got no answer
+/// (e.g. timed out on a slow server) may still have been committed: a later endpoint's `409`
+/// (AlreadyExists) for this run's unique name then confirms the write is in the datastore.
 async fn write_once(api: &ApiClient, to: &[SocketAddr], run: &str, n: u64) -> bool {
     let data = serde_json::json!({ "counter": n.to_string() });
+    let mut unanswered = false;
     for at in to {
-        if let Ok((201, _)) = api.create_configmap(*at, &probe_name(run, n), &data).await {
-            return true;
+        match api.create_configmap(*at, &probe_name(run, n), &data).await {
+            Ok((201, _)) => return true,
+            Ok((409, _)) if unanswered => return true,
+            Ok(_) => {}
+            Err(_) => unanswered = true,
         }
     }
     false
