@@ -10,18 +10,20 @@
 //! else is counted ([`HeartbeatStats`]) and logged once per (source, reason), at most 256 lines.
 //!
 //! Each lab: host 0 runs `node-a` (the sender), host 1 `node-b` (the observer whose view is
-//! attacked), host 2 a tap, host 3 the rogue (no secret). The tap stands for a listener on the
-//! bridge (a hub, a mirror port, an ARP spoof): it is a verified member whose discovery has
-//! heartbeats off, so `node-a` sends it the very datagram it sends `node-b`, and a plain UDP
-//! socket on its port hands those wire bytes to the rogue. "Last seen" is what the formation
+//! attacked), host 2 a third member, host 3 the rogue (no secret). The rogue's recordings are
+//! the datagrams `node-a` sends `node-b`, taken off the wire by a packet socket in `node-b`'s
+//! namespace (what a listener on a hub, a mirror port or behind an ARP spoof hears): a
+//! heartbeat names its receiver and the receiver's boot under its signature, so only those are
+//! worth replaying to `node-b` (the third member's copies are addressed to it, and are refused
+//! by `node-b` as replays: the flood sends those too). "Last seen" is what the formation
 //! core derives from discovery's events: every `Seen`/`Updated` of a peer refreshes it, so an
 //! attack that moves it shows up as such an event at `node-b`. Each test first shows that the
 //! observer does report a genuine heartbeat, so a quiet observer is no accident.
 //!
 //! The last test (`recorded_heartbeats_never_refresh_a_dead_member_at_a_restarted_observer`)
-//! FAILS as of this writing: the replay guard lives only in memory, so once an observer
-//! restarts, a recording of a dead member's last mDNS announcement and heartbeats refreshes
-//! that member once per recorded heartbeat (handed to the lead, see that test's docs).
+//! found that the replay guard, which lives only in memory, let a recording of a dead member's
+//! last mDNS announcement and heartbeats refresh that member once per recorded heartbeat at an
+//! observer that restarted since; heartbeats now name their receiver's boot (heartbeat.rs).
 //!
 //! Bounded: five labs, at most 20,000 + a few hundred datagrams, each wait at most 15 s.
 
@@ -350,17 +352,14 @@ impl Scene {
             let _ = bound_tx.send(());
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                    if tap_tx.send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
+                let _ = sock.recv_from(&mut buf);
             }
             Ok(())
         });
         bound_rx
             .recv_timeout(STEP)
             .context("the tap could not bind its UDP port")?;
+        wire_capture(lab.host(1), lab.host(0).addr, tap_tx, tap_stop.clone())?;
         let a = Member::start(lab.host(0), label, "node-a", &secret, true)?;
         let b = Member::start(lab.host(1), label, "node-b", &secret, true)?;
         let tap_member = Member::start(lab.host(2), label, "tap", &secret, false)?;
@@ -418,11 +417,72 @@ impl Scene {
             .tap
             .recv_timeout(STEP)
             .context("the tap captured no heartbeat")?;
-        let h = heartbeat::decode(&Keyring::new(self.secret.clone()), Instant::now(), &wire)
+        let (h, to) = heartbeat::decode(&Keyring::new(self.secret.clone()), Instant::now(), &wire)
             .map_err(|r| anyhow::anyhow!("captured datagram does not verify: {}", r.as_str()))?;
-        ensure!(h.node_id == "node-a", "captured {h:?}");
+        ensure!(
+            h.node_id == "node-a" && to.node_id == "node-b" && to.boot == self.b.boot,
+            "captured {h:?} for {to:?}"
+        );
         Ok((ev, wire))
     }
+}
+
+/// Records, in `host`'s namespace, the UDP payloads `from` sends to port [`PORT`] there, with a
+/// packet socket (ETH_P_ALL: it sees a packet before any ingress filter drops it, as a mirror
+/// port would): the rogue's recording of the heartbeats meant for that host.
+fn wire_capture(
+    host: &Host,
+    from: Ipv4Addr,
+    out: std_mpsc::Sender<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    use nix::sys::socket::{
+        recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
+        SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let (ready_tx, ready_rx) = std_mpsc::channel();
+    let _thread = host.spawn_thread(move || {
+        let fd = socket(
+            AddressFamily::Packet,
+            SockType::Datagram,
+            SockFlag::empty(),
+            SockProtocol::EthAll,
+        )?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 100_000),
+        )?;
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+                continue;
+            };
+            // An IPv4 packet (the link header is gone on a datagram packet socket).
+            let p = &buf[..n];
+            if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
+                continue;
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+            if total < ihl + 8 || Ipv4Addr::new(p[12], p[13], p[14], p[15]) != from {
+                continue;
+            }
+            if u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) != PORT {
+                continue;
+            }
+            if out.send(p[ihl + 8..total].to_vec()).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(STEP)
+        .context("the wire capture did not start (a packet socket needs root)")?;
+    Ok(())
 }
 
 /// Extra addresses on the rogue's eth0 (forged sources).
@@ -518,16 +578,20 @@ fn lines_of(d: &[u8]) -> Vec<(String, String)> {
 /// What a rogue without the secret can make for `header`: the real cluster tag signed with a
 /// key of its own, an all-zero signature, none at all, another cluster's properly signed
 /// heartbeat, and the peer's genuine mDNS record (heard on the wire) dressed as a heartbeat.
-fn forgeries(secret: &ClusterSecret, header: &RecordHeader) -> Vec<(&'static str, Vec<u8>)> {
+fn forgeries(
+    secret: &ClusterSecret,
+    header: &RecordHeader,
+    to: &heartbeat::Addressee,
+) -> Vec<(&'static str, Vec<u8>)> {
     let other = ClusterSecret::generate();
-    let own_key = heartbeat::encode(&other.announcement_key(), header).expect("encodes");
+    let own_key = heartbeat::encode(&other.announcement_key(), header, to).expect("encodes");
     let mut zero = lines_of(&own_key);
     zero.last_mut().expect("sig line").1 = "00".repeat(32);
     let mut unsigned = lines_of(&own_key);
     unsigned.retain(|(k, _)| k != "sig");
     let mut theirs = header.clone();
     theirs.cluster_tag = other.cluster_tag();
-    let other_cluster = heartbeat::encode(&other.announcement_key(), &theirs).expect("encodes");
+    let other_cluster = heartbeat::encode(&other.announcement_key(), &theirs, to).expect("encodes");
     let record = record::encode_record(
         &secret.announcement_key(),
         header,
@@ -559,7 +623,11 @@ fn heartbeats_without_the_secret_are_ignored_and_counted() -> Result<()> {
     let mut datagrams = Vec::new();
     let mut kinds = Vec::new();
     for i in 0..50u64 {
-        for (kind, d) in forgeries(&s.secret, &s.a.header(&s.tag(), 1_000_000 + i)) {
+        let to = heartbeat::Addressee {
+            node_id: "node-b".into(),
+            boot: s.b.boot.clone(),
+        };
+        for (kind, d) in forgeries(&s.secret, &s.a.header(&s.tag(), 1_000_000 + i), &to) {
             kinds.push(kind);
             datagrams.push(d);
         }
@@ -705,8 +773,8 @@ fn a_relayed_or_forged_source_never_changes_a_peers_address() -> Result<()> {
         "node-a's address changed"
     );
 
-    // node-b stops hearing node-a (packets from node-a's MAC dropped at node-b); the tap still
-    // hears it and the rogue relays each heartbeat from the forged address.
+    // node-b stops hearing node-a (packets from node-a's MAC dropped at node-b's input); the wire
+    // capture still hears them and the rogue relays each heartbeat from the forged address.
     let blocked = faults::HostFaults {
         blocked_macs: vec![faults::mac(s.lab.host(0))?],
         ..Default::default()
@@ -718,7 +786,7 @@ fn a_relayed_or_forged_source_never_changes_a_peers_address() -> Result<()> {
             let d = s
                 .tap
                 .recv_timeout(STEP)
-                .context("the tap captured nothing")?;
+                .context("the wire capture recorded nothing")?;
             // Nothing arrives directly.
             let direct = s.b.events_for(Duration::from_millis(300));
             ensure!(
@@ -799,6 +867,7 @@ fn a_flood_is_counted_bounded_and_the_genuine_heartbeat_still_counts() -> Result
     let ring = Keyring::new(s.secret.clone());
     let captured_header = heartbeat::decode(&ring, Instant::now(), &captured)
         .map_err(|r| anyhow::anyhow!("{}", r.as_str()))?;
+    let to_b = captured_header.1.clone();
     let other = ClusterSecret::generate();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut datagrams = Vec::with_capacity(FLOOD);
@@ -823,17 +892,17 @@ fn a_flood_is_counted_bounded_and_the_genuine_heartbeat_still_counts() -> Result
             }
             4 => {
                 let h = s.a.header(&s.tag(), rng.next() >> 1);
-                heartbeat::encode(&other.announcement_key(), &h).expect("encodes")
+                heartbeat::encode(&other.announcement_key(), &h, &to_b).expect("encodes")
             }
             5 => {
                 let mut h = s.a.header(&s.tag(), 1);
                 h.node_id = format!("made-up-{i}");
-                heartbeat::encode(&other.announcement_key(), &h).expect("encodes")
+                heartbeat::encode(&other.announcement_key(), &h, &to_b).expect("encodes")
             }
             6 => {
                 let mut h = s.a.header(&other.cluster_tag(), 1 + i as u64);
                 h.node_id = format!("stranger-{i}");
-                heartbeat::encode(&other.announcement_key(), &h).expect("encodes")
+                heartbeat::encode(&other.announcement_key(), &h, &to_b).expect("encodes")
             }
             _ => captured.clone(),
         };
@@ -1039,7 +1108,7 @@ fn mdns_capture(
 
 /// A dead member's wire traffic replayed to an observer that restarted since: the rogue
 /// recorded node-a's last mDNS announcement (multicast, heard by every host) and its last
-/// heartbeats (the tap), node-a shut down, node-b restarted (fresh replay guards). The
+/// heartbeats to node-b (the wire capture), node-a shut down, node-b restarted (fresh replay guards). The
 /// recorded announcement may make node-b see node-a once (the mDNS path's documented limit,
 /// `a_replay_seen_first_after_a_restart_cannot_hide_the_live_node` in discovery/mod.rs), after
 /// which a dead member ages out; the recorded heartbeats must not refresh it again, or the

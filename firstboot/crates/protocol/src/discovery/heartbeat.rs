@@ -31,13 +31,26 @@
 //! expires in a peer's cache. Nodes that are not members yet announce over mDNS as before.
 //!
 //! Wire format: the line `rackseed-heartbeat/1`, then the fixed fields of a signed record
-//! ([`super::record`]: `v`, `c`, `id`, `p`, `fp`, `n`, `b`, `s`, then `sig`), one `key=value`
-//! a line, no application fields, at most [`MAX_DATAGRAM`] bytes. It is signed with a key of
+//! ([`super::record`]: `v`, `c`, `id`, `p`, `fp`, `n`, `b`, `s`), the addressee as two
+//! application fields (`a.to`: the receiver's node id, `a.tb`: the receiver's boot id, as its
+//! own verified record announces them), then `sig`, one `key=value` a line, at most
+//! [`MAX_DATAGRAM`] bytes. It is signed with a key of
 //! its own, derived from the announcement key ([`heartbeat_key`]), so a heartbeat can never
 //! pass for an mDNS announcement or the other way round. `s` counts heartbeats within the
 //! boot (apart from the announcements' sequence numbers) and is checked by a
 //! [`ReplayGuard`] of its own: only a newer heartbeat counts, so a recorded one replayed later
 //! proves nothing.
+//!
+//! The replay guard lives in memory, so it alone cannot stop a replay to a receiver that
+//! restarted since the recording (a rogue replaying a dead member's last mDNS announcement and
+//! then its recorded heartbeats would refresh it once per heartbeat, and a restarted slot
+//! authority starts its liveness clocks afresh: the dead member's removal would wait). So
+//! every heartbeat names, under its signature, the one receiver it is for and that receiver's
+//! boot id (random per start): a receiver accepts only heartbeats addressed to itself in its
+//! current boot. A recording therefore proves nothing to any later boot of its receiver, nor
+//! to another peer that missed it (counted as replays). The cost is one HMAC per peer per
+//! beat. A receiver that restarted gets heartbeats again once its peers have its new record
+//! (it announces at start); until then it hears them over mDNS as any newcomer does.
 //!
 //! A heartbeat is accepted only from a peer already verified through its mDNS record, and only
 //! for the boot (boot counter and boot id), port and fingerprint of that record: it refreshes
@@ -98,12 +111,25 @@ pub fn heartbeat_key(announcement_key: &[u8; 32]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// One heartbeat datagram for `header` (its `seq` is the heartbeat's number).
+/// Whom a heartbeat is for: the receiver's node id and its boot id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addressee {
+    pub node_id: String,
+    pub boot: String,
+}
+
+/// One heartbeat datagram for `header` (its `seq` is the heartbeat's number), addressed to
+/// `to` in its current boot.
 pub fn encode(
     announcement_key: &[u8; 32],
     header: &RecordHeader,
+    to: &Addressee,
 ) -> Result<Vec<u8>, record::RecordError> {
-    let pairs = record::encode_record(&heartbeat_key(announcement_key), header, &[])?;
+    let fields = [
+        ("to".to_string(), to.node_id.clone()),
+        ("tb".to_string(), to.boot.clone()),
+    ];
+    let pairs = record::encode_record(&heartbeat_key(announcement_key), header, &fields)?;
     let mut out = format!("{MAGIC}\n").into_bytes();
     for (k, v) in pairs {
         out.extend_from_slice(k.as_bytes());
@@ -114,12 +140,13 @@ pub fn encode(
     Ok(out)
 }
 
-/// Parses and verifies one datagram with the accepted key its cluster tag names. Never panics.
+/// Parses and verifies one datagram with the accepted key its cluster tag names; returns the
+/// sender's header and whom it was addressed to. Never panics.
 pub fn decode(
     keyring: &Keyring,
     now: std::time::Instant,
     datagram: &[u8],
-) -> Result<RecordHeader, Rejection> {
+) -> Result<(RecordHeader, Addressee), Rejection> {
     if datagram.len() > MAX_DATAGRAM {
         return Err(Rejection::Malformed);
     }
@@ -132,7 +159,7 @@ pub fn decode(
     for line in lines {
         let (k, v) = line.split_once('=').ok_or(Rejection::Malformed)?;
         pairs.push((k.to_string(), Some(v.as_bytes().to_vec())));
-        if pairs.len() > record::FIXED_KEYS.len() + 1 {
+        if pairs.len() > record::FIXED_KEYS.len() + 3 {
             return Err(Rejection::Malformed);
         }
     }
@@ -153,10 +180,14 @@ pub fn decode(
         id,
         &pairs,
     )?;
-    if !rec.fields.is_empty() {
+    let mut fields = rec.fields;
+    let (Some(node_id), Some(boot)) = (fields.remove("to"), fields.remove("tb")) else {
+        return Err(Rejection::Malformed);
+    };
+    if !fields.is_empty() {
         return Err(Rejection::Malformed);
     }
-    Ok(rec.header)
+    Ok((rec.header, Addressee { node_id, boot }))
 }
 
 /// Receives heartbeats: verifies them and refreshes the peers in the peer table.
@@ -211,8 +242,8 @@ impl Receiver {
 
     /// Handles one datagram from `from`; the event for the driver, if it refreshed a peer.
     pub(super) fn on_datagram(&mut self, from: SocketAddr, data: &[u8]) -> Option<PeerEvent> {
-        let header = match decode(&self.cfg.keyring, std::time::Instant::now(), data) {
-            Ok(h) => h,
+        let (header, to) = match decode(&self.cfg.keyring, std::time::Instant::now(), data) {
+            Ok(x) => x,
             Err(r) => {
                 self.shared
                     .lock()
@@ -228,6 +259,12 @@ impl Receiver {
         }
         let mut guard = self.shared.lock().expect("discovery state lock");
         let shared = &mut *guard;
+        // Addressed to another node, or to an earlier boot of this one: a recording replayed
+        // (see the module docs). Genuine, so not a rejection; never a refresh.
+        if to.node_id != self.cfg.node_id || to.boot != self.cfg.boot {
+            shared.hb.replayed += 1;
+            return None;
+        }
         // Matched against the record first, so a heartbeat of another boot never moves the
         // replay guard on (it would hold the record's boot stale).
         let Some(known) = shared
@@ -278,18 +315,23 @@ fn matches_record(known: &KnownPeer, h: &RecordHeader) -> bool {
         && known.peer.fingerprint == h.fingerprint
 }
 
-/// Where heartbeats to the present peers of `peers` go: each one's first IPv4 address and
-/// signed coordinator port; `None` when a present peer has no IPv4 address.
-pub(super) fn targets(peers: &BTreeMap<String, KnownPeer>) -> Option<Vec<SocketAddr>> {
+/// Where heartbeats to the present peers of `peers` go and whom each is for: each one's first
+/// IPv4 address and signed coordinator port, its node id and the boot id of its latest record;
+/// `None` when a present peer has no IPv4 address.
+pub(super) fn targets(peers: &BTreeMap<String, KnownPeer>) -> Option<Vec<(SocketAddr, Addressee)>> {
     peers
-        .values()
-        .filter(|k| k.present)
-        .map(|k| {
-            k.peer
-                .addrs
-                .iter()
-                .find(|a| a.is_ipv4())
-                .map(|ip| SocketAddr::new(*ip, k.peer.port))
+        .iter()
+        .filter(|(_, k)| k.present)
+        .map(|(id, k)| {
+            k.peer.addrs.iter().find(|a| a.is_ipv4()).map(|ip| {
+                (
+                    SocketAddr::new(*ip, k.peer.port),
+                    Addressee {
+                        node_id: id.clone(),
+                        boot: k.boot.clone(),
+                    },
+                )
+            })
         })
         .collect()
 }
@@ -312,6 +354,13 @@ mod tests {
         }
     }
 
+    fn to() -> Addressee {
+        Addressee {
+            node_id: "me".into(),
+            boot: "aaaaaaaaaaaaaaaa".into(),
+        }
+    }
+
     fn ring() -> Keyring {
         Keyring::new(ClusterSecret::from_bytes([1; 32]))
     }
@@ -321,16 +370,24 @@ mod tests {
         let r = ring();
         let key = *r.current().announcement_key();
         let h = header("peer", "bbbbbbbbbbbbbbbb", 7);
-        let d = encode(&key, &h).unwrap();
+        let d = encode(&key, &h, &to()).unwrap();
         assert!(d.len() <= MAX_DATAGRAM, "{} bytes", d.len());
-        assert_eq!(decode(&r, Instant::now(), &d), Ok(h.clone()));
+        assert_eq!(decode(&r, Instant::now(), &d), Ok((h.clone(), to())));
+        // The longest node ids on both ends still fit one datagram.
+        let long = "n".repeat(record::MAX_NODE_ID_LEN);
+        let far = Addressee {
+            node_id: long.clone(),
+            boot: "f".repeat(16),
+        };
+        let big_d = encode(&key, &header(&long, "bbbbbbbbbbbbbbbb", u64::MAX), &far).unwrap();
+        assert!(big_d.len() <= MAX_DATAGRAM, "{} bytes", big_d.len());
         // Every single-byte change is refused (or, never, decodes to something else).
         for i in 0..d.len() {
             let mut bad = d.clone();
             bad[i] ^= 0x01;
             match decode(&r, Instant::now(), &bad) {
                 Err(_) => {}
-                Ok(got) => assert_eq!(got, h, "flip at {i}"),
+                Ok(got) => assert_eq!(got, (h.clone(), to()), "flip at {i}"),
             }
         }
         // Another cluster's secret: refused.
@@ -354,7 +411,7 @@ mod tests {
         let r = ring();
         let key = *r.current().announcement_key();
         let h = header("peer", "bbbbbbbbbbbbbbbb", 3);
-        let d = encode(&key, &h).unwrap();
+        let d = encode(&key, &h, &to()).unwrap();
         let text = std::str::from_utf8(&d).unwrap();
         let pairs: Vec<(String, Option<Vec<u8>>)> = text
             .lines()

@@ -431,7 +431,8 @@ impl Discovery {
         let Some(sock) = &self.hb_sock else {
             return Err(DiscoveryError::Heartbeat("not enabled".into()));
         };
-        let (datagram, targets) = {
+        // One datagram per peer, each addressed (under its signature) to that peer's boot.
+        let datagrams = {
             let mut s = self.shared.lock().expect("discovery state lock");
             if s.shut {
                 return Err(DiscoveryError::Shutdown);
@@ -443,14 +444,17 @@ impl Discovery {
             };
             s.hb_seq += 1;
             let keys = self.cfg.keyring.current();
-            (
-                heartbeat::encode(keys.announcement_key(), &self.cfg.header(s.hb_seq))?,
-                targets,
-            )
+            let header = self.cfg.header(s.hb_seq);
+            targets
+                .into_iter()
+                .map(|(to, who)| {
+                    heartbeat::encode(keys.announcement_key(), &header, &who).map(|d| (to, d))
+                })
+                .collect::<Result<Vec<_>, _>>()?
         };
         let (mut sent, mut errors) = (0u64, 0u64);
-        for to in &targets {
-            match sock.send_to(&datagram, to) {
+        for (to, datagram) in &datagrams {
+            match sock.send_to(datagram, to) {
                 Ok(_) => sent += 1,
                 Err(e) => {
                     errors += 1;
@@ -1382,7 +1386,11 @@ mod tests {
         let mut r = heartbeat::Receiver::new(b.cfg.clone(), b.shared.clone(), tx);
         let from: std::net::SocketAddr = "10.0.0.2:7443".parse().unwrap();
         let key = s.announcement_key();
-        let hb = |id: &str, boot: &str, seq: u64| {
+        let me = heartbeat::Addressee {
+            node_id: "me".into(),
+            boot: b.cfg.boot.clone(),
+        };
+        let hb_to = |id: &str, boot: &str, seq: u64, to: &heartbeat::Addressee| {
             let h = RecordHeader {
                 cluster_tag: s.cluster_tag(),
                 node_id: id.into(),
@@ -1392,8 +1400,9 @@ mod tests {
                 boot: boot.into(),
                 seq,
             };
-            heartbeat::encode(&key, &h).unwrap()
+            heartbeat::encode(&key, &h, to).unwrap()
         };
+        let hb = |id: &str, boot: &str, seq: u64| hb_to(id, boot, seq, &me);
         let boot = "bbbbbbbbbbbbbbbb";
         // Before its record: unmatched.
         assert_eq!(r.on_datagram(from, &hb("peer", boot, 1)), None);
@@ -1409,6 +1418,18 @@ mod tests {
         );
         assert_eq!(r.on_datagram(from, &hb("peer", boot, 2)), None, "duplicate");
         assert_eq!(r.on_datagram(from, &hb("peer", boot, 1)), None, "replay");
+        // Newer, but addressed to another node, or to an earlier boot of this one (a
+        // recording replayed after a restart): never a refresh, and the guard is not moved.
+        let other = heartbeat::Addressee {
+            node_id: "other".into(),
+            boot: b.cfg.boot.clone(),
+        };
+        let earlier = heartbeat::Addressee {
+            node_id: "me".into(),
+            boot: "0123456789abcdef".into(),
+        };
+        assert_eq!(r.on_datagram(from, &hb_to("peer", boot, 9, &other)), None);
+        assert_eq!(r.on_datagram(from, &hb_to("peer", boot, 9, &earlier)), None);
         // Another boot of the same id (its record not seen yet): unmatched.
         assert_eq!(
             r.on_datagram(from, &hb("peer", "cccccccccccccccc", 1)),
@@ -1428,7 +1449,7 @@ mod tests {
         let st = b.shared.lock().unwrap().hb.clone();
         assert_eq!(
             (st.accepted, st.replayed, st.unmatched, st.rejected),
-            (2, 2, 2, 1),
+            (2, 4, 2, 1),
             "{st:?}"
         );
         // The table's fields never changed.
@@ -1455,11 +1476,15 @@ mod tests {
         see(&mut b, "c", vec!["10.0.0.4".parse().unwrap()]);
         b.on_removed(Some("c"));
         let t = heartbeat::targets(&b.shared.lock().unwrap().peers).unwrap();
+        let who = |id: &str| heartbeat::Addressee {
+            node_id: id.into(),
+            boot: boot.into(),
+        };
         assert_eq!(
             t,
             vec![
-                "10.0.0.2:7443".parse().unwrap(),
-                "10.0.0.3:7443".parse().unwrap()
+                ("10.0.0.2:7443".parse().unwrap(), who("a")),
+                ("10.0.0.3:7443".parse().unwrap(), who("b"))
             ]
         );
         see(&mut b, "d", vec!["fe80::2".parse().unwrap()]);
