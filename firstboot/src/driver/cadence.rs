@@ -62,11 +62,12 @@
 //! children's CPU (`microk8s status`) from 0.049 to 0.016-0.019 s a minute.
 //!
 //! With direct heartbeats (same test, N = 50, 60 s idle, three runs at load 5-17 on 2
-//! cores): the busiest agent's CPU fell from 0.62 / 0.64 / 0.69 s a minute (min / median /
-//! max, the tree before, same machine and hour) to 0.20 / 0.20 / 0.22; mdns-sd's thread from
-//! 0.45 to 0.035-0.038 s a minute on average (its wakeups from ~32 to 0.2 a second, counted
-//! with `perf stat -e syscalls:sys_enter_epoll_wait`); the formation time was unchanged
-//! (19.0 / 19.1 / 23.3 s against 18.8 / 19.1 / 22.8 s).
+//! cores): the busiest agent's CPU fell from 0.44 / 0.49 / 0.52 s a minute (min / median /
+//! max, the previous session) to 0.20 / 0.20 / 0.22; mdns-sd's thread from ~0.45 to
+//! 0.035-0.038 s a minute on average, its wakeups from ~32 to 0.2 a second (`perf stat -e
+//! syscalls:sys_enter_epoll_wait` on the 50 threads for 20 s, one run each, which with
+//! perf attached gave 0.62-0.69 s a minute before and 0.23 after); the formation time was
+//! unchanged (19.0 / 19.1 / 23.3 s, against 18.8 / 19.1 / 22.8 s before, same hour).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
