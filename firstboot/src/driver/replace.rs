@@ -2,8 +2,8 @@
 //! this node (the slot authority; the formation core decided the removal by a round of the
 //! cluster record and issues [`rackseed_formation::Action::RemoveNode`] on one node only),
 //! with `--force` for a dead or re-flashed member, without it for a worker that left to be
-//! converted to control plane; and that worker's own `microk8s leave`
-//! ([`rackseed_formation::Action::Leave`]).
+//! converted to control plane; and the own `microk8s leave` of that worker, or of a node the
+//! record removed while it was away ([`rackseed_formation::Action::Leave`]).
 //!
 //! What the command does, read in canonical/microk8s `scripts/wrappers/remove_node.py` (at
 //! d099c907): given an IP, it looks the Kubernetes node up by its `InternalIP`
@@ -51,8 +51,11 @@ impl Runtime {
 }
 
 impl Runtime {
-    /// Runs `microk8s leave` on this worker (it is being converted to a control-plane
-    /// member); the result comes back as [`Event::Left`]. A node no longer in a cluster
+    /// Runs `microk8s leave` on this node (a worker being converted to a control-plane
+    /// member, or a node the cluster record removed while it was away, which MicroK8s still
+    /// thinks joined: `leave.py` resets it to a lone node, for a control-plane node after
+    /// asking dqlite for endpoints, in which its own is no longer listed); the result comes
+    /// back as [`Event::Left`]. A node no longer in a cluster
     /// ([`Microk8sError::NotInCluster`]) left already (a restart after its leave).
     pub(super) fn spawn_leave(&self) {
         let microk8s = self.agent.microk8s.clone();

@@ -72,6 +72,9 @@ struct Scenario {
     /// (with `replace_after` = [`REPLACE_AFTER`]): dead members are removed and the
     /// electorate handed over.
     losses: u8,
+    /// The nodes lost come back after [`RETURN_AFTER`] ticks (a long power cut, not a loss for
+    /// good), with their persisted state: removed meanwhile, they must leave and join again.
+    returns: bool,
 }
 
 fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> {
@@ -115,6 +118,7 @@ fn scenario(n: impl Strategy<Value = usize>) -> impl Strategy<Value = Scenario> 
                 addons,
                 parallel,
                 losses: 0,
+                returns: false,
             },
         )
 }
@@ -147,6 +151,9 @@ const REPLACE_AFTER: u64 = 120;
 /// When the first permanent loss happens, and the ticks between two.
 const LOSS_START: u64 = 160;
 const LOSS_GAP: u64 = 320;
+/// How long a node that comes back ([`Scenario::returns`]) is away: longer than
+/// `replace_after`, so it is removed meanwhile (unless nobody could decide it).
+const RETURN_AFTER: u64 = REPLACE_AFTER + 100;
 
 const JOIN_MAX: u64 = 6;
 const FAULT_END: u64 = 150;
@@ -230,6 +237,15 @@ struct Sim {
     converting: BTreeSet<usize>,
     /// `microk8s leave` runs: (node, tick).
     leaves: Vec<(usize, u64)>,
+    /// Nodes away for [`RETURN_AFTER`] (counted in `dead` meanwhile).
+    away: BTreeSet<usize>,
+    /// Nodes back from being away that have not joined again since.
+    returned: BTreeSet<usize>,
+    /// Nodes back from being away that joined again since.
+    rejoined: BTreeSet<usize>,
+    /// Nodes `remove-node` took out of MicroK8s that have not joined again since: no chosen
+    /// record may count them as members.
+    evicted: BTreeSet<usize>,
 }
 
 impl Sim {
@@ -310,6 +326,10 @@ impl Sim {
             removals: Vec::new(),
             converting: BTreeSet::new(),
             leaves: Vec::new(),
+            away: BTreeSet::new(),
+            returned: BTreeSet::new(),
+            rejoined: BTreeSet::new(),
+            evicted: BTreeSet::new(),
             ids,
             sc,
         }
@@ -487,6 +507,40 @@ impl Sim {
     /// join.
     fn leave(&mut self, i: usize) {
         let t = self.t;
+        // A node back from being away leaves only once the record removed it (MicroK8s:
+        // dqlite no longer has it), to join again like a new node.
+        if self.returned.contains(&i) {
+            let listed = self
+                .latest()
+                .is_some_and(|r| r.members.contains_key(&self.ids[i]));
+            if listed {
+                self.violations.push(format!(
+                    "node {i} (back from being away) leaves while the record lists it a member"
+                ));
+            }
+            self.leaves.push((i, t));
+            self.joined.remove(&i);
+            // `leave.py` takes its own dqlite entry out, if it still had one.
+            let root = self.root[i];
+            if let Some(set) = self.cp_nodes.get_mut(&root) {
+                set.remove(&i);
+            }
+            if root == i {
+                self.roots_removed.insert(i);
+            }
+            // A lone node again, of its own new (never joined) cluster.
+            self.root[i] = self.sc.n + i;
+            let inc = self.inc[i];
+            self.push(
+                t + 1,
+                i,
+                Payload::Result {
+                    inc,
+                    ev: Event::Left(Ok(())),
+                },
+            );
+            return;
+        }
         let root = self.root[i];
         let cp = root == i || self.cp_nodes.get(&root).is_some_and(|s| s.contains(&i));
         let again = self.converting.contains(&i);
@@ -550,10 +604,22 @@ impl Sim {
         }
         // Faults have stopped long enough ago that every live node is seen: only the dead
         // may be removed.
-        if !left && !self.dead.contains(&j) && t > FAULT_END + REPLACE_AFTER + 40 {
+        if !left
+            && !self.dead.contains(&j)
+            && !self.returned.contains(&j)
+            && t > FAULT_END + REPLACE_AFTER + 40
+        {
             self.violations
                 .push(format!("node {i} removes live node {j} at tick {t}"));
         }
+        // A node back from being away joins again only after its removal is carried out: a
+        // removal after (or during) that join would cut the new membership.
+        if (self.rejoined.contains(&j) && !self.dead.contains(&j)) || self.joins.contains_key(&j) {
+            self.violations.push(format!(
+                "node {i} removes {j} after it joined again, or while it joins"
+            ));
+        }
+        self.evicted.insert(j);
         self.removals.push((i, j, t));
         let root = self.root[j];
         if let Some(set) = self.cp_nodes.get_mut(&root) {
@@ -600,6 +666,11 @@ impl Sim {
         self.dead.insert(i);
         self.crash(i);
         self.down_until[i] = None;
+        if self.sc.returns {
+            self.away.insert(i);
+            self.rejoined.remove(&i);
+            self.down_until[i] = Some(t + RETURN_AFTER);
+        }
         if let Some(r) = self.latest().cloned() {
             let id = &self.ids[i];
             let dead_in: usize = r
@@ -787,7 +858,8 @@ impl Sim {
                 self.join_clusters
             ));
         }
-        if cluster.seed == self.ids[i] {
+        // (A seed removed while away and reset by `leave` joins its old cluster again.)
+        if cluster.seed == self.ids[i] && self.root[i] < self.sc.n {
             self.violations
                 .push(format!("node {i} joins its own cluster"));
         }
@@ -820,8 +892,9 @@ impl Sim {
             );
             return;
         }
-        let my_cluster_has_others =
-            self.root[i] != i || self.root.iter().enumerate().any(|(k, r)| *r == i && k != i);
+        let lone = self.root[i] == i || self.root[i] >= self.sc.n;
+        let my_cluster_has_others = !lone
+            || (self.root[i] == i && self.root.iter().enumerate().any(|(k, r)| *r == i && k != i));
         if my_cluster_has_others {
             self.violations.push(format!(
                 "node {i} joins a second cluster (root {} -> {root})",
@@ -888,6 +961,10 @@ impl Sim {
                 }
                 self.root[i] = j.root;
                 self.converting.remove(&i);
+                self.evicted.remove(&i);
+                if self.returned.remove(&i) {
+                    self.rejoined.insert(i);
+                }
                 if !j.worker {
                     let seed = usize::from(!self.roots_removed.contains(&j.root));
                     let set = self.cp_nodes.entry(j.root).or_default();
@@ -937,6 +1014,17 @@ impl Sim {
 
     fn step(&mut self) {
         let t = self.t;
+        let back: Vec<usize> = self
+            .away
+            .iter()
+            .copied()
+            .filter(|i| self.down_until[*i] == Some(t))
+            .collect();
+        for i in back {
+            self.away.remove(&i);
+            self.dead.remove(&i);
+            self.returned.insert(i);
+        }
         for i in 0..self.sc.n {
             let boot_now =
                 (self.boot_at[i] == t && self.inc[i] == 0) || self.down_until[i] == Some(t);
@@ -1015,7 +1103,26 @@ impl Sim {
         for i in 0..self.sc.n {
             self.deliver(i, Event::Tick);
         }
+        self.check_evicted();
         self.t += 1;
+    }
+
+    /// A node `remove-node` took out of MicroK8s is no member until it joined again: the
+    /// newest chosen record never counts it.
+    fn check_evicted(&mut self) {
+        let Some(r) = self.latest() else { return };
+        let bad: Vec<usize> = r
+            .members
+            .keys()
+            .filter_map(|m| self.index.get(m).copied())
+            .filter(|k| self.evicted.contains(k))
+            .collect();
+        for k in bad {
+            self.violations.push(format!(
+                "node {k} counted a member although remove-node took it out and it has not \
+                 joined again"
+            ));
+        }
     }
 
     fn converged(&self) -> bool {
@@ -1200,6 +1307,34 @@ proptest! {
     }
 }
 
+/// Cases of the return property: 40 in release builds, 8 in debug builds; override with
+/// `RETURN_CASES`.
+const RETURN_CASES: u32 = if cfg!(debug_assertions) { 8 } else { 40 };
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases("RETURN_CASES", RETURN_CASES),
+        max_shrink_iters: 50,
+        ..ProptestConfig::default()
+    })]
+
+    /// Nodes away longer than `replace_after` (one, or two far apart) come back with their
+    /// persisted state, on top of every other fault: removed meanwhile (`remove-node`), they
+    /// are never counted members until they joined again, leave only once the record
+    /// removed them, are not removed again once they joined again, and the cluster converges
+    /// with them as members.
+    #[test]
+    fn nodes_removed_while_away_leave_and_join_again(
+        sc in scenario(4usize..=9),
+        losses in 1u8..=2,
+    ) {
+        let mut sc = sc;
+        sc.losses = losses;
+        sc.returns = true;
+        check(sc)?;
+    }
+}
+
 /// Case count from the environment variable `var`, else `default`.
 fn cases(var: &str, default: u32) -> u32 {
     std::env::var(var)
@@ -1242,6 +1377,7 @@ fn fifty_nodes_with_all_faults_converge_safely() {
         addons: true,
         parallel: 4,
         losses: 0,
+        returns: false,
     };
     let (violations, converged, t, sim) = run(sc);
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
@@ -1276,6 +1412,7 @@ fn measure_run_cost() {
                 addons: true,
                 parallel: 8,
                 losses: 0,
+                returns: false,
             };
             let (v, c, t, _) = run(sc);
             assert!(v.is_empty() && c);
@@ -1311,6 +1448,7 @@ fn lossy_large_cluster_with_piggybacked_promises_converges() {
         addons: false,
         parallel: 1,
         losses: 0,
+        returns: false,
     };
     if let Err(e) = check(sc) {
         panic!("{e}");
@@ -1337,6 +1475,7 @@ fn thirty_nodes_join_six_workers_at_once() {
         addons: true,
         parallel: 6,
         losses: 0,
+        returns: false,
     };
     let (violations, converged, t, sim) = run(sc);
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
