@@ -139,6 +139,18 @@
 //!   earlier join readmits nobody: its sender announces `Member` by then. A re-flashed slot
 //!   authority announces that it is no member: the best live control-plane member takes
 //!   over without waiting `takeover_after`, and it is readmitted like the others.
+//! - **Removed while away** (`node/removed.rs`): a node unseen for `replace_after` (powered
+//!   off, or cut off) is removed (or its tentative place released) and `remove-node --force`
+//!   takes it out of dqlite, but the node itself still believes it is joined
+//!   (canonical/microk8s `scripts/wrappers/remove_node.py` changes only the survivors). When
+//!   it comes back: a join report from a node holding no slot and no tentative place records
+//!   no member (a late report after a release); the authority tells a node acting as a
+//!   member of its cluster although removed ([`Message::Removed`], a hint only); the node
+//!   runs a Refresh round of its own and, only if the record that round chooses lists it
+//!   removed and holding nothing, runs `microk8s leave` ([`Action::Leave`]; `leave.py` resets
+//!   it to a lone node) and waits for a slot like a new node. No slot goes to a node whose
+//!   own `remove-node` is not done ([`Record::removal_pending`]), so a forced removal never
+//!   runs after or during its new join.
 //! - **Convert / ConvertLeft / EndConversion** (`node/convert.rs`): when the control plane is
 //!   below `control_plane` once every removal is carried out (members, tentative places and
 //!   slots counted, standbys among them: MicroK8s promotes those itself), no slot is in use
@@ -275,6 +287,20 @@
 //!    holder before it recorded them done; the removed node is out of dqlite, so an enable
 //!    of its own no longer reaches the cluster, and the new claimer's enable is the only one
 //!    that does (point 6 holds for the live cluster; enabling again is idempotent).
+//!    *A removed node that comes back* is never a member again on its own word: `apply`
+//!    makes a member only of a node that holds a slot or a tentative place, and a removal
+//!    takes both, so after its removal a node is recorded again only through a new grant,
+//!    which waits until its `remove-node` is done (point 4 is unchanged: that grant is a
+//!    slot like any other). It leaves only on a record it saw chosen at the end of its own
+//!    round, listing it removed: a removal decided by a majority of the electorate, so a
+//!    minority, or a forged or stale [`Message::Removed`], never makes a node leave; and a
+//!    node in `Member`/`Confirming` that such a record does not list was removed (it was
+//!    listed, or held a slot, in a record chosen before its phase; only a removal takes
+//!    that away). Known limit: a stale authority (one that was away itself) acts on its old
+//!    chosen record until its first round, and may run a `remove-node` that record holds
+//!    undone; the new grant waits for it, but the removal of a node that meanwhile joined
+//!    again through another authority is only skipped when its address is recorded as a
+//!    member's.
 //!    *Takeover escalation* changes only who proposes: a takeover is a round like any
 //!    other, and `apply` takes over only from the authority the record still names.
 //!
