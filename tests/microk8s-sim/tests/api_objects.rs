@@ -202,6 +202,19 @@ fn objects_need_the_credential_and_follow_quorum() {
             "node {i}: {b}"
         );
     }
+    // The standby is promoted before another voter may die: dqlite changes roles through the
+    // leader, so a second loss before the promotion would leave one voter of three (no
+    // quorum, for good), in MicroK8s as here. Wait until a survivor lists three voters again.
+    eventually(
+        Duration::from_secs(30),
+        "the standby promoted to voter",
+        || match nodes[2].status() {
+            firstboot::system::microk8s::Status::Running(st) => {
+                (st.voters().len() == 3 && st.standby().is_empty()).then_some(())
+            }
+            _ => None,
+        },
+    );
     // Another voter dies: the promoted standby keeps two of three.
     nodes[1].kill();
     eventually(Duration::from_secs(15), "writes with two voters", || {
