@@ -458,6 +458,11 @@ fn stamp(path: &Path) -> Result<ArchiveStamp, PrepError> {
 /// The container image archives (`*.tar`) staged in `dir`, sorted; none when the folder does
 /// not exist.
 pub fn staged_image_archives(dir: &Path) -> Result<Vec<PathBuf>, PrepError> {
+    staged_files(dir, "tar")
+}
+
+/// The files named `*.EXT` in `dir`, sorted; none when the folder does not exist.
+fn staged_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, PrepError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -470,7 +475,7 @@ pub fn staged_image_archives(dir: &Path) -> Result<Vec<PathBuf>, PrepError> {
     };
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "tar") && p.is_file())
+        .filter(|p| p.extension().is_some_and(|x| x == ext) && p.is_file())
         .collect();
     out.sort();
     Ok(out)
@@ -753,22 +758,7 @@ fn missing_packages(root: &Path, needs: &[PackageProbe]) -> Result<Vec<&'static 
 
 /// The staged `.deb` files in `dir` (sorted), or none when the folder does not exist.
 pub fn staged_debs(dir: &Path) -> Result<Vec<PathBuf>, PrepError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(PrepError::Read {
-                path: dir.to_owned(),
-                source,
-            })
-        }
-    };
-    let mut debs: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "deb") && p.is_file())
-        .collect();
-    debs.sort();
-    Ok(debs)
+    staged_files(dir, "deb")
 }
 
 /// The package name of a `.deb` file named the Debian way (`NAME_VERSION_ARCH.deb`).
