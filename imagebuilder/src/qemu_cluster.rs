@@ -246,6 +246,14 @@ fn loopback_client_seeing(seen: Arc<Mutex<Option<String>>>) -> Result<reqwest::C
 
 /// One VM's status document through its management forward (`addr` must be on loopback).
 pub async fn fetch_doc(client: &reqwest::Client, addr: SocketAddr) -> Result<StatusDoc> {
+    fetch_status_json(client, addr).await
+}
+
+/// [`fetch_doc`] as any JSON shape (the drill reads fields a [`StatusDoc`] does not keep).
+pub async fn fetch_status_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+) -> Result<T> {
     anyhow::ensure!(addr.ip().is_loopback(), "{addr} is not a loopback forward");
     let url = format!("https://{addr}/status.json");
     let resp = client

@@ -45,21 +45,7 @@ const READ_FOR_AT_LEAST: Duration = Duration::from_secs(30);
 
 /// One VM's status document, as JSON, through its management forward (loopback only).
 async fn fetch_raw(client: &reqwest::Client, addr: SocketAddr) -> Result<serde_json::Value> {
-    anyhow::ensure!(addr.ip().is_loopback(), "{addr} is not a loopback forward");
-    let url = format!("https://{addr}/status.json");
-    let resp = client
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("no answer from {url}"))?;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "{url} answered {}",
-        resp.status()
-    );
-    let bytes = resp.bytes().await.context("reading the status document")?;
-    anyhow::ensure!(bytes.len() <= 4 << 20, "{url}: status document over 4 MiB");
-    serde_json::from_slice(&bytes).with_context(|| format!("{url}: unreadable status document"))
+    crate::qemu_cluster::fetch_status_json(client, addr).await
 }
 
 /// Whether the agent behind management forward `at` reports holding the floating API address
