@@ -18,10 +18,11 @@
 //!   missing; an installed release is then listed as `deployed`.
 //! - [`FakeImages`]: the container images on the nodes of a fake cluster (what each node's
 //!   `microk8s ctr image import` put into its containerd) and whether the cluster reaches
-//!   image registries. `ctr image import` reads the archive like containerd's importer (a
-//!   Docker `manifest.json` with `RepoTags`, or an OCI `index.json` with image-name
-//!   annotations; names normalised to `docker.io/...`) and fails with ctr's message for a file
-//!   that is neither ([`write_image_archive`] writes a real Docker archive). On an offline
+//!   image registries. `ctr image import` reads the archive like containerd's importer, with
+//!   the workspace's one reader ([`rackseed_host::image_archive::archive_image_names`]: a
+//!   Docker `manifest.json` with `RepoTags`, names normalised to `docker.io/...`, or an OCI
+//!   layout named by its annotations) and fails with ctr's message for a file it refuses
+//!   ([`write_image_archive`] writes a real Docker archive). On an offline
 //!   cluster a helm install with `--wait` fails as helm does when pods cannot pull their
 //!   images (`Error: context deadline exceeded`, the release left `failed`) unless every
 //!   image the chart needs was imported on every Ready node.
@@ -37,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context};
+use rackseed_host::image_archive::{archive_image_names, normalize_ref};
 
 use futures_util::future::BoxFuture;
 
@@ -422,7 +424,10 @@ impl FakeImages {
         std::sync::Arc::new(FakeImages {
             state: Mutex::new(ImagesState {
                 offline: true,
-                needed: needed.iter().map(|n| normalize_ref(n)).collect(),
+                needed: needed
+                    .iter()
+                    .map(|n| normalize_ref(n).expect("a test's image names are references"))
+                    .collect(),
                 nodes: nodes.iter().map(|n| n.to_string()).collect(),
                 imported: Default::default(),
             }),
@@ -460,161 +465,9 @@ impl FakeImages {
     }
 }
 
-/// `r` normalised as containerd names images (`x` is `docker.io/library/x:latest`).
-pub fn normalize_ref(r: &str) -> String {
-    let (name, digest) = match r.split_once('@') {
-        Some((n, d)) => (n, Some(d)),
-        None => (r, None),
-    };
-    let slash = name.rfind('/').map_or(0, |i| i + 1);
-    let (name, tag) = match name[slash..].rfind(':') {
-        Some(i) => (&name[..slash + i], Some(&name[slash + i + 1..])),
-        None => (name, None),
-    };
-    let full = match name.split_once('/') {
-        Some((d, _)) if d.contains(['.', ':']) || d == "localhost" => name.to_owned(),
-        Some(_) => format!("docker.io/{name}"),
-        None => format!("docker.io/library/{name}"),
-    };
-    match (digest, tag) {
-        (Some(d), _) => format!("{full}@{d}"),
-        (None, Some(t)) => format!("{full}:{t}"),
-        (None, None) => format!("{full}:latest"),
-    }
-}
-
-/// The regular files of a tar archive (name, content), read as Go's `archive/tar` does for
-/// `ctr image import`; the error is ctr's text.
-fn read_tar(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    loop {
-        if at == bytes.len() {
-            return Ok(out);
-        }
-        let Some(h) = bytes.get(at..at + 512) else {
-            return Err("unexpected EOF".into());
-        };
-        if h.iter().all(|b| *b == 0) {
-            return Ok(out);
-        }
-        let field = |r: std::ops::Range<usize>| {
-            let f = &h[r];
-            let end = f.iter().position(|b| *b == 0).unwrap_or(f.len());
-            String::from_utf8_lossy(&f[..end]).trim().to_owned()
-        };
-        let octal = |r| u64::from_str_radix(&field(r), 8).ok();
-        let sum: u64 = h
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    *b as u64
-                }
-            })
-            .sum();
-        let (Some(size), Some(check)) = (octal(124..136), octal(148..156)) else {
-            return Err("archive/tar: invalid tar header".into());
-        };
-        if check != sum {
-            return Err("archive/tar: invalid tar header".into());
-        }
-        let mut name = field(0..100);
-        if &h[257..262] == b"ustar" && !field(345..500).is_empty() {
-            name = format!("{}/{name}", field(345..500));
-        }
-        let start = at + 512;
-        let Some(data) = bytes.get(start..start + size as usize) else {
-            return Err(format!("failed to ingest {name:?}: unexpected EOF"));
-        };
-        if matches!(h[156], b'0' | 0) {
-            out.push((name.trim_start_matches("./").to_owned(), data.to_vec()));
-        }
-        at = start + (size as usize).div_ceil(512) * 512;
-    }
-}
-
-/// The image names `ctr image import` gives the images of an archive (see the module docs).
-pub fn archive_image_names(bytes: &[u8]) -> Result<Vec<String>, String> {
-    let files = read_tar(bytes)?;
-    let get = |n: &str| files.iter().find(|(f, _)| f == n).map(|(_, d)| d);
-    let mut names = Vec::new();
-    if let Some(layout) = get("oci-layout") {
-        let v: serde_json::Value = serde_json::from_slice(layout)
-            .map_err(|e| format!("untar oci layout \"oci-layout\": {e}"))?;
-        if v["imageLayoutVersion"] != "1.0.0" {
-            return Err(format!(
-                "unsupported OCI version {}",
-                v["imageLayoutVersion"].as_str().unwrap_or("")
-            ));
-        }
-        let index = get("index.json").ok_or("missing index.json in OCI layout 1.0.0")?;
-        let v: serde_json::Value = serde_json::from_slice(index).map_err(|e| e.to_string())?;
-        for m in v["manifests"].as_array().into_iter().flatten() {
-            let a = &m["annotations"];
-            if let Some(n) = a["io.containerd.image.name"]
-                .as_str()
-                .or(a["org.opencontainers.image.ref.name"]
-                    .as_str()
-                    .filter(|r| r.contains(['/', ':', '@'])))
-            {
-                names.push(normalize_ref(n));
-            }
-        }
-    } else if let Some(m) = get("manifest.json") {
-        let v: serde_json::Value = serde_json::from_slice(m)
-            .map_err(|e| format!("untar manifest \"manifest.json\": {e}"))?;
-        for m in v.as_array().into_iter().flatten() {
-            let config = m["Config"].as_str().unwrap_or("");
-            if get(config).is_none() {
-                return Err(format!("image config {config:?} not found"));
-            }
-            for t in m["RepoTags"].as_array().into_iter().flatten() {
-                names.extend(t.as_str().map(normalize_ref));
-            }
-        }
-    } else {
-        return Err("unrecognized image format".into());
-    }
-    Ok(names)
-}
-
 /// Writes a Docker image archive (`docker save`'s format, a real tar) at `path` holding one
-/// image tagged `tags`.
-pub fn write_image_archive(path: &Path, tags: &[&str]) -> std::io::Result<()> {
-    fn entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[136..148].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|b| *b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    let mut out = Vec::new();
-    entry(
-        &mut out,
-        "config.json",
-        br#"{"architecture":"amd64","os":"linux"}"#,
-    );
-    entry(&mut out, "layer.tar", &[0u8; 1024]);
-    let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": tags,
-                                       "Layers": ["layer.tar"]}]);
-    entry(&mut out, "manifest.json", manifest.to_string().as_bytes());
-    out.extend_from_slice(&[0u8; 1024]);
-    std::fs::write(path, out)
-}
+/// image tagged `tags` (the workspace's one test-archive writer).
+pub use rackseed_host::image_archive::testing::docker_archive as write_image_archive;
 
 #[derive(Debug, Default)]
 struct ToolsState {
@@ -797,9 +650,11 @@ impl ClusterTools for FakeClusterTools {
         Box::pin(async move {
             let argv = format!("ctr image import {}", archive.display());
             self.lock().calls.push(argv.clone());
-            let names = std::fs::read(archive)
+            let names = std::fs::File::open(archive)
                 .map_err(|e| format!("open {}: {e}", archive.display()))
-                .and_then(|b| archive_image_names(&b))
+                .and_then(|f| {
+                    archive_image_names(std::io::BufReader::new(f)).map_err(|e| e.to_string())
+                })
                 .map_err(|e| Self::refuse(argv, format!("ctr: {e}")))?;
             let mut st = self.images.state.lock().unwrap_or_else(|p| p.into_inner());
             st.imported
