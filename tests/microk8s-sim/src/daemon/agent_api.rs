@@ -106,6 +106,8 @@ impl Daemon {
                     "name": self.name(),
                     "cluster_id": st.view.cluster_id,
                     "version": st.view.version,
+                    // Lock order: state before last_seen.
+                    "alive": self.alive(),
                     "bad_requests": http::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
                 }))
             }

@@ -14,7 +14,9 @@
 //! - `helm`: `helm3` and the `kubectl` apply/wait/get calls for Longhorn and CSI snapshots,
 //!   recorded and checked;
 //! - `images`: `ctr image import|ls`, the node's containerd images (what an offline helm
-//!   install's pods need on every Ready node).
+//!   install's pods need on every Ready node);
+//! - `metallb`: MetalLB's layer-2 speaker and one demo LoadBalancer service: the live node
+//!   MetalLB would choose holds the pool's first address and answers HTTP on it.
 //!
 //! To add a command, add an arm to [`Daemon::run_command`] and its behaviour to `commands`
 //! (or a module of its own when it talks to other nodes, as `join` does).
@@ -28,6 +30,7 @@ mod helm;
 mod images;
 mod join;
 mod kubectl_label;
+mod metallb;
 mod replication;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,6 +51,11 @@ pub use dbctl::dbctl_main;
 pub use helm::{calls_path as cluster_tools_log, read_calls as cluster_tools_calls};
 pub use images::{read_images as imported_images, ImportedImage};
 pub use join::{fingerprint_of, valid_connection_parts};
+pub use metallb::{
+    announcing_node as metallb_announcing_node, events_path as metallb_events_path,
+    read_events as metallb_events, service_address as metallb_service_address,
+    SERVICE as METALLB_SERVICE,
+};
 
 /// Printed by `is_cluster_locked` on worker nodes (A5).
 pub const WORKER_MSG: &str =
@@ -164,6 +172,10 @@ pub struct Daemon {
     installed: Installed,
     st: Mutex<Persisted>,
     last_seen: Mutex<BTreeMap<String, Instant>>,
+    /// On a worker: the other nodes the control plane reported alive in its pongs, and when
+    /// (workers do not heartbeat each other; MetalLB's speakers all know each other).
+    reported: Mutex<BTreeMap<String, Instant>>,
+    speaker: tokio::sync::Mutex<metallb::Speaker>,
     store: datastore::Store,
 }
 
@@ -273,6 +285,8 @@ pub async fn run(env: SimEnv) -> Result<()> {
         installed,
         st: Mutex::new(st),
         last_seen: Mutex::new(BTreeMap::new()),
+        reported: Mutex::new(BTreeMap::new()),
+        speaker: tokio::sync::Mutex::new(metallb::Speaker::default()),
     });
     d.persist(&d.lock());
     api_server::start(d.clone(), tls.clone());
@@ -306,6 +320,28 @@ pub async fn run(env: SimEnv) -> Result<()> {
             tokio::time::sleep(hb.env.heartbeat).await;
             hb.heartbeat_once().await;
         }
+    });
+    // MetalLB's speaker re-decides every heartbeat (module `metallb`).
+    let speaker = d.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(speaker.env.heartbeat).await;
+            speaker.metallb_tick().await;
+        }
+    });
+    // A stop (SIGTERM, as systemd sends) drops the LoadBalancer address before the exit; a
+    // SIGKILL cannot (the machine lost power).
+    let stopping = d.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        term.recv().await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            stopping.metallb_stop("the node is stopping (SIGTERM)"),
+        )
+        .await;
+        std::process::exit(0);
     });
     let handler = {
         let d = d.clone();

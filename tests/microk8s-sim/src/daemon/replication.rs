@@ -102,6 +102,15 @@ impl Daemon {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(name, Instant::now());
+                // Who the control plane sees alive: a worker's only news of other workers
+                // (MetalLB's speakers know every node; module `metallb`).
+                if let Some(alive) = pong["alive"].as_array() {
+                    let now = Instant::now();
+                    let mut rep = d.reported.lock().unwrap_or_else(|p| p.into_inner());
+                    for n in alive.iter().filter_map(|n| n.as_str()) {
+                        rep.insert(n.to_owned(), now);
+                    }
+                }
                 let theirs = pong["version"].as_u64().unwrap_or(0);
                 if theirs > version {
                     if let Ok((200, v)) =

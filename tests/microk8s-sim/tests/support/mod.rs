@@ -154,6 +154,29 @@ impl SimNode {
         }
     }
 
+    /// SIGTERM to the node's daemon (a clean stop, as systemd's), then waits up to `bound` for
+    /// it to exit. Returns whether it exited.
+    pub fn terminate(&mut self, bound: Duration) -> bool {
+        let Some(mut c) = self.daemon.take() else {
+            return false;
+        };
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.start_kill();
+        false
+    }
+
     /// Installs through the adapter and starts the daemon, then waits until ready.
     pub fn install_and_start(&mut self) {
         let out = self.run(|a| async move {
