@@ -19,6 +19,12 @@
 //! `/dev/null`, in the overlay): the simulator's fake `snap` stands in for it, and an unmasked
 //! snapd makes `multi-user.target`, which the agent starts after, wait for snapd's seeding
 //! (`snapd.seeded.service`) on a software-emulated CPU. Images for hardware keep snapd.
+//! Two more units are masked there for the same reason, each idle work on an emulated CPU
+//! that nothing in a simulated image needs: `apparmor.service` (it compiles every profile
+//! on first boot, ~48 s of a TCG vCPU measured with `systemd-analyze blame`, competing with
+//! cloud-init's local stage; with snapd masked and MicroK8s simulated nothing is confined)
+//! and `e2scrub_reap.service` (~21 s; it reaps e2scrub snapshots of LVM volumes, and these
+//! images have no LVM). Images for hardware keep both, as Ubuntu Server has them.
 //!
 //! What goes in: the overlay tree `overlays/microk8s-sim` (wrappers at the paths the agent uses
 //! for the snap: `/usr/local/bin/microk8s`, `/usr/local/bin/snap` (the simulator's fake snapd:
@@ -222,7 +228,13 @@ mod tests {
         }
         // snapd is masked: the fake `snap` stands in for it, and multi-user.target (which the
         // agent starts after) would otherwise wait for snapd's seeding on an emulated CPU.
-        for unit in ["snapd.service", "snapd.socket", "snapd.seeded.service"] {
+        for unit in [
+            "snapd.service",
+            "snapd.socket",
+            "snapd.seeded.service",
+            "apparmor.service",
+            "e2scrub_reap.service",
+        ] {
             let link = root.join("etc/systemd/system").join(unit);
             assert_eq!(
                 std::fs::read_link(&link).unwrap_or_else(|e| panic!("{unit}: {e}")),
