@@ -29,31 +29,17 @@ use tokio::net::{TcpListener, TcpStream};
 const CLUSTER: &str = "homelab";
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// An archive as `microk8s dbctl backup -o NAME` writes it: `NAME/` with key/data pairs.
-/// The data is incompressible, so the archive is about `bytes` long.
+/// An archive as `microk8s dbctl backup -o NAME` writes it (the protocol's shared test
+/// writer) with one key whose data is `bytes` of incompressible noise, so the archive is about
+/// `bytes` long.
 fn dbctl_archive(name: &str, bytes: usize) -> Vec<u8> {
     use rand::RngCore;
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    let mut dir = tar::Header::new_gnu();
-    dir.set_entry_type(tar::EntryType::Directory);
-    dir.set_mode(0o700);
-    dir.set_size(0);
-    tar.append_data(&mut dir, format!("{name}/"), std::io::empty())
-        .unwrap();
     let mut data = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut data);
-    for (ext, body) in [
-        ("key", &b"/registry/configmaps/default/marker"[..]),
-        ("data", &data),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o640);
-        h.set_size(body.len() as u64);
-        tar.append_data(&mut h, format!("{name}/0.{ext}"), body)
-            .unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap()
+    rackseed_protocol::testing::dbctl_archive(
+        name,
+        &[("/registry/configmaps/default/marker", &data)],
+    )
 }
 
 fn signed_manifest(

@@ -45,3 +45,30 @@ pub async fn loopback_coordinator(secret: &ClusterSecret) -> LoopbackCoordinator
         inbound,
     }
 }
+
+/// An archive as `microk8s dbctl backup -o NAME` writes it (what
+/// [`crate::coordinator::backup::inspect_archive`] reads): a gzip-compressed tar holding the
+/// folder `folder/` (mode 0700) and, for the `i`-th of `pairs`, `folder/i.key` (the key) and
+/// `folder/i.data` (its value), mode 0640.
+pub fn dbctl_archive(folder: &str, pairs: &[(&str, &[u8])]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o700);
+    dir.set_size(0);
+    tar.append_data(&mut dir, format!("{folder}/"), std::io::empty())
+        .expect("appending to an archive in memory");
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        for (ext, bytes) in [("key", key.as_bytes()), ("data", *value)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o640);
+            h.set_size(bytes.len() as u64);
+            tar.append_data(&mut h, format!("{folder}/{i}.{ext}"), bytes)
+                .expect("appending to an archive in memory");
+        }
+    }
+    tar.into_inner()
+        .and_then(|gz| gz.finish())
+        .expect("finishing an archive in memory")
+}

@@ -698,28 +698,7 @@ impl CoordinatorClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn archive(name: &str, pairs: &[(&str, &[u8])], folder: &str) -> Vec<u8> {
-        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        let mut tar = tar::Builder::new(gz);
-        let mut dir = tar::Header::new_gnu();
-        dir.set_entry_type(tar::EntryType::Directory);
-        dir.set_mode(0o700);
-        dir.set_size(0);
-        tar.append_data(&mut dir, format!("{folder}/"), std::io::empty())
-            .unwrap();
-        for (i, (k, v)) in pairs.iter().enumerate() {
-            for (ext, bytes) in [("key", k.as_bytes()), ("data", *v)] {
-                let mut h = tar::Header::new_gnu();
-                h.set_mode(0o640);
-                h.set_size(bytes.len() as u64);
-                tar.append_data(&mut h, format!("{folder}/{i}.{ext}"), bytes)
-                    .unwrap();
-            }
-        }
-        let _ = name;
-        tar.into_inner().unwrap().finish().unwrap()
-    }
+    use crate::testing::dbctl_archive;
 
     fn manifest(secret: &ClusterSecret, name: &str, a: &[u8], keys: u64) -> BackupManifest {
         let mut m = BackupManifest {
@@ -742,21 +721,21 @@ mod tests {
 
     #[test]
     fn a_dbctl_archive_is_counted() {
-        let a = archive("b1", &[("/registry/a", b"x"), ("/registry/b", b"yy")], "b1");
+        let a = dbctl_archive("b1", &[("/registry/a", b"x"), ("/registry/b", b"yy")]);
         let f = inspect_archive("b1", &a).unwrap();
         assert_eq!((f.keys, f.data_bytes), (2, 3));
     }
 
     #[test]
     fn a_renamed_archive_is_refused() {
-        let a = archive("b1", &[("/k", b"v")], "b1");
+        let a = dbctl_archive("b1", &[("/k", b"v")]);
         let e = inspect_archive("b2", &a).unwrap_err();
         assert!(e.to_string().contains("renamed"), "{e}");
     }
 
     #[test]
     fn truncated_or_flipped_archives_are_refused() {
-        let a = archive("b1", &[("/k", &[7u8; 5000])], "b1");
+        let a = dbctl_archive("b1", &[("/k", &[7u8; 5000])]);
         for cut in [10, a.len() / 2, a.len() - 3] {
             assert!(inspect_archive("b1", &a[..cut]).is_err(), "cut at {cut}");
         }
@@ -770,7 +749,7 @@ mod tests {
     fn foreign_and_tampered_manifests_are_refused() {
         let ours = ClusterSecret::generate();
         let theirs = ClusterSecret::generate();
-        let a = archive("b1", &[("/k", b"v")], "b1");
+        let a = dbctl_archive("b1", &[("/k", b"v")]);
         let m = manifest(&theirs, "b1", &a, 1);
         assert!(matches!(
             verify_archive(&m, &a, std::slice::from_ref(&ours), None),
@@ -792,7 +771,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_garbage_is_refused() {
         let s = ClusterSecret::generate();
-        let a = archive("b1", &[("/k", b"v")], "b1");
+        let a = dbctl_archive("b1", &[("/k", b"v")]);
         let m = manifest(&s, "b1", &a, 1);
         let f = encode_frame(&m, &a);
         let (m2, a2) = decode_frame(&f).unwrap();
