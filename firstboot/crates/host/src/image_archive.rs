@@ -798,7 +798,7 @@ mod tests {
             h.set_cksum();
             b.append_data(&mut h, name, data).unwrap();
         }
-        let mut link = |target: &str| {
+        let link = |target: &str| {
             let mut b = tar::Builder::new(b.get_ref().clone());
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(tar::EntryType::Symlink);
@@ -907,9 +907,7 @@ mod tests {
                 (x >> 16) as u8
             })
             .collect();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &tar_bytes(&[("layer.tar", &noise)])).unwrap();
-        let e = archive_image_names(&gz.finish().unwrap()[..]).unwrap_err();
+        let e = archive_image_names(&gzip(&tar_bytes(&[("layer.tar", &noise)]))[..]).unwrap_err();
         assert_eq!(e.to_string(), "archive/tar: invalid tar header");
         assert!(
             e.explained().contains("gunzip it first"),
@@ -966,9 +964,7 @@ mod tests {
         let e = chart_images(std::fs::File::open(&chart).unwrap()).unwrap_err();
         assert!(e.to_string().contains("a damaged chart archive"), "{e}");
         let plain = d.path().join("plain.tgz");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &tar_bytes(&[("README", b"hi")])).unwrap();
-        std::fs::write(&plain, gz.finish().unwrap()).unwrap();
+        std::fs::write(&plain, gzip(&tar_bytes(&[("README", b"hi")]))).unwrap();
         let e = chart_images(std::fs::File::open(&plain).unwrap()).unwrap_err();
         assert!(matches!(e, ChartError::NoValues), "{e}");
     }

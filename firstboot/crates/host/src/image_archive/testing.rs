@@ -2,7 +2,7 @@
 //! release build never turns it on): a `docker save` archive ([`docker_archive`]), an OCI
 //! layout archive ([`oci_archive`]), a Helm chart archive ([`chart_archive`]) with the layout
 //! of Longhorn 1.7.2's values ([`LONGHORN_VALUES_1_7_2`]), and any plain tar in memory
-//! ([`tar_bytes`]). They are real archives (the `tar` crate's GNU headers), read by GNU tar,
+//! ([`tar_bytes`], [`gzip`] to compress it). They are real archives (the `tar` crate's GNU headers), read by GNU tar,
 //! Go's `archive/tar` and this module's reader alike.
 //!
 //! Offsets the workspace's truncation tests rely on: in a [`docker_archive`], `config.json`'s
@@ -84,9 +84,15 @@ pub fn chart_archive(path: &Path, values: &str) -> std::io::Result<()> {
             b"image: {a: {repository: no, tag: x}}\n",
         ),
     ]);
+    std::fs::write(path, gzip(&tar))
+}
+
+/// `bytes` gzip-compressed.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar)?;
-    std::fs::write(path, gz.finish()?)
+    gz.write_all(bytes)
+        .and_then(|()| gz.finish())
+        .expect("compressing in memory")
 }
 
 /// The layout of longhorn 1.7.2's `chart/values.yaml` (`image:` and the registries): 13
