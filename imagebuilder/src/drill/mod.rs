@@ -27,7 +27,10 @@
 //!    API's recovery took longer (or it never recovered).
 //!
 //! The LoadBalancer RTO is "not measured" without `--lb-url`, or when nothing answered there
-//! before the kill: never a made-up figure. (The MicroK8s simulator models no MetalLB.)
+//! before the kill: never a made-up figure. The MicroK8s simulator models MetalLB's layer-2
+//! address (a demo LoadBalancer service on the pool's first address, answering HTTP on port
+//! 80 from the node MetalLB would pick), so `--lb-url http://<that address>/` is measured
+//! against it too (`firstboot/tests/agent_drill.rs`).
 
 pub mod api;
 pub mod killer;
