@@ -24,15 +24,15 @@
 //!   an entry that is not a regular file, is `unexpected EOF`; ending inside a regular file's
 //!   data is `failed to ingest "NAME": unexpected EOF` (`untar manifest "NAME": …` for
 //!   `manifest.json`, `untar oci layout "NAME": …` for `oci-layout`); ending at a header's
-//!   boundary or inside the padding after the last data ends the archive (Go's reader:
-//!   "it is okay to hit io.EOF in the padding").
+//!   boundary or inside the padding after the last data ends the archive (Go
+//!   `src/archive/tar/reader.go`: "it is okay to hit io.EOF in the padding").
 //! - Only regular files count, by their cleaned name (`path.Clean`: `./manifest.json` is
 //!   `manifest.json`); a symlink stands for its target (Docker's layout shares layers so).
 //! - OCI image layout (`ctr image export`, `skopeo copy … oci-archive:`): an `oci-layout` with
 //!   a non-empty `imageLayoutVersion`, which must be `1.0.0` (`unsupported OCI version X`), and
 //!   an `index.json` (`missing index.json in OCI layout 1.0.0`); each manifest of the index must
 //!   be in the archive as `blobs/ALG/HEX` (`content digest ALG:HEX: not found`, what the
-//!   content store answers when `ctr` walks the index). An image is named by its
+//!   content store answers when `ctr` walks the index: containerd `metadata/content.go`). An image is named by its
 //!   `io.containerd.image.name` annotation, else by `org.opencontainers.image.ref.name` when
 //!   that holds a `/`, `:` or `@`, **as written** ("existing OCI reference names are
 //!   untouched"); a bare tag there is named `import-<date>:<tag>` by ctr, which no pod asks
@@ -60,8 +60,8 @@
 //! front (`chart/templates/_helpers.tpl`, `registry_url`); an empty repository (OpenShift's
 //! proxy) is skipped; a repository without a tag is an error.
 //!
-//! Test archives (Docker, OCI, chart) are written by [`testing`] (feature `testing`), the one
-//! place the workspace's tests make them.
+//! Test archives (Docker, OCI, chart) are written by the `testing` module (feature `testing`),
+//! the one place the workspace's tests make them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
