@@ -158,7 +158,7 @@ pub fn microk8s_main(argv: Vec<String>) -> i32 {
             }
         }
         None | Some("--help" | "-h" | "help") => {
-            println!("Usage: microk8s [command] [args]\n\nThe MicroK8s simulator (test-only). Commands: status, add-node, join, enable, disable, leave, remove-node, kubectl get nodes, config, sim-daemon, sim-install, sim-snap.");
+            println!("Usage: microk8s [command] [args]\n\nThe MicroK8s simulator (test-only). Commands: status, add-node, join, enable, disable, leave, stop, remove-node, kubectl get nodes, config, sim-daemon, sim-install, sim-snap.");
             return 0;
         }
         _ => {}

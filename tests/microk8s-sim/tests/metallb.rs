@@ -4,8 +4,9 @@
 //! `node.kubernetes.io/exclude-from-external-load-balancers` gives it up; a node killed like a
 //! machine losing power (SIGKILL, its address dropped) is replaced by the next in the order
 //! within a few heartbeats, and the client follows through the gratuitous ARP; a node stopped
-//! with SIGTERM drops the address itself; `disable metallb` leaves no holder; a node of another
-//! cluster (no metallb) never takes it. Every change is in the nodes' `metallb.jsonl`. With this
+//! with SIGTERM or `microk8s stop` drops the address itself (`stop` on a worker stops nothing,
+//! as the snap's wrapper); `disable metallb` leaves no holder; a node of another cluster (no
+//! metallb) never takes it. Every change is in the nodes' `metallb.jsonl`. With this
 //! address the hash order is node-4 (the worker), node-2, node-1, node-3, so the worker's path
 //! (it learns of other workers only through the control plane) is taken too.
 //!
@@ -140,6 +141,18 @@ fn one_live_node_holds_the_address_and_the_next_takes_it_over() {
         events(node(&mut nodes, &first), "gratuitous-arp").pop()
     });
     assert_eq!(garp["result"], "sent", "{garp}");
+    // `microk8s stop` on a worker stops nothing (the wrapper's clustered.lock branch).
+    let out = mk(node(&mut nodes, "node-4"), &["stop"]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("snap stop microk8s"), "{}", out.stdout);
+    assert_eq!(
+        mk(node(&mut nodes, "node-4"), &["stop", "--nope"]).code(),
+        Some(0),
+        "the worker branch comes before the options"
+    );
+    assert_eq!(mk(&nodes[0], &["stop", "--nope"]).code(), Some(1));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(holders(&nodes), [first.clone()]);
 
     // Labelled out of load balancing: it lets go, the next in the order takes the address.
     let out = mk(
@@ -211,7 +224,7 @@ fn one_live_node_holds_the_address_and_the_next_takes_it_over() {
     );
     wait_holder(&lab, &nodes, &third);
 
-    // Disabled: nobody holds it. node-5 (a cluster of its own, no metallb) never took it.
+    // Disabled: nobody holds it; enabled again: the same rule picks the same node.
     let out = mk(node(&mut nodes, &third), &["disable", "metallb"]);
     assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
     eventually(Duration::from_secs(15), "no holder", || {
@@ -224,6 +237,29 @@ fn one_live_node_holds_the_address_and_the_next_takes_it_over() {
         "metallb is not enabled",
         "{rel:?}"
     );
+    let out = mk(node(&mut nodes, &third), &["enable", "metallb", POOL]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    wait_holder(&lab, &nodes, &third);
+
+    // `microk8s stop` on a control-plane node: it lets go and its daemon ends; the last live
+    // node takes the address (MetalLB needs no quorum: 1 of 3 voters is left).
+    let rest3: Vec<&str> = rest2.iter().copied().filter(|n| *n != third).collect();
+    let fourth = expected(&rest3);
+    let out = mk(node(&mut nodes, &third), &["stop"]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let rel = events(node(&mut nodes, &third), "release");
+    assert_eq!(rel.last().unwrap()["reason"], "microk8s stop", "{rel:?}");
+    wait_holder(&lab, &nodes, &fourth);
+    eventually(
+        Duration::from_secs(5),
+        "the stopped node's daemon gone",
+        || {
+            let out = mk(node(&mut nodes, &third), &["status"]);
+            out.stdout.contains("not running").then_some(())
+        },
+    );
+
+    // node-5 (a cluster of its own, no metallb) never took it.
     let n5 = node(&mut nodes, "node-5");
     assert!(metallb_events(&n5.dir.join("state")).is_empty());
     assert!(!holds(n5));

@@ -1,5 +1,5 @@
 //! The CLI commands a node answers by itself or by pushing a change to its peers: `status`,
-//! `add-node`, `enable`/`disable`, `leave`, `remove-node`, `kubectl get nodes`, the `dqlite`
+//! `add-node`, `enable`/`disable`, `leave`, `stop`, `remove-node`, `kubectl get nodes`, the `dqlite`
 //! client's `.cluster` query, and `config` (which runs in the CLI process).
 //!
 //! To add a command, add an arm to [`Daemon::run_command`] and a `cmd_` method here.
@@ -27,6 +27,7 @@ impl Daemon {
             ["enable", rest @ ..] => self.cmd_enable(rest, true).await,
             ["disable", rest @ ..] => self.cmd_enable(rest, false).await,
             ["leave", ..] => self.cmd_leave().await,
+            ["stop", rest @ ..] => self.cmd_stop(rest).await,
             ["remove-node", rest @ ..] => self.cmd_remove_node(rest).await,
             ["helm3", rest @ ..] => self.cmd_helm(rest).await,
             ["ctr", rest @ ..] => self.cmd_ctr(rest).await,
@@ -323,6 +324,41 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         Out::ok("Generating new cluster certificates.\nWaiting for node to start.\n")
+    }
+
+    /// `stop`, as canonical/microk8s `microk8s-resources/wrappers/microk8s-stop.wrapper` (read
+    /// at d099c907): on a worker (the wrapper's `clustered.lock`, checked before the options) it
+    /// prints that `snap stop microk8s` is the way and exits 0 having stopped nothing; an
+    /// unknown option is
+    /// `microk8s stop: invalid option -- X`, exit 1; otherwise the services stop and the pods
+    /// with them (`remove_all_containers`, `kill_all_container_shims`), so MetalLB's speaker
+    /// ends and this node stops announcing (module `metallb`). Here the node drops its
+    /// LoadBalancer address, answers, and its daemon exits: a node whose daemon is not running
+    /// is stopped (the CLI's "microk8s is not running"). `microk8s start` is not modelled (a
+    /// stopped node is started again by starting its daemon).
+    async fn cmd_stop(&self, args: &[&str]) -> Out {
+        if self.lock().worker {
+            return Out::ok(
+                "This MicroK8s deployment is acting as a node in a cluster.\nUse 'snap stop microk8s' to stop services on this node.\n",
+            );
+        }
+        for a in args {
+            match *a {
+                "-h" | "--help" => {
+                    return Out::ok(
+                        "Usage: microk8s stop [OPTIONS]\n\nStop Kubernetes services\n\nOptions:\n -h, --help          Show this help\n",
+                    )
+                }
+                other => return Out::fail(1, format!("microk8s stop: invalid option -- {other}\n")),
+            }
+        }
+        self.metallb_stop("microk8s stop").await;
+        // The answer goes out before the daemon ends.
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::process::exit(0);
+        });
+        Out::ok("")
     }
 
     /// `remove-node NODE [--force]`, as canonical/microk8s `scripts/wrappers/remove_node.py`

@@ -203,11 +203,14 @@ pub(super) struct Held {
     garp: JoinHandle<()>,
 }
 
-/// The speaker's state: what it holds, and the last error written (to write each once).
+/// The speaker's state: what it holds, the last error written (to write each once), and
+/// whether the node is stopping.
 #[derive(Default)]
 pub(super) struct Speaker {
     held: Option<Held>,
     last_error: Option<String>,
+    /// The node is stopping: the speaker takes nothing any more.
+    stopped: bool,
 }
 
 /// What this node's view says about the service now.
@@ -392,6 +395,9 @@ impl Daemon {
         let mine = d.winner.as_deref() == Some(self.name());
         let want = d.ip.filter(|_| mine);
         let mut sp = self.speaker.lock().await;
+        if sp.stopped {
+            return;
+        }
         if let Some(h) = &sp.held {
             if Some(h.ip) == want {
                 return;
@@ -525,9 +531,11 @@ impl Daemon {
         );
     }
 
-    /// Drops the address this node announces, if any (the daemon is stopping).
+    /// Drops the address this node announces, if any, and takes none after (the daemon is
+    /// stopping).
     pub(super) async fn metallb_stop(&self, reason: &str) {
         let mut sp = self.speaker.lock().await;
+        sp.stopped = true;
         if let Some(h) = sp.held.take() {
             self.metallb_release(h, reason, &[]).await;
         }
