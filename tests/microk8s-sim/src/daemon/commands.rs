@@ -342,14 +342,16 @@ impl Daemon {
                 "This MicroK8s deployment is acting as a node in a cluster.\nUse 'snap stop microk8s' to stop services on this node.\n",
             );
         }
-        for a in args {
-            match *a {
-                "-h" | "--help" => {
-                    return Out::ok(
-                        "Usage: microk8s stop [OPTIONS]\n\nStop Kubernetes services\n\nOptions:\n -h, --help          Show this help\n",
-                    )
-                }
-                other => return Out::fail(1, format!("microk8s stop: invalid option -- {other}\n")),
+        // The wrapper's getopt loop ends at the first option it does not know (or `--help`).
+        match args.first().copied() {
+            None => {}
+            Some("-h" | "--help") => {
+                return Out::ok(
+                    "Usage: microk8s stop [OPTIONS]\n\nStop Kubernetes services\n\nOptions:\n -h, --help          Show this help\n",
+                )
+            }
+            Some(other) => {
+                return Out::fail(1, format!("microk8s stop: invalid option -- {other}\n"))
             }
         }
         self.metallb_stop("microk8s stop").await;
