@@ -42,7 +42,8 @@
 //!
 //! A node whose processes are SIGKILLed cannot drop the address (a test that kills a node must
 //! drop it, as a machine losing power holds nothing); the others take over once it is dead in
-//! their views. A daemon stopped with SIGTERM drops it before it exits. A daemon finding the
+//! their views. A daemon stopped with SIGTERM or `microk8s stop` drops it before it exits (the
+//! real speaker ends with the node's pods) and takes nothing after. A daemon finding the
 //! address on its interface without holding it (left from a killed run in the same namespace)
 //! drops it: a booted machine holds no LoadBalancer address. One simulated node per network
 //! namespace: two daemons in one namespace would share the interface.
