@@ -29,25 +29,37 @@ const POOL: &str = "10.231.0.240-10.231.0.250,fd00::10-fd00::20";
 const EXCLUDE: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
 fn holds(n: &SimNode) -> bool {
+    holds_ip(n, LB)
+}
+
+fn holds_ip(n: &SimNode, ip: Ipv4Addr) -> bool {
     let out = Cmd::new("ip", Duration::from_secs(5))
         .args(["-n", &n.host.ns, "-4", "-o", "addr", "show"])
         .output_blocking()
         .expect("ip addr show");
     out.stdout
         .split_whitespace()
-        .any(|w| w.split('/').next() == Some(&LB.to_string()))
+        .any(|w| w.split('/').next() == Some(&ip.to_string()))
 }
 
 fn holders(nodes: &[SimNode]) -> Vec<String> {
+    holders_of(nodes, LB)
+}
+
+fn holders_of(nodes: &[SimNode], ip: Ipv4Addr) -> Vec<String> {
     nodes
         .iter()
-        .filter(|n| holds(n))
+        .filter(|n| holds_ip(n, ip))
         .map(|n| n.name.clone())
         .collect()
 }
 
 /// `curl http://LB/` from lab host 0: the body, if it answered 200.
 fn fetch(lab: &Lab) -> Option<String> {
+    fetch_ip(lab, LB)
+}
+
+fn fetch_ip(lab: &Lab, ip: Ipv4Addr) -> Option<String> {
     let out = Cmd::new("ip", Duration::from_secs(5))
         .args([
             "netns",
@@ -57,7 +69,7 @@ fn fetch(lab: &Lab) -> Option<String> {
             "--silent",
             "--fail",
         ])
-        .args(["--max-time", "1", &format!("http://{LB}/")])
+        .args(["--max-time", "1", &format!("http://{ip}/")])
         .output_blocking()
         .ok()?;
     out.status.success().then_some(out.stdout)
@@ -65,16 +77,20 @@ fn fetch(lab: &Lab) -> Option<String> {
 
 /// Waits until `want` alone holds the address and answers for it; the time it took.
 fn wait_holder(lab: &Lab, nodes: &[SimNode], want: &str) -> Duration {
+    wait_holder_of(lab, nodes, want, LB)
+}
+
+fn wait_holder_of(lab: &Lab, nodes: &[SimNode], want: &str, ip: Ipv4Addr) -> Duration {
     let t = Instant::now();
     eventually(
         Duration::from_secs(15),
-        &format!("{want} alone holding {LB}"),
-        || (holders(nodes) == [want]).then_some(()),
+        &format!("{want} alone holding {ip}"),
+        || (holders_of(nodes, ip) == [want]).then_some(()),
     );
     eventually(
         Duration::from_secs(15),
-        &format!("{want} answering on {LB}"),
-        || fetch(lab).filter(|b| b.trim_end().ends_with(&format!("answered by {want}"))),
+        &format!("{want} answering on {ip}"),
+        || fetch_ip(lab, ip).filter(|b| b.trim_end().ends_with(&format!("answered by {want}"))),
     );
     t.elapsed()
 }
@@ -263,4 +279,66 @@ fn one_live_node_holds_the_address_and_the_next_takes_it_over() {
     let n5 = node(&mut nodes, "node-5");
     assert!(metallb_events(&n5.dir.join("state")).is_empty());
     assert!(!holds(n5));
+}
+
+/// Workers heartbeat only the control plane; a worker hears of the other workers through the
+/// control plane's pongs. With 10.231.0.241 the order over node-1 (control plane), node-2 and
+/// node-3 (workers) is node-2, node-3, node-1: node-3 alone with what it sees itself (node-1
+/// and itself) would announce too. Exactly node-2 must hold the address, node-3 never announce
+/// while node-2 lives, and take over once it is dead.
+#[test]
+fn workers_learn_of_each_other_through_the_control_plane() {
+    let ip = Ipv4Addr::new(10, 231, 0, 241);
+    let lab = Lab::new(4).expect("creating the network lab (this test must run as root)");
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("commands.jsonl");
+    let rt = runtime();
+    let _g = rt.enter();
+    let mut nodes: Vec<SimNode> = (1..4)
+        .map(|i| SimNode::new(&lab, i, root.path(), &log, &[]))
+        .collect();
+    for n in &mut nodes {
+        n.install_and_start();
+    }
+    let seed = IpAddr::V4(nodes[0].host.addr);
+    for i in [1, 2] {
+        let t = JoinTarget::new(seed, secret().microk8s_token());
+        nodes[i]
+            .run(move |a| async move { a.join(&t, JoinRole::Worker).await })
+            .unwrap_or_else(|e| panic!("node {i} joining: {e}"));
+    }
+    eventually(Duration::from_secs(15), "both workers Ready", || {
+        let out = mk(&nodes[0], &["kubectl", "get", "nodes"]);
+        (out.stdout.lines().filter(|l| l.contains(" Ready ")).count() == 3).then_some(())
+    });
+    assert_eq!(
+        metallb_announcing_node(["node-1", "node-2", "node-3"], &ip.to_string()),
+        Some("node-2")
+    );
+    assert_eq!(
+        metallb_announcing_node(["node-1", "node-3"], &ip.to_string()),
+        Some("node-3")
+    );
+    let out = mk(
+        &nodes[0],
+        &["enable", "metallb", "10.231.0.241-10.231.0.250"],
+    );
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    wait_holder_of(&lab, &nodes, "node-2", ip);
+    // Steady: a few heartbeats later node-3 has announced nothing.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(holders_of(&nodes, ip), ["node-2"]);
+    assert!(
+        events(&nodes[2], "announce").is_empty(),
+        "{:?}",
+        events(&nodes[2], "announce")
+    );
+
+    nodes[1].kill();
+    let _ = Cmd::new("ip", Duration::from_secs(5))
+        .args(["-n", &nodes[1].host.ns, "addr", "del", &format!("{ip}/32")])
+        .args(["dev", "eth0"])
+        .run_blocking();
+    let took = wait_holder_of(&lab, &nodes, "node-3", ip);
+    println!("metallb: the worker node-3 answers on {ip} {took:?} after node-2 was killed");
 }
