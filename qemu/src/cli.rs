@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 
 use crate::accel::AccelChoice;
 use crate::cluster::{BootSource, Cluster, ClusterSpec, NodeRunState, StopOutcome};
-use crate::node::{Arch, DEFAULT_GUEST_MGMT_PORT};
+use crate::node::{Arch, LbForward, DEFAULT_GUEST_MGMT_PORT};
 use crate::seed::{Subnet, DEFAULT_SUBNET};
 
 /// Where the cluster's state lives.
@@ -77,6 +77,13 @@ pub struct UpArgs {
     /// the nodes to install the MicroK8s snap); by default nothing leaves it.
     #[arg(long)]
     pub uplink: bool,
+    /// Also forward a 127.0.0.1 port on every VM (`qemu status`, column LB) to this guest
+    /// address and port, e.g. the MetalLB pool's first address and 80
+    /// (192.168.76.200:80 for configs/qemu-test.toml): a VM's forward answers only while
+    /// that VM holds the address, so `imagebuilder drill --qemu-dir` can see the
+    /// LoadBalancer move. Nodes added later (`qemu add`) get one too.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    pub lb_forward: Option<LbForward>,
 }
 
 impl UpArgs {
@@ -114,6 +121,7 @@ impl UpArgs {
             subnet: (!self.no_seed).then_some(self.subnet),
             user_data,
             uplink: self.uplink,
+            lb_forward: self.lb_forward,
         })
     }
 }
@@ -220,13 +228,39 @@ pub async fn run_async(cmd: QemuCommand) -> anyhow::Result<()> {
 }
 
 pub fn print_status(c: &Cluster) {
+    let lb = c.state().lb_forward;
+    if let Some(f) = lb {
+        println!(
+            "LB: each VM's 127.0.0.1 port forwarded to {f} on it (answers where that VM holds {})",
+            f.address
+        );
+    }
     println!(
-        "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  SERIAL LOG",
-        "NODE", "STATE", "PID", "MAC", "ADDRESS", "MGMT", "API", "SSH"
+        "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  {}SERIAL LOG",
+        "NODE",
+        "STATE",
+        "PID",
+        "MAC",
+        "ADDRESS",
+        "MGMT",
+        "API",
+        "SSH",
+        if lb.is_some() {
+            "LB               "
+        } else {
+            ""
+        }
     );
     for s in c.status() {
+        let lb_col = match (lb, s.lb_addr) {
+            (None, _) => String::new(),
+            (Some(_), a) => format!(
+                "{:<15}  ",
+                a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+            ),
+        };
         println!(
-            "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  {}",
+            "{:<8} {:<8} {:>8}  {:<17}  {:<15}  {:<15}  {:<15}  {:<15}  {lb_col}{}",
             s.name,
             match s.state {
                 NodeRunState::Running => "running",
@@ -357,6 +391,8 @@ mod tests {
             "8443",
             "--user-data",
             ud_arg,
+            "--lb-forward",
+            "192.168.76.200:80",
             "i.img",
         ])
         .into_spec()
@@ -374,6 +410,10 @@ mod tests {
         );
         assert!(matches!(spec.boot, BootSource::Uefi));
         assert_eq!(
+            spec.lb_forward.map(|f| f.to_string()).as_deref(),
+            Some("192.168.76.200:80")
+        );
+        assert_eq!(
             up(&["--no-seed", "i.img"]).into_spec().unwrap().subnet,
             None
         );
@@ -383,6 +423,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("reading user-data") && e.contains("gone"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_lb_forward_is_refused_with_the_reason() {
+        for (arg, why) in [
+            ("192.168.76.200", "give the guest address and port"),
+            ("10.0.2.15:80", "10.0.2.0/24"),
+        ] {
+            let e = Top::try_parse_from(["x", "up", "--lb-forward", arg, "img"])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(why), "{arg}: {e}");
+        }
     }
 
     #[test]

@@ -20,7 +20,9 @@ use nix::unistd::Pid;
 use rackseed_host::command::Cmd;
 
 use crate::accel::{choose_accel, AccelChoice};
-use crate::node::{fnv1a, node_macs, qemu_argv, Arch, Boot, NodeSpec, DEFAULT_GUEST_MGMT_PORT};
+use crate::node::{
+    fnv1a, node_macs, qemu_argv, Arch, Boot, LbForward, NodeSpec, DEFAULT_GUEST_MGMT_PORT,
+};
 use crate::qmp::qmp_execute;
 use crate::seed::{SeedFiles, Subnet, DEFAULT_SUBNET};
 use crate::state::{BootConfig, ClusterState, NodeState, STATE_VERSION};
@@ -98,6 +100,9 @@ pub struct ClusterSpec {
     pub user_data: Option<String>,
     /// Let the management NICs reach beyond the host (see [`NodeSpec::uplink`]).
     pub uplink: bool,
+    /// Forward a free 127.0.0.1 port on every VM to this guest address and port (see
+    /// [`LbForward`]); nodes added later get one too.
+    pub lb_forward: Option<LbForward>,
 }
 
 impl ClusterSpec {
@@ -120,6 +125,7 @@ impl ClusterSpec {
             subnet: Some(DEFAULT_SUBNET.parse().expect("the default subnet parses")),
             user_data: None,
             uplink: false,
+            lb_forward: None,
         }
     }
 }
@@ -144,6 +150,9 @@ pub struct NodeStatus {
     pub api_addr: Option<SocketAddr>,
     /// `127.0.0.1:<port>` reaching the guest's SSH server (22).
     pub ssh_addr: Option<SocketAddr>,
+    /// `127.0.0.1:<port>` reaching the cluster's LoadBalancer forward ([`LbForward`]) on this
+    /// guest: it answers only while this guest holds that address.
+    pub lb_addr: Option<SocketAddr>,
     /// The cluster-network address its seed gives it (`None` without seeds).
     pub address: Option<Ipv4Addr>,
     pub serial_log: PathBuf,
@@ -253,6 +262,7 @@ impl Cluster {
                 subnet: spec.subnet,
                 user_data,
                 uplink: spec.uplink,
+                lb_forward: spec.lb_forward,
                 nodes: Vec::new(),
             },
             kill_on_drop: false,
@@ -352,6 +362,9 @@ impl Cluster {
                     ssh_addr: n
                         .ssh_port
                         .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
+                    lb_addr: n
+                        .lb_port
+                        .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
                     serial_log: n.serial_log.clone(),
                 }
             })
@@ -447,6 +460,10 @@ impl Cluster {
             address,
             api_port: Some(free_tcp_port()?),
             ssh_port: Some(free_tcp_port()?),
+            lb_port: match self.state.lb_forward {
+                Some(_) => Some(free_tcp_port()?),
+                None => None,
+            },
         });
         self.save()?;
         self.start(&name).await?;
@@ -481,6 +498,9 @@ impl Cluster {
         }
         if n.ssh_port.is_some_and(|p| !tcp_port_free(p)) {
             n.ssh_port = Some(free_tcp_port()?);
+        }
+        if self.state.lb_forward.is_some() && !n.lb_port.is_some_and(tcp_port_free) {
+            n.lb_port = Some(free_tcp_port()?);
         }
         for stale in [&n.qmp_socket, &n.pid_file] {
             match std::fs::remove_file(stale) {
@@ -525,6 +545,7 @@ impl Cluster {
             guest_mgmt_port: self.state.guest_mgmt_port,
             api_host_port: n.api_port,
             ssh_host_port: n.ssh_port,
+            lb_forward: self.state.lb_forward.zip(n.lb_port).map(|(f, p)| (p, f)),
             uplink: self.state.uplink,
             serial_log: n.serial_log.clone(),
             qmp_socket: n.qmp_socket.clone(),
@@ -914,6 +935,7 @@ mod tests {
             address: None,
             api_port: None,
             ssh_port: None,
+            lb_port: None,
         };
         assert!(!node_alive(&n));
         // This test process is alive but is not a QEMU serving that socket.

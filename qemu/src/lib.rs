@@ -37,5 +37,5 @@ pub use accel::{choose_accel, probe_kvm, AccelChoice, ProbeReport};
 pub use cluster::{
     BootSource, Cluster, ClusterError, ClusterSpec, NodeRunState, NodeStatus, StopOutcome,
 };
-pub use node::{qemu_argv, Accel, Arch, Boot, NodeSpec};
+pub use node::{qemu_argv, Accel, Arch, Boot, LbForward, NodeSpec};
 pub use state::{ClusterState, NodeState};

@@ -4,8 +4,9 @@
 //! Rules the argv keeps, whatever the spec says:
 //! - the cluster NIC is a `-netdev socket` multicast group whose outgoing interface is
 //!   127.0.0.1 (`localaddr`), so traffic never leaves the machine;
-//! - the management NIC is user-mode networking with `restrict=on` (no route out) and one host
-//!   forward bound to 127.0.0.1;
+//! - the management NIC is user-mode networking with `restrict=on` (no route out) and host
+//!   forwards bound to 127.0.0.1 only (management, API, SSH and, if asked for, the
+//!   LoadBalancer forward: see [`LbForward`]);
 //! - the serial console is appended to a file, there is no display, QMP is a unix socket, and
 //!   QEMU daemonizes (writing its pid file) so the caller can exit.
 //!
@@ -13,6 +14,7 @@
 //! `argv_*` tests in this module up to date.
 
 use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -28,6 +30,77 @@ pub const DEFAULT_GUEST_MGMT_PORT: u16 = 7443;
 pub const GUEST_API_PORT: u16 = 16443;
 /// SSH, the third management forward's guest port.
 pub const GUEST_SSH_PORT: u16 = 22;
+
+/// A host forward to an address the guest may hold besides its own (`qemu up --lb-forward
+/// ADDRESS:PORT`): MetalLB's layer-2 LoadBalancer address, for the drill to see which VM
+/// announces it.
+///
+/// How it works, from libslirp's source (the version QEMU links here, 4.7; files as in
+/// libslirp's `src/`):
+/// - `slirp.c`, `slirp_add_hostfwd`: the guest address of a host forward is taken as given;
+///   only `0.0.0.0` is replaced by the DHCP start address (10.0.2.15). Unlike guest forwards
+///   (`check_guestfwd`), nothing requires it to lie in slirp's 10.0.2.0/24 network.
+/// - `tcp_subr.c`, `tcp_connect`: a connection to the host port is accepted at once, then
+///   slirp sends the guest a SYN from its own address (10.0.2.2, `sotranslate_accept`) to the
+///   forward's guest address and port. The host side is connected before the guest answers,
+///   so only an application answer (an HTTP response) says the guest took the connection.
+/// - `slirp.c`, `if_encap4`: the frame's destination MAC comes from `arp_table_search`; for an
+///   address not in the table slirp broadcasts an ARP request for it on the VM's management
+///   NIC (whatever network it is in), holds the packet for 1 s and drops it if no reply came
+///   (TCP retransmits and asks again).
+/// - `slirp.c`, `arp_input`: any ARP reply is added to the table (`arp_table.c`,
+///   `arp_table_add`: no expiry, 16 entries, updated in place). So once the VM has answered,
+///   slirp keeps sending to the VM's management MAC: always the right MAC (one guest per
+///   slirp), and the guest's IP layer alone decides whether the address is still its own.
+/// - `tcp_input.c`: `restrict=on` only drops connections the guest opens; the guest's replies
+///   on a host forward's connection pass.
+///
+/// On the guest side, Linux with `arp_ignore=0` (the default) answers an ARP request on any
+/// interface for an address held on any interface, and takes a packet for a local address
+/// arriving on any interface. So the forward of VM X reaches the service exactly while X
+/// holds the address (MetalLB's speaker puts it on the cluster NIC of the node it elects);
+/// on the other VMs the SYN goes unanswered and the request times out. Checked on a VM of
+/// this launcher (`ip addr add`/`del` of the address on the cluster NIC, a listener on the
+/// port, `curl` of the forward: answered while added, timed out after deletion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbForward {
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for LbForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+impl FromStr for LbForward {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let a: SocketAddrV4 = s.parse().map_err(|_| {
+            format!("`{s}`: give the guest address and port, e.g. 192.168.76.200:80")
+        })?;
+        let ip = *a.ip();
+        let slirp_net = Ipv4Addr::new(10, 0, 2, 0);
+        if ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_multicast()
+            || ip.is_broadcast()
+            || u32::from(ip) & 0xffff_ff00 == u32::from(slirp_net)
+        {
+            return Err(format!(
+                "`{s}`: {ip} cannot be a LoadBalancer address here (not 0.0.0.0, loopback, multicast, broadcast or QEMU's own 10.0.2.0/24)"
+            ));
+        }
+        if a.port() == 0 {
+            return Err(format!("`{s}`: port 0"));
+        }
+        Ok(LbForward {
+            address: ip,
+            port: a.port(),
+        })
+    }
+}
 
 /// Guest architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +208,8 @@ pub struct NodeSpec {
     pub api_host_port: Option<u16>,
     /// Host port on 127.0.0.1 forwarded to the guest's SSH server ([`GUEST_SSH_PORT`]).
     pub ssh_host_port: Option<u16>,
+    /// Host port on 127.0.0.1 forwarded to an extra guest address and port ([`LbForward`]).
+    pub lb_forward: Option<(u16, LbForward)>,
     /// The management NIC may reach beyond the host (QEMU's NAT; `restrict=off`), e.g. for
     /// the nodes to install the MicroK8s snap. Off by default: nothing leaves the machine.
     pub uplink: bool,
@@ -225,6 +300,12 @@ fn push_network_args(spec: &NodeSpec, push: &mut impl FnMut(&[&str])) {
     }
     if let Some(ssh) = spec.ssh_host_port {
         user.push_str(&format!(",hostfwd=tcp:{LOOPBACK}:{ssh}-:{GUEST_SSH_PORT}"));
+    }
+    if let Some((host, to)) = spec.lb_forward {
+        user.push_str(&format!(
+            ",hostfwd=tcp:{LOOPBACK}:{host}-{}:{}",
+            to.address, to.port
+        ));
     }
     push(&[
         "-netdev",
@@ -361,6 +442,7 @@ mod tests {
             guest_mgmt_port: DEFAULT_GUEST_MGMT_PORT,
             api_host_port: Some(46000 + u16::from(i)),
             ssh_host_port: Some(47000 + u16::from(i)),
+            lb_forward: None,
             uplink: false,
             serial_log: format!("/s/node{i}.serial.log").into(),
             qmp_socket: format!("/s/node{i}.qmp").into(),
@@ -402,6 +484,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn argv_forwards_the_lb_address_from_loopback_only_when_asked() {
+        let mut s = spec(1);
+        s.lb_forward = Some((48001, "192.168.76.200:80".parse().unwrap()));
+        let argv = qemu_argv(&s);
+        let user = values_after(&argv, "-netdev")[1];
+        assert_eq!(
+            user,
+            "user,id=m0,restrict=on,hostfwd=tcp:127.0.0.1:45001-:7443,\
+             hostfwd=tcp:127.0.0.1:46001-:16443,hostfwd=tcp:127.0.0.1:47001-:22,\
+             hostfwd=tcp:127.0.0.1:48001-192.168.76.200:80"
+        );
+        // Still no route out, and nothing else names the address.
+        assert!(user.contains("restrict=on"));
+        assert_eq!(
+            argv.iter().filter(|a| a.contains("192.168.76.200")).count(),
+            1
+        );
+        assert!(!values_after(&qemu_argv(&spec(1)), "-netdev")[1].contains("192.168.76.200"));
+    }
+
+    #[test]
+    fn lb_forwards_parse_and_refuse_what_slirp_or_a_lan_cannot_use() {
+        let f: LbForward = "192.168.76.200:80".parse().unwrap();
+        assert_eq!((f.address, f.port), (Ipv4Addr::new(192, 168, 76, 200), 80));
+        assert_eq!(f.to_string(), "192.168.76.200:80");
+        for bad in [
+            "192.168.76.200",
+            "192.168.76.200:0",
+            "0.0.0.0:80",
+            "127.0.0.1:80",
+            "10.0.2.15:80",
+            "10.0.2.200:80",
+            "224.0.0.251:80",
+            "255.255.255.255:80",
+            "[::1]:80",
+            "lb:80",
+        ] {
+            let e = bad.parse::<LbForward>().unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!("10.0.3.1:80".parse::<LbForward>().is_ok());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::accel::AccelChoice;
-use crate::node::{Accel, Arch};
+use crate::node::{Accel, Arch, LbForward};
 use crate::seed::Subnet;
 
 pub const STATE_FILE: &str = "cluster.json";
@@ -50,6 +50,9 @@ pub struct ClusterState {
     /// The management NICs reach beyond the host (`--uplink`).
     #[serde(default)]
     pub uplink: bool,
+    /// The extra guest address:port every VM forwards from 127.0.0.1 (`--lb-forward`).
+    #[serde(default)]
+    pub lb_forward: Option<LbForward>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -101,6 +104,9 @@ pub struct NodeState {
     /// Host port on 127.0.0.1 forwarded to the guest's SSH server (22).
     #[serde(default)]
     pub ssh_port: Option<u16>,
+    /// Host port on 127.0.0.1 forwarded to the cluster's `lb_forward` on this guest.
+    #[serde(default)]
+    pub lb_port: Option<u16>,
 }
 
 impl ClusterState {
@@ -167,6 +173,7 @@ mod tests {
             subnet: Some("192.168.76.0/24".parse().unwrap()),
             user_data: None,
             uplink: false,
+            lb_forward: Some("192.168.76.200:80".parse().unwrap()),
             nodes: vec![NodeState {
                 name: "node0".into(),
                 index: 0,
@@ -184,6 +191,7 @@ mod tests {
                 address: Some(std::net::Ipv4Addr::new(192, 168, 76, 10)),
                 api_port: Some(45100),
                 ssh_port: Some(45200),
+                lb_port: Some(45300),
             }],
         }
     }
@@ -195,6 +203,17 @@ mod tests {
         s.save(dir.path()).unwrap();
         assert_eq!(ClusterState::load(dir.path()).unwrap(), s);
         assert!(!dir.path().join(".cluster.json.tmp").exists());
+    }
+
+    #[test]
+    fn files_written_before_the_lb_forward_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("lb_forward");
+        v["nodes"][0].as_object_mut().unwrap().remove("lb_port");
+        std::fs::write(dir.path().join(STATE_FILE), v.to_string()).unwrap();
+        let s = ClusterState::load(dir.path()).unwrap();
+        assert_eq!((s.lb_forward, s.nodes[0].lb_port), (None, None));
     }
 
     #[test]
