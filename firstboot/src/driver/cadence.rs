@@ -40,18 +40,22 @@
 //! a period has passed (within half a tick). A restarted peer is found as before: it
 //! announces itself when it starts, and its peers browse continuously.
 //!
-//! [`Heartbeat::direct`]: what a due heartbeat is. A member whose announcement has not
-//! changed since it last went out over mDNS sends a direct heartbeat (one signed UDP datagram
-//! to each peer, `rackseed_protocol::discovery::heartbeat`, whose module docs say why: every
-//! mDNS packet costs each peer's mdns-sd several wakeups that scan its whole cache) and
+//! [`Heartbeat::direct`]: what a due heartbeat is. A node whose announcement has not changed
+//! since it last went out over mDNS sends a direct heartbeat (one signed UDP datagram to each
+//! peer, `rackseed_protocol::discovery::heartbeat`, whose module docs say why: every mDNS
+//! packet costs each peer's mdns-sd several wakeups that scan its whole cache) and
 //! re-publishes its mDNS record only every [`MDNS_REFRESH`] (60 s, before mdns-sd's queriers
-//! would ask again for its 120-second records). Everything else goes over mDNS as before: a
-//! node that is not a member, any changed announcement (progress included), the first
-//! heartbeat after a restart, and any heartbeat the direct path cannot send (a peer without
-//! IPv4, the UDP port not bound). Liveness is unchanged for the formation core: a heartbeat
-//! of either kind arrives as a refresh of the peer's latest verified record, so `peer_timeout`,
-//! `takeover_after` and `replace-after` keep their meaning; newcomers find members over mDNS
-//! as before (their records stay published and fresh).
+//! would ask again for its 120-second records). That holds for a node still forming (waiting
+//! for its slot, say) as for a member: a waiting node's announcement rarely changes while it
+//! waits, and during formation the mDNS heartbeats of the waiting nodes were most of every
+//! agent's CPU (below). Everything else goes over mDNS as before: any changed announcement
+//! (a phase change at once, progress at the next heartbeat), the first heartbeat after a
+//! start, and any heartbeat the direct path cannot send (a peer without IPv4, the UDP port
+//! not bound). Liveness is unchanged for the formation core: a heartbeat of either kind
+//! arrives as a refresh of the peer's latest verified record, so `peer_timeout`,
+//! `takeover_after` and `replace-after` keep their meaning; newcomers find every node over
+//! mDNS as before (its record stays published and fresh, and a newcomer's browse query is
+//! answered from it).
 //!
 //! Measured (`agent_scale`, N = 50, 60 s idle, December 2026): mDNS datagrams received per
 //! node fell from 20 to 14 a second, but mdns-sd's thread still used ~0.35 s CPU a minute,
@@ -177,12 +181,11 @@ impl Heartbeat {
         self.last_mdns = Some(now);
     }
 
-    /// Whether the heartbeat due at `now` may be a direct one: a member whose announcement is
+    /// Whether the heartbeat due at `now` may be a direct one: the announcement is
     /// `unchanged` since it last went out over mDNS, less than [`MDNS_REFRESH`] ago (within
-    /// half a tick).
-    pub(super) fn direct(&self, now: Instant, member: bool, unchanged: bool) -> bool {
-        member
-            && unchanged
+    /// half a tick). Members and nodes still forming alike (see the module docs).
+    pub(super) fn direct(&self, now: Instant, unchanged: bool) -> bool {
+        unchanged
             && self
                 .last_mdns
                 .is_some_and(|at| now + self.tick() / 2 < at + MDNS_REFRESH)
@@ -315,7 +318,7 @@ mod tests {
         while at <= Duration::from_secs(secs) {
             let now = t0 + at;
             if h.due(now, true) {
-                let direct = h.direct(now, true, !changed(at.as_secs_f64()));
+                let direct = h.direct(now, !changed(at.as_secs_f64()));
                 if direct {
                     h.beat(now);
                 } else {
@@ -351,13 +354,15 @@ mod tests {
             Some(&(20.0, false)),
             "{v:?}"
         );
-        // Not a member, or nothing over mDNS yet: never direct.
+        // Nothing over mDNS yet, a changed announcement, or the last mDNS record a minute
+        // old: never direct.
         let h = Heartbeat::new(Duration::from_secs(20));
-        assert!(!h.direct(t0, true, true), "nothing announced yet");
+        assert!(!h.direct(t0, true), "nothing announced yet");
         let mut h = Heartbeat::new(Duration::from_secs(20));
         h.announced(t0);
-        assert!(!h.direct(t0 + Duration::from_secs(7), false, true));
-        assert!(h.direct(t0 + Duration::from_secs(7), true, true));
+        assert!(h.direct(t0 + Duration::from_secs(7), true));
+        assert!(!h.direct(t0 + Duration::from_secs(7), false));
+        assert!(!h.direct(t0 + MDNS_REFRESH, true));
         // The default 90 s timeout: a member beats every 30 s, every other one over mDNS.
         let mut h = Heartbeat::new(Duration::from_secs(90));
         let v = kinds(&mut h, t0, 240, |_| false);

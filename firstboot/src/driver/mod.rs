@@ -351,7 +351,7 @@ impl Runtime {
                 _ = heartbeat.tick() => {
                     let (now, member) = (Instant::now(), self.doc.phase == "member");
                     if self.heartbeat.due(now, member) {
-                        self.beat(now, member);
+                        self.beat(now);
                     }
                     None
                 }
@@ -603,10 +603,10 @@ impl Runtime {
     }
 
     /// A due heartbeat: direct while the cadence allows it, else over mDNS.
-    fn beat(&mut self, now: Instant, member: bool) {
+    fn beat(&mut self, now: Instant) {
         let unchanged =
             self.last_announcement.is_some() && self.last_announcement == self.mdns_announcement;
-        if self.heartbeat.direct(now, member, unchanged) {
+        if self.heartbeat.direct(now, unchanged) {
             match self.discovery.heartbeat() {
                 Ok(_) => {
                     self.heartbeat.beat(now);

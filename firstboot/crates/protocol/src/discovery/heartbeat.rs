@@ -1,5 +1,6 @@
-//! Direct heartbeats: a formed member's "still here" as one small signed UDP datagram per
-//! peer, instead of a new mDNS announcement.
+//! Direct heartbeats: a node's "still here" as one small signed UDP datagram per peer, instead
+//! of a new mDNS announcement (a formed member's, and one's still forming while its
+//! announcement does not change: the agent's `driver/cadence.rs` decides which beat goes how).
 //!
 //! Why: a member used to prove it was alive by re-publishing its signed mDNS record every
 //! third of the peer timeout. Each re-publication is two multicast packets (mdns-sd repeats
@@ -28,7 +29,8 @@
 //! re-published on every change, and at least every [`MDNS_REFRESH`] while nothing changes
 //! (well before mdns-sd's queriers would ask for the SRV and A records again, at 80 % of
 //! their 120-second TTL), so newcomers still find it with one query and its record never
-//! expires in a peer's cache. Nodes that are not members yet announce over mDNS as before.
+//! expires in a peer's cache. A node still forming announces each phase change over mDNS at
+//! once, as before, and beats directly while it waits.
 //!
 //! Wire format: the line `rackseed-heartbeat/1`, then the fixed fields of a signed record
 //! ([`super::record`]: `v`, `c`, `id`, `p`, `fp`, `n`, `b`, `s`), the addressee as two
