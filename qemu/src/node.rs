@@ -59,9 +59,17 @@ pub const GUEST_SSH_PORT: u16 = 22;
 /// interface for an address held on any interface, and takes a packet for a local address
 /// arriving on any interface. So the forward of VM X reaches the service exactly while X
 /// holds the address (MetalLB's speaker puts it on the cluster NIC of the node it elects);
-/// on the other VMs the SYN goes unanswered and the request times out. Checked on a VM of
-/// this launcher (`ip addr add`/`del` of the address on the cluster NIC, a listener on the
-/// port, `curl` of the forward: answered while added, timed out after deletion).
+/// on the other VMs the SYN goes unanswered and the request times out. (A VM that held the
+/// address before keeps slirp's ARP entry, so its SYNs still reach it; without the address
+/// it drops them, or with `ip_forward=1` routes them onto the cluster network, where the
+/// holder's reply goes to its own slirp and is dropped: no false "up" either way.)
+///
+/// Checked on a VM of this launcher (QEMU 7.2 with libslirp 4.7.0, the QEMU test-cluster
+/// image, TCG; `arp_ignore=0`, `ip_forward=0`): forward added at run time with HMP
+/// `hostfwd_add m0 tcp:127.0.0.1:47080-192.168.76.230:80`, `python3 -m http.server 80` in
+/// the guest, `curl -m 8 http://127.0.0.1:47080/` from the host: timed out (8 s) before
+/// `ip addr add 192.168.76.230/32 dev enp0s1` (the cluster NIC), HTTP 200 in 0.14–0.49 s
+/// after it, timed out again after `ip addr del`, 200 again after re-adding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LbForward {
     pub address: Ipv4Addr,
