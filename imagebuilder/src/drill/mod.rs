@@ -328,6 +328,9 @@ pub struct Prepared {
     pub probe_target: String,
     /// Why a LoadBalancer address cannot be probed from here (without `--lb-url`).
     pub lb_unreachable: Option<String>,
+    /// Without `--lb-url`: each VM's forward of the LoadBalancer address (a QEMU test
+    /// cluster booted with `qemu up --lb-forward`), see [`probe::ProbePlan::lb_forwards`].
+    pub lb_forwards: Vec<SocketAddr>,
     /// Ask the agents who holds the API address (where it cannot be probed directly).
     pub holder: Option<probe::HolderProbe>,
     pub notes: Vec<String>,
@@ -364,6 +367,7 @@ fn run(args: &DrillArgs) -> Result<ExitCode> {
             readyz,
             probe_target,
             lb_unreachable,
+            lb_forwards,
             holder,
             mut notes,
         } = prepared;
@@ -381,6 +385,7 @@ fn run(args: &DrillArgs) -> Result<ExitCode> {
             write_to,
             readyz,
             lb_url: args.lb_url.clone(),
+            lb_forwards,
             holder,
             baseline: args.baseline,
             min_observe: MIN_OBSERVE,
@@ -492,6 +497,7 @@ async fn prepare_announced(
         readyz: cp,
         probe_target,
         lb_unreachable: None,
+        lb_forwards: vec![],
         holder: None,
         notes: vec![],
     })

@@ -19,11 +19,19 @@
 //!   the report has when a live node held it again;
 //! - kills the chosen node's VM ([`QemuKiller`]: QMP `quit`, SIGKILL if that does not end it).
 //!
-//! The LoadBalancer RTO is "not measured" unless `--lb-url` names something the workstation
-//! reaches: MetalLB's L2 addresses live on the VMs' network only. Measuring it would take a
-//! path onto that network (a bridge/tap network with the workstation on it instead of the
-//! socket network, or a port forward to the address through a node, which would measure
-//! the forwarding node rather than MetalLB's failover).
+//! - the LoadBalancer: when the cluster was booted with `qemu up --lb-forward ADDRESS:PORT`
+//!   (MetalLB's address and a port its service answers on; `qemu status` lists each VM's
+//!   forward in column LB) and no `--lb-url` is given, asks every VM's forward each round
+//!   ([`super::probe::lb_forwards_once`]): the LoadBalancer is up when any of them gives an
+//!   HTTP answer. QEMU's user-mode network ARPs for the address on that VM's management NIC
+//!   and the VM answers only while it holds the address (`qemu::node::LbForward` has what
+//!   libslirp does, with its files), so this sees the address answering from whichever live
+//!   VM MetalLB's speaker put it on. It measures MetalLB's takeover on the VMs, not what a
+//!   client on the LAN sees: that client's ARP cache (refreshed by the new holder's gratuitous
+//!   ARP) and its switch are not part of it.
+//!
+//! Without `--lb-forward` (or `--lb-url`) the LoadBalancer RTO is "not measured": MetalLB's
+//! addresses live on the VMs' socket network, which the workstation is not on.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -197,20 +205,21 @@ pub async fn prepare(args: &DrillArgs, dir: &Path, secret: &ClusterSecret) -> Re
         ),
         None => format!("any control-plane node through its forwarded API port ({listed})"),
     };
-    let lb_unreachable = Some(
-        "QEMU test cluster: MetalLB's addresses are on the VMs' socket network, which the workstation is not on (QEMU forwards only each VM's own ports to 127.0.0.1); give --lb-url for an address reachable from here"
-            .to_owned(),
-    );
+    let (lb_forwards, lb_unreachable, lb_note) =
+        lb_plan(cluster.state().lb_forward, &cluster.status());
     // Keepalived's address is only seen from the agents here: ask them each round.
     let holder = pic.api_address.map(|_| HolderProbe {
         client: client.clone(),
         mgmt: cluster.status().iter().map(|s| s.mgmt_addr).collect(),
     });
-    let notes = vec![format!(
+    let mut notes = vec![format!(
         "QEMU test cluster {}: node {} runs in VM {vm}",
         dir.display(),
         target.node_id
     )];
+    if args.lb_url.is_none() {
+        notes.extend(lb_note);
+    }
     Ok(Prepared {
         pic,
         index,
@@ -225,9 +234,50 @@ pub async fn prepare(args: &DrillArgs, dir: &Path, secret: &ClusterSecret) -> Re
         readyz: endpoints,
         probe_target,
         lb_unreachable,
+        lb_forwards: if args.lb_url.is_none() {
+            lb_forwards
+        } else {
+            vec![]
+        },
         holder,
         notes,
     })
+}
+
+/// How the LoadBalancer is probed on this cluster (pure): every VM's forward of the
+/// cluster's `--lb-forward` address, with a note for the report; or, without one, why it
+/// cannot be.
+pub fn lb_plan(
+    forward: Option<qemu::node::LbForward>,
+    vms: &[qemu::NodeStatus],
+) -> (Vec<SocketAddr>, Option<String>, Option<String>) {
+    let listed: Vec<(String, SocketAddr)> = vms
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.lb_addr?)))
+        .collect();
+    match forward {
+        Some(f) if !listed.is_empty() => (
+            listed.iter().map(|(_, a)| *a).collect(),
+            None,
+            Some(format!(
+                "LoadBalancer probed at {f} through each VM's 127.0.0.1 forward to it ({}): up when any VM answers HTTP there, which a VM does only while it holds {}; this measures MetalLB's takeover on the VMs, not a LAN client's ARP cache",
+                listed
+                    .iter()
+                    .map(|(vm, a)| format!("{vm} {a}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                f.address
+            )),
+        ),
+        _ => (
+            vec![],
+            Some(
+                "QEMU test cluster: MetalLB's addresses are on the VMs' socket network, which the workstation is not on; boot the cluster with `qemu up --lb-forward ADDRESS:PORT` (MetalLB's address, e.g. 192.168.76.200:80) to probe it through each VM's forward, or give --lb-url for an address reachable from here"
+                    .to_owned(),
+            ),
+            None,
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +358,44 @@ mod tests {
         assert!(format!("{e:#}").contains("--vm node2 runs node c"), "{e:#}");
         let e = choose_vm(&vms, Target::Voter, Some("node9"), |_| 0).unwrap_err();
         assert!(e.to_string().contains("node0, node1, node2"), "{e}");
+    }
+
+    fn status(name: &str, lb: Option<&str>) -> qemu::NodeStatus {
+        qemu::NodeStatus {
+            name: name.into(),
+            state: NodeRunState::Running,
+            pid: Some(1),
+            mac: String::new(),
+            mgmt_addr: "127.0.0.1:40000".parse().unwrap(),
+            api_addr: None,
+            ssh_addr: None,
+            lb_addr: lb.map(|a| a.parse().unwrap()),
+            address: None,
+            serial_log: "/x".into(),
+        }
+    }
+
+    #[test]
+    fn the_lb_is_probed_through_every_vms_forward_when_the_cluster_has_one() {
+        let vms = [
+            status("node0", Some("127.0.0.1:41000")),
+            status("node1", Some("127.0.0.1:41001")),
+            status("node2", Some("127.0.0.1:41002")),
+        ];
+        let f = Some("192.168.76.200:80".parse().unwrap());
+        let (forwards, unreachable, note) = lb_plan(f, &vms);
+        assert_eq!(forwards.len(), 3);
+        assert_eq!(forwards[2], "127.0.0.1:41002".parse().unwrap());
+        assert!(unreachable.is_none());
+        let note = note.unwrap();
+        assert!(note.contains("192.168.76.200:80"), "{note}");
+        assert!(note.contains("node1 127.0.0.1:41001"), "{note}");
+        assert!(note.contains("not a LAN client's ARP cache"), "{note}");
+        // No --lb-forward at `qemu up`: not measured, and the report says how to get it.
+        let plain = [status("node0", None)];
+        let (forwards, unreachable, note) = lb_plan(None, &plain);
+        assert!(forwards.is_empty() && note.is_none());
+        assert!(unreachable.unwrap().contains("--lb-forward"));
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! - a write: create ConfigMap `rackseed-drill-<run>-<counter>` (the counter goes up every
 //!   round) on the first of [`ProbePlan::write_to`] that acknowledges it (`201`);
 //! - quorum: `GET /readyz` on every control-plane node; up when any answers 200;
-//! - the LoadBalancer: `GET` of `--lb-url`; up on any HTTP answer;
+//! - the LoadBalancer: `GET` of `--lb-url`; up on any HTTP answer. On a QEMU test cluster
+//!   booted with `qemu up --lb-forward ADDRESS:PORT` and no `--lb-url`, `GET` of every VM's
+//!   forward of that address instead ([`ProbePlan::lb_forwards`]); up when any VM's forward
+//!   gives an HTTP answer, which it does only while that VM holds the address (see
+//!   `qemu::node::LbForward`);
 //! - on a QEMU test cluster ([`HolderProbe`]), the floating API address: up when some live
 //!   node's agent reports holding it (its `/status.json` through the management forward),
 //!   since the address itself cannot be reached from the workstation there.
@@ -37,6 +41,9 @@ pub struct ProbePlan {
     /// Control-plane API endpoints whose `/readyz` tells quorum.
     pub readyz: Vec<SocketAddr>,
     pub lb_url: Option<String>,
+    /// Without `lb_url`: 127.0.0.1 forwards, one per VM, to the LoadBalancer address on that
+    /// VM (QEMU test clusters); the LoadBalancer is up when any of them answers HTTP.
+    pub lb_forwards: Vec<SocketAddr>,
     /// Ask the agents who holds the floating API address (QEMU test clusters).
     pub holder: Option<HolderProbe>,
     pub baseline: Duration,
@@ -103,6 +110,57 @@ async fn lb_once(http: &reqwest::Client, url: &str) -> bool {
     http.get(url).send().await.is_ok()
 }
 
+/// Whether any of the VMs' LoadBalancer forwards gives an HTTP answer. QEMU accepts the
+/// connection on 127.0.0.1 before the guest is asked, so a connection alone says nothing:
+/// only a response does (a VM not holding the address never answers; the request times out
+/// or the connection is closed).
+pub async fn lb_forwards_once(http: &reqwest::Client, forwards: &[SocketAddr]) -> bool {
+    let mut set = tokio::task::JoinSet::new();
+    for at in forwards {
+        let (http, url) = (http.clone(), format!("http://{at}/"));
+        set.spawn(async move { lb_once(&http, &url).await });
+    }
+    let mut any = false;
+    while let Some(r) = set.join_next().await {
+        any |= r.unwrap_or(false);
+    }
+    any
+}
+
+/// What the LoadBalancer probe asks each round: `--lb-url`, else the VMs' forwards.
+#[derive(Debug, Clone, Copy)]
+enum LbTarget<'a> {
+    Url(&'a str),
+    Forwards(&'a [SocketAddr]),
+}
+
+fn lb_target(plan: &ProbePlan) -> Option<LbTarget<'_>> {
+    match (&plan.lb_url, plan.lb_forwards.is_empty()) {
+        (Some(u), _) => Some(LbTarget::Url(u)),
+        (None, false) => Some(LbTarget::Forwards(&plan.lb_forwards)),
+        (None, true) => None,
+    }
+}
+
+/// The LoadBalancer's measure from the rounds (pure).
+fn lb_measure(plan: &ProbePlan, samples: &[Sample], kill_at: f64, seen_before: bool) -> Measure {
+    match lb_target(plan) {
+        None => Measure::NotMeasured {
+            why: "no --lb-url given".into(),
+        },
+        Some(LbTarget::Url(u)) if !seen_before => Measure::NotMeasured {
+            why: format!("nothing answered at {u} before the kill"),
+        },
+        Some(LbTarget::Forwards(f)) if !seen_before => Measure::NotMeasured {
+            why: format!(
+                "no VM's LoadBalancer forward ({}) answered before the kill: no VM held the address, or nothing serves that port",
+                f.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+        Some(_) => report::measure(samples, kill_at, |s| s.lb_ok),
+    }
+}
+
 fn lb_client() -> Result<reqwest::Client> {
     // Any answer counts, so the LoadBalancer's certificate (if https) is not checked: no
     // credential is sent there.
@@ -127,7 +185,7 @@ pub async fn run(
     victim: &Victim,
 ) -> Result<Report> {
     let start = Instant::now();
-    let lb_http = match &plan.lb_url {
+    let lb_http = match lb_target(plan) {
         Some(_) => Some(lb_client()?),
         None => None,
     };
@@ -167,15 +225,7 @@ pub async fn run(
     }
     let rto_api = report::measure(&samples, kill_at, |s| Some(s.api_ok));
     let rto_quorum = report::measure(&samples, kill_at, |s| Some(s.quorum_ok));
-    let rto_lb = match &plan.lb_url {
-        None => Measure::NotMeasured {
-            why: "no --lb-url given".into(),
-        },
-        Some(u) if !lb_seen_before => Measure::NotMeasured {
-            why: format!("nothing answered at {u} before the kill"),
-        },
-        Some(_) => report::measure(&samples, kill_at, |s| s.lb_ok),
-    };
+    let rto_lb = lb_measure(plan, &samples, kill_at, lb_seen_before);
     let rto_address = match &plan.holder {
         None => Measure::NotMeasured {
             why: "not probed apart from the API".into(),
@@ -279,8 +329,9 @@ async fn rounds(
             write_once(api, &plan.write_to, &plan.run_id, n),
             quorum_once(api, &plan.readyz),
             async {
-                match (lb_http, &plan.lb_url) {
-                    (Some(c), Some(u)) => Some(lb_once(c, u).await),
+                match (lb_http, lb_target(plan)) {
+                    (Some(c), Some(LbTarget::Url(u))) => Some(lb_once(c, u).await),
+                    (Some(c), Some(LbTarget::Forwards(f))) => Some(lb_forwards_once(c, f).await),
                     _ => None,
                 }
             },
@@ -430,5 +481,119 @@ mod tests {
         assert_eq!(widest_gap(&s, 8.0), Some(4.0));
         assert_eq!(widest_gap(&at(&[0.0, 1.0, 2.0, 3.1, 4.0]), 2.5), None);
         assert_eq!(widest_gap(&at(&[0.0]), 0.5), None);
+    }
+
+    fn plan(lb_url: Option<&str>, lb_forwards: &[&str]) -> ProbePlan {
+        ProbePlan {
+            run_id: "r".into(),
+            write_to: vec![],
+            readyz: vec![],
+            lb_url: lb_url.map(Into::into),
+            lb_forwards: lb_forwards.iter().map(|a| a.parse().unwrap()).collect(),
+            holder: None,
+            baseline: Duration::ZERO,
+            min_observe: Duration::ZERO,
+            timeout: Duration::ZERO,
+        }
+    }
+
+    fn lb(points: &[(f64, bool)]) -> Vec<Sample> {
+        points
+            .iter()
+            .map(|(t, ok)| Sample {
+                t: *t,
+                api_ok: true,
+                quorum_ok: true,
+                lb_ok: Some(*ok),
+                address_held: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_lb_is_measured_through_the_vms_forwards_without_an_lb_url() {
+        let fw = ["127.0.0.1:41001", "127.0.0.1:41002"];
+        let samples = lb(&[
+            (1.0, true),
+            (2.0, true),
+            (3.0, false),
+            (4.0, false),
+            (5.0, true),
+        ]);
+        // Down from the round after the kill (2.5) to 5.0: 2.5 s.
+        match lb_measure(&plan(None, &fw), &samples, 2.5, true) {
+            Measure::Recovered { seconds, .. } => assert!((seconds - 2.5).abs() < 1e-9),
+            other => panic!("{other:?}"),
+        }
+        // Nothing answered before the kill: no figure, and the forwards are named.
+        match lb_measure(&plan(None, &fw), &samples, 2.5, false) {
+            Measure::NotMeasured { why } => {
+                assert!(why.contains("127.0.0.1:41001, 127.0.0.1:41002"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // --lb-url wins over the forwards; neither: not measured.
+        assert!(matches!(
+            lb_target(&plan(Some("http://x/"), &fw)),
+            Some(LbTarget::Url("http://x/"))
+        ));
+        match lb_measure(&plan(Some("http://x/"), &fw), &samples, 2.5, false) {
+            Measure::NotMeasured { why } => assert!(why.contains("http://x/"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(lb_target(&plan(None, &[])).is_none());
+        assert!(matches!(
+            lb_measure(&plan(None, &[]), &samples, 2.5, true),
+            Measure::NotMeasured { .. }
+        ));
+    }
+
+    /// A forward as QEMU makes it: the connection is accepted on 127.0.0.1 whatever the guest
+    /// does; `answer` decides whether an HTTP response follows (the VM holds the address) or
+    /// the connection is held silently, then closed (it does not).
+    async fn forward(answer: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = c.read(&mut buf).await;
+                    if answer {
+                        let _ = c
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nnode1")
+                            .await;
+                    } else {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                });
+            }
+        });
+        (at, task)
+    }
+
+    #[tokio::test]
+    async fn the_lb_is_up_when_any_forward_answers_http_and_a_bare_connection_is_not_enough() {
+        let http = lb_client().unwrap();
+        let (holder, t1) = forward(true).await;
+        let (other, t2) = forward(false).await;
+        // A port nothing listens on (the killed VM's forward is gone with its QEMU).
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let started = Instant::now();
+        assert!(lb_forwards_once(&http, &[other, gone, holder]).await);
+        assert!(!lb_forwards_once(&http, &[other, gone]).await);
+        assert!(!lb_forwards_once(&http, &[]).await);
+        // Bounded by the client's timeout, the forwards asked side by side.
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            started.elapsed()
+        );
+        t1.abort();
+        t2.abort();
     }
 }
