@@ -411,6 +411,8 @@ async fn cli_commands_share_the_state_directory() {
         user_data: None,
         no_seed: false,
         uplink: false,
+        // QEMU itself must take the forward to an address outside its 10.0.2.0/24.
+        lb_forward: Some("192.168.76.200:80".parse().unwrap()),
     }))
     .await
     .expect("qemu up");
@@ -440,7 +442,15 @@ async fn cli_commands_share_the_state_directory() {
     })
     .await
     .unwrap();
-    assert!(Cluster::open(&dir).unwrap().is_running("node0").unwrap());
+    let c = Cluster::open(&dir).unwrap();
+    assert!(c.is_running("node0").unwrap());
+    // The LoadBalancer forward is recorded and survives the restart.
+    assert_eq!(
+        c.state().lb_forward.map(|f| f.to_string()).as_deref(),
+        Some("192.168.76.200:80")
+    );
+    let lb = c.status()[0].lb_addr.expect("node0 has an LB forward");
+    assert!(lb.ip().is_loopback(), "{lb}");
     let e = run_async(QemuCommand::Stop {
         node: "node7".into(),
         timeout: 1,
