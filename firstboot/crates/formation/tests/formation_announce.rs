@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use rackseed_config::Role;
+use rackseed_formation::announce::same_phase_class;
 use rackseed_formation::{
     Accepted, Announcement, AnnouncementError, Ballot, ClusterId, Message, NodeId, PhaseSummary,
     Record, Slot,
@@ -51,6 +52,42 @@ fn announcement() -> impl Strategy<Value = Announcement> {
         )
 }
 
+/// The phase steps that may wait for the heartbeat: `Preparing`/`Discovering` and
+/// `Joining`/`Confirming`. Every step between "no member" (preparing, discovering, waiting)
+/// and "member or joining", and every step into `Member`, is announced at once.
+#[test]
+fn phase_steps_that_wait_stay_within_their_class() {
+    use PhaseSummary::*;
+    let all = [Preparing, Discovering, Waiting, Joining, Confirming, Member];
+    let no_member = |p: PhaseSummary| matches!(p, Preparing | Discovering | Waiting);
+    let mut waiting = Vec::new();
+    for a in all {
+        for b in all {
+            if a != b && same_phase_class(a, b) {
+                assert_eq!(
+                    no_member(a),
+                    no_member(b),
+                    "{a:?} -> {b:?} changes the class"
+                );
+                assert!(b != Member && a != Member, "{a:?} -> {b:?} involves Member");
+                waiting.push((a, b));
+            }
+        }
+    }
+    assert_eq!(
+        waiting,
+        vec![
+            (Preparing, Discovering),
+            (Discovering, Preparing),
+            (Joining, Confirming),
+            (Confirming, Joining)
+        ]
+    );
+    for p in all {
+        assert!(same_phase_class(p, p));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -69,8 +106,9 @@ proptest! {
         prop_assert_eq!(Announcement::from_txt(ann.id.as_str(), &map), Ok(ann));
     }
 
-    /// Only the record ballot and the member count may wait for the heartbeat; a change of
-    /// anything a peer routes by is announced at once.
+    /// Only the record ballot, the member count and a phase step within one class
+    /// (`same_phase_class`) may wait for the heartbeat; a change of anything a peer routes by
+    /// is announced at once.
     #[test]
     fn only_progress_may_wait(a in announcement(), b in announcement()) {
         let progress = Announcement {
@@ -82,7 +120,7 @@ proptest! {
         prop_assert!(a.only_progress_differs(&a));
         let routing_same = a.id == b.id
             && a.priority == b.priority
-            && a.phase == b.phase
+            && same_phase_class(a.phase, b.phase)
             && a.role == b.role
             && a.cluster == b.cluster
             && a.authority == b.authority
