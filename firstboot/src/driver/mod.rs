@@ -33,6 +33,7 @@ mod backup;
 mod cadence;
 pub mod drill;
 mod effects;
+mod in_flight;
 mod labels;
 mod replace;
 mod status;
@@ -147,6 +148,8 @@ struct Runtime {
     discovery: Discovery,
     coordinator: Coordinator<Message>,
     client: Arc<CoordinatorClient>,
+    /// Messages still on their way: a repeat of one waits for it (`driver/in_flight.rs`).
+    in_flight: in_flight::InFlight,
     tasks: mpsc::Sender<TaskResult>,
     state: StateFile,
     doc: StatusDoc,
@@ -285,6 +288,7 @@ impl Runtime {
             discovery,
             coordinator,
             client,
+            in_flight: Default::default(),
             tasks,
             state,
             last_status_line: String::new(),
@@ -625,6 +629,7 @@ impl Runtime {
         match self.discovery.announce(ann.to_txt()) {
             // Any announcement refreshes this node at its peers: the heartbeat counts from it.
             Ok(()) => {
+                tracing::debug!(phase = ann.phase.name(), "announced over mdns");
                 self.heartbeat.announced(Instant::now());
                 self.mdns_announcement = Some(ann.clone());
             }
@@ -646,11 +651,17 @@ impl Runtime {
             return;
         };
         let addr = SocketAddr::new(ip, peer.port);
+        let Some(on_its_way) = self.in_flight.claim(&to, addr, &msg) else {
+            tracing::debug!(peer = %to, msg = msg.kind(), "the same message is still on its way; not sent again");
+            return;
+        };
         let fp = peer.fingerprint;
         let client = self.client.clone();
         let tasks = self.tasks.clone();
         tokio::spawn(async move {
-            let res = match client.send(addr, &fp, &msg).await {
+            let sent = client.send(addr, &fp, &msg).await;
+            drop(on_its_way);
+            let res = match sent {
                 Ok(msgs) if msgs.is_empty() => return,
                 Ok(msgs) => TaskResult::Replies { from: to, msgs },
                 Err(e) => TaskResult::SendFailed {
