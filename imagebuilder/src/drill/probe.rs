@@ -113,18 +113,21 @@ async fn lb_once(http: &reqwest::Client, url: &str) -> bool {
 /// Whether any of the VMs' LoadBalancer forwards gives an HTTP answer. QEMU accepts the
 /// connection on 127.0.0.1 before the guest is asked, so a connection alone says nothing:
 /// only a response does (a VM not holding the address never answers; the request times out
-/// or the connection is closed).
+/// or the connection is closed). Returns at the first answer (the other requests are
+/// dropped), so while the LoadBalancer is up a round does not wait out the other VMs'
+/// timeouts.
 pub async fn lb_forwards_once(http: &reqwest::Client, forwards: &[SocketAddr]) -> bool {
     let mut set = tokio::task::JoinSet::new();
     for at in forwards {
         let (http, url) = (http.clone(), format!("http://{at}/"));
         set.spawn(async move { lb_once(&http, &url).await });
     }
-    let mut any = false;
     while let Some(r) = set.join_next().await {
-        any |= r.unwrap_or(false);
+        if r.unwrap_or(false) {
+            return true;
+        }
     }
-    any
+    false
 }
 
 /// What the LoadBalancer probe asks each round: `--lb-url`, else the VMs' forwards.
@@ -585,6 +588,12 @@ mod tests {
         };
         let started = Instant::now();
         assert!(lb_forwards_once(&http, &[other, gone, holder]).await);
+        // The answer ends the round: it does not wait for the silent forward's timeout.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(!lb_forwards_once(&http, &[other, gone]).await);
         assert!(!lb_forwards_once(&http, &[]).await);
         // Bounded by the client's timeout, the forwards asked side by side.
