@@ -30,7 +30,9 @@
 //! before the kill: never a made-up figure. The MicroK8s simulator models MetalLB's layer-2
 //! address (a demo LoadBalancer service on the pool's first address, answering HTTP on port
 //! 80 from the node MetalLB would pick), so `--lb-url http://<that address>/` is measured
-//! against it too (`firstboot/tests/agent_drill.rs`).
+//! against it too (`firstboot/tests/agent_drill.rs`). On a QEMU test cluster booted with
+//! `qemu up --lb-forward ADDRESS:PORT` it is measured without `--lb-url`, through each VM's
+//! forward of that address ([`on_qemu`]).
 
 pub mod api;
 pub mod killer;
