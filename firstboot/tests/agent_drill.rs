@@ -53,19 +53,7 @@ fn announcer(nodes: &[String], ip: Ipv4Addr) -> String {
 
 /// `curl http://IP/` from the workstation host: the body, if it answered 200.
 fn lb_answer(c: &AgentCluster, ip: Ipv4Addr) -> Option<String> {
-    let out = Cmd::new("ip", Duration::from_secs(5))
-        .args([
-            "netns",
-            "exec",
-            &c.lab.host(WS).ns,
-            "curl",
-            "--silent",
-            "--fail",
-        ])
-        .args(["--max-time", "1", &format!("http://{ip}/")])
-        .output_blocking()
-        .ok()?;
-    out.status.success().then_some(out.stdout)
+    c.lab.host(WS).http_get(&format!("http://{ip}/"))
 }
 
 /// Runs node `i`'s `microk8s ARGS…` in its namespace.

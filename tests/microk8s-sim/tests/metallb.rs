@@ -60,19 +60,7 @@ fn fetch(lab: &Lab) -> Option<String> {
 }
 
 fn fetch_ip(lab: &Lab, ip: Ipv4Addr) -> Option<String> {
-    let out = Cmd::new("ip", Duration::from_secs(5))
-        .args([
-            "netns",
-            "exec",
-            &lab.host(0).ns,
-            "curl",
-            "--silent",
-            "--fail",
-        ])
-        .args(["--max-time", "1", &format!("http://{ip}/")])
-        .output_blocking()
-        .ok()?;
-    out.status.success().then_some(out.stdout)
+    lab.host(0).http_get(&format!("http://{ip}/"))
 }
 
 /// Waits until `want` alone holds the address and answers for it; the time it took.

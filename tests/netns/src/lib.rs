@@ -177,6 +177,17 @@ impl Host {
         Cmd::new("ip", timeout).args(["netns", "exec", &self.ns, program])
     }
 
+    /// The body of `GET url` fetched from this host with curl (`--fail`, one second at most),
+    /// or `None` when nothing answered with a success.
+    pub fn http_get(&self, url: &str) -> Option<String> {
+        let out = self
+            .cmd("curl", Duration::from_secs(5))
+            .args(["--silent", "--fail", "--max-time", "1", url])
+            .output_blocking()
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    }
+
     /// Runs `f` on a new thread that has entered this host's network namespace; sockets it
     /// opens (and tokio runtimes it builds) live in that namespace.
     pub fn spawn_thread<T, F>(&self, f: F) -> std::thread::JoinHandle<Result<T>>
