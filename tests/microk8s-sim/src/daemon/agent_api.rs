@@ -275,12 +275,12 @@ impl Daemon {
         }
         // The concurrent-join race, as the simulator models it: a control-plane join changes
         // dqlite's membership, so it runs alone; worker joins run beside each other.
-        let timeout = self.inflight_timeout();
+        let current = self.inflight_current(&st.view);
         let mut others = st
             .view
             .joining
             .iter()
-            .filter(|j| j.ip != remote && now_ms().saturating_sub(j.since_ms) <= timeout);
+            .filter(|j| j.ip != remote && current(j));
         if worker {
             if let Some(j) = others.find(|j| !j.worker) {
                 return Err(Response::error(

@@ -166,6 +166,25 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// The in-flight joins younger than `timeout`, measured from when this node first saw each
+/// (`seen`, on its own monotonic clock; it learns of a join when the seed pushes the view,
+/// before the joiner goes on). The seed's wall-clock stamp only tells joins apart: nodes'
+/// clocks can be years apart until NTP answers, so one node's stamp is never compared with
+/// another's clock. Joins gone from `joining` are forgotten.
+fn current_joins(
+    seen: &mut BTreeMap<(IpAddr, u64), Instant>,
+    joining: &[crate::model::InFlight],
+    now: Instant,
+    timeout: Duration,
+) -> BTreeSet<(IpAddr, u64)> {
+    seen.retain(|k, _| joining.iter().any(|j| (j.ip, j.since_ms) == *k));
+    joining
+        .iter()
+        .map(|j| (j.ip, j.since_ms))
+        .filter(|k| now.duration_since(*seen.entry(*k).or_insert(now)) <= timeout)
+        .collect()
+}
+
 /// One simulated node.
 pub struct Daemon {
     env: SimEnv,
@@ -175,6 +194,10 @@ pub struct Daemon {
     /// On a worker: the other nodes the control plane reported alive in its pongs, and when
     /// (workers do not heartbeat each other; MetalLB's speakers all know each other).
     reported: Mutex<BTreeMap<String, Instant>>,
+    /// When this node first saw each in-flight join (keyed by joiner and the seed's stamp), on
+    /// its own monotonic clock: a join's age never compares one node's wall clock with
+    /// another's (nodes' clocks can be years apart until NTP answers).
+    inflight_seen: Mutex<BTreeMap<(IpAddr, u64), Instant>>,
     speaker: tokio::sync::Mutex<metallb::Speaker>,
     store: datastore::Store,
 }
@@ -214,8 +237,24 @@ impl Daemon {
         !st.worker && st.view.quorum(&self.alive())
     }
 
-    fn inflight_timeout(&self) -> u64 {
-        self.env.join_delay.as_millis() as u64 + 30_000
+    fn inflight_timeout(&self) -> Duration {
+        self.env.join_delay + Duration::from_secs(30)
+    }
+
+    /// Whether an in-flight join is still current, as this node measures it (see
+    /// [`current_joins`]). Lock order: state before `inflight_seen`.
+    fn inflight_current(&self, view: &View) -> impl Fn(&crate::model::InFlight) -> bool {
+        let mut seen = self
+            .inflight_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let current = current_joins(
+            &mut seen,
+            &view.joining,
+            Instant::now(),
+            self.inflight_timeout(),
+        );
+        move |j| current.contains(&(j.ip, j.since_ms))
     }
 
     /// Bumps the version, persists and returns the view to push.
@@ -286,6 +325,7 @@ pub async fn run(env: SimEnv) -> Result<()> {
         st: Mutex::new(st),
         last_seen: Mutex::new(BTreeMap::new()),
         reported: Mutex::new(BTreeMap::new()),
+        inflight_seen: Mutex::new(BTreeMap::new()),
         speaker: tokio::sync::Mutex::new(metallb::Speaker::default()),
     });
     d.persist(&d.lock());
@@ -349,4 +389,47 @@ pub async fn run(env: SimEnv) -> Result<()> {
     };
     http::serve(listener, tls, handler).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::InFlight;
+
+    fn join(ip: &str, since_ms: u64) -> InFlight {
+        InFlight {
+            ip: ip.parse().unwrap(),
+            since_ms,
+            worker: false,
+        }
+    }
+
+    /// A join stamped by a seed whose clock is years behind this node's is current when first
+    /// seen, and expires on this node's own clock, not on the difference of the two clocks.
+    #[test]
+    fn a_join_ages_on_the_observers_clock_not_the_seeds_stamp() {
+        let mut seen = BTreeMap::new();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        // Stamped 4 years before (on this node's wall clock): still current.
+        let years_ago = crate::now_ms() - 4 * 365 * 24 * 3600 * 1000;
+        let joining = vec![join("10.0.0.1", years_ago), join("10.0.0.2", u64::MAX)];
+        let current = current_joins(&mut seen, &joining, t0, timeout);
+        assert_eq!(current.len(), 2, "{current:?}");
+        let current = current_joins(&mut seen, &joining, t0 + Duration::from_secs(29), timeout);
+        assert_eq!(current.len(), 2);
+        // A join first seen later ages from then.
+        let mut later = joining.clone();
+        later.push(join("10.0.0.3", 5));
+        let current = current_joins(&mut seen, &later, t0 + Duration::from_secs(31), timeout);
+        assert_eq!(
+            current.into_iter().collect::<Vec<_>>(),
+            vec![("10.0.0.3".parse().unwrap(), 5)]
+        );
+        // Joins gone from the view are forgotten: one seen again starts afresh.
+        let current = current_joins(&mut seen, &[], t0 + Duration::from_secs(32), timeout);
+        assert!(current.is_empty() && seen.is_empty());
+        let current = current_joins(&mut seen, &joining, t0 + Duration::from_secs(40), timeout);
+        assert_eq!(current.len(), 2);
+    }
 }

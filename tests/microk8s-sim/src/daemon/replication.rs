@@ -13,7 +13,6 @@ use std::time::Instant;
 use super::Daemon;
 use crate::http;
 use crate::model::{Role, View};
-use crate::now_ms;
 
 impl Daemon {
     /// The other nodes of `view` with an address: (name, agent address, is a worker).
@@ -152,11 +151,9 @@ impl Daemon {
                 return;
             }
             let mut changed = st.view.rebalance(&alive);
-            let timeout = self.inflight_timeout();
+            let current = self.inflight_current(&st.view);
             let before = st.view.joining.len();
-            st.view
-                .joining
-                .retain(|j| now_ms().saturating_sub(j.since_ms) <= timeout);
+            st.view.joining.retain(current);
             if st.view.joining.len() != before {
                 st.view.version += 1;
                 changed = true;
