@@ -303,13 +303,13 @@ async fn agents_table(cluster: &Cluster) -> String {
     };
     let (docs, errors) = fetch_docs(&client, cluster).await;
     let mut out = format!(
-        "{:<8} {:<15} {:<10} {:<14} {:<8} {}\n",
-        "NODE", "ADDRESS", "PHASE", "ROLE", "VOTERS", "MICROK8S"
+        "{:<8} {:<15} {:<10} {:<14} {:<8} {:<9} {}\n",
+        "NODE", "ADDRESS", "PHASE", "ROLE", "VOTERS", "API-ADDR", "MICROK8S"
     );
     for name in cluster.node_names() {
         match docs.get(&name) {
             Some(d) => out.push_str(&format!(
-                "{:<8} {:<15} {:<10} {:<14} {:<8} {}\n",
+                "{:<8} {:<15} {:<10} {:<14} {:<8} {:<9} {}\n",
                 name,
                 crate::status::terminal_safe(d.address.as_deref().unwrap_or("-")),
                 crate::status::terminal_safe(&d.phase),
@@ -318,6 +318,7 @@ async fn agents_table(cluster: &Cluster) -> String {
                     .as_ref()
                     .map(|m| m.voters.len().to_string())
                     .unwrap_or_else(|| "-".into()),
+                api_address_word(d),
                 microk8s_words(d)
             )),
             None => out.push_str(&format!(
@@ -333,6 +334,16 @@ async fn agents_table(cluster: &Cluster) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The `API-ADDR` column: `holds` where the node carries the floating API address now,
+/// `standby` on a node that may take it over (or cannot: its state says why), `-` without one.
+fn api_address_word(d: &StatusDoc) -> &'static str {
+    match &d.api_address {
+        None => "-",
+        Some(a) if a.held_here => "holds",
+        Some(_) => "standby",
+    }
 }
 
 fn microk8s_words(d: &StatusDoc) -> String {
@@ -766,6 +777,25 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_api_address_column_names_the_holder() {
+        use rackseed_protocol::status::ApiAddressView;
+        let mut d = doc("member", &[]);
+        assert_eq!(api_address_word(&d), "-");
+        let view = |held_here| ApiAddressView {
+            address: Some("192.168.76.100".into()),
+            held_here,
+            state: String::new(),
+            peers: Vec::new(),
+            problem: None,
+            in_certificate: true,
+        };
+        d.api_address = Some(view(false));
+        assert_eq!(api_address_word(&d), "standby");
+        d.api_address = Some(view(true));
+        assert_eq!(api_address_word(&d), "holds");
     }
 
     #[test]

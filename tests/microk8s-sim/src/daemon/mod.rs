@@ -244,10 +244,7 @@ impl Daemon {
     /// Whether an in-flight join is still current, as this node measures it (see
     /// [`current_joins`]). Lock order: state before `inflight_seen`.
     fn inflight_current(&self, view: &View) -> impl Fn(&crate::model::InFlight) -> bool {
-        let mut seen = self
-            .inflight_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.inflight_seen.lock().unwrap_or_else(|p| p.into_inner());
         let current = current_joins(
             &mut seen,
             &view.joining,
