@@ -34,7 +34,8 @@ pub struct Victim {
     pub coordinator: Option<(SocketAddr, String)>,
 }
 
-/// What a kill did: when the node died (the drill measures from there), in words.
+/// What a kill did: when it began (the drill measures from there: the node may stop serving
+/// at once, and others may take over before a slow kill returns), in words.
 #[derive(Debug, Clone)]
 pub struct Killed {
     pub at: Instant,
@@ -78,12 +79,13 @@ impl Killer for QemuKiller {
     fn kill<'a>(&'a self, _v: &'a Victim) -> KillFuture<'a> {
         Box::pin(async move {
             let mut cluster = qemu::Cluster::open(&self.dir)?;
+            let began = Instant::now();
             let was_running = cluster.kill(&self.vm).await?;
             if !was_running {
                 bail!("VM {} was not running", self.vm);
             }
             Ok(Killed {
-                at: Instant::now(),
+                at: began,
                 detail: format!("VM {} hard-killed (QMP quit / SIGKILL)", self.vm),
             })
         })
@@ -181,6 +183,10 @@ impl Killer for CommandKiller {
     fn kill<'a>(&'a self, v: &'a Victim) -> KillFuture<'a> {
         Box::pin(async move {
             let addr = v.address.map(|a| a.to_string()).unwrap_or_default();
+            // The node may stop serving as soon as the program starts (and others may take
+            // over while it still runs): the recovery is timed from the start, and the report
+            // says how long the program took.
+            let began = Instant::now();
             Cmd::new(&self.program, Duration::from_secs(60))
                 .arg(&v.node_id)
                 .arg(&addr)
@@ -190,9 +196,63 @@ impl Killer for CommandKiller {
                     format!("killing node {} with {}", v.node_id, self.program.display())
                 })?;
             Ok(Killed {
-                at: Instant::now(),
-                detail: format!("`{} {} {addr}` exited 0", self.program.display(), v.node_id),
+                at: began,
+                detail: format!(
+                    "`{} {} {addr}` exited 0 after {:.1} s (times are counted from its start)",
+                    self.program.display(),
+                    v.node_id,
+                    began.elapsed().as_secs_f64()
+                ),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A kill program that takes a while (a node's processes killed one by one, then its
+    /// addresses): the node stops serving when the program starts, and another node may have
+    /// taken over before it returns, so the drill's clock starts with the program, not after.
+    #[tokio::test]
+    async fn a_slow_kill_program_is_timed_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("kill-node");
+        std::fs::write(
+            &program,
+            "#!/bin/sh\nsleep 1.5\necho \"$1 $2\" > \"$0.log\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = Victim {
+            node_id: "n1".into(),
+            hostname: "node-1".into(),
+            address: Some("10.231.0.2".parse().unwrap()),
+            coordinator: None,
+        };
+        let before = Instant::now();
+        let killed = CommandKiller {
+            program: program.clone(),
+        }
+        .kill(&victim)
+        .await
+        .unwrap();
+        let returned = Instant::now();
+        assert!(returned.duration_since(before) >= Duration::from_millis(1500));
+        assert!(
+            killed.at.duration_since(before) < Duration::from_millis(500),
+            "timed from the start of the program, not its end"
+        );
+        assert!(
+            killed.detail.contains("exited 0 after"),
+            "{}",
+            killed.detail
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("kill-node.log")).unwrap(),
+            "n1 10.231.0.2\n"
+        );
     }
 }
