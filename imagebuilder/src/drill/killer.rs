@@ -233,12 +233,7 @@ mod tests {
             coordinator: None,
         };
         let before = Instant::now();
-        let killed = CommandKiller {
-            program: program.clone(),
-        }
-        .kill(&victim)
-        .await
-        .unwrap();
+        let killed = CommandKiller { program }.kill(&victim).await.unwrap();
         let returned = Instant::now();
         assert!(returned.duration_since(before) >= Duration::from_millis(1500));
         assert!(
