@@ -46,7 +46,7 @@ use rackseed_config::Target;
 /// The version of what this module does to a bootstrapped tree besides debootstrap (the
 /// stages' preparation, [`super::server`]'s defaults). Part of the cache key: raise it with
 /// every change to that code, so no cache holds a tree made the old way.
-pub const TREE_VERSION: u32 = 3;
+pub const TREE_VERSION: u32 = 4;
 
 /// What to bootstrap, after defaults are filled in. Everything serialised is part of the
 /// cache key.
@@ -358,6 +358,11 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
     );
     if !spec.foreign {
         prepare_second_stage(&root)?;
+        let kept = trim_package_lists(&root)?;
+        tracing::debug!("bootstrap: package lists trimmed to the {kept} downloaded packages");
+        if spec.packages.iter().any(|p| p == "openssh-server") {
+            placeholder_ssh_host_keys(&root)?;
+        }
         if super::initramfs::applies_to(&spec.arch) {
             super::initramfs::write(&root)?;
         }
@@ -373,6 +378,12 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
         let second = Tool::new("chroot")
             .arg(&root)
             .args(["/debootstrap/debootstrap", "--second-stage"])
+            // The kernel's postinst hook makes no initramfs (initramfs-tools'
+            // `/etc/kernel/postinst.d/initramfs-tools` exits on `INITRD=No`), and so neither
+            // does initramfs-tools' trigger at the end (`update-initramfs -u` updates existing
+            // ones only): it is built once below, with every package's hooks in place, instead
+            // of twice (115-130 s each under emulation).
+            .env("INITRD", "No")
             // Under emulation every maintainer script runs through qemu-user.
             .timeout(Duration::from_secs(if native { 1800 } else { 5400 }))
             .run()
@@ -397,7 +408,10 @@ pub async fn ensure_tarball(spec: &BootstrapSpec, cache: &Path) -> Result<PathBu
             spec.arch,
             started.elapsed()
         );
-        // Downloaded packages are not part of the system.
+        build_initramfs(&root, native).await?;
+        // Downloaded packages and the mirror's package lists (trimmed above; stale on a
+        // node, where `apt update` fetches them) are not part of the system.
+        remove_package_lists(&root)?;
         if let Ok(rd) = std::fs::read_dir(root.join("var/cache/apt/archives")) {
             for e in rd.flatten() {
                 if e.path().extension().is_some_and(|x| x == "deb") {
@@ -475,6 +489,117 @@ pub fn prepare_second_stage(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Between debootstrap's stages: cuts the mirror's package lists in the tree
+/// (`var/lib/apt/lists/*_Packages`, ~50 MB for bookworm's main) down to the stanzas of the
+/// packages the first stage downloaded (`debootstrap/debpaths`). Returns how many stanzas
+/// were kept.
+///
+/// Why: the second stage resolves each pre-dependency's dependencies with debootstrap's
+/// `resolve_deps`, which runs its Perl `pkgdetails` over the whole list a few times per
+/// pre-dependency (debootstrap's `functions`); under emulation each pass takes about 5 s and
+/// a cold arm64 bootstrap spent ~3 minutes there. The result is the same: the second stage can
+/// only install the downloaded packages (`debfor` looks them up in `debpaths`), so stanzas of
+/// other packages never change what it does.
+pub fn trim_package_lists(root: &Path) -> Result<usize> {
+    let debpaths = root.join("debootstrap/debpaths");
+    let listed = std::fs::read_to_string(&debpaths)
+        .with_context(|| format!("reading {}", debpaths.display()))?;
+    let wanted: std::collections::HashSet<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let lists = root.join("var/lib/apt/lists");
+    let mut kept = 0;
+    for e in std::fs::read_dir(&lists).with_context(|| format!("reading {}", lists.display()))? {
+        let path = e?.path();
+        if !path.to_string_lossy().ends_with("_Packages") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let (trimmed, n) = stanzas_of(&text, &wanted);
+        kept += n;
+        let tmp = path.with_extension("rackseed-trim");
+        std::fs::write(&tmp, trimmed).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    }
+    Ok(kept)
+}
+
+/// The stanzas of a `Packages` list whose `Package:` is in `wanted`, and how many.
+fn stanzas_of(text: &str, wanted: &std::collections::HashSet<&str>) -> (String, usize) {
+    let mut out = String::new();
+    let mut n = 0;
+    for stanza in text.split("\n\n") {
+        let stanza = stanza.trim_matches('\n');
+        let name = stanza
+            .lines()
+            .find_map(|l| l.strip_prefix("Package:"))
+            .map(str::trim);
+        if name.is_some_and(|p| wanted.contains(p)) {
+            out.push_str(stanza);
+            out.push_str("\n\n");
+            n += 1;
+        }
+    }
+    (out, n)
+}
+
+/// Builds the initramfs of every kernel in the tree (`update-initramfs -c -k <version>`, in
+/// the chroot), which the second stage was told not to ([`ensure_tarball`]), then points
+/// `/initrd.img` at it as the kernel's postinst would have (`linux-update-symlinks`, which
+/// links only an initramfs that exists). Nothing to do in a tree without a kernel.
+async fn build_initramfs(root: &Path, native: bool) -> Result<()> {
+    let mut versions: Vec<String> = std::fs::read_dir(root.join("boot"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("vmlinuz-").map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    for v in &versions {
+        Tool::new("chroot")
+            .arg(root)
+            .args(["update-initramfs", "-c", "-k", v])
+            .timeout(Duration::from_secs(if native { 600 } else { 1800 }))
+            .run()
+            .await
+            .with_context(|| format!("building the initramfs of {v} in the bootstrapped tree"))?;
+        if root.join("usr/bin/linux-update-symlinks").exists() {
+            Tool::new("chroot")
+                .arg(root)
+                .args(["linux-update-symlinks", "install", v])
+                .arg(format!("/boot/vmlinuz-{v}"))
+                .timeout(Duration::from_secs(120))
+                .run()
+                .await
+                .with_context(|| format!("linking /initrd.img to {v}'s initramfs"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the mirror's package lists from the tree (`var/lib/apt/lists`, but its `partial`
+/// folder and lock, which apt expects): a node fetches current ones with `apt update`, as on
+/// Ubuntu's cloud images.
+pub fn remove_package_lists(root: &Path) -> Result<()> {
+    let lists = root.join("var/lib/apt/lists");
+    let Ok(rd) = std::fs::read_dir(&lists) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_type()?.is_file() && e.file_name() != "lock" {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites the packages the first stage downloaded (`var/cache/apt/archives/*.deb`) with
 /// uncompressed data ([`super::deb`]), two at a time, so the emulated dpkg of the second stage
 /// does not decompress them. Returns how many were rewritten.
@@ -532,6 +657,28 @@ fn prune(dir: &Path, keep: Option<&str>) -> Result<()> {
         } else if keep.is_none_or(|k| e.file_name() != k) {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
+    }
+    Ok(())
+}
+
+/// The host keys openssh-server's postinst makes when absent ([`placeholder_ssh_host_keys`]).
+const SSH_HOST_KEYS: &[&str] = &[
+    "ssh_host_rsa_key",
+    "ssh_host_dsa_key",
+    "ssh_host_ecdsa_key",
+    "ssh_host_ed25519_key",
+];
+
+/// Between debootstrap's stages: empty files where openssh-server's postinst would make host
+/// keys (it makes only missing ones: `create_key` in bookworm's `openssh-server.postinst`), so
+/// the second stage does not generate keys (an RSA key takes seconds under emulation) that
+/// [`remove_ssh_host_keys`] deletes anyway: every node makes its own at first boot.
+pub fn placeholder_ssh_host_keys(root: &Path) -> Result<()> {
+    let dir = root.join("etc/ssh");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for k in SSH_HOST_KEYS {
+        let p = dir.join(k);
+        std::fs::write(&p, b"").with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -808,6 +955,88 @@ mod tests {
             let (k, v) = l.split_once('=').unwrap();
             assert!(matches!(k, "path-exclude" | "path-include") && v.starts_with("/usr/share/"));
         }
+    }
+
+    #[test]
+    fn package_lists_keep_only_the_downloaded_packages_stanzas() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("debootstrap")).unwrap();
+        std::fs::write(
+            d.path().join("debootstrap/debpaths"),
+            "libc6 /var/cache/apt/archives/libc6_2.36_arm64.deb\n\
+             systemd /var/cache/apt/archives/systemd_252_arm64.deb\n",
+        )
+        .unwrap();
+        let lists = d.path().join("var/lib/apt/lists");
+        std::fs::create_dir_all(lists.join("partial")).unwrap();
+        let packages = lists.join("mirror_dists_bookworm_main_binary-arm64_Packages");
+        // The last stanza has no blank line after it; a name that only prefixes a wanted one
+        // (libc6-dev) and a field that merely mentions one (Depends: systemd) do not count.
+        std::fs::write(
+            &packages,
+            "Package: libc6\nVersion: 2.36\nDepends: libgcc-s1\n\n\
+             Package: libc6-dev\nVersion: 2.36\n\n\
+             Package: other\nDepends: systemd\n\n\
+             Package: systemd\nVersion: 252\nDescription: system\n and service manager\n",
+        )
+        .unwrap();
+        let release = lists.join("mirror_dists_bookworm_Release");
+        std::fs::write(&release, "Package: other\n").unwrap();
+        assert_eq!(trim_package_lists(d.path()).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&packages).unwrap(),
+            "Package: libc6\nVersion: 2.36\nDepends: libgcc-s1\n\n\
+             Package: systemd\nVersion: 252\nDescription: system\n and service manager\n\n"
+        );
+        // Other lists are left alone; no temporary file is left behind.
+        assert_eq!(
+            std::fs::read_to_string(&release).unwrap(),
+            "Package: other\n"
+        );
+        let mut names: Vec<_> = std::fs::read_dir(&lists)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "mirror_dists_bookworm_Release",
+                "mirror_dists_bookworm_main_binary-arm64_Packages",
+                "partial"
+            ]
+        );
+        // After the second stage the lists go, apt's partial folder and lock stay.
+        std::fs::write(lists.join("lock"), "").unwrap();
+        remove_package_lists(d.path()).unwrap();
+        names = std::fs::read_dir(&lists)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["lock", "partial"]);
+        // Without debootstrap's list of downloads there is nothing to trim by: a clear error.
+        let e = trim_package_lists(&d.path().join("none")).unwrap_err();
+        assert!(format!("{e:#}").contains("debpaths"), "{e:#}");
+    }
+
+    #[test]
+    fn placeholder_host_keys_stop_keygen_and_leave_with_the_keys() {
+        let d = tempfile::tempdir().unwrap();
+        placeholder_ssh_host_keys(d.path()).unwrap();
+        for k in SSH_HOST_KEYS {
+            let p = d.path().join("etc/ssh").join(k);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "{}", p.display());
+        }
+        // openssh-server's postinst adds the .pub only when it generates; placeholders have none.
+        assert_eq!(
+            remove_ssh_host_keys(d.path()).unwrap().len(),
+            SSH_HOST_KEYS.len()
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("etc/ssh")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
