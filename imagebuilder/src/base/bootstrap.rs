@@ -957,6 +957,16 @@ mod tests {
         }
     }
 
+    /// The names in `dir`, sorted.
+    fn sorted_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn package_lists_keep_only_the_downloaded_packages_stanzas() {
         let d = tempfile::tempdir().unwrap();
@@ -993,13 +1003,8 @@ mod tests {
             std::fs::read_to_string(&release).unwrap(),
             "Package: other\n"
         );
-        let mut names: Vec<_> = std::fs::read_dir(&lists)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            sorted_names(&lists),
             [
                 "mirror_dists_bookworm_Release",
                 "mirror_dists_bookworm_main_binary-arm64_Packages",
@@ -1009,12 +1014,7 @@ mod tests {
         // After the second stage the lists go, apt's partial folder and lock stay.
         std::fs::write(lists.join("lock"), "").unwrap();
         remove_package_lists(d.path()).unwrap();
-        names = std::fs::read_dir(&lists)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["lock", "partial"]);
+        assert_eq!(sorted_names(&lists), ["lock", "partial"]);
         // Without debootstrap's list of downloads there is nothing to trim by: a clear error.
         let e = trim_package_lists(&d.path().join("none")).unwrap_err();
         assert!(format!("{e:#}").contains("debpaths"), "{e:#}");
@@ -1062,12 +1062,7 @@ mod tests {
                 "ssh_host_rsa_key"
             ]
         );
-        let mut left: Vec<_> = std::fs::read_dir(&ssh)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["moduli", "sshd_config"]);
+        assert_eq!(sorted_names(&ssh), ["moduli", "sshd_config"]);
         assert!(remove_ssh_host_keys(&d.path().join("none"))
             .unwrap()
             .is_empty());
