@@ -542,7 +542,10 @@ impl Sim {
             return;
         }
         let root = self.root[i];
-        let cp = root == i || self.cp_nodes.get(&root).is_some_and(|s| s.contains(&i));
+        // The cluster's seed is a control-plane node unless it was removed (it may have joined
+        // its own cluster again since, as a worker).
+        let seed_here = root == i && !self.roots_removed.contains(&i);
+        let cp = seed_here || self.cp_nodes.get(&root).is_some_and(|s| s.contains(&i));
         let again = self.converting.contains(&i);
         if (!self.joined.contains(&i) && !again) || cp {
             self.violations.push(format!(
@@ -1151,7 +1154,19 @@ impl Sim {
             .count();
         let ha_possible = may_cp >= (self.sc.control_plane as usize).min(3);
         let addons_ok = !self.sc.addons || !ha_possible || self.addons_completed >= 1;
-        all_members && one_root && addons_ok
+        // Every live voter holds the newest chosen record (or a newer one), also one that was
+        // off or lost the Accept while it was chosen and saw no change since.
+        let voters_hold_latest = self.chosen.iter().next_back().is_none_or(|(b, r)| {
+            r.electorate.iter().all(|id| {
+                let k = self.index[id];
+                self.dead.contains(&k)
+                    || self.nodes[k]
+                        .as_ref()
+                        .and_then(|n| n.persisted().known.as_ref())
+                        .is_some_and(|known| known.ballot >= *b)
+            })
+        });
+        all_members && one_root && addons_ok && voters_hold_latest
     }
 
     /// After permanent losses: the newest chosen record holds no dead member, every removal
@@ -1481,4 +1496,81 @@ fn thirty_nodes_join_six_workers_at_once() {
     assert!(violations.is_empty(), "{violations:?}\n{}", describe(&sim));
     assert!(converged, "not converged by tick {t}\n{}", describe(&sim));
     assert_eq!(sim.max_parallel, 6, "most joins at once");
+}
+
+// Scenarios the property tests once failed on (also in the regressions file; named here so
+// that they replay even if the strategies change).
+
+/// The authority's catch-up sends no copy of the record to a node that waits to join again.
+#[test]
+fn replay_a_node_waiting_to_join_again_gets_no_copy_of_the_record() {
+    let sc = Scenario {
+        n: 9,
+        control_plane: 5,
+        seed: 3478359695051775725,
+        loss: 151,
+        dup: 34,
+        max_delay: 1,
+        partitions: false,
+        crashes: true,
+        late: false,
+        priorities: false,
+        pins: false,
+        join_fail: 28,
+        addons: true,
+        parallel: 7,
+        losses: 2,
+        returns: true,
+    };
+    check(sc).unwrap();
+}
+
+/// A voter behind a record another member's round chose, and promised to a higher ballot,
+/// is brought the record by the authority's round.
+#[test]
+fn replay_a_voter_behind_another_proposers_record_catches_up() {
+    let sc = Scenario {
+        n: 5,
+        control_plane: 3,
+        seed: 9722319072812629085,
+        loss: 160,
+        dup: 28,
+        max_delay: 2,
+        partitions: true,
+        crashes: false,
+        late: false,
+        priorities: false,
+        pins: true,
+        join_fail: 0,
+        addons: true,
+        parallel: 1,
+        losses: 0,
+        returns: false,
+    };
+    check(sc).unwrap();
+}
+
+/// The removed seed, back and joined again as a worker, is converted (the simulator counted
+/// it a control-plane node because it is its cluster's root).
+#[test]
+fn replay_a_removed_seed_back_as_a_worker_is_converted() {
+    let sc = Scenario {
+        n: 8,
+        control_plane: 3,
+        seed: 6947697373806414358,
+        loss: 26,
+        dup: 63,
+        max_delay: 4,
+        partitions: false,
+        crashes: false,
+        late: true,
+        priorities: true,
+        pins: false,
+        join_fail: 146,
+        addons: false,
+        parallel: 8,
+        losses: 2,
+        returns: true,
+    };
+    check(sc).unwrap();
 }

@@ -1364,6 +1364,120 @@ fn healing_params(cp: u8, expected: u32) -> FormationParams {
     p
 }
 
+/// 3 control-plane members (a, b, c) and a 4th machine; c is switched off, d joins (its
+/// record chosen by a and b) and stays; returns the 4-member record chosen while c was away.
+fn member_off_while_a_join_was_recorded() -> (Net, rackseed_formation::Record) {
+    let mut net = Net::new(&[("a", 3), ("b", 2), ("c", 1), ("d", 0)], params(3, 3));
+    for n in ["a", "b", "c"] {
+        net.boot(n);
+    }
+    net.run_until_members(2000);
+    net.crash("c");
+    net.steps(5);
+    net.boot("d");
+    for _ in 0..400 {
+        if matches!(net.phase("d"), Phase::Member { .. }) {
+            break;
+        }
+        net.step();
+    }
+    assert!(
+        matches!(net.phase("d"), Phase::Member { .. }),
+        "{:?}",
+        net.phase("d")
+    );
+    net.steps(20);
+    let four = newest_chosen(&net);
+    assert_eq!(four.members.len(), 4);
+    (net, four)
+}
+
+/// Ticks until `n` holds a record with `members` members (at most `limit`).
+fn ticks_until_known_members(net: &mut Net, n: &str, members: usize, limit: u64) -> Option<u64> {
+    for t in 0..limit {
+        let known = net.nodes[&id(n)].persisted().known.as_ref();
+        if known.is_some_and(|k| k.record.members.len() == members) {
+            return Some(t);
+        }
+        net.step();
+    }
+    None
+}
+
+#[test]
+fn a_control_plane_member_down_while_a_record_was_chosen_learns_it_when_back() {
+    // c comes back holding the 3-member record. Nothing changes in the cluster after that, so
+    // as a mere acceptor it would hold the old record (and show "3 members known") until the
+    // next change: the authority sends it the chosen record again.
+    let (mut net, four) = member_off_while_a_join_was_recorded();
+    let before = net.prepares.len();
+    net.boot("c");
+    let took = ticks_until_known_members(&mut net, "c", 4, 30);
+    assert!(
+        took.is_some(),
+        "the restarted member still holds {:?} 30 ticks after its boot",
+        net.nodes[&id("c")]
+            .persisted()
+            .known
+            .as_ref()
+            .map(|k| k.record.members.len())
+    );
+    let known = net.nodes[&id("c")]
+        .persisted()
+        .known
+        .clone()
+        .expect("known");
+    assert_eq!(known.record.members, four.members);
+    // The authority's copy, not a round of its own: no Prepare from a.
+    assert!(
+        !net.prepares[before..]
+            .iter()
+            .any(|(from, _, _)| *from == id("a")),
+        "the authority ran a round to bring c the record: {:?}",
+        &net.prepares[before..]
+    );
+}
+
+#[test]
+fn a_member_that_promised_a_higher_ballot_gets_the_record_from_a_round_of_the_authority() {
+    // As above, but c promised a ballot above the chosen record's (a proposer's Prepare that
+    // went nowhere) before the authority's copy arrives: c refuses the copy, and the
+    // authority's next round, above that promise, brings it the record.
+    let (mut net, four) = member_off_while_a_join_was_recorded();
+    net.boot("c");
+    let high = Ballot {
+        n: 1000,
+        node: id("b"),
+    };
+    net.queue.push_front((
+        id("c"),
+        Event::Message {
+            from: id("b"),
+            msg: Message::Prepare {
+                ballot: high.clone(),
+            },
+        },
+    ));
+    let took = ticks_until_known_members(&mut net, "c", 4, 40);
+    assert!(took.is_some(), "c never learned the 4-member record");
+    let known = net.nodes[&id("c")]
+        .persisted()
+        .known
+        .clone()
+        .expect("known");
+    assert_eq!(known.record.members, four.members);
+    assert!(
+        known.ballot > high,
+        "learned at {} (promised {high})",
+        known.ballot
+    );
+    assert_eq!(
+        known.ballot.node,
+        id("a"),
+        "brought by the authority's round"
+    );
+}
+
 /// The newest record any live node saw chosen.
 fn newest_chosen(net: &Net) -> rackseed_formation::Record {
     net.nodes

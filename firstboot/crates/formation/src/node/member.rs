@@ -54,6 +54,7 @@ impl Node {
             self.drive_removals(now, out);
             self.drive_conversion(now, out);
             self.drive_removed_peers(now, out);
+            self.drive_catch_up(now, out);
         }
         if !self.can_propose(now) {
             return;
@@ -61,6 +62,10 @@ impl Node {
         if let Some(op) = self.member_op(now, role) {
             if op == Op::Refresh {
                 self.next_refresh = now + self.params.retry_interval;
+            }
+            if self.is_authority() {
+                // Every round of the authority goes to the whole electorate.
+                self.catch_up_round = false;
             }
             self.start_round(now, op, out);
         }

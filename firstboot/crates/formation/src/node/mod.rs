@@ -205,6 +205,17 @@ pub struct Node {
     /// Told that the record removed me: learn the record by a round of my own.
     check_removal: bool,
     next_refresh: Duration,
+    /// When `st.chosen` last changed (or this process started): announcements lag a round.
+    chosen_since: Duration,
+    /// Authority: when each electorate member that announced an older record was last sent
+    /// the chosen one again (`authority.rs`, catch-up).
+    catch_up_sent: BTreeMap<NodeId, Duration>,
+    /// Authority: each member of the electorate announcing another record than the newest I
+    /// know, with the ballot it announces and since when it announces that one.
+    lagging: BTreeMap<NodeId, (Option<Ballot>, Duration)>,
+    /// Authority: a member stays behind the record (it refused my copy, or the newest record
+    /// was another proposer's), so a round of mine must bring it the record.
+    catch_up_round: bool,
     prepare_at: Option<Duration>,
     addons_issued: bool,
     last_error: Option<String>,
@@ -264,6 +275,10 @@ impl Node {
             removed_told: BTreeMap::new(),
             check_removal: false,
             next_refresh: now,
+            chosen_since: now,
+            catch_up_sent: BTreeMap::new(),
+            lagging: BTreeMap::new(),
+            catch_up_round: false,
             prepare_at: None,
             addons_issued: false,
             last_error: None,

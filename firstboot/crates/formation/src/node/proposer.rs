@@ -388,6 +388,7 @@ impl Node {
         );
         self.learn(&acc);
         self.st.chosen = Some(acc.clone());
+        self.chosen_since = now;
         self.round_done(now, round.op, acc.record, out);
     }
 
@@ -397,6 +398,12 @@ impl Node {
         if self.round.as_ref().is_some_and(|r| r.ballot == ballot) {
             self.round = None;
             self.backoff_until = now + self.backoff();
+            self.dirty = true;
+        } else if self.is_authority() && self.st.chosen.as_ref().is_some_and(|c| c.ballot == ballot)
+        {
+            // A member refused the catch-up copy of my chosen record's Accept: it promised a
+            // higher ballot, so only a round of mine above it brings it the record.
+            self.catch_up_round = true;
             self.dirty = true;
         }
     }
