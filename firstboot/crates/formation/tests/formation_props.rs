@@ -547,7 +547,10 @@ impl Sim {
         let seed_here = root == i && !self.roots_removed.contains(&i);
         let cp = seed_here || self.cp_nodes.get(&root).is_some_and(|s| s.contains(&i));
         let again = self.converting.contains(&i);
-        if (!self.joined.contains(&i) && !again) || cp {
+        // A converted worker that crashed before it saw its leave's result leaves again: a
+        // standalone node counts as having left (the driver's contract), nothing changes.
+        let repeat = again && !self.joined.contains(&i) && root == i;
+        if !repeat && ((!self.joined.contains(&i) && !again) || cp) {
             self.violations.push(format!(
                 "node {i} leaves without being a worker member (joined: {}, control plane: {cp})",
                 self.joined.contains(&i)
@@ -616,8 +619,11 @@ impl Sim {
                 .push(format!("node {i} removes live node {j} at tick {t}"));
         }
         // A node back from being away joins again only after its removal is carried out: a
-        // removal after (or during) that join would cut the new membership.
-        if (self.rejoined.contains(&j) && !self.dead.contains(&j)) || self.joins.contains_key(&j) {
+        // removal after (or during) that join would cut the new membership. (Once joined
+        // again it may be converted like any worker: then it left, and its removal is the
+        // conversion's.)
+        let rejoined = self.rejoined.contains(&j) && !self.dead.contains(&j) && !left;
+        if rejoined || self.joins.contains_key(&j) {
             self.violations.push(format!(
                 "node {i} removes {j} after it joined again, or while it joins"
             ));
@@ -1569,6 +1575,56 @@ fn replay_a_removed_seed_back_as_a_worker_is_converted() {
         join_fail: 146,
         addons: false,
         parallel: 8,
+        losses: 2,
+        returns: true,
+    };
+    check(sc).unwrap();
+}
+
+/// A converted worker crashes before it sees its leave's result and leaves again (the
+/// simulator took the second leave for one of a control-plane node).
+#[test]
+fn replay_a_converted_worker_that_crashed_leaves_again() {
+    let sc = Scenario {
+        n: 6,
+        control_plane: 3,
+        seed: 8951837898327458545,
+        loss: 128,
+        dup: 0,
+        max_delay: 1,
+        partitions: false,
+        crashes: true,
+        late: true,
+        priorities: true,
+        pins: true,
+        join_fail: 0,
+        addons: false,
+        parallel: 1,
+        losses: 0,
+        returns: false,
+    };
+    check(sc).unwrap();
+}
+
+/// A node back from being away, joined again as a worker and converted: its removal is the
+/// conversion's (the simulator took it for a removal cutting its new membership).
+#[test]
+fn replay_a_returned_node_joined_again_is_converted() {
+    let sc = Scenario {
+        n: 9,
+        control_plane: 5,
+        seed: 9554214779079195709,
+        loss: 137,
+        dup: 22,
+        max_delay: 1,
+        partitions: true,
+        crashes: true,
+        late: true,
+        priorities: false,
+        pins: false,
+        join_fail: 122,
+        addons: true,
+        parallel: 1,
         losses: 2,
         returns: true,
     };
