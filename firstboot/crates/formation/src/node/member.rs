@@ -64,8 +64,11 @@ impl Node {
                 self.next_refresh = now + self.params.retry_interval;
             }
             if self.is_authority() {
-                // Every round of the authority goes to the whole electorate.
+                // Every round of the authority goes to the whole electorate: a member still
+                // behind after it gets the full wait again (no round after round while its
+                // announcement lags).
                 self.catch_up_round = false;
+                self.lagging.clear();
             }
             self.start_round(now, op, out);
         }
