@@ -185,9 +185,10 @@
 //! record it heard of names it authority or addon enabler or another cluster, or the
 //! authority is missing), so rounds do not duel and back off. A voter that missed a record
 //! (switched off, or its Accept lost, while the others chose it) is not left holding the old
-//! one until the next change: the proposer of the newest record sends it that round's Accept
-//! again once it announces an older ballot, a copy the network could have delivered late
-//! anyway (if the voter promised a higher ballot meanwhile, the authority runs a round).
+//! one until the next change: the slot authority sends its last round's Accept again to a
+//! voter that has not acknowledged it, a copy the network could have delivered late anyway;
+//! if the voter promised a higher ballot meanwhile, or the newest record was another member's
+//! round, the authority runs a round (`node/catch_up.rs`).
 //!
 //! A node acts (grants, confirms a member, enables addons, calls itself seed or authority)
 //! only on a record it saw *chosen*, i.e. at the end of its own completed round
@@ -313,10 +314,10 @@
 //! the electorate, its lost promise and accepted record let a read quorum that includes it
 //! miss the latest record when that record's other acceptors are all outside the read, e.g.
 //! chosen by {A, B, X} of five, read from {X, C, D}. The slot authority sends every round
-//! to the whole electorate, and the proposer of the newest record sends its Accept again to
-//! a voter that announces an older one (catch-up, `node/member.rs`; the property tests demand
-//! that every live voter ends up holding the newest chosen record), so in practice all live
-//! members hold the latest record, but nothing here proves it. Machine-id based ids make a re-flashed machine a new node, never
+//! to the whole electorate, and re-sends its Accept to a voter that has not acknowledged it
+//! (catch-up, `node/catch_up.rs`; the property tests demand that every live voter ends up
+//! holding the newest chosen record), so in practice all live members hold the latest record,
+//! but nothing here proves it. Machine-id based ids make a re-flashed machine a new node, never
 //! an amnesic acceptor);
 //! at most `E` nodes take part in the election (a node that sees any cluster announcement never
 //! proposes one; a re-imaged node has a new id and comes in as a late node); clock *rates*

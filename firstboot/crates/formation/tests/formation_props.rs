@@ -1630,3 +1630,28 @@ fn replay_a_returned_node_joined_again_is_converted() {
     };
     check(sc).unwrap();
 }
+
+/// The authority is behind a record another member's round chose, announced by voters that
+/// had acknowledged the authority's own last record: it runs a round to learn it.
+#[test]
+fn replay_an_authority_behind_another_members_record_catches_up() {
+    let sc = Scenario {
+        n: 7,
+        control_plane: 3,
+        seed: 292722568701629563,
+        loss: 4,
+        dup: 86,
+        max_delay: 4,
+        partitions: true,
+        crashes: true,
+        late: false,
+        priorities: true,
+        pins: true,
+        join_fail: 83,
+        addons: true,
+        parallel: 1,
+        losses: 0,
+        returns: false,
+    };
+    check(sc).unwrap();
+}

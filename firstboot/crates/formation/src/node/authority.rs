@@ -15,12 +15,11 @@
 //! order), an [`super::Op`] with its pure change in `record.rs`, and its follow-up in
 //! `Node::follow_up`.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{apply, rank, Node, Op};
 use crate::events::{Action, Message};
-use crate::types::{Ballot, ClusterId, NodeId, Phase, PhaseSummary, Record};
+use crate::types::{Ballot, ClusterId, NodeId, Phase, Record};
 use rackseed_config::Role;
 
 impl Node {
@@ -285,82 +284,9 @@ impl Node {
         if let Some(op) = self.addresses_op(rec) {
             return Some(op);
         }
-        // 6. a member of the electorate stays behind the record (`drive_catch_up`): any round
-        // of mine reaches it; with nothing else to do, a Refresh.
-        self.catch_up_round.then_some(Op::Refresh)
-    }
-
-    /// Catch-up: a member of the electorate that announces an older record than the newest I
-    /// know (it was switched off, or lost the Accept, while the others chose it) would hold it,
-    /// and show it in its status, until the next change. If my last round's record is newer
-    /// than what it announces, it is sent that round's Accept again: a copy of my own Accept,
-    /// as a duplicated or delayed one would be (the network may do either), so it changes
-    /// nothing Paxos relies on (it carries no piggybacked promise). Sent only while no round
-    /// of mine is in flight (its Accept goes to the whole electorate anyway), once the record
-    /// has stood for `retry_interval` (announcements lag a round), at most once per
-    /// `retry_interval` per member. If the member refuses the copy (it promised a higher
-    /// ballot), or still announces the same old ballot after `3 × retry_interval` (the newest
-    /// record was another proposer's), a round of mine brings it the record
-    /// (`catch_up_round`, the last of my duties); so does a member announcing a *newer*
-    /// record than I know for `retry_interval` (I was away while it was chosen). Only members of my cluster are sent copies:
-    /// a node waiting to join again acts on its own rounds.
-    pub(super) fn drive_catch_up(&mut self, now: Duration, out: &mut Vec<Action>) {
-        let interval = self.params.retry_interval;
-        let (Some(acc), Some(newest)) = (self.st.chosen.as_ref(), self.st.known.as_ref()) else {
-            return;
-        };
-        let voters: BTreeSet<&NodeId> = acc.record.quorum_sets().flatten().collect();
-        self.lagging.retain(|id, _| voters.contains(id));
-        let may_copy = self.round.is_none()
-            && acc.ballot.node == self.me
-            && now.saturating_sub(self.chosen_since) >= interval;
-        let mut copies = Vec::new();
-        for id in voters.into_iter().filter(|id| **id != self.me) {
-            let announced = self.peers.get(id).and_then(|p| {
-                let member_here = p.ann.phase == PhaseSummary::Member
-                    && p.ann.cluster.as_ref() == Some(&acc.record.cluster);
-                let ballot = p.ann.record_ballot.as_ref();
-                (member_here && ballot != Some(&newest.ballot)).then_some(ballot)
-            });
-            let Some(ballot) = announced else {
-                self.lagging.remove(id);
-                continue;
-            };
-            let since = match self.lagging.get(id) {
-                Some((b, t)) if b.as_ref() == ballot => *t,
-                _ => {
-                    self.lagging.insert(id.clone(), (ballot.cloned(), now));
-                    now
-                }
-            };
-            // It announces a newer record than I know (I was away while another proposer's
-            // round chose it): I am the one behind.
-            let ahead = ballot.is_some_and(|b| *b > newest.ballot);
-            let wait = if ahead { interval } else { interval * 3 };
-            if now.saturating_sub(since) >= wait {
-                self.catch_up_round = true;
-            }
-            let sent_lately = self
-                .catch_up_sent
-                .get(id)
-                .is_some_and(|t| now.saturating_sub(*t) < interval);
-            if !ahead && may_copy && !sent_lately && ballot.is_none_or(|b| *b < acc.ballot) {
-                copies.push(id.clone());
-            }
-        }
-        self.catch_up_sent
-            .retain(|id, _| self.lagging.contains_key(id));
-        for to in copies {
-            self.catch_up_sent.insert(to.clone(), now);
-            out.push(Action::Send {
-                to,
-                msg: Message::Accept {
-                    ballot: acc.ballot.clone(),
-                    record: acc.record.clone(),
-                    next: None,
-                },
-            });
-        }
+        // 6. a member of the electorate stays behind the record (`catch_up.rs`): any round of
+        // mine reaches it; with nothing else to do, a Refresh.
+        self.catch_up.round.then_some(Op::Refresh)
     }
 
     /// The round recording every join report kept: the Confirms, batched with the grants of

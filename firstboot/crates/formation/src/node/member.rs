@@ -55,6 +55,8 @@ impl Node {
             self.drive_conversion(now, out);
             self.drive_removed_peers(now, out);
             self.drive_catch_up(now, out);
+        } else {
+            self.catch_up = Default::default();
         }
         if !self.can_propose(now) {
             return;
@@ -64,11 +66,8 @@ impl Node {
                 self.next_refresh = now + self.params.retry_interval;
             }
             if self.is_authority() {
-                // Every round of the authority goes to the whole electorate: a member still
-                // behind after it gets the full wait again (no round after round while its
-                // announcement lags).
-                self.catch_up_round = false;
-                self.lagging.clear();
+                // Every round of the authority goes to the whole electorate.
+                self.catch_up.round_started();
             }
             self.start_round(now, op, out);
         }

@@ -14,6 +14,8 @@
 //! - `joiner.rs`: preparing, asking for the slot, joining, confirming;
 //! - `member.rs`: what a recorded member does (addons, Refresh, takeover);
 //! - `authority.rs`: the slot authority's requests, reports and rounds;
+//! - `catch_up.rs`: the authority brings members of the electorate that missed a record up to
+//!   date;
 //! - `healing.rs`: the authority's removals of dead members and electorate handovers;
 //! - `convert.rs`: a worker converted to a control-plane member (authority and worker side);
 //! - `removed.rs`: a node the record removed while it was away comes back, leaves and joins
@@ -27,6 +29,7 @@
 
 mod acceptor;
 mod authority;
+mod catch_up;
 mod convert;
 mod election;
 mod healing;
@@ -51,6 +54,7 @@ use crate::types::{
     Accepted, Ballot, ClusterId, FormationParams, NodeId, PersistedState, Phase, PhaseSummary,
     Record,
 };
+use catch_up::CatchUp;
 use proposer::{Prepared, Round};
 use rackseed_config::Role;
 
@@ -207,15 +211,8 @@ pub struct Node {
     next_refresh: Duration,
     /// When `st.chosen` last changed (or this process started): announcements lag a round.
     chosen_since: Duration,
-    /// Authority: when each electorate member that announced an older record was last sent
-    /// the chosen one again (`authority.rs`, catch-up).
-    catch_up_sent: BTreeMap<NodeId, Duration>,
-    /// Authority: each member of the electorate announcing another record than the newest I
-    /// know, with the ballot it announces and since when it announces that one.
-    lagging: BTreeMap<NodeId, (Option<Ballot>, Duration)>,
-    /// Authority: a member stays behind the record (it refused my copy, or the newest record
-    /// was another proposer's), so a round of mine must bring it the record.
-    catch_up_round: bool,
+    /// Authority: bringing members of the electorate that missed a record up to date.
+    catch_up: CatchUp,
     prepare_at: Option<Duration>,
     addons_issued: bool,
     last_error: Option<String>,
@@ -276,9 +273,7 @@ impl Node {
             check_removal: false,
             next_refresh: now,
             chosen_since: now,
-            catch_up_sent: BTreeMap::new(),
-            lagging: BTreeMap::new(),
-            catch_up_round: false,
+            catch_up: CatchUp::default(),
             prepare_at: None,
             addons_issued: false,
             last_error: None,
@@ -433,7 +428,7 @@ impl Node {
             // Refused because the acceptor promised my own later ballot (the piggybacked next
             // one): a stale repeat of a message it already answered, not competition.
             Message::Nack { promised, .. } if promised.node == self.me => self.ignored += 1,
-            Message::Nack { ballot, promised } => self.on_nack(now, ballot, promised),
+            Message::Nack { ballot, promised } => self.on_nack(now, from, ballot, promised),
             // authority
             Message::SlotRequest { req } => self.on_slot_request(now, from, req, out),
             Message::JoinReport {

@@ -335,6 +335,7 @@ impl Node {
         next: Option<Ballot>,
         out: &mut Vec<Action>,
     ) {
+        self.catch_up_accepted(&from, &ballot);
         // A late answer to my last completed round still counts as a promise for the next.
         if let (Some(p), Some(n)) = (self.prepared.as_mut(), next.as_ref()) {
             if p.base.ballot == ballot && p.next == *n {
@@ -365,6 +366,7 @@ impl Node {
         let Some(round) = self.round.take() else {
             return;
         };
+        let accepts = round.accepts.clone();
         let Some(record) = round.proposal else { return };
         let acc = Accepted {
             ballot: round.ballot,
@@ -389,22 +391,25 @@ impl Node {
         self.learn(&acc);
         self.st.chosen = Some(acc.clone());
         self.chosen_since = now;
+        self.catch_up.chosen(accepts);
         self.round_done(now, round.op, acc.record, out);
     }
 
     /// A refusal of my round at `ballot`: drop the round and back off.
-    pub(super) fn on_nack(&mut self, now: Duration, ballot: Ballot, promised: Ballot) {
+    pub(super) fn on_nack(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        ballot: Ballot,
+        promised: Ballot,
+    ) {
         self.st.max_ballot = self.st.max_ballot.max(promised.n);
         if self.round.as_ref().is_some_and(|r| r.ballot == ballot) {
             self.round = None;
             self.backoff_until = now + self.backoff();
             self.dirty = true;
-        } else if self.is_authority() && self.st.chosen.as_ref().is_some_and(|c| c.ballot == ballot)
-        {
-            // A member refused the catch-up copy of my chosen record's Accept: it promised a
-            // higher ballot, so only a round of mine above it brings it the record.
-            self.catch_up_round = true;
-            self.dirty = true;
+        } else {
+            self.catch_up_refused(&from, &ballot);
         }
     }
 
