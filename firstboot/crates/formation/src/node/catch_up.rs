@@ -10,16 +10,18 @@
 //!   own Accept, as a duplicated or delayed one would be (the network may do either), so it
 //!   changes nothing Paxos relies on: an acceptor that promised a higher ballot refuses it, one
 //!   that accepted it already answers again. The first copy goes once the record has stood for
-//!   `retry_interval`; the next ones with a doubling interval up to `peer_timeout` (a voter
-//!   that hears mDNS but not my messages costs one small message a while, never a round).
+//!   `retry_interval`; the next ones with a doubling interval up to twice `peer_timeout` (a
+//!   voter that hears mDNS but not my messages costs one small message a while, never a
+//!   round; one that was gone gets a copy as soon as it is seen again).
 //!   Acknowledgements, not announcements, decide who is behind: an announced record ballot
 //!   rides on the agent's heartbeat and may lag a change by tens of seconds.
 //! - **Rounds.** A round of mine reaches every voter above its promise, so I run one (a
 //!   Refresh, the last of my duties, `authority.rs`) when a voter refuses a copy (it promised a
 //!   higher ballot), when a voter announces a *newer* record than I know for `retry_interval`
 //!   (I was away while another member's round chose it), and when the newest record I know was
-//!   another member's round and a voter announces the same older ballot for `peer_timeout`
-//!   (longer than announcements can lag). Every round of mine restarts those waits.
+//!   another member's round and a voter announces the same older ballot for twice
+//!   `peer_timeout` (longer than announcements can lag). Every round of mine restarts those
+//!   waits; one that fails is retried.
 //!
 //! Only members of my cluster get copies: a node waiting to join again acts on its own rounds.
 
@@ -54,8 +56,8 @@ impl CatchUp {
     }
 
     /// A round of mine started: it goes to the whole electorate, so the waits start again.
+    /// `round` stays set until a round of mine chooses (`chosen`): one that fails is retried.
     pub(super) fn round_started(&mut self) {
-        self.round = false;
         self.behind.clear();
     }
 }
@@ -82,7 +84,10 @@ impl Node {
     /// decision to run a round of mine (see the module documentation).
     pub(super) fn drive_catch_up(&mut self, now: Duration, out: &mut Vec<Action>) {
         let interval = self.params.retry_interval;
-        let patience = self.params.peer_timeout;
+        // How long an announcement may lag: a changed record ballot goes out with the next
+        // heartbeat, or, if that multicast was lost, with the next periodic re-publish; both
+        // come well within `peer_timeout` each.
+        let patience = self.params.peer_timeout * 2;
         let (Some(acc), Some(newest)) = (self.st.chosen.as_ref(), self.st.known.as_ref()) else {
             return;
         };
@@ -113,6 +118,10 @@ impl Node {
                 *b != Some(&newest.ballot) && (ahead(b) || !(mine_newest && cu.acked.contains(id)))
             }) else {
                 cu.behind.remove(id);
+                if announced.is_none() {
+                    // Gone (or not a member here): back with a fresh copy at once.
+                    cu.sent.remove(id);
+                }
                 continue;
             };
             let since = match cu.behind.get(id) {
@@ -130,7 +139,9 @@ impl Node {
                 cu.round |= waited >= patience;
             } else {
                 let due = cu.sent.get(id).is_none_or(|(t, k)| {
-                    let wait = (interval * 2u32.pow((*k).min(16))).min(patience);
+                    let wait = interval
+                        .saturating_mul(2u32.pow((*k).min(16)))
+                        .min(patience);
                     now.saturating_sub(*t) >= wait
                 });
                 if may_copy && due {
