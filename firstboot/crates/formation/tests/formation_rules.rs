@@ -1397,6 +1397,26 @@ fn member_off_while_a_join_was_recorded() -> (Net, rackseed_formation::Record) {
     (net, four)
 }
 
+/// The newest record `n` learned (it must know one).
+fn known_of(net: &Net, n: &str) -> rackseed_formation::Accepted {
+    net.nodes[&id(n)]
+        .persisted()
+        .known
+        .clone()
+        .expect("a known record")
+}
+
+/// Runs `ticks` ticks in which no node may send a Prepare or an Accept (nothing changes).
+fn assert_quiet(net: &mut Net, ticks: u64) {
+    let sends = net.paxos_sends.len();
+    net.steps(ticks);
+    assert_eq!(
+        &net.paxos_sends[sends..],
+        &[],
+        "Paxos traffic in a cluster where nothing changes"
+    );
+}
+
 /// Ticks until `n` holds a record with `members` members (at most `limit`).
 fn ticks_until_known_members(net: &mut Net, n: &str, members: usize, limit: u64) -> Option<u64> {
     for t in 0..limit {
@@ -1427,11 +1447,7 @@ fn a_control_plane_member_down_while_a_record_was_chosen_learns_it_when_back() {
             .as_ref()
             .map(|k| k.record.members.len())
     );
-    let known = net.nodes[&id("c")]
-        .persisted()
-        .known
-        .clone()
-        .expect("known");
+    let known = known_of(&net, "c");
     assert_eq!(known.record.members, four.members);
     // The authority's copy, not a round of its own: no Prepare from a.
     assert!(
@@ -1443,13 +1459,7 @@ fn a_control_plane_member_down_while_a_record_was_chosen_learns_it_when_back() {
     );
     // Once c acknowledged it, all is quiet: no more copies, no rounds.
     net.steps(2);
-    let sends = net.paxos_sends.len();
-    net.steps(60);
-    assert_eq!(
-        &net.paxos_sends[sends..],
-        &[],
-        "Paxos traffic in a cluster where nothing changes"
-    );
+    assert_quiet(&mut net, 60);
 }
 
 #[test]
@@ -1474,11 +1484,7 @@ fn a_member_that_promised_a_higher_ballot_gets_the_record_from_a_round_of_the_au
     ));
     let took = ticks_until_known_members(&mut net, "c", 4, 40);
     assert!(took.is_some(), "c never learned the 4-member record");
-    let known = net.nodes[&id("c")]
-        .persisted()
-        .known
-        .clone()
-        .expect("known");
+    let known = known_of(&net, "c");
     assert_eq!(known.record.members, four.members);
     assert!(
         known.ballot > high,
@@ -1519,13 +1525,7 @@ fn a_formed_cluster_is_quiet_while_announcements_lag_its_record() {
     net.boot("f");
     net.run_until_members(3000);
     net.steps(40);
-    let sends = net.paxos_sends.len();
-    net.steps(200);
-    assert_eq!(
-        &net.paxos_sends[sends..],
-        &[],
-        "Paxos traffic in a formed cluster where nothing changes"
-    );
+    assert_quiet(&mut net, 200);
 }
 
 /// The newest record any live node saw chosen.
