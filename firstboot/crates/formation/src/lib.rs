@@ -393,5 +393,6 @@ pub use events::{Action, Event, JoinPoint, Message};
 pub use node::{Node, Op, Status};
 pub use types::{
     majority, Accepted, AcceptorState, Ballot, ClusterId, Conversion, FormationParams, NodeId,
-    NodeIdError, ParamsError, PersistedState, Phase, PhaseSummary, Record, Removal, Slot,
+    NodeIdError, ParamsError, PendingLeave, PersistedState, Phase, PhaseSummary, Record, Removal,
+    Slot,
 };

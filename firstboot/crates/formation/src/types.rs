@@ -476,6 +476,19 @@ pub struct PersistedState {
     /// This node ran `microk8s enable` successfully.
     #[serde(default)]
     pub addons_done: bool,
+    /// A `microk8s leave` this node started and has not seen the result of (a worker being
+    /// converted, or a node the record removed while it was away): after a crash it runs it
+    /// again (a standalone node counts as having left), so a leave that completed just before
+    /// the crash is never mistaken for a node still in its cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<PendingLeave>,
+}
+
+/// A `microk8s leave` in flight ([`PersistedState::leaving`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLeave {
+    pub cluster: ClusterId,
+    pub reason: String,
 }
 
 impl PersistedState {
@@ -493,6 +506,7 @@ impl PersistedState {
             boots: 0,
             addons_claimed: false,
             addons_done: false,
+            leaving: None,
         }
     }
 }

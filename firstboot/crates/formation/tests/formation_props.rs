@@ -1655,3 +1655,29 @@ fn replay_an_authority_behind_another_members_record_catches_up() {
     };
     check(sc).unwrap();
 }
+
+/// A converted worker's leave completed but it crashed before seeing the result: back, it
+/// leaves again (its intent was persisted) instead of staying a "worker" MicroK8s has
+/// standalone.
+#[test]
+fn replay_a_worker_that_crashed_during_its_leave_is_converted() {
+    let sc = Scenario {
+        n: 9,
+        control_plane: 3,
+        seed: 1545457183074014560,
+        loss: 141,
+        dup: 41,
+        max_delay: 1,
+        partitions: false,
+        crashes: true,
+        late: true,
+        priorities: false,
+        pins: true,
+        join_fail: 43,
+        addons: false,
+        parallel: 2,
+        losses: 0,
+        returns: false,
+    };
+    check(sc).unwrap();
+}

@@ -56,6 +56,10 @@ struct Net {
     ann_every: u64,
     /// Crash this node as soon as it becomes a member.
     crash_on_member: Option<NodeId>,
+    /// Crash a node right after it starts `microk8s leave`, before it sees the result (the
+    /// leave itself completes).
+    crash_on_leave: bool,
+    crash_after: Option<NodeId>,
     join_ticks: u64,
     /// Every join started: (node, worker, start tick, cluster).
     join_log: Vec<(NodeId, bool, u64, ClusterId)>,
@@ -91,6 +95,8 @@ impl Net {
             hide_join_points: false,
             ann_every: 1,
             crash_on_member: None,
+            crash_on_leave: false,
+            crash_after: None,
             join_ticks: 2,
             join_log: Vec::new(),
             join_spans: Vec::new(),
@@ -190,7 +196,11 @@ impl Net {
                 }
                 Action::Leave { .. } => {
                     self.leaves.push((from.clone(), self.t));
-                    self.queue.push_back((from.clone(), Event::Left(Ok(()))));
+                    if self.crash_on_leave {
+                        self.crash_after = Some(from.clone());
+                    } else {
+                        self.queue.push_back((from.clone(), Event::Left(Ok(()))));
+                    }
                 }
                 Action::RemoveNode {
                     node, ip, force, ..
@@ -229,6 +239,11 @@ impl Net {
             let member = matches!(node.phase(), Phase::Member { .. });
             let to = to.clone();
             self.run(&to, actions);
+            if self.crash_after.as_ref() == Some(&to) {
+                self.crash_after = None;
+                self.crash(to.as_str());
+                return;
+            }
             if member && self.crash_on_member.as_ref() == Some(&to) {
                 self.crash_on_member = None;
                 self.crash(to.as_str());
@@ -1893,6 +1908,73 @@ fn live_control_plane(net: &Net) -> BTreeSet<NodeId> {
         .filter(|(_, r)| *r == Role::ControlPlane)
         .map(|(n, _)| n)
         .collect()
+}
+
+#[test]
+fn a_worker_that_crashed_during_its_conversion_leave_leaves_again_and_becomes_control_plane() {
+    // The worker's `microk8s leave` completes, but the machine dies before the agent sees the
+    // result. Back, it must not take itself for a worker still in the cluster (MicroK8s has it
+    // standalone): it runs the leave again (a standalone node counts as left) and goes on.
+    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
+    let mut net = Net::new(&names, healing_params(3, 5));
+    for (n, _) in names {
+        net.boot(n);
+    }
+    net.run_until_members(300);
+    let rec = newest_chosen(&net);
+    let authority = rec.authority.clone();
+    let victim = rec
+        .control_plane_members()
+        .find(|n| **n != authority)
+        .cloned()
+        .expect("a voter that is not the authority");
+    net.crash_on_leave = true;
+    net.crash(victim.as_str());
+    for _ in 0..300 {
+        if !net.leaves.is_empty() {
+            break;
+        }
+        net.step();
+    }
+    assert_eq!(net.leaves.len(), 1, "one worker left to be converted");
+    let w = net.leaves[0].0.clone();
+    assert!(net.down[&w], "{w} crashed right after starting its leave");
+    assert!(
+        net.persisted[&w].leaving.is_some(),
+        "the leave's intent is persisted before it runs"
+    );
+    net.crash_on_leave = false;
+    net.steps(3);
+    net.boot(w.as_str());
+    assert_eq!(
+        net.leaves.iter().filter(|(n, _)| *n == w).count(),
+        2,
+        "{w} runs its leave again at boot"
+    );
+    for _ in 0..400 {
+        if matches!(
+            net.phase(w.as_str()),
+            Phase::Member {
+                role: Role::ControlPlane,
+                ..
+            }
+        ) {
+            break;
+        }
+        net.step();
+    }
+    assert!(
+        matches!(
+            net.phase(w.as_str()),
+            Phase::Member {
+                role: Role::ControlPlane,
+                ..
+            }
+        ),
+        "{w} is {:?}",
+        net.phase(w.as_str())
+    );
+    assert!(net.persisted[&w].leaving.is_none());
 }
 
 #[test]

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use super::{not_member, rank, Node, Op};
 use crate::events::{Action, Message};
-use crate::types::{ClusterId, NodeId, Phase, Record};
+use crate::types::{ClusterId, NodeId, PendingLeave, Phase, Record};
 use rackseed_config::Role;
 
 impl Node {
@@ -162,7 +162,23 @@ impl Node {
             self.ignored += 1;
             return;
         }
+        self.start_leave(cluster, reason, out);
+    }
+
+    /// Runs `microk8s leave` for `cluster`, its intent persisted first (after a crash it runs
+    /// again: [`crate::PersistedState::leaving`]).
+    pub(super) fn start_leave(
+        &mut self,
+        cluster: ClusterId,
+        reason: String,
+        out: &mut Vec<Action>,
+    ) {
         self.leaving = true;
+        self.st.leaving = Some(PendingLeave {
+            cluster: cluster.clone(),
+            reason: reason.clone(),
+        });
+        self.persist(out);
         out.push(Action::Leave { cluster, reason });
     }
 
@@ -171,6 +187,9 @@ impl Node {
     /// the authority's next request (or its next hint of the removal).
     pub(super) fn on_left(&mut self, res: Result<(), String>, out: &mut Vec<Action>) {
         self.leaving = false;
+        if self.st.leaving.take().is_some() {
+            self.persist(out);
+        }
         let cluster = match &self.st.phase {
             Phase::Member { cluster, .. } | Phase::Confirming { cluster, .. } => cluster.clone(),
             _ => {

@@ -282,6 +282,22 @@ impl Node {
             last_status: String::new(),
             dirty: false,
         };
+        // A leave started before a crash runs again (it may have completed unseen).
+        if let Some(l) = node.st.leaving.clone() {
+            if matches!(
+                node.st.phase,
+                Phase::Member { .. } | Phase::Confirming { .. }
+            ) {
+                node.leaving = true;
+                out.push(Action::Leave {
+                    cluster: l.cluster,
+                    reason: l.reason,
+                });
+            } else {
+                node.st.leaving = None;
+                node.persist(&mut out);
+            }
+        }
         node.drive(now, &mut out);
         coalesce_persists(&mut out);
         (node, out)

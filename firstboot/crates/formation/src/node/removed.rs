@@ -143,9 +143,8 @@ impl Node {
              again"
         );
         self.last_error = Some(reason.clone());
-        self.leaving = true;
         self.check_removal = false;
-        out.push(Action::Leave { cluster, reason });
+        self.start_leave(cluster, reason, out);
         true
     }
 }
