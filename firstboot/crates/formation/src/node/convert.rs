@@ -158,7 +158,7 @@ impl Node {
             Phase::Member { cluster: c, role: Role::Worker } if *c == cluster
         );
         let from_authority = self.hint().is_some_and(|h| *h.authority == from);
-        if !worker_here || !from_authority || self.leaving {
+        if !worker_here || !from_authority || self.st.leaving.is_some() {
             self.ignored += 1;
             return;
         }
@@ -173,7 +173,6 @@ impl Node {
         reason: String,
         out: &mut Vec<Action>,
     ) {
-        self.leaving = true;
         self.st.leaving = Some(PendingLeave {
             cluster: cluster.clone(),
             reason: reason.clone(),
@@ -186,7 +185,6 @@ impl Node {
     /// `removed.rs`): once left, wait for a slot in the same cluster; a failure is retried at
     /// the authority's next request (or its next hint of the removal).
     pub(super) fn on_left(&mut self, res: Result<(), String>, out: &mut Vec<Action>) {
-        self.leaving = false;
         if self.st.leaving.take().is_some() {
             self.persist(out);
         }

@@ -292,7 +292,7 @@ impl Node {
         );
         // Told that the record released my place: learn it by a round of my own.
         self.drive_removal_check(now, out);
-        if self.leaving {
+        if self.st.leaving.is_some() {
             return;
         }
         if self

@@ -200,10 +200,9 @@ pub struct Node {
     removing: BTreeSet<NodeId>,
     removals_done: BTreeSet<NodeId>,
     removal_retry_at: BTreeMap<NodeId, Duration>,
-    // conversion: when the authority last asked the converted worker to leave; whether this
-    // worker's `microk8s leave` is running
+    // conversion: when the authority last asked the converted worker to leave (whether this
+    // node's `microk8s leave` is running is `st.leaving`)
     convert_sent: Option<Duration>,
-    leaving: bool,
     /// Authority: when each node acting as a member although removed was last told so.
     removed_told: BTreeMap<NodeId, Duration>,
     /// Told that the record removed me: learn the record by a round of my own.
@@ -268,7 +267,6 @@ impl Node {
             removals_done: BTreeSet::new(),
             removal_retry_at: BTreeMap::new(),
             convert_sent: None,
-            leaving: false,
             removed_told: BTreeMap::new(),
             check_removal: false,
             next_refresh: now,
@@ -288,7 +286,6 @@ impl Node {
                 node.st.phase,
                 Phase::Member { .. } | Phase::Confirming { .. }
             ) {
-                node.leaving = true;
                 out.push(Action::Leave {
                     cluster: l.cluster,
                     reason: l.reason,

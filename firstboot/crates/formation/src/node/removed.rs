@@ -89,7 +89,7 @@ impl Node {
             }
             _ => false,
         };
-        if mine && !self.leaving {
+        if mine && self.st.leaving.is_none() {
             self.check_removal = true;
         } else {
             self.ignored += 1;
@@ -99,7 +99,7 @@ impl Node {
     /// While a hint is pending: a Refresh round (any role), at most once per retry interval.
     /// Its chosen record decides ([`Node::leave_if_removed`]).
     pub(super) fn drive_removal_check(&mut self, now: Duration, out: &mut Vec<Action>) {
-        if !self.check_removal || self.leaving {
+        if !self.check_removal || self.st.leaving.is_some() {
             return;
         }
         if self.can_propose(now) && now >= self.next_refresh {
@@ -128,7 +128,7 @@ impl Node {
         let Some(cluster) = self.removed_from(record) else {
             return false;
         };
-        if self.leaving {
+        if self.st.leaving.is_some() {
             return true;
         }
         let why = record
