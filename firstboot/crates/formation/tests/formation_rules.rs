@@ -1776,12 +1776,7 @@ fn joins_since(net: &Net, n: &NodeId, since: u64) -> Vec<(bool, u64)> {
 
 #[test]
 fn a_reflashed_worker_with_the_same_id_joins_again_and_nothing_is_removed_from_dqlite() {
-    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
-    let mut net = Net::new(&names, healing_params(3, 5));
-    for (n, _) in names {
-        net.boot(n);
-    }
-    net.run_until_members(300);
+    let mut net = formed_five();
     let rec = newest_chosen(&net);
     let worker = rec
         .members
@@ -1910,17 +1905,24 @@ fn live_control_plane(net: &Net) -> BTreeSet<NodeId> {
         .collect()
 }
 
-#[test]
-fn a_worker_that_crashed_during_its_conversion_leave_leaves_again_and_becomes_control_plane() {
-    // The worker's `microk8s leave` completes, but the machine dies before the agent sees the
-    // result. Back, it must not take itself for a worker still in the cluster (MicroK8s has it
-    // standalone): it runs the leave again (a standalone node counts as left) and goes on.
+/// Five nodes, 3 control-plane and 2 workers, no standbys, with the healing parameters:
+/// formed (all members).
+fn formed_five() -> Net {
     let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
     let mut net = Net::new(&names, healing_params(3, 5));
     for (n, _) in names {
         net.boot(n);
     }
     net.run_until_members(300);
+    net
+}
+
+#[test]
+fn a_worker_that_crashed_during_its_conversion_leave_leaves_again_and_becomes_control_plane() {
+    // The worker's `microk8s leave` completes, but the machine dies before the agent sees the
+    // result. Back, it must not take itself for a worker still in the cluster (MicroK8s has it
+    // standalone): it runs the leave again (a standalone node counts as left) and goes on.
+    let mut net = formed_five();
     let rec = newest_chosen(&net);
     let authority = rec.authority.clone();
     let victim = rec
@@ -1980,12 +1982,7 @@ fn a_worker_that_crashed_during_its_conversion_leave_leaves_again_and_becomes_co
 #[test]
 fn a_lost_voter_is_removed_once_and_exactly_one_worker_becomes_control_plane() {
     // 3 control-plane nodes and 2 workers, no standbys: MicroK8s has nobody to promote.
-    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
-    let mut net = Net::new(&names, healing_params(3, 5));
-    for (n, _) in names {
-        net.boot(n);
-    }
-    net.run_until_members(300);
+    let mut net = formed_five();
     let rec = newest_chosen(&net);
     let workers: Vec<NodeId> = rec
         .members
@@ -2197,12 +2194,7 @@ fn a_second_conversion_is_refused_while_one_is_under_way() {
 
 #[test]
 fn a_minority_partition_converts_nobody_and_the_majority_converts_one_of_its_workers() {
-    let names = [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)];
-    let mut net = Net::new(&names, healing_params(3, 5));
-    for (n, _) in names {
-        net.boot(n);
-    }
-    net.run_until_members(300);
+    let mut net = formed_five();
     let rec = newest_chosen(&net);
     let authority = rec.authority.clone();
     let workers: Vec<NodeId> = rec
